@@ -1,0 +1,66 @@
+# fastformer build and test entry points. `make test` on a fresh clone does everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+# A GPU machine without network already has CUDA torch, triton, pytest, transformers: use that python.
+# Everywhere else: a .venv in the repo root with the CPU build of torch 2.13.0 from local disk.
+SYS_CUDA := $(shell python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1)
+ifeq ($(SYS_CUDA),1)
+PY ?= python3
+STAMP := .sys-cuda.stamp
+else
+PY ?= .venv/bin/python
+STAMP := .venv/.installed.stamp
+endif
+TORCH_CPU := torch==2.13.0
+# Without a GPU, Triton kernels run on CPU tensors in the interpreter.
+TEST_ENV := $(if $(SYS_CUDA),,TRITON_INTERPRET=1) OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+PYTEST_ARGS ?=
+OUT ?= bench/results
+
+.PHONY: env test gpu-check bench demo cuda-compile-check clean info
+
+env: $(STAMP)
+
+.venv/.installed.stamp: pyproject.toml setup.py $(wildcard csrc/*)
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv/bin/python -m pip install -q $(TORCH_CPU)
+	.venv/bin/python -m pip install -q pybind11 ninja
+	.venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+.sys-cuda.stamp: pyproject.toml setup.py $(wildcard csrc/*)
+	$(PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .
+	touch $@
+
+# Compile the CUDA sources for sm_80 and sm_90 wherever nvcc exists, so a CUDA compile error fails CI
+# even on machines without a GPU.
+cuda-compile-check:
+	@if command -v nvcc >/dev/null 2>&1 && ls csrc/*.cu >/dev/null 2>&1; then \
+	  for f in csrc/*.cu; do \
+	    echo "nvcc (sm_80, sm_90): $$f"; \
+	    nvcc -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	      -c $$f -o /tmp/fastformer_$$(basename $$f .cu).o || exit 1; \
+	  done; \
+	else echo "cuda-compile-check: skipped (no nvcc or no .cu files)"; fi
+
+test: env cuda-compile-check
+	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# One command for a GPU machine: the cuda-marked tests, then every benchmark with short settings;
+# tables land in $(OUT) and a compact summary is printed last.
+gpu-check: env cuda-compile-check
+	mkdir -p $(OUT)
+	-PYTHONUNBUFFERED=1 $(PY) -m pytest tests -m cuda -q $(PYTEST_ARGS) 2>&1 | tee $(OUT)/gpu_tests.log
+	PYTHONUNBUFFERED=1 $(PY) bench/gpu_check.py --out $(OUT)
+
+bench: env
+	$(TEST_ENV) $(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) bench/gpu_check.py --out $(OUT)
+
+info: env
+	$(PY) -m fastformer info
+
+clean:
+	rm -rf build *.egg-info .pytest_cache fastformer/*.so .sys-cuda.stamp

@@ -1,0 +1,170 @@
+"""Benchmark harness shared by every bench/bench_*.py script.
+
+- time_ms(fn): median milliseconds; `triton.testing.do_bench` on CUDA, perf_counter on CPU.
+- peak_extra_bytes(fn): extra device memory at peak during fn (CUDA allocator stats; on CPU the
+  process's peak RSS, reset through /proc/self/clear_refs before the call).
+- save(name, rows, ...): JSON + PNG under bench/results/, file names carry the device name.
+- A benchmark never asserts a speed. Every provider is measured in the same run.
+
+Each bench script defines `run(quick: bool, out_dir: pathlib.Path) -> list[dict]` (rows of its summary
+table) and a `__main__` that calls it; bench/gpu_check.py runs them all.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """A file-name-safe device name, e.g. 'NVIDIA_H200' or 'cpu-2threads-Intel_Xeon...'."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = f"cpu-{torch.get_num_threads()}threads-{model}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80]
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, device=None, cpu_reps: int = 5) -> float:
+    """Median wall time of fn() in milliseconds. warmup/rep are milliseconds for do_bench on CUDA;
+    on CPU fn runs once to warm up and `cpu_reps` more times."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
+    """Peak memory fn() needs beyond what was allocated before it (bytes)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    before = _proc_status_kb("VmRSS")
+    fn()
+    return int((_proc_status_kb("VmHWM") - before) * 1024)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None) -> float:
+    """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device=dev)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def save(name: str, rows: list[dict], *, out_dir: Path | None = None, device=None,
+         x: str | None = None, y: str | None = None, series: Sequence[str] = ("provider",),
+         logx: bool = False, title: str | None = None) -> tuple[Path, Path | None]:
+    """Write rows as JSON (and a PNG plot of y against x per series when both are given)."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = device_name(device)
+    stem = out_dir / f"{name}_{dev}"
+    meta = {"benchmark": name, "device": dev, "torch": torch.__version__}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    png_path = None
+    if x and y:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            groups: dict[str, list[tuple]] = {}
+            for r in rows:
+                if r.get(y) is None or not isinstance(r.get(y), (int, float)) or math.isnan(r[y]):
+                    continue
+                key = " ".join(str(r.get(s)) for s in series)
+                groups.setdefault(key, []).append((r[x], r[y]))
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for key, pts in groups.items():
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            if logx:
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            ax.set_title(title or f"{name} on {dev}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            png_path = stem.with_suffix(".png")
+            fig.savefig(png_path, dpi=110)
+            plt.close(fig)
+        except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the JSON
+            print(f"[harness] plot for {name} failed: {exc}")
+    return json_path, png_path
+
+
+def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
+    """A fixed-width text table of the given columns."""
+    rows = list(rows)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""fastformer: fused Triton / CUDA kernels and a thin training API for Transformers in plain PyTorch.
+
+    import fastformer as ff
+    loss = ff.cross_entropy(logits, target)
+    out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+"""
+import os as _os
+
+# Forcing the Triton backend on a machine without a GPU means running the kernels in Triton's CPU
+# interpreter, which must be switched on before triton is imported (kernels are imported lazily).
+if _os.environ.get("FASTFORMER_BACKEND", "").lower() == "triton":
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            _os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+__version__ = "0.1.0"
+
+from .backend import get_backend, set_backend, use_backend  # noqa: E402
+from .ops import (  # noqa: E402
+    cross_entropy,
+    linear_cross_entropy,
+    scaled_dot_product_attention,
+    t5_attention,
+    varlen_attention,
+)
+from . import nn, optim, integrations  # noqa: E402,F401
+
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "scaled_dot_product_attention",
+    "varlen_attention",
+    "t5_attention",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "nn",
+    "optim",
+    "integrations",
+]

@@ -1,0 +1,92 @@
+"""Backend dispatch: which implementation an op runs.
+
+    FASTFORMER_BACKEND=auto       (default) Triton kernels for CUDA tensors, reference for CPU tensors
+    FASTFORMER_BACKEND=triton     force the Triton kernels (on CPU this needs TRITON_INTERPRET=1,
+                                  which fastformer sets itself when it is imported without a GPU)
+    FASTFORMER_BACKEND=reference  force the eager PyTorch reference
+
+The same choice in code::
+
+    ff.set_backend("reference")
+    with ff.use_backend("triton"):
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_state = threading.local()
+
+
+def _validate(name: str) -> str:
+    name = str(name).lower()
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_default = _validate(os.environ.get("FASTFORMER_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The backend in force in this thread: 'auto', 'triton' or 'reference'."""
+    return getattr(_state, "backend", _default)
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for this thread (see module docstring)."""
+    _state.backend = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager that sets the backend for the duration of a block."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton imports (with a GPU, or on CPU under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means "not available"
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Decide whether an op given these tensors should launch its Triton kernel.
+
+    auto: only for CUDA tensors (and triton importable). triton: always, on CUDA tensors or, under the
+    interpreter, CPU tensors; raising if that is impossible. reference: never.
+    """
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if backend == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("FASTFORMER_BACKEND=triton but triton cannot be imported")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            "FASTFORMER_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return True

@@ -1,0 +1,1 @@
+"""Patch existing Hugging Face models with fastformer layers."""

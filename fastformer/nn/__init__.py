@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules over the fused ops."""

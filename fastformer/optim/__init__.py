@@ -1,0 +1,1 @@
+"""Fused optimizers over the compiled extension."""
