@@ -1,1 +1,4 @@
-"""Fused optimizers over the compiled extension."""
+"""Fused optimizers over the compiled extension (torch fallback with one warning when it is missing)."""
+from .adam import FusedAdam, FusedAdamW, clip_grad_norm_, extension_available
+
+__all__ = ["FusedAdam", "FusedAdamW", "clip_grad_norm_", "extension_available"]
