@@ -1,4 +1,150 @@
+"""Patch an existing Hugging Face BERT / RoBERTa / T5 model in place with fastformer's fused ops.
+
+    import fastformer as ff
+    model = ff.integrations.patch_hf_model(model)
+
+What the patch changes (weights, module tree and state_dict stay exactly as they were):
+
+1. Attention. transformers 5.x dispatches attention through its attention-interface registry
+   (``config._attn_implementation``). The patch registers fastformer's attention and mask functions
+   under the name ``"fastformer"`` and sets every config in the model to it (see _hf_attention.py):
+   BERT/RoBERTa self-attention -> ``ff.scaled_dot_product_attention`` with a (B, 1, 1, Lk) bool
+   key-padding mask (optionally unpadded through ``ff.varlen_attention``); T5 self-attention ->
+   ``ff.t5_attention`` with the stack's own ``relative_attention_bias`` table; T5 cross-attention ->
+   ``ff.scaled_dot_product_attention`` (scale 1.0).
+2. Losses of the LM heads (BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM,
+   T5ForConditionalGeneration) go through ``ff.linear_cross_entropy`` / ``ff.cross_entropy`` on the
+   labelled rows only (see _hf_loss.py). In training mode with labels, ``logits`` is None unless the
+   model was patched with ``keep_logits=True``.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+from . import _hf_attention as attn
+from ._hf_loss import ensure_projection, make_loss_forward
+
+# class name -> (family, loss kind or None). Subclasses of these are patched like their base.
+SUPPORTED = {
+    "BertModel": ("bert", None),
+    "BertForMaskedLM": ("bert", "mlm"),
+    "BertForSequenceClassification": ("bert", None),
+    "BertForPreTraining": ("bert", "pretraining"),
+    "RobertaModel": ("bert", None),
+    "RobertaForMaskedLM": ("bert", "mlm"),
+    "RobertaForSequenceClassification": ("bert", None),
+    "T5Model": ("t5", None),
+    "T5ForConditionalGeneration": ("t5", "seq2seq"),
+    "T5EncoderModel": ("t5", None),
+}
+_MODULES = {"bert": "transformers.models.bert.modeling_bert",
+            "roberta": "transformers.models.roberta.modeling_roberta",
+            "t5": "transformers.models.t5.modeling_t5"}
 
 
-def patch_hf_model(model):  # placeholder
-    raise NotImplementedError("patch_hf_model is not implemented yet")
+def _supported_base(model):
+    """The first class in type(model)'s MRO that is a supported transformers class, else None."""
+    for cls in type(model).__mro__:
+        if SUPPORTED.get(cls.__name__) and cls.__module__ in _MODULES.values():
+            return cls
+    return None
+
+
+def _unsupported(model, why: str) -> ValueError:
+    return ValueError(f"patch_hf_model: {why}. Supported: {', '.join(SUPPORTED)} "
+                      f"(transformers 5.x, encoder BERT/RoBERTa configs).")
+
+
+def _check_interface(model) -> None:
+    """The modeling file must dispatch through transformers' attention-interface registry (5.x)."""
+    for module in model.modules():
+        if type(module).__name__.endswith(("SelfAttention", "T5Attention")):
+            namespace = sys.modules[type(module).__module__].__dict__
+            if "ALL_ATTENTION_FUNCTIONS" not in namespace:
+                import transformers
+
+                raise _unsupported(model, f"{type(module).__name__} in transformers {transformers.__version__} does "
+                                          "not dispatch through the attention-interface registry")
+            return
+
+
+def _set_attn_implementation(model) -> None:
+    """Point every config in the model (top-level, sub-configs, T5's per-stack copies) at NAME."""
+    seen = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation"):
+            continue
+        seen.add(id(config))
+        try:
+            config._attn_implementation = attn.NAME  # 5.x setter; recurses into sub-configs
+        except AttributeError:
+            config._attn_implementation_internal = attn.NAME
+
+
+def _tag_bert(model, varlen: bool) -> None:
+    for module in model.modules():
+        if type(module).__name__ in ("BertSelfAttention", "RobertaSelfAttention"):
+            module.__dict__[attn.ROLE] = "bert_self"
+            module.__dict__[attn.VARLEN] = bool(varlen)
+
+
+def _tag_t5(model) -> None:
+    """Tag each T5 stack's attentions; self-attentions point at the first layer, which owns the table."""
+    for stack in model.modules():
+        if type(stack).__name__ != "T5Stack":
+            continue
+        first = stack.block[0].layer[0].SelfAttention
+        if getattr(first, "relative_attention_bias", None) is None:
+            continue  # unexpected layout: leave untagged (generic, correct path)
+        for block in stack.block:
+            self_attn = block.layer[0].SelfAttention
+            self_attn.__dict__[attn.ROLE] = "t5_self"
+            self_attn.__dict__[attn.BIAS_SOURCE] = first  # plain reference: not a registered submodule
+            if stack.is_decoder and len(block.layer) > 2:
+                block.layer[1].EncDecAttention.__dict__[attn.ROLE] = "t5_cross"
+
+
+def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
+    """Route a Hugging Face model's attention and LM loss through fastformer, in place. Returns `model`.
+
+    model: one of SUPPORTED (or a subclass), transformers 5.x. Idempotent: patching again changes
+        nothing (a second call with other options updates the options).
+    keep_logits: LM heads in training mode with labels also compute and return the full (B, L, V)
+        logits (costs the full vocabulary projection). Default False: ``logits`` is None then, and
+        only the labelled rows are projected. Eval mode always returns full logits.
+    varlen: BERT/RoBERTa self-attention runs on the unpadded tokens through ``ff.varlen_attention``.
+        Outputs at padded positions are then zero-attention rows instead of Hugging Face's values
+        (outputs at real tokens, losses over real tokens and gradients agree).
+    Raises ValueError for an unsupported model, listing what is supported.
+    """
+    try:
+        import transformers  # noqa: F401
+        from transformers import PreTrainedModel
+    except ImportError as exc:  # pragma: no cover - transformers is a test extra
+        raise ValueError("patch_hf_model needs transformers (pip install transformers)") from exc
+    if not isinstance(model, PreTrainedModel):
+        raise _unsupported(model, f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    base = _supported_base(model)
+    if base is None:
+        raise _unsupported(model, f"{type(model).__name__} is not supported")
+    family, loss_kind = SUPPORTED[base.__name__]
+    if family == "bert" and (getattr(model.config, "is_decoder", False)
+                             or getattr(model.config, "add_cross_attention", False)):
+        raise _unsupported(model, "BERT/RoBERTa decoder configs (is_decoder / add_cross_attention) are not supported")
+    _check_interface(model)
+
+    attn.register()
+    _set_attn_implementation(model)
+    if family == "bert":
+        _tag_bert(model, varlen)
+    else:
+        _tag_t5(model)
+    if loss_kind is not None:
+        model._ff_keep_logits = bool(keep_logits)
+        ensure_projection(model)
+        # Instance attribute: the class (and its name in saved configs) is unchanged; deepcopy rebinds it.
+        model.forward = types.MethodType(make_loss_forward(type(model), loss_kind), model)
+    model._ff_patched = True
+    return model
