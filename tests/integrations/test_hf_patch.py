@@ -166,13 +166,19 @@ def test_patched_matches_hf_reference_backend(name, mode):
 
 
 @pytest.mark.parametrize("name", ["BertForMaskedLM", "T5ForConditionalGeneration"])
-def test_patched_matches_hf_triton_backend(name, triton_backend):
-    """The same comparison with the Triton kernels (interpreted on CPU; small shapes)."""
-    ref, model, out_ref, out = run_pair(name, "train", "triton")
+def test_patched_matches_hf_triton_backend(name, triton_backend, device):
+    """The same comparison with the Triton kernels (on CPU interpreted, small shapes; on a GPU, tf32)."""
+    torch.manual_seed(0)
+    ref = BUILDERS[name]().to(device).train()
+    model = patch_hf_model(copy.deepcopy(ref))
+    batch = {k: v.to(device) for k, v in make_batch(name, torch.Generator().manual_seed(1)).items()}
+    with use_backend("reference"):
+        out_ref = ref(**batch)
+    out = model(**batch)
     compare_outputs(name, out_ref, out, lm_logits_dropped=True)
     out_ref.loss.backward()
     out.loss.backward()
-    check_grads(ref, model)
+    check_grads(ref, model, factor=5.0 if device.type == "cuda" else 1.0)
 
 
 @pytest.mark.parametrize("name", LM_HEADS)
