@@ -53,6 +53,13 @@ class VocabProjection(nn.Linear):
         target = labels.reshape(-1).to(hidden.device)
         rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
         target = target.index_select(0, rows)
+        if rows.numel() == 0:
+            # Every label ignored: loss 0 with zero gradients (fastformer's documented choice; torch
+            # gives NaN). Skips launching the kernels on an empty input.
+            logits = super().forward(hidden) if keep_logits or not self.training else None
+            zero = hidden.sum() * 0.0 + self.weight.sum() * 0.0
+            self.__dict__["_ff_loss"] = zero + self.bias.sum() * 0.0 if self.bias is not None else zero
+            return logits
         if keep_logits or not self.training:
             logits = super().forward(hidden)
             flat = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)

@@ -282,6 +282,46 @@ def test_bf16_autocast_loss_close():
     assert rel_err(loss, loss_ref) <= TOLERANCES[torch.bfloat16]
 
 
+def test_gradient_checkpointing_matches():
+    torch.manual_seed(0)
+    ref = BertForMaskedLM(bert_config()).train()
+    model = patch_hf_model(copy.deepcopy(ref))
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    batch = make_batch("BertForMaskedLM", torch.Generator().manual_seed(1))
+    loss_ref, loss = ref(**batch).loss, model(**batch).loss
+    assert rel_err(loss, loss_ref) <= TOLERANCES[DTYPE]
+    loss_ref.backward()
+    loss.backward()
+    check_grads(ref, model)
+
+
+def test_save_pretrained_stays_plain_hf(tmp_path):
+    """The saved config names the Hugging Face class and no fastformer attention; weights round trip."""
+    torch.manual_seed(0)
+    model = patch_hf_model(T5ForConditionalGeneration(t5_config()))
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text()
+    assert "fastformer" not in text and "T5ForConditionalGeneration" in text
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config._attn_implementation != "fastformer"
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_all_labels_ignored_gives_zero_loss(mode):
+    torch.manual_seed(0)
+    model = patch_hf_model(BertForMaskedLM(bert_config()))
+    getattr(model, mode)()
+    batch = make_batch("BertForMaskedLM", torch.Generator().manual_seed(1))
+    batch["labels"].fill_(-100)
+    loss = model(**batch).loss
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
 def test_unsupported_models_raise_value_error():
     with pytest.raises(ValueError, match="Supported: .*BertForMaskedLM.*T5ForConditionalGeneration"):
         patch_hf_model(BertLMHeadModel(bert_config(is_decoder=True)))
