@@ -13,7 +13,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import HAS_CUDA, TOLERANCES, rel_err  # noqa: E402
+from conftest import TOLERANCES, rel_err  # noqa: E402
 from fastformer.backend import use_backend  # noqa: E402
 from fastformer.integrations import patch_hf_model  # noqa: E402
 from fastformer.integrations._hf_loss import VocabProjection  # noqa: E402
