@@ -227,7 +227,8 @@ def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | 
 def _run_chunks(x_k, W, b, t_k, scal, eps, z, use_kernel, chunk, *, loss_rows=None, gscale=None,
                 grad_x=None, keep=None, gW=None, gb=None):
     """The chunk loop shared by forward and the "none" backward. x_k: (n, H) kept rows; t_k: (n,)."""
-    from ..kernels import cross_entropy as K  # noqa: F401  (imported lazily: triton may be absent on CPU)
+    if use_kernel:
+        from ..kernels import cross_entropy as K   # lazily: the CPU path must not need (or load) triton
 
     n = x_k.shape[0]
     want_grad = grad_x is not None or gW is not None or gb is not None
