@@ -260,8 +260,9 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         ctx.wdtype = W.dtype
         keep = (target != ignore_index).nonzero().squeeze(1)   # host sync: the kept-row count sizes the loop
         n = keep.numel()
-        x_k = x.index_select(0, keep)
-        t_k = target.index_select(0, keep).contiguous()
+        x_k = x if n == N else x.index_select(0, keep)   # no copy when nothing is ignored
+        t_k = target if n == N else target.index_select(0, keep)
+        t_k = t_k.contiguous()
         s = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
         scal = torch.tensor([s, s, float(V)], dtype=torch.float32, device=x.device)
         chunk = _chunk_rows(n, H, V, x.device, chunk_size)

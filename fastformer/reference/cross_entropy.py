@@ -38,39 +38,31 @@ def cross_entropy(
     Returns a scalar ("mean"/"sum") or (N,) ("none") in input's dtype."""
     compute = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = input.to(compute)
-    C = x.shape[-1]
+    w = weight.to(compute) if weight is not None else None
     t = target.long()
     valid = t != ignore_index
-    t_safe = torch.where(valid, t, torch.zeros_like(t))
-    validf = valid.to(compute)
-
-    logp = torch.log_softmax(x, dim=-1)
-    w = weight.to(compute) if weight is not None else None
-    w_t = w[t_safe] if w is not None else torch.ones_like(validf)
-    nll = -logp.gather(1, t_safe[:, None])[:, 0] * w_t * validf
-    ce = (1.0 - label_smoothing) * nll
-    if label_smoothing > 0.0:
-        wlogp = logp * w if w is not None else logp
-        smooth = -wlogp.sum(dim=-1) * validf
-        ce = ce + (label_smoothing / C) * smooth
-    zrow = None
-    if z_loss != 0.0:
-        zrow = z_loss * torch.logsumexp(x, dim=-1).pow(2) * validf
-
-    if reduction == "none":
-        out = ce if zrow is None else ce + zrow
-    elif reduction == "sum":
-        out = ce.sum() if zrow is None else ce.sum() + zrow.sum()
-    elif reduction == "mean":
-        denom_w = (w_t * validf).sum()
-        # all rows ignored: numerator is 0, divide by 1 instead of 0 (0.0 and zero grads, not NaN)
-        out = ce.sum() / torch.where(denom_w == 0, torch.ones_like(denom_w), denom_w)
-        if zrow is not None:
-            n = validf.sum()
-            out = out + zrow.sum() / torch.where(n == 0, torch.ones_like(n), n)
-    else:
+    if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
-    return out.to(input.dtype)
+    # torch's own kernel for the weighted / smoothed CE terms (per row or summed) ...
+    ce = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none" if reduction == "none" else "sum",
+                         label_smoothing=label_smoothing)
+    if reduction == "mean":
+        # ... divided by sum_{valid i} w[t_i] as torch does, except that an all-ignored batch divides
+        # 0 by 1 instead of 0 (0.0 and zero gradients, not NaN)
+        if w is not None:
+            denom = (w[torch.where(valid, t, torch.zeros_like(t))] * valid).sum()
+        else:
+            denom = valid.sum().to(compute)
+        ce = ce / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if z_loss != 0.0:
+        zrow = z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid
+        if reduction == "none":
+            ce = ce + zrow
+        elif reduction == "sum":
+            ce = ce + zrow.sum()
+        else:
+            ce = ce + zrow.sum() / valid.sum().clamp_min(1)
+    return ce.to(input.dtype)
 
 
 def linear_cross_entropy(
