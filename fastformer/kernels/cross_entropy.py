@@ -5,7 +5,8 @@ softmax walks it in blocks of BLOCK_V columns, so V = 256k works, and accumulate
 the input dtype. Row offsets are computed in int64 (row * stride), so N * V > 2^31 is safe.
 
 Per row i with target t (w = class weights, all ones when absent; W = sum(w); eps = label smoothing;
-z = z-loss coefficient; sA, sB the reduction scales of the CE and the z parts):
+z = z-loss coefficient; sA, sB the reduction scales of the CE and the z parts: 1 for "sum"/"none",
+1 / sum_{valid} w[t] and 1 / #valid for "mean"):
 
     lse     = log(sum_c exp(x_c))
     ce_i    = (1 - eps) * w_t * (lse - x_t) + eps / V * (W * lse - sum_c w_c x_c)
@@ -30,12 +31,14 @@ def _ce_fwd_kernel(
     grad_ptr, stride_g,        # (N, V) gradient output (may alias logits); unused without COMPUTE_GRAD
     target_ptr,                # (N,) integer targets
     weight_ptr,                # (V,) class weights; unused without HAS_WEIGHT
-    scal_ptr,                  # fp32 [sA, sB, W]: reduction scales and the sum of class weights
+    wsum_ptr,                  # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
+    count_ptr,                 # 0-d: number of non-ignored rows; unused unless MEAN
+    wden_ptr,                  # fp32 0-d: sum of w[t] over non-ignored rows; unused unless MEAN and HAS_WEIGHT
     gscale_ptr, stride_gs,     # gradient factor per row (stride 1) or scalar (stride 0); unused without HAS_GSCALE
     loss_ptr, lse_ptr,         # (N,) fp32 outputs: scaled per-row loss, log-sum-exp
     V, ignore_index, eps, z,
     HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SMOOTH: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_l
@@ -54,9 +57,21 @@ def _ce_fwd_kernel(
                          mask=offs < V)
         return
 
-    sA = tl.load(scal_ptr)
-    sB = tl.load(scal_ptr + 1)
-    w_sum = tl.load(scal_ptr + 2)
+    # reduction scales; a zero denominator (every row ignored) divides 0 by 1: loss 0, grad 0
+    sA = 1.0
+    sB = 1.0
+    if MEAN:
+        n = tl.load(count_ptr).to(tl.float32)
+        sB = 1.0 / tl.maximum(n, 1.0)
+        if HAS_WEIGHT:
+            den = tl.load(wden_ptr)
+            sA = 1.0 / tl.where(den == 0.0, 1.0, den)
+        else:
+            sA = sB
+    if HAS_WEIGHT:
+        w_sum = tl.load(wsum_ptr)
+    else:
+        w_sum = V * 1.0
     in_range = (t >= 0) & (t < V)   # out-of-range targets are undefined behaviour; never read out of bounds
     x_t = tl.load(logits_row + t, mask=in_range, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
@@ -141,9 +156,10 @@ def _block_and_warps(V: int, device: torch.device) -> tuple[int, int]:
 def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    scal: torch.Tensor,
     *,
+    count: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    weight_den: torch.Tensor | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -152,10 +168,12 @@ def ce_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the cross-entropy kernel.
 
-    logits: (N, V), unit stride along V.  target: (N,) integers.  scal: fp32 (3,) = [sA, sB, sum of
-    class weights].  weight: (V,) or None.  grad: (N, V) buffer to receive d loss / d logits (may be
+    logits: (N, V), unit stride along V.  target: (N,) integers.
+    count: 0-d number of non-ignored rows for reduction "mean" (None: rows unscaled, as for "sum"/"none").
+    weight: (V,) fp32 class weights or None; weight_den: 0-d fp32 sum of weight[t] over non-ignored rows
+    (needed for "mean" with weights).  grad: (N, V) buffer to receive d loss / d logits (may be
     `logits` itself) or None for the loss only.  gscale: (N,) or one-element factor applied to grad.
-    Returns (loss_rows, lse): fp32 (N,) each; loss_rows is already scaled by sA / sB.
+    Returns (loss_rows, lse): fp32 (N,) each; loss_rows already carries the "mean" scaling.
     """
     N, V = logits.shape
     assert logits.stride(1) == 1, "logits must have unit stride along the vocabulary"
@@ -165,19 +183,25 @@ def ce_forward(
         return loss, lse
     if grad is not None:
         assert grad.shape == logits.shape and grad.stride(1) == 1
+    mean = count is not None
+    if mean and weight is not None:
+        assert weight_den is not None, "reduction mean with class weights needs weight_den"
+    wsum = weight.sum(dtype=torch.float32) if weight is not None else None
     block, warps = _block_and_warps(V, logits.device)
-    dummy = scal
+    dummy = loss   # any valid pointer for the arguments a specialisation never reads
     _ce_fwd_kernel[(N,)](
         logits, logits.stride(0),
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
         target,
         weight if weight is not None else dummy,
-        scal,
+        wsum if wsum is not None else dummy,
+        count if mean else dummy,
+        weight_den if (mean and weight is not None) else dummy,
         gscale if gscale is not None else dummy, (gscale.stride(0) if gscale.numel() > 1 else 0) if gscale is not None else 0,
         loss, lse,
         V, int(ignore_index), float(label_smoothing), float(z_loss),
         HAS_WEIGHT=weight is not None, HAS_GSCALE=gscale is not None, COMPUTE_GRAD=grad is not None,
-        SMOOTH=float(label_smoothing) > 0.0,
+        SMOOTH=float(label_smoothing) > 0.0, MEAN=mean,
         BLOCK_V=block, num_warps=warps,
     )
     return loss, lse

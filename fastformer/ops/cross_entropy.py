@@ -90,25 +90,14 @@ def _validate_linear(input, weight, target, bias, ignore_index, reduction, label
 
 
 # ------------------------------------------------------------------------------------- cross_entropy
-def _scales(target, weight32, ignore_index: int, reduction: str, V: int) -> torch.Tensor:
-    """fp32 (3,) on target's device: [sA, sB, sum of class weights] (see kernels/cross_entropy.py).
-    Computed with device ops only: no host synchronisation."""
-    dev = target.device
-    one = torch.ones((), dtype=torch.float32, device=dev)
-    w_sum = weight32.sum() if weight32 is not None else torch.full((), float(V), device=dev)
-    if reduction != "mean":
-        return torch.stack([one, one, w_sum])
+def _mean_denominators(target, weight32, ignore_index: int, V: int):
+    """Device 0-d tensors (no host sync): number of non-ignored rows, and sum of weight[t] over them."""
     valid = target != ignore_index
-    n = valid.sum().to(torch.float32)
-    if weight32 is not None:
-        safe = torch.where(valid, target.long(), torch.zeros((), dtype=torch.long, device=dev)).clamp_(0, V - 1)
-        dw = (weight32[safe] * valid).sum()
-    else:
-        dw = n
-    # a zero denominator only happens when every row is ignored (or weighted 0): loss 0, grads 0
-    sA = one / torch.where(dw == 0, one, dw)
-    sB = one / torch.where(n == 0, one, n)
-    return torch.stack([sA, sB, w_sum])
+    count = valid.sum()
+    if weight32 is None:
+        return count, None
+    safe = torch.where(valid, target, torch.zeros_like(target)).clamp_(0, V - 1)
+    return count, (weight32[safe] * valid).sum()
 
 
 class _CrossEntropyFn(torch.autograd.Function):
@@ -119,10 +108,13 @@ class _CrossEntropyFn(torch.autograd.Function):
         logits = input if input.stride(1) == 1 else input.contiguous()
         target = target.contiguous()
         w32 = weight.to(torch.float32).contiguous() if weight is not None else None
-        scal = _scales(target, w32, ignore_index, reduction, input.shape[1])
+        count = wden = None
+        if reduction == "mean":
+            count, wden = _mean_denominators(target, w32, ignore_index, input.shape[1])
         grad = torch.empty_like(logits) if need_grad else None
-        loss_rows, _ = K.ce_forward(logits, target, scal, weight=w32, ignore_index=ignore_index,
-                                    label_smoothing=label_smoothing, z_loss=z_loss, grad=grad)
+        loss_rows, _ = K.ce_forward(logits, target, count=count, weight=w32, weight_den=wden,
+                                    ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                                    grad=grad)
         ctx.grad = grad
         out = loss_rows if reduction == "none" else loss_rows.sum()
         return out.to(input.dtype)
@@ -169,14 +161,15 @@ def cross_entropy(
 
 
 # ------------------------------------------------------------------------------ linear_cross_entropy
-def _ce_rows_torch_(logits, target, scal, label_smoothing: float, z_loss: float, want_grad: bool, gscale=None):
+def _ce_rows_torch_(logits, target, scale: float, label_smoothing: float, z_loss: float, want_grad: bool,
+                    gscale=None):
     """Torch-math twin of kernels.cross_entropy.ce_forward for rows that are all valid and no class weight.
 
     logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
-    gscale: (c,) or None). Returns fp32 (c,) scaled per-row losses."""
+    gscale: (c,) or None). scale: 1 / #rows for "mean", else 1. Returns fp32 (c,) scaled per-row losses."""
     V = logits.shape[1]
     xf = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    sA, sB = scal[0].to(xf.dtype), scal[1].to(xf.dtype)
+    sA = sB = scale   # no class weights: the CE and z parts share the denominator
     t = target.long()[:, None]
     lse = torch.logsumexp(xf, dim=1)
     ce = (1.0 - label_smoothing) * (lse - xf.gather(1, t)[:, 0])
@@ -224,7 +217,7 @@ def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | 
     return max(1, min(n, max(lo, rows)))
 
 
-def _run_chunks(x_k, W, b, t_k, scal, eps, z, use_kernel, chunk, *, loss_rows=None, gscale=None,
+def _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, *, loss_rows=None, gscale=None,
                 grad_x=None, keep=None, gW=None, gb=None):
     """The chunk loop shared by forward and the "none" backward. x_k: (n, H) kept rows; t_k: (n,)."""
     if use_kernel:
@@ -238,10 +231,11 @@ def _run_chunks(x_k, W, b, t_k, scal, eps, z, use_kernel, chunk, *, loss_rows=No
         logits = torch.addmm(b, xc, W.t()) if b is not None else xc @ W.t()   # (c, V), owned here
         gs = gscale[s:e] if gscale is not None else None
         if use_kernel:
-            rows, _ = K.ce_forward(logits, t_k[s:e], scal, label_smoothing=eps, z_loss=z,
+            rows, _ = K.ce_forward(logits, t_k[s:e], count=count, label_smoothing=eps, z_loss=z,
                                    grad=logits if want_grad else None, gscale=gs)
         else:
-            rows = _ce_rows_torch_(logits, t_k[s:e], scal, eps, z, want_grad, gs)
+            scale = 1.0 / max(1, int(count)) if count is not None else 1.0
+            rows = _ce_rows_torch_(logits, t_k[s:e], scale, eps, z, want_grad, gs)
         if loss_rows is not None:
             loss_rows[s:e] = rows
         if grad_x is not None:
@@ -263,22 +257,23 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         x_k = x if n == N else x.index_select(0, keep)   # no copy when nothing is ignored
         t_k = target if n == N else target.index_select(0, keep)
         t_k = t_k.contiguous()
-        s = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
-        scal = torch.tensor([s, s, float(V)], dtype=torch.float32, device=x.device)
+        # "mean": the kernel divides by the kept-row count (0 -> 1: all ignored gives 0 and zero grads)
+        count = torch.full((), n, dtype=torch.int64, device=x.device) if reduction == "mean" else None
         chunk = _chunk_rows(n, H, V, x.device, chunk_size)
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         need_x, need_W, need_b = needs
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         ctx.meta = (reduction, eps, z, use_kernel, chunk, N, acc, needs)
         if reduction == "none" or not any(needs):
-            _run_chunks(x_k, W, b, t_k, scal, eps, z, use_kernel, chunk, loss_rows=loss_rows)
-            ctx.save_for_backward(x_k, W, b, t_k, keep, scal)
+            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, loss_rows=loss_rows)
+            ctx.save_for_backward(x_k, W, b, t_k, keep)
+            ctx.count = count
             ctx.grads = None
         else:
             grad_x = torch.zeros_like(x) if need_x else None
             gW = torch.zeros(W.shape, dtype=acc, device=x.device) if need_W else None
             gb = torch.zeros(V, dtype=acc, device=x.device) if need_b else None
-            _run_chunks(x_k, W, b, t_k, scal, eps, z, use_kernel, chunk, loss_rows=loss_rows,
+            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, loss_rows=loss_rows,
                         grad_x=grad_x, keep=keep, gW=gW, gb=gb)
             ctx.grads = (grad_x, gW, gb)
         if reduction == "none":
@@ -301,12 +296,13 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             gW = gW.mul_(g) if gW is not None else None
             gb = gb.mul_(g) if gb is not None else None
         else:
-            x_k, W, b, t_k, keep, scal = ctx.saved_tensors
+            x_k, W, b, t_k, keep = ctx.saved_tensors
+            count = ctx.count
             gscale = g.reshape(-1).index_select(0, keep).to(torch.float32).contiguous()
             grad_x = torch.zeros((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device) if need_x else None
             gW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
             gb = torch.zeros(W.shape[0], dtype=acc, device=W.device) if need_b else None
-            _run_chunks(x_k, W, b, t_k, scal, eps, z, use_kernel, chunk, gscale=gscale,
+            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, gscale=gscale,
                         grad_x=grad_x, keep=keep, gW=gW, gb=gb)
         wdtype = ctx.wdtype
         return (grad_x, gW.to(wdtype) if gW is not None else None, gb.to(wdtype) if gb is not None else None,

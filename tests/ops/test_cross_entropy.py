@@ -130,9 +130,9 @@ def test_kernel_writes_every_element(triton_backend):
     x = torch.randn(N, V)
     t = torch.randint(0, V, (N,))
     t[::2] = -100
-    scal = torch.tensor([1.0 / (N // 2), 1.0 / (N // 2), float(V)])
+    count = (t != -100).sum()
     grad = poison_(torch.empty_like(x))
-    loss, lse = K.ce_forward(x, t, scal, grad=grad, label_smoothing=0.1, z_loss=1e-3)
+    loss, lse = K.ce_forward(x, t, count=count, grad=grad, label_smoothing=0.1, z_loss=1e-3)
     assert torch.isfinite(grad).all() and torch.isfinite(loss).all() and torch.isfinite(lse).all()
     assert torch.equal(grad[::2], torch.zeros_like(grad[::2]))
     assert_close(lse[1::2], torch.logsumexp(x[1::2].double(), -1), torch.float32, "lse")
@@ -140,7 +140,7 @@ def test_kernel_writes_every_element(triton_backend):
     assert_close(loss.sum(), expected, torch.float32, "loss")
     # in place: the gradient may overwrite the logits it is computed from
     y = x.clone()
-    K.ce_forward(y, t, scal, grad=y, label_smoothing=0.1, z_loss=1e-3)
+    K.ce_forward(y, t, count=count, grad=y, label_smoothing=0.1, z_loss=1e-3)
     assert_close(y, grad, torch.float32, "in-place gradient")
 
 
@@ -171,13 +171,14 @@ import itertools, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 import fastformer.kernels.cross_entropy as K
-for arch, dt, flags in itertools.product((80, 90), ("bf16", "fp16", "fp32"), (False, True)):
+for arch, dt, flags, mean in itertools.product((80, 90), ("bf16", "fp16", "fp32"), (False, True), (False, True)):
     sig = {"logits_ptr": "*" + dt, "stride_l": "i64", "grad_ptr": "*" + dt, "stride_g": "i64", "target_ptr": "*i64",
-           "weight_ptr": "*fp32", "scal_ptr": "*fp32", "gscale_ptr": "*fp32", "stride_gs": "i32",
+           "weight_ptr": "*fp32", "wsum_ptr": "*fp32", "count_ptr": "*i64", "wden_ptr": "*fp32",
+           "gscale_ptr": "*fp32", "stride_gs": "i32",
            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "eps": "fp32", "z": "fp32",
            "HAS_WEIGHT": "constexpr", "HAS_GSCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "SMOOTH": "constexpr",
-           "BLOCK_V": "constexpr"}
-    const = dict(HAS_WEIGHT=flags, HAS_GSCALE=flags, COMPUTE_GRAD=flags, SMOOTH=flags, BLOCK_V=4096)
+           "MEAN": "constexpr", "BLOCK_V": "constexpr"}
+    const = dict(HAS_WEIGHT=flags, HAS_GSCALE=flags, COMPUTE_GRAD=flags, SMOOTH=flags, MEAN=mean, BLOCK_V=4096)
     triton.compile(ASTSource(fn=K._ce_fwd_kernel, signature=sig, constexprs=const),
                    target=GPUTarget("cuda", arch, 32), options={"num_warps": 16})
     sig = {"grad_ptr": "*" + dt, "stride_g": "i64", "g_ptr": "*fp32", "stride_gs": "i32", "V": "i32", "BLOCK_V": "constexpr"}
