@@ -208,12 +208,21 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | None) -> int:
-    """Rows per chunk: the chunk's logits about as large as the kept hidden states (n, H), within
-    [256 (CPU) or 1024 (CUDA, keeps the matmuls efficient), n]."""
+    """Rows of tokens per chunk.
+
+    CPU: the chunk's logits about as large as the kept hidden states (n, H), at least 256 rows.
+    CUDA: every chunk re-reads and re-writes the fp32 grad_W accumulator (8 * V * H bytes) on top of
+    its 6 * rows * H * V matmul flops, so the chunk must be tall for that traffic to stay small next to
+    the matmuls (~300 / rows of their time on an H100): chunk logits of up to 2^28 elements (512 MB
+    in bf16), at least 1024 rows. `chunk_size` overrides both (time/memory trade-off)."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * H / V)))))
-    lo = 1024 if device.type == "cuda" else 256
+    if device.type == "cuda":
+        rows = 1 << max(0, int(math.floor(math.log2(max(1, (1 << 28) // V)))))
+        lo = 1024
+    else:
+        rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * H / V)))))
+        lo = 256
     return max(1, min(n, max(lo, rows)))
 
 
