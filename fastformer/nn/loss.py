@@ -1,25 +1,64 @@
-"""INTERIM modules; replaced by issue 2."""
+"""Loss modules over ff.cross_entropy / ff.linear_cross_entropy (drop-in for torch.nn.CrossEntropyLoss)."""
+from __future__ import annotations
+
 import torch
 
 from ..ops import cross_entropy, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-        super().__init__()
-        self.weight, self.ignore_index, self.reduction = weight, ignore_index, reduction
-        self.label_smoothing, self.z_loss = label_smoothing, z_loss
+    """Like torch.nn.CrossEntropyLoss (class-index targets) plus z_loss; see ff.cross_entropy.
 
-    def forward(self, input, target):
+    forward(input: (N, C), target: (N,)) -> scalar, or (N,) with reduction="none".
+    `weight` (C,) is a buffer, so it follows .to(device) like torch's.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, z_loss: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
                              z_loss=self.z_loss)
 
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}")
+
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-        super().__init__()
-        self.ignore_index, self.reduction, self.label_smoothing, self.z_loss = ignore_index, reduction, label_smoothing, z_loss
+    """Fused output projection + cross-entropy: loss(x, W, target, b) == CrossEntropyLoss()(F.linear(x, W, b), target)
+    without materialising the (N, V) logits; see ff.linear_cross_entropy.
 
-    def forward(self, input, weight, target, bias=None):
+    The module holds no parameters: the projection usually is (or is tied to) the model's own
+    nn.Linear / embedding, so pass it in::
+
+        loss_fn = ff.nn.LinearCrossEntropyLoss(ignore_index=-100)
+        loss = loss_fn(hidden, lm_head.weight, labels, lm_head.bias)
+
+    forward(input: (N, H) or (*, H), weight: (V, H), target: (N,) or (*), bias: (V,) or None)
+    -> scalar, or per-row losses shaped like target with reduction="none".
+    """
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, chunk_size: int | None = None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+
+    def forward(self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_cross_entropy(input, weight, target, bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, z_loss=self.z_loss)
+                                    self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}")

@@ -1,24 +1,360 @@
-"""INTERIM eager implementation so dependent layers can be built; replaced by the fused op (issue 2)."""
+"""ff.cross_entropy and ff.linear_cross_entropy: validation, backend dispatch, autograd.
+
+cross_entropy (Triton path)
+    The forward kernel reads each row of the logits once for the online softmax and, when a gradient
+    will be needed, a second time to write d loss / d logits into a buffer allocated here. That buffer
+    *is* the gradient backward returns (scaled in place by grad_output; a factor of exactly 1 costs no
+    traffic), so forward + backward allocate one (N, V) tensor, the gradient itself.
+
+linear_cross_entropy (chunked path: Triton kernel on CUDA, the same chunking with torch math on CPU)
+    Rows whose target is ignored are dropped first. The kept rows go through the vocabulary
+    projection in chunks: logits_chunk = x_chunk @ W^T (+ b), CE + gradient in place in that chunk,
+    grad_x_chunk = dlogits @ W, grad_W += dlogits^T @ x_chunk and grad_b += sum(dlogits) (fp32
+    accumulators). The (N, V) logits never exist. For "mean"/"sum" the gradients are produced during
+    forward and scaled by grad_output in backward; for "none" backward recomputes the chunks with the
+    per-row grad_output folded into the kernel.
+
+Deviations from torch, documented: "mean" with every target ignored gives 0.0 and zero gradients
+(torch: NaN); targets outside [0, C) other than ignore_index are undefined on the kernel path
+(torch raises); float64 input always takes the reference path (the kernels accumulate in fp32).
+"""
+from __future__ import annotations
+
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ..backend import get_backend, use_triton
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
+import fastformer.reference.cross_entropy as _ref
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0):
-    logits = input.float()
-    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none",
-                           label_smoothing=label_smoothing)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
+    check_choice("reduction", reduction, REDUCTIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(label_smoothing, (int, float)):
+        raise ValueError(f"label_smoothing must be a float, got {label_smoothing!r}")
+    check_range("label_smoothing", float(label_smoothing), 0.0, 1.0, hi_inclusive=True)
+    if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+
+
+def _check_target(target, n: int, device) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in INDEX_DTYPES:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype} "
+                         "(class probabilities are not supported)")
+    check_tensor("target", target, device=device)
+
+
+def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss) -> None:
+    check_tensor("input", input, ndim=2, dtypes=FLOAT_DTYPES)
+    _check_target(target, input.shape[0], input.device)
+    check_tensor("target", target, ndim=1)
+    if target.shape[0] != input.shape[0]:
+        raise ValueError(f"target has shape {tuple(target.shape)} but input has {input.shape[0]} rows")
+    if input.shape[1] == 0:
+        raise ValueError("input must have at least one class (shape (N, C) with C >= 1)")
+    if weight is not None:
+        check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=input.device)
+        if weight.shape[0] != input.shape[1]:
+            raise ValueError(f"weight has {weight.shape[0]} entries but input has {input.shape[1]} classes")
+    _check_common(ignore_index, reduction, label_smoothing, z_loss)
+
+
+def _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss) -> None:
+    check_tensor("input", input, dtypes=FLOAT_DTYPES)
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, H) (or (*, H)), got {tuple(input.shape)}")
+    check_tensor("weight", weight, ndim=2, device=input.device)
+    check_same_dtype("weight", weight, "input", input)
+    if weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected (V, {input.shape[-1]}) for input "
+                         f"{tuple(input.shape)}")
+    _check_target(target, input.shape[0], input.device)
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(input.shape[:-1])} "
+                         f"for input {tuple(input.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=input.device)
+        check_same_dtype("bias", bias, "input", input)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
+    _check_common(ignore_index, reduction, label_smoothing, z_loss)
+
+
+# ------------------------------------------------------------------------------------- cross_entropy
+def _mean_denominators(target, weight32, ignore_index: int, V: int):
+    """Device 0-d tensors (no host sync): number of non-ignored rows, and sum of weight[t] over them."""
     valid = target != ignore_index
-    if z_loss:
-        loss = loss + z_loss * torch.logsumexp(logits, -1).pow(2) * valid
-    if reduction == "none":
-        return loss.to(input.dtype)
-    if reduction == "sum":
-        return loss.sum().to(input.dtype)
-    denom = (weight[target.clamp_min(0)] * valid).sum() if weight is not None else valid.sum()
-    return (loss.sum() / denom.clamp_min(1)).to(input.dtype)
+    count = valid.sum()
+    if weight32 is None:
+        return count, None
+    safe = torch.where(valid, target, torch.zeros_like(target)).clamp_(0, V - 1)
+    return count, (weight32[safe] * valid).sum()
 
 
-def linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, *, z_loss=0.0):
-    return cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss)
+class _CrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, need_grad):
+        from ..kernels import cross_entropy as K
+
+        logits = input if input.stride(1) == 1 else input.contiguous()
+        target = target.contiguous()
+        w32 = weight.to(torch.float32).contiguous() if weight is not None else None
+        count = wden = None
+        if reduction == "mean":
+            count, wden = _mean_denominators(target, w32, ignore_index, input.shape[1])
+        grad = torch.empty_like(logits) if need_grad else None
+        loss_rows, _ = K.ce_forward(logits, target, count=count, weight=w32, weight_den=wden,
+                                    ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                                    grad=grad)
+        ctx.grad = grad
+        out = loss_rows if reduction == "none" else loss_rows.sum()
+        return out.to(input.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        from ..kernels import cross_entropy as K
+
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("ff.cross_entropy: backward called twice, or on a forward run without grad; "
+                               "the gradient buffer is consumed by the first backward")
+        ctx.grad = None
+        K.scale_rows_(grad, grad_out.to(torch.float32).contiguous())
+        return grad, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Softmax cross-entropy, torch.nn.functional.cross_entropy semantics for class indices, plus z-loss.
+
+    input: (N, C) logits (fp16/bf16/fp32/fp64); target: (N,) integer class indices (ignore_index
+    rows contribute nothing); weight: (C,) class weights or None; reduction "mean" | "sum" | "none";
+    label_smoothing in [0, 1]; z_loss >= 0 adds z_loss * logsumexp(input_i)^2 per non-ignored row,
+    reduced like the loss ("mean": averaged over the non-ignored rows, unweighted).
+    Returns a scalar, or (N,) for "none", in input's dtype. "mean" with every target ignored -> 0.0
+    and zero gradients (torch gives NaN). Triton kernel for CUDA tensors (see fastformer.backend).
+    """
+    _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    if input.dtype == torch.float64 or not use_triton(input, target, weight):
+        return _ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss)
+    need_grad = torch.is_grad_enabled() and input.requires_grad
+    return _CrossEntropyFn.apply(input, target, weight, int(ignore_index), reduction, float(label_smoothing),
+                                 float(z_loss), need_grad)
+
+
+# ------------------------------------------------------------------------------ linear_cross_entropy
+def _ce_rows_torch_(logits, target, scale: float, label_smoothing: float, z_loss: float, want_grad: bool,
+                    gscale=None):
+    """Torch-math twin of kernels.cross_entropy.ce_forward for rows that are all valid and no class weight.
+
+    logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
+    gscale: (c,) or None). scale: 1 / #rows for "mean", else 1. Returns fp32 (c,) scaled per-row losses."""
+    V = logits.shape[1]
+    xf = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    sA = sB = scale   # no class weights: the CE and z parts share the denominator
+    t = target.long()[:, None]
+    lse = torch.logsumexp(xf, dim=1)
+    ce = (1.0 - label_smoothing) * (lse - xf.gather(1, t)[:, 0])
+    if label_smoothing > 0.0:
+        ce = ce + label_smoothing * lse - (label_smoothing / V) * xf.sum(dim=1)
+    loss = sA * ce
+    if z_loss != 0.0:
+        loss = loss + sB * z_loss * lse * lse
+    if want_grad:
+        g = gscale.to(xf.dtype) if gscale is not None else torch.ones_like(lse)
+        coef = g * (sA + sB * 2.0 * z_loss * lse)  # (1 - eps) + eps / V * V == 1 without class weights
+        xf.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+        if label_smoothing > 0.0:
+            xf.sub_((g * sA * (label_smoothing / V))[:, None])
+        xf.scatter_add_(1, t, (-(g * sA * (1.0 - label_smoothing)))[:, None])
+        if xf is not logits:
+            logits.copy_(xf)
+    return loss.to(torch.float32)
+
+
+_ADDMM_OUT_DTYPE = [True]  # flips to False the first time torch.addmm(..., out_dtype=) is unavailable
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32 (or a's own dtype); for fp16/bf16 a, b on CUDA without a temporary."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE[0] = False
+    acc.add_(a @ b)
+
+
+def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | None) -> int:
+    """Rows of tokens per chunk.
+
+    CPU: the chunk's logits about as large as the kept hidden states (n, H), at least 256 rows.
+    CUDA: every chunk re-reads and re-writes the fp32 grad_W accumulator (8 * V * H bytes) on top of
+    its 6 * rows * H * V matmul flops, so the chunk must be tall for that traffic to stay small next to
+    the matmuls (~300 / rows of their time on an H100): chunk logits of up to 2^28 elements (512 MB
+    in bf16), at least 1024 rows. `chunk_size` overrides both (time/memory trade-off)."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    if device.type == "cuda":
+        rows = 1 << max(0, int(math.floor(math.log2(max(1, (1 << 28) // V)))))
+        lo = 1024
+    else:
+        rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * H / V)))))
+        lo = 256
+    return max(1, min(n, max(lo, rows)))
+
+
+def _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, *, loss_rows=None, gscale=None,
+                grad_x=None, keep=None, gW=None, gb=None):
+    """The chunk loop shared by forward and the "none" backward. x_k: (n, H) kept rows; t_k: (n,)."""
+    if use_kernel:
+        from ..kernels import cross_entropy as K   # lazily: the CPU path must not need (or load) triton
+
+    n = x_k.shape[0]
+    want_grad = grad_x is not None or gW is not None or gb is not None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        xc = x_k[s:e]
+        logits = torch.addmm(b, xc, W.t()) if b is not None else xc @ W.t()   # (c, V), owned here
+        gs = gscale[s:e] if gscale is not None else None
+        if use_kernel:
+            rows, _ = K.ce_forward(logits, t_k[s:e], count=count, label_smoothing=eps, z_loss=z,
+                                   grad=logits if want_grad else None, gscale=gs)
+        else:
+            scale = 1.0 / max(1, int(count)) if count is not None else 1.0
+            rows = _ce_rows_torch_(logits, t_k[s:e], scale, eps, z, want_grad, gs)
+        if loss_rows is not None:
+            loss_rows[s:e] = rows
+        if grad_x is not None:
+            grad_x.index_copy_(0, keep[s:e], logits @ W)
+        if gW is not None:
+            _addmm_fp32_(gW, logits.t(), xc)
+        if gb is not None:
+            gb.add_(logits.sum(dim=0, dtype=gb.dtype))
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size):
+        N, H = x.shape
+        V = W.shape[0]
+        ctx.wdtype = W.dtype
+        keep = (target != ignore_index).nonzero().squeeze(1)   # host sync: the kept-row count sizes the loop
+        n = keep.numel()
+        x_k = x if n == N else x.index_select(0, keep)   # no copy when nothing is ignored
+        t_k = target if n == N else target.index_select(0, keep)
+        t_k = t_k.contiguous()
+        # "mean": the kernel divides by the kept-row count (0 -> 1: all ignored gives 0 and zero grads)
+        count = torch.full((), n, dtype=torch.int64, device=x.device) if reduction == "mean" else None
+        chunk = _chunk_rows(n, H, V, x.device, chunk_size)
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        need_x, need_W, need_b = needs
+        loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+        ctx.meta = (reduction, eps, z, use_kernel, chunk, N, acc, needs)
+        if reduction == "none" or not any(needs):
+            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, loss_rows=loss_rows)
+            ctx.save_for_backward(x_k, W, b, t_k, keep)
+            ctx.count = count
+            ctx.grads = None
+        else:
+            grad_x = torch.zeros_like(x) if need_x else None
+            gW = torch.zeros(W.shape, dtype=acc, device=x.device) if need_W else None
+            gb = torch.zeros(V, dtype=acc, device=x.device) if need_b else None
+            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, loss_rows=loss_rows,
+                        grad_x=grad_x, keep=keep, gW=gW, gb=gb)
+            ctx.grads = (grad_x, gW, gb)
+        if reduction == "none":
+            out = torch.zeros(N, dtype=torch.float32, device=x.device).index_copy_(0, keep, loss_rows)
+        else:
+            out = loss_rows.sum()
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        reduction, eps, z, use_kernel, chunk, N, acc, (need_x, need_W, need_b) = ctx.meta
+        if reduction != "none":
+            if ctx.grads is None:
+                raise RuntimeError("ff.linear_cross_entropy: backward called twice")
+            grad_x, gW, gb = ctx.grads
+            ctx.grads = None
+            # cast the fp32 accumulators first, then scale in place: one pass less over (V, H) than
+            # scaling in fp32 (g is almost always exactly 1, so nothing is lost)
+            wdtype = ctx.wdtype
+            grad_x = grad_x.mul_(g) if grad_x is not None else None
+            gW = gW.to(wdtype).mul_(g) if gW is not None else None
+            gb = gb.to(wdtype).mul_(g) if gb is not None else None
+            return grad_x, gW, gb, None, None, None, None, None, None, None, None
+        else:
+            x_k, W, b, t_k, keep = ctx.saved_tensors
+            count = ctx.count
+            gscale = g.reshape(-1).index_select(0, keep).to(torch.float32).contiguous()
+            grad_x = torch.zeros((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device) if need_x else None
+            gW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
+            gb = torch.zeros(W.shape[0], dtype=acc, device=W.device) if need_b else None
+            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, gscale=gscale,
+                        grad_x=grad_x, keep=keep, gW=gW, gb=gb)
+        wdtype = ctx.wdtype
+        return (grad_x, gW.to(wdtype) if gW is not None else None, gb.to(wdtype) if gb is not None else None,
+                None, None, None, None, None, None, None, None)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """cross_entropy(F.linear(input, weight, bias), target, ...) without materialising the logits.
+
+    input: (N, H) hidden states (or (*, H), flattened); weight: (V, H) as nn.Linear.weight, same dtype;
+    bias: (V,) or None; target: (N,) (or (*)) integer class indices. Other arguments as
+    ff.cross_entropy (no class weights: `weight` here is the projection). Returns a scalar, or the
+    per-row losses shaped like target for "none", in input's dtype. Gradients for input, weight, bias.
+    chunk_size: rows of tokens per chunk (default: chosen from N, H, V). Backend "reference" computes
+    the full logits with eager torch; otherwise the chunked path runs (Triton kernel on CUDA, torch
+    math on CPU), so CPU memory is saved too.
+    """
+    _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
+    if get_backend() == "reference":
+        return _ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+                                         z_loss=z_loss)
+    use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
+    lead = input.shape[:-1]
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
+                                   float(z_loss), needs, use_kernel, chunk_size)
+    return out.reshape(lead) if reduction == "none" else out
+

@@ -1,0 +1,154 @@
+"""ff.linear_cross_entropy == cross_entropy(F.linear(x, W, b)) for loss and the gradients of x, W, b.
+
+Three implementations: "reference" (full logits, eager), "auto" on CPU (chunked, torch math), "triton"
+(chunked, CE kernel interpreted on CPU). Chunks are forced small so several are exercised."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer as ff
+from conftest import assert_close
+
+IMPLS = ["reference", "auto", "triton"]
+
+
+def _expected(x, W, t, b, ignore_index=-100, reduction="mean", eps=0.0, z=0.0):
+    """Float64 oracle from torch's own ops."""
+    logits = F.linear(x.reshape(-1, x.shape[-1]), W, b)
+    t = t.reshape(-1)
+    out = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps)
+    if z:
+        valid = (t != ignore_index).to(logits.dtype)
+        zrow = z * torch.logsumexp(logits, -1).pow(2) * valid
+        out = out + {"none": zrow, "sum": zrow.sum(), "mean": zrow.sum() / valid.sum().clamp_min(1)}[reduction]
+    return out.reshape(x.shape[:-1]) if reduction == "none" else out
+
+
+def _run(impl, x, W, t, b, dtype, chunk_size=16, **kw):
+    red = kw.get("reduction", "mean")
+    leaves = [a.detach().to(dtype).requires_grad_(True) if a is not None else None for a in (x, W, b)]
+    leaves64 = [a.detach().to(torch.float64).requires_grad_(True) if a is not None else None for a in (x, W, b)]
+    with ff.use_backend(impl):
+        out = ff.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], kw.get("ignore_index", -100), red,
+                                      kw.get("eps", 0.0), z_loss=kw.get("z", 0.0), chunk_size=chunk_size)
+    exp = _expected(*leaves64[:2], t, leaves64[2], **kw)
+    g = torch.randn_like(exp) if red == "none" else torch.tensor(0.7, dtype=torch.float64)
+    assert out.dtype == dtype and out.shape == exp.shape
+    assert_close(out, exp, dtype, f"{impl} loss")
+    want = [a for a in leaves if a is not None]
+    want64 = [a for a in leaves64 if a is not None]
+    grads = torch.autograd.grad(out, want, g.to(dtype))
+    grads64 = torch.autograd.grad(exp, want64, g)
+    for name, a, e in zip(("x", "W", "b"), grads, grads64):
+        assert a.dtype == dtype
+        assert_close(a, e, dtype, f"{impl} grad {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("N,H,V", [(1, 16, 10), (77, 32, 1000), (130, 24, 10)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_unfused(impl, N, H, V, reduction, with_bias):
+    x = torch.randn(N, H)
+    W = torch.randn(V, H) / H ** 0.5
+    b = torch.randn(V) if with_bias else None
+    t = torch.randint(0, V, (N,))
+    if N > 1:
+        t[::4] = -100   # ignored rows are dropped before the matmul: their grad of x must be 0
+    _run(impl, x, W, t, b, torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("eps,z", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-3)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_smoothing_and_z_loss(impl, eps, z, reduction):
+    N, H, V = 77, 32, 1000
+    x, W, b = torch.randn(N, H), torch.randn(V, H) / 4, torch.randn(V)
+    t = torch.randint(0, V, (N,))
+    t[1::3] = 7
+    _run(impl, x, W, t, b, torch.float32, ignore_index=7, reduction=reduction, eps=eps, z=z)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batched_input_and_default_chunking(impl):
+    B, L, H, V = 3, 11, 16, 1000
+    x, W = torch.randn(B, L, H), torch.randn(V, H) / 4
+    t = torch.randint(0, V, (B, L))
+    t[:, -3:] = -100
+    _run(impl, x, W, t, None, torch.float32, chunk_size=None, reduction="none")
+    _run(impl, x, W, t, None, torch.float32, chunk_size=None, reduction="mean", eps=0.1)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_fp16(impl):
+    N, H, V = 77, 32, 1000
+    x, W, b = torch.randn(N, H).half(), (torch.randn(V, H) / 4).half(), torch.randn(V).half()
+    t = torch.randint(0, V, (N,))
+    t[::5] = -100
+    _run(impl, x, W, t, b, torch.float16, reduction="mean", eps=0.1, z=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(impl, reduction):
+    x = torch.randn(6, 8, requires_grad=True)
+    W = torch.randn(10, 8, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    t = torch.full((6,), -100)
+    with ff.use_backend(impl):
+        out = ff.linear_cross_entropy(x, W, t, b, reduction=reduction, z_loss=1e-2)
+    assert torch.equal(out.detach(), torch.zeros_like(out))
+    for g in torch.autograd.grad(out.sum(), (x, W, b)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_no_grad_and_frozen_weight():
+    x = torch.randn(20, 8, requires_grad=True)
+    W = torch.randn(50, 8)          # frozen projection: only x gets a gradient
+    t = torch.randint(0, 50, (20,))
+    out = ff.linear_cross_entropy(x, W, t, chunk_size=4)
+    (gx,) = torch.autograd.grad(out, x)
+    x64 = x.detach().double().requires_grad_(True)
+    (egx,) = torch.autograd.grad(_expected(x64, W.double(), t, None), x64)
+    assert_close(gx, egx, torch.float32, "grad x")
+    with torch.no_grad():
+        assert_close(ff.linear_cross_entropy(x, W, t), _expected(x.double(), W.double(), t, None), torch.float32)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, W, t, b: ff.linear_cross_entropy(x[0], W, t[:1]), "input"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W.double(), t), "weight"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W[:, :-1], t), "weight"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t[:-1]), "target"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t.float()), "target"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, b[:-1]), "bias"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, b.half()), "bias"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W.to("meta"), t), "weight"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, reduction="mean "), "reduction"),
+    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, label_smoothing=-0.1), "label_smoothing"),
+])
+def test_bad_input(call, match):
+    x, W, b = torch.randn(5, 8), torch.randn(10, 8), torch.randn(10)
+    t = torch.randint(0, 10, (5,))
+    with pytest.raises(ValueError, match=match):
+        call(x, W, t, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_bf16(reduction):
+    N, H, V = 1000, 256, 32003
+    x = torch.randn(N, H, device="cuda").bfloat16()
+    W = (torch.randn(V, H, device="cuda") / 16).bfloat16()
+    b = torch.randn(V, device="cuda").bfloat16()
+    t = torch.randint(0, V, (N,), device="cuda")
+    t[::3] = -100
+    leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    out = ff.linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction, label_smoothing=0.1, chunk_size=256)
+    f32 = [a.float().requires_grad_(True) for a in (x, W, b)]
+    exp = F.cross_entropy(F.linear(f32[0], f32[1], f32[2]), t, reduction=reduction, label_smoothing=0.1)
+    g = torch.randn_like(exp) if reduction == "none" else torch.tensor(1.0, device="cuda")
+    assert_close(out, exp, torch.bfloat16, "loss")
+    for name, a, e in zip("xWb", torch.autograd.grad(out, leaves, g.bfloat16()), torch.autograd.grad(exp, f32, g)):
+        assert a.dtype == torch.bfloat16
+        assert_close(a, e, torch.bfloat16, f"grad {name}")
