@@ -49,11 +49,13 @@ test: env cuda-compile-check
 	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
 
 # One command for a GPU machine: the cuda-marked tests, then every benchmark with short settings;
-# tables land in $(OUT) and a compact summary is printed last.
-gpu-check: env cuda-compile-check
+# tables land in $(OUT) and a compact summary is printed last. Time limits keep it inside a short lease.
+GPU_TEST_TIMEOUT ?= 150
+BENCH_BUDGET ?= 300
+gpu-check: env
 	mkdir -p $(OUT)
-	-PYTHONUNBUFFERED=1 $(PY) -m pytest tests -m cuda -q $(PYTEST_ARGS) 2>&1 | tee $(OUT)/gpu_tests.log
-	PYTHONUNBUFFERED=1 $(PY) bench/gpu_check.py --out $(OUT)
+	-set -o pipefail; PYTHONUNBUFFERED=1 timeout $(GPU_TEST_TIMEOUT) $(PY) -m pytest tests -m cuda -q -rfE $(PYTEST_ARGS) 2>&1 | tee $(OUT)/gpu_tests.log
+	PYTHONUNBUFFERED=1 $(PY) bench/gpu_check.py --out $(OUT) --budget $(BENCH_BUDGET)
 
 bench: env
 	$(TEST_ENV) $(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)
