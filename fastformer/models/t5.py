@@ -301,7 +301,10 @@ class T5EncoderForSequenceClassification(nn.Module):
     def load_pretrained(self, state: dict) -> None:
         """Copy shared embedding and encoder weights from a T5ForConditionalGeneration state_dict."""
         keep = {k: v for k, v in state.items() if k.startswith(("shared.", "encoder."))}
-        missing, unexpected = self.load_state_dict(keep, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(keep, strict=False)
+        except RuntimeError as e:  # shape mismatch: a different architecture
+            raise ValueError(f"pretrained state does not fit this encoder: {e}") from None
         missing = [k for k in missing if not k.startswith("classifier.")]
         if missing or unexpected:
             raise ValueError(f"pretrained state does not fit this encoder: missing {missing}, unexpected {unexpected}")
