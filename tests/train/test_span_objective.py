@@ -106,3 +106,79 @@ def test_registered_in_the_objective_registry():
     obj = objectives.get_objective("span")
     assert isinstance(obj, objectives.Objective) and isinstance(obj, SpanObjective)
     assert obj.name == "span" and obj.family == "t5" and obj.default_model == "t5-tiny"
+
+
+def test_tokenizer_training_is_reproducible():
+    # the `tokenizers` Unigram trainer itself is not deterministic; train_unigram canonicalises ids/scores
+    texts = _corpus(n_docs=30, seed=5)
+    obj = SpanObjective()
+    assert obj.build_tokenizer(texts, 200).to_str() == obj.build_tokenizer(texts, 200).to_str()
+
+
+# ---- with the trainer and CLI (fastformer.train.pretrain, fastformer.cli), once that branch is merged ----
+
+def _write_corpus(path):
+    path.write_text("\n\n".join(_corpus()) + "\n")
+    return path
+
+
+def test_span_pretrain_resume_equals_an_uninterrupted_run(tmp_path):
+    pt = pytest.importorskip("fastformer.train.pretrain", reason="the trainer (fastformer.train.pretrain) is not "
+                                                                "in this worktree yet")
+    from fastformer.train.checkpoint import load_checkpoint
+    from fastformer.train.metrics import read_metrics
+
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+
+    def cfg(out, **kw):
+        base = dict(objective="span", model="t5-tiny", out_dir=str(out), data=[str(corpus)], steps=6, batch_size=4,
+                    seq_len=32, vocab_size=200, lr=2e-3, log_every=1, eval_every=3, eval_batches=2, progress=False,
+                    seed=3, device="cpu")
+        return pt.PretrainConfig(**{**base, **kw})
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    pt.pretrain(cfg(full))
+    s = pt.pretrain(cfg(part, stop_at=4, tokenizer=str(full / "tokenizer.json")))
+    assert s["steps"] == 4 and s["stopped_early"]
+    pt.pretrain(cfg(part, resume=True))
+    keys = ("step", "loss", "lr", "grad_norm", "predicted_tokens", "eval_loss", "eval_accuracy")
+    a = [{k: r.get(k) for k in keys} for r in read_metrics(full / "metrics.jsonl")]
+    b = [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")]
+    assert [r["step"] for r in b] == list(range(1, 7)) and a == b
+    sa, sb = load_checkpoint(full / "checkpoint.pt")["model"], load_checkpoint(part / "checkpoint.pt")["model"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cli_span_pretrain_then_finetune_from_the_encoder(tmp_path):
+    pytest.importorskip("fastformer.train.finetune", reason="`fastformer finetune` (trainer branch) is not in this "
+                                                            "worktree yet")
+    from fastformer import cli
+    import json
+
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "pre"
+    rc = cli.main(["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(corpus), "--steps", "6",
+                   "--batch-size", "4", "--seq-len", "32", "--vocab-size", "200", "--device", "cpu", "--out", str(out),
+                   "--no-progress", "--log-every", "2"])
+    assert rc in (0, None)
+    for f in ("metrics.jsonl", "config.json", "tokenizer.json", "loss.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert json.loads((out / "config.json").read_text())["objective"] == "span"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+
+    rng = random.Random(1)
+    for name, n in (("train.tsv", 24), ("eval.tsv", 8)):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = ["the cat sees the river", "a dog likes the red ball"][label]
+            lines.append(f"{words} .\t{'pos' if label else 'neg'}")
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    ft = tmp_path / "ft"
+    rc = cli.main(["finetune", "--train", str(tmp_path / "train.tsv"), "--eval", str(tmp_path / "eval.tsv"),
+                   "--init", str(out), "--steps", "4", "--batch-size", "4", "--device", "cpu", "--out", str(ft),
+                   "--no-progress"])
+    assert rc in (0, None)
+    ev = json.loads((ft / "eval.json").read_text())
+    assert 0.0 <= ev["accuracy"] <= 1.0
