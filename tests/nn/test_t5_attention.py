@@ -36,7 +36,9 @@ def _precision(backend):
         if _T5_OP_INTERIM:
             pytest.skip("ff.t5_attention is still the INTERIM eager stand-in in this worktree: no Triton kernel "
                         "to test yet (runs once the fused T5 kernel is merged)")
-        return torch.float32, torch.float32, 1.0
+        # x10: this two-layer test with sharp scores is ill-conditioned in fp32; measured on CPU, even
+        # eager fp32 attention has gradient errors of ~4e-5 against HF in float64 (outputs ~2e-6).
+        return torch.float32, torch.float32, 10.0
     if _T5_OP_INTERIM:
         return torch.float64, torch.float32, 10.0
     return torch.float64, torch.float64, 1.0
