@@ -101,7 +101,7 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class T5RMSNorm(nn.Module):
-    """x · rsqrt(mean(x²) + eps) · weight, statistics in fp32; no bias, no mean subtraction."""
+    """x · rsqrt(mean(x²) + eps) · weight, statistics in at least fp32; no bias, no mean subtraction."""
 
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
