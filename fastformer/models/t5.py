@@ -1,0 +1,319 @@
+"""T5 v1.1-style encoder-decoder over the fastformer T5 attention modules.
+
+    cfg = T5Config.from_dict({**T5_PRESETS["t5-tiny"], "vocab_size": tok.get_vocab_size()})
+    model = T5ForConditionalGeneration(cfg)
+    out = model(input_ids, attention_mask, labels=labels)      # (B, Lin), (B, Lin), (B, Ltgt)
+    out.loss_sum / out.n_predicted                             # mean token cross-entropy
+
+Architecture (T5 v1.1): a shared token embedding; pre-norm blocks with RMS norm (scale only, no bias,
+no mean subtraction); self-attention with T5 relative-position bias (bidirectional buckets in the
+encoder, causal + unidirectional buckets in the decoder; only the first layer of each stack owns its
+table, later layers borrow it); decoder cross-attention without bias; gated-GELU feed-forward
+(wo(gelu_tanh(wi_0 x) * wi_1 x)); no bias in any linear; an untied LM head evaluated by
+`ff.linear_cross_entropy` on the non-ignored label rows only, so no (B·L, V) logits are built.
+
+Parameter names follow Hugging Face's `T5ForConditionalGeneration`
+(`encoder.block.0.layer.0.SelfAttention.q.weight`, `decoder.block.0.layer.1.EncDecAttention.k.weight`,
+`...layer.2.DenseReluDense.wi_0.weight`, `encoder.final_layer_norm.weight`, `shared.weight`,
+`lm_head.weight`), so an HF v1.1 state_dict loads with `load_state_dict`.
+
+`T5EncoderForSequenceClassification` is the encoder-only feature path for fine-tuning: the encoder,
+a masked mean over its outputs, dropout and a linear classifier.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastformer as ff
+from fastformer.nn import T5CrossAttention, T5SelfAttention
+
+# Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
+# t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores.
+# dropout_rate 0.0: T5 v1.1 was pre-trained without dropout (set it for fine-tuning).
+T5_PRESETS: dict[str, dict] = {
+    "t5-tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
+    "t5-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
+    "t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+}
+
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_ff: int = 1024
+    d_kv: int = 64
+    num_heads: int = 6
+    num_layers: int = 8
+    num_decoder_layers: Optional[int] = None       # None: same as num_layers
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0               # T5 starts decoding from the pad token
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown T5Config fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "T5Config":
+        if name not in T5_PRESETS:
+            raise ValueError(f"unknown T5 preset {name!r} (choose from {', '.join(T5_PRESETS)})")
+        return cls.from_dict({**T5_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Seq2SeqOutput:
+    """loss: mean cross-entropy over predicted tokens (0-d); loss_sum: its sum; n_predicted: int;
+    logits: (B, Ltgt, V) only when asked for (or when no labels are given)."""
+    loss: Optional[torch.Tensor]
+    loss_sum: Optional[torch.Tensor]
+    n_predicted: int
+    logits: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[torch.Tensor] = None
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype matmuls run in: the autocast dtype when autocast is on for t's device, else t's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+class T5RMSNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) · weight, statistics in at least fp32; no bias, no mean subtraction."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))        # fp32 statistics for half inputs
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * y.to(x.dtype)
+
+
+class T5GatedGelu(nn.Module):
+    """wo(gelu_tanh(wi_0 x) * wi_1 x): (B, L, d_model) -> (B, L, d_model)."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x):
+        return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
+
+
+class _SelfAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config, *, is_decoder: bool, owns_table: bool):
+        super().__init__()
+        self.SelfAttention = T5SelfAttention(
+            cfg.d_model, cfg.num_heads, cfg.d_kv, has_relative_attention_bias=owns_table, is_decoder=is_decoder,
+            num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance,
+            dropout=cfg.dropout_rate)
+        self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, h, mask, table):
+        return h + self.dropout(self.SelfAttention(self.layer_norm(h), attn_mask=mask,
+                                                   bias_table=None if self.SelfAttention.has_relative_attention_bias
+                                                   else table))
+
+
+class _CrossAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.EncDecAttention = T5CrossAttention(cfg.d_model, cfg.num_heads, cfg.d_kv, dropout=cfg.dropout_rate)
+        self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, h, enc, enc_mask):
+        return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
+
+
+class _FeedForwardLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5GatedGelu(cfg)   # HF's name, kept so state_dicts match
+        self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, h):
+        return h + self.dropout(self.DenseReluDense(self.layer_norm(h)))
+
+
+class T5Block(nn.Module):
+    """layer = [self-attention, (cross-attention,) feed-forward], each pre-norm with a residual."""
+
+    def __init__(self, cfg: T5Config, *, is_decoder: bool, owns_table: bool):
+        super().__init__()
+        self.is_decoder = is_decoder
+        layers = [_SelfAttentionLayer(cfg, is_decoder=is_decoder, owns_table=owns_table)]
+        if is_decoder:
+            layers.append(_CrossAttentionLayer(cfg))
+        layers.append(_FeedForwardLayer(cfg))
+        self.layer = nn.ModuleList(layers)
+
+    def forward(self, h, mask, table, enc=None, enc_mask=None):
+        h = self.layer[0](h, mask, table)
+        if self.is_decoder:
+            h = self.layer[1](h, enc, enc_mask)
+        return self.layer[-1](h)
+
+
+class T5Stack(nn.Module):
+    """Encoder (is_decoder=False) or decoder stack. forward -> (B, L, d_model) after the final norm."""
+
+    def __init__(self, cfg: T5Config, embed_tokens: nn.Embedding, *, is_decoder: bool):
+        super().__init__()
+        self.is_decoder = is_decoder
+        self.embed_tokens = embed_tokens
+        n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
+        self.block = nn.ModuleList([T5Block(cfg, is_decoder=is_decoder, owns_table=(i == 0)) for i in range(n)])
+        self.final_layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None):
+        """input_ids: (B, L); attention_mask: (B, L) bool/0-1, True = real token (key padding);
+        decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc)."""
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
+        table = self.block[0].layer[0].SelfAttention.bias_table    # the first layer's table, shared
+        h = self.dropout(self.embed_tokens(input_ids))
+        for blk in self.block:
+            h = blk(h, mask, table, encoder_hidden_states, enc_mask)
+        return self.dropout(self.final_layer_norm(h))
+
+
+def _init_weights(model: nn.Module, cfg: T5Config) -> None:
+    """T5's initialisation (Mesh TensorFlow): normal with std 1/sqrt(fan_in) (q additionally / sqrt(d_kv)),
+    embeddings std 1. The untied LM head uses std 1/sqrt(d_model) so initial logits are O(1)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, T5RMSNorm):
+            nn.init.ones_(mod.weight)
+        elif isinstance(mod, (T5SelfAttention, T5CrossAttention)):
+            nn.init.normal_(mod.q.weight, std=(cfg.d_model * cfg.d_kv) ** -0.5)
+            nn.init.normal_(mod.k.weight, std=cfg.d_model ** -0.5)
+            nn.init.normal_(mod.v.weight, std=cfg.d_model ** -0.5)
+            nn.init.normal_(mod.o.weight, std=(cfg.num_heads * cfg.d_kv) ** -0.5)
+            if getattr(mod, "has_relative_attention_bias", False):
+                nn.init.normal_(mod.relative_attention_bias.weight, std=cfg.d_model ** -0.5)
+        elif isinstance(mod, T5GatedGelu):
+            nn.init.normal_(mod.wi_0.weight, std=cfg.d_model ** -0.5)
+            nn.init.normal_(mod.wi_1.weight, std=cfg.d_model ** -0.5)
+            nn.init.normal_(mod.wo.weight, std=cfg.d_ff ** -0.5)
+    if hasattr(model, "shared"):
+        nn.init.normal_(model.shared.weight, std=1.0)
+    if hasattr(model, "lm_head"):
+        nn.init.normal_(model.lm_head.weight, std=cfg.d_model ** -0.5)
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs from labels: (B, L) -> (B, L), [start, y_0, ..., y_{L-2}], -100 replaced by pad."""
+    out = labels.new_full(labels.shape, start_id)
+    out[:, 1:] = labels[:, :-1]
+    return out.masked_fill(out == -100, pad_id)
+
+
+class T5ForConditionalGeneration(nn.Module):
+    """Encoder-decoder with an untied LM head (T5 v1.1)."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.config = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg, self.shared, is_decoder=False)
+        self.decoder = T5Stack(cfg, self.shared, is_decoder=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        _init_weights(self, cfg)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L) -> encoder features (B, L, d_model)."""
+        return self.encoder(input_ids, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                decoder_input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                *, return_logits: bool = False) -> Seq2SeqOutput:
+        """input_ids, attention_mask: (B, Lin); labels: (B, Ltgt), -100 = not predicted;
+        decoder_input_ids: (B, Ltgt), default labels shifted right. The decoder's own padding sits
+        after the last label (right padding), so causality alone keeps it out of real positions."""
+        if labels is None and decoder_input_ids is None:
+            raise ValueError("labels or decoder_input_ids is required")
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        enc = self.encoder(input_ids, attention_mask)
+        dec = self.decoder(decoder_input_ids, None, enc, attention_mask)
+        dt = _autocast_dtype(dec)
+        w = self.lm_head.weight.to(dt)
+        logits = F.linear(dec.to(dt), w) if (return_logits or labels is None) else None
+        if labels is None:
+            return Seq2SeqOutput(None, None, 0, logits, enc)
+        flat = labels.reshape(-1)
+        rows = (flat != -100).nonzero().flatten()                     # predicted rows only
+        h = dec.reshape(-1, dec.shape[-1]).index_select(0, rows).to(dt)
+        # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly.
+        loss_sum = ff.linear_cross_entropy(h, w, flat.index_select(0, rows), reduction="sum")
+        loss_sum = loss_sum.to(torch.promote_types(loss_sum.dtype, torch.float32))
+        n = int(rows.numel())
+        return Seq2SeqOutput(loss_sum / max(n, 1), loss_sum, n, logits, enc)
+
+
+class T5EncoderForSequenceClassification(nn.Module):
+    """Encoder + masked mean pooling + dropout + linear. forward(input_ids, attention_mask) -> (B, num_labels).
+
+    Load a span-pretrained encoder with `load_pretrained(state_dict)` (keys `shared.*`, `encoder.*`)."""
+
+    def __init__(self, cfg: T5Config, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.config = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg, self.shared, is_decoder=False)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cfg.d_model, num_labels)
+        _init_weights(self, cfg)
+        nn.init.normal_(self.classifier.weight, std=cfg.d_model ** -0.5)
+        nn.init.zeros_(self.classifier.bias)
+
+    def load_pretrained(self, state: dict) -> None:
+        """Copy shared embedding and encoder weights from a T5ForConditionalGeneration state_dict."""
+        keep = {k: v for k, v in state.items() if k.startswith(("shared.", "encoder."))}
+        try:
+            missing, unexpected = self.load_state_dict(keep, strict=False)
+        except RuntimeError as e:  # shape mismatch: a different architecture
+            raise ValueError(f"pretrained state does not fit this encoder: {e}") from None
+        missing = [k for k in missing if not k.startswith("classifier.")]
+        if missing or unexpected:
+            raise ValueError(f"pretrained state does not fit this encoder: missing {missing}, unexpected {unexpected}")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.encoder(input_ids, attention_mask)                    # (B, L, d_model)
+        if attention_mask is None:
+            pooled = h.mean(1)
+        else:
+            m = attention_mask.to(h.dtype)[..., None]
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        return self.classifier(self.drop(pooled))

@@ -1,0 +1,99 @@
+"""The span-corruption objective (T5-style): Unigram tokenizer with sentinels, packed raw chunks whose
+corrupted inputs are exactly `seq_len` long, T5 v1.1 encoder-decoder; fine-tuning = encoder + head.
+
+Registered as "span" in `fastformer.train.objectives.OBJECTIVES`; the trainer calls the methods of
+the `Objective` interface documented there.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fastformer.data.span_corruption import SpanCorruptionCollator, span_corruption_lengths
+from fastformer.data.unigram_tokenizer import EOS, PAD, encode, sentinel_ids, train_unigram
+from fastformer.models.t5 import T5_PRESETS, T5Config, T5EncoderForSequenceClassification, T5ForConditionalGeneration
+
+try:
+    from .objectives import Objective
+except ImportError:  # the trainer branch is not merged yet: the interface is duck-typed anyway
+    Objective = object  # type: ignore[misc,assignment]
+
+
+class SpanObjective(Objective):
+    name = "span"
+    family = "t5"
+    default_model = "t5-tiny"
+
+    # -- data -------------------------------------------------------------------------------------
+    def build_tokenizer(self, texts: Sequence[str], vocab_size: int):
+        return train_unigram(texts, vocab_size)
+
+    def make_examples(self, texts, tokenizer, seq_len, *, packing: bool = True) -> list[torch.Tensor]:
+        """Raw token chunks (no EOS). packing=True: the concatenated stream cut into chunks of the raw
+        length whose corrupted input is exactly seq_len (T5's recipe; 512 -> 568 raw tokens);
+        packing=False: one chunk per non-empty line, truncated to that length."""
+        if seq_len < 8:
+            raise ValueError(f"--seq-len must be at least 8, got {seq_len}")
+        raw, _ = span_corruption_lengths(seq_len)
+        if packing:
+            stream = torch.tensor([t for ids in encode(tokenizer, texts) for t in ids], dtype=torch.int64)
+            n_full = stream.numel() // raw
+            chunks = list(stream[: n_full * raw].view(n_full, raw).unbind(0)) if n_full else []
+            if not chunks and stream.numel() >= 2:          # a corpus shorter than one chunk
+                chunks = [stream]
+            return [c.clone() for c in chunks]
+        lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
+        return [torch.tensor(ids[:raw], dtype=torch.int64) for ids in encode(tokenizer, lines) if ids]
+
+    def make_collator(self, tokenizer, seq_len):
+        return SpanCorruptionCollator(sentinel_ids(tokenizer), pad_id=PAD, eos_id=EOS, pad_to_multiple_of=8)
+
+    # -- model ------------------------------------------------------------------------------------
+    def build_model(self, preset, tokenizer, *, seq_len) -> nn.Module:
+        if preset not in T5_PRESETS:
+            raise ValueError(f"--model {preset}: the span objective trains t5-* presets ({', '.join(T5_PRESETS)})")
+        cfg = T5Config.from_preset(preset, vocab_size=tokenizer.get_vocab_size(), pad_token_id=PAD,
+                                   eos_token_id=EOS, decoder_start_token_id=PAD)
+        return T5ForConditionalGeneration(cfg)
+
+    def model_config(self, model) -> dict:
+        return model.config.to_dict()
+
+    def step(self, model, batch, *, train=True):
+        out = model(batch["input_ids"], batch.get("attention_mask"), batch.get("decoder_input_ids"),
+                    batch["labels"], return_logits=not train)
+        metrics = {}
+        if not train:
+            valid = batch["labels"] != -100
+            metrics["correct"] = int(((out.logits.argmax(-1) == batch["labels"]) & valid).sum())
+        return out.loss_sum, out.n_predicted, metrics
+
+    def input_tokens(self, batch) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def flops_per_token(self, model, seq_len) -> float:
+        """Training FLOPs per input token: 6 × encoder parameters, plus 6 × (decoder + LM head) for
+        each target token (targets ≈ 0.22 × inputs), plus the attention score/value matmuls."""
+        cfg = model.config
+        raw, tgt = span_corruption_lengths(seq_len)
+        r = tgt / seq_len
+        enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))
+        dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder."))
+        head = cfg.d_model * cfg.vocab_size
+        inner = cfg.num_heads * cfg.d_kv
+        attn = 12.0 * inner * (cfg.num_layers * seq_len + r * cfg.num_decoder_layers * (tgt + seq_len))
+        return 6.0 * enc + 6.0 * r * (dec + head) + attn
+
+    # -- fine-tuning ------------------------------------------------------------------------------
+    def encode_for_classification(self, tokenizer, texts, max_len) -> list[torch.Tensor]:
+        """text tokens + </s>, at most max_len long (T5 encodes inputs with a final EOS)."""
+        return [torch.tensor(ids[: max_len - 1] + [EOS], dtype=torch.int64) for ids in encode(tokenizer, texts)]
+
+    def build_classifier(self, model_config, num_labels, pretrained_state=None) -> nn.Module:
+        model = T5EncoderForSequenceClassification(T5Config.from_dict(model_config), num_labels)
+        if pretrained_state is not None:
+            model.load_pretrained(pretrained_state)
+        return model

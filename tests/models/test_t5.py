@@ -1,0 +1,135 @@
+"""T5 v1.1 encoder-decoder: parity with Hugging Face T5ForConditionalGeneration given the same weights,
+forward/backward, table sharing, presets at the published sizes, the encoder classification path."""
+import pytest
+import torch
+
+from conftest import TOLERANCES, assert_close
+
+from fastformer.models.t5 import (T5_PRESETS, T5Config, T5EncoderForSequenceClassification,
+                                  T5ForConditionalGeneration, shift_right)
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=101, d_model=32, d_ff=48, d_kv=16, num_heads=2, num_layers=2, num_decoder_layers=3,
+            relative_attention_num_buckets=16, relative_attention_max_distance=20)
+
+
+def _hf_v1_1(cfg):
+    """HF T5ForConditionalGeneration as T5 v1.1 was published: untied LM head, no output scaling.
+    (transformers 5.x ties lm_head to shared whatever the config says; give the head its own weight.)"""
+    model = transformers.T5ForConditionalGeneration(cfg)
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    return model
+
+
+def _hf_config(**kw):
+    cfg = transformers.T5Config(**kw, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _batch(B=3, Lin=23, Ltgt=9, V=101):
+    ids = torch.randint(2, V, (B, Lin))
+    am = torch.ones(B, Lin, dtype=torch.bool)
+    am[1, 15:] = False
+    am[2, 5:] = False
+    labels = torch.randint(2, V, (B, Ltgt))
+    labels[2, 6:] = -100
+    return ids, am, labels
+
+
+def test_matches_hf_t5_v1_1_loss_logits_and_grads():
+    # HF computes the RMS-norm statistics in fp32 even for float64 models (and the interim attention
+    # op its softmax in fp32), so the comparison uses the fp32 tolerance on float64 models.
+    hf = _hf_v1_1(_hf_config(**TINY)).double()
+    for n, p in hf.named_parameters():
+        if "layer_norm" in n:
+            torch.nn.init.uniform_(p, 0.5, 1.5)   # non-trivial norm weights
+    ours = T5ForConditionalGeneration(T5Config(**TINY)).double()
+    ours.load_state_dict(hf.state_dict())         # HF's parameter names, strict
+    ids, am, labels = _batch()
+    ref = hf(input_ids=ids, attention_mask=am.long(), labels=labels)
+    ref.loss.backward()
+    out = ours(ids, am, labels=labels, return_logits=True)
+    out.loss.backward()
+    tol = torch.float32
+    assert out.n_predicted == int((labels != -100).sum())
+    assert_close(out.loss, ref.loss, tol, "loss")
+    assert_close(out.loss_sum / out.n_predicted, ref.loss, tol, "loss_sum / n")
+    assert_close(out.logits, ref.logits, tol, "logits")
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    for n, p in ours.named_parameters():
+        assert p.grad is not None, n
+        assert_close(p.grad, hf_grads[n], tol, f"grad {n}")
+
+
+def test_forward_backward_table_sharing_and_padding_invariance():
+    torch.manual_seed(1)
+    model = T5ForConditionalGeneration(T5Config.from_preset("t5-tiny", vocab_size=97)).double()
+    tables = [n for n, _ in model.named_parameters() if "relative_attention_bias" in n]
+    assert tables == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    ids, am, labels = _batch(V=97)
+    out = model(ids, am, labels=labels)
+    assert torch.isfinite(out.loss) and out.logits is None
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        if "relative_attention_bias" in n:
+            assert p.grad.abs().sum() > 0, n
+    # padding the encoder input further (masked) and the labels further (-100) changes nothing
+    with torch.no_grad():
+        base = model(ids, am, labels=labels).loss
+        ids2 = torch.cat([ids, torch.randint(2, 97, (3, 6))], 1)
+        am2 = torch.cat([am, torch.zeros(3, 6, dtype=torch.bool)], 1)
+        labels2 = torch.cat([labels, torch.full((3, 4), -100)], 1)
+        assert_close(model(ids2, am2, labels=labels2).loss, base, torch.float32, "padded loss")
+        # explicit decoder inputs equal the default (labels shifted right)
+        dec = shift_right(labels, 0, 0)
+        assert torch.equal(dec[:, 1:], labels[:, :-1].clamp_min(0))
+        assert_close(model(ids, am, decoder_input_ids=dec, labels=labels).loss, base, torch.float64, "explicit")
+
+
+@pytest.mark.parametrize("name,published,n_params", [
+    ("t5-small", dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8), 76_961_152),
+    ("t5-base", dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+     247_577_856),
+])
+def test_presets_have_published_v1_1_sizes_and_hf_layout(name, published, n_params):
+    assert T5_PRESETS[name] == published
+    with torch.device("meta"):
+        ours = T5ForConditionalGeneration(T5Config.from_preset(name, vocab_size=32128))
+        hf = _hf_v1_1(_hf_config(vocab_size=32128, **published))
+    ours_shapes = {n: tuple(p.shape) for n, p in ours.state_dict().items()}
+    hf_shapes = {n: tuple(p.shape) for n, p in hf.state_dict().items()}
+    assert ours_shapes == hf_shapes
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters()) == n_params
+
+
+def test_encoder_classifier_loads_pretrained_encoder_and_ignores_padding():
+    cfg = T5Config.from_preset("t5-tiny", vocab_size=97)
+    pre = T5ForConditionalGeneration(cfg)
+    clf = T5EncoderForSequenceClassification(T5Config.from_dict(cfg.to_dict()), num_labels=4).double().eval()
+    clf.load_pretrained(pre.state_dict())
+    assert torch.equal(clf.encoder.block[1].layer[1].DenseReluDense.wo.weight.float(),
+                       pre.encoder.block[1].layer[1].DenseReluDense.wo.weight)
+    ids = torch.randint(2, 97, (2, 13))
+    logits = clf(ids)
+    assert logits.shape == (2, 4)
+    padded = torch.cat([ids, torch.zeros(2, 7, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(2, 13, dtype=torch.bool), torch.zeros(2, 7, dtype=torch.bool)], 1)
+    # fp32 tolerance: the attention op may run its softmax in fp32 (the interim stand-in does)
+    assert_close(clf(padded, mask), logits, torch.float32, "padded logits")
+    with pytest.raises(ValueError, match="pretrained"):
+        clf.load_pretrained({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(3, 3)})
+
+
+def test_bad_config_and_input_raise_value_error():
+    with pytest.raises(ValueError, match="t5-huge"):
+        T5Config.from_preset("t5-huge")
+    with pytest.raises(ValueError, match="unknown T5Config fields"):
+        T5Config.from_dict({"hidden_size": 3})
+    model = T5ForConditionalGeneration(T5Config(**TINY))
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.randint(2, 101, (1, 5)))
