@@ -229,7 +229,9 @@ class BertForMaskedLM(nn.Module):
         # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly.
         loss = ff.linear_cross_entropy(hm.to(dt), w.to(dt), target, bias=self.head.bias.to(dt), reduction="sum")
         logits = F.linear(hm.to(dt), w.to(dt), self.head.bias.to(dt)) if return_logits else None
-        return loss.float(), rows.numel(), logits, target
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        return loss, rows.numel(), logits, target
 
     def dense_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Reference: logits for every position (B, L, V); used by tests to check the sparse head."""
