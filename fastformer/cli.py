@@ -75,7 +75,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     cfg = PretrainConfig(objective=args.objective, model=args.model, data=list(args.data or []),
                          seq_len=args.seq_len, save_every=args.save_every, resume=args.resume,
-                         vocab_size=args.vocab_size, packing=not args.line_by_line, **_train_kwargs(args))
+                         vocab_size=args.vocab_size, tokenizer=args.tokenizer, packing=not args.line_by_line, **_train_kwargs(args))
     s = pretrain(cfg)
     if _is_main():
         ev = f", eval loss {s['eval_loss']:.3f}, eval MLM accuracy {s['eval_accuracy']:.3f}" if "eval_loss" in s else ""
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     pre.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     pre.add_argument("--vocab-size", type=int, default=8192)
+    pre.add_argument("--tokenizer", default=None, metavar="FILE", help="reuse this tokenizer.json")
     pre.add_argument("--line-by-line", action="store_true",
                      help="one example per line with dynamic padding instead of packed fixed-length examples")
     pre.set_defaults(func=_pretrain)

@@ -25,6 +25,12 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = 8192, min_frequency:
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # The trainer assigns ids in hash-map order (different on every run): renumber canonically so the
+    # same vocabulary always gets the same ids (specials first, then words, then ##-pieces, sorted).
+    vocab = tok.get_vocab()
+    rest = sorted((t for t in vocab if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]",
+                                 max_input_chars_per_word=100)
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, "special tokens must have ids 0..4"
     return tok

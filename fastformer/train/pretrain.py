@@ -31,6 +31,7 @@ class PretrainConfig(TrainConfig):
     data: list[str] = field(default_factory=list)
     seq_len: int = 128
     vocab_size: int = 8192
+    tokenizer: str | None = None      # reuse this tokenizer.json instead of training one
     packing: bool = True
     eval_batches: int = 16
 
@@ -64,8 +65,10 @@ class ExampleSampler:
         return [int(self._perm(g // self.n)[g % self.n]) for g in range(start, start + self.bs)]
 
 
-def _batch_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63)
+def _batch_seed(seed: int, step: int, global_micro: int) -> int:
+    # global_micro = rank * grad_accum + micro: N ranks x A micro-batches draw the same masks as one
+    # process with N*A micro-batches.
+    return (seed * 1_000_003 + step * 10_007 + global_micro) % (2**63)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -97,6 +100,10 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
 
     if cfg.resume:
         tok_json = (out / "tokenizer.json").read_text() if info.main else None
+    elif cfg.tokenizer:
+        if not Path(cfg.tokenizer).is_file():
+            raise DataError(f"--tokenizer {cfg.tokenizer}: no such file")
+        tok_json = Path(cfg.tokenizer).read_text() if info.main else None
     else:
         tok_json = obj.build_tokenizer(train_docs, cfg.vocab_size).to_str() if info.main else None
     tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
@@ -117,7 +124,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
                              seed=cfg.seed)
 
     def batch_fn(step: int, micro: int) -> dict:
-        g = torch.Generator().manual_seed(_batch_seed(cfg.seed, step, micro, info.rank))
+        g = torch.Generator().manual_seed(_batch_seed(cfg.seed, step, info.rank * cfg.grad_accum + micro))
         return collate([train_ex[i] for i in sampler.indices(step, micro)], g)
 
     def step_fn(m, batch, train):

@@ -245,14 +245,15 @@ class Trainer:
             tok_total += int(g_tok)
             res.final_loss = loss_val
 
-            stop = cfg.stop_at is not None and step >= cfg.stop_at
+            interrupted = cfg.stop_at is not None and step >= cfg.stop_at   # like a crash: no extra eval
+            stop = interrupted
             elapsed = time.perf_counter() - t_start
             if cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60:
                 stop = True
             if self.info.enabled and cfg.max_minutes is not None:   # every rank must stop at the same step
                 flag = D.all_reduce_sum(torch.tensor([float(stop)], device=self.device), self.info)
                 stop = bool(flag.item() > 0)
-            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or stop
+            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or (stop and not interrupted)
             if step % cfg.log_every == 0 or do_eval or step == 1:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
