@@ -81,7 +81,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         ev = f", eval loss {s['eval_loss']:.3f}, eval MLM accuracy {s['eval_accuracy']:.3f}" if "eval_loss" in s else ""
         print(f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
               f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}\n"
-              f"  final loss {s['final_loss']:.3f}{ev}\n"
+              f"  loss {s['first_loss']:.3f} (step 1) -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
               f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
               f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt")
     return 0

@@ -36,10 +36,14 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 
 
 def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("fastformer: matplotlib is not installed; loss.png not written")
+        return
 
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -19,7 +19,7 @@ from fastformer.models.presets import get_preset
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
-from .metrics import plot_loss
+from .metrics import plot_loss, read_metrics
 from .objectives import get_objective
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -151,7 +151,8 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     result: TrainResult = trainer.train()
     if info.main:
         plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{obj.name} pre-training, {preset}")
-    return {"objective": obj.name, "model": preset, "device": str(device), "world_size": info.world,
+    first = next((r["loss"] for r in read_metrics(out / "metrics.jsonl")), None) if info.main else None
+    return {"objective": obj.name, "model": preset, "first_loss": first, "device": str(device), "world_size": info.world,
             "steps": result.step, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
             "seconds": result.seconds, **result.eval, "stopped_early": result.stopped_early,
             "out_dir": str(out)}
