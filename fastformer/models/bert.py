@@ -131,7 +131,9 @@ class BertEncoder(nn.Module):
     def _layout(self, input_ids, attention_mask) -> _Layout:
         B, L = input_ids.shape
         unpad = self.config.unpad if self.config.unpad is not None else input_ids.is_cuda
-        if unpad:
+        # Nothing padded (attention_mask None, e.g. packed examples): the dense mask-free path is
+        # already pad-free, so only unpad when forced.
+        if unpad and (attention_mask is not None or self.config.unpad):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             lens = attention_mask.sum(1, dtype=torch.int32)
