@@ -3,7 +3,7 @@ autocast, and a short bf16 pre-training run with MFU in metrics.jsonl."""
 import pytest
 import torch
 
-from conftest import tiny_config
+from train_helpers import tiny_config, tiny_corpus  # noqa: F401 (fixture)
 from fastformer.models.bert import BertConfig, BertForMaskedLM
 from fastformer.train.metrics import read_metrics
 from fastformer.train.pretrain import pretrain

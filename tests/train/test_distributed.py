@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from fastformer.train.metrics import read_metrics
+from train_helpers import tiny_corpus  # noqa: F401 (fixture)
 
 
 def test_torchrun_two_process_gloo(tmp_path, tiny_corpus):

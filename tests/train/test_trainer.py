@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from train_helpers import tiny_config, tiny_corpus  # noqa: F401 (fixture)
 from fastformer.train import checkpoint as ckpt_mod
 from fastformer.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastformer.train.metrics import read_metrics

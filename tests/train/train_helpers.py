@@ -1,4 +1,4 @@
-"""Tiny generated corpora for trainer tests (never the shared data)."""
+"""Tiny generated corpora for trainer tests (never the shared data); import the fixture from here."""
 import random
 
 import pytest
