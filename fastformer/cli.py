@@ -37,6 +37,18 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"fused adam {'compiled extension' if extension_available() else 'torch fallback'}")
     except ImportError:
         pass
+    from fastformer.models.presets import known_presets
+    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
+
+    lines.append(f"presets    {', '.join(known_presets())}")
+    objs = []
+    for name in OBJECTIVES:
+        try:
+            get_objective(name)
+            objs.append(name)
+        except (UnknownObjectiveError, ImportError):
+            objs.append(f"{name} (not installed)")
+    lines.append(f"objectives {', '.join(objs)}")
     print("\n".join(lines))
     return 0
 
@@ -54,7 +66,8 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> N
     p.add_argument("--schedule", default="linear", help="linear | cosine | constant (after warmup)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default 6%% of --steps")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="0: evaluate at the end only")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and at the end "
+                   "(pretrain default 200; finetune default 0: at the end only)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (with a checkpoint) after this long")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -116,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--tokenizer", default=None, metavar="FILE", help="reuse this tokenizer.json")
     pre.add_argument("--line-by-line", action="store_true",
                      help="one example per line with dynamic padding instead of packed fixed-length examples")
-    pre.set_defaults(func=_pretrain)
+    pre.set_defaults(func=_pretrain, eval_every=200)
 
     fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files")
     fin.add_argument("--train", required=True, metavar="FILE.tsv")
