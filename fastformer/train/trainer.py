@@ -202,9 +202,12 @@ class Trainer:
         res = TrainResult(step=self.step)
         bar = None
         if cfg.progress and self.info.main:
-            from tqdm.auto import tqdm
+            try:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=True)
+                bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=True)
+            except ImportError:  # no progress bar without tqdm; metrics.jsonl still has everything
+                bar = None
         t_start = time.perf_counter()
         t_log, tok_log, tok_total, train_time = t_start, 0, 0, 0.0
         self.model.train()
