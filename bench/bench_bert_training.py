@@ -1,0 +1,156 @@
+"""Tokens/s of one BERT MLM training step: fastformer vs Hugging Face BertForMaskedLM, same batches.
+
+Providers (same model size, same vocabulary 30522, same batches, dropout on, no gradient clipping):
+  fastformer   BertForMaskedLM from fastformer.models (sparse tied MLM head through
+               ff.linear_cross_entropy, ff attention: unpadded varlen on CUDA) + ff.optim.FusedAdamW
+  hf_eager     transformers BertForMaskedLM, attn_implementation="eager" + torch.optim.AdamW
+  hf_sdpa      transformers BertForMaskedLM, attn_implementation="sdpa" + torch.optim.AdamW(fused=True on CUDA)
+Batch layouts: "packed" (every row full length, no padding) and "padded" (row lengths drawn uniformly
+from [L/4, L], right-padded, key-padding mask). Tokens/s counts real (non-pad) tokens.
+CUDA: bf16 autocast, bert-base at seq 128 and 512, MFU against the device's dense bf16 peak with
+the same model-FLOPs count for every provider (6 x non-embedding params + 12 x layers x hidden x seq
++ the MLM head on 15% of tokens). CPU: bert-tiny / bert-mini, fp32.
+Nothing is downloaded: the HF models are built from a local BertConfig.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import format_table, save, time_ms  # noqa: E402
+
+import fastformer as ff  # noqa: E402
+from fastformer.models.bert import BertConfig, BertForMaskedLM  # noqa: E402
+from fastformer.models.presets import get_preset  # noqa: E402
+from fastformer.train.metrics import peak_flops  # noqa: E402
+
+VOCAB = 30522
+
+
+def make_batch(B: int, L: int, layout: str, device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (B, L), generator=g)
+    if layout == "packed":
+        mask = torch.ones(B, L, dtype=torch.bool)
+    else:
+        lens = torch.randint(L // 4, L + 1, (B,), generator=g)
+        lens[0] = L
+        mask = torch.arange(L)[None, :] < lens[:, None]
+        ids[~mask] = 0
+    labels = torch.where((torch.rand(B, L, generator=g) < 0.15) & mask, ids, torch.full_like(ids, -100))
+    ids = torch.where(labels != -100, torch.full_like(ids, 4), ids)
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+
+
+def model_flops_per_token(p: dict, L: int) -> float:
+    H, n, I = p["hidden_size"], p["num_layers"], p["intermediate_size"]
+    body = n * (4 * H * H + 2 * H * I) + H * H  # + MLM transform
+    return 6.0 * body + 12.0 * n * H * L + 0.15 * 6.0 * H * VOCAB
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def fastformer_step(preset: dict, device, L: int):
+    cfg = BertConfig(**preset, vocab_size=VOCAB, max_position=max(512, L))
+    model = BertForMaskedLM(cfg).to(device).train()
+    opt = ff.optim.FusedAdamW(model.parameters(), lr=1e-4)
+
+    def step(b):
+        mask = None if bool(b["attention_mask"].all()) else b["attention_mask"]
+        with _autocast(device):
+            loss, n, _, _ = model(b["input_ids"], mask, b["labels"])
+        (loss / max(n, 1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def hf_step(preset: dict, device, L: int, attn: str):
+    from transformers import BertConfig as HFConfig, BertForMaskedLM as HFBert
+
+    cfg = HFConfig(vocab_size=VOCAB, hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_layers"],
+                   num_attention_heads=preset["num_heads"], intermediate_size=preset["intermediate_size"],
+                   max_position_embeddings=max(512, L))
+    cfg._attn_implementation = attn
+    model = HFBert(cfg).to(device).train()
+    fused = attn == "sdpa" and device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused) if fused else torch.optim.AdamW(
+        model.parameters(), lr=1e-4)
+
+    def step(b):
+        with _autocast(device):
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long(), labels=b["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        cases = [("bert-base", 128, 64), ("bert-base", 512, 16)]
+        providers = ["fastformer", "hf_eager", "hf_sdpa"]
+    else:
+        cases = [("bert-tiny", 128, 16)] + ([] if quick else [("bert-mini", 128, 16)])
+        providers = ["fastformer", "hf_eager", "hf_sdpa"]
+    peak = peak_flops(device)
+    rows, summary = [], []
+    for name, L, B in cases:
+        preset = get_preset(name)
+        fpt = model_flops_per_token(preset, L)
+        for layout in ("packed", "padded"):
+            batch = make_batch(B, L, layout, device)
+            tokens = int(batch["attention_mask"].sum())
+            case = f"{name} L={L} B={B} {layout}"
+            res = {}
+            for prov in providers:
+                row = {"benchmark": "bert_training", "case": case, "provider": prov, "model": name, "seq_len": L,
+                       "batch": B, "layout": layout, "tokens": tokens}
+                try:
+                    torch.manual_seed(0)
+                    step = fastformer_step(preset, device, L) if prov == "fastformer" else hf_step(
+                        preset, device, L, prov.split("_")[1])
+                    ms = time_ms(lambda: step(batch), device=device, warmup=100, rep=300, cpu_reps=3)
+                    row.update(ms=ms, tokens_per_s=tokens / (ms * 1e-3))
+                    if peak:
+                        row["mfu"] = row["tokens_per_s"] * fpt / peak
+                    res[prov] = row["tokens_per_s"]
+                except Exception as e:  # noqa: BLE001 - one failing provider must not lose the table
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                rows.append(row)
+                del step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            best_hf = max([v for k, v in res.items() if k != "fastformer"], default=None)
+            s = {"benchmark": "bert_training", "case": case}
+            for k, v in res.items():
+                s[f"{k}_tok_s"] = v
+            if "fastformer" in res:
+                for k in ("hf_eager", "hf_sdpa"):
+                    if k in res:
+                        s[f"x_vs_{k}"] = res["fastformer"] / res[k]
+                if best_hf:
+                    s["ratio_to_best_ref"] = res["fastformer"] / best_hf
+                if peak:
+                    s["fastformer_mfu"] = next(r["mfu"] for r in rows if r["case"] == case and r["provider"] == "fastformer" and "mfu" in r)
+            summary.append(s)
+    for r in rows:
+        r["x"] = f"{r['model']}/{r['seq_len']}/{r['layout']}"
+    save("bench_bert_training", rows, out_dir=out_dir, device=device, x="x", y="tokens_per_s",
+         title="BERT MLM training step, tokens/s")
+    print(format_table(rows, ["case", "provider", "ms", "tokens_per_s", "mfu", "error"]))
+    return summary
+
+
+if __name__ == "__main__":
+    for r in run(quick="--full" not in sys.argv, out_dir=None):
+        print(r)

@@ -1,0 +1,54 @@
+"""WordPiece tokenizer (BERT-style) trained on the corpus with Hugging Face `tokenizers`.
+
+Special tokens and their fixed ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+Saved and loaded as a single `tokenizer.json`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+    """A lower-casing WordPiece tokenizer with BERT's normaliser and pre-tokeniser."""
+    if vocab_size < len(SPECIAL_TOKENS) + 32:
+        raise ValueError(f"vocab_size {vocab_size} is too small (need at least {len(SPECIAL_TOKENS) + 32})")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # The trainer assigns ids in hash-map order (different on every run): renumber canonically so the
+    # same vocabulary always gets the same ids (specials first, then words, then ##-pieces, sorted).
+    vocab = tok.get_vocab()
+    rest = sorted((t for t in vocab if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]",
+                                 max_input_chars_per_word=100)
+    for i, s in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(s) == i, "special tokens must have ids 0..4"
+    return tok
+
+
+def special_ids(tok: Tokenizer) -> list[int]:
+    """Ids of every special token of `tok` (added tokens flagged special)."""
+    return sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    tok.save(str(path))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
+
+
+def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids (no special tokens added) of each text; batched in Rust."""
+    return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -1,0 +1,263 @@
+"""BERT-style encoder with a tied, sparse MLM head and a sequence-classification head.
+
+Two attention layouts, chosen per forward call:
+- padded (CPU, or `unpad=False`): hidden (B, L, H); attention through ff.scaled_dot_product_attention
+  with a key-padding bool mask (B, 1, 1, L) (True = real token), or no mask when nothing is padded.
+- unpadded (CUDA by default): the real tokens of the batch are gathered once after the embeddings
+  into (T, H) and every layer runs on them; attention is ff.varlen_attention over cu_seqlens, so no
+  FLOP is spent on padding anywhere in the encoder.
+
+The MLM head gathers the rows whose label is not ignored (-100) before the vocabulary projection
+and computes the loss with ff.linear_cross_entropy against the word-embedding matrix (tied), so the
+(N, V) logits are never built for the ~85% of tokens that are not predicted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastformer as ff
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    pre_ln: bool = False            # False: post-LN as in BERT; True: pre-LN (+ final LayerNorm)
+    pad_token_id: int = 0
+    unpad: bool | None = None       # None: unpad + varlen attention on CUDA, padded elsewhere
+    initializer_range: float = 0.02
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class _Layout:
+    """How the token rows are laid out: padded (B, L) with an optional key mask, or unpadded (T,)."""
+
+    def __init__(self, *, mask=None, batch=None, seqlen=None, cu_seqlens=None, max_seqlen=None, index=None):
+        self.mask = mask                # (B, 1, 1, L) bool or None          (padded)
+        self.batch, self.seqlen = batch, seqlen
+        self.cu_seqlens = cu_seqlens    # (B + 1,) int32                      (unpadded)
+        self.max_seqlen = max_seqlen
+        self.index = index              # (T,) flat positions of real tokens  (unpadded)
+
+    @property
+    def unpadded(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+        self.h, self.d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.p = cfg.attention_dropout
+
+    def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """x: (B, L, H) padded or (T, H) unpadded -> same shape."""
+        p = self.p if self.training else 0.0
+        qkv = self.qkv(x)
+        if layout.unpadded:
+            q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)                     # (T, h, d) each
+            o = ff.varlen_attention(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
+                                    layout.max_seqlen, dropout_p=p)
+            o = o.reshape(x.shape)
+        else:
+            B, L, _ = x.shape
+            q, k, v = qkv.view(B, L, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, d)
+            o = ff.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=p)
+            o = o.transpose(1, 2).reshape(B, L, -1)
+        return self.out(o)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attn = BertSelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pre_ln = cfg.pre_ln
+
+    def _mlp(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+    def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.drop(self.attn(self.ln1(x), layout))
+            return x + self.drop(self._mlp(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x, layout)))
+        return self.ln2(x + self.drop(self._mlp(x)))
+
+
+class BertEncoder(nn.Module):
+    """Embeddings + Transformer layers. forward -> hidden (B, L, H), or (T, H) rows with `keep_unpadded`."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
+
+    def _layout(self, input_ids, attention_mask) -> _Layout:
+        B, L = input_ids.shape
+        unpad = self.config.unpad if self.config.unpad is not None else input_ids.is_cuda
+        # Nothing padded (attention_mask None, e.g. packed examples): the dense mask-free path is
+        # already pad-free, so only unpad when forced.
+        if unpad and (attention_mask is not None or self.config.unpad):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            lens = attention_mask.sum(1, dtype=torch.int32)
+            cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+            index = attention_mask.flatten().nonzero().flatten()
+            return _Layout(batch=B, seqlen=L, cu_seqlens=cu, max_seqlen=int(lens.max()), index=index)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        return _Layout(mask=mask, batch=B, seqlen=L)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, *, keep_unpadded: bool = False):
+        """input_ids, attention_mask (1 = real token; None = no padding), token_type_ids: (B, L).
+
+        Returns (hidden, layout): hidden (B, L, H); or, when the unpadded path runs and keep_unpadded
+        is set, (T, H) rows at the flat positions `layout.index`."""
+        B, L = input_ids.shape
+        if L > self.config.max_position:
+            raise ValueError(f"input_ids: sequence length {L} exceeds max_position {self.config.max_position}")
+        layout = self._layout(input_ids, attention_mask)
+        pos = torch.arange(L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
+        tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        x = self.drop(self.emb_ln(x + self.token_type_embeddings(tt)))
+        if layout.unpadded:
+            x = x.reshape(B * L, -1).index_select(0, layout.index)                   # (T, H)
+        for layer in self.layers:
+            x = layer(x, layout)
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        if layout.unpadded and not keep_unpadded:
+            full = x.new_zeros(B * L, x.shape[-1])
+            x = full.index_copy(0, layout.index, x).view(B, L, -1)
+        return x, layout
+
+    def init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """Dtype matmuls run in here: the autocast dtype when autocast is on for t's device, else t's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+class BertMLMHead(nn.Module):
+    """dense + GELU + LayerNorm, then the tied vocabulary projection (+ bias)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln(F.gelu(self.dense(h)))
+
+
+class BertForMaskedLM(nn.Module):
+    """Encoder + tied sparse MLM head. forward(...) -> (loss_sum, n_predicted, logits_or_None)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = BertEncoder(cfg)
+        self.head = BertMLMHead(cfg)
+        self.apply(self.encoder.init_weights)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, *, return_logits=False):
+        """input_ids, attention_mask, labels: (B, L); labels -100 where nothing is predicted.
+
+        Returns (loss_sum, n_predicted, logits, target): loss_sum is the SUM of the cross-entropy over
+        the predicted rows (callers normalise), n_predicted an int, logits (n_predicted, V) only with
+        return_logits (evaluation accuracy) else None, target (n_predicted,) the gathered labels."""
+        h, layout = self.encoder(input_ids, attention_mask, token_type_ids, keep_unpadded=True)
+        flat_labels = labels.reshape(-1)
+        if layout.unpadded:
+            flat_labels = flat_labels.index_select(0, layout.index)
+        h = h.reshape(-1, h.shape[-1])
+        rows = (flat_labels != -100).nonzero().flatten()                  # gather the predicted rows only
+        hm = self.head.transform(h.index_select(0, rows))                 # (N, H)
+        target = flat_labels.index_select(0, rows)
+        dt = _autocast_dtype(hm)
+        w = self.encoder.word_embeddings.weight
+        # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly.
+        loss = ff.linear_cross_entropy(hm.to(dt), w.to(dt), target, bias=self.head.bias.to(dt), reduction="sum")
+        logits = F.linear(hm.to(dt), w.to(dt), self.head.bias.to(dt)) if return_logits else None
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        return loss, rows.numel(), logits, target
+
+    def dense_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Reference: logits for every position (B, L, V); used by tests to check the sparse head."""
+        h, _ = self.encoder(input_ids, attention_mask, token_type_ids)
+        return F.linear(self.head.transform(h), self.encoder.word_embeddings.weight, self.head.bias)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Encoder + pooler (dense + tanh on [CLS]) + dropout + linear. forward -> logits (B, num_labels)."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int):
+        super().__init__()
+        self.config = cfg
+        self.encoder = BertEncoder(cfg)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        self.apply(self.encoder.init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        h, _ = self.encoder(input_ids, attention_mask, token_type_ids)
+        pooled = torch.tanh(self.pooler(h[:, 0]))
+        return self.classifier(self.drop(pooled))
+
+
+def bert_config_from_preset(preset_kwargs: dict, **overrides) -> BertConfig:
+    return BertConfig.from_dict({**preset_kwargs, **overrides})

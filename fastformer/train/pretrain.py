@@ -1,0 +1,158 @@
+"""Pre-training pipeline behind `fastformer pretrain`: corpus -> tokenizer -> examples -> Trainer.
+
+Objective-specific steps go through the `Objective` interface (fastformer/train/objectives.py).
+Writes to out_dir: tokenizer.json, config.json, metrics.jsonl, checkpoint.pt, loss.png.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastformer
+from fastformer.data.corpus import DataError, load_texts, split_heldout
+from fastformer.models.presets import get_preset
+
+from . import distributed as D
+from .checkpoint import CHECKPOINT_NAME, CheckpointError
+from .metrics import plot_loss, read_metrics
+from .objectives import get_objective
+from .trainer import TrainConfig, Trainer, TrainResult
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    objective: str = "mlm"
+    model: str | None = None          # preset; None: the objective's default
+    data: list[str] = field(default_factory=list)
+    seq_len: int = 128
+    vocab_size: int = 8192
+    tokenizer: str | None = None      # reuse this tokenizer.json instead of training one
+    packing: bool = True
+    eval_batches: int = 16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ExampleSampler:
+    """Maps (step, micro, rank) to examples: a seeded permutation per epoch over all examples; step s
+    takes the next `global_batch` indices, rank r its own contiguous slice. Pure function of the step,
+    so the data position in a checkpoint is just the step."""
+
+    def __init__(self, n: int, *, batch_size: int, grad_accum: int, info: D.DistInfo, seed: int):
+        self.n, self.bs, self.accum, self.info, self.seed = n, batch_size, grad_accum, info, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        per_rank = self.bs * self.accum
+        start = (step - 1) * per_rank * self.info.world + self.info.rank * per_rank + micro * self.bs
+        return [int(self._perm(g // self.n)[g % self.n]) for g in range(start, start + self.bs)]
+
+
+def _batch_seed(seed: int, step: int, global_micro: int) -> int:
+    # global_micro = rank * grad_accum + micro: N ranks x A micro-batches draw the same masks as one
+    # process with N*A micro-batches.
+    return (seed * 1_000_003 + step * 10_007 + global_micro) % (2**63)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run pre-training; returns a summary dict (also printed by the CLI)."""
+    info, device = D.init(cfg.device)
+    try:
+        return _pretrain(cfg, info, device)
+    finally:
+        D.shutdown(info)
+
+
+def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> dict:
+    cfg.validate()
+    obj = get_objective(cfg.objective)
+    preset = cfg.model or obj.default_model
+    get_preset(preset)                                    # unknown preset -> error before any work
+    out = Path(cfg.out_dir)
+    ckpt = out / CHECKPOINT_NAME
+    if cfg.resume and not ckpt.is_file():
+        raise CheckpointError(f"--resume: no checkpoint in {out}")
+    if cfg.resume and not (out / "tokenizer.json").is_file():
+        raise CheckpointError(f"--resume: no tokenizer.json in {out}")
+
+    docs = load_texts(cfg.data)
+    train_docs, eval_docs = split_heldout(docs)
+
+    # Tokenizer: trained once on rank 0 (or reloaded on resume) and shared as JSON text.
+    from tokenizers import Tokenizer
+
+    if cfg.resume:
+        tok_json = (out / "tokenizer.json").read_text() if info.main else None
+    elif cfg.tokenizer:
+        if not Path(cfg.tokenizer).is_file():
+            raise DataError(f"--tokenizer {cfg.tokenizer}: no such file")
+        tok_json = Path(cfg.tokenizer).read_text() if info.main else None
+    else:
+        tok_json = obj.build_tokenizer(train_docs, cfg.vocab_size).to_str() if info.main else None
+    tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
+
+    train_ex = obj.make_examples(train_docs, tok, cfg.seq_len, packing=cfg.packing)
+    eval_ex = obj.make_examples(eval_docs, tok, cfg.seq_len, packing=cfg.packing) if eval_docs else []
+    if not train_ex:
+        raise DataError("the corpus is too small: no training example could be made")
+    collate = obj.make_collator(tok, cfg.seq_len)
+    eval_ex = eval_ex[: cfg.eval_batches * cfg.batch_size]
+    eval_gen = torch.Generator().manual_seed(12345)       # fixed masks: eval losses comparable over time
+    eval_batches = [collate(eval_ex[i:i + cfg.batch_size], eval_gen) for i in range(0, len(eval_ex), cfg.batch_size)]
+
+    seed_everything(cfg.seed)
+    model = obj.build_model(preset, tok, seq_len=cfg.seq_len)
+    model_config = obj.model_config(model)
+    sampler = ExampleSampler(len(train_ex), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info,
+                             seed=cfg.seed)
+
+    def batch_fn(step: int, micro: int) -> dict:
+        g = torch.Generator().manual_seed(_batch_seed(cfg.seed, step, info.rank * cfg.grad_accum + micro))
+        return collate([train_ex[i] for i in sampler.indices(step, micro)], g)
+
+    def step_fn(m, batch, train):
+        return obj.step(m, batch, train=train)
+
+    fingerprint = {"objective": obj.name, "model": preset, "model_config": model_config,
+                   "seq_len": cfg.seq_len, "vocab_size": tok.get_vocab_size()}
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            (out / "tokenizer.json").write_text(tok_json)
+        n_params = sum(p.numel() for p in model.parameters())
+        config = {"fastformer_version": fastformer.__version__, "objective": obj.name, "model": preset,
+                  "model_config": model_config, "n_parameters": n_params, "world_size": info.world,
+                  "train": {**asdict(cfg), "warmup_steps": cfg.warmup}, "n_train_examples": len(train_ex),
+                  "n_eval_examples": len(eval_ex), "n_documents": len(docs),
+                  "data": cfg.data or ["<built-in corpus: Python docstrings>"]}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    D.barrier(info)
+
+    trainer = Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=obj.input_tokens,
+                      eval_batches=eval_batches, fingerprint=fingerprint, dist_info=info, device=device,
+                      flops_per_token=obj.flops_per_token(model, cfg.seq_len), desc=f"pretrain {preset}")
+    result: TrainResult = trainer.train()
+    if info.main:
+        plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{obj.name} pre-training, {preset}")
+    first = next((r["loss"] for r in read_metrics(out / "metrics.jsonl")), None) if info.main else None
+    return {"objective": obj.name, "model": preset, "first_loss": first, "device": str(device), "world_size": info.world,
+            "steps": result.step, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
+            "seconds": result.seconds, **result.eval, "stopped_early": result.stopped_early,
+            "out_dir": str(out)}

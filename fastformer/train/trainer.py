@@ -1,0 +1,290 @@
+"""The objective-agnostic training loop.
+
+The Trainer owns what every objective shares: device and autocast (bf16 on CUDA, fp32 on CPU),
+gradient accumulation with the loss normalised by the predicted tokens of the whole optimizer step
+(all micro-batches, all ranks), warmup + linear/cosine schedule, fused gradient clipping, the
+optimizer (FusedAdamW by default), DDP, periodic evaluation, metrics.jsonl, the progress bar and
+atomic checkpoints with exact resume. It never looks inside a batch: the caller gives
+
+    batch_fn(step, micro) -> batch dict (CPU)     a pure function of (step, micro) for this rank
+    step_fn(model, batch, train) -> (loss_sum, n_predicted, metrics)
+    tokens_fn(batch) -> int                       input tokens of a batch (for tokens/s)
+
+Because batches depend only on the step, "data position" is the step, and a resumed run replays
+exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fastformer as ff
+
+from . import distributed as D
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .metrics import peak_flops, truncate_metrics
+from .schedules import make_scheduler
+
+OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/pretrain"
+    steps: int = 1000
+    batch_size: int = 32            # examples per micro-batch per rank
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    optimizer: str = "fusedadamw"
+    schedule: str = "linear"
+    warmup_steps: int | None = None  # None: 6% of steps
+    clip_norm: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 0              # 0: only at the end (and when stopped early)
+    resume: bool = False
+    log_every: int = 10
+    eval_every: int = 0              # 0: only at the end
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
+    stop_at: int | None = None        # stop (with a checkpoint) after this step: simulates an interruption
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0, got {self.save_every}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(0.06 * self.steps)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on biases, LayerNorm/RMSNorm weights and other 1-D parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "fusedadamw":
+        return ff.optim.FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    return torch.optim.RMSprop(groups, lr=cfg.lr)
+
+
+@dataclass
+class TrainResult:
+    step: int = 0
+    final_loss: float = float("nan")
+    tokens_per_s: float = 0.0
+    eval: dict = field(default_factory=dict)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, batch_fn: Callable[[int, int], dict],
+                 step_fn: Callable, tokens_fn: Callable[[dict], int], eval_batches: list[dict] | None = None,
+                 fingerprint: dict | None = None, flops_per_token: float | None = None,
+                 dist_info: D.DistInfo | None = None, device: torch.device | None = None,
+                 metrics_name: str = "metrics.jsonl", desc: str = "train"):
+        cfg.validate()
+        self.cfg = cfg
+        self.info = dist_info or D.DistInfo()
+        self.device = device or D.resolve_device(cfg.device, self.info)
+        self.raw_model = model.to(self.device)
+        self.model = model
+        if self.info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.batch_fn, self.step_fn, self.tokens_fn = batch_fn, step_fn, tokens_fn
+        self.eval_batches = eval_batches or []
+        self.fingerprint = fingerprint or {}
+        self.flops_per_token = flops_per_token
+        self.out = Path(cfg.out_dir)
+        self.metrics_path = self.out / metrics_name
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.desc = desc
+        self.optimizer = make_optimizer(self.raw_model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
+        self.step = 0
+        self.peak = peak_flops(self.device)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
+                "data_position": {"step": self.step}, "fingerprint": self.fingerprint,
+                "train_config": asdict(self.cfg)}
+
+    def save(self) -> None:
+        if self.info.main:
+            save_checkpoint(self.state_dict(), self.ckpt_path)
+        D.barrier(self.info)
+
+    def load(self) -> None:
+        ck = load_checkpoint(self.ckpt_path)
+        mine, theirs = self.fingerprint, ck.get("fingerprint", {})
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                raise CheckpointError(f"{self.ckpt_path} was written by another model or setup: {key} is "
+                                      f"{theirs.get(key)!r} there, {mine.get(key)!r} in this run")
+        try:
+            self.raw_model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.ckpt_path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        self.step = int(ck["step"])
+
+    def evaluate(self) -> dict:
+        """Loss (per predicted token) and accuracy over the held-out batches, shared across ranks."""
+        if not self.eval_batches:
+            return {}
+        self.raw_model.eval()
+        tot = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad(), self._autocast():
+            for b in self.eval_batches[self.info.rank::self.info.world]:
+                loss, n, m = self.step_fn(self.raw_model, self._to_device(b), False)
+                tot += torch.tensor([float(loss), float(n), float(m.get("correct", 0))], dtype=torch.float64)
+        tot = D.all_reduce_sum(tot.to(self.device), self.info).cpu()
+        self.raw_model.train()
+        n = max(tot[1].item(), 1.0)
+        return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[2].item() / n}
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.info.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        if self.info.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self.load()
+            if self.info.main:
+                truncate_metrics(self.metrics_path, self.step)
+        elif self.info.main:
+            self.metrics_path.write_text("")
+        D.barrier(self.info)
+
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        res = TrainResult(step=self.step)
+        bar = None
+        if cfg.progress and self.info.main:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=True)
+            except ImportError:  # no progress bar without tqdm; metrics.jsonl still has everything
+                bar = None
+        t_start = time.perf_counter()
+        t_log, tok_log, tok_total, train_time = t_start, 0, 0, 0.0
+        self.model.train()
+        while self.step < cfg.steps:
+            step = self.step + 1
+            loss_sum = torch.zeros((), device=self.device)
+            n_pred, n_tok = 0, 0
+            for micro in range(cfg.grad_accum):
+                batch = self.batch_fn(step, micro)
+                n_tok += self.tokens_fn(batch)
+                last = micro == cfg.grad_accum - 1
+                sync = self.model.no_sync() if (self.info.enabled and not last) else contextlib.nullcontext()
+                with sync:
+                    with self._autocast():
+                        loss, n, _ = self.step_fn(self.model, self._to_device(batch), True)
+                    loss.backward()     # summed loss: normalised below by the step's predicted tokens
+                loss_sum += loss.detach().float()
+                n_pred += int(n)
+            # Global sums over ranks: [loss, predicted tokens, input tokens].
+            tot = torch.stack([loss_sum.double(), torch.tensor(float(n_pred), dtype=torch.float64, device=self.device),
+                               torch.tensor(float(n_tok), dtype=torch.float64, device=self.device)])
+            tot = D.all_reduce_sum(tot, self.info).tolist()
+            g_loss, g_pred, g_tok = tot
+            # DDP averaged the gradients over ranks; rescale so they are d(sum loss)/d(theta) / g_pred.
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, self.info.world / max(g_pred, 1.0))
+            grad_norm = ff.optim.clip_grad_norm_(params, cfg.clip_norm) if cfg.clip_norm else None
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step = step
+            loss_val = g_loss / max(g_pred, 1.0)
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss became {loss_val} at step {step}; try a lower --lr")
+            tok_log += int(g_tok)
+            tok_total += int(g_tok)
+            res.final_loss = loss_val
+
+            interrupted = cfg.stop_at is not None and step >= cfg.stop_at   # like a crash: no extra eval
+            stop = interrupted
+            elapsed = time.perf_counter() - t_start
+            if cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60:
+                stop = True
+            if self.info.enabled and cfg.max_minutes is not None:   # every rank must stop at the same step
+                flag = D.all_reduce_sum(torch.tensor([float(stop)], device=self.device), self.info)
+                stop = bool(flag.item() > 0)
+            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or (stop and not interrupted)
+            if step % cfg.log_every == 0 or do_eval or step == 1:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+                tps = tok_log / max(now - t_log, 1e-9)
+                record = {"step": step, "loss": round(loss_val, 6), "lr": lr,
+                          "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                          "tokens_per_s": round(tps, 1), "predicted_tokens": int(g_pred)}
+                if self.peak and self.flops_per_token:
+                    record["mfu"] = round(tps * self.flops_per_token / (self.peak * self.info.world), 4)
+                if do_eval:
+                    ev = self.evaluate()
+                    record.update({k: round(v, 6) for k, v in ev.items()})
+                    res.eval = ev
+                self._write_metrics(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
+                t_log, tok_log = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
+                self.save()
+            if stop:
+                res.stopped_early = step < cfg.steps
+                break
+        if bar is not None:
+            bar.close()
+        res.seconds = time.perf_counter() - t_start
+        res.step = self.step
+        res.tokens_per_s = tok_total / max(res.seconds, 1e-9)
+        return res

@@ -1,0 +1,125 @@
+"""MLM collator statistics, packing, dynamic padding, WordPiece tokenizer, TSV reading, corpus loading."""
+import pytest
+import torch
+
+from fastformer.data.corpus import DataError, load_texts, split_heldout
+from fastformer.data.mlm import MLMCollator
+from fastformer.data.packing import pack_stream, pad_batch, wrap
+from fastformer.data.tokenizer import CLS, MASK, PAD, SEP, SPECIAL_TOKENS, encode_texts, special_ids, train_wordpiece
+from fastformer.data.tsv import label_vocabulary, read_tsv
+
+V = 1000
+
+
+def _collator(**kw):
+    return MLMCollator(vocab_size=V, mask_id=MASK, pad_id=PAD, special_ids=range(len(SPECIAL_TOKENS)), **kw)
+
+
+def _examples(n=64, L=77, gen=None):
+    out = []
+    for i in range(n):
+        body = torch.randint(len(SPECIAL_TOKENS), V, (L - 2 - (i % 13),), generator=gen)
+        out.append(torch.cat([torch.tensor([CLS]), body, torch.tensor([SEP])]))
+    return out
+
+
+def test_collator_statistics_over_many_draws():
+    coll = _collator()
+    g = torch.Generator().manual_seed(0)
+    n_cand = n_sel = n_mask = n_rand = n_same = 0
+    for _ in range(40):
+        ex = _examples(gen=g)
+        b = coll(ex, g)
+        ids, mask = pad_batch(ex, PAD, pad_to_multiple_of=8)
+        sel = b["labels"] != -100
+        special = torch.isin(ids, torch.arange(len(SPECIAL_TOKENS)))
+        assert not (sel & special).any(), "a special token or padding was chosen"
+        assert (b["labels"][sel] == ids[sel]).all(), "labels must be the original ids"
+        cand = ~special
+        n_cand += int(cand.sum())
+        n_sel += int(sel.sum())
+        n_mask += int((b["input_ids"][sel] == MASK).sum())
+        changed = sel & (b["input_ids"] != ids) & (b["input_ids"] != MASK)
+        n_rand += int(changed.sum())
+        n_same += int((sel & (b["input_ids"] == ids)).sum())
+        assert (b["input_ids"][~sel] == ids[~sel]).all(), "unselected tokens must be unchanged"
+    p = n_sel / n_cand
+    assert abs(p - 0.15) < 0.01, p
+    assert abs(n_mask / n_sel - 0.8) < 0.02
+    # A random replacement equals the original with probability ~1/V: count those as "same".
+    assert abs(n_rand / n_sel - 0.1) < 0.015
+    assert abs(n_same / n_sel - 0.1) < 0.015
+
+
+def test_collator_is_seeded_and_pads_to_multiple_of_8():
+    coll = _collator()
+    ex = _examples(n=5, L=30)
+    a = coll(ex, torch.Generator().manual_seed(7))
+    b = coll(ex, torch.Generator().manual_seed(7))
+    c = coll(ex, torch.Generator().manual_seed(8))
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(a["labels"], c["labels"])
+    assert a["input_ids"].shape == (5, 32) and a["attention_mask"].shape == (5, 32)
+    assert a["attention_mask"].sum(1).tolist() == [e.numel() for e in ex]
+    assert (a["input_ids"][~a["attention_mask"]] == PAD).all()
+    full = coll([torch.arange(5, 21)] * 3, torch.Generator().manual_seed(0))
+    assert full["attention_mask"] is None and full["input_ids"].shape == (3, 16)  # nothing padded: no mask
+
+
+def test_pack_stream_and_wrap():
+    docs = [[5, 6, 7], [], [8, 9], [10, 11, 12, 13]]
+    chunks = pack_stream(docs, 4, separator=3)
+    assert [c.tolist() for c in chunks] == [[5, 6, 7, 3], [8, 9, 3, 10]]  # partial tail dropped
+    assert [c.tolist() for c in pack_stream([[1, 2]], 4)] == [[1, 2]]      # kept when it is the only one
+    assert [c.tolist() for c in wrap(chunks[:1], [CLS], [SEP])] == [[CLS, 5, 6, 7, 3, SEP]]
+    with pytest.raises(ValueError, match="length"):
+        pack_stream(docs, 0)
+
+
+def test_wordpiece_tokenizer_roundtrip(tmp_path):
+    texts = ["the quick brown fox jumps over the lazy dog number %d" % i for i in range(200)]
+    tok = train_wordpiece(texts, vocab_size=120)
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == list(range(5)) and special_ids(tok) == [0, 1, 2, 3, 4]
+    assert tok.get_vocab_size() <= 120
+    ids = encode_texts(tok, ["The lazy dog"])[0]
+    assert tok.decode(ids) == "the lazy dog"
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert (tmp_path / "tokenizer.json").stat().st_size > 0
+
+
+def test_read_tsv_styles(tmp_path):
+    (tmp_path / "h.tsv").write_text("sentence\tlabel\nfine film\t1\nbad film\t0\n")
+    (tmp_path / "t.tsv").write_text("label\ttext\npos\tfine film\nneg\tbad film\n")
+    (tmp_path / "n.tsv").write_text("fine film\tSci/Tech\nbad film\tWorld\n\n")
+    assert read_tsv(tmp_path / "h.tsv") == (["fine film", "bad film"], ["1", "0"])
+    assert read_tsv(tmp_path / "t.tsv") == (["fine film", "bad film"], ["pos", "neg"])
+    assert read_tsv(tmp_path / "n.tsv") == (["fine film", "bad film"], ["Sci/Tech", "World"])
+    assert label_vocabulary(["10", "2", "1"]) == ["1", "2", "10"]
+    assert label_vocabulary(["b", "a"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("content,match", [("only text\nmore text\n", "no label column"),
+                                           ("sentence\tscore\nx\t1\n", "no label column"),
+                                           ("", "empty")])
+def test_read_tsv_errors(tmp_path, content, match):
+    (tmp_path / "bad.tsv").write_text(content)
+    with pytest.raises(DataError, match=match):
+        read_tsv(tmp_path / "bad.tsv")
+
+
+def test_load_texts_files_folders_and_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc line\n\nsecond doc\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("third doc\n")
+    assert load_texts([tmp_path / "a.txt"]) == ["first doc line", "second doc"]
+    assert load_texts([tmp_path]) == ["first doc line", "second doc", "third doc"]
+    with pytest.raises(DataError, match="no such file"):
+        load_texts([tmp_path / "missing.txt"])
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="no text"):
+        load_texts([tmp_path / "empty.txt"])
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(DataError, match="no text files"):
+        load_texts([tmp_path / "emptydir"])
+    train, held = split_heldout([f"d{i}" for i in range(100)])
+    assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 100
