@@ -117,12 +117,25 @@ std::vector<Job> make_jobs(const std::vector<int64_t>& sizes) {
   return jobs;
 }
 
+// Threads for a call touching `elems` elements: like at::parallel_for, small work stays on the calling
+// thread (waking a team costs more than it saves), larger work gets one thread per kGrain elements.
+constexpr int64_t kGrain = 1 << 15;
+int threads_for(int64_t elems, int64_t njobs) {
+  const int64_t want = std::min<int64_t>({(int64_t)at::get_num_threads(), njobs, (elems + kGrain - 1) / kGrain});
+  return (int)std::max<int64_t>(1, want);
+}
+
+int64_t total_elems(const std::vector<int64_t>& sizes) {
+  int64_t s = 0;
+  for (int64_t x : sizes) s += x;
+  return s;
+}
+
 template <typename F>
-void run_jobs(const std::vector<Job>& jobs, F&& f) {
+void run_jobs(const std::vector<Job>& jobs, int nt, F&& f) {
   const int64_t nj = (int64_t)jobs.size();
 #ifdef _OPENMP
-  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), nj));
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
 #endif
   for (int64_t j = 0; j < nj; ++j) f(jobs[j]);
 }
@@ -153,6 +166,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     const double* hp = hyper.data() + t * kHyperPerTensor;
     const bool ams = hp[9] != 0.0, master = hp[10] != 0.0;
     TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "fastformer::adam_step: params must be contiguous CPU tensors");
+    TORCH_CHECK(grads[t].device().is_cpu() && exp_avgs[t].device().is_cpu() && exp_avg_sqs[t].device().is_cpu() &&
+                    (!ams || max_exp_avg_sqs[t].device().is_cpu()) && (!master || masters[t].device().is_cpu()),
+                "fastformer::adam_step: grads and state of CPU parameter ", t, " must be on the CPU");
     TORCH_CHECK(grads[t].scalar_type() == p.scalar_type() && grads[t].is_contiguous() && grads[t].numel() == p.numel(),
                 "fastformer::adam_step: grad ", t, " must be contiguous with the parameter's dtype and size");
     for (const at::Tensor* s : {&exp_avgs[t], &exp_avg_sqs[t], ams ? &max_exp_avg_sqs[t] : &exp_avg_sqs[t]})
@@ -173,7 +189,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     fns[t] = pick_types(p.scalar_type(), exp_avgs[t].scalar_type(), ams, master, unscale);
     sizes[t] = p.numel();
   }
-  run_jobs(make_jobs(sizes), [&](const Job& j) { fns[j.t](args[j.t], j.b, j.e); });
+  const auto jobs = make_jobs(sizes);
+  run_jobs(jobs, threads_for(total_elems(sizes), (int64_t)jobs.size()), [&](const Job& j) { fns[j.t](args[j.t], j.b, j.e); });
 }
 
 // 3. Norms: per chunk a partial (sum of squares in double, or max |x|), then one combine.
@@ -224,9 +241,9 @@ at::Tensor multi_norm_cpu(at::TensorList tensors, double norm_type) {
   const auto jobs = make_jobs(sizes);
   std::vector<double> parts(jobs.size());
   const int64_t nj = (int64_t)jobs.size();
+  const int nt = threads_for(total_elems(sizes), nj);
 #ifdef _OPENMP
-  const int nt = std::max<int>(1, std::min<int64_t>(at::get_num_threads(), nj));
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
 #endif
   for (int64_t j = 0; j < nj; ++j) parts[j] = partial(tensors[jobs[j].t], jobs[j].b, jobs[j].e, inf);
   double total = 0.0;
@@ -256,7 +273,8 @@ void clip_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "fastformer::clip_scale_: tensors must be contiguous CPU tensors");
     sizes.push_back(t.numel());
   }
-  run_jobs(make_jobs(sizes), [&](const Job& j) {
+  const auto jobs = make_jobs(sizes);
+  run_jobs(jobs, threads_for(total_elems(sizes), (int64_t)jobs.size()), [&](const Job& j) {
     const at::Tensor& t = tensors[j.t];
     switch (t.scalar_type()) {
       case at::kFloat: scale_range(t.data_ptr<float>(), j.b, j.e, coef); break;

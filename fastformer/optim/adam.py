@@ -57,7 +57,7 @@ class _Bucket:
 
     def __init__(self):
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
-        self.max_exp_avg_sqs, self.masters, self.hyper = [], [], []
+        self.max_exp_avg_sqs, self.masters, self.hyper, self.steps, self.keys = [], [], [], [], []
 
 
 class FusedAdam(Optimizer):
@@ -103,6 +103,7 @@ class FusedAdam(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._plan = {}
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -126,6 +127,7 @@ class FusedAdam(Optimizer):
                 keep[p] = {k: v for k, v in st.items()
                            if k != "step" and torch.is_tensor(v) and v.dtype == torch.float32}
         super().load_state_dict(state_dict)
+        self._plan = {}
         for p, st in self.state.items():
             if "step" in st:
                 st["step"] = torch.tensor(_to_float(st["step"]), dtype=torch.float32)
@@ -148,6 +150,16 @@ class FusedAdam(Optimizer):
             state["step"] = state["step"].to("cpu", torch.float32)
         return state
 
+    @staticmethod
+    def _kernel_ok(p: torch.Tensor, state: dict, amsgrad: bool, master: bool) -> bool:
+        """Whether the extension takes this parameter and its state (checked once, then cached)."""
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        tensors = [p, m, v] + ([state["max_exp_avg_sq"]] if amsgrad else []) + ([state["master_param"]] if master else [])
+        return (_ext.supports(p.device) and p.dtype in _KERNEL_DTYPES and m.dtype == v.dtype
+                and m.dtype in (torch.float32, p.dtype) and (not master or m.dtype == torch.float32)
+                and (not amsgrad or state["max_exp_avg_sq"].dtype == m.dtype)
+                and all(t.is_contiguous() and t.device == p.device for t in tensors))
+
     @torch.no_grad()
     def step(self, closure=None):
         """One Adam step over every parameter with a gradient. closure: re-evaluates the loss."""
@@ -163,51 +175,61 @@ class FusedAdam(Optimizer):
         # 2. Validate everything before any state changes.
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} does not support sparse gradients "
-                                     "(param.grad is sparse); use torch.optim.SparseAdam")
-                if torch.is_complex(p):
-                    raise ValueError(f"{type(self).__name__}: complex parameters are not supported")
+                g = p.grad
+                if g is not None and (g.is_sparse or p.is_complex()):
+                    raise ValueError(f"{type(self).__name__}: "
+                                     + ("sparse gradients are not supported (param.grad is sparse); use "
+                                        "torch.optim.SparseAdam" if g.is_sparse else "complex parameters are not supported"))
         # 3. Sort tensors into one extension call per device, or torch's path where no kernel fits.
+        #    The per-parameter checks are cached (self._plan) so a step costs little Python time.
+        plan = self.__dict__.setdefault("_plan", {})
         buckets: dict[torch.device, _Bucket] = {}
         fallback: list[tuple[dict, list]] = []
-        for group in self.param_groups:
-            lr = _to_float(group["lr"])
+        for gi, group in enumerate(self.param_groups):
+            amsgrad, mw = bool(group["amsgrad"]), bool(group["master_weights"])
             slow = []
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
-                state = self._init_state(p, group, master)
-                tensors = [p, g, state["exp_avg"], state["exp_avg_sq"]]
-                if group["amsgrad"]:
-                    tensors.append(state["max_exp_avg_sq"])
-                if master:
-                    tensors.append(state["master_param"])
-                ok = (_ext.supports(p.device) and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype
-                      and all(t.is_contiguous() and t.device == p.device for t in tensors)
-                      and state["exp_avg"].dtype == state["exp_avg_sq"].dtype
-                      and state["exp_avg"].dtype in (torch.float32, p.dtype)
-                      and (not master or state["exp_avg"].dtype == torch.float32))
-                if not ok:
+                entry = plan.get(p)
+                if entry is None or entry[0] != amsgrad or entry[1] != mw:
+                    master = mw and p.dtype in _LOW_PRECISION
+                    state = self._init_state(p, group, master)
+                    entry = plan[p] = (amsgrad, mw, master, self._kernel_ok(p, state, amsgrad, master), state)
+                _, _, master, ok, state = entry
+                if not (ok and g.dtype == p.dtype and g.is_contiguous()):
                     slow.append(p)
                     continue
-                state["step"] += 1
-                b = buckets.setdefault(p.device, _Bucket())
+                b = buckets.get(p.device)
+                if b is None:
+                    b = buckets[p.device] = _Bucket()
+                v = state["exp_avg_sq"]
                 b.params.append(p)
                 b.grads.append(g)
                 b.exp_avgs.append(state["exp_avg"])
-                b.exp_avg_sqs.append(state["exp_avg_sq"])
-                b.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
+                b.exp_avg_sqs.append(v)
+                b.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if amsgrad else v)
                 b.masters.append(state["master_param"] if master else p)
-                b.hyper.extend(_hyper(group, float(state["step"].item()), lr, master))
+                b.steps.append(state["step"])
+                b.keys.append((gi, master))
             if slow:
                 fallback.append((group, slow))
-        # 4. One fused call per device: every tensor, every group.
+        # 4. Count the step (one foreach op), read all step values at once, and build the per-tensor
+        #    hyper-parameter rows (shared by the tensors of a group that are at the same step).
+        rows: dict = {}
+        lrs = {}
         for device, b in buckets.items():
+            torch._foreach_add_(b.steps, 1.0)
+            for (gi, master), t in zip(b.keys, torch.stack(b.steps).tolist()):
+                row = rows.get((gi, master, t))
+                if row is None:
+                    group = self.param_groups[gi]
+                    if gi not in lrs:
+                        lrs[gi] = _to_float(group["lr"])
+                    row = rows[(gi, master, t)] = _hyper(group, t, lrs[gi], master)
+                b.hyper.extend(row)
+            # 5. One fused call per device: every tensor, every group.
             gs = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
             torch.ops.fastformer.adam_step(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
                                            b.masters, b.hyper, gs)

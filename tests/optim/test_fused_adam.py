@@ -79,8 +79,10 @@ def assert_same_state(ours, theirs, pa, pb, dtype=F32, factor=1.0):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("pair", PAIRS, ids=["Adam", "AdamW"])
-def test_parity_100_steps(pair, seed):
+def test_parity_100_steps(pair, seed, monkeypatch):
     ours_cls, torch_cls = pair
+    # every tensor here must go through the extension, not torch's fallback
+    monkeypatch.setattr(ff.optim.FusedAdam, "_fallback_step", lambda *a: pytest.fail("fallback used"))
     rng = random.Random(seed)
     shapes = [(), (7,), (33, 65), (3, 5, 17), (1,), (129,)]
     if seed == 0:
