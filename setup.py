@@ -39,51 +39,55 @@ def _ext_modules_and_cmdclass():
     cuda_home = getattr(ce, "CUDA_HOME", None)
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = bool(torch.version.cuda) and bool(nvcc) and os.path.exists(nvcc or "")
+    cpu_sources = [os.path.join(csrc, "adam_cpu.cpp")]
+    cuda_sources = [os.path.join(csrc, "adam_cuda.cu"), os.path.join(csrc, "adam_cuda_binding.cpp")]
+    archs = [a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+
+    def cpu_extension():
+        return ce.CppExtension("fastformer._C", list(cpu_sources), include_dirs=[os.path.join(HERE, "csrc")],
+                               extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+    ext = cpu_extension()
     if with_cuda:
-        archs = os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
         gencode = []
         for a in archs:
-            a = a.strip()
-            if a:
-                gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        ext = ce.CUDAExtension(
-            "fastformer._C",
-            [os.path.join(csrc, "adam_cpu.cpp"), os.path.join(csrc, "adam_cuda.cu"),
-             os.path.join(csrc, "adam_cuda_binding.cpp")],
-            include_dirs=[os.path.join(HERE, "csrc")],
-            define_macros=[("FASTFORMER_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        ext = ce.CppExtension(
-            "fastformer._C",
-            [os.path.join(csrc, "adam_cpu.cpp")],
-            include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
-        )
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        try:
+            ext = ce.CUDAExtension(
+                "fastformer._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(HERE, "csrc")],
+                define_macros=[("FASTFORMER_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *gencode]},
+                extra_link_args=["-fopenmp"],
+            )
+        except Exception as e:  # e.g. CUDA_HOME not found: the CPU part alone
+            print(f"fastformer: CUDA part of the extension disabled ({e})", file=sys.stderr)
 
     class OptionalBuildExt(ce.BuildExtension):
-        """Build the extension, but never fail the install because of it."""
+        """Build the extension, but never fail the install because of it: when the CUDA build fails
+        (nvcc / torch CUDA version mismatch, compile error) retry the CPU part alone, and when that
+        fails too install without it (fastformer.optim then warns and uses torch's optimizers)."""
 
         def run(self):
             try:
                 super().run()
-            except Exception as e:
-                print(f"fastformer: building the fused-optimizer extension failed ({e}); "
-                      "the torch fallback will be used", file=sys.stderr)
-
-        def build_extension(self, ext_):
-            try:
-                super().build_extension(ext_)
-            except Exception as e:
-                print(f"fastformer: building {ext_.name} failed ({e}); the torch fallback will be used",
-                      file=sys.stderr)
+                return
+            except Exception as e:  # noqa: BLE001
+                print(f"fastformer: building the fused-optimizer extension failed ({e})", file=sys.stderr)
+            if any(s.endswith(".cu") for x in self.extensions for s in x.sources):
+                print("fastformer: retrying with the CPU part only", file=sys.stderr)
+                self.extensions = [cpu_extension()]
+                self.distribution.ext_modules = self.extensions
+                self.compiler = None  # a fresh compiler object for the second run
+                try:
+                    super().run()
+                    return
+                except Exception as e:  # noqa: BLE001
+                    print(f"fastformer: CPU build failed too ({e})", file=sys.stderr)
+            print("fastformer: installing without the extension; the torch fallback will be used", file=sys.stderr)
 
     # Arch list for torch's own flags (avoids a warning and a build for every arch torch knows).
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(f"{a.strip()[:-1]}.{a.strip()[-1]}" for a in archs if a.strip()))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(f"{a[:-1]}.{a[-1]}" for a in archs))
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 
