@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cxx_flags():
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # -std: torch's BuildExtension adds the one its headers need
     if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("FASTFORMER_PORTABLE"):
         flags.append("-march=native")  # AVX2/AVX-512 for the Adam loop; FASTFORMER_PORTABLE=1 for a generic build
     return flags
@@ -56,7 +56,7 @@ def _ext_modules_and_cmdclass():
             ext = ce.CUDAExtension(
                 "fastformer._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(HERE, "csrc")],
                 define_macros=[("FASTFORMER_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *gencode]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", *gencode]},
                 extra_link_args=["-fopenmp"],
             )
         except Exception as e:  # e.g. CUDA_HOME not found: the CPU part alone
@@ -68,6 +68,7 @@ def _ext_modules_and_cmdclass():
         fails too install without it (fastformer.optim then warns and uses torch's optimizers)."""
 
         def run(self):
+            inplace = self.inplace  # setuptools clears it during run(); a retry needs it back
             try:
                 super().run()
                 return
@@ -75,9 +76,11 @@ def _ext_modules_and_cmdclass():
                 print(f"fastformer: building the fused-optimizer extension failed ({e})", file=sys.stderr)
             if any(s.endswith(".cu") for x in self.extensions for s in x.sources):
                 print("fastformer: retrying with the CPU part only", file=sys.stderr)
-                self.extensions = [cpu_extension()]
-                self.distribution.ext_modules = self.extensions
+                for x in self.extensions:  # in place: setuptools has already annotated these objects
+                    x.sources = [s for s in x.sources if s not in cuda_sources and not s.endswith(".cu")]
+                    x.define_macros = [m for m in x.define_macros if m[0] != "FASTFORMER_WITH_CUDA"]
                 self.compiler = None  # a fresh compiler object for the second run
+                self.inplace = inplace
                 try:
                     super().run()
                     return
