@@ -135,8 +135,8 @@ at::Tensor multi_norm_cuda(at::TensorList tensors, double norm_type) {
   c10::cuda::CUDAGuard guard(dev);
   int64_t chunks = 0;
   const auto rows = norm_rows(tensors, dev, chunks);
-  at::Tensor out = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(dev));
-  if (rows.empty()) return out;
+  if (rows.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(dev));  // written by the final kernel
   at::Tensor table = upload(rows, dev);
   at::Tensor partials = at::empty({ff::norm_partial_blocks(chunks)}, at::TensorOptions().dtype(at::kDouble).device(dev));
   const cudaError_t err = ff::multi_norm_cuda(static_cast<const ff::NormTensorDesc*>(table.data_ptr()),

@@ -23,9 +23,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def extension_available() -> bool:
-    """True when the compiled extension is loaded and used; False means torch's fallback is in use."""
-    return _ext.load()
+def extension_available(device=None) -> bool:
+    """True when the compiled extension is loaded and has kernels for `device` (default: "cuda" when a
+    GPU is present, else "cpu"); False means torch's implementation is used there instead."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _ext.supports(torch.device(device))
 
 
 def _to_float(x) -> float:

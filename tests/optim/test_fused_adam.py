@@ -312,3 +312,9 @@ def test_cuda_state_dict_from_cpu_checkpoint():
         st = loaded.state[p]
         assert st["exp_avg"].is_cuda and st["step"].device.type == "cpu"
         assert_close(st["exp_avg"], theirs.state[q]["exp_avg"], F32, "exp_avg")
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_built():
+    # `pip install -e .` on a machine with CUDA torch and nvcc must build the CUDA part too
+    assert ff.optim.extension_available("cuda"), f"no CUDA kernels: {_ext._state['error']}"
