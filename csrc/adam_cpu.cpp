@@ -1,6 +1,8 @@
 // CPU implementation of the fused optimizer operators and their registration as torch operators.
 //
-//   fastformer::adam_step   one Adam/AdamW step over every tensor of every parameter group (one call)
+//   fastformer::adam_step   one Adam/AdamW step over every tensor of every parameter group (one call):
+//                           tensor t uses group row tensor_group[t] >> 1 of `groups` (adam_host.h) and
+//                           master weights when tensor_group[t] & 1; its step count is incremented here
 //   fastformer::multi_norm  the 2- or inf-norm over a list of tensors (one number)
 //   fastformer::clip_scale_ multiply every tensor by min(max_norm / (total_norm + 1e-6), 1)
 //
@@ -21,12 +23,12 @@
 #include <omp.h>
 #endif
 
+#include "adam_host.h"
 #include "adam_math.h"
 
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item
-using ff::kHyperPerTensor;
 
 struct AdamArgs {
   void* p;
@@ -140,6 +142,11 @@ void run_jobs(const std::vector<Job>& jobs, int nt, F&& f) {
   for (int64_t j = 0; j < nj; ++j) f(jobs[j]);
 }
 
+void check_step(const at::Tensor& s) {
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+              "fastformer::adam_step: every step count must be a float32 CPU scalar tensor");
+}
+
 void check_list(at::TensorList l, size_t n, const char* name) {
   TORCH_CHECK(l.size() == n, "fastformer::adam_step: ", name, " has ", l.size(), " tensors, expected ", n);
 }
@@ -147,24 +154,32 @@ void check_list(at::TensorList l, size_t n, const char* name) {
 // 2. The operator: validate, build per-tensor arguments, run all chunks in one parallel loop.
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,
-                   at::ArrayRef<double> hyper, const std::optional<at::Tensor>& grad_scale) {
+                   at::TensorList steps, at::IntArrayRef tensor_group, at::ArrayRef<double> groups,
+                   const std::optional<at::Tensor>& grad_scale) {
   const size_t n = params.size();
   check_list(grads, n, "grads");
   check_list(exp_avgs, n, "exp_avgs");
   check_list(exp_avg_sqs, n, "exp_avg_sqs");
   check_list(max_exp_avg_sqs, n, "max_exp_avg_sqs");
   check_list(masters, n, "masters");
-  TORCH_CHECK(hyper.size() == n * kHyperPerTensor, "fastformer::adam_step: hyper has wrong length");
+  check_list(steps, n, "steps");
+  TORCH_CHECK(tensor_group.size() == n, "fastformer::adam_step: tensor_group has wrong length");
   const bool unscale = grad_scale.has_value() && grad_scale->defined();
   const float scale = unscale ? grad_scale->to(at::kCPU).to(at::kFloat).item<float>() : 1.0f;
 
   std::vector<AdamArgs> args(n);
   std::vector<RangeFn> fns(n);
+  std::vector<float*> step_ptrs(n);
+  std::vector<const double*> group_rows(n);
   std::vector<int64_t> sizes(n);
   for (size_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
-    const double* hp = hyper.data() + t * kHyperPerTensor;
-    const bool ams = hp[9] != 0.0, master = hp[10] != 0.0;
+    const int64_t row = tensor_group[t] >> 1;
+    const bool master = (tensor_group[t] & 1) != 0;
+    TORCH_CHECK(row >= 0 && (size_t)(row + 1) * ff::kGroupRow <= groups.size(), "fastformer::adam_step: bad group index");
+    const double* grow = groups.data() + row * ff::kGroupRow;
+    const bool ams = grow[7] != 0.0;
+    check_step(steps[t]);
     TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "fastformer::adam_step: params must be contiguous CPU tensors");
     TORCH_CHECK(grads[t].device().is_cpu() && exp_avgs[t].device().is_cpu() && exp_avg_sqs[t].device().is_cpu() &&
                     (!ams || max_exp_avg_sqs[t].device().is_cpu()) && (!master || masters[t].device().is_cpu()),
@@ -185,10 +200,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     a.vmax = ams ? max_exp_avg_sqs[t].data_ptr() : nullptr;
     a.master = master ? masters[t].data_ptr<float>() : nullptr;
     a.grad_scale = scale;
-    a.h = ff::hyper_from(hp);
+    step_ptrs[t] = steps[t].data_ptr<float>();
+    group_rows[t] = grow;
     fns[t] = pick_types(p.scalar_type(), exp_avgs[t].scalar_type(), ams, master, unscale);
     sizes[t] = p.numel();
   }
+  // Every check passed: now count the step and derive the per-tensor hyper-parameters.
+  for (size_t t = 0; t < n; ++t) args[t].h = ff::advance_step(step_ptrs[t], group_rows[t]);
   const auto jobs = make_jobs(sizes);
   run_jobs(jobs, threads_for(total_elems(sizes), (int64_t)jobs.size()), [&](const Job& j) { fns[j.t](args[j.t], j.b, j.e); });
 }
@@ -290,7 +308,8 @@ void clip_scale_cpu(at::TensorList tensors, const at::Tensor& total_norm, double
 TORCH_LIBRARY(fastformer, m) {
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
-      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] masters, float[] hyper, Tensor? grad_scale) -> ()");
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] masters, Tensor(g!)[] steps, int[] tensor_group, float[] groups, "
+      "Tensor? grad_scale) -> ()");
   m.def("multi_norm(Tensor[] tensors, float norm_type) -> Tensor");
   m.def("clip_scale_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()");
 }

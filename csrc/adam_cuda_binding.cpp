@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "adam_cuda.h"
+#include "adam_host.h"
 
 namespace {
 
@@ -44,21 +45,32 @@ at::Tensor upload(const std::vector<Row>& rows, const at::Device& dev) {
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,
-                    at::ArrayRef<double> hyper, const std::optional<at::Tensor>& grad_scale) {
+                    at::TensorList steps, at::IntArrayRef tensor_group, at::ArrayRef<double> groups,
+                    const std::optional<at::Tensor>& grad_scale) {
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && max_exp_avg_sqs.size() == n &&
-                  masters.size() == n && hyper.size() == n * ff::kHyperPerTensor,
+                  masters.size() == n && steps.size() == n && tensor_group.size() == n,
               "fastformer::adam_step: argument lists differ in length");
   const at::Device dev = params[0].device();
   c10::cuda::CUDAGuard guard(dev);
   std::vector<ff::AdamTensorDesc> rows;
+  std::vector<float*> step_ptrs;
+  std::vector<const double*> step_rows;
+  std::vector<int64_t> row_of;  // table row of tensor t, -1 for empty tensors
   rows.reserve(n);
   int64_t chunks = 0;
   for (size_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
-    const double* hp = hyper.data() + t * ff::kHyperPerTensor;
-    const bool ams = hp[9] != 0.0, master = hp[10] != 0.0;
+    const int64_t row = tensor_group[t] >> 1;
+    const bool master = (tensor_group[t] & 1) != 0;
+    TORCH_CHECK(row >= 0 && (size_t)(row + 1) * ff::kGroupRow <= groups.size(), "fastformer::adam_step: bad group index");
+    const double* grow = groups.data() + row * ff::kGroupRow;
+    const bool ams = grow[7] != 0.0;
+    TORCH_CHECK(steps[t].device().is_cpu() && steps[t].scalar_type() == at::kFloat && steps[t].numel() == 1,
+                "fastformer::adam_step: every step count must be a float32 CPU scalar tensor");
+    step_ptrs.push_back(steps[t].data_ptr<float>());
+    step_rows.push_back(grow);
     check_cuda(p, dev, "parameter");
     check_cuda(grads[t], dev, "gradient");
     check_cuda(exp_avgs[t], dev, "exp_avg");
@@ -80,7 +92,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                       masters[t].numel() == p.numel(),
                   "fastformer::adam_step: master weights need fp32 master and state for fp16/bf16 params");
     }
-    if (p.numel() == 0) continue;
+    if (p.numel() == 0) {
+      row_of.push_back(-1);
+      continue;
+    }
+    row_of.push_back((int64_t)rows.size());
     ff::AdamTensorDesc d{};
     d.p = p.data_ptr();
     d.g = grads[t].data_ptr();
@@ -90,13 +106,17 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     d.master = master ? masters[t].data_ptr<float>() : nullptr;
     d.n = p.numel();
     d.chunk_begin = chunks;
-    d.h = ff::hyper_from(hp);
     d.p_dtype = dtype_code(p.scalar_type(), "parameters");
     d.s_dtype = dtype_code(st, "optimizer state");
     d.aligned = aligned16(d.p) && aligned16(d.g) && aligned16(d.m) && aligned16(d.v) &&
                 (!ams || aligned16(d.vmax)) && (!master || aligned16(d.master));
     chunks += (d.n + ff::kCudaChunk - 1) / ff::kCudaChunk;
     rows.push_back(d);
+  }
+  // Every check passed: count the step of every tensor (empty ones too, as torch does).
+  for (size_t t = 0; t < n; ++t) {
+    const ff::AdamHyper h = ff::advance_step(step_ptrs[t], step_rows[t]);
+    if (row_of[t] >= 0) rows[row_of[t]].h = h;
   }
   if (rows.empty()) return;
   at::Tensor scale;

@@ -10,7 +10,8 @@
 //   v  = v * beta2 + (1 - beta2) * g * g
 //   vm = max(vm, v)                          (amsgrad only; denominators then use vm)
 //   p  = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
-// step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) are computed on the host in double.
+// step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) are computed on the host in double
+// (adam_host.h, advance_step).
 #pragma once
 
 #include <math.h>
@@ -38,14 +39,6 @@ struct AdamHyper {
   float sign;       // -1 when maximize, else 1
   int32_t amsgrad;  // 1: keep and use max_exp_avg_sq
 };
-
-// The hyper-parameter row the Python side passes per tensor (fastformer/optim/adam.py, _hyper):
-// step_size, bc2_sqrt, 1-beta1, beta2, 1-beta2, eps, wd_l2, decay, sign, amsgrad, has_master.
-constexpr int kHyperPerTensor = 11;
-FF_HOST_DEVICE AdamHyper hyper_from(const double* hp) {
-  return AdamHyper{(float)hp[0], (float)hp[1], (float)hp[2], (float)hp[3], (float)hp[4], (float)hp[5],
-                   (float)hp[6], (float)hp[7], (float)hp[8], hp[9] != 0.0 ? 1 : 0};
-}
 
 // torch's lerp: two formulas so that weight 0 and weight 1 are exact.
 FF_HOST_DEVICE float lerp_torch(float a, float b, float w) {

@@ -1,9 +1,9 @@
 """FusedAdam / FusedAdamW over the compiled extension (csrc/), step-for-step equal to torch.optim.Adam/AdamW.
 
 One optimizer step is one operator call per device (`torch.ops.fastformer.adam_step`) covering every
-tensor of every parameter group: on CPU one OpenMP loop, on CUDA one kernel launch. Per-tensor
-hyper-parameters travel as rows of 11 numbers (see `_hyper`), computed here in double precision as
-torch's single-tensor Adam does.
+tensor of every parameter group: on CPU one OpenMP loop, on CUDA one kernel launch. Hyper-parameters
+travel as one row of 8 numbers per group (`_group_row`); the operator increments each tensor's step
+and computes its bias corrections in double precision, as torch's single-tensor Adam does in Python.
 
 State layout is torch's: per parameter 'step' (fp32 scalar tensor on CPU), 'exp_avg', 'exp_avg_sq',
 'max_exp_avg_sq' (amsgrad) and, with master_weights=True for fp16/bf16 parameters, 'master_param'
@@ -35,24 +35,13 @@ def _to_float(x) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
 
-def _hyper(group: dict, t: float, lr: float, master: bool) -> list[float]:
-    """The 11-number row the kernels read (layout in csrc/adam_math.h, hyper_from)."""
-    beta1, beta2 = (_to_float(b) for b in group["betas"])
-    wd = float(group["weight_decay"])
-    decoupled = bool(group["decoupled_weight_decay"])
-    return [
-        lr / (1.0 - beta1 ** t),  # step_size
-        (1.0 - beta2 ** t) ** 0.5,  # bc2_sqrt
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        float(group["eps"]),
-        0.0 if decoupled else wd,  # L2 decay added to the gradient (Adam)
-        1.0 - lr * wd if decoupled else 1.0,  # decoupled decay (AdamW)
-        -1.0 if group["maximize"] else 1.0,
-        1.0 if group["amsgrad"] else 0.0,
-        1.0 if master else 0.0,
-    ]
+def _group_row(group: dict) -> list[float]:
+    """The 8 numbers per parameter group the operator reads (csrc/adam_host.h, kGroupRow); the
+    per-tensor bias corrections are derived from them and each tensor's step in C++."""
+    beta1, beta2 = group["betas"]
+    return [_to_float(group["lr"]), _to_float(beta1), _to_float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), float(bool(group["decoupled_weight_decay"])),
+            float(bool(group["maximize"])), float(bool(group["amsgrad"]))]
 
 
 class _Bucket:
@@ -60,7 +49,7 @@ class _Bucket:
 
     def __init__(self):
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
-        self.max_exp_avg_sqs, self.masters, self.hyper, self.steps, self.keys = [], [], [], [], []
+        self.max_exp_avg_sqs, self.masters, self.steps, self.tensor_group = [], [], [], []
 
 
 class FusedAdam(Optimizer):
@@ -215,27 +204,17 @@ class FusedAdam(Optimizer):
                 b.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if amsgrad else v)
                 b.masters.append(state["master_param"] if master else p)
                 b.steps.append(state["step"])
-                b.keys.append((gi, master))
+                b.tensor_group.append(2 * gi + int(master))
             if slow:
                 fallback.append((group, slow))
-        # 4. Count the step (one foreach op), read all step values at once, and build the per-tensor
-        #    hyper-parameter rows (shared by the tensors of a group that are at the same step).
-        rows: dict = {}
-        lrs = {}
+        # 4. One fused call per device: every tensor, every group. The operator increments each
+        #    tensor's step and derives its bias corrections from its group's row.
+        if buckets:
+            rows = [x for group in self.param_groups for x in _group_row(group)]
         for device, b in buckets.items():
-            torch._foreach_add_(b.steps, 1.0)
-            for (gi, master), t in zip(b.keys, torch.stack(b.steps).tolist()):
-                row = rows.get((gi, master, t))
-                if row is None:
-                    group = self.param_groups[gi]
-                    if gi not in lrs:
-                        lrs[gi] = _to_float(group["lr"])
-                    row = rows[(gi, master, t)] = _hyper(group, t, lrs[gi], master)
-                b.hyper.extend(row)
-            # 5. One fused call per device: every tensor, every group.
             gs = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
             torch.ops.fastformer.adam_step(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
-                                           b.masters, b.hyper, gs)
+                                           b.masters, b.steps, b.tensor_group, rows, gs)
         if fallback:
             if _ext.load():
                 _ext.warn_fallback(f"{type(self).__name__} (for some parameters)")
