@@ -18,7 +18,7 @@ TEST_ENV := $(if $(SYS_CUDA),,TRITON_INTERPRET=1) OMP_NUM_THREADS=2 PYTHONUNBUFF
 PYTEST_ARGS ?=
 OUT ?= bench/results
 
-.PHONY: env test gpu-check bench demo cuda-compile-check clean info
+.PHONY: env test gpu-check bench demo cuda-compile-check clean info ext
 
 env: $(STAMP)
 
@@ -33,6 +33,11 @@ env: $(STAMP)
 .sys-cuda.stamp: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .
 	touch $@
+
+# Rebuild the fused-optimizer extension (fastformer/_C*.so) in place after editing csrc/; `make env`
+# builds it as part of the editable install. FASTFORMER_NO_EXT=1 skips it (torch fallback).
+ext: env
+	$(PY) setup.py build_ext --inplace
 
 # Compile the CUDA sources for sm_80 and sm_90 wherever nvcc exists, so a CUDA compile error fails CI
 # even on machines without a GPU.

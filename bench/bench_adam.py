@@ -1,0 +1,153 @@
+"""One AdamW step: fastformer FusedAdamW vs torch AdamW(foreach=True), AdamW(fused=True), Apex FusedAdam.
+
+Cases: a BERT-base-like parameter list (199 tensors, ~110M params; quick CPU mode: the same layout at
+hidden 384 / 6 layers, ~22M params) and one large tensor. CPU runs with 2 threads; GPU when present.
+Metrics: ms per step, GB/s at 28 bytes per fp32 parameter (read p, g, m, v; write p, m, v) next to the
+measured copy bandwidth, speed-up of fastformer over each torch provider, and (GPU) kernel launches
+per step counted with torch.profiler.
+
+    python bench/bench_adam.py [--full]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import harness  # noqa: E402
+
+import fastformer as ff  # noqa: E402
+
+BYTES_PER_PARAM = 28
+
+
+def bert_shapes(hidden=768, layers=12, vocab=30522, max_pos=512, inter=None) -> list[tuple]:
+    """Parameter shapes of a BERT encoder with pooler (BERT-base: 199 tensors, 109.5M parameters)."""
+    inter = inter or 4 * hidden
+    h = hidden
+    shapes = [(vocab, h), (max_pos, h), (2, h), (h,), (h,)]
+    for _ in range(layers):
+        shapes += [(h, h), (h,)] * 4 + [(h,), (h,)]  # q, k, v, attn-out (+bias), attention LayerNorm
+        shapes += [(inter, h), (inter,), (h, inter), (h,), (h,), (h,)]  # FFN in/out (+bias), LayerNorm
+    shapes += [(h, h), (h,)]  # pooler
+    return shapes
+
+
+def make_optimizer(provider: str, params):
+    kw = dict(lr=1e-4, weight_decay=0.01)
+    if provider == "fastformer":
+        return ff.optim.FusedAdamW(params, **kw)
+    if provider == "torch-foreach":
+        return torch.optim.AdamW(params, foreach=True, **kw)
+    if provider == "torch-fused":
+        return torch.optim.AdamW(params, fused=True, **kw)
+    if provider == "apex":
+        from apex.optimizers import FusedAdam  # noqa: PLC0415 - optional
+
+        return FusedAdam(params, adam_w_mode=True, **kw)
+    raise ValueError(provider)
+
+
+def count_launches(step, device) -> int | None:
+    """CUDA kernels launched by one call of step() (memcpy/memset not counted)."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
+def bench_case(case: str, shapes: list[tuple], device: torch.device, copy_gbs: float, providers) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_(True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device) * 1e-3
+    n = sum(p.numel() for p in params)
+    rows = []
+    for prov in providers:
+        row = {"benchmark": "adam", "case": f"{case} {device.type}", "provider": prov, "params_M": n / 1e6,
+               "tensors": len(shapes)}
+        try:
+            opt = make_optimizer(prov, params)
+            opt.step()  # state initialisation outside the timing
+            ms = harness.time_ms(opt.step, device=device, cpu_reps=5)
+            row.update(ms=ms, gbs=BYTES_PER_PARAM * n / (ms * 1e-3) / 1e9)
+            row["pct_copy_bw"] = 100.0 * row["gbs"] / copy_gbs
+            row["launches"] = count_launches(opt.step, device)
+            del opt
+        except Exception as e:  # noqa: BLE001 - record and continue with the next provider
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ours = next((r for r in rows if r["provider"] == "fastformer" and "ms" in r), None)
+    if ours:
+        for r in rows:
+            if r is not ours and "ms" in r:
+                ours[f"x_vs_{r['provider']}"] = r["ms"] / ours["ms"]
+    return rows
+
+
+def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
+    providers = ["fastformer", "torch-fused", "torch-foreach"]
+    try:
+        import apex.optimizers  # noqa: F401
+
+        providers.append("apex")
+    except Exception:  # noqa: BLE001
+        pass
+    rows: list[dict] = []
+    print(f"fused adam extension in use: {ff.optim.extension_available()}")
+    # CPU, 2 threads: small model in quick mode so the whole CPU part stays well under a minute
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpu = torch.device("cpu")
+        cpu_copy = harness.copy_bandwidth_gbs(device=cpu)
+        cpu_cases = ([("bert-small-22M", bert_shapes(384, 6)), ("one-tensor-16M", [(16 << 20,)])] if quick else
+                     [("bert-base-110M", bert_shapes()), ("one-tensor-64M", [(64 << 20,)])])
+        for case, shapes in cpu_cases:
+            rows += bench_case(case, shapes, cpu, cpu_copy, [p for p in providers if p != "apex"])
+        for r in rows:
+            r["copy_gbs"] = cpu_copy
+    finally:
+        torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        gpu_copy = harness.copy_bandwidth_gbs(device=gpu)
+        gpu_rows = []
+        for case, shapes in [("bert-base-110M", bert_shapes()), ("one-tensor-256M", [(256 << 20,)])]:
+            gpu_rows += bench_case(case, shapes, gpu, gpu_copy, providers)
+        for r in gpu_rows:
+            r["copy_gbs"] = gpu_copy
+        rows += gpu_rows
+    cols = ["case", "provider", "params_M", "tensors", "ms", "gbs", "pct_copy_bw", "launches",
+            "x_vs_torch-fused", "x_vs_torch-foreach", "error"]
+    print(harness.format_table(rows, cols))
+    harness.save("adam", rows, out_dir=out_dir, x="params_M", y="gbs", series=("case", "provider"))
+    # summary for gpu_check: the fastformer rows carry the ratios
+    return [{k: v for k, v in r.items() if k in ("benchmark", "case", "ms", "gbs", "pct_copy_bw", "launches",
+                                                  "x_vs_torch-fused", "x_vs_torch-foreach", "error")}
+            for r in rows if r["provider"] == "fastformer"]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--out", default=str(harness.RESULTS))
+    args = ap.parse_args()
+    run(quick=not args.full, out_dir=Path(args.out))

@@ -1,0 +1,338 @@
+"""FusedAdam / FusedAdamW against torch.optim.Adam / AdamW: parity, checkpoints, GradScaler, master
+weights, fallback. Parameters, moments and steps are compared after many steps by relative error."""
+import copy
+import io
+import random
+import warnings
+
+import pytest
+import torch
+
+import fastformer as ff
+from conftest import HAS_CUDA, TOLERANCES, assert_close
+from fastformer.optim import _ext
+
+F32 = torch.float32
+PAIRS = [(ff.optim.FusedAdam, torch.optim.Adam), (ff.optim.FusedAdamW, torch.optim.AdamW)]
+
+
+def make_params(shapes, dtype=F32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_(True) for s in shapes]
+
+
+def clone_params(params, dtype=None):
+    return [p.detach().clone().to(dtype or p.dtype).requires_grad_(True) for p in params]
+
+
+def random_groups(params, rng, tensor_lr=False):
+    """Split params into 1-3 groups with random hyper-parameters (the first group gets a tensor lr)."""
+    k = rng.randint(1, min(3, len(params)))
+    cuts = sorted(rng.sample(range(1, len(params)), k - 1)) if k > 1 else []
+    groups, start = [], 0
+    for i, end in enumerate(cuts + [len(params)]):
+        groups.append(dict(
+            params=params[start:end],
+            lr=rng.choice([1e-3, 3e-2, 0.1]),
+            betas=(rng.choice([0.0, 0.3, 0.9]), rng.choice([0.5, 0.99, 0.999])),
+            eps=rng.choice([1e-8, 1e-3]),
+            weight_decay=rng.choice([0.0, 0.05]),
+            amsgrad=rng.random() < 0.5,
+            maximize=rng.random() < 0.3,
+        ))
+        start = end
+    return groups
+
+
+def lists_for(groups, params):
+    """The same group layout for another list of parameters (tensor lr copied, not shared)."""
+    out, i = [], 0
+    for g in groups:
+        n = len(g["params"])
+        h = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
+        out.append(dict(params=params[i:i + n], **h))
+        i += n
+    return out
+
+
+def set_grads(a, b, step, seed, skip_every=0):
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    for i, (p, q) in enumerate(zip(a, b)):
+        if skip_every and i == 1 and step % skip_every == 0:
+            p.grad = q.grad = None  # this parameter sits the step out: its step count falls behind
+            continue
+        g = torch.randn(p.shape, generator=gen).to(p.device)
+        p.grad = g.to(p.dtype)
+        q.grad = g.clone().to(q.dtype)
+
+
+def assert_same_state(ours, theirs, pa, pb, dtype=F32, factor=1.0):
+    for p, q in zip(pa, pb):
+        assert_close(p, q, dtype, "param", factor)
+        sa, sb = ours.state[p], theirs.state[q]
+        assert set(sb) <= set(sa), f"state keys {set(sa)} vs torch {set(sb)}"
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if k in sb:
+                assert_close(sa[k], sb[k], dtype, k, factor)
+        assert float(sa["step"]) == float(sb["step"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("pair", PAIRS, ids=["Adam", "AdamW"])
+def test_parity_100_steps(pair, seed, monkeypatch):
+    ours_cls, torch_cls = pair
+    # every tensor here must go through the extension, not torch's fallback
+    monkeypatch.setattr(ff.optim.FusedAdam, "_fallback_step", lambda *a: pytest.fail("fallback used"))
+    rng = random.Random(seed)
+    shapes = [(), (7,), (33, 65), (3, 5, 17), (1,), (129,)]
+    if seed == 0:
+        shapes.append((1_000_003,))  # one large tensor: many chunks across threads
+    pa = make_params(shapes, seed=seed)
+    pb = clone_params(pa)
+    groups = random_groups(pa, rng)
+    if seed % 2 == 1:
+        groups[0]["lr"] = torch.tensor(groups[0]["lr"])  # lr as a tensor
+    ours = ours_cls(groups)
+    theirs = torch_cls(lists_for(groups, pb), foreach=False)
+    for step in range(100):
+        set_grads(pa, pb, step, seed, skip_every=3)
+        ours.step()
+        theirs.step()
+    assert_same_state(ours, theirs, pa, pb)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=["Adam", "AdamW"])
+def test_state_dict_both_ways(pair):
+    ours_cls, torch_cls = pair
+    kw = dict(lr=0.05, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)
+    pa = make_params([(5, 3), (11,), ()], seed=4)
+    pb = clone_params(pa)
+    ours, theirs = ours_cls(pa, **kw), torch_cls(pb, **kw)
+    for step in range(5):
+        set_grads(pa, pb, step, 4)
+        ours.step()
+        theirs.step()
+    sd_ours, sd_torch = ours.state_dict(), theirs.state_dict()
+    # torch's layout: same state keys, 'step' a tensor, and every torch group key present
+    assert set(sd_ours["state"][0]) >= {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert torch.is_tensor(sd_ours["state"][0]["step"])
+    assert set(sd_torch["param_groups"][0]) <= set(sd_ours["param_groups"][0])
+
+    def roundtrip(sd):  # through bytes, as a checkpoint file would be
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        return torch.load(buf, map_location="cpu")
+
+    # fastformer -> torch and torch -> fastformer, then continue both and compare with the originals
+    pc, pd = clone_params(pa), clone_params(pb)
+    torch_from_ours = torch_cls(pc, **kw)
+    torch_from_ours.load_state_dict(roundtrip(sd_ours))
+    ours_from_torch = ours_cls(pd, **kw)
+    ours_from_torch.load_state_dict(roundtrip(sd_torch))
+    for step in range(5, 10):
+        gen = torch.Generator().manual_seed(step)
+        for ps in (pa, pb, pc, pd):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            gen.manual_seed(step)
+        for o in (ours, theirs, torch_from_ours, ours_from_torch):
+            o.step()
+    assert_same_state(ours, torch_from_ours, pa, pc)
+    assert_same_state(ours_from_torch, theirs, pd, pb)
+
+
+def test_grad_scaler_inf_step_changes_nothing():
+    torch.manual_seed(5)
+    pa = make_params([(17, 3), (9,)], seed=5)
+    pb = clone_params(pa)
+    ours, theirs = ff.optim.FusedAdamW(pa, lr=0.05), torch.optim.AdamW(pb, lr=0.05)
+    sa = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    sb = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    assert ours._step_supports_amp_scaling
+    for step in range(6):
+        x = torch.randn(17, 3)
+        if step == 3:
+            x[0, 0] = float("inf")
+        before = (copy.deepcopy(ours.state_dict()), [p.detach().clone() for p in pa])
+        for opt, scaler, ps in ((ours, sa, pa), (theirs, sb, pb)):
+            opt.zero_grad()
+            loss = (ps[0] * x).sum() + (ps[1] ** 2).sum()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if step == 3:  # the inf step: no parameter, no state, no step count changed
+            for p, q in zip(pa, before[1]):
+                assert torch.equal(p, q)
+            after = ours.state_dict()["state"]
+            for k, st in before[0]["state"].items():
+                for name, v in st.items():
+                    assert torch.equal(after[k][name], v), name
+        assert sa.get_scale() == sb.get_scale()
+    assert_same_state(ours, theirs, pa, pb)
+    # like torch's fused Adam, the gradients are left unscaled after a good step
+    assert_close(pa[1].grad, pb[1].grad, F32, "unscaled grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_master_weights(dtype):
+    shapes = [(31, 7), (130,), ()]
+    ref = make_params(shapes, seed=6)  # fp32 reference: torch AdamW on an fp32 copy
+    low = clone_params(ref, dtype)
+    ref = clone_params([p.detach().to(dtype).float() for p in ref])  # start from the rounded values
+    plain = clone_params(low)
+    ours = ff.optim.FusedAdamW(low, lr=0.01, weight_decay=0.1, master_weights=True)
+    no_master = ff.optim.FusedAdamW(plain, lr=0.01, weight_decay=0.1)
+    theirs = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1)
+    for step in range(20):
+        gen = torch.Generator().manual_seed(step)
+        for p, q, r in zip(low, plain, ref):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            p.grad, q.grad, r.grad = g.clone(), g.clone(), g.float()
+        ours.step()
+        no_master.step()
+        theirs.step()
+    for p, q, r in zip(low, plain, ref):
+        st = ours.state[p]
+        assert st["master_param"].dtype == F32 and st["exp_avg"].dtype == F32
+        assert_close(st["master_param"], r, F32, "master")
+        assert torch.equal(p, st["master_param"].to(dtype)), "param is the rounded master"
+        assert p.dtype == dtype and q.dtype == dtype
+        assert_close(q, r, dtype, "no-master param (fp32 math, rounded storage)")
+    # the fp32 master state survives a checkpoint round trip
+    other = ff.optim.FusedAdamW(clone_params(low), lr=0.01, weight_decay=0.1, master_weights=True)
+    other.load_state_dict(ours.state_dict())
+    for st in other.state.values():
+        assert st["master_param"].dtype == F32 and st["exp_avg_sq"].dtype == F32
+
+
+def test_sparse_grad_raises_value_error():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = ff.optim.FusedAdam(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def test_bad_hyper_parameters_raise():
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="lr"):
+        ff.optim.FusedAdam(p, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        ff.optim.FusedAdamW(p, betas=(0.9, 1.0))
+
+
+def test_extension_loaded_here():
+    # the build (make test / pip install -e .) must produce the extension on this machine
+    assert ff.optim.extension_available(), f"extension failed to load: {_ext._state['error']}"
+
+
+def test_fallback_warns_once_and_matches_torch(monkeypatch):
+    monkeypatch.setattr(_ext, "_state", {"loaded": False, "error": ImportError("simulated"), "warned": False})
+    pa = make_params([(13, 5), (), (64,)], seed=7)
+    pb = clone_params(pa)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ours = ff.optim.FusedAdam(pa, lr=0.02, weight_decay=0.01, amsgrad=True)
+        ff.optim.FusedAdamW(clone_params(pa))
+        theirs = torch.optim.Adam(pb, lr=0.02, weight_decay=0.01, amsgrad=True)
+        for step in range(10):
+            set_grads(pa, pb, step, 7)
+            ours.step()
+            theirs.step()
+    msgs = [str(w.message) for w in rec if "fastformer" in str(w.message)]
+    assert len(msgs) == 1 and "simulated" in msgs[0]
+    assert not ff.optim.extension_available()
+    assert_same_state(ours, theirs, pa, pb)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_parity(dtype):
+    shapes = [(), (7,), (33, 65), (1_000_003,), (768, 768)]
+    ref = make_params(shapes, seed=8, device="cuda")
+    ref = clone_params([p.detach().to(dtype).float() for p in ref])
+    low = clone_params(ref, dtype)
+    kw = dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.05, amsgrad=True)
+    ours = ff.optim.FusedAdamW(low, master_weights=dtype != F32, **kw)
+    theirs = torch.optim.AdamW(ref, foreach=False, **kw)
+    for step in range(20):
+        gen = torch.Generator(device="cuda").manual_seed(step)
+        for p, r in zip(low, ref):
+            g = torch.randn(p.shape, generator=gen, device="cuda").to(dtype)
+            p.grad, r.grad = g.clone(), g.float()
+        ours.step()
+        theirs.step()
+    for p, r in zip(low, ref):
+        assert_close(p, r, dtype if dtype != F32 else F32, "param")
+        if dtype != F32:
+            assert_close(ours.state[p]["master_param"], r, F32, "master", 10)
+
+
+@pytest.mark.cuda
+def test_cuda_one_kernel_launch_per_step():
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ps = make_params([(768, 768)] * 150 + [(3072,), (), (77,)], device="cuda", seed=9)
+    opt = ff.optim.FusedAdamW(ps, lr=1e-3)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()  # state initialisation launches its own fills
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events()
+               if e.device_type == DeviceType.CUDA and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    assert len(kernels) == 1 and "adam" in kernels[0], kernels
+
+
+@pytest.mark.cuda
+def test_cuda_state_dict_from_cpu_checkpoint():
+    kw = dict(lr=0.02, weight_decay=0.1)
+    pa = make_params([(40, 3), (5,)], seed=10, device="cuda")
+    pb = clone_params(pa)
+    theirs = torch.optim.AdamW(pb, fused=True, **kw)  # torch's fused layout: step on the device
+    ours = ff.optim.FusedAdamW(pa, **kw)
+    for step in range(3):
+        for p, q in zip(pa, pb):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    buf = io.BytesIO()
+    torch.save(theirs.state_dict(), buf)
+    buf.seek(0)
+    loaded = ff.optim.FusedAdamW(clone_params(pb), **kw)
+    loaded.load_state_dict(torch.load(buf, map_location="cpu"))
+    for p, q in zip(loaded.param_groups[0]["params"], pb):
+        st = loaded.state[p]
+        assert st["exp_avg"].is_cuda and st["step"].device.type == "cpu"
+        assert_close(st["exp_avg"], theirs.state[q]["exp_avg"], F32, "exp_avg")
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_built():
+    # `pip install -e .` on a machine with CUDA torch and nvcc must build the CUDA part too
+    assert ff.optim.extension_available("cuda"), f"no CUDA kernels: {_ext._state['error']}"
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_standalone(tmp_path):
+    # the raw kernels without torch: every dtype combination, misaligned tensors, unscale, norms, clip
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    root = Path(__file__).resolve().parents[2]
+    exe = tmp_path / "adam_kernel_check"
+    subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=native", f"-I{root / 'csrc'}", str(root / "tests/optim/adam_kernel_check.cu"),
+                    str(root / "csrc/adam_cuda.cu"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and "KERNEL TEST PASS" in out.stdout, out.stdout + out.stderr
