@@ -98,6 +98,17 @@ def test_bert_hf_to_ff_outputs_and_round_trip(kind):
         assert_close(logits, ref.logits[labels != -100], tol, "sparse logits")
         # ff.linear_cross_entropy's CPU chunked path accumulates in fp32: fp32 tolerance for the loss.
         assert_close(loss_sum / n, ref.loss, torch.float32, "loss")
+        # gradients map back through the same names (the fused qkv row blocks = query, key, value)
+        ref.loss.backward()
+        (loss_sum / n).backward()
+        self_attn = hf.bert.encoder.layer[1].attention.self
+        hf_qkv = torch.cat([self_attn.query.weight.grad, self_attn.key.weight.grad, self_attn.value.weight.grad])
+        assert_close(ours.encoder.layers[1].attn.qkv.weight.grad, hf_qkv, torch.float32, "qkv grad")
+        assert_close(ours.encoder.word_embeddings.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad,
+                     torch.float32, "tied embedding grad")
+        assert_close(ours.head.bias.grad, hf.cls.predictions.bias.grad, torch.float32, "bias grad")
+        hf.zero_grad()
+        ours.zero_grad()
     else:
         hf = _bert_hf(transformers.BertForSequenceClassification, num_labels=3)
         ours = ff.models.from_hf(hf)
@@ -191,6 +202,11 @@ def test_t5_hf_to_ff_outputs_and_round_trip():
     # HF's T5 norm computes its statistics in fp32 even for float64 models: fp32 tolerance.
     assert_close(out.logits, ref.logits, torch.float32, "logits")
     assert_close(out.loss, ref.loss, torch.float32, "loss")
+    ref.loss.backward()
+    out.loss.backward()
+    hf_grads = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        assert_close(p.grad, hf_grads[n].grad, torch.float32, f"grad {n}")
     back = ff.models.to_hf(ours)
     assert back.lm_head.weight is not back.shared.weight
     _assert_same_state(back, hf)
@@ -281,3 +297,13 @@ def test_unsupported_configs_and_models_raise_value_error():
         ff.models.to_hf(T5EncoderForSequenceClassification(T5Config(**T5), num_labels=2))
     with pytest.raises(ValueError, match="supported"):
         ff.models.to_hf(torch.nn.Linear(2, 2))
+
+
+def test_t5_to_hf_save_pretrained_keeps_the_untied_head(tmp_path):
+    ours = T5ForConditionalGeneration(T5Config(**{**T5, "num_decoder_layers": 1, "num_layers": 1}))
+    ff.models.to_hf(ours).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight)
+    _assert_same_state(ff.models.from_hf(loaded), ours)
