@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES, assert_close
+from conftest import assert_close
 
 import fastformer as ff
 from fastformer.models import BertConfig, BertEncoder, BertForMaskedLM, BertForSequenceClassification
