@@ -492,10 +492,11 @@ def _common_args(q, spec: AttnSpec):
     return cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride
 
 
-def attention_forward(q, k, v, spec: AttnSpec):
-    """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units)."""
+def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = None):
+    """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units).
+    out: optional preallocated output (last dim contiguous)."""
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if spec.varlen:
         lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
     else:
