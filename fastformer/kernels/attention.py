@@ -210,7 +210,7 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < D)
     b64 = b.to(tl.int64)
-    rows = (q_start + offs_m)[:, None]
+    rows = (q_start + offs_m)[:, None].to(tl.int64)
     o = tl.load(O + b64 * s_ob + h * s_oh + rows * s_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b64 * s_db + h * s_dh + rows * s_dm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + b64 * s_lb + h * s_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
@@ -426,28 +426,43 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(D: int, kind: str):
-    """Fixed tile configs per head dim (no autotune sweep). kind: 'fwd' | 'dkdv' | 'dq'.
+def _blocks(D: int, kind: str, itemsize: int = 2):
+    """Fixed tile configs per head dim and element size (no autotune sweep; shared memory is sized
+    for Hopper/Ampere: fp32 inputs get smaller tiles). kind: 'fwd' | 'dkdv' | 'dq'.
     Returns (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if _interpreting():
         return 32, 32, 4, 1  # numpy interpreter: medium tiles keep the Python loop short
+    wide = itemsize > 2
     if kind == "fwd":
         if D <= 64:
-            return 128, 64, 4, 3
+            return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
         if D <= 128:
-            return 128, 64, 8, 3
-        return 64, 32, 4, 2
+            return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+        return (32, 32, 4, 1) if wide else (64, 32, 8, 2)
     if kind == "dkdv":
         if D <= 64:
-            return 64, 128, 8, 2
+            return (32, 64, 4, 2) if wide else (64, 128, 8, 2)
         if D <= 128:
-            return 64, 64, 4, 2
-        return 32, 32, 4, 1
-    if D <= 64:
-        return 64, 64, 4, 2
+            return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
+        return (16, 32, 4, 1) if wide else (32, 32, 8, 1)
     if D <= 128:
-        return 64, 64, 4, 2
-    return 32, 32, 4, 1
+        return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
+    return (16, 32, 4, 1) if wide else (32, 32, 8, 1)
+
+
+_SAFE_CFG = (16, 16, 4, 1)
+
+
+def _launch(kernel, grid_fn, cfg, args, kwargs):
+    """Launch with a tile config; if the GPU lacks the shared memory/registers for it, retry once with
+    the smallest tiles rather than fail (correctness first, speed second)."""
+    BM, BN, warps, stages = cfg
+    try:
+        kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    except triton.runtime.errors.OutOfResources:
+        BM, BN, warps, stages = _SAFE_CFG
+        kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    return BN
 
 
 def _dims(q, k, spec: AttnSpec):
@@ -503,18 +518,17 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
         lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
     rng_stride = Lk if rng_stride is None else rng_stride
-    BM, BN, warps, stages = _blocks(D, "fwd")
     BD = max(16, triton.next_power_of_2(D))
-    grid = (triton.cdiv(max(Lq, 1), BM), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(o, spec), *_lse_strides(lse, spec),
-        cu_q, cu_k, klen, *mask_args, *t5_args,
-        spec.seed, rng_stride, spec.dropout_p,
-        H, H // HK, Lq, Lk, D, spec.scale * LOG2E,
-        IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
-        HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
+    _launch(
+        _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "fwd", q.element_size()),
+        (q, k, v, o, lse,
+         *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(o, spec), *_lse_strides(lse, spec),
+         cu_q, cu_k, klen, *mask_args, *t5_args,
+         spec.seed, rng_stride, spec.dropout_p,
+         H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
+        dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
+             HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
+             BLOCK_D=BD),
     )
     return o, lse
 
@@ -545,25 +559,32 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     zero_kv = spec.klen is not None
     dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
     dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
-    BM, BN, warps, stages = _blocks(D, "dkdv")
-    n_kblocks = triton.cdiv(max(Lk, 1), BN)
-    if spec.t5_grad:
-        nb = spec.t5_table.shape[0]
-        nb_pad = triton.next_power_of_2(nb)
-        dt = torch.zeros((B, H, n_kblocks, nb_pad), device=q.device, dtype=torch.float32)
-        dt_strides = (dt.stride(0), dt.stride(1), dt.stride(2))
-    else:
-        nb_pad, dt, dt_strides = 1, None, (0, 0, 0)
-    _attn_bwd_dkdv_kernel[(n_kblocks, B * HK)](
-        q, k, v, do, lse, delta, dk, dv, dt if dt is not None else q,
-        *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-        *_strides(dk, spec), *_strides(dv, spec), *dt_strides,
-        cu_q, cu_k, klen, *mask_args, *t5_args,
-        spec.seed, rng_stride, spec.dropout_p,
-        H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-        T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **common_flags,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
-    )
+    cfg = _blocks(D, "dkdv", q.element_size())
+    nb_pad = triton.next_power_of_2(spec.t5_table.shape[0]) if spec.t5_grad else 1
+
+    def dkdv(cfg_):
+        BM, BN, warps, stages = cfg_
+        n_kblocks = triton.cdiv(max(Lk, 1), BN)
+        dt = None
+        if spec.t5_grad:
+            dt = torch.zeros((B, H, n_kblocks, nb_pad), device=q.device, dtype=torch.float32)
+        dt_strides = (dt.stride(0), dt.stride(1), dt.stride(2)) if dt is not None else (0, 0, 0)
+        _attn_bwd_dkdv_kernel[(n_kblocks, B * HK)](
+            q, k, v, do, lse, delta, dk, dv, dt if dt is not None else q,
+            *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec),
+            *_lse_strides(lse, spec), *_strides(dk, spec), *_strides(dv, spec), *dt_strides,
+            cu_q, cu_k, klen, *mask_args, *t5_args,
+            spec.seed, rng_stride, spec.dropout_p,
+            H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
+            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **common_flags,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
+        )
+        return dt
+
+    try:
+        dt = dkdv(cfg)
+    except triton.runtime.errors.OutOfResources:  # see _launch
+        dt = dkdv(_SAFE_CFG)
 
     # 3. dQ (+ the float mask's gradient as a full dS buffer)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -572,16 +593,15 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
         dm_strides = (dm.stride(0), dm.stride(1), dm.stride(2))
     else:
         dm, dm_strides = None, (0, 0, 0)
-    BM, BN, warps, stages = _blocks(D, "dq")
-    _attn_bwd_dq_kernel[(triton.cdiv(max(Lq, 1), BM), B * H)](
-        q, k, v, do, lse, delta, dq, dm if dm is not None else q,
-        *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-        *_strides(dq, spec), *dm_strides,
-        cu_q, cu_k, klen, *mask_args, *t5_args,
-        spec.seed, rng_stride, spec.dropout_p,
-        H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-        MASK_GRAD=spec.mask_grad, **common_flags,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
+    _launch(
+        _attn_bwd_dq_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "dq", q.element_size()),
+        (q, k, v, do, lse, delta, dq, dm if dm is not None else q,
+         *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
+         *_strides(dq, spec), *dm_strides,
+         cu_q, cu_k, klen, *mask_args, *t5_args,
+         spec.seed, rng_stride, spec.dropout_p,
+         H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale),
+        dict(MASK_GRAD=spec.mask_grad, **common_flags, BLOCK_D=BD),
     )
     return dq, dk, dv, dm, dt
 
