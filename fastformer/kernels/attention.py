@@ -66,24 +66,30 @@ def _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR: tl.constexpr):
 def _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale,
             M, s_mb, s_mh, s_mm, s_mn,
             T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr):
-    """Scores of one tile in log2 units, -inf where a key is not visible. q: (BM, BD), k: (BN, BD)."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    inb = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-    valid = inb
-    if IS_CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    if MASK_KIND != 0:
-        m_ptrs = M + b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn
-        if MASK_KIND == 1:
-            keep = tl.load(m_ptrs, mask=inb, other=0)
-            valid = valid & (keep != 0)
-        else:
-            s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+            MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Scores of one tile in log2 units, -inf where a key is not visible. q: (BM, BD), k: (BN, BD).
+    MASKED=False: the caller guarantees every key of the tile is in range and visible to every row
+    (no mask tensor, below the causal diagonal), so no per-element test is made."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if HAS_T5:
         bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
         s += tl.load(T5 + bucket * s_tb + h * s_th).to(tl.float32) * 1.4426950408889634
-    return tl.where(valid, s, float("-inf"))
+    if MASKED:
+        inb = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        valid = inb
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if MASK_KIND != 0:
+            m_ptrs = (M + b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh + offs_m[:, None] * s_mm
+                      + offs_n[None, :] * s_mn)
+            if MASK_KIND == 1:
+                keep = tl.load(m_ptrs, mask=inb, other=0)
+                valid = valid & (keep != 0)
+            else:
+                s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(valid, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -113,6 +119,35 @@ def _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN: tl.constexpr, HAS_KLEN: 
 
 
 @triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+              T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the forward: scores, online-softmax update, acc += P V."""
+    offs_n = n0 + offs_n0
+    if MASKED:
+        kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+    # a row that has seen no visible key yet keeps m = -inf: use 0 as its exponent base
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
@@ -123,7 +158,7 @@ def _attn_fwd_kernel(
     H, GROUP, Lq, Lk, D, qk_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1. which (query block, batch, head) this program owns, and that sequence's bounds
     pid_m = tl.program_id(0)
@@ -151,28 +186,26 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped
+    # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped;
+    #    blocks wholly inside the length and below the diagonal run without per-element masking
     hi = k_len
     if IS_CAUSAL:
         hi = tl.minimum(hi, m0 + BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + offs_n0
-        kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR)
-        # 4. online softmax; a row that has seen no visible key yet keeps m = -inf, exponent base 0
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _keep_tile(seed, pid_bh, offs_m, offs_n, rng_stride, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    full_hi = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != 0:
+        full_hi = 0
+    for n0 in range(0, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                  T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, DROPOUT, False, PREC)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                  T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, DROPOUT, True, PREC)
 
     # 5. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
     empty = l_i == 0.0
@@ -217,6 +250,45 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, offs_n, offs_d,
+               d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+               T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+               T5_GRAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One query block against the program's key block: dV += P_dropᵀ dO, dK += dSᵀ Q, dtable partials."""
+    # recompute P from the saved lse; rows past q_len load lse = +inf, so their P is 0 without a mask
+    offs_m = m0 + offs_m0
+    q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * s_om + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+    p = tl.exp2(s - lse[:, None])
+    # dP = dO Vᵀ (dropped like P) ; dS = P (dP − Delta)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+        p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_drop = p
+    dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    if T5_GRAD:
+        # reduce dS per bucket, looping only over the buckets this tile touches
+        bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
+        bmin = tl.min(tl.min(bucket, 1), 0)
+        bmax = tl.max(tl.max(bucket, 1), 0)
+        for bk in range(bmin, bmax + 1):
+            tot = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0)
+            dt += tl.where(nb_idx == bk, tot, 0.0)
+    return dk, dv, dt
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
@@ -228,7 +300,7 @@ def _attn_bwd_dkdv_kernel(
     H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1. this program owns one key block of one (batch, kv head); it loops over the GQA group's
@@ -253,9 +325,17 @@ def _attn_bwd_dkdv_kernel(
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    nb_idx = tl.arange(0, NB_PAD)
+    # 2. query blocks [lo, full_lo) touch the causal diagonal or a key past the length and need the
+    #    per-element mask; [full_lo, q_len) do not (rows past q_len get P = 0 from lse = +inf)
     lo = 0
+    full_lo = 0
     if IS_CAUSAL:
         lo = (n0 // BLOCK_M) * BLOCK_M  # earlier query rows cannot see these keys
+        full_lo = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    if (MASK_KIND != 0) or (n0 + BLOCK_N > k_len):
+        full_lo = q_len
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), q_len)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -263,46 +343,57 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b64 * s_ob + h.to(tl.int64) * s_oh + q_start.to(tl.int64) * s_om
         l_base = LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
         d_base = DELTA + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
-        if T5_GRAD:
-            dt = tl.zeros([NB_PAD], tl.float32)
-            nb_idx = tl.arange(0, NB_PAD)
-        for m0 in range(lo, q_len, BLOCK_M):
-            # 2. recompute P for this (query block, key block) tile from the saved lse
-            offs_m = m0 + offs_m0
-            q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_om + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("inf"))
-            delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
-            s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                        T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR)
-            p = tl.exp2(s - lse[:, None])
-            # 3. dV += P_dropᵀ dO ; dP = dO Vᵀ (dropped like P) ; dS = P (dP − Delta) ; dK += dSᵀ Q
-            dp = tl.dot(do, tl.trans(v))
-            if DROPOUT:
-                keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
-                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            if T5_GRAD:
-                # 4. reduce dS per bucket, only over the buckets this tile touches
-                bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
-                bmin = tl.min(tl.min(bucket, 1), 0)
-                bmax = tl.max(tl.max(bucket, 1), 0)
-                for bk in range(bmin, bmax + 1):
-                    tot = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0)
-                    dt += tl.where(nb_idx == bk, tot, 0.0)
+        dt = tl.zeros([NB_PAD], tl.float32)
+        for m0 in range(lo, full_lo, BLOCK_M):
+            dk, dv, dt = _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0,
+                                    offs_m0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
+                                    M, s_mb, s_mh, s_mm, s_mn, T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+                                    seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, T5_GRAD,
+                                    DROPOUT, True, PREC)
+        for m0 in range(full_lo, q_len, BLOCK_M):
+            dk, dv, dt = _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0,
+                                    offs_m0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
+                                    M, s_mb, s_mh, s_mm, s_mn, T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+                                    seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, T5_GRAD,
+                                    DROPOUT, False, PREC)
         if T5_GRAD:
             tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dt)
-    # 5. write dK (scale folded back in) and dV of this key block
+    # 3. write dK (scale folded back in) and dV of this key block
     tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn
              + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + (k_start + offs_n)[:, None].to(tl.int64) * s_dvn
              + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+             q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+             T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr,
+             T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the dQ pass: recompute P, dP, dS; dQ += dS K."""
+    offs_n = n0 + offs_n0
+    if MASKED:
+        kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    if MASK_GRAD:
+        # the float mask's gradient is dS itself (full-size buffer, reduced over broadcast dims by
+        # the caller)
+        tl.store(DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + offs_m[:, None] * s_dmm + offs_n[None, :],
+                 ds, mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+    return dq
 
 
 @triton.jit
@@ -317,7 +408,7 @@ def _attn_bwd_dq_kernel(
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1. this program owns one query block of one (batch, head) and loops over the key blocks
     pid_m = tl.program_id(0)
@@ -344,29 +435,25 @@ def _attn_bwd_dq_kernel(
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after
     hi = k_len
     if IS_CAUSAL:
         hi = tl.minimum(hi, m0 + BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        # 2. recompute P, dP and dS for this tile; dQ += dS K
-        offs_n = n0 + offs_n0
-        kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        if DROPOUT:
-            keep = _keep_tile(seed, pid_bh, offs_m, offs_n, rng_stride, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        if MASK_GRAD:
-            # 3. the float mask's gradient is dS itself (full-size buffer; summed over broadcast dims
-            #    by the caller)
-            tl.store(DM + b64 * s_dmb + h.to(tl.int64) * s_dmh + offs_m[:, None] * s_dmm + offs_n[None, :], ds,
-                     mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+    full_hi = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != 0:
+        full_hi = 0
+    for n0 in range(0, full_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                      T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, T5_BIDIR, DROPOUT, False, PREC)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                      T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, T5_BIDIR, DROPOUT, True, PREC)
     tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -431,7 +518,9 @@ def _blocks(D: int, kind: str, itemsize: int = 2):
     for Hopper/Ampere: fp32 inputs get smaller tiles). kind: 'fwd' | 'dkdv' | 'dq'.
     Returns (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if _interpreting():
-        return 32, 32, 4, 1  # numpy interpreter: medium tiles keep the Python loop short
+        # numpy interpreter: medium tiles keep the Python loop short; BLOCK_M != BLOCK_N as on GPUs so
+        # the tests exercise the diagonal/tail logic with unequal tiles
+        return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kind]
     wide = itemsize > 2
     if kind == "fwd":
         if D <= 64:
@@ -463,6 +552,13 @@ def _launch(kernel, grid_fn, cfg, args, kwargs):
         BM, BN, warps, stages = _SAFE_CFG
         kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
     return BN
+
+
+def _precision(q) -> str:
+    """fp32 inputs: IEEE fp32 dots unless torch allows TF32 for matmuls (as torch SDPA does)."""
+    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _dims(q, k, spec: AttnSpec):
@@ -528,7 +624,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
          H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
         dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
              HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
-             BLOCK_D=BD),
+             PREC=_precision(q), BLOCK_D=BD),
     )
     return o, lse
 
@@ -545,7 +641,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     rng_stride = Lk if rng_stride is None else rng_stride
     common_flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal,
                         MASK_KIND=mask_kind, HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional,
-                        DROPOUT=spec.dropout_p > 0)
+                        DROPOUT=spec.dropout_p > 0, PREC=_precision(q))
 
     # 1. Delta = rowsum(dO · O)
     delta = torch.empty_like(lse)
