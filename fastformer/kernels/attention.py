@@ -158,7 +158,7 @@ def _attn_fwd_kernel(
     H, GROUP, Lq, Lk, D, qk_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # 1. which (query block, batch, head) this program owns, and that sequence's bounds
     pid_m = tl.program_id(0)
@@ -173,7 +173,10 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
+    else:
+        d_ok = offs_d < D
     b64 = b.to(tl.int64)
     q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh + q_start.to(tl.int64) * s_qm
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
@@ -301,7 +304,7 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr,
     DROPOUT: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # 1. this program owns one key block of one (batch, kv head); it loops over the GQA group's
     #    query heads and over query blocks, so dK/dV are summed in registers (no atomics)
@@ -316,7 +319,10 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
+    else:
+        d_ok = offs_d < D
     b64 = b.to(tl.int64)
     kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
     k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + (k_start + offs_n)[:, None].to(tl.int64) * s_kn
@@ -408,7 +414,7 @@ def _attn_bwd_dq_kernel(
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # 1. this program owns one query block of one (batch, head) and loops over the key blocks
     pid_m = tl.program_id(0)
@@ -423,7 +429,10 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
+    else:
+        d_ok = offs_d < D
     b64 = b.to(tl.int64)
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
     rows = (q_start + offs_m)[:, None].to(tl.int64)
@@ -624,7 +633,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
          H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
         dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
              HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
-             PREC=_precision(q), BLOCK_D=BD),
+             PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D),
     )
     return o, lse
 
@@ -641,7 +650,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     rng_stride = Lk if rng_stride is None else rng_stride
     common_flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal,
                         MASK_KIND=mask_kind, HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional,
-                        DROPOUT=spec.dropout_p > 0, PREC=_precision(q))
+                        DROPOUT=spec.dropout_p > 0, PREC=_precision(q), EVEN_D=BD == D)
 
     # 1. Delta = rowsum(dO · O)
     delta = torch.empty_like(lse)
