@@ -61,12 +61,19 @@ def test_gqa(device):
     _check(q, k, v, torch.float32, enable_gqa=True, is_causal=True)
 
 
-def test_key_padding_fast_path_and_empty_rows(device):
+def test_key_padding_fast_path_and_empty_rows(device, monkeypatch):
+    import fastformer.kernels.attention as kern
+
+    specs = []
+    real = kern.attention_forward
+    monkeypatch.setattr(kern, "attention_forward", lambda q, k, v, spec, out=None: specs.append(spec) or real(q, k, v, spec))
     B, H, L, D = 2, 2, 77, 16
     q, k, v = _inputs(B, H, L, L, D, torch.float32, device)
     lengths = torch.tensor([77, 30], device=device)
     mask = (torch.arange(L, device=device)[None, :] < lengths[:, None])[:, None, None, :]
     _check(q, k, v, torch.float32, mask=mask)
+    # the prefix mask became per-batch key lengths, not a mask read per tile
+    assert specs[-1].mask is None and specs[-1].klen.tolist() == [77, 30]
     # a batch row with no key at all: zeros, finite gradients
     mask0 = mask.clone()
     mask0[1] = False
@@ -158,6 +165,14 @@ def test_dropout_mean_over_seeds(device):
     mean_out = torch.stack([sdpa_reference(q.double(), k.double(), v.double(), dropout_p=0.5, dropout_mask=m)
                             for m in masks]).mean(0)
     assert (mean_out - ref).norm() / ref.norm() < 0.15
+
+
+def test_unbatched_3d_inputs(device):
+    q, k, v = (torch.randn(3, 20, 16, device=device) for _ in range(3))
+    mask = torch.rand(3, 20, 20, device=device) > 0.2
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
 
 
 def test_cpu_auto_uses_reference():
