@@ -25,7 +25,7 @@ tensors.
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from typing import Optional
 
 import torch
@@ -517,8 +517,6 @@ class AttnSpec:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -719,7 +717,3 @@ def dropout_keep_mask(B: int, H: int, Lq: int, Lk: int, seed: int, dropout_p: fl
         out, seed, H, Lq, Lk, Lk, dropout_p, BLOCK_M=BM, BLOCK_N=BN,
     )
     return out.bool()
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))

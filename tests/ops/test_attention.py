@@ -227,3 +227,25 @@ def test_cuda_large_and_deterministic():
     g2 = torch.autograd.grad(ff.scaled_dot_product_attention(*leaves), leaves, dout)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_gqa_float_mask_dropout():
+    q, k, v = _inputs(2, 4, 200, 150, 64, torch.float16, "cuda", Hk=2)
+    mask = torch.randn(2, 1, 200, 150, device="cuda", dtype=torch.float16)
+    _check(q, k, v, torch.float16, factor=2.0, mask=mask, grad_mask=True, enable_gqa=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with capture_dropout_masks() as masks:
+        torch.manual_seed(3)
+        out = ff.scaled_dot_product_attention(*leaves, dropout_p=0.2, enable_gqa=True, is_causal=True)
+    torch.manual_seed(3)
+    again = ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, enable_gqa=True, is_causal=True)
+    assert torch.equal(out, again)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_reference(*ref_leaves, dropout_p=0.2, is_causal=True, enable_gqa=True, dropout_mask=masks[0])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    assert_close(out, ref, torch.float16, "out", 2.0)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, torch.float16, "d" + name, 2.0)
