@@ -1,6 +1,98 @@
-"""INTERIM: torch's MultiheadAttention under the fastformer name; replaced by issue 3."""
+"""ff.nn.MultiheadAttention: drop-in for torch.nn.MultiheadAttention over the fused attention op.
+
+Same constructor, parameter names and state_dict keys as torch's module (it subclasses it), so
+`load_state_dict` moves weights either way. The forward with `need_weights=False` projects q/k/v,
+runs ff.scaled_dot_product_attention (Triton kernels on CUDA) and the output projection; a
+(N, S) key_padding_mask (True = pad) becomes the kernels' per-batch key-length fast path.
+`need_weights=True` (torch's default), add_bias_kv and add_zero_attn use torch's implementation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+
+def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch MHA mask convention (bool True = blocked, float added) -> float additive mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
-    pass
+    """torch.nn.MultiheadAttention with a fused attention core.
+
+    query: (L, N, E) or (N, L, E) with batch_first (or unbatched (L, E)); key/value: (S, N, kdim/vdim)
+    key_padding_mask: (N, S) bool True = ignore (or float, added); attn_mask: (L, S) or (N·H, L, S),
+    bool True = blocked (or float, added). Returns (attn_output like query, weights or None).
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            if is_causal and attn_mask is None:  # torch needs the explicit mask for need_weights
+                seq_dim = 1 if (self.batch_first and query.dim() == 3) else 0
+                L, S = query.shape[seq_dim], key.shape[seq_dim]
+                attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # now (L, N, E) / (S, N, kdim) as torch's functional form
+        L, N, E = query.shape
+        S = key.shape[0]
+        H, hd = self.num_heads, self.head_dim
+
+        # 1. projections (same weight layout as torch: in_proj_weight rows = [q; k; v])
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q).view(L, N, H, hd).permute(1, 2, 0, 3)
+        k = F.linear(key, w_k, b_k).view(S, N, H, hd).permute(1, 2, 0, 3)
+        v = F.linear(value, w_v, b_v).view(S, N, H, hd).permute(1, 2, 0, 3)
+
+        # 2. masks -> one SDPA mask (bool True = attend when possible: keeps the key-length fast path)
+        mask = None
+        causal = bool(is_causal)
+        if causal:
+            attn_mask = None  # torch's hint: attn_mask is the causal mask
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.view(N, H, L, S)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.view(N, 1, 1, S)
+            mask = ~kpm if kpm.dtype == torch.bool else kpm.to(q.dtype)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool and (mask is None or mask.dtype == torch.bool):
+                mask = ~attn_mask if mask is None else mask & ~attn_mask
+            else:
+                add = _to_additive(attn_mask, q.dtype)
+                if mask is not None:
+                    add = add + (_to_additive(~mask, q.dtype) if mask.dtype == torch.bool else mask)
+                mask = add
+
+        # 3. fused attention, then the output projection
+        dropout_p = self.dropout if self.training else 0.0
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if unbatched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None

@@ -1,21 +1,279 @@
-"""INTERIM eager implementation so dependent layers can be built; replaced by the fused op (issue 3)."""
+"""Fused attention ops: validation, dispatch (kernels or reference) and the autograd Function.
+
+    out = ff.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                          scale=None, enable_gqa=False)       # q: (B, H, Lq, D)
+    out = ff.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              dropout_p=0.0, causal=False, scale=None)         # q: (Tq, H, D)
+
+Dispatch: CUDA tensors (or any tensor with the backend forced to "triton") run the Triton kernels;
+CPU tensors under "auto" and anything the kernels do not cover (float64, head dim > 256, value head
+dim != query head dim, ...) run the eager reference. A query row whose keys are all masked yields
+zeros (torch gives NaN).
+
+Dropout in the kernels draws one seed from torch's default generator of the tensor's device
+(`torch.manual_seed` reproduces it); the keep-mask is regenerated in the backward. For tests,
+`with capture_dropout_masks() as masks:` collects the (B, H, Lq, Lk) keep-mask of every kernel call.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
+
+from ..backend import use_triton
+from ..reference.attention import sdpa_reference, varlen_reference
+from ._validate import FLOAT_DTYPES, check_range, check_tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+_captured: Optional[list] = None
+
+
+@contextlib.contextmanager
+def capture_dropout_masks():
+    """Debug hook: collect the bool keep-mask (B, H, Lq, Lk) of each kernel call with dropout
+    (varlen: (B, H, max_q, max_k) indexed by positions within each sequence)."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def _draw_seed(device: torch.device) -> int:
+    # from the default generator of the tensor's device, so torch.manual_seed reproduces dropout
+    return int(torch.randint(0, 2**31 - 1, (1,), device=device).item())
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class FusedAttentionFunction(torch.autograd.Function):
+    """q, k, v (+ optional float mask, optional T5 table) -> out; the rest of the call in `spec`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, table, spec):
+        from ..kernels.attention import attention_forward
+
+        spec.mask = mask if mask is not None else spec.mask
+        spec.t5_table = table
+        out, lse = attention_forward(q, k, v, spec)
+        ctx.save_for_backward(q, k, v, out, lse, mask, table)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ..kernels.attention import attention_backward
+
+        q, k, v, out, lse, mask, table = ctx.saved_tensors
+        spec = ctx.spec
+        spec.mask = mask if mask is not None else spec.mask
+        spec.t5_table = table
+        spec.mask_grad = mask is not None and ctx.needs_input_grad[3]
+        spec.t5_grad = table is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dm, dt = attention_backward(dout, q, k, v, out, lse, spec)
+        dmask = dtable = None
+        if dm is not None:
+            dmask = dm.to(mask.dtype)  # (B, H, Lq, Lk): the expand's backward reduces it
+        if dt is not None:
+            # fixed-order reduction of the per-(batch, key block) partials: deterministic
+            dtable = dt.sum(dim=(0, 2))[:, : table.shape[0]].t().contiguous().to(table.dtype)
+        return dq, dk, dv, dmask, dtable, None
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and mask analysis
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_qkv(query, key, value, enable_gqa):
+    check_tensor("query", query, ndim=(3, 4), dtypes=FLOAT_DTYPES)
+    check_tensor("key", key, ndim=query.dim(), dtypes=FLOAT_DTYPES, device=query.device)
+    check_tensor("value", value, ndim=query.dim(), dtypes=FLOAT_DTYPES, device=query.device)
+    if key.dtype != query.dtype:
+        raise ValueError(f"key has dtype {key.dtype} but query has {query.dtype}; they must match")
+    if value.dtype != query.dtype:
+        raise ValueError(f"value has dtype {value.dtype} but query has {query.dtype}; they must match")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key head dim {key.shape[-1]} != query head dim {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"value length {value.shape[-2]} != key length {key.shape[-2]}")
+    if key.shape[:-3] != query.shape[:-3] or value.shape[:-3] != query.shape[:-3]:
+        raise ValueError(f"key/value batch dims {tuple(key.shape[:-3])} must equal query's {tuple(query.shape[:-3])}")
+    if value.shape[-3] != key.shape[-3]:
+        raise ValueError(f"value has {value.shape[-3]} heads but key has {key.shape[-3]}")
+    Hq, Hk = query.shape[-3], key.shape[-3]
+    if Hq != Hk:
+        if not enable_gqa:
+            raise ValueError(f"key has {Hk} heads but query has {Hq}; pass enable_gqa=True for grouped-query attention")
+        if Hq % Hk != 0:
+            raise ValueError(f"enable_gqa: query heads {Hq} must be a multiple of key heads {Hk}")
+
+
+def _check_mask(attn_mask, B, H, Lq, Lk, device):
+    if attn_mask is None:
+        return
+    check_tensor("attn_mask", attn_mask, dtypes=(torch.bool,) + FLOAT_DTYPES, device=device)
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
+    try:
+        torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))
+        ok = torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to {(B, H, Lq, Lk)}")
+
+
+def _key_lengths(mask4: torch.Tensor):
+    """If a bool mask (B|1, 1, 1, Lk) is a prefix mask (True then False per batch row), its lengths
+    (int32) else None."""
+    m = mask4[:, 0, 0, :]
+    lengths = m.sum(-1)
+    prefix = torch.arange(m.shape[-1], device=m.device)[None, :] < lengths[:, None]
+    if bool((prefix == m).all()):
+        return lengths.to(torch.int32)
+    return None
+
+
+def _kernel_covers(q, k, v) -> bool:
+    return (q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] == q.shape[-1]
+            and q.shape[-2] > 0 and k.shape[-2] > 0 and q.numel() > 0)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       t5_table=None, t5_lut=None, t5_bidirectional=True):
+    """Kernel path for validated 4D inputs. q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) -> (B, H, Lq, D).
+    attn_mask: None or bool/float broadcastable to (B, H, Lq, Lk). t5_table: (NB, H) with its lut."""
+    from ..kernels.attention import AttnSpec, dropout_keep_mask
+
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    spec = AttnSpec(scale=1.0 / math.sqrt(D) if scale is None else float(scale), causal=bool(is_causal),
+                    dropout_p=float(dropout_p), t5_lut=t5_lut, t5_bidirectional=t5_bidirectional)
+    float_mask = None
+    if attn_mask is not None:
+        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.dtype == torch.bool:
+            if m4.shape[1] == 1 and m4.shape[2] == 1:
+                klen = _key_lengths(m4)
+                if klen is not None:
+                    if bool((klen < Lk).any()):
+                        spec.klen = klen.expand(B).contiguous()
+                    m4 = None
+            if m4 is not None:
+                spec.mask = m4.expand(B, H, Lq, Lk).view(torch.uint8)
+        else:
+            # the expanded view goes into the Function: autograd's expand/reshape backward then sums
+            # the full dS over the broadcast dims back onto the user's mask
+            float_mask = m4.expand(B, H, Lq, Lk)
+    if spec.dropout_p > 0:
+        spec.seed = _draw_seed(q.device)
+        if _captured is not None:
+            _captured.append(dropout_keep_mask(B, H, Lq, Lk, spec.seed, spec.dropout_p, q.device))
+    if float_mask is not None and float_mask.requires_grad:
+        return FusedAttentionFunction.apply(q, k, v, float_mask, t5_table, spec)
+    if float_mask is not None:
+        spec.mask = float_mask.detach()
+    out = FusedAttentionFunction.apply(q, k, v, None, t5_table, spec)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------------
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    query: (B, H, Lq, D) (or (N, Lq, D)), key: (B, H_kv, Lk, D), value: (B, H_kv, Lk, D)
+    attn_mask: bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk); a bool
+    (B, 1, 1, Lk) key-padding mask takes the per-batch-length fast path.
+    Returns (B, H, Lq, D). Rows whose keys are all masked give 0 (torch: NaN).
+    """
+    _check_qkv(query, key, value, enable_gqa)
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
+    if query.dim() == 4:
+        _check_mask(attn_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
+    else:
+        _check_mask(attn_mask, 1, query.shape[0], query.shape[1], key.shape[1], query.device)
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    if not (use_triton(query, key, value, attn_mask) and _kernel_covers(query, key, value)):
+        return sdpa_reference(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
+    if query.dim() == 3:  # (N, L, D): N plays the heads
+        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask is not None \
+            else None
+        out = fused_attention_4d(query[None], key[None], value[None], attn_mask=mask, dropout_p=dropout_p,
+                                 is_causal=is_causal, scale=scale)
+        return out[0]
+    return fused_attention_4d(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p=0.0,
                      causal=False, scale=None):
-    outs = []
-    for i in range(cu_seqlens_q.numel() - 1):
-        qs = q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]].transpose(0, 1)[None]
-        ks = k[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)[None]
-        vs = v[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)[None]
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=causal, scale=scale)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)
+    """Attention over packed variable-length sequences, no padding computed.
+
+    q: (Tq, H, D), k/v: (Tk, H_kv, D) (H a multiple of H_kv), cu_seqlens_q/k: (B + 1,) int, cumulative
+    lengths starting at 0; max_seqlen_q/k: the longest sequence. causal is top-left aligned per
+    sequence. Returns (Tq, H, D).
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k/v dtypes ({k.dtype}, {v.dtype}) must equal q's {q.dtype}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {q.shape[-1]}")
+    if v.shape[0] != k.shape[0] or v.shape[1] != k.shape[1]:
+        raise ValueError(f"v shape {tuple(v.shape)} must match k's first dims {tuple(k.shape[:2])}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads {q.shape[1]} must be a multiple of k heads {k.shape[1]}")
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
+        if cu.numel() < 1:
+            raise ValueError(f"{name} must hold at least one offset")
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item() if cu_seqlens_q.numel() > 1 else 0
+    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item() if cu_seqlens_k.numel() > 1 else 0
+    if int(max_seqlen_q) < lq:
+        raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence {lq}")
+    if int(max_seqlen_k) < lk:
+        raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence {lk}")
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
+    if not (use_triton(q, k, v) and _kernel_covers(q, k, v)):
+        return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                dropout_p=dropout_p, causal=causal, scale=scale)
+    from ..kernels.attention import AttnSpec, dropout_keep_mask
+
+    B = cu_seqlens_q.numel() - 1
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    spec = AttnSpec(scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), causal=bool(causal),
+                    dropout_p=float(dropout_p), cu_q=cu_seqlens_q.to(torch.int32).contiguous(),
+                    cu_k=cu_seqlens_k.to(torch.int32).contiguous(), max_q=max(int(max_seqlen_q), 1),
+                    max_k=max(int(max_seqlen_k), 1))
+    if spec.dropout_p > 0:
+        spec.seed = _draw_seed(q.device)
+        if _captured is not None:
+            _captured.append(dropout_keep_mask(B, q.shape[1], spec.max_q, spec.max_k, spec.seed, spec.dropout_p,
+                                               q.device))
+    return FusedAttentionFunction.apply(q, k, v, None, None, spec)

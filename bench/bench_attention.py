@@ -1,0 +1,245 @@
+"""Attention benchmark: fastformer's fused kernels vs torch SDPA (each backend), FlexAttention, eager.
+
+    python bench/bench_attention.py [--full]
+
+Shapes as FlashAttention reports them: hidden 2048 (d64 × 32 heads, d128 × 16 heads), batch = 16384 / L,
+causal and not; a padded BERT batch (L = 512, lengths uniform in 64..512; SDPA gets the same bool mask,
+fastformer takes its key-length fast path, plus its varlen op on the packed tokens); a cross-attention
+shape; a T5-bias case (H = 12, D = 64, L = 1024, table requiring grad) next to plain fastformer attention.
+FLOPs: forward 4·B·H·Lq·Lk·D (halved when causal; padded batch: Σ_b len_b² instead of B·L²),
+backward 2.5× forward. bwd ms = (fwd+bwd ms) − (fwd ms). On CPU it runs tiny shapes through the eager
+providers only (the Triton interpreter is never timed).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import format_table, save, time_ms  # noqa: E402
+
+import fastformer as ff  # noqa: E402
+from fastformer.reference.attention import sdpa_reference  # noqa: E402
+from fastformer.reference.t5_attention import t5_bias  # noqa: E402
+
+FF_PROVIDERS = ("fastformer", "fastformer-varlen", "fastformer-t5")
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+          "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def fn(q, k, v, mask=None, causal=False, bias=None):
+        m = bias if bias is not None else mask
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal and m is None)
+    return fn
+
+
+_flex_compiled = None
+
+
+def _flex(q, k, v, mask=None, causal=False, bias=None, lengths=None):
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, Lq, Lk, device=q.device)
+    elif lengths is not None:
+        block_mask = create_block_mask(lambda b, h, i, j: j < lengths[b], B, None, Lq, Lk, device=q.device)
+    score_mod = None
+    if bias is not None:
+        def score_mod(score, b, h, i, j):
+            return score + bias[0, h, i, j]
+    return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def _eager(q, k, v, mask=None, causal=False, bias=None):
+    return sdpa_reference(q, k, v, attn_mask=mask, is_causal=causal, bias=bias)
+
+
+def _measure(fn, inputs, flops_fwd, device):
+    """fwd ms, fwd+bwd ms and TFLOP/s of fn(*inputs) (inputs that require grad get gradients)."""
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    out = fn()
+    dout = torch.randn_like(out)
+
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def fwdbwd():
+        o = fn()
+        torch.autograd.grad(o, leaves, dout)
+
+    ms_f = time_ms(fwd, device=device)
+    ms_fb = time_ms(fwdbwd, device=device)
+    ms_b = max(ms_fb - ms_f, 1e-9)
+    return {
+        "fwd_ms": ms_f, "bwd_ms": ms_b, "fwdbwd_ms": ms_fb,
+        "fwd_tflops": flops_fwd / ms_f * 1e-9,
+        "bwd_tflops": 2.5 * flops_fwd / ms_b * 1e-9,
+        "fwdbwd_tflops": 3.5 * flops_fwd / ms_fb * 1e-9,
+    }
+
+
+def _cases(quick: bool, cuda: bool):
+    if not cuda:  # tiny shapes, eager providers only
+        return [dict(kind="dense", B=2, H=2, L=128, D=64, causal=c) for c in (False, True)] + [
+            dict(kind="padded", B=4, H=2, L=128, D=64, causal=False),
+            dict(kind="cross", B=2, H=2, L=64, Lk=256, D=64, causal=False),
+            dict(kind="t5", B=2, H=2, L=128, D=64, causal=False)]
+    dense = []
+    if quick:
+        for L in (1024, 4096):
+            for c in (False, True):
+                dense.append(dict(kind="dense", B=16384 // L, H=16, L=L, D=128, causal=c))
+        dense.append(dict(kind="dense", B=4, H=32, L=4096, D=64, causal=False))
+    else:
+        for D, H in ((64, 32), (128, 16)):
+            for L in (512, 1024, 2048, 4096, 8192, 16384):
+                for c in (False, True):
+                    dense.append(dict(kind="dense", B=max(1, 16384 // L), H=H, L=L, D=D, causal=c))
+    return dense + [
+        dict(kind="padded", B=32, H=16, L=512, D=64, causal=False),
+        dict(kind="cross", B=8, H=16, L=512, Lk=4096, D=128, causal=False),
+        dict(kind="t5", B=16, H=12, L=1024, D=64, causal=False),
+    ]
+
+
+def _providers(case, cuda, quick=False):
+    if not cuda:
+        provs = {"fastformer(reference)": None}
+        if case["kind"] == "t5":
+            provs["fastformer-t5"] = None
+        return dict(provs, **{"sdpa-math": _sdpa("math"), "eager": _eager})
+    provs = {"fastformer": None}
+    if case["kind"] == "padded":
+        provs["fastformer-varlen"] = None
+    if case["kind"] == "t5":
+        provs["fastformer-t5"] = None
+    for be in ("flash", "efficient", "cudnn"):
+        provs["sdpa-" + be] = _sdpa(be)
+    small = case["L"] * case.get("Lk", case["L"]) <= 1024 * 1024
+    if small:
+        provs["sdpa-math"] = _sdpa("math")
+        provs["eager"] = _eager
+    # FlexAttention compiles per shape: in quick mode only on the long dense d128 shapes
+    if not quick or (case["kind"] == "dense" and case["L"] >= 4096 and case["D"] == 128):
+        provs["flex"] = _flex
+    return provs
+
+
+def _run_case(case, device, dtype, quick=False):
+    B, H, L, D, causal = case["B"], case["H"], case["L"], case["D"], case["causal"]
+    Lk = case.get("Lk", L)
+    cuda = device.type == "cuda"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, Lk, D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, Lk, D, generator=g).to(device, dtype).requires_grad_()
+    mask = lengths = bias = table = None
+    flops = 4.0 * B * H * L * Lk * D * (0.5 if causal else 1.0)
+    name = f"{case['kind']} B{B} H{H} L{L}" + (f" Lk{Lk}" if Lk != L else "") + f" d{D}" + (" causal" if causal else "")
+    if case["kind"] == "padded":
+        lengths = torch.randint(64, L + 1, (B,), generator=g).to(device)
+        mask = (torch.arange(L, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        flops = 4.0 * H * D * float((lengths.double() ** 2).sum())
+    if case["kind"] == "t5":
+        table = torch.randn(32, H, generator=g).to(device, torch.float32).requires_grad_()
+    rows = []
+    for prov, fn in _providers(case, cuda, quick).items():
+        row = {"benchmark": "attention", "case": name, "provider": prov, "L": L, "D": D, "causal": causal,
+               "kind": case["kind"]}
+        try:
+            if prov in ("fastformer", "fastformer(reference)"):
+                f = (lambda: ff.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
+                inputs = (q, k, v)
+            elif prov == "fastformer-varlen":
+                keep = mask[:, 0, 0, :]
+                qp, kp, vp = (t.detach().transpose(1, 2)[keep].requires_grad_() for t in (q, k, v))
+                cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
+                cu[1:] = lengths.cumsum(0)
+                f = (lambda: ff.varlen_attention(qp, kp, vp, cu, cu, L, L))
+                inputs = (qp, kp, vp)
+            elif prov == "fastformer-t5":
+                f = (lambda: ff.t5_attention(q, k, v, table, scale=1.0 / math.sqrt(D)))
+                inputs = (q, k, v, table)
+            elif case["kind"] == "t5":
+                # references get the materialised (1, H, L, L) bias built from the table each call
+                def f(fn=fn):
+                    return fn(q, k, v, bias=t5_bias(table, L, Lk).to(dtype))
+                inputs = (q, k, v, table)
+            elif prov == "flex" and case["kind"] == "padded":
+                f = (lambda fn=fn: fn(q, k, v, lengths=lengths))
+                inputs = (q, k, v)
+            else:
+                f = (lambda fn=fn: fn(q, k, v, mask=mask, causal=causal))
+                inputs = (q, k, v)
+            row.update(_measure(f, inputs, flops, device))
+        except Exception as exc:  # noqa: BLE001 - one provider failing must not lose the table
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        rows.append(row)
+    return rows
+
+
+def _summary(rows):
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == case and "fwdbwd_tflops" in r]
+        ours = [r for r in rs if r["provider"].startswith("fastformer")]
+        refs = [r for r in rs if not r["provider"].startswith("fastformer")]
+        s = {"benchmark": "attention", "case": case}
+        for r in ours:
+            s[f"{r['provider']}_fwdbwd_tflops"] = r["fwdbwd_tflops"]
+        if ours and refs:
+            main = max(ours, key=lambda r: r["fwdbwd_tflops"])
+            best_fb = max(refs, key=lambda r: r["fwdbwd_tflops"])
+            best_f = max(refs, key=lambda r: r["fwd_tflops"])
+            s["fwd_tflops"] = main["fwd_tflops"]
+            s["best_ref"] = best_fb["provider"]
+            s["best_ref_fwdbwd_tflops"] = best_fb["fwdbwd_tflops"]
+            s["ratio_fwdbwd"] = main["fwdbwd_tflops"] / best_fb["fwdbwd_tflops"]
+            s["ratio_fwd"] = main["fwd_tflops"] / best_f["fwd_tflops"]
+        t5 = [r for r in rs if r["provider"] == "fastformer-t5"]
+        plain = [r for r in rs if r["provider"] == "fastformer"]
+        if t5 and plain:
+            s["t5_over_plain_fwdbwd"] = t5[0]["fwdbwd_tflops"] / plain[0]["fwdbwd_tflops"]
+        out.append(s)
+    return out
+
+
+def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for case in _cases(quick, cuda):
+        rows += _run_case(case, device, dtype, quick)
+        torch.cuda.empty_cache() if cuda else None
+    print(format_table(rows, ["case", "provider", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops", "fwdbwd_ms", "error"]))
+    summary = _summary(rows)
+    dense = [r for r in rows if r["kind"] == "dense" and r.get("fwdbwd_tflops") is not None]
+    save("attention", rows + [dict(r, summary=True) for r in summary], out_dir=out_dir, device=device)
+    save("attention_dense", dense, out_dir=out_dir, device=device, x="L", y="fwdbwd_tflops",
+         series=("provider", "D", "causal"), logx=True, title="attention fwd+bwd TFLOP/s (dense)")
+    print(format_table(summary, ["case", "fwd_tflops", "best_ref", "best_ref_fwdbwd_tflops", "ratio_fwdbwd",
+                                 "ratio_fwd", "t5_over_plain_fwdbwd"]))
+    return summary
+
+
+if __name__ == "__main__":
+    run(quick="--full" not in sys.argv)

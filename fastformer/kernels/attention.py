@@ -1,0 +1,719 @@
+"""Fused attention kernels (FlashAttention-2 style) in Triton: forward, Delta pre-pass, dK/dV, dQ.
+
+One family of kernels serves every attention op of fastformer:
+
+- dense (B, H, L, D) tensors with any strides on B/H/L (last dim contiguous), GQA (H_q = G·H_kv),
+- packed variable-length sequences (total, H, D) with cu_seqlens (IS_VARLEN),
+- top-left aligned causal masking, per-batch key lengths (key-padding fast path: blocks past the
+  length are never visited), a general bool/float mask read per tile through broadcast strides,
+- T5 relative-position bias: score += table[bucket(j − i), h]; the bucket of a distance is read from
+  a tiny lookup table (max_distance + 1 entries) computed on the host with Hugging Face's function,
+  so no (Lq, Lk) tensor exists; its gradient is reduced per tile into per-program partials
+  [B, H, n_key_blocks, NB] (no atomics) which the caller sums in a fixed order,
+- dropout with Philox (tl.rand) keyed by (seed, batch·head) and counted by (row, col): the keep-mask
+  is regenerated in the backward and by `dropout_keep_mask` for tests, never stored.
+
+Scores are kept in log2 units (scale·log2 e folded in) so the softmax uses exp2; the forward saves
+lse2 = log2 Σ exp2(s) per row (+inf for a row with no visible key, which makes P = 0 there and the
+output 0). The backward is deterministic: dK/dV programs own a key block and loop over query blocks
+(and over the query heads of a GQA group); dQ programs own a query block; nothing is accumulated
+with atomics.
+
+This file knows nothing of autograd: `attention_forward` / `attention_backward` take and return
+tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------
+# shared jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p):
+    """Dropout keep-mask of one tile: (BLOCK_M, BLOCK_N) bool. Philox key = (seed, bh); counter =
+    row·rng_stride + col, so every (b, h, i, j) draws its own number in forward and backward alike."""
+    key = (bh.to(tl.int64) << 32) + seed
+    offs = offs_m[:, None] * rng_stride + offs_n[None, :]
+    return tl.rand(key, offs) >= dropout_p
+
+
+@triton.jit
+def _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR: tl.constexpr):
+    """bucket(j − i) of one tile as HF T5 computes it: distance -> lookup table -> bucket."""
+    rel = offs_n[None, :] - offs_m[:, None]
+    if T5_BIDIR:
+        base = tl.where(rel > 0, NB_HALF, 0)
+        dist = tl.abs(rel)
+    else:
+        base = tl.zeros_like(rel)
+        dist = tl.maximum(-rel, 0)
+    dist = tl.minimum(dist, LUT_MAX)
+    return base + tl.load(LUT + dist)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale,
+            M, s_mb, s_mh, s_mm, s_mn,
+            T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+            MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Scores of one tile in log2 units, -inf where a key is not visible. q: (BM, BD), k: (BN, BD).
+    MASKED=False: the caller guarantees every key of the tile is in range and visible to every row
+    (no mask tensor, below the causal diagonal), so no per-element test is made."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if HAS_T5:
+        bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
+        s += tl.load(T5 + bucket * s_tb + h * s_th).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        inb = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        valid = inb
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if MASK_KIND != 0:
+            m_ptrs = (M + b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh + offs_m[:, None] * s_mm
+                      + offs_n[None, :] * s_mn)
+            if MASK_KIND == 1:
+                keep = tl.load(m_ptrs, mask=inb, other=0)
+                valid = valid & (keep != 0)
+            else:
+                s += tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr):
+    """(q_start, q_len, k_start, k_len) of batch entry b: packed offsets for varlen, else 0 and the
+    (possibly per-batch) lengths."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        k_len = tl.load(CU_K + b + 1) - k_start
+    else:
+        # `b * 0 + ...` keeps these tensors even when Triton specialises a length of 1 to a constant
+        q_start = b * 0
+        q_len = b * 0 + Lq
+        k_start = b * 0
+        if HAS_KLEN:
+            k_len = tl.load(KLEN + b)
+        else:
+            k_len = b * 0 + Lk
+    return q_start, q_len, k_start, k_len
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+              T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the forward: scores, online-softmax update, acc += P V."""
+    offs_n = n0 + offs_n0
+    if MASKED:
+        kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+    # a row that has seen no visible key yet keeps m = -inf: use 0 as its exponent base
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
+    CU_Q, CU_K, KLEN,
+    M, s_mb, s_mh, s_mm, s_mn,
+    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+    seed, rng_stride, dropout_p,
+    H, GROUP, Lq, Lk, D, qk_scale,
+    IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    # 1. which (query block, batch, head) this program owns, and that sequence's bounds
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    q_start, q_len, k_start, k_len = _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN, HAS_KLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
+    else:
+        d_ok = offs_d < D
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh + q_start.to(tl.int64) * s_qm
+    k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
+    v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
+
+    # 2. the query tile stays in registers for the whole key loop
+    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :],
+                other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped;
+    #    blocks wholly inside the length and below the diagonal run without per-element masking
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, m0 + BLOCK_M)
+    full_hi = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != 0:
+        full_hi = 0
+    for n0 in range(0, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                  T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, DROPOUT, False, PREC)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                  T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, DROPOUT, True, PREC)
+
+    # 5. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    o_base = O + b64 * s_ob + h.to(tl.int64) * s_oh + q_start.to(tl.int64) * s_om
+    tl.store(o_base + offs_m[:, None] * s_om + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+    tl.store(LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: Delta pre-pass, dK/dV (+ T5 table partials), dQ (+ float-mask gradient)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, s_ob, s_oh, s_om, s_db, s_dh, s_dm, s_lb, s_lh,
+    CU_Q, H, Lq, D,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Delta_i = Σ_d dO_id · O_id, the row term of softmax's backward
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = Lq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < D)
+    b64 = b.to(tl.int64)
+    rows = (q_start + offs_m)[:, None].to(tl.int64)
+    o = tl.load(O + b64 * s_ob + h * s_oh + rows * s_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * s_db + h * s_dh + rows * s_dm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * s_lb + h * s_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, offs_n, offs_d,
+               d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+               T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+               T5_GRAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One query block against the program's key block: dV += P_dropᵀ dO, dK += dSᵀ Q, dtable partials."""
+    # recompute P from the saved lse; rows past q_len load lse = +inf, so their P is 0 without a mask
+    offs_m = m0 + offs_m0
+    q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * s_om + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+    p = tl.exp2(s - lse[:, None])
+    # dP = dO Vᵀ (dropped like P) ; dS = P (dP − Delta)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+        p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_drop = p
+    dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    if T5_GRAD:
+        # reduce dS per bucket, looping only over the buckets this tile touches
+        bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
+        bmin = tl.min(tl.min(bucket, 1), 0)
+        bmax = tl.max(tl.max(bucket, 1), 0)
+        for bk in range(bmin, bmax + 1):
+            tot = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0)
+            dt += tl.where(nb_idx == bk, tot, 0.0)
+    return dk, dv, dt
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DT,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
+    s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_dtb, s_dth, s_dtn,
+    CU_Q, CU_K, KLEN,
+    M, s_mb, s_mh, s_mm, s_mn,
+    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+    seed, rng_stride, dropout_p,
+    H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale,
+    IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    # 1. this program owns one key block of one (batch, kv head); it loops over the GQA group's
+    #    query heads and over query blocks, so dK/dV are summed in registers (no atomics)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    q_start, q_len, k_start, k_len = _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN, HAS_KLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_len:
+        return  # dK/dV of keys past the length were zero-filled by the caller
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
+    else:
+        d_ok = offs_d < D
+    b64 = b.to(tl.int64)
+    kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
+    k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + (k_start + offs_n)[:, None].to(tl.int64) * s_kn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * s_vb + hk.to(tl.int64) * s_vh + (k_start + offs_n)[:, None].to(tl.int64) * s_vn
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    nb_idx = tl.arange(0, NB_PAD)
+    # 2. query blocks [lo, full_lo) touch the causal diagonal or a key past the length and need the
+    #    per-element mask; [full_lo, q_len) do not (rows past q_len get P = 0 from lse = +inf)
+    lo = 0
+    full_lo = 0
+    if IS_CAUSAL:
+        lo = (n0 // BLOCK_M) * BLOCK_M  # earlier query rows cannot see these keys
+        full_lo = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    if (MASK_KIND != 0) or (n0 + BLOCK_N > k_len):
+        full_lo = q_len
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), q_len)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh + q_start.to(tl.int64) * s_qm
+        do_base = DO + b64 * s_ob + h.to(tl.int64) * s_oh + q_start.to(tl.int64) * s_om
+        l_base = LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
+        d_base = DELTA + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
+        dt = tl.zeros([NB_PAD], tl.float32)
+        for m0 in range(lo, full_lo, BLOCK_M):
+            dk, dv, dt = _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0,
+                                    offs_m0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
+                                    M, s_mb, s_mh, s_mm, s_mn, T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+                                    seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, T5_GRAD,
+                                    DROPOUT, True, PREC)
+        for m0 in range(full_lo, q_len, BLOCK_M):
+            dk, dv, dt = _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0,
+                                    offs_m0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
+                                    M, s_mb, s_mh, s_mm, s_mn, T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+                                    seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, T5_GRAD,
+                                    DROPOUT, False, PREC)
+        if T5_GRAD:
+            tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dt)
+    # 3. write dK (scale folded back in) and dV of this key block
+    tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn
+             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + (k_start + offs_n)[:, None].to(tl.int64) * s_dvn
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+             q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+             T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr,
+             T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the dQ pass: recompute P, dP, dS; dQ += dS K."""
+    offs_n = n0 + offs_n0
+    if MASKED:
+        kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    if MASK_GRAD:
+        # the float mask's gradient is dS itself (full-size buffer, reduced over broadcast dims by
+        # the caller)
+        tl.store(DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + offs_m[:, None] * s_dmm + offs_n[None, :],
+                 ds, mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DM,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
+    s_dqb, s_dqh, s_dqm, s_dmb, s_dmh, s_dmm,
+    CU_Q, CU_K, KLEN,
+    M, s_mb, s_mh, s_mm, s_mn,
+    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+    seed, rng_stride, dropout_p,
+    H, GROUP, Lq, Lk, D, qk_scale, sm_scale,
+    IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    # 1. this program owns one query block of one (batch, head) and loops over the key blocks
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    q_start, q_len, k_start, k_len = _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN, HAS_KLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
+    else:
+        d_ok = offs_d < D
+    b64 = b.to(tl.int64)
+    q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
+    rows = (q_start + offs_m)[:, None].to(tl.int64)
+    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + rows * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b64 * s_ob + h.to(tl.int64) * s_oh + rows * s_om + offs_d[None, :], mask=q_mask, other=0.0)
+    l_off = b64 * s_lb + h.to(tl.int64) * s_lh + q_start + offs_m
+    lse = tl.load(LSE + l_off, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA + l_off, mask=offs_m < q_len, other=0.0)
+    k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
+    v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, m0 + BLOCK_M)
+    full_hi = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != 0:
+        full_hi = 0
+    for n0 in range(0, full_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                      T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, T5_BIDIR, DROPOUT, False, PREC)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                      T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, T5_BIDIR, DROPOUT, True, PREC)
+    tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqm + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug: write the keep-mask (B, H, Lq, Lk) the attention kernels use for this seed."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p)
+    ptrs = OUT + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+
+# ----------------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AttnSpec:
+    """Everything besides q/k/v that shapes one attention call.
+
+    Dense: q (B, H, Lq, D), k/v (B, H_kv, Lk, D). Varlen: q (Tq, H, D), k/v (Tk, H_kv, D) with
+    cu_q/cu_k (B + 1,) int32 and max_q/max_k. mask: a (B, H, Lq, Lk) *expanded view* (stride 0 on
+    broadcast dims) of bool (stored as uint8) or float; klen: (B,) int32 key lengths (fast path).
+    t5_table: (NB, H); t5_lut: (lut_max + 1,) int32 bucket of each distance (within one direction).
+    """
+    scale: float
+    causal: bool = False
+    dropout_p: float = 0.0
+    seed: int = 0
+    klen: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    mask_grad: bool = False
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    max_q: int = 0
+    max_k: int = 0
+    t5_table: Optional[torch.Tensor] = None
+    t5_lut: Optional[torch.Tensor] = None
+    t5_bidirectional: bool = True
+    t5_grad: bool = False
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _blocks(D: int, kind: str, itemsize: int = 2):
+    """Fixed tile configs per head dim and element size (no autotune sweep; shared memory is sized
+    for Hopper/Ampere: fp32 inputs get smaller tiles). kind: 'fwd' | 'dkdv' | 'dq'.
+    Returns (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if _interpreting():
+        # numpy interpreter: medium tiles keep the Python loop short; BLOCK_M != BLOCK_N as on GPUs so
+        # the tests exercise the diagonal/tail logic with unequal tiles
+        return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kind]
+    wide = itemsize > 2
+    if kind == "fwd":
+        if D <= 64:
+            return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
+        if D <= 128:
+            return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+        return (32, 32, 4, 1) if wide else (64, 32, 8, 2)
+    if kind == "dkdv":
+        if D <= 64:
+            return (32, 64, 4, 2) if wide else (64, 128, 8, 2)
+        if D <= 128:
+            return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
+        return (16, 32, 4, 1) if wide else (32, 32, 8, 1)
+    if D <= 128:
+        return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
+    return (16, 32, 4, 1) if wide else (32, 32, 8, 1)
+
+
+_SAFE_CFG = (16, 16, 4, 1)
+
+
+def _launch(kernel, grid_fn, cfg, args, kwargs):
+    """Launch with a tile config; if the GPU lacks the shared memory/registers for it, retry once with
+    the smallest tiles rather than fail (correctness first, speed second)."""
+    BM, BN, warps, stages = cfg
+    try:
+        kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    except triton.runtime.errors.OutOfResources:
+        BM, BN, warps, stages = _SAFE_CFG
+        kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    return BN
+
+
+def _precision(q) -> str:
+    """fp32 inputs: IEEE fp32 dots unless torch allows TF32 for matmuls (as torch SDPA does)."""
+    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _dims(q, k, spec: AttnSpec):
+    """(B, H, HK, Lq, Lk, D) and the (b, h, l) strides of a q/k/v-like tensor."""
+    if spec.varlen:
+        B = spec.cu_q.numel() - 1
+        return B, q.shape[1], k.shape[1], spec.max_q, spec.max_k, q.shape[2]
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
+
+
+def _strides(t, spec: AttnSpec):
+    if spec.varlen:  # (T, H, D): no batch stride, rows offset by cu_seqlens in-kernel
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse, spec: AttnSpec):
+    if spec.varlen:  # (H, Tq)
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def _common_args(q, spec: AttnSpec):
+    """Pointer/stride/flag arguments shared by all three kernels (masks, T5, varlen, dropout)."""
+    dummy = q  # any tensor: unused pointers are never dereferenced
+    cu_q = spec.cu_q if spec.cu_q is not None else dummy
+    cu_k = spec.cu_k if spec.cu_k is not None else dummy
+    klen = spec.klen if spec.klen is not None else dummy
+    if spec.mask is not None:
+        m = spec.mask
+        mask_args = (m, m.stride(0), m.stride(1), m.stride(2), m.stride(3))
+        mask_kind = 1 if m.dtype in (torch.uint8, torch.int8, torch.bool) else 2
+    else:
+        mask_args = (dummy, 0, 0, 0, 0)
+        mask_kind = 0
+    if spec.t5_table is not None:
+        t = spec.t5_table
+        t5_args = (t, t.stride(0), t.stride(1), spec.t5_lut, spec.t5_lut.numel() - 1, t.shape[0] // 2)
+    else:
+        t5_args = (dummy, 0, 0, dummy, 0, 0)
+    rng_stride = spec.max_k if spec.varlen else None  # filled by caller for dense
+    return cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride
+
+
+def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = None):
+    """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units).
+    out: optional preallocated output (last dim contiguous)."""
+    B, H, HK, Lq, Lk, D = _dims(q, k, spec)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    if spec.varlen:
+        lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
+    else:
+        lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
+    rng_stride = Lk if rng_stride is None else rng_stride
+    BD = max(16, triton.next_power_of_2(D))
+    _launch(
+        _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "fwd", q.element_size()),
+        (q, k, v, o, lse,
+         *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(o, spec), *_lse_strides(lse, spec),
+         cu_q, cu_k, klen, *mask_args, *t5_args,
+         spec.seed, rng_stride, spec.dropout_p,
+         H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
+        dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
+             HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
+             PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D),
+    )
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
+    """Fused backward. Returns (dq, dk, dv, dmask_full or None, dtable_partials or None).
+
+    dmask_full: (B, H, Lq, Lk) fp32 = dS when spec.mask_grad; dtable_partials: (B, H, n_kblocks, NB_PAD)
+    fp32 when spec.t5_grad (sum over dims 0 and 2, in any fixed order, gives dtable[:, h])."""
+    B, H, HK, Lq, Lk, D = _dims(q, k, spec)
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    BD = max(16, triton.next_power_of_2(D))
+    cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
+    rng_stride = Lk if rng_stride is None else rng_stride
+    common_flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal,
+                        MASK_KIND=mask_kind, HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional,
+                        DROPOUT=spec.dropout_p > 0, PREC=_precision(q), EVEN_D=BD == D)
+
+    # 1. Delta = rowsum(dO · O)
+    delta = torch.empty_like(lse)
+    BMd = 64 if not _interpreting() else 32
+    _attn_bwd_delta_kernel[(triton.cdiv(max(Lq, 1), BMd), B * H)](
+        o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec),
+        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=BD,
+    )
+
+    # 2. dK, dV (+ T5 table partials); keys past a per-batch length are never visited -> zeros
+    zero_kv = spec.klen is not None
+    dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
+    dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
+    cfg = _blocks(D, "dkdv", q.element_size())
+    nb_pad = triton.next_power_of_2(spec.t5_table.shape[0]) if spec.t5_grad else 1
+
+    def dkdv(cfg_):
+        BM, BN, warps, stages = cfg_
+        n_kblocks = triton.cdiv(max(Lk, 1), BN)
+        dt = None
+        if spec.t5_grad:
+            dt = torch.zeros((B, H, n_kblocks, nb_pad), device=q.device, dtype=torch.float32)
+        dt_strides = (dt.stride(0), dt.stride(1), dt.stride(2)) if dt is not None else (0, 0, 0)
+        _attn_bwd_dkdv_kernel[(n_kblocks, B * HK)](
+            q, k, v, do, lse, delta, dk, dv, dt if dt is not None else q,
+            *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec),
+            *_lse_strides(lse, spec), *_strides(dk, spec), *_strides(dv, spec), *dt_strides,
+            cu_q, cu_k, klen, *mask_args, *t5_args,
+            spec.seed, rng_stride, spec.dropout_p,
+            H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
+            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **common_flags,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
+        )
+        return dt
+
+    try:
+        dt = dkdv(cfg)
+    except triton.runtime.errors.OutOfResources:  # see _launch
+        dt = dkdv(_SAFE_CFG)
+
+    # 3. dQ (+ the float mask's gradient as a full dS buffer)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if spec.mask_grad:
+        dm = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32)
+        dm_strides = (dm.stride(0), dm.stride(1), dm.stride(2))
+    else:
+        dm, dm_strides = None, (0, 0, 0)
+    _launch(
+        _attn_bwd_dq_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "dq", q.element_size()),
+        (q, k, v, do, lse, delta, dq, dm if dm is not None else q,
+         *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
+         *_strides(dq, spec), *dm_strides,
+         cu_q, cu_k, klen, *mask_args, *t5_args,
+         spec.seed, rng_stride, spec.dropout_p,
+         H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale),
+        dict(MASK_GRAD=spec.mask_grad, **common_flags, BLOCK_D=BD),
+    )
+    return dq, dk, dv, dm, dt
+
+
+def dropout_keep_mask(B: int, H: int, Lq: int, Lk: int, seed: int, dropout_p: float, device) -> torch.Tensor:
+    """The (B, H, Lq, Lk) bool keep-mask the dense kernels draw for this seed (debug / tests)."""
+    out = torch.empty((B, H, Lq, Lk), device=device, dtype=torch.int8)
+    BM = BN = 32
+    _dropout_mask_kernel[(triton.cdiv(max(Lq, 1), BM), triton.cdiv(max(Lk, 1), BN), B * H)](
+        out, seed, H, Lq, Lk, Lk, dropout_p, BLOCK_M=BM, BLOCK_N=BN,
+    )
+    return out.bool()

@@ -1,0 +1,251 @@
+"""ff.scaled_dot_product_attention: Triton kernels (interpreted on CPU) vs the float64 reference and torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastformer as ff
+from conftest import HAS_CUDA, assert_close, poison_
+from fastformer.ops.attention import capture_dropout_masks
+from fastformer.reference.attention import sdpa_reference
+
+
+def _inputs(B, H, Lq, Lk, D, dtype, device, Hk=None):
+    Hk = H if Hk is None else Hk
+    q = torch.randn(B, H, Lq, D, device=device, dtype=dtype)
+    k = torch.randn(B, Hk, Lk, D, device=device, dtype=dtype)
+    v = torch.randn(B, Hk, Lk, D, device=device, dtype=dtype)
+    return q, k, v
+
+
+def _check(q, k, v, dtype, factor=1.0, mask=None, grad_mask=False, **kw):
+    """Run the kernels and the float64 reference, compare out and dq/dk/dv (and d mask)."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    m = None
+    if mask is not None:
+        m = mask.clone().requires_grad_(grad_mask) if mask.is_floating_point() else mask
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(*leaves, attn_mask=m, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + ([m] if grad_mask else []), dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rm = None
+    if mask is not None:
+        rm = mask.double().requires_grad_(grad_mask) if mask.is_floating_point() else mask
+    ref = sdpa_reference(*ref_leaves, attn_mask=rm, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves + ([rm] if grad_mask else []), dout.double())
+    assert_close(out, ref, dtype, "out", factor)
+    for name, g, rg in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+        assert_close(g, rg, dtype, name, factor)
+    return out
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D,causal", [
+    (2, 2, 17, 17, 16, False),
+    (1, 2, 77, 130, 80, True),    # cross lengths, causal top-left, padded head dim
+    (2, 1, 130, 77, 16, True),    # more queries than keys: rows past Lk see every key
+    (1, 1, 1, 77, 16, False),     # single query
+    (1, 1, 77, 1, 16, True),      # single key
+])
+def test_dense_fp32(B, H, Lq, Lk, D, causal, device):
+    q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
+    _check(q, k, v, torch.float32, is_causal=causal)
+
+
+def test_fp16_and_scale(device):
+    q, k, v = _inputs(1, 2, 77, 77, 16, torch.float16, device)
+    _check(q, k, v, torch.float16, is_causal=True, scale=0.3)
+
+
+def test_gqa(device):
+    q, k, v = _inputs(2, 4, 33, 45, 16, torch.float32, device, Hk=2)
+    _check(q, k, v, torch.float32, enable_gqa=True, is_causal=True)
+
+
+def test_key_padding_fast_path_and_empty_rows(device, monkeypatch):
+    import fastformer.kernels.attention as kern
+
+    specs = []
+    real = kern.attention_forward
+    monkeypatch.setattr(kern, "attention_forward", lambda q, k, v, spec, out=None: specs.append(spec) or real(q, k, v, spec))
+    B, H, L, D = 2, 2, 77, 16
+    q, k, v = _inputs(B, H, L, L, D, torch.float32, device)
+    lengths = torch.tensor([77, 30], device=device)
+    mask = (torch.arange(L, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    _check(q, k, v, torch.float32, mask=mask)
+    # the prefix mask became per-batch key lengths, not a mask read per tile
+    assert specs[-1].mask is None and specs[-1].klen.tolist() == [77, 30]
+    # a batch row with no key at all: zeros, finite gradients
+    mask0 = mask.clone()
+    mask0[1] = False
+    out = _check(q, k, v, torch.float32, mask=mask0)
+    assert torch.all(out[1] == 0)
+
+
+def test_general_bool_mask_broadcast(device):
+    B, H, Lq, Lk, D = 2, 2, 40, 77, 16
+    q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
+    mask = torch.rand(1, H, Lq, Lk, device=device) > 0.3   # broadcast over batch
+    mask[0, 1, 5] = False                                     # one fully masked row
+    _check(q, k, v, torch.float32, mask=mask, is_causal=False)
+    # a non-prefix key-padding mask must take the general path and still be right
+    kp = torch.rand(B, 1, 1, Lk, device=device) > 0.5
+    _check(q, k, v, torch.float32, mask=kp)
+
+
+def test_float_mask_with_grad(device):
+    B, H, Lq, Lk, D = 2, 2, 33, 40, 16
+    q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
+    mask = torch.randn(B, 1, Lq, Lk, device=device)            # broadcast over heads
+    mask[:, :, :, 3] = float("-inf")
+    _check(q, k, v, torch.float32, mask=mask, grad_mask=True, is_causal=True)
+    mask2 = torch.randn(Lq, Lk, device=device)                 # 2-D mask, broadcast over B and H
+    _check(q, k, v, torch.float32, mask=mask2, grad_mask=True)
+
+
+def test_matches_torch_sdpa(device):
+    q, k, v = _inputs(2, 2, 30, 30, 16, torch.float32, device)
+    mask = torch.randn(2, 2, 30, 30, device=device)
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double()),
+                 torch.float32)
+
+
+def test_kernel_writes_every_output_element(device):
+    from fastformer.kernels.attention import AttnSpec, attention_forward
+
+    q, k, v = _inputs(2, 2, 130, 77, 80, torch.float32, device)
+    out = poison_(torch.empty_like(q))
+    attention_forward(q, k, v, AttnSpec(scale=0.125, causal=True), out=out)
+    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), is_causal=True, scale=0.125),
+                 torch.float32)
+
+
+def test_dropout(device):
+    B, H, L, D, p = 1, 2, 33, 16, 0.3
+    q, k, v = _inputs(B, H, L, L, D, torch.float32, device)
+    with ff.use_backend("triton"):
+        torch.manual_seed(1)
+        a = ff.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        torch.manual_seed(1)
+        b = ff.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        torch.manual_seed(2)
+        c = ff.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # the backward regenerates the forward's mask: compare with the reference fed that mask
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with ff.use_backend("triton"), capture_dropout_masks() as masks:
+        out = ff.scaled_dot_product_attention(*leaves, dropout_p=p, is_causal=True)
+    keep = masks[0]
+    assert keep.shape == (B, H, L, L)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.05
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_reference(*ref_leaves, dropout_p=p, is_causal=True, dropout_mask=keep)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    assert_close(out, ref, torch.float32, "out")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, torch.float32, "d" + name)
+
+
+def test_dropout_mean_over_seeds(device):
+    q, k, v = _inputs(1, 1, 16, 16, 16, torch.float32, device)
+    n = 300
+    with ff.use_backend("triton"), capture_dropout_masks() as masks:
+        for s in range(n):
+            torch.manual_seed(100 + s)
+            ff.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    # E[keep / (1 - p)] = 1 elementwise, so the mean output converges to the no-dropout output
+    mean_keep = torch.stack(masks).float().mean(0) / 0.5
+    assert abs(mean_keep.mean().item() - 1.0) < 0.03
+    ref = sdpa_reference(q.double(), k.double(), v.double())
+    mean_out = torch.stack([sdpa_reference(q.double(), k.double(), v.double(), dropout_p=0.5, dropout_mask=m)
+                            for m in masks]).mean(0)
+    assert (mean_out - ref).norm() / ref.norm() < 0.15
+
+
+def test_unbatched_3d_inputs(device):
+    q, k, v = (torch.randn(3, 20, 16, device=device) for _ in range(3))
+    mask = torch.rand(3, 20, 20, device=device) > 0.2
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
+
+
+def test_cpu_auto_uses_reference():
+    q, k, v = _inputs(1, 2, 9, 9, 16, torch.float32, "cpu")
+    out = ff.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float32)
+
+
+def test_float64_falls_back(device):
+    q, k, v = _inputs(1, 2, 9, 9, 16, torch.float64, device)
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, k, v)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v), torch.float64)
+
+
+def test_bad_input():
+    q, k, v = _inputs(1, 2, 9, 9, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="query"):
+        ff.scaled_dot_product_attention(q[0, 0, 0], k, v)
+    with pytest.raises(ValueError, match="head dim"):
+        ff.scaled_dot_product_attention(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="key"):
+        ff.scaled_dot_product_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="attn_mask"):
+        ff.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        ff.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="dropout_p"):
+        ff.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
+
+
+# ------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 96), (torch.float16, 128),
+                                     (torch.bfloat16, 192), (torch.float16, 256)])
+def test_cuda_dtypes_head_dims(dtype, D):
+    q, k, v = _inputs(2, 3, 300, 257, D, dtype, "cuda")
+    mask = torch.arange(257, device="cuda")[None, :] < torch.tensor([257, 100], device="cuda")[:, None]
+    _check(q, k, v, dtype, factor=2.0, is_causal=True)
+    _check(q, k, v, dtype, factor=2.0, mask=mask[:, None, None, :])
+
+
+@pytest.mark.cuda
+def test_cuda_large_and_deterministic():
+    q, k, v = _inputs(2, 4, 1024, 1024, 128, torch.bfloat16, "cuda")
+    _check(q, k, v, torch.bfloat16, factor=2.0, is_causal=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    g1 = torch.autograd.grad(ff.scaled_dot_product_attention(*leaves), leaves, dout)
+    g2 = torch.autograd.grad(ff.scaled_dot_product_attention(*leaves), leaves, dout)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_gqa_float_mask_dropout():
+    q, k, v = _inputs(2, 4, 200, 150, 64, torch.float16, "cuda", Hk=2)
+    mask = torch.randn(2, 1, 200, 150, device="cuda", dtype=torch.float16)
+    _check(q, k, v, torch.float16, factor=2.0, mask=mask, grad_mask=True, enable_gqa=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with capture_dropout_masks() as masks:
+        torch.manual_seed(3)
+        out = ff.scaled_dot_product_attention(*leaves, dropout_p=0.2, enable_gqa=True, is_causal=True)
+    torch.manual_seed(3)
+    again = ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, enable_gqa=True, is_causal=True)
+    assert torch.equal(out, again)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_reference(*ref_leaves, dropout_p=0.2, is_causal=True, enable_gqa=True, dropout_mask=masks[0])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    assert_close(out, ref, torch.float16, "out", 2.0)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close(g, rg, torch.float16, "d" + name, 2.0)
