@@ -56,18 +56,12 @@ def make_optimizer(provider: str, params):
 
 
 def count_launches(step, device) -> int | None:
-    """CUDA kernels launched by one call of step() (memcpy/memset not counted)."""
+    """CUDA kernels launched by one call of step() (memcpy/memset and profiler annotations not counted)."""
     if device.type != "cuda":
         return None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from fastformer._profiling import cuda_kernels_launched
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
-               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    return len(cuda_kernels_launched(step))
 
 
 def bench_case(case: str, shapes: list[tuple], device: torch.device, copy_gbs: float, providers) -> list[dict]:

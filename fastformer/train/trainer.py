@@ -266,7 +266,8 @@ class Trainer:
                           "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                           "tokens_per_s": round(tps, 1), "predicted_tokens": int(g_pred)}
                 if self.peak and self.flops_per_token:
-                    record["mfu"] = round(tps * self.flops_per_token / (self.peak * self.info.world), 4)
+                    # 4 significant digits, not 4 decimals: a tiny model's MFU is far below 1e-4 and must not log as 0
+                    record["mfu"] = float(f"{tps * self.flops_per_token / (self.peak * self.info.world):.4g}")
                 if do_eval:
                     ev = self.evaluate()
                     record.update({k: round(v, 6) for k, v in ev.items()})
