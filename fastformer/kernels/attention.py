@@ -113,6 +113,35 @@ def _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN: tl.constexpr, HAS_KLEN: 
     return q_start, q_len, k_start, k_len
 
 
+@triton.jit
+def _head_dim_mask(D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """(BLOCK_D,) bool: the head-dim columns that exist. EVEN_D (D == BLOCK_D) gives a constant mask,
+    which keeps the row loads vectorised."""
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = tl.arange(0, BLOCK_D) < D
+    return d_ok
+
+
+@triton.jit
+def _key_block_bounds(m0, k_len, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """(full_hi, hi): the keys the query block [m0, m0 + BLOCK_M) visits. Keys from hi on are never
+    visible (past the length or, causal, past the block's last row); key blocks below full_hi lie wholly
+    inside the length and below the causal diagonal, so they run without per-element masking (none do
+    when a mask tensor is given)."""
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, m0 + BLOCK_M)
+    full_hi = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != 0:
+        full_hi = 0
+    return full_hi, hi
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +202,7 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
-    else:
-        d_ok = offs_d < D
+    d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh + q_start.to(tl.int64) * s_qm
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
@@ -191,14 +217,7 @@ def _attn_fwd_kernel(
 
     # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped;
     #    blocks wholly inside the length and below the diagonal run without per-element masking
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, m0 + BLOCK_M)
-    full_hi = (k_len // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-    if MASK_KIND != 0:
-        full_hi = 0
+    full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for n0 in range(0, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
@@ -319,10 +338,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
-    else:
-        d_ok = offs_d < D
+    d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
     k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + (k_start + offs_n)[:, None].to(tl.int64) * s_kn
@@ -429,10 +445,7 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
-    else:
-        d_ok = offs_d < D
+    d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
     rows = (q_start + offs_m)[:, None].to(tl.int64)
@@ -445,14 +458,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, m0 + BLOCK_M)
-    full_hi = (k_len // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-    if MASK_KIND != 0:
-        full_hi = 0
+    full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for n0 in range(0, full_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
