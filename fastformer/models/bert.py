@@ -222,10 +222,11 @@ class BertForMaskedLM(nn.Module):
         hm = self.head.transform(h.index_select(0, rows))                 # (N, H)
         target = flat_labels.index_select(0, rows)
         dt = autocast_dtype(hm)
-        w = self.encoder.word_embeddings.weight
-        # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly.
-        loss = ff.linear_cross_entropy(hm.to(dt), w.to(dt), target, bias=self.head.bias.to(dt), reduction="sum")
-        logits = F.linear(hm.to(dt), w.to(dt), self.head.bias.to(dt)) if return_logits else None
+        # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly, once for
+        # the loss and the logits
+        hm, w, bias = hm.to(dt), self.encoder.word_embeddings.weight.to(dt), self.head.bias.to(dt)
+        loss = ff.linear_cross_entropy(hm, w, target, bias=bias, reduction="sum")
+        logits = F.linear(hm, w, bias) if return_logits else None
         if loss.dtype in (torch.float16, torch.bfloat16):
             loss = loss.float()
         return loss, rows.numel(), logits, target
