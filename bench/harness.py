@@ -26,9 +26,16 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _device(device: torch.device | str | None) -> torch.device:
+    """The given device, or the default one: CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_name(device: torch.device | str | None = None) -> str:
     """A file-name-safe device name, e.g. 'NVIDIA_H200' or 'cpu-2threads-Intel_Xeon...'."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -52,7 +59,7 @@ def sync(device: torch.device | str | None = None) -> None:
 def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, device=None, cpu_reps: int = 5) -> float:
     """Median wall time of fn() in milliseconds. warmup/rep are milliseconds for do_bench on CUDA;
     on CPU fn runs once to warm up and `cpu_reps` more times."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     if dev.type == "cuda":
         import triton.testing
 
@@ -75,7 +82,7 @@ def _proc_status_kb(field: str) -> int:
 
 def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
     """Peak memory fn() needs beyond what was allocated before it (bytes)."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +99,7 @@ def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     if dev.type != "cuda":
         nbytes = min(nbytes, 256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
@@ -168,3 +175,4 @@ def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
