@@ -7,10 +7,11 @@
 - A benchmark never asserts a speed. Every provider is measured in the same run.
 
 Each bench script defines `run(quick: bool, out_dir: pathlib.Path) -> list[dict]` (rows of its summary
-table) and a `__main__` that calls it; bench/gpu_check.py runs them all.
+table) and a `__main__` that calls it (most through main(run, __doc__)); bench/gpu_check.py runs them all.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -176,3 +177,15 @@ def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
+
+def main(run: Callable[..., list[dict]], description: str | None, *, print_rows: bool = False) -> None:
+    """Command line of a bench script: [--full] [--out DIR] -> run(quick=not full, out_dir=DIR or None).
+    print_rows: print the summary rows run() returns, one per line."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = run(quick=not args.full, out_dir=Path(args.out) if args.out else None)
+    if print_rows:
+        for r in rows:
+            print(r)
