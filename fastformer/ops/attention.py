@@ -124,7 +124,6 @@ def _check_mask(attn_mask, B, H, Lq, Lk, device):
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
     try:
-        torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))
         ok = torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
     except RuntimeError:
         ok = False
