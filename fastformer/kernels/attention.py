@@ -594,8 +594,9 @@ def _lse_strides(lse, spec: AttnSpec):
     return lse.stride(0), lse.stride(1)
 
 
-def _common_args(q, spec: AttnSpec):
-    """Pointer/stride/flag arguments shared by all three kernels (masks, T5, varlen, dropout)."""
+def _common_args(q, spec: AttnSpec, Lk: int, D: int):
+    """Arguments shared by the forward, dK/dV and dQ kernels: the varlen / key-length / mask / T5
+    pointers and strides, the dropout RNG's row stride, and the constexpr flags (BLOCK_D included)."""
     dummy = q  # any tensor: unused pointers are never dereferenced
     cu_q = spec.cu_q if spec.cu_q is not None else dummy
     cu_k = spec.cu_k if spec.cu_k is not None else dummy
@@ -612,8 +613,12 @@ def _common_args(q, spec: AttnSpec):
         t5_args = (t, t.stride(0), t.stride(1), spec.t5_lut, spec.t5_lut.numel() - 1, t.shape[0] // 2)
     else:
         t5_args = (dummy, 0, 0, dummy, 0, 0)
-    rng_stride = spec.max_k if spec.varlen else None  # filled by caller for dense
-    return cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride
+    rng_stride = spec.max_k if spec.varlen else Lk
+    BD = max(16, triton.next_power_of_2(D))
+    flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
+                 HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
+                 PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D)
+    return cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags
 
 
 def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = None):
@@ -625,9 +630,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
         lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
     else:
         lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
-    rng_stride = Lk if rng_stride is None else rng_stride
-    BD = max(16, triton.next_power_of_2(D))
+    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
     _launch(
         _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "fwd", q.element_size()),
         (q, k, v, o, lse,
@@ -635,9 +638,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
          cu_q, cu_k, klen, *mask_args, *t5_args,
          spec.seed, rng_stride, spec.dropout_p,
          H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
-        dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
-             HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
-             PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D),
+        flags,
     )
     return o, lse
 
@@ -649,19 +650,14 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     fp32 when spec.t5_grad (sum over dims 0 and 2, in any fixed order, gives dtable[:, h])."""
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     do = do.contiguous() if do.stride(-1) != 1 else do
-    BD = max(16, triton.next_power_of_2(D))
-    cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
-    rng_stride = Lk if rng_stride is None else rng_stride
-    common_flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal,
-                        MASK_KIND=mask_kind, HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional,
-                        DROPOUT=spec.dropout_p > 0, PREC=_precision(q), EVEN_D=BD == D)
+    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
 
     # 1. Delta = rowsum(dO · O)
     delta = torch.empty_like(lse)
     BMd = 64 if not _interpreting() else 32
     _attn_bwd_delta_kernel[(triton.cdiv(max(Lq, 1), BMd), B * H)](
         o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=BD,
+        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"],
     )
 
     # 2. dK, dV (+ T5 table partials); keys past a per-batch length are never visited -> zeros
@@ -685,8 +681,8 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
             cu_q, cu_k, klen, *mask_args, *t5_args,
             spec.seed, rng_stride, spec.dropout_p,
             H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **common_flags,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
+            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **flags,
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
         )
         return dt
 
@@ -710,7 +706,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
          cu_q, cu_k, klen, *mask_args, *t5_args,
          spec.seed, rng_stride, spec.dropout_p,
          H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale),
-        dict(MASK_GRAD=spec.mask_grad, **common_flags, BLOCK_D=BD),
+        dict(MASK_GRAD=spec.mask_grad, **flags),
     )
     return dq, dk, dv, dm, dt
 
