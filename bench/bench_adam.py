@@ -10,7 +10,6 @@ per step counted with torch.profiler.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 from pathlib import Path
@@ -142,8 +141,4 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--out", default=str(harness.RESULTS))
-    args = ap.parse_args()
-    run(quick=not args.full, out_dir=Path(args.out))
+    harness.main(run, __doc__)

@@ -28,8 +28,6 @@ import fastformer as ff  # noqa: E402
 from fastformer.reference.attention import sdpa_reference  # noqa: E402
 from fastformer.reference.t5_attention import t5_bias  # noqa: E402
 
-FF_PROVIDERS = ("fastformer", "fastformer-varlen", "fastformer-t5")
-
 
 def _sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel

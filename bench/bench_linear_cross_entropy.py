@@ -9,7 +9,6 @@ pages the allocator kept from an earlier run cannot flatter it).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -82,8 +81,4 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    run(quick=not a.full, out_dir=Path(a.out) if a.out else None)
+    harness.main(run, __doc__)

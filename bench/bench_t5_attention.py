@@ -17,7 +17,6 @@ extra peak memory of one fwd+bwd. On CPU the shapes are tiny and only the eager/
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, peak_extra_bytes, save, time_ms  # noqa: E402
+from harness import format_table, main, peak_extra_bytes, save, time_ms  # noqa: E402
 
 import fastformer as ff  # noqa: E402
 
@@ -191,9 +190,4 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    for r in run(quick=not args.full, out_dir=Path(args.out) if args.out else None):
-        print(r)
+    main(run, __doc__, print_rows=True)

@@ -15,7 +15,6 @@ tokens/s counts encoder input tokens (the objective's `input_tokens`); the media
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, save, sync  # noqa: E402
+from harness import format_table, main, save, sync  # noqa: E402
 
 import fastformer as ff  # noqa: E402
 from fastformer.data.span_corruption import SpanCorruptionCollator, span_corruption_lengths  # noqa: E402
@@ -167,9 +166,4 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    for r in run(quick=not args.full, out_dir=Path(args.out) if args.out else None):
-        print(r)
+    main(run, __doc__, print_rows=True)

@@ -7,10 +7,11 @@
 - A benchmark never asserts a speed. Every provider is measured in the same run.
 
 Each bench script defines `run(quick: bool, out_dir: pathlib.Path) -> list[dict]` (rows of its summary
-table) and a `__main__` that calls it; bench/gpu_check.py runs them all.
+table) and a `__main__` that calls it (most through main(run, __doc__)); bench/gpu_check.py runs them all.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -26,9 +27,16 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _device(device: torch.device | str | None) -> torch.device:
+    """The given device, or the default one: CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_name(device: torch.device | str | None = None) -> str:
     """A file-name-safe device name, e.g. 'NVIDIA_H200' or 'cpu-2threads-Intel_Xeon...'."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -52,7 +60,7 @@ def sync(device: torch.device | str | None = None) -> None:
 def time_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, device=None, cpu_reps: int = 5) -> float:
     """Median wall time of fn() in milliseconds. warmup/rep are milliseconds for do_bench on CUDA;
     on CPU fn runs once to warm up and `cpu_reps` more times."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     if dev.type == "cuda":
         import triton.testing
 
@@ -75,7 +83,7 @@ def _proc_status_kb(field: str) -> int:
 
 def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
     """Peak memory fn() needs beyond what was allocated before it (bytes)."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +100,7 @@ def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     if dev.type != "cuda":
         nbytes = min(nbytes, 256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
@@ -168,3 +176,16 @@ def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def main(run: Callable[..., list[dict]], description: str | None, *, print_rows: bool = False) -> None:
+    """Command line of a bench script: [--full] [--out DIR] -> run(quick=not full, out_dir=DIR or None).
+    print_rows: print the summary rows run() returns, one per line."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = run(quick=not args.full, out_dir=Path(args.out) if args.out else None)
+    if print_rows:
+        for r in rows:
+            print(r)

@@ -23,8 +23,8 @@
 #include <omp.h>
 #endif
 
-#include "adam_host.h"
 #include "adam_math.h"
+#include "adam_torch.h"
 
 namespace {
 
@@ -142,11 +142,6 @@ void run_jobs(const std::vector<Job>& jobs, int nt, F&& f) {
   for (int64_t j = 0; j < nj; ++j) f(jobs[j]);
 }
 
-void check_step(const at::Tensor& s) {
-  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
-              "fastformer::adam_step: every step count must be a float32 CPU scalar tensor");
-}
-
 void check_list(at::TensorList l, size_t n, const char* name) {
   TORCH_CHECK(l.size() == n, "fastformer::adam_step: ", name, " has ", l.size(), " tensors, expected ", n);
 }
@@ -174,12 +169,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   std::vector<int64_t> sizes(n);
   for (size_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
-    const int64_t row = tensor_group[t] >> 1;
-    const bool master = (tensor_group[t] & 1) != 0;
-    TORCH_CHECK(row >= 0 && (size_t)(row + 1) * ff::kGroupRow <= groups.size(), "fastformer::adam_step: bad group index");
-    const double* grow = groups.data() + row * ff::kGroupRow;
-    const bool ams = grow[7] != 0.0;
-    check_step(steps[t]);
+    const ff::TensorGroup tg = ff::tensor_group_of(tensor_group[t], groups);
+    const bool master = tg.master, ams = tg.amsgrad;
+    ff::check_step(steps[t]);
     TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "fastformer::adam_step: params must be contiguous CPU tensors");
     TORCH_CHECK(grads[t].device().is_cpu() && exp_avgs[t].device().is_cpu() && exp_avg_sqs[t].device().is_cpu() &&
                     (!ams || max_exp_avg_sqs[t].device().is_cpu()) && (!master || masters[t].device().is_cpu()),
@@ -201,7 +193,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     a.master = master ? masters[t].data_ptr<float>() : nullptr;
     a.grad_scale = scale;
     step_ptrs[t] = steps[t].data_ptr<float>();
-    group_rows[t] = grow;
+    group_rows[t] = tg.row;
     fns[t] = pick_types(p.scalar_type(), exp_avgs[t].scalar_type(), ams, master, unscale);
     sizes[t] = p.numel();
   }

@@ -163,6 +163,13 @@ int num_blocks(int64_t total_chunks) {
 }
 
 // 3. Norm: per-block partials (sum of squares or max |x|) in double, then one block combines them.
+
+// One reduction step: the running max, NaN-propagating (inf-norm), or the running sum (2-norm).
+template <typename T>
+__device__ __forceinline__ T combine(T acc, T y, bool inf) {
+  return inf ? (y > acc || y != y ? y : acc) : acc + y;
+}
+
 template <typename T>
 __device__ void norm_chunk(const NormTensorDesc& d, int64_t b, int64_t e, bool inf, float& acc) {
   constexpr int N = 16 / sizeof(T);
@@ -192,16 +199,14 @@ __device__ double block_reduce(double x, bool inf) {
   __shared__ double s[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 16; o > 0; o >>= 1) {
-    const double y = __shfl_down_sync(0xffffffffu, x, o);
-    x = inf ? (y > x || y != y ? y : x) : x + y;
+    x = combine(x, __shfl_down_sync(0xffffffffu, x, o), inf);
   }
   if (lane == 0) s[warp] = x;
   __syncthreads();
   if (warp == 0) {
     x = lane < (int)(blockDim.x >> 5) ? s[lane] : 0.0;
     for (int o = 16; o > 0; o >>= 1) {
-      const double y = __shfl_down_sync(0xffffffffu, x, o);
-      x = inf ? (y > x || y != y ? y : x) : x + y;
+      x = combine(x, __shfl_down_sync(0xffffffffu, x, o), inf);
     }
   }
   __syncthreads();
@@ -219,8 +224,7 @@ __global__ void __launch_bounds__(kThreads) norm_partial_kernel(const NormTensor
     if (d.dtype == kF32) norm_chunk<float>(d, b, e, inf, part);
     else if (d.dtype == kF16) norm_chunk<__half>(d, b, e, inf, part);
     else norm_chunk<__nv_bfloat16>(d, b, e, inf, part);
-    const double dp = part;
-    acc = inf ? (dp > acc || dp != dp ? dp : acc) : acc + dp;
+    acc = combine(acc, (double)part, inf);
   }
   acc = block_reduce(acc, inf);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
@@ -228,10 +232,7 @@ __global__ void __launch_bounds__(kThreads) norm_partial_kernel(const NormTensor
 
 __global__ void norm_final_kernel(const double* partials, int n, bool inf, float* out) {
   double acc = 0.0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const double y = partials[i];
-    acc = inf ? (y > acc || y != y ? y : acc) : acc + y;
-  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc = combine(acc, partials[i], inf);
   acc = block_reduce(acc, inf);
   if (threadIdx.x == 0) *out = (float)(inf ? acc : sqrt(acc));
 }

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "adam_cuda.h"
-#include "adam_host.h"
+#include "adam_torch.h"
 
 namespace {
 
@@ -62,15 +62,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   int64_t chunks = 0;
   for (size_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
-    const int64_t row = tensor_group[t] >> 1;
-    const bool master = (tensor_group[t] & 1) != 0;
-    TORCH_CHECK(row >= 0 && (size_t)(row + 1) * ff::kGroupRow <= groups.size(), "fastformer::adam_step: bad group index");
-    const double* grow = groups.data() + row * ff::kGroupRow;
-    const bool ams = grow[7] != 0.0;
-    TORCH_CHECK(steps[t].device().is_cpu() && steps[t].scalar_type() == at::kFloat && steps[t].numel() == 1,
-                "fastformer::adam_step: every step count must be a float32 CPU scalar tensor");
+    const ff::TensorGroup tg = ff::tensor_group_of(tensor_group[t], groups);
+    const bool master = tg.master, ams = tg.amsgrad;
+    ff::check_step(steps[t]);
     step_ptrs.push_back(steps[t].data_ptr<float>());
-    step_rows.push_back(grow);
+    step_rows.push_back(tg.row);
     check_cuda(p, dev, "parameter");
     check_cuda(grads[t], dev, "gradient");
     check_cuda(exp_avgs[t], dev, "exp_avg");

@@ -113,6 +113,35 @@ def _seq_bounds(b, CU_Q, CU_K, KLEN, Lq, Lk, IS_VARLEN: tl.constexpr, HAS_KLEN: 
     return q_start, q_len, k_start, k_len
 
 
+@triton.jit
+def _head_dim_mask(D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """(BLOCK_D,) bool: the head-dim columns that exist. EVEN_D (D == BLOCK_D) gives a constant mask,
+    which keeps the row loads vectorised."""
+    if EVEN_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = tl.arange(0, BLOCK_D) < D
+    return d_ok
+
+
+@triton.jit
+def _key_block_bounds(m0, k_len, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """(full_hi, hi): the keys the query block [m0, m0 + BLOCK_M) visits. Keys from hi on are never
+    visible (past the length or, causal, past the block's last row); key blocks below full_hi lie wholly
+    inside the length and below the causal diagonal, so they run without per-element masking (none do
+    when a mask tensor is given)."""
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, m0 + BLOCK_M)
+    full_hi = (k_len // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != 0:
+        full_hi = 0
+    return full_hi, hi
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +202,7 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
-    else:
-        d_ok = offs_d < D
+    d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh + q_start.to(tl.int64) * s_qm
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
@@ -191,14 +217,7 @@ def _attn_fwd_kernel(
 
     # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped;
     #    blocks wholly inside the length and below the diagonal run without per-element masking
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, m0 + BLOCK_M)
-    full_hi = (k_len // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-    if MASK_KIND != 0:
-        full_hi = 0
+    full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for n0 in range(0, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
@@ -319,10 +338,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
-    else:
-        d_ok = offs_d < D
+    d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
     k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + (k_start + offs_n)[:, None].to(tl.int64) * s_kn
@@ -429,10 +445,7 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    if EVEN_D:
-        d_ok = tl.full([BLOCK_D], 1, tl.int1)  # a constant mask keeps the row loads vectorised
-    else:
-        d_ok = offs_d < D
+    d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
     rows = (q_start + offs_m)[:, None].to(tl.int64)
@@ -445,14 +458,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, m0 + BLOCK_M)
-    full_hi = (k_len // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-    if MASK_KIND != 0:
-        full_hi = 0
+    full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for n0 in range(0, full_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
@@ -588,8 +594,9 @@ def _lse_strides(lse, spec: AttnSpec):
     return lse.stride(0), lse.stride(1)
 
 
-def _common_args(q, spec: AttnSpec):
-    """Pointer/stride/flag arguments shared by all three kernels (masks, T5, varlen, dropout)."""
+def _common_args(q, spec: AttnSpec, Lk: int, D: int):
+    """Arguments shared by the forward, dK/dV and dQ kernels: the varlen / key-length / mask / T5
+    pointers and strides, the dropout RNG's row stride, and the constexpr flags (BLOCK_D included)."""
     dummy = q  # any tensor: unused pointers are never dereferenced
     cu_q = spec.cu_q if spec.cu_q is not None else dummy
     cu_k = spec.cu_k if spec.cu_k is not None else dummy
@@ -606,8 +613,12 @@ def _common_args(q, spec: AttnSpec):
         t5_args = (t, t.stride(0), t.stride(1), spec.t5_lut, spec.t5_lut.numel() - 1, t.shape[0] // 2)
     else:
         t5_args = (dummy, 0, 0, dummy, 0, 0)
-    rng_stride = spec.max_k if spec.varlen else None  # filled by caller for dense
-    return cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride
+    rng_stride = spec.max_k if spec.varlen else Lk
+    BD = max(16, triton.next_power_of_2(D))
+    flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
+                 HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
+                 PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D)
+    return cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags
 
 
 def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = None):
@@ -619,9 +630,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
         lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
     else:
         lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
-    rng_stride = Lk if rng_stride is None else rng_stride
-    BD = max(16, triton.next_power_of_2(D))
+    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
     _launch(
         _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "fwd", q.element_size()),
         (q, k, v, o, lse,
@@ -629,9 +638,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
          cu_q, cu_k, klen, *mask_args, *t5_args,
          spec.seed, rng_stride, spec.dropout_p,
          H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
-        dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
-             HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
-             PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D),
+        flags,
     )
     return o, lse
 
@@ -643,19 +650,14 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     fp32 when spec.t5_grad (sum over dims 0 and 2, in any fixed order, gives dtable[:, h])."""
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     do = do.contiguous() if do.stride(-1) != 1 else do
-    BD = max(16, triton.next_power_of_2(D))
-    cu_q, cu_k, klen, mask_args, mask_kind, t5_args, rng_stride = _common_args(q, spec)
-    rng_stride = Lk if rng_stride is None else rng_stride
-    common_flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal,
-                        MASK_KIND=mask_kind, HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional,
-                        DROPOUT=spec.dropout_p > 0, PREC=_precision(q), EVEN_D=BD == D)
+    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
 
     # 1. Delta = rowsum(dO · O)
     delta = torch.empty_like(lse)
     BMd = 64 if not _interpreting() else 32
     _attn_bwd_delta_kernel[(triton.cdiv(max(Lq, 1), BMd), B * H)](
         o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=BD,
+        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"],
     )
 
     # 2. dK, dV (+ T5 table partials); keys past a per-batch length are never visited -> zeros
@@ -679,8 +681,8 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
             cu_q, cu_k, klen, *mask_args, *t5_args,
             spec.seed, rng_stride, spec.dropout_p,
             H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **common_flags,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, num_stages=stages,
+            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **flags,
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
         )
         return dt
 
@@ -704,7 +706,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
          cu_q, cu_k, klen, *mask_args, *t5_args,
          spec.seed, rng_stride, spec.dropout_p,
          H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale),
-        dict(MASK_GRAD=spec.mask_grad, **common_flags, BLOCK_D=BD),
+        dict(MASK_GRAD=spec.mask_grad, **flags),
     )
     return dq, dk, dv, dm, dt
 

@@ -23,6 +23,8 @@ from torch import nn
 
 import fastformer as ff
 
+from ._autocast import autocast_dtype
+
 
 @dataclass
 class BertConfig:
@@ -182,13 +184,6 @@ class BertEncoder(nn.Module):
             nn.init.zeros_(module.bias)
 
 
-def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
-    """Dtype matmuls run in here: the autocast dtype when autocast is on for t's device, else t's."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
-
-
 class BertMLMHead(nn.Module):
     """dense + GELU + LayerNorm, then the tied vocabulary projection (+ bias)."""
 
@@ -226,11 +221,12 @@ class BertForMaskedLM(nn.Module):
         rows = (flat_labels != -100).nonzero().flatten()                  # gather the predicted rows only
         hm = self.head.transform(h.index_select(0, rows))                 # (N, H)
         target = flat_labels.index_select(0, rows)
-        dt = _autocast_dtype(hm)
-        w = self.encoder.word_embeddings.weight
-        # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly.
-        loss = ff.linear_cross_entropy(hm.to(dt), w.to(dt), target, bias=self.head.bias.to(dt), reduction="sum")
-        logits = F.linear(hm.to(dt), w.to(dt), self.head.bias.to(dt)) if return_logits else None
+        dt = autocast_dtype(hm)
+        # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly, once for
+        # the loss and the logits
+        hm, w, bias = hm.to(dt), self.encoder.word_embeddings.weight.to(dt), self.head.bias.to(dt)
+        loss = ff.linear_cross_entropy(hm, w, target, bias=bias, reduction="sum")
+        logits = F.linear(hm, w, bias) if return_logits else None
         if loss.dtype in (torch.float16, torch.bfloat16):
             loss = loss.float()
         return loss, rows.numel(), logits, target

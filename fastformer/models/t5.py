@@ -33,6 +33,8 @@ from torch import nn
 import fastformer as ff
 from fastformer.nn import T5CrossAttention, T5SelfAttention
 
+from ._autocast import autocast_dtype
+
 # Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
 # t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores.
 # dropout_rate 0.0: T5 v1.1 was pre-trained without dropout (set it for fine-tuning).
@@ -91,13 +93,6 @@ class Seq2SeqOutput:
     n_predicted: int
     logits: Optional[torch.Tensor] = None
     encoder_hidden_states: Optional[torch.Tensor] = None
-
-
-def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
-    """Dtype matmuls run in: the autocast dtype when autocast is on for t's device, else t's."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
 
 
 class T5RMSNorm(nn.Module):
@@ -267,7 +262,7 @@ class T5ForConditionalGeneration(nn.Module):
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
         enc = self.encoder(input_ids, attention_mask)
         dec = self.decoder(decoder_input_ids, None, enc, attention_mask)
-        dt = _autocast_dtype(dec)
+        dt = autocast_dtype(dec)
         w = self.lm_head.weight.to(dt)
         logits = F.linear(dec.to(dt), w) if (return_logits or labels is None) else None
         if labels is None:

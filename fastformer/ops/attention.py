@@ -49,6 +49,17 @@ def _draw_seed(device: torch.device) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), device=device).item())
 
 
+def _seed_dropout(spec, B: int, H: int, Lq: int, Lk: int, device: torch.device) -> None:
+    """With dropout, give spec its seed and, inside capture_dropout_masks(), record the (B, H, Lq, Lk)
+    keep-mask the kernels will draw from it."""
+    from ..kernels.attention import dropout_keep_mask
+
+    if spec.dropout_p > 0:
+        spec.seed = _draw_seed(device)
+        if _captured is not None:
+            _captured.append(dropout_keep_mask(B, H, Lq, Lk, spec.seed, spec.dropout_p, device))
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +135,6 @@ def _check_mask(attn_mask, B, H, Lq, Lk, device):
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
     try:
-        torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))
         ok = torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
     except RuntimeError:
         ok = False
@@ -156,7 +166,7 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
                        t5_table=None, t5_lut=None, t5_bidirectional=True):
     """Kernel path for validated 4D inputs. q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) -> (B, H, Lq, D).
     attn_mask: None or bool/float broadcastable to (B, H, Lq, Lk). t5_table: (NB, H) with its lut."""
-    from ..kernels.attention import AttnSpec, dropout_keep_mask
+    from ..kernels.attention import AttnSpec
 
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -179,10 +189,7 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
             # the expanded view goes into the Function: autograd's expand/reshape backward then sums
             # the full dS over the broadcast dims back onto the user's mask
             float_mask = m4.expand(B, H, Lq, Lk)
-    if spec.dropout_p > 0:
-        spec.seed = _draw_seed(q.device)
-        if _captured is not None:
-            _captured.append(dropout_keep_mask(B, H, Lq, Lk, spec.seed, spec.dropout_p, q.device))
+    _seed_dropout(spec, B, H, Lq, Lk, q.device)
     if float_mask is not None and float_mask.requires_grad:
         return FusedAttentionFunction.apply(q, k, v, float_mask, t5_table, spec)
     if float_mask is not None:
@@ -263,7 +270,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if not (use_triton(q, k, v) and _kernel_covers(q, k, v)):
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 dropout_p=dropout_p, causal=causal, scale=scale)
-    from ..kernels.attention import AttnSpec, dropout_keep_mask
+    from ..kernels.attention import AttnSpec
 
     B = cu_seqlens_q.numel() - 1
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -271,9 +278,5 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                     dropout_p=float(dropout_p), cu_q=cu_seqlens_q.to(torch.int32).contiguous(),
                     cu_k=cu_seqlens_k.to(torch.int32).contiguous(), max_q=max(int(max_seqlen_q), 1),
                     max_k=max(int(max_seqlen_k), 1))
-    if spec.dropout_p > 0:
-        spec.seed = _draw_seed(q.device)
-        if _captured is not None:
-            _captured.append(dropout_keep_mask(B, q.shape[1], spec.max_q, spec.max_k, spec.seed, spec.dropout_p,
-                                               q.device))
+    _seed_dropout(spec, B, q.shape[1], spec.max_q, spec.max_k, q.device)
     return FusedAttentionFunction.apply(q, k, v, None, None, spec)
