@@ -1,6 +1,6 @@
 """Does pre-training pay off, and how much labelled data does it save? (issue 7, README evidence)
 
-    OMP_NUM_THREADS=2 python bench/pretraining_benefit.py [--data PATH] [--agnews DIR] [--work DIR]
+    OMP_NUM_THREADS=1 python bench/pretraining_benefit.py [--data PATH] [--agnews DIR] [--work DIR]
                                                           [--pretrain-minutes M] [--ft-steps N] ...
 
 Everything goes through the `fastformer` CLI (`python -m fastformer pretrain | finetune`):
