@@ -18,6 +18,7 @@ from .objectives import Objective
 
 class MLMObjective(Objective):
     name = "mlm"
+    accuracy_name = "MLM accuracy"          # masked positions predicted correctly
     family = "bert"
     default_model = "bert-tiny"
 

@@ -50,11 +50,14 @@ class Objective:
         name:          registry key ("mlm", "span").
         family:        preset family it trains ("bert", "t5"); presets of other families are refused.
         default_model: preset used when `--model` is absent.
+        accuracy_name: what the trainer's "eval_accuracy" measures for this objective, in words
+                       (the metric key stays "eval_accuracy" for every objective).
     """
 
     name: str = ""
     family: str = ""
     default_model: str = ""
+    accuracy_name: str = "token accuracy"
 
     # -- data -------------------------------------------------------------------------------------
     def build_tokenizer(self, texts: Sequence[str], vocab_size: int):

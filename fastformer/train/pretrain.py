@@ -154,5 +154,6 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     first = next((r["loss"] for r in read_metrics(out / "metrics.jsonl")), None) if info.main else None
     return {"objective": obj.name, "model": preset, "first_loss": first, "device": str(device), "world_size": info.world,
             "steps": result.step, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
-            "seconds": result.seconds, **result.eval, "stopped_early": result.stopped_early,
+            "seconds": result.seconds, **result.eval, "eval_accuracy_name": obj.accuracy_name,
+            "stopped_early": result.stopped_early,
             "out_dir": str(out)}

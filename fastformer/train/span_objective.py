@@ -23,6 +23,7 @@ except ImportError:  # the trainer branch is not merged yet: the interface is du
 
 class SpanObjective(Objective):
     name = "span"
+    accuracy_name = "token accuracy"        # target tokens (sentinels + span tokens + EOS), teacher-forced
     family = "t5"
     default_model = "t5-tiny"
 
