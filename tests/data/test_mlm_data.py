@@ -123,3 +123,17 @@ def test_load_texts_files_folders_and_errors(tmp_path):
         load_texts([tmp_path / "emptydir"])
     train, held = split_heldout([f"d{i}" for i in range(100)])
     assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 100
+
+
+def test_wordpiece_vocabulary_is_reproducible_across_processes():
+    # the trainer's ##-symbol ids came from a per-process random hash order, so two runs of the
+    # same command learned different vocabularies (and an uninterrupted run differed from a resumed one)
+    import subprocess
+    import sys
+
+    code = ("import random, json; from fastformer.data.tokenizer import train_wordpiece; r = random.Random(0); "
+            "t = [' '.join(''.join(r.choice('abcdefgh') for _ in range(r.randint(2, 6))) for _ in range(10)) "
+            "for _ in range(200)]; print(json.dumps(train_wordpiece(t, vocab_size=300).get_vocab(), sort_keys=True))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(outs) == 1
