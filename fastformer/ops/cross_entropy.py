@@ -21,6 +21,7 @@ Deviations from torch, documented: "mean" with every target ignored gives 0.0 an
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +36,21 @@ REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------------------------- checks
 def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or _as_index(ignore_index) is None:
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not isinstance(label_smoothing, (int, float)):
         raise ValueError(f"label_smoothing must be a float, got {label_smoothing!r}")
     check_range("label_smoothing", float(label_smoothing), 0.0, 1.0, hi_inclusive=True)
     if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+
+
+def _as_index(value):
+    """int(value) for anything integer-like (int, numpy integer, integer 0-d tensor, as torch accepts), else None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _check_target(target, n: int, device) -> None:
@@ -153,6 +162,7 @@ def cross_entropy(
     and zero gradients (torch gives NaN). Triton kernel for CUDA tensors (see fastformer.backend).
     """
     _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    ignore_index = _as_index(ignore_index)
     if input.dtype == torch.float64 or not use_triton(input, target, weight):
         return _ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss)
     need_grad = torch.is_grad_enabled() and input.requires_grad
@@ -344,6 +354,7 @@ def linear_cross_entropy(
     math on CPU), so CPU memory is saved too.
     """
     _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
+    ignore_index = _as_index(ignore_index)
     if get_backend() == "reference":
         return _ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
                                          z_loss=z_loss)
