@@ -91,7 +91,8 @@ def _pretrain(args: argparse.Namespace) -> int:
                          vocab_size=args.vocab_size, tokenizer=args.tokenizer, packing=not args.line_by_line, **_train_kwargs(args))
     s = pretrain(cfg)
     if _is_main():
-        ev = f", eval loss {s['eval_loss']:.3f}, eval MLM accuracy {s['eval_accuracy']:.3f}" if "eval_loss" in s else ""
+        what = "MLM accuracy" if s["objective"] == "mlm" else "target-token accuracy"
+        ev = f", eval loss {s['eval_loss']:.3f}, eval {what} {s['eval_accuracy']:.3f}" if "eval_loss" in s else ""
         print(f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
               f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}\n"
               f"  loss {s['first_loss']:.3f} (step 1) -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
