@@ -111,3 +111,15 @@ def test_bad_input_gives_one_line_error(files, capsys):
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
+
+
+def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
+    # a small training sample need not hold every class the eval file has: no crash, the extra
+    # class is in the label list and its rows count as misses
+    ev_path = files["dir"] / "eval3.tsv"
+    ev_path.write_text(files["eval_s"].read_text() + "the film was so so\tneutral\n")
+    ft = files["dir"] / "three"
+    assert main(["finetune", "--train", str(files["train_s"]), "--eval", str(ev_path), "--model", "bert-tiny",
+                 "--steps", "2", "--batch-size", "8", "--device", "cpu", "--out", str(ft), "--no-progress"]) == 0
+    ev = json.loads((ft / "eval.json").read_text())
+    assert ev["labels"] == ["neg", "neutral", "pos"] and ev["n_eval"] == 41
