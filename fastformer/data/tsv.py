@@ -23,7 +23,7 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     if not p.is_file():
         raise DataError(f"{path}: no such file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with p.open(encoding="utf-8", errors="replace", newline="") as f:
+    with p.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: file is empty")

@@ -137,3 +137,14 @@ def test_wordpiece_vocabulary_is_reproducible_across_processes():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert len(outs) == 1
+
+
+def test_bom_header_and_crlf_tsv_and_unknown_suffix_text_files(tmp_path):
+    # a UTF-8 BOM (Excel/Windows export) must not hide the header row; CRLF endings are fine
+    (tmp_path / "bom.tsv").write_bytes("\ufefftext\tlabel\r\nfine film\tpos\r\nbad film\tneg\r\n".encode())
+    assert read_tsv(tmp_path / "bom.tsv") == (["fine film", "bad film"], ["pos", "neg"])
+    # a folder of text files with other suffixes (wiki.train.raw, ...) is read; binary files are not
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "wiki.train.raw").write_text("raw text doc\n")
+    (tmp_path / "c" / "blob.bin").write_bytes(b"\x00\x01binary")
+    assert load_texts([tmp_path / "c"]) == ["raw text doc"]
