@@ -14,6 +14,9 @@ linear_cross_entropy (chunked path: Triton kernel on CUDA, the same chunking wit
     forward and scaled by grad_output in backward; for "none" backward recomputes the chunks with the
     per-row grad_output folded into the kernel.
 
+Under torch.autocast both return a float32 loss as torch's cross_entropy does, and
+linear_cross_entropy casts input / weight / bias to the autocast dtype as F.linear would.
+
 Deviations from torch, documented: "mean" with every target ignored gives 0.0 and zero gradients
 (torch: NaN); targets outside [0, C) other than ignore_index are undefined on the kernel path
 (torch raises); float64 input always takes the reference path (the kernels accumulate in fp32).
@@ -51,6 +54,23 @@ def _as_index(value):
         return operator.index(value)
     except TypeError:
         return None
+
+
+def _autocast_dtype(t):
+    """The autocast dtype in force for t's device type, or None (autocast off, or t not a tensor)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        if not torch.is_autocast_enabled(t.device.type):
+            return None
+        return torch.get_autocast_dtype(t.device.type)
+    except (RuntimeError, ValueError):   # a device type autocast does not know
+        return None
+
+
+def _amp_result(out: torch.Tensor, amp) -> torch.Tensor:
+    # under autocast torch's cross_entropy runs (and returns) in float32: so does the loss here
+    return out.float() if amp is not None and out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _check_target(target, n: int, device) -> None:
@@ -163,11 +183,13 @@ def cross_entropy(
     """
     _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
     ignore_index = _as_index(ignore_index)
+    amp = _autocast_dtype(input)
     if input.dtype == torch.float64 or not use_triton(input, target, weight):
-        return _ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss)
+        return _amp_result(_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                              z_loss=z_loss), amp)
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    return _CrossEntropyFn.apply(input, target, weight, int(ignore_index), reduction, float(label_smoothing),
-                                 float(z_loss), need_grad)
+    return _amp_result(_CrossEntropyFn.apply(input, target, weight, int(ignore_index), reduction,
+                                             float(label_smoothing), float(z_loss), need_grad), amp)
 
 
 # ------------------------------------------------------------------------------ linear_cross_entropy
@@ -353,11 +375,18 @@ def linear_cross_entropy(
     the full logits with eager torch; otherwise the chunked path runs (Triton kernel on CUDA, torch
     math on CPU), so CPU memory is saved too.
     """
+    amp = _autocast_dtype(input)
+    if amp is not None:
+        # the projection is F.linear, which autocast runs in its low precision dtype: do the same
+        input, weight, bias = (t.to(amp) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                                                        torch.bfloat16) else t
+                               for t in (input, weight, bias))
     _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
     ignore_index = _as_index(ignore_index)
     if get_backend() == "reference":
-        return _ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                                         z_loss=z_loss)
+        with torch.autocast(input.device.type, enabled=False):
+            return _amp_result(_ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
+                                                         label_smoothing, z_loss=z_loss), amp)
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
@@ -365,7 +394,9 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
-                                   float(z_loss), needs, use_kernel, chunk_size)
+    with torch.autocast(input.device.type, enabled=False):   # the chunks' matmuls in the dtype chosen above
+        out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
+                                          float(z_loss), needs, use_kernel, chunk_size)
+    out = _amp_result(out, amp)
     return out.reshape(lead) if reduction == "none" else out
 
