@@ -111,6 +111,8 @@ def test_bad_input_gives_one_line_error(files, capsys):
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
+    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # was a ZeroDivisionError traceback
+    assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])
 
 
 def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
