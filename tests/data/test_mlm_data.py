@@ -94,6 +94,8 @@ def test_read_tsv_styles(tmp_path):
     assert read_tsv(tmp_path / "h.tsv") == (["fine film", "bad film"], ["1", "0"])
     assert read_tsv(tmp_path / "t.tsv") == (["fine film", "bad film"], ["pos", "neg"])
     assert read_tsv(tmp_path / "n.tsv") == (["fine film", "bad film"], ["Sci/Tech", "World"])
+    (tmp_path / "o.tsv").write_text("label\ttitle\npos\tfine film\nneg\tbad film\n")   # text column unnamed
+    assert read_tsv(tmp_path / "o.tsv") == (["fine film", "bad film"], ["pos", "neg"])
     assert label_vocabulary(["10", "2", "1"]) == ["1", "2", "10"]
     assert label_vocabulary(["b", "a"]) == ["a", "b"]
 
