@@ -23,6 +23,7 @@ Deviations from torch, documented: "mean" with every target ignored gives 0.0 an
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
@@ -71,6 +72,10 @@ def _autocast_dtype(t):
 def _amp_result(out: torch.Tensor, amp) -> torch.Tensor:
     # under autocast torch's cross_entropy runs (and returns) in float32: so does the loss here
     return out.float() if amp is not None and out.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def _no_autocast(t: torch.Tensor, amp):
+    return torch.autocast(t.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
 
 
 def _check_target(target, n: int, device) -> None:
@@ -384,7 +389,7 @@ def linear_cross_entropy(
     _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
     ignore_index = _as_index(ignore_index)
     if get_backend() == "reference":
-        with torch.autocast(input.device.type, enabled=False):
+        with _no_autocast(input, amp):
             return _amp_result(_ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
                                                          label_smoothing, z_loss=z_loss), amp)
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
@@ -394,7 +399,7 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    with torch.autocast(input.device.type, enabled=False):   # the chunks' matmuls in the dtype chosen above
+    with _no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
         out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
                                           float(z_loss), needs, use_kernel, chunk_size)
     out = _amp_result(out, amp)
