@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 
 import torch
@@ -42,10 +43,10 @@ def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     if isinstance(ignore_index, bool) or _as_index(ignore_index) is None:
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise ValueError(f"label_smoothing must be a float, got {label_smoothing!r}")
     check_range("label_smoothing", float(label_smoothing), 0.0, 1.0, hi_inclusive=True)
-    if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not math.isfinite(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
 
 

@@ -252,7 +252,7 @@ def test_cuda_beyond_int32_offsets():
     assert float(gx[1].abs().max()) == 0.0
 
 
-def test_integer_like_ignore_index(backend):
+def test_integer_like_ignore_index_and_numpy_scalars(backend):
     # torch accepts any integer-like ignore_index (numpy ints from configs, 0-d integer tensors)
     import numpy as np
 
@@ -264,3 +264,6 @@ def test_integer_like_ignore_index(backend):
         assert torch.allclose(ff.linear_cross_entropy(x, torch.eye(9, dtype=torch.float64), t, ignore_index=ii), want)
     with pytest.raises(ValueError, match="ignore_index"):
         ff.cross_entropy(x, t, ignore_index=2.0)
+    # numpy float scalars for label_smoothing / z_loss, as torch accepts
+    got = ff.cross_entropy(x, t, label_smoothing=np.float32(0.25), z_loss=np.float32(0.0))
+    assert torch.allclose(got, F.cross_entropy(x, t, label_smoothing=0.25))
