@@ -24,6 +24,7 @@ import torch
 
 from ..backend import use_triton
 from ..reference.attention import sdpa_reference, varlen_reference
+from ._amp import autocast_cast, autocast_dtype, no_autocast
 from ._validate import FLOAT_DTYPES, check_range, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -203,8 +204,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query: (B, H, Lq, D) (or (N, Lq, D)), key: (B, H_kv, Lk, D), value: (B, H_kv, Lk, D)
     attn_mask: bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk); a bool
     (B, 1, 1, Lk) key-padding mask takes the per-batch-length fast path.
-    Returns (B, H, Lq, D). Rows whose keys are all masked give 0 (torch: NaN).
+    Returns (B, H, Lq, D). Rows whose keys are all masked give 0 (torch: NaN). Under torch.autocast,
+    query/key/value and a float mask run in the autocast dtype, as torch's SDPA does.
     """
+    amp = autocast_dtype(query)
+    if amp is not None:
+        query, key, value, attn_mask = (autocast_cast(t, amp) for t in (query, key, value, attn_mask))
+        with no_autocast(query, amp):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_qkv(query, key, value, enable_gqa)
     check_range("dropout_p", float(dropout_p), 0.0, 1.0)
     if query.dim() == 4:
@@ -232,8 +239,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     q: (Tq, H, D), k/v: (Tk, H_kv, D) (H a multiple of H_kv), cu_seqlens_q/k: (B + 1,) int, cumulative
     lengths starting at 0; max_seqlen_q/k: the longest sequence. causal is top-left aligned per
-    sequence. Returns (Tq, H, D).
+    sequence. Returns (Tq, H, D). Under torch.autocast q/k/v run in the autocast dtype.
     """
+    amp = autocast_dtype(q)
+    if amp is not None:
+        q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
+        with no_autocast(q, amp):
+            return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=dropout_p, causal=causal, scale=scale)
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
     check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)

@@ -23,7 +23,6 @@ Deviations from torch, documented: "mean" with every target ignored gives 0.0 an
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import get_backend, use_triton
+from ._amp import autocast_cast, autocast_dtype, no_autocast
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 import fastformer.reference.cross_entropy as _ref
 
@@ -58,25 +58,9 @@ def _as_index(value):
         return None
 
 
-def _autocast_dtype(t):
-    """The autocast dtype in force for t's device type, or None (autocast off, or t not a tensor)."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    try:
-        if not torch.is_autocast_enabled(t.device.type):
-            return None
-        return torch.get_autocast_dtype(t.device.type)
-    except (RuntimeError, ValueError):   # a device type autocast does not know
-        return None
-
-
 def _amp_result(out: torch.Tensor, amp) -> torch.Tensor:
     # under autocast torch's cross_entropy runs (and returns) in float32: so does the loss here
     return out.float() if amp is not None and out.dtype in (torch.float16, torch.bfloat16) else out
-
-
-def _no_autocast(t: torch.Tensor, amp):
-    return torch.autocast(t.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
 
 
 def _check_target(target, n: int, device) -> None:
@@ -189,7 +173,7 @@ def cross_entropy(
     """
     _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
     ignore_index = _as_index(ignore_index)
-    amp = _autocast_dtype(input)
+    amp = autocast_dtype(input)
     if input.dtype == torch.float64 or not use_triton(input, target, weight):
         return _amp_result(_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                               z_loss=z_loss), amp)
@@ -381,16 +365,14 @@ def linear_cross_entropy(
     the full logits with eager torch; otherwise the chunked path runs (Triton kernel on CUDA, torch
     math on CPU), so CPU memory is saved too.
     """
-    amp = _autocast_dtype(input)
+    amp = autocast_dtype(input)
     if amp is not None:
         # the projection is F.linear, which autocast runs in its low precision dtype: do the same
-        input, weight, bias = (t.to(amp) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
-                                                                                        torch.bfloat16) else t
-                               for t in (input, weight, bias))
+        input, weight, bias = (autocast_cast(t, amp) for t in (input, weight, bias))
     _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
     ignore_index = _as_index(ignore_index)
     if get_backend() == "reference":
-        with _no_autocast(input, amp):
+        with no_autocast(input, amp):
             return _amp_result(_ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
                                                          label_smoothing, z_loss=z_loss), amp)
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
@@ -400,7 +382,7 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    with _no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
+    with no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
         out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
                                           float(z_loss), needs, use_kernel, chunk_size)
     out = _amp_result(out, amp)
