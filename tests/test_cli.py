@@ -65,6 +65,11 @@ def test_pretrain_then_finetune_end_to_end(files):
                  "--no-progress"]) == 0
     ev = json.loads((ft / "eval.json").read_text())
     assert ev["labels"] == ["0", "1"] and ev["n_eval"] == 40 and 0.0 <= ev["accuracy"] <= 1.0
+    # --out equal to --init would overwrite the pre-trained checkpoint: refused before anything is written
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), "--init", str(out),
+                 "--steps", "1", "--device", "cpu", "--out", str(out), "--no-progress"]) == 2
+    assert (out / "checkpoint.pt").read_bytes() == before and not (out / "eval.json").exists()
 
 
 def test_finetune_from_scratch_headerless_string_labels_learns(files):

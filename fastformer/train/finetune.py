@@ -89,6 +89,9 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
             if not (init / f).is_file():
                 raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
+        if Path(cfg.out_dir).resolve() == init.resolve():
+            raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
+                             "pre-trained checkpoint and metrics; choose another --out")
         pre_cfg = json.loads((init / "config.json").read_text())
         obj = get_objective(pre_cfg["objective"])
         tok = Tokenizer.from_file(str(init / "tokenizer.json"))
