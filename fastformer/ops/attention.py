@@ -213,14 +213,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         with no_autocast(query, amp):
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_qkv(query, key, value, enable_gqa)
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
     if query.dim() == 4:
         _check_mask(attn_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
     else:
         _check_mask(attn_mask, 1, query.shape[0], query.shape[1], key.shape[1], query.device)
     if scale is not None and not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite number, got {scale}")
-    if not (use_triton(query, key, value, attn_mask) and _kernel_covers(query, key, value)):
+    if not (use_triton(query, key, value, attn_mask) and _kernel_covers(query, key, value)) or dropout_p >= 1.0:
         return sdpa_reference(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa)
     if query.dim() == 3:  # (N, L, D): N plays the heads
@@ -272,8 +272,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence {lq}")
     if int(max_seqlen_k) < lk:
         raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence {lk}")
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
-    if not (use_triton(q, k, v) and _kernel_covers(q, k, v)):
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
+    if not (use_triton(q, k, v) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 dropout_p=dropout_p, causal=causal, scale=scale)
     from ..kernels.attention import AttnSpec, dropout_keep_mask

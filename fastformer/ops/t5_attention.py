@@ -73,9 +73,9 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
         raise ValueError(f"bias_table must have shape (num_buckets, H) = ({num_buckets}, {H}), "
                          f"got {tuple(bias_table.shape)}")
     _check_mask(attn_mask, B, H, Lq, k.shape[2], q.device)
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
     kw = dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
-    if not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)):
+    if not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
         return t5_attention_reference(q, k, v, bias_table, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                       dropout_p=dropout_p, **kw)
     lut = bucket_lut(bidirectional, num_buckets, max_distance, q.device)

@@ -265,3 +265,14 @@ def test_under_autocast_like_torch(backend):
     assert_close(got, want.float(), torch.float16)
     got.float().sum().backward()
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_dropout_p_one_gives_zeros_like_torch(backend):
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    out = ff.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+    cu = torch.tensor([0, 2, 5])
+    assert not ff.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3,
+                                   dropout_p=1.0).any()
+    assert not ff.t5_attention(q, q, q, torch.randn(32, 2), dropout_p=1.0).any()
