@@ -65,6 +65,11 @@ def test_pretrain_then_finetune_end_to_end(files):
                  "--no-progress"]) == 0
     ev = json.loads((ft / "eval.json").read_text())
     assert ev["labels"] == ["0", "1"] and ev["n_eval"] == 40 and 0.0 <= ev["accuracy"] <= 1.0
+    # --out equal to --init would overwrite the pre-trained checkpoint: refused before anything is written
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), "--init", str(out),
+                 "--steps", "1", "--device", "cpu", "--out", str(out), "--no-progress"]) == 2
+    assert (out / "checkpoint.pt").read_bytes() == before and not (out / "eval.json").exists()
 
 
 def test_finetune_from_scratch_headerless_string_labels_learns(files):
@@ -111,3 +116,17 @@ def test_bad_input_gives_one_line_error(files, capsys):
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
+    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # was a ZeroDivisionError traceback
+    assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])
+
+
+def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
+    # a small training sample need not hold every class the eval file has: no crash, the extra
+    # class is in the label list and its rows count as misses
+    ev_path = files["dir"] / "eval3.tsv"
+    ev_path.write_text(files["eval_s"].read_text() + "the film was so so\tneutral\n")
+    ft = files["dir"] / "three"
+    assert main(["finetune", "--train", str(files["train_s"]), "--eval", str(ev_path), "--model", "bert-tiny",
+                 "--steps", "2", "--batch-size", "8", "--device", "cpu", "--out", str(ft), "--no-progress"]) == 0
+    ev = json.loads((ft / "eval.json").read_text())
+    assert ev["labels"] == ["neg", "neutral", "pos"] and ev["n_eval"] == 41

@@ -85,11 +85,22 @@ def builtin_corpus() -> list[str]:
     return docs
 
 
+def _looks_like_text(f: Path) -> bool:
+    """Unknown suffix (wiki.train.raw, corpus.en, ...): text when its first 8 KB hold no NUL byte."""
+    try:
+        with f.open("rb") as fh:
+            head = fh.read(8192)
+    except OSError:
+        return False
+    return bool(head) and b"\0" not in head
+
+
 def _files_under(p: Path) -> list[Path]:
     if p.is_file():
         return [p]
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return sorted(f for f in p.rglob("*") if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                  and (f.suffix.lower() in TEXT_SUFFIXES or _looks_like_text(f)))
 
 
 def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
@@ -107,7 +118,7 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
             raise DataError(f"--data {raw}: folder contains no text files")
         for f in files:
             try:
-                text = f.read_text(encoding="utf-8", errors="replace")
+                text = f.read_text(encoding="utf-8-sig", errors="replace")
             except OSError as e:
                 raise DataError(f"--data {f}: cannot read ({e.strerror})") from None
             docs += [d.strip() for d in text.split("\n\n") if d.strip()]

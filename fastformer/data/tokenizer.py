@@ -22,18 +22,36 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = 8192, min_frequency:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
+    # The trainer numbers the "##c" continuation symbols in hash-map order (random on every run) and
+    # breaks ties between equally frequent merges by symbol id, so the learned vocabulary itself
+    # changed from run to run. Handing it every "##c" up front, as extra special tokens in sorted
+    # order, fixes their ids and so makes the merges (and the vocabulary) reproducible. (The trainer
+    # puts each of them in the vocabulary anyway, so vocab_size means what it did.)
+    seeds = _continuation_symbols(tok, texts)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
+                                        special_tokens=SPECIAL_TOKENS + seeds, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    # The trainer assigns ids in hash-map order (different on every run): renumber canonically so the
-    # same vocabulary always gets the same ids (specials first, then words, then ##-pieces, sorted).
+    # Renumber canonically so the same vocabulary always gets the same ids (specials first, then
+    # words, then ##-pieces, sorted), in a fresh Tokenizer so the seeds are not left as added tokens.
     vocab = tok.get_vocab()
     rest = sorted((t for t in vocab if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
-    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]",
-                                 max_input_chars_per_word=100)
+    fresh = Tokenizer(models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]",
+                                       max_input_chars_per_word=100))
+    fresh.normalizer, fresh.pre_tokenizer, fresh.decoder = tok.normalizer, tok.pre_tokenizer, tok.decoder
+    fresh.add_special_tokens(SPECIAL_TOKENS)
+    tok = fresh
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, "special tokens must have ids 0..4"
     return tok
+
+
+def _continuation_symbols(tok: Tokenizer, texts: Sequence[str]) -> list[str]:
+    """Sorted "##c" for every character c that occurs inside a pre-tokenised word (not first)."""
+    chars: set[str] = set()
+    for text in texts:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            chars.update(word[1:])
+    return ["##" + c for c in sorted(chars)]
 
 
 def special_ids(tok: Tokenizer) -> list[int]:

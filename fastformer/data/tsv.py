@@ -23,7 +23,7 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     if not p.is_file():
         raise DataError(f"{path}: no such file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with p.open(encoding="utf-8", errors="replace", newline="") as f:
+    with p.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: file is empty")
@@ -31,10 +31,12 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     text_col, label_col = 0, None
     if any(h in TEXT_COLUMNS for h in head) or any(h in LABEL_COLUMNS for h in head):
         rows = rows[1:]
-        text_col = next((i for i, h in enumerate(head) if h in TEXT_COLUMNS), 0)
         label_col = next((i for i, h in enumerate(head) if h in LABEL_COLUMNS), None)
         if label_col is None:
             raise DataError(f"{path}: header row ({', '.join(head)}) has no label column")
+        # no known text column name (label<TAB>title, ...): the first column that is not the label
+        text_col = next((i for i, h in enumerate(head) if h in TEXT_COLUMNS),
+                        next((i for i in range(len(head)) if i != label_col), 0))
     else:
         if max(len(r) for r in rows) < 2:
             raise DataError(f"{path}: no label column (expected text<TAB>label rows)")

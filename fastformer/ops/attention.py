@@ -24,6 +24,7 @@ import torch
 
 from ..backend import use_triton
 from ..reference.attention import sdpa_reference, varlen_reference
+from ._amp import autocast_cast, autocast_dtype, no_autocast
 from ._validate import FLOAT_DTYPES, check_range, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -210,17 +211,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query: (B, H, Lq, D) (or (N, Lq, D)), key: (B, H_kv, Lk, D), value: (B, H_kv, Lk, D)
     attn_mask: bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk); a bool
     (B, 1, 1, Lk) key-padding mask takes the per-batch-length fast path.
-    Returns (B, H, Lq, D). Rows whose keys are all masked give 0 (torch: NaN).
+    Returns (B, H, Lq, D). Rows whose keys are all masked give 0 (torch: NaN). Under torch.autocast,
+    query/key/value and a float mask run in the autocast dtype, as torch's SDPA does.
     """
+    amp = autocast_dtype(query)
+    if amp is not None:
+        query, key, value, attn_mask = (autocast_cast(t, amp) for t in (query, key, value, attn_mask))
+        with no_autocast(query, amp):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_qkv(query, key, value, enable_gqa)
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
     if query.dim() == 4:
         _check_mask(attn_mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.device)
     else:
         _check_mask(attn_mask, 1, query.shape[0], query.shape[1], key.shape[1], query.device)
     if scale is not None and not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite number, got {scale}")
-    if not (use_triton(query, key, value, attn_mask) and _kernel_covers(query, key, value)):
+    if not (use_triton(query, key, value, attn_mask) and _kernel_covers(query, key, value)) or dropout_p >= 1.0:
         return sdpa_reference(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa)
     if query.dim() == 3:  # (N, L, D): N plays the heads
@@ -239,8 +246,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     q: (Tq, H, D), k/v: (Tk, H_kv, D) (H a multiple of H_kv), cu_seqlens_q/k: (B + 1,) int, cumulative
     lengths starting at 0; max_seqlen_q/k: the longest sequence. causal is top-left aligned per
-    sequence. Returns (Tq, H, D).
+    sequence. Returns (Tq, H, D). Under torch.autocast q/k/v run in the autocast dtype.
     """
+    amp = autocast_dtype(q)
+    if amp is not None:
+        q, k, v = (autocast_cast(t, amp) for t in (q, k, v))
+        with no_autocast(q, amp):
+            return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=dropout_p, causal=causal, scale=scale)
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
     check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
@@ -266,8 +279,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence {lq}")
     if int(max_seqlen_k) < lk:
         raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence {lk}")
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
-    if not (use_triton(q, k, v) and _kernel_covers(q, k, v)):
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
+    if not (use_triton(q, k, v) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 dropout_p=dropout_p, causal=causal, scale=scale)
     from ..kernels.attention import AttnSpec

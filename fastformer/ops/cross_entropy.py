@@ -14,6 +14,9 @@ linear_cross_entropy (chunked path: Triton kernel on CUDA, the same chunking wit
     forward and scaled by grad_output in backward; for "none" backward recomputes the chunks with the
     per-row grad_output folded into the kernel.
 
+Under torch.autocast both return a float32 loss as torch's cross_entropy does, and
+linear_cross_entropy casts input / weight / bias to the autocast dtype as F.linear would.
+
 Deviations from torch, documented: "mean" with every target ignored gives 0.0 and zero gradients
 (torch: NaN); targets outside [0, C) other than ignore_index are undefined on the kernel path
 (torch raises); float64 input always takes the reference path (the kernels accumulate in fp32).
@@ -21,11 +24,14 @@ Deviations from torch, documented: "mean" with every target ignored gives 0.0 an
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
 
 from ..backend import get_backend, use_triton
+from ._amp import autocast_cast, autocast_dtype, no_autocast
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 import fastformer.reference.cross_entropy as _ref
 
@@ -35,13 +41,26 @@ REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------------------------- checks
 def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or _as_index(ignore_index) is None:
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise ValueError(f"label_smoothing must be a float, got {label_smoothing!r}")
     check_range("label_smoothing", float(label_smoothing), 0.0, 1.0, hi_inclusive=True)
-    if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not math.isfinite(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+
+
+def _as_index(value):
+    """int(value) for anything integer-like (int, numpy integer, integer 0-d tensor, as torch accepts), else None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _amp_result(out: torch.Tensor, amp) -> torch.Tensor:
+    # under autocast torch's cross_entropy runs (and returns) in float32: so does the loss here
+    return out.float() if amp is not None and out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _check_target(target, n: int, device) -> None:
@@ -153,11 +172,14 @@ def cross_entropy(
     and zero gradients (torch gives NaN). Triton kernel for CUDA tensors (see fastformer.backend).
     """
     _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    ignore_index = _as_index(ignore_index)
+    amp = autocast_dtype(input)
     if input.dtype == torch.float64 or not use_triton(input, target, weight):
-        return _ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss)
+        return _amp_result(_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                              z_loss=z_loss), amp)
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    return _CrossEntropyFn.apply(input, target, weight, int(ignore_index), reduction, float(label_smoothing),
-                                 float(z_loss), need_grad)
+    return _amp_result(_CrossEntropyFn.apply(input, target, weight, int(ignore_index), reduction,
+                                             float(label_smoothing), float(z_loss), need_grad), amp)
 
 
 # ------------------------------------------------------------------------------ linear_cross_entropy
@@ -343,10 +365,16 @@ def linear_cross_entropy(
     the full logits with eager torch; otherwise the chunked path runs (Triton kernel on CUDA, torch
     math on CPU), so CPU memory is saved too.
     """
+    amp = autocast_dtype(input)
+    if amp is not None:
+        # the projection is F.linear, which autocast runs in its low precision dtype: do the same
+        input, weight, bias = (autocast_cast(t, amp) for t in (input, weight, bias))
     _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
+    ignore_index = _as_index(ignore_index)
     if get_backend() == "reference":
-        return _ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                                         z_loss=z_loss)
+        with no_autocast(input, amp):
+            return _amp_result(_ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
+                                                         label_smoothing, z_loss=z_loss), amp)
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
@@ -354,7 +382,9 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
-                                   float(z_loss), needs, use_kernel, chunk_size)
+    with no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
+        out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
+                                          float(z_loss), needs, use_kernel, chunk_size)
+    out = _amp_result(out, amp)
     return out.reshape(lead) if reduction == "none" else out
 

@@ -17,6 +17,7 @@ import torch
 
 from ..backend import use_triton
 from ..reference.t5_attention import relative_position_bucket, t5_attention_reference
+from ._amp import autocast_cast, autocast_dtype, no_autocast
 from ._validate import FLOAT_DTYPES, check_range, check_tensor
 from .attention import _check_mask, _kernel_covers, fused_attention_4d
 
@@ -44,7 +45,15 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
 
     attn_mask: bool (True = attend) or float, broadcastable to (B, H, Lq, Lk); a (B, 1, 1, Lk) bool
     key-padding mask takes the per-batch-length fast path. Rows with every key masked give zeros.
+    Under torch.autocast q/k/v and a float mask run in the autocast dtype (bias_table stays as is).
     """
+    amp = autocast_dtype(q)
+    if amp is not None:
+        q, k, v, attn_mask = (autocast_cast(t, amp) for t in (q, k, v, attn_mask))
+        with no_autocast(q, amp):
+            return t5_attention(q, k, v, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
+                                max_distance=max_distance, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                dropout_p=dropout_p)
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
     check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
@@ -64,9 +73,9 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
         raise ValueError(f"bias_table must have shape (num_buckets, H) = ({num_buckets}, {H}), "
                          f"got {tuple(bias_table.shape)}")
     _check_mask(attn_mask, B, H, Lq, k.shape[2], q.device)
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0)
+    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
     kw = dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
-    if not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)):
+    if not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
         return t5_attention_reference(q, k, v, bias_table, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                       dropout_p=dropout_p, **kw)
     lut = bucket_lut(bidirectional, num_buckets, max_distance, q.device)

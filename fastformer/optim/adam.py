@@ -256,6 +256,10 @@ class FusedAdamW(FusedAdam):
 
     _default_decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, **kw):
-        kw.setdefault("decoupled_weight_decay", True)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **kw)
+    # explicit keywords (not **kw) so that inspect.signature / IDEs show master_weights and the rest
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, master_weights=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, decoupled_weight_decay=True):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, master_weights=master_weights, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)

@@ -63,9 +63,11 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         raise ValueError("give either --init DIR or --model PRESET, not both")
     train_texts, train_labels = read_tsv(cfg.train)
     eval_texts, eval_labels = read_tsv(cfg.eval)
-    names = label_vocabulary(train_labels)
-    if len(names) < 2:
-        raise DataError(f"{cfg.train}: needs at least 2 distinct labels, found {len(names)}")
+    if len(label_vocabulary(train_labels)) < 2:
+        raise DataError(f"{cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}")
+    # classes from both files: a label that only the eval file has (a small training sample) gets a
+    # head output that never trains, and its examples count as misses, instead of ending the run
+    names = label_vocabulary(train_labels, eval_labels)
     index = {n: i for i, n in enumerate(names)}
 
     def to_ids(labels, path):
@@ -73,7 +75,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         for lab in labels:
             key = lab if lab in index else (str(int(lab)) if lab.lstrip("-").isdigit() else lab)
             if key not in index:
-                raise DataError(f"{path}: label {lab!r} does not occur in the training file")
+                raise DataError(f"{path}: label {lab!r} cannot be matched to the label list {names}")
             out.append(index[key])
         return torch.tensor(out, dtype=torch.int64)
 
@@ -87,6 +89,9 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
             if not (init / f).is_file():
                 raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
+        if Path(cfg.out_dir).resolve() == init.resolve():
+            raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
+                             "pre-trained checkpoint and metrics; choose another --out")
         pre_cfg = json.loads((init / "config.json").read_text())
         obj = get_objective(pre_cfg["objective"])
         tok = Tokenizer.from_file(str(init / "tokenizer.json"))

@@ -151,9 +151,13 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     result: TrainResult = trainer.train()
     if info.main:
         plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{obj.name} pre-training, {preset}")
-    first = next((r["loss"] for r in read_metrics(out / "metrics.jsonl")), None) if info.main else None
+    rows = read_metrics(out / "metrics.jsonl") if info.main else []
+    first = rows[0]["loss"] if rows else None
+    final, tps = result.final_loss, result.tokens_per_s
+    if rows and final != final:   # --resume of a finished run: no step ran, report the logged ones
+        final, tps = rows[-1]["loss"], rows[-1].get("tokens_per_s", tps)
     return {"objective": obj.name, "model": preset, "first_loss": first, "device": str(device), "world_size": info.world,
-            "steps": result.step, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
+            "steps": result.step, "final_loss": final, "tokens_per_s": tps,
             "seconds": result.seconds, **result.eval, "eval_accuracy_name": obj.accuracy_name,
             "stopped_early": result.stopped_early,
             "out_dir": str(out)}

@@ -94,6 +94,8 @@ def test_read_tsv_styles(tmp_path):
     assert read_tsv(tmp_path / "h.tsv") == (["fine film", "bad film"], ["1", "0"])
     assert read_tsv(tmp_path / "t.tsv") == (["fine film", "bad film"], ["pos", "neg"])
     assert read_tsv(tmp_path / "n.tsv") == (["fine film", "bad film"], ["Sci/Tech", "World"])
+    (tmp_path / "o.tsv").write_text("label\ttitle\npos\tfine film\nneg\tbad film\n")   # text column unnamed
+    assert read_tsv(tmp_path / "o.tsv") == (["fine film", "bad film"], ["pos", "neg"])
     assert label_vocabulary(["10", "2", "1"]) == ["1", "2", "10"]
     assert label_vocabulary(["b", "a"]) == ["a", "b"]
 
@@ -123,3 +125,28 @@ def test_load_texts_files_folders_and_errors(tmp_path):
         load_texts([tmp_path / "emptydir"])
     train, held = split_heldout([f"d{i}" for i in range(100)])
     assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 100
+
+
+def test_wordpiece_vocabulary_is_reproducible_across_processes():
+    # the trainer's ##-symbol ids came from a per-process random hash order, so two runs of the
+    # same command learned different vocabularies (and an uninterrupted run differed from a resumed one)
+    import subprocess
+    import sys
+
+    code = ("import random, json; from fastformer.data.tokenizer import train_wordpiece; r = random.Random(0); "
+            "t = [' '.join(''.join(r.choice('abcdefgh') for _ in range(r.randint(2, 6))) for _ in range(10)) "
+            "for _ in range(200)]; print(json.dumps(train_wordpiece(t, vocab_size=300).get_vocab(), sort_keys=True))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(outs) == 1
+
+
+def test_bom_header_and_crlf_tsv_and_unknown_suffix_text_files(tmp_path):
+    # a UTF-8 BOM (Excel/Windows export) must not hide the header row; CRLF endings are fine
+    (tmp_path / "bom.tsv").write_bytes("\ufefftext\tlabel\r\nfine film\tpos\r\nbad film\tneg\r\n".encode())
+    assert read_tsv(tmp_path / "bom.tsv") == (["fine film", "bad film"], ["pos", "neg"])
+    # a folder of text files with other suffixes (wiki.train.raw, ...) is read; binary files are not
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "wiki.train.raw").write_text("raw text doc\n")
+    (tmp_path / "c" / "blob.bin").write_bytes(b"\x00\x01binary")
+    assert load_texts([tmp_path / "c"]) == ["raw text doc"]

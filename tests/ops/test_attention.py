@@ -249,3 +249,30 @@ def test_cuda_gqa_float_mask_dropout():
     assert_close(out, ref, torch.float16, "out", 2.0)
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert_close(g, rg, torch.float16, "d" + name, 2.0)
+
+
+def test_under_autocast_like_torch(backend):
+    # torch.autocast runs SDPA in the autocast dtype, casting q/k/v and a float mask: a bf16/fp16
+    # query with an fp32 key (rotary in fp32, ...) works there, so it must work here (fp16: the
+    # interpreter's bf16 dot is unusable)
+    q, k, v = (torch.randn(2, 3, 7, 16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(7, 7)
+    with torch.autocast("cpu", dtype=torch.float16):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        got = ff.scaled_dot_product_attention(q.half(), k, v, attn_mask=mask)
+        t5 = ff.t5_attention(q, k.half(), v, torch.randn(32, 3))
+    assert got.dtype == want.dtype == t5.dtype == torch.float16
+    assert_close(got, want.float(), torch.float16)
+    got.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_dropout_p_one_gives_zeros_like_torch(backend):
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    out = ff.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+    cu = torch.tensor([0, 2, 5])
+    assert not ff.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3,
+                                   dropout_p=1.0).any()
+    assert not ff.t5_attention(q, q, q, torch.randn(32, 2), dropout_p=1.0).any()

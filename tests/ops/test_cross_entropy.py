@@ -250,3 +250,20 @@ def test_cuda_beyond_int32_offsets():
     (egx,) = torch.autograd.grad(eloss.sum(), xs)
     assert_close(gx[rows], egx, torch.bfloat16, "grad of far rows")
     assert float(gx[1].abs().max()) == 0.0
+
+
+def test_integer_like_ignore_index_and_numpy_scalars(backend):
+    # torch accepts any integer-like ignore_index (numpy ints from configs, 0-d integer tensors)
+    import numpy as np
+
+    x = torch.randn(6, 9, dtype=torch.float64)
+    t = torch.tensor([1, 2, 0, 8, 2, 5])
+    want = F.cross_entropy(x, t, ignore_index=2)
+    for ii in (np.int64(2), np.int32(2), torch.tensor(2)):
+        assert torch.allclose(ff.cross_entropy(x, t, ignore_index=ii), want)
+        assert torch.allclose(ff.linear_cross_entropy(x, torch.eye(9, dtype=torch.float64), t, ignore_index=ii), want)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ff.cross_entropy(x, t, ignore_index=2.0)
+    # numpy float scalars for label_smoothing / z_loss, as torch accepts
+    got = ff.cross_entropy(x, t, label_smoothing=np.float32(0.25), z_loss=np.float32(0.0))
+    assert torch.allclose(got, F.cross_entropy(x, t, label_smoothing=0.25))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastformer as ff
-from conftest import assert_close
+from conftest import assert_close, rel_err
 
 IMPLS = ["reference", "auto", "triton"]
 
@@ -152,3 +152,21 @@ def test_cuda_bf16(reduction):
     for name, a, e in zip("xWb", torch.autograd.grad(out, leaves, g.bfloat16()), torch.autograd.grad(exp, f32, g)):
         assert a.dtype == torch.bfloat16
         assert_close(a, e, torch.bfloat16, f"grad {name}")
+
+
+def test_under_autocast_like_torch(backend):
+    # torch.autocast: F.linear runs in bf16 and cross_entropy in fp32, so an fp32 weight (nn.Linear)
+    # with bf16 hidden states works and the loss is fp32; grads reach the fp32 leaves
+    x = torch.randn(10, 16, requires_grad=True)
+    lin = torch.nn.Linear(16, 37)
+    t = torch.randint(0, 37, (10,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x.to(torch.bfloat16)
+        want = F.cross_entropy(lin(h), t)
+        got = ff.linear_cross_entropy(h, lin.weight, t, lin.bias)
+        ce = ff.cross_entropy(lin(h), t)
+    assert got.dtype == ce.dtype == want.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 2e-2 and abs(ce.item() - want.item()) < 2e-2
+    gx, gw = torch.autograd.grad(got, (x, lin.weight))
+    wx, ww = torch.autograd.grad(want, (x, lin.weight))
+    assert gw.dtype == torch.float32 and rel_err(gx, wx) < 5e-2 and rel_err(gw, ww) < 5e-2

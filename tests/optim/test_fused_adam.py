@@ -330,3 +330,12 @@ def test_cuda_kernels_standalone(tmp_path):
                     str(root / "csrc/adam_cuda.cu"), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0 and "KERNEL TEST PASS" in out.stdout, out.stdout + out.stderr
+
+
+def test_adamw_signature_names_every_keyword():
+    # FusedAdamW took **kw, so inspect.signature (IDEs, contract checks) did not show master_weights
+    import inspect
+
+    params = inspect.signature(ff.optim.FusedAdamW).parameters
+    assert {"master_weights", "maximize", "foreach", "fused", "decoupled_weight_decay"} <= set(params)
+    assert params["weight_decay"].default == 1e-2
