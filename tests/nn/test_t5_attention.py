@@ -5,8 +5,6 @@ the way T5 shares it) must agree, for the encoder (bidirectional buckets) and th
 unidirectional buckets), with key padding. HF runs in float64 from a tiny local T5Config (nothing is
 downloaded).
 """
-import importlib
-
 import pytest
 import torch
 
@@ -21,22 +19,15 @@ from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 D_MODEL, HEADS, D_KV = 32, 2, 16          # head dim 16: the smallest the fused kernels take
 NUM_BUCKETS, MAX_DISTANCE = 16, 20        # small max_distance so L=37 reaches the logarithmic buckets
 
-_T5_OP_INTERIM = "INTERIM" in (importlib.import_module("fastformer.ops.t5_attention").__doc__ or "")
-
-
 def _precision(backend):
     """(dtype fed to the fastformer module, dtype whose tolerance applies).
 
     The triton backend runs the kernels, which take fp16/bf16/fp32 (fp32 dots are exact in the CPU
     interpreter, tf32 on a GPU: the conftest fp32 tolerance covers both), so it gets fp32 inputs.
-    The interim eager stand-in of ff.t5_attention computes its softmax in fp32 even for float64
-    inputs, so while it is in place the fp32 tolerance applies to the reference backend too."""
+    The reference backend computes in the input dtype, so float64 in, float64 tolerance."""
     if backend == "triton":
-        if _T5_OP_INTERIM:
-            pytest.skip("ff.t5_attention is still the INTERIM eager stand-in in this worktree: no Triton kernel "
-                        "to test yet (runs once the fused T5 kernel is merged)")
         return torch.float32, torch.float32
-    return torch.float64, (torch.float32 if _T5_OP_INTERIM else torch.float64)
+    return torch.float64, torch.float64
 
 
 def _config(is_decoder):
