@@ -15,10 +15,7 @@ from fastformer.data.span_corruption import SpanCorruptionCollator, span_corrupt
 from fastformer.data.unigram_tokenizer import EOS, PAD, encode, sentinel_ids, train_unigram
 from fastformer.models.t5 import T5_PRESETS, T5Config, T5EncoderForSequenceClassification, T5ForConditionalGeneration
 
-try:
-    from .objectives import Objective
-except ImportError:  # the trainer branch is not merged yet: the interface is duck-typed anyway
-    Objective = object  # type: ignore[misc,assignment]
+from .objectives import Objective
 
 
 class SpanObjective(Objective):

@@ -101,8 +101,8 @@ def test_loss_falls_and_fine_tuning_hooks(setup):
 
 
 def test_registered_in_the_objective_registry():
-    objectives = pytest.importorskip("fastformer.train.objectives",
-                                     reason="the Objective registry (trainer branch) is not in this worktree yet")
+    from fastformer.train import objectives
+
     obj = objectives.get_objective("span")
     assert isinstance(obj, objectives.Objective) and isinstance(obj, SpanObjective)
     assert obj.name == "span" and obj.family == "t5" and obj.default_model == "t5-tiny"
@@ -115,7 +115,7 @@ def test_tokenizer_training_is_reproducible():
     assert obj.build_tokenizer(texts, 200).to_str() == obj.build_tokenizer(texts, 200).to_str()
 
 
-# ---- with the trainer and CLI (fastformer.train.pretrain, fastformer.cli), once that branch is merged ----
+# ---- with the trainer and CLI (fastformer.train.pretrain, fastformer.cli) ----
 
 def _write_corpus(path):
     path.write_text("\n\n".join(_corpus()) + "\n")
@@ -123,8 +123,7 @@ def _write_corpus(path):
 
 
 def test_span_pretrain_resume_equals_an_uninterrupted_run(tmp_path):
-    pt = pytest.importorskip("fastformer.train.pretrain", reason="the trainer (fastformer.train.pretrain) is not "
-                                                                "in this worktree yet")
+    from fastformer.train import pretrain as pt
     from fastformer.train.checkpoint import load_checkpoint
     from fastformer.train.metrics import read_metrics
 
@@ -150,8 +149,6 @@ def test_span_pretrain_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_cli_span_pretrain_then_finetune_from_the_encoder(tmp_path):
-    pytest.importorskip("fastformer.train.finetune", reason="`fastformer finetune` (trainer branch) is not in this "
-                                                            "worktree yet")
     from fastformer import cli
     import json
 
