@@ -27,7 +27,7 @@ from .ops import (  # noqa: E402
     t5_attention,
     varlen_attention,
 )
-from . import nn, optim, integrations  # noqa: E402,F401
+from . import nn, optim, integrations, models  # noqa: E402,F401
 
 __all__ = [
     "cross_entropy",
@@ -41,4 +41,5 @@ __all__ = [
     "nn",
     "optim",
     "integrations",
+    "models",
 ]

@@ -43,3 +43,19 @@ def test_cli_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "backend" in out
+
+
+def test_readme_namespaces_reachable_after_plain_import():
+    # README: `import fastformer as ff` then ff.models.from_hf / ff.optim / ff.integrations, without
+    # importing the submodules by hand (a fresh process: this session has imported them already)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import fastformer as ff; "
+            "[getattr(ff.models, n) for n in ('from_hf', 'to_hf')]; "
+            "ff.optim.FusedAdamW; ff.optim.extension_available; ff.integrations.patch_hf_model; "
+            "ff.nn.MultiheadAttention; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
