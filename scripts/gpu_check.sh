@@ -24,19 +24,24 @@ log "building the extension (background)"
 ( $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; echo "build rc=$?" >> "$OUT/build.log" ) &
 build_pid=$!
 
+failed=()   # test stages that failed: the benchmarks still run, but the exit status says so
 par=()
 $PY -c "import xdist" 2>/dev/null && [ "$XDIST" -gt 1 ] && par=(-n "$XDIST")
 ext_tests=(tests/optim tests/train tests/integrations)
 ignore=(); for t in "${ext_tests[@]}"; do ignore+=(--ignore="$t"); done
 log "cuda tests (kernels) ${par[*]}"
 timeout "$GPU_TEST_TIMEOUT" $PY -m pytest tests -m cuda -q -rfE -p no:cacheprovider "${par[@]}" "${ignore[@]}" 2>&1 \
-  | tee "$OUT/gpu_tests.log" | tail -n 25
+  | tee "$OUT/gpu_tests.log" | tail -n 25 || failed+=("cuda tests (kernels)")
 wait "$build_pid"; tail -n 3 "$OUT/build.log"
 log "cuda tests (extension, trainer, integrations)"
 timeout "$GPU_TEST_TIMEOUT" $PY -m pytest "${ext_tests[@]}" -m cuda -q -rfE -p no:cacheprovider 2>&1 \
-  | tee -a "$OUT/gpu_tests.log" | tail -n 25
+  | tee -a "$OUT/gpu_tests.log" | tail -n 25 || failed+=("cuda tests (extension, trainer, integrations)")
 $PY -c "import fastformer as ff; print('fused adam extension (cuda):', ff.optim.extension_available('cuda'))" || true
 
 log "benchmarks (budget ${BENCH_BUDGET}s)"
 $PY bench/gpu_check.py --out "$OUT" --budget "$BENCH_BUDGET" --timeouts "$BENCH_TIMEOUTS" ${TAR:+--tar "$TAR"}
+if [ ${#failed[@]} -gt 0 ]; then
+  log "FAILED: ${failed[*]} (see $OUT/gpu_tests.log)"
+  exit 1
+fi
 log "done"
