@@ -174,7 +174,10 @@ def cross_entropy(
     _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
     ignore_index = _as_index(ignore_index)
     amp = autocast_dtype(input)
-    if input.dtype == torch.float64 or not use_triton(input, target, weight):
+    # a class weight that requires grad goes to the reference, which refuses it exactly as torch does
+    # (the kernel path would silently give it no gradient)
+    weight_needs_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    if input.dtype == torch.float64 or weight_needs_grad or not use_triton(input, target, weight):
         return _amp_result(_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                               z_loss=z_loss), amp)
     need_grad = torch.is_grad_enabled() and input.requires_grad

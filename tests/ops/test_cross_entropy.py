@@ -267,3 +267,13 @@ def test_integer_like_ignore_index_and_numpy_scalars(backend):
     # numpy float scalars for label_smoothing / z_loss, as torch accepts
     got = ff.cross_entropy(x, t, label_smoothing=np.float32(0.25), z_loss=np.float32(0.0))
     assert torch.allclose(got, F.cross_entropy(x, t, label_smoothing=0.25))
+
+
+def test_weight_requiring_grad_is_refused_like_torch(backend):
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    w = torch.rand(5, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, t, w).backward()
+    with pytest.raises(RuntimeError):
+        ff.cross_entropy(x, t, w).backward()
