@@ -6,9 +6,13 @@ One family of kernels serves every attention op of fastformer:
 - packed variable-length sequences (total, H, D) with cu_seqlens (IS_VARLEN),
 - top-left aligned causal masking, per-batch key lengths (key-padding fast path: blocks past the
   length are never visited), a general bool/float mask read per tile through broadcast strides,
-- T5 relative-position bias: score += table[bucket(j − i), h]; the bucket of a distance is read from
-  a tiny lookup table (max_distance + 1 entries) computed on the host with Hugging Face's function,
-  so no (Lq, Lk) tensor exists; its gradient is reduced per tile into per-program partials
+- T5 relative-position bias: score += table[bucket(j − i), h]. The caller passes two tiny vectors over
+  the clamped relative position r = clamp(j − i, −R, R): the bucket of each r (int32, from Hugging
+  Face's function) and each head's bias at each r (fp32, pre-scaled to log2 units); no (Lq, Lk) tensor
+  exists. Key blocks whose every element is past the saturation distance ("far" tiles, most of them
+  at long L) see one constant bias and skip the per-element lookup; only the band of "near" tiles
+  around the diagonal reads the vectors per element. The table's gradient is reduced per tile (one
+  scalar sum for a far tile, per bucket for a near tile) into per-program partials
   [B, H, n_key_blocks, NB] (no atomics) which the caller sums in a fixed order,
 - dropout with Philox (tl.rand) keyed by (seed, batch·head) and counted by (row, col): the keep-mask
   is regenerated in the backward and by `dropout_keep_mask` for tests, never stored.
@@ -33,6 +37,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# software-pipelining depth of the near-diagonal T5 loops (see _fwd_range)
+T5_NEAR_STAGES: tl.constexpr = tl.constexpr(1)
 
 # ----------------------------------------------------------------------------------------------
 # shared jit helpers
@@ -49,32 +55,56 @@ def _keep_tile(seed, bh, offs_m, offs_n, rng_stride, dropout_p):
 
 
 @triton.jit
-def _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR: tl.constexpr):
-    """bucket(j − i) of one tile as HF T5 computes it: distance -> lookup table -> bucket."""
+def _t5_rel_index(offs_m, offs_n, RD_MAX):
+    """(BM, BN) int32 index of each element into the relative-position vectors: clamp(j − i, −R, R) + R."""
     rel = offs_n[None, :] - offs_m[:, None]
-    if T5_BIDIR:
-        base = tl.where(rel > 0, NB_HALF, 0)
-        dist = tl.abs(rel)
-    else:
-        base = tl.zeros_like(rel)
-        dist = tl.maximum(-rel, 0)
-    dist = tl.minimum(dist, LUT_MAX)
-    return base + tl.load(LUT + dist)
+    return tl.minimum(tl.maximum(rel, -RD_MAX), RD_MAX) + RD_MAX
+
+
+@triton.jit
+def _split3(lo, hi, a, b):
+    """Split the block range [lo, hi) at a <= b into [lo, x) [x, y) [y, hi) (x, y clamped into it)."""
+    x = tl.minimum(tl.maximum(a, lo), hi)
+    y = tl.minimum(tl.maximum(b, x), hi)
+    return x, y
+
+
+@triton.jit
+def _t5_far_key_blocks(m0, SAT_L, SAT_R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query block [m0, m0 + BLOCK_M): key blocks starting below left_hi have j − i <= −SAT_L
+    everywhere and those from right_lo on j − i >= SAT_R everywhere, so each sees one constant bias."""
+    x = m0 - SAT_L - (BLOCK_N - 1)  # the last key-block start that is wholly far left
+    left_hi = tl.where(x >= 0, (x // BLOCK_N + 1) * BLOCK_N, 0)
+    right_lo = tl.cdiv(m0 + (BLOCK_M - 1) + SAT_R, BLOCK_N) * BLOCK_N
+    return left_hi, right_lo
+
+
+@triton.jit
+def _t5_far_query_blocks(n0, SAT_L, SAT_R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the key block [n0, n0 + BLOCK_N): query blocks starting below right_hi have j − i >= SAT_R
+    everywhere (keys far to the right), those from left_lo on j − i <= −SAT_L everywhere."""
+    y = n0 - SAT_R - (BLOCK_M - 1)  # the last query-block start that is wholly far right
+    right_hi = tl.where(y >= 0, (y // BLOCK_M + 1) * BLOCK_M, 0)
+    left_lo = tl.cdiv(n0 + (BLOCK_N - 1) + SAT_L, BLOCK_M) * BLOCK_M
+    return right_hi, left_lo
 
 
 @triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale,
             M, s_mb, s_mh, s_mm, s_mn,
-            T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+            brd_h, t5_c, RD_MAX,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr,
             MASKED: tl.constexpr, PREC: tl.constexpr):
     """Scores of one tile in log2 units, -inf where a key is not visible. q: (BM, BD), k: (BN, BD).
     MASKED=False: the caller guarantees every key of the tile is in range and visible to every row
-    (no mask tensor, below the causal diagonal), so no per-element test is made."""
+    (no mask tensor, below the causal diagonal), so no per-element test is made.
+    T5_MODE: 0 no bias; 1 the constant bias t5_c (a far tile); 2 per element from this head's
+    relative-position bias vector brd_h (a near tile)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if HAS_T5:
-        bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
-        s += tl.load(T5 + bucket * s_tb + h * s_th).to(tl.float32) * 1.4426950408889634
+    if T5_MODE == 1:
+        s += t5_c
+    if T5_MODE == 2:
+        s += tl.load(brd_h + _t5_rel_index(offs_m, offs_n, RD_MAX))
     if MASKED:
         inb = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
         valid = inb
@@ -150,8 +180,8 @@ def _key_block_bounds(m0, k_len, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexp
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
               q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-              T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
+              brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr,
               DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     """One key block of the forward: scores, online-softmax update, acc += P V."""
     offs_n = n0 + offs_n0
@@ -161,7 +191,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0,
         kv_mask = d_ok[None, :]
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+                brd_h, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, T5_MODE, MASKED, PREC)
     # a row that has seen no visible key yet keeps m = -inf: use 0 as its exponent base
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -177,16 +207,40 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0,
 
 
 @triton.jit
+def _fwd_range(acc, l_i, m_i, lo, hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+               q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+               brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr,
+               DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks [lo, hi) of the forward, all of one kind (masked or not, T5 bias mode)."""
+    if T5_MODE == 2:
+        # near-diagonal T5 tiles gather their bias per element: no software pipelining here, so the
+        # compiler does not stage those gathers through shared memory (cp.async) for every tile
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=T5_NEAR_STAGES):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d,
+                                      d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                      brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
+                                      IS_CAUSAL, MASK_KIND, T5_MODE, DROPOUT, MASKED, PREC)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d,
+                                      d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                      brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
+                                      IS_CAUSAL, MASK_KIND, T5_MODE, DROPOUT, MASKED, PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
     CU_Q, CU_K, KLEN,
     M, s_mb, s_mh, s_mm, s_mn,
-    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+    BRD, s_brd, BKT, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
     seed, rng_stride, dropout_p,
     H, GROUP, Lq, Lk, D, qk_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_T5: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # 1. which (query block, batch, head) this program owns, and that sequence's bounds
@@ -218,16 +272,48 @@ def _attn_fwd_kernel(
     # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped;
     #    blocks wholly inside the length and below the diagonal run without per-element masking
     full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
-    for n0 in range(0, full_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
-                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                  T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
-                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, DROPOUT, False, PREC)
-    for n0 in range(full_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
-                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                  T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
-                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, DROPOUT, True, PREC)
+    if HAS_T5:
+        # 4. T5: each of the two ranges splits into far-left | near | far-right key blocks; far blocks
+        #    add this head's constant bias, near ones read it per element
+        brd_h = BRD + h * s_brd
+        c_left = tl.load(brd_h)
+        c_right = tl.load(brd_h + 2 * RD_MAX)
+        left_hi, right_lo = _t5_far_key_blocks(m0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
+        x, y = _split3(0, full_hi, left_hi, right_lo)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, 0, x, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, False, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, x, y, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 2, DROPOUT, False, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, y, full_hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
+                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, False, PREC, BLOCK_N)
+        x, y = _split3(full_hi, hi, left_hi, right_lo)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, full_hi, x, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
+                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, True, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, x, y, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 2, DROPOUT, True, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, y, hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, True, PREC, BLOCK_N)
+    else:
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, 0, full_hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
+                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 0, DROPOUT, False, PREC, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, full_hi, hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
+                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                   BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p,
+                                   IS_CAUSAL, MASK_KIND, 0, DROPOUT, True, PREC, BLOCK_N)
 
     # 5. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
     empty = l_i == 0.0
@@ -272,12 +358,15 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, offs_n, offs_d,
-               d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-               T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p,
-               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr,
-               T5_GRAD: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """One query block against the program's key block: dV += P_dropᵀ dO, dK += dSᵀ Q, dtable partials."""
+def _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, n0,
+               offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+               brd_h, t5_c, BKT, RD_MAX, seed, rng_stride, dropout_p,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr, T5_GRAD: tl.constexpr,
+               T5_RW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block against the program's key block: dV += P_dropᵀ dO, dK += dSᵀ Q, and the T5
+    table's gradient: a far tile adds Σ dS to the scalar t5_acc (its one bucket), a near tile adds
+    its per-bucket sums of dS into dt (NB_PAD,)."""
     # recompute P from the saved lse; rows past q_len load lse = +inf, so their P is 0 without a mask
     offs_m = m0 + offs_m0
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
@@ -286,7 +375,7 @@ def _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, 
     lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("inf"))
     delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
     s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+                brd_h, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, T5_MODE, MASKED, PREC)
     p = tl.exp2(s - lse[:, None])
     # dP = dO Vᵀ (dropped like P) ; dS = P (dP − Delta)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -300,14 +389,47 @@ def _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, 
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     if T5_GRAD:
-        # reduce dS per bucket, looping only over the buckets this tile touches
-        bucket = _t5_bucket(offs_m, offs_n, LUT, LUT_MAX, NB_HALF, T5_BIDIR)
-        bmin = tl.min(tl.min(bucket, 1), 0)
-        bmax = tl.max(tl.max(bucket, 1), 0)
-        for bk in range(bmin, bmax + 1):
-            tot = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0)
-            dt += tl.where(nb_idx == bk, tot, 0.0)
-    return dk, dv, dt
+        if T5_MODE == 1:
+            t5_acc += tl.sum(tl.sum(ds, 1), 0)
+        if T5_MODE == 2:
+            bucket = tl.load(BKT + _t5_rel_index(offs_m, offs_n, RD_MAX))
+            # the buckets this tile can touch are those of its BLOCK_M + BLOCK_N - 1 relative positions:
+            # find their range with a 1-D reduction, then reduce dS once per bucket in it
+            w = tl.arange(0, T5_RW)
+            rlo = n0 - (m0 + BLOCK_M - 1)
+            bv = tl.load(BKT + tl.minimum(tl.maximum(rlo + w, -RD_MAX), RD_MAX) + RD_MAX)
+            in_tile = w < BLOCK_M + BLOCK_N - 1
+            bmin = tl.min(tl.where(in_tile, bv, 1 << 30), 0)
+            bmax = tl.max(tl.where(in_tile, bv, -1), 0)
+            for bk in range(bmin, bmax + 1):
+                tot = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0)
+                dt += tl.where(nb_idx == bk, tot, 0.0)
+    return dk, dv, dt, t5_acc
+
+
+@triton.jit
+def _dkdv_range(dk, dv, dt, t5_acc, lo, hi, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, offs_m0, n0,
+                offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                brd_h, t5_c, BKT, RD_MAX, seed, rng_stride, dropout_p,
+                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr, T5_GRAD: tl.constexpr,
+                T5_RW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query blocks [lo, hi) against the program's key block, all of one kind."""
+    if T5_MODE == 2:
+        for m0 in tl.range(lo, hi, BLOCK_M, num_stages=T5_NEAR_STAGES):  # see _fwd_range
+            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm,
+                                            s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, T5_MODE, T5_GRAD,
+                                            T5_RW, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
+    else:
+        for m0 in range(lo, hi, BLOCK_M):
+            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm,
+                                            s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, T5_MODE, T5_GRAD,
+                                            T5_RW, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
+    return dk, dv, dt, t5_acc
 
 
 @triton.jit
@@ -317,11 +439,11 @@ def _attn_bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_dtb, s_dth, s_dtn,
     CU_Q, CU_K, KLEN,
     M, s_mb, s_mh, s_mm, s_mn,
-    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+    BRD, s_brd, BKT, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
     seed, rng_stride, dropout_p,
     H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr, T5_RW: tl.constexpr,
     DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -358,6 +480,8 @@ def _attn_bwd_dkdv_kernel(
     if (MASK_KIND != 0) or (n0 + BLOCK_N > k_len):
         full_lo = q_len
     full_lo = tl.minimum(tl.maximum(full_lo, lo), q_len)
+    if HAS_T5:
+        right_hi, left_lo = _t5_far_query_blocks(n0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -366,20 +490,61 @@ def _attn_bwd_dkdv_kernel(
         l_base = LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
         d_base = DELTA + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
         dt = tl.zeros([NB_PAD], tl.float32)
-        for m0 in range(lo, full_lo, BLOCK_M):
-            dk, dv, dt = _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0,
-                                    offs_m0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
-                                    M, s_mb, s_mh, s_mm, s_mn, T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
-                                    seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, T5_GRAD,
-                                    DROPOUT, True, PREC)
-        for m0 in range(full_lo, q_len, BLOCK_M):
-            dk, dv, dt = _dkdv_tile(dk, dv, dt, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0,
-                                    offs_m0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
-                                    M, s_mb, s_mh, s_mm, s_mn, T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
-                                    seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, T5_GRAD,
-                                    DROPOUT, False, PREC)
-        if T5_GRAD:
-            tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dt)
+        if HAS_T5:
+            # 3. T5: each range splits into far-right | near | far-left query blocks (far ones add a
+            #    constant bias and sum their dS into one scalar per side)
+            brd_h = BRD + h * s_brd
+            c_left = tl.load(brd_h)
+            c_right = tl.load(brd_h + 2 * RD_MAX)
+            far_l = 0.0
+            far_r = 0.0
+            x, y = _split3(lo, full_lo, right_hi, left_lo)
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, lo, x, nb_idx, k, v, q_base, do_base, l_base, d_base,
+                                            s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, nb_idx, k, v, q_base, do_base, l_base, d_base,
+                                            s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_RW,
+                                            DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, full_lo, nb_idx, k, v, q_base, do_base, l_base,
+                                            d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
+                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
+            x, y = _split3(full_lo, q_len, right_hi, left_lo)
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, full_lo, x, nb_idx, k, v, q_base, do_base, l_base,
+                                            d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
+                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, nb_idx, k, v, q_base, do_base, l_base, d_base,
+                                            s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_RW,
+                                            DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, q_len, nb_idx, k, v, q_base, do_base, l_base,
+                                            d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
+                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, BKT, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+            if T5_GRAD:
+                dt += tl.where(nb_idx == BK_L, far_l, 0.0) + tl.where(nb_idx == BK_R, far_r, 0.0)
+                tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dt)
+        else:
+            far = 0.0
+            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, lo, full_lo, nb_idx, k, v, q_base, do_base, l_base, d_base,
+                                          s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
+                                          qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, BKT, RD_MAX,
+                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_RW,
+                                          DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, full_lo, q_len, nb_idx, k, v, q_base, do_base, l_base,
+                                          d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
+                                          bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, BKT, RD_MAX,
+                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_RW,
+                                          DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
     # 3. write dK (scale folded back in) and dV of this key block
     tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn
              + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -390,9 +555,9 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-             T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr,
-             T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+             brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, T5_MODE: tl.constexpr,
+             DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     """One key block of the dQ pass: recompute P, dP, dS; dQ += dS K."""
     offs_n = n0 + offs_n0
     if MASKED:
@@ -402,7 +567,7 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, IS_CAUSAL, MASK_KIND, HAS_T5, T5_BIDIR, MASKED, PREC)
+                brd_h, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, T5_MODE, MASKED, PREC)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
@@ -419,17 +584,39 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs
 
 
 @triton.jit
+def _dq_range(dq, lo, hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+              brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, T5_MODE: tl.constexpr,
+              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks [lo, hi) of the dQ pass, all of one kind."""
+    if T5_MODE == 2:
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=T5_NEAR_STAGES):  # see _fwd_range
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                          q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                          brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                          IS_CAUSAL, MASK_KIND, MASK_GRAD, T5_MODE, DROPOUT, MASKED, PREC)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+                          q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                          brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                          IS_CAUSAL, MASK_KIND, MASK_GRAD, T5_MODE, DROPOUT, MASKED, PREC)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
     s_dqb, s_dqh, s_dqm, s_dmb, s_dmh, s_dmm,
     CU_Q, CU_K, KLEN,
     M, s_mb, s_mh, s_mm, s_mn,
-    T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF,
+    BRD, s_brd, BKT, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
     seed, rng_stride, dropout_p,
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr, T5_BIDIR: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # 1. this program owns one query block of one (batch, head) and loops over the key blocks
@@ -457,18 +644,49 @@ def _attn_bwd_dq_kernel(
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after
+    # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after; with T5 each
+    #    range splits into far-left | near | far-right as in the forward
     full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
-    for n0 in range(0, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
-                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                      T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, T5_BIDIR, DROPOUT, False, PREC)
-    for n0 in range(full_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
-                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                      T5, s_tb, s_th, LUT, LUT_MAX, NB_HALF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, T5_BIDIR, DROPOUT, True, PREC)
+    if HAS_T5:
+        brd_h = BRD + h * s_brd
+        c_left = tl.load(brd_h)
+        c_right = tl.load(brd_h + 2 * RD_MAX)
+        left_hi, right_lo = _t5_far_key_blocks(m0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
+        x, y = _split3(0, full_hi, left_hi, right_lo)
+        dq = _dq_range(dq, 0, x, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, False, PREC, BLOCK_N)
+        dq = _dq_range(dq, x, y, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 2, DROPOUT, False, PREC, BLOCK_N)
+        dq = _dq_range(dq, y, full_hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, False, PREC, BLOCK_N)
+        x, y = _split3(full_hi, hi, left_hi, right_lo)
+        dq = _dq_range(dq, full_hi, x, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, True, PREC, BLOCK_N)
+        dq = _dq_range(dq, x, y, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 2, DROPOUT, True, PREC, BLOCK_N)
+        dq = _dq_range(dq, y, hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, True, PREC, BLOCK_N)
+    else:
+        dq = _dq_range(dq, 0, full_hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 0, DROPOUT, False, PREC, BLOCK_N)
+        dq = _dq_range(dq, full_hi, hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
+                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                       BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 0, DROPOUT, True, PREC, BLOCK_N)
     tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -492,6 +710,23 @@ def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p,
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class T5RelPos:
+    """T5's bucket function over the clamped relative position r = clamp(j − i, −radius, radius).
+
+    bucket: (2·radius + 1,) int32 on the kernels' device, bucket[r + radius]; every relative position
+    beyond ±radius shares the end value. The two saturated ends are constant over whole ranges:
+    r <= −sat_left maps to bucket_left (= bucket[0]) and r >= sat_right to bucket_right (= bucket[-1]),
+    with sat_left >= 0 and sat_right >= 1, so a tile wholly inside one of them sees one bias value.
+    """
+    bucket: torch.Tensor
+    radius: int
+    sat_left: int
+    sat_right: int
+    bucket_left: int
+    bucket_right: int
+
+
 @dataclasses.dataclass
 class AttnSpec:
     """Everything besides q/k/v that shapes one attention call.
@@ -499,7 +734,7 @@ class AttnSpec:
     Dense: q (B, H, Lq, D), k/v (B, H_kv, Lk, D). Varlen: q (Tq, H, D), k/v (Tk, H_kv, D) with
     cu_q/cu_k (B + 1,) int32 and max_q/max_k. mask: a (B, H, Lq, Lk) *expanded view* (stride 0 on
     broadcast dims) of bool (stored as uint8) or float; klen: (B,) int32 key lengths (fast path).
-    t5_table: (NB, H); t5_lut: (lut_max + 1,) int32 bucket of each distance (within one direction).
+    t5_table: (NB, H) with t5_rel, its bucket function over relative positions.
     """
     scale: float
     causal: bool = False
@@ -513,8 +748,7 @@ class AttnSpec:
     max_q: int = 0
     max_k: int = 0
     t5_table: Optional[torch.Tensor] = None
-    t5_lut: Optional[torch.Tensor] = None
-    t5_bidirectional: bool = True
+    t5_rel: Optional["T5RelPos"] = None
     t5_grad: bool = False
 
     @property
@@ -609,14 +843,17 @@ def _common_args(q, spec: AttnSpec, Lk: int, D: int):
         mask_args = (dummy, 0, 0, 0, 0)
         mask_kind = 0
     if spec.t5_table is not None:
-        t = spec.t5_table
-        t5_args = (t, t.stride(0), t.stride(1), spec.t5_lut, spec.t5_lut.numel() - 1, t.shape[0] // 2)
+        rp = spec.t5_rel
+        # (H, 2R + 1) fp32: each head's bias at each clamped relative position, in log2 units (tiny)
+        brd = (spec.t5_table.detach().float().index_select(0, rp.bucket) * LOG2E).t().contiguous()
+        t5_args = (brd, brd.stride(0), rp.bucket, rp.radius, rp.sat_left, rp.sat_right, rp.bucket_left,
+                   rp.bucket_right)
     else:
-        t5_args = (dummy, 0, 0, dummy, 0, 0)
+        t5_args = (dummy, 0, dummy, 0, 0, 0, 0, 0)
     rng_stride = spec.max_k if spec.varlen else Lk
     BD = max(16, triton.next_power_of_2(D))
     flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
-                 HAS_T5=spec.t5_table is not None, T5_BIDIR=spec.t5_bidirectional, DROPOUT=spec.dropout_p > 0,
+                 HAS_T5=spec.t5_table is not None, DROPOUT=spec.dropout_p > 0,
                  PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D)
     return cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags
 
@@ -681,7 +918,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
             cu_q, cu_k, klen, *mask_args, *t5_args,
             spec.seed, rng_stride, spec.dropout_p,
             H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, **flags,
+            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, T5_RW=triton.next_power_of_2(BM + BN - 1), **flags,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
         )
         return dt

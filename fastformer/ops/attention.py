@@ -164,16 +164,17 @@ def _last_dim_contiguous(t):
 
 
 def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                       t5_table=None, t5_lut=None, t5_bidirectional=True):
+                       t5_table=None, t5_rel=None):
     """Kernel path for validated 4D inputs. q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) -> (B, H, Lq, D).
-    attn_mask: None or bool/float broadcastable to (B, H, Lq, Lk). t5_table: (NB, H) with its lut."""
+    attn_mask: None or bool/float broadcastable to (B, H, Lq, Lk). t5_table: (NB, H) with its bucket function
+    t5_rel (kernels.attention.T5RelPos)."""
     from ..kernels.attention import AttnSpec
 
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     spec = AttnSpec(scale=1.0 / math.sqrt(D) if scale is None else float(scale), causal=bool(is_causal),
-                    dropout_p=float(dropout_p), t5_lut=t5_lut, t5_bidirectional=t5_bidirectional)
+                    dropout_p=float(dropout_p), t5_rel=t5_rel)
     float_mask = None
     if attn_mask is not None:
         m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

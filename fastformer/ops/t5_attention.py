@@ -4,10 +4,11 @@
                           attn_mask=None, is_causal=False, scale=1.0, dropout_p=0.0)
 
 score[b, h, i, j] = scale · q_i · k_j + bias_table[bucket(j − i), h], with `bucket` exactly Hugging
-Face T5's `_relative_position_bucket`. The kernels look the bucket of each distance up in a tiny
-(max(max_distance, num_buckets) + 1)-entry table built here with the reference bucket function on the
-tensors' device, so no (Lq, Lk) bias exists; `bias_table` gets a deterministic gradient (per-tile
-partial sums per bucket, reduced in a fixed order; no atomics).
+Face T5's `_relative_position_bucket`. The kernels get the bucket of every relative position
+r = clamp(j − i, −R, R), R = max(max_distance, num_buckets), as a tiny (2R + 1)-entry vector built
+here with the reference bucket function (past ±R the bucket no longer changes), so no (Lq, Lk) bias
+exists; `bias_table` gets a deterministic gradient (per-tile partial sums per bucket, reduced in a
+fixed order; no atomics).
 """
 from __future__ import annotations
 
@@ -21,22 +22,37 @@ from ._amp import autocast_cast, autocast_dtype, no_autocast
 from ._validate import FLOAT_DTYPES, check_range, check_tensor
 from .attention import _check_mask, _kernel_covers, fused_attention_4d
 
-__all__ = ["t5_attention", "relative_position_bucket", "bucket_lut"]
+__all__ = ["t5_attention", "relative_position_bucket", "relative_position_buckets"]
 
 
 @functools.lru_cache(maxsize=64)
-def _bucket_lut_cached(bidirectional: bool, num_buckets: int, max_distance: int, device: str) -> torch.Tensor:
-    n = max(max_distance, num_buckets) + 1
-    # distance d >= 0 looked at from the "non-positive relative position" side: for bidirectional
-    # buckets the kernel adds num_buckets // 2 when j > i, exactly as HF does
-    dist = torch.arange(n, device=device)
-    return relative_position_bucket(-dist, bidirectional, num_buckets, max_distance).to(torch.int32)
+def _rel_pos_cached(bidirectional: bool, num_buckets: int, max_distance: int, device: str):
+    from ..kernels.attention import T5RelPos
+
+    radius = max(max_distance, num_buckets)
+    rel = torch.arange(-radius, radius + 1)
+    bucket = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    if bool((bucket < 0).any()) or bool((bucket >= num_buckets).any()):
+        raise ValueError(f"max_distance={max_distance} with num_buckets={num_buckets} gives buckets outside "
+                         f"[0, {num_buckets}) (max_distance must exceed the exact-bucket range)")
+    b = bucket.tolist()
+    # the constant runs at both ends: r <= -sat_left all map to b[0], r >= sat_right all to b[-1]
+    i = 0
+    while i + 1 < len(b) and b[i + 1] == b[0]:
+        i += 1
+    j = len(b) - 1
+    while j - 1 >= 0 and b[j - 1] == b[-1]:
+        j -= 1
+    sat_left = max(radius - i, 0)     # index i is relative position i - radius
+    sat_right = max(j - radius, 1)
+    return T5RelPos(bucket=bucket.to(device=device, dtype=torch.int32), radius=radius, sat_left=sat_left,
+                    sat_right=sat_right, bucket_left=b[0], bucket_right=b[-1])
 
 
-def bucket_lut(bidirectional: bool, num_buckets: int, max_distance: int, device) -> torch.Tensor:
-    """(max(max_distance, num_buckets) + 1,) int32: the bucket of each distance |j − i| (within one
-    direction); every larger distance shares the last entry's bucket."""
-    return _bucket_lut_cached(bool(bidirectional), int(num_buckets), int(max_distance), str(torch.device(device)))
+def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distance: int, device):
+    """The kernels' view of T5's bucket function (kernels.attention.T5RelPos), cached per config and
+    device. Raises ValueError when the configuration gives a bucket outside [0, num_buckets)."""
+    return _rel_pos_cached(bool(bidirectional), int(num_buckets), int(max_distance), str(torch.device(device)))
 
 
 def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max_distance=128, attn_mask=None,
@@ -75,10 +91,9 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
     _check_mask(attn_mask, B, H, Lq, k.shape[2], q.device)
     check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
     kw = dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    rel = relative_position_buckets(bidirectional, num_buckets, max_distance, q.device)  # validates the config
     if not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
         return t5_attention_reference(q, k, v, bias_table, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                       dropout_p=dropout_p, **kw)
-    lut = bucket_lut(bidirectional, num_buckets, max_distance, q.device)
-    table = bias_table if bias_table.stride(-1) == 1 else bias_table.contiguous()
     return fused_attention_4d(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                              t5_table=table, t5_lut=lut, t5_bidirectional=bool(bidirectional))
+                              t5_table=bias_table, t5_rel=rel)

@@ -2,11 +2,14 @@
 own bucket function; gradients of q, k, v and the bias table; deterministic table gradient."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastformer as ff
+import fastformer.kernels.attention as KA
 from conftest import assert_close
 from fastformer.ops.attention import capture_dropout_masks
-from fastformer.ops.t5_attention import bucket_lut
+from fastformer.ops.t5_attention import relative_position_buckets
 from fastformer.reference.attention import sdpa_reference
 from fastformer.reference.t5_attention import relative_position_bucket
 
@@ -40,13 +43,27 @@ def test_bucket_function_matches_hf(bidirectional, num_buckets, max_distance):
     hf = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
                                                max_distance=max_distance)
     assert torch.equal(ours, hf)
-    # the kernel's lookup table agrees with HF on every distance it covers, and beyond (clamped)
-    lut = bucket_lut(bidirectional, num_buckets, max_distance, "cpu").long()
-    d = torch.arange(0, 700)
-    half = num_buckets // 2 if bidirectional else 0
-    assert torch.equal(lut[d.clamp(max=lut.numel() - 1)], hf[700 - d, 0])
-    if bidirectional:
-        assert torch.equal(half + lut[d[1:].clamp(max=lut.numel() - 1)], hf[700 + d[1:], 0])
+    # the kernels' bucket vector over clamped relative positions agrees with HF on every relative
+    # position, and its saturated ends really are constant from sat_left / sat_right on
+    rp = relative_position_buckets(bidirectional, num_buckets, max_distance, "cpu")
+    r = torch.arange(-700, 700)
+    ours_k = rp.bucket.long()[r.clamp(-rp.radius, rp.radius) + rp.radius]
+    assert torch.equal(ours_k, hf[:, 0])
+    assert rp.sat_left >= 0 and rp.sat_right >= 1
+    assert bool((ours_k[r <= -rp.sat_left] == rp.bucket_left).all())
+    assert bool((ours_k[r >= rp.sat_right] == rp.bucket_right).all())
+    # and the runs are maximal (one step closer in, the bucket differs), so far tiles are as many as can be
+    if rp.sat_left > 0:
+        assert int(ours_k[r == -rp.sat_left + 1]) != rp.bucket_left
+    if rp.sat_right > 1:
+        assert int(ours_k[r == rp.sat_right - 1]) != rp.bucket_right
+
+
+def test_invalid_bucket_config_is_a_value_error():
+    # max_distance below the exact range makes HF's formula produce negative buckets
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="max_distance"):
+        ff.t5_attention(q, q, q, torch.randn(32, 1), num_buckets=32, max_distance=4)
 
 
 @pytest.mark.parametrize("bidirectional,causal,B,H,Lq,Lk,D", [
@@ -69,6 +86,45 @@ def test_t5_forward_backward(bidirectional, causal, B, H, Lq, Lk, D, device):
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     assert_close(out, ref, torch.float32, "out")
     for name, g, rg in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
+        assert_close(g, rg, torch.float32, name)
+
+
+@pytest.mark.parametrize("bidirectional,nb,md,causal,Lq,Lk,mask_kind,p", [
+    (True, 8, 12, False, 130, 130, "klen", 0.0),     # far-left, near and far-right tiles, masked and not
+    (True, 4, 3, False, 75, 140, "bool", 0.0),       # a two-bucket-per-side config, general bool mask
+    (False, 8, 12, True, 130, 130, None, 0.0),       # decoder: far-left tiles below the diagonal
+    (False, 6, 9, False, 96, 70, "float", 0.0),      # unidirectional without causal: far-right = bucket 0
+    (True, 8, 12, False, 97, 97, "klen", 0.3),       # dropout through far and near tiles
+])
+def test_t5_far_and_near_tiles(bidirectional, nb, md, causal, Lq, Lk, mask_kind, p, device):
+    """Small max_distance so that most tiles are 'far' (one constant bias, one dS sum for the table
+    gradient) even at these lengths; every kind of tile and range split is compared with HF's bias."""
+    torch.manual_seed(0)
+    B, H, D = 2, 2, 16
+    q = torch.randn(B, H, Lq, D, device=device)
+    k, v = (torch.randn(B, H, Lk, D, device=device) for _ in range(2))
+    table = torch.randn(nb, H, device=device)
+    mask = None
+    if mask_kind == "klen":
+        mask = (torch.arange(Lk)[None, :] < torch.tensor([Lk, Lk // 3])[:, None]).to(device)[:, None, None, :]
+    elif mask_kind == "bool":
+        mask = (torch.rand(B, 1, Lq, Lk, device=device) > 0.3)
+    elif mask_kind == "float":
+        mask = torch.randn(1, H, Lq, Lk, device=device).requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    kw = dict(bidirectional=bidirectional, num_buckets=nb, max_distance=md, is_causal=causal, dropout_p=p)
+    with ff.use_backend("triton"), capture_dropout_masks() as masks:
+        out = ff.t5_attention(*leaves, attn_mask=mask, **kw)
+    dout = torch.randn_like(out)
+    wrt = leaves + ([mask] if mask_kind == "float" else [])
+    grads = torch.autograd.grad(out, wrt, dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, table)]
+    ref_mask = mask.detach().double().requires_grad_() if mask_kind == "float" else mask
+    ref = _hf_reference(*ref_leaves, bidirectional=bidirectional, num_buckets=nb, max_distance=md,
+                        attn_mask=ref_mask, is_causal=causal, dropout_p=p, dropout_mask=masks[0] if p else None)
+    ref_grads = torch.autograd.grad(ref, ref_leaves + ([ref_mask] if mask_kind == "float" else []), dout.double())
+    assert_close(out, ref, torch.float32, "out")
+    for name, g, rg in zip(("dq", "dk", "dv", "dtable", "dmask"), grads, ref_grads):
         assert_close(g, rg, torch.float32, name)
 
 
@@ -151,3 +207,41 @@ def test_t5_cuda(dtype):
     assert_close(out, ref, dtype, "out", 2.0)
     for name, g, rg in zip(("dq", "dk", "dv", "dtable"), runs[0], ref_grads):
         assert_close(g, rg, dtype, name, 2.0)
+
+
+@triton.jit
+def _far_bounds_probe(OUT, SATS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    i = tl.program_id(0)  # block index
+    c = tl.program_id(1)  # (sat_left, sat_right) case
+    sat_l = tl.load(SATS + 2 * c)
+    sat_r = tl.load(SATS + 2 * c + 1)
+    left_hi, right_lo = KA._t5_far_key_blocks(i * BLOCK_M, sat_l, sat_r, BLOCK_M, BLOCK_N)
+    right_hi, left_lo = KA._t5_far_query_blocks(i * BLOCK_N, sat_l, sat_r, BLOCK_M, BLOCK_N)
+    base = OUT + 4 * (c * tl.num_programs(0) + i)
+    tl.store(base + 0, left_hi)
+    tl.store(base + 1, right_lo)
+    tl.store(base + 2, right_hi)
+    tl.store(base + 3, left_lo)
+
+
+@pytest.mark.parametrize("BM,BN", [(32, 16), (16, 32)])
+def test_far_block_bounds_are_exact(BM, BN, device):
+    """The far/near split of the kernels against brute force: a key (query) block is far exactly when
+    every j − i of its tile is <= −sat_left (far left) or >= sat_right (far right); the bounds must
+    be the largest / smallest such block starts, for every residue of the saturation distances."""
+    n = 10
+    cases = [(sl, sr) for sl in range(0, 2 * max(BM, BN) + 3) for sr in (1, sl + 1, sl + 7)]
+    sats = torch.tensor(cases, dtype=torch.int32, device=device).flatten()
+    out = torch.empty(len(cases) * n * 4, dtype=torch.int32, device=device)
+    _far_bounds_probe[(n, len(cases))](out, sats, BLOCK_M=BM, BLOCK_N=BN)
+    got = out.view(len(cases), n, 4).tolist()
+    key_starts = range(0, (n + 8) * BM, BN)
+    q_starts = range(0, (n + 8) * BN + BM, BM)
+    for c, (sat_l, sat_r) in enumerate(cases):
+        for i in range(n):
+            m0, n0 = i * BM, i * BN
+            left_hi = BN * sum(1 for s in key_starts if s + BN - 1 - m0 <= -sat_l)
+            right_lo = min(s for s in key_starts if s - (m0 + BM - 1) >= sat_r)
+            right_hi = BM * sum(1 for s in q_starts if n0 - (s + BM - 1) >= sat_r)
+            left_lo = min(s for s in q_starts if n0 + BN - 1 - s <= -sat_l)
+            assert got[c][i] == [left_hi, right_lo, right_hi, left_lo], (sat_l, sat_r, i)
