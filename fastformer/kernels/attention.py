@@ -236,7 +236,7 @@ def _attn_fwd_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
     CU_Q, CU_K, KLEN,
     M, s_mb, s_mh, s_mm, s_mn,
-    BRD, s_brd, BKT, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
+    BRD, s_brd, ZPTS, ZW, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
     seed, rng_stride, dropout_p,
     H, GROUP, Lq, Lk, D, qk_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -358,15 +358,15 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, n0,
+def _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, n0,
                offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-               brd_h, t5_c, BKT, RD_MAX, seed, rng_stride, dropout_p,
+               brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr, T5_GRAD: tl.constexpr,
-               T5_RW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+               T5_NZ: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block against the program's key block: dV += P_dropᵀ dO, dK += dSᵀ Q, and the T5
     table's gradient: a far tile adds Σ dS to the scalar t5_acc (its one bucket), a near tile adds
-    its per-bucket sums of dS into dt (NB_PAD,)."""
+    to dt (NZ,) its Σ dS below each change point of the bucket function."""
     # recompute P from the saved lse; rows past q_len load lse = +inf, so their P is 0 without a mask
     offs_m = m0 + offs_m0
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
@@ -392,43 +392,38 @@ def _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base
         if T5_MODE == 1:
             t5_acc += tl.sum(tl.sum(ds, 1), 0)
         if T5_MODE == 2:
-            bucket = tl.load(BKT + _t5_rel_index(offs_m, offs_n, RD_MAX))
-            # the buckets this tile can touch are those of its BLOCK_M + BLOCK_N - 1 relative positions:
-            # find their range with a 1-D reduction, then reduce dS once per bucket in it
-            w = tl.arange(0, T5_RW)
-            rlo = n0 - (m0 + BLOCK_M - 1)
-            bv = tl.load(BKT + tl.minimum(tl.maximum(rlo + w, -RD_MAX), RD_MAX) + RD_MAX)
-            in_tile = w < BLOCK_M + BLOCK_N - 1
-            bmin = tl.min(tl.where(in_tile, bv, 1 << 30), 0)
-            bmax = tl.max(tl.where(in_tile, bv, -1), 0)
-            for bk in range(bmin, bmax + 1):
-                tot = tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0)
-                dt += tl.where(nb_idx == bk, tot, 0.0)
+            # for every change point z of the bucket function, Σ dS over the elements with j − i < z:
+            # row prefix sums, then per row the one column just before z (a gather inside the row).
+            # The caller turns these into per-bucket sums with a fixed ±1 matrix.
+            pre = tl.cumsum(ds, 1)
+            col = zpts[None, :] - (n0 - m0) + offs_m0[:, None] - 1   # (BM, NZ): last column with j − i < z
+            g = tl.gather(pre, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
+            dt += tl.sum(tl.where(col >= 0, g, 0.0), 0)
     return dk, dv, dt, t5_acc
 
 
 @triton.jit
-def _dkdv_range(dk, dv, dt, t5_acc, lo, hi, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, offs_m0, n0,
+def _dkdv_range(dk, dv, dt, t5_acc, lo, hi, zpts, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, offs_m0, n0,
                 offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                brd_h, t5_c, BKT, RD_MAX, seed, rng_stride, dropout_p,
+                brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr, T5_GRAD: tl.constexpr,
-                T5_RW: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+                T5_NZ: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The query blocks [lo, hi) against the program's key block, all of one kind."""
     if T5_MODE == 2:
         for m0 in tl.range(lo, hi, BLOCK_M, num_stages=T5_NEAR_STAGES):  # see _fwd_range
-            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm,
+            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, s_qm,
                                             s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, BKT, RD_MAX,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, RD_MAX,
                                             seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, T5_MODE, T5_GRAD,
-                                            T5_RW, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
+                                            T5_NZ, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
     else:
         for m0 in range(lo, hi, BLOCK_M):
-            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, nb_idx, k, v, q_base, do_base, l_base, d_base, s_qm,
+            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, s_qm,
                                             s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, BKT, RD_MAX,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, RD_MAX,
                                             seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, T5_MODE, T5_GRAD,
-                                            T5_RW, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
+                                            T5_NZ, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
     return dk, dv, dt, t5_acc
 
 
@@ -439,11 +434,11 @@ def _attn_bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_dtb, s_dth, s_dtn,
     CU_Q, CU_K, KLEN,
     M, s_mb, s_mh, s_mm, s_mn,
-    BRD, s_brd, BKT, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
+    BRD, s_brd, ZPTS, ZW, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
     seed, rng_stride, dropout_p,
     H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr, T5_RW: tl.constexpr,
+    HAS_T5: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr, T5_NZ: tl.constexpr,
     DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -482,6 +477,9 @@ def _attn_bwd_dkdv_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), q_len)
     if HAS_T5:
         right_hi, left_lo = _t5_far_query_blocks(n0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
+        zpts = tl.load(ZPTS + tl.arange(0, T5_NZ))
+    else:
+        zpts = tl.zeros([T5_NZ], tl.int32)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -489,7 +487,7 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b64 * s_ob + h.to(tl.int64) * s_oh + q_start.to(tl.int64) * s_om
         l_base = LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
         d_base = DELTA + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
-        dt = tl.zeros([NB_PAD], tl.float32)
+        dt = tl.zeros([T5_NZ], tl.float32)
         if HAS_T5:
             # 3. T5: each range splits into far-right | near | far-left query blocks (far ones add a
             #    constant bias and sum their dS into one scalar per side)
@@ -499,51 +497,54 @@ def _attn_bwd_dkdv_kernel(
             far_l = 0.0
             far_r = 0.0
             x, y = _split3(lo, full_lo, right_hi, left_lo)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, lo, x, nb_idx, k, v, q_base, do_base, l_base, d_base,
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, lo, x, zpts, k, v, q_base, do_base, l_base, d_base,
                                             s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
                                             DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, nb_idx, k, v, q_base, do_base, l_base, d_base,
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, zpts, k, v, q_base, do_base, l_base, d_base,
                                             s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_RW,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_NZ,
                                             DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, full_lo, nb_idx, k, v, q_base, do_base, l_base,
+            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, full_lo, zpts, k, v, q_base, do_base, l_base,
                                             d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, BKT, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
                                             DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
             x, y = _split3(full_lo, q_len, right_hi, left_lo)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, full_lo, x, nb_idx, k, v, q_base, do_base, l_base,
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, full_lo, x, zpts, k, v, q_base, do_base, l_base,
                                             d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
                                             DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, nb_idx, k, v, q_base, do_base, l_base, d_base,
+            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, zpts, k, v, q_base, do_base, l_base, d_base,
                                             s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, BKT, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_RW,
+                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_NZ,
                                             DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, q_len, nb_idx, k, v, q_base, do_base, l_base,
+            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, q_len, zpts, k, v, q_base, do_base, l_base,
                                             d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, BKT, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_RW,
+                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, RD_MAX,
+                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
                                             DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
             if T5_GRAD:
-                dt += tl.where(nb_idx == BK_L, far_l, 0.0) + tl.where(nb_idx == BK_R, far_r, 0.0)
-                tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dt)
+                # per bucket: near tiles through the change-point weights, far tiles into their one bucket
+                zw = tl.load(ZW + tl.arange(0, T5_NZ)[:, None] * NB_PAD + nb_idx[None, :])
+                dtb = tl.sum(dt[:, None] * zw, 0)
+                dtb += tl.where(nb_idx == BK_L, far_l, 0.0) + tl.where(nb_idx == BK_R, far_r, 0.0)
+                tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dtb)
         else:
             far = 0.0
-            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, lo, full_lo, nb_idx, k, v, q_base, do_base, l_base, d_base,
+            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, lo, full_lo, zpts, k, v, q_base, do_base, l_base, d_base,
                                           s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                          qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, BKT, RD_MAX,
-                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_RW,
+                                          qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, RD_MAX,
+                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_NZ,
                                           DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, full_lo, q_len, nb_idx, k, v, q_base, do_base, l_base,
+            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, full_lo, q_len, zpts, k, v, q_base, do_base, l_base,
                                           d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                          bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, BKT, RD_MAX,
-                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_RW,
+                                          bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, RD_MAX,
+                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_NZ,
                                           DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
     # 3. write dK (scale folded back in) and dV of this key block
     tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn
@@ -612,7 +613,7 @@ def _attn_bwd_dq_kernel(
     s_dqb, s_dqh, s_dqm, s_dmb, s_dmh, s_dmm,
     CU_Q, CU_K, KLEN,
     M, s_mb, s_mh, s_mm, s_mn,
-    BRD, s_brd, BKT, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
+    BRD, s_brd, ZPTS, ZW, RD_MAX, SAT_L, SAT_R, BK_L, BK_R,
     seed, rng_stride, dropout_p,
     H, GROUP, Lq, Lk, D, qk_scale, sm_scale,
     IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -718,6 +719,11 @@ class T5RelPos:
     beyond ±radius shares the end value. The two saturated ends are constant over whole ranges:
     r <= −sat_left maps to bucket_left (= bucket[0]) and r >= sat_right to bucket_right (= bucket[-1]),
     with sat_left >= 0 and sat_right >= 1, so a tile wholly inside one of them sees one bias value.
+
+    For the table's gradient on near tiles: zpts (NZ,) int32, the change points z (bucket(z) !=
+    bucket(z - 1)) in increasing order, padded with a huge value to a power of two NZ > their count;
+    zweights (NZ, NB_PAD) fp32 in {-1, 0, 1} such that, with A[t] = Σ dS over elements with j − i <
+    zpts[t], the per-bucket sums are A @ zweights (each bucket's run is a difference of two A's).
     """
     bucket: torch.Tensor
     radius: int
@@ -725,6 +731,8 @@ class T5RelPos:
     sat_right: int
     bucket_left: int
     bucket_right: int
+    zpts: torch.Tensor
+    zweights: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -846,10 +854,10 @@ def _common_args(q, spec: AttnSpec, Lk: int, D: int):
         rp = spec.t5_rel
         # (H, 2R + 1) fp32: each head's bias at each clamped relative position, in log2 units (tiny)
         brd = (spec.t5_table.detach().float().index_select(0, rp.bucket) * LOG2E).t().contiguous()
-        t5_args = (brd, brd.stride(0), rp.bucket, rp.radius, rp.sat_left, rp.sat_right, rp.bucket_left,
+        t5_args = (brd, brd.stride(0), rp.zpts, rp.zweights, rp.radius, rp.sat_left, rp.sat_right, rp.bucket_left,
                    rp.bucket_right)
     else:
-        t5_args = (dummy, 0, dummy, 0, 0, 0, 0, 0)
+        t5_args = (dummy, 0, dummy, dummy, 0, 0, 0, 0, 0)
     rng_stride = spec.max_k if spec.varlen else Lk
     BD = max(16, triton.next_power_of_2(D))
     flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
@@ -902,7 +910,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
     dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
     cfg = _blocks(D, "dkdv", q.element_size())
-    nb_pad = triton.next_power_of_2(spec.t5_table.shape[0]) if spec.t5_grad else 1
+    nb_pad = spec.t5_rel.zweights.shape[1] if spec.t5_grad else 1  # next power of two >= num_buckets
 
     def dkdv(cfg_):
         BM, BN, warps, stages = cfg_
@@ -918,7 +926,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
             cu_q, cu_k, klen, *mask_args, *t5_args,
             spec.seed, rng_stride, spec.dropout_p,
             H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, T5_RW=triton.next_power_of_2(BM + BN - 1), **flags,
+            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, T5_NZ=spec.t5_rel.zpts.numel() if spec.t5_grad else 1, **flags,
             BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
         )
         return dt

@@ -45,8 +45,29 @@ def _rel_pos_cached(bidirectional: bool, num_buckets: int, max_distance: int, de
         j -= 1
     sat_left = max(radius - i, 0)     # index i is relative position i - radius
     sat_right = max(j - radius, 1)
+    zpts, zweights = _change_point_weights(b, radius, num_buckets)
     return T5RelPos(bucket=bucket.to(device=device, dtype=torch.int32), radius=radius, sat_left=sat_left,
-                    sat_right=sat_right, bucket_left=b[0], bucket_right=b[-1])
+                    sat_right=sat_right, bucket_left=b[0], bucket_right=b[-1], zpts=zpts.to(device),
+                    zweights=zweights.to(device))
+
+
+def _change_point_weights(b, radius, num_buckets):
+    """Change points z of the bucket function (bucket(z) != bucket(z - 1), b[i] = bucket(i - radius)),
+    padded to a power of two > their count, and the ±1 matrix W with per-bucket sum = Σ_t A[t] W[t]
+    where A[t] = Σ dS over j − i < z_t (padding z = huge, so A = the total there)."""
+    z = [i - radius for i in range(1, len(b)) if b[i] != b[i - 1]]
+    m = len(z)
+    nz = 1 << m.bit_length()           # a power of two > m: one padded entry at least holds the total
+    nb_pad = 1 << max(num_buckets - 1, 0).bit_length()
+    w = torch.zeros(nz, nb_pad, dtype=torch.float32)
+    for t in range(m + 1):
+        before = b[0] if t == 0 else b[z[t - 1] + radius]   # the run that ends at z_t (or at the total)
+        w[t, before] += 1.0
+        if t < m:
+            w[t, b[z[t] + radius]] -= 1.0                   # the run that starts at z_t
+    pts = torch.full((nz,), 1 << 29, dtype=torch.int32)
+    pts[:m] = torch.tensor(z, dtype=torch.int32)
+    return pts, w
 
 
 def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distance: int, device):

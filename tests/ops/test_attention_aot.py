@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 import fastformer.kernels.attention as K
 
 INTS = {"H", "HK", "GROUP", "Lq", "Lk", "D", "RD_MAX", "SAT_L", "SAT_R", "BK_L", "BK_R", "rng_stride"}
-PTRS = {"CU_Q": "*i32", "CU_K": "*i32", "KLEN": "*i32", "BKT": "*i32", "BRD": "*fp32", "LSE": "*fp32",
+PTRS = {"CU_Q": "*i32", "CU_K": "*i32", "KLEN": "*i32", "ZPTS": "*i32", "ZW": "*fp32", "BRD": "*fp32", "LSE": "*fp32",
         "DELTA": "*fp32", "DT": "*fp32", "DM": "*fp32"}
 
 def build(fn, consts, warps, stages, arch=90, dt="bf16"):
@@ -51,7 +51,7 @@ smem = {}
 for t5 in (False, True):
     smem[f"fwd_t5={t5}"] = build(K._attn_fwd_kernel, dict(flags(t5), BLOCK_M=128, BLOCK_N=64), 4, 3)
     smem[f"dkdv_t5={t5}"] = build(K._attn_bwd_dkdv_kernel, dict(flags(t5, IS_CAUSAL=t5), T5_GRAD=t5, NB_PAD=32,
-                                  T5_RW=256, BLOCK_M=64, BLOCK_N=128), 8, 2)
+                                  T5_NZ=32, BLOCK_M=64, BLOCK_N=128), 8, 2)
     smem[f"dq_t5={t5}"] = build(K._attn_bwd_dq_kernel, dict(flags(t5, HAS_KLEN=True), MASK_GRAD=False, BLOCK_M=64,
                                 BLOCK_N=64), 4, 2)
 smem["fwd_d128_varlen_dropout"] = build(K._attn_fwd_kernel, dict(flags(False, D=128, IS_VARLEN=True, DROPOUT=True),
