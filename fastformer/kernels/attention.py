@@ -6,14 +6,14 @@ One family of kernels serves every attention op of fastformer:
 - packed variable-length sequences (total, H, D) with cu_seqlens (IS_VARLEN),
 - top-left aligned causal masking, per-batch key lengths (key-padding fast path: blocks past the
   length are never visited), a general bool/float mask read per tile through broadcast strides,
-- T5 relative-position bias: score += table[bucket(j − i), h]. The caller passes two tiny vectors over
-  the clamped relative position r = clamp(j − i, −R, R): the bucket of each r (int32, from Hugging
-  Face's function) and each head's bias at each r (fp32, pre-scaled to log2 units); no (Lq, Lk) tensor
-  exists. Key blocks whose every element is past the saturation distance ("far" tiles, most of them
-  at long L) see one constant bias and skip the per-element lookup; only the band of "near" tiles
-  around the diagonal reads the vectors per element. The table's gradient is reduced per tile (one
-  scalar sum for a far tile, per bucket for a near tile) into per-program partials
-  [B, H, n_key_blocks, NB] (no atomics) which the caller sums in a fixed order,
+- T5 relative-position bias: score += table[bucket(j − i), h], with no (Lq, Lk) tensor. Each tile
+  first checks (one scalar branch) whether every j − i in it lies past the saturation distance on
+  one side ("far": most tiles at long L); a far tile adds one constant and sends its Σ dS to one
+  bucket. A "near" tile reads each element's bias from a per-head vector over the clamped relative
+  position r = clamp(j − i, −R, R) (built by the caller, fp32, log2 units), and for the table's
+  gradient takes row prefix sums of dS gathered at the change points of the bucket function (a
+  fixed ±1 matrix turns those into per-bucket sums). Partials go to [B, H, n_key_blocks, NB] per
+  program (no atomics) and the caller sums them in a fixed order,
 - dropout with Philox (tl.rand) keyed by (seed, batch·head) and counted by (row, col): the keep-mask
   is regenerated in the backward and by `dropout_keep_mask` for tests, never stored.
 
@@ -37,8 +37,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# software-pipelining depth of the near-diagonal T5 loops (see _fwd_range)
-T5_NEAR_STAGES: tl.constexpr = tl.constexpr(1)
 
 # ----------------------------------------------------------------------------------------------
 # shared jit helpers
@@ -62,49 +60,34 @@ def _t5_rel_index(offs_m, offs_n, RD_MAX):
 
 
 @triton.jit
-def _split3(lo, hi, a, b):
-    """Split the block range [lo, hi) at a <= b into [lo, x) [x, y) [y, hi) (x, y clamped into it)."""
-    x = tl.minimum(tl.maximum(a, lo), hi)
-    y = tl.minimum(tl.maximum(b, x), hi)
-    return x, y
-
-
-@triton.jit
-def _t5_far_key_blocks(m0, SAT_L, SAT_R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the query block [m0, m0 + BLOCK_M): key blocks starting below left_hi have j − i <= −SAT_L
-    everywhere and those from right_lo on j − i >= SAT_R everywhere, so each sees one constant bias."""
-    x = m0 - SAT_L - (BLOCK_N - 1)  # the last key-block start that is wholly far left
-    left_hi = tl.where(x >= 0, (x // BLOCK_N + 1) * BLOCK_N, 0)
-    right_lo = tl.cdiv(m0 + (BLOCK_M - 1) + SAT_R, BLOCK_N) * BLOCK_N
-    return left_hi, right_lo
-
-
-@triton.jit
-def _t5_far_query_blocks(n0, SAT_L, SAT_R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the key block [n0, n0 + BLOCK_N): query blocks starting below right_hi have j − i >= SAT_R
-    everywhere (keys far to the right), those from left_lo on j − i <= −SAT_L everywhere."""
-    y = n0 - SAT_R - (BLOCK_M - 1)  # the last query-block start that is wholly far right
-    right_hi = tl.where(y >= 0, (y // BLOCK_M + 1) * BLOCK_M, 0)
-    left_lo = tl.cdiv(n0 + (BLOCK_N - 1) + SAT_L, BLOCK_M) * BLOCK_M
-    return right_hi, left_lo
+def _t5_tile_kind(m0, n0, brd_h, SAT_L, SAT_R, RD_MAX, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """T5 class of the tile rows [m0, m0 + BLOCK_M) x keys [n0, n0 + BLOCK_N): (far, far_left, c).
+    far: every j − i of the tile is <= −SAT_L (far left) or >= SAT_R (far right), so the whole tile
+    sees the one bias c and its dS goes to one bucket; otherwise the tile is near the diagonal and reads
+    its bias per element. A uniform scalar branch per tile: no per-element test on far tiles."""
+    far_left = n0 + (BLOCK_N - 1) - m0 <= -SAT_L
+    far_right = n0 - (m0 + BLOCK_M - 1) >= SAT_R
+    c = tl.load(brd_h + tl.where(far_left, 0, 2 * RD_MAX))
+    return far_left | far_right, far_left, c
 
 
 @triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale,
             M, s_mb, s_mh, s_mm, s_mn,
-            brd_h, t5_c, RD_MAX,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr,
+            brd_h, t5_far, t5_c, RD_MAX,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr,
             MASKED: tl.constexpr, PREC: tl.constexpr):
     """Scores of one tile in log2 units, -inf where a key is not visible. q: (BM, BD), k: (BN, BD).
     MASKED=False: the caller guarantees every key of the tile is in range and visible to every row
     (no mask tensor, below the causal diagonal), so no per-element test is made.
-    T5_MODE: 0 no bias; 1 the constant bias t5_c (a far tile); 2 per element from this head's
-    relative-position bias vector brd_h (a near tile)."""
+    HAS_T5: a far tile (t5_far) adds the constant t5_c, a near one this head's bias at each element's
+    clamped relative position from the vector brd_h."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if T5_MODE == 1:
-        s += t5_c
-    if T5_MODE == 2:
-        s += tl.load(brd_h + _t5_rel_index(offs_m, offs_n, RD_MAX))
+    if HAS_T5:
+        if t5_far:
+            s += t5_c
+        else:
+            s += tl.load(brd_h + _t5_rel_index(offs_m, offs_n, RD_MAX))
     if MASKED:
         inb = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
         valid = inb
@@ -178,20 +161,25 @@ def _key_block_bounds(m0, k_len, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexp
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
               q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-              brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr,
-              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+              brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr,
+              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the forward: scores, online-softmax update, acc += P V."""
     offs_n = n0 + offs_n0
     if MASKED:
         kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
+    t5_far = False
+    t5_c = 0.0
+    if HAS_T5:
+        t5_far, far_left, t5_c = _t5_tile_kind(m0, n0, brd_h, SAT_L, SAT_R, RD_MAX, BLOCK_M, BLOCK_N)
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                brd_h, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, T5_MODE, MASKED, PREC)
+                brd_h, t5_far, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, HAS_T5, MASKED, PREC)
     # a row that has seen no visible key yet keeps m = -inf: use 0 as its exponent base
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -204,30 +192,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0,
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, l_i, m_new
-
-
-@triton.jit
-def _fwd_range(acc, l_i, m_i, lo, hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-               q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-               brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
-               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr,
-               DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key blocks [lo, hi) of the forward, all of one kind (masked or not, T5 bias mode)."""
-    if T5_MODE == 2:
-        # near-diagonal T5 tiles gather their bias per element: no software pipelining here, so the
-        # compiler does not stage those gathers through shared memory (cp.async) for every tile
-        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=T5_NEAR_STAGES):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d,
-                                      d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                      brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
-                                      IS_CAUSAL, MASK_KIND, T5_MODE, DROPOUT, MASKED, PREC)
-    else:
-        for n0 in range(lo, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d,
-                                      d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                      brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
-                                      IS_CAUSAL, MASK_KIND, T5_MODE, DROPOUT, MASKED, PREC)
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -272,50 +236,19 @@ def _attn_fwd_kernel(
     # 3. keys past the sequence length (and, causal, past the last row of this block) are skipped;
     #    blocks wholly inside the length and below the diagonal run without per-element masking
     full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
-    if HAS_T5:
-        # 4. T5: each of the two ranges splits into far-left | near | far-right key blocks; far blocks
-        #    add this head's constant bias, near ones read it per element
-        brd_h = BRD + h * s_brd
-        c_left = tl.load(brd_h)
-        c_right = tl.load(brd_h + 2 * RD_MAX)
-        left_hi, right_lo = _t5_far_key_blocks(m0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
-        x, y = _split3(0, full_hi, left_hi, right_lo)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, 0, x, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, False, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, x, y, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 2, DROPOUT, False, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, y, full_hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
-                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, False, PREC, BLOCK_N)
-        x, y = _split3(full_hi, hi, left_hi, right_lo)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, full_hi, x, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
-                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, True, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, x, y, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 2, DROPOUT, True, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, y, hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                                   q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 1, DROPOUT, True, PREC, BLOCK_N)
-    else:
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, 0, full_hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
-                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 0, DROPOUT, False, PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, full_hi, hi, q, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d,
-                                   d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                   BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p,
-                                   IS_CAUSAL, MASK_KIND, 0, DROPOUT, True, PREC, BLOCK_N)
+    brd_h = BRD + h * s_brd  # T5: this head's bias per clamped relative position (unused otherwise)
+    for n0 in range(0, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
+                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                  brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p,
+                                  IS_CAUSAL, MASK_KIND, HAS_T5, DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
+                                  q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                  brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p,
+                                  IS_CAUSAL, MASK_KIND, HAS_T5, DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
 
-    # 5. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
+    # 4. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -358,15 +291,15 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, n0,
+def _dkdv_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, m0, offs_m0, n0,
                offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-               brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
-               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr, T5_GRAD: tl.constexpr,
-               T5_NZ: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+               brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_GRAD: tl.constexpr,
+               DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block against the program's key block: dV += P_dropᵀ dO, dK += dSᵀ Q, and the T5
-    table's gradient: a far tile adds Σ dS to the scalar t5_acc (its one bucket), a near tile adds
-    to dt (NZ,) its Σ dS below each change point of the bucket function."""
+    table's gradient: a far tile adds Σ dS to far_l or far_r (its one bucket), a near tile adds to
+    dt (NZ,) its Σ dS below each change point of the bucket function."""
     # recompute P from the saved lse; rows past q_len load lse = +inf, so their P is 0 without a mask
     offs_m = m0 + offs_m0
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
@@ -374,8 +307,13 @@ def _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, 
     do = tl.load(do_base + offs_m[:, None] * s_om + offs_d[None, :], mask=q_mask, other=0.0)
     lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("inf"))
     delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
+    t5_far = False
+    far_left = False
+    t5_c = 0.0
+    if HAS_T5:
+        t5_far, far_left, t5_c = _t5_tile_kind(m0, n0, brd_h, SAT_L, SAT_R, RD_MAX, BLOCK_M, BLOCK_N)
     s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                brd_h, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, T5_MODE, MASKED, PREC)
+                brd_h, t5_far, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, HAS_T5, MASKED, PREC)
     p = tl.exp2(s - lse[:, None])
     # dP = dO Vᵀ (dropped like P) ; dS = P (dP − Delta)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -389,9 +327,11 @@ def _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, 
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     if T5_GRAD:
-        if T5_MODE == 1:
-            t5_acc += tl.sum(tl.sum(ds, 1), 0)
-        if T5_MODE == 2:
+        if t5_far:
+            tot = tl.sum(tl.sum(ds, 1), 0)
+            far_l += tl.where(far_left, tot, 0.0)
+            far_r += tl.where(far_left, 0.0, tot)
+        else:
             # for every change point z of the bucket function, Σ dS over the elements with j − i < z:
             # row prefix sums, then per row the one column just before z (a gather inside the row).
             # The caller turns these into per-bucket sums with a fixed ±1 matrix.
@@ -399,32 +339,7 @@ def _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, 
             col = zpts[None, :] - (n0 - m0) + offs_m0[:, None] - 1   # (BM, NZ): last column with j − i < z
             g = tl.gather(pre, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
             dt += tl.sum(tl.where(col >= 0, g, 0.0), 0)
-    return dk, dv, dt, t5_acc
-
-
-@triton.jit
-def _dkdv_range(dk, dv, dt, t5_acc, lo, hi, zpts, k, v, q_base, do_base, l_base, d_base, s_qm, s_om, offs_m0, n0,
-                offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p,
-                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, T5_MODE: tl.constexpr, T5_GRAD: tl.constexpr,
-                T5_NZ: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The query blocks [lo, hi) against the program's key block, all of one kind."""
-    if T5_MODE == 2:
-        for m0 in tl.range(lo, hi, BLOCK_M, num_stages=T5_NEAR_STAGES):  # see _fwd_range
-            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, s_qm,
-                                            s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, T5_MODE, T5_GRAD,
-                                            T5_NZ, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
-    else:
-        for m0 in range(lo, hi, BLOCK_M):
-            dk, dv, dt, t5_acc = _dkdv_tile(dk, dv, dt, t5_acc, zpts, k, v, q_base, do_base, l_base, d_base, s_qm,
-                                            s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_c, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, T5_MODE, T5_GRAD,
-                                            T5_NZ, DROPOUT, MASKED, PREC, BLOCK_M, BLOCK_N)
-    return dk, dv, dt, t5_acc
+    return dk, dv, dt, far_l, far_r
 
 
 @triton.jit
@@ -476,7 +391,6 @@ def _attn_bwd_dkdv_kernel(
         full_lo = q_len
     full_lo = tl.minimum(tl.maximum(full_lo, lo), q_len)
     if HAS_T5:
-        right_hi, left_lo = _t5_far_query_blocks(n0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
         zpts = tl.load(ZPTS + tl.arange(0, T5_NZ))
     else:
         zpts = tl.zeros([T5_NZ], tl.int32)
@@ -487,65 +401,30 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b64 * s_ob + h.to(tl.int64) * s_oh + q_start.to(tl.int64) * s_om
         l_base = LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
         d_base = DELTA + b64 * s_lb + h.to(tl.int64) * s_lh + q_start
-        dt = tl.zeros([T5_NZ], tl.float32)
-        if HAS_T5:
-            # 3. T5: each range splits into far-right | near | far-left query blocks (far ones add a
-            #    constant bias and sum their dS into one scalar per side)
-            brd_h = BRD + h * s_brd
-            c_left = tl.load(brd_h)
-            c_right = tl.load(brd_h + 2 * RD_MAX)
-            far_l = 0.0
-            far_r = 0.0
-            x, y = _split3(lo, full_lo, right_hi, left_lo)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, lo, x, zpts, k, v, q_base, do_base, l_base, d_base,
-                                            s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
-                                            DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, zpts, k, v, q_base, do_base, l_base, d_base,
-                                            s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_NZ,
-                                            DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, full_lo, zpts, k, v, q_base, do_base, l_base,
-                                            d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
-                                            DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            x, y = _split3(full_lo, q_len, right_hi, left_lo)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, full_lo, x, zpts, k, v, q_base, do_base, l_base,
-                                            d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
-                                            DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_r = _dkdv_range(dk, dv, dt, far_r, x, y, zpts, k, v, q_base, do_base, l_base, d_base,
-                                            s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                            qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_right, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 2, T5_GRAD, T5_NZ,
-                                            DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far_l = _dkdv_range(dk, dv, dt, far_l, y, q_len, zpts, k, v, q_base, do_base, l_base,
-                                            d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                            bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, c_left, RD_MAX,
-                                            seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 1, T5_GRAD, T5_NZ,
-                                            DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
-            if T5_GRAD:
-                # per bucket: near tiles through the change-point weights, far tiles into their one bucket
-                zw = tl.load(ZW + tl.arange(0, T5_NZ)[:, None] * NB_PAD + nb_idx[None, :])
-                dtb = tl.sum(dt[:, None] * zw, 0)
-                dtb += tl.where(nb_idx == BK_L, far_l, 0.0) + tl.where(nb_idx == BK_R, far_r, 0.0)
-                tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dtb)
-        else:
-            far = 0.0
-            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, lo, full_lo, zpts, k, v, q_base, do_base, l_base, d_base,
-                                          s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh,
-                                          qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, RD_MAX,
-                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_NZ,
-                                          DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-            dk, dv, dt, far = _dkdv_range(dk, dv, dt, far, full_lo, q_len, zpts, k, v, q_base, do_base, l_base,
-                                          d_base, s_qm, s_om, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h,
-                                          bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn, BRD, 0.0, RD_MAX,
-                                          seed, rng_stride, dropout_p, IS_CAUSAL, MASK_KIND, 0, False, T5_NZ,
-                                          DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+        brd_h = BRD + h * s_brd  # T5: this head's bias per clamped relative position (unused otherwise)
+        dt = tl.zeros([T5_NZ], tl.float32)  # T5 near tiles: Σ dS below each change point
+        far_l = 0.0                         # T5 far tiles: Σ dS of the far-left / far-right bucket
+        far_r = 0.0
+        for m0 in range(lo, full_lo, BLOCK_M):
+            dk, dv, dt, far_l, far_r = _dkdv_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base,
+                                                  d_base, s_qm, s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len,
+                                                  k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                                  brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p,
+                                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_GRAD, DROPOUT, True, PREC,
+                                                  BLOCK_M, BLOCK_N)
+        for m0 in range(full_lo, q_len, BLOCK_M):
+            dk, dv, dt, far_l, far_r = _dkdv_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base,
+                                                  d_base, s_qm, s_om, m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len,
+                                                  k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                                                  brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p,
+                                                  IS_CAUSAL, MASK_KIND, HAS_T5, T5_GRAD, DROPOUT, False, PREC,
+                                                  BLOCK_M, BLOCK_N)
+        if T5_GRAD:
+            # per bucket: near tiles through the change-point weights, far tiles into their one bucket
+            zw = tl.load(ZW + tl.arange(0, T5_NZ)[:, None] * NB_PAD + nb_idx[None, :])
+            dtb = tl.sum(dt[:, None] * zw, 0)
+            dtb += tl.where(nb_idx == BK_L, far_l, 0.0) + tl.where(nb_idx == BK_R, far_r, 0.0)
+            tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dtb)
     # 3. write dK (scale folded back in) and dV of this key block
     tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn
              + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -554,21 +433,26 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-             brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, T5_MODE: tl.constexpr,
-             DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+             brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr,
+             DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the dQ pass: recompute P, dP, dS; dQ += dS K."""
     offs_n = n0 + offs_n0
     if MASKED:
         kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
+    t5_far = False
+    t5_c = 0.0
+    if HAS_T5:
+        t5_far, far_left, t5_c = _t5_tile_kind(m0, n0, brd_h, SAT_L, SAT_R, RD_MAX, BLOCK_M, BLOCK_N)
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _scores(q, k, offs_m, offs_n, q_len, k_len, b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                brd_h, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, T5_MODE, MASKED, PREC)
+                brd_h, t5_far, t5_c, RD_MAX, IS_CAUSAL, MASK_KIND, HAS_T5, MASKED, PREC)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
@@ -581,28 +465,6 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs
         # the caller)
         tl.store(DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + offs_m[:, None] * s_dmm + offs_n[None, :],
                  ds, mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
-    return dq
-
-
-@triton.jit
-def _dq_range(dq, lo, hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-              brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, T5_MODE: tl.constexpr,
-              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key blocks [lo, hi) of the dQ pass, all of one kind."""
-    if T5_MODE == 2:
-        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=T5_NEAR_STAGES):  # see _fwd_range
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
-                          q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                          brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                          IS_CAUSAL, MASK_KIND, MASK_GRAD, T5_MODE, DROPOUT, MASKED, PREC)
-    else:
-        for n0 in range(lo, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, n0, offs_m, offs_n0, offs_d, d_ok,
-                          q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                          brd_h, t5_c, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                          IS_CAUSAL, MASK_KIND, MASK_GRAD, T5_MODE, DROPOUT, MASKED, PREC)
     return dq
 
 
@@ -645,49 +507,19 @@ def _attn_bwd_dq_kernel(
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after; with T5 each
-    #    range splits into far-left | near | far-right as in the forward
+    # 2. key blocks: unmasked while wholly in range and below the diagonal, masked after
     full_hi, hi = _key_block_bounds(m0, k_len, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
-    if HAS_T5:
-        brd_h = BRD + h * s_brd
-        c_left = tl.load(brd_h)
-        c_right = tl.load(brd_h + 2 * RD_MAX)
-        left_hi, right_lo = _t5_far_key_blocks(m0, SAT_L, SAT_R, BLOCK_M, BLOCK_N)
-        x, y = _split3(0, full_hi, left_hi, right_lo)
-        dq = _dq_range(dq, 0, x, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, False, PREC, BLOCK_N)
-        dq = _dq_range(dq, x, y, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 2, DROPOUT, False, PREC, BLOCK_N)
-        dq = _dq_range(dq, y, full_hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, False, PREC, BLOCK_N)
-        x, y = _split3(full_hi, hi, left_hi, right_lo)
-        dq = _dq_range(dq, full_hi, x, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, True, PREC, BLOCK_N)
-        dq = _dq_range(dq, x, y, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       brd_h, c_left, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 2, DROPOUT, True, PREC, BLOCK_N)
-        dq = _dq_range(dq, y, hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       brd_h, c_right, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 1, DROPOUT, True, PREC, BLOCK_N)
-    else:
-        dq = _dq_range(dq, 0, full_hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 0, DROPOUT, False, PREC, BLOCK_N)
-        dq = _dq_range(dq, full_hi, hi, q, do, lse, delta, k_base, v_base, s_kn, s_vn, offs_m, offs_n0, offs_d, d_ok,
-                       q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                       BRD, 0.0, RD_MAX, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                       IS_CAUSAL, MASK_KIND, MASK_GRAD, 0, DROPOUT, True, PREC, BLOCK_N)
+    brd_h = BRD + h * s_brd  # T5: this head's bias per clamped relative position (unused otherwise)
+    for n0 in range(0, full_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
+                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                      brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
+                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
+                      brd_h, RD_MAX, SAT_L, SAT_R, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
+                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
     tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -768,7 +600,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(D: int, kind: str, itemsize: int = 2):
+def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False):
     """Fixed tile configs per head dim and element size (no autotune sweep; shared memory is sized
     for Hopper/Ampere: fp32 inputs get smaller tiles). kind: 'fwd' | 'dkdv' | 'dq'.
     Returns (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
@@ -777,6 +609,11 @@ def _blocks(D: int, kind: str, itemsize: int = 2):
         # the tests exercise the diagonal/tail logic with unequal tiles
         return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kind]
     wide = itemsize > 2
+    if t5 and not wide and D <= 128:
+        # the T5 bias adds per-tile state: these keep the 16-bit kernels free of register spills when
+        # compiled for sm_90 by Triton 3.6 (checked ahead of time: cuobjdump stack 0-24 B for fwd/dQ,
+        # 16 B (d64) / 168 B (d128) for dK/dV, against 24-856 B with the plain configs)
+        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 4, 2)}[kind]
     if kind == "fwd":
         if D <= 64:
             return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
@@ -877,7 +714,8 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
         lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
     _launch(
-        _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "fwd", q.element_size()),
+        _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H),
+        _blocks(D, "fwd", q.element_size(), spec.t5_table is not None),
         (q, k, v, o, lse,
          *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(o, spec), *_lse_strides(lse, spec),
          cu_q, cu_k, klen, *mask_args, *t5_args,
@@ -909,7 +747,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     zero_kv = spec.klen is not None
     dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
     dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
-    cfg = _blocks(D, "dkdv", q.element_size())
+    cfg = _blocks(D, "dkdv", q.element_size(), spec.t5_table is not None)
     nb_pad = spec.t5_rel.zweights.shape[1] if spec.t5_grad else 1  # next power of two >= num_buckets
 
     def dkdv(cfg_):
@@ -944,7 +782,8 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
     else:
         dm, dm_strides = None, (0, 0, 0)
     _launch(
-        _attn_bwd_dq_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H), _blocks(D, "dq", q.element_size()),
+        _attn_bwd_dq_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H),
+        _blocks(D, "dq", q.element_size(), spec.t5_table is not None),
         (q, k, v, do, lse, delta, dq, dm if dm is not None else q,
          *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
          *_strides(dq, spec), *dm_strides,

@@ -1,7 +1,7 @@
 """The interpreter never compiles the attention kernels: build them ahead of time for sm_90 / sm_80 with
 Triton's own ptxas (no GPU needed), so a GPU-only compile error fails CI here. Also guards the T5
-forward's shared memory: its near-diagonal loop reads the bias per element and must not be software-
-pipelined (that staged every gathered element through shared memory, 3.7x the plain kernel's)."""
+forward's shared memory: a near-diagonal tile reads the bias per element, and that gather must not be
+software-pipelined (which staged every gathered element through shared memory: 3.7x the plain kernel's)."""
 import json
 import os
 import subprocess
@@ -49,11 +49,15 @@ def flags(t5, D=64, **kw):
 
 smem = {}
 for t5 in (False, True):
-    smem[f"fwd_t5={t5}"] = build(K._attn_fwd_kernel, dict(flags(t5), BLOCK_M=128, BLOCK_N=64), 4, 3)
+    # the tile configs the launcher picks for bf16, d64 (plain / T5); TRITON_INTERPRET is unset here
+    bm, bn, w, st = K._blocks(64, "fwd", 2, t5)
+    smem[f"fwd_t5={t5}"] = build(K._attn_fwd_kernel, dict(flags(t5), BLOCK_M=bm, BLOCK_N=bn), w, st)
+    bm, bn, w, st = K._blocks(64, "dkdv", 2, t5)
     smem[f"dkdv_t5={t5}"] = build(K._attn_bwd_dkdv_kernel, dict(flags(t5, IS_CAUSAL=t5), T5_GRAD=t5, NB_PAD=32,
-                                  T5_NZ=32, BLOCK_M=64, BLOCK_N=128), 8, 2)
-    smem[f"dq_t5={t5}"] = build(K._attn_bwd_dq_kernel, dict(flags(t5, HAS_KLEN=True), MASK_GRAD=False, BLOCK_M=64,
-                                BLOCK_N=64), 4, 2)
+                                  T5_NZ=32, BLOCK_M=bm, BLOCK_N=bn), w, st)
+    bm, bn, w, st = K._blocks(64, "dq", 2, t5)
+    smem[f"dq_t5={t5}"] = build(K._attn_bwd_dq_kernel, dict(flags(t5, HAS_KLEN=True), MASK_GRAD=False, BLOCK_M=bm,
+                                BLOCK_N=bn), w, st)
 smem["fwd_d128_varlen_dropout"] = build(K._attn_fwd_kernel, dict(flags(False, D=128, IS_VARLEN=True, DROPOUT=True),
                                         BLOCK_M=128, BLOCK_N=64), 8, 3)
 smem["fwd_t5_sm80"] = build(K._attn_fwd_kernel, dict(flags(True, MASK_KIND=1), BLOCK_M=128, BLOCK_N=64), 4, 3, arch=80)
@@ -75,4 +79,5 @@ def test_attention_kernels_compile_for_gpu_without_one():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SMEM"))
     smem = json.loads(line[4:])
-    assert smem["fwd_t5=True"] <= 2 * smem["fwd_t5=False"], smem
+    # before: 88 KB against the plain kernel's 24 KB (gathers staged through shared memory)
+    assert smem["fwd_t5=True"] <= 2.5 * smem["fwd_t5=False"], smem

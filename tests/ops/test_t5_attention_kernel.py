@@ -210,38 +210,41 @@ def test_t5_cuda(dtype):
 
 
 @triton.jit
-def _far_bounds_probe(OUT, SATS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    i = tl.program_id(0)  # block index
-    c = tl.program_id(1)  # (sat_left, sat_right) case
+def _tile_kind_probe(OUT, BRD, SATS, RD_MAX, n_m, n_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    im = tl.program_id(0)
+    jn = tl.program_id(1)
+    c = tl.program_id(2)  # (sat_left, sat_right) case
     sat_l = tl.load(SATS + 2 * c)
     sat_r = tl.load(SATS + 2 * c + 1)
-    left_hi, right_lo = KA._t5_far_key_blocks(i * BLOCK_M, sat_l, sat_r, BLOCK_M, BLOCK_N)
-    right_hi, left_lo = KA._t5_far_query_blocks(i * BLOCK_N, sat_l, sat_r, BLOCK_M, BLOCK_N)
-    base = OUT + 4 * (c * tl.num_programs(0) + i)
-    tl.store(base + 0, left_hi)
-    tl.store(base + 1, right_lo)
-    tl.store(base + 2, right_hi)
-    tl.store(base + 3, left_lo)
+    far, far_left, bias = KA._t5_tile_kind(im * BLOCK_M, jn * BLOCK_N, BRD, sat_l, sat_r, RD_MAX, BLOCK_M, BLOCK_N)
+    base = OUT + 3 * ((c * n_m + im) * n_n + jn)
+    tl.store(base + 0, far.to(tl.float32))
+    tl.store(base + 1, far_left.to(tl.float32))
+    tl.store(base + 2, bias)
 
 
 @pytest.mark.parametrize("BM,BN", [(32, 16), (16, 32)])
-def test_far_block_bounds_are_exact(BM, BN, device):
-    """The far/near split of the kernels against brute force: a key (query) block is far exactly when
-    every j − i of its tile is <= −sat_left (far left) or >= sat_right (far right); the bounds must
-    be the largest / smallest such block starts, for every residue of the saturation distances."""
-    n = 10
-    cases = [(sl, sr) for sl in range(0, 2 * max(BM, BN) + 3) for sr in (1, sl + 1, sl + 7)]
+def test_tile_kind_is_exact(BM, BN, device):
+    """A tile is 'far' (one constant bias, one bucket for its dS) exactly when every j − i in it is
+    <= −sat_left (far left: bias at −R) or >= sat_right (far right: bias at +R); checked by brute force
+    over every residue of the saturation distances against the tile sizes."""
+    R = 5
+    brd = torch.tensor([10.0] + [0.0] * (2 * R - 1) + [20.0], device=device)
+    n_m, n_n = 4, 4
+    cases = [(sl, sr) for sl in range(0, 2 * max(BM, BN) + 3) for sr in (1, sl + 1)]
     sats = torch.tensor(cases, dtype=torch.int32, device=device).flatten()
-    out = torch.empty(len(cases) * n * 4, dtype=torch.int32, device=device)
-    _far_bounds_probe[(n, len(cases))](out, sats, BLOCK_M=BM, BLOCK_N=BN)
-    got = out.view(len(cases), n, 4).tolist()
-    key_starts = range(0, (n + 8) * BM, BN)
-    q_starts = range(0, (n + 8) * BN + BM, BM)
+    out = torch.empty(len(cases) * n_m * n_n * 3, device=device)
+    _tile_kind_probe[(n_m, n_n, len(cases))](out, brd, sats, R, n_m, n_n, BLOCK_M=BM, BLOCK_N=BN)
+    got = out.view(len(cases), n_m, n_n, 3).cpu()
+    # every element's j − i, enumerated: (n_m, n_n, BM, BN)
+    rows = torch.arange(n_m)[:, None, None, None] * BM + torch.arange(BM)[None, None, :, None]
+    cols = torch.arange(n_n)[None, :, None, None] * BN + torch.arange(BN)[None, None, None, :]
+    rel = (cols - rows).flatten(2)
     for c, (sat_l, sat_r) in enumerate(cases):
-        for i in range(n):
-            m0, n0 = i * BM, i * BN
-            left_hi = BN * sum(1 for s in key_starts if s + BN - 1 - m0 <= -sat_l)
-            right_lo = min(s for s in key_starts if s - (m0 + BM - 1) >= sat_r)
-            right_hi = BM * sum(1 for s in q_starts if n0 - (s + BM - 1) >= sat_r)
-            left_lo = min(s for s in q_starts if n0 + BN - 1 - s <= -sat_l)
-            assert got[c][i] == [left_hi, right_lo, right_hi, left_lo], (sat_l, sat_r, i)
+        left = (rel <= -sat_l).all(-1)
+        right = (rel >= sat_r).all(-1)
+        assert torch.equal(got[c, :, :, 0].bool(), left | right), (sat_l, sat_r)
+        assert torch.equal(got[c, :, :, 1].bool(), left), (sat_l, sat_r)
+        expect_bias = torch.where(left, 10.0, 20.0)
+        far = left | right
+        assert torch.equal(got[c, :, :, 2][far], expect_bias[far]), (sat_l, sat_r)
