@@ -14,9 +14,13 @@ z = z-loss coefficient; sA, sB the reduction scales of the CE and the z parts: 1
     dloss_i / dx_c = p_c * (sA * ((1 - eps) * w_t + eps / V * W) + sB * 2 z lse)
                      - sA * eps / V * w_c - sA * (1 - eps) * w_t * [c == t]
 
-With COMPUTE_GRAD the same program makes a second pass over its row and writes that gradient
-(times an optional per-row or scalar factor g) into `grad`, which may alias `logits`: every element
-is read before it is written by the same program, so the gradient can overwrite the logits in place.
+With COMPUTE_GRAD the same program writes that gradient (times an optional per-row or scalar factor
+g) into `grad`, which may alias `logits`: every element is read before it is written by the same
+program, so the gradient can overwrite the logits in place. When the whole row fits one block
+(ONE_BLOCK, V <= 32768 on GPUs) the row is read once and kept in registers: one read and one write
+per element, the floor of any fused fwd+bwd. Longer rows make a second pass over the row for the
+gradient, walking its blocks last-to-first so that the most recently read blocks, the likeliest
+still in L2, are read again first.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def _ce_fwd_kernel(
     loss_ptr, lse_ptr,         # (N,) fp32 outputs: scaled per-row loss, log-sum-exp
     V, ignore_index, eps, z,
     HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SMOOTH: tl.constexpr,
-    MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_l
@@ -80,24 +84,27 @@ def _ce_fwd_kernel(
         w_t = 1.0
 
     # 2. One pass of online softmax: running max m and running sum s of exp(x - m), block by block;
-    #    with label smoothing also sum_c w_c * x_c.
+    #    with label smoothing also sum_c w_c * x_c. ONE_BLOCK: the row is one block, kept for step 4.
     m = -float("inf")
     s = 0.0
     wx = 0.0
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        mask = offs < V
-        x = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
+    if ONE_BLOCK:
+        mask = cols < V
+        x_row = tl.load(logits_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        m = tl.max(x_row, axis=0)
+        s = tl.sum(tl.exp(x_row - m), axis=0)
         if SMOOTH:
-            xz = tl.where(mask, x, 0.0)
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                wx += tl.sum(w * xz, axis=0)
-            else:
-                wx += tl.sum(xz, axis=0)
+            wx = _smooth_term(x_row, cols, mask, weight_ptr, HAS_WEIGHT)
+    else:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+            if SMOOTH:
+                wx += _smooth_term(x, offs, mask, weight_ptr, HAS_WEIGHT)
     lse = m + tl.log(s)
 
     # 3. Per-row loss, already multiplied by the reduction scales.
@@ -105,7 +112,8 @@ def _ce_fwd_kernel(
     tl.store(loss_ptr + row, sA * ce + sB * z * lse * lse)
     tl.store(lse_ptr + row, lse)
 
-    # 4. Second pass: gradient p_c * coef - smoothing term - target term, times the factor g.
+    # 4. The gradient p_c * coef - smoothing term - target term, times the factor g: from the kept
+    #    row (ONE_BLOCK) or from a second pass, last block first (those are the likeliest in L2).
     if COMPUTE_GRAD:
         g = 1.0
         if HAS_GSCALE:
@@ -113,18 +121,38 @@ def _ce_fwd_kernel(
         coef = g * (sA * ((1.0 - eps) * w_t + (eps / V) * w_sum) + sB * 2.0 * z * lse)
         smooth = g * sA * (eps / V)
         hit = g * sA * (1.0 - eps) * w_t
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-            d = tl.exp(x - lse) * coef
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                d -= smooth * w
-            else:
-                d -= smooth
-            d = tl.where(offs == t, d - hit, d)
-            tl.store(grad_row + offs, d.to(grad_ptr.dtype.element_ty), mask=mask)
+        if ONE_BLOCK:
+            _ce_grad_block(x_row, cols, cols < V, t, lse, coef, smooth, hit, grad_row, weight_ptr, HAS_WEIGHT)
+        else:
+            n_blocks = tl.cdiv(V, BLOCK_V)
+            for i in range(0, n_blocks):
+                offs = (n_blocks - 1 - i) * BLOCK_V + cols
+                mask = offs < V
+                x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
+                _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, weight_ptr, HAS_WEIGHT)
+
+
+@triton.jit
+def _smooth_term(x, offs, mask, weight_ptr, HAS_WEIGHT: tl.constexpr):
+    """sum_c w_c * x_c over one block (label smoothing's term); masked columns count 0."""
+    xz = tl.where(mask, x, 0.0)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.sum(w * xz, axis=0)
+    return tl.sum(xz, axis=0)
+
+
+@triton.jit
+def _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, weight_ptr, HAS_WEIGHT: tl.constexpr):
+    """Write d loss / d x for one block of columns `offs` of a row (x: fp32 logits of the block)."""
+    d = tl.exp(x - lse) * coef
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d -= smooth * w
+    else:
+        d -= smooth
+    d = tl.where(offs == t, d - hit, d)
+    tl.store(grad_row + offs, d.to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -144,13 +172,23 @@ def _scale_rows_kernel(grad_ptr, stride_g, g_ptr, stride_gs, V, BLOCK_V: tl.cons
         tl.store(grad_row + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_and_warps(V: int, device: torch.device) -> tuple[int, int]:
+# rows up to this many columns are read once and kept in registers (32 per thread at 32 warps)
+ONE_BLOCK_MAX_V = 32768
+
+
+def _block_and_warps(V: int, device: torch.device, keep_row: bool = True) -> tuple[int, int, bool]:
+    """(BLOCK_V, num_warps, ONE_BLOCK). keep_row=False: always stream in 4096-wide blocks."""
     if device.type != "cuda":
         # The interpreter runs whole blocks as numpy arrays: a modest block keeps tests quick while
-        # still exercising the multi-block online softmax for V > 1024.
-        return min(1024, triton.next_power_of_2(V)), 1
+        # still exercising the multi-block online softmax for V > 1024 (and one block below that).
+        block = min(1024, triton.next_power_of_2(V))
+        return block, 1, keep_row and block >= V
+    if keep_row and 4096 < V <= ONE_BLOCK_MAX_V:
+        block = triton.next_power_of_2(V)
+        # compiled for sm_90 (Triton 3.6): 32 warps keep the 32k row at 64 registers a thread
+        return block, (32 if block >= 16384 else 16), True
     block = min(4096, triton.next_power_of_2(V))
-    return block, (16 if block >= 4096 else 8 if block >= 2048 else 4)
+    return block, (16 if block >= 4096 else 8 if block >= 2048 else 4), keep_row and block >= V
 
 
 def ce_forward(
@@ -187,7 +225,7 @@ def ce_forward(
     if mean and weight is not None:
         assert weight_den is not None, "reduction mean with class weights needs weight_den"
     wsum = weight.sum(dtype=torch.float32) if weight is not None else None
-    block, warps = _block_and_warps(V, logits.device)
+    block, warps, one_block = _block_and_warps(V, logits.device)
     dummy = loss   # any valid pointer for the arguments a specialisation never reads
     _ce_fwd_kernel[(N,)](
         logits, logits.stride(0),
@@ -202,7 +240,7 @@ def ce_forward(
         V, int(ignore_index), float(label_smoothing), float(z_loss),
         HAS_WEIGHT=weight is not None, HAS_GSCALE=gscale is not None, COMPUTE_GRAD=grad is not None,
         SMOOTH=float(label_smoothing) > 0.0, MEAN=mean,
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, ONE_BLOCK=one_block, num_warps=warps,
     )
     return loss, lse
 
@@ -212,7 +250,7 @@ def scale_rows_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     N, V = grad.shape
     if N == 0:
         return grad
-    block, warps = _block_and_warps(V, grad.device)
+    block, warps, _ = _block_and_warps(V, grad.device, keep_row=False)
     g = g.reshape(-1)
     _scale_rows_kernel[(N,)](grad, grad.stride(0), g, g.stride(0) if g.numel() > 1 else 0, V,
                              BLOCK_V=block, num_warps=warps)

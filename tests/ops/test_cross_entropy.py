@@ -54,8 +54,9 @@ def test_shapes_vs_torch(backend, N, V, reduction):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("z", [0.0, 1e-3])
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
-def test_features_and_combinations(backend, use_weight, eps, z, reduction):
-    N, V = 77, 1000
+@pytest.mark.parametrize("V", [1000, 2500])   # one block kept in registers / streamed twice (interpreter blocks: 1024)
+def test_features_and_combinations(backend, use_weight, eps, z, reduction, V):
+    N = 77
     x = torch.randn(N, V) * 2
     t = torch.randint(0, V, (N,))
     t[::5] = -100
@@ -178,10 +179,12 @@ for arch, dt, flags, mean in cases:
            "gscale_ptr": "*fp32", "stride_gs": "i32",
            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "eps": "fp32", "z": "fp32",
            "HAS_WEIGHT": "constexpr", "HAS_GSCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "SMOOTH": "constexpr",
-           "MEAN": "constexpr", "BLOCK_V": "constexpr"}
-    const = dict(HAS_WEIGHT=flags, HAS_GSCALE=flags, COMPUTE_GRAD=flags, SMOOTH=flags, MEAN=mean, BLOCK_V=4096)
-    triton.compile(ASTSource(fn=K._ce_fwd_kernel, signature=sig, constexprs=const),
-                   target=GPUTarget("cuda", arch, 32), options={"num_warps": 16})
+           "MEAN": "constexpr", "BLOCK_V": "constexpr", "ONE_BLOCK": "constexpr"}
+    for block, warps, one in ((4096, 16, False), (32768, 32, True)):   # streamed rows / a row kept whole
+        const = dict(HAS_WEIGHT=flags, HAS_GSCALE=flags, COMPUTE_GRAD=flags, SMOOTH=flags, MEAN=mean, BLOCK_V=block,
+                     ONE_BLOCK=one)
+        triton.compile(ASTSource(fn=K._ce_fwd_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     sig = {"grad_ptr": "*" + dt, "stride_g": "i64", "g_ptr": "*fp32", "stride_gs": "i32", "V": "i32", "BLOCK_V": "constexpr"}
     triton.compile(ASTSource(fn=K._scale_rows_kernel, signature=sig, constexprs={"BLOCK_V": 4096}),
                    target=GPUTarget("cuda", arch, 32), options={"num_warps": 16})
