@@ -13,12 +13,20 @@ zeros (torch gives NaN).
 Dropout in the kernels draws one seed from torch's default generator of the tensor's device
 (`torch.manual_seed` reproduces it); the keep-mask is regenerated in the backward. For tests,
 `with capture_dropout_masks() as masks:` collects the (B, H, Lq, Lk) keep-mask of every kernel call.
+
+Host syncs: checks that must read a tensor's values (is a bool mask a key-padding prefix? are
+cu_seqlens valid, what is their longest sequence?) are remembered per tensor while it lives
+unmodified (same object, storage and version counter), so the layers of a model that share one mask
+or one cu_seqlens pay the device-to-host sync once per forward, not once per layer; the CUDA dropout
+seed comes from the generator's host-side state (no sync).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 
@@ -45,8 +53,46 @@ def capture_dropout_masks():
         _captured = previous
 
 
+_MEMO: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+_MEMO_SIZE = 32
+
+
+def _memo(t: torch.Tensor, key, compute: Callable):
+    """compute() (a check that reads t's values, i.e. syncs with the device), remembered for this
+    tensor object while its storage and version counter are unchanged. An exception is not kept."""
+    tag = (t.data_ptr(), t._version, key)
+    entry = _MEMO.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == tag:
+        _MEMO.move_to_end(id(t))
+        return entry[2]
+    result = compute()
+    _MEMO[id(t)] = (weakref.ref(t), tag, result)
+    _MEMO.move_to_end(id(t))
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return result
+
+
+def _splitmix(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def _draw_seed(device: torch.device) -> int:
-    # from the default generator of the tensor's device, so torch.manual_seed reproduces dropout
+    """A 31-bit seed from the default generator of the tensor's device, so torch.manual_seed reproduces
+    dropout. On CUDA the generator's (seed, offset) live on the host: read them and advance the offset
+    as a kernel drawing random numbers would, instead of syncing on a device tensor."""
+    if device.type == "cuda":
+        try:
+            gen = torch.cuda.default_generators[device.index if device.index is not None
+                                                else torch.cuda.current_device()]
+            offset = gen.get_offset()
+            gen.set_offset(offset + 4)
+            return _splitmix(_splitmix(gen.initial_seed()) ^ offset) & 0x7FFFFFFF
+        except (AttributeError, RuntimeError, IndexError):   # an older torch: draw on the device
+            pass
     return int(torch.randint(0, 2**31 - 1, (1,), device=device).item())
 
 
@@ -144,14 +190,14 @@ def _check_mask(attn_mask, B, H, Lq, Lk, device):
 
 
 def _key_lengths(mask4: torch.Tensor):
-    """If a bool mask (B|1, 1, 1, Lk) is a prefix mask (True then False per batch row), its lengths
-    (int32) else None."""
+    """If a bool mask (B|1, 1, 1, Lk) is a prefix mask (True then False per batch row): (its lengths
+    (int32), whether any is shorter than Lk); else (None, False). Syncs with the device."""
     m = mask4[:, 0, 0, :]
     lengths = m.sum(-1)
     prefix = torch.arange(m.shape[-1], device=m.device)[None, :] < lengths[:, None]
     if bool((prefix == m).all()):
-        return lengths.to(torch.int32)
-    return None
+        return lengths.to(torch.int32), bool((lengths < m.shape[-1]).any())
+    return None, False
 
 
 def _kernel_covers(q, k, v) -> bool:
@@ -180,9 +226,9 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
         m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         if attn_mask.dtype == torch.bool:
             if m4.shape[1] == 1 and m4.shape[2] == 1:
-                klen = _key_lengths(m4)
+                klen, short = _memo(attn_mask, "key_lengths", lambda: _key_lengths(m4))
                 if klen is not None:
-                    if bool((klen < Lk).any()):
+                    if short:
                         spec.klen = klen.expand(B).contiguous()
                     m4 = None
             if m4 is not None:
@@ -241,6 +287,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                               scale=scale)
 
 
+def _check_cu(name: str, cu: torch.Tensor, total: int) -> int:
+    """Validate cumulative lengths (one device-to-host copy) and return the longest sequence."""
+    c = cu.tolist()
+    if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}")
+    return max((b - a for a, b in zip(c, c[1:])), default=0)
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p=0.0,
                      causal=False, scale=None):
     """Attention over packed variable-length sequences, no padding computed.
@@ -266,16 +320,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"v shape {tuple(v.shape)} must match k's first dims {tuple(k.shape[:2])}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q heads {q.shape[1]} must be a multiple of k heads {k.shape[1]}")
+    longest = {}
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
         if cu.numel() < 1:
             raise ValueError(f"{name} must hold at least one offset")
-        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total}")
+        longest[name] = _memo(cu, ("cu_seqlens", total),
+                              lambda cu=cu, total=total, name=name: _check_cu(name, cu, total))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item() if cu_seqlens_q.numel() > 1 else 0
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item() if cu_seqlens_k.numel() > 1 else 0
+    lq, lk = longest["cu_seqlens_q"], longest["cu_seqlens_k"]
     if int(max_seqlen_q) < lq:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence {lq}")
     if int(max_seqlen_k) < lk:

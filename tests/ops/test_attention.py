@@ -276,3 +276,48 @@ def test_dropout_p_one_gives_zeros_like_torch(backend):
     assert not ff.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3,
                                    dropout_p=1.0).any()
     assert not ff.t5_attention(q, q, q, torch.randn(32, 2), dropout_p=1.0).any()
+
+
+def test_host_checks_are_remembered_per_tensor(monkeypatch):
+    """The key-padding prefix check and the cu_seqlens check read values from the device; a model's
+    layers share one mask / cu_seqlens, so each is computed once while the tensor is unmodified,
+    and again after an in-place change (the version counter moves)."""
+    import fastformer.ops.attention as A
+
+    calls = {"klen": 0, "cu": 0}
+    real_klen, real_cu = A._key_lengths, A._check_cu
+    monkeypatch.setattr(A, "_key_lengths", lambda m: (calls.__setitem__("klen", calls["klen"] + 1), real_klen(m))[1])
+    monkeypatch.setattr(A, "_check_cu", lambda *a: (calls.__setitem__("cu", calls["cu"] + 1), real_cu(*a))[1])
+    q, k, v = _inputs(2, 2, 20, 20, 16, torch.float32, "cpu")
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    mask[1, ..., 12:] = False
+    with ff.use_backend("triton"):
+        a = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert calls["klen"] == 1 and torch.equal(a, b)
+        mask[1, ..., 5:] = False                       # in place: must be looked at again
+        c = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert calls["klen"] == 2
+        assert_close(c, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
+
+        cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+        qv = torch.randn(20, 2, 16)
+        ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
+        ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
+        assert calls["cu"] == 1                        # one tensor serves as cu_seqlens_q and _k: checked once
+        with pytest.raises(ValueError, match="max_seqlen_q"):
+            ff.varlen_attention(qv, qv, qv, cu, cu, 12, 13)   # the remembered longest length still checks
+        cu[1] = 25                                     # now invalid: the remembered result must not be used
+        with pytest.raises(ValueError, match="cu_seqlens_q"):
+            ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
+
+
+@pytest.mark.cuda
+def test_cuda_dropout_seed_follows_torch_manual_seed():
+    q, k, v = _inputs(2, 2, 64, 64, 32, torch.bfloat16, "cuda")
+    torch.manual_seed(3)
+    a = ff.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    b = ff.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    c = ff.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, c) and not torch.equal(a, b)
