@@ -321,3 +321,20 @@ def test_cuda_dropout_seed_follows_torch_manual_seed():
     torch.manual_seed(3)
     c = ff.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
     assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_tile_config_override(monkeypatch):
+    """FASTFORMER_ATTN_TILES replaces a built-in 16-bit tile config (for A/B benchmarks); bad text is
+    a ValueError naming the variable; fp32 keeps its own configs."""
+    import fastformer.kernels.attention as KA
+
+    monkeypatch.setattr(KA, "_interpreting", lambda: False)
+    builtin = KA._blocks(128, "dkdv", 2)
+    monkeypatch.setenv(KA.TILES_ENV, "dkdv:128=64,64,8,2; t5fwd:64=64,64,4,3")
+    assert KA._blocks(128, "dkdv", 2) == (64, 64, 8, 2) != builtin
+    assert KA._blocks(64, "fwd", 2, t5=True) == (64, 64, 4, 3)
+    assert KA._blocks(64, "fwd", 2) != (64, 64, 4, 3)      # the T5 override leaves the plain kernel alone
+    assert KA._blocks(128, "dkdv", 4) != (64, 64, 8, 2)
+    monkeypatch.setenv(KA.TILES_ENV, "dkdv:100=1,2,3")
+    with pytest.raises(ValueError, match="FASTFORMER_ATTN_TILES"):
+        KA._blocks(128, "dkdv", 2)
