@@ -18,13 +18,15 @@ Host syncs: checks that must read a tensor's values (is a bool mask a key-paddin
 cu_seqlens valid, what is their longest sequence?) are remembered per tensor while it lives
 unmodified (same object, storage and version counter), so the layers of a model that share one mask
 or one cu_seqlens pay the device-to-host sync once per forward, not once per layer; the CUDA dropout
-seed comes from the generator's host-side state (no sync).
+seed comes from the generator's host-side state (no sync). A write torch does not count (`.data`,
+numpy/DLPack views, custom kernels) is not seen: call `forget_host_checks()` after one.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import math
+import threading
 import weakref
 from typing import Callable, Optional
 
@@ -55,22 +57,36 @@ def capture_dropout_masks():
 
 _MEMO: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 _MEMO_SIZE = 32
+_MEMO_LOCK = threading.Lock()
 
 
 def _memo(t: torch.Tensor, key, compute: Callable):
     """compute() (a check that reads t's values, i.e. syncs with the device), remembered for this
-    tensor object while its storage and version counter are unchanged. An exception is not kept."""
+    tensor object while its storage and version counter are unchanged. An exception is not kept.
+    Inference-mode tensors have no version counter: for them the check always runs."""
+    if t.is_inference():
+        return compute()
     tag = (t.data_ptr(), t._version, key)
-    entry = _MEMO.get(id(t))
-    if entry is not None and entry[0]() is t and entry[1] == tag:
-        _MEMO.move_to_end(id(t))
-        return entry[2]
+    with _MEMO_LOCK:
+        entry = _MEMO.get(id(t))
+        if entry is not None and entry[0]() is t and entry[1] == tag:
+            _MEMO.move_to_end(id(t))
+            return entry[2]
     result = compute()
-    _MEMO[id(t)] = (weakref.ref(t), tag, result)
-    _MEMO.move_to_end(id(t))
-    while len(_MEMO) > _MEMO_SIZE:
-        _MEMO.popitem(last=False)
+    with _MEMO_LOCK:
+        _MEMO[id(t)] = (weakref.ref(t), tag, result)
+        _MEMO.move_to_end(id(t))
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
     return result
+
+
+def forget_host_checks() -> None:
+    """Drop every remembered mask / cu_seqlens check. Needed only after changing such a tensor by a
+    write torch does not count (through `.data`, a numpy or DLPack view, a custom kernel, a CUDA
+    graph replay): those leave its version counter as it was."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
 
 
 def _splitmix(x: int) -> int:
@@ -225,7 +241,7 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
     if attn_mask is not None:
         m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         if attn_mask.dtype == torch.bool:
-            if m4.shape[1] == 1 and m4.shape[2] == 1:
+            if m4.shape[1] == 1 and m4.shape[2] == 1 and m4.shape[3] == Lk:
                 klen, short = _memo(attn_mask, "key_lengths", lambda: _key_lengths(m4))
                 if klen is not None:
                     if short:

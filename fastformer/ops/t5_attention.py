@@ -29,12 +29,19 @@ __all__ = ["t5_attention", "relative_position_bucket", "relative_position_bucket
 def _rel_pos_cached(bidirectional: bool, num_buckets: int, max_distance: int, device: str):
     from ..kernels.attention import T5RelPos
 
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_distance <= max_exact:
+        # HF's log formula then decreases with distance and leaves [0, num_buckets) (negative buckets)
+        raise ValueError(f"max_distance={max_distance} must exceed the exact-bucket range {max_exact} of "
+                         f"num_buckets={num_buckets} ({'bi' if bidirectional else 'uni'}directional)")
     radius = max(max_distance, num_buckets)
-    rel = torch.arange(-radius, radius + 1)
-    bucket = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    # on the tensors' device, as Hugging Face computes it there (float32 log on that device); the
+    # host copy below is made once per configuration and device
+    rel = torch.arange(-radius, radius + 1, device=device)
+    bucket = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).cpu()
     if bool((bucket < 0).any()) or bool((bucket >= num_buckets).any()):
         raise ValueError(f"max_distance={max_distance} with num_buckets={num_buckets} gives buckets outside "
-                         f"[0, {num_buckets}) (max_distance must exceed the exact-bucket range)")
+                         f"[0, {num_buckets})")
     b = bucket.tolist()
     # the constant runs at both ends: r <= -sat_left all map to b[0], r >= sat_right all to b[-1]
     i = 0

@@ -338,3 +338,36 @@ def test_tile_config_override(monkeypatch):
     monkeypatch.setenv(KA.TILES_ENV, "dkdv:100=1,2,3")
     with pytest.raises(ValueError, match="FASTFORMER_ATTN_TILES"):
         KA._blocks(128, "dkdv", 2)
+
+
+def test_host_checks_under_inference_mode_and_untracked_writes():
+    """Inference tensors have no version counter: the checks just run. A write torch does not count
+    (.data) is not seen until forget_host_checks()."""
+    import fastformer.ops.attention as A
+
+    q, k, v = _inputs(2, 2, 20, 20, 16, torch.float32, "cpu")
+    with torch.inference_mode(), ff.use_backend("triton"):
+        mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+        mask[1, ..., 9:] = False
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+        qv = torch.randn(20, 2, 16)
+        ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
+    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    with ff.use_backend("triton"):
+        ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask.data[0, ..., 3:] = False              # bypasses the version counter
+        A.forget_host_checks()
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
+
+
+def test_bool_mask_broadcast_over_keys_is_not_key_lengths():
+    """A (B, 1, 1, 1) bool mask broadcasts one value over all keys; it is not a length-1 prefix."""
+    q, k, v = _inputs(2, 2, 9, 12, 16, torch.float32, "cpu")
+    mask = torch.tensor([True, False]).view(2, 1, 1, 1)
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert_close(out, ref, torch.float32)

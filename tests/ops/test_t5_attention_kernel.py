@@ -59,11 +59,12 @@ def test_bucket_function_matches_hf(bidirectional, num_buckets, max_distance):
         assert int(ours_k[r == rp.sat_right - 1]) != rp.bucket_right
 
 
-def test_invalid_bucket_config_is_a_value_error():
-    # max_distance below the exact range makes HF's formula produce negative buckets
+@pytest.mark.parametrize("bidirectional,nb,md", [(True, 32, 4), (True, 32, 8), (True, 16, 1), (False, 32, 16)])
+def test_invalid_bucket_config_is_a_value_error(bidirectional, nb, md):
+    # max_distance at or below the exact range makes HF's formula decrease and leave [0, num_buckets)
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="max_distance"):
-        ff.t5_attention(q, q, q, torch.randn(32, 1), num_buckets=32, max_distance=4)
+        ff.t5_attention(q, q, q, torch.randn(nb, 1), bidirectional=bidirectional, num_buckets=nb, max_distance=md)
 
 
 @pytest.mark.parametrize("bidirectional,causal,B,H,Lq,Lk,D", [
