@@ -35,6 +35,7 @@ import torch
 from ..backend import use_triton
 from ..reference.attention import sdpa_reference, varlen_reference
 from ._amp import autocast_cast, autocast_dtype, no_autocast
+from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, check_range, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -267,6 +268,7 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
 # ----------------------------------------------------------------------------------------------
 
 
+@opaque_to_compile
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -311,6 +313,7 @@ def _check_cu(name: str, cu: torch.Tensor, total: int) -> int:
     return max((b - a for a, b in zip(c, c[1:])), default=0)
 
 
+@opaque_to_compile
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p=0.0,
                      causal=False, scale=None):
     """Attention over packed variable-length sequences, no padding computed.

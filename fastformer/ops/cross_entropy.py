@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..backend import get_backend, use_triton
 from ._amp import autocast_cast, autocast_dtype, no_autocast
+from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 import fastformer.reference.cross_entropy as _ref
 
@@ -152,6 +153,7 @@ class _CrossEntropyFn(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+@opaque_to_compile
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -346,6 +348,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 None, None, None, None, None, None, None, None)
 
 
+@opaque_to_compile
 def linear_cross_entropy(
     input: torch.Tensor,
     weight: torch.Tensor,
