@@ -50,6 +50,25 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
 
 
+def compile_ahead_of_time(script: str, timeout: int = 600):
+    """Run `script` (Python source that compiles Triton kernels for a GPU target with
+    triton.compile) in a subprocess without TRITON_INTERPRET, from the repository root. Skips when
+    this triton has no NVIDIA backend. Returns the CompletedProcess (text stdout/stderr)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"triton has no NVIDIA backend here: {exc}")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

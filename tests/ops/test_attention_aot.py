@@ -3,14 +3,10 @@ Triton's own ptxas (no GPU needed), so a GPU-only compile error fails CI here. A
 forward's shared memory: a near-diagonal tile reads the bias per element, and that gather must not be
 software-pipelined (which staged every gathered element through shared memory: 3.7x the plain kernel's)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, compile_ahead_of_time
 
 _AOT_SCRIPT = r"""
 import json, triton
@@ -67,15 +63,7 @@ print("SMEM" + json.dumps(smem))
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and launched by the cuda tests")
 def test_attention_kernels_compile_for_gpu_without_one():
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"triton has no NVIDIA backend here: {exc}")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = compile_ahead_of_time(_AOT_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SMEM"))
     smem = json.loads(line[4:])

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastformer as ff
-from conftest import HAS_CUDA, TOLERANCES, assert_close
+from conftest import HAS_CUDA, TOLERANCES, assert_close, compile_ahead_of_time
 from fastformer.reference import cross_entropy as ref
 
 RED = ["mean", "sum", "none"]
@@ -196,20 +196,7 @@ print("compiled")
 def test_kernels_compile_for_gpu_without_one():
     """The interpreter never compiles: build the kernels ahead of time for sm_80 / sm_90 (Triton's own
     ptxas, no GPU needed), so a GPU-only compile error fails CI here."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"triton has no NVIDIA backend here: {exc}")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = compile_ahead_of_time(_AOT_SCRIPT, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
