@@ -757,24 +757,9 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
-    """Fused backward. Returns (dq, dk, dv, dmask_full or None, dtable_partials or None).
-
-    dmask_full: (B, H, Lq, Lk) fp32 = dS when spec.mask_grad; dtable_partials: (B, H, n_kblocks, NB_PAD)
-    fp32 when spec.t5_grad (sum over dims 0 and 2, in any fixed order, gives dtable[:, h])."""
+def _dkdv_pass(do, q, k, v, lse, delta, spec, cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags):
+    """The dK/dV kernel (and the T5 table partials). Returns (dk, dv, dtable_partials or None)."""
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
-    do = do.contiguous() if do.stride(-1) != 1 else do
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
-
-    # 1. Delta = rowsum(dO · O)
-    delta = torch.empty_like(lse)
-    BMd = 64 if not _interpreting() else 32
-    _attn_bwd_delta_kernel[(triton.cdiv(max(Lq, 1), BMd), B * H)](
-        o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"],
-    )
-
-    # 2. dK, dV (+ T5 table partials); keys past a per-batch length are never visited -> zeros
     zero_kv = spec.klen is not None
     dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
     dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
@@ -804,6 +789,35 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec):
         dt = dkdv(cfg)
     except triton.runtime.errors.OutOfResources:  # see _launch
         dt = dkdv(_SAFE_CFG)
+    return dk, dv, dt
+
+
+def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True, need_dkdv: bool = True):
+    """Fused backward. Returns (dq, dk, dv, dmask_full or None, dtable_partials or None).
+
+    dmask_full: (B, H, Lq, Lk) fp32 = dS when spec.mask_grad; dtable_partials: (B, H, n_kblocks, NB_PAD)
+    fp32 when spec.t5_grad (sum over dims 0 and 2, in any fixed order, gives dtable[:, h]).
+    need_dq=False (and no mask gradient) skips the dQ pass and returns dq None; need_dkdv=False (and no
+    T5 table gradient) skips the dK/dV pass and returns dk, dv None."""
+    B, H, HK, Lq, Lk, D = _dims(q, k, spec)
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
+
+    # 1. Delta = rowsum(dO · O)
+    delta = torch.empty_like(lse)
+    BMd = 64 if not _interpreting() else 32
+    _attn_bwd_delta_kernel[(triton.cdiv(max(Lq, 1), BMd), B * H)](
+        o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec),
+        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"],
+    )
+
+    # 2. dK, dV (+ T5 table partials); keys past a per-batch length are never visited -> zeros
+    dk = dv = dt = None
+    if need_dkdv or spec.t5_grad:
+        dk, dv, dt = _dkdv_pass(do, q, k, v, lse, delta, spec, cu_q, cu_k, klen, mask_args, t5_args, rng_stride,
+                                flags)
+    if not (need_dq or spec.mask_grad):
+        return None, dk, dv, None, dt
 
     # 3. dQ (+ the float mask's gradient as a full dS buffer)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -153,7 +153,9 @@ class FusedAttentionFunction(torch.autograd.Function):
         spec.t5_table = table
         spec.mask_grad = mask is not None and ctx.needs_input_grad[3]
         spec.t5_grad = table is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dm, dt = attention_backward(dout, q, k, v, out, lse, spec)
+        need = ctx.needs_input_grad
+        dq, dk, dv, dm, dt = attention_backward(dout, q, k, v, out, lse, spec, need_dq=need[0],
+                                                need_dkdv=need[1] or need[2])
         dmask = dtable = None
         if dm is not None:
             dmask = dm.to(mask.dtype)  # (B, H, Lq, Lk): the expand's backward reduces it

@@ -371,3 +371,33 @@ def test_bool_mask_broadcast_over_keys_is_not_key_lengths():
         out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ref = sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask)
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("needs", ["q", "kv", "k", "none_but_mask", "all"])
+def test_backward_computes_only_the_needed_gradients(needs, monkeypatch):
+    """The dQ pass runs only when q (or a float mask) needs a gradient, the dK/dV pass only when k or
+    v (or the T5 table) does; the gradients that are computed stay right."""
+    import fastformer.kernels.attention as KA
+
+    passes = []
+    real_launch, real_dkdv = KA._launch, KA._dkdv_pass
+    monkeypatch.setattr(KA, "_launch", lambda kernel, *a: (passes.append(kernel.fn.__name__), real_launch(kernel, *a))[1])
+    monkeypatch.setattr(KA, "_dkdv_pass", lambda *a: (passes.append("dkdv"), real_dkdv(*a))[1])
+    q, k, v = _inputs(1, 2, 24, 40, 16, torch.float32, "cpu")
+    mask = torch.randn(1, 2, 24, 40)
+    req = {"q": (True, False, False, False), "kv": (False, True, True, False), "k": (False, True, False, False),
+           "none_but_mask": (False, False, False, True), "all": (True, True, True, True)}[needs]
+    leaves = [t.clone().requires_grad_(r) for t, r in zip((q, k, v, mask), req)]
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
+    wrt = [t for t in leaves if t.requires_grad]
+    dout = torch.randn_like(out)
+    passes.clear()
+    grads = torch.autograd.grad(out, wrt, dout)
+    ref_leaves = [t.detach().double().requires_grad_(r) for t, r in zip((q, k, v, mask), req)]
+    ref = sdpa_reference(*ref_leaves[:3], attn_mask=ref_leaves[3])
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], dout.double())
+    for g, rg in zip(grads, ref_grads):
+        assert_close(g, rg, torch.float32, "grad")
+    assert ("_attn_bwd_dq_kernel" in passes) == (req[0] or req[3])
+    assert ("dkdv" in passes) == (req[1] or req[2])
