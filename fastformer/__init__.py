@@ -6,16 +6,17 @@
 """
 import os as _os
 
-# Forcing the Triton backend on a machine without a GPU means running the kernels in Triton's CPU
-# interpreter, which must be switched on before triton is imported (kernels are imported lazily).
-if _os.environ.get("FASTFORMER_BACKEND", "").lower() == "triton":
-    try:
-        import torch as _torch
+# Without a GPU the Triton kernels can only run in Triton's CPU interpreter, which must be switched on
+# before triton is first imported (importing fastformer imports it). Switch it on here, so that the
+# "triton" backend works on CPU tensors however it is chosen (FASTFORMER_BACKEND, ff.set_backend,
+# ff.use_backend); an explicit TRITON_INTERPRET in the environment wins. With a GPU nothing changes.
+try:
+    import torch as _torch
 
-        if not _torch.cuda.is_available():
-            _os.environ.setdefault("TRITON_INTERPRET", "1")
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    if not _torch.cuda.is_available():
+        _os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
 
 __version__ = "0.1.0"
 
