@@ -131,7 +131,8 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         return obj.step(m, batch, train=train)
 
     fingerprint = {"objective": obj.name, "model": preset, "model_config": model_config,
-                   "seq_len": cfg.seq_len, "vocab_size": tok.get_vocab_size()}
+                   "seq_len": cfg.seq_len, "vocab_size": tok.get_vocab_size(),
+                   "data": [str(Path(p).resolve()) for p in cfg.data], "packing": cfg.packing}
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:

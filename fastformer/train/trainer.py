@@ -118,7 +118,13 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.batch_fn, self.step_fn, self.tokens_fn = batch_fn, step_fn, tokens_fn
         self.eval_batches = eval_batches or []
-        self.fingerprint = fingerprint or {}
+        # what must be equal for --resume to continue the same run: the caller's (model, data, ...) and
+        # the flags that shape the optimisation; --steps may change (the schedule follows the new total)
+        self.fingerprint = {**(fingerprint or {}), "train": {
+            "lr": cfg.lr, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+            "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay, "betas": list(cfg.betas), "eps": cfg.eps,
+            "clip_norm": cfg.clip_norm, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
+            "world_size": self.info.world}}
         self.flops_per_token = flops_per_token
         self.out = Path(cfg.out_dir)
         self.metrics_path = self.out / metrics_name
@@ -152,11 +158,18 @@ class Trainer:
 
     def load(self) -> None:
         ck = load_checkpoint(self.ckpt_path)
-        mine, theirs = self.fingerprint, ck.get("fingerprint", {})
+        mine, theirs = dict(self.fingerprint), dict(ck.get("fingerprint", {}))
+        mine_train, theirs_train = mine.pop("train"), theirs.pop("train", None)
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key) != theirs.get(key):
                 raise CheckpointError(f"{self.ckpt_path} was written by another model or setup: {key} is "
                                       f"{theirs.get(key)!r} there, {mine.get(key)!r} in this run")
+        for key in sorted(theirs_train or {}):   # (a checkpoint from before these were recorded: not checked)
+            if mine_train.get(key) != theirs_train[key]:
+                flag = "--" + key.replace("_", "-")
+                raise CheckpointError(f"--resume continues the run in {self.out}, which used {key}="
+                                      f"{theirs_train[key]!r}; this command gives {mine_train.get(key)!r} ({flag}). "
+                                      "Resume with the same flags (only --steps may change).")
         try:
             self.raw_model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -165,6 +178,12 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
+        # the learning rate of the next step comes from this run's schedule: with an unchanged --steps it
+        # is the checkpoint's own value; with a new --steps, the new schedule's value at this step
+        sch = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            group["lr"] = base * fn(sch.last_epoch)
+        sch._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def evaluate(self) -> dict:
         """Loss (per predicted token) and accuracy over the held-out batches, shared across ranks."""

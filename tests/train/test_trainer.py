@@ -104,3 +104,21 @@ def test_objective_registry():
     assert get_objective("mlm").family == "bert"
     with pytest.raises(UnknownObjectiveError, match="unknown objective"):
         get_objective("clm")
+
+
+def test_resume_checks_the_flags_and_follows_a_new_step_count(tmp_path, tiny_corpus):
+    """--resume with a flag that shapes the optimisation changed is refused (it would not be the same
+    run, and config.json would record a value never used); --steps may change, and the schedule of
+    the new total applies from the first resumed step."""
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=2, eval_every=0, schedule="linear", warmup_steps=0))
+    for flag, value in (("lr", 5e-3), ("seed", 4), ("batch_size", 2), ("schedule", "cosine")):
+        with pytest.raises(CheckpointError, match=flag):
+            pretrain(tiny_config(out, tiny_corpus, steps=4, eval_every=0, warmup_steps=0, resume=True,
+                                 **{"schedule": "linear", flag: value}))
+    pretrain(tiny_config(out, tiny_corpus, steps=4, eval_every=0, schedule="linear", warmup_steps=0, resume=True))
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl")]
+    # steps 1-2 ran under the 2-step schedule, steps 3-4 under the 4-step one
+    expect = [1e-3 * lr_factor(s, total=2, warmup=0) for s in (0, 1)] + \
+             [1e-3 * lr_factor(s, total=4, warmup=0) for s in (2, 3)]
+    assert lrs == pytest.approx(expect)
