@@ -16,6 +16,24 @@ import torch.nn.functional as F
 from .. import ops
 
 
+class MaskError(ValueError, AssertionError, RuntimeError):
+    """A bad key_padding_mask / attn_mask. A ValueError naming the argument, as everywhere in
+    fastformer, that also is what torch's MultiheadAttention raises for it (AssertionError for a mask
+    dtype or key-padding shape, RuntimeError for an attn_mask shape), so code written against torch's
+    module catches it unchanged."""
+
+
+def _check_masks(key_padding_mask, attn_mask, N: int, H: int, L: int, S: int) -> None:
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and not (m.dtype == torch.bool or m.is_floating_point()):
+            raise MaskError(f"{name} must be bool or floating point (as torch's MultiheadAttention), got {m.dtype}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
+        raise MaskError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (N * H, L, S)):
+        raise MaskError(f"attn_mask must have shape (L, S) = {(L, S)} or (N·num_heads, L, S) = {(N * H, L, S)}, "
+                        f"got {tuple(attn_mask.shape)}")
+
+
 def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """torch MHA mask convention (bool True = blocked, float added) -> float additive mask."""
     if mask.dtype == torch.bool:
@@ -68,6 +86,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         v = F.linear(value, w_v, b_v).view(S, N, H, hd).permute(1, 2, 0, 3)
 
         # 2. masks -> one SDPA mask (bool True = attend when possible: keeps the key-length fast path)
+        _check_masks(key_padding_mask, None if is_causal else attn_mask, N, H, L, S)
         mask = None
         causal = bool(is_causal)
         if causal:

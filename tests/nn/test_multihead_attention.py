@@ -70,3 +70,22 @@ def test_mha_need_weights_uses_reference():
     expect, ew = ref(x, x, x)
     assert_close(out, expect, torch.float32)
     assert_close(w, ew, torch.float32)
+
+
+def test_bad_masks_raise_like_torch():
+    """An integer key_padding_mask or a mask of the wrong shape raises a ValueError naming it that is
+    also the exception type torch's module raises (AssertionError / RuntimeError)."""
+    import fastformer as ff
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    fm = ff.nn.MultiheadAttention(16, 4, batch_first=True)
+    kpm = torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(AssertionError, match="key_padding_mask"):
+        fm(x, x, x, key_padding_mask=kpm, need_weights=False)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        fm(x, x, x, key_padding_mask=kpm.bool()[:, :5], need_weights=False)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        fm(x, x, x, attn_mask=torch.zeros(6, 5, dtype=torch.bool), need_weights=False)
+    with pytest.raises(ValueError, match="attn_mask"):
+        fm(x, x, x, attn_mask=torch.zeros(6, 6, dtype=torch.int32), need_weights=False)
