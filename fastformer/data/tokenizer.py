@@ -63,8 +63,30 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     tok.save(str(path))
 
 
+def tokenizer_from_json(text: str, source: str) -> Tokenizer:
+    """A tokenizer from its JSON text; a file that is not one raises DataError naming `source`."""
+    from .corpus import DataError
+
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise DataError(f"{source}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    return tokenizer_from_json(Path(path).read_text(), str(path))
+
+
+def check_wordpiece_specials(tok: Tokenizer, source: str) -> None:
+    """The MLM objective's fixed special ids ([PAD]=0 ... [MASK]=4): another tokenizer (e.g. a span
+    run's Unigram one) would train silently on wrong ids."""
+    from .corpus import DataError
+
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:
+            raise DataError(f"{source}: not a WordPiece tokenizer of the mlm objective ({name} should have id {i}, "
+                            f"has {tok.token_to_id(name)})")
 
 
 def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:

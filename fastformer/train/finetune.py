@@ -8,6 +8,7 @@ Writes DIR/eval.json (accuracy, eval loss, label names) plus metrics.jsonl, chec
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import fastformer as ff
 from fastformer.data.corpus import DataError
 from fastformer.data.packing import pad_batch
+from fastformer.data.tokenizer import load_tokenizer
 from fastformer.data.tsv import label_vocabulary, read_tsv
 from fastformer.models.presets import get_preset
 
@@ -69,6 +71,11 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     # head output that never trains, and its examples count as misses, instead of ending the run
     names = label_vocabulary(train_labels, eval_labels)
     index = {n: i for i, n in enumerate(names)}
+    unseen = [n for n in names if n not in set(label_vocabulary(train_labels))]
+    if unseen and info.main:
+        warnings.warn(f"{cfg.eval}: label(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never appear in "
+                      f"{cfg.train}; the model cannot predict them and their examples count as misses",
+                      stacklevel=2)
 
     def to_ids(labels, path):
         out = []
@@ -92,9 +99,13 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         if Path(cfg.out_dir).resolve() == init.resolve():
             raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
                              "pre-trained checkpoint and metrics; choose another --out")
-        pre_cfg = json.loads((init / "config.json").read_text())
+        try:
+            pre_cfg = json.loads((init / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{init / 'config.json'}: not valid JSON ({e})") from None
         obj = get_objective(pre_cfg["objective"])
-        tok = Tokenizer.from_file(str(init / "tokenizer.json"))
+        tok = load_tokenizer(init / "tokenizer.json")
+        obj.check_tokenizer(tok, str(init / "tokenizer.json"))
         model_config = pre_cfg["model_config"]
         state = load_checkpoint(init / CHECKPOINT_NAME)["model"]
         model = obj.build_classifier(model_config, len(names), state)

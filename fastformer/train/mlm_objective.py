@@ -25,6 +25,11 @@ class MLMObjective(Objective):
     def build_tokenizer(self, texts: Sequence[str], vocab_size: int):
         return train_wordpiece(texts, vocab_size)
 
+    def check_tokenizer(self, tokenizer, source):
+        from fastformer.data.tokenizer import check_wordpiece_specials
+
+        check_wordpiece_specials(tokenizer, source)
+
     def make_examples(self, texts, tokenizer, seq_len, *, packing: bool = True):
         if seq_len < 8:
             raise ValueError(f"--seq-len must be at least 8, got {seq_len}")

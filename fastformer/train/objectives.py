@@ -64,6 +64,9 @@ class Objective:
         """Train a `tokenizers.Tokenizer` on `texts` (with this objective's special tokens)."""
         raise NotImplementedError
 
+    def check_tokenizer(self, tokenizer, source: str) -> None:
+        """Raise DataError (naming `source`) when `tokenizer` cannot serve this objective."""
+
     def make_examples(self, texts: Sequence[str], tokenizer, seq_len: int, *, packing: bool = True) -> list[torch.Tensor]:
         """Tokenize `texts` into training examples: a list of 1-D int64 CPU tensors, each at most the
         length the model accepts for `seq_len`. packing=True: concatenated token stream cut into

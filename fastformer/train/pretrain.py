@@ -15,6 +15,7 @@ import torch
 
 import fastformer
 from fastformer.data.corpus import DataError, load_texts, split_heldout
+from fastformer.data.tokenizer import tokenizer_from_json
 from fastformer.models.presets import get_preset
 
 from . import distributed as D
@@ -96,17 +97,19 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     train_docs, eval_docs = split_heldout(docs)
 
     # Tokenizer: trained once on rank 0 (or reloaded on resume) and shared as JSON text.
-    from tokenizers import Tokenizer
-
     if cfg.resume:
+        tok_source = str(out / "tokenizer.json")
         tok_json = (out / "tokenizer.json").read_text() if info.main else None
     elif cfg.tokenizer:
         if not Path(cfg.tokenizer).is_file():
             raise DataError(f"--tokenizer {cfg.tokenizer}: no such file")
+        tok_source = f"--tokenizer {cfg.tokenizer}"
         tok_json = Path(cfg.tokenizer).read_text() if info.main else None
     else:
+        tok_source = "the trained tokenizer"
         tok_json = obj.build_tokenizer(train_docs, cfg.vocab_size).to_str() if info.main else None
-    tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
+    tok = tokenizer_from_json(D.broadcast_object(tok_json, info), tok_source)
+    obj.check_tokenizer(tok, tok_source)
 
     train_ex = obj.make_examples(train_docs, tok, cfg.seq_len, packing=cfg.packing)
     eval_ex = obj.make_examples(eval_docs, tok, cfg.seq_len, packing=cfg.packing) if eval_docs else []

@@ -122,3 +122,18 @@ def test_resume_checks_the_flags_and_follows_a_new_step_count(tmp_path, tiny_cor
     expect = [1e-3 * lr_factor(s, total=2, warmup=0) for s in (0, 1)] + \
              [1e-3 * lr_factor(s, total=4, warmup=0) for s in (2, 3)]
     assert lrs == pytest.approx(expect)
+
+
+def test_tokenizer_that_does_not_fit_is_a_data_error(tmp_path, tiny_corpus):
+    from fastformer.data.corpus import DataError
+
+    bad = tmp_path / "config.json"
+    bad.write_text('{"not": "a tokenizer",}')
+    with pytest.raises(DataError, match="not a tokenizer.json"):
+        pretrain(tiny_config(tmp_path / "a", tiny_corpus, steps=1, tokenizer=str(bad)))
+    # a span run's Unigram tokenizer has other special ids: the MLM objective would train on wrong ids
+    unigram = get_objective("span").build_tokenizer([tiny_corpus.read_text()] * 3, 200)
+    path = tmp_path / "unigram.json"
+    unigram.save(str(path))
+    with pytest.raises(DataError, match="WordPiece"):
+        pretrain(tiny_config(tmp_path / "b", tiny_corpus, steps=1, tokenizer=str(path)))
