@@ -138,7 +138,10 @@ def make_loss_forward(cls, kind: str):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
 
-        head.__dict__["_ff_pending"] = (labels, bool(getattr(self, "_ff_keep_logits", False)))
+        # return_dict=False: Hugging Face's tuple drops None fields, so without logits it would be shorter
+        # than the caller unpacks; keep them then
+        keep_logits = bool(getattr(self, "_ff_keep_logits", False)) or not return_dict
+        head.__dict__["_ff_pending"] = (labels, keep_logits)
         head.__dict__["_ff_loss"] = None
         try:
             output = original(self, **call, return_dict=True)

@@ -15,7 +15,8 @@ What the patch changes (weights, module tree and state_dict stay exactly as they
 2. Losses of the LM heads (BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM,
    T5ForConditionalGeneration) go through ``ff.linear_cross_entropy`` / ``ff.cross_entropy`` on the
    labelled rows only (see _hf_loss.py). In training mode with labels, ``logits`` is None unless the
-   model was patched with ``keep_logits=True``.
+   model was patched with ``keep_logits=True`` or the call asks for ``return_dict=False`` (Hugging
+   Face's tuples drop None fields, so the logits are kept to keep the tuple's layout).
 """
 from __future__ import annotations
 

@@ -266,6 +266,19 @@ def test_return_dict_false_keeps_hf_tuple_order():
     assert rel_err(loss, loss_ref) <= TOLERANCES[DTYPE] and rel_err(logits, logits_ref) <= TOLERANCES[DTYPE]
 
 
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "T5ForConditionalGeneration"])
+def test_return_dict_false_in_training_keeps_the_tuple_length(name):
+    # Hugging Face's tuples leave out None fields: without logits `loss, logits = model(...)` breaks
+    ref, model, _, _ = run_pair(name, "train", "reference")
+    batch = make_batch(name, torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    out_ref = ref(**batch, return_dict=False)
+    torch.manual_seed(0)
+    out = model(**batch, return_dict=False)
+    assert len(out) == len(out_ref)
+    assert out[1].shape == out_ref[1].shape
+
+
 def test_labels_given_positionally():
     ref, model, _, _ = run_pair("BertForMaskedLM", "eval", "reference")
     b = make_batch("BertForMaskedLM", torch.Generator().manual_seed(1))
