@@ -6,20 +6,19 @@ import torch
 from ..ops import cross_entropy, linear_cross_entropy
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """Like torch.nn.CrossEntropyLoss (class-index targets) plus z_loss; see ff.cross_entropy.
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss (class-index targets) over ff.cross_entropy, plus z_loss.
 
+    A subclass of torch's module with its constructor, positional order included (weight,
+    size_average, ignore_index, reduce, reduction, label_smoothing; the legacy size_average/reduce
+    map to `reduction` as in torch, with torch's warning), its attributes and its `weight` buffer,
+    so it replaces torch's anywhere. `z_loss` is keyword-only.
     forward(input: (N, C), target: (N,)) -> scalar, or (N,) with reduction="none".
-    `weight` (C,) is a buffer, so it follows .to(device) like torch's.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, z_loss: float = 0.0):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
+    def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

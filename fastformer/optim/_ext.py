@@ -39,11 +39,13 @@ def supports(device: torch.device) -> bool:
     return False
 
 
-def warn_fallback(what: str) -> None:
-    """One warning per process that torch's implementation is used instead of the extension."""
+def warn_fallback(what: str, why: str | None = None) -> None:
+    """One warning per process that torch's implementation is used instead of the extension.
+    why: the reason when it is not the extension itself (e.g. a parameter dtype it has no kernel for)."""
     if _state["warned"]:
         return
     _state["warned"] = True
-    why = _state["error"] if _state["error"] is not None else "no kernels for this device"
-    warnings.warn(f"fastformer: fused optimizer extension not available ({why}); {what} falls back to "
-                  "torch's implementation", RuntimeWarning, stacklevel=3)
+    if why is None:
+        err = _state["error"] if _state["error"] is not None else "no kernels for this device"
+        why = f"fused optimizer extension not available ({err})"
+    warnings.warn(f"fastformer: {why}; {what} falls back to torch's implementation", RuntimeWarning, stacklevel=3)

@@ -217,7 +217,10 @@ class FusedAdam(Optimizer):
                                            b.masters, b.steps, b.tensor_group, rows, gs)
         if fallback:
             if _ext.load():
-                _ext.warn_fallback(f"{type(self).__name__} (for some parameters)")
+                kinds = sorted({f"{p.dtype} on {p.device.type}" for _, params in fallback for p in params})
+                _ext.warn_fallback(f"{type(self).__name__} (for those parameters)",
+                                   why="the extension has no kernel for some parameters "
+                                       f"({', '.join(kinds)}, or non-contiguous / mixed-dtype state)")
             for group, params in fallback:
                 self._fallback_step(group, params, grad_scale)
         return loss

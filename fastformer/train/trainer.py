@@ -71,6 +71,8 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "warmup_steps"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
 
     @property
     def warmup(self) -> int:

@@ -57,3 +57,19 @@ def test_linear_cross_entropy_loss(impl):
     ref = torch.autograd.grad(exp, (x, head.weight, head.bias))
     for name, a, e in zip("xWb", got, ref):
         assert_close(a, e, torch.float32, f"grad {name}", factor=10)
+
+
+def test_cross_entropy_loss_is_torchs_module_with_torchs_constructor():
+    """Positional arguments mean what they mean for torch (size_average in second place), the legacy
+    size_average/reduce map to `reduction` as in torch, and isinstance/attributes carry over."""
+    w = torch.rand(5) + 0.5
+    ours = ff.nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)
+    theirs = torch.nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert (ours.ignore_index, ours.reduction, ours.label_smoothing) == (2, "sum", 0.1)
+    x, t = torch.randn(7, 5), torch.tensor([0, 2, 4, 1, 2, 3, 0])
+    assert_close(ours(x, t), theirs(x, t), torch.float32)
+    with pytest.warns(UserWarning):
+        legacy = ff.nn.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    assert list(dict(ours.named_buffers())) == list(dict(theirs.named_buffers())) == ["weight"]

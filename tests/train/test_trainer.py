@@ -137,3 +137,8 @@ def test_tokenizer_that_does_not_fit_is_a_data_error(tmp_path, tiny_corpus):
     unigram.save(str(path))
     with pytest.raises(DataError, match="WordPiece"):
         pretrain(tiny_config(tmp_path / "b", tiny_corpus, steps=1, tokenizer=str(path)))
+
+
+def test_max_minutes_must_be_positive(tmp_path, tiny_corpus):
+    with pytest.raises(ValueError, match="max-minutes"):
+        pretrain(tiny_config(tmp_path / "r", tiny_corpus, steps=1, max_minutes=-1.0))
