@@ -52,7 +52,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 def compile_ahead_of_time(script: str, timeout: int = 600):
     """Run `script` (Python source that compiles Triton kernels for a GPU target with
-    triton.compile) in a subprocess without TRITON_INTERPRET, from the repository root. Skips when
+    triton.compile) in a subprocess with the interpreter off, from the repository root. Skips when
     this triton has no NVIDIA backend. Returns the CompletedProcess (text stdout/stderr)."""
     import subprocess
     import sys
@@ -63,7 +63,8 @@ def compile_ahead_of_time(script: str, timeout: int = 600):
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"triton has no NVIDIA backend here: {exc}")
     root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # explicitly off: `import fastformer` would otherwise switch the interpreter on (no GPU here)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)

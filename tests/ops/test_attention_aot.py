@@ -45,7 +45,7 @@ def flags(t5, D=64, **kw):
 
 smem = {}
 for t5 in (False, True):
-    # the tile configs the launcher picks for bf16, d64 (plain / T5); TRITON_INTERPRET is unset here
+    # the tile configs the launcher picks for bf16, d64 (plain / T5); the interpreter is off here
     bm, bn, w, st = K._blocks(64, "fwd", 2, t5)
     smem[f"fwd_t5={t5}"] = build(K._attn_fwd_kernel, dict(flags(t5), BLOCK_M=bm, BLOCK_N=bn), w, st)
     bm, bn, w, st = K._blocks(64, "dkdv", 2, t5)
