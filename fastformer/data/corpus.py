@@ -116,6 +116,8 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
         files = _files_under(p)
         if not files:
             raise DataError(f"--data {raw}: folder contains no text files")
+        if p.is_file() and p.stat().st_size and not _looks_like_text(p):
+            raise DataError(f"--data {raw}: looks like a binary file (NUL bytes), not text")
         for f in files:
             try:
                 text = f.read_text(encoding="utf-8-sig", errors="replace")

@@ -45,7 +45,9 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     for n, r in enumerate(rows, start=1):
         if len(r) < 2:
             raise DataError(f"{path}: data row {n} has no label column (expected text<TAB>label)")
-        texts.append(r[text_col])
+        # headerless rows with more than two columns: the text is everything before the label (a tab
+        # inside the text), not just the first column
+        texts.append(r[text_col] if label_col != -1 else "\t".join(r[:-1]))
         labels.append(r[label_col].strip())
     if not texts:
         raise DataError(f"{path}: no data rows")

@@ -150,3 +150,13 @@ def test_bom_header_and_crlf_tsv_and_unknown_suffix_text_files(tmp_path):
     (tmp_path / "c" / "wiki.train.raw").write_text("raw text doc\n")
     (tmp_path / "c" / "blob.bin").write_bytes(b"\x00\x01binary")
     assert load_texts([tmp_path / "c"]) == ["raw text doc"]
+
+
+def test_headerless_extra_columns_stay_in_the_text_and_binary_data_is_refused(tmp_path):
+
+
+    (tmp_path / "t.tsv").write_text("a title\tits body\tSports\nother\ttext\tWorld\n")
+    assert read_tsv(tmp_path / "t.tsv") == (["a title\tits body", "other\ttext"], ["Sports", "World"])
+    (tmp_path / "x.bin").write_bytes(b"\x00\x01\x02binary\x00" * 100)
+    with pytest.raises(DataError, match="binary"):
+        load_texts([tmp_path / "x.bin"])
