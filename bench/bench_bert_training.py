@@ -15,6 +15,7 @@ Nothing is downloaded: the HF models are built from a local BertConfig.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -58,15 +59,18 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def fastformer_step(preset: dict, device, L: int):
+def fastformer_step(preset: dict, device, L: int, compile_backend: str | None = None):
+    """compile_backend: also torch.compile the model (the fastformer ops stay opaque calls; the
+    compiler fuses LayerNorm, GELU, dropout and residuals around them)."""
     cfg = BertConfig(**preset, vocab_size=VOCAB, max_position=max(512, L))
     model = BertForMaskedLM(cfg).to(device).train()
     opt = ff.optim.FusedAdamW(model.parameters(), lr=1e-4)
+    fwd = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def step(b):
         mask = None if bool(b["attention_mask"].all()) else b["attention_mask"]
         with _autocast(device):
-            loss, n, _, _ = model(b["input_ids"], mask, b["labels"])
+            loss, n, _, _ = fwd(b["input_ids"], mask, b["labels"])
         (loss / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,6 +106,11 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     else:
         cases = [("bert-tiny", 128, 16)] + ([] if quick else [("bert-mini", 128, 16)])
         providers = ["fastformer", "hf_eager", "hf_sdpa"]
+    # fastformer + torch.compile of the rest of the model: compiling takes about a minute per shape,
+    # so only in full runs or when asked (BENCH_COMPILE=inductor, or =eager to check the plumbing)
+    compile_backend = os.environ.get("BENCH_COMPILE") or ("inductor" if not quick and device.type == "cuda" else "")
+    if compile_backend:
+        providers = providers + ["fastformer_compiled"]
     peak = peak_flops(device)
     rows, summary = [], []
     for name, L, B in cases:
@@ -117,8 +126,11 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                        "batch": B, "layout": layout, "tokens": tokens}
                 try:
                     torch.manual_seed(0)
-                    step = fastformer_step(preset, device, L) if prov == "fastformer" else hf_step(
-                        preset, device, L, prov.split("_")[1])
+                    if prov.startswith("fastformer"):
+                        step = fastformer_step(preset, device, L,
+                                               compile_backend if prov == "fastformer_compiled" else None)
+                    else:
+                        step = hf_step(preset, device, L, prov.split("_")[1])
                     ms = time_ms(lambda: step(batch), device=device, warmup=100, rep=300, cpu_reps=3)
                     row.update(ms=ms, tokens_per_s=tokens / (ms * 1e-3))
                     if peak:
@@ -130,7 +142,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 del step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            best_hf = max([v for k, v in res.items() if k != "fastformer"], default=None)
+            best_hf = max([v for k, v in res.items() if not k.startswith("fastformer")], default=None)
             s = {"benchmark": "bert_training", "case": case}
             for k, v in res.items():
                 s[f"{k}_tok_s"] = v
@@ -138,6 +150,8 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 for k in ("hf_eager", "hf_sdpa"):
                     if k in res:
                         s[f"x_vs_{k}"] = res["fastformer"] / res[k]
+                        if "fastformer_compiled" in res:
+                            s[f"compiled_x_vs_{k}"] = res["fastformer_compiled"] / res[k]
                 if best_hf:
                     s["ratio_to_best_ref"] = res["fastformer"] / best_hf
                 if peak:
