@@ -70,13 +70,16 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> N
                    "(pretrain default 200; finetune default 0: at the end only)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (with a checkpoint) after this long")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model for training (default backend inductor); the fastformer "
+                        "kernels stay as they are, the compiler fuses the code around them")
 
 
 def _train_kwargs(args) -> dict:
     return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 out_dir=args.out, grad_accum=args.grad_accum, optimizer=args.optimizer, schedule=args.schedule,
                 warmup_steps=args.warmup_steps, log_every=args.log_every, eval_every=args.eval_every,
-                max_minutes=args.max_minutes, progress=not args.no_progress)
+                max_minutes=args.max_minutes, progress=not args.no_progress, compile=args.compile)
 
 
 def _is_main() -> bool:

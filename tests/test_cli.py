@@ -131,3 +131,13 @@ def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
                      "--steps", "2", "--batch-size", "8", "--device", "cpu", "--out", str(ft), "--no-progress"]) == 0
     ev = json.loads((ft / "eval.json").read_text())
     assert ev["labels"] == ["neg", "neutral", "pos"] and ev["n_eval"] == 41
+
+
+def test_compile_flag(files):
+    out = files["dir"] / "compiled"
+    assert main(["pretrain", "--data", str(files["corpus"]), "--model", "bert-tiny", "--steps", "2", "--batch-size",
+                 "4", "--seq-len", "32", "--vocab-size", "150", "--device", "cpu", "--out", str(out), "--no-progress",
+                 "--compile", "eager"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["compile"] == "eager"
+    assert main(["pretrain", "--data", str(files["corpus"]), "--steps", "1", "--out", str(out / "x"),
+                 "--compile", "nonsense"]) == 2

@@ -59,6 +59,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
     stop_at: int | None = None        # stop (with a checkpoint) after this step: simulates an interruption
     progress: bool = True
+    compile: str | None = None        # torch.compile backend for the training forward (None: eager)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -73,6 +74,12 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.compile:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in known:
+                raise ValueError(f"--compile {self.compile}: unknown torch.compile backend (known: {', '.join(known)})")
 
     @property
     def warmup(self) -> int:
@@ -118,6 +125,10 @@ class Trainer:
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            # the fastformer ops are opaque to the compiler (one graph break each): it fuses the code
+            # around them; checkpoints and evaluation keep using the plain module
+            self.model = torch.compile(self.model, backend=cfg.compile)
         self.batch_fn, self.step_fn, self.tokens_fn = batch_fn, step_fn, tokens_fn
         self.eval_batches = eval_batches or []
         # what must be equal for --resume to continue the same run: the caller's (model, data, ...) and
