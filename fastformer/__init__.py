@@ -7,13 +7,17 @@
 import os as _os
 
 # Without a GPU the Triton kernels can only run in Triton's CPU interpreter, which must be switched on
-# before triton is first imported (importing fastformer imports it). Switch it on here, so that the
-# "triton" backend works on CPU tensors however it is chosen (FASTFORMER_BACKEND, ff.set_backend,
-# ff.use_backend); an explicit TRITON_INTERPRET in the environment wins. With a GPU nothing changes.
+# before triton is first imported (importing fastformer imports it). With a CPU-only build of torch,
+# switch it on here, so that the "triton" backend works on CPU tensors however it is chosen
+# (FASTFORMER_BACKEND, ff.set_backend, ff.use_backend). An explicit TRITON_INTERPRET wins; if triton
+# is already imported it is too late (fastformer.backend then says how to fix it). The check reads
+# how torch was built, so it never initialises CUDA (fork-safe on GPU machines).
+import sys as _sys
+
 try:
     import torch as _torch
 
-    if not _torch.cuda.is_available():
+    if _torch.version.cuda is None and getattr(_torch.version, "hip", None) is None and "triton" not in _sys.modules:
         _os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass

@@ -2,7 +2,8 @@
 
     FASTFORMER_BACKEND=auto       (default) Triton kernels for CUDA tensors, reference for CPU tensors
     FASTFORMER_BACKEND=triton     force the Triton kernels (on CPU this needs TRITON_INTERPRET=1,
-                                  which fastformer sets itself when it is imported without a GPU)
+                                  which fastformer sets itself when imported with a CPU-only torch
+                                  before triton is imported)
     FASTFORMER_BACKEND=reference  force the eager PyTorch reference
 
 The same choice in code::

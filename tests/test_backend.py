@@ -69,8 +69,8 @@ def test_import_switches_the_interpreter_on_without_a_gpu():
     import subprocess
     import sys
 
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the compiled kernels run")
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch: the compiled kernels run")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTFORMER_BACKEND")}
     code = ("import torch, fastformer as ff\n"
             "with ff.use_backend('triton'):\n"

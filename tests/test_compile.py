@@ -53,3 +53,18 @@ def test_bert_mlm_under_torch_compile():
     compiled = torch.compile(model, backend="eager")(ids, mask, labels)
     assert compiled[1] == eager[1]                                   # predicted rows
     assert_close(compiled[0], eager[0], torch.float32, "loss sum")
+
+
+def test_reference_path_compiles_as_one_graph():
+    """Only the kernel paths are opaque: on CPU tensors (the eager reference) the ops still trace into
+    one graph, so fullgraph=True keeps working."""
+    q = torch.randn(1, 2, 8, 16)
+    x, t = torch.randn(6, 10), torch.randint(0, 10, (6,))
+
+    def f(q, x, t):
+        return ff.scaled_dot_product_attention(q, q, q, is_causal=True).sum() + ff.cross_entropy(x, t)
+
+    torch._dynamo.reset()
+    with ff.use_backend("reference"):
+        out = torch.compile(f, backend="eager", fullgraph=True)(q, x, t)
+        assert_close(out, f(q, x, t), torch.float32)

@@ -117,7 +117,7 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
         if not files:
             raise DataError(f"--data {raw}: folder contains no text files")
         if p.is_file() and p.stat().st_size and not _looks_like_text(p):
-            raise DataError(f"--data {raw}: looks like a binary file (NUL bytes), not text")
+            raise DataError(f"--data {raw}: looks like a binary file (NUL bytes), not UTF-8 text")
         for f in files:
             try:
                 text = f.read_text(encoding="utf-8-sig", errors="replace")

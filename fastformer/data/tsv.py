@@ -2,7 +2,7 @@
 
 A header is recognised when its first row names a text column (sentence, text, sentence1, content,
 review, document) or a label column (label, labels, class, category, target). Without a header the
-first column is the text and the last column the label. Labels may be strings or integers; they are
+last column is the label and everything before it (joined by tabs) the text. Labels may be strings or integers; they are
 mapped to class indices in sorted order (integers numerically), the names kept for reporting.
 """
 from __future__ import annotations

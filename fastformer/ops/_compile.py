@@ -1,11 +1,11 @@
 """How the public ops meet torch.compile.
 
-The ops validate their inputs by reading tensors, choose a backend in Python and launch Triton
-kernels through launchers that TorchDynamo cannot trace (it fails on Triton's launch machinery, or
-breaks the graph at every data-dependent check). `opaque_to_compile` makes each public op one opaque
-call: a model containing fastformer layers compiles, the surrounding code is fused by the compiler,
-and the op runs exactly as in eager mode (same kernels, same autograd Function), at the cost of one
-graph break per call.
+The kernel paths of the ops launch Triton kernels through launchers that TorchDynamo cannot trace
+(it fails inside Triton's launch machinery) and read tensors for host-side checks. The functions that
+enter a kernel path are marked `opaque_to_compile`: a model containing fastformer layers compiles,
+the compiler fuses the code around them, and the kernels run exactly as in eager mode (same
+autograd Function), at the cost of one graph break per call. The validation before them and the
+eager reference (CPU tensors) stay traceable, so `fullgraph=True` works on the reference path.
 """
 from __future__ import annotations
 

@@ -228,6 +228,7 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@opaque_to_compile
 def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                        t5_table=None, t5_rel=None):
     """Kernel path for validated 4D inputs. q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) -> (B, H, Lq, D).
@@ -270,7 +271,6 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
 # ----------------------------------------------------------------------------------------------
 
 
-@opaque_to_compile
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -315,7 +315,6 @@ def _check_cu(name: str, cu: torch.Tensor, total: int) -> int:
     return max((b - a for a, b in zip(c, c[1:])), default=0)
 
 
-@opaque_to_compile
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p=0.0,
                      causal=False, scale=None):
     """Attention over packed variable-length sequences, no padding computed.
@@ -359,6 +358,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if not (use_triton(q, k, v) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
         return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 dropout_p=dropout_p, causal=causal, scale=scale)
+    return _varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale)
+
+
+@opaque_to_compile
+def _varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale):
+    """Kernel path of varlen_attention for validated inputs."""
     from ..kernels.attention import AttnSpec
 
     B = cu_seqlens_q.numel() - 1

@@ -153,7 +153,6 @@ class _CrossEntropyFn(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-@opaque_to_compile
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -183,8 +182,14 @@ def cross_entropy(
         return _amp_result(_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                               z_loss=z_loss), amp)
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    return _amp_result(_CrossEntropyFn.apply(input, target, weight, int(ignore_index), reduction,
-                                             float(label_smoothing), float(z_loss), need_grad), amp)
+    return _amp_result(_ce_kernel(input, target, weight, int(ignore_index), reduction, float(label_smoothing),
+                                  float(z_loss), need_grad), amp)
+
+
+@opaque_to_compile
+def _ce_kernel(*args):
+    """The Triton path of cross_entropy (see fastformer/ops/_compile.py)."""
+    return _CrossEntropyFn.apply(*args)
 
 
 # ------------------------------------------------------------------------------ linear_cross_entropy
@@ -348,7 +353,6 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 None, None, None, None, None, None, None, None)
 
 
-@opaque_to_compile
 def linear_cross_entropy(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -389,8 +393,14 @@ def linear_cross_entropy(
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     with no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
-        out = _LinearCrossEntropyFn.apply(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
+        out = _lce_kernel(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
                                           float(z_loss), needs, use_kernel, chunk_size)
     out = _amp_result(out, amp)
     return out.reshape(lead) if reduction == "none" else out
 
+
+
+@opaque_to_compile
+def _lce_kernel(*args):
+    """The Triton path of linear_cross_entropy (see fastformer/ops/_compile.py)."""
+    return _LinearCrossEntropyFn.apply(*args)

@@ -19,7 +19,6 @@ import torch
 from ..backend import use_triton
 from ..reference.t5_attention import relative_position_bucket, t5_attention_reference
 from ._amp import autocast_cast, autocast_dtype, no_autocast
-from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, check_range, check_tensor
 from .attention import _check_mask, _kernel_covers, fused_attention_4d
 
@@ -84,7 +83,6 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     return _rel_pos_cached(bool(bidirectional), int(num_buckets), int(max_distance), str(torch.device(device)))
 
 
-@opaque_to_compile
 def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max_distance=128, attn_mask=None,
                  is_causal=False, scale=1.0, dropout_p=0.0):
     """q: (B, H, Lq, D), k/v: (B, H, Lk, D), bias_table: (num_buckets, H) -> (B, H, Lq, D).

@@ -71,7 +71,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     # head output that never trains, and its examples count as misses, instead of ending the run
     names = label_vocabulary(train_labels, eval_labels)
     index = {n: i for i, n in enumerate(names)}
-    unseen = [n for n in names if n not in set(label_vocabulary(train_labels))]
+    train_names = set(label_vocabulary(train_labels))
+    unseen = [n for n in names if n not in train_names]
     if unseen and info.main:
         warnings.warn(f"{cfg.eval}: label(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never appear in "
                       f"{cfg.train}; the model cannot predict them and their examples count as misses",

@@ -137,7 +137,7 @@ class Trainer:
             "lr": cfg.lr, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
             "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay, "betas": list(cfg.betas), "eps": cfg.eps,
             "clip_norm": cfg.clip_norm, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
-            "world_size": self.info.world}}
+            "steps": cfg.steps, "world_size": self.info.world}}
         self.flops_per_token = flops_per_token
         self.out = Path(cfg.out_dir)
         self.metrics_path = self.out / metrics_name
@@ -172,17 +172,13 @@ class Trainer:
     def load(self) -> None:
         ck = load_checkpoint(self.ckpt_path)
         mine, theirs = dict(self.fingerprint), dict(ck.get("fingerprint", {}))
-        mine_train, theirs_train = mine.pop("train"), theirs.pop("train", None)
-        for key in sorted(set(mine) | set(theirs)):
+        mine_train, theirs_train = mine.pop("train"), theirs.pop("train", None) or {}
+        # keys an older checkpoint did not record are not checked
+        for key in sorted(theirs):
             if mine.get(key) != theirs.get(key):
                 raise CheckpointError(f"{self.ckpt_path} was written by another model or setup: {key} is "
                                       f"{theirs.get(key)!r} there, {mine.get(key)!r} in this run")
-        for key in sorted(theirs_train or {}):   # (a checkpoint from before these were recorded: not checked)
-            if mine_train.get(key) != theirs_train[key]:
-                flag = "--" + key.replace("_", "-")
-                raise CheckpointError(f"--resume continues the run in {self.out}, which used {key}="
-                                      f"{theirs_train[key]!r}; this command gives {mine_train.get(key)!r} ({flag}). "
-                                      "Resume with the same flags (only --steps may change).")
+        self._check_resume_flags(mine_train, theirs_train)
         try:
             self.raw_model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -197,6 +193,31 @@ class Trainer:
         for group, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
             group["lr"] = base * fn(sch.last_epoch)
         sch._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _check_resume_flags(self, mine: dict, theirs: dict) -> None:
+        """The flags that shape the optimisation must match the checkpoint's; --steps may change."""
+        def effective_warmup(d):
+            return d["warmup_steps"] if d.get("warmup_steps") is not None else int(0.06 * d.get("steps", 0))
+
+        for key in sorted(theirs):
+            if key == "steps":
+                continue
+            if key == "warmup_steps":
+                # default warmup (6% of --steps) follows a changed --steps; otherwise the effective
+                # values must agree (an explicit --warmup-steps equal to the default's is the same run)
+                if theirs.get("warmup_steps") is None and mine.get("warmup_steps") is None:
+                    continue
+                if "steps" not in theirs or effective_warmup(mine) == effective_warmup(theirs):
+                    continue
+                got, want, flag = effective_warmup(mine), effective_warmup(theirs), "--warmup-steps"
+            elif mine.get(key) != theirs[key]:
+                got, want = mine.get(key), theirs[key]
+                flag = "torchrun --nproc_per_node" if key == "world_size" else "--" + key.replace("_", "-")
+            else:
+                continue
+            raise CheckpointError(f"--resume continues the run in {self.out}, which used {key}={want!r}; this "
+                                  f"command gives {got!r} ({flag}). Resume with the same flags (only --steps may "
+                                  "change).")
 
     def evaluate(self) -> dict:
         """Loss (per predicted token) and accuracy over the held-out batches, shared across ranks."""

@@ -158,3 +158,19 @@ def test_compiled_training_matches_eager(tmp_path, tiny_corpus):
     assert set(load_checkpoint(a / "checkpoint.pt")["model"]) == set(load_checkpoint(b / "checkpoint.pt")["model"])
     with pytest.raises(ValueError, match="compile"):
         pretrain(tiny_config(tmp_path / "c", tiny_corpus, steps=1, compile="no-such-backend"))
+
+
+def test_resume_accepts_older_checkpoints_and_an_equal_explicit_warmup(tmp_path, tiny_corpus):
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=2, eval_every=0))   # default warmup: 3 steps
+    # an explicit --warmup-steps equal to the default's value is the same run
+    pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=3, eval_every=0, warmup_steps=3, resume=True))
+    with pytest.raises(CheckpointError, match="warmup"):
+        pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=4, eval_every=0, warmup_steps=7, resume=True))
+    # a checkpoint written before the data / flag fingerprint existed still resumes
+    ck = load_checkpoint(out / "checkpoint.pt")
+    for key in ("data", "packing", "train"):
+        ck["fingerprint"].pop(key)
+    save_checkpoint(ck, out / "checkpoint.pt")
+    s = pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=4, eval_every=0, resume=True))
+    assert s["steps"] == 4
