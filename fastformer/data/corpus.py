@@ -85,14 +85,25 @@ def builtin_corpus() -> list[str]:
     return docs
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _looks_like_text(f: Path) -> bool:
-    """Unknown suffix (wiki.train.raw, corpus.en, ...): text when its first 8 KB hold no NUL byte."""
+    """Unknown suffix (wiki.train.raw, corpus.en, ...): text when its first 8 KB hold no NUL byte, or
+    when it starts with a UTF-16 byte-order mark."""
     try:
         with f.open("rb") as fh:
             head = fh.read(8192)
     except OSError:
         return False
-    return bool(head) and b"\0" not in head
+    return bool(head) and (b"\0" not in head or head.startswith(_UTF16_BOMS))
+
+
+def _read_text(f: Path) -> str:
+    """UTF-8 (BOM optional; undecodable bytes replaced) or, with its byte-order mark, UTF-16."""
+    with f.open("rb") as fh:
+        utf16 = fh.read(2) in _UTF16_BOMS
+    return f.read_text(encoding="utf-16" if utf16 else "utf-8-sig", errors="replace")
 
 
 def _files_under(p: Path) -> list[Path]:
@@ -117,10 +128,10 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
         if not files:
             raise DataError(f"--data {raw}: folder contains no text files")
         if p.is_file() and p.stat().st_size and not _looks_like_text(p):
-            raise DataError(f"--data {raw}: looks like a binary file (NUL bytes), not UTF-8 text")
+            raise DataError(f"--data {raw}: looks like a binary file (NUL bytes), not UTF-8 / UTF-16 text")
         for f in files:
             try:
-                text = f.read_text(encoding="utf-8-sig", errors="replace")
+                text = _read_text(f)
             except OSError as e:
                 raise DataError(f"--data {f}: cannot read ({e.strerror})") from None
             docs += [d.strip() for d in text.split("\n\n") if d.strip()]

@@ -160,3 +160,5 @@ def test_headerless_extra_columns_stay_in_the_text_and_binary_data_is_refused(tm
     (tmp_path / "x.bin").write_bytes(b"\x00\x01\x02binary\x00" * 100)
     with pytest.raises(DataError, match="binary"):
         load_texts([tmp_path / "x.bin"])
+    (tmp_path / "u16.txt").write_text("first document\n\nsecond one", encoding="utf-16")   # with its BOM
+    assert load_texts([tmp_path / "u16.txt"]) == ["first document", "second one"]
