@@ -265,3 +265,26 @@ def test_t5_table_gradient_alone(device):
                         max_distance=12)
     (rg,) = torch.autograd.grad(ref, ref_table, dout.double())
     assert_close(g, rg, torch.float32, "dtable")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bidirectional,causal,p", [(True, False, 0.0), (False, True, 0.0), (True, False, 0.2)])
+def test_t5_cuda_far_and_near_tiles(bidirectional, causal, p):
+    """The GPU tile sizes with a small max_distance: most tiles far, several near ones per row block."""
+    B, H, L, D, nb, md = 2, 4, 700, 64, 8, 12
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    table = torch.randn(nb, H, device="cuda", dtype=torch.float32)
+    mask = (torch.arange(L, device="cuda")[None, :] < torch.tensor([L, 333], device="cuda")[:, None])[:, None, None]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    kw = dict(bidirectional=bidirectional, num_buckets=nb, max_distance=md, is_causal=causal, dropout_p=p)
+    with ff.use_backend("triton"), capture_dropout_masks() as masks:
+        out = ff.t5_attention(*leaves, attn_mask=mask, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v, table)]
+    ref = _hf_reference(*ref_leaves, bidirectional=bidirectional, num_buckets=nb, max_distance=md, attn_mask=mask,
+                        is_causal=causal, dropout_p=p, dropout_mask=masks[0] if p else None)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    assert_close(out, ref, torch.bfloat16, "out", 2.0)
+    for name, g, rg in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
+        assert_close(g, rg, torch.bfloat16, name, 2.0)
