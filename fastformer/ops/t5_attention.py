@@ -79,7 +79,8 @@ def _change_point_weights(b, radius, num_buckets):
 
 def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distance: int, device):
     """The kernels' view of T5's bucket function (kernels.attention.T5RelPos), cached per config and
-    device. Raises ValueError when the configuration gives a bucket outside [0, num_buckets)."""
+    device. Raises ValueError for a configuration whose buckets leave [0, num_buckets): max_distance at
+    or below the exact range (the second check inside guards the same property directly)."""
     return _rel_pos_cached(bool(bidirectional), int(num_buckets), int(max_distance), str(torch.device(device)))
 
 
