@@ -114,8 +114,21 @@ def _files_under(p: Path) -> list[Path]:
                   and (f.suffix.lower() in TEXT_SUFFIXES or _looks_like_text(f)))
 
 
+def _documents(text: str) -> list[str]:
+    """A blank line separates documents. A file with no blank line but several lines is read as one
+    document per line (the usual layout of an article or sentence corpus): its lines then get a
+    separator between them when packed, and the held-out split can draw whole lines."""
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if len(docs) == 1:
+        lines = [ln.strip() for ln in docs[0].splitlines() if ln.strip()]
+        if len(lines) > 1:
+            return lines
+    return docs
+
+
 def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
-    """Documents from text files / folders (a blank line separates documents), or the built-in
+    """Documents from text files / folders (a blank line separates documents; a file without blank
+    lines has one document per line), or the built-in
     corpus when `paths` is empty. Raises DataError for a missing path or no text at all."""
     if not paths:
         return builtin_corpus()
@@ -134,7 +147,7 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
                 text = _read_text(f)
             except OSError as e:
                 raise DataError(f"--data {f}: cannot read ({e.strerror})") from None
-            docs += [d.strip() for d in text.split("\n\n") if d.strip()]
+            docs += _documents(text)
     if not docs:
         raise DataError(f"--data {' '.join(map(str, paths))}: no text found (empty files)")
     return docs

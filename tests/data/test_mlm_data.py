@@ -123,6 +123,9 @@ def test_load_texts_files_folders_and_errors(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(DataError, match="no text files"):
         load_texts([tmp_path / "emptydir"])
+    # no blank line at all but several lines (one article per line): a document per line
+    (tmp_path / "lines.txt").write_text("first article\nsecond article\n\n")
+    assert load_texts([tmp_path / "lines.txt"]) == ["first article", "second article"]
     train, held = split_heldout([f"d{i}" for i in range(100)])
     assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 100
 
