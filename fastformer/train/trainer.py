@@ -2,7 +2,8 @@
 
 The Trainer owns what every objective shares: device and autocast (bf16 on CUDA, fp32 on CPU),
 gradient accumulation with the loss normalised by the predicted tokens of the whole optimizer step
-(all micro-batches, all ranks), warmup + linear/cosine schedule, fused gradient clipping, the
+(all micro-batches, all ranks), warmup + linear/cosine schedule (per step, or over a time budget: `max_minutes` without `steps`),
+fused gradient clipping, the
 optimizer (FusedAdamW by default), DDP, periodic evaluation, metrics.jsonl, the progress bar and
 atomic checkpoints with exact resume. It never looks inside a batch: the caller gives
 
@@ -31,7 +32,7 @@ import fastformer as ff
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
-from .schedules import make_scheduler
+from .schedules import TimeBudget, make_budget_scheduler, make_scheduler
 
 OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
 
@@ -39,7 +40,7 @@ OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/pretrain"
-    steps: int = 1000
+    steps: int | None = 1000          # None with max_minutes: a time-budgeted run (see `budgeted`)
     batch_size: int = 32            # examples per micro-batch per rank
     grad_accum: int = 1             # micro-batches per optimizer step
     lr: float = 5e-4
@@ -56,14 +57,19 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 10
     eval_every: int = 0              # 0: only at the end
-    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
+    max_minutes: float | None = None  # with steps: a safety cap; without: the time budget of the schedule
     stop_at: int | None = None        # stop (with a checkpoint) after this step: simulates an interruption
     progress: bool = True
     compile: str | None = None        # torch.compile backend for the training forward (None: eager)
 
     def validate(self) -> None:
+        if self.steps is None and self.max_minutes is None:
+            raise ValueError("--steps is required unless --max-minutes gives a time budget")
+        if self.budgeted and self.warmup_steps is not None:
+            raise ValueError("--warmup-steps needs --steps: with --max-minutes alone the warmup is "
+                             "6% of the time budget")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
@@ -82,7 +88,15 @@ class TrainConfig:
                 raise ValueError(f"--compile {self.compile}: unknown torch.compile backend (known: {', '.join(known)})")
 
     @property
-    def warmup(self) -> int:
+    def budgeted(self) -> bool:
+        """Time-budgeted: the learning rate follows the elapsed fraction of `max_minutes` (no step count)."""
+        return self.steps is None and self.max_minutes is not None
+
+    @property
+    def warmup(self) -> int | None:
+        """Warmup steps (None for a time-budgeted run: there it is a fraction of the time)."""
+        if self.budgeted:
+            return None
         return self.warmup_steps if self.warmup_steps is not None else int(0.06 * self.steps)
 
 
@@ -115,8 +129,10 @@ class Trainer:
                  step_fn: Callable, tokens_fn: Callable[[dict], int], eval_batches: list[dict] | None = None,
                  fingerprint: dict | None = None, flops_per_token: float | None = None,
                  dist_info: D.DistInfo | None = None, device: torch.device | None = None,
-                 metrics_name: str = "metrics.jsonl", desc: str = "train"):
+                 metrics_name: str = "metrics.jsonl", desc: str = "train",
+                 clock: Callable[[], float] = time.perf_counter):
         cfg.validate()
+        self.clock = clock              # seconds; tests pass a fake one to check the time budget
         self.cfg = cfg
         self.info = dist_info or D.DistInfo()
         self.device = device or D.resolve_device(cfg.device, self.info)
@@ -144,7 +160,14 @@ class Trainer:
         self.ckpt_path = self.out / CHECKPOINT_NAME
         self.desc = desc
         self.optimizer = make_optimizer(self.raw_model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
+        # time-budgeted: the schedule follows the clock; the step count is open-ended
+        self.budget = TimeBudget(cfg.max_minutes * 60, kind=cfg.schedule) if cfg.budgeted else None
+        self.total = cfg.steps if cfg.steps is not None else 2**62
+        if self.budget is not None:
+            self.scheduler = make_budget_scheduler(self.optimizer, self.budget)
+        else:
+            self.scheduler = make_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
+        self.elapsed_before = 0.0       # training seconds of earlier invocations (budgeted resume)
         self.step = 0
         self.peak = peak_flops(self.device)
 
@@ -162,7 +185,7 @@ class Trainer:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
                 "data_position": {"step": self.step}, "fingerprint": self.fingerprint,
-                "train_config": asdict(self.cfg)}
+                "train_config": asdict(self.cfg), "elapsed_s": self._elapsed()}
 
     def save(self) -> None:
         if self.info.main:
@@ -184,6 +207,8 @@ class Trainer:
         except RuntimeError as e:
             raise CheckpointError(f"{self.ckpt_path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.budget is not None:     # the budget continues where the interrupted run left it
+            self.elapsed_before = self.budget.elapsed = float(ck.get("elapsed_s", 0.0))
         self.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
@@ -197,7 +222,7 @@ class Trainer:
     def _check_resume_flags(self, mine: dict, theirs: dict) -> None:
         """The flags that shape the optimisation must match the checkpoint's; --steps may change."""
         def effective_warmup(d):
-            return d["warmup_steps"] if d.get("warmup_steps") is not None else int(0.06 * d.get("steps", 0))
+            return d["warmup_steps"] if d.get("warmup_steps") is not None else int(0.06 * (d.get("steps") or 0))
 
         for key in sorted(theirs):
             if key == "steps":
@@ -234,6 +259,19 @@ class Trainer:
         n = max(tot[1].item(), 1.0)
         return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[2].item() / n}
 
+    def _elapsed(self) -> float:
+        """Training seconds so far (earlier invocations included for a time-budgeted run)."""
+        t0 = getattr(self, "_t_start", None)
+        return self.elapsed_before + (self.clock() - t0 if t0 is not None else 0.0)
+
+    def _set_budget_lr(self) -> None:
+        """Time-budgeted run: this step's learning rate from the elapsed fraction of the budget (rank
+        0's clock on every rank, so the replicas stay identical)."""
+        t = torch.tensor([self._elapsed() if self.info.main else 0.0], dtype=torch.float64, device=self.device)
+        self.budget.elapsed = float(D.all_reduce_sum(t, self.info).item()) if self.info.enabled else float(t.item())
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.budget.factor()
+
     def _write_metrics(self, record: dict) -> None:
         if self.info.main:
             with open(self.metrics_path, "a") as f:
@@ -260,12 +298,14 @@ class Trainer:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=True)
+                if self.budget is not None:
+                    bar.set_description(f"{self.desc} ({cfg.max_minutes:g} min budget)")
             except ImportError:  # no progress bar without tqdm; metrics.jsonl still has everything
                 bar = None
-        t_start = time.perf_counter()
-        t_log, tok_log, tok_total, train_time = t_start, 0, 0, 0.0
+        t_start = self._t_start = self.clock()
+        t_log, tok_log, tok_total, train_time = time.perf_counter(), 0, 0, 0.0
         self.model.train()
-        while self.step < cfg.steps:
+        while self.step < self.total and not (self.budget is not None and self.budget.exhausted):
             step = self.step + 1
             loss_sum = torch.zeros((), device=self.device)
             n_pred, n_tok = 0, 0
@@ -290,6 +330,8 @@ class Trainer:
             if grads:
                 torch._foreach_mul_(grads, self.info.world / max(g_pred, 1.0))
             grad_norm = ff.optim.clip_grad_norm_(params, cfg.clip_norm) if cfg.clip_norm else None
+            if self.budget is not None:
+                self._set_budget_lr()
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
@@ -304,13 +346,14 @@ class Trainer:
 
             interrupted = cfg.stop_at is not None and step >= cfg.stop_at   # like a crash: no extra eval
             stop = interrupted
-            elapsed = time.perf_counter() - t_start
-            if cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60:
+            if self.budget is not None:
+                stop = stop or self._elapsed() >= self.budget.seconds
+            elif cfg.max_minutes is not None and self.clock() - t_start >= cfg.max_minutes * 60:
                 stop = True
             if self.info.enabled and cfg.max_minutes is not None:   # every rank must stop at the same step
                 flag = D.all_reduce_sum(torch.tensor([float(stop)], device=self.device), self.info)
                 stop = bool(flag.item() > 0)
-            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps or (stop and not interrupted)
+            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == self.total or (stop and not interrupted)
             if step % cfg.log_every == 0 or do_eval or step == 1:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -332,14 +375,14 @@ class Trainer:
                 t_log, tok_log = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == self.total or stop:
                 self.save()
             if stop:
-                res.stopped_early = step < cfg.steps
+                res.stopped_early = interrupted or (self.budget is None and step < self.total)
                 break
         if bar is not None:
             bar.close()
-        res.seconds = time.perf_counter() - t_start
+        res.seconds = self.clock() - t_start
         res.step = self.step
         res.tokens_per_s = tok_total / max(res.seconds, 1e-9)
         return res
