@@ -53,9 +53,11 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process (default 32)")
+def _common(p: argparse.ArgumentParser, *, lr: float, steps: int | None, out: str, batch_size: int = 32,
+            steps_help: str | None = None) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=steps_help or f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"examples per micro-batch per process (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,9 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> N
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and at the end "
                    "(pretrain default 200; finetune default 0: at the end only)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop early (with a checkpoint) after this long")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget: alone, warmup and decay of the learning rate are spread over these minutes "
+                        "(the run ends with its decay done); with --steps, a safety cap (stop with a checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model for training (default backend inductor); the fastformer "
@@ -89,6 +93,8 @@ def _is_main() -> bool:
 def _pretrain(args: argparse.Namespace) -> int:
     from fastformer.train.pretrain import PretrainConfig, pretrain
 
+    if args.steps is None and args.max_minutes is None:
+        args.steps = 1000
     cfg = PretrainConfig(objective=args.objective, model=args.model, data=list(args.data or []),
                          seq_len=args.seq_len, save_every=args.save_every, resume=args.resume,
                          vocab_size=args.vocab_size, tokenizer=args.tokenizer, packing=not args.line_by_line, **_train_kwargs(args))
@@ -126,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text files or folders (several allowed); default: the built-in corpus")
     pre.add_argument("--model", default=None, help="preset, e.g. bert-tiny, bert-base, t5-small")
     pre.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
-    _common(pre, lr=5e-4, steps=1000, out="runs/pretrain")
+    _common(pre, lr=5e-4, steps=None, out="runs/pretrain",
+            steps_help="optimizer steps (default 1000; with --max-minutes alone: as many as the time budget allows)")
     pre.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     pre.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     pre.add_argument("--vocab-size", type=int, default=8192)
