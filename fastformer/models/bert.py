@@ -1,15 +1,25 @@
 """BERT-style encoder with a tied, sparse MLM head and a sequence-classification head.
 
 Two attention layouts, chosen per forward call:
-- padded (CPU, or `unpad=False`): hidden (B, L, H); attention through ff.scaled_dot_product_attention
-  with a key-padding bool mask (B, 1, 1, L) (True = real token), or no mask when nothing is padded.
-- unpadded (CUDA by default): the real tokens of the batch are gathered once after the embeddings
+- padded (`unpad=False`, or a CPU batch with little padding): hidden (B, L, H); attention through
+  ff.scaled_dot_product_attention with a key-padding bool mask (B, 1, 1, L) (True = real token), or
+  no mask when nothing is padded.
+- unpadded (CUDA by default; on CPU when at least 1/8 of the batch is padding): the real tokens of
+  the batch are gathered once after the embeddings
   into (T, H) and every layer runs on them; attention is ff.varlen_attention over cu_seqlens, so no
   FLOP is spent on padding anywhere in the encoder.
 
 The MLM head gathers the rows whose label is not ignored (-100) before the vocabulary projection
 and computes the loss with ff.linear_cross_entropy against the word-embedding matrix (tied), so the
 (N, V) logits are never built for the ~85% of tokens that are not predicted.
+
+CPU training costs that are not matrix products, and what this file does about them:
+- dropout masks: torch draws a float per element from a serial generator; `Dropout` below draws 64
+  random bits per four elements instead (same keep probability to 2e-5, same expectation);
+- the tied word-embedding gradient: the input lookup's gradient touches at most B*L rows of the
+  (V, H) matrix, so in `BertForMaskedLM` it is handed to autograd as sparse rows that are added to
+  the head's dense gradient, instead of a second dense (V, H) buffer filled with zeros;
+- token types: without `token_type_ids` the type-0 row is broadcast instead of gathered per token.
 """
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pre_ln: bool = False            # False: post-LN as in BERT; True: pre-LN (+ final LayerNorm)
     pad_token_id: int = 0
-    unpad: bool | None = None       # None: unpad + varlen attention on CUDA, padded elsewhere
+    unpad: bool | None = None       # None: unpad + varlen attention on CUDA, and on CPU for batches >= 1/8 padding
     initializer_range: float = 0.02
 
     def to_dict(self) -> dict:
@@ -50,6 +60,30 @@ class BertConfig:
     def from_dict(cls, d: dict) -> "BertConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:   # an older torch
+        return False
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU training mask comes from 16-bit lanes of bulk 64-bit random integers (from
+    torch's default generator, so torch.manual_seed reproduces it): a quarter of the generator calls of
+    torch's float-per-element draw. Elsewhere (CUDA, eval, torch.compile) it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace or _compiling():
+            return super().forward(x)
+        if self.p >= 1.0:
+            return x * 0.0
+        n = x.numel()
+        drop = round(self.p * 65536)            # keep a lane iff its 16-bit value >= -32768 + drop
+        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= (drop - 32768)
+        return x * (keep * (65536.0 / (65536 - drop))).to(x.dtype)
 
 
 class _Layout:
@@ -102,7 +136,7 @@ class BertLayer(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.pre_ln = cfg.pre_ln
 
     def _mlp(self, x):
@@ -126,13 +160,22 @@ class BertEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
+        # set by BertForMaskedLM, whose tied head always adds a dense gradient to the same matrix
+        self.sparse_word_grad = False
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
 
-    def _layout(self, input_ids, attention_mask) -> _Layout:
+    def _layout(self, input_ids, attention_mask, cpu_unpad: bool = True) -> _Layout:
         B, L = input_ids.shape
-        unpad = self.config.unpad if self.config.unpad is not None else input_ids.is_cuda
+        unpad = self.config.unpad
+        if unpad is None:
+            # CUDA: always (the varlen kernel costs nothing extra). CPU: every matrix product scales
+            # with the rows it is given, so skipping the padding pays once it is a real share of the
+            # batch (a fine-tuning batch of mixed lengths is often half padding); below 1/8 the
+            # gather and the per-sequence attention calls cost more than they save.
+            unpad = input_ids.is_cuda or (cpu_unpad and attention_mask is not None and not _compiling()
+                                          and 8 * int(attention_mask.sum()) <= 7 * attention_mask.numel())
         # Nothing padded (attention_mask None, e.g. packed examples): the dense mask-free path is
         # already pad-free, so only unpad when forced.
         if unpad and (attention_mask is not None or self.config.unpad):
@@ -146,19 +189,27 @@ class BertEncoder(nn.Module):
         return _Layout(mask=mask, batch=B, seqlen=L)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, *, keep_unpadded: bool = False):
+                token_type_ids: torch.Tensor | None = None, *, keep_unpadded: bool = False,
+                cpu_unpad: bool = True):
         """input_ids, attention_mask (1 = real token; None = no padding), token_type_ids: (B, L).
 
         Returns (hidden, layout): hidden (B, L, H); or, when the unpadded path runs and keep_unpadded
-        is set, (T, H) rows at the flat positions `layout.index`."""
+        is set, (T, H) rows at the flat positions `layout.index`. cpu_unpad=False keeps a CPU batch
+        padded whatever its padding."""
         B, L = input_ids.shape
         if L > self.config.max_position:
             raise ValueError(f"input_ids: sequence length {L} exceeds max_position {self.config.max_position}")
-        layout = self._layout(input_ids, attention_mask)
+        layout = self._layout(input_ids, attention_mask, cpu_unpad)
         pos = torch.arange(L, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
-        tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-        x = self.drop(self.emb_ln(x + self.token_type_embeddings(tt)))
+        emb = self.word_embeddings
+        sparse = (self.sparse_word_grad and input_ids.device.type == "cpu" and emb.weight.requires_grad
+                  and torch.is_grad_enabled() and not _compiling())
+        x = F.embedding(input_ids, emb.weight, emb.padding_idx, sparse=sparse) + self.position_embeddings(pos)
+        if token_type_ids is not None:
+            x = x + self.token_type_embeddings(token_type_ids)
+        else:
+            x = x + self.token_type_embeddings.weight[0]
+        x = self.drop(self.emb_ln(x))
         if layout.unpadded:
             x = x.reshape(B * L, -1).index_select(0, layout.index)                   # (T, H)
         for layer in self.layers:
@@ -204,6 +255,7 @@ class BertForMaskedLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = BertEncoder(cfg)
+        self.encoder.sparse_word_grad = True
         self.head = BertMLMHead(cfg)
         self.apply(self.encoder.init_weights)
 
@@ -213,7 +265,11 @@ class BertForMaskedLM(nn.Module):
         Returns (loss_sum, n_predicted, logits, target): loss_sum is the SUM of the cross-entropy over
         the predicted rows (callers normalise), n_predicted an int, logits (n_predicted, V) only with
         return_logits (evaluation accuracy) else None, target (n_predicted,) the gathered labels."""
-        h, layout = self.encoder(input_ids, attention_mask, token_type_ids, keep_unpadded=True)
+        # a label on a padded position (no collator makes one) is predicted from that position's hidden
+        # state, as Hugging Face does: only the padded layout has it, so such a CPU batch stays padded
+        cpu_unpad = attention_mask is None or input_ids.is_cuda or not bool(
+            ((labels != -100) & ~attention_mask.bool()).any())
+        h, layout = self.encoder(input_ids, attention_mask, token_type_ids, keep_unpadded=True, cpu_unpad=cpu_unpad)
         flat_labels = labels.reshape(-1)
         if layout.unpadded:
             flat_labels = flat_labels.index_select(0, layout.index)
@@ -233,7 +289,7 @@ class BertForMaskedLM(nn.Module):
 
     def dense_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Reference: logits for every position (B, L, V); used by tests to check the sparse head."""
-        h, _ = self.encoder(input_ids, attention_mask, token_type_ids)
+        h, _ = self.encoder(input_ids, attention_mask, token_type_ids, cpu_unpad=False)
         return F.linear(self.head.transform(h), self.encoder.word_embeddings.weight, self.head.bias)
 
 
@@ -245,7 +301,7 @@ class BertForSequenceClassification(nn.Module):
         self.config = cfg
         self.encoder = BertEncoder(cfg)
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         self.apply(self.encoder.init_weights)
 
