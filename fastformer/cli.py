@@ -114,11 +114,15 @@ def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model,
-                         max_len=args.max_len, **_train_kwargs(args))
+                         max_len=args.max_len, tokenizer=args.tokenizer, epochs=args.epochs,
+                         min_steps=args.min_steps, val_fraction=args.val_fraction, pooling=args.pooling,
+                         **_train_kwargs(args))
     s = finetune(cfg)
     if _is_main():
-        print(f"\nfinetune done ({s['source']}): {s['steps']} steps, eval accuracy {s['accuracy']:.4f} "
-              f"on {s['n_eval']} examples\n  {s['out_dir']}/eval.json")
+        sel = (f", weights of step {s['selected_step']} (held-out accuracy {s['val_accuracy']:.3f} on "
+               f"{s['n_val']} training examples)") if s.get("selected_step") else ""
+        print(f"\nfinetune done ({s['source']}): {s['steps']} steps ({s['epochs']:g} epochs){sel}, eval accuracy "
+              f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json")
     return 0
 
 
@@ -148,7 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--init", default=None, metavar="DIR", help="a pretrain output folder")
     fin.add_argument("--model", default=None, help="preset to train from scratch (default bert-tiny)")
     fin.add_argument("--max-len", type=int, default=128)
-    _common(fin, lr=1e-4, steps=300, out="runs/finetune")
+    fin.add_argument("--tokenizer", default=None, metavar="FILE",
+                     help="with --model: use this tokenizer.json instead of training one on --train")
+    fin.add_argument("--epochs", type=float, default=4.0, help="passes over the training labels (default 4)")
+    fin.add_argument("--min-steps", type=int, default=300,
+                     help="at least this many steps, however few the labels (default 300)")
+    fin.add_argument("--pooling", default="mean", choices=("mean", "cls"),
+                     help="BERT classifier feature: mean of the token states (default) or [CLS] (exportable "
+                          "to a Hugging Face BertForSequenceClassification)")
+    fin.add_argument("--val-fraction", type=float, default=0.1,
+                     help="held-out slice of --train that picks the best epoch's weights (default 0.1; 0: off)")
+    _common(fin, lr=1e-4, steps=None, out="runs/finetune", batch_size=16,
+            steps_help="optimizer steps (default: --epochs passes, at least --min-steps)")
     fin.set_defaults(func=_finetune, save_every=0)
 
     info = sub.add_parser("info", help="versions, devices and which kernels are in use")

@@ -4,10 +4,20 @@ From `--init DIR` (a pretrain output): its config.json says which objective buil
 rebuilds the encoder from the checkpoint and adds a classification head; the tokenizer is DIR's.
 From scratch (`--model PRESET`): a tokenizer is trained on the training texts and the weights are random.
 Writes DIR/eval.json (accuracy, eval loss, label names) plus metrics.jsonl, checkpoint.pt, loss.png.
+
+The recipe that works out of the box from a hundred labels to tens of thousands (docs/pretraining.md):
+- length in epochs, not steps: `epochs` passes over the training labels, but at least `min_steps`
+  optimizer steps (a few hundred examples need many passes); `steps` overrides both;
+- warmup (6% of the steps) then linear decay, one learning rate for pre-trained and random weights;
+- model selection on a held-out slice of the *training* file (`val_fraction`, stratified by label):
+  evaluated once per epoch, the weights with the best held-out accuracy (ties: lower loss) are kept,
+  and only they are evaluated on `--eval` and saved. The `--eval` file never steers training.
 """
 from __future__ import annotations
 
 import json
+import math
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +47,85 @@ class FinetuneConfig(TrainConfig):
     model: str | None = None
     max_len: int = 128
     vocab_size: int = 8192
+    tokenizer: str | None = None      # with --model: reuse this tokenizer.json (e.g. a pre-training run's)
     out_dir: str = "runs/finetune"
-    steps: int = 300
+    steps: int | None = None          # None: from epochs / min_steps
+    epochs: float = 4.0
+    min_steps: int = 300
+    val_fraction: float = 0.1         # held-out slice of the training labels for model selection; 0: off
+    pooling: str = "mean"             # BERT encoders: "mean" of the token states, or "cls" (BERT's [CLS] pooler)
+    batch_size: int = 16
     lr: float = 1e-4
-    eval_every: int = 0
+    eval_every: int = 0               # 0: once per epoch when selecting, else at the end only
+
+    def validate(self) -> None:
+        # steps None is resolved from the data size in finetune(); validate the rest meanwhile
+        TrainConfig.validate(self if self.steps is not None else _replace(self, steps=1))
+        if self.min_steps < 1:
+            raise ValueError(f"--min-steps must be at least 1, got {self.min_steps}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.epochs > 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"--pooling must be mean or cls, got {self.pooling!r}")
+
+
+def _replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def heldout_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held-out) example indices: `fraction` of each label's examples held out (rounded; a label
+    with one example stays in fit), shuffled by `seed`. fraction 0 -> (all, [])."""
+    if fraction <= 0:
+        return list(range(len(labels))), []
+    rng = random.Random(seed * 7919 + 17)
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    held: list[int] = []
+    for y in sorted(by_label):
+        idx = by_label[y]
+        rng.shuffle(idx)
+        k = min(round(fraction * len(idx)), len(idx) - 1)
+        held += idx[:k]
+    held_set = set(held)
+    return [i for i in range(len(labels)) if i not in held_set], sorted(held)
+
+
+def planned_steps(n_fit: int, cfg: FinetuneConfig, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps, steps per epoch): `cfg.steps` when given, else max(epochs x steps per epoch,
+    min_steps)."""
+    per_epoch = max(1, math.ceil(n_fit / (cfg.batch_size * cfg.grad_accum * world)))
+    if cfg.steps is not None:
+        return cfg.steps, per_epoch
+    return max(math.ceil(cfg.epochs * per_epoch), cfg.min_steps), per_epoch
+
+
+class _SelectingTrainer(Trainer):
+    """Keeps a copy of the weights whenever the held-out evaluation improves (accuracy, then loss)."""
+
+    best_key: tuple[float, float] | None = None
+    best_state: dict | None = None
+    best_step: int = 0
+    selecting: bool = False
+
+    def evaluate(self) -> dict:
+        ev = super().evaluate()
+        if self.selecting and ev:
+            key = (ev["eval_accuracy"], -ev["eval_loss"])
+            if self.best_key is None or key > self.best_key:
+                self.best_key, self.best_step = key, self.step
+                self.best_state = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        return ev
+
+
+def _with_pooling(model_config: dict, obj, pooling: str) -> dict:
+    """A BERT encoder's classifier pools as asked; T5's encoder classifier always mean-pools."""
+    return {**model_config, "pooling": pooling} if obj.family == "bert" else model_config
 
 
 def _pad_id(tok) -> int:
@@ -63,6 +148,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     cfg.validate()
     if cfg.init and cfg.model:
         raise ValueError("give either --init DIR or --model PRESET, not both")
+    if cfg.init and cfg.tokenizer:
+        raise ValueError("--tokenizer goes with --model: an --init folder brings its own tokenizer")
     train_texts, train_labels = read_tsv(cfg.train)
     eval_texts, eval_labels = read_tsv(cfg.eval)
     if len(label_vocabulary(train_labels)) < 2:
@@ -88,6 +175,12 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         return torch.tensor(out, dtype=torch.int64)
 
     y_train, y_eval = to_ids(train_labels, cfg.train), to_ids(eval_labels, cfg.eval)
+    fit_idx, val_idx = heldout_split(y_train.tolist(), cfg.val_fraction, cfg.seed)
+    if len(fit_idx) < 2:
+        val_idx, fit_idx = [], list(range(len(y_train)))
+    steps, per_epoch = planned_steps(len(fit_idx), cfg, info.world)
+    eval_every = cfg.eval_every or (max(per_epoch, math.ceil(steps / 50)) if val_idx else 0)
+    cfg = _replace(cfg, steps=steps, eval_every=eval_every)
 
     from tokenizers import Tokenizer
 
@@ -107,7 +200,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         obj = get_objective(pre_cfg["objective"])
         tok = load_tokenizer(init / "tokenizer.json")
         obj.check_tokenizer(tok, str(init / "tokenizer.json"))
-        model_config = pre_cfg["model_config"]
+        model_config = _with_pooling(pre_cfg["model_config"], obj, cfg.pooling)
         state = load_checkpoint(init / CHECKPOINT_NAME)["model"]
         model = obj.build_classifier(model_config, len(names), state)
         source = f"init {init} ({pre_cfg.get('model')}, {obj.name})"
@@ -115,9 +208,14 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         preset = cfg.model or "bert-tiny"
         get_preset(preset)
         obj = objective_for_preset(preset)
-        tok_json = obj.build_tokenizer(train_texts, cfg.vocab_size).to_str() if info.main else None
-        tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
-        model_config = obj.model_config(obj.build_model(preset, tok, seq_len=cfg.max_len))
+        if cfg.tokenizer:
+            tok = load_tokenizer(cfg.tokenizer)
+            obj.check_tokenizer(tok, cfg.tokenizer)
+        else:
+            tok_json = obj.build_tokenizer(train_texts, cfg.vocab_size).to_str() if info.main else None
+            tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
+        model_config = _with_pooling(obj.model_config(obj.build_model(preset, tok, seq_len=cfg.max_len)), obj,
+                                     cfg.pooling)
         seed_everything(cfg.seed)
         model = obj.build_classifier(model_config, len(names))
         source = f"random init ({preset})"
@@ -132,6 +230,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             mask = torch.ones_like(ids, dtype=torch.bool)
         return {"input_ids": ids, "attention_mask": mask, "labels": ys[idx]}
 
+    x_val, y_val = [x_train[i] for i in val_idx], y_train[val_idx]
+    x_train, y_train = [x_train[i] for i in fit_idx], y_train[fit_idx]
     sampler = ExampleSampler(len(x_train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info,
                              seed=cfg.seed)
 
@@ -144,17 +244,33 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         metrics = {} if train else {"correct": int((logits.argmax(-1) == batch["labels"]).sum())}
         return loss, batch["labels"].numel(), metrics
 
-    eval_batches = [collate(list(range(i, min(i + cfg.batch_size, len(x_eval)))), x_eval, y_eval)
-                    for i in range(0, len(x_eval), cfg.batch_size)]
+    def batches(xs, ys):
+        bs = max(cfg.batch_size, 64)      # evaluation holds no activations for backward: larger batches
+        return [collate(list(range(i, min(i + bs, len(xs)))), xs, ys) for i in range(0, len(xs), bs)]
+
+    eval_batches = batches(x_eval, y_eval)
     fingerprint = {"task": "finetune", "source": source, "labels": names, "model_config": model_config}
-    trainer = Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn,
-                      tokens_fn=lambda b: int(b["attention_mask"].sum()), eval_batches=eval_batches,
-                      fingerprint=fingerprint, dist_info=info, device=device, desc="finetune")
+    trainer = _SelectingTrainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn,
+                                tokens_fn=lambda b: int(b["attention_mask"].sum()),
+                                eval_batches=batches(x_val, y_val) if val_idx else eval_batches,
+                                fingerprint=fingerprint, dist_info=info, device=device, desc="finetune")
+    trainer.selecting = bool(val_idx)
     result = trainer.train()
-    ev = result.eval or trainer.evaluate()
+    selection = {}
+    if val_idx:
+        if trainer.best_state is not None:
+            trainer.raw_model.load_state_dict(trainer.best_state)
+            trainer.save()                 # the checkpoint holds the selected weights
+        selection = {"n_val": len(val_idx), "selected_step": trainer.best_step,
+                     "val_accuracy": trainer.best_key[0] if trainer.best_key else None}
+        trainer.eval_batches = eval_batches
+        ev = trainer.evaluate()
+    else:
+        ev = result.eval or trainer.evaluate()
     out = Path(cfg.out_dir)
     summary = {"accuracy": ev["eval_accuracy"], "eval_loss": ev["eval_loss"], "n_eval": len(x_eval),
-               "n_train": len(x_train), "labels": names, "steps": result.step, "final_train_loss": result.final_loss,
+               "n_train": len(x_train) + len(val_idx), "n_fit": len(x_train), **selection, "labels": names,
+               "steps": result.step, "epochs": round(result.step / per_epoch, 2), "final_train_loss": result.final_loss,
                "source": source, "tokens_per_s": result.tokens_per_s, "out_dir": str(out)}
     if info.main:
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
