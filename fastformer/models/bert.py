@@ -52,6 +52,8 @@ class BertConfig:
     pad_token_id: int = 0
     unpad: bool | None = None       # None: unpad + varlen attention on CUDA, and on CPU for batches >= 1/8 padding
     initializer_range: float = 0.02
+    pooling: str = "cls"            # sequence classification: pooler on "cls" ([CLS], as BERT) or on the "mean"
+                                    # of the real tokens' states (better after MLM-only pre-training)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -294,9 +296,15 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """Encoder + pooler (dense + tanh on [CLS]) + dropout + linear. forward -> logits (B, num_labels)."""
+    """Encoder + pooler (dense + tanh on [CLS], or on the masked mean of the token states with
+    cfg.pooling "mean") + dropout + linear. forward -> logits (B, num_labels).
+
+    MLM pre-training never trains the [CLS] state (no next-sentence task here), while every token
+    state learned to carry its context: with few labels the mean of them is the better feature."""
 
     def __init__(self, cfg: BertConfig, num_labels: int):
+        if cfg.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
         super().__init__()
         self.config = cfg
         self.encoder = BertEncoder(cfg)
@@ -307,7 +315,15 @@ class BertForSequenceClassification(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         h, _ = self.encoder(input_ids, attention_mask, token_type_ids)
-        pooled = torch.tanh(self.pooler(h[:, 0]))
+        if self.config.pooling == "mean":
+            if attention_mask is None:
+                feature = h.mean(1)
+            else:
+                m = attention_mask.to(h.dtype)[..., None]
+                feature = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            feature = h[:, 0]
+        pooled = torch.tanh(self.pooler(feature))
         return self.classifier(self.drop(pooled))
 
 

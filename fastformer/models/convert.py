@@ -323,6 +323,9 @@ def to_hf(model: nn.Module) -> nn.Module:
             kind, hf = "mlm", tf.BertForMaskedLM(_bert_config_to_hf(cfg, name))
         else:
             n = model.classifier.out_features
+            if cfg.pooling != "cls":
+                raise ValueError(f"to_hf: {name} with pooling={cfg.pooling!r} has no Hugging Face counterpart "
+                                 "(BertForSequenceClassification pools [CLS]); fine-tune with --pooling cls to export it")
             kind, hf = "cls", tf.BertForSequenceClassification(_bert_config_to_hf(cfg, name, num_labels=n))
         _copy_to_hf(model, _prepare(hf, model), _bert_map(kind, cfg.num_layers))
         return hf
