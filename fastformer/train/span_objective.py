@@ -85,6 +85,10 @@ class SpanObjective(Objective):
         attn = 12.0 * inner * (cfg.num_layers * seq_len + r * cfg.num_decoder_layers * (tgt + seq_len))
         return 6.0 * enc + 6.0 * r * (dec + head) + attn
 
+    def memory_shape(self, seq_len):
+        target = span_corruption_lengths(seq_len)[1]
+        return target, float(target)
+
     # -- fine-tuning ------------------------------------------------------------------------------
     def encode_for_classification(self, tokenizer, texts, max_len) -> list[torch.Tensor]:
         """text tokens + </s>, at most max_len long (T5 encodes inputs with a final EOS)."""
