@@ -109,8 +109,9 @@ def test_bad_input_gives_one_line_error(files, capsys):
     out = d / "run"
     assert main(pre + ["--data", str(files["corpus"]), "--out", str(out)]) == 0
     capsys.readouterr()
-    assert "another model" in _error_line(capsys, pre + ["--data", str(files["corpus"]), "--out", str(out),
-                                                         "--resume", "--model", "bert-mini", "--steps", "4"])
+    # --resume takes the run's own settings: another --model is refused by name
+    assert "leave --model out" in _error_line(capsys, pre + ["--data", str(files["corpus"]), "--out", str(out),
+                                                             "--resume", "--model", "bert-mini", "--steps", "4"])
     (d / "nolabel.tsv").write_text("just text\nmore text\n")
     ft = ["finetune", "--eval", str(files["eval"]), "--steps", "1", "--no-progress", "--device", "cpu"]
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
