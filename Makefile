@@ -70,6 +70,7 @@ info: env
 
 # The main job: a couple of minutes of MLM pre-training on the built-in corpus (Python docstrings, no
 # download). CPU: bert-tiny; a CUDA GPU: bert-base with bf16 autocast. Override with DEMO_ARGS=...
+# Each `make demo` replaces the previous demo run (--overwrite).
 DEMO_OUT ?= runs/demo
 demo: env
 	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
@@ -79,7 +80,7 @@ demo: env
 	fi; \
 	echo "fastformer pretrain --objective mlm $$args --max-minutes 2 --out $(DEMO_OUT) $(DEMO_ARGS)"; \
 	PYTHONUNBUFFERED=1 $(PY) -m fastformer pretrain --objective mlm $$args --max-minutes 2 --eval-every 200 \
-	  --save-every 200 --out $(DEMO_OUT) $(DEMO_ARGS)
+	  --save-every 200 --out $(DEMO_OUT) --overwrite $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache fastformer/*.so .sys-cuda.stamp

@@ -40,7 +40,8 @@ FRACTIONS = (0.01, 0.10, 1.00)
 
 def _cli(args: list[str], log: Path) -> float:
     """Run `python -m fastformer ARGS` from the repository root; output to `log`. Returns wall seconds."""
-    cmd = [sys.executable, "-m", "fastformer", *args, "--device", "cpu", "--no-progress"]
+    # --overwrite: the log goes into the run's --out folder, and a step reruns only when its run is incomplete
+    cmd = [sys.executable, "-m", "fastformer", *args, "--device", "cpu", "--no-progress", "--overwrite"]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     with open(log, "w") as f:

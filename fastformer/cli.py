@@ -94,8 +94,7 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> N
                    "every N steps (default 10)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and at the end "
                    "(pretrain default 200; finetune default 0: at the end only)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this much "
-                   "training time; a resumed run counts the time before the interruption")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (with a checkpoint) after this long")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every --log-every steps")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: OMP_NUM_THREADS, "
                    "else the physical cores, fewer on a busy machine)")
@@ -245,6 +244,12 @@ def _export(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--hf {out} is not empty: choose another --hf, or add --overwrite to write over it")
     loaded = load(args.model)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()     # one line per command, no shard progress bar
+    except (ImportError, AttributeError):
+        pass                                                  # save_hf says that transformers is needed
     try:
         with writing("--hf", out):
             save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels)

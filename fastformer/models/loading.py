@@ -148,6 +148,15 @@ def _read_json(path: Path) -> dict:
         raise RunFolderError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def run_of(cfg: dict) -> str:
+    """"pretrain" or "finetune" for a run's config.json (inferred where it predates the `run` key: a
+    fine-tuning config has labels, or a task other than its pre-training objective)."""
+    if cfg.get("run") in ("pretrain", "finetune"):
+        return cfg["run"]
+    finetuned = "labels" in cfg or cfg.get("task", cfg.get("objective")) != cfg.get("objective")
+    return "finetune" if finetuned else "pretrain"
+
+
 def _legacy_architecture(cfg: dict, finetuned: bool) -> Optional[str]:
     mc = cfg.get("model_config") or {}
     if finetuned:
@@ -167,7 +176,7 @@ def read_run_config(path: str | Path) -> dict:
     cfg_path = d / CONFIG_NAME
     if cfg_path.is_file():
         cfg = _read_json(cfg_path)
-        run = cfg.get("run") or ("finetune" if "labels" in cfg else "pretrain")
+        run = run_of(cfg)
     elif (d / "eval.json").is_file() and (d / CHECKPOINT_NAME).is_file():
         # a fine-tuning folder from before fine-tuning wrote config.json: its checkpoint's fingerprint
         # has the model config and the labels

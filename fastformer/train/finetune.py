@@ -20,7 +20,7 @@ from fastformer.data.corpus import DataError
 from fastformer.data.packing import pad_batch
 from fastformer.data.tokenizer import load_tokenizer
 from fastformer.data.tsv import label_vocabulary, read_tsv
-from fastformer.models.loading import ARCHITECTURES, architecture_name
+from fastformer.models.loading import ARCHITECTURES, architecture_name, run_of
 from fastformer.models.presets import get_preset
 
 from . import distributed as D
@@ -129,7 +129,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             pre_cfg = json.loads((init / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{init / 'config.json'}: not valid JSON ({e})") from None
-        if pre_cfg.get("run", "pretrain") != "pretrain" or "labels" in pre_cfg:
+        if run_of(pre_cfg) != "pretrain":
             raise CheckpointError(f"--init {init}: a fine-tuning run, not a pre-training one; --init takes a "
                                   "pretrain output folder")
         obj = get_objective(pre_cfg["objective"])

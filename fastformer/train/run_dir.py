@@ -15,10 +15,11 @@ import json
 import shutil
 from pathlib import Path
 
-from fastformer.models.loading import CHECKPOINT_NAME, CONFIG_NAME
+from fastformer.models.loading import CHECKPOINT_NAME, CONFIG_NAME, run_of
 
 # Files a pretrain / finetune run writes; --overwrite removes exactly these (and checkpoint temp files).
-RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, "tokenizer.json", "metrics.jsonl", "loss.png", "eval.json")
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, "tokenizer.json", "metrics.jsonl", "loss.png", "eval.json",
+             "predictions.tsv")
 
 
 class OutputError(ValueError):
@@ -72,10 +73,9 @@ def run_kind(folder: Path) -> str | None:
             d = json.loads(cfg.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if isinstance(d, dict) and d.get("run") in ("pretrain", "finetune"):
-            return d["run"]
-        if isinstance(d, dict) and "objective" in d and "model_config" in d:   # before config.json said "run"
-            return "finetune" if "labels" in d else "pretrain"
+        if isinstance(d, dict) and (d.get("run") in ("pretrain", "finetune")
+                                    or ("objective" in d and "model_config" in d)):   # before config.json said "run"
+            return run_of(d)
         return None
     if (folder / "eval.json").is_file() and (folder / CHECKPOINT_NAME).is_file():   # an older fine-tuning folder
         return "finetune"

@@ -65,7 +65,7 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 10
     eval_every: int = 0              # 0: only at the end
-    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time (whole run)
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
     stop_at: int | None = None        # stop (with a checkpoint) after this step: simulates an interruption
     progress: bool = True
     compile: str | None = None        # torch.compile backend for the training forward (None: eager)
@@ -86,7 +86,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
-        if self.warmup_steps is not None and self.warmup_steps > self.steps:
+        if self.warmup_steps is not None and self.steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps} is more than --steps {self.steps}: the learning "
                              "rate would never reach its peak; use fewer warmup steps (default 6% of --steps)")
         if self.threads is not None and self.threads < 1:
@@ -431,7 +431,7 @@ class Trainer:
             signalled = g_signal > 0 if self.info.enabled else self._signal is not None
             interrupted = signalled or (cfg.stop_at is not None and step >= cfg.stop_at)   # like a crash: no extra eval
             stop = interrupted
-            elapsed = self._seconds_before + time.perf_counter() - t_start     # the whole run, resumed parts included
+            elapsed = time.perf_counter() - t_start
             if cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60:
                 stop = True
             if self.info.enabled and cfg.max_minutes is not None:   # every rank must stop at the same step

@@ -133,3 +133,18 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     want = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_run_kind_of_a_text_to_text_folder_and_a_kind_without_a_predictor(tmp_path):
+    """A config.json that names a task other than its pre-training objective (text-to-text fine-tuning
+    writes `task: text2text`, `objective: span`) is a fine-tuning run of an encoder-decoder."""
+    from fastformer.models.loading import read_run_config
+    from fastformer.train.run_dir import run_kind
+
+    d = tmp_path / "t2t"
+    d.mkdir()
+    mc = {"vocab_size": 64, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}
+    (d / "config.json").write_text(json.dumps({"task": "text2text", "objective": "span", "model_config": mc}))
+    cfg = read_run_config(d)
+    assert cfg["run"] == "finetune" and cfg["architecture"] == "T5ForConditionalGeneration" and cfg["kind"] == "seq2seq"
+    assert run_kind(d) == "finetune"
