@@ -158,8 +158,10 @@ def run_of(cfg: dict) -> str:
 
 
 def _legacy_architecture(cfg: dict, finetuned: bool) -> Optional[str]:
+    """The model class of a config.json without `architecture`: a classifier when it lists labels, else
+    the model its objective pre-trains (a text-to-text fine-tuning keeps the encoder-decoder)."""
     mc = cfg.get("model_config") or {}
-    if finetuned:
+    if finetuned and cfg.get("labels"):
         return "BertForSequenceClassification" if "hidden_size" in mc else (
             "T5EncoderForSequenceClassification" if "d_model" in mc else None)
     return {"mlm": "BertForMaskedLM", "span": "T5ForConditionalGeneration"}.get(cfg.get("objective"))

@@ -135,7 +135,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
 
 
-def test_run_kind_of_a_text_to_text_folder_and_a_kind_without_a_predictor(tmp_path):
+def test_a_text_to_text_folder_is_a_finetuning_run_of_an_encoder_decoder(tmp_path):
     """A config.json that names a task other than its pre-training objective (text-to-text fine-tuning
     writes `task: text2text`, `objective: span`) is a fine-tuning run of an encoder-decoder."""
     from fastformer.models.loading import read_run_config
