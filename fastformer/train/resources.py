@@ -7,10 +7,11 @@ step slower than one thread would.
 
 Memory: parameters, gradients and optimizer state in fp32, plus the activations a training step keeps
 for the backward pass at the micro-batch size and sequence length. The activation model was fitted to
-peak RSS measured on CPU for bert-tiny / bert-mini / t5-tiny (sequence 128 to 2048): the eager
-attention of the CPU path stores about three fp32 (B, H, Lq, Lk) tensors per attention layer; the
-fused GPU kernels store none. It is an estimate (within 25% of the measured peaks), used to refuse
-runs that cannot fit and to warn about runs that come close.
+the peak RSS of training steps measured on CPU for bert-tiny / bert-mini / t5-tiny at lengths 128 to
+2048 (`bench/memory_estimate.py`; the estimates came out at 0.82x to 1.32x of the measured growth):
+the eager attention of the CPU path keeps about three fp32 (B, H, Lq, Lk) tensors per attention
+layer; the fused GPU kernels keep none (not measured on a GPU). It is an estimate, used to refuse runs
+that cannot fit and to warn about runs that come close.
 """
 from __future__ import annotations
 
