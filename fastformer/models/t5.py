@@ -34,6 +34,7 @@ import fastformer as ff
 from fastformer.nn import T5CrossAttention, T5SelfAttention
 
 from ._autocast import autocast_dtype
+from .generation import DecoderCache, KVCache, generate
 
 # Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
 # t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores.
@@ -133,10 +134,10 @@ class _SelfAttentionLayer(nn.Module):
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, h, mask, table):
+    def forward(self, h, mask, table, kv_cache=None):
         return h + self.dropout(self.SelfAttention(self.layer_norm(h), attn_mask=mask,
                                                    bias_table=None if self.SelfAttention.has_relative_attention_bias
-                                                   else table))
+                                                   else table, kv_cache=kv_cache))
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -146,8 +147,23 @@ class _CrossAttentionLayer(nn.Module):
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, h, enc, enc_mask):
-        return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
+    def forward(self, h, enc, enc_mask, cross_kv=None):
+        if cross_kv is None:
+            return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
+        # decoding: the encoder's keys/values (N, H, Lenc, D) were projected once (start_cache)
+        att = self.EncDecAttention
+        x = self.layer_norm(h)
+        n, length, _ = x.shape
+        q = att.q(x).view(n, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
+        y = ff.scaled_dot_product_attention(q, cross_kv[0], cross_kv[1], attn_mask=enc_mask, scale=1.0)
+        return h + self.dropout(att.o(y.transpose(1, 2).reshape(n, length, att.inner_dim)))
+
+    def project_kv(self, enc):
+        """enc: (B, Lenc, d_model) -> this layer's cross-attention keys, values (B, H, Lenc, D)."""
+        att = self.EncDecAttention
+        b, length, _ = enc.shape
+        return tuple(lin(enc).view(b, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
+                     for lin in (att.k, att.v))
 
 
 class _FeedForwardLayer(nn.Module):
@@ -173,10 +189,10 @@ class T5Block(nn.Module):
         layers.append(_FeedForwardLayer(cfg))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, h, mask, table, enc=None, enc_mask=None):
-        h = self.layer[0](h, mask, table)
+    def forward(self, h, mask, table, enc=None, enc_mask=None, kv_cache=None, cross_kv=None):
+        h = self.layer[0](h, mask, table, kv_cache)
         if self.is_decoder:
-            h = self.layer[1](h, enc, enc_mask)
+            h = self.layer[1](h, enc, enc_mask, cross_kv)
         return self.layer[-1](h)
 
 
@@ -192,15 +208,22 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, *,
+                cache: Optional[DecoderCache] = None):
         """input_ids: (B, L); attention_mask: (B, L) bool/0-1, True = real token (key padding);
-        decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc)."""
+        decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc), or
+        cache (incremental decoding: input_ids are the next L tokens; the encoder side comes from the
+        cache, and the new keys/values are appended to it)."""
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
         table = self.block[0].layer[0].SelfAttention.bias_table    # the first layer's table, shared
         h = self.dropout(self.embed_tokens(input_ids))
-        for blk in self.block:
-            h = blk(h, mask, table, encoder_hidden_states, enc_mask)
+        if cache is not None:
+            for blk, kv, cross in zip(self.block, cache.self_attn, cache.cross):
+                h = blk(h, mask, table, None, cache.enc_mask, kv, cross)
+        else:
+            for blk in self.block:
+                h = blk(h, mask, table, encoder_hidden_states, enc_mask)
         return self.dropout(self.final_layer_norm(h))
 
 
@@ -249,6 +272,47 @@ class T5ForConditionalGeneration(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> encoder features (B, L, d_model)."""
         return self.encoder(input_ids, attention_mask)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **kwargs) -> torch.Tensor:
+        """(B, Lin) inputs -> generated ids (B · num_return_sequences, 1 + T), greedy or beam search.
+        Keywords: max_new_tokens=20, num_beams=1, length_penalty=1.0, early_stopping=False,
+        num_return_sequences=1, eos_token_id, pad_token_id, decoder_start_token_id (default: the
+        config's), use_cache=True. Semantics: fastformer.models.generation."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def start_cache(self, encoder_hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                    capacity: int = 0, repeat: int = 1) -> DecoderCache:
+        """A decoding cache for encoder output (B, Lenc, d_model) with mask (B, Lenc): the cross-attention
+        keys/values of every decoder layer, projected once, each row repeated `repeat` times (beams:
+        row b·repeat + r serves input b); empty self-attention caches sized for `capacity` tokens."""
+        cross = []
+        for blk in self.decoder.block:
+            k, v = blk.layer[1].project_kv(encoder_hidden_states)
+            if repeat > 1:
+                k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
+            cross.append((k, v))
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            if repeat > 1:
+                mask = mask.repeat_interleave(repeat, 0)
+            mask = mask[:, None, None, :]
+        return DecoderCache([KVCache(capacity) for _ in self.decoder.block], cross, mask)
+
+    def decode(self, decoder_input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """The next decoder tokens (N, L) at positions cache.length.. -> logits (N, L, V); the cache grows."""
+        h = self.decoder(decoder_input_ids, cache=cache)
+        dt = autocast_dtype(h)
+        return F.linear(h.to(dt), self.lm_head.weight.to(dt))
+
+    def decode_uncached(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole decoder prefix (N, L) against encoder output (N, Lenc, d_model) -> logits (N, L, V)."""
+        h = self.decoder(decoder_input_ids, None, encoder_hidden_states, attention_mask)
+        dt = autocast_dtype(h)
+        return F.linear(h.to(dt), self.lm_head.weight.to(dt))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 decoder_input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
