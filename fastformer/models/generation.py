@@ -26,7 +26,7 @@ tokens are the same:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +76,15 @@ class KVCache:
 
 @dataclass
 class DecoderCache:
-    """Everything a decoder step reuses. self_attn: one KVCache per decoder layer; cross: per layer the
-    encoder keys and values (N, H, Lenc, D); enc_mask: (N, 1, 1, Lenc) bool (True = real token) or None."""
+    """Everything a decoder step reuses (built by the model's start_cache). self_attn: one KVCache per
+    decoder layer; cross: per layer the encoder keys and values (N, H, Lenc, D); enc_mask: (N, 1, 1, Lenc)
+    bool (True = real token) or None; attend: the attention function for the cross-attention; step:
+    the model's decode step (ids, cache) -> decoder output."""
     self_attn: list
     cross: list
     enc_mask: Optional[torch.Tensor]
+    attend: Callable
+    step: Callable
 
     @property
     def length(self) -> int:
@@ -114,7 +118,6 @@ def _check_inputs(input_ids, attention_mask):
             raise ValueError("attention_mask must be bool or 0/1 integers (True/1 = real token)")
 
 
-@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
              max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: Union[bool, str] = False, num_return_sequences: int = 1,
@@ -146,15 +149,19 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     was_training = model.training
     model.eval()
     try:
-        if num_beams == 1:
-            return greedy_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos,
-                                 pad=pad, start=start, use_cache=use_cache)
-        return beam_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                           length_penalty=float(length_penalty), early_stopping=early_stopping,
-                           num_return_sequences=num_return_sequences, eos=eos, pad=pad, start=start,
-                           use_cache=use_cache)
+        # inference mode: no autograd bookkeeping on the many small ops of a decode step
+        with torch.inference_mode():
+            if num_beams == 1:
+                out = greedy_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos,
+                                    pad=pad, start=start, use_cache=use_cache)
+            else:
+                out = beam_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, length_penalty=float(length_penalty),
+                                  early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                                  eos=eos, pad=pad, start=start, use_cache=use_cache)
     finally:
         model.train(was_training)
+    return out.clone()          # a normal tensor (inference tensors refuse in-place edits outside)
 
 
 class _Stepper:
@@ -193,7 +200,7 @@ def greedy_search(model, input_ids, attention_mask, *, max_new_tokens, eos, pad,
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     t = 1
     while t < 1 + max_new_tokens:
-        nxt = stepper.logits(seqs[:, :t]).argmax(-1)
+        nxt = stepper.logits(seqs[:, :t]).max(-1).indices      # argmax (first maximum), faster on CPU
         if eos:
             nxt = torch.where(unfinished, nxt, pad)
         seqs[:, t] = nxt

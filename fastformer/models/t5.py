@@ -134,10 +134,10 @@ class _SelfAttentionLayer(nn.Module):
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, h, mask, table, kv_cache=None):
+    def forward(self, h, mask, table):
         return h + self.dropout(self.SelfAttention(self.layer_norm(h), attn_mask=mask,
                                                    bias_table=None if self.SelfAttention.has_relative_attention_bias
-                                                   else table, kv_cache=kv_cache))
+                                                   else table))
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -147,23 +147,8 @@ class _CrossAttentionLayer(nn.Module):
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, h, enc, enc_mask, cross_kv=None):
-        if cross_kv is None:
-            return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
-        # decoding: the encoder's keys/values (N, H, Lenc, D) were projected once (start_cache)
-        att = self.EncDecAttention
-        x = self.layer_norm(h)
-        n, length, _ = x.shape
-        q = att.q(x).view(n, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
-        y = ff.scaled_dot_product_attention(q, cross_kv[0], cross_kv[1], attn_mask=enc_mask, scale=1.0)
-        return h + self.dropout(att.o(y.transpose(1, 2).reshape(n, length, att.inner_dim)))
-
-    def project_kv(self, enc):
-        """enc: (B, Lenc, d_model) -> this layer's cross-attention keys, values (B, H, Lenc, D)."""
-        att = self.EncDecAttention
-        b, length, _ = enc.shape
-        return tuple(lin(enc).view(b, length, att.n_heads, att.key_value_proj_dim).transpose(1, 2)
-                     for lin in (att.k, att.v))
+    def forward(self, h, enc, enc_mask):
+        return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
 
 
 class _FeedForwardLayer(nn.Module):
@@ -189,10 +174,10 @@ class T5Block(nn.Module):
         layers.append(_FeedForwardLayer(cfg))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, h, mask, table, enc=None, enc_mask=None, kv_cache=None, cross_kv=None):
-        h = self.layer[0](h, mask, table, kv_cache)
+    def forward(self, h, mask, table, enc=None, enc_mask=None):
+        h = self.layer[0](h, mask, table)
         if self.is_decoder:
-            h = self.layer[1](h, enc, enc_mask, cross_kv)
+            h = self.layer[1](h, enc, enc_mask)
         return self.layer[-1](h)
 
 
@@ -208,22 +193,15 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, *,
-                cache: Optional[DecoderCache] = None):
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None):
         """input_ids: (B, L); attention_mask: (B, L) bool/0-1, True = real token (key padding);
-        decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc), or
-        cache (incremental decoding: input_ids are the next L tokens; the encoder side comes from the
-        cache, and the new keys/values are appended to it)."""
+        decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc)."""
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
         table = self.block[0].layer[0].SelfAttention.bias_table    # the first layer's table, shared
         h = self.dropout(self.embed_tokens(input_ids))
-        if cache is not None:
-            for blk, kv, cross in zip(self.block, cache.self_attn, cache.cross):
-                h = blk(h, mask, table, None, cache.enc_mask, kv, cross)
-        else:
-            for blk in self.block:
-                h = blk(h, mask, table, encoder_hidden_states, enc_mask)
+        for blk in self.block:
+            h = blk(h, mask, table, encoder_hidden_states, enc_mask)
         return self.dropout(self.final_layer_norm(h))
 
 
@@ -248,6 +226,59 @@ def _init_weights(model: nn.Module, cfg: T5Config) -> None:
         nn.init.normal_(model.shared.weight, std=1.0)
     if hasattr(model, "lm_head"):
         nn.init.normal_(model.lm_head.weight, std=cfg.d_model ** -0.5)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5RMSNorm as one call: fp32/fp64 directly, half dtypes with fp32 statistics."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+class _DecodeStep:
+    """The decoder stack for incremental decoding, written as plain tensor calls over weights fused once
+    per cache: q|k|v and wi_0|wi_1 are each one matmul, the cross-attention k|v of all positions are
+    projected by start_cache; no module calls and no dropout (inference only). Self-attention runs
+    `ff.t5_attention` at `query_offset` = the cache length. The uncached decoder (T5Stack) is its oracle."""
+
+    def __init__(self, model: "T5ForConditionalGeneration"):
+        cfg = model.config
+        dec = model.decoder
+        self.embed = model.shared.weight
+        self.eps = cfg.layer_norm_epsilon
+        self.H, self.D = cfg.num_heads, cfg.d_kv
+        first = dec.block[0].layer[0].SelfAttention
+        self.table = first.bias_table
+        self.nb, self.md = first.relative_attention_num_buckets, first.relative_attention_max_distance
+        self.final_norm = dec.final_layer_norm.weight
+        self.layers, self.cross_kv = [], []
+        with torch.no_grad():
+            for blk in dec.block:
+                sa, ca, ffn = blk.layer[0], blk.layer[1], blk.layer[2]
+                a, c, g = sa.SelfAttention, ca.EncDecAttention, ffn.DenseReluDense
+                self.layers.append((sa.layer_norm.weight, torch.cat([a.q.weight, a.k.weight, a.v.weight]), a.o.weight,
+                                    ca.layer_norm.weight, c.q.weight, c.o.weight,
+                                    ffn.layer_norm.weight, torch.cat([g.wi_0.weight, g.wi_1.weight]), g.wo.weight))
+                self.cross_kv.append(torch.cat([c.k.weight, c.v.weight]))
+
+    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """ids: (N, L) at positions cache.length.. -> decoder output (N, L, d_model) after the final norm."""
+        N, L = ids.shape
+        H, D, eps = self.H, self.D, self.eps
+        offset = cache.length
+        h = F.embedding(ids, self.embed)
+        for (n0, qkv, o, n1, cq, co, n2, wi, wo), kv, (ck, cv) in zip(self.layers, cache.self_attn, cache.cross):
+            q, k, v = F.linear(_rms_norm(h, n0, eps), qkv).view(N, L, 3, H, D).transpose(1, 3).unbind(2)
+            k, v = kv.update(k, v)
+            y = ff.t5_attention(q, k, v, self.table, bidirectional=False, num_buckets=self.nb, max_distance=self.md,
+                                is_causal=True, scale=1.0, query_offset=offset)
+            h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), o)
+            q = F.linear(_rms_norm(h, n1, eps), cq).view(N, L, H, D).transpose(1, 2)
+            y = cache.attend(q, ck, cv, attn_mask=cache.enc_mask, scale=1.0)
+            h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), co)
+            gate, lin = F.linear(_rms_norm(h, n2, eps), wi).chunk(2, dim=-1)
+            h = h + F.linear(F.gelu(gate, approximate="tanh") * lin, wo)
+        return _rms_norm(h, self.final_norm, eps)
 
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
@@ -285,25 +316,36 @@ class T5ForConditionalGeneration(nn.Module):
     def start_cache(self, encoder_hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                     capacity: int = 0, repeat: int = 1) -> DecoderCache:
         """A decoding cache for encoder output (B, Lenc, d_model) with mask (B, Lenc): the cross-attention
-        keys/values of every decoder layer, projected once, each row repeated `repeat` times (beams:
-        row b·repeat + r serves input b); empty self-attention caches sized for `capacity` tokens."""
+        keys/values of every decoder layer, projected once on the B rows and then each row repeated
+        `repeat` times (beams: row b·repeat + r serves input b); empty self-attention caches sized for
+        `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep)."""
+        step = _DecodeStep(self)
+        b, length, _ = encoder_hidden_states.shape
+        H, D = self.config.num_heads, self.config.d_kv
         cross = []
-        for blk in self.decoder.block:
-            k, v = blk.layer[1].project_kv(encoder_hidden_states)
+        for w in step.cross_kv:              # (2·H·D, d_model): k and v rows, one matmul per layer
+            kv = F.linear(encoder_hidden_states, w).view(b, length, 2, H, D).permute(2, 0, 3, 1, 4)
             if repeat > 1:
-                k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
-            cross.append((k, v))
+                kv = kv.repeat_interleave(repeat, 1)
+            cross.append((kv[0], kv[1]))
         mask = None
+        # A decode step has one query row against fixed keys: torch's SDPA is a single fused call on every
+        # device (fastformer's tiled kernel would run tiles of one row). An input that is all padding
+        # keeps fastformer's op, whose zeros for rows without keys the uncached decoder gives too.
+        attend = F.scaled_dot_product_attention
         if attention_mask is not None:
             mask = attention_mask.bool()
+            if not bool(mask.any(-1).all()):
+                attend = ff.scaled_dot_product_attention
             if repeat > 1:
                 mask = mask.repeat_interleave(repeat, 0)
             mask = mask[:, None, None, :]
-        return DecoderCache([KVCache(capacity) for _ in self.decoder.block], cross, mask)
+        return DecoderCache([KVCache(capacity) for _ in self.decoder.block], cross, mask, attend, step)
 
     def decode(self, decoder_input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """The next decoder tokens (N, L) at positions cache.length.. -> logits (N, L, V); the cache grows."""
-        h = self.decoder(decoder_input_ids, cache=cache)
+        """The next decoder tokens (N, L) at positions cache.length.. -> logits (N, L, V); the cache grows.
+        Inference: no dropout."""
+        h = cache.step(decoder_input_ids, cache)
         dt = autocast_dtype(h)
         return F.linear(h.to(dt), self.lm_head.weight.to(dt))
 
