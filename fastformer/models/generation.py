@@ -77,14 +77,16 @@ class KVCache:
 @dataclass
 class DecoderCache:
     """Everything a decoder step reuses (built by the model's start_cache). self_attn: one KVCache per
-    decoder layer; cross: per layer the encoder keys and values (N, H, Lenc, D); enc_mask: (N, 1, 1, Lenc)
-    bool (True = real token) or None; attend: the attention function for the cross-attention; step:
-    the model's decode step (ids, cache) -> decoder output."""
+    decoder layer (N = B·repeat rows); cross: per layer the encoder keys and values (B, H, Lenc, D);
+    enc_mask: (B, 1, 1, Lenc) bool (True = real token) or None; attend: the attention function for the
+    cross-attention; step: the model's decode step (ids, cache) -> decoder output; repeat: decoder
+    rows per input (row b·repeat + r serves input b)."""
     self_attn: list
     cross: list
     enc_mask: Optional[torch.Tensor]
     attend: Callable
     step: Callable
+    repeat: int = 1
 
     @property
     def length(self) -> int:

@@ -264,6 +264,8 @@ class _DecodeStep:
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """ids: (N, L) at positions cache.length.. -> decoder output (N, L, d_model) after the final norm."""
         N, L = ids.shape
+        R = cache.repeat
+        B = N // R
         H, D, eps = self.H, self.D, self.eps
         offset = cache.length
         h = F.embedding(ids, self.embed)
@@ -273,8 +275,9 @@ class _DecodeStep:
             y = ff.t5_attention(q, k, v, self.table, bidirectional=False, num_buckets=self.nb, max_distance=self.md,
                                 is_causal=True, scale=1.0, query_offset=offset)
             h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), o)
-            q = F.linear(_rms_norm(h, n1, eps), cq).view(N, L, H, D).transpose(1, 2)
-            y = cache.attend(q, ck, cv, attn_mask=cache.enc_mask, scale=1.0)
+            # the R rows of each input (beams) are R·L query rows against that input's keys
+            q = F.linear(_rms_norm(h, n1, eps), cq).view(B, R * L, H, D).transpose(1, 2)
+            y = cache.attend(q, ck, cv, attn_mask=cache.enc_mask, scale=1.0)      # (B, H, R·L, D)
             h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), co)
             gate, lin = F.linear(_rms_norm(h, n2, eps), wi).chunk(2, dim=-1)
             h = h + F.linear(F.gelu(gate, approximate="tanh") * lin, wo)
@@ -316,31 +319,29 @@ class T5ForConditionalGeneration(nn.Module):
     def start_cache(self, encoder_hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                     capacity: int = 0, repeat: int = 1) -> DecoderCache:
         """A decoding cache for encoder output (B, Lenc, d_model) with mask (B, Lenc): the cross-attention
-        keys/values of every decoder layer, projected once on the B rows and then each row repeated
-        `repeat` times (beams: row b·repeat + r serves input b); empty self-attention caches sized for
-        `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep)."""
+        keys/values of every decoder layer, projected once; empty self-attention caches sized for
+        `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep). With repeat=K the
+        decoder runs B·K rows, row b·K + r serving input b (beam search); the encoder side is not
+        repeated: the K rows of an input attend to its keys as K query rows of one attention."""
         step = _DecodeStep(self)
         b, length, _ = encoder_hidden_states.shape
         H, D = self.config.num_heads, self.config.d_kv
         cross = []
         for w in step.cross_kv:              # (2·H·D, d_model): k and v rows, one matmul per layer
             kv = F.linear(encoder_hidden_states, w).view(b, length, 2, H, D).permute(2, 0, 3, 1, 4)
-            if repeat > 1:
-                kv = kv.repeat_interleave(repeat, 1)
             cross.append((kv[0], kv[1]))
         mask = None
-        # A decode step has one query row against fixed keys: torch's SDPA is a single fused call on every
-        # device (fastformer's tiled kernel would run tiles of one row). An input that is all padding
-        # keeps fastformer's op, whose zeros for rows without keys the uncached decoder gives too.
+        # A decode step has K query rows per input against fixed keys: torch's SDPA is a single fused
+        # call on every device (fastformer's tiled kernel would fill a few rows of each tile). An input
+        # that is all padding keeps fastformer's op, whose zeros for rows without keys the uncached
+        # decoder gives too.
         attend = F.scaled_dot_product_attention
         if attention_mask is not None:
             mask = attention_mask.bool()
             if not bool(mask.any(-1).all()):
                 attend = ff.scaled_dot_product_attention
-            if repeat > 1:
-                mask = mask.repeat_interleave(repeat, 0)
             mask = mask[:, None, None, :]
-        return DecoderCache([KVCache(capacity) for _ in self.decoder.block], cross, mask, attend, step)
+        return DecoderCache([KVCache(capacity) for _ in self.decoder.block], cross, mask, attend, step, int(repeat))
 
     def decode(self, decoder_input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """The next decoder tokens (N, L) at positions cache.length.. -> logits (N, L, V); the cache grows.

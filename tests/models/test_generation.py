@@ -176,3 +176,14 @@ def test_kv_cache_grows_and_reorders():
     c.reorder(idx)
     k, v = c.k[:, :, :5], c.v[:, :, :5]
     assert torch.equal(k, torch.cat([k1, k2], 2)[idx]) and torch.equal(v, torch.cat([v1, v2], 2)[idx])
+
+
+def test_generate_on_the_kernel_path_matches_hf(triton_backend):
+    """The Triton kernels (interpreted on CPU) in the encoder and the first decode step (a non-zero
+    query_offset takes the reference for now): same tokens as Hugging Face."""
+    ours = _model(23, torch.float32, 10)
+    hf = to_hf(ours).eval()
+    ids, mask = _inputs(2, 7, 23, 10)
+    out = ours.generate(ids, mask, max_new_tokens=4)
+    ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref), f"\nours {out}\nhf   {ref}"
