@@ -139,6 +139,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}], got "
                          f"{num_return_sequences!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
@@ -248,7 +250,7 @@ def beam_search(model, input_ids, attention_mask, *, max_new_tokens, num_beams, 
         top_lp, top_idx = torch.topk(total, n_keep)
         src = top_idx // V                                           # (B, n_keep) beam each one extends
         tok = top_idx % V
-        top_seq = run_seq.gather(1, src[:, :, None].expand(B, n_keep, max_length)).clone()
+        top_seq = run_seq.gather(1, src[:, :, None].expand(B, n_keep, max_length))
         top_seq[:, :, cur] = tok
         ends = torch.isin(tok, eos_t) if eos else torch.zeros_like(tok, dtype=torch.bool)
         if cur + 1 >= max_length:
