@@ -127,8 +127,12 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         if preset not in T5_PRESETS:
             raise ValueError(f"--model {preset}: text-to-text needs an encoder-decoder, a t5-* preset "
                              f"({', '.join(T5_PRESETS)})")
-        tok_json = (obj.build_tokenizer(list(train_inputs) + list(train_targets), cfg.vocab_size).to_str()
-                    if info.main else None)
+        saved = Path(cfg.out_dir) / "tokenizer.json"
+        if cfg.resume and saved.is_file():      # the run's own tokenizer, not a re-trained one
+            tok_json = saved.read_text() if info.main else None
+        else:
+            tok_json = (obj.build_tokenizer(list(train_inputs) + list(train_targets), cfg.vocab_size).to_str()
+                        if info.main else None)
         tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
         seed_everything(cfg.seed)
         model = obj.build_model(preset, tok, seq_len=cfg.max_len)

@@ -103,3 +103,20 @@ def test_rouge_and_exact_match_values():
     assert exact_match([], []) == 0.0
     with pytest.raises(ValueError, match="references"):
         rouge(["a"], [])
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    import torch
+
+    rng = random.Random(3)
+    train = _copy_pairs(tmp_path / "train.tsv", 200, rng, header=True)
+    ev = _copy_pairs(tmp_path / "eval.tsv", 4, rng, header=False)
+    base = dict(train=str(train), eval=str(ev), model="t5-tiny", model_overrides=SMALL, steps=6, batch_size=8,
+                lr=1e-3, vocab_size=200, max_len=12, max_target_len=12, device="cpu", progress=False, seed=0)
+    finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "a"), **base))
+    finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), stop_at=3, **base))
+    s = finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    assert s["steps"] == 6
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
