@@ -5,7 +5,7 @@
     # out: (B · num_return_sequences, 1 + T) int64, column 0 the decoder start token
 
 The encoder runs once per call; each decoder layer's cross-attention keys/values are projected from
-its output once (on the B inputs, then repeated for the beams); decoder self-attention keeps a
+its output once, on the B inputs (the beams of an input share them); decoder self-attention keeps a
 preallocated key/value cache, so a step feeds one token per sequence and attends with
 `ff.t5_attention(..., query_offset=t)` (query length 1 against the t + 1 cached keys; only that
 (1, Lk) row of relative-position bias is ever formed).
@@ -174,7 +174,7 @@ class _Stepper:
 
     def __init__(self, model, enc, enc_mask, n_rep: int, capacity: int, use_cache: bool):
         self.model, self.use_cache = model, use_cache
-        if use_cache:      # keys/values projected on the B inputs, then repeated for the beams
+        if use_cache:      # keys/values projected once, on the B inputs; the beams share them
             self.cache = model.start_cache(enc, enc_mask, capacity=capacity, repeat=n_rep)
         else:
             self.enc = enc.repeat_interleave(n_rep, 0)

@@ -91,7 +91,10 @@ def t5_attention_reference(q, k, v, bias_table, *, bidirectional=True, num_bucke
         # without its mask bookkeeping, the same values in a few calls (a decode step makes many)
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-2, -1)) * scale + bias.to(cdt)
+        scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-2, -1))
+        if scale != 1.0:                     # T5 does not scale
+            scores = scores * scale
+        scores = scores + bias.to(cdt)
         return torch.matmul(torch.softmax(scores, dim=-1), v.to(cdt)).to(q.dtype)
     return sdpa_reference(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                           bias=bias, dropout_mask=dropout_mask)
