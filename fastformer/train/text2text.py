@@ -192,6 +192,21 @@ def generate_texts(model, tok, inputs: list[str], *, max_len: int, max_new_token
     return texts
 
 
+def load_text2text(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, config dict) of a text-to-text output folder; generate with
+    `generate_texts(model, tok, inputs, max_len=config["max_len"], **config["generation"])`."""
+    d = Path(path)
+    for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
+        if not (d / f).is_file():
+            raise CheckpointError(f"{d}: not a text-to-text output folder (no {f})")
+    config = json.loads((d / "config.json").read_text())
+    if config.get("task") != TASK:
+        raise ValueError(f"{d}: task is {config.get('task')!r}, not {TASK!r}")
+    model = T5ForConditionalGeneration(T5Config.from_dict(config["model_config"]))
+    model.load_state_dict(load_checkpoint(d / CHECKPOINT_NAME)["model"])
+    return model.to(device).eval(), load_tokenizer(d / "tokenizer.json"), config
+
+
 def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     if cfg.init and cfg.model:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from fastformer.train.text2text import Text2TextConfig, finetune_text2text
+from fastformer.train.text2text import Text2TextConfig, finetune_text2text, generate_texts, load_text2text
 from fastformer.train.text_metrics import exact_match, normalize_text, rouge
 
 from train_helpers import make_corpus, tiny_config
@@ -46,6 +46,11 @@ def test_copy_task_is_learned(tmp_path):
     assert config["generation"]["max_new_tokens"] == 24
     for f in ("tokenizer.json", "checkpoint.pt", "metrics.jsonl"):
         assert (out / f).is_file(), f
+    # the folder reloads and generates the same predictions
+    model, tok, config = load_text2text(out)
+    inputs = [r.split("\t")[0] for r in rows[1:]]
+    again = generate_texts(model, tok, inputs, max_len=config["max_len"], batch_size=7, **config["generation"])
+    assert again == [r.split("\t")[2] for r in rows[1:]]
 
 
 def test_classification_as_text_from_span_pretraining(tmp_path):
