@@ -43,6 +43,7 @@ def test_copy_task_is_learned(tmp_path):
     assert rows[0] == "input\ttarget\tprediction" and len(rows) == 49
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "text2text" and config["model_config"]["d_model"] == 64
+    assert config["architecture"] == "T5ForConditionalGeneration" and config["run"] == "finetune"
     assert config["generation"]["max_new_tokens"] == 24
     for f in ("tokenizer.json", "checkpoint.pt", "metrics.jsonl"):
         assert (out / f).is_file(), f
