@@ -106,16 +106,20 @@ def _eos_list(eos) -> list[int]:
     return [int(e) for e in eos]
 
 
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_inputs(input_ids, attention_mask):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor shaped (B, L), got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+            or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor shaped (B, L), got {_shape(input_ids)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must not be empty, got shape {tuple(input_ids.shape)}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"attention_mask must be shaped like input_ids {tuple(input_ids.shape)}, got "
-                             f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask}")
+                             f"{_shape(attention_mask)}")
         if attention_mask.is_floating_point():
             raise ValueError("attention_mask must be bool or 0/1 integers (True/1 = real token)")
 

@@ -245,8 +245,9 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         out.mkdir(parents=True, exist_ok=True)
         (out / "tokenizer.json").write_text(tok.to_str())
         config = {"fastformer_version": fastformer.__version__, "run": "finetune", "task": TASK,
-                  "objective": "span", "architecture": type(model).__name__, "model": source, "model_config": model_config, "max_len": cfg.max_len,
-                  "max_target_len": cfg.max_target_len, "generation": generation,
+                  "objective": "span", "architecture": type(model).__name__, "model": source,
+                  "model_config": model_config, "max_len": cfg.max_len, "max_target_len": cfg.max_target_len,
+                  "generation": generation,
                   "train": asdict(cfg), "n_train": len(train_ex), "n_eval": len(eval_ex)}
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     D.barrier(info)
