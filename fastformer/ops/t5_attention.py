@@ -85,8 +85,12 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
 
 
 def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max_distance=128, attn_mask=None,
-                 is_causal=False, scale=1.0, dropout_p=0.0):
+                 is_causal=False, scale=1.0, dropout_p=0.0, query_offset=0):
     """q: (B, H, Lq, D), k/v: (B, H, Lk, D), bias_table: (num_buckets, H) -> (B, H, Lq, D).
+
+    query_offset: absolute position of query row 0, keys sitting at positions 0..Lk-1 (incremental
+    decoding: Lq new tokens against a cache, query_offset = Lk − Lq). Buckets use j − (i + query_offset)
+    and is_causal keeps j <= i + query_offset; 0 is the usual aligned case.
 
     attn_mask: bool (True = attend) or float, broadcastable to (B, H, Lq, Lk); a (B, 1, 1, Lk) bool
     key-padding mask takes the per-batch-length fast path. Rows with every key masked give zeros.
@@ -98,7 +102,7 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
         with no_autocast(q, amp):
             return t5_attention(q, k, v, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
                                 max_distance=max_distance, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                dropout_p=dropout_p)
+                                dropout_p=dropout_p, query_offset=query_offset)
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
     check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
@@ -119,10 +123,15 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
                          f"got {tuple(bias_table.shape)}")
     _check_mask(attn_mask, B, H, Lq, k.shape[2], q.device)
     check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_inclusive=True)   # 1.0: zeros, as torch
+    if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
+        raise ValueError(f"query_offset must be an int >= 0, got {query_offset!r}")
     kw = dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
     rel = relative_position_buckets(bidirectional, num_buckets, max_distance, q.device)  # validates the config
-    if not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)) or dropout_p >= 1.0:
+    # A non-zero query_offset (decoding against a cache) runs the reference for now: correct, not fused.
+    # The kernels take query positions from 0; the offset will move into their bucket/causal indexing.
+    if (not (use_triton(q, k, v, bias_table, attn_mask) and _kernel_covers(q, k, v)) or dropout_p >= 1.0
+            or query_offset != 0):
         return t5_attention_reference(q, k, v, bias_table, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                      dropout_p=dropout_p, **kw)
+                                      dropout_p=dropout_p, query_offset=query_offset, **kw)
     return fused_attention_4d(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                               t5_table=bias_table, t5_rel=rel)
