@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import get_backend, use_triton
-from ._amp import autocast_cast, autocast_dtype, no_autocast
+from .amp import amp_dtype as autocast_dtype, autocast_cast, no_autocast
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 import fastformer.reference.cross_entropy as _ref

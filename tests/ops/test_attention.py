@@ -198,8 +198,11 @@ def test_bad_input():
         ff.scaled_dot_product_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="attn_mask"):
         ff.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 9, dtype=torch.bool))
-    with pytest.raises(ValueError, match="enable_gqa"):
-        ff.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+    k3 = torch.randn(1, 3, 9, 16)
+    with pytest.raises(ValueError, match="enable_gqa"):          # 3 kv heads vs 2 query heads
+        ff.scaled_dot_product_attention(q, k3, k3)
+    with pytest.raises(RuntimeError, match="enable_gqa"):        # what torch raises for it
+        ff.scaled_dot_product_attention(q, k3, k3, enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
         ff.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
 
@@ -283,11 +286,12 @@ def test_host_checks_are_remembered_per_tensor(monkeypatch):
     layers share one mask / cu_seqlens, so each is computed once while the tensor is unmodified,
     and again after an in-place change (the version counter moves)."""
     import fastformer.ops.attention as A
+    import fastformer.ops.attention_common as C
 
     calls = {"klen": 0, "cu": 0}
-    real_klen, real_cu = A._key_lengths, A._check_cu
-    monkeypatch.setattr(A, "_key_lengths", lambda m: (calls.__setitem__("klen", calls["klen"] + 1), real_klen(m))[1])
-    monkeypatch.setattr(A, "_check_cu", lambda *a: (calls.__setitem__("cu", calls["cu"] + 1), real_cu(*a))[1])
+    real_klen, real_cu = C.key_lengths, A.check_cu_seqlens
+    monkeypatch.setattr(C, "key_lengths", lambda m: (calls.__setitem__("klen", calls["klen"] + 1), real_klen(m))[1])
+    monkeypatch.setattr(A, "check_cu_seqlens", lambda *a: (calls.__setitem__("cu", calls["cu"] + 1), real_cu(*a))[1])
     q, k, v = _inputs(2, 2, 20, 20, 16, torch.float32, "cpu")
     mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
     mask[1, ..., 12:] = False
