@@ -205,9 +205,10 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, causal, scale)
     gqa = k.shape[1] != q.shape[1]
     outs = []
     for i in range(len(cq) - 1):
-        qs, ks, vs = (t[a:b].transpose(0, 1) for t, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]),
-                                                               (v, ck[i], ck[i + 1])))
-        outs.append(_torch_sdpa(qs, ks, vs, None, dropout_p, causal, scale, gqa).transpose(0, 1))
+        # (1, H, L, D): torch takes its fused CPU kernel for 4-D inputs (its math path for 3-D ones)
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]),
+                                                                     (v, ck[i], ck[i + 1])))
+        outs.append(_torch_sdpa(qs, ks, vs, None, dropout_p, causal, scale, gqa)[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))
 
 
