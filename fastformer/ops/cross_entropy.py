@@ -297,7 +297,7 @@ def cross_entropy(
 
 @opaque_to_compile
 def _ce_kernel(*args):
-    """The Triton path of cross_entropy (see fastformer/ops/_compile.py)."""
+    """The kernel path of cross_entropy, opaque to torch.compile (see fastformer/ops/_compile.py)."""
     return _CrossEntropyFn.apply(*args)
 
 
@@ -537,5 +537,6 @@ def linear_cross_entropy(
 
 @opaque_to_compile
 def _lce_kernel(*args):
-    """The Triton path of linear_cross_entropy (see fastformer/ops/_compile.py)."""
+    """The chunked path of linear_cross_entropy (Triton kernel or torch math per chunk), opaque to
+    torch.compile (see fastformer/ops/_compile.py)."""
     return _LinearCrossEntropyFn.apply(*args)
