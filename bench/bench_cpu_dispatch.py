@@ -4,8 +4,8 @@
 
 Forward + backward of each op on CPU tensors, timed with backend "auto" (torch's own fused CPU kernels
 where fastformer uses them: SDPA for scaled_dot_product_attention, t5_attention with the bias as a
-float mask, varlen_attention per sequence; cross_entropy stays on the reference, which is torch's
-own cross_entropy) and backend "reference" (the eager spec). Shapes: a bert-mini attention batch
+float mask when the table is frozen, varlen_attention per sequence; cross_entropy stays on the
+reference, which is torch's own cross_entropy) and backend "reference" (the eager spec). Shapes: a bert-mini attention batch
 (B=16, H=4, L=128, D=64), T5 with its bias table, a packed varlen batch, CE at N=2048, V=30522.
 Reports the median ms of each and the speedup reference / auto. The machine's load shows in the
 numbers: compare the two columns of one run, not runs with each other.
@@ -43,6 +43,9 @@ def _cases(quick: bool):
         yield f"sdpa dropout 0.1 {name}", lambda q=q, k=k, v=v: ff.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
         table = leaf(32, H, dtype=dtype)
         yield f"t5 key-padding {name}", lambda q=q, k=k, v=v, t=table: ff.t5_attention(q, k, v, t, attn_mask=kpm)
+        frozen = table.detach()
+        yield f"t5 key-padding, frozen table {name}", \
+            lambda q=q, k=k, v=v, t=frozen: ff.t5_attention(q, k, v, t, attn_mask=kpm)
     qv = leaf(B * L, H, D)
     cu = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     yield "varlen float32", lambda: ff.varlen_attention(qv, qv, qv, cu, cu, L, L)

@@ -9,7 +9,8 @@ r = clamp(j − i, −R, R), R = max(max_distance, num_buckets), as a tiny (2R +
 here with the reference bucket function (past ±R the bucket no longer changes), so no (Lq, Lk) bias
 exists; `bias_table` gets a deterministic gradient (per-tile partial sums per bucket, reduced in a
 fixed order; no atomics). CPU tensors under backend "auto" run torch's SDPA with the bias as a float
-mask; backend "reference" runs the eager reference. Only the kernel path imports triton.
+mask when the table needs no gradient (inference, a frozen table), else the eager reference, which
+backend "reference" always runs. Only the kernel path imports triton.
 """
 from __future__ import annotations
 
@@ -150,7 +151,9 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
         mask, klen = prepare_mask(attn_mask, (B,), H, Lq, Lk)
         return fused_attention(q, k, v, mask=mask, klen=klen, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                t5_table=bias_table, t5_rel=rel)
-    if path == "torch":
+    if path == "torch" and not (torch.is_grad_enabled() and bias_table.requires_grad):
+        # torch's fused CPU kernel takes the bias as a float mask but has no gradient for it: with a
+        # trainable table torch would run its math path, no faster than the reference (measured)
         return _t5_torch(q, k, v, bias_table, attn_mask, is_causal, scale, dropout_p, kw)
     return t5_attention_reference(q, k, v, bias_table, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                   dropout_p=dropout_p, **kw)

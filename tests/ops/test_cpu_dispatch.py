@@ -52,13 +52,18 @@ def calls(monkeypatch):
 
 def test_auto_on_cpu_runs_torchs_sdpa_and_reference_does_not(calls):
     q = torch.randn(2, 3, 9, 8)
+    table = torch.randn(32, 3, requires_grad=True)
     with ff.use_backend("auto"):
         ff.scaled_dot_product_attention(q, q, q)
-    assert calls["sdpa"] == 1
+        assert calls["sdpa"] == 1
+        ff.t5_attention(q, q, q, table)          # a trainable table: the reference (torch has no fused grad)
+        assert calls["sdpa"] == 1
+        ff.t5_attention(q, q, q, table.detach())
+    assert calls["sdpa"] == 2
     with ff.use_backend("reference"):
         ff.scaled_dot_product_attention(q, q, q)
         ff.t5_attention(q, q, q, torch.randn(32, 3))
-    assert calls["sdpa"] == 1
+    assert calls["sdpa"] == 2
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "key_padding", "bool_mask", "float_mask_grad", "gqa",
@@ -106,6 +111,8 @@ def test_t5_auto_matches_reference(decoder):
            q, k, v, table)
     fm = torch.randn(1, 3, 11, 11)
     _match(lambda a, b, c, t: ff.t5_attention(a, b, c, t, attn_mask=fm, scale=0.5), q, k, v, table)
+    _match(lambda a, b, c: ff.t5_attention(a, b, c, table, bidirectional=not decoder, is_causal=decoder,
+                                           attn_mask=m), q, k, v)    # frozen table: torch's SDPA
 
 
 def test_varlen_auto_matches_reference():
