@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..backend import cpu_fast_path, use_triton
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, check_range
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -79,8 +79,6 @@ def check_attn_mask(attn_mask, query: torch.Tensor, scores_shape: tuple) -> None
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
-        from .errors import InputTypeError
-
         raise InputTypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.device != query.device:
         raise InputError(f"attn_mask is on {attn_mask.device} but must be on {query.device} like query")

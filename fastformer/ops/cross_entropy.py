@@ -116,10 +116,16 @@ def _check_target(target, input_shape: tuple, device, ignore_index) -> bool:
     return False
 
 
+def _is_compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def _range_check_wanted(target: torch.Tensor) -> bool:
     """Check class indices before launching: always on CPU (no device sync to pay), elsewhere only with
-    the debug switch (set_target_checks / FASTFORMER_CHECK_TARGETS)."""
-    return target.device.type == "cpu" or _CHECK_TARGETS
+    the debug switch (set_target_checks / FASTFORMER_CHECK_TARGETS). Not while torch.compile traces
+    (a value-dependent branch would break the graph; torch's own checks apply there)."""
+    return (target.device.type == "cpu" or _CHECK_TARGETS) and not _is_compiling()
 
 
 def _check_range(target: torch.Tensor, C: int, ignore_index: int) -> None:

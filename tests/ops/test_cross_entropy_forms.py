@@ -121,11 +121,11 @@ def test_debug_switch_checks_before_launch(monkeypatch):
     assert calls == [1]                                         # CPU tensors: always checked
     off_cpu = torch.zeros(3, dtype=torch.long, device="meta")   # stands for a CUDA tensor: no sync by default
     assert not CE._range_check_wanted(off_cpu)
-    CE.set_target_checks(True)
+    ff.ops.set_target_checks(True)
     try:
         assert CE._range_check_wanted(off_cpu)
     finally:
-        CE.set_target_checks(False)
+        ff.ops.set_target_checks(False)
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto", "triton"])
