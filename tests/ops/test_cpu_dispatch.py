@@ -38,7 +38,7 @@ def calls(monkeypatch):
     """Counts calls of torch's SDPA from fastformer's ops."""
     from fastformer.ops.attention_common import torch_sdpa_usable
 
-    assert torch_sdpa_usable()          # its one-time probe runs before counting (torch >= 2.5 here)
+    assert torch_sdpa_usable()          # torch >= 2.5 here
     n = {"sdpa": 0}
     real = F.scaled_dot_product_attention
 
@@ -142,3 +142,22 @@ def test_cross_entropy_auto_matches_reference():
     x = torch.randn(33, 50)
     t = torch.randint(0, 50, (33,))
     _match(lambda a: ff.cross_entropy(a, t, label_smoothing=0.1, z_loss=1e-3), x)
+
+
+def test_the_fast_path_rests_on_torchs_empty_row_semantics():
+    """The version gate of torch_sdpa_usable stands for this behaviour: a row with no visible key gives
+    zeros and finite gradients in torch's SDPA."""
+    q = torch.ones(1, 1, 2, 4, requires_grad=True)
+    mask = torch.tensor([[True, True], [False, False]])
+    out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask, enable_gqa=False)
+    out.sum().backward()
+    assert torch.equal(out[0, 0, 1], torch.zeros(4)) and torch.isfinite(q.grad).all()
+
+
+def test_auto_on_cpu_compiles_as_one_graph():
+    q = torch.randn(1, 2, 8, 16)
+    m = torch.rand(1, 1, 8, 8) > 0.2
+    f = lambda q: ff.scaled_dot_product_attention(q, q, q, attn_mask=m).sum()   # noqa: E731
+    torch._dynamo.reset()
+    with ff.use_backend("auto"):
+        assert_close(torch.compile(f, backend="eager", fullgraph=True)(q), f(q), torch.float32)
