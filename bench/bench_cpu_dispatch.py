@@ -7,11 +7,13 @@ where fastformer uses them: SDPA for scaled_dot_product_attention, t5_attention 
 float mask when the table is frozen, varlen_attention per sequence; cross_entropy stays on the
 reference, which is torch's own cross_entropy) and backend "reference" (the eager spec). Shapes: a bert-mini attention batch
 (B=16, H=4, L=128, D=64), T5 with its bias table, a packed varlen batch, CE at N=2048, V=30522.
-Reports the median ms of each and the speedup reference / auto. The machine's load shows in the
-numbers: compare the two columns of one run, not runs with each other.
+Reports the median ms of each and the speedup reference / auto; the two backends are timed in
+alternating rounds so that a changing machine load hits both alike. Compare the two columns of one
+run, not runs with each other.
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -61,10 +63,14 @@ def run(quick: bool = True, out_dir=None) -> list[dict]:
             out = fn()
             out.float().sum().backward()
 
-        ms = {}
-        for backend in ("auto", "reference"):
-            with ff.use_backend(backend):
-                ms[backend] = time_ms(step, device="cpu", cpu_reps=5 if quick else 9)
+        # the two backends alternate, round after round (order flipped each round), and each keeps the
+        # median of its rounds: a load that drifts during the run hits both alike
+        times = {"auto": [], "reference": []}
+        for r in range(5 if quick else 9):
+            for backend in (("auto", "reference") if r % 2 == 0 else ("reference", "auto")):
+                with ff.use_backend(backend):
+                    times[backend].append(time_ms(step, device="cpu", cpu_reps=3))
+        ms = {b: statistics.median(t) for b, t in times.items()}
         rows.append({"case": name, "auto_ms": ms["auto"], "reference_ms": ms["reference"],
                      "speedup": ms["reference"] / ms["auto"], "threads": torch.get_num_threads()})
         print(format_table(rows[-1:], ["case", "auto_ms", "reference_ms", "speedup"]).splitlines()[-1], flush=True)
