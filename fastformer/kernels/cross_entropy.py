@@ -1,18 +1,30 @@
 """Triton kernels for softmax cross-entropy over a large vocabulary (no autograd here).
 
-One program per row of the logits (N, V). The row is never held whole in registers: an online
-softmax walks it in blocks of BLOCK_V columns, so V = 256k works, and accumulates in fp32 whatever
-the input dtype. Row offsets are computed in int64 (row * stride), so N * V > 2^31 is safe.
+One program per row. A row is one batch entry of (N, V) logits, or one position (n, d) of
+K-dimensional logits (N, V, d1, ..., dK) seen as (N, V, D), D = d1···dK: the row starts at
+n·s_n + d·s_d and its classes are s_c apart (unit stride when the class dim is last; strided, with
+no copy, when it is not). The row is never held whole in registers: an online softmax walks it in
+blocks of BLOCK_V columns, so V = 256k works, and accumulates in fp32 whatever the input dtype. Row
+offsets are computed in int64, so N * V > 2^31 is safe.
 
-Per row i with target t (w = class weights, all ones when absent; W = sum(w); eps = label smoothing;
-z = z-loss coefficient; sA, sB the reduction scales of the CE and the z parts: 1 for "sum"/"none",
-1 / sum_{valid} w[t] and 1 / #valid for "mean"):
+Per row i with class-index target t (w = class weights, all ones when absent; W = sum(w); eps = label
+smoothing; z = z-loss coefficient; sA, sB the reduction scales of the CE and the z parts: 1 for
+"sum"/"none", 1 / sum_{valid} w[t] and 1 / #valid for "mean"):
 
     lse     = log(sum_c exp(x_c))
     ce_i    = (1 - eps) * w_t * (lse - x_t) + eps / V * (W * lse - sum_c w_c x_c)
     loss_i  = sA * ce_i + sB * z * lse^2                     (0 when t == ignore_index)
     dloss_i / dx_c = p_c * (sA * ((1 - eps) * w_t + eps / V * W) + sB * 2 z lse)
                      - sA * eps / V * w_c - sA * (1 - eps) * w_t * [c == t]
+
+With a probability target y (SOFT; torch's semantics: y' = (1 - eps) y + eps / V, no ignored rows,
+"mean" divides by the number of rows, sA = sB):
+
+    ce_i    = sum_c w_c y'_c (lse - x_c) = A * lse - sum_c w_c y'_c x_c,   A = sum_c w_c y'_c
+    dloss_i / dx_c = p_c * (sA * A + sB * 2 z lse) - sA * w_c y'_c
+
+A class index outside [0, V) that is not ignore_index is never read out of bounds: that row's lse,
+loss and gradient are NaN (so the reduced loss is NaN), which is how the kernel reports it.
 
 With COMPUTE_GRAD the same program writes that gradient (times an optional per-row or scalar factor
 g) into `grad`, which may alias `logits`: every element is read before it is written by the same
@@ -31,43 +43,50 @@ import triton.language as tl
 
 @triton.jit
 def _ce_fwd_kernel(
-    logits_ptr, stride_l,      # (N, V) logits, row stride
-    grad_ptr, stride_g,        # (N, V) gradient output (may alias logits); unused without COMPUTE_GRAD
-    target_ptr,                # (N,) integer targets
-    weight_ptr,                # (V,) class weights; unused without HAS_WEIGHT
-    wsum_ptr,                  # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
-    count_ptr,                 # 0-d: number of non-ignored rows; unused unless MEAN
-    wden_ptr,                  # fp32 0-d: sum of w[t] over non-ignored rows; unused unless MEAN and HAS_WEIGHT
-    gscale_ptr, stride_gs,     # gradient factor per row (stride 1) or scalar (stride 0); unused without HAS_GSCALE
-    loss_ptr, lse_ptr,         # (N,) fp32 outputs: scaled per-row loss, log-sum-exp
-    V, ignore_index, eps, z,
+    logits_ptr, s_ln, s_ld, s_lc,   # logits: row (n, d) starts at n*s_ln + d*s_ld, class c at c*s_lc
+    grad_ptr, s_gn, s_gd, s_gc,     # gradient output (may alias logits), same layout; unused without COMPUTE_GRAD
+    target_ptr, s_tn, s_td, s_tc,   # class indices: (rows,) contiguous; SOFT: probabilities laid out as logits
+    weight_ptr,                     # (V,) class weights; unused without HAS_WEIGHT
+    wsum_ptr,                       # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
+    count_ptr,                      # 0-d: number of non-ignored rows (SOFT: of rows); unused unless MEAN
+    wden_ptr,                       # fp32 0-d: sum of w[t] over non-ignored rows; unused unless MEAN, HAS_WEIGHT, not SOFT
+    gscale_ptr, stride_gs,          # gradient factor per row (stride 1) or scalar (stride 0); unused without HAS_GSCALE
+    loss_ptr, lse_ptr,              # (rows,) fp32 outputs: scaled per-row loss, log-sum-exp
+    V, D, ignore_index, eps, z,     # D: positions per batch entry (d1*...*dK; 1 for (N, C) input)
     HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SMOOTH: tl.constexpr,
-    MEAN: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    MEAN: tl.constexpr, SOFT: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_l
-    grad_row = grad_ptr + row * stride_g
+    n = row // D
+    d = row - n * D
+    logits_row = logits_ptr + n * s_ln + d * s_ld
+    grad_row = grad_ptr + n * s_gn + d * s_gd
+    target_row = target_ptr + n * s_tn + d * s_td
     cols = tl.arange(0, BLOCK_V)
-    t = tl.load(target_ptr + row).to(tl.int64)
+    if SOFT:
+        t = -1                       # no class index, no ignored row
+    else:
+        t = tl.load(target_ptr + row).to(tl.int64)
 
     # 1. Ignored row: zero loss and, if asked, a zero gradient row; nothing of the row is read.
-    if t == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(grad_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty),
-                         mask=offs < V)
-        return
+    if not SOFT:
+        if t == ignore_index:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            if COMPUTE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    tl.store(grad_row + offs * s_gc,
+                             tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
+            return
 
     # reduction scales; a zero denominator (every row ignored) divides 0 by 1: loss 0, grad 0
     sA = 1.0
     sB = 1.0
     if MEAN:
-        n = tl.load(count_ptr).to(tl.float32)
-        sB = 1.0 / tl.maximum(n, 1.0)
-        if HAS_WEIGHT:
+        cnt = tl.load(count_ptr).to(tl.float32)
+        sB = 1.0 / tl.maximum(cnt, 1.0)
+        if HAS_WEIGHT and not SOFT:
             den = tl.load(wden_ptr)
             sA = 1.0 / tl.where(den == 0.0, 1.0, den)
         else:
@@ -76,39 +95,56 @@ def _ce_fwd_kernel(
         w_sum = tl.load(wsum_ptr)
     else:
         w_sum = V * 1.0
-    in_range = (t >= 0) & (t < V)   # out-of-range targets are undefined behaviour; never read out of bounds
-    x_t = tl.load(logits_row + t, mask=in_range, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + t, mask=in_range, other=0.0).to(tl.float32)
-    else:
-        w_t = 1.0
+    # a class index outside [0, V) is never read out of bounds: its row's loss and gradient become NaN
+    in_range = (t >= 0) & (t < V)
+    x_t = 0.0
+    w_t = 1.0
+    if not SOFT:
+        x_t = tl.load(logits_row + t * s_lc, mask=in_range, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + t, mask=in_range, other=0.0).to(tl.float32)
 
     # 2. One pass of online softmax: running max m and running sum s of exp(x - m), block by block;
-    #    with label smoothing also sum_c w_c * x_c. ONE_BLOCK: the row is one block, kept for step 4.
+    #    with label smoothing also sum_c w_c * x_c; SOFT: the target mass A = sum_c w_c y'_c and
+    #    sum_c w_c y'_c x_c (y' = (1 - eps) y + eps / V). ONE_BLOCK: the row is one block, kept for step 4.
     m = -float("inf")
     s = 0.0
     wx = 0.0
+    mass = 0.0
     if ONE_BLOCK:
         mask = cols < V
-        x_row = tl.load(logits_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        x_row = tl.load(logits_row + cols * s_lc, mask=mask, other=-float("inf")).to(tl.float32)
         m = tl.max(x_row, axis=0)
         s = tl.sum(tl.exp(x_row - m), axis=0)
-        if SMOOTH:
+        if SOFT:
+            wy_row = _soft_weights(target_row, s_tc, cols, mask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
+            mass = tl.sum(wy_row, axis=0)
+            wx = tl.sum(wy_row * tl.where(mask, x_row, 0.0), axis=0)
+        elif SMOOTH:
             wx = _smooth_term(x_row, cols, mask, weight_ptr, HAS_WEIGHT)
     else:
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            x = tl.load(logits_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+            x = tl.load(logits_row + offs * s_lc, mask=mask, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
-            if SMOOTH:
+            if SOFT:
+                wy = _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
+                mass += tl.sum(wy, axis=0)
+                wx += tl.sum(wy * tl.where(mask, x, 0.0), axis=0)
+            elif SMOOTH:
                 wx += _smooth_term(x, offs, mask, weight_ptr, HAS_WEIGHT)
     lse = m + tl.log(s)
+    if not SOFT:
+        lse = tl.where(in_range, lse, float("nan"))
 
     # 3. Per-row loss, already multiplied by the reduction scales.
-    ce = (1.0 - eps) * w_t * (lse - x_t) + (eps / V) * (w_sum * lse - wx)
+    if SOFT:
+        ce = mass * lse - wx
+    else:
+        ce = (1.0 - eps) * w_t * (lse - x_t) + (eps / V) * (w_sum * lse - wx)
     tl.store(loss_ptr + row, sA * ce + sB * z * lse * lse)
     tl.store(lse_ptr + row, lse)
 
@@ -118,18 +154,31 @@ def _ce_fwd_kernel(
         g = 1.0
         if HAS_GSCALE:
             g = tl.load(gscale_ptr + row * stride_gs).to(tl.float32)
-        coef = g * (sA * ((1.0 - eps) * w_t + (eps / V) * w_sum) + sB * 2.0 * z * lse)
-        smooth = g * sA * (eps / V)
-        hit = g * sA * (1.0 - eps) * w_t
+        if SOFT:
+            coef = g * (sA * mass + sB * 2.0 * z * lse)
+            smooth = g * sA          # times w_c y'_c
+            hit = 0.0
+        else:
+            coef = g * (sA * ((1.0 - eps) * w_t + (eps / V) * w_sum) + sB * 2.0 * z * lse)
+            smooth = g * sA * (eps / V)
+            hit = g * sA * (1.0 - eps) * w_t
         if ONE_BLOCK:
-            _ce_grad_block(x_row, cols, cols < V, t, lse, coef, smooth, hit, grad_row, weight_ptr, HAS_WEIGHT)
+            if SOFT:
+                _soft_grad_block(x_row, wy_row, cols, cols < V, lse, coef, smooth, grad_row, s_gc)
+            else:
+                _ce_grad_block(x_row, cols, cols < V, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr,
+                               HAS_WEIGHT)
         else:
             n_blocks = tl.cdiv(V, BLOCK_V)
             for i in range(0, n_blocks):
                 offs = (n_blocks - 1 - i) * BLOCK_V + cols
                 mask = offs < V
-                x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
-                _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, weight_ptr, HAS_WEIGHT)
+                x = tl.load(logits_row + offs * s_lc, mask=mask, other=0.0).to(tl.float32)
+                if SOFT:
+                    wy = _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
+                    _soft_grad_block(x, wy, offs, mask, lse, coef, smooth, grad_row, s_gc)
+                else:
+                    _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT)
 
 
 @triton.jit
@@ -143,7 +192,18 @@ def _smooth_term(x, offs, mask, weight_ptr, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, weight_ptr, HAS_WEIGHT: tl.constexpr):
+def _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr):
+    """w_c * y'_c for one block of a probability target, y' = (1 - eps) * y + eps / V; 0 on masked columns."""
+    y = tl.load(target_row + offs * s_tc, mask=mask, other=0.0).to(tl.float32)
+    if SMOOTH:
+        y = tl.where(mask, (1.0 - eps) * y + eps / V, 0.0)
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT: tl.constexpr):
     """Write d loss / d x for one block of columns `offs` of a row (x: fp32 logits of the block)."""
     d = tl.exp(x - lse) * coef
     if HAS_WEIGHT:
@@ -152,24 +212,33 @@ def _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, weight_pt
     else:
         d -= smooth
     d = tl.where(offs == t, d - hit, d)
-    tl.store(grad_row + offs, d.to(grad_row.dtype.element_ty), mask=mask)
+    tl.store(grad_row + offs * s_gc, d.to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, stride_g, g_ptr, stride_gs, V, BLOCK_V: tl.constexpr):
-    """grad[i, :] *= g[i * stride_gs] in place; a row whose factor is exactly 1 is left untouched, so
-    the usual backward of a scalar loss (grad_output == 1) costs a launch and no traffic."""
+def _soft_grad_block(x, wy, offs, mask, lse, coef, smooth, grad_row, s_gc):
+    """Probability target: d loss / d x_c = p_c * coef - smooth * w_c y'_c for one block."""
+    d = tl.exp(x - lse) * coef - smooth * wy
+    tl.store(grad_row + offs * s_gc, d.to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, s_gn, s_gd, s_gc, g_ptr, stride_gs, V, D, BLOCK_V: tl.constexpr):
+    """grad[row, :] *= g[row * stride_gs] in place (rows (n, d) laid out as in _ce_fwd_kernel); a row
+    whose factor is exactly 1 is left untouched, so the usual backward of a scalar loss
+    (grad_output == 1) costs a launch and no traffic."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(g_ptr + row * stride_gs).to(tl.float32)
     if g == 1.0:
         return
-    grad_row = grad_ptr + row * stride_g
+    n = row // D
+    grad_row = grad_ptr + n * s_gn + (row - n * D) * s_gd
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        x = tl.load(grad_row + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad_row + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(grad_row + offs * s_gc, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_row + offs * s_gc, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # rows up to this many columns are read once and kept in registers (32 per thread at 32 warps)
@@ -191,6 +260,13 @@ def _block_and_warps(V: int, device: torch.device, keep_row: bool = True) -> tup
     return block, (16 if block >= 4096 else 8 if block >= 2048 else 4), keep_row and block >= V
 
 
+def _rows_layout(t: torch.Tensor):
+    """(N, V) or (N, V, D) -> (D, stride over n, stride over d, stride over classes)."""
+    if t.dim() == 2:
+        return 1, t.stride(0), 0, t.stride(1)
+    return t.shape[2], t.stride(0), t.stride(2), t.stride(1)
+
+
 def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -204,54 +280,71 @@ def ce_forward(
     grad: torch.Tensor | None = None,
     gscale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the cross-entropy kernel.
+    """Launch the cross-entropy kernel over rows = (batch entry, position).
 
-    logits: (N, V), unit stride along V.  target: (N,) integers.
-    count: 0-d number of non-ignored rows for reduction "mean" (None: rows unscaled, as for "sum"/"none").
-    weight: (V,) fp32 class weights or None; weight_den: 0-d fp32 sum of weight[t] over non-ignored rows
-    (needed for "mean" with weights).  grad: (N, V) buffer to receive d loss / d logits (may be
-    `logits` itself) or None for the loss only.  gscale: (N,) or one-element factor applied to grad.
-    Returns (loss_rows, lse): fp32 (N,) each; loss_rows already carries the "mean" scaling.
+    logits: (N, V) or (N, V, D) (class dim second: D positions per batch entry, e.g. d1*...*dK of a
+    K-dimensional loss), any strides. target: class indices, contiguous (N,) / (N, D) of any integer
+    dtype; or a floating-point probability target shaped like logits (any strides): soft targets.
+    count: 0-d number of non-ignored rows for reduction "mean" (soft: of rows; None: rows unscaled,
+    as for "sum"/"none"). weight: (V,) fp32 class weights or None; weight_den: 0-d fp32 sum of
+    weight[t] over non-ignored rows (needed for "mean" with weights and class indices).
+    grad: buffer shaped like logits (any strides; may be `logits` itself) to receive d loss / d logits,
+    or None for the loss only. gscale: (N*D,) or one-element factor applied to grad.
+    Returns (loss_rows, lse): fp32 (N*D,) each, row n*D + d; loss_rows already carries the "mean"
+    scaling. A class index outside [0, V) other than ignore_index gives its row NaN loss and gradient.
     """
-    N, V = logits.shape
-    assert logits.stride(1) == 1, "logits must have unit stride along the vocabulary"
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    if N == 0:
+    N, V = logits.shape[0], logits.shape[1]
+    D, s_ln, s_ld, s_lc = _rows_layout(logits)
+    rows = N * D
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
         return loss, lse
+    soft = target.is_floating_point()
+    if soft:
+        assert target.shape == logits.shape, "a probability target is shaped like the logits"
+        _, s_tn, s_td, s_tc = _rows_layout(target)
+    else:
+        assert target.numel() == rows and target.is_contiguous(), "class indices: one per row, contiguous"
+        s_tn = s_td = s_tc = 0
     if grad is not None:
-        assert grad.shape == logits.shape and grad.stride(1) == 1
+        assert grad.shape == logits.shape
+        _, s_gn, s_gd, s_gc = _rows_layout(grad)
+    else:
+        s_gn = s_gd = s_gc = 0
     mean = count is not None
-    if mean and weight is not None:
+    if mean and weight is not None and not soft:
         assert weight_den is not None, "reduction mean with class weights needs weight_den"
     wsum = weight.sum(dtype=torch.float32) if weight is not None else None
     block, warps, one_block = _block_and_warps(V, logits.device)
     dummy = loss   # any valid pointer for the arguments a specialisation never reads
-    _ce_fwd_kernel[(N,)](
-        logits, logits.stride(0),
-        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
-        target,
+    _ce_fwd_kernel[(rows,)](
+        logits, s_ln, s_ld, s_lc,
+        grad if grad is not None else logits, s_gn, s_gd, s_gc,
+        target, s_tn, s_td, s_tc,
         weight if weight is not None else dummy,
         wsum if wsum is not None else dummy,
         count if mean else dummy,
-        weight_den if (mean and weight is not None) else dummy,
+        weight_den if (mean and weight is not None and not soft) else dummy,
         gscale if gscale is not None else dummy, (gscale.stride(0) if gscale.numel() > 1 else 0) if gscale is not None else 0,
         loss, lse,
-        V, int(ignore_index), float(label_smoothing), float(z_loss),
+        V, D, int(ignore_index), float(label_smoothing), float(z_loss),
         HAS_WEIGHT=weight is not None, HAS_GSCALE=gscale is not None, COMPUTE_GRAD=grad is not None,
-        SMOOTH=float(label_smoothing) > 0.0, MEAN=mean,
+        SMOOTH=float(label_smoothing) > 0.0, MEAN=mean, SOFT=soft,
         BLOCK_V=block, ONE_BLOCK=one_block, num_warps=warps,
     )
     return loss, lse
 
 
 def scale_rows_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """grad: (N, V), unit stride along V, scaled in place by g: (N,) per row or a one-element tensor."""
-    N, V = grad.shape
-    if N == 0:
+    """grad: (N, V) or (N, V, D), any strides, scaled in place by g: (N*D,) per row (row n*D + d) or a
+    one-element tensor."""
+    N, V = grad.shape[0], grad.shape[1]
+    D, s_gn, s_gd, s_gc = _rows_layout(grad)
+    if N * D == 0:
         return grad
     block, warps, _ = _block_and_warps(V, grad.device, keep_row=False)
     g = g.reshape(-1)
-    _scale_rows_kernel[(N,)](grad, grad.stride(0), g, g.stride(0) if g.numel() > 1 else 0, V,
-                             BLOCK_V=block, num_warps=warps)
+    _scale_rows_kernel[(N * D,)](grad, s_gn, s_gd, s_gc, g, g.stride(0) if g.numel() > 1 else 0, V, D,
+                                 BLOCK_V=block, num_warps=warps)
     return grad

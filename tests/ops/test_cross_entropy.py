@@ -172,20 +172,31 @@ import itertools, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 import fastformer.kernels.cross_entropy as K
-cases = list(itertools.product((90,), ("bf16", "fp16", "fp32"), (False, True), (False, True))) + [(80, "bf16", True, True)]
-for arch, dt, flags, mean in cases:
-    sig = {"logits_ptr": "*" + dt, "stride_l": "i64", "grad_ptr": "*" + dt, "stride_g": "i64", "target_ptr": "*i64",
+# (arch, dtype, flags, mean, soft): flags switches weight/gscale/grad/smoothing together; flags also
+# compiles the general row layout (strided classes, K-dimensional rows), without it the (N, V) unit-stride one
+cases = [(90, dt, flags, mean, flags) for dt, flags, mean in itertools.product(("bf16", "fp16", "fp32"), (False, True),
+                                                                                 (False, True))]
+cases += [(90, "bf16", True, True, False), (80, "bf16", True, True, False)]
+for arch, dt, flags, mean, soft in cases:
+    sig = {"logits_ptr": "*" + dt, "s_ln": "i64", "s_ld": "i64", "s_lc": "i64",
+           "grad_ptr": "*" + dt, "s_gn": "i64", "s_gd": "i64", "s_gc": "i64",
+           "target_ptr": ("*fp32" if soft else "*i64"), "s_tn": "i64", "s_td": "i64", "s_tc": "i64",
            "weight_ptr": "*fp32", "wsum_ptr": "*fp32", "count_ptr": "*i64", "wden_ptr": "*fp32",
            "gscale_ptr": "*fp32", "stride_gs": "i32",
-           "loss_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "eps": "fp32", "z": "fp32",
-           "HAS_WEIGHT": "constexpr", "HAS_GSCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "SMOOTH": "constexpr",
-           "MEAN": "constexpr", "BLOCK_V": "constexpr", "ONE_BLOCK": "constexpr"}
+           "loss_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "D": "i32", "ignore_index": "i32", "eps": "fp32",
+           "z": "fp32", "HAS_WEIGHT": "constexpr", "HAS_GSCALE": "constexpr", "COMPUTE_GRAD": "constexpr",
+           "SMOOTH": "constexpr", "MEAN": "constexpr", "SOFT": "constexpr", "BLOCK_V": "constexpr",
+           "ONE_BLOCK": "constexpr"}
+    layout = {} if flags else {"s_ld": 0, "s_lc": 1, "s_gd": 0, "s_gc": 1, "s_td": 0, "s_tc": 0, "D": 1}
+    for k in layout:
+        sig[k] = "constexpr"
     for block, warps, one in ((4096, 16, False), (32768, 32, True)):   # streamed rows / a row kept whole
-        const = dict(HAS_WEIGHT=flags, HAS_GSCALE=flags, COMPUTE_GRAD=flags, SMOOTH=flags, MEAN=mean, BLOCK_V=block,
-                     ONE_BLOCK=one)
+        const = dict(HAS_WEIGHT=flags, HAS_GSCALE=flags, COMPUTE_GRAD=flags, SMOOTH=flags, MEAN=mean, SOFT=soft,
+                     BLOCK_V=block, ONE_BLOCK=one, **layout)
         triton.compile(ASTSource(fn=K._ce_fwd_kernel, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    sig = {"grad_ptr": "*" + dt, "stride_g": "i64", "g_ptr": "*fp32", "stride_gs": "i32", "V": "i32", "BLOCK_V": "constexpr"}
+    sig = {"grad_ptr": "*" + dt, "s_gn": "i64", "s_gd": "i64", "s_gc": "i64", "g_ptr": "*fp32", "stride_gs": "i32",
+           "V": "i32", "D": "i32", "BLOCK_V": "constexpr"}
     triton.compile(ASTSource(fn=K._scale_rows_kernel, signature=sig, constexprs={"BLOCK_V": 4096}),
                    target=GPUTarget("cuda", arch, 32), options={"num_warps": 16})
 print("compiled")
