@@ -116,7 +116,7 @@ def _draw_seed(device: torch.device) -> int:
 def _seed_dropout(spec, B: int, H: int, Lq: int, Lk: int, device: torch.device) -> None:
     """With dropout, give spec its seed and, inside capture_dropout_masks(), record the (B, H, Lq, Lk)
     keep-mask the kernels will draw from it."""
-    from ..kernels.attention import dropout_keep_mask
+    from ..kernels.attention_launch import dropout_keep_mask
 
     if spec.dropout_p > 0:
         spec.seed = _draw_seed(device)
@@ -134,7 +134,7 @@ class FusedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, table, spec):
-        from ..kernels.attention import attention_forward
+        from ..kernels.attention_launch import attention_forward
 
         spec.mask = mask if mask is not None else spec.mask
         spec.t5_table = table
@@ -145,7 +145,7 @@ class FusedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from ..kernels.attention import attention_backward
+        from ..kernels.attention_launch import attention_backward
 
         q, k, v, out, lse, mask, table = ctx.saved_tensors
         spec = ctx.spec
@@ -234,7 +234,7 @@ def fused_attention_4d(q, k, v, *, attn_mask=None, dropout_p=0.0, is_causal=Fals
     """Kernel path for validated 4D inputs. q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) -> (B, H, Lq, D).
     attn_mask: None or bool/float broadcastable to (B, H, Lq, Lk). t5_table: (NB, H) with its bucket function
     t5_rel (kernels.attention.T5RelPos)."""
-    from ..kernels.attention import AttnSpec
+    from ..kernels.attention_launch import AttnSpec
 
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -364,7 +364,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 @opaque_to_compile
 def _varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale):
     """Kernel path of varlen_attention for validated inputs."""
-    from ..kernels.attention import AttnSpec
+    from ..kernels.attention_launch import AttnSpec
 
     B = cu_seqlens_q.numel() - 1
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)

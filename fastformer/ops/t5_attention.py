@@ -27,7 +27,7 @@ __all__ = ["t5_attention", "relative_position_bucket", "relative_position_bucket
 
 @functools.lru_cache(maxsize=64)
 def _rel_pos_cached(bidirectional: bool, num_buckets: int, max_distance: int, device: str):
-    from ..kernels.attention import T5RelPos
+    from ..kernels.attention_launch import T5RelPos
 
     max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     if max_distance <= max_exact:
