@@ -14,6 +14,9 @@ instructions off the SASS / PTX / TTGIR. No GPU needed.
   --candidates     also build every tuning candidate and judge it by the candidate gates;
   --write-gates    ... and record the verdicts in fastformer/kernels/gate_results/<family>.json
   --match TEXT     only the cases (and candidates) whose name contains one of the texts
+  --baseline FILE  with --check, also fail when a build spills more, has more local-memory traffic in a
+                   tile loop or fewer blocks per SM than in FILE (default: the committed report of this
+                   Triton version, bench/results/kernel_report_triton-<version>.json); --no-baseline
   --jobs N         parallel compiles (default: 2, at most the CPU count)
   --cache DIR      reuse earlier results of identical builds (default ~/.cache/fastformer/kernel_report;
                    --no-cache to rebuild everything)
@@ -190,6 +193,36 @@ def write_gate_results(family: str, version: str, rows: list, verdicts: list, ca
     return path
 
 
+# facts that may not get worse than in the committed report of the same Triton version
+BASELINE = {"spill_bytes": "not above", "loop_local_mem_ops": "not above", "blocks_per_sm": "not below"}
+
+
+def baseline_path(version: str) -> Path:
+    return ROOT / "bench" / "results" / f"kernel_report_triton-{version}.json"
+
+
+def compare_baseline(rows: list, path: Path) -> list:
+    """Verdicts 'no-regression:<field>' for every row that the committed report also has (same kernel,
+    config and arch): its spills and loop local-memory traffic not above, its occupancy not below."""
+    try:
+        old = {(r["kernel"], r["config"], r["arch"]): r for r in json.loads(path.read_text())["rows"]}
+    except (OSError, ValueError, KeyError):
+        return []
+    out = []
+    for r in rows:
+        b = old.get((r["kernel"], r["config"], r["arch"]))
+        if b is None or r.get("error") or b.get("error"):
+            continue
+        for field, rule in BASELINE.items():
+            new, was = r.get(field), b.get(field)
+            if new is None or was is None:
+                continue
+            ok = new <= was if rule == "not above" else new >= was
+            out.append({"gate": f"no-regression:{field}", "kernel": r["kernel"], "config": r["config"],
+                        "arch": r["arch"], "ok": ok, "detail": "" if ok else f"{new} (committed: {was})"})
+    return out
+
+
 def _install_triton(version: str, cache: Path) -> Path:
     target = cache / "triton" / version
     if not (target / "triton" / "__init__.py").exists():
@@ -215,6 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--baseline", default=None, help="committed report to compare with (default: "
+                    "bench/results/kernel_report_triton-<version>.json)")
+    ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -267,6 +303,9 @@ def main(argv=None) -> int:
             if args.write_gates:
                 path = write_gate_results(fam.name, triton.__version__, cr, cand_verdicts, cands[fam.name])
                 print(f"gate verdicts of {len(cr)} candidate builds -> {path}", file=sys.stderr)
+    if not args.no_baseline:
+        verdicts += compare_baseline(case_rows, Path(args.baseline) if args.baseline else
+                                     baseline_path(triton.__version__))
     elapsed = time.time() - t0
     failed = [v for v in verdicts if not v["ok"]]
     meta = {"triton": triton.__version__, "tools": aot.tool_versions(), "archs": sorted({r["arch"] for r in rows}),

@@ -17,6 +17,10 @@ from .registry import Candidate, Case, Family, Gate
 
 B, H, L = 4, 16, 1024
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# plain: no mask; causal; klen: per-batch key lengths (the key-padding fast path); varlen: packed
+# sequences; mask: a general bool mask; fmask: a float mask with its gradient; dropout; t5: T5 bias
+# (bidirectional buckets) with the table's gradient; t5dec: the T5 decoder (causal, unidirectional
+# buckets, key lengths); gqa: 4 query heads per key head; odd: L = 1000 (lengths not divisible by 16)
 VARIANTS = ("plain", "causal", "klen", "varlen", "mask", "fmask", "dropout", "t5", "t5dec", "gqa", "odd")
 FP16_VARIANTS = ("plain", "klen", "t5")
 # each tuning candidate is judged in these variants (bf16): it must pass the candidate gates in all
@@ -49,7 +53,6 @@ def _call(variant: str, dtype: torch.dtype, D: int) -> list:
         k = v = torch.empty(B * Lq, HK, D, **meta)
         spec.cu_q = spec.cu_k = torch.empty(B + 1, device="meta", dtype=torch.int32)
         spec.max_q = spec.max_k = Lq
-        spec.causal = True
     else:
         q = torch.empty(B, H, Lq, D, **meta)
         k = v = torch.empty(B, HK, Lq, D, **meta)
@@ -116,6 +119,13 @@ def _loop_kernels(row) -> bool:
     return row["kernel"] in ("attention.fwd", "attention.dkdv", "attention.dq")
 
 
+def _fwd_pipeline_bytes(row) -> int:
+    """Shared memory the forward's own data needs: num_stages K and V tiles plus the Q tile."""
+    BM, BN, _, stages = (int(x) for x in row["tiles"].split(","))
+    BD = max(16, 1 << (row["head_dim"] - 1).bit_length())
+    return (stages * 2 * BN + BM) * BD * 2
+
+
 GATES = (
     Gate("fits", "the build fits the GPU: at least one block per SM (registers, shared memory)",
          lambda r: (r["blocks_per_sm"] or 0) >= 1, candidates=True),
@@ -128,6 +138,9 @@ GATES = (
          _loop_kernels),
     Gate("async-copies", "the forward's K/V tiles arrive by asynchronous copies (cp.async, or TMA)",
          lambda r: r["async_copies"] + r["tma_loads"] > 0, _main("attention.fwd")),
+    Gate("fwd-shared-is-the-pipeline", "the forward's shared memory is its K/V pipeline and Q tile (at most 1.5x "
+         "that): the T5 near-tile gather is not staged through shared memory",
+         lambda r: r["shared_bytes"] <= 1.5 * _fwd_pipeline_bytes(r), _main("attention.fwd")),
     Gate("one-ex2", "the forward's softmax takes one exp2 per score (plus one per row for the rescale)",
          lambda r: r["ex2_per_element"] is not None and r["ex2_per_element"] <= 1.1, _main("attention.fwd")),
 )

@@ -26,6 +26,7 @@ No triton import at module import time (the reference path imports this module).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -217,21 +218,27 @@ def set_timer(timer: Optional[Callable[[Callable[[], None]], float]]) -> None:
     _timer = timer if timer is not None else _cuda_timer
 
 
-def _device_facts(device) -> tuple[str, Optional[int]]:
+@functools.lru_cache(maxsize=16)
+def _facts_of(index: int) -> tuple:
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    major, minor = torch.cuda.get_device_capability(device)
-    return name, major * 10 + minor
-
-
-def _triton_version() -> str:
+    major, minor = torch.cuda.get_device_capability(index)
     try:
         import triton
 
-        return triton.__version__
+        version = triton.__version__
     except Exception:  # noqa: BLE001
-        return "none"
+        version = "none"
+    return torch.cuda.get_device_name(index), major * 10 + minor, version
+
+
+def _device_facts(device) -> tuple:
+    """(GPU name, compute capability as 90, Triton version), cached per device: choose() runs on
+    every launch."""
+    import torch
+
+    index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    return _facts_of(index)
 
 
 def _can_time(device) -> bool:
@@ -270,7 +277,7 @@ def choose(kernel: str, shape_class: str, default: tuple, candidates: Iterable[t
         return default
     if facts is None and getattr(device, "type", None) != "cuda":
         return default
-    gpu, arch, tver = facts if facts is not None else (*_device_facts(device), _triton_version())
+    gpu, arch, tver = facts if facts is not None else _device_facts(device)
     mkey = (gpu, tver, kernel, shape_class)
     with _lock:
         if mkey in _memory:
