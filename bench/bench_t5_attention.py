@@ -39,6 +39,11 @@ FLEX_OPTIONS = {"current": None, "fallbacks": [{"num_stages": 1}]}
 PROVIDERS = ("fastformer", "eager", "sdpa_bias", "flex", "ff_plain")
 
 
+def providers_for(quick: bool) -> tuple:
+    """FlexAttention compiles per shape (tens of seconds to minutes): full runs only."""
+    return PROVIDERS if not quick else tuple(p for p in PROVIDERS if p != "flex")
+
+
 def _bucket(rel: torch.Tensor, bidirectional: bool) -> torch.Tensor:
     """Hugging Face T5's own bucket function (transformers is a test/bench dependency)."""
     from transformers.models.t5.modeling_t5 import T5Attention
@@ -125,8 +130,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                                                                    for L in (128, 256)]
         tokens = 256
     compiled_flex = None
-    # FlexAttention compiles per shape (tens of seconds to minutes): full runs only
-    providers = PROVIDERS if not quick else tuple(p for p in PROVIDERS if p != "flex")
+    providers = providers_for(quick)
     if cuda and not quick:
         try:
             from torch.nn.attention.flex_attention import flex_attention

@@ -223,6 +223,18 @@ def compare_baseline(rows: list, path: Path) -> list:
     return out
 
 
+def dump_json(report: dict) -> str:
+    """The report as JSON with one list item per line (small diffs when a kernel changes)."""
+    parts = []
+    for key, value in report.items():
+        if isinstance(value, list):
+            items = ",\n  ".join(json.dumps(v, sort_keys=True) for v in value)
+            parts.append(f'"{key}": [\n  {items}\n]' if value else f'"{key}": []')
+        else:
+            parts.append(f'"{key}": {json.dumps(value, sort_keys=True)}')
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def _install_triton(version: str, cache: Path) -> Path:
     target = cache / "triton" / version
     if not (target / "triton" / "__init__.py").exists():
@@ -327,9 +339,13 @@ def main(argv=None) -> int:
                  for f in fams for g in f.gates]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "gates": gates_doc, "rows": case_rows,
-                                               "gate_results": verdicts, "candidates": cand_rows,
-                                               "candidate_gate_results": cand_verdicts}, indent=1) + "\n")
+        def stable(rows):  # what does not describe the build (cache hits, timing) stays out of the file
+            return [{k: v for k, v in r.items() if k != "cached"} for r in rows]
+
+        saved_meta = {k: v for k, v in meta.items() if k not in ("seconds", "cached_builds")}
+        Path(args.json).write_text(dump_json({"meta": saved_meta, "gates": gates_doc, "rows": stable(case_rows),
+                                              "gate_results": verdicts, "candidates": stable(cand_rows),
+                                              "candidate_gate_results": cand_verdicts}))
     if args.markdown:
         md = [f"# Kernel report: Triton {triton.__version__}", "",
               f"Built by `scripts/kernel_report.py` with the runtime launcher's specialization, for "

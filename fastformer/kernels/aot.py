@@ -199,31 +199,36 @@ def _specialization_summary(spec: dict, declared: set) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tool(name: str) -> str:
-    """cuobjdump / nvdisasm: FASTFORMER_<NAME>, else PATH, else the CUDA toolkit, else the copy that
-    ships with Triton."""
+def _find_tool(name: str) -> tuple[str, str]:
+    """(path, where it came from) of cuobjdump / nvdisasm: FASTFORMER_<NAME>, else PATH, else the CUDA
+    toolkit, else the copy that ships with Triton."""
     env = os.environ.get(f"FASTFORMER_{name.upper()}")
     if env:
-        return env
+        return env, f"FASTFORMER_{name.upper()}"
     found = shutil.which(name)
     if found:
-        return found
+        return found, "PATH"
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and os.path.exists(os.path.join(home, "bin", name)):
-            return os.path.join(home, "bin", name)
+            return os.path.join(home, "bin", name), "CUDA toolkit"
     from triton import knobs
 
-    return getattr(knobs.nvidia, name).path
+    return getattr(knobs.nvidia, name).path, "Triton's wheel"
+
+
+def _tool(name: str) -> str:
+    return _find_tool(name)[0]
 
 
 def tool_versions() -> dict:
+    """{"nvdisasm": "13.1 (Triton's wheel)", ...}: the disassemblers' versions and where they came from."""
     out = {}
     for name in ("nvdisasm", "cuobjdump"):
         try:
-            path = _tool(name)
+            path, origin = _find_tool(name)
             text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
             m = re.search(r"release (\d+\.\d+)", text)
-            out[name] = f"{m.group(1) if m else '?'} ({path})"
+            out[name] = f"{m.group(1) if m else '?'} ({origin})"
         except Exception as exc:  # noqa: BLE001
             out[name] = f"unavailable: {exc}"
     return out

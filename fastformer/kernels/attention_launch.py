@@ -144,8 +144,8 @@ def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False):
     if override is not None:
         return override
     if t5 and not wide and D <= 128:
-        # the T5 bias adds per-tile state: these keep the 16-bit kernels free of register spills when
-        # compiled for sm_90 by Triton 3.6 (see bench/results/kernel_report_*.md)
+        # the T5 bias adds per-tile state: with these, Triton 3.6 compiles the T5 forward and dQ for
+        # sm_90 without spills, and dK/dV at d64 (bench/results/kernel_report_triton-*.md)
         return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 4, 2)}[kind]
     if kind == "fwd":
         if D <= 64:
