@@ -69,6 +69,12 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     copy_bw = harness.copy_bandwidth_gbs(device=device)
     provs = _providers(device)
     detail, summary = [], []
+    meta_row = {"benchmark": "cross_entropy", "case": "copy bandwidth", "copy_GBps": copy_bw}
+
+    def _save():  # after every case: a run cut short keeps the cases it finished
+        harness.save("cross_entropy", detail + [meta_row], out_dir=out_dir, device=device, x="V", y="GBps",
+                     series=("provider", "dtype"), logx=True, title=f"CE fwd+bwd GB/s, N={_cases(quick, device)[0][0]}")
+
     for N, V, dtype in _cases(quick, device):
         dname = str(dtype).replace("torch.", "")
         case = f"N={N} V={V} {dname}"
@@ -108,9 +114,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         else:
             s["error"] = "fastformer failed"
         summary.append(s)
-    meta_row = {"benchmark": "cross_entropy", "case": "copy bandwidth", "copy_GBps": copy_bw}
-    harness.save("cross_entropy", detail + [meta_row], out_dir=out_dir, device=device, x="V", y="GBps",
-                 series=("provider", "dtype"), logx=True, title=f"CE fwd+bwd GB/s, N={_cases(quick, device)[0][0]}")
+        _save()
     print(harness.format_table(detail, ["case", "provider", "ms", "GBps", "pct_copy_bw", "peak_MB", "error"]))
     print(f"copy bandwidth: {copy_bw:.1f} GB/s")
     return summary + [meta_row]

@@ -155,6 +155,8 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
                     sync()
                     torch.cuda.empty_cache()
             rows.append(row)
+            # after every provider: a run cut short keeps what it finished
+            save("hf_patch", rows, out_dir=out_dir, device=device)
         del base
     for case in dict.fromkeys(r["case"] for r in rows):
         group = [r for r in rows if r["case"] == case]

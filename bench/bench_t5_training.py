@@ -147,6 +147,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - one failing provider must not lose the table
             row.update(step_ms=None, tokens_per_s=None, error=f"{type(exc).__name__}: {exc}"[:300])
         rows.append(row)
+        save("t5_training", rows, out_dir=out_dir, device=device)  # a run cut short keeps what it finished
         del model, opt
         if cuda:
             torch.cuda.empty_cache()

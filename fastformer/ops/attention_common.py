@@ -48,7 +48,7 @@ __all__ = [
 def attention_kernels():
     """The attention kernels' host-side API (AttnSpec, T5RelPos, attention_forward / _backward,
     dropout_keep_mask), imported on first use of a kernel path only."""
-    from ..kernels import attention as K
+    from ..kernels import attention_launch as K
 
     return K
 
