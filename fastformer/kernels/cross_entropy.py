@@ -94,12 +94,15 @@ def _ce_rows_kernel(
     k_w = k_smooth * w_sum
     k_z = sB * z
 
+    mine = tl.cdiv(rows - pid, nprog)      # rows of this program: pid, pid + nprog, ...
     if ONE_BLOCK:
-        for row in tl.range(pid, rows, nprog, num_stages=NUM_STAGES):
-            lrow, grow, trow, t, valid, bad = _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr,
+        for i in tl.range(0, mine, num_stages=NUM_STAGES):
+            row = pid + i * nprog
+            lrow, grow, trow, t, valid, bad, lim = _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr,
                                                          grad_ptr, target_ptr, ignore_index, V, SOFT)
             mask = cols < V
-            x = tl.load(lrow + cols * s_lc, mask=mask & valid, other=-float("inf")).to(tl.float32)
+            rmask = cols < lim                               # nothing of an ignored row is read
+            x = tl.load(lrow + cols * s_lc, mask=rmask, other=-float("inf")).to(tl.float32)
             m = tl.where(valid, tl.max(x, axis=0), 0.0)      # an ignored row is all -inf: keep it finite
             e = tl.exp2(x * LOG2E - m * LOG2E)               # the row's only exponential per element
             s = tl.sum(e, axis=0)
@@ -108,11 +111,11 @@ def _ce_rows_kernel(
             mass = 0.0
             wx = 0.0
             if SOFT:
-                wy = _soft_weights(trow, s_tc, cols, mask & valid, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
+                wy = _soft_weights(trow, s_tc, cols, rmask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
                 mass = tl.sum(wy, axis=0)
                 wx = tl.sum(wy * tl.where(mask, x, 0.0), axis=0)
             elif SMOOTH:
-                wx = tl.sum(_class_weights(weight_ptr, cols, mask, HAS_WEIGHT) * tl.where(mask & valid, x, 0.0),
+                wx = tl.sum(_class_weights(weight_ptr, cols, mask, HAS_WEIGHT) * tl.where(rmask, x, 0.0),
                             axis=0)
             coef, smooth, hit = _row_out(row, lrow, s_lc, t, valid, bad, lse, mass, wx, k_hit, k_smooth, k_w, k_z,
                                          weight_ptr, gscale_ptr, stride_gs, loss_ptr, lse_ptr,
@@ -122,8 +125,9 @@ def _ce_rows_kernel(
                 f = tl.where(valid, coef / s, 0.0)
                 _store_grad(grow, s_gc, cols, mask, e * f, wy, t, smooth, hit, weight_ptr, HAS_WEIGHT, SOFT)
     else:
-        for row in range(pid, rows, nprog):
-            lrow, grow, trow, t, valid, bad = _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr,
+        for i in range(0, mine):
+            row = pid + i * nprog
+            lrow, grow, trow, t, valid, bad, lim = _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr,
                                                          grad_ptr, target_ptr, ignore_index, V, SOFT)
             # pass 1: per-lane running max and sum (one exponential per element, no cross-thread step)
             m_l = tl.full([BLOCK_V], -FLT_MAX, dtype=tl.float32)
@@ -133,17 +137,18 @@ def _ce_rows_kernel(
             for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
                 offs = start + cols
                 mask = offs < V
-                x = tl.load(lrow + offs * s_lc, mask=mask & valid, other=-float("inf")).to(tl.float32)
+                rmask = offs < lim
+                x = tl.load(lrow + offs * s_lc, mask=rmask, other=-float("inf")).to(tl.float32)
                 d = x - m_l
                 e = tl.exp2(-tl.abs(d) * LOG2E)
                 s_l = tl.where(d > 0.0, s_l * e + 1.0, s_l + e)
                 m_l = tl.maximum(m_l, x)
                 if SOFT:
-                    wy = _soft_weights(trow, s_tc, offs, mask & valid, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
+                    wy = _soft_weights(trow, s_tc, offs, rmask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
                     mass_l += wy
                     wx_l += wy * tl.where(mask, x, 0.0)
                 elif SMOOTH:
-                    wx_l += _class_weights(weight_ptr, offs, mask, HAS_WEIGHT) * tl.where(mask & valid, x, 0.0)
+                    wx_l += _class_weights(weight_ptr, offs, mask, HAS_WEIGHT) * tl.where(rmask, x, 0.0)
             m = tl.where(valid, tl.max(m_l, axis=0), 0.0)
             s = tl.sum(s_l * tl.exp2((m_l - m) * LOG2E), axis=0)
             lse = tl.where(bad, float("nan"), m + tl.log(s))
@@ -157,13 +162,14 @@ def _ce_rows_kernel(
                 coef = tl.where(valid, coef, 0.0)
                 lse2 = tl.where(valid, lse, 0.0) * LOG2E
                 n_blocks = tl.cdiv(V, BLOCK_V)
-                for i in tl.range(0, n_blocks, num_stages=NUM_STAGES):
-                    offs = (n_blocks - 1 - i) * BLOCK_V + cols
+                for j in tl.range(0, n_blocks, num_stages=NUM_STAGES):
+                    offs = (n_blocks - 1 - j) * BLOCK_V + cols
                     mask = offs < V
-                    x = tl.load(lrow + offs * s_lc, mask=mask & valid, other=0.0).to(tl.float32)
+                    rmask = offs < lim
+                    x = tl.load(lrow + offs * s_lc, mask=rmask, other=0.0).to(tl.float32)
                     wy = tl.zeros([BLOCK_V], dtype=tl.float32)
                     if SOFT:
-                        wy = _soft_weights(trow, s_tc, offs, mask & valid, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
+                        wy = _soft_weights(trow, s_tc, offs, rmask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
                     p = tl.exp2(x * LOG2E - lse2)
                     _store_grad(grow, s_gc, offs, mask, p * coef, wy, t, smooth, hit, weight_ptr, HAS_WEIGHT, SOFT)
 
@@ -172,7 +178,8 @@ def _ce_rows_kernel(
 def _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr, target_ptr, ignore_index, V,
                SOFT: tl.constexpr):
     """(logits row, grad row, target row pointers, class index t (SOFT: -1), valid: not ignored,
-    bad: a class index outside [0, V) that is not ignored)."""
+    bad: a class index outside [0, V) that is not ignored, lim: V, or 0 for an ignored row (the bound
+    of the row's loads: its logits are never read))."""
     r = row.to(tl.int64)
     n = r // D
     d = r - n * D
@@ -185,7 +192,7 @@ def _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr,
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= V))
     return (logits_ptr + n * s_ln + d * s_ld, grad_ptr + n * s_gn + d * s_gd, target_ptr + n * s_tn + d * s_td,
-            t, valid, bad)
+            t, valid, bad, tl.where(valid, V, 0))
 
 
 @triton.jit
@@ -265,8 +272,8 @@ def _scale_rows_kernel(grad_ptr, s_gn, s_gd, s_gc, g_ptr, stride_gs, rows, V, D,
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
-    for row in range(pid, rows, nprog):
-        r = row.to(tl.int64)
+    for i in range(0, tl.cdiv(rows - pid, nprog)):
+        r = (pid + i * nprog).to(tl.int64)
         g = tl.load(g_ptr + r * stride_gs).to(tl.float32)
         if g != 1.0:
             n = r // D

@@ -217,7 +217,7 @@ class _CrossEntropyFn(torch.autograd.Function):
     def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing, z_loss, need_grad, out_shape,
                 out_dtype):
         """x: (N, C) or (N, C, D) logits view; target: indices (N*D,) contiguous or probabilities shaped like x."""
-        from ..kernels import cross_entropy as K
+        from ..kernels import cross_entropy_launch as K
 
         soft = target.is_floating_point()
         w32 = weight.to(torch.float32).contiguous() if weight is not None else None
@@ -239,7 +239,7 @@ class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        from ..kernels import cross_entropy as K
+        from ..kernels import cross_entropy_launch as K
 
         grad = ctx.grad
         if grad is None:
@@ -392,7 +392,7 @@ def _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, *, loss_rows=N
     """The chunk loop shared by forward and the "none" backward. x_k: (n, H) kept rows; t_k: (n,) class
     indices or (n, V) probabilities; keep: (n,) the kept rows' indices among all rows, None for all."""
     if use_kernel:
-        from ..kernels import cross_entropy as K   # lazily: the CPU path must not need (or load) triton
+        from ..kernels import cross_entropy_launch as K   # lazily: the CPU path must not need (or load) triton
 
     n = x_k.shape[0]
     want_grad = grad_x is not None or gW is not None or gb is not None
