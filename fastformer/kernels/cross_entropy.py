@@ -115,8 +115,10 @@ def _ce_rows_kernel(
                 mass = tl.sum(wy, axis=0)
                 wx = tl.sum(wy * tl.where(mask, x, 0.0), axis=0)
             elif SMOOTH:
-                wx = tl.sum(_class_weights(weight_ptr, cols, mask, HAS_WEIGHT) * tl.where(rmask, x, 0.0),
-                            axis=0)
+                if HAS_WEIGHT:
+                    wx = tl.sum(tl.load(weight_ptr + cols, mask=rmask, other=0.0) * tl.where(rmask, x, 0.0), axis=0)
+                else:
+                    wx = tl.sum(tl.where(rmask, x, 0.0), axis=0)
             coef, smooth, hit = _row_out(row, lrow, s_lc, t, valid, bad, lse, mass, wx, k_hit, k_smooth, k_w, k_z,
                                          weight_ptr, gscale_ptr, stride_gs, loss_ptr, lse_ptr,
                                          HAS_WEIGHT, HAS_GSCALE, SOFT)
@@ -148,7 +150,10 @@ def _ce_rows_kernel(
                     mass_l += wy
                     wx_l += wy * tl.where(mask, x, 0.0)
                 elif SMOOTH:
-                    wx_l += _class_weights(weight_ptr, offs, mask, HAS_WEIGHT) * tl.where(rmask, x, 0.0)
+                    if HAS_WEIGHT:
+                        wx_l += tl.load(weight_ptr + offs, mask=rmask, other=0.0) * tl.where(rmask, x, 0.0)
+                    else:
+                        wx_l += tl.where(rmask, x, 0.0)
             m = tl.where(valid, tl.max(m_l, axis=0), 0.0)
             s = tl.sum(s_l * tl.exp2((m_l - m) * LOG2E), axis=0)
             lse = tl.where(bad, float("nan"), m + tl.log(s))
@@ -227,14 +232,6 @@ def _row_out(row, lrow, s_lc, t, valid, bad, lse, mass, wx, k_hit, k_smooth, k_w
 
 
 @triton.jit
-def _class_weights(weight_ptr, offs, mask, HAS_WEIGHT: tl.constexpr):
-    """w_c for one block (1 without class weights; 0 on masked columns)."""
-    if HAS_WEIGHT:
-        return tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    return tl.where(mask, 1.0, 0.0)
-
-
-@triton.jit
 def _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr):
     """w_c * y'_c for one block of a probability target, y' = (1 - eps) * y + eps / V; 0 on masked columns."""
     y = tl.load(target_row + offs * s_tc, mask=mask, other=0.0).to(tl.float32)
@@ -265,13 +262,16 @@ def _store_grad(grad_row, s_gc, offs, mask, pc, wy, t, smooth, hit, weight_ptr, 
 
 @triton.jit
 def _scale_rows_kernel(grad_ptr, s_gn, s_gd, s_gc, g_ptr, stride_gs, rows, V, D, BLOCK_V: tl.constexpr,
-                       NUM_STAGES: tl.constexpr):
+                       SCALAR: tl.constexpr, NUM_STAGES: tl.constexpr):
     """grad[row, :] *= g[row * stride_gs] in place (rows laid out as in _ce_rows_kernel), persistent over
-    rows. A factor of exactly 1 is skipped: with a scalar g == 1 (the backward of an unscaled loss) the
-    launch reads one number per row and moves no gradient bytes."""
+    rows. A factor of exactly 1 is skipped: with a scalar g == 1 (SCALAR: the backward of an unscaled
+    loss) each program reads one number and returns, so no gradient byte moves."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
+    if SCALAR:
+        if tl.load(g_ptr).to(tl.float32) == 1.0:
+            return
     for i in range(0, tl.cdiv(rows - pid, nprog)):
         r = (pid + i * nprog).to(tl.int64)
         g = tl.load(g_ptr + r * stride_gs).to(tl.float32)

@@ -61,36 +61,43 @@ def legacy_config(V: int, interpreting: bool, keep_row: bool = True) -> tuple[in
     return block, (16 if block >= 4096 else 8 if block >= 2048 else 4), keep_row and block >= V
 
 
-def fits_one_block(V: int, itemsize: int, soft: bool, weighted: bool) -> bool:
-    """Whether the default keeps the row on chip: plain rows (a probability target or class weights
-    add a row of loads, kept too, which spills) of at most ONE_BLOCK_MAX_BYTES."""
-    return not soft and not weighted and _next_pow2(V) * itemsize <= ONE_BLOCK_MAX_BYTES
+def fits_one_block(V: int, itemsize: int, soft: bool, weighted: bool, unit_stride: bool = True) -> bool:
+    """Whether the default keeps the row on chip: rows of at most ONE_BLOCK_MAX_BYTES with unit class
+    stride and no second row of loads (a probability target or class weights would be kept too and
+    spill; strided classes are loaded one by one, each with its own address, and spill)."""
+    return unit_stride and not soft and not weighted and _next_pow2(V) * itemsize <= ONE_BLOCK_MAX_BYTES
 
 
-def default_config(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool) -> tuple:
-    """The built-in configuration (what runs untuned, on CPU, and with FASTFORMER_TUNE=0)."""
+def default_config(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool,
+                   unit_stride: bool = True, smooth: bool = False) -> tuple:
+    """The built-in configuration (what runs untuned, on CPU, and with FASTFORMER_TUNE=0). Streamed
+    rows with more per-lane sums (smoothing, weights, a probability target) or strided classes take
+    2048-wide blocks: 4096 needs over 128 registers a thread there (one block of 8 warps per SM)."""
     if interpreting:
         # the interpreter runs whole blocks as numpy arrays: rows up to 1024 classes in one block,
         # longer ones stream in 1024-wide blocks (tests cover both with small V)
         return (1, 0, 1024, 1, 1) if V <= 1024 else (2, 1024, 1, 2, 1)
-    if fits_one_block(V, itemsize, soft, weighted):
+    if fits_one_block(V, itemsize, soft, weighted, unit_stride):
         block = max(_next_pow2(V), 32)
         ept = 32 if itemsize <= 2 else 16        # 64 bytes of row a thread
         warps = max(1, min(32, block // (32 * ept)))
         return (1, 0, block // (32 * warps), 2, max(1, 16 // warps))
-    if soft or weighted:
+    if soft or weighted or smooth or not unit_stride:
         return (2, 2048, 8, 3, 2)
     return (2, 4096, 8, 3, 2)
 
 
-def candidates(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool) -> list:
+def candidates(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool,
+               unit_stride: bool = True) -> list:
     """Tuning candidates besides the default: today's kernel always, the persistent kernel's
-    one-block configurations where the row fits 32 warps, the streaming ones always. None on CPU."""
+    one-block configurations where the row fits 32 warps with unit class stride, the streaming ones
+    always. None on CPU."""
     if interpreting:
         return []
     out = [LEGACY]
     block = _next_pow2(V)
-    out += [c for c in ONE_BLOCK_CANDIDATES if 1 <= block // (32 * c[2]) <= 32 and block >= 32 * c[2]]
+    if unit_stride:
+        out += [c for c in ONE_BLOCK_CANDIDATES if 1 <= block // (32 * c[2]) <= 32 and block >= 32 * c[2]]
     out += [c for c in STREAM_CANDIDATES if c[1] < block]
     return out
 
@@ -129,9 +136,11 @@ def programs(rows: int, per_sm: int, device: torch.device) -> int:
     return max(1, min(rows, sms * max(1, per_sm)))
 
 
-def shape_class(V: int, rows: int, dtype: torch.dtype, soft: bool, weighted: bool, smooth: bool, grad: bool) -> str:
+def shape_class(V: int, rows: int, dtype: torch.dtype, soft: bool, weighted: bool, smooth: bool, grad: bool,
+                strided: bool = False) -> str:
     """What a tuning choice is cached for: dtype, power-of-two buckets of V and of the rows, features."""
-    feats = "".join(f for f, on in (("s", soft), ("w", weighted), ("l", smooth), ("g", grad)) if on) or "-"
+    feats = "".join(f for f, on in (("s", soft), ("w", weighted), ("l", smooth), ("g", grad), ("k", strided))
+                    if on) or "-"
     return (f"{str(dtype).replace('torch.', '')}|V{tuning.bucket(V)}|R{tuning.bucket(rows, 256, 65536)}"
             f"|{feats}")
 
@@ -244,9 +253,10 @@ def ce_forward(
              z=float(z_loss), soft=soft)
     interp = _interpreting(logits.device)
     weighted = weight is not None
-    default = default_config(V, logits.element_size(), soft, weighted, interp)
-    cands = candidates(V, logits.element_size(), soft, weighted, interp)
-    sc = shape_class(V, rows, logits.dtype, soft, weighted, a["eps"] > 0.0, grad is not None)
+    unit = s_lc == 1
+    default = default_config(V, logits.element_size(), soft, weighted, interp, unit, a["eps"] > 0.0)
+    cands = candidates(V, logits.element_size(), soft, weighted, interp, unit)
+    sc = shape_class(V, rows, logits.dtype, soft, weighted, a["eps"] > 0.0, grad is not None, not unit)
     scratch = []
 
     def run(c):   # the tuner's timed launch: the first rows, into scratch outputs made once
@@ -277,7 +287,9 @@ def scale_rows_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     block = min(1024 if interp else 4096, _next_pow2(V))
     warps = 1 if interp else (8 if block >= 4096 else 4)
     g = g.reshape(-1)
+    scalar = g.numel() == 1
     launch(Launch(_scale_rows_kernel, (programs(rows, 4, grad.device),),
-                  (grad, s_gn, s_gd, s_gc, g, g.stride(0) if g.numel() > 1 else 0, rows, V, D),
-                  dict(BLOCK_V=block, NUM_STAGES=1 if interp else 3, num_warps=warps), name="cross_entropy.scale"))
+                  (grad, s_gn, s_gd, s_gc, g, 0 if scalar else g.stride(0), rows, V, D),
+                  dict(BLOCK_V=block, SCALAR=scalar, NUM_STAGES=1 if interp else 3, num_warps=warps),
+                  name="cross_entropy.scale"))
     return grad

@@ -179,8 +179,8 @@ def _sync_free(x: torch.Tensor) -> bool:
 
 
 def _scale_(t: torch.Tensor, g: torch.Tensor, use_kernel: bool) -> torch.Tensor:
-    """t *= g (0-d tensor) in place; with the kernel, a factor of exactly 1 moves no bytes."""
-    if use_kernel and t.dim() == 2 and t.is_contiguous():
+    """t *= g (0-d tensor) in place; on CUDA with the kernel, a factor of exactly 1 moves no bytes."""
+    if use_kernel and t.is_cuda and t.dim() == 2 and t.is_contiguous():
         from ..kernels import cross_entropy_launch as K
 
         return K.scale_rows_(t, g.reshape(1).to(torch.float32))
