@@ -34,7 +34,7 @@ LEGACY = (0, 0, 0, 0, 0)
 # threads with Triton 3.9 and spills in its row loop)
 ONE_BLOCK_MAX_BYTES = 65536
 # the persistent kernel's candidates besides the default (which is always timed)
-ONE_BLOCK_CANDIDATES = ((1, 0, 32, 2, 1), (1, 0, 16, 2, 1), (1, 0, 32, 3, 1), (1, 0, 16, 2, 2))
+ONE_BLOCK_CANDIDATES = ((1, 0, 32, 2, 1), (1, 0, 16, 2, 1), (1, 0, 16, 2, 2), (1, 0, 32, 2, 2))
 STREAM_CANDIDATES = ((2, 4096, 8, 3, 2), (2, 4096, 16, 3, 1), (2, 8192, 16, 3, 1), (2, 2048, 4, 4, 4),
                      (2, 4096, 8, 4, 2))
 SAFE = (2, 1024, 4, 1, 4)     # after an out-of-resources launch failure: the smallest footprint
