@@ -2,6 +2,12 @@
 
 Three implementations: "reference" (full logits, eager), "auto" on CPU (chunked, torch math), "triton"
 (chunked, CE kernel interpreted on CPU). Chunks are forced small so several are exercised."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +221,17 @@ def test_every_row_kept_without_a_host_sync(triton_backend, monkeypatch, reducti
     t = torch.randint(0, V, (N,))
     t[::3] = -100
     _run("triton", x, W, t, b, torch.float32, chunk_size=16, reduction=reduction, eps=0.1, z=1e-3)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
+def test_cpu_memory_gate():
+    """bench_linear_cross_entropy --memory-gate, in a fresh process: bf16, N=8192, H=512, V=32000 on
+    CPU; peak RSS above the inputs and the returned gradients at most 1/8 of the unfused path's."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_linear_cross_entropy.py"), "--memory-gate"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["passed"] and proc.returncode == 0, res
+    assert res["ff_extra_MB"] <= res["unfused_extra_MB"] / 8, res
