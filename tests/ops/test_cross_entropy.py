@@ -303,3 +303,29 @@ def test_weight_requiring_grad_is_refused_like_torch(backend):
         F.cross_entropy(x, t, w).backward()
     with pytest.raises(RuntimeError):
         ff.cross_entropy(x, t, w).backward()
+
+
+def test_tuning_runs_never_touch_the_call_buffers(triton_backend, monkeypatch):
+    """What the tuner times: each candidate on the first rows into scratch outputs. With the gradient
+    written over the logits in place (linear cross-entropy's chunks), timing runs must leave both alone."""
+    from fastformer.kernels import cross_entropy_launch as CL
+    from fastformer.kernels import tuning
+
+    timed = []
+
+    def fake_choose(kernel, shape_class, default, cands, run, device, **kw):
+        for cfg in (CL.LEGACY, CL.SAFE, default):
+            run(cfg)
+            timed.append(cfg)
+        return default
+
+    monkeypatch.setattr(tuning, "choose", fake_choose)
+    N, V = 9, 2500
+    x = torch.randn(N, V)
+    t = torch.randint(0, V, (N,))
+    y = x.clone()
+    rows, _ = CL.ce_forward(y, t, count=torch.tensor(N), grad=y)    # in place
+    assert len(timed) == 3
+    grad = torch.empty_like(x)
+    want, _ = CL.ce_forward(x, t, count=torch.tensor(N), grad=grad)
+    assert torch.equal(rows, want) and torch.equal(y, grad)
