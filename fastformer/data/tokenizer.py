@@ -59,10 +59,6 @@ def special_ids(tok: Tokenizer) -> list[int]:
     return sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
 
 
-def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    tok.save(str(path))
-
-
 def tokenizer_from_json(text: str, source: str) -> Tokenizer:
     """A tokenizer from its JSON text; a file that is not one raises DataError naming `source`."""
     from .corpus import DataError

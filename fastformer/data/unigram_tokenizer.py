@@ -81,9 +81,5 @@ def encode(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
 
-def save_unigram(tok: Tokenizer, path: str | Path) -> None:
-    tok.save(str(path))
-
-
 def load_unigram(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
