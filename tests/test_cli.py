@@ -111,6 +111,8 @@ def test_bad_input_gives_one_line_error(files, capsys):
     assert "--model bert-tiny: the span objective trains t5-* presets" in err and "t5-tiny" in err
     assert "--schedule must be one of linear, cosine, constant" in _error_line(capsys, pre + ["--schedule", "cos"]
                                                                                 + missing)
+    assert "--vocab-size 10 is too small" in _error_line(capsys, pre + ["--vocab-size", "10", "--data",
+                                                                         str(files["corpus"])])
     assert "no such file" in _error_line(capsys, pre + ["--data", str(d / "missing.txt")])
     (d / "empty.txt").write_text("")
     assert "no text" in _error_line(capsys, pre + ["--data", str(d / "empty.txt")])
