@@ -1,5 +1,9 @@
 """Command line: `fastformer pretrain | finetune | predict | export | info`, `fastformer --version`.
 
+The objectives `pretrain --objective` accepts and the presets `--model` accepts come from their
+registries (`fastformer.train.objectives.OBJECTIVES`, `fastformer.models.presets`): a new objective or
+preset needs no change here.
+
 Bad input (missing data, unknown preset or objective, a checkpoint from another model, a TSV without
 labels, an --out that holds another run, a full disk, ...) ends with one line `fastformer: error: ...`
 on stderr and exit status 2, no traceback (set FASTFORMER_DEBUG=1 to see it). Ctrl-C or SIGTERM during
@@ -56,25 +60,47 @@ def _info(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     from fastformer.models.presets import known_presets
-    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
     from fastformer.train.resources import auto_threads
 
     lines.append(f"presets    {', '.join(known_presets())}")
-    objs = []
-    for name in OBJECTIVES:
-        try:
-            get_objective(name)
-            objs.append(name)
-        except (UnknownObjectiveError, ImportError):
-            objs.append(f"{name} (not installed)")
-    lines.append(f"objectives {', '.join(objs)}")
+    lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
     n, why = auto_threads()
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
     print("\n".join(lines))
     return 0
 
 
+def _objectives() -> list:
+    """(name, objective or None when its module is missing) for every registered objective."""
+    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
+
+    found = []
+    for name in OBJECTIVES:
+        try:
+            found.append((name, get_objective(name)))
+        except (UnknownObjectiveError, ImportError):
+            found.append((name, None))
+    return found
+
+
+def _model_help(objectives: list) -> str:
+    """The presets each objective trains, its default first: 'mlm: bert-tiny (default), bert-mini, ...'."""
+    from fastformer.models.presets import known_presets, preset_family
+
+    parts = []
+    for name, obj in objectives:
+        if obj is None:
+            continue
+        names = [p for p in known_presets() if preset_family(p) == obj.family]
+        names = [f"{obj.default_model} (default)"] + [p for p in names if p != obj.default_model]
+        parts.append(f"{name}: {', '.join(names)}")
+    return "preset; " + "; ".join(parts)
+
+
 def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> None:
+    from fastformer.train.schedules import SCHEDULES
+    from fastformer.train.trainer import OPTIMIZERS
+
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process (default 32)")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
@@ -85,10 +111,11 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> N
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings "
                    "(only --steps and --max-minutes may change)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
-    # Extra knobs beyond DESIGN.md section 4 (all optional).
+    # Knobs of the training loop beyond the basics above (all optional).
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--optimizer", default="fusedadamw", help="fusedadamw | adamw | sgd | rmsprop")
-    p.add_argument("--schedule", default="linear", help="linear | cosine | constant (after warmup)")
+    p.add_argument("--optimizer", default="fusedadamw", help=f"{' | '.join(OPTIMIZERS)} (default fusedadamw)")
+    p.add_argument("--schedule", default="linear", help=f"{' | '.join(SCHEDULES)}: the learning rate after warmup "
+                   "(default linear)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default 6%% of --steps")
     p.add_argument("--log-every", type=int, default=10, help="log (and without a progress bar print) a line "
                    "every N steps (default 10)")
@@ -262,16 +289,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastformer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"fastformer {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help lines between words only: preset names and flags (bert-small, --max-minutes) stay whole."""
 
-    pre = sub.add_parser("pretrain", help="pre-train an encoder (mlm) or encoder-decoder (span)")
-    pre.add_argument("--objective", default="mlm", help="mlm | span (default mlm)")
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastformer", description="Pre-train, fine-tune, use and export BERT- and T5-style "
+                     "models on fastformer's fused kernels.",
+                     epilog="A walk through every command: docs/training.md in the fastformer repository. "
+                            "`fastformer COMMAND --help` lists a command's flags.")
+    parser.add_argument("--version", action="version", version=f"fastformer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    objectives = _objectives()
+    names = [name for name, _ in objectives]
+    pre = sub.add_parser("pretrain", help=f"pre-train a model with one of the objectives ({', '.join(names)})")
+    pre.add_argument("--objective", default="mlm", help=f"{' | '.join(names)} (default mlm)")
     pre.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                      help="text files or folders (several allowed); default: the built-in corpus")
-    pre.add_argument("--model", default=None, help="preset, e.g. bert-tiny, bert-base, t5-small")
+    pre.add_argument("--model", default=None, help=_model_help(objectives))
     pre.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
     _common(pre, lr=5e-4, steps=1000, out="runs/pretrain")
     pre.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
