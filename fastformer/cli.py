@@ -247,7 +247,6 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output} is the --input file: choose another --output")
     set_threads(args.threads)
     device = resolve_device(args.device)
-    texts, labels = read_inputs(args.input)
     loaded = load(args.model, device=device)
     generation = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
                   if getattr(args, k) is not None}
@@ -258,6 +257,8 @@ def _predict(args: argparse.Namespace) -> int:
     elif generation:
         raise ValueError(f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
                          f"{args.model} holds a {loaded.kind} model")
+    else:
+        texts, labels = read_inputs(args.input)
     columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k,
                                   **generation)
     write_predictions(columns, rows, args.output)
