@@ -80,7 +80,6 @@ class Text2TextConfig(TrainConfig):
     eval_batch_size: int = 64
     eval_limit: int | None = None      # generate for the first N eval pairs only (None: all)
     n_examples: int = 20               # (input, target, prediction) examples kept in eval.json
-    save_every: int = 0
     task: str = TASK
 
     def validate(self) -> None:

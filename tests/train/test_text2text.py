@@ -10,7 +10,7 @@ from fastformer.train.text_metrics import exact_match, normalize_text, rouge
 
 from train_helpers import make_corpus, tiny_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:--eval .* has only")
+pytestmark = pytest.mark.filterwarnings("ignore:--eval .* has only", "ignore:the held-out slice")
 
 SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2)
 
