@@ -62,10 +62,11 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"fused adam {'compiled extension' if extension_available() else 'torch fallback'}")
     except ImportError:
         pass
-    from fastformer.models.presets import known_presets
+    from fastformer.models.presets import DEPRECATED_PRESETS, known_presets
     from fastformer.train.resources import auto_threads
 
     lines.append(f"presets    {', '.join(known_presets())}")
+    lines.append(f"           (deprecated names: {', '.join(f'{a} = {b}' for a, b in DEPRECATED_PRESETS.items())})")
     lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
     n, why = auto_threads()
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
@@ -98,6 +99,25 @@ def _model_help(objectives: list) -> str:
         names = [f"{obj.default_model} (default)"] + [p for p in names if p != obj.default_model]
         parts.append(f"{name}: {', '.join(names)}")
     return "preset; " + "; ".join(parts)
+
+
+def _finetune_presets() -> str:
+    """Every preset: finetune --task classify trains any of them from scratch."""
+    from fastformer.models.presets import known_presets
+
+    return ", ".join(known_presets())
+
+
+def _task_default(p: argparse.ArgumentParser, dest: str, *, help: str) -> None:
+    """Flag `dest` of `p` without a parser default: absent, the pipeline of --task uses its own."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.default, action.help = None, help
+
+
+def _finetune_kwargs(args) -> dict:
+    """_train_kwargs without an absent --lr: FinetuneConfig and Text2TextConfig have their own defaults."""
+    return {k: v for k, v in _train_kwargs(args).items() if not (k == "lr" and v is None)}
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> None:
@@ -169,6 +189,10 @@ def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def _norm(dest: str, v):
+    if dest == "model":        # a run recorded under a deprecated preset name is that preset's run
+        from fastformer.models.presets import canonical_preset
+
+        return canonical_preset(v, warn=False)
     if v is None or dest not in PATH_FLAGS:
         return v
     if isinstance(v, (list, tuple)):
@@ -199,7 +223,7 @@ def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: 
                                  f"{want}, this command gives {have}; leave {flag} out (only --steps and "
                                  "--max-minutes may change)")
             continue
-        setattr(args, dest, want)
+        setattr(args, dest, _norm(dest, want) if dest == "model" else want)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +256,7 @@ def _finetune_text2text(args: argparse.Namespace) -> int:
 
     extra = {k: getattr(args, k) for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None}
     cfg = Text2TextConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, max_len=args.max_len,
-                          save_every=args.save_every, vocab_size=args.vocab_size, **extra, **_train_kwargs(args))
+                          save_every=args.save_every, vocab_size=args.vocab_size, **extra, **_finetune_kwargs(args))
     s = finetune_text2text(cfg)
     if _is_main():
         print("\n" + describe_summary(s))
@@ -253,7 +277,7 @@ def _finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
     cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, task=args.task,
                          max_len=args.max_len, save_every=args.save_every, vocab_size=args.vocab_size,
-                         **_train_kwargs(args))
+                         **_finetune_kwargs(args))
     s = finetune(cfg)
     if _is_main():
         resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
@@ -376,12 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "input<TAB>target for text2text)")
     fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (same format)")
     fin.add_argument("--init", default=None, metavar="DIR", help="a pretrain output folder")
-    fin.add_argument("--model", default=None, help="preset to train from scratch (default bert-tiny; t5-tiny for "
-                     "--task text2text)")
+    fin.add_argument("--model", default=None, help=f"preset to train from scratch: {_finetune_presets()} (default "
+                     "bert-tiny; --task text2text takes the t5-* ones, default t5-tiny)")
     fin.add_argument("--task", default="classify", help="classify (default): a classification head on the encoder; "
                      "text2text: the whole encoder-decoder on input<TAB>target pairs, evaluated by generating")
     fin.add_argument("--max-len", type=int, default=128, help="tokens per example, longer texts are cut (default 128)")
     _common(fin, lr=1e-4, steps=300, out="runs/finetune")
+    from fastformer.train.finetune import FinetuneConfig
+    from fastformer.train.text2text import Text2TextConfig
+
+    _task_default(fin, "lr", help=f"peak learning rate (default {FinetuneConfig.lr:g}; "
+                  f"{Text2TextConfig.lr:g} for --task text2text)")
     fin.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     fin.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
     t2t = fin.add_argument_group("text-to-text (--task text2text)")
@@ -441,12 +470,13 @@ def _one_line_warnings():
     """fastformer's warnings as `fastformer: warning: ...` lines; others as Python prints them."""
     import warnings
 
+    from fastformer.models.presets import DeprecatedPresetWarning
     from fastformer.train.run_dir import FastformerWarning
 
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, FastformerWarning):
+        if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)):
             print(f"fastformer: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
         else:
             original(message, category, filename, lineno, file, line)

@@ -40,7 +40,7 @@ from fastformer.data.packing import pad_batch
 from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_pairs
 from fastformer.data.tokenizer import load_tokenizer
 from fastformer.models.loading import ARCHITECTURES, architecture_name
-from fastformer.models.presets import get_preset
+from fastformer.models.presets import canonical_preset, get_preset
 from fastformer.models.t5 import T5_PRESETS, T5Config, T5ForConditionalGeneration
 
 from . import distributed as D
@@ -149,10 +149,10 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
             model.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"--init {init}: weights do not fit its config ({str(e).splitlines()[0]})") from None
-        preset = pre.get("model")
+        preset = canonical_preset(pre.get("model"), warn=False)   # an older folder's name: the current one
         source = f"init {init} ({preset}, {pre.get('objective') if pre.get('task') != TASK else TASK})"
     else:
-        preset = cfg.model or "t5-tiny"
+        preset = canonical_preset(cfg.model or "t5-tiny")
         get_preset(preset)
         if preset not in T5_PRESETS:
             raise ValueError(f"--model {preset}: text-to-text needs an encoder-decoder, a t5-* preset "
