@@ -34,6 +34,8 @@ def test_deprecated_name_resolves_to_its_preset_with_a_warning_at_the_callers_li
     with pytest.warns(DeprecatedPresetWarning):
         assert T5_PRESETS[old] == T5_PRESETS[new]                  # the table itself, indexed by the old name
     with pytest.warns(DeprecatedPresetWarning):
+        assert T5_PRESETS.get(old) == T5_PRESETS[new] and T5_PRESETS.get("t5-huge") is None
+    with pytest.warns(DeprecatedPresetWarning):
         assert canonical_preset(old) == new
     assert preset_family(old) == preset_family(new) == "t5"
 

@@ -49,6 +49,10 @@ class PresetTable(dict):
             return self[canonical_preset(name)]
         raise KeyError(name)
 
+    def get(self, name, default=None):
+        return self[name] if name in self or (isinstance(name, str) and DEPRECATED_PRESETS.get(name) in self) \
+            else default
+
 BERT_PRESETS: dict[str, dict] = PresetTable({
     "bert-tiny": dict(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512),
     "bert-mini": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024),
