@@ -101,25 +101,6 @@ def _model_help(objectives: list) -> str:
     return "preset; " + "; ".join(parts)
 
 
-def _finetune_presets() -> str:
-    """Every preset: finetune --task classify trains any of them from scratch."""
-    from fastformer.models.presets import known_presets
-
-    return ", ".join(known_presets())
-
-
-def _task_default(p: argparse.ArgumentParser, dest: str, *, help: str) -> None:
-    """Flag `dest` of `p` without a parser default: absent, the pipeline of --task uses its own."""
-    for action in p._actions:
-        if action.dest == dest:
-            action.default, action.help = None, help
-
-
-def _finetune_kwargs(args) -> dict:
-    """_train_kwargs without an absent --lr: FinetuneConfig and Text2TextConfig have their own defaults."""
-    return {k: v for k, v in _train_kwargs(args).items() if not (k == "lr" and v is None)}
-
-
 def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> None:
     from fastformer.train.schedules import SCHEDULES
     from fastformer.train.trainer import OPTIMIZERS
@@ -162,6 +143,25 @@ def _train_kwargs(args) -> dict:
                 max_minutes=args.max_minutes, progress=not args.no_progress, compile=args.compile,
                 resume=args.resume, overwrite=args.overwrite, threads=args.threads,
                 memory_check=not args.no_memory_check)
+
+
+def _finetune_presets() -> str:
+    """Every preset: finetune --task classify trains any of them from scratch."""
+    from fastformer.models.presets import known_presets
+
+    return ", ".join(known_presets())
+
+
+def _task_default(p: argparse.ArgumentParser, dest: str, *, help: str) -> None:
+    """Flag `dest` of `p` without a parser default: absent, the pipeline of --task uses its own."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.default, action.help = None, help
+
+
+def _finetune_kwargs(args) -> dict:
+    """_train_kwargs without an absent --lr: FinetuneConfig and Text2TextConfig have their own defaults."""
+    return {k: v for k, v in _train_kwargs(args).items() if not (k == "lr" and v is None)}
 
 
 def _is_main() -> bool:
