@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
-# A GPU machine without network already has CUDA torch, triton, pytest, transformers: use that python.
-# Everywhere else: a .venv in the repo root with the CPU build of torch 2.13.0 from local disk.
+# Where python3 already has torch with CUDA (a GPU machine, which may have no network access), use that
+# python and the packages it has. Everywhere else: .venv in the repository root, with torch 2.13.0 (CPU).
 SYS_CUDA := $(shell python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1)
 ifeq ($(SYS_CUDA),1)
 PY ?= python3
@@ -63,6 +63,7 @@ gpu-check:
 bench: env
 	$(TEST_ENV) $(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)
 	$(TEST_ENV) $(PY) bench/gpu_check.py --out $(OUT) --budget 3600
+	@if [ "$(OUT)" = bench/results ]; then $(PY) bench/make_readme.py; fi
 
 info: env
 	$(PY) -m fastformer info

@@ -1,5 +1,9 @@
 """Command line: `fastformer pretrain | finetune | predict | export | info`, `fastformer --version`.
 
+The objectives `pretrain --objective` accepts and the presets `--model` accepts come from their
+registries (`fastformer.train.objectives.OBJECTIVES`, `fastformer.models.presets`): a new objective or
+preset needs no change here.
+
 Bad input (missing data, unknown preset or objective, a checkpoint from another model, a TSV without
 labels, an --out that holds another run, a full disk, ...) ends with one line `fastformer: error: ...`
 on stderr and exit status 2, no traceback (set FASTFORMER_DEBUG=1 to see it). Ctrl-C or SIGTERM during
@@ -29,6 +33,9 @@ for _cmd in RUN_SHAPING:
                                              "warmup_steps")})
 # ... and these may be given again (otherwise they too come from the run).
 RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_every", "device", "compile", "threads")
+# text-to-text: the target length and dropout shape the run; the generation settings only its evaluation
+RUN_SHAPING["finetune"].update(max_target_len="max_target_len", dropout="dropout")
+RESUME_MAY_CHANGE += ("num_beams", "max_new_tokens", "length_penalty", "eval_limit")
 PATH_FLAGS = ("data", "tokenizer", "train", "eval", "init")
 
 
@@ -55,26 +62,49 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"fused adam {'compiled extension' if extension_available() else 'torch fallback'}")
     except ImportError:
         pass
-    from fastformer.models.presets import known_presets
-    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
+    from fastformer.models.presets import DEPRECATED_PRESETS, known_presets
     from fastformer.train.resources import auto_threads
 
     lines.append(f"presets    {', '.join(known_presets())}")
-    objs = []
-    for name in OBJECTIVES:
-        try:
-            get_objective(name)
-            objs.append(name)
-        except (UnknownObjectiveError, ImportError):
-            objs.append(f"{name} (not installed)")
-    lines.append(f"objectives {', '.join(objs)}")
+    lines.append(f"           (deprecated names: {', '.join(f'{a} = {b}' for a, b in DEPRECATED_PRESETS.items())})")
+    lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
     n, why = auto_threads()
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
     print("\n".join(lines))
     return 0
 
 
+def _objectives() -> list:
+    """(name, objective or None when its module is missing) for every registered objective."""
+    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
+
+    found = []
+    for name in OBJECTIVES:
+        try:
+            found.append((name, get_objective(name)))
+        except (UnknownObjectiveError, ImportError):
+            found.append((name, None))
+    return found
+
+
+def _model_help(objectives: list) -> str:
+    """The presets each objective trains, its default first: 'mlm: bert-tiny (default), bert-mini, ...'."""
+    from fastformer.models.presets import known_presets, preset_family
+
+    parts = []
+    for name, obj in objectives:
+        if obj is None:
+            continue
+        names = [p for p in known_presets() if preset_family(p) == obj.family]
+        names = [f"{obj.default_model} (default)"] + [p for p in names if p != obj.default_model]
+        parts.append(f"{name}: {', '.join(names)}")
+    return "preset; " + "; ".join(parts)
+
+
 def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> None:
+    from fastformer.train.schedules import SCHEDULES
+    from fastformer.train.trainer import OPTIMIZERS
+
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process (default 32)")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
@@ -85,10 +115,11 @@ def _common(p: argparse.ArgumentParser, *, lr: float, steps: int, out: str) -> N
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings "
                    "(only --steps and --max-minutes may change)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
-    # Extra knobs beyond DESIGN.md section 4 (all optional).
+    # Knobs of the training loop beyond the basics above (all optional).
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--optimizer", default="fusedadamw", help="fusedadamw | adamw | sgd | rmsprop")
-    p.add_argument("--schedule", default="linear", help="linear | cosine | constant (after warmup)")
+    p.add_argument("--optimizer", default="fusedadamw", help=f"{' | '.join(OPTIMIZERS)} (default fusedadamw)")
+    p.add_argument("--schedule", default="linear", help=f"{' | '.join(SCHEDULES)}: the learning rate after warmup "
+                   "(default linear)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default 6%% of --steps")
     p.add_argument("--log-every", type=int, default=10, help="log (and without a progress bar print) a line "
                    "every N steps (default 10)")
@@ -112,6 +143,25 @@ def _train_kwargs(args) -> dict:
                 max_minutes=args.max_minutes, progress=not args.no_progress, compile=args.compile,
                 resume=args.resume, overwrite=args.overwrite, threads=args.threads,
                 memory_check=not args.no_memory_check)
+
+
+def _finetune_presets() -> str:
+    """Every preset: finetune --task classify trains any of them from scratch."""
+    from fastformer.models.presets import known_presets
+
+    return ", ".join(known_presets())
+
+
+def _task_default(p: argparse.ArgumentParser, dest: str, *, help: str) -> None:
+    """Flag `dest` of `p` without a parser default: absent, the pipeline of --task uses its own."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.default, action.help = None, help
+
+
+def _finetune_kwargs(args) -> dict:
+    """_train_kwargs without an absent --lr: FinetuneConfig and Text2TextConfig have their own defaults."""
+    return {k: v for k, v in _train_kwargs(args).items() if not (k == "lr" and v is None)}
 
 
 def _is_main() -> bool:
@@ -139,6 +189,10 @@ def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def _norm(dest: str, v):
+    if dest == "model":        # a run recorded under a deprecated preset name is that preset's run
+        from fastformer.models.presets import canonical_preset
+
+        return canonical_preset(v, warn=False)
     if v is None or dest not in PATH_FLAGS:
         return v
     if isinstance(v, (list, tuple)):
@@ -169,7 +223,7 @@ def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: 
                                  f"{want}, this command gives {have}; leave {flag} out (only --steps and "
                                  "--max-minutes may change)")
             continue
-        setattr(args, dest, want)
+        setattr(args, dest, _norm(dest, want) if dest == "model" else want)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,12 +251,33 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_text2text(args: argparse.Namespace) -> int:
+    from fastformer.train.text2text import TEXT2TEXT_FIELDS, Text2TextConfig, describe_summary, finetune_text2text
+
+    extra = {k: getattr(args, k) for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None}
+    cfg = Text2TextConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, max_len=args.max_len,
+                          save_every=args.save_every, vocab_size=args.vocab_size, **extra, **_finetune_kwargs(args))
+    s = finetune_text2text(cfg)
+    if _is_main():
+        print("\n" + describe_summary(s))
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.finetune import FinetuneConfig, finetune
+    from fastformer.train.text2text import TEXT2TEXT_FIELDS
 
+    if args.task == "text2text":
+        return _finetune_text2text(args)
+    if args.task != "classify":
+        raise ValueError(f"--task {args.task}: choose classify (a classification head) or text2text "
+                         "(input -> output text with the whole encoder-decoder)")
+    given = [k for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
     cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, task=args.task,
                          max_len=args.max_len, save_every=args.save_every, vocab_size=args.vocab_size,
-                         **_train_kwargs(args))
+                         **_finetune_kwargs(args))
     s = finetune(cfg)
     if _is_main():
         resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
@@ -223,12 +298,29 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output} is the --input file: choose another --output")
     set_threads(args.threads)
     device = resolve_device(args.device)
-    texts, labels = read_inputs(args.input)
     loaded = load(args.model, device=device)
-    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k)
+    generation = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
+                  if getattr(args, k) is not None}
+    if loaded.kind == "seq2seq":         # text-to-text: a TSV's input column (and its targets, if any)
+        from fastformer.data.text2text import read_generation_inputs
+
+        texts, labels = read_generation_inputs(args.input)
+    elif generation:
+        raise ValueError(f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
+                         f"{args.model} holds a {loaded.kind} model")
+    else:
+        texts, labels = read_inputs(args.input)
+    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k,
+                                  **generation)
     write_predictions(columns, rows, args.output)
     acc = accuracy(rows, labels) if labels and loaded.kind == "classifier" else None
     note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
+    if labels and loaded.kind == "seq2seq":
+        from fastformer.train.predict import generation_scores
+
+        g = generation_scores(rows, labels)
+        note = (f"; ROUGE-L {g['rougeL']:.4f}, exact match {g['exact_match']:.4f} against the targets in "
+                f"{args.input}")
     print(f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.config['architecture']}"
           f"{' -> ' + args.output if args.output else ''}{note}", file=sys.stderr)
     return 0
@@ -252,7 +344,8 @@ def _export(args: argparse.Namespace) -> int:
         pass                                                  # save_hf says that transformers is needed
     try:
         with writing("--hf", out):
-            save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels)
+            save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels,
+                    generation=loaded.config.get("generation"))
     except ValueError as e:
         if str(e).startswith("--hf"):
             raise
@@ -262,16 +355,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastformer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"fastformer {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help lines between words only: preset names and flags (bert-small, --max-minutes) stay whole."""
 
-    pre = sub.add_parser("pretrain", help="pre-train an encoder (mlm) or encoder-decoder (span)")
-    pre.add_argument("--objective", default="mlm", help="mlm | span (default mlm)")
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastformer", description="Pre-train, fine-tune, use and export BERT- and T5-style "
+                     "models on fastformer's fused kernels.",
+                     epilog="A walk through every command: docs/training.md in the fastformer repository. "
+                            "`fastformer COMMAND --help` lists a command's flags.")
+    parser.add_argument("--version", action="version", version=f"fastformer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    objectives = _objectives()
+    names = [name for name, _ in objectives]
+    pre = sub.add_parser("pretrain", help=f"pre-train a model with one of the objectives ({', '.join(names)})")
+    pre.add_argument("--objective", default="mlm", help=f"{' | '.join(names)} (default mlm)")
     pre.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                      help="text files or folders (several allowed); default: the built-in corpus")
-    pre.add_argument("--model", default=None, help="preset, e.g. bert-tiny, bert-base, t5-small")
+    pre.add_argument("--model", default=None, help=_model_help(objectives))
     pre.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
     _common(pre, lr=5e-4, steps=1000, out="runs/pretrain")
     pre.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
@@ -281,19 +394,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one example per line with dynamic padding instead of packed fixed-length examples")
     pre.set_defaults(func=_pretrain, eval_every=200)
 
-    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files")
-    fin.add_argument("--train", default=None, metavar="FILE.tsv", help="training rows (text<TAB>label)")
-    fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (text<TAB>label)")
+    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files, or the "
+                         "encoder-decoder on input/target pairs (--task text2text)")
+    fin.add_argument("--train", default=None, metavar="FILE.tsv", help="training rows (text<TAB>label; "
+                     "input<TAB>target for text2text)")
+    fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (same format)")
     fin.add_argument("--init", default=None, metavar="DIR", help="a pretrain output folder")
-    fin.add_argument("--model", default=None, help="preset to train from scratch (default bert-tiny)")
-    fin.add_argument("--task", default="classify", help="classify (default)")
+    fin.add_argument("--model", default=None, help=f"preset to train from scratch: {_finetune_presets()} (default "
+                     "bert-tiny; --task text2text takes the t5-* ones, default t5-tiny)")
+    fin.add_argument("--task", default="classify", help="classify (default): a classification head on the encoder; "
+                     "text2text: the whole encoder-decoder on input<TAB>target pairs, evaluated by generating")
     fin.add_argument("--max-len", type=int, default=128, help="tokens per example, longer texts are cut (default 128)")
     _common(fin, lr=1e-4, steps=300, out="runs/finetune")
+    from fastformer.train.finetune import FinetuneConfig
+    from fastformer.train.text2text import Text2TextConfig
+
+    _task_default(fin, "lr", help=f"peak learning rate (default {FinetuneConfig.lr:g}; "
+                  f"{Text2TextConfig.lr:g} for --task text2text)")
     fin.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     fin.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
+    t2t = fin.add_argument_group("text-to-text (--task text2text)")
+    t2t.add_argument("--max-target-len", type=int, default=None, help="target tokens, longer targets are cut "
+                     "(default 64)")
+    t2t.add_argument("--num-beams", type=int, default=None, help="evaluation: beam search with N beams "
+                     "(default 1: greedy)")
+    t2t.add_argument("--max-new-tokens", type=int, default=None, help="evaluation: generated tokens at most "
+                     "(default --max-target-len)")
+    t2t.add_argument("--length-penalty", type=float, default=None, help="evaluation: beam score = log-probability "
+                     "/ length ** P (default 1.0)")
+    t2t.add_argument("--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the "
+                     "model's, 0.0)")
+    t2t.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluation: generate for the first "
+                     "N --eval pairs only (default all)")
     fin.set_defaults(func=_finetune)
 
-    prd = sub.add_parser("predict", help="labels (classifier) or filled [MASK] (MLM) for each text of a file")
+    prd = sub.add_parser("predict", help="labels (classifier), filled [MASK] (MLM) or generated text "
+                         "(text-to-text) for each text of a file")
     prd.add_argument("--model", required=True, metavar="DIR", help="a pretrain or finetune output folder")
     prd.add_argument("--input", required=True, metavar="FILE", help=".tsv (text column, labels optional) or "
                      "one text per line")
@@ -301,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("--batch-size", type=int, default=32)
     prd.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     prd.add_argument("--top-k", type=int, default=5, help="MLM: candidates listed per [MASK] (default 5)")
+    prd.add_argument("--num-beams", type=int, default=None, help="text-to-text: beams (default: the run's setting)")
+    prd.add_argument("--max-new-tokens", type=int, default=None, help="text-to-text: generated tokens at most "
+                     "(default: the run's setting)")
+    prd.add_argument("--length-penalty", type=float, default=None, help="text-to-text: beam length penalty "
+                     "(default: the run's setting)")
+    prd.add_argument("--max-len", type=int, default=None, help="text-to-text: input tokens, longer inputs are cut "
+                     "(default: the run's setting)")
     prd.add_argument("--threads", type=int, default=None, metavar="N")
     prd.set_defaults(func=_predict)
 
@@ -327,12 +470,13 @@ def _one_line_warnings():
     """fastformer's warnings as `fastformer: warning: ...` lines; others as Python prints them."""
     import warnings
 
+    from fastformer.models.presets import DeprecatedPresetWarning
     from fastformer.train.run_dir import FastformerWarning
 
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, FastformerWarning):
+        if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)):
             print(f"fastformer: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
         else:
             original(message, category, filename, lineno, file, line)

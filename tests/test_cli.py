@@ -105,6 +105,14 @@ def test_bad_input_gives_one_line_error(files, capsys):
            "--no-progress", "--device", "cpu"]
     assert "bert-huge" in _error_line(capsys, pre + ["--model", "bert-huge", "--data", str(files["corpus"])])
     assert "objective 'clm'" in _error_line(capsys, pre + ["--objective", "clm"])
+    # refused before the data is read (a missing --data would be the error otherwise)
+    missing = ["--data", str(d / "missing.txt")]
+    err = _error_line(capsys, pre + ["--objective", "span", "--model", "bert-tiny"] + missing)
+    assert "--model bert-tiny: the span objective trains t5-* presets" in err and "t5-tiny" in err
+    assert "--schedule must be one of linear, cosine, constant" in _error_line(capsys, pre + ["--schedule", "cos"]
+                                                                                + missing)
+    assert "--vocab-size 10 is too small" in _error_line(capsys, pre + ["--vocab-size", "10", "--data",
+                                                                         str(files["corpus"])])
     assert "no such file" in _error_line(capsys, pre + ["--data", str(d / "missing.txt")])
     (d / "empty.txt").write_text("")
     assert "no text" in _error_line(capsys, pre + ["--data", str(d / "empty.txt")])
@@ -121,7 +129,7 @@ def test_bad_input_gives_one_line_error(files, capsys):
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
-    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # was a ZeroDivisionError traceback
+    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # a divisor: refused, not a traceback
     assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])
 
 
@@ -328,3 +336,22 @@ def test_predict_and_export_what_was_trained(files, capsys):
     assert main(["export", "--model", str(ft), "--hf", str(d / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(d / "hf"))
     assert "not empty" in _error_line(capsys, ["export", "--model", str(ft), "--hf", str(d / "hf")])
+
+
+def test_help_lists_the_registered_objectives_and_presets(monkeypatch, capsys):
+    """`pretrain --help` is generated from the objective registry and the presets: a new objective needs
+    no change in the CLI. The help points only at files of the repository."""
+    from fastformer.cli import build_parser
+    from fastformer.models.presets import known_presets
+    from fastformer.train.objectives import OBJECTIVES
+
+    monkeypatch.setitem(OBJECTIVES, "mlm2", OBJECTIVES["mlm"])     # another objective, registered
+    monkeypatch.setitem(OBJECTIVES, "gone", "fastformer.train.no_such_objective:Gone")   # module missing
+    parser = build_parser()
+    top = parser.format_help()
+    pre = parser._subparsers._group_actions[0].choices["pretrain"].format_help()
+    flat = " ".join(pre.split())
+    assert "mlm | span | mlm2 | gone (default mlm)" in flat
+    assert "mlm2: bert-tiny (default)" in flat and "span: t5-tiny (default)" in flat
+    assert all(p in flat for p in known_presets())
+    assert "docs/training.md" in top and "DESIGN" not in top + pre

@@ -20,7 +20,7 @@ import fastformer
 from fastformer.data.corpus import DataError, load_texts, split_heldout
 from fastformer.data.tokenizer import tokenizer_from_json
 from fastformer.models.loading import ARCHITECTURES, architecture_name
-from fastformer.models.presets import get_preset
+from fastformer.models.presets import canonical_preset, get_preset, known_presets, preset_family
 
 from . import distributed as D
 from .checkpoint import CheckpointError
@@ -90,8 +90,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     obj = get_objective(cfg.objective)
-    preset = cfg.model or obj.default_model
+    preset = canonical_preset(cfg.model or obj.default_model)   # a deprecated name: warned, recorded as the new one
     get_preset(preset)                                    # unknown preset -> error before any work
+    if preset_family(preset) != obj.family:               # ... and so is one the objective cannot train
+        fits = [p for p in known_presets() if preset_family(p) == obj.family]
+        raise ValueError(f"--model {preset}: the {obj.name} objective trains {obj.family}-* presets "
+                         f"({', '.join(fits)}); leave --model out for {obj.default_model}")
     out = Path(cfg.out_dir)
     prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
     if cfg.resume and not (out / "tokenizer.json").is_file():
@@ -133,7 +137,8 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         warnings.warn(f"the held-out slice of {where} is {len(eval_ex)} example(s) of {cfg.seq_len} tokens "
                       f"({len(eval_docs)} of {len(docs)} documents): "
                       + ("no evaluation" if not eval_ex else "eval loss and accuracy will be noisy")
-                      + "; more text (more documents) gives a larger one", FastformerWarning, stacklevel=3)
+                      + "; more documents (a blank line separates two) give a larger one",
+                      FastformerWarning, stacklevel=3)
     eval_gen = torch.Generator().manual_seed(12345)       # fixed masks: eval losses comparable over time
     eval_batches = [collate(eval_ex[i:i + cfg.batch_size], eval_gen) for i in range(0, len(eval_ex), cfg.batch_size)]
 

@@ -101,8 +101,12 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
     if run == "finetune" and kind == "pretrain":
         raise OutputError(f"--out {out} holds a pre-training run; fine-tuning never writes into one (its "
                           "checkpoint and tokenizer would be replaced): choose another --out")
+    started = (out / CHECKPOINT_NAME).is_file()
     if resume:
-        if not (out / CHECKPOINT_NAME).is_file():
+        if not started and kind == run:
+            raise CheckpointError(f"--resume: the {run} run in {out} stopped before its first checkpoint, so "
+                                  "there is nothing to continue: start it again with --overwrite")
+        if not started:
             raise CheckpointError(f"--resume: no checkpoint in {out}")
         if kind not in (run, None):
             raise CheckpointError(f"--resume: {out} holds a {kind} run, not a {run} run")
@@ -111,6 +115,9 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
     if not entries:
         return
     if not overwrite:
+        if kind == run and not started:
+            raise OutputError(f"--out {out} holds a {run} run that stopped before its first checkpoint: add "
+                              "--overwrite to start it again (or choose another --out)")
         if kind == run:
             raise OutputError(f"--out {out} already holds a {run} run: add --resume to continue it, or --overwrite "
                               "to replace it (or choose another --out)")

@@ -40,7 +40,7 @@ from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
 from .run_dir import OutputError, os_error_message, writing
-from .schedules import make_scheduler
+from .schedules import SCHEDULES, make_scheduler
 
 OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
 
@@ -81,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("save_every", "eval_every", "warmup_steps"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

@@ -60,6 +60,18 @@ def test_out_folder_is_refused_unless_resume_or_overwrite(tmp_path, tiny_corpus)
         pretrain(tiny_config(tmp_path / "afile", tiny_corpus, steps=1))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(tmp_path, tiny_corpus):
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
+    (out / "checkpoint.pt").unlink()                    # config.json and tokenizer.json, no step saved
+    with pytest.raises(OutputError, match=r"stopped before its first checkpoint: add --overwrite"):
+        pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"stopped before its first checkpoint.*--overwrite"):
+        pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0, resume=True))
+    pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0, overwrite=True))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 1
+
+
 def test_finetune_never_writes_into_a_pretraining_folder(tmp_path, tiny_corpus):
     pre = tmp_path / "pre"
     pretrain(tiny_config(pre, tiny_corpus, steps=1, eval_every=0))
