@@ -202,8 +202,15 @@ def render_cross_entropy(d, path, ctx):
 
 def render_linear_cross_entropy(d, path, ctx):
     rows = _rows(d)
-    return table(rows, [("case", "case"), ("provider", "provider"), ("ms", "ms"),
-                        ("peak_MB", "extra peak MB")]) + _errors(rows)
+    per = [r for r in rows if r.get("provider")]
+    out = table(per, [("case", "case"), ("provider", "provider"), ("ms", "ms"), ("peak_MB", "extra peak MB"),
+                      ("extra_MB", "above the returned gradients, MB")])
+    summary = [r for r in rows if not r.get("provider") and r.get("mem_ratio") is not None]
+    if summary:
+        out += ["", "fastformer over unfused (memory above the inputs and the returned gradients; target at most "
+                "1/8):", ""]
+        out += table(summary, [("case", "case"), ("mem_ratio", "memory ratio"), ("time_ratio", "time ratio", "x")])
+    return out + _errors(per)
 
 
 def render_adam(d, path, ctx):
