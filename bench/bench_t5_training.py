@@ -1,4 +1,4 @@
-"""Tokens/s of a span-corruption training step: fastformer T5 vs Hugging Face T5ForConditionalGeneration (issue 7).
+"""Tokens/s of a span-corruption training step: fastformer T5 vs Hugging Face T5ForConditionalGeneration.
 
     python bench/bench_t5_training.py [--full] [--out DIR]
 

@@ -1,7 +1,7 @@
 """Text-to-text: does span pre-training pay off for generation, and is classification as text as good
 as a classification head?
 
-    OMP_NUM_THREADS=1 python bench/text2text_benefit.py --data-dir ../shared/data/agnews [--pretrained DIR]
+    OMP_NUM_THREADS=1 python bench/text2text_benefit.py --data-dir AGNEWS_DIR [--pretrained DIR]
         [--estimate] [--jobs 2] [--work DIR] [--tag cpu] ...
 
 Everything trains and evaluates through the `fastformer` CLI (`python -m fastformer pretrain | finetune`):
