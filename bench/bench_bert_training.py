@@ -110,11 +110,11 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     else:
         cases = ([] if quick else [("bert-tiny", 128, 16)]) + [("bert-mini", 128, 16)]
         providers = ["fastformer", "hf_eager", "hf_sdpa"]
-    # fastformer + torch.compile of the rest of the model: compiling takes about a minute per shape,
-    # so only in full runs or when asked (BENCH_COMPILE=inductor, or =eager to check the plumbing)
-    compile_backend = os.environ.get("BENCH_COMPILE") or ("inductor" if not quick and device.type == "cuda" else "")
-    if compile_backend:
-        providers = providers + ["fastformer_compiled"]
+    # fastformer + torch.compile of the rest of the model: compiling takes about a minute per shape, so
+    # on a GPU the quick run compiles the first shape only (BENCH_COMPILE=inductor, or =eager to check the
+    # plumbing on CPU, asks for it everywhere)
+    compile_backend = os.environ.get("BENCH_COMPILE") or ("inductor" if device.type == "cuda" else "")
+    compile_everywhere = bool(os.environ.get("BENCH_COMPILE")) or not quick
     peak = peak_flops(device)
     rows, summary = [], []
     for name, L, B in cases:
@@ -125,7 +125,9 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             tokens = int(batch["attention_mask"].sum())
             case = f"{name} L={L} B={B} {layout}"
             res = {}
-            for prov in providers:
+            first = not rows
+            with_compiled = compile_backend and (compile_everywhere or first)
+            for prov in providers + (["fastformer_compiled"] if with_compiled else []):
                 row = {"benchmark": "bert_training", "case": case, "provider": prov, "model": name, "seq_len": L,
                        "batch": B, "layout": layout, "tokens": tokens}
                 try:
@@ -161,6 +163,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 if peak:
                     s["fastformer_mfu"] = next(r["mfu"] for r in rows if r["case"] == case and r["provider"] == "fastformer" and "mfu" in r)
             summary.append(s)
+            save("bench_bert_training", rows, out_dir=out_dir, device=device)  # a run cut short keeps these
     for r in rows:
         r["x"] = f"{r['model']}/{r['seq_len']}/{r['layout']}"
     save("bench_bert_training", rows, out_dir=out_dir, device=device, x="x", y="tokens_per_s",

@@ -1,4 +1,4 @@
-"""T5 relative-position attention, forward + backward with the bias table requiring grad (issue 4).
+"""T5 relative-position attention, forward + backward with the bias table requiring grad.
 
     python bench/bench_t5_attention.py [--full] [--out DIR]
 
@@ -8,7 +8,8 @@ buckets) and decoder (causal, unidirectional buckets). Providers, all measured i
     fastformer    ff.t5_attention: bucket and bias inside the kernel, deterministic table gradient
     eager         T5 as Hugging Face writes it: bias = table[bucket] materialised (1, H, L, L), matmul-softmax-matmul
     sdpa_bias     torch SDPA with that materialised float bias (requires grad through the gather)
-    flex          FlexAttention (compiled) with a score_mod that reads the table
+    flex          FlexAttention (compiled) with a score_mod that reads the table (--full only: it
+                  compiles per shape)
     ff_plain      ff.scaled_dot_product_attention on the same shape, no bias (the ceiling to compare against)
 
 Reported: ms (median), TFLOP/s (fwd+bwd = 3.5 × forward's 4·B·H·Lq·Lk·D, halved for causal) and the
@@ -36,6 +37,11 @@ NUM_BUCKETS, MAX_DISTANCE = 32, 128
 # 232448"); num_stages=1 compiles there. The default is tried first, the fallback kept once needed.
 FLEX_OPTIONS = {"current": None, "fallbacks": [{"num_stages": 1}]}
 PROVIDERS = ("fastformer", "eager", "sdpa_bias", "flex", "ff_plain")
+
+
+def providers_for(quick: bool) -> tuple:
+    """FlexAttention compiles per shape (tens of seconds to minutes): full runs only."""
+    return PROVIDERS if not quick else tuple(p for p in PROVIDERS if p != "flex")
 
 
 def _bucket(rel: torch.Tensor, bidirectional: bool) -> torch.Tensor:
@@ -124,7 +130,8 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                                                                    for L in (128, 256)]
         tokens = 256
     compiled_flex = None
-    if cuda:
+    providers = providers_for(quick)
+    if cuda and not quick:
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -141,7 +148,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         dout = torch.randn(B, H, L, D, device=device, dtype=dtype)
         flops = _flops(B, H, L, L, D, causal)
         case_rows = {}
-        for provider in PROVIDERS:
+        for provider in providers:
             row = {"benchmark": "t5_attention", "case": f"{mode} L={L} B={B}", "mode": mode, "L": L, "B": B,
                    "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""), "provider": provider}
             try:
@@ -168,20 +175,21 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             case_rows[provider] = row
             if cuda:
                 torch.cuda.empty_cache()
-        ref = [case_rows[p]["ms"] for p in ("eager", "sdpa_bias", "flex") if case_rows[p].get("ms")]
+        ref = [case_rows[p]["ms"] for p in ("eager", "sdpa_bias", "flex") if case_rows.get(p, {}).get("ms")]
         mine, plain = case_rows["fastformer"].get("ms"), case_rows["ff_plain"].get("ms")
         s = {"benchmark": "t5_attention", "case": f"{mode} L={L} B={B} {row['dtype']}"}
-        for p in PROVIDERS:
+        for p in providers:
             s[f"{p}_tflops"] = case_rows[p].get("tflops")
         s["fastformer_mb"] = case_rows["fastformer"].get("peak_extra_mb")
         s["eager_mb"] = case_rows["eager"].get("peak_extra_mb")
         if mine:
             s["x_best_ref"] = min(ref) / mine if ref else None
-            s["x_flex"] = case_rows["flex"]["ms"] / mine if case_rows["flex"].get("ms") else None
+            s["x_flex"] = case_rows["flex"]["ms"] / mine if case_rows.get("flex", {}).get("ms") else None
             s["x_eager"] = case_rows["eager"]["ms"] / mine if case_rows["eager"].get("ms") else None
             s["frac_of_plain"] = plain / mine if plain else None
         summary.append(s)
         del q, k, v, table, dout
+        save("t5_attention", rows, out_dir=out_dir, device=device)  # a run cut short keeps the cases it finished
 
     save("t5_attention", rows, out_dir=out_dir, device=device, x="L", y="tflops", series=("mode", "provider"),
          logx=True, title=None)

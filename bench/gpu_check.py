@@ -1,30 +1,105 @@
-"""Run every bench/bench_*.py with short settings and print one compact table last.
+"""`make gpu-check`: every GPU measurement and GPU test in one command of at most about 9 minutes.
 
-    python bench/gpu_check.py [--out DIR] [--only NAME ...] [--full] [--timeout S] [--budget S]
+    python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--only NAME ...] [--full]
 
-Each benchmark module exposes run(quick, out_dir) -> list of summary rows (dicts with at least
-'benchmark' and 'case'). Each runs in its own subprocess with a time limit, in PRIORITY order, so
-a benchmark that fails or overruns is reported and the others still run; --budget stops starting new
-benchmarks once the total time is spent (GPU time is scarce).
+Steps run in priority order, each in its own process with a time limit, so a step that fails or
+overruns loses nothing else: attention fwd+bwd against every SDPA backend (with T5 against plain
+attention), cross-entropy against copy bandwidth, BERT-base and T5-base training steps against
+Hugging Face, the Hugging Face patch, the kernels' `cuda` tests, the remaining benchmarks, and the
+extension's `cuda` tests only if time remains. A step starts only if its usual duration (STEPS'
+`estimate`) fits in what is left of the budget; it is stopped at its `limit` or at the budget.
+Every benchmark saves its rows after each case, so a stopped step keeps what it finished.
+
+Meanwhile, in the background: the fused-Adam extension builds, and the kernel report compiles the
+attention and cross-entropy kernels' tuning candidates for this GPU, so the tuning the benchmarks trigger at first use
+finds them in Triton's cache. The tuner's choices (kernel, shape class, chosen and default config,
+their timings) are written under DIR/tuning and printed with the short table that ends the run.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-# Kernel benchmarks first: they carry the issues' performance targets.
-PRIORITY = ["bench_attention", "bench_cross_entropy", "bench_adam", "bench_t5_attention",
-            "bench_linear_cross_entropy", "bench_bert_training", "bench_t5_training", "bench_hf_patch"]
+EXT_TESTS = ("tests/optim", "tests/train", "tests/integrations")
+
+
+@dataclasses.dataclass
+class Step:
+    """One unit of the run. estimate: seconds it usually takes on an H100/H200 (planning only);
+    limit: the most it may take. bench: a bench module run with run(quick, out_dir); cmd: a command.
+    needs_build: wait for the extension build first; if_time_remains: after every other step."""
+
+    name: str
+    estimate: float
+    limit: float
+    bench: Optional[str] = None
+    cmd: Optional[list] = None
+    env: dict = dataclasses.field(default_factory=dict)
+    needs_build: bool = False
+    if_time_remains: bool = False
+
+
+def steps(py: str, xdist: int) -> list:
+    par = ["-n", str(xdist)] if xdist > 1 else []
+    ignore = [f"--ignore={t}" for t in EXT_TESTS]
+    pytest = [py, "-m", "pytest", "-m", "cuda", "-q", "-rfE", "-p", "no:cacheprovider"]
+    return [
+        Step("attention", 120, 200, bench="bench_attention"),
+        Step("cross_entropy", 30, 60, bench="bench_cross_entropy"),
+        Step("bert_training", 150, 210, bench="bench_bert_training", needs_build=True),
+        Step("t5_training", 70, 120, bench="bench_t5_training", needs_build=True),
+        Step("hf_patch", 70, 120, bench="bench_hf_patch", needs_build=True),
+        Step("kernel_tests", 45, 90, cmd=pytest + par + ["tests"] + ignore),
+        Step("t5_attention", 40, 90, bench="bench_t5_attention"),
+        Step("linear_cross_entropy", 15, 40, bench="bench_linear_cross_entropy"),
+        Step("adam", 20, 40, bench="bench_adam", needs_build=True),
+        Step("extension_tests", 60, 120, cmd=pytest + list(EXT_TESTS), needs_build=True, if_time_remains=True),
+    ]
+
+
+def schedule(todo: list, budget: float, run: Callable[[Step, float], str], now: Callable[[], float],
+             reserve: float = 15.0) -> list:
+    """Run the steps within `budget` seconds (less `reserve` for the closing table): in order, those
+    marked if_time_remains last; a step starts only if its estimate fits in what is left, and runs
+    at most min(limit, what is left). run(step, timeout) returns a status ("ok", "failed",
+    "timeout", ...). Returns one record per step, skipped ones included."""
+    start = now()
+    order = [s for s in todo if not s.if_time_remains] + [s for s in todo if s.if_time_remains]
+    records = []
+    for step in order:
+        left = budget - reserve - (now() - start)
+        if left < min(step.estimate, step.limit):
+            records.append({"step": step.name, "status": "skipped", "seconds": 0.0,
+                            "detail": f"{max(left, 0):.0f}s left, needs about {step.estimate:.0f}s"})
+            continue
+        timeout = min(step.limit, left)
+        t0 = now()
+        try:
+            status = run(step, timeout)
+        except Exception as exc:  # noqa: BLE001 - one broken step must not stop the others
+            status = f"error: {type(exc).__name__}: {exc}"
+        records.append({"step": step.name, "status": status, "seconds": round(now() - t0, 1),
+                        "limit": round(timeout, 1)})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# running steps for real
+# ----------------------------------------------------------------------------------------------
 
 
 def _child(name: str, out: Path, quick: bool, rows_file: Path) -> int:
@@ -36,17 +111,128 @@ def _child(name: str, out: Path, quick: bool, rows_file: Path) -> int:
     return 0
 
 
+def _run_proc(cmd: list, timeout: float, env: dict, log: Optional[Path] = None) -> str:
+    """Run cmd in its own process group; on timeout the whole group is stopped."""
+    out = open(log, "a") if log else None
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                stdout=out or None, stderr=subprocess.STDOUT if out else None)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return "timeout"
+        return "ok" if rc == 0 else f"failed (exit {rc})"
+    finally:
+        if out:
+            out.close()
+
+
+class Runner:
+    """Runs steps as subprocesses; collects the benchmarks' summary rows."""
+
+    def __init__(self, out: Path, full: bool, env: dict, build: Optional[subprocess.Popen], now, budget_end):
+        self.out, self.full, self.env, self.build = out, full, env, build
+        self.now, self.budget_end = now, budget_end
+        self.summary: list = []
+
+    def _wait_build(self, step: Step) -> None:
+        if self.build is None or self.build.poll() is not None:
+            return
+        wait = max(0.0, self.budget_end - self.now() - step.estimate)
+        print(f"[gpu-check] {step.name}: waiting up to {wait:.0f}s for the extension build", flush=True)
+        try:
+            self.build.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            print("[gpu-check] the extension is not built yet: its users fall back to torch", flush=True)
+
+    def __call__(self, step: Step, timeout: float) -> str:
+        if step.needs_build:
+            self._wait_build(step)
+            timeout = min(timeout, max(self.budget_end - self.now(), 1.0))
+        print(f"=== {step.name} (limit {timeout:.0f}s)", flush=True)
+        env = dict(self.env, **step.env)
+        if step.cmd is not None:
+            log = self.out / "gpu_tests.log" if "pytest" in step.cmd else None
+            status = _run_proc(step.cmd, timeout, env, log)
+            if log is not None and log.exists():
+                print("".join(log.read_text().splitlines(keepends=True)[-6:]), flush=True)
+            return status
+        rows_file = self.out / f".{step.bench}.rows.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step.bench, "--out", str(self.out),
+               "--rows-file", str(rows_file)] + (["--full"] if self.full else [])
+        status = _run_proc(cmd, timeout, env)
+        if rows_file.exists():
+            self.summary += json.loads(rows_file.read_text())
+            rows_file.unlink()
+        return status
+
+
+def _start_background(py: str, out: Path, env: dict) -> tuple:
+    """The extension build and the tuning candidates' compile, at low priority."""
+    build_log = open(out / "build.log", "w")
+    build = subprocess.Popen(["nice", "-n", "5", py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                              "--no-index", "-e", "."], cwd=ROOT, env=dict(env, MAX_JOBS=env.get("MAX_JOBS", "6")),
+                             stdout=build_log, stderr=subprocess.STDOUT, start_new_session=True)
+    warm = None
+    if os.environ.get("GPU_CHECK_WARM", "1") != "0":
+        warm_log = open(out / "kernel_report.log", "w")
+        variants = ["plain bf16", "causal bf16", "klen bf16", "varlen bf16", "t5 bf16", "plain fp32"]
+        warm = subprocess.Popen(["nice", "-n", "10", py, "scripts/kernel_report.py", "--family", "attention",
+                                 "cross_entropy", "--arch",
+                                 "90", "--candidates", "--jobs", os.environ.get("GPU_CHECK_WARM_JOBS", "6"), "--quiet",
+                                 "--no-cache", "--match", *variants, "--json", str(out / "kernel_report_gpu.json")],
+                                cwd=ROOT, env=env, stdout=warm_log, stderr=subprocess.STDOUT, start_new_session=True)
+    return build, warm
+
+
+def _stop(proc: Optional[subprocess.Popen]) -> None:
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def tuning_table(tune_dir: Path) -> list:
+    """The tuner's choices from the cache files under tune_dir."""
+    rows = []
+    for path in sorted(tune_dir.glob("*.json")):
+        try:
+            entries = json.loads(path.read_text()).get("entries", {})
+        except ValueError:
+            continue
+        for key, e in sorted(entries.items()):
+            kernel, _, shape = key.partition("|")
+            t = e.get("timings_ms", {})
+            chosen, default = ",".join(map(str, e.get("config", []))), ",".join(map(str, e.get("default", [])))
+            gain = t[default] / t[chosen] if t.get(default) and t.get(chosen) else None
+            rows.append({"kernel": kernel, "shape": shape, "chosen": chosen, "default": default,
+                         "default_over_chosen": gain, "skipped": len(e.get("skipped", {}))})
+    return rows
+
+
+def _line(d: dict, keys: list, width: int = 150) -> str:
+    parts = []
+    for k in keys:
+        v = d.get(k)
+        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return "  ".join(parts)[:width]
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--only", nargs="*", default=None, help="benchmark module names (e.g. bench_cross_entropy)")
+    ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 500)),
+                    help="total seconds for the steps (the command itself takes a little more)")
+    ap.add_argument("--only", nargs="*", default=None, help="step names (e.g. attention cross_entropy)")
     ap.add_argument("--full", action="store_true", help="full sweeps instead of the short settings")
-    ap.add_argument("--timeout", type=float, default=float(os.environ.get("BENCH_TIMEOUT", 240)),
-                    help="seconds one benchmark may run")
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_BUDGET", 1e9)),
-                    help="total seconds; no benchmark starts after it is spent")
-    ap.add_argument("--timeouts", default="", help="per-benchmark limits, e.g. bench_attention=90,bench_adam=30")
-    ap.add_argument("--tar", default=None, help="after each benchmark, pack the results folder into this .tgz")
+    ap.add_argument("--xdist", type=int, default=int(os.environ.get("XDIST", 8)))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -57,49 +243,51 @@ def main() -> int:
 
     from harness import device_name
 
-    names = [p.stem for p in HERE.glob("bench_*.py")]
-    names.sort(key=lambda n: (PRIORITY.index(n) if n in PRIORITY else len(PRIORITY), n))
+    t_start = time.monotonic()
+    py = sys.executable
+    tune_dir = out / "tuning"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FASTFORMER_TUNE_CACHE=str(tune_dir))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    dev = device_name()
+    print(f"[gpu-check] {dev}, budget {args.budget:.0f}s", flush=True)
+    cuda = False
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        import triton
+
+        print(f"[gpu-check] torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__version__}", flush=True)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    todo = steps(py, args.xdist)
     if args.only:
-        names = [n for n in names if n in args.only]
-    summary, failures = [], []
-    start = time.time()
-    for name in names:
-        left = args.budget - (time.time() - start)
-        if left < 20:
-            failures.append(f"{name} (not started: budget spent)")
-            continue
-        per = dict(kv.split("=") for kv in args.timeouts.split(",") if "=" in kv)
-        limit = min(float(per.get(name, args.timeout)), left)
-        rows_file = out / f".{name}.rows.json"
-        t0 = time.time()
-        print(f"=== {name} (limit {limit:.0f}s)", flush=True)
-        cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--rows-file", str(rows_file)]
-        if args.full:
-            cmd.append("--full")
-        try:
-            rc = subprocess.run(cmd, timeout=limit).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            rc = "error"
-        if rc == 0 and rows_file.exists():
-            summary += json.loads(rows_file.read_text())
-            rows_file.unlink()
-        else:
-            failures.append(f"{name} ({rc})")
-        print(f"=== {name} took {time.time() - t0:.1f}s", flush=True)
-        if args.tar:  # pack after every benchmark so a lease cut short still returns what was measured
-            subprocess.run(["tar", "czf", args.tar, "-C", str(out), "."], check=False)
-    print(f"\n##### summary on {device_name()} #####")
-    for r in summary:
-        head = f"{r.get('benchmark', '?'):<18} {str(r.get('case', '')):<34}"
-        rest = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in r.items() if k not in ("benchmark", "case"))
-        print(f"{head} {rest}")
-    if failures:
-        print(f"FAILED or skipped benchmarks: {', '.join(failures)}")
-    return 1 if failures else 0
+        todo = [s for s in todo if s.name in args.only]
+    # on a CPU machine (`make bench`) the package is already built and there is nothing to compile for
+    build, warm = _start_background(py, out, env) if cuda else (None, None)
+    runner = Runner(out, args.full, env, build, time.monotonic, t_start + args.budget)
+    try:
+        records = schedule(todo, args.budget - (time.monotonic() - t_start), runner, time.monotonic)
+    finally:
+        _stop(warm)
+        _stop(build)
+    tuned = tuning_table(tune_dir)
+    result = {"device": dev, "budget_s": args.budget, "seconds": round(time.monotonic() - t_start, 1),
+              "steps": records, "summary": runner.summary, "tuning": tuned}
+    (out / f"gpu_check_{dev}.json").write_text(json.dumps(result, indent=1, default=str))
+
+    print(f"\n##### gpu-check on {dev}: {result['seconds']:.0f}s #####")
+    for r in records:
+        print(f"{r['step']:<22} {r['status']:<18} {r['seconds']:>6.1f}s  {r.get('detail', '')}")
+    if tuned:
+        print("tuning (default ms / chosen ms):")
+        for t in tuned:
+            print("  " + _line(t, ["kernel", "shape", "chosen", "default", "default_over_chosen"]))
+    for r in runner.summary:
+        keys = [k for k in r if k not in ("benchmark", "case")]
+        print(f"{str(r.get('benchmark', '?'))[:14]:<14} {str(r.get('case', ''))[:32]:<32} {_line(r, keys, 110)}")
+    bad = [r for r in records if r["status"] != "ok"]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -55,20 +55,9 @@ def cli(args: list[str], logfile: Path, threads: int) -> float:
     return time.time() - t0
 
 
-_OVERWRITE: bool | None = None
-
-
 def overwrite_flag(out: Path) -> list[str]:
-    """`--overwrite` to restart an unfinished run in an existing folder, when this CLI has the flag."""
-    global _OVERWRITE
-    if not out.exists():
-        return []
-    if _OVERWRITE is None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        text = subprocess.run([sys.executable, "-m", "fastformer", "pretrain", "--help"], cwd=ROOT, env=env,
-                              capture_output=True, text=True).stdout
-        _OVERWRITE = "--overwrite" in text
-    return ["--overwrite"] if _OVERWRITE else []
+    """`--overwrite` to restart an unfinished run in its existing folder (a finished one is skipped)."""
+    return ["--overwrite"] if out.exists() else []
 
 
 def read_rows(path: Path) -> list[str]:

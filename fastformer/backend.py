@@ -1,6 +1,8 @@
 """Backend dispatch: which implementation an op runs.
 
-    FASTFORMER_BACKEND=auto       (default) Triton kernels for CUDA tensors, reference for CPU tensors
+    FASTFORMER_BACKEND=auto       (default) Triton kernels for CUDA tensors; for CPU tensors the fastest
+                                  correct implementation torch itself has (e.g. torch's fused CPU
+                                  attention), else the eager reference
     FASTFORMER_BACKEND=triton     force the Triton kernels (on CPU this needs TRITON_INTERPRET=1,
                                   which fastformer sets itself when imported with a CPU-only torch
                                   before triton is imported)
@@ -91,3 +93,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "FASTFORMER_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         )
     return True
+
+
+def cpu_fast_path(*tensors: torch.Tensor) -> bool:
+    """True when an op should use torch's own implementation instead of the eager reference: backend
+    auto and every tensor on the CPU (where the Triton kernels do not run). The op decides which torch
+    function that is (see docs/ops.md, "CPU dispatch"); backend "reference" never takes it."""
+    return get_backend() == "auto" and all(t.device.type == "cpu" for t in tensors if t is not None)

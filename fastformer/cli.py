@@ -1,8 +1,13 @@
-"""Command line: `fastformer pretrain | finetune | info` (DESIGN.md §4).
+"""Command line: `fastformer pretrain | finetune | predict | export | info`, `fastformer --version`.
+
+The objectives `pretrain --objective` accepts and the presets `--model` accepts come from their
+registries (`fastformer.train.objectives.OBJECTIVES`, `fastformer.models.presets`): a new objective or
+preset needs no change here.
 
 Bad input (missing data, unknown preset or objective, a checkpoint from another model, a TSV without
-labels, ...) ends with one line `fastformer: error: ...` on stderr and exit status 2, no traceback
-(set FASTFORMER_DEBUG=1 to see it).
+labels, an --out that holds another run, a full disk, ...) ends with one line `fastformer: error: ...`
+on stderr and exit status 2, no traceback (set FASTFORMER_DEBUG=1 to see it). Ctrl-C or SIGTERM during
+training finishes the step, writes the checkpoint and exits with 130 / 143; a second one stops at once.
 """
 from __future__ import annotations
 
@@ -10,17 +15,39 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
+from pathlib import Path
+
+from fastformer import __version__
+
+# --resume: flags that shape the run come from the run itself (a different value is refused) ...
+RUN_SHAPING = {
+    "pretrain": {"objective": "objective", "model": "model", "data": "data", "seq_len": "seq_len",
+                 "vocab_size": "vocab_size", "tokenizer": "tokenizer", "line_by_line": "packing"},
+    "finetune": {"train": "train", "eval": "eval", "init": "init", "model": "model", "max_len": "max_len",
+                 "vocab_size": "vocab_size", "task": "task"},
+}
+for _cmd in RUN_SHAPING:
+    RUN_SHAPING[_cmd].update({k: k for k in ("batch_size", "lr", "seed", "grad_accum", "optimizer", "schedule",
+                                             "warmup_steps")})
+# ... and these may be given again (otherwise they too come from the run).
+RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_every", "device", "compile", "threads")
+# text-to-text: the target length and dropout shape the run; the generation settings only its evaluation
+RUN_SHAPING["finetune"].update(max_target_len="max_target_len", dropout="dropout")
+# classification: the recipe's length, model selection and pooling shape the run
+RUN_SHAPING["finetune"].update({k: k for k in ("epochs", "min_steps", "val_fraction", "pooling", "tokenizer")})
+RESUME_MAY_CHANGE += ("num_beams", "max_new_tokens", "length_penalty", "eval_limit")
+PATH_FLAGS = ("data", "tokenizer", "train", "eval", "init")
 
 
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    import fastformer
     from fastformer.backend import get_backend, interpreting, triton_available
 
     lines = [
-        f"fastformer {fastformer.__version__}",
+        f"fastformer {__version__}",
         f"python     {platform.python_version()}",
         f"torch      {torch.__version__} (CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})",
     ]
@@ -37,43 +64,79 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"fused adam {'compiled extension' if extension_available() else 'torch fallback'}")
     except ImportError:
         pass
-    from fastformer.models.presets import known_presets
-    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
+    from fastformer.models.presets import DEPRECATED_PRESETS, known_presets
+    from fastformer.train.resources import auto_threads
 
     lines.append(f"presets    {', '.join(known_presets())}")
-    objs = []
-    for name in OBJECTIVES:
-        try:
-            get_objective(name)
-            objs.append(name)
-        except (UnknownObjectiveError, ImportError):
-            objs.append(f"{name} (not installed)")
-    lines.append(f"objectives {', '.join(objs)}")
+    lines.append(f"           (deprecated names: {', '.join(f'{a} = {b}' for a, b in DEPRECATED_PRESETS.items())})")
+    lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
+    n, why = auto_threads()
+    lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
     print("\n".join(lines))
     return 0
 
 
+def _objectives() -> list:
+    """(name, objective or None when its module is missing) for every registered objective."""
+    from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
+
+    found = []
+    for name in OBJECTIVES:
+        try:
+            found.append((name, get_objective(name)))
+        except (UnknownObjectiveError, ImportError):
+            found.append((name, None))
+    return found
+
+
+def _model_help(objectives: list) -> str:
+    """The presets each objective trains, its default first: 'mlm: bert-tiny (default), bert-mini, ...'."""
+    from fastformer.models.presets import known_presets, preset_family
+
+    parts = []
+    for name, obj in objectives:
+        if obj is None:
+            continue
+        names = [p for p in known_presets() if preset_family(p) == obj.family]
+        names = [f"{obj.default_model} (default)"] + [p for p in names if p != obj.default_model]
+        parts.append(f"{name}: {', '.join(names)}")
+    return "preset; " + "; ".join(parts)
+
+
 def _common(p: argparse.ArgumentParser, *, lr: float, steps: int | None, out: str, batch_size: int = 32,
             steps_help: str | None = None) -> None:
+    from fastformer.train.schedules import SCHEDULES
+    from fastformer.train.trainer import OPTIMIZERS
+
     p.add_argument("--steps", type=int, default=steps, help=steps_help or f"optimizer steps (default {steps})")
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"examples per micro-batch per process (default {batch_size})")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
-    # Extra knobs beyond DESIGN.md section 4 (all optional).
+    p.add_argument("--out", default=out, help=f"output folder (default {out}); a non-empty one must be this "
+                   "command's run and --resume, or --overwrite")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings "
+                   "(only --steps and --max-minutes may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
+    # Knobs of the training loop beyond the basics above (all optional).
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--optimizer", default="fusedadamw", help="fusedadamw | adamw | sgd | rmsprop")
-    p.add_argument("--schedule", default="linear", help="linear | cosine | constant (after warmup)")
+    p.add_argument("--optimizer", default="fusedadamw", help=f"{' | '.join(OPTIMIZERS)} (default fusedadamw)")
+    p.add_argument("--schedule", default="linear", help=f"{' | '.join(SCHEDULES)}: the learning rate after warmup "
+                   "(default linear)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default 6%% of --steps")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="log (and without a progress bar print) a line "
+                   "every N steps (default 10)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and at the end "
                    "(pretrain default 200; finetune default 0: at the end only)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: alone, warmup and decay of the learning rate are spread over these minutes "
                         "(the run ends with its decay done); with --steps, a safety cap (stop with a checkpoint)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every --log-every steps")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: OMP_NUM_THREADS, "
+                   "else the physical cores, fewer on a busy machine)")
+    p.add_argument("--no-memory-check", action="store_true", help="start even when the estimated peak memory "
+                   "does not fit")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model for training (default backend inductor); the fastformer "
                         "kernels stay as they are, the compiler fuses the code around them")
@@ -83,12 +146,100 @@ def _train_kwargs(args) -> dict:
     return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                 out_dir=args.out, grad_accum=args.grad_accum, optimizer=args.optimizer, schedule=args.schedule,
                 warmup_steps=args.warmup_steps, log_every=args.log_every, eval_every=args.eval_every,
-                max_minutes=args.max_minutes, progress=not args.no_progress, compile=args.compile)
+                max_minutes=args.max_minutes, progress=not args.no_progress, compile=args.compile,
+                resume=args.resume, overwrite=args.overwrite, threads=args.threads,
+                memory_check=not args.no_memory_check)
+
+
+def _finetune_presets() -> str:
+    """Every preset: finetune --task classify trains any of them from scratch."""
+    from fastformer.models.presets import known_presets
+
+    return ", ".join(known_presets())
+
+
+def _task_default(p: argparse.ArgumentParser, dest: str, *, help: str) -> None:
+    """Flag `dest` of `p` without a parser default: absent, the pipeline of --task uses its own."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.default, action.help = None, help
+
+
+# flags whose absence means "the --task pipeline's own default" (FinetuneConfig's or Text2TextConfig's)
+TASK_DEFAULTS = ("lr", "steps", "batch_size", "eval_every")
+CLASSIFY_FIELDS = ("epochs", "min_steps", "val_fraction", "pooling", "tokenizer")
+
+
+def _finetune_kwargs(args) -> dict:
+    """_train_kwargs without the absent TASK_DEFAULTS flags."""
+    return {k: v for k, v in _train_kwargs(args).items() if not (k in TASK_DEFAULTS and v is None)}
 
 
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
+
+# ---------------------------------------------------------------------------------------------------
+# --resume: the run's own settings
+# ---------------------------------------------------------------------------------------------------
+
+def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the options actually given on the command line (not defaults)."""
+    saved = [(a, a.default) for a in sub._actions]
+    saved_defaults = sub._defaults
+    try:
+        for a in sub._actions:
+            a.default = argparse.SUPPRESS
+        sub._defaults = {}
+        ns, _ = sub.parse_known_args(argv)
+    finally:
+        for a, d in saved:
+            a.default = d
+        sub._defaults = saved_defaults
+    return set(vars(ns))
+
+
+def _norm(dest: str, v):
+    if dest == "model":        # a run recorded under a deprecated preset name is that preset's run
+        from fastformer.models.presets import canonical_preset
+
+        return canonical_preset(v, warn=False)
+    if v is None or dest not in PATH_FLAGS:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [str(Path(x).resolve()) for x in v]
+    return str(Path(v).resolve())
+
+
+def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Fill args from the run in --out; a run-shaping flag given with another value is an error."""
+    from fastformer.train.run_dir import stored_train_config
+
+    if args.overwrite:
+        return              # prepare_out_dir refuses --resume with --overwrite
+    if not (Path(args.out) / "config.json").is_file():
+        return              # no run there: the pipeline says so (no checkpoint in --out)
+    given = _explicit(sub, argv)
+    stored = stored_train_config(args.out)
+    shaping = RUN_SHAPING[args.command]
+    for dest, key in list(shaping.items()) + [(k, k) for k in RESUME_MAY_CHANGE]:
+        if key not in stored:
+            continue        # an older config.json without it: the command's value
+        want = (not stored[key]) if dest == "line_by_line" else stored[key]
+        if dest in given:
+            have = getattr(args, dest)
+            if dest in shaping and _norm(dest, have) != _norm(dest, want):
+                flag = "--" + dest.replace("_", "-")
+                raise ValueError(f"--resume continues the run in {args.out} with its own settings: it used {flag} "
+                                 f"{want}, this command gives {have}; leave {flag} out (only --steps and "
+                                 "--max-minutes may change)")
+            continue
+        setattr(args, dest, _norm(dest, want) if dest == "model" else want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------
 
 def _pretrain(args: argparse.Namespace) -> int:
     from fastformer.train.pretrain import PretrainConfig, pretrain
@@ -96,93 +247,324 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.steps is None and args.max_minutes is None:
         args.steps = 1000
     cfg = PretrainConfig(objective=args.objective, model=args.model, data=list(args.data or []),
-                         seq_len=args.seq_len, save_every=args.save_every, resume=args.resume,
-                         vocab_size=args.vocab_size, tokenizer=args.tokenizer, packing=not args.line_by_line, **_train_kwargs(args))
+                         seq_len=args.seq_len, save_every=args.save_every, vocab_size=args.vocab_size,
+                         tokenizer=args.tokenizer, packing=not args.line_by_line, **_train_kwargs(args))
     s = pretrain(cfg)
     if _is_main():
         ev = (f", eval loss {s['eval_loss']:.3f}, eval {s.get('eval_accuracy_name', 'accuracy')} "
               f"{s['eval_accuracy']:.3f}") if "eval_loss" in s else ""
+        resumed = (f"\n  resumed at step {s['resumed_from']}: steps {s['resumed_from'] + 1}-{s['steps']} in "
+                   f"{s['session_seconds']:.0f} s this session") if s.get("resumed_from") else ""
+        first = f"{s['first_loss']:.3f} (step 1)" if s["first_loss"] is not None else "?"
         print(f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
-              f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}\n"
-              f"  loss {s['first_loss']:.3f} (step 1) -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
+              f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}{resumed}\n"
+              f"  loss {first} -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
               f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
               f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt")
     return 0
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    from fastformer.train.finetune import FinetuneConfig, finetune
+def _finetune_text2text(args: argparse.Namespace) -> int:
+    from fastformer.train.text2text import TEXT2TEXT_FIELDS, Text2TextConfig, describe_summary, finetune_text2text
 
-    cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model,
-                         max_len=args.max_len, tokenizer=args.tokenizer, epochs=args.epochs,
-                         min_steps=args.min_steps, val_fraction=args.val_fraction, pooling=args.pooling,
-                         **_train_kwargs(args))
-    s = finetune(cfg)
+    extra = {k: getattr(args, k) for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None}
+    cfg = Text2TextConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, max_len=args.max_len,
+                          save_every=args.save_every, vocab_size=args.vocab_size, **extra, **_finetune_kwargs(args))
+    s = finetune_text2text(cfg)
     if _is_main():
-        sel = (f", weights of step {s['selected_step']} (held-out accuracy {s['val_accuracy']:.3f} on "
-               f"{s['n_val']} training examples)") if s.get("selected_step") else ""
-        print(f"\nfinetune done ({s['source']}): {s['steps']} steps ({s['epochs']:g} epochs){sel}, eval accuracy "
-              f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json")
+        print("\n" + describe_summary(s))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastformer", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _finetune(args: argparse.Namespace) -> int:
+    from fastformer.train.finetune import FinetuneConfig, finetune
+    from fastformer.train.text2text import TEXT2TEXT_FIELDS
 
-    pre = sub.add_parser("pretrain", help="pre-train an encoder (mlm) or encoder-decoder (span)")
-    pre.add_argument("--objective", default="mlm", help="mlm | span (default mlm)")
+    if args.task == "text2text":
+        given = [k for k in CLASSIFY_FIELDS if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --task classify only")
+        return _finetune_text2text(args)
+    if args.task != "classify":
+        raise ValueError(f"--task {args.task}: choose classify (a classification head) or text2text "
+                         "(input -> output text with the whole encoder-decoder)")
+    given = [k for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
+    recipe = {k: getattr(args, k) for k in CLASSIFY_FIELDS if getattr(args, k) is not None}
+    cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, task=args.task,
+                         max_len=args.max_len, save_every=args.save_every, vocab_size=args.vocab_size,
+                         **recipe, **_finetune_kwargs(args))
+    s = finetune(cfg)
+    if _is_main():
+        resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
+        sel = (f"; weights of step {s['selected_step']} (held-out accuracy {s['val_accuracy']:.3f} on "
+               f"{s['n_val']} training examples)") if s.get("selected_step") else ""
+        print(f"\nfinetune done ({s['source']}): {s['steps']} steps ({s['epochs']:g} epochs) in {s['seconds']:.0f} s"
+              f"{resumed}{sel}, eval accuracy "
+              f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json; use it with "
+              f"`fastformer predict --model {s['out_dir']} --input FILE`")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fastformer.data.tsv import read_inputs
+    from fastformer.models import load
+    from fastformer.train.distributed import resolve_device
+    from fastformer.train.predict import accuracy, predict_texts, write_predictions
+    from fastformer.train.resources import set_threads
+
+    if args.output and Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError(f"--output {args.output} is the --input file: choose another --output")
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    loaded = load(args.model, device=device)
+    generation = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
+                  if getattr(args, k) is not None}
+    if loaded.kind == "seq2seq":         # text-to-text: a TSV's input column (and its targets, if any)
+        from fastformer.data.text2text import read_generation_inputs
+
+        texts, labels = read_generation_inputs(args.input)
+    elif generation:
+        raise ValueError(f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
+                         f"{args.model} holds a {loaded.kind} model")
+    else:
+        texts, labels = read_inputs(args.input)
+    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k,
+                                  **generation)
+    write_predictions(columns, rows, args.output)
+    acc = accuracy(rows, labels) if labels and loaded.kind == "classifier" else None
+    note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
+    if labels and loaded.kind == "seq2seq":
+        from fastformer.train.predict import generation_scores
+
+        g = generation_scores(rows, labels)
+        note = (f"; ROUGE-L {g['rougeL']:.4f}, exact match {g['exact_match']:.4f} against the targets in "
+                f"{args.input}")
+    print(f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.config['architecture']}"
+          f"{' -> ' + args.output if args.output else ''}{note}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastformer.models import load, save_hf
+    from fastformer.train.run_dir import writing
+
+    out = Path(args.hf)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--hf {out}: exists and is not a folder; choose another --hf")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--hf {out} is not empty: choose another --hf, or add --overwrite to write over it")
+    loaded = load(args.model)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()     # one line per command, no shard progress bar
+    except (ImportError, AttributeError):
+        pass                                                  # save_hf says that transformers is needed
+    try:
+        with writing("--hf", out):
+            save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels,
+                    generation=loaded.config.get("generation"))
+    except ValueError as e:
+        if str(e).startswith("--hf"):
+            raise
+        raise ValueError(f"export --model {args.model}: {e}") from None
+    print(f"exported {loaded.config['architecture']} ({loaded.kind}) from {args.model} to {out}/ "
+          f"(transformers: from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r}))")
+    return 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help lines between words only: preset names and flags (bert-small, --max-minutes) stay whole."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastformer", description="Pre-train, fine-tune, use and export BERT- and T5-style "
+                     "models on fastformer's fused kernels.",
+                     epilog="A walk through every command: docs/training.md in the fastformer repository. "
+                            "`fastformer COMMAND --help` lists a command's flags.")
+    parser.add_argument("--version", action="version", version=f"fastformer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    objectives = _objectives()
+    names = [name for name, _ in objectives]
+    pre = sub.add_parser("pretrain", help=f"pre-train a model with one of the objectives ({', '.join(names)})")
+    pre.add_argument("--objective", default="mlm", help=f"{' | '.join(names)} (default mlm)")
     pre.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                      help="text files or folders (several allowed); default: the built-in corpus")
-    pre.add_argument("--model", default=None, help="preset, e.g. bert-tiny, bert-base, t5-small")
+    pre.add_argument("--model", default=None, help=_model_help(objectives))
     pre.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
     _common(pre, lr=5e-4, steps=None, out="runs/pretrain",
             steps_help="optimizer steps (default 1000; with --max-minutes alone: as many as the time budget allows)")
     pre.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    pre.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     pre.add_argument("--vocab-size", type=int, default=8192)
     pre.add_argument("--tokenizer", default=None, metavar="FILE", help="reuse this tokenizer.json")
     pre.add_argument("--line-by-line", action="store_true",
                      help="one example per line with dynamic padding instead of packed fixed-length examples")
     pre.set_defaults(func=_pretrain, eval_every=200)
 
-    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files")
-    fin.add_argument("--train", required=True, metavar="FILE.tsv")
-    fin.add_argument("--eval", required=True, metavar="FILE.tsv")
+    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files, or the "
+                         "encoder-decoder on input/target pairs (--task text2text)")
+    fin.add_argument("--train", default=None, metavar="FILE.tsv", help="training rows (text<TAB>label; "
+                     "input<TAB>target for text2text)")
+    fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (same format)")
     fin.add_argument("--init", default=None, metavar="DIR", help="a pretrain output folder")
-    fin.add_argument("--model", default=None, help="preset to train from scratch (default bert-tiny)")
-    fin.add_argument("--max-len", type=int, default=128)
-    fin.add_argument("--tokenizer", default=None, metavar="FILE",
-                     help="with --model: use this tokenizer.json instead of training one on --train")
-    fin.add_argument("--epochs", type=float, default=4.0, help="passes over the training labels (default 4)")
-    fin.add_argument("--min-steps", type=int, default=300,
-                     help="at least this many steps, however few the labels (default 300)")
-    fin.add_argument("--pooling", default="mean", choices=("mean", "cls"),
+    fin.add_argument("--model", default=None, help=f"preset to train from scratch: {_finetune_presets()} (default "
+                     "bert-tiny; --task text2text takes the t5-* ones, default t5-tiny)")
+    fin.add_argument("--task", default="classify", help="classify (default): a classification head on the encoder; "
+                     "text2text: the whole encoder-decoder on input<TAB>target pairs, evaluated by generating")
+    fin.add_argument("--max-len", type=int, default=128, help="tokens per example, longer texts are cut (default 128)")
+    _common(fin, lr=1e-4, steps=None, out="runs/finetune")
+    from fastformer.train.finetune import FinetuneConfig
+    from fastformer.train.text2text import Text2TextConfig
+
+    _task_default(fin, "lr", help=f"peak learning rate (default {FinetuneConfig.lr:g}; "
+                  f"{Text2TextConfig.lr:g} for --task text2text)")
+    _task_default(fin, "steps", help=f"optimizer steps (default: --epochs passes over the training labels, at least "
+                  f"--min-steps; {Text2TextConfig.steps} for --task text2text)")
+    _task_default(fin, "batch_size", help=f"examples per micro-batch per process (default {FinetuneConfig.batch_size}; "
+                  f"{Text2TextConfig.batch_size} for --task text2text)")
+    _task_default(fin, "eval_every", help="evaluate every N steps (default: classify with a held-out slice, once "
+                  "per epoch on it, then once on --eval; otherwise at the end only)")
+    cls = fin.add_argument_group("classification (--task classify)")
+    cls.add_argument("--epochs", type=float, default=None,
+                     help=f"passes over the training labels (default {FinetuneConfig.epochs:g})")
+    cls.add_argument("--min-steps", type=int, default=None,
+                     help=f"at least this many steps, however few the labels (default {FinetuneConfig.min_steps})")
+    cls.add_argument("--val-fraction", type=float, default=None,
+                     help=f"held-out slice of --train (stratified by label) that picks the best evaluation's weights "
+                          f"(default {FinetuneConfig.val_fraction:g}; 0: off, the last weights are kept)")
+    cls.add_argument("--pooling", default=None, choices=("mean", "cls"),
                      help="BERT classifier feature: mean of the token states (default) or [CLS] (exportable "
                           "to a Hugging Face BertForSequenceClassification)")
-    fin.add_argument("--val-fraction", type=float, default=0.1,
-                     help="held-out slice of --train that picks the best epoch's weights (default 0.1; 0: off)")
-    _common(fin, lr=1e-4, steps=None, out="runs/finetune", batch_size=16,
-            steps_help="optimizer steps (default: --epochs passes, at least --min-steps)")
-    fin.set_defaults(func=_finetune, save_every=0)
+    cls.add_argument("--tokenizer", default=None, metavar="FILE",
+                     help="with --model: use this tokenizer.json (e.g. a pre-training run's) instead of training "
+                          "one on --train")
+    fin.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    fin.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
+    t2t = fin.add_argument_group("text-to-text (--task text2text)")
+    t2t.add_argument("--max-target-len", type=int, default=None, help="target tokens, longer targets are cut "
+                     "(default 64)")
+    t2t.add_argument("--num-beams", type=int, default=None, help="evaluation: beam search with N beams "
+                     "(default 1: greedy)")
+    t2t.add_argument("--max-new-tokens", type=int, default=None, help="evaluation: generated tokens at most "
+                     "(default --max-target-len)")
+    t2t.add_argument("--length-penalty", type=float, default=None, help="evaluation: beam score = log-probability "
+                     "/ length ** P (default 1.0)")
+    t2t.add_argument("--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the "
+                     "model's, 0.0)")
+    t2t.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluation: generate for the first "
+                     "N --eval pairs only (default all)")
+    fin.set_defaults(func=_finetune)
+
+    prd = sub.add_parser("predict", help="labels (classifier), filled [MASK] (MLM) or generated text "
+                         "(text-to-text) for each text of a file")
+    prd.add_argument("--model", required=True, metavar="DIR", help="a pretrain or finetune output folder")
+    prd.add_argument("--input", required=True, metavar="FILE", help=".tsv (text column, labels optional) or "
+                     "one text per line")
+    prd.add_argument("--output", default=None, metavar="FILE", help="TSV (or .jsonl) output; default stdout")
+    prd.add_argument("--batch-size", type=int, default=32)
+    prd.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
+    prd.add_argument("--top-k", type=int, default=5, help="MLM: candidates listed per [MASK] (default 5)")
+    prd.add_argument("--num-beams", type=int, default=None, help="text-to-text: beams (default: the run's setting)")
+    prd.add_argument("--max-new-tokens", type=int, default=None, help="text-to-text: generated tokens at most "
+                     "(default: the run's setting)")
+    prd.add_argument("--length-penalty", type=float, default=None, help="text-to-text: beam length penalty "
+                     "(default: the run's setting)")
+    prd.add_argument("--max-len", type=int, default=None, help="text-to-text: input tokens, longer inputs are cut "
+                     "(default: the run's setting)")
+    prd.add_argument("--threads", type=int, default=None, metavar="N")
+    prd.set_defaults(func=_predict)
+
+    exp = sub.add_parser("export", help="write a trained folder as a Hugging Face save_pretrained folder")
+    exp.add_argument("--model", required=True, metavar="DIR", help="a pretrain or finetune output folder")
+    exp.add_argument("--hf", required=True, metavar="OUT", help="the Hugging Face folder to write")
+    exp.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    exp.set_defaults(func=_export)
 
     info = sub.add_parser("info", help="versions, devices and which kernels are in use")
     info.set_defaults(func=_info)
     return parser
 
 
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+
+class _Terminated(Exception):
+    """SIGTERM outside the training loop."""
+
+
+def _one_line_warnings():
+    """fastformer's warnings as `fastformer: warning: ...` lines; others as Python prints them."""
+    import warnings
+
+    from fastformer.models.presets import DeprecatedPresetWarning
+    from fastformer.train.run_dir import FastformerWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)):
+            print(f"fastformer: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `fastformer` program. Called without argv (the console script), it also prints fastformer's
+    warnings as one line each and turns SIGTERM outside training into exit status 143."""
+    program = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if program:
+        _one_line_warnings()
+
+        def on_term(signum, frame):
+            raise _Terminated
+
+        signal.signal(signal.SIGTERM, on_term)
     try:
+        if getattr(args, "resume", False):
+            sub = parser._subparsers._group_actions[0].choices[args.command]
+            _apply_resume(args, sub, argv[argv.index(args.command) + 1:])
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from fastformer.train.trainer import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            print(f"fastformer: {e}", file=sys.stderr)
+            if e.step:
+                print(f"fastformer: resume with: fastformer {args.command} --out {args.out} --resume",
+                      file=sys.stderr)
+            return e.exit_code
         print("fastformer: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("fastformer: terminated", file=sys.stderr)
+        return 143
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         if os.environ.get("FASTFORMER_DEBUG"):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = " ".join(str(e).split()) or type(e).__name__
         print(f"fastformer: error: {msg}", file=sys.stderr)
         return 2
 

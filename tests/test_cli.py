@@ -2,12 +2,16 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from fastformer.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice")
 
 WORDS = {"pos": ["good", "great", "fine", "happy", "lovely"], "neg": ["bad", "awful", "sad", "poor", "ugly"]}
 FILLER = ["the", "film", "was", "really", "a", "story", "and", "very", "plot", "actor"]
@@ -101,6 +105,14 @@ def test_bad_input_gives_one_line_error(files, capsys):
            "--no-progress", "--device", "cpu"]
     assert "bert-huge" in _error_line(capsys, pre + ["--model", "bert-huge", "--data", str(files["corpus"])])
     assert "objective 'clm'" in _error_line(capsys, pre + ["--objective", "clm"])
+    # refused before the data is read (a missing --data would be the error otherwise)
+    missing = ["--data", str(d / "missing.txt")]
+    err = _error_line(capsys, pre + ["--objective", "span", "--model", "bert-tiny"] + missing)
+    assert "--model bert-tiny: the span objective trains t5-* presets" in err and "t5-tiny" in err
+    assert "--schedule must be one of linear, cosine, constant" in _error_line(capsys, pre + ["--schedule", "cos"]
+                                                                                + missing)
+    assert "--vocab-size 10 is too small" in _error_line(capsys, pre + ["--vocab-size", "10", "--data",
+                                                                         str(files["corpus"])])
     assert "no such file" in _error_line(capsys, pre + ["--data", str(d / "missing.txt")])
     (d / "empty.txt").write_text("")
     assert "no text" in _error_line(capsys, pre + ["--data", str(d / "empty.txt")])
@@ -109,14 +121,15 @@ def test_bad_input_gives_one_line_error(files, capsys):
     out = d / "run"
     assert main(pre + ["--data", str(files["corpus"]), "--out", str(out)]) == 0
     capsys.readouterr()
-    assert "another model" in _error_line(capsys, pre + ["--data", str(files["corpus"]), "--out", str(out),
-                                                         "--resume", "--model", "bert-mini", "--steps", "4"])
+    # --resume takes the run's own settings: another --model is refused by name
+    assert "leave --model out" in _error_line(capsys, pre + ["--data", str(files["corpus"]), "--out", str(out),
+                                                             "--resume", "--model", "bert-mini", "--steps", "4"])
     (d / "nolabel.tsv").write_text("just text\nmore text\n")
     ft = ["finetune", "--eval", str(files["eval"]), "--steps", "1", "--no-progress", "--device", "cpu"]
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
-    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # was a ZeroDivisionError traceback
+    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # a divisor: refused, not a traceback
     assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])
 
 
@@ -141,3 +154,204 @@ def test_compile_flag(files):
     assert json.loads((out / "config.json").read_text())["train"]["compile"] == "eager"
     assert main(["pretrain", "--data", str(files["corpus"]), "--steps", "1", "--out", str(out / "x"),
                  "--compile", "nonsense"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# A CLI that never loses work, and using what was trained
+# ---------------------------------------------------------------------------------------------------
+
+TINY = ["--model", "bert-tiny", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "150", "--device", "cpu",
+        "--no-progress"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, "-m", "fastformer", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _wait_for_step(proc, n):
+    """Read the child's `step k/N ...` lines (printed without a progress bar) until k >= n."""
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= n:
+            return
+    raise AssertionError(f"the run ended before step {n}: {proc.stderr.read()[-2000:]}")
+
+
+def _ckpt_step(out):
+    import torch
+
+    return torch.load(out / "checkpoint.pt", weights_only=True)["step"]     # torch's safe loader reads it
+
+
+def test_version(capsys):
+    import fastformer
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"fastformer {fastformer.__version__}"
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_continues_the_run(files, capsys):
+    out = files["dir"] / "run"
+    p = _start("pretrain", "--data", files["corpus"], *TINY, "--steps", "100000", "--save-every", "100000",
+               "--log-every", "1", "--lr", "2e-3", "--threads", "1", "--out", out)
+    _wait_for_step(p, 3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "SIGINT received: finishing step" in err and "checkpoint saved to" in err
+    assert f"resume with: fastformer pretrain --out {out} --resume" in err and "Traceback" not in err
+    step = _ckpt_step(out)
+    assert step >= 3
+    # --resume alone: every setting comes from the run; only --steps changes
+    assert main(["pretrain", "--out", str(out), "--resume", "--steps", str(step + 2), "--log-every", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{step + 2} steps in" in printed and f"resumed at step {step}: steps {step + 1}-{step + 2}" in printed
+    assert "1 thread (--threads)" in printed                    # the run's --threads, printed in the header
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == list(range(1, step + 3))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["lr"] == 2e-3 and cfg["train"]["batch_size"] == 4 and cfg["threads"] == 1
+
+
+def test_sigterm_exits_143_with_a_checkpoint(files):
+    out = files["dir"] / "term"
+    p = _start("pretrain", "--data", files["corpus"], *TINY, "--steps", "100000", "--log-every", "1", "--out", out)
+    _wait_for_step(p, 2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "stopped by SIGTERM" in err, err[-2000:]
+    assert _ckpt_step(out) >= 2
+
+
+def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_is_intact(files):
+    out = files["dir"] / "twice"
+    p = _start("pretrain", "--data", files["corpus"], "--model", "bert-tiny", "--batch-size", "32", "--seq-len",
+               "128", "--vocab-size", "150", "--device", "cpu", "--no-progress", "--steps", "100000",
+               "--save-every", "5", "--log-every", "1", "--out", out)
+    _wait_for_step(p, 6)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    # usually the second Ctrl-C lands inside the step the first one let finish; if the machine was so slow
+    # that the checkpoint got written first, that is the other correct outcome
+    assert "stopped at once by a second SIGINT; the last checkpoint" in err or "checkpoint saved" in err, err
+    assert _ckpt_step(out) >= 5 and not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_training(files, capsys):
+    out = files["dir"] / "huge"
+    err = _error_line(capsys, ["pretrain", "--data", str(files["corpus"]), "--model", "bert-tiny", "--seq-len", "65536",
+                               "--vocab-size", "150", "--device", "cpu", "--out", str(out)])
+    assert err.startswith("fastformer: error: --batch-size 32 --seq-len 65536 needs about") and " GB" in err
+    assert "--batch-size 1" in err and "--no-memory-check" in err and not out.exists()
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(files):
+    import resource
+
+    out = files["dir"] / "full"
+    assert main(["pretrain", "--data", str(files["corpus"]), *TINY, "--steps", "2", "--out", str(out)]) == 0
+    size = (out / "checkpoint.pt").stat().st_size
+
+    def small_disk():   # writes past this size fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    r = subprocess.run([sys.executable, "-m", "fastformer", "pretrain", "--out", str(out), "--resume", "--steps", "4",
+                        "--no-progress"], capture_output=True, text=True, timeout=240, env=_env(),
+                       preexec_fn=small_disk)
+    err = [x for x in r.stderr.splitlines() if x.startswith("fastformer: error")]
+    assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert err[0].startswith(f"fastformer: error: --out {out}: cannot write checkpoint.pt: file too large")
+    assert err[0].endswith("the previous checkpoint (step 2) is intact")
+    assert _ckpt_step(out) == 2 and not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_out_folder_protection_and_resume_settings(files, capsys):
+    out = files["dir"] / "mine"
+    base = ["pretrain", "--data", str(files["corpus"]), *TINY, "--out", str(out)]
+    assert main(base + ["--steps", "4", "--log-every", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 2/4  loss" in printed and "step 4/4  loss" in printed and "step 3/4" not in printed
+    err = _error_line(capsys, base + ["--steps", "4"])
+    assert f"--out {out} already holds a pretrain run" in err and "--resume" in err and "--overwrite" in err
+    assert "give one of them" in _error_line(capsys, base + ["--resume", "--overwrite"])
+    assert main(base + ["--steps", "6", "--resume", "--lr", "5e-4"]) == 0     # the same value may be repeated
+    assert main(base + ["--steps", "2", "--overwrite"]) == 0
+    assert _ckpt_step(out) == 2
+    ft = ["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), "--steps", "1", "--device",
+          "cpu", "--no-progress"]
+    assert "never writes into one" in _error_line(capsys, ft + ["--out", str(out), "--overwrite"])
+    (files["dir"] / "afile").write_text("")
+    assert "afile: exists and is not a folder" in _error_line(capsys, ft + ["--out", str(files["dir"] / "afile")])
+
+
+def test_nonsense_is_refused_with_one_line(files, capsys):
+    d = files["dir"]
+    ft = ["finetune", "--eval", str(files["eval"]), "--steps", "5", "--device", "cpu", "--no-progress",
+          "--out", str(d / "ft")]
+    assert "--max-len must be at least 8" in _error_line(capsys, ft + ["--train", str(files["train"]), "--max-len", "0"])
+    assert "--warmup-steps 50 is more than --steps 5" in _error_line(
+        capsys, ft + ["--train", str(files["train"]), "--warmup-steps", "50"])
+    (d / "empty.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t\n")
+    assert "data row 2 has an empty label" in _error_line(capsys, ft + ["--train", str(d / "empty.tsv")])
+    (d / "bin.tsv").write_bytes(bytes(range(256)) * 8)
+    assert "binary file" in _error_line(capsys, ft + ["--train", str(d / "bin.tsv")])
+    assert "--threads must be at least 1" in _error_line(capsys, ft + ["--train", str(files["train"]), "--threads", "0"])
+    assert "not a fastformer run folder" in _error_line(capsys, ["predict", "--model", str(d), "--input",
+                                                                 str(files["eval"])])
+    assert "needs --train" in _error_line(capsys, ["finetune", "--eval", str(files["eval"]), "--out", str(d / "f2")])
+    assert not (d / "ft").exists()
+
+
+def test_predict_and_export_what_was_trained(files, capsys):
+    d = files["dir"]
+    pre, ft = d / "pre", d / "ft"
+    assert main(["pretrain", "--data", str(files["corpus"]), *TINY, "--steps", "6", "--out", str(pre)]) == 0
+    assert main(["finetune", "--train", str(files["train_s"]), "--eval", str(files["eval_s"]), "--init", str(pre),
+                 "--steps", "10", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu", "--out", str(ft),
+                 "--no-progress"]) == 0
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["run"] == "finetune" and cfg["labels"] == ["neg", "pos"] and cfg["init"] == str(pre.resolve())
+    assert main(["finetune", "--out", str(ft), "--resume", "--steps", "12", "--no-progress"]) == 0   # its own settings
+    assert json.loads((ft / "eval.json").read_text())["steps"] == 12 and _ckpt_step(ft) == 12
+    r = _run("predict", "--model", ft, "--input", files["eval_s"], "--output", d / "preds.tsv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (d / "preds.tsv").read_text().splitlines()
+    assert lines[0] == "text\tlabel\tprobability\tp_neg\tp_pos" and len(lines) == 41
+    acc = float(r.stderr.split("accuracy ")[1].split(";")[0].split()[0])
+    ev = json.loads((ft / "eval.json").read_text())
+    assert acc == pytest.approx(ev["accuracy"], abs=1e-4)       # the same model, the same texts
+    (d / "masks.txt").write_text("the film was [MASK] .\n")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(pre), "--input", str(d / "masks.txt")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "text\tfilled\tpredictions" and out[1].startswith("the film was [MASK] .\tthe film was ")
+    assert main(["export", "--model", str(ft), "--hf", str(d / "hf")]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(d / "hf"))
+    assert "not empty" in _error_line(capsys, ["export", "--model", str(ft), "--hf", str(d / "hf")])
+
+
+def test_help_lists_the_registered_objectives_and_presets(monkeypatch, capsys):
+    """`pretrain --help` is generated from the objective registry and the presets: a new objective needs
+    no change in the CLI. The help points only at files of the repository."""
+    from fastformer.cli import build_parser
+    from fastformer.models.presets import known_presets
+    from fastformer.train.objectives import OBJECTIVES
+
+    monkeypatch.setitem(OBJECTIVES, "mlm2", OBJECTIVES["mlm"])     # another objective, registered
+    monkeypatch.setitem(OBJECTIVES, "gone", "fastformer.train.no_such_objective:Gone")   # module missing
+    parser = build_parser()
+    top = parser.format_help()
+    pre = parser._subparsers._group_actions[0].choices["pretrain"].format_help()
+    flat = " ".join(pre.split())
+    assert "mlm | span | mlm2 | gone (default mlm)" in flat
+    assert "mlm2: bert-tiny (default)" in flat and "span: t5-tiny (default)" in flat
+    assert all(p in flat for p in known_presets())
+    assert "docs/training.md" in top and "DESIGN" not in top + pre

@@ -17,7 +17,7 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
 def train_wordpiece(texts: Sequence[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
     """A lower-casing WordPiece tokenizer with BERT's normaliser and pre-tokeniser."""
     if vocab_size < len(SPECIAL_TOKENS) + 32:
-        raise ValueError(f"vocab_size {vocab_size} is too small (need at least {len(SPECIAL_TOKENS) + 32})")
+        raise ValueError(f"--vocab-size {vocab_size} is too small (need at least {len(SPECIAL_TOKENS) + 32})")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -57,10 +57,6 @@ def _continuation_symbols(tok: Tokenizer, texts: Sequence[str]) -> list[str]:
 def special_ids(tok: Tokenizer) -> list[int]:
     """Ids of every special token of `tok` (added tokens flagged special)."""
     return sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
-
-
-def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    tok.save(str(path))
 
 
 def tokenizer_from_json(text: str, source: str) -> Tokenizer:

@@ -4,10 +4,15 @@ A header is recognised when its first row names a text column (sentence, text, s
 review, document) or a label column (label, labels, class, category, target). Without a header the
 last column is the label and everything before it (joined by tabs) the text. Labels may be strings or integers; they are
 mapped to class indices in sorted order (integers numerically), the names kept for reporting.
+
+Files are UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mark; a file with NUL
+bytes and no UTF-16 mark is refused as binary. `read_inputs` reads the texts to predict: a .tsv in
+the same format with the label column optional, any other file one text per non-empty line.
 """
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -15,40 +20,107 @@ from .corpus import DataError
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
-    """(texts, raw label strings) of a TSV file. Raises DataError naming the file and the problem."""
+def _read_text(p: Path, path) -> str:
+    """The file's text; DataError for a binary file."""
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if raw.startswith(_UTF16_BOMS):
+        return raw.decode("utf-16", errors="replace")
+    if b"\0" in raw[:8192]:
+        raise DataError(f"{path}: looks like a binary file (NUL bytes), not tab-separated UTF-8 / UTF-16 text")
+    return raw.decode("utf-8-sig", errors="replace")
+
+
+def _rows(path) -> list[list[str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with p.open(encoding="utf-8-sig", errors="replace", newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if any(c.strip() for c in r)]
+    text = _read_text(p, path)
+    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+            if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: file is empty")
+    return rows
+
+
+def _header(rows: list[list[str]]) -> tuple[int | None, int | None] | None:
+    """(text column, label column or None) when the first row is a header, else None."""
     head = [c.strip().lower() for c in rows[0]]
-    text_col, label_col = 0, None
-    if any(h in TEXT_COLUMNS for h in head) or any(h in LABEL_COLUMNS for h in head):
+    if not (any(h in TEXT_COLUMNS for h in head) or any(h in LABEL_COLUMNS for h in head)):
+        return None
+    label_col = next((i for i, h in enumerate(head) if h in LABEL_COLUMNS), None)
+    # no known text column name (label<TAB>title, ...): the first column that is not the label
+    text_col = next((i for i, h in enumerate(head) if h in TEXT_COLUMNS),
+                    next((i for i in range(len(head)) if i != label_col), None))
+    return text_col, label_col
+
+
+def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
+    """(texts, raw label strings) of a TSV file. Raises DataError naming the file and the problem."""
+    rows = _rows(path)
+    header = _header(rows)
+    text_col, label_col = 0, -1
+    if header is not None:
+        head = [c.strip().lower() for c in rows[0]]
         rows = rows[1:]
-        label_col = next((i for i, h in enumerate(head) if h in LABEL_COLUMNS), None)
+        text_col, label_col = header
         if label_col is None:
             raise DataError(f"{path}: header row ({', '.join(head)}) has no label column")
-        # no known text column name (label<TAB>title, ...): the first column that is not the label
-        text_col = next((i for i, h in enumerate(head) if h in TEXT_COLUMNS),
-                        next((i for i in range(len(head)) if i != label_col), 0))
-    else:
-        if max(len(r) for r in rows) < 2:
-            raise DataError(f"{path}: no label column (expected text<TAB>label rows)")
-        label_col = -1
+        text_col = 0 if text_col is None else text_col
+    elif max(len(r) for r in rows) < 2:
+        raise DataError(f"{path}: no label column (expected text<TAB>label rows)")
     texts, labels = [], []
     for n, r in enumerate(rows, start=1):
-        if len(r) < 2:
+        if len(r) < 2 or (label_col != -1 and len(r) <= max(label_col, text_col)):
             raise DataError(f"{path}: data row {n} has no label column (expected text<TAB>label)")
         # headerless rows with more than two columns: the text is everything before the label (a tab
         # inside the text), not just the first column
         texts.append(r[text_col] if label_col != -1 else "\t".join(r[:-1]))
-        labels.append(r[label_col].strip())
+        label = r[label_col].strip()
+        if not label:
+            raise DataError(f"{path}: data row {n} has an empty label")
+        labels.append(label)
+    if not texts:
+        raise DataError(f"{path}: no data rows")
+    return texts, labels
+
+
+def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """Texts to predict and, when the file has them, their labels.
+
+    `.tsv`: a header naming a text column (label column optional), or headerless `text<TAB>label`
+    rows (every row with a tab), or one text per row. Anything else: one text per non-empty line."""
+    if Path(path).suffix.lower() != ".tsv":
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{path}: no such file")
+        texts = [ln.strip() for ln in _read_text(p, path).splitlines() if ln.strip()]
+        if not texts:
+            raise DataError(f"{path}: no text (empty file)")
+        return texts, None
+    rows = _rows(path)
+    header = _header(rows)
+    if header is not None:
+        text_col, label_col = header
+        if text_col is None:
+            raise DataError(f"{path}: header row has no text column")
+        rows = rows[1:]
+        texts = [r[text_col] if len(r) > text_col else "" for r in rows]
+        labels = None
+        if label_col is not None:
+            labels = [r[label_col].strip() if len(r) > label_col else "" for r in rows]
+            labels = labels if all(labels) else None
+    elif all(len(r) >= 2 for r in rows):
+        texts, labels = ["\t".join(r[:-1]) for r in rows], [r[-1].strip() for r in rows]
+        labels = labels if all(labels) else None
+    else:
+        texts, labels = ["\t".join(r) for r in rows], None
     if not texts:
         raise DataError(f"{path}: no data rows")
     return texts, labels

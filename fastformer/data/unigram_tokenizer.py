@@ -30,7 +30,7 @@ def train_unigram(texts: Sequence[str], vocab_size: int = 8000, *, num_sentinels
     """Train on `texts`; the final vocabulary has at most `vocab_size` entries, sentinels included
     (a small corpus may yield fewer learned pieces)."""
     if vocab_size < num_sentinels + 3 + 32:
-        raise ValueError(f"vocab_size {vocab_size} is too small (need at least {num_sentinels + 3 + 32})")
+        raise ValueError(f"--vocab-size {vocab_size} is too small (need at least {num_sentinels + 3 + 32})")
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
@@ -79,10 +79,6 @@ def sentinel_ids(tok: Tokenizer, n: int | None = None) -> list[int]:
 def encode(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens added (batched in Rust)."""
     return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-
-
-def save_unigram(tok: Tokenizer, path: str | Path) -> None:
-    tok.save(str(path))
 
 
 def load_unigram(path: str | Path) -> Tokenizer:

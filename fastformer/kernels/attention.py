@@ -23,21 +23,14 @@ output 0). The backward is deterministic: dK/dV programs own a key block and loo
 (and over the query heads of a GQA group); dQ programs own a query block; nothing is accumulated
 with atomics.
 
-This file knows nothing of autograd: `attention_forward` / `attention_backward` take and return
-tensors.
+This file holds only `@triton.jit` code. The host side (argument lists, tile configurations,
+tuning, `attention_forward` / `attention_backward`) is `attention_launch.py`, which knows nothing of
+autograd either: it takes and returns tensors.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import os
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------
 # shared jit helpers
@@ -195,7 +188,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
@@ -343,7 +336,7 @@ def _dkdv_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_
     return dk, dv, dt, far_l, far_r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
@@ -469,7 +462,7 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DM,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
@@ -525,7 +518,7 @@ def _attn_bwd_dq_kernel(
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Debug: write the keep-mask (B, H, Lq, Lk) the attention kernels use for this seed."""
@@ -539,312 +532,13 @@ def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p,
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
-# ----------------------------------------------------------------------------------------------
-# launch helpers
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class T5RelPos:
-    """T5's bucket function over the clamped relative position r = clamp(j − i, −radius, radius).
-
-    bucket: (2·radius + 1,) int32 on the kernels' device, bucket[r + radius]; every relative position
-    beyond ±radius shares the end value. The two saturated ends are constant over whole ranges:
-    r <= −sat_left maps to bucket_left (= bucket[0]) and r >= sat_right to bucket_right (= bucket[-1]),
-    with sat_left >= 0 and sat_right >= 1, so a tile wholly inside one of them sees one bias value.
-
-    For the table's gradient on near tiles: zpts (NZ,) int32, the change points z (bucket(z) !=
-    bucket(z - 1)) in increasing order, padded with a huge value to a power of two NZ > their count;
-    zweights (NZ, NB_PAD) fp32 in {-1, 0, 1} such that, with A[t] = Σ dS over elements with j − i <
-    zpts[t], the per-bucket sums are A @ zweights (each bucket's run is a difference of two A's).
-    """
-    bucket: torch.Tensor
-    radius: int
-    sat_left: int
-    sat_right: int
-    bucket_left: int
-    bucket_right: int
-    zpts: torch.Tensor
-    zweights: torch.Tensor
-
-
-@dataclasses.dataclass
-class AttnSpec:
-    """Everything besides q/k/v that shapes one attention call.
-
-    Dense: q (B, H, Lq, D), k/v (B, H_kv, Lk, D). Varlen: q (Tq, H, D), k/v (Tk, H_kv, D) with
-    cu_q/cu_k (B + 1,) int32 and max_q/max_k. mask: a (B, H, Lq, Lk) *expanded view* (stride 0 on
-    broadcast dims) of bool (stored as uint8) or float; klen: (B,) int32 key lengths (fast path).
-    t5_table: (NB, H) with t5_rel, its bucket function over relative positions.
-    """
-    scale: float
-    causal: bool = False
-    dropout_p: float = 0.0
-    seed: int = 0
-    klen: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
-    mask_grad: bool = False
-    cu_q: Optional[torch.Tensor] = None
-    cu_k: Optional[torch.Tensor] = None
-    max_q: int = 0
-    max_k: int = 0
-    t5_table: Optional[torch.Tensor] = None
-    t5_rel: Optional["T5RelPos"] = None
-    t5_grad: bool = False
-
-    @property
-    def varlen(self) -> bool:
-        return self.cu_q is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-TILES_ENV = "FASTFORMER_ATTN_TILES"
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_tiles(text: str) -> dict:
-    """FASTFORMER_ATTN_TILES, e.g. "dkdv:128=64,64,8,2;t5fwd:64=128,64,8,3": per kernel kind
-    (fwd | dkdv | dq, "t5" prefix for the T5 kernels) and head-dim class (64, 128, 256), a 16-bit
-    tile config BLOCK_M,BLOCK_N,num_warps,num_stages that replaces the built-in one. For benchmarks
-    that compare configs in one run; the built-in table is the default."""
-    out = {}
-    for item in (x.strip() for x in text.split(";")):
-        if not item:
-            continue
-        try:
-            key, cfg = item.split("=")
-            kind, dim = key.split(":")
-            vals = tuple(int(x) for x in cfg.split(","))
-            ok = len(vals) == 4 and kind.removeprefix("t5") in ("fwd", "dkdv", "dq") and int(dim) in (64, 128, 256)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{TILES_ENV}: cannot read {item!r} (expected kind:headdim=BLOCK_M,BLOCK_N,warps,stages)")
-        out[(kind, int(dim))] = vals
-    return out
-
-
-def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False):
-    """Fixed tile configs per head dim and element size (no autotune sweep; shared memory is sized
-    for Hopper/Ampere: fp32 inputs get smaller tiles). kind: 'fwd' | 'dkdv' | 'dq'.
-    Returns (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    if _interpreting():
-        # numpy interpreter: medium tiles keep the Python loop short; BLOCK_M != BLOCK_N as on GPUs so
-        # the tests exercise the diagonal/tail logic with unequal tiles
-        return {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}[kind]
-    wide = itemsize > 2
-    override = _parse_tiles(os.environ.get(TILES_ENV, "")).get(
-        (("t5" if t5 else "") + kind, 64 if D <= 64 else 128 if D <= 128 else 256))
-    if override is not None and not wide:
-        return override
-    if t5 and not wide and D <= 128:
-        # the T5 bias adds per-tile state: these keep the 16-bit kernels free of register spills when
-        # compiled for sm_90 by Triton 3.6 (checked ahead of time: cuobjdump stack 0-24 B for fwd/dQ,
-        # 16 B (d64) / 168 B (d128) for dK/dV, against 24-856 B with the plain configs)
-        return {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 4, 2)}[kind]
-    if kind == "fwd":
-        if D <= 64:
-            return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
-        if D <= 128:
-            return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
-        return (32, 32, 4, 1) if wide else (64, 32, 8, 2)
-    if kind == "dkdv":
-        if D <= 64:
-            return (32, 64, 4, 2) if wide else (64, 128, 8, 2)
-        if D <= 128:
-            return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
-        return (16, 32, 4, 1) if wide else (32, 32, 8, 1)
-    if D <= 128:
-        return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
-    return (16, 32, 4, 1) if wide else (32, 32, 8, 1)
-
-
-_SAFE_CFG = (16, 16, 4, 1)
-
-
-def _launch(kernel, grid_fn, cfg, args, kwargs):
-    """Launch with a tile config; if the GPU lacks the shared memory/registers for it, retry once with
-    the smallest tiles rather than fail (correctness first, speed second)."""
-    BM, BN, warps, stages = cfg
-    try:
-        kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
-    except triton.runtime.errors.OutOfResources:
-        BM, BN, warps, stages = _SAFE_CFG
-        kernel[grid_fn(BM, BN)](*args, **kwargs, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
-    return BN
-
-
-def _precision(q) -> str:
-    """fp32 inputs: IEEE fp32 dots unless torch allows TF32 for matmuls (as torch SDPA does)."""
-    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _dims(q, k, spec: AttnSpec):
-    """(B, H, HK, Lq, Lk, D) and the (b, h, l) strides of a q/k/v-like tensor."""
-    if spec.varlen:
-        B = spec.cu_q.numel() - 1
-        return B, q.shape[1], k.shape[1], spec.max_q, spec.max_k, q.shape[2]
-    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
-
-
-def _strides(t, spec: AttnSpec):
-    if spec.varlen:  # (T, H, D): no batch stride, rows offset by cu_seqlens in-kernel
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _lse_strides(lse, spec: AttnSpec):
-    if spec.varlen:  # (H, Tq)
-        return 0, lse.stride(0)
-    return lse.stride(0), lse.stride(1)
-
-
-def _common_args(q, spec: AttnSpec, Lk: int, D: int):
-    """Arguments shared by the forward, dK/dV and dQ kernels: the varlen / key-length / mask / T5
-    pointers and strides, the dropout RNG's row stride, and the constexpr flags (BLOCK_D included)."""
-    dummy = q  # any tensor: unused pointers are never dereferenced
-    cu_q = spec.cu_q if spec.cu_q is not None else dummy
-    cu_k = spec.cu_k if spec.cu_k is not None else dummy
-    klen = spec.klen if spec.klen is not None else dummy
-    if spec.mask is not None:
-        m = spec.mask
-        mask_args = (m, m.stride(0), m.stride(1), m.stride(2), m.stride(3))
-        mask_kind = 1 if m.dtype in (torch.uint8, torch.int8, torch.bool) else 2
-    else:
-        mask_args = (dummy, 0, 0, 0, 0)
-        mask_kind = 0
-    if spec.t5_table is not None:
-        rp = spec.t5_rel
-        # (H, 2R + 1) fp32: each head's bias at each clamped relative position, in log2 units (tiny)
-        brd = (spec.t5_table.detach().float().index_select(0, rp.bucket) * LOG2E).t().contiguous()
-        t5_args = (brd, brd.stride(0), rp.zpts, rp.zweights, rp.radius, rp.sat_left, rp.sat_right, rp.bucket_left,
-                   rp.bucket_right)
-    else:
-        t5_args = (dummy, 0, dummy, dummy, 0, 0, 0, 0, 0)
-    rng_stride = spec.max_k if spec.varlen else Lk
-    BD = max(16, triton.next_power_of_2(D))
-    flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
-                 HAS_T5=spec.t5_table is not None, DROPOUT=spec.dropout_p > 0,
-                 PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D)
-    return cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags
-
-
-def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = None):
-    """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units).
-    out: optional preallocated output (last dim contiguous)."""
-    B, H, HK, Lq, Lk, D = _dims(q, k, spec)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    if spec.varlen:
-        lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
-    else:
-        lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
-    _launch(
-        _attn_fwd_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H),
-        _blocks(D, "fwd", q.element_size(), spec.t5_table is not None),
-        (q, k, v, o, lse,
-         *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(o, spec), *_lse_strides(lse, spec),
-         cu_q, cu_k, klen, *mask_args, *t5_args,
-         spec.seed, rng_stride, spec.dropout_p,
-         H, H // HK, Lq, Lk, D, spec.scale * LOG2E),
-        flags,
-    )
-    return o, lse
-
-
-def _dkdv_pass(do, q, k, v, lse, delta, spec, cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags):
-    """The dK/dV kernel (and the T5 table partials). Returns (dk, dv, dtable_partials or None)."""
-    B, H, HK, Lq, Lk, D = _dims(q, k, spec)
-    zero_kv = spec.klen is not None
-    dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
-    dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
-    cfg = _blocks(D, "dkdv", q.element_size(), spec.t5_table is not None)
-    nb_pad = spec.t5_rel.zweights.shape[1] if spec.t5_grad else 1  # next power of two >= num_buckets
-
-    def dkdv(cfg_):
-        BM, BN, warps, stages = cfg_
-        n_kblocks = triton.cdiv(max(Lk, 1), BN)
-        dt = None
-        if spec.t5_grad:
-            dt = torch.zeros((B, H, n_kblocks, nb_pad), device=q.device, dtype=torch.float32)
-        dt_strides = (dt.stride(0), dt.stride(1), dt.stride(2)) if dt is not None else (0, 0, 0)
-        _attn_bwd_dkdv_kernel[(n_kblocks, B * HK)](
-            q, k, v, do, lse, delta, dk, dv, dt if dt is not None else q,
-            *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec),
-            *_lse_strides(lse, spec), *_strides(dk, spec), *_strides(dv, spec), *dt_strides,
-            cu_q, cu_k, klen, *mask_args, *t5_args,
-            spec.seed, rng_stride, spec.dropout_p,
-            H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale,
-            T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, T5_NZ=spec.t5_rel.zpts.numel() if spec.t5_grad else 1, **flags,
-            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
-        )
-        return dt
-
-    try:
-        dt = dkdv(cfg)
-    except triton.runtime.errors.OutOfResources:  # see _launch
-        dt = dkdv(_SAFE_CFG)
-    return dk, dv, dt
-
-
-def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True, need_dkdv: bool = True):
-    """Fused backward. Returns (dq, dk, dv, dmask_full or None, dtable_partials or None).
-
-    dmask_full: (B, H, Lq, Lk) fp32 = dS when spec.mask_grad; dtable_partials: (B, H, n_kblocks, NB_PAD)
-    fp32 when spec.t5_grad (sum over dims 0 and 2, in any fixed order, gives dtable[:, h]).
-    need_dq=False (and no mask gradient) skips the dQ pass and returns dq None; need_dkdv=False (and no
-    T5 table gradient) skips the dK/dV pass and returns dk, dv None."""
-    B, H, HK, Lq, Lk, D = _dims(q, k, spec)
-    do = do.contiguous() if do.stride(-1) != 1 else do
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
-
-    # 1. Delta = rowsum(dO · O)
-    delta = torch.empty_like(lse)
-    BMd = 64 if not _interpreting() else 32
-    _attn_bwd_delta_kernel[(triton.cdiv(max(Lq, 1), BMd), B * H)](
-        o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-        cu_q, H, Lq, D, IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"],
-    )
-
-    # 2. dK, dV (+ T5 table partials); keys past a per-batch length are never visited -> zeros
-    dk = dv = dt = None
-    if need_dkdv or spec.t5_grad:
-        dk, dv, dt = _dkdv_pass(do, q, k, v, lse, delta, spec, cu_q, cu_k, klen, mask_args, t5_args, rng_stride,
-                                flags)
-    if not (need_dq or spec.mask_grad):
-        return None, dk, dv, None, dt
-
-    # 3. dQ (+ the float mask's gradient as a full dS buffer)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if spec.mask_grad:
-        dm = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32)
-        dm_strides = (dm.stride(0), dm.stride(1), dm.stride(2))
-    else:
-        dm, dm_strides = None, (0, 0, 0)
-    _launch(
-        _attn_bwd_dq_kernel, lambda BM, BN: (triton.cdiv(max(Lq, 1), BM), B * H),
-        _blocks(D, "dq", q.element_size(), spec.t5_table is not None),
-        (q, k, v, do, lse, delta, dq, dm if dm is not None else q,
-         *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-         *_strides(dq, spec), *dm_strides,
-         cu_q, cu_k, klen, *mask_args, *t5_args,
-         spec.seed, rng_stride, spec.dropout_p,
-         H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale),
-        dict(MASK_GRAD=spec.mask_grad, **flags),
-    )
-    return dq, dk, dv, dm, dt
-
-
-def dropout_keep_mask(B: int, H: int, Lq: int, Lk: int, seed: int, dropout_p: float, device) -> torch.Tensor:
-    """The (B, H, Lq, Lk) bool keep-mask the dense kernels draw for this seed (debug / tests)."""
-    out = torch.empty((B, H, Lq, Lk), device=device, dtype=torch.int8)
-    BM = BN = 32
-    _dropout_mask_kernel[(triton.cdiv(max(Lq, 1), BM), triton.cdiv(max(Lk, 1), BN), B * H)](
-        out, seed, H, Lq, Lk, Lk, dropout_p, BLOCK_M=BM, BLOCK_N=BN,
-    )
-    return out.bool()
+# the host-side names, importable from here as well as from attention_launch
+from .attention_launch import (  # noqa: E402,F401
+    LOG2E,
+    TILES_ENV,
+    AttnSpec,
+    T5RelPos,
+    attention_backward,
+    attention_forward,
+    dropout_keep_mask,
+)

@@ -348,3 +348,56 @@ def to_hf(model: nn.Module) -> nn.Module:
         raise ValueError("to_hf: T5EncoderForSequenceClassification (mean-pooled classifier) has no Hugging Face "
                          f"counterpart; convert its encoder as a T5EncoderModel. Supported: {_TO_SUPPORTED}")
     raise ValueError(f"to_hf: unsupported model {name}; supported: {_TO_SUPPORTED}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: a Hugging Face folder (weights + config + tokenizer)
+# ----------------------------------------------------------------------------------------------
+
+def _hf_tokenizer(tokenizer, model: nn.Module):
+    """A transformers PreTrainedTokenizerFast over a copy of `tokenizer` (a tokenizers.Tokenizer) that
+    frames a text as fastformer does: `[CLS] text [SEP]` for BERT, `text </s>` for T5."""
+    from tokenizers import Tokenizer, processors
+
+    tf = _transformers()
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    if isinstance(model, (BertEncoder, BertForMaskedLM, BertForSequenceClassification)):
+        need = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "mask_token": "[MASK]"}
+        single, pair, framing = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ("[CLS]", "[SEP]")
+        extra = {"model_max_length": model.config.max_position}
+    else:
+        need = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+        single, pair, framing = "$A </s>", "$A </s> $B </s>", ("</s>",)
+        extra = {"model_input_names": ["input_ids", "attention_mask"]}
+    missing = [t for t in need.values() if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"tokenizer: lacks the special token(s) {missing} that {type(model).__name__} expects")
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in framing])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
+
+
+def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generation=None) -> nn.Module:
+    """Write `model` as a Hugging Face folder: `to_hf(model).save_pretrained(out_dir)`, and with a
+    `tokenizers.Tokenizer` also the tokenizer (`AutoTokenizer.from_pretrained(out_dir)` then encodes a
+    text exactly as fastformer's training did). `labels` (class names in logit order) become the
+    config's id2label / label2id. `generation` (an encoder-decoder's `max_new_tokens`, `num_beams`,
+    `length_penalty`) becomes the defaults of `generation_config.json`, so that `generate` without
+    arguments decodes as fastformer's run did. Returns the transformers model. Raises ValueError for a
+    model `to_hf` does not support."""
+    hf_tok = _hf_tokenizer(tokenizer, model) if tokenizer is not None else None
+    hf = to_hf(model)
+    if labels:
+        hf.config.id2label = {i: str(n) for i, n in enumerate(labels)}
+        hf.config.label2id = {str(n): i for i, n in enumerate(labels)}
+    gc = getattr(hf, "generation_config", None)
+    if generation and gc is not None and isinstance(model, T5ForConditionalGeneration):
+        gc.max_new_tokens = int(generation.get("max_new_tokens") or gc.max_new_tokens or 20)
+        gc.num_beams = int(generation.get("num_beams") or 1)
+        if gc.num_beams > 1:        # transformers warns about a length penalty without beams
+            gc.length_penalty = float(generation.get("length_penalty", 1.0))
+    hf.save_pretrained(str(out_dir))
+    if hf_tok is not None:
+        hf_tok.save_pretrained(str(out_dir))
+    return hf

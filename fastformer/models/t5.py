@@ -34,15 +34,19 @@ import fastformer as ff
 from fastformer.nn import T5CrossAttention, T5SelfAttention
 
 from ._autocast import autocast_dtype
+from .generation import DecoderCache, KVCache, generate
+from .presets import PresetTable, canonical_preset
 
 # Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
-# t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores.
+# t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores. The older names
+# t5-small / t5-base still index this table, with a warning (presets.DEPRECATED_PRESETS): they are not
+# Hugging Face's t5-small / t5-base (the original T5: ReLU feed-forward, tied head).
 # dropout_rate 0.0: T5 v1.1 was pre-trained without dropout (set it for fine-tuning).
-T5_PRESETS: dict[str, dict] = {
+T5_PRESETS: dict[str, dict] = PresetTable({
     "t5-tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
-    "t5-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
-    "t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
-}
+    "t5-v1_1-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
+    "t5-v1_1-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+})
 
 
 @dataclass
@@ -76,6 +80,8 @@ class T5Config:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "T5Config":
+        """`name`: a T5_PRESETS name (a deprecated alias such as 't5-small' resolves, with a warning)."""
+        name = canonical_preset(name)
         if name not in T5_PRESETS:
             raise ValueError(f"unknown T5 preset {name!r} (choose from {', '.join(T5_PRESETS)})")
         return cls.from_dict({**T5_PRESETS[name], **overrides})
@@ -227,6 +233,62 @@ def _init_weights(model: nn.Module, cfg: T5Config) -> None:
         nn.init.normal_(model.lm_head.weight, std=cfg.d_model ** -0.5)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5RMSNorm as one call: fp32/fp64 directly, half dtypes with fp32 statistics."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+class _DecodeStep:
+    """The decoder stack for incremental decoding, written as plain tensor calls over weights fused once
+    per cache: q|k|v and wi_0|wi_1 are each one matmul, the cross-attention k|v of all positions are
+    projected by start_cache; no module calls and no dropout (inference only). Self-attention runs
+    `ff.t5_attention` at `query_offset` = the cache length. The uncached decoder (T5Stack) is its oracle."""
+
+    def __init__(self, model: "T5ForConditionalGeneration"):
+        cfg = model.config
+        dec = model.decoder
+        self.embed = model.shared.weight
+        self.eps = cfg.layer_norm_epsilon
+        self.H, self.D = cfg.num_heads, cfg.d_kv
+        first = dec.block[0].layer[0].SelfAttention
+        self.table = first.bias_table
+        self.nb, self.md = first.relative_attention_num_buckets, first.relative_attention_max_distance
+        self.final_norm = dec.final_layer_norm.weight
+        self.layers, self.cross_kv = [], []
+        with torch.no_grad():
+            for blk in dec.block:
+                sa, ca, ffn = blk.layer[0], blk.layer[1], blk.layer[2]
+                a, c, g = sa.SelfAttention, ca.EncDecAttention, ffn.DenseReluDense
+                self.layers.append((sa.layer_norm.weight, torch.cat([a.q.weight, a.k.weight, a.v.weight]), a.o.weight,
+                                    ca.layer_norm.weight, c.q.weight, c.o.weight,
+                                    ffn.layer_norm.weight, torch.cat([g.wi_0.weight, g.wi_1.weight]), g.wo.weight))
+                self.cross_kv.append(torch.cat([c.k.weight, c.v.weight]))
+
+    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """ids: (N, L) at positions cache.length.. -> decoder output (N, L, d_model) after the final norm."""
+        N, L = ids.shape
+        R = cache.repeat
+        B = N // R
+        H, D, eps = self.H, self.D, self.eps
+        offset = cache.length
+        h = F.embedding(ids, self.embed)
+        for (n0, qkv, o, n1, cq, co, n2, wi, wo), kv, (ck, cv) in zip(self.layers, cache.self_attn, cache.cross):
+            q, k, v = F.linear(_rms_norm(h, n0, eps), qkv).view(N, L, 3, H, D).transpose(1, 3).unbind(2)
+            k, v = kv.update(k, v)
+            y = ff.t5_attention(q, k, v, self.table, bidirectional=False, num_buckets=self.nb, max_distance=self.md,
+                                is_causal=True, scale=1.0, query_offset=offset)
+            h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), o)
+            # the R rows of each input (beams) are R·L query rows against that input's keys
+            q = F.linear(_rms_norm(h, n1, eps), cq).view(B, R * L, H, D).transpose(1, 2)
+            y = cache.attend(q, ck, cv, attn_mask=cache.enc_mask, scale=1.0)      # (B, H, R·L, D)
+            h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), co)
+            gate, lin = F.linear(_rms_norm(h, n2, eps), wi).chunk(2, dim=-1)
+            h = h + F.linear(F.gelu(gate, approximate="tanh") * lin, wo)
+        return _rms_norm(h, self.final_norm, eps)
+
+
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
     """Decoder inputs from labels: (B, L) -> (B, L), [start, y_0, ..., y_{L-2}], -100 replaced by pad."""
     out = labels.new_full(labels.shape, start_id)
@@ -249,6 +311,56 @@ class T5ForConditionalGeneration(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> encoder features (B, L, d_model)."""
         return self.encoder(input_ids, attention_mask)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **kwargs) -> torch.Tensor:
+        """(B, Lin) inputs -> generated ids (B · num_return_sequences, 1 + T), greedy or beam search.
+        Keywords: max_new_tokens=20, num_beams=1, length_penalty=1.0, early_stopping=False,
+        num_return_sequences=1, eos_token_id, pad_token_id, decoder_start_token_id (default: the
+        config's), use_cache=True. Semantics: fastformer.models.generation."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def start_cache(self, encoder_hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                    capacity: int = 0, repeat: int = 1) -> DecoderCache:
+        """A decoding cache for encoder output (B, Lenc, d_model) with mask (B, Lenc): the cross-attention
+        keys/values of every decoder layer, projected once; empty self-attention caches sized for
+        `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep). With repeat=K the
+        decoder runs B·K rows, row b·K + r serving input b (beam search); the encoder side is not
+        repeated: the K rows of an input attend to its keys as K query rows of one attention."""
+        step = _DecodeStep(self)
+        b, length, _ = encoder_hidden_states.shape
+        H, D = self.config.num_heads, self.config.d_kv
+        cross = []
+        for w in step.cross_kv:              # (2·H·D, d_model): k and v rows, one matmul per layer
+            kv = F.linear(encoder_hidden_states, w).view(b, length, 2, H, D).permute(2, 0, 3, 1, 4)
+            cross.append((kv[0], kv[1]))
+        mask = None
+        # A decode step has K query rows per input against fixed keys: torch's SDPA is a single fused
+        # call on every device (fastformer's tiled kernel would fill a few rows of each tile). An input
+        # that is all padding keeps fastformer's op, whose zeros for rows without keys the uncached
+        # decoder gives too.
+        attend = F.scaled_dot_product_attention
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            if not bool(mask.any(-1).all()):
+                attend = ff.scaled_dot_product_attention
+            mask = mask[:, None, None, :]
+        return DecoderCache([KVCache(capacity) for _ in self.decoder.block], cross, mask, attend, step, int(repeat))
+
+    def decode(self, decoder_input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """The next decoder tokens (N, L) at positions cache.length.. -> logits (N, L, V); the cache grows.
+        Inference: no dropout."""
+        h = cache.step(decoder_input_ids, cache)
+        dt = autocast_dtype(h)
+        return F.linear(h.to(dt), self.lm_head.weight.to(dt))
+
+    def decode_uncached(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole decoder prefix (N, L) against encoder output (N, Lenc, d_model) -> logits (N, L, V)."""
+        h = self.decoder(decoder_input_ids, None, encoder_hidden_states, attention_mask)
+        dt = autocast_dtype(h)
+        return F.linear(h.to(dt), self.lm_head.weight.to(dt))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 decoder_input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,

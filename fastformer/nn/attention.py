@@ -14,13 +14,38 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.errors import ModuleInputError
 
 
-class MaskError(ValueError, AssertionError, RuntimeError):
+class MaskError(ModuleInputError):
     """A bad key_padding_mask / attn_mask. A ValueError naming the argument, as everywhere in
     fastformer, that also is what torch's MultiheadAttention raises for it (AssertionError for a mask
     dtype or key-padding shape, RuntimeError for an attn_mask shape), so code written against torch's
     module catches it unchanged."""
+
+
+def _check_inputs(mha: "MultiheadAttention", query, key, value) -> None:
+    """torch's MultiheadAttention input checks (it asserts), as ModuleInputError (a ValueError, an
+    AssertionError and a RuntimeError) raised before any projection."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ModuleInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ModuleInputError(f"query, key and value must all be 3-D (batched) or 2-D (unbatched); got shapes "
+                               f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[-1] != mha.embed_dim:
+        raise ModuleInputError(f"query: was expecting embedding dimension of {mha.embed_dim}, but got "
+                               f"{query.shape[-1]}")
+    if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
+        raise ModuleInputError(f"key / value: expected feature sizes kdim={mha.kdim}, vdim={mha.vdim}; got "
+                               f"{key.shape[-1]} and {value.shape[-1]}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ModuleInputError(f"key and value must have the same length and batch: key shape {tuple(key.shape)} vs "
+                               f"value shape {tuple(value.shape)}")
+    if query.dim() == 3:
+        b = 0 if mha.batch_first else 1
+        if key.shape[b] != query.shape[b]:
+            raise ModuleInputError(f"key batch size {key.shape[b]} != query batch size {query.shape[b]}")
 
 
 def _check_masks(key_padding_mask, attn_mask, N: int, H: int, L: int, S: int) -> None:
@@ -53,6 +78,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
+        _check_inputs(self, query, key, value)
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             if is_causal and attn_mask is None:  # torch needs the explicit mask for need_weights
                 seq_dim = 1 if (self.batch_first and query.dim() == 3) else 0

@@ -7,13 +7,15 @@ from ..ops import cross_entropy, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """torch.nn.CrossEntropyLoss (class-index targets) over ff.cross_entropy, plus z_loss.
+    """torch.nn.CrossEntropyLoss over ff.cross_entropy, plus z_loss.
 
     A subclass of torch's module with its constructor, positional order included (weight,
     size_average, ignore_index, reduce, reduction, label_smoothing; the legacy size_average/reduce
     map to `reduction` as in torch, with torch's warning), its attributes and its `weight` buffer,
     so it replaces torch's anywhere. `z_loss` is keyword-only.
-    forward(input: (N, C), target: (N,)) -> scalar, or (N,) with reduction="none".
+    forward(input: (C,), (N, C) or (N, C, d1, ..., dK); target: class indices (), (N,) or
+    (N, d1, ..., dK), or class probabilities shaped like input) -> scalar, or the per-position
+    losses with reduction="none" (see ff.cross_entropy).
     """
 
     def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,

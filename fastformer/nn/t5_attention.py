@@ -110,9 +110,13 @@ class T5SelfAttention(_T5AttentionBase):
         return self.relative_attention_bias.weight
 
     def forward(self, hidden_states: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                bias_table: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden_states: (B, L, d_model); attn_mask: bool (B, 1, 1, L) or (B, L), True = attend;
-        bias_table: (num_buckets, H), required when this layer owns none. Returns (B, L, d_model)."""
+                bias_table: Optional[torch.Tensor] = None, *, kv_cache=None) -> torch.Tensor:
+        """hidden_states: (B, L, d_model); attn_mask: bool (B, 1, 1, Lk) or (B, Lk), True = attend;
+        bias_table: (num_buckets, H), required when this layer owns none. Returns (B, L, d_model).
+
+        kv_cache (incremental decoding): an object whose ``update(k, v)`` stores this call's keys and
+        values (B, H, L, D) and returns all of them so far (B, H, P + L, D); the L rows then sit at
+        positions P..P+L-1 (``query_offset=P`` of ``ff.t5_attention``) and Lk = P + L."""
         self._check_input("hidden_states", hidden_states)
         if self.has_relative_attention_bias:
             if bias_table is not None:
@@ -122,15 +126,17 @@ class T5SelfAttention(_T5AttentionBase):
             raise ValueError("bias_table is required: this layer has no relative_attention_bias "
                              "(pass the first layer's `.bias_table`)")
         b, length, _ = hidden_states.shape
-        mask = _key_padding_mask(attn_mask, b, length)
         q = self._heads(self.q(hidden_states))
         k = self._heads(self.k(hidden_states))
         v = self._heads(self.v(hidden_states))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        mask = _key_padding_mask(attn_mask, b, k.shape[2])
         y = t5_attention(q, k, v, bias_table, bidirectional=not self.is_decoder,
                          num_buckets=self.relative_attention_num_buckets,
                          max_distance=self.relative_attention_max_distance, attn_mask=mask,
                          is_causal=self.is_decoder, scale=1.0,
-                         dropout_p=self.dropout if self.training else 0.0)
+                         dropout_p=self.dropout if self.training else 0.0, query_offset=k.shape[2] - length)
         return self._merge(y)
 
     def extra_repr(self) -> str:

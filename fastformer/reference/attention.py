@@ -2,8 +2,8 @@
 and the tests' oracle.
 
 Semantics are torch SDPA's (bool mask True = may attend, float mask added, is_causal top-left aligned,
-GQA by repeating kv heads) with one documented deviation: a query row whose keys are all masked gives
-zeros (torch gives NaN). Computation runs in float64 for float64 inputs and float32 otherwise; the
+GQA by repeating kv heads, batch dims broadcast); a query row whose keys are all masked gives zeros
+with zero gradients, as torch >= 2.5 does (older torch gives NaN). Computation runs in float64 for float64 inputs and float32 otherwise; the
 result has the input dtype. Dropout either uses torch's RNG or an explicit keep-mask (so a test can
 replay the kernels' Philox mask).
 """
@@ -20,6 +20,8 @@ def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                    dropout_mask: Optional[torch.Tensor] = None, return_weights: bool = False):
     """query: (..., H, Lq, D), key: (..., H_kv, Lk, D), value: (..., H_kv, Lk, Dv) -> (..., H, Lq, Dv).
 
+    Any rank >= 2; batch dims broadcast as in torch's matmul (and so as in torch's SDPA).
+
     bias: float, broadcastable to (..., H, Lq, Lk), added to the scores (T5 relative-position bias).
     dropout_mask: bool keep-mask broadcastable to the attention weights; replaces torch's RNG.
     return_weights: also return the (post-softmax, pre-dropout) weights.
@@ -27,10 +29,12 @@ def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     dtype = query.dtype
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     q, k, v = query.to(cdt), key.to(cdt), value.to(cdt)
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        rep = q.shape[-3] // k.shape[-3]
-        k = k.repeat_interleave(rep, dim=-3)
-        v = v.repeat_interleave(rep, dim=-3)
+    if enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 3:
+        # torch's grouped-query attention: each key/value head serves a group of consecutive query heads
+        if k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        if v.shape[-3] != q.shape[-3]:
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:

@@ -1,27 +1,39 @@
 """Eager PyTorch cross-entropy: the executable spec of ff.cross_entropy / ff.linear_cross_entropy,
 the CPU fallback (backend "reference") and the test oracle.
 
-Semantics are those of torch.nn.functional.cross_entropy for input (N, C) and class-index targets (N,),
+Semantics are those of torch.nn.functional.cross_entropy, input (C,), (N, C) or (N, C, d1, ..., dK)
+seen as rows (one per batch entry and position), with class-index or class-probability targets,
 including how label smoothing combines with class weights and ignore_index:
 
     logp = log_softmax(x);  valid_i = target_i != ignore_index;  w = weight (ones when None)
-    nll_i    = -w[t_i] * logp[i, t_i]                    (0 for ignored rows)
-    smooth_i = -sum_c w[c] * logp[i, c]                  (0 for ignored rows)
-    ce_i     = (1 - eps) * nll_i + eps / C * smooth_i
-    "none": ce_i;  "sum": sum_i ce_i;  "mean": sum_i ce_i / sum_{valid i} w[t_i]
+    class indices:  nll_i    = -w[t_i] * logp[i, t_i]                    (0 for ignored rows)
+                    smooth_i = -sum_c w[c] * logp[i, c]                  (0 for ignored rows)
+                    ce_i     = (1 - eps) * nll_i + eps / C * smooth_i
+                    "mean": sum_i ce_i / sum_{valid i} w[t_i]
+    probabilities:  ce_i     = -sum_c w[c] * ((1 - eps) * y[i, c] + eps / C) * logp[i, c]
+                    "mean": sum_i ce_i / #rows
+    "none": ce_i (shaped like the class-index target);  "sum": sum_i ce_i
 
 plus z_loss = z, which adds z * lse_i^2 for every valid row (lse_i = logsumexp(x_i)), unweighted:
 "none" per row, "sum" summed, "mean" averaged over the valid rows.
 
 Documented deviation from torch: with reduction "mean" and every target ignored (a zero
-denominator) the result is 0.0 with zero gradients, where torch returns NaN.
+denominator, or no rows at all) the result is 0.0 with zero gradients, where torch returns NaN.
 
-Computation is in fp32 for fp16/bf16 input (float64 stays float64); the result has the input dtype.
+Computation is in fp32 for fp16/bf16 input (float64 stays float64); the result has the input dtype
+(probabilities: the promoted dtype of input and target, as torch).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _rows(t: torch.Tensor, C_dim: bool) -> torch.Tensor:
+    """(C,) / (N, C) / (N, C, d...) -> (R, C) rows (C_dim) or () / (N,) / (N, d...) -> (R,)."""
+    if C_dim:
+        return t[None] if t.dim() == 1 else t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t.reshape(-1)
 
 
 def cross_entropy(
@@ -34,35 +46,43 @@ def cross_entropy(
     *,
     z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """input: (N, C) logits; target: (N,) class indices; weight: (C,) or None.
-    Returns a scalar ("mean"/"sum") or (N,) ("none") in input's dtype."""
-    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input.to(compute)
-    w = weight.to(compute) if weight is not None else None
-    t = target.long()
-    valid = t != ignore_index
+    """input: (C,), (N, C) or (N, C, d1, ..., dK) logits; target: class indices (), (N,) or
+    (N, d1, ..., dK), or probabilities shaped like input; weight: (C,) or None.
+    Returns a scalar ("mean"/"sum") or per-position losses ("none", shaped like the index target)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
-    # torch's own kernel for the weighted / smoothed CE terms (per row or summed) ...
-    ce = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none" if reduction == "none" else "sum",
-                         label_smoothing=label_smoothing)
-    if reduction == "mean":
-        # ... divided by sum_{valid i} w[t_i] as torch does, except that an all-ignored batch divides
-        # 0 by 1 instead of 0 (0.0 and zero gradients, not NaN)
+    soft = target.is_floating_point()
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    x = _rows(input, True).to(compute)
+    w = weight.to(compute) if weight is not None else None
+    if soft:
+        y = _rows(target, True).to(compute)
+        # torch's own kernel for the weighted / smoothed CE terms per row
+        ce = F.cross_entropy(x, y, w, reduction="none", label_smoothing=label_smoothing)
+        valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        denom = torch.tensor(float(x.shape[0]), dtype=compute, device=x.device)
+    else:
+        t = _rows(target, False).long()
+        valid = t != ignore_index
+        ce = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
         if w is not None:
             denom = (w[torch.where(valid, t, torch.zeros_like(t))] * valid).sum()
         else:
             denom = valid.sum().to(compute)
-        ce = ce / torch.where(denom == 0, torch.ones_like(denom), denom)
-    if z_loss != 0.0:
-        zrow = z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid
-        if reduction == "none":
-            ce = ce + zrow
-        elif reduction == "sum":
-            ce = ce + zrow.sum()
-        else:
-            ce = ce + zrow.sum() / valid.sum().clamp_min(1)
-    return ce.to(input.dtype)
+    zrow = z_loss * torch.logsumexp(x, dim=-1).pow(2) * valid if z_loss != 0.0 else None
+    if reduction == "none":
+        out = ce if zrow is None else ce + zrow
+        return out.reshape(out_shape).to(out_dtype)
+    out = ce.sum()
+    if reduction == "mean":
+        # divided by sum_{valid i} w[t_i] (probabilities: the row count) as torch does, except that a
+        # zero denominator divides 0 by 1 instead of 0 (0.0 and zero gradients, not NaN)
+        out = out / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if zrow is not None:
+        out = out + (zrow.sum() / valid.sum().clamp_min(1) if reduction == "mean" else zrow.sum())
+    return out.to(out_dtype)
 
 
 def linear_cross_entropy(
@@ -77,8 +97,10 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
 ) -> torch.Tensor:
     """cross_entropy(F.linear(input, weight, bias), target, ...) with the full (N, V) logits.
-    input: (*, H); weight: (V, H); bias: (V,) or None; target: (*). "none" returns shape (*)."""
+    input: (*, H); weight: (V, H); bias: (V,) or None; target: (*) class indices or (*, V)
+    probabilities. "none" returns shape (*)."""
     lead = input.shape[:-1]
     logits = F.linear(input.reshape(-1, input.shape[-1]), weight, bias)
-    out = cross_entropy(logits, target.reshape(-1), None, ignore_index, reduction, label_smoothing, z_loss=z_loss)
+    t = target.reshape(-1, target.shape[-1]) if target.is_floating_point() else target.reshape(-1)
+    out = cross_entropy(logits, t, None, ignore_index, reduction, label_smoothing, z_loss=z_loss)
     return out.reshape(lead) if reduction == "none" else out

@@ -1,21 +1,52 @@
 """Atomic checkpoints: write to a temporary file in the same folder, fsync, then rename over the old one.
 
-A crash or an exception during the write leaves the previous checkpoint untouched and loadable.
+A crash, an exception or a second Ctrl-C during the write leaves the previous checkpoint untouched and
+loadable. A failed write (disk full, read-only folder, a file size limit) raises the OSError itself,
+with its errno, not the RuntimeError torch's zip writer wraps it in.
+
+Checkpoints hold only tensors, numbers, strings and containers of those (numpy's random state is
+stored as a tensor), so they load with torch's default `torch.load(path, weights_only=True)`.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
+from fastformer.models.loading import CHECKPOINT_NAME, RunFolderError, load_state_file
+from fastformer.models.presets import canonical_preset
+
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 class CheckpointError(ValueError):
     """A missing, unreadable or mismatched checkpoint."""
+
+
+class _RecordingWriter:
+    """File wrapper that remembers the OSError of a failed write: torch's zip writer turns it into a
+    RuntimeError ("PytorchStreamWriter failed writing file ..."), which says nothing about the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        try:
+            return self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -23,27 +54,57 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            w = _RecordingWriter(f)
+            try:
+                torch.save(state, w)
+            except RuntimeError as e:
+                cause = w.error or (e.__context__ if isinstance(e.__context__, OSError) else None)
+                if cause is not None:
+                    raise cause from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)          # atomic on POSIX: readers see the old or the new file, never half
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+    """The checkpoint's dict, its fingerprint in today's preset names (see `current_fingerprint`)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+        state = load_state_file(path)
+    except RunFolderError as e:
+        raise CheckpointError(str(e)) from None
+    if isinstance(state.get("fingerprint"), dict):
+        state["fingerprint"] = current_fingerprint(state["fingerprint"])
+    return state
+
+
+# the preset a fine-tuning `source` names: "random init (NAME)", "init DIR (NAME, objective)"
+_SOURCE_PRESET = re.compile(r"\((?P<name>[^(),\s]+)(?P<rest>(, [^()]*)?)\)$")
+
+
+def current_fingerprint(fp: dict) -> dict:
+    """A checkpoint's fingerprint with a deprecated preset name (a run recorded as 't5-small') replaced by
+    its current one, so `--resume` compares it with this run's, which always records the current name."""
+    fp = dict(fp)
+    if isinstance(fp.get("model"), str):
+        fp["model"] = canonical_preset(fp["model"], warn=False)
+    if isinstance(fp.get("source"), str):
+        fp["source"] = _SOURCE_PRESET.sub(lambda m: f"({canonical_preset(m['name'], warn=False)}{m['rest']})",
+                                          fp["source"])
+    return fp
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every random generator the run draws from, as tensors and plain Python values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -52,6 +113,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)             # older checkpoints: numpy's own tuple
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

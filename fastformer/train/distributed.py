@@ -50,6 +50,13 @@ def init(device: str) -> tuple[DistInfo, torch.device]:
     return info, dev
 
 
+def local_processes(info: DistInfo, device: torch.device) -> int:
+    """Processes on this machine that share `device`'s memory: every local rank on the CPU, one per GPU."""
+    if device.type != "cpu" or not info.enabled:
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

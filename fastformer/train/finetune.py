@@ -3,7 +3,8 @@
 From `--init DIR` (a pretrain output): its config.json says which objective built it, the objective
 rebuilds the encoder from the checkpoint and adds a classification head; the tokenizer is DIR's.
 From scratch (`--model PRESET`): a tokenizer is trained on the training texts and the weights are random.
-Writes DIR/eval.json (accuracy, eval loss, label names) plus metrics.jsonl, checkpoint.pt, loss.png.
+Writes DIR/config.json and tokenizer.json first (what `ff.models.load` and `--resume` read), then
+metrics.jsonl, checkpoint.pt, loss.png and at the end eval.json (accuracy, eval loss, label names).
 
 The recipe that works out of the box from a hundred labels to tens of thousands (docs/pretraining.md):
 - length in epochs, not steps: `epochs` passes over the training labels, but at least `min_steps`
@@ -19,7 +20,7 @@ import json
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,14 +30,19 @@ from fastformer.data.corpus import DataError
 from fastformer.data.packing import pad_batch
 from fastformer.data.tokenizer import load_tokenizer
 from fastformer.data.tsv import label_vocabulary, read_tsv
-from fastformer.models.presets import get_preset
+from fastformer.models.loading import ARCHITECTURES, architecture_name, run_of
+from fastformer.models.presets import canonical_preset, get_preset
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from .metrics import plot_loss
 from .objectives import get_objective, objective_for_preset
 from .pretrain import ExampleSampler, seed_everything
+from .resources import check_memory, estimate_memory, set_threads
+from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
 from .trainer import TrainConfig, Trainer
+
+MIN_EVAL_EXAMPLES = 20      # fewer held-out examples: accuracy moves in coarse steps (warned)
 
 
 @dataclass
@@ -57,10 +63,17 @@ class FinetuneConfig(TrainConfig):
     batch_size: int = 16
     lr: float = 1e-4
     eval_every: int = 0               # 0: once per epoch when selecting, else at the end only
+    task: str = "classify"
 
     def validate(self) -> None:
         # steps None is resolved from the data size in finetune(); validate the rest meanwhile
         TrainConfig.validate(self if self.steps is not None else _replace(self, steps=1))
+        if not self.train or not self.eval:
+            raise ValueError("finetune needs --train FILE.tsv and --eval FILE.tsv")
+        if self.max_len < 8:
+            raise ValueError(f"--max-len must be at least 8 tokens, got {self.max_len}")
+        if self.task != "classify":
+            raise ValueError(f"--task {self.task}: this fine-tuning pipeline trains classifiers (--task classify)")
         if self.min_steps < 1:
             raise ValueError(f"--min-steps must be at least 1, got {self.min_steps}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -150,10 +163,21 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         raise ValueError("give either --init DIR or --model PRESET, not both")
     if cfg.init and cfg.tokenizer:
         raise ValueError("--tokenizer goes with --model: an --init folder brings its own tokenizer")
+    out = Path(cfg.out_dir)
+    if cfg.init and out.resolve() == Path(cfg.init).resolve():
+        raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
+                         "pre-trained checkpoint and metrics; choose another --out")
+    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
+    D.barrier(info)                                       # every rank has checked --out before rank 0 writes
+    threads = set_threads(cfg.threads)
     train_texts, train_labels = read_tsv(cfg.train)
     eval_texts, eval_labels = read_tsv(cfg.eval)
     if len(label_vocabulary(train_labels)) < 2:
         raise DataError(f"{cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}")
+    if info.main and len(eval_texts) < MIN_EVAL_EXAMPLES:
+        warnings.warn(f"--eval {cfg.eval} has only {len(eval_texts)} example(s): accuracy moves in steps of "
+                      f"1/{len(eval_texts)} and says little; a held-out file of a few hundred rows is better",
+                      FastformerWarning, stacklevel=3)
     # classes from both files: a label that only the eval file has (a small training sample) gets a
     # head output that never trains, and its examples count as misses, instead of ending the run
     names = label_vocabulary(train_labels, eval_labels)
@@ -163,7 +187,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     if unseen and info.main:
         warnings.warn(f"{cfg.eval}: label(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never appear in "
                       f"{cfg.train}; the model cannot predict them and their examples count as misses",
-                      stacklevel=2)
+                      FastformerWarning, stacklevel=3)
 
     def to_ids(labels, path):
         out = []
@@ -185,30 +209,38 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     from tokenizers import Tokenizer
 
     seed_everything(cfg.seed)
+    pre_model = None
     if cfg.init:
         init = Path(cfg.init)
         for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
             if not (init / f).is_file():
                 raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
-        if Path(cfg.out_dir).resolve() == init.resolve():
-            raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
-                             "pre-trained checkpoint and metrics; choose another --out")
         try:
             pre_cfg = json.loads((init / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{init / 'config.json'}: not valid JSON ({e})") from None
+        if run_of(pre_cfg) != "pretrain":
+            raise CheckpointError(f"--init {init}: a fine-tuning run, not a pre-training one; --init takes a "
+                                  "pretrain output folder")
         obj = get_objective(pre_cfg["objective"])
         tok = load_tokenizer(init / "tokenizer.json")
         obj.check_tokenizer(tok, str(init / "tokenizer.json"))
         model_config = _with_pooling(pre_cfg["model_config"], obj, cfg.pooling)
+        max_pos = model_config.get("max_position")
+        if max_pos is not None and cfg.max_len > max_pos:
+            raise ValueError(f"--max-len {cfg.max_len} is longer than the {max_pos} positions the model in --init "
+                             f"{init} was pre-trained with; use --max-len {max_pos} or less")
         state = load_checkpoint(init / CHECKPOINT_NAME)["model"]
         model = obj.build_classifier(model_config, len(names), state)
-        source = f"init {init} ({pre_cfg.get('model')}, {obj.name})"
+        pre_model = canonical_preset(pre_cfg.get("model"), warn=False)   # an older folder's name: the current one
+        source = f"init {init.resolve()} ({pre_model}, {obj.name})"
     else:
-        preset = cfg.model or "bert-tiny"
+        preset = canonical_preset(cfg.model or "bert-tiny")
         get_preset(preset)
         obj = objective_for_preset(preset)
-        if cfg.tokenizer:
+        if cfg.resume:            # the tokenizer this run trained (and saved) at its start
+            tok = load_tokenizer(out / "tokenizer.json")
+        elif cfg.tokenizer:
             tok = load_tokenizer(cfg.tokenizer)
             obj.check_tokenizer(tok, cfg.tokenizer)
         else:
@@ -218,6 +250,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
                                      cfg.pooling)
         seed_everything(cfg.seed)
         model = obj.build_classifier(model_config, len(names))
+        pre_model = preset
         source = f"random init ({preset})"
     max_len = min(cfg.max_len, int(model_config.get("max_position", cfg.max_len)))
     x_train = obj.encode_for_classification(tok, train_texts, max_len)
@@ -249,7 +282,32 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         return [collate(list(range(i, min(i + bs, len(xs)))), xs, ys) for i in range(0, len(xs), bs)]
 
     eval_batches = batches(x_eval, y_eval)
+    longest = max(len(x) for x in x_train)
+    mem = _check_memory(cfg, model, -(-longest // 8) * 8, device, info)
     fingerprint = {"task": "finetune", "source": source, "labels": names, "model_config": model_config}
+    n_params = sum(p.numel() for p in model.parameters())
+    if info.main:
+        make_out_dir(out)
+        write_file(out, "tokenizer.json", tok.to_str())
+        arch = architecture_name(model)
+        config = {"fastformer_version": ff.__version__, "run": "finetune", "task": cfg.task, "objective": obj.name,
+                  "model": pre_model, "architecture": arch, "kind": ARCHITECTURES[arch].kind,
+                  "model_config": model_config, "labels": names, "max_len": max_len, "source": source,
+                  "init": str(Path(cfg.init).resolve()) if cfg.init else None, "n_parameters": n_params,
+                  "world_size": info.world, "threads": threads[0], "threads_source": threads[1],
+                  "train": {**asdict(cfg), "model": None if cfg.init else pre_model,
+                            "train": str(Path(cfg.train).resolve()), "eval": str(Path(cfg.eval).resolve()),
+                            "init": str(Path(cfg.init).resolve()) if cfg.init else None,
+                            "warmup_steps": cfg.warmup, "warmup_default": cfg.warmup_steps is None,
+                            "resume": False, "overwrite": False},
+                  "n_train_examples": len(x_train), "n_eval_examples": len(x_eval)}
+        write_file(out, "config.json", json.dumps(config, indent=2))
+        print(f"finetune {source}: {len(names)} labels, {n_params / 1e6:.1f}M parameters on {device}"
+              f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
+              f"({threads[1]}), {len(x_train):,} training / {len(x_eval):,} eval examples\n"
+              f"  memory: {mem.describe() if mem else 'not checked'}\n"
+              f"  output: {out}{' (resumed)' if cfg.resume else ''}", flush=True)
+    D.barrier(info)
     trainer = _SelectingTrainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn,
                                 tokens_fn=lambda b: int(b["attention_mask"].sum()),
                                 eval_batches=batches(x_val, y_val) if val_idx else eval_batches,
@@ -267,13 +325,30 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         ev = trainer.evaluate()
     else:
         ev = result.eval or trainer.evaluate()
-    out = Path(cfg.out_dir)
     summary = {"accuracy": ev["eval_accuracy"], "eval_loss": ev["eval_loss"], "n_eval": len(x_eval),
                "n_train": len(x_train) + len(val_idx), "n_fit": len(x_train), **selection, "labels": names,
                "steps": result.step, "epochs": round(result.step / per_epoch, 2), "final_train_loss": result.final_loss,
-               "source": source, "tokens_per_s": result.tokens_per_s, "out_dir": str(out)}
+               "source": source, "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
+               "resumed_from": result.resumed_from, "threads": threads[0], "out_dir": str(out)}
     if info.main:
-        (out / "eval.json").write_text(json.dumps(summary, indent=2))
-        (out / "tokenizer.json").write_text(tok.to_str())
-        plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning, {source}")
+        write_file(out, "eval.json", json.dumps(summary, indent=2))
+        with writing("--out", out):
+            plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning, {source}")
     return summary
+
+
+def _check_memory(cfg: FinetuneConfig, model, seq_len: int, device: torch.device, info: D.DistInfo):
+    """Refuse a run that cannot fit (warn when close); the estimate (None when not checked)."""
+    if not cfg.memory_check:
+        return None
+
+    def est(batch, length):
+        return estimate_memory(model, batch_size=batch, seq_len=length, optimizer=cfg.optimizer, device=device,
+                               processes=D.local_processes(info, device))
+
+    def warn(msg):
+        if info.main:
+            warnings.warn(msg, FastformerWarning, stacklevel=4)
+
+    return check_memory(est, batch_size=cfg.batch_size, len_flag="--max-len", seq_len=seq_len,
+                        grad_accum=cfg.grad_accum, warn=warn)

@@ -22,10 +22,17 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short (a process killed while appending) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:

@@ -73,6 +73,9 @@ class MLMObjective(Objective):
         head = 0.15 * 6 * cfg.hidden_size * cfg.vocab_size
         return 6.0 * body + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len + head
 
+    def memory_shape(self, seq_len):
+        return 0, 0.15 * seq_len                # the masked positions only reach the vocabulary projection
+
     def encode_for_classification(self, tokenizer, texts, max_len):
         ids = encode_texts(tokenizer, texts)
         return [torch.tensor([CLS] + x[: max_len - 2] + [SEP], dtype=torch.int64) for x in ids]

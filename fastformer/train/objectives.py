@@ -107,6 +107,11 @@ class Objective:
         """Training FLOPs per input token (forward + backward), for MFU. Default: 6 * parameters."""
         return 6.0 * sum(p.numel() for p in model.parameters())
 
+    def memory_shape(self, seq_len: int) -> tuple[int, float]:
+        """(decoder tokens per example, rows per example that go through the vocabulary projection),
+        for the peak-memory estimate. Default: no decoder, every input token predicted."""
+        return 0, float(seq_len)
+
     # -- fine-tuning ------------------------------------------------------------------------------
     def encode_for_classification(self, tokenizer, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
         """Token ids for sequence classification (e.g. [CLS] text [SEP]), each at most max_len long."""

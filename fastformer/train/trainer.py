@@ -13,12 +13,20 @@ atomic checkpoints with exact resume. It never looks inside a batch: the caller 
 
 Because batches depend only on the step, "data position" is the step, and a resumed run replays
 exactly the batches an uninterrupted run would have seen.
+
+SIGINT / SIGTERM during `train()` finish the current step, write the checkpoint and raise
+`TrainingInterrupted` (exit status 130 / 143 in the CLI); a second signal stops at once, leaving the
+last checkpoint as it was (checkpoints are written atomically). The checkpoint also carries the
+training time and tokens so far, so a resumed run reports the whole run.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +40,8 @@ import fastformer as ff
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
-from .schedules import TimeBudget, make_budget_scheduler, make_scheduler
+from .run_dir import OutputError, os_error_message, writing
+from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
 OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
 
@@ -61,6 +70,9 @@ class TrainConfig:
     stop_at: int | None = None        # stop (with a checkpoint) after this step: simulates an interruption
     progress: bool = True
     compile: str | None = None        # torch.compile backend for the training forward (None: eager)
+    overwrite: bool = False           # replace the run in a non-empty out_dir (else refused)
+    threads: int | None = None        # CPU intra-op threads; None: OMP_NUM_THREADS or an automatic choice
+    memory_check: bool = True         # refuse a run whose estimated peak memory cannot fit
 
     def validate(self) -> None:
         if self.steps is None and self.max_minutes is None:
@@ -75,11 +87,18 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("save_every", "eval_every", "warmup_steps"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.warmup_steps is not None and self.steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} is more than --steps {self.steps}: the learning "
+                             "rate would never reach its peak; use fewer warmup steps (default 6% of --steps)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.compile:
             import torch._dynamo
 
@@ -116,12 +135,38 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 @dataclass
 class TrainResult:
+    """seconds / tokens / tokens_per_s cover the whole run, resumed parts included; session_seconds
+    and resumed_from (the step this session started from, 0 for a fresh run) describe this session."""
     step: int = 0
     final_loss: float = float("nan")
     tokens_per_s: float = 0.0
     eval: dict = field(default_factory=dict)
     stopped_early: bool = False
     seconds: float = 0.0
+    tokens: int = 0
+    session_seconds: float = 0.0
+    resumed_from: int = 0
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped training. saved: the checkpoint of `step` was written after the signal
+    (False: a second signal stopped at once; `step` is then the last checkpoint on disk, 0 for none).
+    exit_code: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, saved: bool):
+        self.signum, self.step, self.checkpoint, self.saved = signum, step, Path(checkpoint), saved
+        name = signal.Signals(signum).name
+        if saved:
+            msg = f"stopped by {name} after step {step}; checkpoint saved to {self.checkpoint}"
+        elif step:
+            msg = f"stopped at once by a second {name}; the last checkpoint (step {step}) in {self.checkpoint} is intact"
+        else:
+            msg = f"stopped at once by a second {name}; no checkpoint had been written yet"
+        super().__init__(msg)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class Trainer:
@@ -167,9 +212,13 @@ class Trainer:
             self.scheduler = make_budget_scheduler(self.optimizer, self.budget)
         else:
             self.scheduler = make_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
-        self.elapsed_before = 0.0       # training seconds of earlier invocations (budgeted resume)
         self.step = 0
         self.peak = peak_flops(self.device)
+        self._saved_step = 0                       # step of the checkpoint on disk (0: none)
+        self._seconds_before, self._tokens_before = 0.0, 0   # earlier sessions of this run
+        self._t_start, self._tokens = None, 0
+        self._signal, self._second_signal = None, None
+        self._bar = None
 
     # -- helpers ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -185,11 +234,22 @@ class Trainer:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
                 "data_position": {"step": self.step}, "fingerprint": self.fingerprint,
-                "train_config": asdict(self.cfg), "elapsed_s": self._elapsed()}
+                "train_config": asdict(self.cfg), "progress": self._progress()}
+
+    def _progress(self) -> dict:
+        """Training time and tokens of the whole run up to now (earlier sessions included)."""
+        running = self.clock() - self._t_start if self._t_start is not None else 0.0
+        return {"seconds": self._seconds_before + running, "tokens": self._tokens_before + self._tokens}
 
     def save(self) -> None:
         if self.info.main:
-            save_checkpoint(self.state_dict(), self.ckpt_path)
+            prior = (f"the previous checkpoint (step {self._saved_step}) is intact" if self._saved_step
+                     else "no checkpoint has been written yet")
+            try:
+                save_checkpoint(self.state_dict(), self.ckpt_path)
+            except OSError as e:
+                raise OutputError(os_error_message("--out", self.out, e, prior)) from None
+            self._saved_step = self.step
         D.barrier(self.info)
 
     def load(self) -> None:
@@ -207,11 +267,15 @@ class Trainer:
         except RuntimeError as e:
             raise CheckpointError(f"{self.ckpt_path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         self.optimizer.load_state_dict(ck["optimizer"])
-        if self.budget is not None:     # the budget continues where the interrupted run left it
-            self.elapsed_before = self.budget.elapsed = float(ck.get("elapsed_s", 0.0))
         self.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
+        self._saved_step = self.step
+        progress = ck.get("progress") or {}        # absent in older checkpoints: this session only
+        self._seconds_before = float(progress.get("seconds", 0.0))
+        self._tokens_before = int(progress.get("tokens", 0))
+        if self.budget is not None:     # the budget continues where the interrupted run left it
+            self.budget.elapsed = self._seconds_before
         # the learning rate of the next step comes from this run's schedule: with an unchanged --steps it
         # is the checkpoint's own value; with a new --steps, the new schedule's value at this step
         sch = self.scheduler
@@ -241,8 +305,8 @@ class Trainer:
             else:
                 continue
             raise CheckpointError(f"--resume continues the run in {self.out}, which used {key}={want!r}; this "
-                                  f"command gives {got!r} ({flag}). Resume with the same flags (only --steps may "
-                                  "change).")
+                                  f"command gives {got!r} ({flag}). Resume with the same settings (only --steps and "
+                                  "--max-minutes may change).")
 
     def evaluate(self) -> dict:
         """Loss (per predicted token) and accuracy over the held-out batches, shared across ranks."""
@@ -260,9 +324,8 @@ class Trainer:
         return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[2].item() / n}
 
     def _elapsed(self) -> float:
-        """Training seconds so far (earlier invocations included for a time-budgeted run)."""
-        t0 = getattr(self, "_t_start", None)
-        return self.elapsed_before + (self.clock() - t0 if t0 is not None else 0.0)
+        """Training seconds of the whole run so far (earlier sessions included)."""
+        return self._progress()["seconds"]
 
     def _set_budget_lr(self) -> None:
         """Time-budgeted run: this step's learning rate from the elapsed fraction of the budget (rank
@@ -274,24 +337,86 @@ class Trainer:
 
     def _write_metrics(self, record: dict) -> None:
         if self.info.main:
-            with open(self.metrics_path, "a") as f:
+            with writing("--out", self.out), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _log_line(self, record: dict) -> str:
+        """One progress line (printed when there is no progress bar)."""
+        if self.budget is not None:
+            total = f" ({self.budget.fraction:.0%} of {self.cfg.max_minutes:g} min)"
+        else:
+            total = f"/{self.cfg.steps}"
+        parts = [f"step {record['step']}{total}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+                 f"{record['tokens_per_s']:,.0f} tok/s"]
+        if "eval_loss" in record:
+            parts.append(f"eval loss {record['eval_loss']:.4f}")
+        if "eval_accuracy" in record:
+            parts.append(f"eval accuracy {record['eval_accuracy']:.3f}")
+        return "  ".join(parts)
+
+    # -- signals ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT / SIGTERM: the first asks the loop to stop after the current step (with a checkpoint),
+        a second raises KeyboardInterrupt at once. Only the main thread can install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is None:
+                self._signal = signum
+                if self.info.main:
+                    # os.write: a buffered print could re-enter a write the signal interrupted
+                    os.write(2, (f"\nfastformer: {signal.Signals(signum).name} received: finishing step "
+                                 f"{self.step + 1}, then writing a checkpoint (again to stop at once)\n").encode())
+                return
+            self._second_signal = signum
+            raise KeyboardInterrupt
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run until cfg.steps (or a stop); raises TrainingInterrupted after SIGINT / SIGTERM."""
+        self._signal, self._second_signal = None, None
+        try:
+            with self._signals():
+                return self._train()
+        except KeyboardInterrupt as e:
+            if isinstance(e, TrainingInterrupted):
+                raise
+            signum = self._second_signal or self._signal or signal.SIGINT
+            raise TrainingInterrupted(signum, self._saved_step, self.ckpt_path, saved=False) from None
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         if self.info.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            with writing("--out", self.out):
+                self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self.load()
             if self.info.main:
-                truncate_metrics(self.metrics_path, self.step)
+                with writing("--out", self.out):
+                    truncate_metrics(self.metrics_path, self.step)
         elif self.info.main:
-            self.metrics_path.write_text("")
+            with writing("--out", self.out):
+                self.metrics_path.write_text("")
         D.barrier(self.info)
 
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        res = TrainResult(step=self.step)
+        res = TrainResult(step=self.step, resumed_from=self.step)
         bar = None
         if cfg.progress and self.info.main:
             try:
@@ -302,8 +427,10 @@ class Trainer:
                     bar.set_description(f"{self.desc} ({cfg.max_minutes:g} min budget)")
             except ImportError:  # no progress bar without tqdm; metrics.jsonl still has everything
                 bar = None
-        t_start = self._t_start = self.clock()
-        t_log, tok_log, tok_total, train_time = time.perf_counter(), 0, 0, 0.0
+        self._bar = bar
+        t_start = self.clock()
+        self._t_start, self._tokens = t_start, 0
+        t_log, tok_log = time.perf_counter(), 0
         self.model.train()
         while self.step < self.total and not (self.budget is not None and self.budget.exhausted):
             step = self.step + 1
@@ -320,11 +447,13 @@ class Trainer:
                     loss.backward()     # summed loss: normalised below by the step's predicted tokens
                 loss_sum += loss.detach().float()
                 n_pred += int(n)
-            # Global sums over ranks: [loss, predicted tokens, input tokens].
-            tot = torch.stack([loss_sum.double(), torch.tensor(float(n_pred), dtype=torch.float64, device=self.device),
-                               torch.tensor(float(n_tok), dtype=torch.float64, device=self.device)])
+            # Global sums over ranks: [loss, predicted tokens, input tokens, ranks that got a signal]
+            # (a signal stops every rank after the same step).
+            f64 = dict(dtype=torch.float64, device=self.device)
+            tot = torch.stack([loss_sum.double(), torch.tensor(float(n_pred), **f64), torch.tensor(float(n_tok), **f64),
+                               torch.tensor(float(self._signal is not None), **f64)])
             tot = D.all_reduce_sum(tot, self.info).tolist()
-            g_loss, g_pred, g_tok = tot
+            g_loss, g_pred, g_tok, g_signal = tot
             # DDP averaged the gradients over ranks; rescale so they are d(sum loss)/d(theta) / g_pred.
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
@@ -341,10 +470,12 @@ class Trainer:
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss became {loss_val} at step {step}; try a lower --lr")
             tok_log += int(g_tok)
-            tok_total += int(g_tok)
+            self._tokens += int(g_tok)
             res.final_loss = loss_val
 
-            interrupted = cfg.stop_at is not None and step >= cfg.stop_at   # like a crash: no extra eval
+            # one process: a signal that came during this step counts; DDP: only what every rank saw
+            signalled = g_signal > 0 if self.info.enabled else self._signal is not None
+            interrupted = signalled or (cfg.stop_at is not None and step >= cfg.stop_at)   # like a crash: no extra eval
             stop = interrupted
             if self.budget is not None:
                 stop = stop or self._elapsed() >= self.budget.seconds
@@ -372,17 +503,21 @@ class Trainer:
                 self._write_metrics(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
+                elif self.info.main:
+                    print(self._log_line(record), flush=True)
                 t_log, tok_log = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
             if (cfg.save_every and step % cfg.save_every == 0) or step == self.total or stop:
                 self.save()
+            if signalled:
+                raise TrainingInterrupted(self._signal or signal.SIGINT, self.step, self.ckpt_path, saved=True)
             if stop:
                 res.stopped_early = interrupted or (self.budget is None and step < self.total)
                 break
-        if bar is not None:
-            bar.close()
-        res.seconds = self.clock() - t_start
+        progress = self._progress()
+        res.session_seconds = self.clock() - t_start
+        res.seconds, res.tokens = progress["seconds"], progress["tokens"]
         res.step = self.step
-        res.tokens_per_s = tok_total / max(res.seconds, 1e-9)
+        res.tokens_per_s = res.tokens / max(res.seconds, 1e-9)
         return res

@@ -9,6 +9,9 @@ from fastformer.data.span_corruption import span_corruption_lengths
 from fastformer.data.unigram_tokenizer import EOS, PAD, load_unigram, sentinel_ids
 from fastformer.train.span_objective import SpanObjective
 
+# tiny generated corpora: a held-out slice of one or two examples, said in a warning
+pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice", "ignore:--eval .* has only")
+
 
 def _corpus(n_docs=60, seed=0):
     rng = random.Random(seed)

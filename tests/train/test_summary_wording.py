@@ -6,6 +6,9 @@ import pytest
 
 from fastformer.train.objectives import get_objective
 
+# tiny generated corpora: a held-out slice of one or two examples, said in a warning
+pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice", "ignore:--eval .* has only")
+
 
 def test_each_objective_names_its_accuracy():
     assert get_objective("mlm").accuracy_name == "MLM accuracy"

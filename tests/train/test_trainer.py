@@ -12,6 +12,9 @@ from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_o
 from fastformer.train.pretrain import pretrain
 from fastformer.train.schedules import lr_factor
 
+# tiny generated corpora: a held-out slice of one or two examples, said in a warning
+pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice", "ignore:--eval .* has only")
+
 KEYS = ("step", "loss", "lr", "grad_norm", "predicted_tokens", "eval_loss", "eval_accuracy")
 
 

@@ -30,3 +30,29 @@ def tiny_config(out, corpus, **kw):
                 vocab_size=120, lr=1e-3, log_every=1, eval_every=4, eval_batches=2, progress=False, seed=3)
     base.update(kw)
     return PretrainConfig(**base)
+
+
+POSITIVE, NEGATIVE = ["good", "great", "lovely", "happy"], ["bad", "awful", "sad", "poor"]
+FILLER = ["the", "film", "was", "really", "a", "story", "and", "very", "plot", "actor"]
+
+
+def make_tsv(path, n, seed=0, header="sentence\tlabel"):
+    """n rows of `words<TAB>pos|neg`: one sentiment word decides the label."""
+    rng = random.Random(seed)
+    rows = [header] if header else []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)}\t{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def finetune_config(out, train, eval_, **kw):
+    from fastformer.train.finetune import FinetuneConfig
+
+    base = dict(out_dir=str(out), train=str(train), eval=str(eval_), model="bert-tiny", steps=6, batch_size=8,
+                max_len=32, vocab_size=120, lr=2e-3, log_every=1, progress=False, seed=1)
+    base.update(kw)
+    return FinetuneConfig(**base)

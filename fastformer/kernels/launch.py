@@ -1,0 +1,59 @@
+"""One way for every host-side launcher to start a Triton kernel, so that its launches can be captured.
+
+    launch(Launch(kernel, grid, args, kwargs, name="attention.fwd", config=(128, 64, 8, 3)))
+
+runs `kernel[grid](*args, **kwargs)`. Inside `with capture_launches() as launches:` nothing runs:
+each Launch is appended to the list instead. `scripts/kernel_report.py` uses this to take the exact
+argument list a launcher builds (from "meta" tensors, with no device) and hand it to Triton's own
+launcher path ahead of time (`fastformer.kernels.aot`), so the report's binary is the one that runs.
+
+No triton import here: the reference path imports this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Optional
+
+_captured: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastformer_captured_launches",
+                                                                          default=None)
+
+
+@dataclasses.dataclass
+class Launch:
+    """A kernel launch: `kernel[grid](*args, **kwargs)`. kwargs hold the constexprs and the launch
+    options (num_warps, num_stages). name: the kernel's id in the kernel registry and the tuner
+    ("attention.fwd"); config: the tile configuration it was built with, if it has one."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    name: str
+    config: Optional[tuple] = None
+
+
+def launch(item: Launch) -> None:
+    """Run the launch, or record it inside capture_launches()."""
+    captured = _captured.get()
+    if captured is not None:
+        captured.append(item)
+        return
+    item.kernel[item.grid](*item.args, **item.kwargs)
+
+
+def capturing() -> bool:
+    """True inside capture_launches(): nothing is launched, so nothing may be timed either."""
+    return _captured.get() is not None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Collect the launches made in this block (in order) instead of running them."""
+    launches: list = []
+    token = _captured.set(launches)
+    try:
+        yield launches
+    finally:
+        _captured.reset(token)

@@ -1,0 +1,163 @@
+"""Output folders: what may be written where, and OS errors as one line naming the flag and the path.
+
+- `prepare_out_dir` refuses a non-empty `--out` that is not this command's own run to resume, unless
+  `--overwrite` is given (then the previous run's files are removed first, other files are left);
+  fine-tuning never writes into a pre-training folder.
+- `os_error_message` / `writing(...)` turn an OSError (disk full, read-only, a file where a folder
+  should be, permission) into an `OutputError` whose one-line message names the flag and the path.
+- `stored_train_config` reads the settings of the run in a folder (what `--resume` continues).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import shutil
+from pathlib import Path
+
+from fastformer.models.loading import CHECKPOINT_NAME, CONFIG_NAME, run_of
+
+# Files a pretrain / finetune run writes; --overwrite removes exactly these (and checkpoint temp files).
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, "tokenizer.json", "metrics.jsonl", "loss.png", "eval.json",
+             "predictions.tsv")
+
+
+class OutputError(ValueError):
+    """An output folder or file that cannot be used (wrong kind, not empty, not writable)."""
+
+
+class FastformerWarning(UserWarning):
+    """A warning about the user's input or setup (the CLI prints it as one `fastformer: warning:` line)."""
+
+
+def os_error_message(flag: str, path: str | Path, e: OSError, note: str = "") -> str:
+    """'--out runs/x: cannot write checkpoint.pt: No space left on device; <note>'."""
+    path = Path(path)
+    target = Path(e.filename) if e.filename else None
+    what = ""
+    if target is not None and target != path:
+        try:
+            what = f" {target.relative_to(path)}"
+        except ValueError:
+            what = f" {target}"
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and (target is None or target == path
+                                                                 or path.is_file()):
+        msg = f"{flag} {path}: exists and is not a folder"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = f"{flag} {path}: cannot write{what}: no space left on the device"
+    elif e.errno == errno.EROFS:
+        msg = f"{flag} {path}: cannot write{what}: read-only file system"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        msg = f"{flag} {path}: cannot write{what}: permission denied"
+    elif e.errno == errno.EFBIG:
+        msg = f"{flag} {path}: cannot write{what}: file too large for the file system or the process's file size limit"
+    else:
+        msg = f"{flag} {path}: cannot write{what}: {e.strerror or e}"
+    return msg + (f"; {note}" if note else "")
+
+
+@contextlib.contextmanager
+def writing(flag: str, path: str | Path, note: str = ""):
+    """Turn an OSError raised inside the block into an OutputError naming `flag` and `path`."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(os_error_message(flag, path, e, note)) from None
+
+
+def run_kind(folder: Path) -> str | None:
+    """"pretrain" / "finetune" for a fastformer run folder, None for anything else."""
+    cfg = folder / CONFIG_NAME
+    if cfg.is_file():
+        try:
+            d = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if isinstance(d, dict) and (d.get("run") in ("pretrain", "finetune")
+                                    or ("objective" in d and "model_config" in d)):   # before config.json said "run"
+            return run_of(d)
+        return None
+    if (folder / "eval.json").is_file() and (folder / CHECKPOINT_NAME).is_file():   # an older fine-tuning folder
+        return "finetune"
+    return None
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Check that `run` ("pretrain" | "finetune") may write into `out`; with overwrite, remove the files
+    of the run that was there (only on the main process). Raises OutputError / CheckpointError with one
+    line that names the folder and the ways out."""
+    from .checkpoint import CheckpointError
+
+    out = Path(out)
+    if resume and overwrite:
+        raise OutputError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a folder; choose another --out")
+    kind = run_kind(out) if out.is_dir() else None
+    if run == "finetune" and kind == "pretrain":
+        raise OutputError(f"--out {out} holds a pre-training run; fine-tuning never writes into one (its "
+                          "checkpoint and tokenizer would be replaced): choose another --out")
+    started = (out / CHECKPOINT_NAME).is_file()
+    if resume:
+        if not started and kind == run:
+            raise CheckpointError(f"--resume: the {run} run in {out} stopped before its first checkpoint, so "
+                                  "there is nothing to continue: start it again with --overwrite")
+        if not started:
+            raise CheckpointError(f"--resume: no checkpoint in {out}")
+        if kind not in (run, None):
+            raise CheckpointError(f"--resume: {out} holds a {kind} run, not a {run} run")
+        return
+    entries = _entries(out)
+    if not entries:
+        return
+    if not overwrite:
+        if kind == run and not started:
+            raise OutputError(f"--out {out} holds a {run} run that stopped before its first checkpoint: add "
+                              "--overwrite to start it again (or choose another --out)")
+        if kind == run:
+            raise OutputError(f"--out {out} already holds a {run} run: add --resume to continue it, or --overwrite "
+                              "to replace it (or choose another --out)")
+        if kind:
+            raise OutputError(f"--out {out} holds a {kind} run: choose another --out, or add --overwrite to "
+                              "replace it")
+        raise OutputError(f"--out {out} is not empty ({len(entries)} entries) and holds no fastformer run: choose "
+                          "another --out, or add --overwrite to write into it")
+    if main:
+        with writing("--out", out):
+            for p in entries:
+                if p.name in RUN_FILES or p.name.startswith(f".{CHECKPOINT_NAME}.tmp"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def make_out_dir(out: str | Path) -> None:
+    with writing("--out", out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+
+
+def write_file(out: str | Path, name: str, text: str) -> None:
+    """Write out/name, an OSError becoming an OutputError naming --out."""
+    with writing("--out", out):
+        (Path(out) / name).write_text(text)
+
+
+def stored_train_config(out: str | Path) -> dict:
+    """The settings (`train` section of config.json) of the run in `out`, with `warmup_steps` back to
+    None where the run used the default warmup, so that it follows a changed --steps."""
+    from .checkpoint import CheckpointError
+
+    path = Path(out) / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume: no {CONFIG_NAME} in {out}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--resume: cannot read {path} ({e})") from None
+    train = dict(cfg.get("train") or {})
+    if train.get("warmup_default"):
+        train["warmup_steps"] = None
+    train.pop("warmup_default", None)
+    return train

@@ -1,0 +1,208 @@
+"""The kernel report: its readers on small known inputs, the launcher's specialization it reproduces,
+and `scripts/kernel_report.py --ci --check` (the representative builds and every gate) as CI runs it.
+
+The interpreter never compiles the kernels: this is where a GPU-only compile error, a spill in a main
+loop or a lost async copy fails CI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HAS_CUDA
+from fastformer.kernels import aot, registry, tuning
+from fastformer.kernels import attention_launch as AL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/               @P0 BRA `(.L_x_1) ;
+        /*0030*/                   MUFU.EX2 R2, R3 ;
+        /*0040*/                   STL [R1], R2 ;
+        /*0050*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0060*/                   MUFU.EX2 R2, R3 ;
+        /*0070*/                   MUFU.EX2 R5, R3 ;
+.L_x_2:
+        /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0090*/               @P1 BRA `(.L_x_0) ;
+        /*00a0*/                   LDL R7, [R1] ;
+        /*00b0*/                   EXIT ;
+"""
+
+TTGIR = """
+  tt.func public @k(%arg0: i32) {
+    %0 = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (tensor<64x64xf32>) : i32 {
+      %1 = tt.dot %x, %y, %a : tensor<64x64xbf16> * tensor<64x64xbf16> -> tensor<64x64xf32>
+      %2 = "tt.reduce"(%1) <{axis = 1 : i32}> ({
+      ^bb0(%p: f32, %q: f32):
+        %s = arith.addf %p, %q : f32
+        tt.reduce.return %s : f32
+      }) : (tensor<64x64xf32>) -> tensor<64xf32>
+      %3 = ttng.warp_group_dot %x, %y, %a {isAsync = true} : !ttg.memdesc<64x64xbf16> -> tensor<64x64xf32>
+      %4:2 = ttng.warp_group_dot_wait %3 {pendings = 0 : i32} : tensor<64x64xf32>
+      scf.if %c {
+        %5 = tt.dot %x, %y, %a : tensor<64x64xbf16> * tensor<64x64xbf16> -> tensor<64x64xf32>
+      } else {
+      }
+      scf.yield %3 : tensor<64x64xf32>
+    } loc(#loc1)
+    tt.return
+  }
+"""
+
+
+def test_sass_loops_and_per_iteration_counts():
+    instrs, labels = aot.parse_sass(SASS)
+    cfg = aot.sass_cfg(instrs, labels)
+    assert len(cfg["loops"]) == 1
+    loop = cfg["loops"][0]
+    blocks = cfg["blocks"]
+
+    def count(prefix):
+        return lambda b: sum(1 for i in blocks[b] if instrs[i][1].startswith(prefix))
+
+    # the two sides of the branch are not added up: the costlier one has 2 exp2
+    assert aot.heaviest_path(cfg, loop, count("MUFU.EX2")) == 2
+    assert aot.heaviest_path(cfg, loop, count("BAR.")) == 1
+    assert aot.heaviest_path(cfg, loop, count("HMMA")) == 1
+    in_loop = [i for b in loop["blocks"] for i in blocks[b]]
+    # the STL inside the loop counts, the LDL after it does not
+    assert sum(1 for i in in_loop if aot._is_local(instrs[i][1])) == 1
+
+
+def test_ttgir_loop_dots():
+    loops = aot.ttgir_loops(TTGIR)
+    assert loops == [{"dots": 3, "inner": False}]   # tt.dot, warp_group_dot (not its _wait), the dot in scf.if
+
+
+def test_occupancy_and_ptxas_log():
+    assert aot.blocks_per_sm(90, 255, 131072, 8) == 1
+    assert aot.blocks_per_sm(90, 128, 49152, 4) == 4
+    assert aot.blocks_per_sm(80, 96, 200000, 4) == 0      # more shared memory than a block may have
+    log = "ptxas info : Used 182 registers, used 1 barriers\n    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads"
+    assert aot.parse_ptxas_log(log) == {"stack_bytes": 16, "spill_store_bytes": 8, "spill_load_bytes": 12,
+                                        "registers": 182}
+
+
+def test_gates_are_evaluated_where_they_apply():
+    gates = (registry.Gate("small", "", lambda r: r["x"] < 3, lambda r: r["kernel"] == "a"),)
+    rows = [{"kernel": "a", "config": "c1", "arch": "sm_90", "x": 1},
+            {"kernel": "a", "config": "c2", "arch": "sm_90", "x": 5},
+            {"kernel": "b", "config": "c1", "arch": "sm_90", "x": 9},
+            {"kernel": "a", "config": "c3", "arch": "sm_80", "error": "CompilationError: boom"}]
+    res = registry.evaluate(gates, rows)
+    assert [(r["config"], r["gate"], r["ok"]) for r in res] == [("c1", "small", True), ("c2", "small", False),
+                                                                ("c3", "compiles", False)]
+
+
+def test_every_declared_candidate_has_committed_gate_verdicts():
+    """A candidate added to attention_launch.CANDIDATES without rerunning the report would never be
+    timed: the committed verdicts must cover every candidate, on both GPU generations."""
+    data = json.loads((tuning.GATES_DIR / "attention.json").read_text())
+    assert data["triton"], "no Triton version recorded"
+    for version, per_arch in data["triton"].items():
+        assert set(per_arch) == {"sm_80", "sm_90"}, version
+        for (name, dclass), cfgs in AL.CANDIDATES.items():
+            tune = AL.tune_name(name.removeprefix("t5"), dclass, name.startswith("t5"))
+            for arch, kernels in per_arch.items():
+                for cfg in cfgs:
+                    assert tuning.config_id(cfg) in kernels.get(tune, {}), (version, arch, tune, cfg)
+
+
+def test_every_cross_entropy_candidate_has_committed_gate_verdicts():
+    """The same for the cross-entropy kernel: its declared candidates and today's kernel."""
+    from fastformer.kernels import cross_entropy_launch as CL
+
+    data = json.loads((tuning.GATES_DIR / "cross_entropy.json").read_text())
+    assert data["triton"], "no Triton version recorded"
+    for version, per_arch in data["triton"].items():
+        assert set(per_arch) == {"sm_80", "sm_90"}, version
+        for arch, kernels in per_arch.items():
+            for cfg in (CL.LEGACY, *CL.ONE_BLOCK_CANDIDATES, *CL.STREAM_CANDIDATES):
+                assert tuning.config_id(cfg) in kernels.get(CL.TUNE_NAME, {}), (version, arch, cfg)
+            # today's kernel is always a candidate: it passes the candidate gates everywhere
+            assert not kernels[CL.TUNE_NAME][tuning.config_id(CL.LEGACY)]["failed"], (version, arch)
+
+
+_SPEC_SCRIPT = r"""
+import json, sys, torch
+from fastformer.kernels import aot
+from fastformer.kernels import attention_launch as AL
+from fastformer.kernels.launch import capture_launches
+
+def launches(q, **kw):
+    spec = AL.AttnSpec(scale=0.125, **kw)
+    with capture_launches() as out:
+        AL.attention_forward(q, q, q, spec)
+    return out[0]
+
+q = torch.empty(2, 4, 256, 64, device="meta", dtype=torch.float16)
+aligned, _ = aot.build_key(launches(q), 90)
+# a view one element in: its pointer is 2 bytes off the allocator's alignment
+view = torch.empty(2 * 4 * 256 * 64 + 1, device="meta", dtype=torch.float16)[1:].view(2, 4, 256, 64)
+shifted, _ = aot.build_key(launches(view), 90)
+odd = torch.empty(2, 4, 77, 64, device="meta", dtype=torch.float16)
+odd_spec, _ = aot.build_key(launches(odd, dropout_p=0.1, seed=32), 90)
+print("SPEC" + json.dumps([aligned, shifted, odd_spec]))
+"""
+
+
+def _env():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _nvidia_backend():
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"triton has no NVIDIA backend here: {exc}")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and launched by the cuda tests")
+def test_report_sees_the_launchers_specialization():
+    """The report decides divisibility and constants with Triton's own runtime binder on the launcher's
+    own arguments: aligned pointers and lengths are 16-divisible, a shifted view and L=77 are not,
+    the dropout seed is never specialised, GROUP=1 becomes a constant."""
+    _nvidia_backend()
+    out = subprocess.run([sys.executable, "-c", _SPEC_SCRIPT], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    aligned, shifted, odd = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SPEC"))[4:])
+    names = list(aligned["signature"])
+
+    def div16(spec):
+        return {names[int(k.strip("[]()").split(",")[0])] for k, v in spec["attrs"].items() if v}
+
+    assert {"Q", "K", "V", "O", "Lq", "Lk", "s_qh"} <= div16(aligned)
+    assert "Q" not in div16(shifted) and "O" in div16(shifted)
+    assert not {"Lq", "Lk", "seed"} & div16(odd)
+    assert aligned["signature"]["GROUP"] == "constexpr" and odd["signature"]["seed"] == "i32"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and launched by the cuda tests")
+def test_kernel_report_ci_check(tmp_path):
+    """`kernel_report.py --ci --check`: the representative builds compile for sm_90 / sm_80 and every
+    declared gate holds (earlier identical builds come from the report's cache)."""
+    _nvidia_backend()
+    out_json = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--ci", "--check", "--quiet",
+                           "--json", str(out_json)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    rows = report["rows"]
+    assert {r["kernel"] for r in rows} == {"attention.fwd", "attention.delta", "attention.dkdv", "attention.dq",
+                                           "cross_entropy.fwd", "cross_entropy.scale"}
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert not [r for r in rows if r.get("error")]
+    assert report["gate_results"] and all(v["ok"] for v in report["gate_results"])
+    for r in rows:
+        assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["blocks_per_sm"] >= 1, r

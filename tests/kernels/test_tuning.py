@@ -1,0 +1,172 @@
+"""Self-tuning on CPU with a fake timer: the choice, the disk cache across processes, the switches,
+failing and gate-rejected candidates, and the attention launchers' use of it."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastformer.kernels import tuning
+
+FACTS = ("Fake GPU 80GB", 90, "9.9.9")
+DEFAULT = (64, 64, 4, 2)
+CANDS = [(128, 64, 8, 3), (32, 32, 4, 1), (64, 128, 8, 2)]
+KERNEL = "attention.fwd:d64"
+
+
+class FakeTimer:
+    """Times a candidate by what run(cfg) records: each config has a fixed fake duration; a config
+    listed in `fail` raises (as a compile error or out-of-resources would)."""
+
+    def __init__(self, ms, fail=()):
+        self.ms, self.fail, self.timed, self.last = ms, set(fail), [], None
+
+    def run(self, cfg):
+        if cfg in self.fail:
+            raise RuntimeError(f"out of resources for {cfg}")
+        self.last = cfg
+
+    def __call__(self, fn):
+        fn()
+        self.timed.append(self.last)
+        return self.ms[self.last]
+
+
+@pytest.fixture
+def tune_env(tmp_path, monkeypatch):
+    """An empty cache folder, tuning on, every candidate allowed by a gate file of our own."""
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(tuning.TUNE_ENV, raising=False)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    verdicts = {tuning.config_id(c): {"failed": []} for c in CANDS}
+    verdicts[tuning.config_id((64, 128, 8, 2))] = {"failed": ["no-loop-local-mem"]}
+    (gates / "attention.json").write_text(json.dumps({"triton": {"9.9.9": {"sm_90": {KERNEL: verdicts}}}}))
+    monkeypatch.setattr(tuning, "GATES_DIR", gates)
+    tuning.reset()
+    yield tmp_path
+    tuning.reset()
+    tuning.set_timer(None)
+    tuning.set_tuning(None)
+
+
+def _choose(timer, shape="bfloat16|d64|plain|L1024|BH64"):
+    tuning.set_timer(timer)
+    return tuning.choose(KERNEL, shape, DEFAULT, CANDS, timer.run, torch.device("cpu"), facts=FACTS)
+
+
+def test_fastest_allowed_candidate_is_chosen_and_cached(tune_env):
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 3.0, (64, 128, 8, 2): 0.1})
+    assert _choose(timer) == (128, 64, 8, 3)
+    # the default is always timed; the candidate that failed a gate never is
+    assert set(timer.timed) == {DEFAULT, (128, 64, 8, 3), (32, 32, 4, 1)}
+    # the same shape class again: no timing at all
+    timer.timed.clear()
+    assert _choose(timer) == (128, 64, 8, 3) and timer.timed == []
+    data = json.loads(tuning.cache_file(*FACTS[::2]).read_text())
+    entry = data["entries"][f"{KERNEL}|bfloat16|d64|plain|L1024|BH64"]
+    assert entry["config"] == [128, 64, 8, 3] and entry["timings_ms"]["64,64,4,2"] == 2.0
+    assert [c["config"] for c in tuning.chosen()] == [[128, 64, 8, 3]]
+
+
+def test_choice_is_reused_by_a_later_process_that_has_no_triton(tune_env):
+    """A later process takes the cached choice without timing; the host-side modules (which the
+    reference path imports) need no triton for any of it."""
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 3.0, (32, 32, 4, 1): 1.5})
+    assert _choose(timer) == (32, 32, 4, 1)
+    script = (
+        "import sys\nsys.modules['triton'] = None\n"
+        "import torch\nfrom fastformer.kernels import tuning\n"
+        "import fastformer.kernels.attention_launch, fastformer.kernels.launch\n"
+        "import fastformer.kernels.registry, fastformer.kernels.attention_registry\n"
+        "def boom(fn):\n    raise AssertionError('a cached choice must not be timed again')\n"
+        "tuning.set_timer(boom)\n"
+        f"print(tuning.choose({KERNEL!r}, 'bfloat16|d64|plain|L1024|BH64', {DEFAULT!r}, {CANDS!r}, lambda c: None,"
+        f" torch.device('cpu'), facts={FACTS!r}))\n")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(32, 32, 4, 1)"
+
+
+def test_tune_off_pins_the_default(tune_env, monkeypatch):
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 1.0})
+    monkeypatch.setenv(tuning.TUNE_ENV, "0")
+    assert _choose(timer) == DEFAULT and timer.timed == []
+    monkeypatch.delenv(tuning.TUNE_ENV)
+    with tuning.use_tuning(False):
+        assert _choose(timer) == DEFAULT and timer.timed == []
+    assert not tuning.cache_file(*FACTS[::2]).exists()
+    assert _choose(timer) == (128, 64, 8, 3)          # on again: tuned
+    with tuning.use_tuning(False):                       # a cached choice is not used either
+        assert _choose(timer) == DEFAULT
+
+
+def test_failing_candidate_is_skipped(tune_env):
+    timer = FakeTimer({DEFAULT: 2.0, (32, 32, 4, 1): 1.0}, fail={(128, 64, 8, 3)})
+    assert _choose(timer) == (32, 32, 4, 1)
+    entry = tuning.chosen()[-1]
+    assert "128,64,8,3" in entry["skipped"] and "out of resources" in entry["skipped"]["128,64,8,3"]
+    # if every candidate fails, the default stands (and the launch itself reports the error)
+    tuning.reset()
+    timer = FakeTimer({}, fail={DEFAULT, *CANDS})
+    assert _choose(timer, shape="other") == DEFAULT
+
+
+def test_first_writer_wins_on_a_shared_cache(tune_env):
+    path = tuning.cache_file(*FACTS[::2])
+    path.parent.mkdir(parents=True)
+    key = f"{KERNEL}|bfloat16|d64|plain|L1024|BH64"
+    path.write_text(json.dumps({"entries": {key: {"config": [32, 32, 4, 1]}}}))
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 9.0})
+    assert _choose(timer) == (32, 32, 4, 1) and timer.timed == []
+
+
+def test_nothing_is_tuned_on_cpu_or_for_unknown_candidates(tune_env):
+    def boom(fn):
+        raise AssertionError("must not time")
+
+    tuning.set_timer(boom)
+    # a real CPU device (no facts): the default, untimed
+    assert tuning.choose(KERNEL, "x", DEFAULT, CANDS, lambda c: None, torch.device("cpu")) == DEFAULT
+    # a kernel the gate file does not know: only the default is allowed, so nothing is timed
+    assert tuning.choose("attention.dq:d128", "x", DEFAULT, CANDS, lambda c: None, torch.device("cpu"),
+                         facts=FACTS) == DEFAULT
+
+
+def test_gate_lookup_rules():
+    res = {"triton": {"3.6.0": {"sm_80": {"k": {"1,2,3,4": {"failed": []}}},
+                                "sm_90": {"k": {"1,2,3,4": {"failed": ["fits"]}}}},
+                      "3.9.0": {"sm_90": {"k": {"1,2,3,4": {"failed": []}}}}}}
+    cfg = (1, 2, 3, 4)
+    assert tuning.gates_allow("k", cfg, 80, "3.6.0", res)
+    assert tuning.gates_allow("k", cfg, 86, "3.6.0", res)          # sm_86: judged by sm_80
+    assert not tuning.gates_allow("k", cfg, 90, "3.6.0", res)
+    assert tuning.gates_allow("k", cfg, 100, "3.9.0", res)         # sm_100: judged by sm_90
+    assert not tuning.gates_allow("k", cfg, 90, "4.0.0", res)      # unknown version: must pass everywhere
+    assert not tuning.gates_allow("k", (9, 9, 9, 9), 90, "3.9.0", res)
+
+
+def test_attention_launchers_ask_the_tuner(monkeypatch):
+    """Every tile-configured attention kernel goes through tuning.choose with its name and shape class;
+    force_config reaches the launch (checked by capturing the launches of meta tensors)."""
+    from fastformer.kernels import attention_launch as AL
+    from fastformer.kernels.launch import capture_launches
+
+    asked = []
+    real = tuning.choose
+    monkeypatch.setattr(tuning, "choose", lambda *a, **k: (asked.append(a[:2]), real(*a, **k))[1])
+    q = torch.empty(2, 4, 100, 64, device="meta", dtype=torch.bfloat16)
+    spec = AL.AttnSpec(scale=0.125, causal=True)
+    with capture_launches() as launches, tuning.force_config("attention.dkdv:d64", (32, 64, 4, 2)):
+        out, lse = AL.attention_forward(q, q, q, spec)
+        AL.attention_backward(torch.empty_like(out), q, q, q, out, lse, spec)
+    assert [n for n, _ in asked] == ["attention.fwd:d64", "attention.dkdv:d64", "attention.dq:d64"]
+    assert asked[0][1] == "bfloat16|d64|causal|L128|BH8"
+    assert [x.name for x in launches] == ["attention.fwd", "attention.delta", "attention.dkdv", "attention.dq"]
+    dkdv = launches[2]
+    assert dkdv.config == (32, 64, 4, 2) and dkdv.grid == (2, 8) and dkdv.kwargs["BLOCK_N"] == 64

@@ -1,0 +1,189 @@
+"""Generation: token-for-token parity with Hugging Face `generate` (greedy and beam search), the cached
+decoder against the uncached one, padding, and argument checks. Tiny random models, CPU."""
+import pytest
+import torch
+
+from conftest import assert_close
+
+from fastformer.models.convert import to_hf
+from fastformer.models.generation import KVCache
+from fastformer.models.t5 import T5Config, T5ForConditionalGeneration
+
+transformers = pytest.importorskip("transformers")
+
+# HF's generate builds its cache with num_layers entries: keep num_decoder_layers <= num_layers there.
+TINY = dict(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=12)
+
+
+def _model(vocab, dtype, seed, eos_boost=3.0):
+    torch.manual_seed(seed)
+    m = T5ForConditionalGeneration(T5Config(vocab_size=vocab, **TINY)).to(dtype).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "layer_norm" in n:
+                p.uniform_(0.5, 1.5)
+        m.lm_head.weight[1] *= eos_boost          # make EOS common, so stopping is exercised
+    return m
+
+
+def _inputs(B, L, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, L // 2:] = False                        # right padding
+    mask[-1, : L // 3] = False                       # left padding
+    return ids.masked_fill(~mask, 0), mask
+
+
+CASES = [
+    dict(),
+    dict(num_beams=2),
+    dict(num_beams=3, length_penalty=0.6),
+    dict(num_beams=4, length_penalty=-0.5),
+    dict(num_beams=3, early_stopping=True),
+    dict(num_beams=3, early_stopping="never", length_penalty=2.0),
+    dict(num_beams=3, num_return_sequences=3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "greedy")
+def test_matches_hf_generate_token_for_token(kw, dtype):
+    ended = 0
+    for seed, vocab, eos in ((0, 23, 1), (1, 37, [1, 4, 6])):
+        ours = _model(vocab, dtype, seed)
+        hf = to_hf(ours).eval()
+        ids, mask = _inputs(5, 11, vocab, seed)
+        out = ours.generate(ids, mask, max_new_tokens=9, eos_token_id=eos, **kw)
+        ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=9, eos_token_id=eos,
+                          do_sample=False, **kw)
+        assert out.dtype == torch.int64
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        assert torch.equal(out, ref), f"\nours {out}\nhf   {ref}"
+        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
+        ended += int(torch.isin(out[:, 1:], eos_ids).any(1).sum())
+    assert ended > 0, "no sequence emitted EOS: stopping was not exercised"
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3, length_penalty=0.8)])
+def test_cache_equals_no_cache_generate(kw):
+    ours = _model(41, torch.float64, 3)
+    ids, mask = _inputs(4, 9, 41, 3)
+    a = ours.generate(ids, mask, max_new_tokens=8, **kw)
+    b = ours.generate(ids, mask, max_new_tokens=8, use_cache=False, **kw)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_decoder_logits_equal_uncached_forward(dtype):
+    """Feeding the decoder 1, 3 and 2 tokens at a time against the cache gives the logits of the full
+    teacher-forced forward, position by position."""
+    m = _model(53, dtype, 4)
+    ids, mask = _inputs(3, 10, 53, 4)
+    dec = torch.randint(0, 53, (3, 6))
+    with torch.no_grad():
+        full = m(ids, mask, decoder_input_ids=dec, return_logits=True).logits        # (3, 6, V)
+        enc = m.encode(ids, mask)
+        cache = m.start_cache(enc, mask, capacity=2)        # too small on purpose: the cache grows
+        parts = []
+        for a, b in ((0, 1), (1, 4), (4, 6)):
+            assert cache.length == a
+            parts.append(m.decode(dec[:, a:b], cache))
+        assert_close(torch.cat(parts, 1), full, dtype, "cached logits")
+        assert_close(m.decode_uncached(dec, enc, mask), full, dtype, "uncached logits")
+
+
+def test_beam_rows_repeat_each_input():
+    """start_cache(repeat=K) serves row b·K + r from input b: logits of repeated rows are equal."""
+    m = _model(29, torch.float64, 5)
+    ids, mask = _inputs(2, 7, 29, 5)
+    with torch.no_grad():
+        enc = m.encode(ids, mask)
+        cache = m.start_cache(enc, mask, repeat=3)
+        logits = m.decode(torch.zeros(6, 1, dtype=torch.long), cache)
+        single = m.decode(torch.zeros(2, 1, dtype=torch.long), m.start_cache(enc, mask))
+    assert_close(logits, single.repeat_interleave(3, 0), torch.float64, "repeated rows")
+
+
+def test_padding_does_not_change_a_rows_output():
+    m = _model(31, torch.float64, 6, eos_boost=1.0)
+    ids, mask = _inputs(4, 12, 31, 6)
+    batched = m.generate(ids, mask, max_new_tokens=7, eos_token_id=None)
+    for i in range(4):
+        keep = mask[i]
+        alone = m.generate(ids[i:i + 1, keep], None, max_new_tokens=7, eos_token_id=None)
+        assert torch.equal(alone[0], batched[i]), i
+
+
+def test_greedy_stops_and_pads_after_eos():
+    m = _model(23, torch.float32, 7, eos_boost=4.0)
+    ids, mask = _inputs(6, 8, 23, 7)
+    out = m.generate(ids, mask, max_new_tokens=12, eos_token_id=1, pad_token_id=0)
+    assert out.shape[1] <= 13
+    assert torch.all(out[:, 0] == m.config.decoder_start_token_id)
+    for row in out.tolist():
+        if 1 in row[1:]:
+            end = row.index(1, 1)
+            assert all(t == 0 for t in row[end + 1:]), row
+    if out.shape[1] < 13:              # stopped early: every row has ended
+        assert all(1 in row[1:] for row in out.tolist())
+
+
+def test_generate_restores_training_mode_and_keeps_weights():
+    m = _model(23, torch.float32, 8)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids, mask = _inputs(2, 5, 23, 8)
+    out = m.generate(ids, mask, max_new_tokens=3)
+    assert m.training
+    out[:, 0] = 5                       # a normal tensor, editable
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(num_beams=0), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(eos_token_id=99), "eos_token_id"),
+    (dict(decoder_start_token_id=-1), "decoder_start_token_id"),
+])
+def test_bad_arguments_raise_value_error(bad, match):
+    m = _model(23, torch.float32, 9)
+    ids, mask = _inputs(2, 5, 23, 9)
+    with pytest.raises(ValueError, match=match):
+        m.generate(ids, mask, **bad)
+
+
+def test_bad_inputs_raise_value_error():
+    m = _model(23, torch.float32, 9)
+    with pytest.raises(ValueError, match="input_ids"):
+        m.generate(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m.generate(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_kv_cache_grows_and_reorders():
+    c = KVCache(capacity=2)
+    k1, v1 = torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4)
+    k, v = c.update(k1, v1)
+    assert torch.equal(k, k1) and torch.equal(v, v1)
+    k2, v2 = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)
+    k, v = c.update(k2, v2)                    # past the capacity: the buffers grow
+    assert c.length == 5 and torch.equal(k, torch.cat([k1, k2], 2)) and torch.equal(v, torch.cat([v1, v2], 2))
+    idx = torch.tensor([2, 0, 0])
+    c.reorder(idx)
+    k, v = c.k[:, :, :5], c.v[:, :, :5]
+    assert torch.equal(k, torch.cat([k1, k2], 2)[idx]) and torch.equal(v, torch.cat([v1, v2], 2)[idx])
+
+
+def test_generate_on_the_kernel_path_matches_hf(triton_backend):
+    """The Triton kernels (interpreted on CPU) in the encoder and the first decode step (a non-zero
+    query_offset takes the reference for now): same tokens as Hugging Face."""
+    ours = _model(23, torch.float32, 10)
+    hf = to_hf(ours).eval()
+    ids, mask = _inputs(2, 7, 23, 10)
+    out = ours.generate(ids, mask, max_new_tokens=4)
+    ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref), f"\nours {out}\nhf   {ref}"

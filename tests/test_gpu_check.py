@@ -1,0 +1,99 @@
+"""The time budget of `make gpu-check` (bench/gpu_check.py), checked on CPU with fake durations."""
+import importlib.util
+import sys
+from pathlib import Path
+
+
+_spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gpu_check   # dataclasses look their module up
+_spec.loader.exec_module(gpu_check)
+Step = gpu_check.Step
+
+
+class FakeClock:
+    """A clock that only moves when a fake step 'runs' for its fake duration (cut at the timeout)."""
+
+    def __init__(self, durations):
+        self.t, self.durations, self.calls = 0.0, durations, []
+
+    def now(self):
+        return self.t
+
+    def run(self, step, timeout):
+        self.calls.append((step.name, round(timeout, 1)))
+        took = self.durations[step.name]
+        if took == "boom":
+            raise RuntimeError("broken step")
+        self.t += min(took, timeout)
+        return "timeout" if took > timeout else "ok"
+
+
+def _run(todo, durations, budget, reserve=15.0):
+    clock = FakeClock(durations)
+    records = gpu_check.schedule(todo, budget, clock.run, clock.now, reserve=reserve)
+    return {r["step"]: r for r in records}, clock
+
+
+def test_decisive_steps_first_and_the_budget_is_kept():
+    todo = [Step("attention", 120, 200), Step("ce", 30, 60), Step("bert", 150, 210), Step("tests", 45, 90),
+            Step("ext_tests", 60, 120, if_time_remains=True), Step("small", 15, 40)]
+    durations = {"attention": 130, "ce": 25, "bert": 160, "tests": 40, "small": 10, "ext_tests": 50}
+    rec, clock = _run(todo, durations, budget=420)
+    # in priority order, the extension tests after everything else
+    assert [n for n, _ in clock.calls] == ["attention", "ce", "bert", "tests", "small"]
+    assert rec["ext_tests"]["status"] == "skipped"     # 55 s left after the rest, less the reserve: no
+    assert clock.t <= 420 - 15
+    assert all(rec[n]["status"] == "ok" for n in ("attention", "ce", "bert", "tests", "small"))
+
+
+def test_a_long_step_is_skipped_but_later_short_ones_still_run():
+    todo = [Step("a", 100, 150), Step("big", 200, 300), Step("short", 20, 40)]
+    rec, clock = _run(todo, {"a": 100, "big": 200, "short": 20}, budget=200)
+    assert rec["big"]["status"] == "skipped" and "needs about 200s" in rec["big"]["detail"]
+    assert rec["short"]["status"] == "ok"
+
+
+def test_an_overrunning_step_is_cut_at_its_limit_or_the_budget():
+    todo = [Step("slow", 50, 80), Step("next", 30, 100)]
+    rec, clock = _run(todo, {"slow": 1000, "next": 1000}, budget=200, reserve=10)
+    assert rec["slow"]["status"] == "timeout" and rec["slow"]["seconds"] == 80   # its own limit
+    assert rec["next"]["status"] == "timeout" and rec["next"]["seconds"] == 100  # its limit (110 s were left)
+    rec, clock = _run([Step("slow", 50, 500)], {"slow": 1000}, budget=200, reserve=10)
+    assert rec["slow"]["seconds"] == 190                                          # the budget
+
+
+def test_a_broken_step_does_not_stop_the_run():
+    rec, clock = _run([Step("bad", 10, 20), Step("good", 10, 20)], {"bad": "boom", "good": 5}, budget=100)
+    assert rec["bad"]["status"].startswith("error: RuntimeError") and rec["good"]["status"] == "ok"
+
+
+def test_the_real_plan_fits_nine_minutes():
+    """The declared steps: the decisive benchmarks come first, no FlexAttention compile (quick runs),
+    the extension tests last, and what usually runs fits the default budget."""
+    todo = gpu_check.steps("python3", 8)
+    names = [s.name for s in todo]
+    assert names[:5] == ["attention", "cross_entropy", "bert_training", "t5_training", "hf_patch"]
+    assert todo[-1].name == "extension_tests" and todo[-1].if_time_remains
+    durations = {s.name: s.estimate for s in todo}
+    rec, clock = _run(todo, durations, budget=500)
+    assert clock.t <= 500 and all(rec[n]["status"] == "ok" for n in names[:6])
+    assert max(s.limit for s in todo) <= 500
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_set_compiles_no_flex_attention():
+    """FlexAttention compiles per shape: the quick set (what gpu-check runs) never asks for it."""
+    t5 = _load("bench_t5_attention")
+    assert "flex" not in t5.providers_for(quick=True) and "flex" in t5.providers_for(quick=False)
+    att = _load("bench_attention")
+    for case in att._cases(quick=True, cuda=True):
+        provs = att._providers(case, cuda=True, quick=True)
+        assert "flex" not in provs and "fastformer" in provs
+        assert ("fastformer-default" in provs) == (case["kind"] == "dense")

@@ -1,0 +1,150 @@
+"""Using what was trained: ff.models.load, predict (classifier labels, filled [MASK]), save_hf, and
+checkpoints that torch's weights-only loader reads (older ones too)."""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+from train_helpers import finetune_config, make_corpus, make_tsv, tiny_config
+import fastformer as ff
+from fastformer.models.loading import RunFolderError
+from fastformer.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastformer.train.finetune import finetune
+from fastformer.train.predict import PREDICTORS, accuracy, format_rows, predict_texts
+from fastformer.train.pretrain import pretrain
+
+pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice", "ignore:--eval .* has only")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    corpus = make_corpus(d / "corpus.txt", n_docs=120)
+    pretrain(tiny_config(d / "pre", corpus, steps=4, eval_every=0))
+    train, ev = make_tsv(d / "train.tsv", 64), make_tsv(d / "eval.tsv", 24, seed=1)
+    finetune(finetune_config(d / "ft", train, ev, init=str(d / "pre"), model=None, steps=4))
+    return d
+
+
+def test_load_gives_model_tokenizer_labels_in_eval_mode(runs):
+    model, tok, labels = ff.models.load(runs / "ft")
+    assert type(model).__name__ == "BertForSequenceClassification" and not model.training
+    assert labels == ["neg", "pos"] and tok.token_to_id("[CLS]") == 2
+    state = torch.load(runs / "ft" / "checkpoint.pt")["model"]          # torch's default: weights_only=True
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    loaded = ff.models.load(runs / "pre")
+    assert loaded.kind == "mlm" and loaded.labels is None and loaded.config["run"] == "pretrain"
+    with pytest.raises(RunFolderError, match="not a fastformer run folder"):
+        ff.models.load(runs)
+    with pytest.raises(RunFolderError, match="no such folder"):
+        ff.models.load(runs / "missing")
+
+
+def test_classifier_predictions_are_the_models_softmax(runs):
+    loaded = ff.models.load(runs / "ft")
+    texts = ["the film was great", "a sad and awful plot", "x" * 500]
+    cols, rows = predict_texts(loaded, texts, batch_size=2)
+    assert cols[:3] == ["text", "label", "probability"] and cols[3:] == ["p_neg", "p_pos"]
+    ids = [torch.tensor([2] + e.ids[:30] + [3]) for e in loaded.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    for t, r, x in zip(texts, rows, ids):
+        with torch.no_grad():
+            p = F.softmax(loaded.model(x[None], torch.ones_like(x[None], dtype=torch.bool)), -1)[0]
+        assert r["text"] == t and r["label"] == loaded.labels[int(p.argmax())]
+        assert r["p_neg"] == pytest.approx(float(p[0]), abs=1e-6) and r["probability"] == pytest.approx(float(p.max()))
+    assert accuracy(rows, [r["label"] for r in rows]) == 1.0
+    tsv = format_rows(cols, rows, jsonl=False).splitlines()
+    assert tsv[0] == "text\tlabel\tprobability\tp_neg\tp_pos" and len(tsv) == 4
+    assert json.loads(format_rows(cols, rows, jsonl=True).splitlines()[1])["label"] == rows[1]["label"]
+
+
+def test_fill_mask_uses_the_mlm_head(runs):
+    loaded = ff.models.load(runs / "pre")
+    cols, rows = predict_texts(loaded, ["the cat [MASK] the ball .", "no mask", "a [mask] sees [MASK] ."], top_k=3)
+    assert cols == ["text", "filled", "predictions"]
+    assert rows[1]["filled"] == "no mask" and rows[1]["predictions"] == []
+    assert len(rows[0]["predictions"]) == 1 and len(rows[2]["predictions"]) == 2
+    tok, model = loaded.tokenizer, loaded.model
+    x = torch.tensor([[2] + tok.encode("the cat [MASK] the ball .", add_special_tokens=False).ids + [3]])
+    with torch.no_grad():
+        probs = F.softmax(model.dense_logits(x)[0, 3].index_fill(0, torch.arange(5), float("-inf")), -1)
+    best = [(tok.id_to_token(int(i)), float(p)) for p, i in zip(*probs.topk(3))]
+    assert [t for t, _ in rows[0]["predictions"][0]] == [t for t, _ in best]
+    assert rows[0]["predictions"][0][0][1] == pytest.approx(best[0][1], rel=1e-5)
+    word = best[0][0].removeprefix("##")
+    assert rows[0]["filled"] == f"the cat {word} the ball ."
+
+
+def test_a_kind_without_predictor_is_refused_by_name(runs, monkeypatch):
+    loaded = ff.models.load(runs / "pre")
+    monkeypatch.delitem(PREDICTORS, "mlm")
+    with pytest.raises(ValueError, match="predict does not support mlm models"):
+        predict_texts(loaded, ["a"])
+
+
+def test_save_hf_matches_transformers(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    loaded = ff.models.load(runs / "ft")
+    ff.models.save_hf(loaded.model, tmp_path / "hf", tokenizer=loaded.tokenizer, labels=loaded.labels)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    texts = ["the film was great", "a really sad plot and a poor actor"]
+    batch = hf_tok(texts, padding=True, return_tensors="pt")
+    _, rows = predict_texts(loaded, texts)
+    with torch.no_grad():
+        probs = F.softmax(hf(**batch).logits, -1)
+    ours = torch.tensor([[r["p_neg"], r["p_pos"]] for r in rows])
+    assert_close(probs, ours, torch.float32, "HF probabilities", factor=10)
+    assert hf_tok.decode(batch["input_ids"][0], skip_special_tokens=False).startswith("[CLS]")
+    t5_head = ff.models.loading.ARCHITECTURES["T5EncoderForSequenceClassification"].build(
+        {"vocab_size": 64, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}, 2)
+    with pytest.raises(ValueError, match="no Hugging Face counterpart"):
+        ff.models.save_hf(t5_head, tmp_path / "t5")
+
+
+def test_older_checkpoints_and_folders_still_load(runs, tmp_path):
+    """Before this version a checkpoint held numpy's random state as an array (weights_only=True alone
+    refuses it) and a fine-tuning folder had no config.json."""
+    old = tmp_path / "old_ft"
+    shutil.copytree(runs / "ft", old)
+    ck = load_checkpoint(old / "checkpoint.pt")
+    np.random.seed(7)
+    ck["rng"]["numpy"] = np.random.get_state()
+    torch.save(ck, old / "checkpoint.pt")
+    with pytest.raises(Exception, match="numpy"):
+        torch.load(old / "checkpoint.pt", weights_only=True)
+    (old / "config.json").unlink()
+    model, _, labels = ff.models.load(old)
+    assert labels == ["neg", "pos"] and type(model).__name__ == "BertForSequenceClassification"
+    set_rng_state(load_checkpoint(old / "checkpoint.pt")["rng"])
+    a = np.random.rand()
+    np.random.seed(7)
+    assert a == np.random.rand()
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "c.pt")
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_a_text_to_text_folder_is_a_finetuning_run_of_an_encoder_decoder(tmp_path):
+    """A config.json that names a task other than its pre-training objective (text-to-text fine-tuning
+    writes `task: text2text`, `objective: span`) is a fine-tuning run of an encoder-decoder."""
+    from fastformer.models.loading import read_run_config
+    from fastformer.train.run_dir import run_kind
+
+    d = tmp_path / "t2t"
+    d.mkdir()
+    mc = {"vocab_size": 64, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}
+    (d / "config.json").write_text(json.dumps({"task": "text2text", "objective": "span", "model_config": mc}))
+    cfg = read_run_config(d)
+    assert cfg["run"] == "finetune" and cfg["architecture"] == "T5ForConditionalGeneration" and cfg["kind"] == "seq2seq"
+    assert run_kind(d) == "finetune"

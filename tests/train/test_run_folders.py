@@ -1,0 +1,276 @@
+"""Output folders that never lose work: --out protection, SIGINT / SIGTERM, OS errors, validation.
+
+The interrupt tests drive the Trainer with a toy model whose batch function sends the signal to its
+own process at a chosen step, so which path runs (finish the step and save / stop at once) is
+deterministic; the CLI tests (tests/test_cli.py) send real signals to a `python -m fastformer` child.
+"""
+import errno
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from train_helpers import finetune_config, make_tsv, tiny_config, tiny_corpus  # noqa: F401 (fixture)
+import fastformer as ff
+from fastformer.data.corpus import DataError
+from fastformer.data.tsv import read_tsv
+from fastformer.train import checkpoint as ckpt_mod
+from fastformer.train.checkpoint import load_checkpoint, save_checkpoint
+from fastformer.train.finetune import finetune
+from fastformer.train.metrics import read_metrics
+from fastformer.train.pretrain import pretrain
+from fastformer.train.run_dir import FastformerWarning, OutputError
+from fastformer.train.trainer import TrainConfig, Trainer, TrainingInterrupted
+
+pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice")
+
+
+# ---------------------------------------------------------------------------------------------------
+# --out
+# ---------------------------------------------------------------------------------------------------
+
+def test_out_folder_is_refused_unless_resume_or_overwrite(tmp_path, tiny_corpus):
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=2, eval_every=0))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(OutputError, match=r"already holds a pretrain run.*--resume.*--overwrite"):
+        pretrain(tiny_config(out, tiny_corpus, steps=2, eval_every=0))
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputError, match=r"not empty.*no fastformer run.*--overwrite"):
+        pretrain(tiny_config(notes, tiny_corpus, steps=1, eval_every=0))
+    # --overwrite replaces the run's files (a stale eval.json goes too) and leaves other files alone
+    (out / "eval.json").write_text("{}")
+    pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0, overwrite=True))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 1 and not (out / "eval.json").exists()
+    pretrain(tiny_config(notes, tiny_corpus, steps=1, eval_every=0, overwrite=True))
+    assert (notes / "mine.txt").read_text() == "keep me" and (notes / "checkpoint.pt").is_file()
+
+    with pytest.raises(OutputError, match="--resume.*--overwrite"):
+        pretrain(tiny_config(out, tiny_corpus, steps=2, resume=True, overwrite=True))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="afile: exists and is not a folder"):
+        pretrain(tiny_config(tmp_path / "afile", tiny_corpus, steps=1))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(tmp_path, tiny_corpus):
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
+    (out / "checkpoint.pt").unlink()                    # config.json and tokenizer.json, no step saved
+    with pytest.raises(OutputError, match=r"stopped before its first checkpoint: add --overwrite"):
+        pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"stopped before its first checkpoint.*--overwrite"):
+        pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0, resume=True))
+    pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0, overwrite=True))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 1
+
+
+def test_finetune_never_writes_into_a_pretraining_folder(tmp_path, tiny_corpus):
+    pre = tmp_path / "pre"
+    pretrain(tiny_config(pre, tiny_corpus, steps=1, eval_every=0))
+    files = {p.name: p.read_bytes() for p in pre.iterdir()}
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="pre-training run"):
+            finetune(finetune_config(pre, train, ev, overwrite=overwrite))
+    assert {p.name: p.read_bytes() for p in pre.iterdir()} == files
+
+
+# ---------------------------------------------------------------------------------------------------
+# interrupts (a toy model: the signal is sent from inside the batch function)
+# ---------------------------------------------------------------------------------------------------
+
+def _toy_trainer(out, *, steps=8, on_batch=None, resume=False, save_every=2):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+
+    def batch_fn(step, micro):
+        if on_batch is not None:
+            on_batch(step)
+        g = torch.Generator().manual_seed(step)
+        return {"x": torch.randn(8, 6, generator=g), "y": torch.randint(0, 3, (8,), generator=g)}
+
+    def step_fn(m, b, train):
+        return ff.cross_entropy(m(b["x"]), b["y"], reduction="sum"), 8, {}
+
+    cfg = TrainConfig(out_dir=str(out), steps=steps, optimizer="adamw", log_every=1, progress=False,
+                      save_every=save_every, resume=resume)
+    return Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=lambda b: 8,
+                   fingerprint={"toy": 1}, device=torch.device("cpu"))
+
+
+def _send(signum, times=1):
+    for _ in range(times):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)            # the Python handler runs before the next signal is sent
+
+
+def test_sigterm_finishes_the_step_writes_the_checkpoint_and_resume_reports_the_whole_run(tmp_path):
+    out = tmp_path / "toy"
+    with pytest.raises(TrainingInterrupted) as info:
+        _toy_trainer(out, on_batch=lambda s: s == 3 and _send(signal.SIGTERM)).train()
+    e = info.value
+    assert e.saved and e.step == 3 and e.exit_code == 143 and "SIGTERM" in str(e)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)      # torch's default loader reads it
+    assert ck["step"] == 3 and ck["progress"]["tokens"] == 3 * 8 and ck["progress"]["seconds"] > 0
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    res = _toy_trainer(out, resume=True).train()
+    assert res.step == 8 and res.resumed_from == 3
+    assert res.tokens == 8 * 8 and res.seconds > res.session_seconds   # the whole run, not this session
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_second_sigint_stops_at_once_with_the_last_checkpoint_intact(tmp_path):
+    out = tmp_path / "toy"
+    with pytest.raises(TrainingInterrupted) as info:
+        _toy_trainer(out, on_batch=lambda s: s == 5 and _send(signal.SIGINT, times=2)).train()
+    e = info.value
+    assert not e.saved and e.step == 4 and e.exit_code == 130 and "intact" in str(e)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+def test_second_sigint_during_the_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The first Ctrl-C asks for a checkpoint; a second one arrives while it is being written."""
+    out = tmp_path / "toy"
+    real_save = torch.save
+
+    def save_then_interrupt(obj, f, *a, **k):
+        if obj.get("step") == 3:
+            f.write(b"half a checkpoint")
+            _send(signal.SIGINT)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save_then_interrupt)
+    with pytest.raises(TrainingInterrupted) as info:
+        _toy_trainer(out, on_batch=lambda s: s == 3 and _send(signal.SIGINT)).train()
+    assert not info.value.saved and info.value.step == 2
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]   # no temp file left
+
+
+# ---------------------------------------------------------------------------------------------------
+# OS errors
+# ---------------------------------------------------------------------------------------------------
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are used (torch.save gets this file)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_is_one_line_naming_out_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    out = tmp_path / "toy"
+    trainer = _toy_trainer(out, steps=6, save_every=2)
+    real_open = open
+    calls = {"n": 0}
+
+    def open_on_a_small_disk(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if ".checkpoint.pt.tmp" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:                 # the step-2 checkpoint fits, the step-4 one does not
+                return _FullDisk(f, room=100)
+        return f
+
+    monkeypatch.setattr(ckpt_mod, "open", open_on_a_small_disk, raising=False)
+    with pytest.raises(OutputError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert msg.startswith(f"--out {out}: cannot write checkpoint.pt: no space left on the device")
+    assert msg.endswith("the previous checkpoint (step 2) is intact") and "\n" not in msg
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+def test_save_checkpoint_raises_the_os_error_not_torchs_wrapper(tmp_path, monkeypatch):
+    real_open = open
+    monkeypatch.setattr(ckpt_mod, "open", lambda p, m="r", *a, **k: _FullDisk(real_open(p, m, *a, **k), 10),
+                        raising=False)
+    with pytest.raises(OSError) as info:
+        save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "checkpoint.pt")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "checkpoint.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_is_named(tmp_path, tiny_corpus, monkeypatch):
+    """Read-only or permission-denied --out (simulated: the tests may run as root)."""
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self.name == "ro":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputError, match=r"^--out .*ro: cannot write: read-only file system$"):
+        pretrain(tiny_config(tmp_path / "ro", tiny_corpus, steps=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation, fine-tuning folders, resume
+# ---------------------------------------------------------------------------------------------------
+
+def test_nonsense_settings_and_files_are_refused(tmp_path, tiny_corpus):
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    with pytest.raises(ValueError, match="--max-len must be at least 8"):
+        finetune(finetune_config(tmp_path / "a", train, ev, max_len=0))
+    with pytest.raises(ValueError, match="--warmup-steps 50 is more than --steps 5"):
+        pretrain(tiny_config(tmp_path / "b", tiny_corpus, steps=5, warmup_steps=50))
+    empty = tmp_path / "empty_label.tsv"
+    empty.write_text("sentence\tlabel\na fine film\tpos\na dull film\t\n")
+    with pytest.raises(DataError, match="data row 2 has an empty label"):
+        read_tsv(empty)
+    binary = tmp_path / "data.tsv"
+    binary.write_bytes(b"PK\x03\x04\x00\x00binary\tstuff\n" * 10)
+    with pytest.raises(DataError, match="binary file"):
+        read_tsv(binary)
+    utf16 = tmp_path / "utf16.tsv"
+    utf16.write_text("text\tlabel\nun bon film\tpos\n", encoding="utf-16")
+    assert read_tsv(utf16) == (["un bon film"], ["pos"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_finetune_folder_has_config_warns_on_a_tiny_eval_file_and_resumes_exactly(tmp_path):
+    train, ev = make_tsv(tmp_path / "train.tsv", 48), make_tsv(tmp_path / "eval.tsv", 6, seed=1)
+    full = tmp_path / "full"
+    with pytest.warns(FastformerWarning, match="only 6 example"):
+        finetune(finetune_config(full, train, ev))
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["run"] == "finetune" and cfg["kind"] == "classifier" and cfg["labels"] == ["neg", "pos"]
+    assert cfg["architecture"] == "BertForSequenceClassification" and cfg["threads"] >= 1
+    part = tmp_path / "part"
+    with pytest.warns(FastformerWarning):
+        s = finetune(finetune_config(part, train, ev, stop_at=3))
+    assert s["steps"] == 3
+    with pytest.warns(FastformerWarning):
+        s = finetune(finetune_config(part, train, ev, resume=True))
+    keys = ("step", "loss", "lr", "eval_loss", "eval_accuracy")
+    a = [{k: r.get(k) for k in keys} for r in read_metrics(full / "metrics.jsonl")]
+    b = [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")]
+    assert a == b and s["resumed_from"] == 3
