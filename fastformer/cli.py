@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"held-out slice of --train (stratified by label) that picks the best evaluation's weights "
                           f"(default {FinetuneConfig.val_fraction:g}; 0: off, the last weights are kept)")
     cls.add_argument("--pooling", default=None, choices=("mean", "cls"),
-                     help="BERT classifier feature: mean of the token states (default) or [CLS] (exportable "
-                          "to a Hugging Face BertForSequenceClassification)")
+                     help="BERT classifier feature: [CLS] as BERT does (default; `export` writes it as a Hugging Face "
+                          "BertForSequenceClassification) or the mean of the token states (no Hugging Face "
+                          "counterpart)")
     cls.add_argument("--tokenizer", default=None, metavar="FILE",
                      help="with --model: use this tokenizer.json (e.g. a pre-training run's) instead of training "
                           "one on --train")

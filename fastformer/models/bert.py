@@ -74,10 +74,11 @@ def _compiling() -> bool:
 class Dropout(nn.Dropout):
     """nn.Dropout whose CPU training mask comes from 16-bit lanes of bulk 64-bit random integers (from
     torch's default generator, so torch.manual_seed reproduces it): a quarter of the generator calls of
-    torch's float-per-element draw. Elsewhere (CUDA, eval, torch.compile) it is nn.Dropout."""
+    torch's float-per-element draw (also under torch.compile, so a compiled run draws the same masks). On
+    CUDA and in eval it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace or _compiling():
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         if self.p >= 1.0:
             return x * 0.0

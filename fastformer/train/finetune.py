@@ -59,7 +59,7 @@ class FinetuneConfig(TrainConfig):
     epochs: float = 4.0
     min_steps: int = 300
     val_fraction: float = 0.1         # held-out slice of the training labels for model selection; 0: off
-    pooling: str = "mean"             # BERT encoders: "mean" of the token states, or "cls" (BERT's [CLS] pooler)
+    pooling: str = "cls"              # BERT encoders: "cls" (BERT's [CLS] pooler, exportable) or "mean" of the token states
     batch_size: int = 16
     lr: float = 1e-4
     eval_every: int = 0               # 0: once per epoch when selecting, else at the end only

@@ -42,7 +42,7 @@ def test_planned_steps_epochs_minimum_and_explicit_steps():
     assert planned_steps(9000, cfg) == (2252, 563)              # many: 4 epochs
     assert planned_steps(9000, FinetuneConfig(batch_size=16, steps=50)) == (50, 563)
     with pytest.raises(ValueError, match="--val-fraction"):
-        FinetuneConfig(val_fraction=1.0).validate()
+        FinetuneConfig(train="t.tsv", eval="e.tsv", val_fraction=1.0).validate()
 
 
 def test_default_recipe_learns_a_small_task_and_keeps_the_selected_weights(tmp_path):
