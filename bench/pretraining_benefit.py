@@ -131,7 +131,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarise(results: list[dict], models: dict[str, str]) -> tuple[list[dict], list[str]]:
-    """Per (objective, labels): mean ± std per arm and the paired gain; the issue's targets checked."""
+    """Per (objective, labels): mean ± std per arm and the paired gain; the benefit targets checked."""
     cells, checks = [], []
     acc = {(r["objective"], r["arm"], r["labels"], r["seed"]): r["accuracy"] for r in results}
     for obj in [*models, "bow"]:

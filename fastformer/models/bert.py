@@ -326,7 +326,3 @@ class BertForSequenceClassification(nn.Module):
             feature = h[:, 0]
         pooled = torch.tanh(self.pooler(feature))
         return self.classifier(self.drop(pooled))
-
-
-def bert_config_from_preset(preset_kwargs: dict, **overrides) -> BertConfig:
-    return BertConfig.from_dict({**preset_kwargs, **overrides})
