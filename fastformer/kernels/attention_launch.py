@@ -28,7 +28,6 @@ configuration (tests run every variant in the interpreter this way; benchmarks c
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import os
@@ -155,30 +154,34 @@ def _override(D: int, kind: str, itemsize: int, t5: bool):
     return _parse_tiles(os.environ.get(TILES_ENV, "")).get((("t5" if t5 else "") + kind, _dim_class(D)))
 
 
-# kernel variants pinned by use_variants(): {"fwd": "tma" | "pointer", "bwd": "5gemm" | "7gemm"}
-_variants: contextvars.ContextVar[dict] = contextvars.ContextVar("fastformer_attention_variants", default={})
+# kernel variants pinned by use_variants(): {"fwd": "tma" | "pointer", "bwd": "5gemm" | "7gemm"}. Process
+# wide, not per thread: autograd runs a CUDA backward in its own thread.
+_variants: dict = {}
 VARIANTS = {"fwd": ("tma", "pointer"), "bwd": ("5gemm", "7gemm")}
 
 
 @contextlib.contextmanager
 def use_variants(fwd: Optional[str] = None, bwd: Optional[str] = None):
-    """Inside the block, run the forward as `fwd` ("tma": tensor descriptors and a warp-specialised
-    key loop, where the GPU and Triton support them; "pointer": pointer loads) and the backward as
-    `bwd` ("5gemm": the key-stationary kernel with ordered dQ additions; "7gemm": the dK/dV pass and
-    the query-stationary dQ pass), each with its built-in configuration (nothing is tuned). None keeps
-    the default choice. The tests run every variant in the interpreter this way."""
+    """Inside the block (in every thread of the process), run the forward as `fwd` ("tma": tensor
+    descriptors and, where the call allows it, a warp-specialised key loop, on GPUs and Triton versions
+    that support them; "pointer": pointer loads) and the backward as `bwd` ("5gemm": the key-stationary
+    kernel with ordered dQ additions; "7gemm": the dK/dV pass and the query-stationary dQ pass), each
+    with its built-in configuration (nothing is tuned). None keeps the default choice. The tests run
+    every variant in the interpreter this way; bench/bench_attention.py compares them on a GPU."""
     for kind, value in (("fwd", fwd), ("bwd", bwd)):
         if value is not None and value not in VARIANTS[kind]:
             raise ValueError(f"use_variants: {kind} must be one of {VARIANTS[kind]}, got {value!r}")
-    token = _variants.set({k: v for k, v in (("fwd", fwd), ("bwd", bwd)) if v is not None})
+    previous = dict(_variants)
+    _variants.update({k: v for k, v in (("fwd", fwd), ("bwd", bwd)) if v is not None})
     try:
         yield
     finally:
-        _variants.reset(token)
+        _variants.clear()
+        _variants.update(previous)
 
 
 def _pinned(kind: str) -> Optional[str]:
-    return _variants.get().get(kind)
+    return _variants.get(kind)
 
 
 @functools.lru_cache(maxsize=1)
