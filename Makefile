@@ -63,6 +63,7 @@ gpu-check:
 bench: env
 	$(TEST_ENV) $(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)
 	$(TEST_ENV) $(PY) bench/gpu_check.py --out $(OUT) --budget 3600
+	@if [ "$(OUT)" = bench/results ]; then $(PY) bench/make_readme.py; fi
 
 info: env
 	$(PY) -m fastformer info

@@ -114,7 +114,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         cpu_cases = ([("bert-small-22M", bert_shapes(384, 6)), ("one-tensor-16M", [(16 << 20,)])] if quick else
                      [("bert-base-110M", bert_shapes()), ("one-tensor-64M", [(64 << 20,)])])
         if quick and torch.cuda.is_available():
-            cpu_cases = []  # a short GPU lease measures the GPU only; run without CUDA (or --full) for CPU
+            cpu_cases = []  # quick on a GPU machine: GPU cases only (--full, or no CUDA, for CPU)
         for case, shapes in cpu_cases:
             rows += bench_case(case, shapes, cpu, cpu_copy, [p for p in providers if p != "apex"])
         for r in rows:

@@ -2,7 +2,8 @@
 
     python bench/bench_cross_entropy.py [--full]
 
-GPU: N = 16384 rows, V in {32k, 50k, 128k}, bf16 and fp32 (quick: a subset). CPU: tiny shapes, eager
+GPU: N = 16384 rows, V in {32k, 50k, 128k}, bf16 and fp32 (quick: a subset); fastformer as tuned at
+first use, with its built-in configuration, and with today's first kernel. CPU: tiny shapes, eager
 providers only (the fastformer CPU path is the reference; the Triton interpreter is never timed).
 Bytes that must move for fwd+bwd: read the logits once and write their gradient once,
 2 * N * V * element_size (targets and per-row scalars are negligible). GB/s is that count over the
@@ -30,9 +31,10 @@ def _providers(device: torch.device) -> dict:
         "torch": lambda x, t: F.cross_entropy(x, t),
     }
     if device.type == "cuda":
-        # the same kernel forced to stream every row in 4096-wide blocks (two reads per element), so one
-        # run shows whether keeping a row of V <= 32768 in registers pays on this GPU
-        provs["fastformer-stream"] = _streamed
+        # the same op with the built-in configuration (tuning pinned off) and with today's first kernel
+        # (one program per row), so one run shows what the tuner and the persistent kernel bring
+        provs["fastformer-default"] = _pinned(None)
+        provs["fastformer-legacy"] = _pinned("legacy")
         provs["torch.compile"] = torch.compile(lambda x, t: F.cross_entropy(x, t), dynamic=False)
         try:
             from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
@@ -44,15 +46,19 @@ def _providers(device: torch.device) -> dict:
     return provs
 
 
-def _streamed(x, t):
-    from fastformer.kernels import cross_entropy as K
+def _pinned(which):
+    """ff.cross_entropy with the default configuration (which=None) or today's first kernel."""
+    from fastformer.kernels import cross_entropy_launch as CL
+    from fastformer.kernels import tuning
 
-    kept = K.ONE_BLOCK_MAX_V
-    K.ONE_BLOCK_MAX_V = 0
-    try:
-        return ff.cross_entropy(x, t)   # the gradient is computed in this forward call
-    finally:
-        K.ONE_BLOCK_MAX_V = kept
+    def run(x, t):
+        if which == "legacy":
+            with tuning.force_config(CL.TUNE_NAME, CL.LEGACY):
+                return ff.cross_entropy(x, t)   # the gradient is computed in this forward call
+        with tuning.use_tuning(False):
+            return ff.cross_entropy(x, t)
+
+    return run
 
 
 def _cases(quick: bool, device: torch.device):
@@ -102,8 +108,10 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             ffr = res["fastformer"]
             s.update(ff_ms=ffr["ms"], ff_GBps=ffr["GBps"], ff_pct_copy_bw=ffr["pct_copy_bw"], ff_peak_MB=ffr["peak_MB"])
             refs = {k: v for k, v in res.items() if not k.startswith("fastformer")}
-            if "fastformer-stream" in res:
-                s["one_block_speedup_vs_stream"] = res["fastformer-stream"]["ms"] / ffr["ms"]
+            for k in ("fastformer-default", "fastformer-legacy"):
+                if k in res:
+                    s[f"speedup_vs_{k.split('-')[1]}"] = res[k]["ms"] / ffr["ms"]
+                    s[f"{k.split('-')[1]}_pct_copy_bw"] = res[k]["pct_copy_bw"]
             for k, v in refs.items():
                 s[f"{k}_ms"] = v["ms"]
                 s[f"{k}_peak_MB"] = v["peak_MB"]

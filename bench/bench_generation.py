@@ -10,8 +10,8 @@ counts the returned sequence's tokens, not the beams').
 
 CPU runs are noisy when the machine is shared: the two providers are timed alternately, call after
 call, and `x_hf` is the median of the per-pair ratios (each pair measured back to back), beside the
-median times. CPU: t5-tiny (quick) and t5-small (--full), vocabulary 8192 (fastformer's tokenizer
-default). GPU: t5-small and t5-base, vocabulary 32128, fp32 weights.
+median times. CPU: t5-tiny (quick) and t5-v1_1-small (--full), vocabulary 8192 (fastformer's tokenizer
+default). GPU: t5-v1_1-small and t5-v1_1-base, vocabulary 32128, fp32 weights.
 """
 from __future__ import annotations
 
@@ -87,9 +87,9 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        cases = [("t5-small", 32128, 16, 128, 32), ("t5-base", 32128, 16, 128, 32)]
+        cases = [("t5-v1_1-small", 32128, 16, 128, 32), ("t5-v1_1-base", 32128, 16, 128, 32)]
     else:
-        cases = [("t5-tiny", 8192, 16, 64, 32)] + ([] if quick else [("t5-small", 8192, 16, 64, 32)])
+        cases = [("t5-tiny", 8192, 16, 64, 32)] + ([] if quick else [("t5-v1_1-small", 8192, 16, 64, 32)])
     reps = 5 if quick else 15
     rows = []
     for preset, vocab, B, L, T in cases:

@@ -49,7 +49,7 @@ def _t5_config(tiny: bool):
         return T5Config(vocab_size=1003, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                         num_heads=4, decoder_start_token_id=0, pad_token_id=0)
     return T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
-                    decoder_start_token_id=0, pad_token_id=0)  # t5-base shapes
+                    decoder_start_token_id=0, pad_token_id=0)  # the original T5 base shapes (HF t5-base)
 
 
 def _bert_batch(b, length, vocab, device, gen):

@@ -1,4 +1,4 @@
-"""T5 relative-position attention, forward + backward with the bias table requiring grad (issue 4).
+"""T5 relative-position attention, forward + backward with the bias table requiring grad.
 
     python bench/bench_t5_attention.py [--full] [--out DIR]
 

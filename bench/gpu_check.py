@@ -11,7 +11,7 @@ extension's `cuda` tests only if time remains. A step starts only if its usual d
 Every benchmark saves its rows after each case, so a stopped step keeps what it finished.
 
 Meanwhile, in the background: the fused-Adam extension builds, and the kernel report compiles the
-attention kernels' tuning candidates for this GPU, so the tuning the benchmarks trigger at first use
+attention and cross-entropy kernels' tuning candidates for this GPU, so the tuning the benchmarks trigger at first use
 finds them in Triton's cache. The tuner's choices (kernel, shape class, chosen and default config,
 their timings) are written under DIR/tuning and printed with the short table that ends the run.
 """
@@ -182,8 +182,9 @@ def _start_background(py: str, out: Path, env: dict) -> tuple:
     warm = None
     if os.environ.get("GPU_CHECK_WARM", "1") != "0":
         warm_log = open(out / "kernel_report.log", "w")
-        variants = ["plain bf16", "causal bf16", "klen bf16", "varlen bf16", "t5 bf16"]
-        warm = subprocess.Popen(["nice", "-n", "10", py, "scripts/kernel_report.py", "--family", "attention", "--arch",
+        variants = ["plain bf16", "causal bf16", "klen bf16", "varlen bf16", "t5 bf16", "plain fp32"]
+        warm = subprocess.Popen(["nice", "-n", "10", py, "scripts/kernel_report.py", "--family", "attention",
+                                 "cross_entropy", "--arch",
                                  "90", "--candidates", "--jobs", os.environ.get("GPU_CHECK_WARM_JOBS", "6"), "--quiet",
                                  "--no-cache", "--match", *variants, "--json", str(out / "kernel_report_gpu.json")],
                                 cwd=ROOT, env=env, stdout=warm_log, stderr=subprocess.STDOUT, start_new_session=True)

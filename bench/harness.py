@@ -3,7 +3,8 @@
 - time_ms(fn): median milliseconds; `triton.testing.do_bench` on CUDA, perf_counter on CPU.
 - peak_extra_bytes(fn): extra device memory at peak during fn (CUDA allocator stats; on CPU the
   process's peak RSS, reset through /proc/self/clear_refs before the call).
-- save(name, rows, ...): JSON + PNG under bench/results/, file names carry the device name.
+- save(name, rows, ...): JSON + PNG under bench/results/, file names carry the device name; the JSON's
+  `meta` records the device, torch / Triton versions, the date (UTC) and the git commit of the tree.
 - A benchmark never asserts a speed. Every provider is measured in the same run.
 
 Each bench script defines `run(quick: bool, out_dir: pathlib.Path) -> list[dict]` (rows of its summary
@@ -18,6 +19,7 @@ import math
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -110,6 +112,22 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def source_commit() -> str | None:
+    """The short git commit of the repository ('abc123def456+modified' with uncommitted changes to
+    tracked files), or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+modified" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def save(name: str, rows: list[dict], *, out_dir: Path | None = None, device=None,
          x: str | None = None, y: str | None = None, series: Sequence[str] = ("provider",),
          logx: bool = False, title: str | None = None) -> tuple[Path, Path | None]:
@@ -118,7 +136,11 @@ def save(name: str, rows: list[dict], *, out_dir: Path | None = None, device=Non
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = device_name(device)
     stem = out_dir / f"{name}_{dev}"
-    meta = {"benchmark": name, "device": dev, "torch": torch.__version__}
+    meta = {"benchmark": name, "device": dev, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    commit = source_commit()
+    if commit:
+        meta["commit"] = commit
     try:
         import triton
 

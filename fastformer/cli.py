@@ -33,6 +33,9 @@ for _cmd in RUN_SHAPING:
                                              "warmup_steps")})
 # ... and these may be given again (otherwise they too come from the run).
 RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_every", "device", "compile", "threads")
+# text-to-text: the target length and dropout shape the run; the generation settings only its evaluation
+RUN_SHAPING["finetune"].update(max_target_len="max_target_len", dropout="dropout")
+RESUME_MAY_CHANGE += ("num_beams", "max_new_tokens", "length_penalty", "eval_limit")
 PATH_FLAGS = ("data", "tokenizer", "train", "eval", "init")
 
 
@@ -59,10 +62,11 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"fused adam {'compiled extension' if extension_available() else 'torch fallback'}")
     except ImportError:
         pass
-    from fastformer.models.presets import known_presets
+    from fastformer.models.presets import DEPRECATED_PRESETS, known_presets
     from fastformer.train.resources import auto_threads
 
     lines.append(f"presets    {', '.join(known_presets())}")
+    lines.append(f"           (deprecated names: {', '.join(f'{a} = {b}' for a, b in DEPRECATED_PRESETS.items())})")
     lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
     n, why = auto_threads()
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
@@ -141,6 +145,25 @@ def _train_kwargs(args) -> dict:
                 memory_check=not args.no_memory_check)
 
 
+def _finetune_presets() -> str:
+    """Every preset: finetune --task classify trains any of them from scratch."""
+    from fastformer.models.presets import known_presets
+
+    return ", ".join(known_presets())
+
+
+def _task_default(p: argparse.ArgumentParser, dest: str, *, help: str) -> None:
+    """Flag `dest` of `p` without a parser default: absent, the pipeline of --task uses its own."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.default, action.help = None, help
+
+
+def _finetune_kwargs(args) -> dict:
+    """_train_kwargs without an absent --lr: FinetuneConfig and Text2TextConfig have their own defaults."""
+    return {k: v for k, v in _train_kwargs(args).items() if not (k == "lr" and v is None)}
+
+
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -166,6 +189,10 @@ def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def _norm(dest: str, v):
+    if dest == "model":        # a run recorded under a deprecated preset name is that preset's run
+        from fastformer.models.presets import canonical_preset
+
+        return canonical_preset(v, warn=False)
     if v is None or dest not in PATH_FLAGS:
         return v
     if isinstance(v, (list, tuple)):
@@ -196,7 +223,7 @@ def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: 
                                  f"{want}, this command gives {have}; leave {flag} out (only --steps and "
                                  "--max-minutes may change)")
             continue
-        setattr(args, dest, want)
+        setattr(args, dest, _norm(dest, want) if dest == "model" else want)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,12 +251,33 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_text2text(args: argparse.Namespace) -> int:
+    from fastformer.train.text2text import TEXT2TEXT_FIELDS, Text2TextConfig, describe_summary, finetune_text2text
+
+    extra = {k: getattr(args, k) for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None}
+    cfg = Text2TextConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, max_len=args.max_len,
+                          save_every=args.save_every, vocab_size=args.vocab_size, **extra, **_finetune_kwargs(args))
+    s = finetune_text2text(cfg)
+    if _is_main():
+        print("\n" + describe_summary(s))
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.finetune import FinetuneConfig, finetune
+    from fastformer.train.text2text import TEXT2TEXT_FIELDS
 
+    if args.task == "text2text":
+        return _finetune_text2text(args)
+    if args.task != "classify":
+        raise ValueError(f"--task {args.task}: choose classify (a classification head) or text2text "
+                         "(input -> output text with the whole encoder-decoder)")
+    given = [k for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
     cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, task=args.task,
                          max_len=args.max_len, save_every=args.save_every, vocab_size=args.vocab_size,
-                         **_train_kwargs(args))
+                         **_finetune_kwargs(args))
     s = finetune(cfg)
     if _is_main():
         resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
@@ -250,12 +298,29 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output} is the --input file: choose another --output")
     set_threads(args.threads)
     device = resolve_device(args.device)
-    texts, labels = read_inputs(args.input)
     loaded = load(args.model, device=device)
-    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k)
+    generation = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
+                  if getattr(args, k) is not None}
+    if loaded.kind == "seq2seq":         # text-to-text: a TSV's input column (and its targets, if any)
+        from fastformer.data.text2text import read_generation_inputs
+
+        texts, labels = read_generation_inputs(args.input)
+    elif generation:
+        raise ValueError(f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
+                         f"{args.model} holds a {loaded.kind} model")
+    else:
+        texts, labels = read_inputs(args.input)
+    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k,
+                                  **generation)
     write_predictions(columns, rows, args.output)
     acc = accuracy(rows, labels) if labels and loaded.kind == "classifier" else None
     note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
+    if labels and loaded.kind == "seq2seq":
+        from fastformer.train.predict import generation_scores
+
+        g = generation_scores(rows, labels)
+        note = (f"; ROUGE-L {g['rougeL']:.4f}, exact match {g['exact_match']:.4f} against the targets in "
+                f"{args.input}")
     print(f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.config['architecture']}"
           f"{' -> ' + args.output if args.output else ''}{note}", file=sys.stderr)
     return 0
@@ -279,7 +344,8 @@ def _export(args: argparse.Namespace) -> int:
         pass                                                  # save_hf says that transformers is needed
     try:
         with writing("--hf", out):
-            save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels)
+            save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels,
+                    generation=loaded.config.get("generation"))
     except ValueError as e:
         if str(e).startswith("--hf"):
             raise
@@ -328,19 +394,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one example per line with dynamic padding instead of packed fixed-length examples")
     pre.set_defaults(func=_pretrain, eval_every=200)
 
-    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files")
-    fin.add_argument("--train", default=None, metavar="FILE.tsv", help="training rows (text<TAB>label)")
-    fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (text<TAB>label)")
+    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files, or the "
+                         "encoder-decoder on input/target pairs (--task text2text)")
+    fin.add_argument("--train", default=None, metavar="FILE.tsv", help="training rows (text<TAB>label; "
+                     "input<TAB>target for text2text)")
+    fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (same format)")
     fin.add_argument("--init", default=None, metavar="DIR", help="a pretrain output folder")
-    fin.add_argument("--model", default=None, help="preset to train from scratch (default bert-tiny)")
-    fin.add_argument("--task", default="classify", help="classify (default)")
+    fin.add_argument("--model", default=None, help=f"preset to train from scratch: {_finetune_presets()} (default "
+                     "bert-tiny; --task text2text takes the t5-* ones, default t5-tiny)")
+    fin.add_argument("--task", default="classify", help="classify (default): a classification head on the encoder; "
+                     "text2text: the whole encoder-decoder on input<TAB>target pairs, evaluated by generating")
     fin.add_argument("--max-len", type=int, default=128, help="tokens per example, longer texts are cut (default 128)")
     _common(fin, lr=1e-4, steps=300, out="runs/finetune")
+    from fastformer.train.finetune import FinetuneConfig
+    from fastformer.train.text2text import Text2TextConfig
+
+    _task_default(fin, "lr", help=f"peak learning rate (default {FinetuneConfig.lr:g}; "
+                  f"{Text2TextConfig.lr:g} for --task text2text)")
     fin.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     fin.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
+    t2t = fin.add_argument_group("text-to-text (--task text2text)")
+    t2t.add_argument("--max-target-len", type=int, default=None, help="target tokens, longer targets are cut "
+                     "(default 64)")
+    t2t.add_argument("--num-beams", type=int, default=None, help="evaluation: beam search with N beams "
+                     "(default 1: greedy)")
+    t2t.add_argument("--max-new-tokens", type=int, default=None, help="evaluation: generated tokens at most "
+                     "(default --max-target-len)")
+    t2t.add_argument("--length-penalty", type=float, default=None, help="evaluation: beam score = log-probability "
+                     "/ length ** P (default 1.0)")
+    t2t.add_argument("--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the "
+                     "model's, 0.0)")
+    t2t.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluation: generate for the first "
+                     "N --eval pairs only (default all)")
     fin.set_defaults(func=_finetune)
 
-    prd = sub.add_parser("predict", help="labels (classifier) or filled [MASK] (MLM) for each text of a file")
+    prd = sub.add_parser("predict", help="labels (classifier), filled [MASK] (MLM) or generated text "
+                         "(text-to-text) for each text of a file")
     prd.add_argument("--model", required=True, metavar="DIR", help="a pretrain or finetune output folder")
     prd.add_argument("--input", required=True, metavar="FILE", help=".tsv (text column, labels optional) or "
                      "one text per line")
@@ -348,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("--batch-size", type=int, default=32)
     prd.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     prd.add_argument("--top-k", type=int, default=5, help="MLM: candidates listed per [MASK] (default 5)")
+    prd.add_argument("--num-beams", type=int, default=None, help="text-to-text: beams (default: the run's setting)")
+    prd.add_argument("--max-new-tokens", type=int, default=None, help="text-to-text: generated tokens at most "
+                     "(default: the run's setting)")
+    prd.add_argument("--length-penalty", type=float, default=None, help="text-to-text: beam length penalty "
+                     "(default: the run's setting)")
+    prd.add_argument("--max-len", type=int, default=None, help="text-to-text: input tokens, longer inputs are cut "
+                     "(default: the run's setting)")
     prd.add_argument("--threads", type=int, default=None, metavar="N")
     prd.set_defaults(func=_predict)
 
@@ -374,12 +470,13 @@ def _one_line_warnings():
     """fastformer's warnings as `fastformer: warning: ...` lines; others as Python prints them."""
     import warnings
 
+    from fastformer.models.presets import DeprecatedPresetWarning
     from fastformer.train.run_dir import FastformerWarning
 
     original = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, FastformerWarning):
+        if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)):
             print(f"fastformer: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
         else:
             original(message, category, filename, lineno, file, line)

@@ -48,7 +48,7 @@ def test_cli_info_runs(capsys):
 
 
 def test_readme_namespaces_reachable_after_plain_import():
-    # README: `import fastformer as ff` then ff.models.from_hf / ff.optim / ff.integrations, without
+    # the docs: `import fastformer as ff` then ff.models.from_hf / ff.optim / ff.integrations, without
     # importing the submodules by hand (a fresh process: this session has imported them already)
     import subprocess
     import sys
@@ -64,7 +64,7 @@ def test_readme_namespaces_reachable_after_plain_import():
 
 
 def test_import_switches_the_interpreter_on_without_a_gpu():
-    """README: `import fastformer` switches Triton's interpreter on when there is no GPU, so
+    """docs/design.md: `import fastformer` switches Triton's interpreter on when there is no GPU, so
     ff.use_backend("triton") works on CPU tensors without any environment variable."""
     import subprocess
     import sys

@@ -10,11 +10,15 @@ text, sentence, document, article, question, prompt, content, description) or a 
 target is then the target-named column (else the last) and the input the input-named column (else
 the first other one). Without a header the last column is the target and everything before it
 (joined by tabs) the input. So classification files (`text<TAB>label`) are pairs too: the label,
-as a word, is the target (classification as text, the T5 way).
+as a word, is the target (classification as text, the T5 way). Files are read as `fastformer.data.tsv`
+reads them (UTF-8 or UTF-16 with its mark; binary files refused); an empty target is refused.
+`read_generation_inputs` reads what to generate for: a TSV's inputs (and its targets, when it has
+them) or one input per line of any other file.
 """
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +27,7 @@ import torch
 
 from .corpus import DataError
 from .packing import pad_batch
+from .tsv import _read_text
 
 INPUT_COLUMNS = ("input", "source", "src", "text", "sentence", "document", "article", "question", "prompt", "content",
                  "description")
@@ -30,41 +35,86 @@ TARGET_COLUMNS = ("target", "output", "tgt", "summary", "headline", "title", "an
                   "category")
 
 
-def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
-    """(inputs, targets) of a TSV file. Raises DataError naming the file and the problem."""
+def _tsv_rows(path: str | Path) -> list[list[str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with p.open(encoding="utf-8-sig", errors="replace", newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if any(c.strip() for c in r)]
+    text = _read_text(p, path)
+    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+            if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: file is empty")
-    head = [c.strip().lower() for c in rows[0]]
-    if any(h in INPUT_COLUMNS or h in TARGET_COLUMNS for h in head):
-        if len(head) < 2:
-            raise DataError(f"{path}: header row ({', '.join(head)}) names one column; need input<TAB>target")
+    return rows
+
+
+def _columns(path, head: list[str]) -> tuple[int, int] | None:
+    """(input column, target column) named by a header row, None when the row is not a header."""
+    head = [c.strip().lower() for c in head]
+    if not any(h in INPUT_COLUMNS or h in TARGET_COLUMNS for h in head):
+        return None
+    if len(head) < 2:
+        raise DataError(f"{path}: header row ({', '.join(head)}) names one column; need input<TAB>target")
+    tgt_col = next((i for i, h in enumerate(head) if h in TARGET_COLUMNS), len(head) - 1)
+    in_col = next((i for i, h in enumerate(head) if h in INPUT_COLUMNS and i != tgt_col),
+                  next(i for i in range(len(head)) if i != tgt_col))
+    return in_col, tgt_col
+
+
+def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
+    """(inputs, targets) of a TSV file. Raises DataError naming the file and the problem."""
+    rows = _tsv_rows(path)
+    cols = _columns(path, rows[0])
+    if cols is not None:
+        n_head = len(rows[0])
         rows = rows[1:]
-        tgt_col = next((i for i, h in enumerate(head) if h in TARGET_COLUMNS), len(head) - 1)
-        in_col = next((i for i, h in enumerate(head) if h in INPUT_COLUMNS and i != tgt_col),
-                      next(i for i in range(len(head)) if i != tgt_col))
-    else:
-        tgt_col = in_col = None
     inputs, targets = [], []
     for n, r in enumerate(rows, start=1):
         if len(r) < 2:
             raise DataError(f"{path}: data row {n} has no target column (expected input<TAB>target)")
-        if tgt_col is None:
+        if cols is None:
             inputs.append("\t".join(r[:-1]))
             targets.append(r[-1].strip())
         else:
-            if len(r) <= max(tgt_col, in_col):
-                raise DataError(f"{path}: data row {n} has {len(r)} columns, the header names {len(head)}")
-            inputs.append(r[in_col])
-            targets.append(r[tgt_col].strip())
+            if len(r) <= max(cols):
+                raise DataError(f"{path}: data row {n} has {len(r)} columns, the header names {n_head}")
+            inputs.append(r[cols[0]])
+            targets.append(r[cols[1]].strip())
+        if not targets[-1]:
+            raise DataError(f"{path}: data row {n} has an empty target")
     if not inputs:
         raise DataError(f"{path}: no data rows")
     return inputs, targets
+
+
+def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
+    """Inputs to generate for and, when the file has them, their targets.
+
+    `.tsv`: a header naming the columns (as `read_pairs`), or headerless `input<TAB>target` rows
+    (every row with a tab: the last column is the target), or one input per row. Any other file:
+    one input per non-empty line."""
+    if Path(path).suffix.lower() != ".tsv":
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{path}: no such file")
+        inputs = [ln.strip() for ln in _read_text(p, path).splitlines() if ln.strip()]
+        if not inputs:
+            raise DataError(f"{path}: no text (empty file)")
+        return inputs, None
+    rows = _tsv_rows(path)
+    cols = _columns(path, rows[0]) if len(rows[0]) > 1 else None
+    targets: list[str] | None
+    if cols is not None:
+        rows = rows[1:]
+        inputs = [r[cols[0]] if len(r) > cols[0] else "" for r in rows]
+        targets = [r[cols[1]].strip() if len(r) > cols[1] else "" for r in rows]
+    elif all(len(r) >= 2 for r in rows):
+        inputs, targets = ["\t".join(r[:-1]) for r in rows], [r[-1].strip() for r in rows]
+    else:
+        inputs, targets = ["\t".join(r) for r in rows], None
+    if not inputs:
+        raise DataError(f"{path}: no data rows")
+    return inputs, (targets if targets and all(targets) else None)
 
 
 def encode_pairs(tok, inputs: Sequence[str], targets: Sequence[str], *, max_len: int, max_target_len: int,

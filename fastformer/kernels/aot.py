@@ -468,9 +468,19 @@ def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> Optiona
     return int(min(by_regs, by_smem, by_threads, blocks_sm))
 
 
+GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")
+
+
 def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
     """The facts of one build: resources from ptxas and cuobjdump, the loops from the SASS control flow
-    graph, GEMMs per tile from the TTGIR, TMA / async copies / warp specialization."""
+    graph, GEMMs per tile from the TTGIR, TMA / async copies / warp specialization.
+
+    Tile loops: the loops with matrix instructions and no inner loop that has them. A row kernel
+    (no matrix instructions, a BLOCK_V block of a row per step: cross-entropy) has *stream loops*
+    instead: the loops with global loads and no inner loop that has them (a row loop, or the block
+    loops inside it). Its loop facts count the loops that enclose them too (the persistent row loop),
+    `ex2_per_element` is the largest over them per element of BLOCK_V, and `loop_async_copies` /
+    `loop_tma_loads` count the asynchronous copies inside them."""
     asm = compiled.asm
     meta = compiled.metadata
     ptxas = parse_ptxas_log(ptxas_log)
@@ -488,11 +498,14 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
         return heaviest_path(cfg, loop, lambda blk: sum(1 for i in blocks[blk] if instrs[i][1].startswith(prefixes)))
 
     mma_loops = [lp for lp in cfg["loops"] if n_in(lp, MMA_OPS)]
-    # tile loops: loops with matrix instructions and no inner loop that has them too
-    tile = [lp for lp in mma_loops if not any(o is not lp and o["blocks"] < lp["blocks"] for o in mma_loops)]
+    stream = not mma_loops and bool(item.kwargs.get("BLOCK_V"))
+    with_work = [lp for lp in cfg["loops"] if n_in(lp, GLOBAL_LOADS)] if stream else mma_loops
+    # tile loops: loops with matrix instructions (stream loops: global loads) and no inner loop that has them
+    tile = [lp for lp in with_work if not any(o is not lp and o["blocks"] < lp["blocks"] for o in with_work)]
     # the main loop: the tile loop with the shortest iteration (the unmasked steady state)
     main = min(tile, key=lambda lp: per_iter(lp, ("",))) if tile else None
-    in_tiles = sorted({i for lp in tile for blk in lp["blocks"] for i in blocks[blk]})
+    counted = with_work if stream else tile   # stream loops: with the row loop around them
+    in_tiles = sorted({i for lp in counted for blk in lp["blocks"] for i in blocks[blk]})
     all_idx = range(len(instrs))
     ttg = asm.get("ttgir", "")
     tloops = [lp for lp in ttgir_loops(ttg) if lp["dots"] and not lp["inner"]]
@@ -500,6 +513,12 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
     # score elements per thread of the warps that compute them (warp specialised: the consumer groups)
     compute_warps = ttgir_compute_warps(ttg) or warps
     elems = (BM * BN) / (32 * compute_warps) if BM and BN else None
+    if stream:
+        elems = item.kwargs["BLOCK_V"] / (32 * warps)
+    if stream and tile:
+        ex2 = round(max(per_iter(lp, ("MUFU.EX2",)) for lp in tile) / elems, 3)
+    else:
+        ex2 = round(per_iter(main, ("MUFU.EX2",)) / elems, 3) if main and elems else None
     registers = ptxas.get("registers", res.get("REG"))
     shared = int(meta.shared)
     result = {
@@ -519,7 +538,7 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
         "tma_loads": sum(1 for i in all_idx if instrs[i][1].startswith(("UTMALDG", "UBLKCP"))),
         "async_copies": sum(1 for i in all_idx if instrs[i][1].startswith("LDGSTS")),
         "warp_specialized": "ttg.warp_specialize" in ttg,
-        "ex2_per_element": round(per_iter(main, ("MUFU.EX2",)) / elems, 3) if main and elems else None,
+        "ex2_per_element": ex2,
         "barriers_per_iteration": per_iter(main, ("BAR.",)) if main else None,
         "main_loop_instructions": per_iter(main, ("",)) if main else None,
         "sass_instructions": len(instrs),
@@ -527,4 +546,7 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
         "narrow_global_loads": sum(1 for i in all_idx if instrs[i][1].startswith("LDG.E")
                                    and not any(w in instrs[i][1] for w in (".64", ".128"))),
     }
+    if stream:
+        result["loop_tma_loads"] = sum(1 for i in in_tiles if instrs[i][1].startswith(("UTMALDG", "UBLKCP")))
+        result["loop_async_copies"] = sum(1 for i in in_tiles if instrs[i][1].startswith("LDGSTS"))
     return result

@@ -21,7 +21,7 @@ import dataclasses
 import importlib
 from typing import Callable, Optional
 
-FAMILIES = ("fastformer.kernels.attention_registry",)
+FAMILIES = ("fastformer.kernels.attention_registry", "fastformer.kernels.cross_entropy_registry")
 
 
 @dataclasses.dataclass(frozen=True)

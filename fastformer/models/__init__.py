@@ -5,8 +5,10 @@ Hugging Face transformers (convert.py)."""
 from .bert import BertConfig, BertEncoder, BertForMaskedLM, BertForSequenceClassification
 from .convert import from_hf, save_hf, to_hf
 from .loading import ARCHITECTURES, LoadedModel, RunFolderError, load, register_architecture
-from .presets import BERT_PRESETS, get_preset, known_presets, preset_family
+from .presets import (BERT_PRESETS, DEPRECATED_PRESETS, DeprecatedPresetWarning, canonical_preset, get_preset,
+                      known_presets, preset_family)
 
 __all__ = ["BertConfig", "BertEncoder", "BertForMaskedLM", "BertForSequenceClassification", "BERT_PRESETS",
-           "get_preset", "known_presets", "preset_family", "from_hf", "to_hf", "save_hf", "load", "LoadedModel",
-           "RunFolderError", "ARCHITECTURES", "register_architecture"]
+           "DEPRECATED_PRESETS", "DeprecatedPresetWarning", "canonical_preset", "get_preset", "known_presets",
+           "preset_family", "from_hf", "to_hf", "save_hf", "load", "LoadedModel", "RunFolderError", "ARCHITECTURES",
+           "register_architecture"]

@@ -375,17 +375,25 @@ def _hf_tokenizer(tokenizer, model: nn.Module):
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
 
 
-def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None) -> nn.Module:
+def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generation=None) -> nn.Module:
     """Write `model` as a Hugging Face folder: `to_hf(model).save_pretrained(out_dir)`, and with a
     `tokenizers.Tokenizer` also the tokenizer (`AutoTokenizer.from_pretrained(out_dir)` then encodes a
     text exactly as fastformer's training did). `labels` (class names in logit order) become the
-    config's id2label / label2id. Returns the transformers model. Raises ValueError for a model
-    `to_hf` does not support."""
+    config's id2label / label2id. `generation` (an encoder-decoder's `max_new_tokens`, `num_beams`,
+    `length_penalty`) becomes the defaults of `generation_config.json`, so that `generate` without
+    arguments decodes as fastformer's run did. Returns the transformers model. Raises ValueError for a
+    model `to_hf` does not support."""
     hf_tok = _hf_tokenizer(tokenizer, model) if tokenizer is not None else None
     hf = to_hf(model)
     if labels:
         hf.config.id2label = {i: str(n) for i, n in enumerate(labels)}
         hf.config.label2id = {str(n): i for i, n in enumerate(labels)}
+    gc = getattr(hf, "generation_config", None)
+    if generation and gc is not None and isinstance(model, T5ForConditionalGeneration):
+        gc.max_new_tokens = int(generation.get("max_new_tokens") or gc.max_new_tokens or 20)
+        gc.num_beams = int(generation.get("num_beams") or 1)
+        if gc.num_beams > 1:        # transformers warns about a length penalty without beams
+            gc.length_penalty = float(generation.get("length_penalty", 1.0))
     hf.save_pretrained(str(out_dir))
     if hf_tok is not None:
         hf_tok.save_pretrained(str(out_dir))

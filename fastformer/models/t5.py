@@ -35,15 +35,18 @@ from fastformer.nn import T5CrossAttention, T5SelfAttention
 
 from ._autocast import autocast_dtype
 from .generation import DecoderCache, KVCache, generate
+from .presets import PresetTable, canonical_preset
 
 # Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
-# t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores.
+# t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores. The older names
+# t5-small / t5-base still index this table, with a warning (presets.DEPRECATED_PRESETS): they are not
+# Hugging Face's t5-small / t5-base (the original T5: ReLU feed-forward, tied head).
 # dropout_rate 0.0: T5 v1.1 was pre-trained without dropout (set it for fine-tuning).
-T5_PRESETS: dict[str, dict] = {
+T5_PRESETS: dict[str, dict] = PresetTable({
     "t5-tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
-    "t5-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
-    "t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
-}
+    "t5-v1_1-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
+    "t5-v1_1-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+})
 
 
 @dataclass
@@ -77,6 +80,8 @@ class T5Config:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "T5Config":
+        """`name`: a T5_PRESETS name (a deprecated alias such as 't5-small' resolves, with a warning)."""
+        name = canonical_preset(name)
         if name not in T5_PRESETS:
             raise ValueError(f"unknown T5 preset {name!r} (choose from {', '.join(T5_PRESETS)})")
         return cls.from_dict({**T5_PRESETS[name], **overrides})

@@ -10,17 +10,12 @@ cross_entropy (kernel path)
     for logits.transpose(1, 2) of (B, L, C) logits). The forward reads each row once for the online
     softmax and, when a gradient will be needed, again to write d loss / d logits into a buffer laid
     out like the input. That buffer *is* the gradient backward returns (scaled in place by
-    grad_output; a factor of exactly 1 costs no traffic), so forward + backward allocate one (N, V)
+    grad_output by a persistent kernel that skips factors of exactly 1: the usual
+    grad_output of 1 moves no bytes), so forward + backward allocate one (N, V)
     tensor, the gradient itself. Soft targets, label smoothing and class weights are all in the
     kernel (a soft target is distillation's case and keeps the fused path).
 
-linear_cross_entropy (chunked path: Triton kernel on CUDA, the same chunking with torch math on CPU)
-    Rows whose target is ignored are dropped first. The kept rows go through the vocabulary
-    projection in chunks: logits_chunk = x_chunk @ W^T (+ b), CE + gradient in place in that chunk,
-    grad_x_chunk = dlogits @ W, grad_W += dlogits^T @ x_chunk and grad_b += sum(dlogits) (fp32
-    accumulators). The (N, V) logits never exist. For "mean"/"sum" the gradients are produced during
-    forward and scaled by grad_output in backward; for "none" backward recomputes the chunks with the
-    per-row grad_output folded into the kernel. Soft targets (*, V) are taken too.
+linear_cross_entropy: the checks are here, the chunked path in linear_cross_entropy.py.
 
 Under torch.autocast both return a float32 loss as torch's cross_entropy does, and
 linear_cross_entropy casts input / weight / bias to the autocast dtype as F.linear would.
@@ -41,15 +36,13 @@ import math
 import numbers
 import operator
 import os
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..backend import get_backend, use_triton
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
-from .amp import amp_dtype, autocast_cast, no_autocast
+from .amp import amp_dtype
 from .errors import InputError, InputTypeError, TargetIndexError
 import fastformer.reference.cross_entropy as _ref
 
@@ -217,7 +210,7 @@ class _CrossEntropyFn(torch.autograd.Function):
     def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing, z_loss, need_grad, out_shape,
                 out_dtype):
         """x: (N, C) or (N, C, D) logits view; target: indices (N*D,) contiguous or probabilities shaped like x."""
-        from ..kernels import cross_entropy as K
+        from ..kernels import cross_entropy_launch as K
 
         soft = target.is_floating_point()
         w32 = weight.to(torch.float32).contiguous() if weight is not None else None
@@ -239,7 +232,7 @@ class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        from ..kernels import cross_entropy as K
+        from ..kernels import cross_entropy_launch as K
 
         grad = ctx.grad
         if grad is None:
@@ -307,242 +300,5 @@ def _ce_kernel(*args):
     return _CrossEntropyFn.apply(*args)
 
 
-# ------------------------------------------------------------------------------ linear_cross_entropy
-def _ce_rows_torch_(logits, target, scale: float, label_smoothing: float, z_loss: float, want_grad: bool,
-                    gscale=None):
-    """Torch-math twin of kernels.cross_entropy.ce_forward for rows that are all valid and no class weight.
-
-    logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
-    gscale: (c,) or None). target: (c,) class indices or (c, V) probabilities. scale: 1 / #rows for
-    "mean", else 1. Returns fp32 (c,) scaled per-row losses."""
-    V = logits.shape[1]
-    xf = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    sA = sB = scale   # no class weights: the CE and z parts share the denominator
-    eps = label_smoothing
-    lse = torch.logsumexp(xf, dim=1)
-    if target.is_floating_point():
-        y = target.to(xf.dtype)
-        if eps > 0.0:
-            y = (1.0 - eps) * y + eps / V
-        mass = y.sum(dim=1)
-        ce = mass * lse - (y * xf).sum(dim=1)
-    else:
-        t = target.long()[:, None]
-        mass = None
-        ce = (1.0 - eps) * (lse - xf.gather(1, t)[:, 0])
-        if eps > 0.0:
-            ce = ce + eps * lse - (eps / V) * xf.sum(dim=1)
-    loss = sA * ce
-    if z_loss != 0.0:
-        loss = loss + sB * z_loss * lse * lse
-    if want_grad:
-        g = gscale.to(xf.dtype) if gscale is not None else torch.ones_like(lse)
-        if mass is not None:
-            coef = g * (sA * mass + sB * 2.0 * z_loss * lse)
-            xf.sub_(lse[:, None]).exp_().mul_(coef[:, None]).sub_((g * sA)[:, None] * y)
-        else:
-            coef = g * (sA + sB * 2.0 * z_loss * lse)  # (1 - eps) + eps / V * V == 1 without class weights
-            xf.sub_(lse[:, None]).exp_().mul_(coef[:, None])
-            if eps > 0.0:
-                xf.sub_((g * sA * (eps / V))[:, None])
-            xf.scatter_add_(1, t, (-(g * sA * (1.0 - eps)))[:, None])
-        if xf is not logits:
-            logits.copy_(xf)
-    return loss.to(torch.float32)
-
-
-_ADDMM_OUT_DTYPE = [True]  # flips to False the first time torch.addmm(..., out_dtype=) is unavailable
-
-
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32 (or a's own dtype); for fp16/bf16 a, b on CUDA without a temporary."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            _ADDMM_OUT_DTYPE[0] = False
-    acc.add_(a @ b)
-
-
-def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | None) -> int:
-    """Rows of tokens per chunk.
-
-    CPU: the chunk's logits about as large as the kept hidden states (n, H), at least 256 rows.
-    CUDA: every chunk re-reads and re-writes the fp32 grad_W accumulator (8 * V * H bytes) on top of
-    its 6 * rows * H * V matmul flops, so the chunk must be tall for that traffic to stay small next to
-    the matmuls (~300 / rows of their time on an H100): chunk logits of up to 2^28 elements (512 MB
-    in bf16), at least 1024 rows. `chunk_size` overrides both (time/memory trade-off)."""
-    if chunk_size is not None:
-        return max(1, int(chunk_size))
-    if device.type == "cuda":
-        rows = 1 << max(0, int(math.floor(math.log2(max(1, (1 << 28) // V)))))
-        lo = 1024
-    else:
-        rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * H / V)))))
-        lo = 256
-    return max(1, min(n, max(lo, rows)))
-
-
-def _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, *, loss_rows=None, gscale=None,
-                grad_x=None, keep=None, gW=None, gb=None):
-    """The chunk loop shared by forward and the "none" backward. x_k: (n, H) kept rows; t_k: (n,) class
-    indices or (n, V) probabilities; keep: (n,) the kept rows' indices among all rows, None for all."""
-    if use_kernel:
-        from ..kernels import cross_entropy as K   # lazily: the CPU path must not need (or load) triton
-
-    n = x_k.shape[0]
-    want_grad = grad_x is not None or gW is not None or gb is not None
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        xc = x_k[s:e]
-        logits = torch.addmm(b, xc, W.t()) if b is not None else xc @ W.t()   # (c, V), owned here
-        gs = gscale[s:e] if gscale is not None else None
-        if use_kernel:
-            rows, _ = K.ce_forward(logits, t_k[s:e], count=count, label_smoothing=eps, z_loss=z,
-                                   grad=logits if want_grad else None, gscale=gs)
-        else:
-            scale = 1.0 / max(1, int(count)) if count is not None else 1.0
-            rows = _ce_rows_torch_(logits, t_k[s:e], scale, eps, z, want_grad, gs)
-        if loss_rows is not None:
-            loss_rows[s:e] = rows
-        if grad_x is not None:
-            if keep is None:   # every row kept (soft targets): rows in place
-                grad_x[s:e] = logits @ W
-            else:
-                grad_x.index_copy_(0, keep[s:e], logits @ W)
-        if gW is not None:
-            _addmm_fp32_(gW, logits.t(), xc)
-        if gb is not None:
-            gb.add_(logits.sum(dim=0, dtype=gb.dtype))
-
-
-class _LinearCrossEntropyFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W, b, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size):
-        N, H = x.shape
-        V = W.shape[0]
-        ctx.wdtype = W.dtype
-        if target.is_floating_point():   # probabilities: no ignored rows, no host sync
-            keep, n, x_k, t_k = None, N, x, target
-        else:
-            keep = (target != ignore_index).nonzero().squeeze(1)   # host sync: the kept-row count sizes the loop
-            n = keep.numel()
-            x_k = x if n == N else x.index_select(0, keep)   # no copy when nothing is ignored
-            t_k = target if n == N else target.index_select(0, keep)
-            t_k = t_k.contiguous()
-        # "mean": the kernel divides by the kept-row count (0 -> 1: all ignored gives 0 and zero grads)
-        count = torch.full((), n, dtype=torch.int64, device=x.device) if reduction == "mean" else None
-        chunk = _chunk_rows(n, H, V, x.device, chunk_size)
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        need_x, need_W, need_b = needs
-        loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-        ctx.meta = (reduction, eps, z, use_kernel, chunk, N, acc, needs)
-        if reduction == "none" or not any(needs):
-            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, loss_rows=loss_rows)
-            ctx.save_for_backward(x_k, W, b, t_k, keep)
-            ctx.count = count
-            ctx.grads = None
-        else:
-            grad_x = torch.zeros_like(x) if need_x else None
-            gW = torch.zeros(W.shape, dtype=acc, device=x.device) if need_W else None
-            gb = torch.zeros(V, dtype=acc, device=x.device) if need_b else None
-            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, loss_rows=loss_rows,
-                        grad_x=grad_x, keep=keep, gW=gW, gb=gb)
-            ctx.grads = (grad_x, gW, gb)
-        if reduction == "none":
-            out = loss_rows if keep is None else \
-                torch.zeros(N, dtype=torch.float32, device=x.device).index_copy_(0, keep, loss_rows)
-        else:
-            out = loss_rows.sum()
-        return out.to(torch.promote_types(x.dtype, target.dtype) if target.is_floating_point() else x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        reduction, eps, z, use_kernel, chunk, N, acc, (need_x, need_W, need_b) = ctx.meta
-        if reduction != "none":
-            if ctx.grads is None:
-                raise RuntimeError("ff.linear_cross_entropy: backward called twice")
-            grad_x, gW, gb = ctx.grads
-            ctx.grads = None
-            # cast the fp32 accumulators first, then scale in place: one pass less over (V, H) than
-            # scaling in fp32 (g is almost always exactly 1, so nothing is lost)
-            wdtype = ctx.wdtype
-            grad_x = grad_x.mul_(g) if grad_x is not None else None
-            gW = gW.to(wdtype).mul_(g) if gW is not None else None
-            gb = gb.to(wdtype).mul_(g) if gb is not None else None
-            return grad_x, gW, gb, None, None, None, None, None, None, None, None
-        else:
-            x_k, W, b, t_k, keep = ctx.saved_tensors
-            count = ctx.count
-            g = g.reshape(-1)
-            gscale = (g if keep is None else g.index_select(0, keep)).to(torch.float32).contiguous()
-            grad_x = torch.zeros((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device) if need_x else None
-            gW = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
-            gb = torch.zeros(W.shape[0], dtype=acc, device=W.device) if need_b else None
-            _run_chunks(x_k, W, b, t_k, count, eps, z, use_kernel, chunk, gscale=gscale,
-                        grad_x=grad_x, keep=keep, gW=gW, gb=gb)
-        wdtype = ctx.wdtype
-        return (grad_x, gW.to(wdtype) if gW is not None else None, gb.to(wdtype) if gb is not None else None,
-                None, None, None, None, None, None, None, None)
-
-
-def linear_cross_entropy(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    z_loss: float = 0.0,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """cross_entropy(F.linear(input, weight, bias), target, ...) without materialising the logits.
-
-    input: (N, H) hidden states (or (*, H), flattened); weight: (V, H) as nn.Linear.weight, same dtype;
-    bias: (V,) or None; target: (N,) (or (*)) integer class indices, or class probabilities (N, V)
-    (or (*, V); no ignore_index). Other arguments as ff.cross_entropy (no class weights: `weight`
-    here is the projection). Returns a scalar, or the per-row losses shaped (*) for "none", in
-    input's dtype (probabilities: promoted with the target's, as torch). Gradients for input, weight,
-    bias. chunk_size: rows of tokens per chunk (default: chosen from N, H, V). Backend "reference"
-    computes the full logits with eager torch, as does a probability target that requires grad;
-    otherwise the chunked path runs (Triton kernel on CUDA, torch math on CPU), so CPU memory is
-    saved too.
-    """
-    amp = amp_dtype(input)
-    if amp is not None:
-        # the projection is F.linear, which autocast runs in its low precision dtype: do the same
-        input, weight, bias = (autocast_cast(t, amp) for t in (input, weight, bias))
-    soft = _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
-    ignore_index = _as_index(ignore_index)
-    if not soft and _range_check_wanted(target):
-        _check_range(target, weight.shape[0], ignore_index)
-    grad_on = torch.is_grad_enabled()
-    if get_backend() == "reference" or (soft and grad_on and target.requires_grad):
-        with no_autocast(input, amp):
-            return _amp_result(_ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
-                                                         label_smoothing, z_loss=z_loss), amp)
-    use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
-    lead = input.shape[:-1]
-    x = input.reshape(-1, input.shape[-1])
-    t = target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1)
-    needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    with no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
-        out = _lce_kernel(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
-                          float(z_loss), needs, use_kernel, chunk_size)
-    out = _amp_result(out, amp)
-    return out.reshape(lead) if reduction == "none" else out
-
-
-@opaque_to_compile
-def _lce_kernel(*args):
-    """The chunked path of linear_cross_entropy (Triton kernel or torch math per chunk), opaque to
-    torch.compile (see fastformer/ops/_compile.py)."""
-    return _LinearCrossEntropyFn.apply(*args)
+# linear_cross_entropy lives in its own module (it uses the checks above)
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402,F401

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastformer.models.loading import CHECKPOINT_NAME, RunFolderError, load_state_file
+from fastformer.models.presets import canonical_preset
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -71,10 +73,30 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's dict, its fingerprint in today's preset names (see `current_fingerprint`)."""
     try:
-        return load_state_file(path)
+        state = load_state_file(path)
     except RunFolderError as e:
         raise CheckpointError(str(e)) from None
+    if isinstance(state.get("fingerprint"), dict):
+        state["fingerprint"] = current_fingerprint(state["fingerprint"])
+    return state
+
+
+# the preset a fine-tuning `source` names: "random init (NAME)", "init DIR (NAME, objective)"
+_SOURCE_PRESET = re.compile(r"\((?P<name>[^(),\s]+)(?P<rest>(, [^()]*)?)\)$")
+
+
+def current_fingerprint(fp: dict) -> dict:
+    """A checkpoint's fingerprint with a deprecated preset name (a run recorded as 't5-small') replaced by
+    its current one, so `--resume` compares it with this run's, which always records the current name."""
+    fp = dict(fp)
+    if isinstance(fp.get("model"), str):
+        fp["model"] = canonical_preset(fp["model"], warn=False)
+    if isinstance(fp.get("source"), str):
+        fp["source"] = _SOURCE_PRESET.sub(lambda m: f"({canonical_preset(m['name'], warn=False)}{m['rest']})",
+                                          fp["source"])
+    return fp
 
 
 def rng_state() -> dict:

@@ -21,7 +21,7 @@ from fastformer.data.packing import pad_batch
 from fastformer.data.tokenizer import load_tokenizer
 from fastformer.data.tsv import label_vocabulary, read_tsv
 from fastformer.models.loading import ARCHITECTURES, architecture_name, run_of
-from fastformer.models.presets import get_preset
+from fastformer.models.presets import canonical_preset, get_preset
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
@@ -142,10 +142,10 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
                              f"{init} was pre-trained with; use --max-len {max_pos} or less")
         state = load_checkpoint(init / CHECKPOINT_NAME)["model"]
         model = obj.build_classifier(model_config, len(names), state)
-        pre_model = pre_cfg.get("model")
+        pre_model = canonical_preset(pre_cfg.get("model"), warn=False)   # an older folder's name: the current one
         source = f"init {init.resolve()} ({pre_model}, {obj.name})"
     else:
-        preset = cfg.model or "bert-tiny"
+        preset = canonical_preset(cfg.model or "bert-tiny")
         get_preset(preset)
         obj = objective_for_preset(preset)
         if cfg.resume:            # the tokenizer this run trained (and saved) at its start

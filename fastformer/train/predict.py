@@ -7,6 +7,8 @@ What a prediction is depends on the model's kind (`loaded.kind`), looked up in `
 
     classifier   label, probability, and one p_<label> column per class
     mlm          each [MASK] filled with the most likely token: filled, predictions (top-k with probabilities)
+    seq2seq      generated text (greedy or beam search with the run's settings, or the keywords
+                 num_beams / max_new_tokens / length_penalty / max_len): input, prediction
 
 A predictor is `fn(loaded, texts, *, batch_size, device, **options) -> (columns, rows)` where rows
 are dicts keyed by columns; a new kind (e.g. text-to-text generation) joins with `register_predictor`
@@ -143,8 +145,36 @@ def _fill(text: str, enc, mask_id: int, preds: list, limit: int) -> str:
     return "".join(out) + text[last:]
 
 
+# ---------------------------------------------------------------------------------------------------
+# encoder-decoder: generate
+# ---------------------------------------------------------------------------------------------------
+
+def generate_text(loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu",
+             num_beams: int | None = None, max_new_tokens: int | None = None, length_penalty: float | None = None,
+             max_len: int | None = None, **_) -> tuple[list[str], list[dict]]:
+    """The generated text for each input, encoded as text-to-text fine-tuning encoded it; generation
+    settings default to the folder's (`config.json` "generation"; a span pre-training folder, which
+    records none, generates greedily up to 64 tokens: its sentinel-filled spans, sentinels dropped)."""
+    from .text2text import generate_texts, generation_settings
+
+    max_len, gen = generation_settings(loaded.config, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                       length_penalty=length_penalty, max_len=max_len)
+    preds = generate_texts(loaded.model, loaded.tokenizer, texts, max_len=max_len, batch_size=batch_size,
+                           device=device, **gen)
+    return ["input", "prediction"], [{"input": t, "prediction": p} for t, p in zip(texts, preds)]
+
+
+def generation_scores(rows: list[dict], targets: list[str]) -> dict:
+    """ROUGE-1/2/L and exact match of the generated `prediction` column against `targets`."""
+    from .text_metrics import exact_match, rouge
+
+    preds = [r["prediction"] for r in rows]
+    return {**rouge(preds, targets), "exact_match": exact_match(preds, targets)}
+
+
 register_predictor("classifier", classify)
 register_predictor("mlm", fill_mask)
+register_predictor("seq2seq", generate_text)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import fastformer
 from fastformer.data.corpus import DataError, load_texts, split_heldout
 from fastformer.data.tokenizer import tokenizer_from_json
 from fastformer.models.loading import ARCHITECTURES, architecture_name
-from fastformer.models.presets import get_preset, known_presets, preset_family
+from fastformer.models.presets import canonical_preset, get_preset, known_presets, preset_family
 
 from . import distributed as D
 from .checkpoint import CheckpointError
@@ -90,7 +90,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     obj = get_objective(cfg.objective)
-    preset = cfg.model or obj.default_model
+    preset = canonical_preset(cfg.model or obj.default_model)   # a deprecated name: warned, recorded as the new one
     get_preset(preset)                                    # unknown preset -> error before any work
     if preset_family(preset) != obj.family:               # ... and so is one the objective cannot train
         fits = [p for p in known_presets() if preset_family(p) == obj.family]

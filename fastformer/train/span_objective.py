@@ -13,6 +13,7 @@ from torch import nn
 
 from fastformer.data.span_corruption import SpanCorruptionCollator, span_corruption_lengths
 from fastformer.data.unigram_tokenizer import EOS, PAD, encode, sentinel_ids, train_unigram
+from fastformer.models.presets import canonical_preset
 from fastformer.models.t5 import T5_PRESETS, T5Config, T5EncoderForSequenceClassification, T5ForConditionalGeneration
 
 from .objectives import Objective
@@ -50,6 +51,7 @@ class SpanObjective(Objective):
 
     # -- model ------------------------------------------------------------------------------------
     def build_model(self, preset, tokenizer, *, seq_len) -> nn.Module:
+        preset = canonical_preset(preset)
         if preset not in T5_PRESETS:
             raise ValueError(f"--model {preset}: the span objective trains t5-* presets ({', '.join(T5_PRESETS)})")
         cfg = T5Config.from_preset(preset, vocab_size=tokenizer.get_vocab_size(), pad_token_id=PAD,

@@ -1,4 +1,5 @@
-"""Text-to-text fine-tuning of the whole T5 encoder-decoder on `input<TAB>target` pairs.
+"""Text-to-text fine-tuning of the whole T5 encoder-decoder on `input<TAB>target` pairs
+(`fastformer finetune --task text2text`).
 
     summary = finetune_text2text(Text2TextConfig(train="train.tsv", eval="test.tsv", init="runs/span"))
 
@@ -8,18 +9,28 @@ the fused linear-cross-entropy head on the target tokens (EOS included). Evaluat
 targets: ROUGE-1/2/L F-measures, exact match (= accuracy when the targets are class labels as
 words: classification as text), plus the teacher-forced loss and token accuracy.
 
-From `init` (a `pretrain --objective span` output folder): its tokenizer and weights. From a preset
-(`model`, default t5-tiny): a Unigram tokenizer trained on the training inputs and targets, random
-weights. Writes to out_dir: eval.json (the summary returned), predictions.tsv
-(input, target, prediction), config.json (what rebuilds the model: model_config, tokenizer,
-generation settings), tokenizer.json, checkpoint.pt, metrics.jsonl, loss.png.
+From `init` (a `pretrain --objective span` output folder, or an earlier text-to-text run): its
+tokenizer and weights. From a preset (`model`, default t5-tiny): a Unigram tokenizer trained on the
+training inputs and targets, random weights. The run folder follows the rules of every fine-tuning
+run (`fastformer.train.run_dir`): a non-empty out_dir must be this run to resume or be replaced with
+overwrite, never a pre-training folder; config.json and tokenizer.json are written before the first
+step; SIGINT / SIGTERM checkpoint (also during the final generation, which a resume then redoes).
+Writes to out_dir: eval.json (the summary returned), predictions.tsv (input, target, prediction),
+config.json (what rebuilds the model: model_config, tokenizer, length limits, generation settings,
+the training settings), tokenizer.json, checkpoint.pt, metrics.jsonl, loss.png.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import signal
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,24 +39,31 @@ from fastformer.data.corpus import DataError
 from fastformer.data.packing import pad_batch
 from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_pairs
 from fastformer.data.tokenizer import load_tokenizer
-from fastformer.models.presets import get_preset
+from fastformer.models.loading import ARCHITECTURES, architecture_name
+from fastformer.models.presets import canonical_preset, get_preset
 from fastformer.models.t5 import T5_PRESETS, T5Config, T5ForConditionalGeneration
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from .metrics import plot_loss
+from .metrics import plot_loss, read_metrics
 from .pretrain import ExampleSampler, seed_everything
+from .resources import check_memory, estimate_memory, set_threads
+from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
 from .text_metrics import exact_match, rouge
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
 TASK = "text2text"
+MIN_EVAL_EXAMPLES = 20           # fewer held-out pairs: the scores move in coarse steps (warned)
+DEFAULT_MAX_NEW_TOKENS = 64      # generation limit for a folder that records none (a span pre-training run)
+# Fields of Text2TextConfig that only text-to-text runs have (the CLI's generation / length flags).
+TEXT2TEXT_FIELDS = ("max_target_len", "num_beams", "max_new_tokens", "length_penalty", "dropout", "eval_limit")
 
 
 @dataclass
 class Text2TextConfig(TrainConfig):
     train: str = ""
     eval: str = ""
-    init: str | None = None            # a span pre-training output folder
+    init: str | None = None            # a span pre-training output folder (or a text-to-text run)
     model: str | None = None           # or a t5-* preset (random init); default t5-tiny
     model_overrides: dict | None = None  # T5Config fields that replace the preset's (random init only)
     max_len: int = 128                 # input tokens, EOS included
@@ -62,9 +80,14 @@ class Text2TextConfig(TrainConfig):
     eval_batch_size: int = 64
     eval_limit: int | None = None      # generate for the first N eval pairs only (None: all)
     n_examples: int = 20               # (input, target, prediction) examples kept in eval.json
+    task: str = TASK
 
     def validate(self) -> None:
         super().validate()
+        if not self.train or not self.eval:
+            raise ValueError("finetune needs --train FILE.tsv and --eval FILE.tsv")
+        if self.task != TASK:
+            raise ValueError(f"--task {self.task}: this pipeline fine-tunes text-to-text (--task {TASK})")
         for name in ("max_target_len", "num_beams", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -76,6 +99,8 @@ class Text2TextConfig(TrainConfig):
             raise ValueError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number, got {self.length_penalty}")
         if self.n_examples < 0:
             raise ValueError(f"--n-examples must be >= 0, got {self.n_examples}")
 
@@ -89,8 +114,15 @@ def finetune_text2text(cfg: Text2TextConfig) -> dict:
         D.shutdown(info)
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
 def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
-    """(model, tokenizer, model_config, source description) from --init or a preset."""
+    """(model, tokenizer, model_config, source description, preset name) from --init or a preset."""
     from tokenizers import Tokenizer
 
     from .span_objective import SpanObjective
@@ -101,16 +133,13 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
             if not (init / f).is_file():
                 raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
-        if Path(cfg.out_dir).resolve() == init.resolve():
-            raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
-                             "pre-trained checkpoint and metrics; choose another --out")
-        try:
-            pre = json.loads((init / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{init / 'config.json'}: not valid JSON ({e})") from None
+        pre = _read_config(init / "config.json")
         if pre.get("objective") != "span" and pre.get("task") != TASK:
             raise ValueError(f"--init {init}: text-to-text needs an encoder-decoder (pre-trained with "
                              f"--objective span or fine-tuned text-to-text), this one is {pre.get('objective')!r}")
+        if pre.get("architecture", "T5ForConditionalGeneration") != "T5ForConditionalGeneration":
+            raise ValueError(f"--init {init}: a {pre['architecture']} run; text-to-text needs the whole "
+                             "encoder-decoder (a span pre-training or text-to-text folder)")
         tok = load_tokenizer(init / "tokenizer.json")
         obj.check_tokenizer(tok, str(init / "tokenizer.json"))
         model_config = dict(pre["model_config"])
@@ -120,9 +149,10 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
             model.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"--init {init}: weights do not fit its config ({str(e).splitlines()[0]})") from None
-        source = f"init {init} ({pre.get('model')}, {pre.get('objective') or pre.get('task')})"
+        preset = canonical_preset(pre.get("model"), warn=False)   # an older folder's name: the current one
+        source = f"init {init} ({preset}, {pre.get('objective') if pre.get('task') != TASK else TASK})"
     else:
-        preset = cfg.model or "t5-tiny"
+        preset = canonical_preset(cfg.model or "t5-tiny")
         get_preset(preset)
         if preset not in T5_PRESETS:
             raise ValueError(f"--model {preset}: text-to-text needs an encoder-decoder, a t5-* preset "
@@ -147,8 +177,12 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         state = model.state_dict()
         model = T5ForConditionalGeneration(T5Config.from_dict(model_config))
         model.load_state_dict(state)
-    return model, tok, model_config, source
+    return model, tok, model_config, source, preset
 
+
+# ---------------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------------
 
 def decode_generated(tok, ids: torch.Tensor, eos_id: int) -> list[str]:
     """Generated ids (N, 1 + T) (start token first) -> texts, each cut at its first EOS."""
@@ -162,8 +196,12 @@ def decode_generated(tok, ids: torch.Tensor, eos_id: int) -> list[str]:
 
 @torch.no_grad()
 def generate_texts(model, tok, inputs: list[str], *, max_len: int, max_new_tokens: int, batch_size: int = 64,
-                   num_beams: int = 1, length_penalty: float = 1.0, device=None, progress: bool = False) -> list[str]:
-    """Generated text for each input (batched longest-first, so little padding), in input order."""
+                   num_beams: int = 1, length_penalty: float = 1.0, device=None, progress: bool = False,
+                   log: Callable[[str], None] | None = None) -> list[str]:
+    """Generated text for each input (batched longest-first, so little padding), in input order.
+
+    Inputs are encoded as fine-tuning encodes them (tokens, cut to max_len - 1, then EOS). progress:
+    a progress bar; log: without one, called with a line about every tenth of the inputs."""
     cfg = model.config
     device = device or next(model.parameters()).device
     enc = [torch.tensor(e.ids[: max_len - 1] + [cfg.eos_token_id], dtype=torch.int64)
@@ -178,6 +216,7 @@ def generate_texts(model, tok, inputs: list[str], *, max_len: int, max_new_token
             bar = tqdm(total=len(enc), desc="generate", dynamic_ncols=True, leave=False)
         except ImportError:
             bar = None
+    t0, next_log = time.perf_counter(), max(1, len(enc) // 10)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = pad_batch([enc[i] for i in idx], cfg.pad_token_id, pad_to_multiple_of=8)
@@ -185,11 +224,35 @@ def generate_texts(model, tok, inputs: list[str], *, max_len: int, max_new_token
                              max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty)
         for i, text in zip(idx, decode_generated(tok, out.cpu(), cfg.eos_token_id)):
             texts[i] = text
+        done = start + len(idx)
         if bar is not None:
             bar.update(len(idx))
+        elif log is not None and (done >= next_log or done == len(enc)):
+            log(f"generated {done:,}/{len(enc):,} ({time.perf_counter() - t0:.0f} s)")
+            next_log = done + max(1, len(enc) // 10)
     if bar is not None:
         bar.close()
     return texts
+
+
+def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
+    """(max input tokens, generate keywords) for a run folder's config.json: its recorded settings
+    (a text-to-text run) or defaults (a span pre-training run), overridden by the non-None keywords
+    (max_len, max_new_tokens, num_beams, length_penalty)."""
+    gen = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "num_beams": 1, "length_penalty": 1.0,
+           **(config.get("generation") or {})}
+    train = config.get("train") or {}
+    max_len = int(config.get("max_len") or train.get("max_len") or train.get("seq_len") or 512)
+    for key, flag in (("max_len", "--max-len"), ("max_new_tokens", "--max-new-tokens"), ("num_beams", "--num-beams")):
+        v = overrides.get(key)
+        if v is not None and v < (2 if key == "max_len" else 1):
+            raise ValueError(f"{flag} must be at least {2 if key == 'max_len' else 1}, got {v}")
+    if overrides.get("max_len") is not None:
+        max_len = int(overrides["max_len"])
+    for key in ("max_new_tokens", "num_beams", "length_penalty"):
+        if overrides.get(key) is not None:
+            gen[key] = overrides[key]
+    return max_len, gen
 
 
 def load_text2text(path: str | Path, device: str | torch.device = "cpu"):
@@ -207,19 +270,57 @@ def load_text2text(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), load_tokenizer(d / "tokenizer.json"), config
 
 
+@contextlib.contextmanager
+def _interruptible(step: int, checkpoint: Path):
+    """SIGINT / SIGTERM during the final generation: the checkpoint of the finished training is on
+    disk, so stop at once with TrainingInterrupted (a resume skips training and generates again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise TrainingInterrupted(signum, step, checkpoint, saved=True)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------
+
 def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     if cfg.init and cfg.model:
         raise ValueError("give either --init DIR or --model PRESET, not both")
     if cfg.init and cfg.model_overrides:
         raise ValueError("model_overrides change a preset's random-init architecture; --init fixes the architecture")
+    out = Path(cfg.out_dir)
+    if cfg.init and out.resolve() == Path(cfg.init).resolve():
+        raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
+                         "pre-trained checkpoint and metrics; choose another --out")
+    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
+    D.barrier(info)                                       # every rank has checked --out before rank 0 writes
+    threads = set_threads(cfg.threads)
     train_inputs, train_targets = read_pairs(cfg.train)
     eval_inputs, eval_targets = read_pairs(cfg.eval)
-    model, tok, model_config, source = _build(cfg, train_inputs, train_targets, info)
+    if info.main and len(eval_inputs) < MIN_EVAL_EXAMPLES:
+        warnings.warn(f"--eval {cfg.eval} has only {len(eval_inputs)} pair(s): the scores move in steps of "
+                      f"1/{len(eval_inputs)} and say little; a held-out file of a few hundred pairs is better",
+                      FastformerWarning, stacklevel=3)
+    model, tok, model_config, source, preset = _build(cfg, train_inputs, train_targets, info)
     mc = model.config
     kw = dict(max_len=cfg.max_len, max_target_len=cfg.max_target_len, eos_id=mc.eos_token_id)
     train_ex = encode_pairs(tok, train_inputs, train_targets, **kw)
     eval_ex = encode_pairs(tok, eval_inputs, eval_targets, **kw)
+    if info.main:
+        _warn_cut(tok, train_targets, cfg.max_target_len, "--max-target-len", cfg.train, "target")
     collate = Seq2SeqCollator(mc.pad_token_id)
     sampler = ExampleSampler(len(train_ex), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info,
                              seed=cfg.seed)
@@ -238,18 +339,32 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
     eval_batches = [collate(eval_ex[i:i + cfg.batch_size]) for i in range(0, len(eval_ex), cfg.batch_size)]
     max_new = cfg.max_new_tokens or cfg.max_target_len
     generation = {"max_new_tokens": max_new, "num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty}
-    out = Path(cfg.out_dir)
+    mem = _check_memory(cfg, model, max(len(x) for x, _ in train_ex), max(len(y) for _, y in train_ex), device, info)
     fingerprint = {"task": TASK, "source": source, "model_config": model_config, "max_len": cfg.max_len,
                    "max_target_len": cfg.max_target_len, "train": str(Path(cfg.train).resolve())}
+    n_params = sum(p.numel() for p in model.parameters())
     if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tokenizer.json").write_text(tok.to_str())
+        make_out_dir(out)
+        write_file(out, "tokenizer.json", tok.to_str())
+        arch = architecture_name(model)
+        init = str(Path(cfg.init).resolve()) if cfg.init else None
         config = {"fastformer_version": fastformer.__version__, "run": "finetune", "task": TASK,
-                  "objective": "span", "architecture": type(model).__name__, "model": source,
-                  "model_config": model_config, "max_len": cfg.max_len, "max_target_len": cfg.max_target_len,
-                  "generation": generation,
-                  "train": asdict(cfg), "n_train": len(train_ex), "n_eval": len(eval_ex)}
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+                  "objective": "span", "model": preset, "architecture": arch, "kind": ARCHITECTURES[arch].kind,
+                  "model_config": model_config, "labels": None, "max_len": cfg.max_len,
+                  "max_target_len": cfg.max_target_len, "generation": generation, "source": source, "init": init,
+                  "n_parameters": n_params, "world_size": info.world, "threads": threads[0],
+                  "threads_source": threads[1],
+                  "train": {**asdict(cfg), "model": None if cfg.init else preset,
+                            "train": str(Path(cfg.train).resolve()), "eval": str(Path(cfg.eval).resolve()),
+                            "init": init, "warmup_steps": cfg.warmup, "warmup_default": cfg.warmup_steps is None,
+                            "resume": False, "overwrite": False, "stop_at": None},
+                  "n_train_examples": len(train_ex), "n_eval_examples": len(eval_ex)}
+        write_file(out, "config.json", json.dumps(config, indent=2, default=str))
+        print(f"finetune {TASK} {source}: {n_params / 1e6:.1f}M parameters on {device}"
+              f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
+              f"({threads[1]}), {len(train_ex):,} training / {len(eval_ex):,} eval pairs\n"
+              f"  memory: {mem.describe() if mem else 'not checked'}\n"
+              f"  output: {out}{' (resumed)' if cfg.resume else ''}", flush=True)
     D.barrier(info)
     trainer = Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn,
                       tokens_fn=lambda b: int(b["attention_mask"].sum()), eval_batches=eval_batches,
@@ -260,26 +375,84 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
     summary = {}
     if info.main:
         n_gen = len(eval_inputs) if cfg.eval_limit is None else min(cfg.eval_limit, len(eval_inputs))
+
+        def log(line):
+            print(f"  {line}", flush=True)
+
+        if not cfg.progress:
+            log(f"generating for {n_gen:,} eval input(s): {_describe_generation(generation)}")
         t0 = time.perf_counter()
-        preds = generate_texts(trainer.raw_model, tok, eval_inputs[:n_gen], max_len=cfg.max_len,
-                               max_new_tokens=max_new, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams,
-                               length_penalty=cfg.length_penalty, device=device, progress=cfg.progress)
+        with _interruptible(result.step, trainer.ckpt_path):
+            preds = generate_texts(trainer.raw_model, tok, eval_inputs[:n_gen], max_len=cfg.max_len,
+                                   max_new_tokens=max_new, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams,
+                                   length_penalty=cfg.length_penalty, device=device, progress=cfg.progress, log=log)
         gen_s = time.perf_counter() - t0
         refs = eval_targets[:n_gen]
         scores = rouge(preds, refs)
         em = exact_match(preds, refs)
+        final_loss = result.final_loss
+        if final_loss != final_loss:            # --resume of a finished run: no step ran, report the logged one
+            rows = read_metrics(out / "metrics.jsonl")
+            final_loss = rows[-1]["loss"] if rows else None
         summary = {**scores, "exact_match": em, "accuracy": em, "eval_loss": ev.get("eval_loss"),
                    "token_accuracy": ev.get("eval_accuracy"), "n_eval": n_gen, "n_train": len(train_ex),
-                   "steps": result.step, "final_train_loss": result.final_loss, "source": source,
-                   "tokens_per_s": result.tokens_per_s, "generation": generation, "generation_seconds": gen_s,
+                   "steps": result.step, "final_train_loss": final_loss, "source": source,
+                   "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
+                   "resumed_from": result.resumed_from, "threads": threads[0], "generation": generation,
+                   "generation_seconds": gen_s,
                    "examples": [{"input": i, "target": t, "prediction": p}
                                 for i, t, p in zip(eval_inputs[:cfg.n_examples], refs, preds)],
                    "out_dir": str(out)}
-        with open(out / "predictions.tsv", "w", encoding="utf-8") as f:
-            f.write("input\ttarget\tprediction\n")
-            for i, t, p in zip(eval_inputs, refs, preds):
-                f.write("\t".join(" ".join(x.split()) for x in (i, t, p)) + "\n")
-        (out / "eval.json").write_text(json.dumps(summary, indent=2))
-        plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"text-to-text fine-tuning, {source}")
+        lines = ["input\ttarget\tprediction"] + ["\t".join(" ".join(x.split()) for x in row)
+                                                 for row in zip(eval_inputs, refs, preds)]
+        write_file(out, "predictions.tsv", "\n".join(lines) + "\n")
+        write_file(out, "eval.json", json.dumps(summary, indent=2))
+        with writing("--out", out):
+            plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"text-to-text fine-tuning, {source}")
     D.barrier(info)
     return D.broadcast_object(summary if info.main else None, info)
+
+
+def _warn_cut(tok, texts, limit: int, flag: str, path: str, what: str) -> None:
+    """Warn when texts are longer than `limit` tokens (EOS included): the model learns them cut."""
+    lengths = [len(e.ids) + 1 for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    cut = sum(n > limit for n in lengths)
+    if cut:
+        warnings.warn(f"{cut:,} of {len(lengths):,} {what}s in {path} are longer than {flag} {limit} tokens "
+                      f"(the longest: {max(lengths)}, EOS included) and are cut: the model learns to write the cut "
+                      f"{what}s; a larger {flag} keeps them whole", FastformerWarning, stacklevel=4)
+
+
+def _describe_generation(g: dict) -> str:
+    how = "greedy" if g["num_beams"] == 1 else f"beam search ({g['num_beams']} beams, length penalty " \
+                                                f"{g['length_penalty']:g})"
+    return f"{how}, at most {g['max_new_tokens']} new tokens"
+
+
+def describe_summary(s: dict) -> str:
+    """The lines `fastformer finetune --task text2text` prints at the end."""
+    resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
+    return (f"finetune done ({TASK}, {s['source']}): {s['steps']} steps in {s['seconds']:.0f} s{resumed}\n"
+            f"  eval on {s['n_eval']:,} pairs ({_describe_generation(s['generation'])}): ROUGE-1 {s['rouge1']:.4f}, "
+            f"ROUGE-2 {s['rouge2']:.4f}, ROUGE-L {s['rougeL']:.4f}, exact match {s['exact_match']:.4f}\n"
+            f"  {s['out_dir']}/eval.json, predictions.tsv; generate with "
+            f"`fastformer predict --model {s['out_dir']} --input FILE`")
+
+
+def _check_memory(cfg: Text2TextConfig, model, src_len: int, tgt_len: int, device: torch.device,
+                  info: D.DistInfo):
+    """Refuse a run that cannot fit (warn when close); the estimate (None when not checked)."""
+    if not cfg.memory_check:
+        return None
+    tgt = -(-tgt_len // 8) * 8
+
+    def est(batch, length):
+        return estimate_memory(model, batch_size=batch, seq_len=length, target_len=tgt, head_rows=batch * tgt,
+                               optimizer=cfg.optimizer, device=device, processes=D.local_processes(info, device))
+
+    def warn(msg):
+        if info.main:
+            warnings.warn(msg, FastformerWarning, stacklevel=4)
+
+    return check_memory(est, batch_size=cfg.batch_size, len_flag="--max-len", seq_len=-(-src_len // 8) * 8,
+                        grad_accum=cfg.grad_accum, warn=warn)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastformer.data.corpus import DataError
-from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_pairs
+from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_generation_inputs, read_pairs
 from fastformer.data.unigram_tokenizer import EOS, train_unigram
 
 
@@ -33,12 +33,34 @@ def test_no_header_last_column_is_the_target(tmp_path):
 
 @pytest.mark.parametrize("text, match", [("", "empty"), ("input\ttarget\n", "no data rows"),
                                          ("a\tb\nonly one column\n", "row 2"),
-                                         ("input\ttarget\nx\n", "row 1")])
+                                         ("input\ttarget\nx\n", "row 1"),
+                                         ("input\ttarget\na\tb\nc\t  \n", "row 2 has an empty target")])
 def test_bad_files_raise_data_error(tmp_path, text, match):
     with pytest.raises(DataError, match=match):
         read_pairs(_write(tmp_path, text))
     with pytest.raises(DataError, match="no such file"):
         read_pairs(tmp_path / "missing.tsv")
+
+
+def test_binary_and_utf16_files(tmp_path):
+    p = tmp_path / "bin.tsv"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="binary"):
+        read_pairs(p)
+    p = tmp_path / "u16.tsv"
+    p.write_bytes("input\ttarget\nein Satz\tSatz\n".encode("utf-16"))
+    assert read_pairs(p) == (["ein Satz"], ["Satz"])
+
+
+def test_generation_inputs_with_and_without_targets(tmp_path):
+    assert read_generation_inputs(_write(tmp_path, "description\theadline\nlong text\tshort\n")) == (
+        ["long text"], ["short"])
+    assert read_generation_inputs(_write(tmp_path, "a b\tc\nd\te\n", "x.tsv")) == (["a b", "d"], ["c", "e"])
+    assert read_generation_inputs(_write(tmp_path, "just one\nand two\n", "y.tsv")) == (["just one", "and two"], None)
+    assert read_generation_inputs(_write(tmp_path, "x\ty\n\nsecond line\n", "z.txt")) == (["x\ty", "second line"],
+                                                                                         None)
+    with pytest.raises(DataError, match="no such file"):
+        read_generation_inputs(tmp_path / "missing.txt")
 
 
 def test_encode_pairs_truncates_before_eos_and_collator_pads():

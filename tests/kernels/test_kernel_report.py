@@ -160,6 +160,21 @@ def test_warp_specialised_compute_warps():
     assert aot.ttgir_compute_warps(TTGIR) is None
 
 
+def test_every_cross_entropy_candidate_has_committed_gate_verdicts():
+    """The same for the cross-entropy kernel: its declared candidates and today's kernel."""
+    from fastformer.kernels import cross_entropy_launch as CL
+
+    data = json.loads((tuning.GATES_DIR / "cross_entropy.json").read_text())
+    assert data["triton"], "no Triton version recorded"
+    for version, per_arch in data["triton"].items():
+        assert set(per_arch) == {"sm_80", "sm_90"}, version
+        for arch, kernels in per_arch.items():
+            for cfg in (CL.LEGACY, *CL.ONE_BLOCK_CANDIDATES, *CL.STREAM_CANDIDATES):
+                assert tuning.config_id(cfg) in kernels.get(CL.TUNE_NAME, {}), (version, arch, cfg)
+            # today's kernel is always a candidate: it passes the candidate gates everywhere
+            assert not kernels[CL.TUNE_NAME][tuning.config_id(CL.LEGACY)]["failed"], (version, arch)
+
+
 _SPEC_SCRIPT = r"""
 import json, sys, torch
 from fastformer.kernels import aot
@@ -229,7 +244,8 @@ def test_kernel_report_ci_check(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out_json.read_text())
     rows = report["rows"]
-    assert {r["kernel"] for r in rows} == {"attention.fwd", "attention.delta", "attention.bwd", "attention.dq_finish"}
+    assert {r["kernel"] for r in rows} == {"attention.fwd", "attention.delta", "attention.bwd", "attention.dq_finish",
+                                           "cross_entropy.fwd", "cross_entropy.scale"}
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert not [r for r in rows if r.get("error")]
     assert report["gate_results"] and all(v["ok"] for v in report["gate_results"])

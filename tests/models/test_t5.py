@@ -92,8 +92,8 @@ def test_forward_backward_table_sharing_and_padding_invariance():
 
 
 @pytest.mark.parametrize("name,published,n_params", [
-    ("t5-small", dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8), 76_961_152),
-    ("t5-base", dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+    ("t5-v1_1-small", dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8), 76_961_152),
+    ("t5-v1_1-base", dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
      247_577_856),
 ])
 def test_presets_have_published_v1_1_sizes_and_hf_layout(name, published, n_params):

@@ -10,6 +10,8 @@ from fastformer.train.text_metrics import exact_match, normalize_text, rouge
 
 from train_helpers import make_corpus, tiny_config
 
+pytestmark = pytest.mark.filterwarnings("ignore:--eval .* has only", "ignore:the held-out slice")
+
 SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2)
 
 
@@ -126,3 +128,35 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_during_the_final_generation_keeps_the_run_and_resume_generates(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import fastformer.train.text2text as t2t
+    from fastformer.train.trainer import TrainingInterrupted
+
+    rng = random.Random(4)
+    train = _copy_pairs(tmp_path / "train.tsv", 100, rng, header=True)
+    ev = _copy_pairs(tmp_path / "eval.tsv", 6, rng, header=False)
+    cfg = dict(train=str(train), eval=str(ev), model="t5-tiny", model_overrides=SMALL, steps=4, batch_size=8,
+               lr=1e-3, vocab_size=200, max_len=12, max_target_len=12, device="cpu", progress=False, seed=0,
+               out_dir=str(tmp_path / "run"))
+    original = t2t.generate_texts
+
+    def interrupted(*args, **kw):
+        os.kill(os.getpid(), signal.SIGINT)      # the handler raises at once: nothing is generated
+        return original(*args, **kw)
+
+    monkeypatch.setattr(t2t, "generate_texts", interrupted)
+    with pytest.raises(TrainingInterrupted) as info:
+        finetune_text2text(Text2TextConfig(**cfg))
+    assert info.value.saved and info.value.step == 4 and info.value.exit_code == 130
+    assert not (tmp_path / "run" / "eval.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers restored
+    monkeypatch.setattr(t2t, "generate_texts", original)
+    s = finetune_text2text(Text2TextConfig(resume=True, **cfg))              # no training left: generates
+    assert s["steps"] == 4 and s["resumed_from"] == 4 and s["n_eval"] == 6
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert s["final_train_loss"] == last["loss"]

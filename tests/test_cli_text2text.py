@@ -1,0 +1,208 @@
+"""`fastformer finetune --task text2text`, `predict` and `export` on a text-to-text folder, end to end on
+tiny generated pairs: eval.json, predictions that `predict` reproduces, Hugging Face generate on the
+exported folder giving our tokens, Ctrl-C + --resume, and one-line errors."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastformer as ff
+from fastformer.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:--eval .* has only", "ignore:the held-out slice")
+
+LETTERS = "abcdefgh"
+
+
+def _copy_pairs(path, n, rng, header="input\ttarget"):
+    """`x y z<TAB>x y z`: the target copies the input."""
+    rows = [header] if header else []
+    for _ in range(n):
+        s = " ".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 4)))
+        rows.append(f"{s}\t{s}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    rng = random.Random(0)
+    return {"dir": tmp_path, "train": _copy_pairs(tmp_path / "train.tsv", 400, rng),
+            "eval": _copy_pairs(tmp_path / "eval.tsv", 24, rng, header=None)}
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+
+
+def _run(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "fastformer", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+T2T = ["--task", "text2text", "--model", "t5-tiny", "--batch-size", "16", "--vocab-size", "200", "--max-len", "16",
+       "--max-target-len", "16", "--device", "cpu", "--no-progress"]
+
+
+def _error_line(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("fastformer: error:") and "Traceback" not in err, err
+    return err
+
+
+def _hf_matches_ours(model, hf_dir, texts, max_new_tokens, *, from_config=True, **kw):
+    """HF generate on the exported folder (its tokenizer; max_new_tokens from its generation_config.json
+    when from_config) gives our generate's tokens; returns the generated rows."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    ours = model.generate(batch["input_ids"], batch["attention_mask"].bool(), max_new_tokens=max_new_tokens, **kw)
+    ref = hf.generate(**batch, do_sample=False, **kw, **({} if from_config else {"max_new_tokens": max_new_tokens}))
+    assert torch.equal(ours, ref), f"\nours {ours}\nhf   {ref}"
+    return ours
+
+
+def test_text2text_finetune_predict_export(pairs, capsys):
+    d = pairs["dir"]
+    out = d / "t2t"
+    r = _run("finetune", "--train", pairs["train"], "--eval", pairs["eval"], *T2T, "--steps", "80", "--lr", "3e-3",
+             "--warmup-steps", "5", "--log-every", "20", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "finetune text2text random init (t5-tiny)" in r.stdout and "ROUGE-L" in r.stdout
+    ev = json.loads((out / "eval.json").read_text())
+    for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
+        assert 0.0 <= ev[key] <= 1.0, key
+    assert ev["n_eval"] == 24 and ev["n_train"] == 400 and ev["steps"] == 80 and ev["accuracy"] == ev["exact_match"]
+    assert ev["generation"] == {"max_new_tokens": 16, "num_beams": 1, "length_penalty": 1.0}
+    assert len(ev["examples"]) == 20 and set(ev["examples"][0]) == {"input", "target", "prediction"}
+    assert ev["examples"][0]["target"] == ev["examples"][0]["input"]
+    assert ev["rouge1"] > 0.2, ev["examples"][:5]       # 80 steps of a copy task: some letters come out right
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["run"] == "finetune" and cfg["task"] == "text2text" and cfg["kind"] == "seq2seq"
+    assert cfg["train"]["task"] == "text2text" and cfg["train"]["lr"] == 3e-3 and cfg["threads"] == 1
+    for f in ("checkpoint.pt", "tokenizer.json", "metrics.jsonl", "loss.png", "predictions.tsv"):
+        assert (out / f).is_file(), f
+
+    # predict: the same model and settings generate the same texts as the evaluation did
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--input", str(pairs["eval"]), "--output", str(d / "preds.tsv")]) == 0
+    assert "ROUGE-L" in capsys.readouterr().err
+    got = [line.split("\t") for line in (d / "preds.tsv").read_text().splitlines()]
+    want = [line.split("\t") for line in (out / "predictions.tsv").read_text().splitlines()]
+    assert got[0] == ["input", "prediction"] and len(got) == 25
+    assert [g[1] if len(g) > 1 else "" for g in got[1:]] == [w[2] if len(w) > 2 else "" for w in want[1:]]
+    (d / "in.txt").write_text("a b c\n\nd e\n")
+    assert main(["predict", "--model", str(out), "--input", str(d / "in.txt"), "--num-beams", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "input\tprediction" and [x.split("\t")[0] for x in lines[1:]] == ["a b c", "d e"]
+
+    # the load API: the encoder-decoder and its tokenizer
+    loaded = ff.models.load(out)
+    assert loaded.kind == "seq2seq" and type(loaded.model).__name__ == "T5ForConditionalGeneration"
+    assert loaded.labels is None and not loaded.model.training and loaded.tokenizer.token_to_id("</s>") == 1
+
+    # export: HF's generate on the exported folder gives our tokens, greedy and beam search
+    assert main(["export", "--model", str(out), "--hf", str(d / "hf")]) == 0
+    gen_cfg = json.loads((d / "hf" / "generation_config.json").read_text())
+    assert gen_cfg["max_new_tokens"] == 16 and gen_cfg["decoder_start_token_id"] == 0
+    texts = ["a b c d", "h g", "e e f", "b"]
+    greedy = _hf_matches_ours(loaded.model, d / "hf", texts, 16)
+    assert (greedy[:, 1:] > 2).sum() >= 4           # real tokens were generated, not only EOS / padding
+    _hf_matches_ours(loaded.model, d / "hf", texts, 16, num_beams=3, length_penalty=0.6)
+
+
+def test_text2text_ctrl_c_then_resume(pairs, capsys):
+    out = pairs["dir"] / "run"
+    p = subprocess.Popen([sys.executable, "-m", "fastformer", "finetune", "--train", str(pairs["train"]), "--eval",
+                          str(pairs["eval"]), *T2T, "--steps", "100000", "--log-every", "1", "--lr", "2e-3",
+                          "--num-beams", "2", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    for line in p.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "checkpoint saved to" in err and f"fastformer finetune --out {out} --resume" in err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 3 and not (out / "eval.json").exists()
+    # --resume alone continues the text-to-text run with its own settings (task, data, lr, beams, ...)
+    assert main(["finetune", "--out", str(out), "--resume", "--steps", str(step + 2), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "finetune text2text" in printed and f"resumed at step {step}" in printed and "2 beams" in printed
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["steps"] == step + 2 and ev["generation"]["num_beams"] == 2 and ev["resumed_from"] == step
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == list(range(1, step + 3))
+    err = _error_line(capsys, ["finetune", "--out", str(out), "--resume", "--max-target-len", "8"])
+    assert "leave --max-target-len out" in err
+
+
+def test_classification_as_text_through_the_same_command(tmp_path):
+    rng = random.Random(1)
+    words = {"cat": "animal", "dog": "animal", "ball": "thing", "box": "thing"}
+
+    def write(path, n):
+        rows = ["sentence\tlabel"]
+        for _ in range(n):
+            w = rng.choice(sorted(words))
+            rows.append(f"the {w} is here\t{words[w]}")
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    out = tmp_path / "cls"
+    assert main(["finetune", "--train", str(write(tmp_path / "train.tsv", 200)), "--eval",
+                 str(write(tmp_path / "eval.tsv", 20)), *T2T, "--steps", "40", "--lr", "3e-3", "--out", str(out)]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert {e["target"] for e in ev["examples"]} <= {"animal", "thing"} and ev["accuracy"] == ev["exact_match"]
+    assert ev["exact_match"] >= 0.5, ev["examples"]      # two classes, a word decides: learned in 40 steps
+
+
+def test_span_pretrained_folder_predicts_and_exports(tmp_path):
+    rng = random.Random(2)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choice(["the", "cat", "dog", "sat", "ran", "a", "mat", "far"])
+                                           for _ in range(60)) for _ in range(40)))
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(corpus), "--steps", "3",
+                 "--batch-size", "4", "--seq-len", "32", "--vocab-size", "160", "--device", "cpu", "--no-progress",
+                 "--out", str(pre)]) == 0
+    loaded = ff.models.load(pre)
+    assert loaded.kind == "seq2seq"
+    from fastformer.train.predict import predict_texts
+
+    cols, rows = predict_texts(loaded, ["the cat sat", "a dog ran far"], max_new_tokens=5)
+    assert cols == ["input", "prediction"] and [r["input"] for r in rows] == ["the cat sat", "a dog ran far"]
+    assert main(["export", "--model", str(pre), "--hf", str(tmp_path / "hf")]) == 0
+    _hf_matches_ours(loaded.model, tmp_path / "hf", ["the cat sat on a mat", "dog"], 6, from_config=False)
+
+
+def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
+    d = pairs["dir"]
+    ft = ["finetune", "--train", str(pairs["train"]), "--eval", str(pairs["eval"]), "--steps", "2", "--device",
+          "cpu", "--no-progress", "--out", str(d / "bad")]
+    assert "choose classify" in _error_line(capsys, ft + ["--task", "summarize"])
+    assert "encoder-decoder" in _error_line(capsys, ft + ["--task", "text2text", "--model", "bert-tiny"])
+    assert "--num-beams applies to --task text2text only" in _error_line(capsys, ft + ["--num-beams", "2"])
+    assert "--num-beams must be at least 1" in _error_line(capsys, ft + ["--task", "text2text", "--num-beams", "0"])
+    assert "not a pretrain output folder" in _error_line(capsys, ft + ["--task", "text2text", "--init", str(tmp_path)])
+    (d / "holes.tsv").write_text("input\ttarget\na b\ta b\nc d\t \n")
+    err = _error_line(capsys, ["finetune", "--task", "text2text", "--train", str(d / "holes.tsv"), "--eval",
+                               str(pairs["eval"]), "--out", str(d / "bad")])
+    assert "data row 2 has an empty target" in err
+    assert not (d / "bad").exists()
+    # targets longer than --max-target-len: said, not silent (the model learns the cut targets)
+    with pytest.warns(UserWarning, match=r"400 of 400 targets in .* longer than --max-target-len 2 tokens"):
+        assert main(ft[:-1] + [str(d / "cut"), "--task", "text2text", "--vocab-size", "200", "--steps", "1",
+                               "--max-target-len", "2"]) == 0
+    (d / "notes").mkdir()
+    (d / "notes" / "mine.txt").write_text("keep")
+    assert "not empty" in _error_line(capsys, ft[:-1] + [str(d / "notes"), "--task", "text2text"])
