@@ -231,7 +231,7 @@ def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False, arch: Option
     if override is not None and pinned is None:
         return override
     if kind == "fwd":
-        pointer = _fwd_pointer_default(D, wide, t5)
+        pointer = _fwd_pointer_default(D, wide, t5, dropout)
         hopper = arch is not None and arch // 10 == 9
         if tma and not wide and D <= 128 and (pinned == "tma" or (pinned is None and hopper)):
             if ws:
@@ -244,17 +244,22 @@ def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False, arch: Option
         return pointer
     if kind == "bwd":
         if pinned == "7gemm":
-            return _bwd_default(D, "dkdv", wide, t5, dropout, mask) + _bwd_default(D, "dq", wide, t5, dropout, mask)
-        return _bwd_default(D, "bwd", wide, t5, dropout, mask)
-    return _bwd_default(D, kind, wide, t5, dropout, mask)
+            return (_bwd_default(D, "dkdv", wide, t5, dropout, mask, arch)
+                    + _bwd_default(D, "dq", wide, t5, dropout, mask, arch))
+        return _bwd_default(D, "bwd", wide, t5, dropout, mask, arch)
+    return _bwd_default(D, kind, wide, t5, dropout, mask, arch)
 
 
-def _fwd_pointer_default(D: int, wide: bool, t5: bool) -> tuple:
+def _fwd_pointer_default(D: int, wide: bool, t5: bool, dropout: bool = False) -> tuple:
     """The forward's pointer build (every GPU; the TMA build's fallback)."""
     if t5 and not wide and D <= 128:
         # the T5 bias adds per-tile state: with these, Triton 3.6 and 3.9 compile the T5 forward for
         # sm_90 without local memory in the loop (bench/results/kernel_report_triton-*.md)
         return (128, 64, 8, 3) if D <= 64 else (128, 32, 8, 3)
+    if dropout and not wide and D <= 128:
+        # the Philox state per score element: the plain tiles spill inside the key loop on sm_80 (Triton
+        # 3.6: 424 B at d64); these compile without local memory and with one exp2 per score on 3.6 and 3.9
+        return (64, 64, 4, 3) if D <= 64 else (128, 32, 8, 3)
     if D <= 64:
         return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
     if D <= 128:
@@ -262,10 +267,12 @@ def _fwd_pointer_default(D: int, wide: bool, t5: bool) -> tuple:
     return (32, 32, 4, 1) if wide else (64, 32, 8, 2)
 
 
-def _bwd_default(D: int, kind: str, wide: bool, t5: bool, dropout: bool = False, mask: bool = False) -> tuple:
+def _bwd_default(D: int, kind: str, wide: bool, t5: bool, dropout: bool = False, mask: bool = False,
+                 arch: Optional[int] = None) -> tuple:
     """bwd: the five-GEMM kernel; dkdv: the same loop without dQ; dq: the query-stationary pass. The
     key-stationary loop keeps a key block's K, V, dK and dV in registers: per-element extras (dropout's
-    Philox state, a mask tile, the T5 bias) take 32-key blocks at d128 to stay free of spills."""
+    Philox state, a mask tile, the T5 bias) take 32-key blocks to stay free of spills (a mask tile at d64
+    with 64-key blocks spills on sm_80 with Triton 3.9)."""
     if kind == "dq":
         if t5 and not wide and D <= 128:
             return (64, 64, 4, 2)
@@ -275,8 +282,12 @@ def _bwd_default(D: int, kind: str, wide: bool, t5: bool, dropout: bool = False,
     if wide:
         return (32, 32, 4, 1) if D <= 64 else (16, 32, 4, 1)
     if D <= 64:
-        return (64, 32, 8, 2) if (t5 or dropout) else (64, 64, 4, 2) if mask else (64, 128, 8, 2)
+        return (64, 32, 8, 2) if (t5 or dropout or mask) else (64, 128, 8, 2)
     if D <= 128:
+        if t5 and kind == "bwd" and arch is not None and arch // 10 == 8:
+            # sm_80 with Triton 3.9 spills the T5 five-GEMM loop with 64 x 32 tiles inside the loop;
+            # 32 queries x 64 keys compile without local memory on 3.6 and 3.9
+            return (32, 64, 8, 2)
         return (64, 32, 8, 2) if (t5 or dropout or mask) else (64, 64, 8, 2)
     return (32, 32, 8, 1)
 
@@ -299,8 +310,9 @@ CANDIDATES = {
     ("dkdv", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
     ("dq", 64): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 4, 2)],
     ("dq", 128): [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-    ("t5fwd", 64): [(128, 64, 4, 2, TMA_WS), (128, 128, 4, 2, TMA_WS), (128, 64, 8, 3), (128, 64, 4, 3)],
-    ("t5fwd", 128): [(128, 64, 4, 2, TMA_WS), (128, 128, 4, 2, TMA_WS), (128, 64, 8, 3), (64, 64, 4, 3)],
+    # the T5 forward gathers its bias per element, which Triton's warp specialiser cannot take: pointer builds
+    ("t5fwd", 64): [(128, 64, 8, 3), (128, 64, 4, 3)],
+    ("t5fwd", 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("t5bwd", 64): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 2, 64, 64, 4, 2)],
     ("t5bwd", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2, 64, 64, 4, 2)],
     ("t5dkdv", 64): [(64, 64, 4, 2), (64, 64, 8, 2)],
@@ -473,10 +485,17 @@ def _tuned(kind: str, q, spec: AttnSpec, run: Callable[[tuple], None], dims, arc
     t5 = spec.t5_table is not None
     size = q.element_size()
     mask = spec.mask is not None
-    _launch(tune_name(kind, D, t5), run,
-            _blocks(D, kind, size, t5, arch, tma, dropout=spec.dropout_p > 0, mask=mask),
-            candidates(kind, D, size, t5, arch, tma, mask=mask), _shape_class(q, spec, B, H, Lq, Lk, D, extra),
-            q.device, _SAFE_CFG[kind])
+    default = _blocks(D, kind, size, t5, arch, tma, dropout=spec.dropout_p > 0, mask=mask)
+    if _pinned(kind) or _override(D, kind, size, t5) is not None:
+        # a variant or configuration pinned by hand runs as pinned: no tuner, whose cached or remembered
+        # choice for this shape class would replace it (and which must not remember the pin either)
+        try:
+            run(default)
+        except _out_of_resources():
+            run(_SAFE_CFG[kind])
+        return
+    _launch(tune_name(kind, D, t5), run, default, candidates(kind, D, size, t5, arch, tma, mask=mask),
+            _shape_class(q, spec, B, H, Lq, Lk, D, extra), q.device, _SAFE_CFG[kind])
 
 
 def _torch_allocation(size: int, alignment: int, stream) -> torch.Tensor:
@@ -531,7 +550,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
         cfg = tuple(cfg)
         use_tma = is_tma(cfg) and tma and (cfg[4] == TMA_ONLY or ws_ok)
         if is_tma(cfg) and not use_tma:  # not for these tensors: the pointer build's own default
-            cfg = _fwd_pointer_default(D, q.element_size() > 2, t5)
+            cfg = _fwd_pointer_default(D, q.element_size() > 2, t5, spec.dropout_p > 0)
         if use_tma and not _interpreting() and not capturing():
             _ensure_scratch_allocator()
         # the warp-specialised loop is one loop that masks every tile when any tile needs it (a causal
@@ -596,7 +615,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
             dk, dv, dt, dq = _kv_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common, with_dq=True)
         result.update(dq=dq, dk=dk, dv=dv, dm=dm, dt=dt)
 
-    _tuned(kind, q, spec, run, dims)
+    _tuned(kind, q, spec, run, dims, _arch(q.device))
     return result["dq"], result["dk"], result["dv"], result["dm"], result["dt"]
 
 

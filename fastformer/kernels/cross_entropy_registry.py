@@ -107,7 +107,7 @@ def candidates() -> list:
             case = Case(name=f"plain {dname} V{V} {CL.TUNE_NAME} {','.join(map(str, cfg))}", dtype=dname, head_dim=0,
                         variant="legacy" if cfg == CL.LEGACY else "plain",
                         launches=functools.partial(_call, "plain", DTYPES[dname], V, cfg))
-            out.append(Candidate(tune_name=CL.TUNE_NAME, config=tuple(cfg), kernel=CL.TUNE_NAME, case=case))
+            out.append(Candidate(tune_name=CL.TUNE_NAME, config=tuple(cfg), kernels=(CL.TUNE_NAME,), case=case))
     return out
 
 
