@@ -53,7 +53,8 @@ def _t5_rel(bidirectional: bool):
 def _call(variant: str, dtype: torch.dtype, D: int, needs: str = "all") -> list:
     """The launches of one forward + backward of this variant (B=4, H=16, L=1024 unless the variant
     says otherwise), made by the real host code on meta tensors. needs: which gradients the backward
-    computes ("all"; "kv": dK/dV only; "q": dQ only), which decides the backward's kernels."""
+    computes ("all"; "kv": dK/dV only; "q": dQ only, with a T5 table that needs no gradient), which
+    decides the backward's kernels."""
     meta = dict(device="meta", dtype=dtype)
     Lq = 1000 if variant == "odd" else L
     HK = H // 4 if variant == "gqa" else H
@@ -81,7 +82,7 @@ def _call(variant: str, dtype: torch.dtype, D: int, needs: str = "all") -> list:
         spec.scale = 1.0
         spec.t5_table = torch.empty(32, H, device="meta", dtype=torch.float32)
         spec.t5_rel = _t5_rel(variant == "t5")
-        spec.t5_grad = True
+        spec.t5_grad = needs != "q"   # dQ alone: a frozen table (with its gradient, the key pass runs too)
     with capture_launches() as launches:
         out, lse = AL.attention_forward(q, k, v, spec)
         AL.attention_backward(torch.empty_like(out), q, k, v, out, lse, spec, need_dq=needs in ("all", "q"),

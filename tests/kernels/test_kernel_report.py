@@ -250,4 +250,6 @@ def test_kernel_report_ci_check(tmp_path):
     assert not [r for r in rows if r.get("error")]
     assert report["gate_results"] and all(v["ok"] for v in report["gate_results"])
     for r in rows:
-        assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["blocks_per_sm"] >= 1, r
+        assert r["registers"] > 0 and r["blocks_per_sm"] >= 1, r
+        # the tile loops stage their tiles in shared memory; dQ's finishing pass is an element-wise copy
+        assert r["shared_bytes"] > 0 or r["kernel"] in ("attention.dq_finish", "attention.delta"), r
