@@ -8,12 +8,16 @@ fastformer takes its key-length fast path, plus its varlen op on the packed toke
 shape; a T5-bias case (H = 12, D = 64, L = 1024, table requiring grad) next to plain fastformer attention.
 FLOPs: forward 4·B·H·Lq·Lk·D (halved when causal; padded batch: Σ_b len_b² instead of B·L²),
 backward 2.5× forward. bwd ms = (fwd+bwd ms) − (fwd ms). On CPU it runs tiny shapes through the eager
-providers only (the Triton interpreter is never timed).
+providers only (the Triton interpreter is never timed). On a GPU the dense cases also run the kernel
+variants with their built-in configurations: fastformer-tma-5gemm (the Hopper default: TMA forward,
+five-GEMM backward), fastformer-pointer-5gemm, fastformer-pointer-7gemm (the earlier design); the
+summary's tma5_over_pointer7 ratios compare the first with the last.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -126,10 +130,13 @@ def _providers(case, cuda, quick=False):
         if case["kind"] == "t5":
             provs["fastformer-t5"] = None
         return dict(provs, **{"sdpa-math": _sdpa("math"), "eager": _eager})
-    # fastformer: tile configs tuned at first use (kernels/tuning.py); fastformer-default: the built-in ones
+    # fastformer: tile configs tuned at first use (kernels/tuning.py); fastformer-default: the built-in ones;
+    # the kernel variants with their built-in configurations (attention_launch.use_variants), so one run
+    # compares the TMA forward and five-GEMM backward with the pointer forward and seven-GEMM backward
     provs = {"fastformer": None}
     if case["kind"] == "dense":
         provs["fastformer-default"] = None
+        provs.update({f"fastformer-{f}-{b}": None for f, b in VARIANT_PROVIDERS})
     if case["kind"] == "padded":
         provs["fastformer-varlen"] = None
     if case["kind"] == "t5":
@@ -144,6 +151,34 @@ def _providers(case, cuda, quick=False):
     if not quick:
         provs["flex"] = _flex
     return provs
+
+
+VARIANT_PROVIDERS = (("tma", "5gemm"), ("pointer", "5gemm"), ("pointer", "7gemm"))
+
+
+@contextlib.contextmanager
+def _pinned(prov: str):
+    """The kernels a provider runs: the built-in configurations (FASTFORMER_TUNE=0, which every thread
+    reads, autograd's backward thread included) and, for fastformer-<fwd>-<bwd>, those variants."""
+    from fastformer.kernels import attention_launch as AL
+
+    if prov != "fastformer-default" and prov.count("-") != 2:
+        yield
+        return
+    old = os.environ.get(tuning.TUNE_ENV)
+    os.environ[tuning.TUNE_ENV] = "0"
+    try:
+        if prov == "fastformer-default":
+            yield
+        else:
+            _, fwd, bwd = prov.split("-")
+            with AL.use_variants(fwd=fwd, bwd=bwd):
+                yield
+    finally:
+        if old is None:
+            os.environ.pop(tuning.TUNE_ENV, None)
+        else:
+            os.environ[tuning.TUNE_ENV] = old
 
 
 def _run_case(case, device, dtype, quick=False):
@@ -168,7 +203,7 @@ def _run_case(case, device, dtype, quick=False):
         row = {"benchmark": "attention", "case": name, "provider": prov, "L": L, "D": D, "causal": causal,
                "kind": case["kind"]}
         try:
-            if prov in ("fastformer", "fastformer(reference)", "fastformer-default"):
+            if prov in ("fastformer", "fastformer(reference)", "fastformer-default") or prov.count("-") == 2:
                 f = (lambda: ff.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
                 inputs = (q, k, v)
             elif prov == "fastformer-varlen":
@@ -192,7 +227,7 @@ def _run_case(case, device, dtype, quick=False):
             else:
                 f = (lambda fn=fn: fn(q, k, v, mask=mask, causal=causal))
                 inputs = (q, k, v)
-            with (tuning.use_tuning(False) if prov == "fastformer-default" else contextlib.nullcontext()):
+            with _pinned(prov):
                 row.update(_measure(f, inputs, flops, device))
         except Exception as exc:  # noqa: BLE001 - one provider failing must not lose the table
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
@@ -225,6 +260,12 @@ def _summary(rows):
         default = [r for r in rs if r["provider"] == "fastformer-default"]
         if default and plain:
             s["tuned_over_default_fwdbwd"] = plain[0]["fwdbwd_tflops"] / default[0]["fwdbwd_tflops"]
+        new = [r for r in rs if r["provider"] == "fastformer-tma-5gemm"]
+        old = [r for r in rs if r["provider"] == "fastformer-pointer-7gemm"]
+        if new and old:
+            # the new kernel design over the previous one, built-in configurations on both sides
+            s["tma5_over_pointer7_fwdbwd"] = new[0]["fwdbwd_tflops"] / old[0]["fwdbwd_tflops"]
+            s["tma5_over_pointer7_fwd"] = new[0]["fwd_tflops"] / old[0]["fwd_tflops"]
         if t5 and plain:
             s["t5_over_plain_fwdbwd"] = t5[0]["fwdbwd_tflops"] / plain[0]["fwdbwd_tflops"]
         out.append(s)
@@ -248,7 +289,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     save("attention_dense", dense, out_dir=out_dir, device=device, x="L", y="fwdbwd_tflops",
          series=("provider", "D", "causal"), logx=True, title="attention fwd+bwd TFLOP/s (dense)")
     print(format_table(summary, ["case", "fwd_tflops", "best_ref", "best_ref_fwdbwd_tflops", "ratio_fwdbwd",
-                                 "ratio_fwd", "t5_over_plain_fwdbwd"]))
+                                 "ratio_fwd", "t5_over_plain_fwdbwd", "tma5_over_pointer7_fwdbwd"]))
     return summary
 
 

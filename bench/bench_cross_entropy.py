@@ -3,7 +3,7 @@
     python bench/bench_cross_entropy.py [--full]
 
 GPU: N = 16384 rows, V in {32k, 50k, 128k}, bf16 and fp32 (quick: a subset); fastformer as tuned at
-first use, with its built-in configuration, and with today's first kernel. CPU: tiny shapes, eager
+first use, with its built-in configuration, and with the legacy (one program per row) kernel. CPU: tiny shapes, eager
 providers only (the fastformer CPU path is the reference; the Triton interpreter is never timed).
 Bytes that must move for fwd+bwd: read the logits once and write their gradient once,
 2 * N * V * element_size (targets and per-row scalars are negligible). GB/s is that count over the
@@ -31,7 +31,7 @@ def _providers(device: torch.device) -> dict:
         "torch": lambda x, t: F.cross_entropy(x, t),
     }
     if device.type == "cuda":
-        # the same op with the built-in configuration (tuning pinned off) and with today's first kernel
+        # the same op with the built-in configuration (tuning pinned off) and with the legacy (one program per row) kernel
         # (one program per row), so one run shows what the tuner and the persistent kernel bring
         provs["fastformer-default"] = _pinned(None)
         provs["fastformer-legacy"] = _pinned("legacy")
@@ -47,7 +47,7 @@ def _providers(device: torch.device) -> dict:
 
 
 def _pinned(which):
-    """ff.cross_entropy with the default configuration (which=None) or today's first kernel."""
+    """ff.cross_entropy with the default configuration (which=None) or the legacy (one program per row) kernel."""
     from fastformer.kernels import cross_entropy_launch as CL
     from fastformer.kernels import tuning
 

@@ -61,7 +61,7 @@ def _find_case(family: str, case_name: str, candidate: bool):
     if candidate:
         for c in fam.candidates():
             if c.case.name == case_name:
-                return c.case, c.kernel
+                return c.case, tuple(c.kernels)
     for c in fam.cases():
         if c.name == case_name:
             return c, None
@@ -69,15 +69,20 @@ def _find_case(family: str, case_name: str, candidate: bool):
 
 
 def build_case(family: str, case_name: str, arch: int, cache: str | None, candidate: bool = False) -> list:
-    """Report rows of one case on one arch (one per launch; a failed build is a row with 'error')."""
+    """Report rows of one case on one arch (one per launch; a failed build is a row with 'error'). The
+    case's launches are captured for that arch (launch.for_arch): a launcher may pick its kernel
+    variant by GPU generation."""
     import triton
 
     from fastformer.kernels import aot
+    from fastformer.kernels.launch import for_arch
 
     case, only = _find_case(family, case_name, candidate)
     rows = []
-    for item in case.launches():
-        if only is not None and item.name != only:
+    with for_arch(arch):
+        items = case.launches()
+    for item in items:
+        if only is not None and item.name not in only:
             continue
         row = {"kernel": item.name, "config": case.name, "variant": case.variant, "dtype": case.dtype,
                "head_dim": case.head_dim, "arch": f"sm_{arch}", "triton": triton.__version__,

@@ -12,10 +12,6 @@ RANK = {"cli": 0, "__main__": 0, "train": 1, "data": 2, "models": 2, "integratio
 # Same rank, still apart: the reference must run where triton does not, and a kernel knows no reference.
 APART = {("reference", "kernels"), ("kernels", "reference")}
 # Names the package root re-exports (`ff.cross_entropy`, `from fastformer import get_backend`).
-# Report-time descriptions (`kernels/<family>_registry.py`): read only by scripts/kernel_report.py, never at
-# run time. They may build a case through the op's own host code (e.g. T5's bucket tables), so that the
-# report compiles exactly what the op launches.
-REPORT_ONLY = {("kernels", "ops")}
 ROOT_NAMES = {"cross_entropy": "ops", "linear_cross_entropy": "ops", "scaled_dot_product_attention": "ops",
               "varlen_attention": "ops", "t5_attention": "ops", "get_backend": "backend",
               "set_backend": "backend", "use_backend": "backend"}
@@ -73,8 +69,6 @@ def test_imports_only_go_down_the_layers():
         for line, layer in _imports(path, module):
             checked += 1
             if layer is None or layer == own:
-                continue
-            if path.name.endswith("_registry.py") and (own, layer) in REPORT_ONLY:
                 continue
             if RANK[layer] < RANK[own] or (own, layer) in APART:
                 violations.append(f"{rel}:{line} ({own}) imports the {layer} layer")

@@ -29,7 +29,7 @@ import torch
 
 from .launch import Launch
 
-ANALYSIS_VERSION = 1         # part of every cache key: bump when `analyze` changes
+ANALYSIS_VERSION = 2         # part of every cache key: bump when `analyze` changes
 ALLOC_BASE = 1 << 21          # any multiple of 512: the caching allocator's block alignment
 MMA_OPS = ("HGMMA", "HMMA", "IMMA", "QGMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA")
 
@@ -427,6 +427,31 @@ def ttgir_loops(ttgir: str) -> list[dict]:
     return loops
 
 
+def ttgir_compute_warps(ttgir: str) -> Optional[int]:
+    """Warps of the warp-specialised regions that hold the GEMMs (the consumers), or None when the
+    kernel is not warp specialised. A region is the `default {` block (the module's num-warps) or a
+    `partitionN(...) num_warps(W) {` block of `ttg.warp_specialize`."""
+    if "ttg.warp_specialize" not in ttgir:
+        return None
+    m = re.search(r'"ttg\.num-warps" = (\d+)', ttgir)
+    default_warps = int(m.group(1)) if m else 0
+    dot = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma)(?![\w_])")
+    head = re.compile(r"^(\s*)(default \{|partition\d+\(.*\) num_warps\((\d+)\) \{)\s*$")
+    total, region = 0, None   # region: [indent, warps, has_dot]
+    for line in ttgir.splitlines():
+        if region is None:
+            hm = head.match(line)
+            if hm:
+                region = [hm.group(1), int(hm.group(3)) if hm.group(3) else default_warps, False]
+            continue
+        if line.startswith(region[0] + "}"):
+            total += region[1] if region[2] else 0
+            region = None
+        elif dot.search(line):
+            region[2] = True
+    return total or None
+
+
 def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> Optional[int]:
     """Resident blocks per SM from registers (allocated per warp in units of 256), shared memory
     (plus the system's reserve per block) and threads, as CUDA's occupancy calculator counts them."""
@@ -485,7 +510,9 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
     ttg = asm.get("ttgir", "")
     tloops = [lp for lp in ttgir_loops(ttg) if lp["dots"] and not lp["inner"]]
     BM, BN = item.kwargs.get("BLOCK_M"), item.kwargs.get("BLOCK_N")
-    elems = (BM * BN) / (32 * warps) if BM and BN else None
+    # score elements per thread of the warps that compute them (warp specialised: the consumer groups)
+    compute_warps = ttgir_compute_warps(ttg) or warps
+    elems = (BM * BN) / (32 * compute_warps) if BM and BN else None
     if stream:
         elems = item.kwargs["BLOCK_V"] / (32 * warps)
     if stream and tile:

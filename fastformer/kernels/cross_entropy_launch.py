@@ -89,7 +89,7 @@ def default_config(V: int, itemsize: int, soft: bool, weighted: bool, interpreti
 
 def candidates(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool,
                unit_stride: bool = True) -> list:
-    """Tuning candidates besides the default: today's kernel always, the persistent kernel's
+    """Tuning candidates besides the default: the legacy (one program per row) kernel always, the persistent kernel's
     one-block configurations where the row fits 32 warps with unit class stride, the streaming ones
     always. None on CPU."""
     if interpreting:

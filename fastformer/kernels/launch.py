@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 _captured: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastformer_captured_launches",
                                                                           default=None)
+_target: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("fastformer_capture_target", default=None)
 
 
 @dataclasses.dataclass
@@ -57,3 +58,20 @@ def capture_launches():
         yield launches
     finally:
         _captured.reset(token)
+
+
+@contextlib.contextmanager
+def for_arch(arch: int):
+    """Inside the block, host launchers that pick a kernel variant by GPU generation (the attention
+    forward's TMA build on Hopper) pick it for sm_<arch>, whatever the tensors' device: the kernel
+    report captures each case once per generation it builds."""
+    token = _target.set(int(arch))
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def capture_target() -> Optional[int]:
+    """The generation set by for_arch() (e.g. 90), or None."""
+    return _target.get()

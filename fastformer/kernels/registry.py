@@ -56,11 +56,12 @@ class Gate:
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """A tuning candidate: `tune_name` (tuning.choose's kernel name), `config`, and the case whose
-    launches use it (the kernel `kernel` among them is the one the gates judge)."""
+    launches use it (the kernels named in `kernels` among them are the ones the gates judge: a
+    candidate may run more than one kernel)."""
 
     tune_name: str
     config: tuple
-    kernel: str
+    kernels: tuple
     case: Case
 
 

@@ -264,7 +264,7 @@ def choose(kernel: str, shape_class: str, default: tuple, candidates: Iterable[t
            run: Callable[[tuple], None], device, *, facts: Optional[tuple] = None) -> tuple:
     """The configuration to launch `kernel` with for this shape class on `device`.
 
-    default: today's built-in configuration (always a candidate, and the answer whenever nothing is
+    default: the built-in configuration (always a candidate, and the answer whenever nothing is
     tuned); candidates: the declared alternatives; run(cfg): launches the kernel once with cfg on the
     real inputs (it must be safe to repeat: every output is overwritten). facts: (gpu name, compute
     capability as an int such as 90, Triton version), for tests; read from the device otherwise."""

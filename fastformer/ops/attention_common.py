@@ -297,17 +297,18 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 @opaque_to_compile
 def fused_attention(q, k, v, *, mask=None, klen=None, dropout_p=0.0, is_causal=False, scale=None,
-                    t5_table=None, t5_rel=None):
+                    t5_table=None, t5_rel=None, query_offset=0):
     """The kernel path for validated 4-D inputs, any strides on the first three dims (stride 0 for
     broadcast ones). q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) with H a multiple of H_kv -> (B, H, Lq, D).
     mask: None, or a bool / float (B, H, Lq, Lk) view (see prepare_mask); klen: None or (B,) int key
-    lengths (the key-padding fast path). t5_table: (NB, H) with its bucket function t5_rel."""
+    lengths (the key-padding fast path). t5_table: (NB, H) with its bucket function t5_rel.
+    query_offset: position of query row 0 (causal: j <= i + query_offset; T5 buckets of j − i − offset)."""
     K = attention_kernels()
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     spec = K.AttnSpec(scale=1.0 / math.sqrt(D) if scale is None else float(scale), causal=bool(is_causal),
-                      dropout_p=float(dropout_p), t5_rel=t5_rel)
+                      dropout_p=float(dropout_p), t5_rel=t5_rel, query_offset=int(query_offset))
     if klen is not None:
         spec.klen = klen.to(torch.int32).contiguous()
     float_mask = None

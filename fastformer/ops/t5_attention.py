@@ -153,13 +153,11 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
         raise InputError(f"query_offset must be an int >= 0, got {query_offset!r}")
     kw = dict(bidirectional=bool(bidirectional), num_buckets=num_buckets, max_distance=max_distance)
     path = attention_path(q, k, v, bias_table, attn_mask, covered=kernel_covers(q, k, v), dropout_p=dropout_p)
-    # A non-zero query_offset (decoding against a cache) runs the reference for now: correct, not fused.
-    # The kernels take query positions from 0; the offset will move into their bucket/causal indexing.
-    if path == "kernel" and query_offset == 0:
+    if path == "kernel":
         rel = relative_position_buckets(bidirectional, num_buckets, max_distance, q.device)
         mask, klen = prepare_mask(attn_mask, (B,), H, Lq, Lk)
         return fused_attention(q, k, v, mask=mask, klen=klen, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                               t5_table=bias_table, t5_rel=rel)
+                               t5_table=bias_table, t5_rel=rel, query_offset=query_offset)
     if path == "torch" and not (torch.is_grad_enabled() and bias_table.requires_grad):
         # torch's fused CPU kernel takes the bias as a float mask but has no gradient for it: with a
         # trainable table torch would run its math path, no faster than the reference (measured)

@@ -152,8 +152,10 @@ def test_gate_lookup_rules():
 
 
 def test_attention_launchers_ask_the_tuner(monkeypatch):
-    """Every tile-configured attention kernel goes through tuning.choose with its name and shape class;
-    force_config reaches the launch (checked by capturing the launches of meta tensors)."""
+    """Every tile-configured attention job goes through tuning.choose with its name and shape class;
+    force_config reaches the launch (checked by capturing the launches of meta tensors): the forward,
+    the five-GEMM backward (one kernel + the dQ finishing pass), and an eight-value backward choice that
+    runs the seven-GEMM pair with its two configurations."""
     from fastformer.kernels import attention_launch as AL
     from fastformer.kernels.launch import capture_launches
 
@@ -162,11 +164,47 @@ def test_attention_launchers_ask_the_tuner(monkeypatch):
     monkeypatch.setattr(tuning, "choose", lambda *a, **k: (asked.append(a[:2]), real(*a, **k))[1])
     q = torch.empty(2, 4, 100, 64, device="meta", dtype=torch.bfloat16)
     spec = AL.AttnSpec(scale=0.125, causal=True)
-    with capture_launches() as launches, tuning.force_config("attention.dkdv:d64", (32, 64, 4, 2)):
+    with capture_launches() as launches, tuning.force_config("attention.bwd:d64", (32, 64, 4, 2)):
         out, lse = AL.attention_forward(q, q, q, spec)
         AL.attention_backward(torch.empty_like(out), q, q, q, out, lse, spec)
-    assert [n for n, _ in asked] == ["attention.fwd:d64", "attention.dkdv:d64", "attention.dq:d64"]
+    assert [n for n, _ in asked] == ["attention.fwd:d64", "attention.bwd:d64"]
     assert asked[0][1] == "bfloat16|d64|causal|L128|BH8"
-    assert [x.name for x in launches] == ["attention.fwd", "attention.delta", "attention.dkdv", "attention.dq"]
-    dkdv = launches[2]
-    assert dkdv.config == (32, 64, 4, 2) and dkdv.grid == (2, 8) and dkdv.kwargs["BLOCK_N"] == 64
+    assert [x.name for x in launches] == ["attention.fwd", "attention.delta", "attention.bwd", "attention.dq_finish"]
+    bwd = launches[2]
+    assert bwd.config == (32, 64, 4, 2) and bwd.grid == (2, 8) and bwd.kwargs["BLOCK_N"] == 64
+    assert bwd.kwargs["COMPUTE_DQ"] and bwd.kwargs["SPIN"] == (not AL._interpreting())
+    with capture_launches() as launches, tuning.force_config("attention.bwd:d64", (32, 64, 4, 2, 64, 32, 4, 2)):
+        AL.attention_backward(torch.empty_like(out), q, q, q, out, lse, spec)
+    assert [x.name for x in launches] == ["attention.delta", "attention.dkdv", "attention.dq"]
+    assert launches[1].config == (32, 64, 4, 2) and not launches[1].kwargs["COMPUTE_DQ"]
+    assert launches[2].config == (64, 32, 4, 2) and launches[2].grid == (2, 8)
+
+
+def test_hopper_forward_is_the_tma_build_where_it_can_run(monkeypatch):
+    """Captured for sm_90 (as the kernel report does), a 16-bit forward with rows aligned to 16 bytes is
+    the TMA build with a warp-specialised loop; a mask tensor keeps TMA off the warp specialiser (its
+    per-tile loads), a view 2 bytes off alignment and sm_80 run the pointer build."""
+    from fastformer.kernels import attention_launch as AL
+    from fastformer.kernels.launch import capture_launches, for_arch
+
+    monkeypatch.setattr(AL, "_triton_has_tma", lambda: True)
+    monkeypatch.setattr(AL, "_interpreting", lambda: False)
+
+    def fwd(q, arch, **kw):
+        with capture_launches() as launches, for_arch(arch):
+            AL.attention_forward(q, q, q, AL.AttnSpec(scale=0.125, **kw))
+        return launches[0]
+
+    q = torch.empty(2, 4, 256, 64, device="meta", dtype=torch.bfloat16)
+    item = fwd(q, 90)
+    assert item.kwargs["TMA"] and item.kwargs["WS"] and len(item.config) == 5 and item.kwargs["num_warps"] == 4
+    assert not item.kwargs["WS_MASKED"]                    # 256 keys: whole blocks, nothing to mask
+    assert fwd(q, 90, causal=True).kwargs["WS_MASKED"]
+    mask = torch.empty(2, 1, 256, 256, device="meta", dtype=torch.uint8).expand(2, 4, 256, 256)
+    masked = fwd(q, 90, mask=mask)
+    assert not masked.kwargs["TMA"] and len(masked.config) == 4
+    view = torch.empty(2 * 4 * 256 * 64 + 1, device="meta", dtype=torch.bfloat16)[1:].view(2, 4, 256, 64)
+    assert not fwd(view, 90).kwargs["TMA"]
+    assert not fwd(q, 80).kwargs["TMA"]
+    with AL.use_variants(fwd="pointer"):
+        assert not fwd(q, 90).kwargs["TMA"]

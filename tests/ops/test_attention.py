@@ -328,20 +328,23 @@ def test_cuda_dropout_seed_follows_torch_manual_seed():
 
 
 def test_tile_config_override(monkeypatch):
-    """FASTFORMER_ATTN_TILES replaces a built-in 16-bit tile config (for A/B benchmarks); bad text is
-    a ValueError naming the variable; fp32 keeps its own configs."""
+    """FASTFORMER_ATTN_TILES replaces a built-in 16-bit configuration (for A/B benchmarks): 4 values, 5
+    for a TMA forward, 8 for the seven-GEMM backward; bad text is a ValueError naming the variable;
+    fp32 keeps its own configurations."""
     import fastformer.kernels.attention_launch as KA
 
     monkeypatch.setattr(KA, "_interpreting", lambda: False)
-    builtin = KA._blocks(128, "dkdv", 2)
-    monkeypatch.setenv(KA.TILES_ENV, "dkdv:128=64,64,8,2; t5fwd:64=64,64,4,3")
-    assert KA._blocks(128, "dkdv", 2) == (64, 64, 8, 2) != builtin
+    builtin = KA._blocks(128, "bwd", 2)
+    monkeypatch.setenv(KA.TILES_ENV, "bwd:128=32,64,4,2,64,32,4,2; t5fwd:64=64,64,4,3; fwd:128=128,64,4,2,1")
+    assert KA._blocks(128, "bwd", 2) == (32, 64, 4, 2, 64, 32, 4, 2) != builtin
     assert KA._blocks(64, "fwd", 2, t5=True) == (64, 64, 4, 3)
     assert KA._blocks(64, "fwd", 2) != (64, 64, 4, 3)      # the T5 override leaves the plain kernel alone
-    assert KA._blocks(128, "dkdv", 4) != (64, 64, 8, 2)
-    monkeypatch.setenv(KA.TILES_ENV, "dkdv:100=1,2,3")
-    with pytest.raises(ValueError, match="FASTFORMER_ATTN_TILES"):
-        KA._blocks(128, "dkdv", 2)
+    assert KA._blocks(128, "fwd", 2) == (128, 64, 4, 2, 1)
+    assert KA._blocks(128, "bwd", 4) != (32, 64, 4, 2, 64, 32, 4, 2)
+    for bad in ("dkdv:100=1,2,3", "bwd:64=1,2,3,4,5", "fwd:64=128,64,4,2,7", "dq:64=1,2,3,4,5,6,7,8"):
+        monkeypatch.setenv(KA.TILES_ENV, bad)
+        with pytest.raises(ValueError, match="FASTFORMER_ATTN_TILES"):
+            KA._blocks(128, "bwd", 2)
 
 
 def test_host_checks_under_inference_mode_and_untracked_writes():
@@ -379,14 +382,14 @@ def test_bool_mask_broadcast_over_keys_is_not_key_lengths():
 
 @pytest.mark.parametrize("needs", ["q", "kv", "k", "none_but_mask", "all"])
 def test_backward_computes_only_the_needed_gradients(needs, monkeypatch):
-    """The dQ pass runs only when q (or a float mask) needs a gradient, the dK/dV pass only when k or
-    v (or the T5 table) does; the gradients that are computed stay right."""
+    """dQ is computed only when q (or a float mask) needs a gradient, dK/dV only when k or v (or the T5
+    table) does: both by the five-GEMM kernel (attention.bwd) or the seven-GEMM pair, one alone by its
+    own pass (attention.dq, attention.dkdv); the gradients that are computed stay right."""
     import fastformer.kernels.attention_launch as KA
 
-    passes = []
-    real_launch, real_dkdv = KA._launch, KA._dkdv_pass
-    monkeypatch.setattr(KA, "_launch", lambda name, *a: (passes.append(name.split(":")[0]), real_launch(name, *a))[1])
-    monkeypatch.setattr(KA, "_dkdv_pass", lambda *a: (passes.append("dkdv"), real_dkdv(*a))[1])
+    names = []
+    real = KA.launch
+    monkeypatch.setattr(KA, "launch", lambda item: (names.append(item.name), real(item))[1])
     q, k, v = _inputs(1, 2, 24, 40, 16, torch.float32, "cpu")
     mask = torch.randn(1, 2, 24, 40)
     req = {"q": (True, False, False, False), "kv": (False, True, True, False), "k": (False, True, False, False),
@@ -396,15 +399,36 @@ def test_backward_computes_only_the_needed_gradients(needs, monkeypatch):
         out = ff.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
     wrt = [t for t in leaves if t.requires_grad]
     dout = torch.randn_like(out)
-    passes.clear()
+    names.clear()
     grads = torch.autograd.grad(out, wrt, dout)
     ref_leaves = [t.detach().double().requires_grad_(r) for t, r in zip((q, k, v, mask), req)]
     ref = sdpa_reference(*ref_leaves[:3], attn_mask=ref_leaves[3])
     ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], dout.double())
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg, torch.float32, "grad")
-    assert ("attention.dq" in passes) == (req[0] or req[3])
-    assert ("dkdv" in passes) == (req[1] or req[2])
+    assert bool({"attention.dq", "attention.bwd"} & set(names)) == (req[0] or req[3])
+    assert bool({"attention.dkdv", "attention.bwd"} & set(names)) == (req[1] or req[2])
+
+
+def test_backward_is_bitwise_reproducible(device):
+    """Two backward passes of one call give the same bits: dQ is summed over the key blocks in a fixed
+    order, dK/dV per key block in registers (GQA: over the group's heads in order), the T5 table's
+    partials reduced in a fixed order. Causal, GQA and a key-padding mask together."""
+    q, k, v = _inputs(2, 4, 70, 90, 16, torch.float32, device, Hk=2)
+    mask = (torch.arange(90, device=device)[None, :] < torch.tensor([90, 61], device=device)[:, None])[:, None, None]
+    dout = torch.randn(2, 4, 70, 16, device=device)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with ff.use_backend("triton"):
+            out = ff.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=True, enable_gqa=True)
+        runs.append(torch.autograd.grad(out, leaves, dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_reference(*ref_leaves, attn_mask=mask, is_causal=True, enable_gqa=True)
+    for name, g, rg in zip("qkv", runs[0], torch.autograd.grad(ref, ref_leaves, dout.double())):
+        assert_close(g, rg, torch.float32, "d" + name)
 
 
 @pytest.mark.parametrize("smax,bound", [(1e3, 1e-4), (1e4, 5e-3)])

@@ -217,7 +217,7 @@ def _tile_kind_probe(OUT, BRD, SATS, RD_MAX, n_m, n_n, BLOCK_M: tl.constexpr, BL
     c = tl.program_id(2)  # (sat_left, sat_right) case
     sat_l = tl.load(SATS + 2 * c)
     sat_r = tl.load(SATS + 2 * c + 1)
-    far, far_left, bias = KA._t5_tile_kind(im * BLOCK_M, jn * BLOCK_N, BRD, sat_l, sat_r, RD_MAX, BLOCK_M, BLOCK_N)
+    far, far_left, bias = KA._t5_tile_kind(im * BLOCK_M, jn * BLOCK_N, BRD, sat_l, sat_r, RD_MAX, 0, BLOCK_M, BLOCK_N)
     base = OUT + 3 * ((c * n_m + im) * n_n + jn)
     tl.store(base + 0, far.to(tl.float32))
     tl.store(base + 1, far_left.to(tl.float32))

@@ -1,7 +1,7 @@
 """ff.t5_attention(query_offset=P): Lq queries at absolute positions P..P+Lq-1 against keys at 0..Lk-1
 (decoding against a cache). The oracle is the aligned call on the full query block, rows P..P+Lq-1,
-with a bias built from Hugging Face's bucket function; gradients included. Both backends (the
-kernels take a non-zero offset through the reference for now)."""
+with a bias built from Hugging Face's bucket function; gradients included. Both backends: the kernels
+add the offset to their bucket and causal indexing (far and near tiles, the table's gradient)."""
 import pytest
 import torch
 
@@ -44,6 +44,54 @@ def test_offset_matches_rows_of_the_full_call(backend, Lq, Lk, offset, bidirecti
     ref.backward(g)
     for name, a, b in zip("q k v table".split(), leaves, ref_leaves):
         assert_close(a.grad, b.grad, dt, f"d{name}")
+
+
+@pytest.mark.parametrize("bidirectional,is_causal,Lq,Lk,offset,padded,p", [
+    (False, True, 1, 150, 149, False, 0.0),     # one decoding step: far-left tiles, the last near one
+    (False, True, 37, 150, 113, True, 0.0),     # several query blocks against a cache, padded keys
+    (True, False, 40, 97, 30, False, 0.2),      # far tiles on both sides, dropout
+    (False, False, 20, 64, 200, True, 0.0),     # offset beyond the keys: every tile far left, one bucket
+])
+def test_offset_through_the_kernels(bidirectional, is_causal, Lq, Lk, offset, padded, p, monkeypatch):
+    """A non-zero query_offset runs the fused kernels (not the reference) with a small max_distance, so
+    that far and near tiles, the causal bound and the table's gradient all see the offset; checked
+    against the float64 reference with the same offset (dropout: fed the kernels' keep-mask)."""
+    import sys
+
+    from fastformer.ops.attention import capture_dropout_masks
+
+    T = sys.modules["fastformer.ops.t5_attention"]   # the package re-exports the function under that name
+
+    calls = []
+    real = T.fused_attention
+    monkeypatch.setattr(T, "fused_attention", lambda *a, **kw: (calls.append(kw["query_offset"]), real(*a, **kw))[1])
+    torch.manual_seed(0)
+    B, H, D, nb, md = 2, 2, 16, 8, 12
+    q = torch.randn(B, H, Lq, D)
+    k, v = torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+    table = torch.randn(nb, H)
+    mask = None
+    if padded:
+        mask = (torch.arange(Lk)[None, :] < torch.tensor([Lk, Lk - 23])[:, None])[:, None, None, :]
+    kw = dict(bidirectional=bidirectional, num_buckets=nb, max_distance=md, is_causal=is_causal,
+              query_offset=offset, attn_mask=mask, dropout_p=p)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    with ff.use_backend("triton"), capture_dropout_masks() as masks:
+        out = ff.t5_attention(*leaves, **kw)
+    assert calls == [offset]
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, table)]
+    kw.pop("dropout_p")
+    ref = t5_attention_reference(*ref_leaves, dropout_p=p, dropout_mask=masks[0] if p else None, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    assert_close(out, ref, torch.float32, "out")
+    for name, a, b in zip("q k v table".split(), grads, ref_grads):
+        if b.norm() < 1e-9:
+            # one bucket for every score: its gradient is Σ dS = 0 per row, up to rounding
+            assert (a.double() - b).abs().max() < 1e-5, name
+        else:
+            assert_close(a, b, torch.float32, f"d{name}")
 
 
 def test_offset_rows_equal_aligned_call_rows():
