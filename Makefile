@@ -18,7 +18,7 @@ TEST_ENV := $(if $(SYS_CUDA),,TRITON_INTERPRET=1) OMP_NUM_THREADS=2 PYTHONUNBUFF
 PYTEST_ARGS ?=
 OUT ?= bench/results
 
-.PHONY: env test gpu-check bench demo cuda-compile-check clean info ext
+.PHONY: env test lint format gpu-check bench demo cuda-compile-check clean info ext
 
 env: $(STAMP)
 
@@ -50,7 +50,20 @@ cuda-compile-check:
 	  done; \
 	else echo "cuda-compile-check: skipped (no nvcc or no .cu files)"; fi
 
-test: env cuda-compile-check
+# Ruff (pyproject.toml [tool.ruff]): formatting and lint of the whole tree, before the tests. A GPU
+# machine's own python may lack ruff (it has no network): there the check is skipped with a note.
+lint: env
+	@if [ "$(SYS_CUDA)" = "1" ] && ! $(PY) -m ruff --version >/dev/null 2>&1; then \
+	  echo "lint: skipped (ruff is not installed for $(PY))"; \
+	else \
+	  $(PY) -m ruff format --check . && $(PY) -m ruff check .; \
+	fi
+
+# Rewrite the tree in the project's format and apply ruff's safe fixes.
+format: env
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+test: env cuda-compile-check lint
 	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
 
 # One command for a GPU machine (see bench/gpu_check.py): the decisive benchmarks first, then the cuda

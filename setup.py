@@ -8,6 +8,7 @@ fused-optimizer extension `fastformer._C` (sources in csrc/):
 If the extension cannot be compiled (no compiler, no torch headers) the install still succeeds and
 fastformer.optim falls back to torch's optimizers with a warning. FASTFORMER_NO_EXT=1 skips the build.
 """
+
 import os
 import platform
 import shutil
@@ -31,7 +32,7 @@ def _ext_modules_and_cmdclass():
     try:
         import torch
         from torch.utils import cpp_extension as ce
-    except Exception as e:  # no torch at build time: pure-Python install, torch fallback at run time
+    except Exception as e:  # noqa: BLE001 - no torch at build time: pure-Python install, torch fallback at run time
         print(f"fastformer: not building the fused-optimizer extension ({e})", file=sys.stderr)
         return [], {}
     csrc = os.path.join("csrc")
@@ -41,11 +42,18 @@ def _ext_modules_and_cmdclass():
     with_cuda = bool(torch.version.cuda) and bool(nvcc) and os.path.exists(nvcc or "")
     cpu_sources = [os.path.join(csrc, "adam_cpu.cpp")]
     cuda_sources = [os.path.join(csrc, "adam_cuda.cu"), os.path.join(csrc, "adam_cuda_binding.cpp")]
-    archs = [a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+    archs = [
+        a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()
+    ]
 
     def cpu_extension():
-        return ce.CppExtension("fastformer._C", list(cpu_sources), include_dirs=[os.path.join(HERE, "csrc")],
-                               extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return ce.CppExtension(
+            "fastformer._C",
+            list(cpu_sources),
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
 
     ext = cpu_extension()
     if with_cuda:
@@ -54,12 +62,14 @@ def _ext_modules_and_cmdclass():
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         try:
             ext = ce.CUDAExtension(
-                "fastformer._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(HERE, "csrc")],
+                "fastformer._C",
+                cpu_sources + cuda_sources,
+                include_dirs=[os.path.join(HERE, "csrc")],
                 define_macros=[("FASTFORMER_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", *gencode]},
                 extra_link_args=["-fopenmp"],
             )
-        except Exception as e:  # e.g. CUDA_HOME not found: the CPU part alone
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA_HOME not found: the CPU part alone
             print(f"fastformer: CUDA part of the extension disabled ({e})", file=sys.stderr)
 
     class OptionalBuildExt(ce.BuildExtension):

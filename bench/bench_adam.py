@@ -8,6 +8,7 @@ per step counted with torch.profiler.
 
     python bench/bench_adam.py [--full]
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,9 +21,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import harness  # noqa: E402
+import harness
 
-import fastformer as ff  # noqa: E402
+import fastformer as ff
 
 BYTES_PER_PARAM = 28
 
@@ -48,7 +49,7 @@ def make_optimizer(provider: str, params):
     if provider == "torch-fused":
         return torch.optim.AdamW(params, fused=True, **kw)
     if provider == "apex":
-        from apex.optimizers import FusedAdam  # noqa: PLC0415 - optional
+        from apex.optimizers import FusedAdam
 
         return FusedAdam(params, adam_w_mode=True, **kw)
     raise ValueError(provider)
@@ -71,8 +72,13 @@ def bench_case(case: str, shapes: list[tuple], device: torch.device, copy_gbs: f
     n = sum(p.numel() for p in params)
     rows = []
     for prov in providers:
-        row = {"benchmark": "adam", "case": f"{case} {device.type}", "provider": prov, "params_M": n / 1e6,
-               "tensors": len(shapes)}
+        row = {
+            "benchmark": "adam",
+            "case": f"{case} {device.type}",
+            "provider": prov,
+            "params_M": n / 1e6,
+            "tensors": len(shapes),
+        }
         try:
             opt = make_optimizer(prov, params)
             opt.step()  # state initialisation outside the timing
@@ -111,8 +117,11 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     try:
         cpu = torch.device("cpu")
         cpu_copy = harness.copy_bandwidth_gbs(device=cpu)
-        cpu_cases = ([("bert-small-22M", bert_shapes(384, 6)), ("one-tensor-16M", [(16 << 20,)])] if quick else
-                     [("bert-base-110M", bert_shapes()), ("one-tensor-64M", [(64 << 20,)])])
+        cpu_cases = (
+            [("bert-small-22M", bert_shapes(384, 6)), ("one-tensor-16M", [(16 << 20,)])]
+            if quick
+            else [("bert-base-110M", bert_shapes()), ("one-tensor-64M", [(64 << 20,)])]
+        )
         if quick and torch.cuda.is_available():
             cpu_cases = []  # quick on a GPU machine: GPU cases only (--full, or no CUDA, for CPU)
         for case, shapes in cpu_cases:
@@ -130,14 +139,42 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         for r in gpu_rows:
             r["copy_gbs"] = gpu_copy
         rows += gpu_rows
-    cols = ["case", "provider", "params_M", "tensors", "ms", "gbs", "pct_copy_bw", "launches",
-            "x_vs_torch-fused", "x_vs_torch-foreach", "error"]
+    cols = [
+        "case",
+        "provider",
+        "params_M",
+        "tensors",
+        "ms",
+        "gbs",
+        "pct_copy_bw",
+        "launches",
+        "x_vs_torch-fused",
+        "x_vs_torch-foreach",
+        "error",
+    ]
     print(harness.format_table(rows, cols))
     harness.save("adam", rows, out_dir=out_dir, x="params_M", y="gbs", series=("case", "provider"))
     # summary for gpu_check: the fastformer rows carry the ratios
-    return [{k: v for k, v in r.items() if k in ("benchmark", "case", "ms", "gbs", "pct_copy_bw", "launches",
-                                                  "x_vs_torch-fused", "x_vs_torch-foreach", "error")}
-            for r in rows if r["provider"] == "fastformer"]
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if k
+            in (
+                "benchmark",
+                "case",
+                "ms",
+                "gbs",
+                "pct_copy_bw",
+                "launches",
+                "x_vs_torch-fused",
+                "x_vs_torch-foreach",
+                "error",
+            )
+        }
+        for r in rows
+        if r["provider"] == "fastformer"
+    ]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ variants with their built-in configurations: fastformer-tma-5gemm (the Hopper de
 five-GEMM backward), fastformer-pointer-5gemm, fastformer-pointer-7gemm (the earlier design); the
 summary's tma5_over_pointer7 ratios compare the first with the last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,24 +28,29 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, save, time_ms  # noqa: E402
+from harness import format_table, save, time_ms
 
-import fastformer as ff  # noqa: E402
-from fastformer.reference.attention import sdpa_reference  # noqa: E402
-from fastformer.kernels import tuning  # noqa: E402
-from fastformer.reference.t5_attention import t5_bias  # noqa: E402
+import fastformer as ff
+from fastformer.kernels import tuning
+from fastformer.reference.attention import sdpa_reference
+from fastformer.reference.t5_attention import t5_bias
 
 
 def _sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-          "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+    be = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
 
     def fn(q, k, v, mask=None, causal=False, bias=None):
         m = bias if bias is not None else mask
         with sdpa_kernel(be):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal and m is None)
+
     return fn
 
 
@@ -66,8 +72,10 @@ def _flex(q, k, v, mask=None, causal=False, bias=None, lengths=None):
         block_mask = create_block_mask(lambda b, h, i, j: j < lengths[b], B, None, Lq, Lk, device=q.device)
     score_mod = None
     if bias is not None:
+
         def score_mod(score, b, h, i, j):
             return score + bias[0, h, i, j]
+
     return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
@@ -93,7 +101,9 @@ def _measure(fn, inputs, flops_fwd, device):
     ms_fb = time_ms(fwdbwd, device=device)
     ms_b = max(ms_fb - ms_f, 1e-9)
     return {
-        "fwd_ms": ms_f, "bwd_ms": ms_b, "fwdbwd_ms": ms_fb,
+        "fwd_ms": ms_f,
+        "bwd_ms": ms_b,
+        "fwdbwd_ms": ms_fb,
         "fwd_tflops": flops_fwd / ms_f * 1e-9,
         "bwd_tflops": 2.5 * flops_fwd / ms_b * 1e-9,
         "fwdbwd_tflops": 3.5 * flops_fwd / ms_fb * 1e-9,
@@ -105,13 +115,16 @@ def _cases(quick: bool, cuda: bool):
         return [dict(kind="dense", B=2, H=2, L=128, D=64, causal=c) for c in (False, True)] + [
             dict(kind="padded", B=4, H=2, L=128, D=64, causal=False),
             dict(kind="cross", B=2, H=2, L=64, Lk=256, D=64, causal=False),
-            dict(kind="t5", B=2, H=2, L=128, D=64, causal=False)]
+            dict(kind="t5", B=2, H=2, L=128, D=64, causal=False),
+        ]
     if quick:  # the decisive shapes, in as few compiled variants as a short GPU run allows
-        return [dict(kind="dense", B=4, H=16, L=4096, D=128, causal=False),
-                dict(kind="dense", B=16, H=32, L=1024, D=64, causal=False),
-                dict(kind="dense", B=4, H=16, L=4096, D=128, causal=True),
-                dict(kind="padded", B=32, H=16, L=512, D=64, causal=False),
-                dict(kind="t5", B=16, H=12, L=1024, D=64, causal=False)]
+        return [
+            dict(kind="dense", B=4, H=16, L=4096, D=128, causal=False),
+            dict(kind="dense", B=16, H=32, L=1024, D=64, causal=False),
+            dict(kind="dense", B=4, H=16, L=4096, D=128, causal=True),
+            dict(kind="padded", B=32, H=16, L=512, D=64, causal=False),
+            dict(kind="t5", B=16, H=12, L=1024, D=64, causal=False),
+        ]
     dense = []
     for D, H in ((64, 32), (128, 16)):
         for L in (512, 1024, 2048, 4096, 8192, 16384):
@@ -189,7 +202,7 @@ def _run_case(case, device, dtype, quick=False):
     q = torch.randn(B, H, L, D, generator=g).to(device, dtype).requires_grad_()
     k = torch.randn(B, H, Lk, D, generator=g).to(device, dtype).requires_grad_()
     v = torch.randn(B, H, Lk, D, generator=g).to(device, dtype).requires_grad_()
-    mask = lengths = bias = table = None
+    mask = lengths = table = None
     flops = 4.0 * B * H * L * Lk * D * (0.5 if causal else 1.0)
     name = f"{case['kind']} B{B} H{H} L{L}" + (f" Lk{Lk}" if Lk != L else "") + f" d{D}" + (" causal" if causal else "")
     if case["kind"] == "padded":
@@ -200,32 +213,40 @@ def _run_case(case, device, dtype, quick=False):
         table = torch.randn(32, H, generator=g).to(device, torch.float32).requires_grad_()
     rows = []
     for prov, fn in _providers(case, cuda, quick).items():
-        row = {"benchmark": "attention", "case": name, "provider": prov, "L": L, "D": D, "causal": causal,
-               "kind": case["kind"]}
+        row = {
+            "benchmark": "attention",
+            "case": name,
+            "provider": prov,
+            "L": L,
+            "D": D,
+            "causal": causal,
+            "kind": case["kind"],
+        }
         try:
             if prov in ("fastformer", "fastformer(reference)", "fastformer-default") or prov.count("-") == 2:
-                f = (lambda: ff.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal))
+                f = lambda: ff.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
                 inputs = (q, k, v)
             elif prov == "fastformer-varlen":
                 keep = mask[:, 0, 0, :]
                 qp, kp, vp = (t.detach().transpose(1, 2)[keep].requires_grad_() for t in (q, k, v))
                 cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
                 cu[1:] = lengths.cumsum(0)
-                f = (lambda: ff.varlen_attention(qp, kp, vp, cu, cu, L, L))
+                f = lambda: ff.varlen_attention(qp, kp, vp, cu, cu, L, L)
                 inputs = (qp, kp, vp)
             elif prov == "fastformer-t5":
-                f = (lambda: ff.t5_attention(q, k, v, table, scale=1.0 / math.sqrt(D)))
+                f = lambda: ff.t5_attention(q, k, v, table, scale=1.0 / math.sqrt(D))
                 inputs = (q, k, v, table)
             elif case["kind"] == "t5":
                 # references get the materialised (1, H, L, L) bias built from the table each call
                 def f(fn=fn):
                     return fn(q, k, v, bias=t5_bias(table, L, Lk).to(dtype))
+
                 inputs = (q, k, v, table)
             elif prov == "flex" and case["kind"] == "padded":
-                f = (lambda fn=fn: fn(q, k, v, lengths=lengths))
+                f = lambda fn=fn: fn(q, k, v, lengths=lengths)
                 inputs = (q, k, v)
             else:
-                f = (lambda fn=fn: fn(q, k, v, mask=mask, causal=causal))
+                f = lambda fn=fn: fn(q, k, v, mask=mask, causal=causal)
                 inputs = (q, k, v)
             with _pinned(prov):
                 row.update(_measure(f, inputs, flops, device))
@@ -286,10 +307,32 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     summary = _summary(rows)
     dense = [r for r in rows if r["kind"] == "dense" and r.get("fwdbwd_tflops") is not None]
     save("attention", rows + [dict(r, summary=True) for r in summary], out_dir=out_dir, device=device)
-    save("attention_dense", dense, out_dir=out_dir, device=device, x="L", y="fwdbwd_tflops",
-         series=("provider", "D", "causal"), logx=True, title="attention fwd+bwd TFLOP/s (dense)")
-    print(format_table(summary, ["case", "fwd_tflops", "best_ref", "best_ref_fwdbwd_tflops", "ratio_fwdbwd",
-                                 "ratio_fwd", "t5_over_plain_fwdbwd", "tma5_over_pointer7_fwdbwd"]))
+    save(
+        "attention_dense",
+        dense,
+        out_dir=out_dir,
+        device=device,
+        x="L",
+        y="fwdbwd_tflops",
+        series=("provider", "D", "causal"),
+        logx=True,
+        title="attention fwd+bwd TFLOP/s (dense)",
+    )
+    print(
+        format_table(
+            summary,
+            [
+                "case",
+                "fwd_tflops",
+                "best_ref",
+                "best_ref_fwdbwd_tflops",
+                "ratio_fwdbwd",
+                "ratio_fwd",
+                "t5_over_plain_fwdbwd",
+                "tma5_over_pointer7_fwdbwd",
+            ],
+        )
+    )
     return summary
 
 

@@ -16,6 +16,7 @@ batch the ratio of their FLOPs is about 2.5x and the measured ratio cannot go fa
 padded batch fastformer also skips the padding (unpadded layout).
 Nothing is downloaded: the HF models are built from a local BertConfig.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,12 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, save, time_ms  # noqa: E402
+from harness import format_table, save, time_ms
 
-import fastformer as ff  # noqa: E402
-from fastformer.models.bert import BertConfig, BertForMaskedLM  # noqa: E402
-from fastformer.models.presets import get_preset  # noqa: E402
-from fastformer.train.metrics import peak_flops  # noqa: E402
+import fastformer as ff
+from fastformer.models.bert import BertConfig, BertForMaskedLM
+from fastformer.models.presets import get_preset
+from fastformer.train.metrics import peak_flops
 
 VOCAB = 30522
 
@@ -78,20 +79,30 @@ def fastformer_step(preset: dict, device, L: int, compile_backend: str | None = 
         (loss / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
 def hf_step(preset: dict, device, L: int, attn: str):
-    from transformers import BertConfig as HFConfig, BertForMaskedLM as HFBert
+    from transformers import BertConfig as HFConfig
+    from transformers import BertForMaskedLM as HFBert
 
-    cfg = HFConfig(vocab_size=VOCAB, hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_layers"],
-                   num_attention_heads=preset["num_heads"], intermediate_size=preset["intermediate_size"],
-                   max_position_embeddings=max(512, L))
+    cfg = HFConfig(
+        vocab_size=VOCAB,
+        hidden_size=preset["hidden_size"],
+        num_hidden_layers=preset["num_layers"],
+        num_attention_heads=preset["num_heads"],
+        intermediate_size=preset["intermediate_size"],
+        max_position_embeddings=max(512, L),
+    )
     cfg._attn_implementation = attn
     model = HFBert(cfg).to(device).train()
-    fused = attn == "sdpa"      # torch's fused AdamW (CUDA and CPU)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused) if fused else torch.optim.AdamW(
-        model.parameters(), lr=1e-4)
+    fused = attn == "sdpa"  # torch's fused AdamW (CUDA and CPU)
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        if fused
+        else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    )
 
     def step(b):
         with _autocast(device):
@@ -99,6 +110,7 @@ def hf_step(preset: dict, device, L: int, attn: str):
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -128,13 +140,22 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             first = not rows
             with_compiled = compile_backend and (compile_everywhere or first)
             for prov in providers + (["fastformer_compiled"] if with_compiled else []):
-                row = {"benchmark": "bert_training", "case": case, "provider": prov, "model": name, "seq_len": L,
-                       "batch": B, "layout": layout, "tokens": tokens}
+                row = {
+                    "benchmark": "bert_training",
+                    "case": case,
+                    "provider": prov,
+                    "model": name,
+                    "seq_len": L,
+                    "batch": B,
+                    "layout": layout,
+                    "tokens": tokens,
+                }
                 try:
                     torch.manual_seed(0)
                     if prov.startswith("fastformer"):
-                        step = fastformer_step(preset, device, L,
-                                               compile_backend if prov == "fastformer_compiled" else None)
+                        step = fastformer_step(
+                            preset, device, L, compile_backend if prov == "fastformer_compiled" else None
+                        )
                     else:
                         step = hf_step(preset, device, L, prov.split("_")[1])
                     ms = time_ms(lambda: step(batch), device=device, warmup=100, rep=300, cpu_reps=3)
@@ -145,7 +166,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 except Exception as e:  # noqa: BLE001 - one failing provider must not lose the table
                     row["error"] = f"{type(e).__name__}: {e}"[:200]
                 rows.append(row)
-                del step
+                step = None  # release the model before the next case
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             best_hf = max([v for k, v in res.items() if not k.startswith("fastformer")], default=None)
@@ -161,13 +182,22 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 if best_hf:
                     s["ratio_to_best_ref"] = res["fastformer"] / best_hf
                 if peak:
-                    s["fastformer_mfu"] = next(r["mfu"] for r in rows if r["case"] == case and r["provider"] == "fastformer" and "mfu" in r)
+                    s["fastformer_mfu"] = next(
+                        r["mfu"] for r in rows if r["case"] == case and r["provider"] == "fastformer" and "mfu" in r
+                    )
             summary.append(s)
             save("bench_bert_training", rows, out_dir=out_dir, device=device)  # a run cut short keeps these
     for r in rows:
         r["x"] = f"{r['model']}/{r['seq_len']}/{r['layout']}"
-    save("bench_bert_training", rows, out_dir=out_dir, device=device, x="x", y="tokens_per_s",
-         title="BERT MLM training step, tokens/s")
+    save(
+        "bench_bert_training",
+        rows,
+        out_dir=out_dir,
+        device=device,
+        x="x",
+        y="tokens_per_s",
+        title="BERT MLM training step, tokens/s",
+    )
     print(format_table(rows, ["case", "provider", "ms", "tokens_per_s", "mfu", "error"]))
     return summary
 

@@ -5,12 +5,14 @@
 Forward + backward of each op on CPU tensors, timed with backend "auto" (torch's own fused CPU kernels
 where fastformer uses them: SDPA for scaled_dot_product_attention, t5_attention with the bias as a
 float mask when the table is frozen, varlen_attention per sequence; cross_entropy stays on the
-reference, which is torch's own cross_entropy) and backend "reference" (the eager spec). Shapes: a bert-mini attention batch
+reference, which is torch's own cross_entropy) and backend "reference" (the eager spec).
+Shapes: a bert-mini attention batch
 (B=16, H=4, L=128, D=64), T5 with its bias table, a packed varlen batch, CE at N=2048, V=30522.
 Reports the median ms of each and the speedup reference / auto; the two backends are timed in
 alternating rounds so that a changing machine load hits both alike. Compare the two columns of one
 run, not runs with each other.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -22,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, main, save, time_ms  # noqa: E402
+from harness import format_table, main, save, time_ms
 
-import fastformer as ff  # noqa: E402
+import fastformer as ff
 
 
 def _cases(quick: bool):
@@ -46,8 +48,10 @@ def _cases(quick: bool):
         table = leaf(32, H, dtype=dtype)
         yield f"t5 key-padding {name}", lambda q=q, k=k, v=v, t=table: ff.t5_attention(q, k, v, t, attn_mask=kpm)
         frozen = table.detach()
-        yield f"t5 key-padding, frozen table {name}", \
-            lambda q=q, k=k, v=v, t=frozen: ff.t5_attention(q, k, v, t, attn_mask=kpm)
+        yield (
+            f"t5 key-padding, frozen table {name}",
+            lambda q=q, k=k, v=v, t=frozen: ff.t5_attention(q, k, v, t, attn_mask=kpm),
+        )
     qv = leaf(B * L, H, D)
     cu = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     yield "varlen float32", lambda: ff.varlen_attention(qv, qv, qv, cu, cu, L, L)
@@ -59,6 +63,7 @@ def _cases(quick: bool):
 def run(quick: bool = True, out_dir=None) -> list[dict]:
     rows = []
     for name, fn in _cases(quick):
+
         def step(fn=fn):
             out = fn()
             out.float().sum().backward()
@@ -67,12 +72,19 @@ def run(quick: bool = True, out_dir=None) -> list[dict]:
         # median of its rounds: a load that drifts during the run hits both alike
         times = {"auto": [], "reference": []}
         for r in range(5 if quick else 9):
-            for backend in (("auto", "reference") if r % 2 == 0 else ("reference", "auto")):
+            for backend in ("auto", "reference") if r % 2 == 0 else ("reference", "auto"):
                 with ff.use_backend(backend):
                     times[backend].append(time_ms(step, device="cpu", cpu_reps=3))
         ms = {b: statistics.median(t) for b, t in times.items()}
-        rows.append({"case": name, "auto_ms": ms["auto"], "reference_ms": ms["reference"],
-                     "speedup": ms["reference"] / ms["auto"], "threads": torch.get_num_threads()})
+        rows.append(
+            {
+                "case": name,
+                "auto_ms": ms["auto"],
+                "reference_ms": ms["reference"],
+                "speedup": ms["reference"] / ms["auto"],
+                "threads": torch.get_num_threads(),
+            }
+        )
         print(format_table(rows[-1:], ["case", "auto_ms", "reference_ms", "speedup"]).splitlines()[-1], flush=True)
     print(format_table(rows, ["case", "auto_ms", "reference_ms", "speedup"]))
     save("cpu_dispatch", rows, out_dir=out_dir, device="cpu")

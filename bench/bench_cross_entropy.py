@@ -9,6 +9,7 @@ Bytes that must move for fwd+bwd: read the logits once and write their gradient 
 2 * N * V * element_size (targets and per-row scalars are negligible). GB/s is that count over the
 median time; pct_copy_bw compares it with the measured device-to-device copy bandwidth.
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,11 +19,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import harness
+import torch
+import torch.nn.functional as F
 
-import harness  # noqa: E402
-import fastformer as ff  # noqa: E402
+import fastformer as ff
 
 
 def _providers(device: torch.device) -> dict:
@@ -31,7 +32,8 @@ def _providers(device: torch.device) -> dict:
         "torch": lambda x, t: F.cross_entropy(x, t),
     }
     if device.type == "cuda":
-        # the same op with the built-in configuration (tuning pinned off) and with the legacy (one program per row) kernel
+        # the same op with the built-in configuration (tuning pinned off) and with the legacy kernel
+        # (one program per row)
         # (one program per row), so one run shows what the tuner and the persistent kernel bring
         provs["fastformer-default"] = _pinned(None)
         provs["fastformer-legacy"] = _pinned("legacy")
@@ -54,7 +56,7 @@ def _pinned(which):
     def run(x, t):
         if which == "legacy":
             with tuning.force_config(CL.TUNE_NAME, CL.LEGACY):
-                return ff.cross_entropy(x, t)   # the gradient is computed in this forward call
+                return ff.cross_entropy(x, t)  # the gradient is computed in this forward call
         with tuning.use_tuning(False):
             return ff.cross_entropy(x, t)
 
@@ -63,8 +65,11 @@ def _pinned(which):
 
 def _cases(quick: bool, device: torch.device):
     if device.type != "cuda":
-        return [(256, 4096, torch.float32), (256, 32000, torch.float32)] if quick else \
-               [(1024, 32000, torch.float32), (1024, 50257, torch.float32), (1024, 32000, torch.bfloat16)]
+        return (
+            [(256, 4096, torch.float32), (256, 32000, torch.float32)]
+            if quick
+            else [(1024, 32000, torch.float32), (1024, 50257, torch.float32), (1024, 32000, torch.bfloat16)]
+        )
     if quick:
         return [(16384, 32768, torch.bfloat16), (16384, 131072, torch.bfloat16), (16384, 32768, torch.float32)]
     return [(16384, v, dt) for dt in (torch.bfloat16, torch.float32) for v in (32768, 50257, 131072)]
@@ -78,19 +83,29 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     meta_row = {"benchmark": "cross_entropy", "case": "copy bandwidth", "copy_GBps": copy_bw}
 
     def _save():  # after every case: a run cut short keeps the cases it finished
-        harness.save("cross_entropy", detail + [meta_row], out_dir=out_dir, device=device, x="V", y="GBps",
-                     series=("provider", "dtype"), logx=True, title=f"CE fwd+bwd GB/s, N={_cases(quick, device)[0][0]}")
+        harness.save(
+            "cross_entropy",
+            detail + [meta_row],
+            out_dir=out_dir,
+            device=device,
+            x="V",
+            y="GBps",
+            series=("provider", "dtype"),
+            logx=True,
+            title=f"CE fwd+bwd GB/s, N={_cases(quick, device)[0][0]}",
+        )
 
     for N, V, dtype in _cases(quick, device):
         dname = str(dtype).replace("torch.", "")
         case = f"N={N} V={V} {dname}"
         x = torch.randn(N, V, device=device, dtype=dtype).requires_grad_(True)
         t = torch.randint(0, V, (N,), device=device)
-        nbytes = 2 * N * V * x.element_size()   # read logits + write grad
+        nbytes = 2 * N * V * x.element_size()  # read logits + write grad
         res = {}
         for name, f in provs.items():
             row = {"benchmark": "cross_entropy", "case": case, "provider": name, "N": N, "V": V, "dtype": dname}
             try:
+
                 def step(f=f):
                     return torch.autograd.grad(f(x, t), x)
 
@@ -99,10 +114,10 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 row.update(ms=ms, GBps=nbytes / (ms * 1e-3) / 1e9, peak_MB=peak / 2**20)
                 row["pct_copy_bw"] = 100.0 * row["GBps"] / copy_bw
                 res[name] = row
-            except Exception as exc:  # noqa: BLE001 - record and go on with the other providers
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next provider
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]
             detail.append(row)
-        del x
+        x = None  # release the logits before the next case
         s = {"benchmark": "cross_entropy", "case": case}
         if "fastformer" in res:
             ffr = res["fastformer"]

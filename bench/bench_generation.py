@@ -13,6 +13,7 @@ call, and `x_hf` is the median of the per-pair ratios (each pair measured back t
 median times. CPU: t5-tiny (quick) and t5-v1_1-small (--full), vocabulary 8192 (fastformer's tokenizer
 default). GPU: t5-v1_1-small and t5-v1_1-base, vocabulary 32128, fp32 weights.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -25,17 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, main, save, sync  # noqa: E402
+from harness import format_table, main, save, sync
 
-from fastformer.models.convert import to_hf  # noqa: E402
-from fastformer.models.t5 import T5Config, T5ForConditionalGeneration  # noqa: E402
+from fastformer.models.convert import to_hf
+from fastformer.models.t5 import T5Config, T5ForConditionalGeneration
 
 
 def _inputs(B, L, vocab, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.bool)
-    for i in range(0, B, 3):                       # a third of the rows padded to 60-90 % of L
+    for i in range(0, B, 3):  # a third of the rows padded to 60-90 % of L
         n = int(L * (0.6 + 0.3 * torch.rand(1, generator=g).item()))
         mask[i, n:] = False
     ids = ids.masked_fill(~mask, 0)
@@ -56,7 +57,7 @@ def _case(preset, vocab, B, L, T, num_beams, reps, device):
         return hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False, **kw)
 
     with torch.inference_mode():
-        a, b = run_ours(), run_hf()             # warm-up, and the parity check
+        a, b = run_ours(), run_hf()  # warm-up, and the parity check
         same = bool(a.shape == b.shape and torch.equal(a.cpu(), b.cpu()))
         t_ours, t_hf, ratios = [], [], []
         for _ in range(reps):
@@ -72,12 +73,25 @@ def _case(preset, vocab, B, L, T, num_beams, reps, device):
             ratios.append(pair[1] / pair[0])
     steps = a.shape[1] - 1
     tokens = B * steps
-    row = {"benchmark": "generation", "preset": preset, "vocab": vocab, "batch": B, "input_len": L,
-           "new_tokens": steps, "num_beams": num_beams, "decode": "greedy" if num_beams == 1 else f"beam{num_beams}",
-           "same_tokens": same, "hf_attn": getattr(hf.config, "_attn_implementation", None),
-           "ours_ms": statistics.median(t_ours) * 1e3, "hf_ms": statistics.median(t_hf) * 1e3,
-           "x_hf": statistics.median(ratios), "x_hf_min": min(ratios), "x_hf_max": max(ratios), "reps": reps,
-           "threads": torch.get_num_threads()}
+    row = {
+        "benchmark": "generation",
+        "preset": preset,
+        "vocab": vocab,
+        "batch": B,
+        "input_len": L,
+        "new_tokens": steps,
+        "num_beams": num_beams,
+        "decode": "greedy" if num_beams == 1 else f"beam{num_beams}",
+        "same_tokens": same,
+        "hf_attn": getattr(hf.config, "_attn_implementation", None),
+        "ours_ms": statistics.median(t_ours) * 1e3,
+        "hf_ms": statistics.median(t_hf) * 1e3,
+        "x_hf": statistics.median(ratios),
+        "x_hf_min": min(ratios),
+        "x_hf_max": max(ratios),
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+    }
     row["ours_tok_s"] = tokens / statistics.median(t_ours)
     row["hf_tok_s"] = tokens / statistics.median(t_hf)
     return row
@@ -97,11 +111,37 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             try:
                 rows.append(_case(preset, vocab, B, L, T, beams, reps, device))
             except Exception as exc:  # noqa: BLE001 - one failing case must not lose the table
-                rows.append({"benchmark": "generation", "preset": preset, "num_beams": beams,
-                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.append(
+                    {
+                        "benchmark": "generation",
+                        "preset": preset,
+                        "num_beams": beams,
+                        "error": f"{type(exc).__name__}: {exc}"[:300],
+                    }
+                )
     save("generation", rows, out_dir=out_dir, device=device)
-    print(format_table(rows, ["preset", "decode", "batch", "input_len", "new_tokens", "same_tokens", "ours_ms", "hf_ms",
-                              "ours_tok_s", "hf_tok_s", "x_hf", "x_hf_min", "x_hf_max", "threads", "error"]))
+    print(
+        format_table(
+            rows,
+            [
+                "preset",
+                "decode",
+                "batch",
+                "input_len",
+                "new_tokens",
+                "same_tokens",
+                "ours_ms",
+                "hf_ms",
+                "ours_tok_s",
+                "hf_tok_s",
+                "x_hf",
+                "x_hf_min",
+                "x_hf_max",
+                "threads",
+                "error",
+            ],
+        )
+    )
     return rows
 
 

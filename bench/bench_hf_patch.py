@@ -15,6 +15,7 @@ Providers, all on the same batches and the same initial weights:
   ff-varlen + FusedAdamW  (BERT only) patched with varlen=True: unpadded self-attention
 tokens/s counts real (non-padding) tokens: encoder tokens for BERT, encoder + decoder tokens for T5.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,17 +29,23 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import format_table, peak_extra_bytes, save, sync, time_ms  # noqa: E402
+from harness import format_table, peak_extra_bytes, save, sync, time_ms
 
-import fastformer as ff  # noqa: E402
+import fastformer as ff
 
 
 def _bert_config(tiny: bool):
     from transformers import BertConfig
 
     if tiny:
-        return BertConfig(vocab_size=1003, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=512)
+        return BertConfig(
+            vocab_size=1003,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        )
     return BertConfig()  # bert-base-uncased shapes: 12 x 768, 12 heads, vocab 30522
 
 
@@ -46,10 +53,27 @@ def _t5_config(tiny: bool):
     from transformers import T5Config
 
     if tiny:
-        return T5Config(vocab_size=1003, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                        num_heads=4, decoder_start_token_id=0, pad_token_id=0)
-    return T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
-                    decoder_start_token_id=0, pad_token_id=0)  # the original T5 base shapes (HF t5-base)
+        return T5Config(
+            vocab_size=1003,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    return T5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_heads=12,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )  # the original T5 base shapes (HF t5-base)
 
 
 def _bert_batch(b, length, vocab, device, gen):
@@ -79,19 +103,38 @@ def _cases(quick: bool, on_gpu: bool):
     """(name, model kind, seq_len, builder of (batch, tokens)) per case."""
     tiny = not on_gpu
     if on_gpu:
-        shapes = [("bert", 128, 32 if quick else 64), ("bert", 512, 8 if quick else 16), ("t5", 512, 8 if quick else 16)]
+        shapes = [
+            ("bert", 128, 32 if quick else 64),
+            ("bert", 512, 8 if quick else 16),
+            ("t5", 512, 8 if quick else 16),
+        ]
     else:
         shapes = [("bert", 64, 4), ("bert", 128, 2), ("t5", 128, 2)]
     out = []
     for kind, length, b in shapes:
         if kind == "bert":
-            out.append((f"bert{'-tiny' if tiny else '-base'} mlm L={length} B={b}", kind, length, b,
-                        lambda dev, g, b=b, length=length: _bert_batch(b, length, 1003 if tiny else 30522, dev, g)))
+            out.append(
+                (
+                    f"bert{'-tiny' if tiny else '-base'} mlm L={length} B={b}",
+                    kind,
+                    length,
+                    b,
+                    lambda dev, g, b=b, length=length: _bert_batch(b, length, 1003 if tiny else 30522, dev, g),
+                )
+            )
         else:
             lout = 114 if length == 512 else 32
-            out.append((f"t5{'-tiny' if tiny else '-base'} span L={length}/{lout} B={b}", kind, length, b,
-                        lambda dev, g, b=b, length=length, lout=lout: _t5_batch(b, length, lout,
-                                                                              1003 if tiny else 32128, dev, g)))
+            out.append(
+                (
+                    f"t5{'-tiny' if tiny else '-base'} span L={length}/{lout} B={b}",
+                    kind,
+                    length,
+                    b,
+                    lambda dev, g, b=b, length=length, lout=lout: _t5_batch(
+                        b, length, lout, 1003 if tiny else 32128, dev, g
+                    ),
+                )
+            )
     return out
 
 
@@ -112,14 +155,24 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
     for case, kind, length, b, make_batch in _cases(quick, on_gpu):
         torch.manual_seed(0)
         with torch.device(device):
-            base = (BertForMaskedLM(_bert_config(not on_gpu)) if kind == "bert"
-                    else T5ForConditionalGeneration(_t5_config(not on_gpu)))
+            base = (
+                BertForMaskedLM(_bert_config(not on_gpu))
+                if kind == "bert"
+                else T5ForConditionalGeneration(_t5_config(not on_gpu))
+            )
         base.train()
         batch, tokens = make_batch(device, torch.Generator().manual_seed(1))
         for model_kind, opt_kind in _providers(kind):
             provider = f"{model_kind} + {opt_kind}"
-            row = {"benchmark": "hf_patch", "case": case, "provider": provider, "model": kind,
-                   "seq_len": length, "batch": b, "tokens_per_step": tokens}
+            row = {
+                "benchmark": "hf_patch",
+                "case": case,
+                "provider": provider,
+                "model": kind,
+                "seq_len": length,
+                "batch": b,
+                "tokens_per_step": tokens,
+            }
             model = opt = None
             try:
                 model = copy.deepcopy(base)
@@ -140,8 +193,7 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
                 with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     row["first_loss"] = model(**batch).loss.item()
                 model.train()
-                ms = time_ms(step, warmup=200 if quick else 500, rep=600 if quick else 2000, device=device,
-                             cpu_reps=5)
+                ms = time_ms(step, warmup=200 if quick else 500, rep=600 if quick else 2000, device=device, cpu_reps=5)
                 row["ms"] = ms
                 row["tokens_per_s"] = tokens / (ms * 1e-3)
                 if on_gpu:
@@ -150,7 +202,7 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
                 traceback.print_exc()
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]
             finally:
-                del model, opt
+                model = opt = None  # release them before the next case
                 if on_gpu:
                     sync()
                     torch.cuda.empty_cache()
@@ -164,12 +216,29 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
         for r in group:
             if base_tps and r.get("tokens_per_s"):
                 r["speedup_vs_hf"] = r["tokens_per_s"] / base_tps
-    save("hf_patch", rows, out_dir=out_dir, device=device, x="seq_len", y="tokens_per_s",
-         series=("model", "provider"), title=None)
-    print(format_table(rows, ["case", "provider", "ms", "tokens_per_s", "speedup_vs_hf", "peak_GB", "first_loss",
-                              "error"]))
-    return [{k: r.get(k) for k in ("benchmark", "case", "provider", "tokens_per_s", "speedup_vs_hf", "error")
-             if r.get(k) is not None} for r in rows]
+    save(
+        "hf_patch",
+        rows,
+        out_dir=out_dir,
+        device=device,
+        x="seq_len",
+        y="tokens_per_s",
+        series=("model", "provider"),
+        title=None,
+    )
+    print(
+        format_table(
+            rows, ["case", "provider", "ms", "tokens_per_s", "speedup_vs_hf", "peak_GB", "first_loss", "error"]
+        )
+    )
+    return [
+        {
+            k: r.get(k)
+            for k in ("benchmark", "case", "provider", "tokens_per_s", "speedup_vs_hf", "error")
+            if r.get(k) is not None
+        }
+        for r in rows
+    ]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ CPU: a tiny timed case, and the memory case N=8192, H=512, V=32000 in bf16 (peak
 backward each, after both ran once on a small problem so that one-time library setup is not counted;
 fastformer measured first, so pages the allocator kept from the unfused run cannot flatter it).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import harness
+import torch
+import torch.nn.functional as F
 
-import harness  # noqa: E402
-import fastformer as ff  # noqa: E402
+import fastformer as ff
 
 PROVIDERS = {
     "fastformer": lambda x, W, b, t: ff.linear_cross_entropy(x, W, t, b),
     "unfused": lambda x, W, b, t: F.cross_entropy(F.linear(x, W, b), t),
 }
-MEMORY_GATE = (8192, 512, 32000, torch.bfloat16)   # CPU: fastformer's extra peak RSS <= 1/8 of unfused
+MEMORY_GATE = (8192, 512, 32000, torch.bfloat16)  # CPU: fastformer's extra peak RSS <= 1/8 of unfused
 
 
 def _cases(quick: bool, device: torch.device):
@@ -65,16 +66,17 @@ def measure(N, H, V, dtype, device, timed=True) -> tuple[dict, list]:
     dname = str(dtype).replace("torch.", "")
     case = f"N={N} H={H} V={V} {dname}"
     x, W, b, t = _inputs(N, H, V, dtype, device)
-    returned = sum(a.numel() * a.element_size() for a in (x, W, b))   # the gradients, shaped and typed alike
+    returned = sum(a.numel() * a.element_size() for a in (x, W, b))  # the gradients, shaped and typed alike
     res, detail = {}, []
     for name, f in PROVIDERS.items():
         row = {"benchmark": "linear_cross_entropy", "case": case, "provider": name, "N": N, "H": H, "V": V}
         try:
+
             def step(f=f):
                 return torch.autograd.grad(f(x, W, b, t), (x, W, b))
 
             if device.type == "cuda":
-                step()   # compile, tune; the allocator's peak counter ignores what this left cached
+                step()  # compile, tune; the allocator's peak counter ignores what this left cached
             peak = harness.peak_extra_bytes(step, device=device)
             row.update(peak_MB=peak / 2**20, extra_MB=(peak - returned) / 2**20)
             if timed:
@@ -86,8 +88,11 @@ def measure(N, H, V, dtype, device, timed=True) -> tuple[dict, list]:
     s = {"benchmark": "linear_cross_entropy", "case": case, "returned_grads_MB": returned / 2**20}
     if "fastformer" in res and "unfused" in res:
         fr, ur = res["fastformer"], res["unfused"]
-        s.update(ff_extra_MB=fr["extra_MB"], unfused_extra_MB=ur["extra_MB"],
-                 mem_ratio=fr["extra_MB"] / ur["extra_MB"] if ur["extra_MB"] > 0 else float("nan"))
+        s.update(
+            ff_extra_MB=fr["extra_MB"],
+            unfused_extra_MB=ur["extra_MB"],
+            mem_ratio=fr["extra_MB"] / ur["extra_MB"] if ur["extra_MB"] > 0 else float("nan"),
+        )
         if timed:
             s.update(ff_ms=fr["ms"], unfused_ms=ur["ms"], time_ratio=fr["ms"] / ur["ms"])
     else:
@@ -103,11 +108,23 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         s, d = measure(N, H, V, dtype, device, timed)
         summary.append(s)
         detail += d
-        harness.save("linear_cross_entropy", detail + summary, out_dir=out_dir, device=device, x="V", y="extra_MB",
-                     series=("provider", "H"), logx=True, title="linear CE fwd+bwd peak memory above the gradients")
+        harness.save(
+            "linear_cross_entropy",
+            detail + summary,
+            out_dir=out_dir,
+            device=device,
+            x="V",
+            y="extra_MB",
+            series=("provider", "H"),
+            logx=True,
+            title="linear CE fwd+bwd peak memory above the gradients",
+        )
     print(harness.format_table(detail, ["case", "provider", "ms", "peak_MB", "extra_MB", "error"]))
-    print(harness.format_table(summary, ["case", "ff_ms", "unfused_ms", "time_ratio", "ff_extra_MB",
-                                         "unfused_extra_MB", "mem_ratio"]))
+    print(
+        harness.format_table(
+            summary, ["case", "ff_ms", "unfused_ms", "time_ratio", "ff_extra_MB", "unfused_extra_MB", "mem_ratio"]
+        )
+    )
     return summary
 
 

@@ -16,6 +16,7 @@ Reported: ms (median), TFLOP/s (fwd+bwd = 3.5 × forward's 4·B·H·Lq·Lk·D, h
 extra peak memory of one fwd+bwd. On CPU the shapes are tiny and only the eager/reference paths run
 (no Triton interpreter timing, no compilation).
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, main, peak_extra_bytes, save, time_ms  # noqa: E402
+from harness import format_table, main, peak_extra_bytes, save, time_ms
 
-import fastformer as ff  # noqa: E402
+import fastformer as ff
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 # FlexAttention's default kernel configs do not fit in shared memory once the score_mod's captured
@@ -48,8 +49,9 @@ def _bucket(rel: torch.Tensor, bidirectional: bool) -> torch.Tensor:
     """Hugging Face T5's own bucket function (transformers is a test/bench dependency)."""
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    return T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=NUM_BUCKETS,
-                                                 max_distance=MAX_DISTANCE)
+    return T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE
+    )
 
 
 def _flops(b, h, lq, lk, d, causal):
@@ -62,31 +64,46 @@ def _make_fn(provider, q, k, v, table, dout, causal, compiled_flex):
     lq, lk = q.shape[-2], k.shape[-2]
     bidirectional = not causal
     rel = torch.arange(lk, device=q.device)[None, :] - torch.arange(lq, device=q.device)[:, None]
-    bucket = _bucket(rel, bidirectional)                                     # (Lq, Lk), built once
+    bucket = _bucket(rel, bidirectional)  # (Lq, Lk), built once
     causal_block = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1) if causal else None
 
     def materialised_bias():
-        bias = table[bucket].permute(2, 0, 1)[None]                          # (1, H, Lq, Lk)
+        bias = table[bucket].permute(2, 0, 1)[None]  # (1, H, Lq, Lk)
         if causal:
             bias = bias.masked_fill(causal_block, float("-inf"))
         return bias
 
     if provider == "fastformer":
+
         def forward():
-            return ff.t5_attention(q, k, v, table, bidirectional=bidirectional, num_buckets=NUM_BUCKETS,
-                                   max_distance=MAX_DISTANCE, is_causal=causal, scale=1.0)
+            return ff.t5_attention(
+                q,
+                k,
+                v,
+                table,
+                bidirectional=bidirectional,
+                num_buckets=NUM_BUCKETS,
+                max_distance=MAX_DISTANCE,
+                is_causal=causal,
+                scale=1.0,
+            )
+
         inputs = (q, k, v, table)
     elif provider == "eager":
+
         def forward():
             scores = q @ k.transpose(-1, -2) + materialised_bias().to(q.dtype)
             return torch.softmax(scores.float(), -1).to(q.dtype) @ v
+
         inputs = (q, k, v, table)
     elif provider == "sdpa_bias":
+
         def forward():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=materialised_bias().to(q.dtype), scale=1.0)
+
         inputs = (q, k, v, table)
     elif provider == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
         # bucket of every relative distance j - i in [-(Lq-1), Lk-1], indexed by j - i + Lq - 1
         rel_bucket = _bucket(torch.arange(-(lq - 1), lk, device=q.device), bidirectional)
@@ -98,13 +115,18 @@ def _make_fn(provider, q, k, v, table, dout, causal, compiled_flex):
         if causal:
             block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, lq, lk, device=q.device)
         fn = compiled_flex
+
         def forward():
-            return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0,
-                      kernel_options=FLEX_OPTIONS["current"])
+            return fn(
+                q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, kernel_options=FLEX_OPTIONS["current"]
+            )
+
         inputs = (q, k, v, table)
     elif provider == "ff_plain":
+
         def forward():
             return ff.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+
         inputs = (q, k, v)
     else:
         raise ValueError(f"provider {provider!r}")
@@ -122,12 +144,18 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     H, D = 12, 64
     if cuda:
-        cases = ([("encoder", 1024), ("encoder", 4096), ("decoder", 4096)] if quick else
-                 [(m, L) for m in ("encoder", "decoder") for L in (512, 1024, 2048, 4096)])
+        cases = (
+            [("encoder", 1024), ("encoder", 4096), ("decoder", 4096)]
+            if quick
+            else [(m, L) for m in ("encoder", "decoder") for L in (512, 1024, 2048, 4096)]
+        )
         tokens = 8192
     else:  # tiny CPU shapes: proves the script runs; eager/reference paths only
-        cases = [("encoder", 128), ("decoder", 128)] if quick else [(m, L) for m in ("encoder", "decoder")
-                                                                   for L in (128, 256)]
+        cases = (
+            [("encoder", 128), ("decoder", 128)]
+            if quick
+            else [(m, L) for m in ("encoder", "decoder") for L in (128, 256)]
+        )
         tokens = 256
     compiled_flex = None
     providers = providers_for(quick)
@@ -149,8 +177,17 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         flops = _flops(B, H, L, L, D, causal)
         case_rows = {}
         for provider in providers:
-            row = {"benchmark": "t5_attention", "case": f"{mode} L={L} B={B}", "mode": mode, "L": L, "B": B,
-                   "H": H, "D": D, "dtype": str(dtype).replace("torch.", ""), "provider": provider}
+            row = {
+                "benchmark": "t5_attention",
+                "case": f"{mode} L={L} B={B}",
+                "mode": mode,
+                "L": L,
+                "B": B,
+                "H": H,
+                "D": D,
+                "dtype": str(dtype).replace("torch.", ""),
+                "provider": provider,
+            }
             try:
                 if provider == "flex" and compiled_flex is None:
                     raise RuntimeError("FlexAttention needs CUDA here (not compiled on CPU)")
@@ -159,7 +196,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                     try:
                         fn()  # compile / warm up outside the timing
                         break
-                    except Exception:  # noqa: BLE001 - flex: retry with a smaller kernel config
+                    except Exception:
                         if provider != "flex" or not FLEX_OPTIONS["fallbacks"]:
                             raise
                         FLEX_OPTIONS["current"] = FLEX_OPTIONS["fallbacks"].pop(0)
@@ -167,8 +204,9 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 if provider == "flex":
                     row["flex_kernel_options"] = str(FLEX_OPTIONS["current"] or "default")
                 ms = time_ms(fn, device=device)
-                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-                           peak_extra_mb=peak_extra_bytes(fn, device=device) / 2**20)
+                row.update(
+                    ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_extra_mb=peak_extra_bytes(fn, device=device) / 2**20
+                )
             except Exception as exc:  # noqa: BLE001 - one failing provider must not lose the table
                 row.update(ms=None, tflops=None, peak_extra_mb=None, error=f"{type(exc).__name__}: {exc}"[:300])
             rows.append(row)
@@ -191,8 +229,17 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         del q, k, v, table, dout
         save("t5_attention", rows, out_dir=out_dir, device=device)  # a run cut short keeps the cases it finished
 
-    save("t5_attention", rows, out_dir=out_dir, device=device, x="L", y="tflops", series=("mode", "provider"),
-         logx=True, title=None)
+    save(
+        "t5_attention",
+        rows,
+        out_dir=out_dir,
+        device=device,
+        x="L",
+        y="tflops",
+        series=("mode", "provider"),
+        logx=True,
+        title=None,
+    )
     print(format_table(rows, ["mode", "L", "B", "provider", "ms", "tflops", "peak_extra_mb", "error"]))
     return summary
 

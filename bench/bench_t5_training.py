@@ -13,6 +13,7 @@ token streams through fastformer's collator). A step = forward + backward + opti
 GPU: t5-v1_1-base, input 512 (targets 114), bf16 autocast with fp32 weights. CPU: t5-tiny, fp32, small batch.
 tokens/s counts encoder input tokens (the objective's `input_tokens`); the median step time is used.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -25,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, main, save, sync  # noqa: E402
+from harness import format_table, main, save, sync
 
-import fastformer as ff  # noqa: E402
-from fastformer.data.span_corruption import SpanCorruptionCollator, span_corruption_lengths  # noqa: E402
-from fastformer.models.t5 import T5Config, T5ForConditionalGeneration  # noqa: E402
+import fastformer as ff
+from fastformer.data.span_corruption import SpanCorruptionCollator, span_corruption_lengths
+from fastformer.models.t5 import T5Config, T5ForConditionalGeneration
 
 VOCAB = 32128
 NUM_SENTINELS = 100
@@ -51,13 +52,23 @@ def _batches(n, batch_size, seq_len, device, seed=0):
 def _hf_model(cfg: T5Config):
     import transformers
 
-    hcfg = transformers.T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_ff=cfg.d_ff, d_kv=cfg.d_kv,
-                                 num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                 num_decoder_layers=cfg.num_decoder_layers, feed_forward_proj="gated-gelu",
-                                 tie_word_embeddings=False, dropout_rate=cfg.dropout_rate,
-                                 relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-                                 relative_attention_max_distance=cfg.relative_attention_max_distance,
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    hcfg = transformers.T5Config(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        d_ff=cfg.d_ff,
+        d_kv=cfg.d_kv,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=cfg.dropout_rate,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     model = transformers.T5ForConditionalGeneration(hcfg)
     # T5 v1.1 has an untied head; transformers 5.x ties it whatever the config says: untie for the same size.
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
@@ -99,9 +110,15 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
     rows = []
     for provider in ("fastformer", "fastformer_torchopt", "hf"):
-        row = {"benchmark": "t5_training", "case": f"{preset} in={seq_len} B={batch_size}", "provider": provider,
-               "preset": preset, "seq_len": seq_len, "batch_size": batch_size,
-               "dtype": "bf16-autocast" if amp is not None else "fp32"}
+        row = {
+            "benchmark": "t5_training",
+            "case": f"{preset} in={seq_len} B={batch_size}",
+            "provider": provider,
+            "preset": preset,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "dtype": "bf16-autocast" if amp is not None else "fp32",
+        }
         model = opt = None
         try:
             if provider == "hf":
@@ -121,15 +138,21 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             row["optimizer"] = type(opt).__module__ + "." + type(opt).__name__
 
             if provider == "hf":
+
                 def step(b):
                     with autocast():
-                        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                     decoder_input_ids=b["decoder_input_ids"], labels=b["labels"]).loss
+                        loss = model(
+                            input_ids=b["input_ids"],
+                            attention_mask=b["attention_mask"],
+                            decoder_input_ids=b["decoder_input_ids"],
+                            labels=b["labels"],
+                        ).loss
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     return loss.detach()
             else:
+
                 def step(b):
                     with autocast():
                         loss = model(b["input_ids"], b["attention_mask"], b["decoder_input_ids"], b["labels"]).loss
@@ -148,7 +171,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             row.update(step_ms=None, tokens_per_s=None, error=f"{type(exc).__name__}: {exc}"[:300])
         rows.append(row)
         save("t5_training", rows, out_dir=out_dir, device=device)  # a run cut short keeps what it finished
-        del model, opt
+        model = opt = None  # release them before the next case
         if cuda:
             torch.cuda.empty_cache()
 
@@ -157,8 +180,24 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     for r in rows:
         r["x_hf"] = r["tokens_per_s"] / hf_tps if (hf_tps and r.get("tokens_per_s")) else None
     save("t5_training", rows, out_dir=out_dir, device=device)
-    print(format_table(rows, ["provider", "preset", "seq_len", "batch_size", "dtype", "step_ms", "tokens_per_s",
-                              "x_hf", "peak_mem_gb", "last_loss", "error"]))
+    print(
+        format_table(
+            rows,
+            [
+                "provider",
+                "preset",
+                "seq_len",
+                "batch_size",
+                "dtype",
+                "step_ms",
+                "tokens_per_s",
+                "x_hf",
+                "peak_mem_gb",
+                "last_loss",
+                "error",
+            ],
+        )
+    )
     summary = {"benchmark": "t5_training", "case": f"{preset} in={seq_len} B={batch_size} {rows[0]['dtype']}"}
     for r in rows:
         summary[f"{r['provider']}_tok_s"] = r.get("tokens_per_s")

@@ -8,6 +8,7 @@ cross-entropy), full-batch L-BFGS in torch. The L2 strength is chosen on a strat
 of the *training* labels (the same split `fastformer finetune` uses), then the model is refitted on
 all training labels; the eval file is only scored. Runs in seconds on a CPU; numpy and torch only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastformer.data.tsv import label_vocabulary, read_tsv  # noqa: E402
-from fastformer.train.finetune import heldout_split  # noqa: E402
+from fastformer.data.tsv import label_vocabulary, read_tsv
+from fastformer.train.finetune import heldout_split
 
 WORD = re.compile(r"[a-z0-9]+")
 L2_GRID = (1e-6, 1e-5, 1e-4)
@@ -55,9 +56,11 @@ class Features:
             rows += [r] * len(ids)
             cols += ids
             vals += [v / norm for v in w]
-        return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.int64).reshape(2, -1),
-                                       torch.tensor(vals, dtype=torch.float32),
-                                       (len(texts), len(self.index))).coalesce()
+        return torch.sparse_coo_tensor(
+            torch.tensor([rows, cols], dtype=torch.int64).reshape(2, -1),
+            torch.tensor(vals, dtype=torch.float32),
+            (len(texts), len(self.index)),
+        ).coalesce()
 
 
 def csr_pair(coo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +107,10 @@ def run(train: str, eval_: str, seed: int = 0) -> dict:
     best_l2, best_acc = L2_GRID[0], -1.0
     if val_i:
         feats = Features([tr_texts[i] for i in fit_i])
-        x_fit, x_val = csr_pair(feats([tr_texts[i] for i in fit_i])), feats([tr_texts[i] for i in val_i]).to_sparse_csr()
+        x_fit, x_val = (
+            csr_pair(feats([tr_texts[i] for i in fit_i])),
+            feats([tr_texts[i] for i in val_i]).to_sparse_csr(),
+        )
         for l2 in L2_GRID:
             wb = fit(*x_fit, y_tr[fit_i], len(names), l2)
             acc = float((predict(x_val, wb) == y_tr[val_i]).float().mean())
@@ -113,9 +119,16 @@ def run(train: str, eval_: str, seed: int = 0) -> dict:
     feats = Features(tr_texts)
     wb = fit(*csr_pair(feats(tr_texts)), y_tr, len(names), best_l2)
     acc = float((predict(feats(ev_texts).to_sparse_csr(), wb) == y_ev).float().mean())
-    return {"accuracy": acc, "n_train": len(tr_texts), "n_eval": len(ev_texts), "l2": best_l2,
-            "val_accuracy": best_acc if val_i else None, "n_features": len(feats.index),
-            "seconds": round(time.perf_counter() - t0, 2), "labels": names}
+    return {
+        "accuracy": acc,
+        "n_train": len(tr_texts),
+        "n_eval": len(ev_texts),
+        "l2": best_l2,
+        "val_accuracy": best_acc if val_i else None,
+        "n_features": len(feats.index),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "labels": names,
+    }
 
 
 def main() -> None:
@@ -128,8 +141,10 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     r = run(a.train, a.eval, a.seed)
-    print(f"bag-of-words logistic regression: accuracy {r['accuracy']:.4f} on {r['n_eval']} examples "
-          f"({r['n_train']} training labels, {r['n_features']} n-grams, l2 {r['l2']:g}, {r['seconds']} s)")
+    print(
+        f"bag-of-words logistic regression: accuracy {r['accuracy']:.4f} on {r['n_eval']} examples "
+        f"({r['n_train']} training labels, {r['n_features']} n-grams, l2 {r['l2']:g}, {r['seconds']} s)"
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(r, indent=2))
 

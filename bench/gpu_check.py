@@ -15,6 +15,7 @@ attention and cross-entropy kernels' tuning candidates for this GPU, so the tuni
 finds them in Triton's cache. The tuner's choices (kernel, shape class, chosen and default config,
 their timings) are written under DIR/tuning and printed with the short table that ends the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,8 +47,8 @@ class Step:
     name: str
     estimate: float
     limit: float
-    bench: Optional[str] = None
-    cmd: Optional[list] = None
+    bench: str | None = None
+    cmd: list | None = None
     env: dict = dataclasses.field(default_factory=dict)
     needs_build: bool = False
     if_time_remains: bool = False
@@ -71,8 +72,9 @@ def steps(py: str, xdist: int) -> list:
     ]
 
 
-def schedule(todo: list, budget: float, run: Callable[[Step, float], str], now: Callable[[], float],
-             reserve: float = 15.0) -> list:
+def schedule(
+    todo: list, budget: float, run: Callable[[Step, float], str], now: Callable[[], float], reserve: float = 15.0
+) -> list:
     """Run the steps within `budget` seconds (less `reserve` for the closing table): in order, those
     marked if_time_remains last; a step starts only if its estimate fits in what is left, and runs
     at most min(limit, what is left). run(step, timeout) returns a status ("ok", "failed",
@@ -83,8 +85,14 @@ def schedule(todo: list, budget: float, run: Callable[[Step, float], str], now: 
     for step in order:
         left = budget - reserve - (now() - start)
         if left < min(step.estimate, step.limit):
-            records.append({"step": step.name, "status": "skipped", "seconds": 0.0,
-                            "detail": f"{max(left, 0):.0f}s left, needs about {step.estimate:.0f}s"})
+            records.append(
+                {
+                    "step": step.name,
+                    "status": "skipped",
+                    "seconds": 0.0,
+                    "detail": f"{max(left, 0):.0f}s left, needs about {step.estimate:.0f}s",
+                }
+            )
             continue
         timeout = min(step.limit, left)
         t0 = now()
@@ -92,8 +100,9 @@ def schedule(todo: list, budget: float, run: Callable[[Step, float], str], now: 
             status = run(step, timeout)
         except Exception as exc:  # noqa: BLE001 - one broken step must not stop the others
             status = f"error: {type(exc).__name__}: {exc}"
-        records.append({"step": step.name, "status": status, "seconds": round(now() - t0, 1),
-                        "limit": round(timeout, 1)})
+        records.append(
+            {"step": step.name, "status": status, "seconds": round(now() - t0, 1), "limit": round(timeout, 1)}
+        )
     return records
 
 
@@ -111,12 +120,18 @@ def _child(name: str, out: Path, quick: bool, rows_file: Path) -> int:
     return 0
 
 
-def _run_proc(cmd: list, timeout: float, env: dict, log: Optional[Path] = None) -> str:
+def _run_proc(cmd: list, timeout: float, env: dict, log: Path | None = None) -> str:
     """Run cmd in its own process group; on timeout the whole group is stopped."""
     out = open(log, "a") if log else None
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                                stdout=out or None, stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+            stdout=out or None,
+            stderr=subprocess.STDOUT if out else None,
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -136,7 +151,7 @@ def _run_proc(cmd: list, timeout: float, env: dict, log: Optional[Path] = None) 
 class Runner:
     """Runs steps as subprocesses; collects the benchmarks' summary rows."""
 
-    def __init__(self, out: Path, full: bool, env: dict, build: Optional[subprocess.Popen], now, budget_end):
+    def __init__(self, out: Path, full: bool, env: dict, build: subprocess.Popen | None, now, budget_end):
         self.out, self.full, self.env, self.build = out, full, env, build
         self.now, self.budget_end = now, budget_end
         self.summary: list = []
@@ -164,8 +179,16 @@ class Runner:
                 print("".join(log.read_text().splitlines(keepends=True)[-6:]), flush=True)
             return status
         rows_file = self.out / f".{step.bench}.rows.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step.bench, "--out", str(self.out),
-               "--rows-file", str(rows_file)] + (["--full"] if self.full else [])
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            step.bench,
+            "--out",
+            str(self.out),
+            "--rows-file",
+            str(rows_file),
+        ] + (["--full"] if self.full else [])
         status = _run_proc(cmd, timeout, env)
         if rows_file.exists():
             self.summary += json.loads(rows_file.read_text())
@@ -176,22 +199,64 @@ class Runner:
 def _start_background(py: str, out: Path, env: dict) -> tuple:
     """The extension build and the tuning candidates' compile, at low priority."""
     build_log = open(out / "build.log", "w")
-    build = subprocess.Popen(["nice", "-n", "5", py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                              "--no-index", "-e", "."], cwd=ROOT, env=dict(env, MAX_JOBS=env.get("MAX_JOBS", "6")),
-                             stdout=build_log, stderr=subprocess.STDOUT, start_new_session=True)
+    build = subprocess.Popen(
+        [
+            "nice",
+            "-n",
+            "5",
+            py,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "-e",
+            ".",
+        ],
+        cwd=ROOT,
+        env=dict(env, MAX_JOBS=env.get("MAX_JOBS", "6")),
+        stdout=build_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     warm = None
     if os.environ.get("GPU_CHECK_WARM", "1") != "0":
         warm_log = open(out / "kernel_report.log", "w")
         variants = ["plain bf16", "causal bf16", "klen bf16", "varlen bf16", "t5 bf16", "plain fp32"]
-        warm = subprocess.Popen(["nice", "-n", "10", py, "scripts/kernel_report.py", "--family", "attention",
-                                 "cross_entropy", "--arch",
-                                 "90", "--candidates", "--jobs", os.environ.get("GPU_CHECK_WARM_JOBS", "6"), "--quiet",
-                                 "--no-cache", "--match", *variants, "--json", str(out / "kernel_report_gpu.json")],
-                                cwd=ROOT, env=env, stdout=warm_log, stderr=subprocess.STDOUT, start_new_session=True)
+        warm = subprocess.Popen(
+            [
+                "nice",
+                "-n",
+                "10",
+                py,
+                "scripts/kernel_report.py",
+                "--family",
+                "attention",
+                "cross_entropy",
+                "--arch",
+                "90",
+                "--candidates",
+                "--jobs",
+                os.environ.get("GPU_CHECK_WARM_JOBS", "6"),
+                "--quiet",
+                "--no-cache",
+                "--match",
+                *variants,
+                "--json",
+                str(out / "kernel_report_gpu.json"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=warm_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return build, warm
 
 
-def _stop(proc: Optional[subprocess.Popen]) -> None:
+def _stop(proc: subprocess.Popen | None) -> None:
     if proc is not None and proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -212,8 +277,16 @@ def tuning_table(tune_dir: Path) -> list:
             t = e.get("timings_ms", {})
             chosen, default = ",".join(map(str, e.get("config", []))), ",".join(map(str, e.get("default", [])))
             gain = t[default] / t[chosen] if t.get(default) and t.get(chosen) else None
-            rows.append({"kernel": kernel, "shape": shape, "chosen": chosen, "default": default,
-                         "default_over_chosen": gain, "skipped": len(e.get("skipped", {}))})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "shape": shape,
+                    "chosen": chosen,
+                    "default": default,
+                    "default_over_chosen": gain,
+                    "skipped": len(e.get("skipped", {})),
+                }
+            )
     return rows
 
 
@@ -228,8 +301,12 @@ def _line(d: dict, keys: list, width: int = 150) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 500)),
-                    help="total seconds for the steps (the command itself takes a little more)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=float(os.environ.get("GPU_CHECK_BUDGET", 500)),
+        help="total seconds for the steps (the command itself takes a little more)",
+    )
     ap.add_argument("--only", nargs="*", default=None, help="step names (e.g. attention cross_entropy)")
     ap.add_argument("--full", action="store_true", help="full sweeps instead of the short settings")
     ap.add_argument("--xdist", type=int, default=int(os.environ.get("XDIST", 8)))
@@ -257,7 +334,9 @@ def main() -> int:
         cuda = torch.cuda.is_available()
         import triton
 
-        print(f"[gpu-check] torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__version__}", flush=True)
+        print(
+            f"[gpu-check] torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__version__}", flush=True
+        )
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     todo = steps(py, args.xdist)
@@ -272,8 +351,14 @@ def main() -> int:
         _stop(warm)
         _stop(build)
     tuned = tuning_table(tune_dir)
-    result = {"device": dev, "budget_s": args.budget, "seconds": round(time.monotonic() - t_start, 1),
-              "steps": records, "summary": runner.summary, "tuning": tuned}
+    result = {
+        "device": dev,
+        "budget_s": args.budget,
+        "seconds": round(time.monotonic() - t_start, 1),
+        "steps": records,
+        "summary": runner.summary,
+        "tuning": tuned,
+    }
     (out / f"gpu_check_{dev}.json").write_text(json.dumps(result, indent=1, default=str))
 
     print(f"\n##### gpu-check on {dev}: {result['seconds']:.0f}s #####")

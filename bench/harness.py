@@ -10,6 +10,7 @@
 Each bench script defines `run(quick: bool, out_dir: pathlib.Path) -> list[dict]` (rows of its summary
 table) and a `__main__` that calls it (most through main(run, __doc__)); bench/gpu_check.py runs them all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -108,7 +109,7 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device=dev)
-    del src, dst
+    src = dst = None  # release the buffers
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -117,27 +118,45 @@ def source_commit() -> str | None:
     tracked files), or None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return head.stdout.strip() + ("+modified" if dirty.returncode == 0 and dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def save(name: str, rows: list[dict], *, out_dir: Path | None = None, device=None,
-         x: str | None = None, y: str | None = None, series: Sequence[str] = ("provider",),
-         logx: bool = False, title: str | None = None) -> tuple[Path, Path | None]:
+def save(
+    name: str,
+    rows: list[dict],
+    *,
+    out_dir: Path | None = None,
+    device=None,
+    x: str | None = None,
+    y: str | None = None,
+    series: Sequence[str] = ("provider",),
+    logx: bool = False,
+    title: str | None = None,
+) -> tuple[Path, Path | None]:
     """Write rows as JSON (and a PNG plot of y against x per series when both are given)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = device_name(device)
     stem = out_dir / f"{name}_{dev}"
-    meta = {"benchmark": name, "device": dev, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    meta = {
+        "benchmark": name,
+        "device": dev,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
     commit = source_commit()
     if commit:
         meta["commit"] = commit

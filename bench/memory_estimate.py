@@ -9,14 +9,23 @@ backward + FusedAdamW step on random token ids; "measured" is the growth of the 
 `fastformer.train.resources.estimate_memory` for the same model, micro-batch and length (weights
 counted only for gradients + optimizer, as the weights exist before the step).
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-CASES = ["bert-tiny:8:128", "bert-tiny:8:512", "bert-tiny:8:1024", "bert-tiny:2:2048", "bert-mini:8:512",
-         "t5-tiny:8:128", "t5-tiny:8:512", "t5-tiny:4:1024"]
+CASES = [
+    "bert-tiny:8:128",
+    "bert-tiny:8:512",
+    "bert-tiny:8:1024",
+    "bert-tiny:2:2048",
+    "bert-mini:8:512",
+    "t5-tiny:8:128",
+    "t5-tiny:8:512",
+    "t5-tiny:4:1024",
+]
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -63,8 +72,11 @@ def main(cases: list[str]) -> None:
         if r.returncode != 0:
             sys.exit(r.stderr[-2000:])
         d = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"| {preset} | {b} × {length} | {d['measured_mb']:.0f} | {d['estimated_mb']:.0f} | "
-              f"{d['estimated_mb'] / d['measured_mb']:.2f} |", flush=True)
+        print(
+            f"| {preset} | {b} × {length} | {d['measured_mb']:.0f} | {d['estimated_mb']:.0f} | "
+            f"{d['estimated_mb'] / d['measured_mb']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

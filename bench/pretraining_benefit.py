@@ -19,6 +19,7 @@ Runs go under --work (one folder each); a run whose result file exists is skippe
 experiment continues where it stopped. Results: bench/results/pretraining_benefit_<tag>.{json,md,png}
 (mean ± std over seeds, the paired gains, and the targets checked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,32 +84,78 @@ def pretrain(a, obj: str, preset: str, seed: int, work: Path) -> Path:
     done = out / "done.json"
     if done.is_file():
         return out
-    args = ["pretrain", "--objective", obj, "--model", preset, "--data", Path(a.data_dir) / "unlabeled.txt",
-            "--seed", seed, "--out", out, *overwrite_flag(out), *shlex.split(a.pretrain_args)]
+    args = [
+        "pretrain",
+        "--objective",
+        obj,
+        "--model",
+        preset,
+        "--data",
+        Path(a.data_dir) / "unlabeled.txt",
+        "--seed",
+        seed,
+        "--out",
+        out,
+        *overwrite_flag(out),
+        *shlex.split(a.pretrain_args),
+    ]
     args += ["--max-minutes", a.pretrain_minutes] if a.pretrain_minutes else ["--steps", a.pretrain_steps]
     secs = cli(args, work / f"pretrain_{obj}_{preset}_seed{seed}.log", a.threads)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     ev = [r for r in rows if "eval_loss" in r]
-    done.write_text(json.dumps({"seconds": round(secs, 1), "steps": rows[-1]["step"], "final_loss": rows[-1]["loss"],
-                                "eval_loss": ev[-1]["eval_loss"] if ev else None,
-                                "eval_accuracy": ev[-1]["eval_accuracy"] if ev else None}, indent=2))
+    done.write_text(
+        json.dumps(
+            {
+                "seconds": round(secs, 1),
+                "steps": rows[-1]["step"],
+                "final_loss": rows[-1]["loss"],
+                "eval_loss": ev[-1]["eval_loss"] if ev else None,
+                "eval_accuracy": ev[-1]["eval_accuracy"] if ev else None,
+            },
+            indent=2,
+        )
+    )
     return out
 
 
 def finetune(a, obj: str, preset: str, arm: str, pre_dir: Path, train: Path, n: int, seed: int, work: Path) -> dict:
     out = work / f"finetune_{obj}_{preset}_{arm}_{n}_seed{seed}"
     if not (out / "eval.json").is_file():
-        src = ["--init", pre_dir] if arm == "pretrained" else ["--model", preset, "--tokenizer",
-                                                               pre_dir / "tokenizer.json"]
-        args = ["finetune", "--train", train, "--eval", Path(a.data_dir) / "test.tsv", *src, "--seed", seed,
-                "--out", out, *overwrite_flag(out), *shlex.split(a.finetune_args)]
+        src = (
+            ["--init", pre_dir]
+            if arm == "pretrained"
+            else ["--model", preset, "--tokenizer", pre_dir / "tokenizer.json"]
+        )
+        args = [
+            "finetune",
+            "--train",
+            train,
+            "--eval",
+            Path(a.data_dir) / "test.tsv",
+            *src,
+            "--seed",
+            seed,
+            "--out",
+            out,
+            *overwrite_flag(out),
+            *shlex.split(a.finetune_args),
+        ]
         secs = cli(args, work / f"{out.name}.log", a.threads)
         (out / "wall_s.txt").write_text(f"{secs:.1f}\n")
     ev = json.loads((out / "eval.json").read_text())
-    return {"objective": obj, "model": preset, "arm": arm, "labels": n, "seed": seed, "accuracy": ev["accuracy"],
-            "n_eval": ev["n_eval"],
-            "steps": ev["steps"], "epochs": ev.get("epochs"), "selected_step": ev.get("selected_step"),
-            "seconds": float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else None}
+    return {
+        "objective": obj,
+        "model": preset,
+        "arm": arm,
+        "labels": n,
+        "seed": seed,
+        "accuracy": ev["accuracy"],
+        "n_eval": ev["n_eval"],
+        "steps": ev["steps"],
+        "epochs": ev.get("epochs"),
+        "selected_step": ev.get("selected_step"),
+        "seconds": float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else None,
+    }
 
 
 def bow(a, train: Path, n: int, seed: int, work: Path) -> dict:
@@ -116,14 +163,34 @@ def bow(a, train: Path, n: int, seed: int, work: Path) -> dict:
     if not out.is_file():
         log(f"bag-of-words baseline, {n} labels, seed {seed}")
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT)}
-        rc = subprocess.call([sys.executable, str(ROOT / "bench" / "bow_baseline.py"), "--train", str(train),
-                              "--eval", str(Path(a.data_dir) / "test.tsv"), "--seed", str(seed), "--out", str(out)],
-                             cwd=ROOT, env=env)
+        rc = subprocess.call(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "bow_baseline.py"),
+                "--train",
+                str(train),
+                "--eval",
+                str(Path(a.data_dir) / "test.tsv"),
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         if rc != 0:
             sys.exit(f"bow_baseline.py failed (exit {rc})")
     r = json.loads(out.read_text())
-    return {"objective": "bow", "model": "bag-of-words", "arm": "linear", "labels": n, "seed": seed,
-            "accuracy": r["accuracy"], "seconds": r["seconds"]}
+    return {
+        "objective": "bow",
+        "model": "bag-of-words",
+        "arm": "linear",
+        "labels": n,
+        "seed": seed,
+        "accuracy": r["accuracy"],
+        "seconds": r["seconds"],
+    }
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -141,8 +208,10 @@ def summarise(results: list[dict], models: dict[str, str]) -> tuple[list[dict], 
                 xs = [v for (o, ar, m, _), v in acc.items() if (o, ar, m) == (obj, arm, n)]
                 if xs:
                     cell[arm] = dict(zip(("mean", "std"), mean_std(xs)), n=len(xs))
-            seeds = sorted({s for (o, ar, m, s) in acc if (o, ar, m) == (obj, "pretrained", n)}
-                           & {s for (o, ar, m, s) in acc if (o, ar, m) == (obj, "random", n)})
+            seeds = sorted(
+                {s for (o, ar, m, s) in acc if (o, ar, m) == (obj, "pretrained", n)}
+                & {s for (o, ar, m, s) in acc if (o, ar, m) == (obj, "random", n)}
+            )
             if seeds:
                 gains = [acc[obj, "pretrained", n, s] - acc[obj, "random", n, s] for s in seeds]
                 cell["gain"] = dict(zip(("mean", "std"), mean_std(gains)), n=len(seeds))
@@ -167,8 +236,11 @@ def summarise(results: list[dict], models: dict[str, str]) -> tuple[list[dict], 
         check("mlm never worse at 10,001 labels", x["mean"] >= 0, f"{x['mean']:+.3f} ± {x['std']:.3f}")
     p, r = arm("mlm", "pretrained", 1000), arm("mlm", "random", 10001)
     if p and r:
-        check("labels saved: mlm pre-trained @1,000 >= random @10,001", p["mean"] >= r["mean"],
-              f"{p['mean']:.3f} vs {r['mean']:.3f}")
+        check(
+            "labels saved: mlm pre-trained @1,000 >= random @10,001",
+            p["mean"] >= r["mean"],
+            f"{p['mean']:.3f} vs {r['mean']:.3f}",
+        )
     for c in cells:
         if "gain" in c and c["gain"]["n"] > 1:
             m, s = c["gain"]["mean"], c["gain"]["std"]
@@ -180,35 +252,58 @@ def save(results, pre_info, cells, checks, a, models, started) -> None:
     out_dir = Path(a.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"pretraining_benefit_{a.tag}"
-    settings = {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(a).items()
-                if k not in ("work", "results", "data_dir")}
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": a.threads,
-               "python": platform.python_version()}
+    settings = {
+        k: (v if not isinstance(v, Path) else str(v))
+        for k, v in vars(a).items()
+        if k not in ("work", "results", "data_dir")
+    }
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": a.threads,
+        "python": platform.python_version(),
+    }
     try:
         import torch
 
         machine["torch"] = torch.__version__
     except ImportError:
         pass
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "machine": machine, "wall_hours": round((time.time() - started) / 3600, 2),
-         "pretraining": pre_info, "summary": cells, "checks": checks, "results": results}, indent=2))
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "machine": machine,
+                "wall_hours": round((time.time() - started) / 3600, 2),
+                "pretraining": pre_info,
+                "summary": cells,
+                "checks": checks,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
     def fmt(d):
         return f"{d['mean']:.3f} ± {d['std']:.3f}" if d else "—"
 
     seeds = sorted({r["seed"] for r in results})
-    lines = [f"AG News test accuracy (all rows of test.tsv), mean ± std over seeds {seeds}; gain = pre-trained − "
-             "random init, paired by seed.", "",
-             "| model (objective) | labels | random init | pre-trained | gain | bag-of-words |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"AG News test accuracy (all rows of test.tsv), mean ± std over seeds {seeds}; gain = pre-trained − "
+        "random init, paired by seed.",
+        "",
+        "| model (objective) | labels | random init | pre-trained | gain | bag-of-words |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for c in cells:
         if c["objective"] == "bow":
             continue
         b = next((x.get("linear") for x in cells if x["objective"] == "bow" and x["labels"] == c["labels"]), None)
         gain = f"{c['gain']['mean']:+.3f} ± {c['gain']['std']:.3f}" if "gain" in c else "—"
-        lines.append(f"| {c['model']} ({c['objective']}) | {c['labels']:,} | {fmt(c.get('random'))} | "
-                     f"{fmt(c.get('pretrained'))} | {gain} | {fmt(b)} |")
+        lines.append(
+            f"| {c['model']} ({c['objective']}) | {c['labels']:,} | {fmt(c.get('random'))} | "
+            f"{fmt(c.get('pretrained'))} | {gain} | {fmt(b)} |"
+        )
     lines += ["", "Targets:", ""] + [f"- {x}" for x in checks]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -219,15 +314,22 @@ def save(results, pre_info, cells, checks, a, models, started) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
-    styles = {("mlm", "pretrained"): ("tab:blue", "-o"), ("mlm", "random"): ("tab:blue", "--s"),
-              ("span", "pretrained"): ("tab:orange", "-o"), ("span", "random"): ("tab:orange", "--s"),
-              ("bow", "linear"): ("gray", ":^")}
+    styles = {
+        ("mlm", "pretrained"): ("tab:blue", "-o"),
+        ("mlm", "random"): ("tab:blue", "--s"),
+        ("span", "pretrained"): ("tab:orange", "-o"),
+        ("span", "random"): ("tab:orange", "--s"),
+        ("bow", "linear"): ("gray", ":^"),
+    }
     for (obj, arm), (color, fmt_) in styles.items():
         pts = [(c["labels"], c[arm]["mean"], c[arm]["std"]) for c in cells if c["objective"] == obj and arm in c]
         if pts:
             xs, ys, es = zip(*pts)
-            name = "bag-of-words logistic regression" if obj == "bow" else f"{models[obj]} ({obj}), " + (
-                "pre-trained" if arm == "pretrained" else "random init")
+            name = (
+                "bag-of-words logistic regression"
+                if obj == "bow"
+                else f"{models[obj]} ({obj}), " + ("pre-trained" if arm == "pretrained" else "random init")
+            )
             ax.errorbar(xs, ys, yerr=es, fmt=fmt_, color=color, capsize=3, label=name)
     ax.set_xscale("log")
     ax.axhline(0.25, color="lightgray", lw=0.8, ls=":")
@@ -235,8 +337,9 @@ def save(results, pre_info, cells, checks, a, models, started) -> None:
     n_eval = next((r["n_eval"] for r in results if "n_eval" in r), None)
     ax.set_ylabel(f"test accuracy ({n_eval:,} rows)" if n_eval else "test accuracy")
     budget = f"{a.pretrain_minutes:g} min" if a.pretrain_minutes else f"{a.pretrain_steps} steps"
-    ax.set_title(f"Pre-training on unlabeled.txt ({budget} each) vs random init; "
-                 f"mean ± std over {len(seeds)} seeds", fontsize=8)
+    ax.set_title(
+        f"Pre-training on unlabeled.txt ({budget} each) vs random init; mean ± std over {len(seeds)} seeds", fontsize=8
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -255,10 +358,17 @@ def main() -> None:
     p.add_argument("--encoder", default="bert-tiny", help="preset pre-trained with MLM")
     p.add_argument("--encoder-decoder", default="t5-tiny", help="preset pre-trained with span corruption")
     p.add_argument("--pretrain-steps", type=int, default=10000)
-    p.add_argument("--pretrain-minutes", type=float, default=None,
-                   help="a time budget instead of --pretrain-steps (the schedule follows the clock)")
-    p.add_argument("--shared-pretraining", action="store_true",
-                   help="pre-train once (seed of the first --seeds) instead of once per seed")
+    p.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        default=None,
+        help="a time budget instead of --pretrain-steps (the schedule follows the clock)",
+    )
+    p.add_argument(
+        "--shared-pretraining",
+        action="store_true",
+        help="pre-train once (seed of the first --seeds) instead of once per seed",
+    )
     p.add_argument("--pretrain-args", default="", help="extra `fastformer pretrain` flags, one quoted string")
     p.add_argument("--finetune-args", default="", help="extra `fastformer finetune` flags, one quoted string")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -275,11 +385,13 @@ def main() -> None:
     models = {o: (a.encoder if o == "mlm" else a.encoder_decoder) for o in a.objectives}
     started = time.time()
     n_ft = len(a.seeds) * len(a.objectives) * len(a.sizes) * 2
-    log(f"{len(a.objectives) * (1 if a.shared_pretraining else len(a.seeds))} pre-training runs, {n_ft} fine-tuning "
-        f"runs, {len(a.seeds) * len(a.sizes)} linear baselines; work folder {work}")
+    log(
+        f"{len(a.objectives) * (1 if a.shared_pretraining else len(a.seeds))} pre-training runs, {n_ft} fine-tuning "
+        f"runs, {len(a.seeds) * len(a.sizes)} linear baselines; work folder {work}"
+    )
 
     results, pre_info, done = [], {}, 0
-    for seed in a.seeds:                 # seed-major: an interrupted experiment still has whole seeds
+    for seed in a.seeds:  # seed-major: an interrupted experiment still has whole seeds
         sets = label_sets(data_dir, work, seed)
         for n in a.sizes:
             results.append(bow(a, sets[n], n, seed, work))
@@ -292,8 +404,10 @@ def main() -> None:
                     r = finetune(a, obj, models[obj], arm, pre_dir, sets[n], n, seed, work)
                     results.append(r)
                     done += 1
-                    log(f"[{done}/{n_ft}] seed {seed} {models[obj]} {arm:10s} {n:6d} labels: accuracy "
-                        f"{r['accuracy']:.4f} ({r['steps']} steps)")
+                    log(
+                        f"[{done}/{n_ft}] seed {seed} {models[obj]} {arm:10s} {n:6d} labels: accuracy "
+                        f"{r['accuracy']:.4f} ({r['steps']} steps)"
+                    )
         cells, checks = summarise(results, models)
         save(results, pre_info, cells, checks, a, models, started)
 

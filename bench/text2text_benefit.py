@@ -34,6 +34,7 @@ after every finished run.
 classification fine-tuning, the classifier) and a few generated examples, then prints the single-thread
 time each part of the experiment would take with the current settings, and exits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ def say(*parts) -> None:
 # data
 # ---------------------------------------------------------------------------------------------------
 
+
 def read_rows(path: Path, header_words: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Rows of a TSV as (header or [], data rows); a first row whose last cell is a header word is the header."""
     rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r.strip()]
@@ -84,13 +86,18 @@ def lead_baseline(test_tsv: Path, words: int) -> dict:
 
     inputs, targets = read_pairs(test_tsv)
     preds = [" ".join(x.split()[:words]) for x in inputs]
-    return {"method": f"lead-{words}", **rouge(preds, targets), "exact_match": exact_match(preds, targets),
-            "n_eval": len(inputs)}
+    return {
+        "method": f"lead-{words}",
+        **rouge(preds, targets),
+        "exact_match": exact_match(preds, targets),
+        "n_eval": len(inputs),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # running the CLI
 # ---------------------------------------------------------------------------------------------------
+
 
 class RunFailed(RuntimeError):
     pass
@@ -127,8 +134,10 @@ def run_or_resume(args: list[str], out: Path, log: Path, threads: int | None, ke
     skipped)."""
     record = log.with_suffix(".key.json")
     if (out / "checkpoint.pt").is_file() and record.is_file() and json.loads(record.read_text()) != key:
-        raise RunFailed(f"{out} was run with other settings ({record}); use another --work for new settings, or "
-                        "delete that run folder to redo it")
+        raise RunFailed(
+            f"{out} was run with other settings ({record}); use another --work for new settings, or "
+            "delete that run folder to redo it"
+        )
     if (out / "eval.json").is_file():
         return json.loads((out / "eval.json").read_text()), 0.0
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +152,7 @@ def run_or_resume(args: list[str], out: Path, log: Path, threads: int | None, ke
 @dataclass
 class Job:
     name: str
-    part: str                 # "headlines" | "classification"
+    part: str  # "headlines" | "classification"
     args: list[str]
     info: dict = field(default_factory=dict)
 
@@ -152,11 +161,35 @@ class Job:
 # the pre-trained and the random-init models
 # ---------------------------------------------------------------------------------------------------
 
+
 def pretrain_args(a, data: Path, steps: int) -> list[str]:
-    return ["pretrain", "--objective", "span", "--model", a.pretrain_model, "--data", str(data),
-            "--steps", str(steps), "--seq-len", str(a.pretrain_seq_len), "--batch-size", str(a.pretrain_batch_size),
-            "--lr", str(a.pretrain_lr), "--vocab-size", str(a.vocab_size), "--seed", str(a.pretrain_seed),
-            "--eval-every", str(a.pretrain_eval_every), "--save-every", "500", "--log-every", "50"]
+    return [
+        "pretrain",
+        "--objective",
+        "span",
+        "--model",
+        a.pretrain_model,
+        "--data",
+        str(data),
+        "--steps",
+        str(steps),
+        "--seq-len",
+        str(a.pretrain_seq_len),
+        "--batch-size",
+        str(a.pretrain_batch_size),
+        "--lr",
+        str(a.pretrain_lr),
+        "--vocab-size",
+        str(a.vocab_size),
+        "--seed",
+        str(a.pretrain_seed),
+        "--eval-every",
+        str(a.pretrain_eval_every),
+        "--save-every",
+        "500",
+        "--log-every",
+        "50",
+    ]
 
 
 def ensure_pretrained(a, work: Path, data_dir: Path) -> Path:
@@ -174,8 +207,17 @@ def ensure_pretrained(a, work: Path, data_dir: Path) -> Path:
         if (pre / "checkpoint.pt").is_file():
             wall = cli(["pretrain", "--out", str(pre), "--resume"], log, a.threads)
         else:
-            wall = cli([*pretrain_args(a, data_dir / "unlabeled.txt", a.pretrain_steps), *extra, "--out", str(pre),
-                        "--overwrite"], log, a.threads)
+            wall = cli(
+                [
+                    *pretrain_args(a, data_dir / "unlabeled.txt", a.pretrain_steps),
+                    *extra,
+                    "--out",
+                    str(pre),
+                    "--overwrite",
+                ],
+                log,
+                a.threads,
+            )
         done.write_text(json.dumps({"wall_seconds": wall}))
     return pre
 
@@ -184,21 +226,49 @@ def ensure_random(a, work: Path, pre: Path, data_dir: Path) -> Path:
     """The pre-trained model's preset and tokenizer, untrained weights (one step at lr 1e-12)."""
     cfg = json.loads((pre / "config.json").read_text())
     rnd = work / "span_random"
-    same_tok = (rnd / "tokenizer.json").is_file() and \
-        (rnd / "tokenizer.json").read_text() == (pre / "tokenizer.json").read_text()
+    same_tok = (rnd / "tokenizer.json").is_file() and (rnd / "tokenizer.json").read_text() == (
+        pre / "tokenizer.json"
+    ).read_text()
     if not (rnd / "checkpoint.pt").is_file() or not same_tok:
         # one step needs only a little text: the first lines of the corpus
         lines = (data_dir / "unlabeled.txt").read_text(encoding="utf-8").splitlines()[:400]
         small = write_rows(work / "random_init_corpus.txt", [], lines)
         train = cfg.get("train") or {}
-        cli(["pretrain", "--objective", "span", "--model", cfg["model"], "--data", str(small),
-             "--tokenizer", str(pre / "tokenizer.json"), "--steps", "1", "--lr", "1e-12",
-             "--seq-len", str(train.get("seq_len", 128)), "--batch-size", "2", "--seed", str(a.pretrain_seed),
-             "--eval-every", "100000", "--out", str(rnd), "--overwrite"], work / "logs" / "span_random.log", a.threads)
+        cli(
+            [
+                "pretrain",
+                "--objective",
+                "span",
+                "--model",
+                cfg["model"],
+                "--data",
+                str(small),
+                "--tokenizer",
+                str(pre / "tokenizer.json"),
+                "--steps",
+                "1",
+                "--lr",
+                "1e-12",
+                "--seq-len",
+                str(train.get("seq_len", 128)),
+                "--batch-size",
+                "2",
+                "--seed",
+                str(a.pretrain_seed),
+                "--eval-every",
+                "100000",
+                "--out",
+                str(rnd),
+                "--overwrite",
+            ],
+            work / "logs" / "span_random.log",
+            a.threads,
+        )
     mine = json.loads((rnd / "config.json").read_text())["model_config"]
     if mine != cfg["model_config"]:
-        sys.exit(f"the random-init model {rnd} does not have the architecture of {pre}: {mine} vs "
-                 f"{cfg['model_config']}")
+        sys.exit(
+            f"the random-init model {rnd} does not have the architecture of {pre}: {mine} vs {cfg['model_config']}"
+        )
     return rnd
 
 
@@ -208,21 +278,52 @@ def pretraining_info(pre: Path) -> dict:
     last = rows[-1] if rows else {}
     ev = next((r for r in reversed(rows) if "eval_loss" in r), {})
     train = cfg.get("train") or {}
-    return {"folder": str(pre), "model": cfg.get("model"), "n_parameters": cfg.get("n_parameters"),
-            "data": cfg.get("data"), "steps": last.get("step"), "final_loss": last.get("loss"),
-            "eval_loss": ev.get("eval_loss"), "eval_token_accuracy": ev.get("eval_accuracy"),
-            "seq_len": train.get("seq_len"), "batch_size": train.get("batch_size"),
-            "vocab_size": cfg["model_config"].get("vocab_size")}
+    return {
+        "folder": str(pre),
+        "model": cfg.get("model"),
+        "n_parameters": cfg.get("n_parameters"),
+        "data": cfg.get("data"),
+        "steps": last.get("step"),
+        "final_loss": last.get("loss"),
+        "eval_loss": ev.get("eval_loss"),
+        "eval_token_accuracy": ev.get("eval_accuracy"),
+        "seq_len": train.get("seq_len"),
+        "batch_size": train.get("batch_size"),
+        "vocab_size": cfg["model_config"].get("vocab_size"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # the runs
 # ---------------------------------------------------------------------------------------------------
 
+
 def headline_args(a, init: Path, train: Path, test: Path, seed: int, steps: int) -> list[str]:
-    args = ["finetune", "--task", "text2text", "--init", str(init), "--train", str(train), "--eval", str(test),
-            "--steps", str(steps), "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(seed),
-            "--max-len", str(a.max_len), "--max-target-len", str(a.max_target_len), "--log-every", "50"]
+    args = [
+        "finetune",
+        "--task",
+        "text2text",
+        "--init",
+        str(init),
+        "--train",
+        str(train),
+        "--eval",
+        str(test),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(a.batch_size),
+        "--lr",
+        str(a.lr),
+        "--seed",
+        str(seed),
+        "--max-len",
+        str(a.max_len),
+        "--max-target-len",
+        str(a.max_target_len),
+        "--log-every",
+        "50",
+    ]
     if a.dropout is not None:
         args += ["--dropout", str(a.dropout)]
     if a.num_beams != 1:
@@ -231,9 +332,27 @@ def headline_args(a, init: Path, train: Path, test: Path, seed: int, steps: int)
 
 
 def cls_args(a, method: str, init: Path, train: Path, test: Path, seed: int) -> list[str]:
-    args = ["finetune", "--init", str(init), "--train", str(train), "--eval", str(test), "--steps", str(a.cls_steps),
-            "--batch-size", str(a.cls_batch_size), "--lr", str(a.cls_lr), "--seed", str(seed),
-            "--max-len", str(a.cls_max_len), "--log-every", "50"]
+    args = [
+        "finetune",
+        "--init",
+        str(init),
+        "--train",
+        str(train),
+        "--eval",
+        str(test),
+        "--steps",
+        str(a.cls_steps),
+        "--batch-size",
+        str(a.cls_batch_size),
+        "--lr",
+        str(a.cls_lr),
+        "--seed",
+        str(seed),
+        "--max-len",
+        str(a.cls_max_len),
+        "--log-every",
+        "50",
+    ]
     if method == "text":
         args += ["--task", "text2text", "--max-target-len", "8"]
     return args
@@ -266,13 +385,19 @@ def plan(a, work: Path, data_dir: Path, inits: dict[str, Path]) -> list[Job]:
             n = pair_count(spec, len(h_train))
             train = data_dir / "headlines" / "train.tsv"
             if n < len(h_train):
-                train = write_rows(sub / f"headlines_{n}_seed{seed}.tsv", h_head or ["input\ttarget"],
-                                   [h_train[i] for i in order[:n]])
+                train = write_rows(
+                    sub / f"headlines_{n}_seed{seed}.tsv", h_head or ["input\ttarget"], [h_train[i] for i in order[:n]]
+                )
             steps = a.steps_all if spec == "all" or n == len(h_train) else a.steps
             for init in ("pretrained", "random"):
-                jobs.append(Job(f"headlines_{init}_{n}_seed{seed}", "headlines",
-                                headline_args(a, inits[init], train, h_test_tsv, seed, steps),
-                                {"init": init, "n_train": n, "seed": seed, "steps": steps}))
+                jobs.append(
+                    Job(
+                        f"headlines_{init}_{n}_seed{seed}",
+                        "headlines",
+                        headline_args(a, inits[init], train, h_test_tsv, seed, steps),
+                        {"init": init, "n_train": n, "seed": seed, "steps": steps},
+                    )
+                )
         pool = list(c_pool)
         random.Random(seed).shuffle(pool)
         for n in a.labels:
@@ -280,16 +405,27 @@ def plan(a, work: Path, data_dir: Path, inits: dict[str, Path]) -> list[Job]:
             train = write_rows(sub / f"agnews_{n}_seed{seed}.tsv", ["text\tlabel"], pool[:n])
             for init in ("pretrained", "random") if a.cls_random else ("pretrained",):
                 for method in ("text", "head"):
-                    jobs.append(Job(f"agnews_{method}_{init}_{n}_seed{seed}", "classification",
-                                    cls_args(a, method, inits[init], train, c_test_tsv, seed),
-                                    {"method": method, "init": init, "n_train": n, "seed": seed,
-                                     "steps": a.cls_steps}))
+                    jobs.append(
+                        Job(
+                            f"agnews_{method}_{init}_{n}_seed{seed}",
+                            "classification",
+                            cls_args(a, method, inits[init], train, c_test_tsv, seed),
+                            {"method": method, "init": init, "n_train": n, "seed": seed, "steps": a.cls_steps},
+                        )
+                    )
     return jobs
 
 
 def row_of(job: Job, ev: dict, wall: float) -> dict:
-    row = {**job.info, "name": job.name, "part": job.part, "n_eval": ev["n_eval"], "steps_done": ev["steps"],
-           "train_seconds": ev.get("seconds"), "wall_seconds": wall or None}
+    row = {
+        **job.info,
+        "name": job.name,
+        "part": job.part,
+        "n_eval": ev["n_eval"],
+        "steps_done": ev["steps"],
+        "train_seconds": ev.get("seconds"),
+        "wall_seconds": wall or None,
+    }
     if job.part == "headlines" or job.info.get("method") == "text":
         row.update({k: ev[k] for k in ("rouge1", "rouge2", "rougeL", "exact_match", "eval_loss")})
         row["generation_seconds"] = ev.get("generation_seconds")
@@ -336,14 +472,17 @@ def run_jobs(a, jobs: list[Job], work: Path, pre_folder: Path, save) -> list[dic
                 if done_walls and left:
                     per = sum(done_walls) / len(done_walls)
                     eta = f", about {per * left / a.jobs / 60:.0f} min left at {per / 60:.1f} min per run"
-                score = (f"ROUGE-L {ev['rougeL']:.4f}" if job.part == "headlines"
-                         else f"accuracy {ev['accuracy']:.4f}")
-                say(f"[{len(results)}/{len(jobs)}] {job.name}: {score}"
-                    f"{f' ({wall / 60:.1f} min)' if wall else ' (done before)'}{eta}")
+                score = f"ROUGE-L {ev['rougeL']:.4f}" if job.part == "headlines" else f"accuracy {ev['accuracy']:.4f}"
+                say(
+                    f"[{len(results)}/{len(jobs)}] {job.name}: {score}"
+                    f"{f' ({wall / 60:.1f} min)' if wall else ' (done before)'}{eta}"
+                )
                 save(results)
         if isinstance(failed, RunInterrupted):
-            sys.exit("interrupted: run the same command again to continue (finished runs are kept, "
-                     "interrupted ones resume from their checkpoint)")
+            sys.exit(
+                "interrupted: run the same command again to continue (finished runs are kept, "
+                "interrupted ones resume from their checkpoint)"
+            )
         if failed is not None:
             sys.exit("stopped after a failed run (see above); the finished runs are kept")
     say(f"all {len(jobs)} runs finished ({(time.time() - t_start) / 60:.0f} min this session)")
@@ -354,6 +493,7 @@ def run_jobs(a, jobs: list[Job], work: Path, pre_folder: Path, save) -> list[dic
 # results
 # ---------------------------------------------------------------------------------------------------
 
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     return m, ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0)
@@ -361,8 +501,10 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def paired(results: list[dict], key: str, a_sel: dict, b_sel: dict, common: dict) -> list[float]:
     """a - b per seed for rows matching `common` plus each side's selector."""
+
     def pick(sel):
         return {r["seed"]: r[key] for r in results if all(r.get(k) == v for k, v in {**common, **sel}.items())}
+
     A, B = pick(a_sel), pick(b_sel)
     return [A[s] - B[s] for s in sorted(set(A) & set(B))]
 
@@ -376,8 +518,9 @@ def summarize(results: list[dict]) -> dict:
             if rs:
                 cell[init] = {k: mean_std([r[k] for r in rs]) for k in ("rouge1", "rouge2", "rougeL", "exact_match")}
                 cell[init]["seeds"] = sorted(r["seed"] for r in rs)
-        gain = paired(results, "rougeL", {"init": "pretrained"}, {"init": "random"},
-                      {"part": "headlines", "n_train": n})
+        gain = paired(
+            results, "rougeL", {"init": "pretrained"}, {"init": "random"}, {"part": "headlines", "n_train": n}
+        )
         if gain:
             cell["rougeL_gain"] = mean_std(gain)
         head.append(cell)
@@ -385,12 +528,23 @@ def summarize(results: list[dict]) -> dict:
         for n in sorted({r["n_train"] for r in results if r["part"] == "classification" and r["init"] == init}):
             cell = {"init": init, "n_train": n}
             for method in ("text", "head"):
-                rs = [r for r in results if r["part"] == "classification" and r["init"] == init
-                      and r["n_train"] == n and r["method"] == method]
+                rs = [
+                    r
+                    for r in results
+                    if r["part"] == "classification"
+                    and r["init"] == init
+                    and r["n_train"] == n
+                    and r["method"] == method
+                ]
                 if rs:
                     cell[method] = mean_std([r["accuracy"] for r in rs]) + (sorted(r["seed"] for r in rs),)
-            diff = paired(results, "accuracy", {"method": "text"}, {"method": "head"},
-                          {"part": "classification", "n_train": n, "init": init})
+            diff = paired(
+                results,
+                "accuracy",
+                {"method": "text"},
+                {"method": "head"},
+                {"part": "classification", "n_train": n, "init": init},
+            )
             if diff:
                 cell["text_minus_head"] = mean_std(diff)
             cls.append(cell)
@@ -403,37 +557,51 @@ def _fmt(ms, digits=4):
 
 def markdown(summary: dict, baseline: dict, pre: dict, a) -> str:
     data = ", ".join(Path(x).name for x in pre.get("data") or []) or "?"
-    lines = [f"Span pre-trained {pre.get('model')} ({pre.get('steps')} steps on {data}), fine-tuned through "
-             f"the CLI; mean ± std over seeds {sorted(a.seeds)} (paired differences per seed).", "",
-             f"Headlines (description → headline), ROUGE on {baseline['n_eval']} test pairs, greedy generation:", "",
-             "| training pairs | init | ROUGE-1 | ROUGE-2 | ROUGE-L | exact match |", "|---:|---|---:|---:|---:|---:|",
-             f"| — | {baseline['method']} baseline | {baseline['rouge1']:.4f} | {baseline['rouge2']:.4f} | "
-             f"{baseline['rougeL']:.4f} | {baseline['exact_match']:.4f} |"]
+    lines = [
+        f"Span pre-trained {pre.get('model')} ({pre.get('steps')} steps on {data}), fine-tuned through "
+        f"the CLI; mean ± std over seeds {sorted(a.seeds)} (paired differences per seed).",
+        "",
+        f"Headlines (description → headline), ROUGE on {baseline['n_eval']} test pairs, greedy generation:",
+        "",
+        "| training pairs | init | ROUGE-1 | ROUGE-2 | ROUGE-L | exact match |",
+        "|---:|---|---:|---:|---:|---:|",
+        f"| — | {baseline['method']} baseline | {baseline['rouge1']:.4f} | {baseline['rouge2']:.4f} | "
+        f"{baseline['rougeL']:.4f} | {baseline['exact_match']:.4f} |",
+    ]
     for c in summary["headlines"]:
         for init in ("random", "pretrained"):
             if init in c:
                 s = c[init]
-                lines.append(f"| {c['n_train']:,} | {init} | {_fmt(s['rouge1'])} | {_fmt(s['rouge2'])} | "
-                             f"{_fmt(s['rougeL'])} | {_fmt(s['exact_match'])} |")
+                lines.append(
+                    f"| {c['n_train']:,} | {init} | {_fmt(s['rouge1'])} | {_fmt(s['rouge2'])} | "
+                    f"{_fmt(s['rougeL'])} | {_fmt(s['exact_match'])} |"
+                )
     lines += ["", "| training pairs | ROUGE-L gain of pre-training (paired) |", "|---:|---:|"]
     for c in summary["headlines"]:
         if "rougeL_gain" in c:
-            lines.append(f"| {c['n_train']:,} | {c['rougeL_gain'][0] * 100:+.2f} ± {c['rougeL_gain'][1] * 100:.2f} "
-                         "points |")
+            lines.append(
+                f"| {c['n_train']:,} | {c['rougeL_gain'][0] * 100:+.2f} ± {c['rougeL_gain'][1] * 100:.2f} points |"
+            )
     if summary["classification"]:
-        lines += ["", "AG News classification, test accuracy (classification as text = exact match of the "
-                  "generated label word):", "",
-                  "| init | labels | as text (text2text) | encoder + head (classify) | text − head (paired) |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "AG News classification, test accuracy (classification as text = exact match of the generated label word):",
+            "",
+            "| init | labels | as text (text2text) | encoder + head (classify) | text − head (paired) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for c in summary["classification"]:
             t, h = c.get("text"), c.get("head")
-            lines.append(f"| {c['init']} | {c['n_train']:,} | {_fmt(t[:2] if t else None)} | "
-                         f"{_fmt(h[:2] if h else None)} | {_fmt(c.get('text_minus_head'))} |")
+            lines.append(
+                f"| {c['init']} | {c['n_train']:,} | {_fmt(t[:2] if t else None)} | "
+                f"{_fmt(h[:2] if h else None)} | {_fmt(c.get('text_minus_head'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, baseline: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -454,12 +622,19 @@ def plot(summary: dict, baseline: dict, path: Path) -> None:
     ax = axes[1]
     for init in ("pretrained", "random"):
         for method, style in (("text", "-o"), ("head", "--s")):
-            pts = [(c["n_train"], *c[method][:2]) for c in summary["classification"]
-                   if c["init"] == init and method in c]
+            pts = [
+                (c["n_train"], *c[method][:2]) for c in summary["classification"] if c["init"] == init and method in c
+            ]
             if pts:
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3,
-                            label=f"{'as text' if method == 'text' else 'encoder + head'}, {init}")
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=es,
+                    fmt=style,
+                    capsize=3,
+                    label=f"{'as text' if method == 'text' else 'encoder + head'}, {init}",
+                )
     ax.axhline(0.25, color="gray", ls=":", lw=0.8, label="chance (4 classes)")
     ax.set_xscale("log")
     ax.set_xlabel("AG News training labels")
@@ -476,6 +651,7 @@ def plot(summary: dict, baseline: dict, path: Path) -> None:
 # --estimate: measured speed of each kind of run
 # ---------------------------------------------------------------------------------------------------
 
+
 def _probe(args: list[str], out: Path, log: Path, threads) -> tuple[dict, float]:
     wall = cli([*args, "--out", str(out), "--overwrite"], log, threads)
     return json.loads((out / "eval.json").read_text()), wall
@@ -491,7 +667,7 @@ def estimate(a, work: Path, jobs: list[Job], pre_probe: Path | None) -> dict:
     if pre_probe is not None:
         rows = [json.loads(x) for x in (pre_probe / "metrics.jsonl").read_text().splitlines() if x.strip()]
         tps = sorted(r["tokens_per_s"] for r in rows[1:]) or [rows[0]["tokens_per_s"]]
-        s_step = a.pretrain_batch_size * a.pretrain_seq_len / tps[len(tps) // 2]   # median step after the first
+        s_step = a.pretrain_batch_size * a.pretrain_seq_len / tps[len(tps) // 2]  # median step after the first
         total = s_step * a.pretrain_steps
         if a.pretrain_minutes:
             total = min(total, a.pretrain_minutes * 60)
@@ -520,25 +696,43 @@ def estimate(a, work: Path, jobs: list[Job], pre_probe: Path | None) -> dict:
         per_row = gen_s / len(rows[:n_probe]) + s_step / (3 * batch)
         n_eval = len(rows)
         secs = sum(startup + int(j.info["steps"]) * s_step + n_eval * per_row for j in js)
-        parts[f"{part} ({'as text' if method == 'text' else 'encoder + head'})" if part == "classification"
-              else part] = {"runs": len(js), "s_per_step": s_step, "steps": sorted({j.info["steps"] for j in js}),
-                            "startup_s": startup, "eval_rows": n_eval, "s_per_eval_row": per_row, "seconds": secs,
-                            "probe_wall_s": wall}
+        parts[
+            f"{part} ({'as text' if method == 'text' else 'encoder + head'})" if part == "classification" else part
+        ] = {
+            "runs": len(js),
+            "s_per_step": s_step,
+            "steps": sorted({j.info["steps"] for j in js}),
+            "startup_s": startup,
+            "eval_rows": n_eval,
+            "s_per_eval_row": per_row,
+            "seconds": secs,
+            "probe_wall_s": wall,
+        }
     total = sum(p["seconds"] for p in parts.values())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    say("\nEstimated time, one thread per run (measured now: "
-        f"{steps} steps per probe, {a.probe_eval_rows} eval rows; load average {load:.1f}):")
-    say(f"{'part':32s} {'runs':>5s} {'s/step':>7s} {'steps/run':>10s} {'start-up s':>10s} {'eval rows':>9s} "
-        f"{'s/row':>7s} {'hours':>6s}")
+    say(
+        "\nEstimated time, one thread per run (measured now: "
+        f"{steps} steps per probe, {a.probe_eval_rows} eval rows; load average {load:.1f}):"
+    )
+    say(
+        f"{'part':32s} {'runs':>5s} {'s/step':>7s} {'steps/run':>10s} {'start-up s':>10s} {'eval rows':>9s} "
+        f"{'s/row':>7s} {'hours':>6s}"
+    )
     for name, p in parts.items():
         st = p["steps"] if isinstance(p["steps"], int) else "/".join(map(str, p["steps"]))
-        say(f"{name:32s} {p['runs']:5d} {p['s_per_step']:7.3f} {st:>10} {p.get('startup_s', 0):10.1f} "
-            f"{p.get('eval_rows', 0):9d} {p.get('s_per_eval_row', 0):7.4f} {p['seconds'] / 3600:6.2f}")
+        say(
+            f"{name:32s} {p['runs']:5d} {p['s_per_step']:7.3f} {st:>10} {p.get('startup_s', 0):10.1f} "
+            f"{p.get('eval_rows', 0):9d} {p.get('s_per_eval_row', 0):7.4f} {p['seconds'] / 3600:6.2f}"
+        )
     pre_s = parts.get("pretraining", {}).get("seconds", 0.0)
-    say(f"{'total':32s} {'':5s} {'':7s} {'':>10s} {'':10s} {'':9s} {'':7s} {total / 3600:6.2f}"
-        f"   (wall with --jobs {a.jobs}: about {(pre_s + (total - pre_s) / a.jobs) / 3600:.2f} h)")
-    say("s/step and generation measured; an eval row's teacher-forced forward is taken as a third of a training "
-        "step's per-example time; a busier machine runs slower.")
+    say(
+        f"{'total':32s} {'':5s} {'':7s} {'':>10s} {'':10s} {'':9s} {'':7s} {total / 3600:6.2f}"
+        f"   (wall with --jobs {a.jobs}: about {(pre_s + (total - pre_s) / a.jobs) / 3600:.2f} h)"
+    )
+    say(
+        "s/step and generation measured; an eval row's teacher-forced forward is taken as a third of a training "
+        "step's per-example time; a busier machine runs slower."
+    )
     return {"parts": parts, "total_seconds": total, "load_average": load, "probe_steps": steps}
 
 
@@ -546,20 +740,29 @@ def estimate(a, work: Path, jobs: list[Job], pre_probe: Path | None) -> dict:
 # main
 # ---------------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", required=True, help="the AG News folder (unlabeled.txt, headlines/, dev.tsv, "
-                   "test.tsv)")
-    p.add_argument("--pretrained", default=None, metavar="DIR", help="a span pre-training run folder to use "
-                   "(default: pre-train one with the --pretrain-* settings)")
+    p.add_argument(
+        "--data-dir", required=True, help="the AG News folder (unlabeled.txt, headlines/, dev.tsv, test.tsv)"
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="DIR",
+        help="a span pre-training run folder to use (default: pre-train one with the --pretrain-* settings)",
+    )
     p.add_argument("--work", default=str(ROOT / "runs/text2text_benefit"))
     p.add_argument("--results", default=str(ROOT / "bench/results"))
     p.add_argument("--tag", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at a time (default 1)")
     p.add_argument("--threads", type=int, default=None, help="--threads for every run (default: the CLI's choice)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--estimate", action="store_true", help="measure a few steps of each kind of run, print the time "
-                   "each part needs, and exit")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="measure a few steps of each kind of run, print the time each part needs, and exit",
+    )
     p.add_argument("--probe-steps", type=int, default=10)
     p.add_argument("--probe-eval-rows", type=int, default=64)
     g = p.add_argument_group("pre-training (without --pretrained)")
@@ -585,8 +788,13 @@ def main() -> None:
     g.add_argument("--eval-rows", type=int, default=0, help="score the first N test pairs only (0: all)")
     g.add_argument("--lead-words", type=int, default=10)
     g = p.add_argument_group("classification")
-    g.add_argument("--labels", type=int, nargs="*", default=[100, 1000, 10001], help="training label counts "
-                   "(none: skip the classification part)")
+    g.add_argument(
+        "--labels",
+        type=int,
+        nargs="*",
+        default=[100, 1000, 10001],
+        help="training label counts (none: skip the classification part)",
+    )
     g.add_argument("--cls-steps", type=int, default=500)
     g.add_argument("--cls-batch-size", type=int, default=32)
     g.add_argument("--cls-lr", type=float, default=5e-4)
@@ -612,8 +820,18 @@ def main() -> None:
             # a few pre-training steps: their speed, and an encoder-decoder (with the tokenizer a
             # pre-training run would train) for the fine-tuning probes
             pre = pre_probe = work / "probe" / "pretrained"
-            cli([*pretrain_args(a, data_dir / "unlabeled.txt", a.probe_steps), "--log-every", "1", "--out", str(pre),
-                 "--overwrite"], work / "probe" / "pretrained.log", a.threads)
+            cli(
+                [
+                    *pretrain_args(a, data_dir / "unlabeled.txt", a.probe_steps),
+                    "--log-every",
+                    "1",
+                    "--out",
+                    str(pre),
+                    "--overwrite",
+                ],
+                work / "probe" / "pretrained.log",
+                a.threads,
+            )
         else:
             pre = ensure_pretrained(a, work, data_dir)
         jobs = plan(a, work, data_dir, {"pretrained": pre, "random": pre})
@@ -628,11 +846,13 @@ def main() -> None:
     rnd = ensure_random(a, work, pre, data_dir)
     inits = {"pretrained": pre, "random": rnd}
     jobs = plan(a, work, data_dir, inits)
-    baseline = lead_baseline(work / "data" / "headlines_test.tsv", a.lead_words)     # the runs' test pairs
+    baseline = lead_baseline(work / "data" / "headlines_test.tsv", a.lead_words)  # the runs' test pairs
     pre_info = pretraining_info(pre)
-    say(f"{len(jobs)} fine-tuning runs ({sum(j.part == 'headlines' for j in jobs)} headlines, "
+    say(
+        f"{len(jobs)} fine-tuning runs ({sum(j.part == 'headlines' for j in jobs)} headlines, "
         f"{sum(j.part == 'classification' for j in jobs)} classification) from {pre} and {rnd}; "
-        f"{baseline['method']} baseline ROUGE-L {baseline['rougeL']:.4f} on {baseline['n_eval']} test pairs")
+        f"{baseline['method']} baseline ROUGE-L {baseline['rougeL']:.4f} on {baseline['n_eval']} test pairs"
+    )
 
     results_dir = Path(a.results)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -642,9 +862,19 @@ def main() -> None:
         summary = summarize(results)
         settings = {k: v for k, v in vars(a).items() if k not in ("work", "results")}
         settings["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"settings": settings, "pretraining": pre_info, "random_init": str(rnd), "baseline": baseline,
-             "summary": summary, "results": sorted(results, key=lambda r: r["name"])}, indent=2))
+        stem.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "settings": settings,
+                    "pretraining": pre_info,
+                    "random_init": str(rnd),
+                    "baseline": baseline,
+                    "summary": summary,
+                    "results": sorted(results, key=lambda r: r["name"]),
+                },
+                indent=2,
+            )
+        )
         stem.with_suffix(".md").write_text(markdown(summary, baseline, pre_info, a))
         plot(summary, baseline, stem.with_suffix(".png"))
 
@@ -658,5 +888,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted: run the same command again to continue (finished runs are kept, interrupted ones "
-                 "resume from their checkpoint)")
+        sys.exit(
+            "interrupted: run the same command again to continue (finished runs are kept, interrupted ones "
+            "resume from their checkpoint)"
+        )

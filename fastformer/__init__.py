@@ -1,9 +1,10 @@
 """fastformer: fused Triton / CUDA kernels and a thin training API for Transformers in plain PyTorch.
 
-    import fastformer as ff
-    loss = ff.cross_entropy(logits, target)
-    out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+import fastformer as ff
+loss = ff.cross_entropy(logits, target)
+out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 """
+
 import os as _os
 
 # Without a GPU the Triton kernels can only run in Triton's CPU interpreter, which must be switched on
@@ -24,15 +25,15 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 __version__ = "0.1.0"
 
-from .backend import get_backend, set_backend, use_backend  # noqa: E402
-from .ops import (  # noqa: E402
+from . import integrations, models, nn, optim
+from .backend import get_backend, set_backend, use_backend
+from .ops import (
     cross_entropy,
     linear_cross_entropy,
     scaled_dot_product_attention,
     t5_attention,
     varlen_attention,
 )
-from . import nn, optim, integrations, models  # noqa: E402,F401
 
 __all__ = [
     "cross_entropy",

@@ -1,4 +1,5 @@
 """`python -m fastformer` is the same program as the `fastformer` console script."""
+
 import sys
 
 
@@ -17,8 +18,9 @@ def _real_package() -> None:
     if package is not None and getattr(package, "__file__", None) is not None:
         return
     here = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("fastformer", here / "__init__.py",
-                                                  submodule_search_locations=[str(here)])
+    spec = importlib.util.spec_from_file_location(
+        "fastformer", here / "__init__.py", submodule_search_locations=[str(here)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastformer"] = module
     spec.loader.exec_module(module)

@@ -1,7 +1,8 @@
 """Count the CUDA kernels a call launches (used by the optimizer's launch test and its benchmark)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

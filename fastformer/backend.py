@@ -14,6 +14,7 @@ The same choice in code::
     with ff.use_backend("triton"):
         ...
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,7 @@ def use_backend(name: str):
         _state.backend = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when triton imports (with a GPU, or on CPU under TRITON_INTERPRET=1)."""
     try:

@@ -9,10 +9,10 @@ labels, an --out that holds another run, a full disk, ...) ends with one line `f
 on stderr and exit status 2, no traceback (set FASTFORMER_DEBUG=1 to see it). Ctrl-C or SIGTERM during
 training finishes the step, writes the checkpoint and exits with 130 / 143; a second one stops at once.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -23,14 +23,29 @@ from fastformer import __version__
 
 # --resume: flags that shape the run come from the run itself (a different value is refused) ...
 RUN_SHAPING = {
-    "pretrain": {"objective": "objective", "model": "model", "data": "data", "seq_len": "seq_len",
-                 "vocab_size": "vocab_size", "tokenizer": "tokenizer", "line_by_line": "packing"},
-    "finetune": {"train": "train", "eval": "eval", "init": "init", "model": "model", "max_len": "max_len",
-                 "vocab_size": "vocab_size", "task": "task"},
+    "pretrain": {
+        "objective": "objective",
+        "model": "model",
+        "data": "data",
+        "seq_len": "seq_len",
+        "vocab_size": "vocab_size",
+        "tokenizer": "tokenizer",
+        "line_by_line": "packing",
+    },
+    "finetune": {
+        "train": "train",
+        "eval": "eval",
+        "init": "init",
+        "model": "model",
+        "max_len": "max_len",
+        "vocab_size": "vocab_size",
+        "task": "task",
+    },
 }
 for _cmd in RUN_SHAPING:
-    RUN_SHAPING[_cmd].update({k: k for k in ("batch_size", "lr", "seed", "grad_accum", "optimizer", "schedule",
-                                             "warmup_steps")})
+    RUN_SHAPING[_cmd].update(
+        {k: k for k in ("batch_size", "lr", "seed", "grad_accum", "optimizer", "schedule", "warmup_steps")}
+    )
 # ... and these may be given again (otherwise they too come from the run).
 RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_every", "device", "compile", "threads")
 # text-to-text: the target length and dropout shape the run; the generation settings only its evaluation
@@ -49,7 +64,8 @@ def _info(args: argparse.Namespace) -> int:
     lines = [
         f"fastformer {__version__}",
         f"python     {platform.python_version()}",
-        f"torch      {torch.__version__} (CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})",
+        f"torch      {torch.__version__} "
+        f"(CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})",
     ]
     if triton_available():
         import triton
@@ -103,52 +119,109 @@ def _model_help(objectives: list) -> str:
     return "preset; " + "; ".join(parts)
 
 
-def _common(p: argparse.ArgumentParser, *, lr: float, steps: int | None, out: str, batch_size: int = 32,
-            steps_help: str | None = None) -> None:
+def _common(
+    p: argparse.ArgumentParser,
+    *,
+    lr: float,
+    steps: int | None,
+    out: str,
+    batch_size: int = 32,
+    steps_help: str | None = None,
+) -> None:
     from fastformer.train.schedules import SCHEDULES
     from fastformer.train.trainer import OPTIMIZERS
 
     p.add_argument("--steps", type=int, default=steps, help=steps_help or f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"examples per micro-batch per process (default {batch_size})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"examples per micro-batch per process (default {batch_size})",
+    )
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=out, help=f"output folder (default {out}); a non-empty one must be this "
-                   "command's run and --resume, or --overwrite")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings "
-                   "(only --steps and --max-minutes may change)")
+    p.add_argument(
+        "--out",
+        default=out,
+        help=f"output folder (default {out}); a non-empty one must be this command's run and --resume, or --overwrite",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its own settings (only --steps and --max-minutes may change)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     # Knobs of the training loop beyond the basics above (all optional).
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--optimizer", default="fusedadamw", help=f"{' | '.join(OPTIMIZERS)} (default fusedadamw)")
-    p.add_argument("--schedule", default="linear", help=f"{' | '.join(SCHEDULES)}: the learning rate after warmup "
-                   "(default linear)")
+    p.add_argument(
+        "--schedule", default="linear", help=f"{' | '.join(SCHEDULES)}: the learning rate after warmup (default linear)"
+    )
     p.add_argument("--warmup-steps", type=int, default=None, help="default 6%% of --steps")
-    p.add_argument("--log-every", type=int, default=10, help="log (and without a progress bar print) a line "
-                   "every N steps (default 10)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and at the end "
-                   "(pretrain default 200; finetune default 0: at the end only)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="time budget: alone, warmup and decay of the learning rate are spread over these minutes "
-                        "(the run ends with its decay done); with --steps, a safety cap (stop with a checkpoint)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="log (and without a progress bar print) a line every N steps (default 10)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="evaluate every N steps and at the end (pretrain default 200; finetune default 0: at the end only)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="time budget: alone, warmup and decay of the learning rate are spread over these minutes "
+        "(the run ends with its decay done); with --steps, a safety cap (stop with a checkpoint)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every --log-every steps")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: OMP_NUM_THREADS, "
-                   "else the physical cores, fewer on a busy machine)")
-    p.add_argument("--no-memory-check", action="store_true", help="start even when the estimated peak memory "
-                   "does not fit")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model for training (default backend inductor); the fastformer "
-                        "kernels stay as they are, the compiler fuses the code around them")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: OMP_NUM_THREADS, else the physical cores, fewer on a busy machine)",
+    )
+    p.add_argument(
+        "--no-memory-check", action="store_true", help="start even when the estimated peak memory does not fit"
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model for training (default backend inductor); the fastformer "
+        "kernels stay as they are, the compiler fuses the code around them",
+    )
 
 
 def _train_kwargs(args) -> dict:
-    return dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                out_dir=args.out, grad_accum=args.grad_accum, optimizer=args.optimizer, schedule=args.schedule,
-                warmup_steps=args.warmup_steps, log_every=args.log_every, eval_every=args.eval_every,
-                max_minutes=args.max_minutes, progress=not args.no_progress, compile=args.compile,
-                resume=args.resume, overwrite=args.overwrite, threads=args.threads,
-                memory_check=not args.no_memory_check)
+    return dict(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        out_dir=args.out,
+        grad_accum=args.grad_accum,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+        compile=args.compile,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        memory_check=not args.no_memory_check,
+    )
 
 
 def _finetune_presets() -> str:
@@ -183,6 +256,7 @@ def _is_main() -> bool:
 # --resume: the run's own settings
 # ---------------------------------------------------------------------------------------------------
 
+
 def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Destinations of the options actually given on the command line (not defaults)."""
     saved = [(a, a.default) for a in sub._actions]
@@ -200,7 +274,7 @@ def _explicit(sub: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def _norm(dest: str, v):
-    if dest == "model":        # a run recorded under a deprecated preset name is that preset's run
+    if dest == "model":  # a run recorded under a deprecated preset name is that preset's run
         from fastformer.models.presets import canonical_preset
 
         return canonical_preset(v, warn=False)
@@ -216,23 +290,25 @@ def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: 
     from fastformer.train.run_dir import stored_train_config
 
     if args.overwrite:
-        return              # prepare_out_dir refuses --resume with --overwrite
+        return  # prepare_out_dir refuses --resume with --overwrite
     if not (Path(args.out) / "config.json").is_file():
-        return              # no run there: the pipeline says so (no checkpoint in --out)
+        return  # no run there: the pipeline says so (no checkpoint in --out)
     given = _explicit(sub, argv)
     stored = stored_train_config(args.out)
     shaping = RUN_SHAPING[args.command]
     for dest, key in list(shaping.items()) + [(k, k) for k in RESUME_MAY_CHANGE]:
         if key not in stored:
-            continue        # an older config.json without it: the command's value
+            continue  # an older config.json without it: the command's value
         want = (not stored[key]) if dest == "line_by_line" else stored[key]
         if dest in given:
             have = getattr(args, dest)
             if dest in shaping and _norm(dest, have) != _norm(dest, want):
                 flag = "--" + dest.replace("_", "-")
-                raise ValueError(f"--resume continues the run in {args.out} with its own settings: it used {flag} "
-                                 f"{want}, this command gives {have}; leave {flag} out (only --steps and "
-                                 "--max-minutes may change)")
+                raise ValueError(
+                    f"--resume continues the run in {args.out} with its own settings: it used {flag} "
+                    f"{want}, this command gives {have}; leave {flag} out (only --steps and "
+                    "--max-minutes may change)"
+                )
             continue
         setattr(args, dest, _norm(dest, want) if dest == "model" else want)
 
@@ -241,26 +317,49 @@ def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: 
 # commands
 # ---------------------------------------------------------------------------------------------------
 
+
 def _pretrain(args: argparse.Namespace) -> int:
     from fastformer.train.pretrain import PretrainConfig, pretrain
 
     if args.steps is None and args.max_minutes is None:
         args.steps = 1000
-    cfg = PretrainConfig(objective=args.objective, model=args.model, data=list(args.data or []),
-                         seq_len=args.seq_len, save_every=args.save_every, vocab_size=args.vocab_size,
-                         tokenizer=args.tokenizer, packing=not args.line_by_line, **_train_kwargs(args))
+    cfg = PretrainConfig(
+        objective=args.objective,
+        model=args.model,
+        data=list(args.data or []),
+        seq_len=args.seq_len,
+        save_every=args.save_every,
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        packing=not args.line_by_line,
+        **_train_kwargs(args),
+    )
     s = pretrain(cfg)
     if _is_main():
-        ev = (f", eval loss {s['eval_loss']:.3f}, eval {s.get('eval_accuracy_name', 'accuracy')} "
-              f"{s['eval_accuracy']:.3f}") if "eval_loss" in s else ""
-        resumed = (f"\n  resumed at step {s['resumed_from']}: steps {s['resumed_from'] + 1}-{s['steps']} in "
-                   f"{s['session_seconds']:.0f} s this session") if s.get("resumed_from") else ""
+        ev = (
+            (
+                f", eval loss {s['eval_loss']:.3f}, eval {s.get('eval_accuracy_name', 'accuracy')} "
+                f"{s['eval_accuracy']:.3f}"
+            )
+            if "eval_loss" in s
+            else ""
+        )
+        resumed = (
+            (
+                f"\n  resumed at step {s['resumed_from']}: steps {s['resumed_from'] + 1}-{s['steps']} in "
+                f"{s['session_seconds']:.0f} s this session"
+            )
+            if s.get("resumed_from")
+            else ""
+        )
         first = f"{s['first_loss']:.3f} (step 1)" if s["first_loss"] is not None else "?"
-        print(f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
-              f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}{resumed}\n"
-              f"  loss {first} -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
-              f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
-              f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt")
+        print(
+            f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
+            f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}{resumed}\n"
+            f"  loss {first} -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
+            f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
+            f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt"
+        )
     return 0
 
 
@@ -268,8 +367,17 @@ def _finetune_text2text(args: argparse.Namespace) -> int:
     from fastformer.train.text2text import TEXT2TEXT_FIELDS, Text2TextConfig, describe_summary, finetune_text2text
 
     extra = {k: getattr(args, k) for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None}
-    cfg = Text2TextConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, max_len=args.max_len,
-                          save_every=args.save_every, vocab_size=args.vocab_size, **extra, **_finetune_kwargs(args))
+    cfg = Text2TextConfig(
+        train=args.train,
+        eval=args.eval,
+        init=args.init,
+        model=args.model,
+        max_len=args.max_len,
+        save_every=args.save_every,
+        vocab_size=args.vocab_size,
+        **extra,
+        **_finetune_kwargs(args),
+    )
     s = finetune_text2text(cfg)
     if _is_main():
         print("\n" + describe_summary(s))
@@ -286,24 +394,43 @@ def _finetune(args: argparse.Namespace) -> int:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to --task classify only")
         return _finetune_text2text(args)
     if args.task != "classify":
-        raise ValueError(f"--task {args.task}: choose classify (a classification head) or text2text "
-                         "(input -> output text with the whole encoder-decoder)")
+        raise ValueError(
+            f"--task {args.task}: choose classify (a classification head) or text2text "
+            "(input -> output text with the whole encoder-decoder)"
+        )
     given = [k for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
     recipe = {k: getattr(args, k) for k in CLASSIFY_FIELDS if getattr(args, k) is not None}
-    cfg = FinetuneConfig(train=args.train, eval=args.eval, init=args.init, model=args.model, task=args.task,
-                         max_len=args.max_len, save_every=args.save_every, vocab_size=args.vocab_size,
-                         **recipe, **_finetune_kwargs(args))
+    cfg = FinetuneConfig(
+        train=args.train,
+        eval=args.eval,
+        init=args.init,
+        model=args.model,
+        task=args.task,
+        max_len=args.max_len,
+        save_every=args.save_every,
+        vocab_size=args.vocab_size,
+        **recipe,
+        **_finetune_kwargs(args),
+    )
     s = finetune(cfg)
     if _is_main():
         resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
-        sel = (f"; weights of step {s['selected_step']} (held-out accuracy {s['val_accuracy']:.3f} on "
-               f"{s['n_val']} training examples)") if s.get("selected_step") else ""
-        print(f"\nfinetune done ({s['source']}): {s['steps']} steps ({s['epochs']:g} epochs) in {s['seconds']:.0f} s"
-              f"{resumed}{sel}, eval accuracy "
-              f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json; use it with "
-              f"`fastformer predict --model {s['out_dir']} --input FILE`")
+        sel = (
+            (
+                f"; weights of step {s['selected_step']} (held-out accuracy {s['val_accuracy']:.3f} on "
+                f"{s['n_val']} training examples)"
+            )
+            if s.get("selected_step")
+            else ""
+        )
+        print(
+            f"\nfinetune done ({s['source']}): {s['steps']} steps ({s['epochs']:g} epochs) in {s['seconds']:.0f} s"
+            f"{resumed}{sel}, eval accuracy "
+            f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json; use it with "
+            f"`fastformer predict --model {s['out_dir']} --input FILE`"
+        )
     return 0
 
 
@@ -319,19 +446,25 @@ def _predict(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load(args.model, device=device)
-    generation = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
-                  if getattr(args, k) is not None}
-    if loaded.kind == "seq2seq":         # text-to-text: a TSV's input column (and its targets, if any)
+    generation = {
+        k: getattr(args, k)
+        for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
+        if getattr(args, k) is not None
+    }
+    if loaded.kind == "seq2seq":  # text-to-text: a TSV's input column (and its targets, if any)
         from fastformer.data.text2text import read_generation_inputs
 
         texts, labels = read_generation_inputs(args.input)
     elif generation:
-        raise ValueError(f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
-                         f"{args.model} holds a {loaded.kind} model")
+        raise ValueError(
+            f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
+            f"{args.model} holds a {loaded.kind} model"
+        )
     else:
         texts, labels = read_inputs(args.input)
-    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k,
-                                  **generation)
+    columns, rows = predict_texts(
+        loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k, **generation
+    )
     write_predictions(columns, rows, args.output)
     acc = accuracy(rows, labels) if labels and loaded.kind == "classifier" else None
     note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
@@ -339,10 +472,12 @@ def _predict(args: argparse.Namespace) -> int:
         from fastformer.train.predict import generation_scores
 
         g = generation_scores(rows, labels)
-        note = (f"; ROUGE-L {g['rougeL']:.4f}, exact match {g['exact_match']:.4f} against the targets in "
-                f"{args.input}")
-    print(f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.config['architecture']}"
-          f"{' -> ' + args.output if args.output else ''}{note}", file=sys.stderr)
+        note = f"; ROUGE-L {g['rougeL']:.4f}, exact match {g['exact_match']:.4f} against the targets in {args.input}"
+    print(
+        f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.config['architecture']}"
+        f"{' -> ' + args.output if args.output else ''}{note}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -359,19 +494,26 @@ def _export(args: argparse.Namespace) -> int:
     try:
         import transformers
 
-        transformers.utils.logging.disable_progress_bar()     # one line per command, no shard progress bar
+        transformers.utils.logging.disable_progress_bar()  # one line per command, no shard progress bar
     except (ImportError, AttributeError):
-        pass                                                  # save_hf says that transformers is needed
+        pass  # save_hf says that transformers is needed
     try:
         with writing("--hf", out):
-            save_hf(loaded.model, out, tokenizer=loaded.tokenizer, labels=loaded.labels,
-                    generation=loaded.config.get("generation"))
+            save_hf(
+                loaded.model,
+                out,
+                tokenizer=loaded.tokenizer,
+                labels=loaded.labels,
+                generation=loaded.config.get("generation"),
+            )
     except ValueError as e:
         if str(e).startswith("--hf"):
             raise
         raise ValueError(f"export --model {args.model}: {e}") from None
-    print(f"exported {loaded.config['architecture']} ({loaded.kind}) from {args.model} to {out}/ "
-          f"(transformers: from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r}))")
+    print(
+        f"exported {loaded.config['architecture']} ({loaded.kind}) from {args.model} to {out}/ "
+        f"(transformers: from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r}))"
+    )
     return 0
 
 
@@ -391,10 +533,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastformer", description="Pre-train, fine-tune, use and export BERT- and T5-style "
-                     "models on fastformer's fused kernels.",
-                     epilog="A walk through every command: docs/training.md in the fastformer repository. "
-                            "`fastformer COMMAND --help` lists a command's flags.")
+    parser = _Parser(
+        prog="fastformer",
+        description="Pre-train, fine-tune, use and export BERT- and T5-style models on fastformer's fused kernels.",
+        epilog="A walk through every command: docs/training.md in the fastformer repository. "
+        "`fastformer COMMAND --help` lists a command's flags.",
+    )
     parser.add_argument("--version", action="version", version=f"fastformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -402,90 +546,183 @@ def build_parser() -> argparse.ArgumentParser:
     names = [name for name, _ in objectives]
     pre = sub.add_parser("pretrain", help=f"pre-train a model with one of the objectives ({', '.join(names)})")
     pre.add_argument("--objective", default="mlm", help=f"{' | '.join(names)} (default mlm)")
-    pre.add_argument("--data", nargs="+", action="extend", metavar="PATH",
-                     help="text files or folders (several allowed); default: the built-in corpus")
+    pre.add_argument(
+        "--data",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="text files or folders (several allowed); default: the built-in corpus",
+    )
     pre.add_argument("--model", default=None, help=_model_help(objectives))
     pre.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
-    _common(pre, lr=5e-4, steps=None, out="runs/pretrain",
-            steps_help="optimizer steps (default 1000; with --max-minutes alone: as many as the time budget allows)")
+    _common(
+        pre,
+        lr=5e-4,
+        steps=None,
+        out="runs/pretrain",
+        steps_help="optimizer steps (default 1000; with --max-minutes alone: as many as the time budget allows)",
+    )
     pre.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     pre.add_argument("--vocab-size", type=int, default=8192)
     pre.add_argument("--tokenizer", default=None, metavar="FILE", help="reuse this tokenizer.json")
-    pre.add_argument("--line-by-line", action="store_true",
-                     help="one example per line with dynamic padding instead of packed fixed-length examples")
+    pre.add_argument(
+        "--line-by-line",
+        action="store_true",
+        help="one example per line with dynamic padding instead of packed fixed-length examples",
+    )
     pre.set_defaults(func=_pretrain, eval_every=200)
 
-    fin = sub.add_parser("finetune", help="fine-tune a classifier on TSV text/label files, or the "
-                         "encoder-decoder on input/target pairs (--task text2text)")
-    fin.add_argument("--train", default=None, metavar="FILE.tsv", help="training rows (text<TAB>label; "
-                     "input<TAB>target for text2text)")
+    fin = sub.add_parser(
+        "finetune",
+        help="fine-tune a classifier on TSV text/label files, or the "
+        "encoder-decoder on input/target pairs (--task text2text)",
+    )
+    fin.add_argument(
+        "--train",
+        default=None,
+        metavar="FILE.tsv",
+        help="training rows (text<TAB>label; input<TAB>target for text2text)",
+    )
     fin.add_argument("--eval", default=None, metavar="FILE.tsv", help="held-out rows (same format)")
     fin.add_argument("--init", default=None, metavar="DIR", help="a pretrain output folder")
-    fin.add_argument("--model", default=None, help=f"preset to train from scratch: {_finetune_presets()} (default "
-                     "bert-tiny; --task text2text takes the t5-* ones, default t5-tiny)")
-    fin.add_argument("--task", default="classify", help="classify (default): a classification head on the encoder; "
-                     "text2text: the whole encoder-decoder on input<TAB>target pairs, evaluated by generating")
+    fin.add_argument(
+        "--model",
+        default=None,
+        help=f"preset to train from scratch: {_finetune_presets()} (default "
+        "bert-tiny; --task text2text takes the t5-* ones, default t5-tiny)",
+    )
+    fin.add_argument(
+        "--task",
+        default="classify",
+        help="classify (default): a classification head on the encoder; "
+        "text2text: the whole encoder-decoder on input<TAB>target pairs, evaluated by generating",
+    )
     fin.add_argument("--max-len", type=int, default=128, help="tokens per example, longer texts are cut (default 128)")
     _common(fin, lr=1e-4, steps=None, out="runs/finetune")
     from fastformer.train.finetune import FinetuneConfig
     from fastformer.train.text2text import Text2TextConfig
 
-    _task_default(fin, "lr", help=f"peak learning rate (default {FinetuneConfig.lr:g}; "
-                  f"{Text2TextConfig.lr:g} for --task text2text)")
-    _task_default(fin, "steps", help=f"optimizer steps (default: --epochs passes over the training labels, at least "
-                  f"--min-steps; {Text2TextConfig.steps} for --task text2text)")
-    _task_default(fin, "batch_size", help=f"examples per micro-batch per process (default {FinetuneConfig.batch_size}; "
-                  f"{Text2TextConfig.batch_size} for --task text2text)")
-    _task_default(fin, "eval_every", help="evaluate every N steps (default: classify with a held-out slice, once "
-                  "per epoch on it, then once on --eval; otherwise at the end only)")
+    _task_default(
+        fin,
+        "lr",
+        help=f"peak learning rate (default {FinetuneConfig.lr:g}; {Text2TextConfig.lr:g} for --task text2text)",
+    )
+    _task_default(
+        fin,
+        "steps",
+        help=f"optimizer steps (default: --epochs passes over the training labels, at least "
+        f"--min-steps; {Text2TextConfig.steps} for --task text2text)",
+    )
+    _task_default(
+        fin,
+        "batch_size",
+        help=f"examples per micro-batch per process (default {FinetuneConfig.batch_size}; "
+        f"{Text2TextConfig.batch_size} for --task text2text)",
+    )
+    _task_default(
+        fin,
+        "eval_every",
+        help="evaluate every N steps (default: classify with a held-out slice, once "
+        "per epoch on it, then once on --eval; otherwise at the end only)",
+    )
     cls = fin.add_argument_group("classification (--task classify)")
-    cls.add_argument("--epochs", type=float, default=None,
-                     help=f"passes over the training labels (default {FinetuneConfig.epochs:g})")
-    cls.add_argument("--min-steps", type=int, default=None,
-                     help=f"at least this many steps, however few the labels (default {FinetuneConfig.min_steps})")
-    cls.add_argument("--val-fraction", type=float, default=None,
-                     help=f"held-out slice of --train (stratified by label) that picks the best evaluation's weights "
-                          f"(default {FinetuneConfig.val_fraction:g}; 0: off, the last weights are kept)")
-    cls.add_argument("--pooling", default=None, choices=("mean", "cls"),
-                     help="BERT classifier feature: [CLS] as BERT does (default; `export` writes it as a Hugging Face "
-                          "BertForSequenceClassification) or the mean of the token states (no Hugging Face "
-                          "counterpart)")
-    cls.add_argument("--tokenizer", default=None, metavar="FILE",
-                     help="with --model: use this tokenizer.json (e.g. a pre-training run's) instead of training "
-                          "one on --train")
+    cls.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help=f"passes over the training labels (default {FinetuneConfig.epochs:g})",
+    )
+    cls.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        help=f"at least this many steps, however few the labels (default {FinetuneConfig.min_steps})",
+    )
+    cls.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help=f"held-out slice of --train (stratified by label) that picks the best evaluation's weights "
+        f"(default {FinetuneConfig.val_fraction:g}; 0: off, the last weights are kept)",
+    )
+    cls.add_argument(
+        "--pooling",
+        default=None,
+        choices=("mean", "cls"),
+        help="BERT classifier feature: [CLS] as BERT does (default; `export` writes it as a Hugging Face "
+        "BertForSequenceClassification) or the mean of the token states (no Hugging Face "
+        "counterpart)",
+    )
+    cls.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FILE",
+        help="with --model: use this tokenizer.json (e.g. a pre-training run's) instead of training one on --train",
+    )
     fin.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     fin.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
     t2t = fin.add_argument_group("text-to-text (--task text2text)")
-    t2t.add_argument("--max-target-len", type=int, default=None, help="target tokens, longer targets are cut "
-                     "(default 64)")
-    t2t.add_argument("--num-beams", type=int, default=None, help="evaluation: beam search with N beams "
-                     "(default 1: greedy)")
-    t2t.add_argument("--max-new-tokens", type=int, default=None, help="evaluation: generated tokens at most "
-                     "(default --max-target-len)")
-    t2t.add_argument("--length-penalty", type=float, default=None, help="evaluation: beam score = log-probability "
-                     "/ length ** P (default 1.0)")
-    t2t.add_argument("--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the "
-                     "model's, 0.0)")
-    t2t.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluation: generate for the first "
-                     "N --eval pairs only (default all)")
+    t2t.add_argument(
+        "--max-target-len", type=int, default=None, help="target tokens, longer targets are cut (default 64)"
+    )
+    t2t.add_argument(
+        "--num-beams", type=int, default=None, help="evaluation: beam search with N beams (default 1: greedy)"
+    )
+    t2t.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="evaluation: generated tokens at most (default --max-target-len)",
+    )
+    t2t.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        help="evaluation: beam score = log-probability / length ** P (default 1.0)",
+    )
+    t2t.add_argument(
+        "--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the model's, 0.0)"
+    )
+    t2t.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluation: generate for the first N --eval pairs only (default all)",
+    )
     fin.set_defaults(func=_finetune)
 
-    prd = sub.add_parser("predict", help="labels (classifier), filled [MASK] (MLM) or generated text "
-                         "(text-to-text) for each text of a file")
+    prd = sub.add_parser(
+        "predict",
+        help="labels (classifier), filled [MASK] (MLM) or generated text (text-to-text) for each text of a file",
+    )
     prd.add_argument("--model", required=True, metavar="DIR", help="a pretrain or finetune output folder")
-    prd.add_argument("--input", required=True, metavar="FILE", help=".tsv (text column, labels optional) or "
-                     "one text per line")
+    prd.add_argument(
+        "--input", required=True, metavar="FILE", help=".tsv (text column, labels optional) or one text per line"
+    )
     prd.add_argument("--output", default=None, metavar="FILE", help="TSV (or .jsonl) output; default stdout")
     prd.add_argument("--batch-size", type=int, default=32)
     prd.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     prd.add_argument("--top-k", type=int, default=5, help="MLM: candidates listed per [MASK] (default 5)")
     prd.add_argument("--num-beams", type=int, default=None, help="text-to-text: beams (default: the run's setting)")
-    prd.add_argument("--max-new-tokens", type=int, default=None, help="text-to-text: generated tokens at most "
-                     "(default: the run's setting)")
-    prd.add_argument("--length-penalty", type=float, default=None, help="text-to-text: beam length penalty "
-                     "(default: the run's setting)")
-    prd.add_argument("--max-len", type=int, default=None, help="text-to-text: input tokens, longer inputs are cut "
-                     "(default: the run's setting)")
+    prd.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="text-to-text: generated tokens at most (default: the run's setting)",
+    )
+    prd.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        help="text-to-text: beam length penalty (default: the run's setting)",
+    )
+    prd.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="text-to-text: input tokens, longer inputs are cut (default: the run's setting)",
+    )
     prd.add_argument("--threads", type=int, default=None, metavar="N")
     prd.set_defaults(func=_predict)
 
@@ -503,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
+
 
 class _Terminated(Exception):
     """SIGTERM outside the training loop."""
@@ -543,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "resume", False):
             sub = parser._subparsers._group_actions[0].choices[args.command]
-            _apply_resume(args, sub, argv[argv.index(args.command) + 1:])
+            _apply_resume(args, sub, argv[argv.index(args.command) + 1 :])
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         from fastformer.train.trainer import TrainingInterrupted
@@ -551,8 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingInterrupted):
             print(f"fastformer: {e}", file=sys.stderr)
             if e.step:
-                print(f"fastformer: resume with: fastformer {args.command} --out {args.out} --resume",
-                      file=sys.stderr)
+                print(f"fastformer: resume with: fastformer {args.command} --out {args.out} --resume", file=sys.stderr)
             return e.exit_code
         print("fastformer: interrupted", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ instructions off the SASS / PTX / TTGIR. No GPU needed.
 
 See docs/kernels.md for what each column means and how a family joins the registry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastformer" / "kernel_report"
-COLUMNS = [("kernel", "kernel"), ("config", "config"), ("arch", "arch"), ("tiles", "tiles"), ("registers", "regs"),
-           ("spill_bytes", "spill B"), ("shared_bytes", "smem B"), ("blocks_per_sm", "blk/SM"),
-           ("loop_local_mem_ops", "loop LDL/STL"), ("mma_instructions_per_tile", "MMA/tile"),
-           ("gemms_per_tile", "GEMMs/tile"), ("async_copies", "cp.async"), ("tma_loads", "TMA"),
-           ("warp_specialized", "WS"), ("ex2_per_element", "ex2/elem"), ("barriers_per_iteration", "bar/iter")]
+COLUMNS = [
+    ("kernel", "kernel"),
+    ("config", "config"),
+    ("arch", "arch"),
+    ("tiles", "tiles"),
+    ("registers", "regs"),
+    ("spill_bytes", "spill B"),
+    ("shared_bytes", "smem B"),
+    ("blocks_per_sm", "blk/SM"),
+    ("loop_local_mem_ops", "loop LDL/STL"),
+    ("mma_instructions_per_tile", "MMA/tile"),
+    ("gemms_per_tile", "GEMMs/tile"),
+    ("async_copies", "cp.async"),
+    ("tma_loads", "TMA"),
+    ("warp_specialized", "WS"),
+    ("ex2_per_element", "ex2/elem"),
+    ("barriers_per_iteration", "bar/iter"),
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,9 +98,16 @@ def build_case(family: str, case_name: str, arch: int, cache: str | None, candid
     for item in items:
         if only is not None and item.name not in only:
             continue
-        row = {"kernel": item.name, "config": case.name, "variant": case.variant, "dtype": case.dtype,
-               "head_dim": case.head_dim, "arch": f"sm_{arch}", "triton": triton.__version__,
-               "tiles": ",".join(str(x) for x in item.config) if item.config else ""}
+        row = {
+            "kernel": item.name,
+            "config": case.name,
+            "variant": case.variant,
+            "dtype": case.dtype,
+            "head_dim": case.head_dim,
+            "arch": f"sm_{arch}",
+            "triton": triton.__version__,
+            "tiles": ",".join(str(x) for x in item.config) if item.config else "",
+        }
         if candidate:
             row["candidate"] = True
         try:
@@ -124,8 +145,9 @@ def run_tasks(tasks: list, jobs: int, cache: str | None, progress: bool) -> list
                     results[i] = fut.result()
                 except Exception as exc:  # noqa: BLE001
                     t = tasks[i]
-                    results[i] = [{"kernel": t[0], "config": t[1], "arch": f"sm_{t[2]}",
-                                   "error": f"{type(exc).__name__}: {exc}"}]
+                    results[i] = [
+                        {"kernel": t[0], "config": t[1], "arch": f"sm_{t[2]}", "error": f"{type(exc).__name__}: {exc}"}
+                    ]
                 if progress:
                     t = tasks[i]
                     print(f"  [{n + 1}/{len(tasks)} {time.time() - t0:5.0f}s] {t[1]} sm_{t[2]}", file=sys.stderr)
@@ -155,8 +177,15 @@ def _fmt(v) -> str:
 
 
 def table(rows: list, markdown: bool = False) -> str:
-    cells = [[_fmt(r.get(k)) if not r.get("error") or k in ("kernel", "config", "arch") else
-              ("ERROR" if k == "tiles" else "") for k, _ in COLUMNS] for r in rows]
+    cells = [
+        [
+            _fmt(r.get(k))
+            if not r.get("error") or k in ("kernel", "config", "arch")
+            else ("ERROR" if k == "tiles" else "")
+            for k, _ in COLUMNS
+        ]
+        for r in rows
+    ]
     heads = [h for _, h in COLUMNS]
     if markdown:
         lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
@@ -223,8 +252,16 @@ def compare_baseline(rows: list, path: Path) -> list:
             if new is None or was is None:
                 continue
             ok = new <= was if rule == "not above" else new >= was
-            out.append({"gate": f"no-regression:{field}", "kernel": r["kernel"], "config": r["config"],
-                        "arch": r["arch"], "ok": ok, "detail": "" if ok else f"{new} (committed: {was})"})
+            out.append(
+                {
+                    "gate": f"no-regression:{field}",
+                    "kernel": r["kernel"],
+                    "config": r["config"],
+                    "arch": r["arch"],
+                    "ok": ok,
+                    "detail": "" if ok else f"{new} (committed: {was})",
+                }
+            )
     return out
 
 
@@ -245,8 +282,10 @@ def _install_triton(version: str, cache: Path) -> Path:
     if not (target / "triton" / "__init__.py").exists():
         print(f"installing triton=={version} into {target}", file=sys.stderr)
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                        f"triton=={version}"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), f"triton=={version}"],
+            check=True,
+        )
     return target
 
 
@@ -265,8 +304,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--no-cache", action="store_true")
-    ap.add_argument("--baseline", default=None, help="committed report to compare with (default: "
-                    "bench/results/kernel_report_triton-<version>.json)")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="committed report to compare with (default: bench/results/kernel_report_triton-<version>.json)",
+    )
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -290,12 +332,13 @@ def main(argv=None) -> int:
     cache = None if args.no_cache else str(Path(args.cache) / "builds")
     fams = registry.families(args.family)
     tasks, cands = [], {}
+
     def wanted(name):
         return not args.match or any(m in name for m in args.match)
 
     for fam in fams:
         for case in filter(lambda c: wanted(c.name), fam.cases()):
-            for arch in (case.ci_archs if args.ci else case.archs):
+            for arch in case.ci_archs if args.ci else case.archs:
                 if args.arch is None or arch in args.arch:
                     tasks.append((fam.name, case.name, arch, False))
         if args.candidates:
@@ -321,13 +364,20 @@ def main(argv=None) -> int:
                 path = write_gate_results(fam.name, triton.__version__, cr, cand_verdicts, cands[fam.name])
                 print(f"gate verdicts of {len(cr)} candidate builds -> {path}", file=sys.stderr)
     if not args.no_baseline:
-        verdicts += compare_baseline(case_rows, Path(args.baseline) if args.baseline else
-                                     baseline_path(triton.__version__))
+        verdicts += compare_baseline(
+            case_rows, Path(args.baseline) if args.baseline else baseline_path(triton.__version__)
+        )
     elapsed = time.time() - t0
     failed = [v for v in verdicts if not v["ok"]]
-    meta = {"triton": triton.__version__, "tools": aot.tool_versions(), "archs": sorted({r["arch"] for r in rows}),
-            "selection": "ci" if args.ci else "all", "seconds": round(elapsed, 1),
-            "builds": len(rows), "cached_builds": sum(1 for r in rows if r.get("cached"))}
+    meta = {
+        "triton": triton.__version__,
+        "tools": aot.tool_versions(),
+        "archs": sorted({r["arch"] for r in rows}),
+        "selection": "ci" if args.ci else "all",
+        "seconds": round(elapsed, 1),
+        "builds": len(rows),
+        "cached_builds": sum(1 for r in rows if r.get("cached")),
+    }
     if not args.quiet:
         print(table(case_rows))
     if args.candidates and not args.quiet:
@@ -336,27 +386,49 @@ def main(argv=None) -> int:
         bad = [v for v in cand_verdicts if not v["ok"]]
         names = sorted({v["config"].split(" ", 3)[-1] + " " + v["arch"] for v in bad})
         print(f"{len(bad)} candidate gate checks failed (those candidates are not timed): " + ", ".join(names))
-    print(f"\nkernel_report: triton {triton.__version__}, {len(rows)} builds ({meta['cached_builds']} from cache) "
-          f"in {elapsed:.0f}s; {len(verdicts)} gate checks, {len(failed)} failed")
+    print(
+        f"\nkernel_report: triton {triton.__version__}, {len(rows)} builds ({meta['cached_builds']} from cache) "
+        f"in {elapsed:.0f}s; {len(verdicts)} gate checks, {len(failed)} failed"
+    )
     for v in failed:
         print(f"  FAILED {v['gate']}: {v['kernel']} [{v['config']}] {v['arch']} {v.get('detail', '')}")
-    gates_doc = [{"family": f.name, "gate": g.name, "description": g.description, "candidates": g.candidates}
-                 for f in fams for g in f.gates]
+    gates_doc = [
+        {"family": f.name, "gate": g.name, "description": g.description, "candidates": g.candidates}
+        for f in fams
+        for g in f.gates
+    ]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+
         def stable(rows):  # what does not describe the build (cache hits, timing) stays out of the file
             return [{k: v for k, v in r.items() if k != "cached"} for r in rows]
 
         saved_meta = {k: v for k, v in meta.items() if k not in ("seconds", "cached_builds")}
-        Path(args.json).write_text(dump_json({"meta": saved_meta, "gates": gates_doc, "rows": stable(case_rows),
-                                              "gate_results": verdicts, "candidates": stable(cand_rows),
-                                              "candidate_gate_results": cand_verdicts}))
+        Path(args.json).write_text(
+            dump_json(
+                {
+                    "meta": saved_meta,
+                    "gates": gates_doc,
+                    "rows": stable(case_rows),
+                    "gate_results": verdicts,
+                    "candidates": stable(cand_rows),
+                    "candidate_gate_results": cand_verdicts,
+                }
+            )
+        )
     if args.markdown:
-        md = [f"# Kernel report: Triton {triton.__version__}", "",
-              f"Built by `scripts/kernel_report.py` with the runtime launcher's specialization, for "
-              f"{', '.join(meta['archs'])}; SASS read with {meta['tools'].get('nvdisasm', '?').split(' (')[0]} "
-              f"nvdisasm. One row per distinct build; columns are described in docs/kernels.md.", "",
-              table(case_rows, markdown=True), "", "## Gates", ""]
+        md = [
+            f"# Kernel report: Triton {triton.__version__}",
+            "",
+            f"Built by `scripts/kernel_report.py` with the runtime launcher's specialization, for "
+            f"{', '.join(meta['archs'])}; SASS read with {meta['tools'].get('nvdisasm', '?').split(' (')[0]} "
+            f"nvdisasm. One row per distinct build; columns are described in docs/kernels.md.",
+            "",
+            table(case_rows, markdown=True),
+            "",
+            "## Gates",
+            "",
+        ]
         md += [f"- `{g['gate']}` ({g['family']}): {g['description']}" for g in gates_doc]
         md += ["", f"{len(verdicts)} checks, {len(failed)} failed."]
         md += [f"- FAILED `{v['gate']}`: {v['kernel']} [{v['config']}] {v['arch']}" for v in failed]

@@ -3,6 +3,7 @@
 Tests compare against a float64 reference by relative error ‖out − ref‖ / ‖ref‖ and use the
 tolerance of the *input* dtype from TOLERANCES. Import the helpers with `from conftest import ...`.
 """
+
 import os
 
 import pytest
@@ -13,7 +14,6 @@ if not HAS_CUDA:
     # Triton kernels run on CPU tensors in the interpreter; this must precede any triton import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastformer  # noqa: E402
 from fastformer.backend import use_backend  # noqa: E402
 
 # Relative-error tolerance per input dtype. fp32 on GPU includes tf32 matmuls (~3e-4);
@@ -66,8 +66,9 @@ def compile_ahead_of_time(script: str, timeout: int = 600):
     # explicitly off: `import fastformer` would otherwise switch the interpreter on (no GPU here)
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 """Backend dispatch: env var values, code switch, context manager, validation."""
+
 import os
 
 import pytest
@@ -54,12 +55,19 @@ def test_readme_namespaces_reachable_after_plain_import():
     import sys
     from pathlib import Path
 
-    code = ("import fastformer as ff; "
-            "[getattr(ff.models, n) for n in ('from_hf', 'to_hf')]; "
-            "ff.optim.FusedAdamW; ff.optim.extension_available; ff.integrations.patch_hf_model; "
-            "ff.nn.MultiheadAttention; print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import fastformer as ff; "
+        "[getattr(ff.models, n) for n in ('from_hf', 'to_hf')]; "
+        "ff.optim.FusedAdamW; ff.optim.extension_available; ff.integrations.patch_hf_model; "
+        "ff.nn.MultiheadAttention; print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
@@ -72,10 +80,12 @@ def test_import_switches_the_interpreter_on_without_a_gpu():
     if torch.version.cuda is not None:
         pytest.skip("a CUDA build of torch: the compiled kernels run")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTFORMER_BACKEND")}
-    code = ("import torch, fastformer as ff\n"
-            "with ff.use_backend('triton'):\n"
-            "    q = torch.randn(1, 1, 4, 8)\n"
-            "    ff.scaled_dot_product_attention(q, q, q)\n"
-            "    print(float(ff.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 4]))) > 0)\n")
+    code = (
+        "import torch, fastformer as ff\n"
+        "with ff.use_backend('triton'):\n"
+        "    q = torch.randn(1, 1, 4, 8)\n"
+        "    ff.scaled_dot_product_attention(q, q, q)\n"
+        "    print(float(ff.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 4]))) > 0)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]

@@ -1,6 +1,7 @@
 """bench/README.md is generated from bench/README.in.md and bench/results/ by bench/make_readme.py: the
 committed file must be what the script writes (no benchmark runs here), and the script must cope with
 result files it does not know."""
+
 import importlib.util
 import json
 import sys
@@ -19,7 +20,8 @@ def test_committed_bench_readme_is_what_the_generator_writes(tmp_path):
     committed = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
     assert committed == out.read_text(encoding="utf-8"), (
         "bench/README.md does not match bench/README.in.md and bench/results/: run `python bench/make_readme.py` "
-        "and commit bench/README.md")
+        "and commit bench/README.md"
+    )
     assert make_readme.main(["--check"]) == 0
     # every result file is in it, by name
     for p in (ROOT / "bench" / "results").iterdir():
@@ -28,46 +30,91 @@ def test_committed_bench_readme_is_what_the_generator_writes(tmp_path):
 
 
 def _harness(path, name, rows, **meta):
-    path.write_text(json.dumps({"meta": {"benchmark": name, "device": "cpu-1threads-Some_CPU", "torch": "2.0",
-                                         **meta}, "rows": rows}))
+    path.write_text(
+        json.dumps(
+            {"meta": {"benchmark": name, "device": "cpu-1threads-Some_CPU", "torch": "2.0", **meta}, "rows": rows}
+        )
+    )
 
 
 def test_unknown_and_new_result_files_are_rendered_or_listed(tmp_path, capsys):
     res = tmp_path / "results"
     res.mkdir()
     # a benchmark the generator does not know: a generic table, constant columns in a note, errors listed
-    _harness(res / "fancy_op_cpu-1threads-Some_CPU.json", "fancy_op", [
-        {"benchmark": "fancy_op", "case": "n=8", "provider": "fastformer", "ms": 1.25, "dtype": "fp32", "nested": {}},
-        {"benchmark": "fancy_op", "case": "n=8", "provider": "torch", "ms": 2.5, "dtype": "fp32", "nested": {}},
-        {"benchmark": "fancy_op", "case": "n=9", "provider": "torch", "dtype": "fp32", "error": "OOM | big"}],
-        date="2030-01-02", commit="abc123")
+    _harness(
+        res / "fancy_op_cpu-1threads-Some_CPU.json",
+        "fancy_op",
+        [
+            {
+                "benchmark": "fancy_op",
+                "case": "n=8",
+                "provider": "fastformer",
+                "ms": 1.25,
+                "dtype": "fp32",
+                "nested": {},
+            },
+            {"benchmark": "fancy_op", "case": "n=8", "provider": "torch", "ms": 2.5, "dtype": "fp32", "nested": {}},
+            {"benchmark": "fancy_op", "case": "n=9", "provider": "torch", "dtype": "fp32", "error": "OOM | big"},
+        ],
+        date="2030-01-02",
+        commit="abc123",
+    )
     (res / "fancy_op_cpu-1threads-Some_CPU.png").write_bytes(b"\x89PNG")
     # a known benchmark that has no committed result yet, with an unexpected shape (a string row)
-    _harness(res / "t5_attention_NVIDIA_X.json", "t5_attention", [
-        {"case": "encoder L=512", "provider": "fastformer", "ms": 0.5, "peak_extra_mb": 3.0, "dtype": "bfloat16"},
-        {"case": "encoder L=512", "provider": "eager", "ms": 2.0, "peak_extra_mb": 30.0, "dtype": "bfloat16"}],
-        device="NVIDIA_X")
+    _harness(
+        res / "t5_attention_NVIDIA_X.json",
+        "t5_attention",
+        [
+            {"case": "encoder L=512", "provider": "fastformer", "ms": 0.5, "peak_extra_mb": 3.0, "dtype": "bfloat16"},
+            {"case": "encoder L=512", "provider": "eager", "ms": 2.0, "peak_extra_mb": 30.0, "dtype": "bfloat16"},
+        ],
+        device="NVIDIA_X",
+    )
     # the text-to-text experiment in the shape bench/text2text_benefit.py writes
-    (res / "text2text_benefit_cpu.json").write_text(json.dumps({
-        "settings": {"seeds": [0, 1], "omp_num_threads": "1", "tag": "cpu", "data_dir": "/somewhere/agnews"},
-        "pretraining": {"model": "t5-tiny", "steps": 3000, "data": ["/somewhere/agnews/unlabeled.txt"]},
-        "baseline": {"method": "lead-10", "rouge1": 0.2, "rouge2": 0.05, "rougeL": 0.17, "exact_match": 0.0,
-                     "n_eval": 2000},
-        "summary": {"headlines": [{"n_train": 1000, "pretrained": {k: [0.3, 0.01] for k in
-                                                                  ("rouge1", "rouge2", "rougeL", "exact_match")},
-                                   "random": {k: [0.2, 0.02] for k in ("rouge1", "rouge2", "rougeL", "exact_match")},
-                                   "rougeL_gain": [0.1, 0.01]}],
-                    "classification": [{"init": "pretrained", "n_train": 100, "text": [0.5, 0.1, [0, 1]],
-                                        "head": [0.4, 0.1, [0, 1]], "text_minus_head": [0.1, 0.05]}]},
-        "results": []}))
+    (res / "text2text_benefit_cpu.json").write_text(
+        json.dumps(
+            {
+                "settings": {"seeds": [0, 1], "omp_num_threads": "1", "tag": "cpu", "data_dir": "/somewhere/agnews"},
+                "pretraining": {"model": "t5-tiny", "steps": 3000, "data": ["/somewhere/agnews/unlabeled.txt"]},
+                "baseline": {
+                    "method": "lead-10",
+                    "rouge1": 0.2,
+                    "rouge2": 0.05,
+                    "rougeL": 0.17,
+                    "exact_match": 0.0,
+                    "n_eval": 2000,
+                },
+                "summary": {
+                    "headlines": [
+                        {
+                            "n_train": 1000,
+                            "pretrained": {k: [0.3, 0.01] for k in ("rouge1", "rouge2", "rougeL", "exact_match")},
+                            "random": {k: [0.2, 0.02] for k in ("rouge1", "rouge2", "rougeL", "exact_match")},
+                            "rougeL_gain": [0.1, 0.01],
+                        }
+                    ],
+                    "classification": [
+                        {
+                            "init": "pretrained",
+                            "n_train": 100,
+                            "text": [0.5, 0.1, [0, 1]],
+                            "head": [0.4, 0.1, [0, 1]],
+                            "text_minus_head": [0.1, 0.05],
+                        }
+                    ],
+                },
+                "results": [],
+            }
+        )
+    )
     (res / "text2text_benefit_cpu_estimate.json").write_text(json.dumps({"settings": {}, "estimate": {}}))
-    (res / "notes.json").write_text(json.dumps([1, 2, 3]))       # JSON, but no result format
+    (res / "notes.json").write_text(json.dumps([1, 2, 3]))  # JSON, but no result format
     (res / "broken.json").write_text("{not json")
     (res / "run.log").write_text("log\n")
 
     text, covered = make_readme.render_results(res)
-    assert covered == sorted(p.name for p in res.iterdir())     # nothing left out
-    fancy = text[text.index("### `fancy_op`"):]
+    assert covered == sorted(p.name for p in res.iterdir())  # nothing left out
+    fancy = text[text.index("### `fancy_op`") :]
     assert "CPU: Some CPU, 1 thread; torch 2.0, measured 2030-01-02, commit `abc123`" in fancy
     assert "| case | provider | ms |" in fancy and "| n=8 | torch | 2.50 |" in fancy and "nested" not in fancy
     assert "Every row: dtype fp32." in fancy
@@ -76,9 +123,13 @@ def test_unknown_and_new_result_files_are_rendered_or_listed(tmp_path, capsys):
     assert "### T5 relative-position attention" in text and "| encoder L=512 | 0.500 | 2.00 |" in text
     assert "| – | lead-10 baseline | 0.2000 |" in text and "+10.00 ± 1.00 points" in text
     assert "| pretrained | 100 | 0.5000 ± 0.1000 | 0.4000 ± 0.1000 | 0.1000 ± 0.0500 |" in text
-    assert "/somewhere" not in text                             # no paths from the machine that ran it
-    for name, why in (("notes.json", "no table"), ("broken.json", "not readable as JSON"),
-                      ("text2text_benefit_cpu_estimate.json", "no table"), ("run.log", "a log")):
+    assert "/somewhere" not in text  # no paths from the machine that ran it
+    for name, why in (
+        ("notes.json", "no table"),
+        ("broken.json", "not readable as JSON"),
+        ("text2text_benefit_cpu_estimate.json", "no table"),
+        ("run.log", "a log"),
+    ):
         line = next(x for x in text.splitlines() if x.startswith(f"- [{name}]"))
         assert why in line, line
     # known sections come in the README's order, unknown benchmarks after them

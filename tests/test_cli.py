@@ -1,4 +1,5 @@
 """`fastformer pretrain | finetune | info` end to end with bert-tiny, and one-line errors for bad input."""
+
 import json
 import os
 import random
@@ -36,26 +37,56 @@ def _write_tsv(path, n, rng, header=None, int_labels=False):
 def files(tmp_path):
     rng = random.Random(0)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" . ".join(_sentence(rng, rng.choice(["pos", "neg"])) for _ in range(6))
-                                  for _ in range(80)))
-    return {"corpus": corpus, "dir": tmp_path,
-            "train": _write_tsv(tmp_path / "train.tsv", 160, rng, header="sentence\tlabel", int_labels=True),
-            "eval": _write_tsv(tmp_path / "eval.tsv", 40, rng, header="sentence\tlabel", int_labels=True),
-            "train_s": _write_tsv(tmp_path / "train_s.tsv", 160, rng),
-            "eval_s": _write_tsv(tmp_path / "eval_s.tsv", 40, rng)}
+    corpus.write_text(
+        "\n\n".join(" . ".join(_sentence(rng, rng.choice(["pos", "neg"])) for _ in range(6)) for _ in range(80))
+    )
+    return {
+        "corpus": corpus,
+        "dir": tmp_path,
+        "train": _write_tsv(tmp_path / "train.tsv", 160, rng, header="sentence\tlabel", int_labels=True),
+        "eval": _write_tsv(tmp_path / "eval.tsv", 40, rng, header="sentence\tlabel", int_labels=True),
+        "train_s": _write_tsv(tmp_path / "train_s.tsv", 160, rng),
+        "eval_s": _write_tsv(tmp_path / "eval_s.tsv", 40, rng),
+    }
 
 
 def _run(*args, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.getcwd()}
-    return subprocess.run([sys.executable, "-m", "fastformer", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fastformer", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_pretrain_then_finetune_end_to_end(files):
     out = files["dir"] / "pre"
-    r = _run("pretrain", "--objective", "mlm", "--data", files["corpus"], "--model", "bert-tiny", "--steps", "8",
-             "--batch-size", "8", "--seq-len", "32", "--lr", "1e-3", "--device", "cpu", "--seed", "1", "--out", out,
-             "--save-every", "4", "--vocab-size", "150", "--no-progress")
+    r = _run(
+        "pretrain",
+        "--objective",
+        "mlm",
+        "--data",
+        files["corpus"],
+        "--model",
+        "bert-tiny",
+        "--steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--out",
+        out,
+        "--save-every",
+        "4",
+        "--vocab-size",
+        "150",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tokens/s" in r.stdout and "loss" in r.stdout and str(out) in r.stdout
     for f in ("metrics.jsonl", "config.json", "tokenizer.json", "checkpoint.pt", "loss.png"):
@@ -64,26 +95,89 @@ def test_pretrain_then_finetune_end_to_end(files):
     assert rows[-1]["step"] == 8 and {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0])
 
     ft = files["dir"] / "ft"
-    assert main(["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), "--init", str(out),
-                 "--steps", "15", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--out", str(ft),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(files["train"]),
+                "--eval",
+                str(files["eval"]),
+                "--init",
+                str(out),
+                "--steps",
+                "15",
+                "--batch-size",
+                "16",
+                "--lr",
+                "1e-3",
+                "--device",
+                "cpu",
+                "--out",
+                str(ft),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ev = json.loads((ft / "eval.json").read_text())
     assert ev["labels"] == ["0", "1"] and ev["n_eval"] == 40 and 0.0 <= ev["accuracy"] <= 1.0
     # --out equal to --init would overwrite the pre-trained checkpoint: refused before anything is written
     before = (out / "checkpoint.pt").read_bytes()
-    assert main(["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), "--init", str(out),
-                 "--steps", "1", "--device", "cpu", "--out", str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(files["train"]),
+                "--eval",
+                str(files["eval"]),
+                "--init",
+                str(out),
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert (out / "checkpoint.pt").read_bytes() == before and not (out / "eval.json").exists()
 
 
 def test_finetune_from_scratch_headerless_string_labels_learns(files):
     ft = files["dir"] / "scratch"
-    assert main(["finetune", "--train", str(files["train_s"]), "--eval", str(files["eval_s"]), "--model",
-                 "bert-tiny", "--steps", "60", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu",
-                 "--out", str(ft), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(files["train_s"]),
+                "--eval",
+                str(files["eval_s"]),
+                "--model",
+                "bert-tiny",
+                "--steps",
+                "60",
+                "--batch-size",
+                "16",
+                "--lr",
+                "2e-3",
+                "--device",
+                "cpu",
+                "--out",
+                str(ft),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ev = json.loads((ft / "eval.json").read_text())
     assert ev["labels"] == ["neg", "pos"]
-    assert ev["accuracy"] > 0.75, ev   # one sentiment word per sentence decides the label
+    assert ev["accuracy"] > 0.75, ev  # one sentiment word per sentence decides the label
 
 
 def test_info_runs():
@@ -101,35 +195,52 @@ def _error_line(capsys, argv):
 
 def test_bad_input_gives_one_line_error(files, capsys):
     d = files["dir"]
-    pre = ["pretrain", "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "120",
-           "--no-progress", "--device", "cpu"]
+    pre = [
+        "pretrain",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--vocab-size",
+        "120",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert "bert-huge" in _error_line(capsys, pre + ["--model", "bert-huge", "--data", str(files["corpus"])])
     assert "objective 'clm'" in _error_line(capsys, pre + ["--objective", "clm"])
     # refused before the data is read (a missing --data would be the error otherwise)
     missing = ["--data", str(d / "missing.txt")]
     err = _error_line(capsys, pre + ["--objective", "span", "--model", "bert-tiny"] + missing)
     assert "--model bert-tiny: the span objective trains t5-* presets" in err and "t5-tiny" in err
-    assert "--schedule must be one of linear, cosine, constant" in _error_line(capsys, pre + ["--schedule", "cos"]
-                                                                                + missing)
-    assert "--vocab-size 10 is too small" in _error_line(capsys, pre + ["--vocab-size", "10", "--data",
-                                                                         str(files["corpus"])])
+    assert "--schedule must be one of linear, cosine, constant" in _error_line(
+        capsys, pre + ["--schedule", "cos"] + missing
+    )
+    assert "--vocab-size 10 is too small" in _error_line(
+        capsys, pre + ["--vocab-size", "10", "--data", str(files["corpus"])]
+    )
     assert "no such file" in _error_line(capsys, pre + ["--data", str(d / "missing.txt")])
     (d / "empty.txt").write_text("")
     assert "no text" in _error_line(capsys, pre + ["--data", str(d / "empty.txt")])
-    assert "no checkpoint" in _error_line(capsys, pre + ["--data", str(files["corpus"]), "--out", str(d / "x"),
-                                                         "--resume"])
+    assert "no checkpoint" in _error_line(
+        capsys, pre + ["--data", str(files["corpus"]), "--out", str(d / "x"), "--resume"]
+    )
     out = d / "run"
     assert main(pre + ["--data", str(files["corpus"]), "--out", str(out)]) == 0
     capsys.readouterr()
     # --resume takes the run's own settings: another --model is refused by name
-    assert "leave --model out" in _error_line(capsys, pre + ["--data", str(files["corpus"]), "--out", str(out),
-                                                             "--resume", "--model", "bert-mini", "--steps", "4"])
+    assert "leave --model out" in _error_line(
+        capsys,
+        pre + ["--data", str(files["corpus"]), "--out", str(out), "--resume", "--model", "bert-mini", "--steps", "4"],
+    )
     (d / "nolabel.tsv").write_text("just text\nmore text\n")
     ft = ["finetune", "--eval", str(files["eval"]), "--steps", "1", "--no-progress", "--device", "cpu"]
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
-    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])   # a divisor: refused, not a traceback
+    assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])  # a divisor: refused, not a traceback
     assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])
 
 
@@ -139,29 +250,99 @@ def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
     ev_path = files["dir"] / "eval3.tsv"
     ev_path.write_text(files["eval_s"].read_text() + "the film was so so\tneutral\n")
     ft = files["dir"] / "three"
-    with pytest.warns(UserWarning, match="neutral.*never appear"):   # said, not silent
-        assert main(["finetune", "--train", str(files["train_s"]), "--eval", str(ev_path), "--model", "bert-tiny",
-                     "--steps", "2", "--batch-size", "8", "--device", "cpu", "--out", str(ft), "--no-progress"]) == 0
+    with pytest.warns(UserWarning, match="neutral.*never appear"):  # said, not silent
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--train",
+                    str(files["train_s"]),
+                    "--eval",
+                    str(ev_path),
+                    "--model",
+                    "bert-tiny",
+                    "--steps",
+                    "2",
+                    "--batch-size",
+                    "8",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(ft),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     ev = json.loads((ft / "eval.json").read_text())
     assert ev["labels"] == ["neg", "neutral", "pos"] and ev["n_eval"] == 41
 
 
 def test_compile_flag(files):
     out = files["dir"] / "compiled"
-    assert main(["pretrain", "--data", str(files["corpus"]), "--model", "bert-tiny", "--steps", "2", "--batch-size",
-                 "4", "--seq-len", "32", "--vocab-size", "150", "--device", "cpu", "--out", str(out), "--no-progress",
-                 "--compile", "eager"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(files["corpus"]),
+                "--model",
+                "bert-tiny",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "32",
+                "--vocab-size",
+                "150",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--compile",
+                "eager",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["train"]["compile"] == "eager"
-    assert main(["pretrain", "--data", str(files["corpus"]), "--steps", "1", "--out", str(out / "x"),
-                 "--compile", "nonsense"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(files["corpus"]),
+                "--steps",
+                "1",
+                "--out",
+                str(out / "x"),
+                "--compile",
+                "nonsense",
+            ]
+        )
+        == 2
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # A CLI that never loses work, and using what was trained
 # ---------------------------------------------------------------------------------------------------
 
-TINY = ["--model", "bert-tiny", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "150", "--device", "cpu",
-        "--no-progress"]
+TINY = [
+    "--model",
+    "bert-tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--vocab-size",
+    "150",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def _env():
@@ -169,8 +350,13 @@ def _env():
 
 
 def _start(*args):
-    return subprocess.Popen([sys.executable, "-m", "fastformer", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastformer", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
 
 
 def _wait_for_step(proc, n):
@@ -184,7 +370,7 @@ def _wait_for_step(proc, n):
 def _ckpt_step(out):
     import torch
 
-    return torch.load(out / "checkpoint.pt", weights_only=True)["step"]     # torch's safe loader reads it
+    return torch.load(out / "checkpoint.pt", weights_only=True)["step"]  # torch's safe loader reads it
 
 
 def test_version(capsys):
@@ -197,8 +383,24 @@ def test_version(capsys):
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues_the_run(files, capsys):
     out = files["dir"] / "run"
-    p = _start("pretrain", "--data", files["corpus"], *TINY, "--steps", "100000", "--save-every", "100000",
-               "--log-every", "1", "--lr", "2e-3", "--threads", "1", "--out", out)
+    p = _start(
+        "pretrain",
+        "--data",
+        files["corpus"],
+        *TINY,
+        "--steps",
+        "100000",
+        "--save-every",
+        "100000",
+        "--log-every",
+        "1",
+        "--lr",
+        "2e-3",
+        "--threads",
+        "1",
+        "--out",
+        out,
+    )
     _wait_for_step(p, 3)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -211,7 +413,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues_the_run(files, capsys):
     assert main(["pretrain", "--out", str(out), "--resume", "--steps", str(step + 2), "--log-every", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"{step + 2} steps in" in printed and f"resumed at step {step}: steps {step + 1}-{step + 2}" in printed
-    assert "1 thread (--threads)" in printed                    # the run's --threads, printed in the header
+    assert "1 thread (--threads)" in printed  # the run's --threads, printed in the header
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == list(range(1, step + 3))
     cfg = json.loads((out / "config.json").read_text())
@@ -230,9 +432,30 @@ def test_sigterm_exits_143_with_a_checkpoint(files):
 
 def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_is_intact(files):
     out = files["dir"] / "twice"
-    p = _start("pretrain", "--data", files["corpus"], "--model", "bert-tiny", "--batch-size", "32", "--seq-len",
-               "128", "--vocab-size", "150", "--device", "cpu", "--no-progress", "--steps", "100000",
-               "--save-every", "5", "--log-every", "1", "--out", out)
+    p = _start(
+        "pretrain",
+        "--data",
+        files["corpus"],
+        "--model",
+        "bert-tiny",
+        "--batch-size",
+        "32",
+        "--seq-len",
+        "128",
+        "--vocab-size",
+        "150",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--steps",
+        "100000",
+        "--save-every",
+        "5",
+        "--log-every",
+        "1",
+        "--out",
+        out,
+    )
     _wait_for_step(p, 6)
     p.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -247,8 +470,24 @@ def test_a_second_ctrl_c_exits_at_once_and_the_last_checkpoint_is_intact(files):
 
 def test_a_run_that_cannot_fit_is_refused_before_training(files, capsys):
     out = files["dir"] / "huge"
-    err = _error_line(capsys, ["pretrain", "--data", str(files["corpus"]), "--model", "bert-tiny", "--seq-len", "65536",
-                               "--vocab-size", "150", "--device", "cpu", "--out", str(out)])
+    err = _error_line(
+        capsys,
+        [
+            "pretrain",
+            "--data",
+            str(files["corpus"]),
+            "--model",
+            "bert-tiny",
+            "--seq-len",
+            "65536",
+            "--vocab-size",
+            "150",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert err.startswith("fastformer: error: --batch-size 32 --seq-len 65536 needs about") and " GB" in err
     assert "--batch-size 1" in err and "--no-memory-check" in err and not out.exists()
 
@@ -260,12 +499,28 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(files):
     assert main(["pretrain", "--data", str(files["corpus"]), *TINY, "--steps", "2", "--out", str(out)]) == 0
     size = (out / "checkpoint.pt").stat().st_size
 
-    def small_disk():   # writes past this size fail with EFBIG (Python ignores SIGXFSZ)
+    def small_disk():  # writes past this size fail with EFBIG (Python ignores SIGXFSZ)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
-    r = subprocess.run([sys.executable, "-m", "fastformer", "pretrain", "--out", str(out), "--resume", "--steps", "4",
-                        "--no-progress"], capture_output=True, text=True, timeout=240, env=_env(),
-                       preexec_fn=small_disk)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastformer",
+            "pretrain",
+            "--out",
+            str(out),
+            "--resume",
+            "--steps",
+            "4",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_env(),
+        preexec_fn=small_disk,
+    )
     err = [x for x in r.stderr.splitlines() if x.startswith("fastformer: error")]
     assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
     assert err[0].startswith(f"fastformer: error: --out {out}: cannot write checkpoint.pt: file too large")
@@ -282,11 +537,21 @@ def test_out_folder_protection_and_resume_settings(files, capsys):
     err = _error_line(capsys, base + ["--steps", "4"])
     assert f"--out {out} already holds a pretrain run" in err and "--resume" in err and "--overwrite" in err
     assert "give one of them" in _error_line(capsys, base + ["--resume", "--overwrite"])
-    assert main(base + ["--steps", "6", "--resume", "--lr", "5e-4"]) == 0     # the same value may be repeated
+    assert main(base + ["--steps", "6", "--resume", "--lr", "5e-4"]) == 0  # the same value may be repeated
     assert main(base + ["--steps", "2", "--overwrite"]) == 0
     assert _ckpt_step(out) == 2
-    ft = ["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), "--steps", "1", "--device",
-          "cpu", "--no-progress"]
+    ft = [
+        "finetune",
+        "--train",
+        str(files["train"]),
+        "--eval",
+        str(files["eval"]),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert "never writes into one" in _error_line(capsys, ft + ["--out", str(out), "--overwrite"])
     (files["dir"] / "afile").write_text("")
     assert "afile: exists and is not a folder" in _error_line(capsys, ft + ["--out", str(files["dir"] / "afile")])
@@ -294,18 +559,34 @@ def test_out_folder_protection_and_resume_settings(files, capsys):
 
 def test_nonsense_is_refused_with_one_line(files, capsys):
     d = files["dir"]
-    ft = ["finetune", "--eval", str(files["eval"]), "--steps", "5", "--device", "cpu", "--no-progress",
-          "--out", str(d / "ft")]
-    assert "--max-len must be at least 8" in _error_line(capsys, ft + ["--train", str(files["train"]), "--max-len", "0"])
+    ft = [
+        "finetune",
+        "--eval",
+        str(files["eval"]),
+        "--steps",
+        "5",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(d / "ft"),
+    ]
+    assert "--max-len must be at least 8" in _error_line(
+        capsys, ft + ["--train", str(files["train"]), "--max-len", "0"]
+    )
     assert "--warmup-steps 50 is more than --steps 5" in _error_line(
-        capsys, ft + ["--train", str(files["train"]), "--warmup-steps", "50"])
+        capsys, ft + ["--train", str(files["train"]), "--warmup-steps", "50"]
+    )
     (d / "empty.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t\n")
     assert "data row 2 has an empty label" in _error_line(capsys, ft + ["--train", str(d / "empty.tsv")])
     (d / "bin.tsv").write_bytes(bytes(range(256)) * 8)
     assert "binary file" in _error_line(capsys, ft + ["--train", str(d / "bin.tsv")])
-    assert "--threads must be at least 1" in _error_line(capsys, ft + ["--train", str(files["train"]), "--threads", "0"])
-    assert "not a fastformer run folder" in _error_line(capsys, ["predict", "--model", str(d), "--input",
-                                                                 str(files["eval"])])
+    assert "--threads must be at least 1" in _error_line(
+        capsys, ft + ["--train", str(files["train"]), "--threads", "0"]
+    )
+    assert "not a fastformer run folder" in _error_line(
+        capsys, ["predict", "--model", str(d), "--input", str(files["eval"])]
+    )
     assert "needs --train" in _error_line(capsys, ["finetune", "--eval", str(files["eval"]), "--out", str(d / "f2")])
     assert not (d / "ft").exists()
 
@@ -314,12 +595,34 @@ def test_predict_and_export_what_was_trained(files, capsys):
     d = files["dir"]
     pre, ft = d / "pre", d / "ft"
     assert main(["pretrain", "--data", str(files["corpus"]), *TINY, "--steps", "6", "--out", str(pre)]) == 0
-    assert main(["finetune", "--train", str(files["train_s"]), "--eval", str(files["eval_s"]), "--init", str(pre),
-                 "--steps", "10", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu", "--out", str(ft),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(files["train_s"]),
+                "--eval",
+                str(files["eval_s"]),
+                "--init",
+                str(pre),
+                "--steps",
+                "10",
+                "--batch-size",
+                "16",
+                "--lr",
+                "2e-3",
+                "--device",
+                "cpu",
+                "--out",
+                str(ft),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((ft / "config.json").read_text())
     assert cfg["run"] == "finetune" and cfg["labels"] == ["neg", "pos"] and cfg["init"] == str(pre.resolve())
-    assert main(["finetune", "--out", str(ft), "--resume", "--steps", "12", "--no-progress"]) == 0   # its own settings
+    assert main(["finetune", "--out", str(ft), "--resume", "--steps", "12", "--no-progress"]) == 0  # its own settings
     assert json.loads((ft / "eval.json").read_text())["steps"] == 12 and _ckpt_step(ft) == 12
     r = _run("predict", "--model", ft, "--input", files["eval_s"], "--output", d / "preds.tsv")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -327,7 +630,7 @@ def test_predict_and_export_what_was_trained(files, capsys):
     assert lines[0] == "text\tlabel\tprobability\tp_neg\tp_pos" and len(lines) == 41
     acc = float(r.stderr.split("accuracy ")[1].split(";")[0].split()[0])
     ev = json.loads((ft / "eval.json").read_text())
-    assert acc == pytest.approx(ev["accuracy"], abs=1e-4)       # the same model, the same texts
+    assert acc == pytest.approx(ev["accuracy"], abs=1e-4)  # the same model, the same texts
     (d / "masks.txt").write_text("the film was [MASK] .\n")
     capsys.readouterr()
     assert main(["predict", "--model", str(pre), "--input", str(d / "masks.txt")]) == 0
@@ -345,8 +648,8 @@ def test_help_lists_the_registered_objectives_and_presets(monkeypatch, capsys):
     from fastformer.models.presets import known_presets
     from fastformer.train.objectives import OBJECTIVES
 
-    monkeypatch.setitem(OBJECTIVES, "mlm2", OBJECTIVES["mlm"])     # another objective, registered
-    monkeypatch.setitem(OBJECTIVES, "gone", "fastformer.train.no_such_objective:Gone")   # module missing
+    monkeypatch.setitem(OBJECTIVES, "mlm2", OBJECTIVES["mlm"])  # another objective, registered
+    monkeypatch.setitem(OBJECTIVES, "gone", "fastformer.train.no_such_objective:Gone")  # module missing
     parser = build_parser()
     top = parser.format_help()
     pre = parser._subparsers._group_actions[0].choices["pretrain"].format_help()

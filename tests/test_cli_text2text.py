@@ -1,6 +1,7 @@
 """`fastformer finetune --task text2text`, `predict` and `export` on a text-to-text folder, end to end on
 tiny generated pairs: eval.json, predictions that `predict` reproduces, Hugging Face generate on the
 exported folder giving our tokens, Ctrl-C + --resume, and one-line errors."""
+
 import json
 import os
 import random
@@ -32,8 +33,11 @@ def _copy_pairs(path, n, rng, header="input\ttarget"):
 @pytest.fixture
 def pairs(tmp_path):
     rng = random.Random(0)
-    return {"dir": tmp_path, "train": _copy_pairs(tmp_path / "train.tsv", 400, rng),
-            "eval": _copy_pairs(tmp_path / "eval.tsv", 24, rng, header=None)}
+    return {
+        "dir": tmp_path,
+        "train": _copy_pairs(tmp_path / "train.tsv", 400, rng),
+        "eval": _copy_pairs(tmp_path / "eval.tsv", 24, rng, header=None),
+    }
 
 
 def _env():
@@ -41,12 +45,32 @@ def _env():
 
 
 def _run(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "fastformer", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "fastformer", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
 
 
-T2T = ["--task", "text2text", "--model", "t5-tiny", "--batch-size", "16", "--vocab-size", "200", "--max-len", "16",
-       "--max-target-len", "16", "--device", "cpu", "--no-progress"]
+T2T = [
+    "--task",
+    "text2text",
+    "--model",
+    "t5-tiny",
+    "--batch-size",
+    "16",
+    "--vocab-size",
+    "200",
+    "--max-len",
+    "16",
+    "--max-target-len",
+    "16",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def _error_line(capsys, argv):
@@ -73,8 +97,24 @@ def _hf_matches_ours(model, hf_dir, texts, max_new_tokens, *, from_config=True, 
 def test_text2text_finetune_predict_export(pairs, capsys):
     d = pairs["dir"]
     out = d / "t2t"
-    r = _run("finetune", "--train", pairs["train"], "--eval", pairs["eval"], *T2T, "--steps", "80", "--lr", "3e-3",
-             "--warmup-steps", "5", "--log-every", "20", "--out", out)
+    r = _run(
+        "finetune",
+        "--train",
+        pairs["train"],
+        "--eval",
+        pairs["eval"],
+        *T2T,
+        "--steps",
+        "80",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "5",
+        "--log-every",
+        "20",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "finetune text2text random init (t5-tiny)" in r.stdout and "ROUGE-L" in r.stdout
     ev = json.loads((out / "eval.json").read_text())
@@ -84,7 +124,7 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     assert ev["generation"] == {"max_new_tokens": 16, "num_beams": 1, "length_penalty": 1.0}
     assert len(ev["examples"]) == 20 and set(ev["examples"][0]) == {"input", "target", "prediction"}
     assert ev["examples"][0]["target"] == ev["examples"][0]["input"]
-    assert ev["rouge1"] > 0.2, ev["examples"][:5]       # 80 steps of a copy task: some letters come out right
+    assert ev["rouge1"] > 0.2, ev["examples"][:5]  # 80 steps of a copy task: some letters come out right
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["run"] == "finetune" and cfg["task"] == "text2text" and cfg["kind"] == "seq2seq"
     assert cfg["train"]["task"] == "text2text" and cfg["train"]["lr"] == 3e-3 and cfg["threads"] == 1
@@ -115,16 +155,39 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     assert gen_cfg["max_new_tokens"] == 16 and gen_cfg["decoder_start_token_id"] == 0
     texts = ["a b c d", "h g", "e e f", "b"]
     greedy = _hf_matches_ours(loaded.model, d / "hf", texts, 16)
-    assert (greedy[:, 1:] > 2).sum() >= 4           # real tokens were generated, not only EOS / padding
+    assert (greedy[:, 1:] > 2).sum() >= 4  # real tokens were generated, not only EOS / padding
     _hf_matches_ours(loaded.model, d / "hf", texts, 16, num_beams=3, length_penalty=0.6)
 
 
 def test_text2text_ctrl_c_then_resume(pairs, capsys):
     out = pairs["dir"] / "run"
-    p = subprocess.Popen([sys.executable, "-m", "fastformer", "finetune", "--train", str(pairs["train"]), "--eval",
-                          str(pairs["eval"]), *T2T, "--steps", "100000", "--log-every", "1", "--lr", "2e-3",
-                          "--num-beams", "2", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastformer",
+            "finetune",
+            "--train",
+            str(pairs["train"]),
+            "--eval",
+            str(pairs["eval"]),
+            *T2T,
+            "--steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--lr",
+            "2e-3",
+            "--num-beams",
+            "2",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     for line in p.stdout:
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
             break
@@ -159,22 +222,67 @@ def test_classification_as_text_through_the_same_command(tmp_path):
         return path
 
     out = tmp_path / "cls"
-    assert main(["finetune", "--train", str(write(tmp_path / "train.tsv", 200)), "--eval",
-                 str(write(tmp_path / "eval.tsv", 20)), *T2T, "--steps", "40", "--lr", "3e-3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(write(tmp_path / "train.tsv", 200)),
+                "--eval",
+                str(write(tmp_path / "eval.tsv", 20)),
+                *T2T,
+                "--steps",
+                "40",
+                "--lr",
+                "3e-3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ev = json.loads((out / "eval.json").read_text())
     assert {e["target"] for e in ev["examples"]} <= {"animal", "thing"} and ev["accuracy"] == ev["exact_match"]
-    assert ev["exact_match"] >= 0.5, ev["examples"]      # two classes, a word decides: learned in 40 steps
+    assert ev["exact_match"] >= 0.5, ev["examples"]  # two classes, a word decides: learned in 40 steps
 
 
 def test_span_pretrained_folder_predicts_and_exports(tmp_path):
     rng = random.Random(2)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(["the", "cat", "dog", "sat", "ran", "a", "mat", "far"])
-                                           for _ in range(60)) for _ in range(40)))
+    corpus.write_text(
+        "\n\n".join(
+            " ".join(rng.choice(["the", "cat", "dog", "sat", "ran", "a", "mat", "far"]) for _ in range(60))
+            for _ in range(40)
+        )
+    )
     pre = tmp_path / "pre"
-    assert main(["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(corpus), "--steps", "3",
-                 "--batch-size", "4", "--seq-len", "32", "--vocab-size", "160", "--device", "cpu", "--no-progress",
-                 "--out", str(pre)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--objective",
+                "span",
+                "--model",
+                "t5-tiny",
+                "--data",
+                str(corpus),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "32",
+                "--vocab-size",
+                "160",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(pre),
+            ]
+        )
+        == 0
+    )
     loaded = ff.models.load(pre)
     assert loaded.kind == "seq2seq"
     from fastformer.train.predict import predict_texts
@@ -187,22 +295,61 @@ def test_span_pretrained_folder_predicts_and_exports(tmp_path):
 
 def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     d = pairs["dir"]
-    ft = ["finetune", "--train", str(pairs["train"]), "--eval", str(pairs["eval"]), "--steps", "2", "--device",
-          "cpu", "--no-progress", "--out", str(d / "bad")]
+    ft = [
+        "finetune",
+        "--train",
+        str(pairs["train"]),
+        "--eval",
+        str(pairs["eval"]),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(d / "bad"),
+    ]
     assert "choose classify" in _error_line(capsys, ft + ["--task", "summarize"])
     assert "encoder-decoder" in _error_line(capsys, ft + ["--task", "text2text", "--model", "bert-tiny"])
     assert "--num-beams applies to --task text2text only" in _error_line(capsys, ft + ["--num-beams", "2"])
     assert "--num-beams must be at least 1" in _error_line(capsys, ft + ["--task", "text2text", "--num-beams", "0"])
     assert "not a pretrain output folder" in _error_line(capsys, ft + ["--task", "text2text", "--init", str(tmp_path)])
     (d / "holes.tsv").write_text("input\ttarget\na b\ta b\nc d\t \n")
-    err = _error_line(capsys, ["finetune", "--task", "text2text", "--train", str(d / "holes.tsv"), "--eval",
-                               str(pairs["eval"]), "--out", str(d / "bad")])
+    err = _error_line(
+        capsys,
+        [
+            "finetune",
+            "--task",
+            "text2text",
+            "--train",
+            str(d / "holes.tsv"),
+            "--eval",
+            str(pairs["eval"]),
+            "--out",
+            str(d / "bad"),
+        ],
+    )
     assert "data row 2 has an empty target" in err
     assert not (d / "bad").exists()
     # targets longer than --max-target-len: said, not silent (the model learns the cut targets)
     with pytest.warns(UserWarning, match=r"400 of 400 targets in .* longer than --max-target-len 2 tokens"):
-        assert main(ft[:-1] + [str(d / "cut"), "--task", "text2text", "--vocab-size", "200", "--steps", "1",
-                               "--max-target-len", "2"]) == 0
+        assert (
+            main(
+                ft[:-1]
+                + [
+                    str(d / "cut"),
+                    "--task",
+                    "text2text",
+                    "--vocab-size",
+                    "200",
+                    "--steps",
+                    "1",
+                    "--max-target-len",
+                    "2",
+                ]
+            )
+            == 0
+        )
     (d / "notes").mkdir()
     (d / "notes" / "mine.txt").write_text("keep")
     assert "not empty" in _error_line(capsys, ft[:-1] + [str(d / "notes"), "--task", "text2text"])

@@ -1,20 +1,26 @@
 """torch.compile over code that calls fastformer ops: each op is one opaque call (a graph break), so
 compiling works and gives what eager gives, on the kernel path (interpreted here) and the reference."""
+
 import pytest
 import torch
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import assert_close
 
 
 def _loss(q, k, v, table, x, t, w):
     a = ff.scaled_dot_product_attention(q, k, v, is_causal=True)
     b = ff.t5_attention(q, k, v, table)
-    c = ff.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                            torch.tensor([0, 5, 12], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32),
-                            7, 7)
-    return (a.square().sum() + b.sum() + c.sum() + ff.cross_entropy(x, t)
-            + ff.linear_cross_entropy(x, w, t))
+    c = ff.varlen_attention(
+        q[0].transpose(0, 1),
+        k[0].transpose(0, 1),
+        v[0].transpose(0, 1),
+        torch.tensor([0, 5, 12], dtype=torch.int32),
+        torch.tensor([0, 5, 12], dtype=torch.int32),
+        7,
+        7,
+    )
+    return a.square().sum() + b.sum() + c.sum() + ff.cross_entropy(x, t) + ff.linear_cross_entropy(x, w, t)
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])
@@ -51,7 +57,7 @@ def test_bert_mlm_under_torch_compile():
     torch._dynamo.reset()
     eager = model(ids, mask, labels)
     compiled = torch.compile(model, backend="eager")(ids, mask, labels)
-    assert compiled[1] == eager[1]                                   # predicted rows
+    assert compiled[1] == eager[1]  # predicted rows
     assert_close(compiled[0], eager[0], torch.float32, "loss sum")
 
 

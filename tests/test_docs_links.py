@@ -1,6 +1,7 @@
 """Every relative link in README.md, docs/*.md and bench/README.md points at a file of the repository,
 and every `#anchor` at a heading of the page it names (GitHub's heading ids). No network: links with
 a scheme (https:, mailto:) are not followed."""
+
 from __future__ import annotations
 
 import re
@@ -37,10 +38,13 @@ def _prose_lines(text: str, blank_code: bool = False):
 
 def slug(heading: str) -> str:
     """GitHub's id for a heading: rendered text, lower case, without punctuation, spaces to hyphens."""
-    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)        # a link shows its text
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link shows its text
     text = CODE_SPAN.sub(lambda m: m.group(2), text).replace("*", "")
-    keep = (c for c in text.strip().lower()
-            if c in " -" or unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "Pc")
+    keep = (
+        c
+        for c in text.strip().lower()
+        if c in " -" or unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "Pc"
+    )
     return "".join(keep).replace(" ", "-")
 
 
@@ -74,7 +78,7 @@ def test_slug_follows_github():
 def broken_links(page: Path, root: Path = ROOT) -> list[str]:
     bad = []
     for n, target in links(page):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):      # https:, mailto:, ...
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto:, ...
             continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
@@ -91,13 +95,17 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
 def test_checker_finds_broken_links(tmp_path):
     (tmp_path / "b.md").write_text("# Title\n\n## `ff.x` and more\n")
     page = tmp_path / "a.md"
-    page.write_text("[ok](b.md#ffx-and-more) [ok](#top) ![img](b.md) `[code](nowhere.md)`\n"
-                    "# Top\n[bad](c.md) [bad](b.md#nothing) [bad](../outside.md) [web](https://example.com/x)\n"
-                    "```\n[in a fence](nowhere.md)\n```\n")
+    page.write_text(
+        "[ok](b.md#ffx-and-more) [ok](#top) ![img](b.md) `[code](nowhere.md)`\n"
+        "# Top\n[bad](c.md) [bad](b.md#nothing) [bad](../outside.md) [web](https://example.com/x)\n"
+        "```\n[in a fence](nowhere.md)\n```\n"
+    )
     bad = broken_links(page, tmp_path)
     assert [b.split(": ", 1)[1] for b in bad] == [
-        "c.md (no such file)", "b.md#nothing (no heading with this anchor)",
-        "../outside.md (outside the repository)"]
+        "c.md (no such file)",
+        "b.md#nothing (no heading with this anchor)",
+        "../outside.md (outside the repository)",
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

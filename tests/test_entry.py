@@ -6,6 +6,7 @@ current folder comes first on `sys.path`, so the clone folder (no `__init__.py`)
 empty namespace package and the hook only serves its submodules. The child process below rebuilds
 exactly that situation, with a hook pointing at this checkout, and runs `fastformer` as `-m` does.
 """
+
 import os
 import subprocess
 import sys
@@ -38,10 +39,16 @@ runpy.run_module("fastformer", run_name="__main__", alter_sys=True)
 
 
 def test_python_m_fastformer_beside_a_folder_named_fastformer(tmp_path):
-    (tmp_path / "fastformer").mkdir()                       # the clone folder, as seen from its parent
+    (tmp_path / "fastformer").mkdir()  # the clone folder, as seen from its parent
     (tmp_path / "fastformer" / "README.md").write_text("not a package")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-S", "-c", CHILD, str(REPO), sysconfig.get_paths()["purelib"]],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", CHILD, str(REPO), sysconfig.get_paths()["purelib"]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == f"fastformer {fastformer.__version__}"

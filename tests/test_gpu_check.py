@@ -1,12 +1,14 @@
 """The time budget of `make gpu-check` (bench/gpu_check.py), checked on CPU with fake durations."""
+
 import importlib.util
 import sys
 from pathlib import Path
 
-
-_spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py")
+_spec = importlib.util.spec_from_file_location(
+    "gpu_check", Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+)
 gpu_check = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_check"] = gpu_check   # dataclasses look their module up
+sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up
 _spec.loader.exec_module(gpu_check)
 Step = gpu_check.Step
 
@@ -36,13 +38,19 @@ def _run(todo, durations, budget, reserve=15.0):
 
 
 def test_decisive_steps_first_and_the_budget_is_kept():
-    todo = [Step("attention", 120, 200), Step("ce", 30, 60), Step("bert", 150, 210), Step("tests", 45, 90),
-            Step("ext_tests", 60, 120, if_time_remains=True), Step("small", 15, 40)]
+    todo = [
+        Step("attention", 120, 200),
+        Step("ce", 30, 60),
+        Step("bert", 150, 210),
+        Step("tests", 45, 90),
+        Step("ext_tests", 60, 120, if_time_remains=True),
+        Step("small", 15, 40),
+    ]
     durations = {"attention": 130, "ce": 25, "bert": 160, "tests": 40, "small": 10, "ext_tests": 50}
     rec, clock = _run(todo, durations, budget=420)
     # in priority order, the extension tests after everything else
     assert [n for n, _ in clock.calls] == ["attention", "ce", "bert", "tests", "small"]
-    assert rec["ext_tests"]["status"] == "skipped"     # 55 s left after the rest, less the reserve: no
+    assert rec["ext_tests"]["status"] == "skipped"  # 55 s left after the rest, less the reserve: no
     assert clock.t <= 420 - 15
     assert all(rec[n]["status"] == "ok" for n in ("attention", "ce", "bert", "tests", "small"))
 
@@ -57,10 +65,10 @@ def test_a_long_step_is_skipped_but_later_short_ones_still_run():
 def test_an_overrunning_step_is_cut_at_its_limit_or_the_budget():
     todo = [Step("slow", 50, 80), Step("next", 30, 100)]
     rec, clock = _run(todo, {"slow": 1000, "next": 1000}, budget=200, reserve=10)
-    assert rec["slow"]["status"] == "timeout" and rec["slow"]["seconds"] == 80   # its own limit
+    assert rec["slow"]["status"] == "timeout" and rec["slow"]["seconds"] == 80  # its own limit
     assert rec["next"]["status"] == "timeout" and rec["next"]["seconds"] == 100  # its limit (110 s were left)
     rec, clock = _run([Step("slow", 50, 500)], {"slow": 1000}, budget=200, reserve=10)
-    assert rec["slow"]["seconds"] == 190                                          # the budget
+    assert rec["slow"]["seconds"] == 190  # the budget
 
 
 def test_a_broken_step_does_not_stop_the_run():

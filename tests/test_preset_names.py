@@ -1,6 +1,7 @@
 """Preset names: `t5-v1_1-small` / `t5-v1_1-base` name the T5 v1.1 shapes; the older `t5-small` / `t5-base`
 still work everywhere (API, CLI, old run folders, --resume) with a DeprecatedPresetWarning where a user
 types them, silently where an older run recorded them."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,15 @@ import torch
 
 import fastformer as ff
 from fastformer.cli import main
-from fastformer.models.presets import (DEPRECATED_PRESETS, DeprecatedPresetWarning, UnknownPresetError,
-                                       canonical_preset, get_preset, known_presets, preset_family)
+from fastformer.models.presets import (
+    DEPRECATED_PRESETS,
+    DeprecatedPresetWarning,
+    UnknownPresetError,
+    canonical_preset,
+    get_preset,
+    known_presets,
+    preset_family,
+)
 from fastformer.models.t5 import T5_PRESETS, T5Config
 
 pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice")
@@ -27,12 +35,12 @@ def test_deprecated_name_resolves_to_its_preset_with_a_warning_at_the_callers_li
     with pytest.warns(DeprecatedPresetWarning, match=f"'{old}' is deprecated.*not Hugging Face's.*'{new}'") as rec:
         kwargs = get_preset(old)
     assert kwargs == get_preset(new) == T5_PRESETS[new]
-    assert rec[0].filename == __file__            # the user's line, not a line inside fastformer
-    assert issubclass(DeprecatedPresetWarning, FutureWarning)     # shown to end users by default
+    assert rec[0].filename == __file__  # the user's line, not a line inside fastformer
+    assert issubclass(DeprecatedPresetWarning, FutureWarning)  # shown to end users by default
     with pytest.warns(DeprecatedPresetWarning):
         assert T5Config.from_preset(old, vocab_size=99) == T5Config.from_preset(new, vocab_size=99)
     with pytest.warns(DeprecatedPresetWarning):
-        assert T5_PRESETS[old] == T5_PRESETS[new]                  # the table itself, indexed by the old name
+        assert T5_PRESETS[old] == T5_PRESETS[new]  # the table itself, indexed by the old name
     with pytest.warns(DeprecatedPresetWarning):
         assert T5_PRESETS.get(old) == T5_PRESETS[new] and T5_PRESETS.get("t5-huge") is None
     with pytest.warns(DeprecatedPresetWarning):
@@ -45,10 +53,17 @@ def test_current_names_resolve_silently_and_are_the_only_ones_listed():
         warnings.simplefilter("error")
         for name in known_presets():
             assert canonical_preset(name) == name and get_preset(name)
-        assert canonical_preset("t5-small", warn=False) == "t5-v1_1-small"    # a recorded name: no warning
+        assert canonical_preset("t5-small", warn=False) == "t5-v1_1-small"  # a recorded name: no warning
         assert canonical_preset(None, warn=False) is None
-    assert set(known_presets()) == {"bert-tiny", "bert-mini", "bert-small", "bert-base",
-                                    "t5-tiny", "t5-v1_1-small", "t5-v1_1-base"}
+    assert set(known_presets()) == {
+        "bert-tiny",
+        "bert-mini",
+        "bert-small",
+        "bert-base",
+        "t5-tiny",
+        "t5-v1_1-small",
+        "t5-v1_1-base",
+    }
     assert not set(DEPRECATED_PRESETS) & set(known_presets()) and not set(DEPRECATED_PRESETS) & set(T5_PRESETS)
     for mod in (ff.models,):
         assert mod.canonical_preset is canonical_preset and mod.DeprecatedPresetWarning is DeprecatedPresetWarning
@@ -62,12 +77,19 @@ def test_current_names_resolve_silently_and_are_the_only_ones_listed():
 
 def test_cli_prints_the_warning_as_one_line_and_lists_current_names():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    r = subprocess.run([sys.executable, "-m", "fastformer", "pretrain", "--objective", "mlm", "--model", "t5-small",
-                        "--steps", "1"], capture_output=True, text=True, timeout=240, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastformer", "pretrain", "--objective", "mlm", "--model", "t5-small", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 2, r.stderr
-    assert err[0].startswith("fastformer: warning: model preset 't5-small' is deprecated") and "'t5-v1_1-small'" in err[0]
-    assert "the mlm objective trains bert-* presets" in err[1]     # the new name in the error, the run refused
+    assert (
+        err[0].startswith("fastformer: warning: model preset 't5-small' is deprecated") and "'t5-v1_1-small'" in err[0]
+    )
+    assert "the mlm objective trains bert-* presets" in err[1]  # the new name in the error, the run refused
     from fastformer.cli import build_parser
 
     sub = build_parser()._subparsers._group_actions[0].choices
@@ -93,8 +115,19 @@ def _make_old(out, old):
     torch.save(ck, out / "checkpoint.pt")
 
 
-SPAN = ["--objective", "span", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "150", "--device", "cpu",
-        "--no-progress"]
+SPAN = [
+    "--objective",
+    "span",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--vocab-size",
+    "150",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def test_old_runs_recorded_under_a_deprecated_name_resume_and_load(tmp_path, monkeypatch, capsys):
@@ -105,19 +138,55 @@ def test_old_runs_recorded_under_a_deprecated_name_resume_and_load(tmp_path, mon
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the {i} film was a story of {i % 7} actors and a plot . " * 3 for i in range(60)))
     pre = tmp_path / "pre"
-    assert main(["pretrain", "--data", str(corpus), *SPAN, "--model", "t5-tiny", "--steps", "2", "--out", str(pre)]) == 0
+    assert (
+        main(["pretrain", "--data", str(corpus), *SPAN, "--model", "t5-tiny", "--steps", "2", "--out", str(pre)]) == 0
+    )
     _make_old(pre, "t5-old")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecatedPresetWarning)      # a recorded name: no warning
-        assert main(["pretrain", "--data", str(corpus), "--out", str(pre), "--resume", "--steps", "3",
-                     "--no-progress"]) == 0
-        assert main(["pretrain", "--data", str(corpus), "--out", str(pre), "--resume", "--steps", "4",
-                     "--model", "t5-tiny", "--no-progress"]) == 0
-    with pytest.warns(DeprecatedPresetWarning, match="'t5-old'"):       # typed by the user: warned
-        assert main(["pretrain", "--data", str(corpus), "--out", str(pre), "--resume", "--steps", "5",
-                     "--model", "t5-old", "--no-progress"]) == 0
+        warnings.simplefilter("error", DeprecatedPresetWarning)  # a recorded name: no warning
+        assert (
+            main(["pretrain", "--data", str(corpus), "--out", str(pre), "--resume", "--steps", "3", "--no-progress"])
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--data",
+                    str(corpus),
+                    "--out",
+                    str(pre),
+                    "--resume",
+                    "--steps",
+                    "4",
+                    "--model",
+                    "t5-tiny",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    with pytest.warns(DeprecatedPresetWarning, match="'t5-old'"):  # typed by the user: warned
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--data",
+                    str(corpus),
+                    "--out",
+                    str(pre),
+                    "--resume",
+                    "--steps",
+                    "5",
+                    "--model",
+                    "t5-old",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert torch.load(pre / "checkpoint.pt", weights_only=True)["step"] == 5
-    assert json.loads((pre / "config.json").read_text())["model"] == "t5-tiny"     # recorded as the current name
+    assert json.loads((pre / "config.json").read_text())["model"] == "t5-tiny"  # recorded as the current name
     loaded = ff.models.load(pre)
     assert loaded.kind == "seq2seq" and loaded.model.config.d_model == 128
 
@@ -125,8 +194,24 @@ def test_old_runs_recorded_under_a_deprecated_name_resume_and_load(tmp_path, mon
     rows = "\n".join(f"the {i} film\t{'pos' if i % 2 else 'neg'}" for i in range(40))
     (tmp_path / "t.tsv").write_text(rows + "\n")
     ft = tmp_path / "ft"
-    args = ["finetune", "--train", str(tmp_path / "t.tsv"), "--eval", str(tmp_path / "t.tsv"), "--batch-size", "8",
-            "--vocab-size", "150", "--max-len", "16", "--device", "cpu", "--no-progress", "--out", str(ft)]
+    args = [
+        "finetune",
+        "--train",
+        str(tmp_path / "t.tsv"),
+        "--eval",
+        str(tmp_path / "t.tsv"),
+        "--batch-size",
+        "8",
+        "--vocab-size",
+        "150",
+        "--max-len",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(ft),
+    ]
     with pytest.warns(DeprecatedPresetWarning):
         assert main(args + ["--model", "t5-old", "--steps", "2"]) == 0
     assert json.loads((ft / "config.json").read_text())["source"] == "random init (t5-tiny)"

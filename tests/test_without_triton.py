@@ -1,13 +1,14 @@
 """triton is an optional extra: with it absent, `import fastformer` and every public op, module and
 optimizer work on CPU tensors (backend "auto": torch's CPU kernels; "reference": the eager spec), and
 nothing imports triton. Run in a subprocess whose import system refuses triton."""
+
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-_SCRIPT = r'''
+_SCRIPT = r"""
 import sys, importlib.abc
 
 class BlockTriton(importlib.abc.MetaPathFinder):
@@ -59,12 +60,18 @@ except RuntimeError as e:
 else:
     raise AssertionError("backend 'triton' without triton must raise")
 print("ok")
-'''
+"""
 
 
 def test_every_public_op_runs_with_triton_blocked():
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-    assert torch.__version__   # the parent process is untouched
+    assert torch.__version__  # the parent process is untouched

@@ -4,13 +4,14 @@ The built-in corpus is the docstrings of the installed Python standard library a
 of installed site-packages, extracted with `ast` (nothing is imported or executed). It is built once
 and cached under $FASTFORMER_CACHE (default ~/.cache/fastformer).
 """
+
 from __future__ import annotations
 
 import ast
 import os
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".tsv", ".csv", ".json", ".jsonl", ""}
 BUILTIN_TARGET_CHARS = 6_000_000
@@ -109,9 +110,13 @@ def _read_text(f: Path) -> str:
 def _files_under(p: Path) -> list[Path]:
     if p.is_file():
         return [p]
-    return sorted(f for f in p.rglob("*") if f.is_file()
-                  and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                  and (f.suffix.lower() in TEXT_SUFFIXES or _looks_like_text(f)))
+    return sorted(
+        f
+        for f in p.rglob("*")
+        if f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        and (f.suffix.lower() in TEXT_SUFFIXES or _looks_like_text(f))
+    )
 
 
 def _documents(text: str) -> list[str]:
@@ -153,8 +158,9 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
     return docs
 
 
-def split_heldout(docs: Sequence[str], fraction: float = 0.02, seed: int = 1234,
-                  max_docs: int = 500) -> tuple[list[str], list[str]]:
+def split_heldout(
+    docs: Sequence[str], fraction: float = 0.02, seed: int = 1234, max_docs: int = 500
+) -> tuple[list[str], list[str]]:
     """(train, eval) documents: a fixed random held-out slice (independent of the run's seed)."""
     import random
 

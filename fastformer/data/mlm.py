@@ -7,9 +7,10 @@ All randomness comes from the `generator` passed in, so a batch is a pure functi
 (examples, generator seed). One deviation: random replacements are drawn from the non-special
 vocabulary (HF draws from the whole vocabulary, specials included).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,8 +18,17 @@ from .packing import pad_batch
 
 
 class MLMCollator:
-    def __init__(self, *, vocab_size: int, mask_id: int, pad_id: int, special_ids: Sequence[int],
-                 mlm_probability: float = 0.15, pad_to_multiple_of: int | None = 8, max_length: int | None = None):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        mask_id: int,
+        pad_id: int,
+        special_ids: Sequence[int],
+        mlm_probability: float = 0.15,
+        pad_to_multiple_of: int | None = 8,
+        max_length: int | None = None,
+    ):
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
@@ -29,8 +39,9 @@ class MLMCollator:
 
     def __call__(self, examples: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> dict:
         """examples: 1-D int64 tensors -> {input_ids (B, L), attention_mask (B, L) bool or None, labels (B, L)}."""
-        ids, mask = pad_batch(examples, self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
-                              max_length=self.max_length)
+        ids, mask = pad_batch(
+            examples, self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of, max_length=self.max_length
+        )
         input_ids, labels = self.mask_tokens(ids, generator)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -39,7 +50,7 @@ class MLMCollator:
         g = generator
         labels = ids.clone()
         prob = torch.full(ids.shape, self.p)
-        prob.masked_fill_(torch.isin(ids, self.special), 0.0)          # specials and padding never chosen
+        prob.masked_fill_(torch.isin(ids, self.special), 0.0)  # specials and padding never chosen
         selected = torch.bernoulli(prob, generator=g).bool()
         labels[~selected] = -100
         inputs = ids.clone()

@@ -1,13 +1,15 @@
 """Turn token-id lists into examples: packed fixed-length chunks or line-by-line, and dynamic padding."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 
-def pack_stream(docs: Sequence[Sequence[int]], length: int, *, separator: int | None = None,
-                keep_last: bool = False) -> list[torch.Tensor]:
+def pack_stream(
+    docs: Sequence[Sequence[int]], length: int, *, separator: int | None = None, keep_last: bool = False
+) -> list[torch.Tensor]:
     """Concatenate `docs` (separated by `separator` when given) and cut the stream into chunks of
     exactly `length` tokens. The last partial chunk is dropped unless it would be the only one or
     keep_last is set. Returns a list of (length,) int64 tensors (the last may be shorter)."""
@@ -25,7 +27,7 @@ def pack_stream(docs: Sequence[Sequence[int]], length: int, *, separator: int | 
     flat = torch.tensor(stream, dtype=torch.int64)
     n_full = flat.numel() // length
     chunks = list(flat[: n_full * length].view(n_full, length).unbind(0)) if n_full else []
-    rest = flat[n_full * length:]
+    rest = flat[n_full * length :]
     if rest.numel() and (keep_last or not chunks):
         chunks.append(rest)
     return [c.clone() for c in chunks]
@@ -38,8 +40,9 @@ def wrap(chunks: Sequence[torch.Tensor], prefix: Sequence[int] = (), suffix: Seq
     return [torch.cat([pre, c, suf]) for c in chunks]
 
 
-def pad_batch(examples: Sequence[torch.Tensor], pad_id: int, *, pad_to_multiple_of: int | None = 8,
-              max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pad_batch(
+    examples: Sequence[torch.Tensor], pad_id: int, *, pad_to_multiple_of: int | None = 8, max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Right-pad 1-D examples to the longest (rounded up to a multiple of `pad_to_multiple_of`, capped
     at max_length). Returns (ids (B, L) int64, attention_mask (B, L) bool, or None when nothing is
     padded: the model then takes its mask-free path)."""

@@ -16,9 +16,10 @@ For a raw example of length n (noise density d = 0.15, mean noise span length μ
 gives the raw length whose inputs are exactly `seq_len` long (T5's `random_spans_helper`) and the
 resulting target length; packed examples of that raw length give batches without padding.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,8 +27,9 @@ NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 
 
-def noise_counts(length: int, noise_density: float = NOISE_DENSITY,
-                 mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+def noise_counts(
+    length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> tuple[int, int]:
     """(num_noise_tokens, num_noise_spans) for a raw length, with T5's clamps."""
     length = max(int(length), 2)
     num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
@@ -35,15 +37,17 @@ def noise_counts(length: int, noise_density: float = NOISE_DENSITY,
     return num_noise, num_spans
 
 
-def corrupted_lengths(length: int, noise_density: float = NOISE_DENSITY,
-                      mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+def corrupted_lengths(
+    length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> tuple[int, int]:
     """(input length, target length), EOS included, of a raw example of `length` tokens (length >= 2)."""
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     return length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
-def span_corruption_lengths(inputs_length: int, noise_density: float = NOISE_DENSITY,
-                            mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+def span_corruption_lengths(
+    inputs_length: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> tuple[int, int]:
     """(raw tokens length, target length): the longest raw length whose corrupted input fits in
     `inputs_length` (EOS included), and the target length it gives. E.g. 512 -> (568, 114)."""
     if inputs_length < 3:
@@ -63,15 +67,19 @@ def _random_segmentation(num_items: int, num_segments: int, generator: torch.Gen
     return torch.bincount(first_in_segment.cumsum(0), minlength=num_segments)
 
 
-def random_spans_noise_mask(length: int, generator: torch.Generator, noise_density: float = NOISE_DENSITY,
-                            mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> torch.Tensor:
+def random_spans_noise_mask(
+    length: int,
+    generator: torch.Generator,
+    noise_density: float = NOISE_DENSITY,
+    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+) -> torch.Tensor:
     """bool (length,): True = noise. Alternating non-noise/noise spans, starting with non-noise."""
     orig_length = int(length)
     length = max(orig_length, 2)
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     noise_lengths = _random_segmentation(num_noise, num_spans, generator)
     nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, generator)
-    interleaved = torch.stack([nonnoise_lengths, noise_lengths], 1).reshape(-1)     # (2 · num_spans,)
+    interleaved = torch.stack([nonnoise_lengths, noise_lengths], 1).reshape(-1)  # (2 · num_spans,)
     is_noise = torch.arange(2 * num_spans) % 2 == 1
     return is_noise.repeat_interleave(interleaved)[:orig_length]
 
@@ -87,8 +95,9 @@ def _replace_spans(tokens: torch.Tensor, span_mask: torch.Tensor, sentinels: tor
     return out[~(span_mask & prev)]
 
 
-def corrupt(tokens: torch.Tensor, noise_mask: torch.Tensor, sentinels: torch.Tensor, eos_id: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt(
+    tokens: torch.Tensor, noise_mask: torch.Tensor, sentinels: torch.Tensor, eos_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) of one example: tokens (n,), noise_mask bool (n,), sentinels (S,) ids in order."""
     eos = tokens.new_tensor([eos_id])
     inputs = torch.cat([_replace_spans(tokens, noise_mask, sentinels), eos])
@@ -105,9 +114,17 @@ class SpanCorruptionCollator:
 
     examples: 1-D int64 tensors of raw token ids (no EOS). All randomness comes from `generator`."""
 
-    def __init__(self, sentinel_ids: Sequence[int], *, pad_id: int = 0, eos_id: int = 1,
-                 decoder_start_id: int | None = None, noise_density: float = NOISE_DENSITY,
-                 mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH, pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        sentinel_ids: Sequence[int],
+        *,
+        pad_id: int = 0,
+        eos_id: int = 1,
+        decoder_start_id: int | None = None,
+        noise_density: float = NOISE_DENSITY,
+        mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+        pad_to_multiple_of: int | None = None,
+    ):
         if not 0.0 < noise_density < 1.0:
             raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
         if mean_noise_span_length < 1.0:
@@ -149,5 +166,9 @@ class SpanCorruptionCollator:
         decoder_input_ids = torch.full_like(labels, self.decoder_start_id)
         decoder_input_ids[:, 1:] = labels[:, :-1]
         decoder_input_ids.masked_fill_(decoder_input_ids == -100, self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "decoder_input_ids": decoder_input_ids}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "decoder_input_ids": decoder_input_ids,
+        }

@@ -15,13 +15,14 @@ reads them (UTF-8 or UTF-16 with its mark; binary files refused); an empty targe
 `read_generation_inputs` reads what to generate for: a TSV's inputs (and its targets, when it has
 them) or one input per line of any other file.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -29,10 +30,32 @@ from .corpus import DataError
 from .packing import pad_batch
 from .tsv import _read_text
 
-INPUT_COLUMNS = ("input", "source", "src", "text", "sentence", "document", "article", "question", "prompt", "content",
-                 "description")
-TARGET_COLUMNS = ("target", "output", "tgt", "summary", "headline", "title", "answer", "label", "labels", "class",
-                  "category")
+INPUT_COLUMNS = (
+    "input",
+    "source",
+    "src",
+    "text",
+    "sentence",
+    "document",
+    "article",
+    "question",
+    "prompt",
+    "content",
+    "description",
+)
+TARGET_COLUMNS = (
+    "target",
+    "output",
+    "tgt",
+    "summary",
+    "headline",
+    "title",
+    "answer",
+    "label",
+    "labels",
+    "class",
+    "category",
+)
 
 
 def _tsv_rows(path: str | Path) -> list[list[str]]:
@@ -41,8 +64,11 @@ def _tsv_rows(path: str | Path) -> list[list[str]]:
         raise DataError(f"{path}: no such file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     text = _read_text(p, path)
-    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-            if any(c.strip() for c in r)]
+    rows = [
+        r
+        for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+        if any(c.strip() for c in r)
+    ]
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
@@ -56,8 +82,10 @@ def _columns(path, head: list[str]) -> tuple[int, int] | None:
     if len(head) < 2:
         raise DataError(f"{path}: header row ({', '.join(head)}) names one column; need input<TAB>target")
     tgt_col = next((i for i, h in enumerate(head) if h in TARGET_COLUMNS), len(head) - 1)
-    in_col = next((i for i, h in enumerate(head) if h in INPUT_COLUMNS and i != tgt_col),
-                  next(i for i in range(len(head)) if i != tgt_col))
+    in_col = next(
+        (i for i, h in enumerate(head) if h in INPUT_COLUMNS and i != tgt_col),
+        next(i for i in range(len(head)) if i != tgt_col),
+    )
     return in_col, tgt_col
 
 
@@ -117,8 +145,9 @@ def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | Non
     return inputs, (targets if targets and all(targets) else None)
 
 
-def encode_pairs(tok, inputs: Sequence[str], targets: Sequence[str], *, max_len: int, max_target_len: int,
-                 eos_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def encode_pairs(
+    tok, inputs: Sequence[str], targets: Sequence[str], *, max_len: int, max_target_len: int, eos_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Token ids of each pair, EOS-terminated as T5 encodes both sides: (input (<= max_len,),
     target (<= max_target_len,)) int64, truncated before the EOS."""
     if max_len < 2 or max_target_len < 1:
@@ -127,8 +156,13 @@ def encode_pairs(tok, inputs: Sequence[str], targets: Sequence[str], *, max_len:
         raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
     src = tok.encode_batch(list(inputs), add_special_tokens=False)
     tgt = tok.encode_batch(list(targets), add_special_tokens=False)
-    return [(torch.tensor(s.ids[: max_len - 1] + [eos_id], dtype=torch.int64),
-             torch.tensor(t.ids[: max_target_len - 1] + [eos_id], dtype=torch.int64)) for s, t in zip(src, tgt)]
+    return [
+        (
+            torch.tensor(s.ids[: max_len - 1] + [eos_id], dtype=torch.int64),
+            torch.tensor(t.ids[: max_target_len - 1] + [eos_id], dtype=torch.int64),
+        )
+        for s, t in zip(src, tgt)
+    ]
 
 
 class Seq2SeqCollator:

@@ -3,10 +3,11 @@
 Special tokens and their fixed ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 Saved and loaded as a single `tokenizer.json`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -28,15 +29,19 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = 8192, min_frequency:
     # order, fixes their ids and so makes the merges (and the vocabulary) reproducible. (The trainer
     # puts each of them in the vocabulary anyway, so vocab_size means what it did.)
     seeds = _continuation_symbols(tok, texts)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS + seeds, show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS + seeds, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     # Renumber canonically so the same vocabulary always gets the same ids (specials first, then
     # words, then ##-pieces, sorted), in a fresh Tokenizer so the seeds are not left as added tokens.
     vocab = tok.get_vocab()
     rest = sorted((t for t in vocab if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
-    fresh = Tokenizer(models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]",
-                                       max_input_chars_per_word=100))
+    fresh = Tokenizer(
+        models.WordPiece(
+            {t: i for i, t in enumerate(SPECIAL_TOKENS + rest)}, unk_token="[UNK]", max_input_chars_per_word=100
+        )
+    )
     fresh.normalizer, fresh.pre_tokenizer, fresh.decoder = tok.normalizer, tok.pre_tokenizer, tok.decoder
     fresh.add_special_tokens(SPECIAL_TOKENS)
     tok = fresh
@@ -66,8 +71,9 @@ def tokenizer_from_json(text: str, source: str) -> Tokenizer:
     try:
         return Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
-        raise DataError(f"{source}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+        raise DataError(
+            f"{source}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -81,8 +87,10 @@ def check_wordpiece_specials(tok: Tokenizer, source: str) -> None:
 
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
-            raise DataError(f"{source}: not a WordPiece tokenizer of the mlm objective ({name} should have id {i}, "
-                            f"has {tok.token_to_id(name)})")
+            raise DataError(
+                f"{source}: not a WordPiece tokenizer of the mlm objective ({name} should have id {i}, "
+                f"has {tok.token_to_id(name)})"
+            )
 
 
 def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:

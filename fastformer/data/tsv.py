@@ -9,6 +9,7 @@ Files are UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mar
 bytes and no UTF-16 mark is refused as binary. `read_inputs` reads the texts to predict: a .tsv in
 the same format with the label column optional, any other file one text per non-empty line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,11 @@ def _rows(path) -> list[list[str]]:
         raise DataError(f"{path}: no such file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     text = _read_text(p, path)
-    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-            if any(c.strip() for c in r)]
+    rows = [
+        r
+        for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+        if any(c.strip() for c in r)
+    ]
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
@@ -56,8 +60,10 @@ def _header(rows: list[list[str]]) -> tuple[int | None, int | None] | None:
         return None
     label_col = next((i for i, h in enumerate(head) if h in LABEL_COLUMNS), None)
     # no known text column name (label<TAB>title, ...): the first column that is not the label
-    text_col = next((i for i, h in enumerate(head) if h in TEXT_COLUMNS),
-                    next((i for i in range(len(head)) if i != label_col), None))
+    text_col = next(
+        (i for i, h in enumerate(head) if h in TEXT_COLUMNS),
+        next((i for i in range(len(head)) if i != label_col), None),
+    )
     return text_col, label_col
 
 

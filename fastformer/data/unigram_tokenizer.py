@@ -9,11 +9,12 @@ in T5's released vocabularies). Text is NFKC-normalised, every run of whitespace
 becomes one space, as T5's SentencePiece normaliser does, and words carry the SentencePiece "▁"
 prefix, so decoding restores the spaces (not the newlines).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -35,9 +36,12 @@ def train_unigram(texts: Sequence[str], vocab_size: int = 8000, *, num_sentinels
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size - num_sentinels,
-                                      special_tokens=[PAD_TOKEN, EOS_TOKEN, UNK_TOKEN], unk_token=UNK_TOKEN,
-                                      show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - num_sentinels,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN, UNK_TOKEN],
+        unk_token=UNK_TOKEN,
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
     tok.model = _canonical_model(tok)
     tok.add_special_tokens([sentinel_token(i) for i in reversed(range(num_sentinels))])
@@ -54,7 +58,7 @@ def _canonical_model(tok: Tokenizer) -> models.Unigram:
     same text learn the same pieces but in a different order and with log-probabilities differing in
     the 4th decimal. Pieces are therefore re-numbered in sorted order (special tokens keep ids 0-2)
     and scores rounded to 2 decimals, so a re-run gives the same tokenizer.json in all but rare near-ties."""
-    vocab = json.loads(tok.to_str())["model"]["vocab"]           # [[piece, score], ...]
+    vocab = json.loads(tok.to_str())["model"]["vocab"]  # [[piece, score], ...]
     specials = [PAD_TOKEN, EOS_TOKEN, UNK_TOKEN]
     head = [(p, 0.0) for p in specials]
     pieces = sorted((p, round(float(sc), 2)) for p, sc in vocab if p not in specials)

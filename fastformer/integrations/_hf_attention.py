@@ -19,6 +19,7 @@ Attention: query/key/value arrive as (B, H, L, D) and the function returns ((B, 
 - Anything else that carries a ``position_bias`` (T5 decoding with a cache) folds the bias that
   transformers computed into a float mask, as transformers' own sdpa path does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,15 +29,20 @@ from ..ops import scaled_dot_product_attention, t5_attention, varlen_attention
 NAME = "fastformer"
 
 # Module tags written by the patch (plain attributes: no parameters, no state_dict entries).
-ROLE = "_ff_role"            # "bert_self" | "t5_self" | "t5_cross"
+ROLE = "_ff_role"  # "bert_self" | "t5_self" | "t5_cross"
 BIAS_SOURCE = "_ff_bias_source"  # T5 self-attention: the stack's first-layer T5Attention (owns the table)
-VARLEN = "_ff_varlen"        # BERT self-attention: run unpadded through ff.varlen_attention
+VARLEN = "_ff_varlen"  # BERT self-attention: run unpadded through ff.varlen_attention
 
 
 def _is_key_padding(mask, lk: int) -> bool:
     """True for a (B, 1, 1, Lk) bool mask: padding only, nothing that depends on the query row."""
-    return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
-            and mask.shape[3] == lk)
+    return (
+        mask.dtype == torch.bool
+        and mask.dim() == 4
+        and mask.shape[1] == 1
+        and mask.shape[2] == 1
+        and mask.shape[3] == lk
+    )
 
 
 def _causal_bool(lq: int, lk: int, device) -> torch.Tensor:
@@ -90,14 +96,25 @@ def _varlen_self_attention(query, key, value, keep, dropout: float, scale):
     def pack(t):  # (B, H, L, D) -> (total, H, D)
         return t.transpose(1, 2).reshape(b * length, h, d).index_select(0, idx)
 
-    out = varlen_attention(pack(query), pack(key), pack(value), cu, cu, max_len, max_len,
-                           dropout_p=dropout, scale=scale)
+    out = varlen_attention(
+        pack(query), pack(key), pack(value), cu, cu, max_len, max_len, dropout_p=dropout, scale=scale
+    )
     full = out.new_zeros(b * length, h, d).index_copy(0, idx, out)
     return full.view(b, length, h, d)
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      position_bias=None, is_causal=None, **kwargs):
+def attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    position_bias=None,
+    is_causal=None,
+    **kwargs,
+):
     """transformers attention-interface function.
 
     query: (B, H, Lq, D), key/value: (B, H, Lk, D), attention_mask: None, (B, 1, 1, Lk) bool, or a
@@ -113,11 +130,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
     if role == "t5_self" and plain:
         table = module.__dict__[BIAS_SOURCE].relative_attention_bias.weight
-        out = t5_attention(query, key, value, table, bidirectional=not module.is_decoder,
-                           num_buckets=module.relative_attention_num_buckets,
-                           max_distance=module.relative_attention_max_distance,
-                           attn_mask=attention_mask, is_causal=causal,
-                           scale=1.0 if scaling is None else scaling, dropout_p=dropout)
+        out = t5_attention(
+            query,
+            key,
+            value,
+            table,
+            bidirectional=not module.is_decoder,
+            num_buckets=module.relative_attention_num_buckets,
+            max_distance=module.relative_attention_max_distance,
+            attn_mask=attention_mask,
+            is_causal=causal,
+            scale=1.0 if scaling is None else scaling,
+            dropout_p=dropout,
+        )
         return out.transpose(1, 2).contiguous(), None
 
     if position_bias is not None and role != "t5_cross":
@@ -126,15 +151,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
-    if (role == "bert_self" and module.__dict__.get(VARLEN) and plain and not causal
-            and attention_mask is not None):
+    if role == "bert_self" and module.__dict__.get(VARLEN) and plain and not causal and attention_mask is not None:
         return _varlen_self_attention(query, key, value, attention_mask, dropout, scaling), None
 
     mask, flag = attention_mask, causal and plain
     if flag and mask is not None:  # torch-style SDPA takes a mask or is_causal, not both
         mask, flag = mask & _causal_bool(lq, lk, query.device), False
-    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=flag,
-                                       scale=scaling)
+    out = scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=flag, scale=scaling
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -149,12 +174,14 @@ def mask_forward(*args, **kwargs):
     causal = getattr(mu, "causal_mask_function", None)
     am = kwargs.get("attention_mask")
     q_len, kv_len, batch = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("batch_size")
-    no_offset = all(isinstance(kwargs.get(k, 0), int) and kwargs.get(k, 0) == 0
-                    for k in ("q_offset", "kv_offset"))
+    no_offset = all(isinstance(kwargs.get(k, 0), int) and kwargs.get(k, 0) == 0 for k in ("q_offset", "kv_offset"))
     plain = (
         not args
-        and fn is not None and (fn is bidirectional or (fn is causal and q_len == kv_len))
-        and no_offset and "cache_position" not in kwargs and kwargs.get("local_size") is None
+        and fn is not None
+        and (fn is bidirectional or (fn is causal and q_len == kv_len))
+        and no_offset
+        and "cache_position" not in kwargs
+        and kwargs.get("local_size") is None
         and (am is None or (isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[-1] == kv_len))
     )
     if plain:

@@ -16,6 +16,7 @@ Two pieces, both leaving the model's parameters and state_dict untouched:
   forward without labels, and returns the same output type with ``loss`` filled in. Its signature
   is the original's (``inspect.signature(model.forward)``, which the HF Trainer reads, is unchanged).
 """
+
 from __future__ import annotations
 
 import dataclasses

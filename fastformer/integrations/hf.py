@@ -18,6 +18,7 @@ What the patch changes (weights, module tree and state_dict stay exactly as they
    model was patched with ``keep_logits=True`` or the call asks for ``return_dict=False`` (Hugging
    Face's tuples drop None fields, so the logits are kept to keep the tuple's layout).
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,9 +40,11 @@ SUPPORTED = {
     "T5ForConditionalGeneration": ("t5", "seq2seq"),
     "T5EncoderModel": ("t5", None),
 }
-_MODULES = {"bert": "transformers.models.bert.modeling_bert",
-            "roberta": "transformers.models.roberta.modeling_roberta",
-            "t5": "transformers.models.t5.modeling_t5"}
+_MODULES = {
+    "bert": "transformers.models.bert.modeling_bert",
+    "roberta": "transformers.models.roberta.modeling_roberta",
+    "t5": "transformers.models.t5.modeling_t5",
+}
 
 
 def _supported_base(model):
@@ -53,8 +56,9 @@ def _supported_base(model):
 
 
 def _unsupported(model, why: str) -> ValueError:
-    return ValueError(f"patch_hf_model: {why}. Supported: {', '.join(SUPPORTED)} "
-                      f"(transformers 5.x, encoder BERT/RoBERTa configs).")
+    return ValueError(
+        f"patch_hf_model: {why}. Supported: {', '.join(SUPPORTED)} (transformers 5.x, encoder BERT/RoBERTa configs)."
+    )
 
 
 def _check_interface(model) -> None:
@@ -65,8 +69,11 @@ def _check_interface(model) -> None:
             if "ALL_ATTENTION_FUNCTIONS" not in namespace:
                 import transformers
 
-                raise _unsupported(model, f"{type(module).__name__} in transformers {transformers.__version__} does "
-                                          "not dispatch through the attention-interface registry")
+                raise _unsupported(
+                    model,
+                    f"{type(module).__name__} in transformers {transformers.__version__} does "
+                    "not dispatch through the attention-interface registry",
+                )
             return
 
 
@@ -121,7 +128,7 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
     Raises ValueError for an unsupported model, listing what is supported.
     """
     try:
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401 - the ImportError below names the missing extra
         from transformers import PreTrainedModel
     except ImportError as exc:  # pragma: no cover - transformers is a test extra
         raise ValueError("patch_hf_model needs transformers (pip install transformers)") from exc
@@ -131,8 +138,9 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
     if base is None:
         raise _unsupported(model, f"{type(model).__name__} is not supported")
     family, loss_kind = SUPPORTED[base.__name__]
-    if family == "bert" and (getattr(model.config, "is_decoder", False)
-                             or getattr(model.config, "add_cross_attention", False)):
+    if family == "bert" and (
+        getattr(model.config, "is_decoder", False) or getattr(model.config, "add_cross_attention", False)
+    ):
         raise _unsupported(model, "BERT/RoBERTa decoder configs (is_decoder / add_cross_attention) are not supported")
     _check_interface(model)
 

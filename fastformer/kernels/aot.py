@@ -11,6 +11,7 @@ of pointers and integers, integers equal to 1 made constants, `do_not_specialize
 as a real launch, on the same argument list. The launcher's "meta" tensors become device pointers as
 the CUDA caching allocator hands them out (512-byte aligned) plus each view's offset.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,14 +24,13 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .launch import Launch
 
-ANALYSIS_VERSION = 2         # part of every cache key: bump when `analyze` changes
-ALLOC_BASE = 1 << 21          # any multiple of 512: the caching allocator's block alignment
+ANALYSIS_VERSION = 2  # part of every cache key: bump when `analyze` changes
+ALLOC_BASE = 1 << 21  # any multiple of 512: the caching allocator's block alignment
 MMA_OPS = ("HGMMA", "HMMA", "IMMA", "QGMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA")
 
 # per-SM limits for the occupancy estimate: (registers, shared bytes usable by blocks, threads, blocks,
@@ -125,11 +125,16 @@ def build_key(item: Launch, arch: int) -> tuple[dict, str]:
         item.kernel.warmup(*device_args(item.args), grid=item.grid, **item.kwargs)
     comp = seen["compile"]
     data = json.loads(comp["specialization_data"])
-    h = hashlib.sha256("|".join([str(ANALYSIS_VERSION), triton_version(), str(arch), seen["fn"].cache_key,
-                                 str(seen["key"])]).encode()).hexdigest()[:24]
-    spec = {"signature": data["signature"], "attrs": dict(zip(map(str, data["attrs_keys"]), data["attrs_vals"])),
-            "constants": dict(zip(map(str, data["constant_keys"]), map(str, data["constant_vals"]))),
-            "num_warps": comp["num_warps"], "num_stages": comp["num_stages"]}
+    h = hashlib.sha256(
+        "|".join([str(ANALYSIS_VERSION), triton_version(), str(arch), seen["fn"].cache_key, str(seen["key"])]).encode()
+    ).hexdigest()[:24]
+    spec = {
+        "signature": data["signature"],
+        "attrs": dict(zip(map(str, data["attrs_keys"]), data["attrs_vals"])),
+        "constants": dict(zip(map(str, data["constant_keys"]), map(str, data["constant_vals"]))),
+        "num_warps": comp["num_warps"],
+        "num_stages": comp["num_stages"],
+    }
     return spec, h
 
 
@@ -149,14 +154,18 @@ def compile_launch(item: Launch, arch: int):
     from triton import knobs
 
     out = io.StringIO()
-    with _target(arch), _knob(knobs.compilation, "always_compile", True), \
-            _knob(knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(out):
+    with (
+        _target(arch),
+        _knob(knobs.compilation, "always_compile", True),
+        _knob(knobs.nvidia, "dump_ptxas_log", True),
+        contextlib.redirect_stdout(out),
+    ):
         item.kernel.device_caches.pop(arch, None)
         compiled = item.kernel.warmup(*device_args(item.args), grid=item.grid, **item.kwargs)
     return compiled, out.getvalue()
 
 
-def build(item: Launch, arch: int, cache: Optional[Path] = None) -> dict:
+def build(item: Launch, arch: int, cache: Path | None = None) -> dict:
     """Compile the launch for sm_<arch> exactly as the runtime would and read off its facts
     (`analyze`). cache: a folder of earlier results, keyed by Triton version, arch, the kernel's source
     hash (with every function it calls) and the specialization."""
@@ -186,12 +195,20 @@ def _specialization_summary(spec: dict, declared: set) -> dict:
     """Which runtime arguments Triton specialised on: 16-divisible ('D') and integers equal to 1 made
     compile-time constants (declared tl.constexpr parameters are not listed)."""
     names = list(spec["signature"])
-    div16 = [names[int(k.strip("[]()").split(",")[0])] for k, v in spec["attrs"].items()
-             if v and "tt.divisibility" in str(v)]
-    ones = [names[int(k.strip("[]()").split(",")[0])] for k, v in spec["constants"].items()
-            if v == "1" and names[int(k.strip("[]()").split(",")[0])] not in declared]
-    return {"divisible_by_16": div16, "equal_to_1": ones, "num_warps": spec["num_warps"],
-            "num_stages": spec["num_stages"]}
+    div16 = [
+        names[int(k.strip("[]()").split(",")[0])] for k, v in spec["attrs"].items() if v and "tt.divisibility" in str(v)
+    ]
+    ones = [
+        names[int(k.strip("[]()").split(",")[0])]
+        for k, v in spec["constants"].items()
+        if v == "1" and names[int(k.strip("[]()").split(",")[0])] not in declared
+    ]
+    return {
+        "divisible_by_16": div16,
+        "equal_to_1": ones,
+        "num_warps": spec["num_warps"],
+        "num_stages": spec["num_stages"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +256,9 @@ def disassemble(cubin: bytes) -> str:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True,
-                              timeout=300).stdout
+        return subprocess.run(
+            [_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True, timeout=300
+        ).stdout
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -248,8 +266,9 @@ def resource_usage(cubin: bytes) -> dict:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        text = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
-                              check=True, timeout=300).stdout
+        text = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True, timeout=300
+        ).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if not m:
         return {}
@@ -303,10 +322,10 @@ def sass_cfg(instrs: list, labels: dict) -> dict:
         return {"blocks": [], "succ": [], "dom": [], "loops": []}
     addr_index = {a: i for i, (a, *_r) in enumerate(instrs)}
     starts = {0}
-    for i, (a, op, pred, body) in enumerate(instrs):
+    for i, (_a, op, _pred, _body) in enumerate(instrs):
         if op.startswith(("BRA", "EXIT", "RET", "BRX", "JMX", "JMP")) and i + 1 < len(instrs):
             starts.add(i + 1)
-    for name, a in labels.items():
+    for a in labels.values():
         if a in addr_index:
             starts.add(addr_index[a])
     starts = sorted(starts)
@@ -357,8 +376,12 @@ def sass_cfg(instrs: list, labels: dict) -> dict:
                     if y not in body:
                         body.add(y)
                         stack.extend(pred_of[y])
-    return {"blocks": blocks, "succ": succ, "dom": dom,
-            "loops": [{"header": h, "blocks": body} for h, body in sorted(loops.items())]}
+    return {
+        "blocks": blocks,
+        "succ": succ,
+        "dom": dom,
+        "loops": [{"header": h, "blocks": body} for h, body in sorted(loops.items())],
+    }
 
 
 def heaviest_path(cfg: dict, loop: dict, weight) -> int:
@@ -399,7 +422,7 @@ def ttgir_loops(ttgir: str) -> list[dict]:
     """Every scf.for of the TTGIR with the dot operations directly in it (nested loops excluded) and
     whether it holds another loop: [{"dots": n, "inner": bool}] in program order."""
     dot = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma|tt\.dot_scaled)(?![\w_])")
-    stack: list = []       # per open region: index into loops, or None
+    stack: list = []  # per open region: index into loops, or None
     loops: list = []
     for line in ttgir.splitlines():
         s = line.strip()
@@ -427,7 +450,7 @@ def ttgir_loops(ttgir: str) -> list[dict]:
     return loops
 
 
-def ttgir_compute_warps(ttgir: str) -> Optional[int]:
+def ttgir_compute_warps(ttgir: str) -> int | None:
     """Warps of the warp-specialised regions that hold the GEMMs (the consumers), or None when the
     kernel is not warp specialised. A region is the `default {` block (the module's num-warps) or a
     `partitionN(...) num_warps(W) {` block of `ttg.warp_specialize`."""
@@ -437,7 +460,7 @@ def ttgir_compute_warps(ttgir: str) -> Optional[int]:
     default_warps = int(m.group(1)) if m else 0
     dot = re.compile(r"=\s*(tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma)(?![\w_])")
     head = re.compile(r"^(\s*)(default \{|partition\d+\(.*\) num_warps\((\d+)\) \{)\s*$")
-    total, region = 0, None   # region: [indent, warps, has_dot]
+    total, region = 0, None  # region: [indent, warps, has_dot]
     for line in ttgir.splitlines():
         if region is None:
             hm = head.match(line)
@@ -452,7 +475,7 @@ def ttgir_compute_warps(ttgir: str) -> Optional[int]:
     return total or None
 
 
-def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> Optional[int]:
+def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> int | None:
     """Resident blocks per SM from registers (allocated per warp in units of 256), shared memory
     (plus the system's reserve per block) and threads, as CUDA's occupancy calculator counts them."""
     lim = ARCH_LIMITS.get(arch)
@@ -504,7 +527,7 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
     tile = [lp for lp in with_work if not any(o is not lp and o["blocks"] < lp["blocks"] for o in with_work)]
     # the main loop: the tile loop with the shortest iteration (the unmasked steady state)
     main = min(tile, key=lambda lp: per_iter(lp, ("",))) if tile else None
-    counted = with_work if stream else tile   # stream loops: with the row loop around them
+    counted = with_work if stream else tile  # stream loops: with the row loop around them
     in_tiles = sorted({i for lp in counted for blk in lp["blocks"] for i in blocks[blk]})
     all_idx = range(len(instrs))
     ttg = asm.get("ttgir", "")
@@ -543,8 +566,11 @@ def analyze(compiled, ptxas_log: str, item: Launch, arch: int) -> dict:
         "main_loop_instructions": per_iter(main, ("",)) if main else None,
         "sass_instructions": len(instrs),
         "wide_global_loads": sum(1 for i in all_idx if instrs[i][1].startswith("LDG") and ".128" in instrs[i][1]),
-        "narrow_global_loads": sum(1 for i in all_idx if instrs[i][1].startswith("LDG.E")
-                                   and not any(w in instrs[i][1] for w in (".64", ".128"))),
+        "narrow_global_loads": sum(
+            1
+            for i in all_idx
+            if instrs[i][1].startswith("LDG.E") and not any(w in instrs[i][1] for w in (".64", ".128"))
+        ),
     }
     if stream:
         result["loop_tma_loads"] = sum(1 for i in in_tiles if instrs[i][1].startswith(("UTMALDG", "UBLKCP")))

@@ -43,6 +43,7 @@ This file holds only `@triton.jit` code. The host side (argument lists, tile con
 tuning, `attention_forward` / `attention_backward`) is `attention_launch.py`, which knows nothing of
 autograd either: it takes and returns tensors.
 """
+
 from __future__ import annotations
 
 import triton
@@ -83,10 +84,30 @@ def _t5_tile_kind(m0, n0, brd_h, SAT_L, SAT_R, RD_MAX, QOFF, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _score_tile(s, om, on, q_len, k_len, b, h, qk_scale,
-                M, s_mb, s_mh, s_mm, s_mn,
-                brd_h, t5_far, t5_c, RD_MAX, QOFF,
-                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, MASKED: tl.constexpr):
+def _score_tile(
+    s,
+    om,
+    on,
+    q_len,
+    k_len,
+    b,
+    h,
+    qk_scale,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    brd_h,
+    t5_far,
+    t5_c,
+    RD_MAX,
+    QOFF,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """The dot products s of one tile -> scores in log2 units, -inf where a key is not visible.
     om / on: query rows and key columns, shaped to broadcast to s ((BM, 1), (1, BN) for S = Q·Kᵀ;
     (1, BM), (BN, 1) for Sᵀ = K·Qᵀ), so one body serves both layouts.
@@ -149,8 +170,9 @@ def _head_dim_mask(D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _key_block_bounds(m0, k_len, QOFF, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def _key_block_bounds(
+    m0, k_len, QOFF, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """(full_hi, hi): the keys the query block [m0, m0 + BLOCK_M) visits. Keys from hi on are never
     visible (past the length or, causal, past the block's last row + QOFF); key blocks below full_hi lie
     wholly inside the length and below the causal diagonal, so they run without per-element masking
@@ -167,8 +189,16 @@ def _key_block_bounds(m0, k_len, QOFF, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.co
 
 
 @triton.jit
-def _query_block_bounds(n0, q_len, k_len, QOFF, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_block_bounds(
+    n0,
+    q_len,
+    k_len,
+    QOFF,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """(lo, full_lo): the query blocks the key block [n0, n0 + BLOCK_N) is visible to start at lo
     (causal: earlier rows cannot see these keys); blocks from full_lo on see every key of the block
     and run without per-element masking (rows past q_len get P = 0 from lse = +inf). The set of
@@ -190,12 +220,50 @@ def _query_block_bounds(n0, q_len, k_len, QOFF, IS_CAUSAL: tl.constexpr, MASK_KI
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
-              q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-              brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr,
-              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_src,
+    v_src,
+    s_kn,
+    s_vn,
+    m0,
+    n0,
+    offs_m,
+    offs_n0,
+    offs_d,
+    d_ok,
+    q_len,
+    k_len,
+    b,
+    h,
+    bh,
+    qk_scale,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    brd_h,
+    RD_MAX,
+    SAT_L,
+    SAT_R,
+    QOFF,
+    seed,
+    rng_stride,
+    dropout_p,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
+    PREC: tl.constexpr,
+    TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One key block of the forward: scores, online-softmax update, acc += P V. k_src / v_src: tensor
     descriptors (TMA: rows past the length and columns past D arrive as zeros) or base pointers."""
     offs_n = n0 + offs_n0
@@ -211,9 +279,30 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, s_kn, s_vn, m0, n0, offs_m, offs_n
         else:
             kv_mask = d_ok[None, :]
         k = tl.load(k_src + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = _score_tile(tl.dot(q, tl.trans(k), input_precision=PREC), offs_m[:, None], offs_n[None, :], q_len, k_len,
-                    b, h, qk_scale, M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_far, t5_c, RD_MAX, QOFF,
-                    IS_CAUSAL, MASK_KIND, HAS_T5, MASKED)
+    s = _score_tile(
+        tl.dot(q, tl.trans(k), input_precision=PREC),
+        offs_m[:, None],
+        offs_n[None, :],
+        q_len,
+        k_len,
+        b,
+        h,
+        qk_scale,
+        M,
+        s_mb,
+        s_mh,
+        s_mm,
+        s_mn,
+        brd_h,
+        t5_far,
+        t5_c,
+        RD_MAX,
+        QOFF,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_T5,
+        MASKED,
+    )
     # a row that has seen no visible key yet keeps m = -inf: use 0 as its exponent base
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -233,16 +322,65 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, s_kn, s_vn, m0, n0, offs_m, offs_n
 
 @triton.jit(do_not_specialize=["seed", "QOFF"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
-    CU_Q, CU_K, KLEN,
-    M, s_mb, s_mh, s_mm, s_mn,
-    BRD, s_brd, ZPTS, ZW, RD_MAX, SAT_L, SAT_R, BK_L, BK_R, QOFF,
-    seed, rng_stride, dropout_p,
-    H, GROUP, Lq, Lk, D, qk_scale,
-    IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_T5: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
-    WS_MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_ob,
+    s_oh,
+    s_om,
+    s_lb,
+    s_lh,
+    CU_Q,
+    CU_K,
+    KLEN,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    BRD,
+    s_brd,
+    ZPTS,
+    ZW,
+    RD_MAX,
+    SAT_L,
+    SAT_R,
+    BK_L,
+    BK_R,
+    QOFF,
+    seed,
+    rng_stride,
+    dropout_p,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    qk_scale,
+    IS_VARLEN: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
+    WS_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
     # 1. which (query block, batch, head) this program owns, and that sequence's bounds
@@ -277,8 +415,9 @@ def _attn_fwd_kernel(
     else:
         k_src = k_base
         v_src = v_base
-        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :],
-                    other=0.0)
+        q = tl.load(
+            q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0
+        )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -292,23 +431,142 @@ def _attn_fwd_kernel(
         # otherwise; a block past this sequence's queries visits no key and its stores fall outside
         # the descriptor / LSE mask (no early return: it would leave the structured control flow)
         for n0 in tl.range(0, tl.where(m0 < q_len, hi, 0), BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d,
-                                      d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                      brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-                                      IS_CAUSAL, MASK_KIND, HAS_T5, DROPOUT, WS_MASKED, PREC, TMA,
-                                      BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_src,
+                v_src,
+                s_kn,
+                s_vn,
+                m0,
+                n0,
+                offs_m,
+                offs_n0,
+                offs_d,
+                d_ok,
+                q_len,
+                k_len,
+                b,
+                h,
+                pid_bh,
+                qk_scale,
+                M,
+                s_mb,
+                s_mh,
+                s_mm,
+                s_mn,
+                brd_h,
+                RD_MAX,
+                SAT_L,
+                SAT_R,
+                QOFF,
+                seed,
+                rng_stride,
+                dropout_p,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_T5,
+                DROPOUT,
+                WS_MASKED,
+                PREC,
+                TMA,
+                BLOCK_M,
+                BLOCK_N,
+            )
     else:
         # blocks wholly inside the length and below the diagonal run without per-element masking
         for n0 in range(0, full_hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d,
-                                      d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                      brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-                                      IS_CAUSAL, MASK_KIND, HAS_T5, DROPOUT, False, PREC, TMA, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_src,
+                v_src,
+                s_kn,
+                s_vn,
+                m0,
+                n0,
+                offs_m,
+                offs_n0,
+                offs_d,
+                d_ok,
+                q_len,
+                k_len,
+                b,
+                h,
+                pid_bh,
+                qk_scale,
+                M,
+                s_mb,
+                s_mh,
+                s_mm,
+                s_mn,
+                brd_h,
+                RD_MAX,
+                SAT_L,
+                SAT_R,
+                QOFF,
+                seed,
+                rng_stride,
+                dropout_p,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_T5,
+                DROPOUT,
+                False,
+                PREC,
+                TMA,
+                BLOCK_M,
+                BLOCK_N,
+            )
         for n0 in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_src, v_src, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d,
-                                      d_ok, q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                      brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-                                      IS_CAUSAL, MASK_KIND, HAS_T5, DROPOUT, True, PREC, TMA, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_src,
+                v_src,
+                s_kn,
+                s_vn,
+                m0,
+                n0,
+                offs_m,
+                offs_n0,
+                offs_d,
+                d_ok,
+                q_len,
+                k_len,
+                b,
+                h,
+                pid_bh,
+                qk_scale,
+                M,
+                s_mb,
+                s_mh,
+                s_mm,
+                s_mn,
+                brd_h,
+                RD_MAX,
+                SAT_L,
+                SAT_R,
+                QOFF,
+                seed,
+                rng_stride,
+                dropout_p,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_T5,
+                DROPOUT,
+                True,
+                PREC,
+                TMA,
+                BLOCK_M,
+                BLOCK_N,
+            )
 
     # 4. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
     empty = l_i == 0.0
@@ -330,9 +588,24 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA, s_ob, s_oh, s_om, s_db, s_dh, s_dm, s_lb, s_lh,
-    CU_Q, H, Lq, D,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    s_ob,
+    s_oh,
+    s_om,
+    s_db,
+    s_dh,
+    s_dm,
+    s_lb,
+    s_lh,
+    CU_Q,
+    H,
+    Lq,
+    D,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Delta_i = Σ_d dO_id · O_id, the row term of softmax's backward
     pid_m = tl.program_id(0)
@@ -381,21 +654,75 @@ def _release_turn(sem, step):
 
 
 @triton.jit
-def _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_base, a_base, s_qm, s_om, s_am,
-              m0, offs_m0, n0, offs_n, offs_d, d_ok, q_len, k_len, b, h, bh, qk_scale,
-              M, s_mb, s_mh, s_mm, s_mn, brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-              sem_row, n_idx, DM, s_dmb, s_dmh, s_dmm,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_T5: tl.constexpr, T5_GRAD: tl.constexpr,
-              DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr, COMPUTE_DQ: tl.constexpr,
-              MASK_GRAD: tl.constexpr, SPIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_tile(
+    dk,
+    dv,
+    dt,
+    far_l,
+    far_r,
+    zpts,
+    k,
+    v,
+    q_base,
+    do_base,
+    l_base,
+    d_base,
+    a_base,
+    s_qm,
+    s_om,
+    s_am,
+    m0,
+    offs_m0,
+    n0,
+    offs_n,
+    offs_d,
+    d_ok,
+    q_len,
+    k_len,
+    b,
+    h,
+    bh,
+    qk_scale,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    brd_h,
+    RD_MAX,
+    SAT_L,
+    SAT_R,
+    QOFF,
+    seed,
+    rng_stride,
+    dropout_p,
+    sem_row,
+    n_idx,
+    DM,
+    s_dmb,
+    s_dmh,
+    s_dmm,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    T5_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
+    PREC: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
+    SPIN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One query block against the program's key block, in the transposed layout (keys are rows):
     Sᵀ = K·Qᵀ, Pᵀ from the saved lse, dPᵀ = V·dOᵀ, dV += Pᵀ_drop·dO, dSᵀ = Pᵀ∘(dPᵀ − Delta),
     dK += dSᵀ·Q, and with COMPUTE_DQ dQ += dS·K into the fp32 buffer in key-block order. The T5 table's
     gradient: a far tile adds Σ dS to far_l or far_r (its one bucket), a near tile adds to dt (NZ,) its
     Σ dS below each change point of the bucket function."""
     offs_m = m0 + offs_m0
-    om = offs_m[None, :]   # queries along the columns
-    on = offs_n[:, None]   # keys along the rows
+    om = offs_m[None, :]  # queries along the columns
+    on = offs_n[:, None]  # keys along the rows
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
     q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * s_om + offs_d[None, :], mask=q_mask, other=0.0)
@@ -407,8 +734,30 @@ def _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_b
     t5_c = 0.0
     if HAS_T5:
         t5_far, far_left, t5_c = _t5_tile_kind(m0, n0, brd_h, SAT_L, SAT_R, RD_MAX, QOFF, BLOCK_M, BLOCK_N)
-    sT = _score_tile(tl.dot(k, tl.trans(q), input_precision=PREC), om, on, q_len, k_len, b, h, qk_scale,
-                     M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_far, t5_c, RD_MAX, QOFF, IS_CAUSAL, MASK_KIND, HAS_T5, MASKED)
+    sT = _score_tile(
+        tl.dot(k, tl.trans(q), input_precision=PREC),
+        om,
+        on,
+        q_len,
+        k_len,
+        b,
+        h,
+        qk_scale,
+        M,
+        s_mb,
+        s_mh,
+        s_mm,
+        s_mn,
+        brd_h,
+        t5_far,
+        t5_c,
+        RD_MAX,
+        QOFF,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_T5,
+        MASKED,
+    )
     pT = tl.exp2(sT - lse[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     if DROPOUT:
@@ -431,8 +780,11 @@ def _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_b
     if MASK_GRAD:
         # the float mask's gradient is dS itself (full-size buffer, reduced over broadcast dims by
         # the caller)
-        tl.store(DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + om * s_dmm + on, dsT,
-                 mask=(om < q_len) & (on < k_len))
+        tl.store(
+            DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + om * s_dmm + on,
+            dsT,
+            mask=(om < q_len) & (on < k_len),
+        )
     if T5_GRAD:
         if t5_far:
             tot = tl.sum(tl.sum(dsT, 1), 0)
@@ -444,7 +796,7 @@ def _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_b
             # (a gather inside the column). The caller turns these into per-bucket sums with a fixed ±1
             # matrix.
             pre = tl.cumsum(dsT, 0)
-            row = zpts[:, None] - (n0 - m0 - QOFF) + offs_m0[None, :] - 1   # (NZ, BM): last key row before z
+            row = zpts[:, None] - (n0 - m0 - QOFF) + offs_m0[None, :] - 1  # (NZ, BM): last key row before z
             g = tl.gather(pre, tl.minimum(tl.maximum(row, 0), BLOCK_N - 1), 0)
             dt += tl.sum(tl.where(row >= 0, g, 0.0), 1)
     return dk, dv, dt, far_l, far_r
@@ -452,18 +804,95 @@ def _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base, d_b
 
 @triton.jit(do_not_specialize=["seed", "QOFF"])
 def _attn_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQA, SEM, DT, DM,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
-    s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_ab, s_ah, s_am, s_dtb, s_dth, s_dtn, s_dmb, s_dmh, s_dmm,
-    CU_Q, CU_K, KLEN,
-    M, s_mb, s_mh, s_mm, s_mn,
-    BRD, s_brd, ZPTS, ZW, RD_MAX, SAT_L, SAT_R, BK_L, BK_R, QOFF,
-    seed, rng_stride, dropout_p,
-    H, HK, GROUP, Lq, Lk, D, qk_scale, sm_scale, n_kblk, n_qblk,
-    IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_T5: tl.constexpr, T5_GRAD: tl.constexpr, NB_PAD: tl.constexpr, T5_NZ: tl.constexpr,
-    DROPOUT: tl.constexpr, PREC: tl.constexpr, COMPUTE_DQ: tl.constexpr, MASK_GRAD: tl.constexpr,
-    SPIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DQA,
+    SEM,
+    DT,
+    DM,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_ob,
+    s_oh,
+    s_om,
+    s_lb,
+    s_lh,
+    s_dkb,
+    s_dkh,
+    s_dkn,
+    s_dvb,
+    s_dvh,
+    s_dvn,
+    s_ab,
+    s_ah,
+    s_am,
+    s_dtb,
+    s_dth,
+    s_dtn,
+    s_dmb,
+    s_dmh,
+    s_dmm,
+    CU_Q,
+    CU_K,
+    KLEN,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    BRD,
+    s_brd,
+    ZPTS,
+    ZW,
+    RD_MAX,
+    SAT_L,
+    SAT_R,
+    BK_L,
+    BK_R,
+    QOFF,
+    seed,
+    rng_stride,
+    dropout_p,
+    H,
+    HK,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    qk_scale,
+    sm_scale,
+    n_kblk,
+    n_qblk,
+    IS_VARLEN: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    T5_GRAD: tl.constexpr,
+    NB_PAD: tl.constexpr,
+    T5_NZ: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
+    SPIN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     # 1. this program owns one key block of one (batch, kv head); it loops over the GQA group's query
     #    heads and over query blocks, so dK/dV are summed in registers. With dQ, the work is taken by
@@ -488,10 +917,16 @@ def _attn_bwd_kernel(
     d_ok = _head_dim_mask(D, BLOCK_D, EVEN_D)
     b64 = b.to(tl.int64)
     kv_mask = (offs_n[:, None] < k_len) & d_ok[None, :]
-    k = tl.load(K + b64 * s_kb + hk.to(tl.int64) * s_kh + (k_start + offs_n)[:, None].to(tl.int64) * s_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * s_vb + hk.to(tl.int64) * s_vh + (k_start + offs_n)[:, None].to(tl.int64) * s_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + b64 * s_kb + hk.to(tl.int64) * s_kh + (k_start + offs_n)[:, None].to(tl.int64) * s_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b64 * s_vb + hk.to(tl.int64) * s_vh + (k_start + offs_n)[:, None].to(tl.int64) * s_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     nb_idx = tl.arange(0, NB_PAD)
@@ -513,24 +948,132 @@ def _attn_bwd_kernel(
         sem_row = SEM + 1 + bh.to(tl.int64) * n_qblk  # this head's per-query-block dQ counters
         brd_h = BRD + h * s_brd  # T5: this head's bias per clamped relative position (unused otherwise)
         dt = tl.zeros([T5_NZ], tl.float32)  # T5 near tiles: Σ dS below each change point
-        far_l = 0.0                         # T5 far tiles: Σ dS of the far-left / far-right bucket
+        far_l = 0.0  # T5 far tiles: Σ dS of the far-left / far-right bucket
         far_r = 0.0
         for m0 in range(lo, full_lo, BLOCK_M):
-            dk, dv, dt, far_l, far_r = _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base,
-                                                 d_base, a_base, s_qm, s_om, s_am, m0, offs_m0, n0, offs_n, offs_d,
-                                                 d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                                 brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-                                                 sem_row, pid_n, DM, s_dmb, s_dmh, s_dmm,
-                                                 IS_CAUSAL, MASK_KIND, HAS_T5, T5_GRAD, DROPOUT, True, PREC,
-                                                 COMPUTE_DQ, MASK_GRAD, SPIN, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far_l, far_r = _bwd_tile(
+                dk,
+                dv,
+                dt,
+                far_l,
+                far_r,
+                zpts,
+                k,
+                v,
+                q_base,
+                do_base,
+                l_base,
+                d_base,
+                a_base,
+                s_qm,
+                s_om,
+                s_am,
+                m0,
+                offs_m0,
+                n0,
+                offs_n,
+                offs_d,
+                d_ok,
+                q_len,
+                k_len,
+                b,
+                h,
+                bh,
+                qk_scale,
+                M,
+                s_mb,
+                s_mh,
+                s_mm,
+                s_mn,
+                brd_h,
+                RD_MAX,
+                SAT_L,
+                SAT_R,
+                QOFF,
+                seed,
+                rng_stride,
+                dropout_p,
+                sem_row,
+                pid_n,
+                DM,
+                s_dmb,
+                s_dmh,
+                s_dmm,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_T5,
+                T5_GRAD,
+                DROPOUT,
+                True,
+                PREC,
+                COMPUTE_DQ,
+                MASK_GRAD,
+                SPIN,
+                BLOCK_M,
+                BLOCK_N,
+            )
         for m0 in range(full_lo, q_len, BLOCK_M):
-            dk, dv, dt, far_l, far_r = _bwd_tile(dk, dv, dt, far_l, far_r, zpts, k, v, q_base, do_base, l_base,
-                                                 d_base, a_base, s_qm, s_om, s_am, m0, offs_m0, n0, offs_n, offs_d,
-                                                 d_ok, q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                                                 brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p,
-                                                 sem_row, pid_n, DM, s_dmb, s_dmh, s_dmm,
-                                                 IS_CAUSAL, MASK_KIND, HAS_T5, T5_GRAD, DROPOUT, False, PREC,
-                                                 COMPUTE_DQ, MASK_GRAD, SPIN, BLOCK_M, BLOCK_N)
+            dk, dv, dt, far_l, far_r = _bwd_tile(
+                dk,
+                dv,
+                dt,
+                far_l,
+                far_r,
+                zpts,
+                k,
+                v,
+                q_base,
+                do_base,
+                l_base,
+                d_base,
+                a_base,
+                s_qm,
+                s_om,
+                s_am,
+                m0,
+                offs_m0,
+                n0,
+                offs_n,
+                offs_d,
+                d_ok,
+                q_len,
+                k_len,
+                b,
+                h,
+                bh,
+                qk_scale,
+                M,
+                s_mb,
+                s_mh,
+                s_mm,
+                s_mn,
+                brd_h,
+                RD_MAX,
+                SAT_L,
+                SAT_R,
+                QOFF,
+                seed,
+                rng_stride,
+                dropout_p,
+                sem_row,
+                pid_n,
+                DM,
+                s_dmb,
+                s_dmh,
+                s_dmm,
+                IS_CAUSAL,
+                MASK_KIND,
+                HAS_T5,
+                T5_GRAD,
+                DROPOUT,
+                False,
+                PREC,
+                COMPUTE_DQ,
+                MASK_GRAD,
+                SPIN,
+                BLOCK_M,
+                BLOCK_N,
+            )
         if T5_GRAD:
             # per bucket: near tiles through the change-point weights, far tiles into their one bucket
             zw = tl.load(ZW + tl.arange(0, T5_NZ)[:, None] * NB_PAD + nb_idx[None, :])
@@ -538,10 +1081,16 @@ def _attn_bwd_kernel(
             dtb += tl.where(nb_idx == BK_L, far_l, 0.0) + tl.where(nb_idx == BK_R, far_r, 0.0)
             tl.store(DT + b64 * s_dtb + h.to(tl.int64) * s_dth + pid_n * s_dtn + nb_idx, dtb)
     # 3. write dK (scale folded back in) and dV of this key block
-    tl.store(DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn
-             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + (k_start + offs_n)[:, None].to(tl.int64) * s_dvn
-             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK + b64 * s_dkb + hk.to(tl.int64) * s_dkh + (k_start + offs_n)[:, None].to(tl.int64) * s_dkn + offs_d[None, :],
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b64 * s_dvb + hk.to(tl.int64) * s_dvh + (k_start + offs_n)[:, None].to(tl.int64) * s_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
@@ -553,12 +1102,55 @@ def _dq_finish_kernel(DQA, DQ, n, sm_scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
-             q_len, k_len, b, h, bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-             brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr,
-             DROPOUT: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    s_kn,
+    s_vn,
+    m0,
+    n0,
+    offs_m,
+    offs_n0,
+    offs_d,
+    d_ok,
+    q_len,
+    k_len,
+    b,
+    h,
+    bh,
+    qk_scale,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    brd_h,
+    RD_MAX,
+    SAT_L,
+    SAT_R,
+    QOFF,
+    seed,
+    rng_stride,
+    dropout_p,
+    DM,
+    s_dmb,
+    s_dmh,
+    s_dmm,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One key block of the query-stationary dQ pass: recompute P, dP, dS; dQ += dS K."""
     offs_n = n0 + offs_n0
     if MASKED:
@@ -573,8 +1165,30 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, 
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     om = offs_m[:, None]
     on = offs_n[None, :]
-    s = _score_tile(tl.dot(q, tl.trans(k), input_precision=PREC), om, on, q_len, k_len, b, h, qk_scale,
-                    M, s_mb, s_mh, s_mm, s_mn, brd_h, t5_far, t5_c, RD_MAX, QOFF, IS_CAUSAL, MASK_KIND, HAS_T5, MASKED)
+    s = _score_tile(
+        tl.dot(q, tl.trans(k), input_precision=PREC),
+        om,
+        on,
+        q_len,
+        k_len,
+        b,
+        h,
+        qk_scale,
+        M,
+        s_mb,
+        s_mh,
+        s_mm,
+        s_mn,
+        brd_h,
+        t5_far,
+        t5_c,
+        RD_MAX,
+        QOFF,
+        IS_CAUSAL,
+        MASK_KIND,
+        HAS_T5,
+        MASKED,
+    )
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
@@ -583,24 +1197,82 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, 
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     if MASK_GRAD:
-        tl.store(DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + om * s_dmm + on, ds,
-                 mask=(om < q_len) & (on < k_len))
+        tl.store(
+            DM + b.to(tl.int64) * s_dmb + h.to(tl.int64) * s_dmh + om * s_dmm + on, ds, mask=(om < q_len) & (on < k_len)
+        )
     return dq
 
 
 @triton.jit(do_not_specialize=["seed", "QOFF"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DM,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_lb, s_lh,
-    s_dqb, s_dqh, s_dqm, s_dmb, s_dmh, s_dmm,
-    CU_Q, CU_K, KLEN,
-    M, s_mb, s_mh, s_mm, s_mn,
-    BRD, s_brd, ZPTS, ZW, RD_MAX, SAT_L, SAT_R, BK_L, BK_R, QOFF,
-    seed, rng_stride, dropout_p,
-    H, GROUP, Lq, Lk, D, qk_scale, sm_scale,
-    IS_VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    MASK_GRAD: tl.constexpr, HAS_T5: tl.constexpr, DROPOUT: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DM,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_ob,
+    s_oh,
+    s_om,
+    s_lb,
+    s_lh,
+    s_dqb,
+    s_dqh,
+    s_dqm,
+    s_dmb,
+    s_dmh,
+    s_dmm,
+    CU_Q,
+    CU_K,
+    KLEN,
+    M,
+    s_mb,
+    s_mh,
+    s_mm,
+    s_mn,
+    BRD,
+    s_brd,
+    ZPTS,
+    ZW,
+    RD_MAX,
+    SAT_L,
+    SAT_R,
+    BK_L,
+    BK_R,
+    QOFF,
+    seed,
+    rng_stride,
+    dropout_p,
+    H,
+    GROUP,
+    Lq,
+    Lk,
+    D,
+    qk_scale,
+    sm_scale,
+    IS_VARLEN: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
+    HAS_T5: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     # 1. this program owns one query block of one (batch, head) and loops over the key blocks
     pid_m = tl.program_id(0)
@@ -631,22 +1303,114 @@ def _attn_bwd_dq_kernel(
     full_hi, hi = _key_block_bounds(m0, k_len, QOFF, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     brd_h = BRD + h * s_brd  # T5: this head's bias per clamped relative position (unused otherwise)
     for n0 in range(0, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
-                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                      brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, DROPOUT, False, PREC, BLOCK_M, BLOCK_N)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            s_kn,
+            s_vn,
+            m0,
+            n0,
+            offs_m,
+            offs_n0,
+            offs_d,
+            d_ok,
+            q_len,
+            k_len,
+            b,
+            h,
+            pid_bh,
+            qk_scale,
+            M,
+            s_mb,
+            s_mh,
+            s_mm,
+            s_mn,
+            brd_h,
+            RD_MAX,
+            SAT_L,
+            SAT_R,
+            QOFF,
+            seed,
+            rng_stride,
+            dropout_p,
+            DM,
+            s_dmb,
+            s_dmh,
+            s_dmm,
+            IS_CAUSAL,
+            MASK_KIND,
+            MASK_GRAD,
+            HAS_T5,
+            DROPOUT,
+            False,
+            PREC,
+            BLOCK_M,
+            BLOCK_N,
+        )
     for n0 in range(full_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_kn, s_vn, m0, n0, offs_m, offs_n0, offs_d, d_ok,
-                      q_len, k_len, b, h, pid_bh, qk_scale, M, s_mb, s_mh, s_mm, s_mn,
-                      brd_h, RD_MAX, SAT_L, SAT_R, QOFF, seed, rng_stride, dropout_p, DM, s_dmb, s_dmh, s_dmm,
-                      IS_CAUSAL, MASK_KIND, MASK_GRAD, HAS_T5, DROPOUT, True, PREC, BLOCK_M, BLOCK_N)
-    tl.store(DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqm + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            s_kn,
+            s_vn,
+            m0,
+            n0,
+            offs_m,
+            offs_n0,
+            offs_d,
+            d_ok,
+            q_len,
+            k_len,
+            b,
+            h,
+            pid_bh,
+            qk_scale,
+            M,
+            s_mb,
+            s_mh,
+            s_mm,
+            s_mn,
+            brd_h,
+            RD_MAX,
+            SAT_L,
+            SAT_R,
+            QOFF,
+            seed,
+            rng_stride,
+            dropout_p,
+            DM,
+            s_dmb,
+            s_dmh,
+            s_dmm,
+            IS_CAUSAL,
+            MASK_KIND,
+            MASK_GRAD,
+            HAS_T5,
+            DROPOUT,
+            True,
+            PREC,
+            BLOCK_M,
+            BLOCK_N,
+        )
+    tl.store(
+        DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows * s_dqm + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Debug: write the keep-mask (B, H, Lq, Lk) the attention kernels use for this seed."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

@@ -25,13 +25,14 @@ Configurations are tuples of ints, one per job the tuner chooses for:
 pins a 16-bit configuration by hand, and `use_variants` a kernel variant with its built-in
 configuration (tests run every variant in the interpreter this way; benchmarks compare them).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -60,6 +61,7 @@ class T5RelPos:
     zweights (NZ, NB_PAD) fp32 in {-1, 0, 1} such that, with A[t] = Σ dS over elements with j − i <
     zpts[t], the per-bucket sums are A @ zweights (each bucket's run is a difference of two A's).
     """
+
     bucket: torch.Tensor
     radius: int
     sat_left: int
@@ -81,19 +83,20 @@ class AttnSpec:
     position of query row 0 (keys sit at 0..Lk-1): causal keeps j <= i + query_offset and the T5
     buckets use j − i − query_offset (decoding against a cache); 0 is the aligned case.
     """
+
     scale: float
     causal: bool = False
     dropout_p: float = 0.0
     seed: int = 0
-    klen: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
+    klen: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     mask_grad: bool = False
-    cu_q: Optional[torch.Tensor] = None
-    cu_k: Optional[torch.Tensor] = None
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
     max_q: int = 0
     max_k: int = 0
-    t5_table: Optional[torch.Tensor] = None
-    t5_rel: Optional["T5RelPos"] = None
+    t5_table: torch.Tensor | None = None
+    t5_rel: T5RelPos | None = None
     t5_grad: bool = False
     query_offset: int = 0
 
@@ -113,7 +116,7 @@ def _interpreting() -> bool:
 
 TILES_ENV = "FASTFORMER_ATTN_TILES"
 KINDS = ("fwd", "bwd", "dkdv", "dq")
-TMA_WS, TMA_ONLY = 1, 2          # the fifth value of a forward configuration
+TMA_WS, TMA_ONLY = 1, 2  # the fifth value of a forward configuration
 _CFG_LENGTHS = {"fwd": (4, 5), "bwd": (4, 8), "dkdv": (4,), "dq": (4,)}
 
 
@@ -142,8 +145,10 @@ def _parse_tiles(text: str) -> dict:
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError(f"{TILES_ENV}: cannot read {item!r} (expected kind:headdim=BLOCK_M,BLOCK_N,warps,stages"
-                             f"[,tma] or 8 values for bwd)")
+            raise ValueError(
+                f"{TILES_ENV}: cannot read {item!r} (expected kind:headdim=BLOCK_M,BLOCK_N,warps,stages"
+                f"[,tma] or 8 values for bwd)"
+            )
         out[(kind, int(dim))] = vals
     return out
 
@@ -161,7 +166,7 @@ VARIANTS = {"fwd": ("tma", "pointer"), "bwd": ("5gemm", "7gemm")}
 
 
 @contextlib.contextmanager
-def use_variants(fwd: Optional[str] = None, bwd: Optional[str] = None):
+def use_variants(fwd: str | None = None, bwd: str | None = None):
     """Inside the block (in every thread of the process), run the forward as `fwd` ("tma": tensor
     descriptors and, where the call allows it, a warp-specialised key loop, on GPUs and Triton versions
     that support them; "pointer": pointer loads) and the backward as `bwd` ("5gemm": the key-stationary
@@ -180,7 +185,7 @@ def use_variants(fwd: Optional[str] = None, bwd: Optional[str] = None):
         _variants.update(previous)
 
 
-def _pinned(kind: str) -> Optional[str]:
+def _pinned(kind: str) -> str | None:
     return _variants.get(kind)
 
 
@@ -200,7 +205,7 @@ def _triton_has_tma() -> bool:
     return (major, minor) >= (3, 6) and hasattr(tl, "make_tensor_descriptor")
 
 
-def _tma_arch(arch: Optional[int]) -> bool:
+def _tma_arch(arch: int | None) -> bool:
     """Whether the TMA forward can run for this target: the interpreter (which emulates descriptors;
     used only when a variant is pinned), or a CUDA GPU of compute capability 9.x or newer with a Triton
     that has it. Its default is Hopper only (`_blocks`): the kernel report checks sm_90."""
@@ -209,8 +214,17 @@ def _tma_arch(arch: Optional[int]) -> bool:
     return arch is not None and arch >= 90 and _triton_has_tma()
 
 
-def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False, arch: Optional[int] = None,
-            tma: bool = False, ws: Optional[bool] = None, dropout: bool = False, mask: bool = False):
+def _blocks(
+    D: int,
+    kind: str,
+    itemsize: int = 2,
+    t5: bool = False,
+    arch: int | None = None,
+    tma: bool = False,
+    ws: bool | None = None,
+    dropout: bool = False,
+    mask: bool = False,
+):
     """The built-in configuration of a job per head dim, element size, GPU generation and the call's
     traits (shared memory sized for Hopper/Ampere: fp32 inputs get smaller tiles), the variant pinned
     by use_variants, or the FASTFORMER_ATTN_TILES override. tma: the TMA forward can run for this call
@@ -244,8 +258,9 @@ def _blocks(D: int, kind: str, itemsize: int = 2, t5: bool = False, arch: Option
         return pointer
     if kind == "bwd":
         if pinned == "7gemm":
-            return (_bwd_default(D, "dkdv", wide, t5, dropout, mask, arch)
-                    + _bwd_default(D, "dq", wide, t5, dropout, mask, arch))
+            return _bwd_default(D, "dkdv", wide, t5, dropout, mask, arch) + _bwd_default(
+                D, "dq", wide, t5, dropout, mask, arch
+            )
         return _bwd_default(D, "bwd", wide, t5, dropout, mask, arch)
     return _bwd_default(D, kind, wide, t5, dropout, mask, arch)
 
@@ -267,8 +282,9 @@ def _fwd_pointer_default(D: int, wide: bool, t5: bool, dropout: bool = False) ->
     return (32, 32, 4, 1) if wide else (64, 32, 8, 2)
 
 
-def _bwd_default(D: int, kind: str, wide: bool, t5: bool, dropout: bool = False, mask: bool = False,
-                 arch: Optional[int] = None) -> tuple:
+def _bwd_default(
+    D: int, kind: str, wide: bool, t5: bool, dropout: bool = False, mask: bool = False, arch: int | None = None
+) -> tuple:
     """bwd: the five-GEMM kernel; dkdv: the same loop without dQ; dq: the query-stationary pass. The
     key-stationary loop keeps a key block's K, V, dK and dV in registers: per-element extras (dropout's
     Philox state, a mask tile, the T5 bias) take 32-key blocks to stay free of spills (a mask tile at d64
@@ -298,14 +314,38 @@ def _bwd_default(D: int, kind: str, wide: bool, t5: bool, dropout: bool = False,
 # the defaults. The forward's TMA builds are candidates on compute capability 9.x and newer only, the
 # pointer builds everywhere; the backward's 8-value entries are the seven-GEMM path.
 CANDIDATES = {
-    ("fwd", 64): [(128, 128, 4, 2, TMA_WS), (128, 64, 4, 3, TMA_WS), (128, 64, 4, 3, TMA_ONLY),
-                  (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
-    ("fwd", 128): [(128, 128, 4, 2, TMA_WS), (128, 64, 4, 3, TMA_WS), (128, 64, 8, 3, TMA_ONLY),
-                   (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
-    ("bwd", 64): [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2),
-                  (64, 128, 8, 2, 64, 64, 4, 2), (64, 64, 4, 2, 64, 64, 4, 2)],
-    ("bwd", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2),
-                   (64, 64, 8, 2, 64, 64, 4, 2), (64, 64, 4, 2, 64, 64, 4, 2)],
+    ("fwd", 64): [
+        (128, 128, 4, 2, TMA_WS),
+        (128, 64, 4, 3, TMA_WS),
+        (128, 64, 4, 3, TMA_ONLY),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (128, 64, 8, 3),
+    ],
+    ("fwd", 128): [
+        (128, 128, 4, 2, TMA_WS),
+        (128, 64, 4, 3, TMA_WS),
+        (128, 64, 8, 3, TMA_ONLY),
+        (128, 64, 8, 3),
+        (64, 64, 4, 3),
+        (128, 32, 8, 3),
+        (128, 64, 8, 2),
+    ],
+    ("bwd", 64): [
+        (64, 128, 8, 2),
+        (64, 64, 4, 2),
+        (64, 64, 8, 2),
+        (64, 128, 8, 2, 64, 64, 4, 2),
+        (64, 64, 4, 2, 64, 64, 4, 2),
+    ],
+    ("bwd", 128): [
+        (64, 64, 8, 2),
+        (64, 64, 4, 2),
+        (64, 128, 8, 2),
+        (64, 64, 8, 2, 64, 64, 4, 2),
+        (64, 64, 4, 2, 64, 64, 4, 2),
+    ],
     ("dkdv", 64): [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
     ("dkdv", 128): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
     ("dq", 64): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 4, 2)],
@@ -332,8 +372,16 @@ def tune_name(kind: str, D: int, t5: bool) -> str:
     return f"attention.{'t5' if t5 else ''}{kind}:d{_dim_class(D)}"
 
 
-def candidates(kind: str, D: int, itemsize: int, t5: bool, arch: Optional[int] = None, tma: bool = False,
-               ws: Optional[bool] = None, mask: bool = False) -> list:
+def candidates(
+    kind: str,
+    D: int,
+    itemsize: int,
+    t5: bool,
+    arch: int | None = None,
+    tma: bool = False,
+    ws: bool | None = None,
+    mask: bool = False,
+) -> list:
     """The tuning candidates for this job (empty where the default is pinned). TMA forward builds only
     where they can run (tma: arch, Triton and alignment allow it; ws: the warp-specialised one too)."""
     if _interpreting() or itemsize > 2 or _override(D, kind, itemsize, t5) is not None or _pinned(kind):
@@ -352,8 +400,9 @@ def _out_of_resources() -> type:
     return OutOfResources
 
 
-def _launch(name: str, run: Callable[[tuple], None], default: tuple, cands: list, shape_class: str, device,
-            safe: tuple) -> None:
+def _launch(
+    name: str, run: Callable[[tuple], None], default: tuple, cands: list, shape_class: str, device, safe: tuple
+) -> None:
     """Choose the configuration (tuning.choose: the default unless a GPU has timed the candidates) and
     run(cfg), which launches the job's kernels. If the GPU lacks the shared memory/registers for it,
     retry once with the smallest tiles rather than fail (correctness first, speed second)."""
@@ -390,7 +439,7 @@ def _capability(index: int) -> int:
     return major * 10 + minor
 
 
-def _arch(device) -> Optional[int]:
+def _arch(device) -> int | None:
     """The GPU generation a launch is built for: the kernel report's target while it captures, the
     device's compute capability (90 for sm_90) on CUDA, None elsewhere."""
     target = capture_target()
@@ -435,12 +484,29 @@ def _lse_strides(lse, spec: AttnSpec):
 def _shape_class(q, spec: AttnSpec, B: int, H: int, Lq: int, Lk: int, D: int, extra: tuple = ()) -> str:
     """What the tuner keys a choice on besides the job: dtype, the variant, and power-of-two buckets of
     the sequence length and of batch x heads."""
-    flags = [name for name, on in (("causal", spec.causal), ("varlen", spec.varlen), ("klen", spec.klen is not None),
-                                   ("mask", spec.mask is not None), ("maskgrad", spec.mask_grad),
-                                   ("dropout", spec.dropout_p > 0), ("t5grad", spec.t5_grad)) if on]
+    flags = [
+        name
+        for name, on in (
+            ("causal", spec.causal),
+            ("varlen", spec.varlen),
+            ("klen", spec.klen is not None),
+            ("mask", spec.mask is not None),
+            ("maskgrad", spec.mask_grad),
+            ("dropout", spec.dropout_p > 0),
+            ("t5grad", spec.t5_grad),
+        )
+        if on
+    ]
     flags += list(extra)
-    return "|".join([str(q.dtype).removeprefix("torch."), f"d{D}", "+".join(flags) or "plain",
-                     f"L{tuning.bucket(max(Lq, Lk), 64, 16384)}", f"BH{tuning.bucket(B * H, 1, 4096)}"])
+    return "|".join(
+        [
+            str(q.dtype).removeprefix("torch."),
+            f"d{D}",
+            "+".join(flags) or "plain",
+            f"L{tuning.bucket(max(Lq, Lk), 64, 16384)}",
+            f"BH{tuning.bucket(B * H, 1, 4096)}",
+        ]
+    )
 
 
 def _common_args(q, spec: AttnSpec, Lk: int, D: int):
@@ -462,15 +528,33 @@ def _common_args(q, spec: AttnSpec, Lk: int, D: int):
         rp = spec.t5_rel
         # (H, 2R + 1) fp32: each head's bias at each clamped relative position, in log2 units (tiny)
         brd = (spec.t5_table.detach().float().index_select(0, rp.bucket) * LOG2E).t().contiguous()
-        t5_args = (brd, brd.stride(0), rp.zpts, rp.zweights, rp.radius, rp.sat_left, rp.sat_right, rp.bucket_left,
-                   rp.bucket_right, int(spec.query_offset))
+        t5_args = (
+            brd,
+            brd.stride(0),
+            rp.zpts,
+            rp.zweights,
+            rp.radius,
+            rp.sat_left,
+            rp.sat_right,
+            rp.bucket_left,
+            rp.bucket_right,
+            int(spec.query_offset),
+        )
     else:
         t5_args = (dummy, 0, dummy, dummy, 0, 0, 0, 0, 0, int(spec.query_offset))
     rng_stride = spec.max_k if spec.varlen else Lk
     BD = max(16, _next_pow2(D))
-    flags = dict(IS_VARLEN=spec.varlen, HAS_KLEN=spec.klen is not None, IS_CAUSAL=spec.causal, MASK_KIND=mask_kind,
-                 HAS_T5=spec.t5_table is not None, DROPOUT=spec.dropout_p > 0,
-                 PREC=_precision(q), BLOCK_D=BD, EVEN_D=BD == D)
+    flags = dict(
+        IS_VARLEN=spec.varlen,
+        HAS_KLEN=spec.klen is not None,
+        IS_CAUSAL=spec.causal,
+        MASK_KIND=mask_kind,
+        HAS_T5=spec.t5_table is not None,
+        DROPOUT=spec.dropout_p > 0,
+        PREC=_precision(q),
+        BLOCK_D=BD,
+        EVEN_D=BD == D,
+    )
     return cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags
 
 
@@ -479,8 +563,16 @@ def _tiles(cfg) -> dict:
     return dict(BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
 
 
-def _tuned(kind: str, q, spec: AttnSpec, run: Callable[[tuple], None], dims, arch: Optional[int] = None,
-           tma: bool = False, extra: tuple = ()) -> None:
+def _tuned(
+    kind: str,
+    q,
+    spec: AttnSpec,
+    run: Callable[[tuple], None],
+    dims,
+    arch: int | None = None,
+    tma: bool = False,
+    extra: tuple = (),
+) -> None:
     B, H, HK, Lq, Lk, D = dims
     t5 = spec.t5_table is not None
     size = q.element_size()
@@ -494,8 +586,15 @@ def _tuned(kind: str, q, spec: AttnSpec, run: Callable[[tuple], None], dims, arc
         except _out_of_resources():
             run(_SAFE_CFG[kind])
         return
-    _launch(tune_name(kind, D, t5), run, default, candidates(kind, D, size, t5, arch, tma, mask=mask),
-            _shape_class(q, spec, B, H, Lq, Lk, D, extra), q.device, _SAFE_CFG[kind])
+    _launch(
+        tune_name(kind, D, t5),
+        run,
+        default,
+        candidates(kind, D, size, t5, arch, tma, mask=mask),
+        _shape_class(q, spec, B, H, Lq, Lk, D, extra),
+        q.device,
+        _SAFE_CFG[kind],
+    )
 
 
 def _torch_allocation(size: int, alignment: int, stream) -> torch.Tensor:
@@ -510,6 +609,7 @@ def _ensure_scratch_allocator() -> None:
 
     try:
         from triton.runtime._allocation import NullAllocator, _allocator
+
         if not isinstance(_allocator.get(), NullAllocator):
             return
     except ImportError:
@@ -522,7 +622,7 @@ def _ensure_scratch_allocator() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = None):
+def attention_forward(q, k, v, spec: AttnSpec, out: torch.Tensor | None = None):
     """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units).
     out: optional preallocated output (last dim contiguous)."""
     from . import attention as K
@@ -534,11 +634,32 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
     else:
         lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
-    args = (q, k, v, o, lse,
-            *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(o, spec), *_lse_strides(lse, spec),
-            cu_q, cu_k, klen, *mask_args, *t5_args,
-            spec.seed, rng_stride, spec.dropout_p,
-            H, H // HK, Lq, Lk, D, spec.scale * LOG2E)
+    args = (
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *_strides(q, spec),
+        *_strides(k, spec),
+        *_strides(v, spec),
+        *_strides(o, spec),
+        *_lse_strides(lse, spec),
+        cu_q,
+        cu_k,
+        klen,
+        *mask_args,
+        *t5_args,
+        spec.seed,
+        rng_stride,
+        spec.dropout_p,
+        H,
+        H // HK,
+        Lq,
+        Lk,
+        D,
+        spec.scale * LOG2E,
+    )
     arch = _arch(q.device)
     tma_arch = _tma_arch(arch) and D <= 128
     aligned = all(_rows_16b_aligned(t) for t in (q, k, v, o))
@@ -559,8 +680,16 @@ def attention_forward(q, k, v, spec: AttnSpec, out: Optional[torch.Tensor] = Non
         # element) runs the TMA build without it
         ws = use_tma and cfg[4] == TMA_WS
         masked = bool(spec.causal or spec.klen is not None or spec.varlen or Lk % cfg[1])
-        launch(Launch(K._attn_fwd_kernel, (_cdiv(max(Lq, 1), cfg[0]), B * H), args,
-                      dict(flags, TMA=use_tma, WS=ws, WS_MASKED=ws and masked, **_tiles(cfg)), "attention.fwd", cfg))
+        launch(
+            Launch(
+                K._attn_fwd_kernel,
+                (_cdiv(max(Lq, 1), cfg[0]), B * H),
+                args,
+                dict(flags, TMA=use_tma, WS=ws, WS_MASKED=ws and masked, **_tiles(cfg)),
+                "attention.fwd",
+                cfg,
+            )
+        )
 
     _tuned("fwd", q, spec, run, dims, arch, tma, extra=("unaligned",) if tma_arch and not aligned else ())
     return o, lse
@@ -583,9 +712,15 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
     # 1. Delta = rowsum(dO · O)
     delta = torch.empty_like(lse)
     BMd = 64 if not _interpreting() else 32
-    launch(Launch(K._attn_bwd_delta_kernel, (_cdiv(max(Lq, 1), BMd), B * H),
-                  (o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec), cu_q, H, Lq, D),
-                  dict(IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"]), "attention.delta"))
+    launch(
+        Launch(
+            K._attn_bwd_delta_kernel,
+            (_cdiv(max(Lq, 1), BMd), B * H),
+            (o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec), cu_q, H, Lq, D),
+            dict(IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"]),
+            "attention.delta",
+        )
+    )
 
     want_kv = need_dkdv or spec.t5_grad
     if want_kv and need_dq:
@@ -607,8 +742,9 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
             dq = _dq_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common)
         elif kind == "dkdv" or len(cfg) == 8:
             # dK/dV alone, or the first half of the seven-GEMM backward (its dQ pass writes the mask grad)
-            dk, dv, dt = _kv_pass(K, do, q, k, v, lse, delta, spec, dm if kind == "dkdv" else None, cfg[:4],
-                                  common, with_dq=False)
+            dk, dv, dt = _kv_pass(
+                K, do, q, k, v, lse, delta, spec, dm if kind == "dkdv" else None, cfg[:4], common, with_dq=False
+            )
             if kind == "bwd":
                 dq = _dq_pass(K, do, q, k, v, lse, delta, spec, dm, cfg[4:], common)
         else:
@@ -626,30 +762,76 @@ def _kv_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common, with_dq: bool):
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     BM, BN = cfg[0], cfg[1]
     n_kblk, n_qblk = _cdiv(max(Lk, 1), BN), _cdiv(max(Lq, 1), BM)
-    zero_kv = spec.klen is not None   # keys past a per-batch length are never visited
+    zero_kv = spec.klen is not None  # keys past a per-batch length are never visited
     dk = (torch.zeros_like if zero_kv else torch.empty_like)(k, memory_format=torch.contiguous_format)
     dv = (torch.zeros_like if zero_kv else torch.empty_like)(v, memory_format=torch.contiguous_format)
     nb_pad = spec.t5_rel.zweights.shape[1] if spec.t5_grad else 1  # next power of two >= num_buckets
     dt = torch.zeros((B, H, n_kblk, nb_pad), device=q.device, dtype=torch.float32) if spec.t5_grad else None
     if with_dq:
-        acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)   # contiguous, like dq below
+        acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # contiguous, like dq below
         sem = torch.zeros(1 + B * H * n_qblk, device=q.device, dtype=torch.int32)  # [0]: the ticket counter
     else:
         acc = sem = q
     spin = not _interpreting()
     dt_strides = (dt.stride(0), dt.stride(1), dt.stride(2)) if dt is not None else (0, 0, 0)
     dm_strides = (dm.stride(0), dm.stride(1), dm.stride(2)) if dm is not None else (0, 0, 0)
-    args = (q, k, v, do, lse, delta, dk, dv, acc, sem, dt if dt is not None else q, dm if dm is not None else q,
-            *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec),
-            *_lse_strides(lse, spec), *_strides(dk, spec), *_strides(dv, spec),
-            *(_strides(acc, spec) if with_dq else (0, 0, 0)), *dt_strides, *dm_strides,
-            cu_q, cu_k, klen, *mask_args, *t5_args,
-            spec.seed, rng_stride, spec.dropout_p,
-            H, HK, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale, n_kblk, n_qblk)
-    kwargs = dict(T5_GRAD=spec.t5_grad, NB_PAD=nb_pad, T5_NZ=spec.t5_rel.zpts.numel() if spec.t5_grad else 1,
-                  COMPUTE_DQ=with_dq, MASK_GRAD=dm is not None, SPIN=spin, **flags, **_tiles(cfg))
-    launch(Launch(K._attn_bwd_kernel, (n_kblk, B * HK), args, kwargs, "attention.bwd" if with_dq else "attention.dkdv",
-                  cfg))
+    args = (
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        acc,
+        sem,
+        dt if dt is not None else q,
+        dm if dm is not None else q,
+        *_strides(q, spec),
+        *_strides(k, spec),
+        *_strides(v, spec),
+        *_strides(do, spec),
+        *_lse_strides(lse, spec),
+        *_strides(dk, spec),
+        *_strides(dv, spec),
+        *(_strides(acc, spec) if with_dq else (0, 0, 0)),
+        *dt_strides,
+        *dm_strides,
+        cu_q,
+        cu_k,
+        klen,
+        *mask_args,
+        *t5_args,
+        spec.seed,
+        rng_stride,
+        spec.dropout_p,
+        H,
+        HK,
+        H // HK,
+        Lq,
+        Lk,
+        D,
+        spec.scale * LOG2E,
+        spec.scale,
+        n_kblk,
+        n_qblk,
+    )
+    kwargs = dict(
+        T5_GRAD=spec.t5_grad,
+        NB_PAD=nb_pad,
+        T5_NZ=spec.t5_rel.zpts.numel() if spec.t5_grad else 1,
+        COMPUTE_DQ=with_dq,
+        MASK_GRAD=dm is not None,
+        SPIN=spin,
+        **flags,
+        **_tiles(cfg),
+    )
+    launch(
+        Launch(
+            K._attn_bwd_kernel, (n_kblk, B * HK), args, kwargs, "attention.bwd" if with_dq else "attention.dkdv", cfg
+        )
+    )
     if not with_dq:
         return dk, dv, dt
     if not spin and not capturing() and int(sem[1:].max()) >= 1 << 20:
@@ -657,8 +839,15 @@ def _kv_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common, with_dq: bool):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     n = dq.numel()
     BLOCK = 1024
-    launch(Launch(K._dq_finish_kernel, (_cdiv(max(n, 1), BLOCK),), (acc, dq, n, spec.scale), dict(BLOCK=BLOCK),
-                  "attention.dq_finish"))
+    launch(
+        Launch(
+            K._dq_finish_kernel,
+            (_cdiv(max(n, 1), BLOCK),),
+            (acc, dq, n, spec.scale),
+            dict(BLOCK=BLOCK),
+            "attention.dq_finish",
+        )
+    )
     return dk, dv, dt, dq
 
 
@@ -669,14 +858,48 @@ def _dq_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common):
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dm_strides = (dm.stride(0), dm.stride(1), dm.stride(2)) if dm is not None else (0, 0, 0)
-    args = (q, k, v, do, lse, delta, dq, dm if dm is not None else q,
-            *_strides(q, spec), *_strides(k, spec), *_strides(v, spec), *_strides(do, spec), *_lse_strides(lse, spec),
-            *_strides(dq, spec), *dm_strides,
-            cu_q, cu_k, klen, *mask_args, *t5_args,
-            spec.seed, rng_stride, spec.dropout_p,
-            H, H // HK, Lq, Lk, D, spec.scale * LOG2E, spec.scale)
-    launch(Launch(K._attn_bwd_dq_kernel, (_cdiv(max(Lq, 1), cfg[0]), B * H), args,
-                  dict(MASK_GRAD=dm is not None, **flags, **_tiles(cfg)), "attention.dq", tuple(cfg)))
+    args = (
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        dm if dm is not None else q,
+        *_strides(q, spec),
+        *_strides(k, spec),
+        *_strides(v, spec),
+        *_strides(do, spec),
+        *_lse_strides(lse, spec),
+        *_strides(dq, spec),
+        *dm_strides,
+        cu_q,
+        cu_k,
+        klen,
+        *mask_args,
+        *t5_args,
+        spec.seed,
+        rng_stride,
+        spec.dropout_p,
+        H,
+        H // HK,
+        Lq,
+        Lk,
+        D,
+        spec.scale * LOG2E,
+        spec.scale,
+    )
+    launch(
+        Launch(
+            K._attn_bwd_dq_kernel,
+            (_cdiv(max(Lq, 1), cfg[0]), B * H),
+            args,
+            dict(MASK_GRAD=dm is not None, **flags, **_tiles(cfg)),
+            "attention.dq",
+            tuple(cfg),
+        )
+    )
     return dq
 
 
@@ -686,6 +909,13 @@ def dropout_keep_mask(B: int, H: int, Lq: int, Lk: int, seed: int, dropout_p: fl
 
     out = torch.empty((B, H, Lq, Lk), device=device, dtype=torch.int8)
     BM = BN = 32
-    launch(Launch(K._dropout_mask_kernel, (_cdiv(max(Lq, 1), BM), _cdiv(max(Lk, 1), BN), B * H),
-                  (out, seed, H, Lq, Lk, Lk, dropout_p), dict(BLOCK_M=BM, BLOCK_N=BN), "attention.dropout_mask"))
+    launch(
+        Launch(
+            K._dropout_mask_kernel,
+            (_cdiv(max(Lq, 1), BM), _cdiv(max(Lk, 1), BN), B * H),
+            (out, seed, H, Lq, Lk, Lk, dropout_p),
+            dict(BLOCK_M=BM, BLOCK_N=BN),
+            "attention.dropout_mask",
+        )
+    )
     return out.bool()

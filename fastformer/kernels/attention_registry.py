@@ -7,6 +7,7 @@ backward and its dQ finishing pass (or, for the seven-GEMM candidates, the dK/dV
 report captures each case once per GPU generation (`launch.for_arch`): on sm_90 the forward is the
 TMA build.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,10 +45,16 @@ def _t5_rel(bidirectional: bool):
     """T5's bucket tables for the default configuration as "meta" tensors (nothing runs on them)."""
     radius, sat_left, sat_right, bucket_left, bucket_right, nz, nb_pad = T5_DEFAULT_FACTS[bidirectional]
     meta = dict(device="meta")
-    return AL.T5RelPos(bucket=torch.empty(2 * radius + 1, dtype=torch.int32, **meta), radius=radius,
-                       sat_left=sat_left, sat_right=sat_right, bucket_left=bucket_left, bucket_right=bucket_right,
-                       zpts=torch.empty(nz, dtype=torch.int32, **meta),
-                       zweights=torch.empty(nz, nb_pad, dtype=torch.float32, **meta))
+    return AL.T5RelPos(
+        bucket=torch.empty(2 * radius + 1, dtype=torch.int32, **meta),
+        radius=radius,
+        sat_left=sat_left,
+        sat_right=sat_right,
+        bucket_left=bucket_left,
+        bucket_right=bucket_right,
+        zpts=torch.empty(nz, dtype=torch.int32, **meta),
+        zweights=torch.empty(nz, nb_pad, dtype=torch.float32, **meta),
+    )
 
 
 def _call(variant: str, dtype: torch.dtype, D: int, needs: str = "all") -> list:
@@ -58,7 +65,7 @@ def _call(variant: str, dtype: torch.dtype, D: int, needs: str = "all") -> list:
     meta = dict(device="meta", dtype=dtype)
     Lq = 1000 if variant == "odd" else L
     HK = H // 4 if variant == "gqa" else H
-    spec = AL.AttnSpec(scale=D ** -0.5)
+    spec = AL.AttnSpec(scale=D**-0.5)
     if variant == "varlen":
         q = torch.empty(B * Lq, H, D, **meta)
         k = v = torch.empty(B * Lq, HK, D, **meta)
@@ -71,7 +78,7 @@ def _call(variant: str, dtype: torch.dtype, D: int, needs: str = "all") -> list:
         spec.causal = True
     if variant in ("klen", "t5dec"):
         spec.klen = torch.empty(B, device="meta", dtype=torch.int32)
-    if variant == "mask":   # a general bool mask, broadcast over heads (as the op passes it: uint8 view)
+    if variant == "mask":  # a general bool mask, broadcast over heads (as the op passes it: uint8 view)
         spec.mask = torch.empty(B, 1, Lq, Lq, device="meta", dtype=torch.uint8).expand(B, H, Lq, Lq)
     if variant == "fmask":  # a float mask that receives a gradient
         spec.mask = torch.empty(B, 1, Lq, Lq, **meta).expand(B, H, Lq, Lq)
@@ -82,11 +89,20 @@ def _call(variant: str, dtype: torch.dtype, D: int, needs: str = "all") -> list:
         spec.scale = 1.0
         spec.t5_table = torch.empty(32, H, device="meta", dtype=torch.float32)
         spec.t5_rel = _t5_rel(variant == "t5")
-        spec.t5_grad = needs != "q"   # dQ alone: a frozen table (with its gradient, the key pass runs too)
+        spec.t5_grad = needs != "q"  # dQ alone: a frozen table (with its gradient, the key pass runs too)
     with capture_launches() as launches:
         out, lse = AL.attention_forward(q, k, v, spec)
-        AL.attention_backward(torch.empty_like(out), q, k, v, out, lse, spec, need_dq=needs in ("all", "q"),
-                              need_dkdv=needs in ("all", "kv"))
+        AL.attention_backward(
+            torch.empty_like(out),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            spec,
+            need_dq=needs in ("all", "q"),
+            need_dkdv=needs in ("all", "kv"),
+        )
     return launches
 
 
@@ -96,9 +112,17 @@ def cases() -> list:
     out = []
     for dname, dtype in DTYPES.items():
         for D in (64, 128):
-            for variant in (VARIANTS if dname == "bf16" else FP16_VARIANTS):
-                out.append(Case(name=f"{variant} {dname} d{D}", launches=functools.partial(_call, variant, dtype, D),
-                                dtype=dname, head_dim=D, variant=variant, ci_archs=CI_CASES.get((dname, D, variant), ())))
+            for variant in VARIANTS if dname == "bf16" else FP16_VARIANTS:
+                out.append(
+                    Case(
+                        name=f"{variant} {dname} d{D}",
+                        launches=functools.partial(_call, variant, dtype, D),
+                        dtype=dname,
+                        head_dim=D,
+                        variant=variant,
+                        ci_archs=CI_CASES.get((dname, D, variant), ()),
+                    )
+                )
     return out
 
 
@@ -116,14 +140,21 @@ def candidates() -> list:
             judged = ("attention.dkdv", "attention.dq") if kind == "bwd" and len(cfg) == 8 else (f"attention.{kind}",)
             archs = (90,) if AL.is_tma(cfg) else (90, 80)
             for variant in CANDIDATE_VARIANTS[t5]:
+
                 def launches(tune=tune, cfg=cfg, variant=variant, D=dclass, needs=needs):
                     from .tuning import force_config
 
                     with force_config(tune, cfg):
                         return _call(variant, torch.bfloat16, D, needs)
 
-                case = Case(name=f"{variant} bf16 d{dclass} {tune} {','.join(map(str, cfg))}", launches=launches,
-                            dtype="bf16", head_dim=dclass, variant=variant, archs=archs)
+                case = Case(
+                    name=f"{variant} bf16 d{dclass} {tune} {','.join(map(str, cfg))}",
+                    launches=launches,
+                    dtype="bf16",
+                    head_dim=dclass,
+                    variant=variant,
+                    archs=archs,
+                )
                 out.append(Candidate(tune_name=tune, config=tuple(cfg), kernels=judged, case=case))
     return out
 
@@ -162,29 +193,60 @@ def _fwd_pipeline_bytes(row) -> int:
 WS_VARIANTS = ("plain", "causal", "klen", "varlen", "dropout", "gqa", "odd")
 
 GATES = (
-    Gate("fits", "the build fits the GPU: at least one block per SM (registers, shared memory)",
-         lambda r: (r["blocks_per_sm"] or 0) >= 1, candidates=True),
-    Gate("no-loop-local-mem", "no local-memory load or store inside a tile loop (no spill traffic in the main "
-         "loop): every forward, backward, dK/dV and dQ build, every tuning candidate",
-         lambda r: r["loop_local_mem_ops"] == 0, _loop_kernels, candidates=True),
-    Gate("tensor-cores", "every tile loop runs its GEMMs on the tensor cores (HMMA / HGMMA in the loop)",
-         lambda r: r["mma_instructions_per_tile"] > 0, _loop_kernels),
-    Gate("gemms-per-tile", "GEMMs per tile: forward 2, backward 5 (dQ accumulated, not recomputed); the dK/dV-only "
-         "pass 4 and the dQ-only pass 3 (together the seven-GEMM backward)",
-         lambda r: r["gemms_per_tile"] == GEMMS[r["kernel"]], _loop_kernels),
-    Gate("async-copies", "the tiles of every tile loop arrive by asynchronous copies (cp.async, or TMA)",
-         lambda r: r["async_copies"] + r["tma_loads"] > 0, _loop_kernels),
-    Gate("hopper-fwd-tma-ws", "the Hopper forward loads its tiles with TMA and its key loop is warp specialised "
-         "(except a mask tensor or the T5 bias: WS_VARIANTS)",
-         lambda r: r["tma_loads"] > 0 and r["warp_specialized"],
-         lambda r: r["kernel"] == "attention.fwd" and r["arch"] == "sm_90" and r["variant"] in WS_VARIANTS),
-    Gate("fwd-shared-is-the-pipeline", "the forward's shared memory is its K/V pipeline, Q tile and (TMA) output "
-         "staging (at most 1.5x that): the T5 near-tile gather is not staged through shared memory",
-         lambda r: r["shared_bytes"] <= 1.5 * _fwd_pipeline_bytes(r), _main("attention.fwd")),
-    Gate("one-ex2", "the forward's softmax takes one exp2 per score plus one per row for the rescale: a thread "
-         "holds BLOCK_N / 4 scores of each of its rows in the MMA layout, so at most 1 + 4 / BLOCK_N per score",
-         lambda r: r["ex2_per_element"] is not None and r["ex2_per_element"] <= _ex2_bound(r),
-         lambda r: r["kernel"] == "attention.fwd" and not r["variant"].startswith("t5")),
+    Gate(
+        "fits",
+        "the build fits the GPU: at least one block per SM (registers, shared memory)",
+        lambda r: (r["blocks_per_sm"] or 0) >= 1,
+        candidates=True,
+    ),
+    Gate(
+        "no-loop-local-mem",
+        "no local-memory load or store inside a tile loop (no spill traffic in the main "
+        "loop): every forward, backward, dK/dV and dQ build, every tuning candidate",
+        lambda r: r["loop_local_mem_ops"] == 0,
+        _loop_kernels,
+        candidates=True,
+    ),
+    Gate(
+        "tensor-cores",
+        "every tile loop runs its GEMMs on the tensor cores (HMMA / HGMMA in the loop)",
+        lambda r: r["mma_instructions_per_tile"] > 0,
+        _loop_kernels,
+    ),
+    Gate(
+        "gemms-per-tile",
+        "GEMMs per tile: forward 2, backward 5 (dQ accumulated, not recomputed); the dK/dV-only "
+        "pass 4 and the dQ-only pass 3 (together the seven-GEMM backward)",
+        lambda r: r["gemms_per_tile"] == GEMMS[r["kernel"]],
+        _loop_kernels,
+    ),
+    Gate(
+        "async-copies",
+        "the tiles of every tile loop arrive by asynchronous copies (cp.async, or TMA)",
+        lambda r: r["async_copies"] + r["tma_loads"] > 0,
+        _loop_kernels,
+    ),
+    Gate(
+        "hopper-fwd-tma-ws",
+        "the Hopper forward loads its tiles with TMA and its key loop is warp specialised "
+        "(except a mask tensor or the T5 bias: WS_VARIANTS)",
+        lambda r: r["tma_loads"] > 0 and r["warp_specialized"],
+        lambda r: r["kernel"] == "attention.fwd" and r["arch"] == "sm_90" and r["variant"] in WS_VARIANTS,
+    ),
+    Gate(
+        "fwd-shared-is-the-pipeline",
+        "the forward's shared memory is its K/V pipeline, Q tile and (TMA) output "
+        "staging (at most 1.5x that): the T5 near-tile gather is not staged through shared memory",
+        lambda r: r["shared_bytes"] <= 1.5 * _fwd_pipeline_bytes(r),
+        _main("attention.fwd"),
+    ),
+    Gate(
+        "one-ex2",
+        "the forward's softmax takes one exp2 per score plus one per row for the rescale: a thread "
+        "holds BLOCK_N / 4 scores of each of its rows in the MMA layout, so at most 1 + 4 / BLOCK_N per score",
+        lambda r: r["ex2_per_element"] is not None and r["ex2_per_element"] <= _ex2_bound(r),
+        lambda r: r["kernel"] == "attention.fwd" and not r["variant"].startswith("t5"),
+    ),
 )
 
 FAMILY = Family(name="attention", cases=cases, gates=GATES, candidates=candidates)

@@ -42,6 +42,7 @@ Two row shapes (constexpr ONE_BLOCK):
 The gradient (times the per-row or scalar factor g when given) goes to `grad`, which may alias
 `logits`: each element is read before the same program writes it.
 """
+
 from __future__ import annotations
 
 import triton
@@ -53,18 +54,40 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def _ce_rows_kernel(
-    logits_ptr, s_ln, s_ld, s_lc,   # logits: row (n, d) starts at n*s_ln + d*s_ld, class c at c*s_lc
-    grad_ptr, s_gn, s_gd, s_gc,     # gradient output (may alias logits), same layout; unused without COMPUTE_GRAD
-    target_ptr, s_tn, s_td, s_tc,   # class indices: (rows,) contiguous; SOFT: probabilities laid out as logits
-    weight_ptr,                     # (V,) fp32 class weights; unused without HAS_WEIGHT
-    wsum_ptr,                       # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
-    count_ptr,                      # 0-d: number of non-ignored rows (SOFT: of rows); unused unless MEAN
-    wden_ptr,                       # fp32 0-d: sum of w[t] over non-ignored rows; MEAN, HAS_WEIGHT, not SOFT
-    gscale_ptr, stride_gs,          # gradient factor per row (stride 1) or scalar (stride 0); HAS_GSCALE
-    loss_ptr, lse_ptr,              # (rows,) fp32 outputs: scaled per-row loss, log-sum-exp
-    rows, V, D, ignore_index, eps, z,   # D: positions per batch entry (d1*...*dK; 1 for (N, C) input)
-    HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SMOOTH: tl.constexpr,
-    MEAN: tl.constexpr, SOFT: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    logits_ptr,
+    s_ln,
+    s_ld,
+    s_lc,  # logits: row (n, d) starts at n*s_ln + d*s_ld, class c at c*s_lc
+    grad_ptr,
+    s_gn,
+    s_gd,
+    s_gc,  # gradient output (may alias logits), same layout; unused without COMPUTE_GRAD
+    target_ptr,
+    s_tn,
+    s_td,
+    s_tc,  # class indices: (rows,) contiguous; SOFT: probabilities laid out as logits
+    weight_ptr,  # (V,) fp32 class weights; unused without HAS_WEIGHT
+    wsum_ptr,  # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
+    count_ptr,  # 0-d: number of non-ignored rows (SOFT: of rows); unused unless MEAN
+    wden_ptr,  # fp32 0-d: sum of w[t] over non-ignored rows; MEAN, HAS_WEIGHT, not SOFT
+    gscale_ptr,
+    stride_gs,  # gradient factor per row (stride 1) or scalar (stride 0); HAS_GSCALE
+    loss_ptr,
+    lse_ptr,  # (rows,) fp32 outputs: scaled per-row loss, log-sum-exp
+    rows,
+    V,
+    D,
+    ignore_index,
+    eps,
+    z,  # D: positions per batch entry (d1*...*dK; 1 for (N, C) input)
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GSCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    MEAN: tl.constexpr,
+    SOFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -94,17 +117,18 @@ def _ce_rows_kernel(
     k_w = k_smooth * w_sum
     k_z = sB * z
 
-    mine = tl.cdiv(rows - pid, nprog)      # rows of this program: pid, pid + nprog, ...
+    mine = tl.cdiv(rows - pid, nprog)  # rows of this program: pid, pid + nprog, ...
     if ONE_BLOCK:
         for i in tl.range(0, mine, num_stages=NUM_STAGES):
             row = pid + i * nprog
-            lrow, grow, trow, t, valid, bad, lim = _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr,
-                                                         grad_ptr, target_ptr, ignore_index, V, SOFT)
+            lrow, grow, trow, t, valid, bad, lim = _row_start(
+                row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr, target_ptr, ignore_index, V, SOFT
+            )
             mask = cols < V
-            rmask = cols < lim                               # nothing of an ignored row is read
+            rmask = cols < lim  # nothing of an ignored row is read
             x = tl.load(lrow + cols * s_lc, mask=rmask, other=-float("inf")).to(tl.float32)
-            m = tl.where(valid, tl.max(x, axis=0), 0.0)      # an ignored row is all -inf: keep it finite
-            e = tl.exp2(x * LOG2E - m * LOG2E)               # the row's only exponential per element
+            m = tl.where(valid, tl.max(x, axis=0), 0.0)  # an ignored row is all -inf: keep it finite
+            e = tl.exp2(x * LOG2E - m * LOG2E)  # the row's only exponential per element
             s = tl.sum(e, axis=0)
             lse = tl.where(bad, float("nan"), m + tl.log(s))
             wy = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -119,9 +143,29 @@ def _ce_rows_kernel(
                     wx = tl.sum(tl.load(weight_ptr + cols, mask=rmask, other=0.0) * tl.where(rmask, x, 0.0), axis=0)
                 else:
                     wx = tl.sum(tl.where(rmask, x, 0.0), axis=0)
-            coef, smooth, hit = _row_out(row, lrow, s_lc, t, valid, bad, lse, mass, wx, k_hit, k_smooth, k_w, k_z,
-                                         weight_ptr, gscale_ptr, stride_gs, loss_ptr, lse_ptr,
-                                         HAS_WEIGHT, HAS_GSCALE, SOFT)
+            coef, smooth, hit = _row_out(
+                row,
+                lrow,
+                s_lc,
+                t,
+                valid,
+                bad,
+                lse,
+                mass,
+                wx,
+                k_hit,
+                k_smooth,
+                k_w,
+                k_z,
+                weight_ptr,
+                gscale_ptr,
+                stride_gs,
+                loss_ptr,
+                lse_ptr,
+                HAS_WEIGHT,
+                HAS_GSCALE,
+                SOFT,
+            )
             if COMPUTE_GRAD:
                 # p_c = e_c / s: the kept exponentials, scaled once per row
                 f = tl.where(valid, coef / s, 0.0)
@@ -129,8 +173,9 @@ def _ce_rows_kernel(
     else:
         for i in range(0, mine):
             row = pid + i * nprog
-            lrow, grow, trow, t, valid, bad, lim = _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr,
-                                                         grad_ptr, target_ptr, ignore_index, V, SOFT)
+            lrow, grow, trow, t, valid, bad, lim = _row_start(
+                row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr, target_ptr, ignore_index, V, SOFT
+            )
             # pass 1: per-lane running max and sum (one exponential per element, no cross-thread step)
             m_l = tl.full([BLOCK_V], -FLT_MAX, dtype=tl.float32)
             s_l = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -159,9 +204,29 @@ def _ce_rows_kernel(
             lse = tl.where(bad, float("nan"), m + tl.log(s))
             mass = tl.sum(mass_l, axis=0)
             wx = tl.sum(wx_l, axis=0)
-            coef, smooth, hit = _row_out(row, lrow, s_lc, t, valid, bad, lse, mass, wx, k_hit, k_smooth, k_w, k_z,
-                                         weight_ptr, gscale_ptr, stride_gs, loss_ptr, lse_ptr,
-                                         HAS_WEIGHT, HAS_GSCALE, SOFT)
+            coef, smooth, hit = _row_out(
+                row,
+                lrow,
+                s_lc,
+                t,
+                valid,
+                bad,
+                lse,
+                mass,
+                wx,
+                k_hit,
+                k_smooth,
+                k_w,
+                k_z,
+                weight_ptr,
+                gscale_ptr,
+                stride_gs,
+                loss_ptr,
+                lse_ptr,
+                HAS_WEIGHT,
+                HAS_GSCALE,
+                SOFT,
+            )
             if COMPUTE_GRAD:
                 # pass 2, last block first: p_c = exp(x_c - lse); an ignored row writes zeros
                 coef = tl.where(valid, coef, 0.0)
@@ -180,8 +245,9 @@ def _ce_rows_kernel(
 
 
 @triton.jit
-def _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr, target_ptr, ignore_index, V,
-               SOFT: tl.constexpr):
+def _row_start(
+    row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr, target_ptr, ignore_index, V, SOFT: tl.constexpr
+):
     """(logits row, grad row, target row pointers, class index t (SOFT: -1), valid: not ignored,
     bad: a class index outside [0, V) that is not ignored, lim: V, or 0 for an ignored row (the bound
     of the row's loads: its logits are never read))."""
@@ -196,13 +262,41 @@ def _row_start(row, D, s_ln, s_ld, s_gn, s_gd, s_tn, s_td, logits_ptr, grad_ptr,
         t = tl.load(target_ptr + r).to(tl.int64)
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= V))
-    return (logits_ptr + n * s_ln + d * s_ld, grad_ptr + n * s_gn + d * s_gd, target_ptr + n * s_tn + d * s_td,
-            t, valid, bad, tl.where(valid, V, 0))
+    return (
+        logits_ptr + n * s_ln + d * s_ld,
+        grad_ptr + n * s_gn + d * s_gd,
+        target_ptr + n * s_tn + d * s_td,
+        t,
+        valid,
+        bad,
+        tl.where(valid, V, 0),
+    )
 
 
 @triton.jit
-def _row_out(row, lrow, s_lc, t, valid, bad, lse, mass, wx, k_hit, k_smooth, k_w, k_z, weight_ptr, gscale_ptr,
-             stride_gs, loss_ptr, lse_ptr, HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr, SOFT: tl.constexpr):
+def _row_out(
+    row,
+    lrow,
+    s_lc,
+    t,
+    valid,
+    bad,
+    lse,
+    mass,
+    wx,
+    k_hit,
+    k_smooth,
+    k_w,
+    k_z,
+    weight_ptr,
+    gscale_ptr,
+    stride_gs,
+    loss_ptr,
+    lse_ptr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GSCALE: tl.constexpr,
+    SOFT: tl.constexpr,
+):
     """Store the row's loss (already scaled for the reduction) and lse; return the gradient's
     (coef, smooth, hit): grad_c = p_c * coef - smooth * w_c (SOFT: * w_c y'_c) - hit * [c == t].
     k_hit = sA (1 - eps) (SOFT: sA), k_smooth = sA eps / V, k_w = k_smooth W, k_z = sB z."""
@@ -243,8 +337,9 @@ def _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT: 
 
 
 @triton.jit
-def _store_grad(grad_row, s_gc, offs, mask, pc, wy, t, smooth, hit, weight_ptr, HAS_WEIGHT: tl.constexpr,
-                SOFT: tl.constexpr):
+def _store_grad(
+    grad_row, s_gc, offs, mask, pc, wy, t, smooth, hit, weight_ptr, HAS_WEIGHT: tl.constexpr, SOFT: tl.constexpr
+):
     """grad_c = pc - smooth * (SOFT: w_c y'_c; else w_c) - hit * [c == t], pc = p_c * coef."""
     if SOFT:
         d = pc - smooth * wy
@@ -261,8 +356,20 @@ def _store_grad(grad_row, s_gc, offs, mask, pc, wy, t, smooth, hit, weight_ptr, 
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, s_gn, s_gd, s_gc, g_ptr, stride_gs, rows, V, D, BLOCK_V: tl.constexpr,
-                       SCALAR: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _scale_rows_kernel(
+    grad_ptr,
+    s_gn,
+    s_gd,
+    s_gc,
+    g_ptr,
+    stride_gs,
+    rows,
+    V,
+    D,
+    BLOCK_V: tl.constexpr,
+    SCALAR: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     """grad[row, :] *= g[row * stride_gs] in place (rows laid out as in _ce_rows_kernel), persistent over
     rows. A factor of exactly 1 is skipped: with a scalar g == 1 (SCALAR: the backward of an unscaled
     loss) each program reads one number and returns, so no gradient byte moves."""

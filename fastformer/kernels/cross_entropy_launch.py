@@ -16,11 +16,11 @@ A configuration is a tuple (kind, BLOCK_V, size, num_stages, programs_per_sm):
 Persistent launches start `per_sm` programs per SM. The tuner (`tuning.choose`, kernel name
 "cross_entropy.fwd") picks among the default and `candidates()` per shape class on a GPU.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 
@@ -35,9 +35,14 @@ LEGACY = (0, 0, 0, 0, 0)
 ONE_BLOCK_MAX_BYTES = 65536
 # the persistent kernel's candidates besides the default (which is always timed)
 ONE_BLOCK_CANDIDATES = ((1, 0, 32, 2, 1), (1, 0, 16, 2, 1), (1, 0, 16, 2, 2), (1, 0, 32, 2, 2))
-STREAM_CANDIDATES = ((2, 4096, 8, 3, 2), (2, 4096, 16, 3, 1), (2, 8192, 16, 3, 1), (2, 2048, 4, 4, 4),
-                     (2, 4096, 8, 4, 2))
-SAFE = (2, 1024, 4, 1, 4)     # after an out-of-resources launch failure: the smallest footprint
+STREAM_CANDIDATES = (
+    (2, 4096, 8, 3, 2),
+    (2, 4096, 16, 3, 1),
+    (2, 8192, 16, 3, 1),
+    (2, 2048, 4, 4, 4),
+    (2, 4096, 8, 4, 2),
+)
+SAFE = (2, 1024, 4, 1, 4)  # after an out-of-resources launch failure: the smallest footprint
 
 
 def _interpreting(device: torch.device) -> bool:
@@ -68,8 +73,15 @@ def fits_one_block(V: int, itemsize: int, soft: bool, weighted: bool, unit_strid
     return unit_stride and not soft and not weighted and _next_pow2(V) * itemsize <= ONE_BLOCK_MAX_BYTES
 
 
-def default_config(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool,
-                   unit_stride: bool = True, smooth: bool = False) -> tuple:
+def default_config(
+    V: int,
+    itemsize: int,
+    soft: bool,
+    weighted: bool,
+    interpreting: bool,
+    unit_stride: bool = True,
+    smooth: bool = False,
+) -> tuple:
     """The built-in configuration (what runs untuned, on CPU, and with FASTFORMER_TUNE=0). Streamed
     rows with more per-lane sums (smoothing, weights, a probability target) or strided classes take
     2048-wide blocks: 4096 needs over 128 registers a thread there (one block of 8 warps per SM)."""
@@ -79,7 +91,7 @@ def default_config(V: int, itemsize: int, soft: bool, weighted: bool, interpreti
         return (1, 0, 1024, 1, 1) if V <= 1024 else (2, 1024, 1, 2, 1)
     if fits_one_block(V, itemsize, soft, weighted, unit_stride):
         block = max(_next_pow2(V), 32)
-        ept = 32 if itemsize <= 2 else 16        # 64 bytes of row a thread
+        ept = 32 if itemsize <= 2 else 16  # 64 bytes of row a thread
         warps = max(1, min(32, block // (32 * ept)))
         return (1, 0, block // (32 * warps), 2, max(1, 16 // warps))
     if soft or weighted or smooth or not unit_stride:
@@ -87,8 +99,7 @@ def default_config(V: int, itemsize: int, soft: bool, weighted: bool, interpreti
     return (2, 4096, 8, 3, 2)
 
 
-def candidates(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool,
-               unit_stride: bool = True) -> list:
+def candidates(V: int, itemsize: int, soft: bool, weighted: bool, interpreting: bool, unit_stride: bool = True) -> list:
     """Tuning candidates besides the default: the legacy (one program per row) kernel always, the persistent kernel's
     one-block configurations where the row fits 32 warps with unit class stride, the streaming ones
     always. None on CPU."""
@@ -136,13 +147,14 @@ def programs(rows: int, per_sm: int, device: torch.device) -> int:
     return max(1, min(rows, sms * max(1, per_sm)))
 
 
-def shape_class(V: int, rows: int, dtype: torch.dtype, soft: bool, weighted: bool, smooth: bool, grad: bool,
-                strided: bool = False) -> str:
+def shape_class(
+    V: int, rows: int, dtype: torch.dtype, soft: bool, weighted: bool, smooth: bool, grad: bool, strided: bool = False
+) -> str:
     """What a tuning choice is cached for: dtype, power-of-two buckets of V and of the rows, features."""
-    feats = "".join(f for f, on in (("s", soft), ("w", weighted), ("l", smooth), ("g", grad), ("k", strided))
-                    if on) or "-"
-    return (f"{str(dtype).replace('torch.', '')}|V{tuning.bucket(V)}|R{tuning.bucket(rows, 256, 65536)}"
-            f"|{feats}")
+    feats = (
+        "".join(f for f, on in (("s", soft), ("w", weighted), ("l", smooth), ("g", grad), ("k", strided)) if on) or "-"
+    )
+    return f"{str(dtype).replace('torch.', '')}|V{tuning.bucket(V)}|R{tuning.bucket(rows, 256, 65536)}|{feats}"
 
 
 # --------------------------------------------------------------------------------------------- launch
@@ -157,27 +169,53 @@ def _make(cfg: tuple, a: dict) -> Launch:
     """The Launch of configuration cfg over the prepared arguments a (see ce_forward)."""
     interp = _interpreting(a["logits"].device)
     p = resolve(cfg, a["V"], interp)
-    flags = dict(HAS_WEIGHT=a["weight"] is not None, HAS_GSCALE=a["gscale"] is not None,
-                 COMPUTE_GRAD=a["grad"] is not None, SMOOTH=a["eps"] > 0.0, MEAN=a["count"] is not None,
-                 SOFT=a["soft"], BLOCK_V=p["block"], ONE_BLOCK=p["one"])
-    dummy = a["loss"]   # any valid pointer for the arguments a specialisation never reads
+    flags = dict(
+        HAS_WEIGHT=a["weight"] is not None,
+        HAS_GSCALE=a["gscale"] is not None,
+        COMPUTE_GRAD=a["grad"] is not None,
+        SMOOTH=a["eps"] > 0.0,
+        MEAN=a["count"] is not None,
+        SOFT=a["soft"],
+        BLOCK_V=p["block"],
+        ONE_BLOCK=p["one"],
+    )
+    dummy = a["loss"]  # any valid pointer for the arguments a specialisation never reads
     grad = a["grad"] if a["grad"] is not None else a["logits"]
-    head = (a["logits"], *a["l_strides"], grad, *a["g_strides"], a["target"], *a["t_strides"],
-            a["weight"] if a["weight"] is not None else dummy, a["wsum"] if a["wsum"] is not None else dummy,
-            a["count"] if a["count"] is not None else dummy, a["wden"] if a["wden"] is not None else dummy,
-            a["gscale"] if a["gscale"] is not None else dummy, a["gs_stride"], a["loss"], a["lse"])
+    head = (
+        a["logits"],
+        *a["l_strides"],
+        grad,
+        *a["g_strides"],
+        a["target"],
+        *a["t_strides"],
+        a["weight"] if a["weight"] is not None else dummy,
+        a["wsum"] if a["wsum"] is not None else dummy,
+        a["count"] if a["count"] is not None else dummy,
+        a["wden"] if a["wden"] is not None else dummy,
+        a["gscale"] if a["gscale"] is not None else dummy,
+        a["gs_stride"],
+        a["loss"],
+        a["lse"],
+    )
     tail = (a["V"], a["D"], a["ignore_index"], a["eps"], a["z"])
     rows = a["rows"]
     if p["kind"] == 0:
         from .cross_entropy_legacy import _ce_fwd_kernel
 
-        return Launch(_ce_fwd_kernel, (rows,), head + tail, dict(flags, num_warps=p["warps"]), name=TUNE_NAME,
-                      config=tuple(cfg))
+        return Launch(
+            _ce_fwd_kernel, (rows,), head + tail, dict(flags, num_warps=p["warps"]), name=TUNE_NAME, config=tuple(cfg)
+        )
     from .cross_entropy import _ce_rows_kernel
 
     grid = (programs(rows, p["per_sm"], a["logits"].device),)
-    return Launch(_ce_rows_kernel, grid, head + (rows,) + tail,
-                  dict(flags, NUM_STAGES=p["stages"], num_warps=p["warps"]), name=TUNE_NAME, config=tuple(cfg))
+    return Launch(
+        _ce_rows_kernel,
+        grid,
+        head + (rows,) + tail,
+        dict(flags, NUM_STAGES=p["stages"], num_warps=p["warps"]),
+        name=TUNE_NAME,
+        config=tuple(cfg),
+    )
 
 
 def _scratch(a: dict, max_rows: int) -> dict:
@@ -202,14 +240,14 @@ def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    count: Optional[torch.Tensor] = None,
-    weight: Optional[torch.Tensor] = None,
-    weight_den: Optional[torch.Tensor] = None,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    weight_den: torch.Tensor | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    grad: Optional[torch.Tensor] = None,
-    gscale: Optional[torch.Tensor] = None,
+    grad: torch.Tensor | None = None,
+    gscale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the cross-entropy kernel over rows = (batch entry, position).
 
@@ -245,12 +283,29 @@ def ce_forward(
         g_strides = (0, 0, 0)
     if count is not None and weight is not None and not soft:
         assert weight_den is not None, "reduction mean with class weights needs weight_den"
-    a = dict(logits=logits, l_strides=(s_ln, s_ld, s_lc), grad=grad, g_strides=g_strides, target=target,
-             t_strides=t_strides, weight=weight, wsum=weight.sum(dtype=torch.float32) if weight is not None else None,
-             count=count, wden=weight_den if (count is not None and weight is not None and not soft) else None,
-             gscale=gscale, gs_stride=(gscale.stride(0) if gscale.numel() > 1 else 0) if gscale is not None else 0,
-             loss=loss, lse=lse, rows=rows, V=V, D=D, ignore_index=int(ignore_index), eps=float(label_smoothing),
-             z=float(z_loss), soft=soft)
+    a = dict(
+        logits=logits,
+        l_strides=(s_ln, s_ld, s_lc),
+        grad=grad,
+        g_strides=g_strides,
+        target=target,
+        t_strides=t_strides,
+        weight=weight,
+        wsum=weight.sum(dtype=torch.float32) if weight is not None else None,
+        count=count,
+        wden=weight_den if (count is not None and weight is not None and not soft) else None,
+        gscale=gscale,
+        gs_stride=(gscale.stride(0) if gscale.numel() > 1 else 0) if gscale is not None else 0,
+        loss=loss,
+        lse=lse,
+        rows=rows,
+        V=V,
+        D=D,
+        ignore_index=int(ignore_index),
+        eps=float(label_smoothing),
+        z=float(z_loss),
+        soft=soft,
+    )
     interp = _interpreting(logits.device)
     weighted = weight is not None
     unit = s_lc == 1
@@ -259,7 +314,7 @@ def ce_forward(
     sc = shape_class(V, rows, logits.dtype, soft, weighted, a["eps"] > 0.0, grad is not None, not unit)
     scratch = []
 
-    def run(c):   # the tuner's timed launch: the first rows, into scratch outputs made once
+    def run(c):  # the tuner's timed launch: the first rows, into scratch outputs made once
         if not scratch:
             scratch.append(_scratch(a, 4096))
         launch(_make(c, scratch[0]))
@@ -288,8 +343,13 @@ def scale_rows_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     warps = 1 if interp else (8 if block >= 4096 else 4)
     g = g.reshape(-1)
     scalar = g.numel() == 1
-    launch(Launch(_scale_rows_kernel, (programs(rows, 4, grad.device),),
-                  (grad, s_gn, s_gd, s_gc, g, 0 if scalar else g.stride(0), rows, V, D),
-                  dict(BLOCK_V=block, SCALAR=scalar, NUM_STAGES=1 if interp else 3, num_warps=warps),
-                  name="cross_entropy.scale"))
+    launch(
+        Launch(
+            _scale_rows_kernel,
+            (programs(rows, 4, grad.device),),
+            (grad, s_gn, s_gd, s_gc, g, 0 if scalar else g.stride(0), rows, V, D),
+            dict(BLOCK_V=block, SCALAR=scalar, NUM_STAGES=1 if interp else 3, num_warps=warps),
+            name="cross_entropy.scale",
+        )
+    )
     return grad

@@ -38,6 +38,7 @@ per element, the floor of any fused fwd+bwd. Longer rows make a second pass over
 gradient, walking its blocks last-to-first so that the most recently read blocks, the likeliest
 still in L2, are read again first.
 """
+
 from __future__ import annotations
 
 import triton
@@ -46,18 +47,39 @@ import triton.language as tl
 
 @triton.jit
 def _ce_fwd_kernel(
-    logits_ptr, s_ln, s_ld, s_lc,   # logits: row (n, d) starts at n*s_ln + d*s_ld, class c at c*s_lc
-    grad_ptr, s_gn, s_gd, s_gc,     # gradient output (may alias logits), same layout; unused without COMPUTE_GRAD
-    target_ptr, s_tn, s_td, s_tc,   # class indices: (rows,) contiguous; SOFT: probabilities laid out as logits
-    weight_ptr,                     # (V,) class weights; unused without HAS_WEIGHT
-    wsum_ptr,                       # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
-    count_ptr,                      # 0-d: number of non-ignored rows (SOFT: of rows); unused unless MEAN
-    wden_ptr,                       # fp32 0-d: sum of w[t] over non-ignored rows; unused unless MEAN, HAS_WEIGHT, not SOFT
-    gscale_ptr, stride_gs,          # gradient factor per row (stride 1) or scalar (stride 0); unused without HAS_GSCALE
-    loss_ptr, lse_ptr,              # (rows,) fp32 outputs: scaled per-row loss, log-sum-exp
-    V, D, ignore_index, eps, z,     # D: positions per batch entry (d1*...*dK; 1 for (N, C) input)
-    HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SMOOTH: tl.constexpr,
-    MEAN: tl.constexpr, SOFT: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    logits_ptr,
+    s_ln,
+    s_ld,
+    s_lc,  # logits: row (n, d) starts at n*s_ln + d*s_ld, class c at c*s_lc
+    grad_ptr,
+    s_gn,
+    s_gd,
+    s_gc,  # gradient output (may alias logits), same layout; unused without COMPUTE_GRAD
+    target_ptr,
+    s_tn,
+    s_td,
+    s_tc,  # class indices: (rows,) contiguous; SOFT: probabilities laid out as logits
+    weight_ptr,  # (V,) class weights; unused without HAS_WEIGHT
+    wsum_ptr,  # fp32 0-d: sum of the class weights; unused without HAS_WEIGHT
+    count_ptr,  # 0-d: number of non-ignored rows (SOFT: of rows); unused unless MEAN
+    wden_ptr,  # fp32 0-d: sum of w[t] over non-ignored rows; unused unless MEAN, HAS_WEIGHT, not SOFT
+    gscale_ptr,
+    stride_gs,  # gradient factor per row (stride 1) or scalar (stride 0); unused without HAS_GSCALE
+    loss_ptr,
+    lse_ptr,  # (rows,) fp32 outputs: scaled per-row loss, log-sum-exp
+    V,
+    D,
+    ignore_index,
+    eps,
+    z,  # D: positions per batch entry (d1*...*dK; 1 for (N, C) input)
+    HAS_WEIGHT: tl.constexpr,
+    HAS_GSCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    MEAN: tl.constexpr,
+    SOFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     n = row // D
@@ -67,7 +89,7 @@ def _ce_fwd_kernel(
     target_row = target_ptr + n * s_tn + d * s_td
     cols = tl.arange(0, BLOCK_V)
     if SOFT:
-        t = -1                       # no class index, no ignored row
+        t = -1  # no class index, no ignored row
     else:
         t = tl.load(target_ptr + row).to(tl.int64)
 
@@ -79,8 +101,11 @@ def _ce_fwd_kernel(
             if COMPUTE_GRAD:
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
-                    tl.store(grad_row + offs * s_gc,
-                             tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty), mask=offs < V)
+                    tl.store(
+                        grad_row + offs * s_gc,
+                        tl.zeros([BLOCK_V], dtype=tl.float32).to(grad_ptr.dtype.element_ty),
+                        mask=offs < V,
+                    )
             return
 
     # reduction scales; a zero denominator (every row ignored) divides 0 by 1: loss 0, grad 0
@@ -159,7 +184,7 @@ def _ce_fwd_kernel(
             g = tl.load(gscale_ptr + row * stride_gs).to(tl.float32)
         if SOFT:
             coef = g * (sA * mass + sB * 2.0 * z * lse)
-            smooth = g * sA          # times w_c y'_c
+            smooth = g * sA  # times w_c y'_c
             hit = 0.0
         else:
             coef = g * (sA * ((1.0 - eps) * w_t + (eps / V) * w_sum) + sB * 2.0 * z * lse)
@@ -169,8 +194,7 @@ def _ce_fwd_kernel(
             if SOFT:
                 _soft_grad_block(x_row, wy_row, cols, cols < V, lse, coef, smooth, grad_row, s_gc)
             else:
-                _ce_grad_block(x_row, cols, cols < V, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr,
-                               HAS_WEIGHT)
+                _ce_grad_block(x_row, cols, cols < V, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT)
         else:
             n_blocks = tl.cdiv(V, BLOCK_V)
             for i in range(0, n_blocks):

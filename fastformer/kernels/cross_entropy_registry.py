@@ -3,6 +3,7 @@
 Each case calls `ce_forward` / `scale_rows_` (cross_entropy_launch.py) on "meta" tensors shaped like
 a real call (16384 rows), so the report compiles exactly what a call of that shape launches.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,16 @@ VARIANTS = ("plain", "smooth", "weight", "soft", "none", "kdim")
 GATED = [(d, V) for d in ("bf16", "fp32") for V in (32768, 131072)]
 # the rest of the representative set `make test` builds: each variant's kernel once, the legacy kernel,
 # the scaling kernel, fp16, and sm_80
-CI_CASES = {"smooth bf16 V32768": (80,), "weight bf16 V32768": (90,), "soft bf16 V131072": (90,),
-            "none bf16 V32768": (90,), "kdim bf16 V131072": (90,), "legacy bf16 V131072": (90,),
-            "plain fp16 V32768": (90,), "scale bf16 V131072": (90,)}
+CI_CASES = {
+    "smooth bf16 V32768": (80,),
+    "weight bf16 V32768": (90,),
+    "soft bf16 V131072": (90,),
+    "none bf16 V32768": (90,),
+    "kdim bf16 V131072": (90,),
+    "legacy bf16 V131072": (90,),
+    "plain fp16 V32768": (90,),
+    "scale bf16 V131072": (90,),
+}
 
 
 def _call(variant: str, dtype: torch.dtype, V: int, config=None) -> list:
@@ -38,16 +46,22 @@ def _call(variant: str, dtype: torch.dtype, V: int, config=None) -> list:
         t = torch.empty(N, dtype=torch.int64, **meta)
     else:
         x = torch.empty(N, V, dtype=dtype, **meta)
-        t = (torch.empty(N, V, dtype=torch.float32, **meta) if variant == "soft"
-             else torch.empty(N, dtype=torch.int64, **meta))
+        t = (
+            torch.empty(N, V, dtype=torch.float32, **meta)
+            if variant == "soft"
+            else torch.empty(N, dtype=torch.int64, **meta)
+        )
     kw = {}
     if variant != "none":
         kw["count"] = torch.empty((), dtype=torch.int64, **meta)
     if variant == "smooth":
         kw.update(label_smoothing=0.1, z_loss=1e-4)
     if variant == "weight":
-        kw.update(weight=torch.empty(V, dtype=torch.float32, **meta),
-                  weight_den=torch.empty((), dtype=torch.float32, **meta), label_smoothing=0.1)
+        kw.update(
+            weight=torch.empty(V, dtype=torch.float32, **meta),
+            weight_den=torch.empty((), dtype=torch.float32, **meta),
+            label_smoothing=0.1,
+        )
     if variant == "none":
         kw["gscale"] = torch.empty(N, dtype=torch.float32, **meta)
     with capture_launches() as launches:
@@ -72,20 +86,52 @@ def cases() -> list:
     out = []
     for dname, V in GATED + [("bf16", 8192), ("bf16", 50257), ("fp32", 16384), ("fp16", 32768)]:
         name = f"plain {dname} V{V}"
-        out.append(Case(name=name, launches=functools.partial(_call, "plain", DTYPES[dname], V), dtype=dname,
-                        head_dim=0, variant="plain", ci_archs=(90,) if (dname, V) in GATED else CI_CASES.get(name, ())))
+        out.append(
+            Case(
+                name=name,
+                launches=functools.partial(_call, "plain", DTYPES[dname], V),
+                dtype=dname,
+                head_dim=0,
+                variant="plain",
+                ci_archs=(90,) if (dname, V) in GATED else CI_CASES.get(name, ()),
+            )
+        )
     for variant in VARIANTS[1:]:
         for V in (32768, 131072):
             name = f"{variant} bf16 V{V}"
-            out.append(Case(name=name, launches=functools.partial(_call, variant, torch.bfloat16, V), dtype="bf16",
-                            head_dim=0, variant=variant, ci_archs=CI_CASES.get(name, ())))
+            out.append(
+                Case(
+                    name=name,
+                    launches=functools.partial(_call, variant, torch.bfloat16, V),
+                    dtype="bf16",
+                    head_dim=0,
+                    variant=variant,
+                    ci_archs=CI_CASES.get(name, ()),
+                )
+            )
     for V in (32768, 131072):
         name = f"legacy bf16 V{V}"
-        out.append(Case(name=name, dtype="bf16", head_dim=0, variant="legacy", ci_archs=CI_CASES.get(name, ()),
-                        launches=functools.partial(_call, "plain", torch.bfloat16, V, CL.LEGACY)))
+        out.append(
+            Case(
+                name=name,
+                dtype="bf16",
+                head_dim=0,
+                variant="legacy",
+                ci_archs=CI_CASES.get(name, ()),
+                launches=functools.partial(_call, "plain", torch.bfloat16, V, CL.LEGACY),
+            )
+        )
     name = "scale bf16 V131072"
-    out.append(Case(name=name, launches=functools.partial(_scale_call, torch.bfloat16, 131072), dtype="bf16",
-                    head_dim=0, variant="scale", ci_archs=CI_CASES.get(name, ())))
+    out.append(
+        Case(
+            name=name,
+            launches=functools.partial(_scale_call, torch.bfloat16, 131072),
+            dtype="bf16",
+            head_dim=0,
+            variant="scale",
+            ci_archs=CI_CASES.get(name, ()),
+        )
+    )
     return out
 
 
@@ -104,9 +150,13 @@ def candidates() -> list:
     out = []
     for cfg in dict.fromkeys(cfgs):
         for dname, V in _judged_at(cfg):
-            case = Case(name=f"plain {dname} V{V} {CL.TUNE_NAME} {','.join(map(str, cfg))}", dtype=dname, head_dim=0,
-                        variant="legacy" if cfg == CL.LEGACY else "plain",
-                        launches=functools.partial(_call, "plain", DTYPES[dname], V, cfg))
+            case = Case(
+                name=f"plain {dname} V{V} {CL.TUNE_NAME} {','.join(map(str, cfg))}",
+                dtype=dname,
+                head_dim=0,
+                variant="legacy" if cfg == CL.LEGACY else "plain",
+                launches=functools.partial(_call, "plain", DTYPES[dname], V, cfg),
+            )
             out.append(Candidate(tune_name=CL.TUNE_NAME, config=tuple(cfg), kernels=(CL.TUNE_NAME,), case=case))
     return out
 
@@ -127,17 +177,35 @@ def _gated(row) -> bool:
 
 
 GATES = (
-    Gate("fits", "the build fits the GPU: at least one block per SM (registers, shared memory)",
-         lambda r: (r["blocks_per_sm"] or 0) >= 1, candidates=True),
-    Gate("ce-no-loop-local-mem", "no local-memory load or store in the persistent row loop (nor in the block "
-         "loops inside it): plain rows of bf16 and fp32, V = 32768 and 131072, and every tuning candidate of "
-         "the persistent kernel", lambda r: r["loop_local_mem_ops"] == 0, _gated, candidates=True),
-    Gate("ce-one-ex2", "one exp2 per element in each loop over a row's elements (the row loop of a row kept "
-         "on chip; each pass of a streamed row): every build of the persistent kernel",
-         lambda r: r["ex2_per_element"] == 1.0, lambda r: _new_kernel(r) and not r.get("candidate")),
-    Gate("ce-async-copies", "the row loop's loads are asynchronous copies (cp.async or TMA) while the previous "
-         "row or block is reduced: plain rows of bf16 and fp32, V = 32768 and 131072",
-         lambda r: r["loop_async_copies"] + r["loop_tma_loads"] > 0, lambda r: _gated(r) and not r.get("candidate")),
+    Gate(
+        "fits",
+        "the build fits the GPU: at least one block per SM (registers, shared memory)",
+        lambda r: (r["blocks_per_sm"] or 0) >= 1,
+        candidates=True,
+    ),
+    Gate(
+        "ce-no-loop-local-mem",
+        "no local-memory load or store in the persistent row loop (nor in the block "
+        "loops inside it): plain rows of bf16 and fp32, V = 32768 and 131072, and every tuning candidate of "
+        "the persistent kernel",
+        lambda r: r["loop_local_mem_ops"] == 0,
+        _gated,
+        candidates=True,
+    ),
+    Gate(
+        "ce-one-ex2",
+        "one exp2 per element in each loop over a row's elements (the row loop of a row kept "
+        "on chip; each pass of a streamed row): every build of the persistent kernel",
+        lambda r: r["ex2_per_element"] == 1.0,
+        lambda r: _new_kernel(r) and not r.get("candidate"),
+    ),
+    Gate(
+        "ce-async-copies",
+        "the row loop's loads are asynchronous copies (cp.async or TMA) while the previous "
+        "row or block is reduced: plain rows of bf16 and fp32, V = 32768 and 131072",
+        lambda r: r["loop_async_copies"] + r["loop_tma_loads"] > 0,
+        lambda r: _gated(r) and not r.get("candidate"),
+    ),
 )
 
 FAMILY = Family(name="cross_entropy", cases=cases, gates=GATES, candidates=candidates)

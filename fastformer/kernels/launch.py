@@ -9,16 +9,16 @@ launcher path ahead of time (`fastformer.kernels.aot`), so the report's binary i
 
 No triton import here: the reference path imports this module.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
-_captured: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastformer_captured_launches",
-                                                                          default=None)
-_target: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("fastformer_capture_target", default=None)
+_captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastformer_captured_launches", default=None)
+_target: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastformer_capture_target", default=None)
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class Launch:
     args: tuple
     kwargs: dict
     name: str
-    config: Optional[tuple] = None
+    config: tuple | None = None
 
 
 def launch(item: Launch) -> None:
@@ -72,6 +72,6 @@ def for_arch(arch: int):
         _target.reset(token)
 
 
-def capture_target() -> Optional[int]:
+def capture_target() -> int | None:
     """The generation set by for_arch() (e.g. 90), or None."""
     return _target.get()

@@ -15,11 +15,12 @@ attention kernels), one `Family`:
 To add a family: write `<name>_registry.py` with `FAMILY = Family(...)` and add its module name to
 `FAMILIES` below. Nothing here imports triton.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 FAMILIES = ("fastformer.kernels.attention_registry", "fastformer.kernels.cross_entropy_registry")
 
@@ -73,7 +74,7 @@ class Family:
     candidates: Callable[[], list] = lambda: []
 
 
-def families(names: Optional[list] = None) -> list:
+def families(names: list | None = None) -> list:
     """The registered families (optionally only those named)."""
     out = [importlib.import_module(m).FAMILY for m in FAMILIES]
     if names:
@@ -89,8 +90,16 @@ def evaluate(gates, rows: list) -> list:
     out = []
     for row in rows:
         if row.get("error"):
-            out.append({"gate": "compiles", "kernel": row["kernel"], "config": row["config"], "arch": row["arch"],
-                        "ok": False, "detail": row["error"][:300]})
+            out.append(
+                {
+                    "gate": "compiles",
+                    "kernel": row["kernel"],
+                    "config": row["config"],
+                    "arch": row["arch"],
+                    "ok": False,
+                    "detail": row["error"][:300],
+                }
+            )
             continue
         for gate in gates:
             try:
@@ -100,6 +109,14 @@ def evaluate(gates, rows: list) -> list:
                 detail = ""
             except Exception as exc:  # noqa: BLE001 - a gate that cannot read its row fails
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
-            out.append({"gate": gate.name, "kernel": row["kernel"], "config": row["config"], "arch": row["arch"],
-                        "ok": ok, "detail": detail})
+            out.append(
+                {
+                    "gate": gate.name,
+                    "kernel": row["kernel"],
+                    "config": row["config"],
+                    "arch": row["arch"],
+                    "ok": ok,
+                    "detail": detail,
+                }
+            )
     return out

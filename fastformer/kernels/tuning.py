@@ -23,6 +23,7 @@ calls, in this process or any later one, return the cached choice without timing
 
 No triton import at module import time (the reference path imports this module).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 TUNE_ENV = "FASTFORMER_TUNE"
 CACHE_ENV = "FASTFORMER_TUNE_CACHE"
@@ -42,9 +43,9 @@ GATES_DIR = Path(__file__).resolve().parent / "gate_results"
 
 _lock = threading.RLock()
 _state = threading.local()
-_memory: dict = {}            # (gpu, triton, kernel, shape_class) -> config tuple
-_log: list = []               # choices made or loaded in this process (for benchmark reports)
-_forced: dict = {}            # kernel -> config, set by force_config() (the kernel report, tests)
+_memory: dict = {}  # (gpu, triton, kernel, shape_class) -> config tuple
+_log: list = []  # choices made or loaded in this process (for benchmark reports)
+_forced: dict = {}  # kernel -> config, set by force_config() (the kernel report, tests)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def tuning_enabled() -> bool:
     return os.environ.get(TUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def set_tuning(enabled: Optional[bool]) -> None:
+def set_tuning(enabled: bool | None) -> None:
     """Turn tuning on or off for this thread (None: back to FASTFORMER_TUNE)."""
     _state.enabled = None if enabled is None else bool(enabled)
 
@@ -124,8 +125,9 @@ def _load_gate_results(family: str) -> dict:
         return {}
 
 
-def gates_allow(kernel: str, config: Sequence[int], arch: Optional[int], triton_version: str,
-                results: Optional[dict] = None) -> bool:
+def gates_allow(
+    kernel: str, config: Sequence[int], arch: int | None, triton_version: str, results: dict | None = None
+) -> bool:
     """Whether `config` of `kernel` ("family.kind:dNN") passed the report's gates for this Triton
     version and GPU generation. An unrecorded Triton version: it must have passed on every recorded
     one; an unrecorded arch: the nearest recorded one below it, or every recorded one. A candidate
@@ -212,7 +214,7 @@ def _cuda_timer(fn: Callable[[], None]) -> float:
 _timer: Callable[[Callable[[], None]], float] = _cuda_timer
 
 
-def set_timer(timer: Optional[Callable[[Callable[[], None]], float]]) -> None:
+def set_timer(timer: Callable[[Callable[[], None]], float] | None) -> None:
     """Replace the timer (tests use a fake one); None restores the CUDA timer."""
     global _timer
     _timer = timer if timer is not None else _cuda_timer
@@ -260,8 +262,16 @@ def _can_time(device) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def choose(kernel: str, shape_class: str, default: tuple, candidates: Iterable[tuple],
-           run: Callable[[tuple], None], device, *, facts: Optional[tuple] = None) -> tuple:
+def choose(
+    kernel: str,
+    shape_class: str,
+    default: tuple,
+    candidates: Iterable[tuple],
+    run: Callable[[tuple], None],
+    device,
+    *,
+    facts: tuple | None = None,
+) -> tuple:
     """The configuration to launch `kernel` with for this shape class on `device`.
 
     default: the built-in configuration (always a candidate, and the answer whenever nothing is
@@ -310,8 +320,13 @@ def choose(kernel: str, shape_class: str, default: tuple, candidates: Iterable[t
     else:
         best = min(timings, key=timings.get)
         cfg = next(c for c in allowed if config_id(c) == best)
-    entry = {"config": list(cfg), "default": list(default), "timings_ms": timings, "skipped": skipped,
-             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    entry = {
+        "config": list(cfg),
+        "default": list(default),
+        "timings_ms": timings,
+        "skipped": skipped,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if timings:
         entry = _write_entry(path, dkey, entry)
         cfg = tuple(entry["config"])
@@ -323,10 +338,19 @@ def _remember(mkey: tuple, cfg: tuple, entry: dict, source: str) -> None:
     with _lock:
         _memory[mkey] = cfg
         gpu, tver, kernel, shape_class = mkey
-        _log.append({"gpu": gpu, "triton": tver, "kernel": kernel, "shape_class": shape_class,
-                     "config": list(cfg), "default": entry.get("default", list(cfg)),
-                     "timings_ms": entry.get("timings_ms", {}), "skipped": entry.get("skipped", {}),
-                     "source": source})
+        _log.append(
+            {
+                "gpu": gpu,
+                "triton": tver,
+                "kernel": kernel,
+                "shape_class": shape_class,
+                "config": list(cfg),
+                "default": entry.get("default", list(cfg)),
+                "timings_ms": entry.get("timings_ms", {}),
+                "skipped": entry.get("skipped", {}),
+                "source": source,
+            }
+        )
 
 
 def chosen() -> list[dict]:

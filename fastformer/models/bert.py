@@ -21,10 +21,10 @@ CPU training costs that are not matrix products, and what this file does about t
   the head's dense gradient, instead of a second dense (V, H) buffer filled with zeros;
 - token types: without `token_type_ids` the type-0 row is broadcast instead of gathered per token.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -48,18 +48,18 @@ class BertConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
-    pre_ln: bool = False            # False: post-LN as in BERT; True: pre-LN (+ final LayerNorm)
+    pre_ln: bool = False  # False: post-LN as in BERT; True: pre-LN (+ final LayerNorm)
     pad_token_id: int = 0
-    unpad: bool | None = None       # None: unpad + varlen attention on CUDA, and on CPU for batches >= 1/8 padding
+    unpad: bool | None = None  # None: unpad + varlen attention on CUDA, and on CPU for batches >= 1/8 padding
     initializer_range: float = 0.02
-    pooling: str = "cls"            # sequence classification: pooler on "cls" ([CLS], as BERT) or on the "mean"
-                                    # of the real tokens' states (better after MLM-only pre-training)
+    pooling: str = "cls"  # sequence classification: pooler on "cls" ([CLS], as BERT) or on the "mean"
+    # of the real tokens' states (better after MLM-only pre-training)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
+    def from_dict(cls, d: dict) -> BertConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -67,7 +67,7 @@ class BertConfig:
 def _compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
-    except AttributeError:   # an older torch
+    except AttributeError:  # an older torch
         return False
 
 
@@ -83,8 +83,8 @@ class Dropout(nn.Dropout):
         if self.p >= 1.0:
             return x * 0.0
         n = x.numel()
-        drop = round(self.p * 65536)            # keep a lane iff its 16-bit value >= -32768 + drop
-        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        drop = round(self.p * 65536)  # keep a lane iff its 16-bit value >= -32768 + drop
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= (drop - 32768)
         return x * (keep * (65536.0 / (65536 - drop))).to(x.dtype)
 
@@ -93,11 +93,11 @@ class _Layout:
     """How the token rows are laid out: padded (B, L) with an optional key mask, or unpadded (T,)."""
 
     def __init__(self, *, mask=None, batch=None, seqlen=None, cu_seqlens=None, max_seqlen=None, index=None):
-        self.mask = mask                # (B, 1, 1, L) bool or None          (padded)
+        self.mask = mask  # (B, 1, 1, L) bool or None          (padded)
         self.batch, self.seqlen = batch, seqlen
-        self.cu_seqlens = cu_seqlens    # (B + 1,) int32                      (unpadded)
+        self.cu_seqlens = cu_seqlens  # (B + 1,) int32                      (unpadded)
         self.max_seqlen = max_seqlen
-        self.index = index              # (T,) flat positions of real tokens  (unpadded)
+        self.index = index  # (T,) flat positions of real tokens  (unpadded)
 
     @property
     def unpadded(self) -> bool:
@@ -119,9 +119,10 @@ class BertSelfAttention(nn.Module):
         p = self.p if self.training else 0.0
         qkv = self.qkv(x)
         if layout.unpadded:
-            q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)                     # (T, h, d) each
-            o = ff.varlen_attention(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
-                                    layout.max_seqlen, dropout_p=p)
+            q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)  # (T, h, d) each
+            o = ff.varlen_attention(
+                q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen, dropout_p=p
+            )
             o = o.reshape(x.shape)
         else:
             B, L, _ = x.shape
@@ -177,8 +178,12 @@ class BertEncoder(nn.Module):
             # with the rows it is given, so skipping the padding pays once it is a real share of the
             # batch (a fine-tuning batch of mixed lengths is often half padding); below 1/8 the
             # gather and the per-sequence attention calls cost more than they save.
-            unpad = input_ids.is_cuda or (cpu_unpad and attention_mask is not None and not _compiling()
-                                          and 8 * int(attention_mask.sum()) <= 7 * attention_mask.numel())
+            unpad = input_ids.is_cuda or (
+                cpu_unpad
+                and attention_mask is not None
+                and not _compiling()
+                and 8 * int(attention_mask.sum()) <= 7 * attention_mask.numel()
+            )
         # Nothing padded (attention_mask None, e.g. packed examples): the dense mask-free path is
         # already pad-free, so only unpad when forced.
         if unpad and (attention_mask is not None or self.config.unpad):
@@ -191,9 +196,15 @@ class BertEncoder(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         return _Layout(mask=mask, batch=B, seqlen=L)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, *, keep_unpadded: bool = False,
-                cpu_unpad: bool = True):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        keep_unpadded: bool = False,
+        cpu_unpad: bool = True,
+    ):
         """input_ids, attention_mask (1 = real token; None = no padding), token_type_ids: (B, L).
 
         Returns (hidden, layout): hidden (B, L, H); or, when the unpadded path runs and keep_unpadded
@@ -205,8 +216,13 @@ class BertEncoder(nn.Module):
         layout = self._layout(input_ids, attention_mask, cpu_unpad)
         pos = torch.arange(L, device=input_ids.device)
         emb = self.word_embeddings
-        sparse = (self.sparse_word_grad and input_ids.device.type == "cpu" and emb.weight.requires_grad
-                  and torch.is_grad_enabled() and not _compiling())
+        sparse = (
+            self.sparse_word_grad
+            and input_ids.device.type == "cpu"
+            and emb.weight.requires_grad
+            and torch.is_grad_enabled()
+            and not _compiling()
+        )
         x = F.embedding(input_ids, emb.weight, emb.padding_idx, sparse=sparse) + self.position_embeddings(pos)
         if token_type_ids is not None:
             x = x + self.token_type_embeddings(token_type_ids)
@@ -214,7 +230,7 @@ class BertEncoder(nn.Module):
             x = x + self.token_type_embeddings.weight[0]
         x = self.drop(self.emb_ln(x))
         if layout.unpadded:
-            x = x.reshape(B * L, -1).index_select(0, layout.index)                   # (T, H)
+            x = x.reshape(B * L, -1).index_select(0, layout.index)  # (T, H)
         for layer in self.layers:
             x = layer(x, layout)
         if self.final_ln is not None:
@@ -270,15 +286,16 @@ class BertForMaskedLM(nn.Module):
         return_logits (evaluation accuracy) else None, target (n_predicted,) the gathered labels."""
         # a label on a padded position (no collator makes one) is predicted from that position's hidden
         # state, as Hugging Face does: only the padded layout has it, so such a CPU batch stays padded
-        cpu_unpad = attention_mask is None or input_ids.is_cuda or not bool(
-            ((labels != -100) & ~attention_mask.bool()).any())
+        cpu_unpad = (
+            attention_mask is None or input_ids.is_cuda or not bool(((labels != -100) & ~attention_mask.bool()).any())
+        )
         h, layout = self.encoder(input_ids, attention_mask, token_type_ids, keep_unpadded=True, cpu_unpad=cpu_unpad)
         flat_labels = labels.reshape(-1)
         if layout.unpadded:
             flat_labels = flat_labels.index_select(0, layout.index)
         h = h.reshape(-1, h.shape[-1])
-        rows = (flat_labels != -100).nonzero().flatten()                  # gather the predicted rows only
-        hm = self.head.transform(h.index_select(0, rows))                 # (N, H)
+        rows = (flat_labels != -100).nonzero().flatten()  # gather the predicted rows only
+        hm = self.head.transform(h.index_select(0, rows))  # (N, H)
         target = flat_labels.index_select(0, rows)
         dt = autocast_dtype(hm)
         # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly, once for

@@ -25,10 +25,10 @@ transformers 5.x forces `T5Config.tie_word_embeddings = True` and keeps the user
 with `shared.weight`. `to_hf` gives the LM head its own Parameter (and removes it from the model's
 tie list, so `save_pretrained` writes it); `from_hf` copies whatever head the HF model uses.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -36,10 +36,13 @@ from torch import nn
 from .bert import BertConfig, BertEncoder, BertForMaskedLM, BertForSequenceClassification
 from .t5 import T5Config, T5EncoderForSequenceClassification, T5ForConditionalGeneration, T5Stack, _init_weights
 
-_FROM_SUPPORTED = ("BertModel, BertForMaskedLM, BertForSequenceClassification, "
-                   "T5ForConditionalGeneration (T5 v1.1), T5EncoderModel")
-_TO_SUPPORTED = ("BertEncoder, BertForMaskedLM, BertForSequenceClassification (post-LN), "
-                 "T5ForConditionalGeneration, fastformer.models.convert.T5EncoderModel")
+_FROM_SUPPORTED = (
+    "BertModel, BertForMaskedLM, BertForSequenceClassification, T5ForConditionalGeneration (T5 v1.1), T5EncoderModel"
+)
+_TO_SUPPORTED = (
+    "BertEncoder, BertForMaskedLM, BertForSequenceClassification (post-LN), "
+    "T5ForConditionalGeneration, fastformer.models.convert.T5EncoderModel"
+)
 # T5 v1.1's gated feed-forward uses the tanh approximation of GELU; these HF activations compute it.
 _T5_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -57,7 +60,7 @@ class T5EncoderModel(nn.Module):
         self.encoder = T5Stack(cfg, self.shared, is_decoder=False)
         _init_weights(self, cfg)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(input_ids, attention_mask)
 
 
@@ -75,20 +78,25 @@ def _transformers():
 # the first HF name (tied weights); they are checked on import and written on export.
 # ----------------------------------------------------------------------------------------------
 
+
 def _bert_encoder_map(ours: str, hf: str, num_layers: int) -> list:
-    m = [(f"{ours}word_embeddings.weight", [f"{hf}embeddings.word_embeddings.weight"], []),
-         (f"{ours}position_embeddings.weight", [f"{hf}embeddings.position_embeddings.weight"], []),
-         (f"{ours}token_type_embeddings.weight", [f"{hf}embeddings.token_type_embeddings.weight"], [])]
+    m = [
+        (f"{ours}word_embeddings.weight", [f"{hf}embeddings.word_embeddings.weight"], []),
+        (f"{ours}position_embeddings.weight", [f"{hf}embeddings.position_embeddings.weight"], []),
+        (f"{ours}token_type_embeddings.weight", [f"{hf}embeddings.token_type_embeddings.weight"], []),
+    ]
     m += [(f"{ours}emb_ln.{p}", [f"{hf}embeddings.LayerNorm.{p}"], []) for p in ("weight", "bias")]
     for i in range(num_layers):
         a, b = f"{ours}layers.{i}.", f"{hf}encoder.layer.{i}."
         for p in ("weight", "bias"):
-            m += [(f"{a}attn.qkv.{p}", [f"{b}attention.self.{n}.{p}" for n in ("query", "key", "value")], []),
-                  (f"{a}attn.out.{p}", [f"{b}attention.output.dense.{p}"], []),
-                  (f"{a}ln1.{p}", [f"{b}attention.output.LayerNorm.{p}"], []),
-                  (f"{a}fc1.{p}", [f"{b}intermediate.dense.{p}"], []),
-                  (f"{a}fc2.{p}", [f"{b}output.dense.{p}"], []),
-                  (f"{a}ln2.{p}", [f"{b}output.LayerNorm.{p}"], [])]
+            m += [
+                (f"{a}attn.qkv.{p}", [f"{b}attention.self.{n}.{p}" for n in ("query", "key", "value")], []),
+                (f"{a}attn.out.{p}", [f"{b}attention.output.dense.{p}"], []),
+                (f"{a}ln1.{p}", [f"{b}attention.output.LayerNorm.{p}"], []),
+                (f"{a}fc1.{p}", [f"{b}intermediate.dense.{p}"], []),
+                (f"{a}fc2.{p}", [f"{b}output.dense.{p}"], []),
+                (f"{a}ln2.{p}", [f"{b}output.LayerNorm.{p}"], []),
+            ]
     return m
 
 
@@ -126,11 +134,12 @@ def _t5_map(ours: nn.Module) -> list:
 # Copying
 # ----------------------------------------------------------------------------------------------
 
+
 def _params(model: nn.Module) -> dict:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
-def _source_dtype(model: nn.Module) -> Optional[torch.dtype]:
+def _source_dtype(model: nn.Module) -> torch.dtype | None:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
 
@@ -146,14 +155,16 @@ def _prepare(target: nn.Module, source: nn.Module) -> nn.Module:
 def _set(dst: nn.Parameter, value: torch.Tensor, what: str) -> None:
     if dst.shape != value.shape:
         raise ValueError(f"{what}: shape {tuple(value.shape)} does not fit {tuple(dst.shape)}")
-    dst.data = value.detach().clone()       # bitwise copy; dtype and device follow the source
+    dst.data = value.detach().clone()  # bitwise copy; dtype and device follow the source
 
 
 def _check_covered(params: dict, used: set, side: str, ignore: tuple = ()) -> None:
     left = [n for n, p in params.items() if id(p) not in used and not n.startswith(ignore)]
     if left:
-        raise ValueError(f"{side} parameters with no counterpart (unsupported model variant): {left[:8]}"
-                         + (" ..." if len(left) > 8 else ""))
+        raise ValueError(
+            f"{side} parameters with no counterpart (unsupported model variant): {left[:8]}"
+            + (" ..." if len(left) > 8 else "")
+        )
 
 
 def _copy_from_hf(ours: nn.Module, hf: nn.Module, mapping: list, ignore_hf: tuple = ()) -> None:
@@ -188,7 +199,7 @@ def _copy_to_hf(ours: nn.Module, hf: nn.Module, mapping: list) -> None:
             for n, d, v in zip(h_names, dsts, parts):
                 _set(d, v, n)
             for a in aliases:
-                if hp[a] is not dsts[0]:        # an untied alias: write the same value
+                if hp[a] is not dsts[0]:  # an untied alias: write the same value
                     _set(hp[a], value, a)
                 used_h.add(id(hp[a]))
             used_h.update(id(d) for d in dsts)
@@ -200,6 +211,7 @@ def _copy_to_hf(ours: nn.Module, hf: nn.Module, mapping: list) -> None:
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
+
 
 def _unsupported(what: str, problems: list) -> None:
     if problems:
@@ -216,63 +228,105 @@ def _bert_config_from_hf(c, what: str) -> BertConfig:
     if getattr(c, "is_decoder", False) or getattr(c, "add_cross_attention", False):
         problems.append("is_decoder / add_cross_attention (fastformer's BERT is a bidirectional encoder)")
     _unsupported(what, problems)
-    return BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
-                      num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-                      max_position=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
-                      dropout=c.hidden_dropout_prob, attention_dropout=c.attention_probs_dropout_prob,
-                      layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id,
-                      initializer_range=c.initializer_range)
+    return BertConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        max_position=c.max_position_embeddings,
+        type_vocab_size=c.type_vocab_size,
+        dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
+        layer_norm_eps=c.layer_norm_eps,
+        pad_token_id=c.pad_token_id,
+        initializer_range=c.initializer_range,
+    )
 
 
 def _bert_config_to_hf(c: BertConfig, what: str, **extra):
     _unsupported(what, ["pre_ln=True (Hugging Face BERT is post-LN)"] if c.pre_ln else [])
     return _transformers().BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size, hidden_act="gelu",
-        hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.attention_dropout,
-        max_position_embeddings=c.max_position, type_vocab_size=c.type_vocab_size,
-        initializer_range=c.initializer_range, layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id,
-        **extra)
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        intermediate_size=c.intermediate_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=c.dropout,
+        attention_probs_dropout_prob=c.attention_dropout,
+        max_position_embeddings=c.max_position,
+        type_vocab_size=c.type_vocab_size,
+        initializer_range=c.initializer_range,
+        layer_norm_eps=c.layer_norm_eps,
+        pad_token_id=c.pad_token_id,
+        **extra,
+    )
 
 
 def _t5_config_from_hf(c, what: str, *, decoder: bool) -> T5Config:
     problems = []
     if not getattr(c, "is_gated_act", False) or getattr(c, "dense_act_fn", None) not in _T5_TANH_GELUS:
-        problems.append(f"feed_forward_proj={c.feed_forward_proj!r} (fastformer's T5 has T5 v1.1's 'gated-gelu' "
-                        "feed-forward only)")
+        problems.append(
+            f"feed_forward_proj={c.feed_forward_proj!r} (fastformer's T5 has T5 v1.1's 'gated-gelu' feed-forward only)"
+        )
     # transformers 5.x keeps the user's tie_word_embeddings as scale_decoder_outputs; older versions
     # scale when tie_word_embeddings is set.
     scaled = getattr(c, "scale_decoder_outputs", None)
     if scaled is None:
         scaled = getattr(c, "tie_word_embeddings", True)
     if decoder and scaled:
-        problems.append("decoder outputs scaled by d_model**-0.5 before the LM head (original T5, "
-                        "tie_word_embeddings=True); fastformer implements T5 v1.1 (tie_word_embeddings=False)")
+        problems.append(
+            "decoder outputs scaled by d_model**-0.5 before the LM head (original T5, "
+            "tie_word_embeddings=True); fastformer implements T5 v1.1 (tie_word_embeddings=False)"
+        )
     _unsupported(what, problems)
     eos = c.eos_token_id[0] if isinstance(c.eos_token_id, (list, tuple)) else c.eos_token_id
     pad = 0 if c.pad_token_id is None else c.pad_token_id
     start = getattr(c, "decoder_start_token_id", None)
-    return T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_ff=c.d_ff, d_kv=c.d_kv, num_heads=c.num_heads,
-                    num_layers=c.num_layers, num_decoder_layers=c.num_decoder_layers,
-                    relative_attention_num_buckets=c.relative_attention_num_buckets,
-                    relative_attention_max_distance=c.relative_attention_max_distance,
-                    dropout_rate=c.dropout_rate, layer_norm_epsilon=c.layer_norm_epsilon, pad_token_id=pad,
-                    eos_token_id=1 if eos is None else eos, decoder_start_token_id=pad if start is None else start)
+    return T5Config(
+        vocab_size=c.vocab_size,
+        d_model=c.d_model,
+        d_ff=c.d_ff,
+        d_kv=c.d_kv,
+        num_heads=c.num_heads,
+        num_layers=c.num_layers,
+        num_decoder_layers=c.num_decoder_layers,
+        relative_attention_num_buckets=c.relative_attention_num_buckets,
+        relative_attention_max_distance=c.relative_attention_max_distance,
+        dropout_rate=c.dropout_rate,
+        layer_norm_epsilon=c.layer_norm_epsilon,
+        pad_token_id=pad,
+        eos_token_id=1 if eos is None else eos,
+        decoder_start_token_id=pad if start is None else start,
+    )
 
 
 def _t5_config_to_hf(c: T5Config):
     return _transformers().T5Config(
-        vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
-        num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
+        vocab_size=c.vocab_size,
+        d_model=c.d_model,
+        d_kv=c.d_kv,
+        d_ff=c.d_ff,
+        num_layers=c.num_layers,
+        num_decoder_layers=c.num_decoder_layers,
+        num_heads=c.num_heads,
         relative_attention_num_buckets=c.relative_attention_num_buckets,
-        relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=c.dropout_rate,
-        layer_norm_epsilon=c.layer_norm_epsilon, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id, decoder_start_token_id=c.decoder_start_token_id)
+        relative_attention_max_distance=c.relative_attention_max_distance,
+        dropout_rate=c.dropout_rate,
+        layer_norm_epsilon=c.layer_norm_epsilon,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=c.pad_token_id,
+        eos_token_id=c.eos_token_id,
+        decoder_start_token_id=c.decoder_start_token_id,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
+
 
 def from_hf(model: nn.Module) -> nn.Module:
     """Hugging Face BERT / T5 model -> the matching fastformer model with the same weights.
@@ -287,8 +341,11 @@ def from_hf(model: nn.Module) -> nn.Module:
         if isinstance(model, tf.BertModel):
             kind, ours = "encoder", BertEncoder(cfg)
             if model.pooler is not None:
-                warnings.warn("from_hf: BertModel.pooler has no counterpart in fastformer's BertEncoder and is "
-                              "dropped (convert a BertForSequenceClassification to keep a pooler)", stacklevel=2)
+                warnings.warn(
+                    "from_hf: BertModel.pooler has no counterpart in fastformer's BertEncoder and is "
+                    "dropped (convert a BertForSequenceClassification to keep a pooler)",
+                    stacklevel=2,
+                )
                 ignore = ("pooler.",)
         elif isinstance(model, tf.BertForMaskedLM):
             kind, ours = "mlm", BertForMaskedLM(cfg)
@@ -324,8 +381,10 @@ def to_hf(model: nn.Module) -> nn.Module:
         else:
             n = model.classifier.out_features
             if cfg.pooling != "cls":
-                raise ValueError(f"to_hf: {name} with pooling={cfg.pooling!r} has no Hugging Face counterpart "
-                                 "(BertForSequenceClassification pools [CLS]); fine-tune with --pooling cls to export it")
+                raise ValueError(
+                    f"to_hf: {name} with pooling={cfg.pooling!r} has no Hugging Face counterpart "
+                    "(BertForSequenceClassification pools [CLS]); fine-tune with --pooling cls to export it"
+                )
             kind, hf = "cls", tf.BertForSequenceClassification(_bert_config_to_hf(cfg, name, num_labels=n))
         _copy_to_hf(model, _prepare(hf, model), _bert_map(kind, cfg.num_layers))
         return hf
@@ -345,14 +404,17 @@ def to_hf(model: nn.Module) -> nn.Module:
         _copy_to_hf(model, _prepare(hf, model), _t5_map(model))
         return hf
     if isinstance(model, T5EncoderForSequenceClassification):
-        raise ValueError("to_hf: T5EncoderForSequenceClassification (mean-pooled classifier) has no Hugging Face "
-                         f"counterpart; convert its encoder as a T5EncoderModel. Supported: {_TO_SUPPORTED}")
+        raise ValueError(
+            "to_hf: T5EncoderForSequenceClassification (mean-pooled classifier) has no Hugging Face "
+            f"counterpart; convert its encoder as a T5EncoderModel. Supported: {_TO_SUPPORTED}"
+        )
     raise ValueError(f"to_hf: unsupported model {name}; supported: {_TO_SUPPORTED}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Export: a Hugging Face folder (weights + config + tokenizer)
 # ----------------------------------------------------------------------------------------------
+
 
 def _hf_tokenizer(tokenizer, model: nn.Module):
     """A transformers PreTrainedTokenizerFast over a copy of `tokenizer` (a tokenizers.Tokenizer) that
@@ -362,8 +424,13 @@ def _hf_tokenizer(tokenizer, model: nn.Module):
     tf = _transformers()
     tok = Tokenizer.from_str(tokenizer.to_str())
     if isinstance(model, (BertEncoder, BertForMaskedLM, BertForSequenceClassification)):
-        need = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                "mask_token": "[MASK]"}
+        need = {
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "mask_token": "[MASK]",
+        }
         single, pair, framing = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ("[CLS]", "[SEP]")
         extra = {"model_max_length": model.config.max_position}
     else:
@@ -374,7 +441,8 @@ def _hf_tokenizer(tokenizer, model: nn.Module):
     if missing:
         raise ValueError(f"tokenizer: lacks the special token(s) {missing} that {type(model).__name__} expects")
     tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in framing])
+        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in framing]
+    )
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
 
 
@@ -395,7 +463,7 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
     if generation and gc is not None and isinstance(model, T5ForConditionalGeneration):
         gc.max_new_tokens = int(generation.get("max_new_tokens") or gc.max_new_tokens or 20)
         gc.num_beams = int(generation.get("num_beams") or 1)
-        if gc.num_beams > 1:        # transformers warns about a length penalty without beams
+        if gc.num_beams > 1:  # transformers warns about a length penalty without beams
             gc.length_penalty = float(generation.get("length_penalty", 1.0))
     hf.save_pretrained(str(out_dir))
     if hf_tok is not None:

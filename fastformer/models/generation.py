@@ -23,17 +23,18 @@ tokens are the same:
   Positions after a hypothesis' end hold `pad_token_id`, or the first EOS id when `pad_token_id`
   is 0 (what Hugging Face writes there, e.g. for T5).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["KVCache", "DecoderCache", "generate", "greedy_search", "beam_search"]
 
-_NEG = -1.0e9          # Hugging Face's "impossible" score, added in float32 as it does
+_NEG = -1.0e9  # Hugging Face's "impossible" score, added in float32 as it does
 
 
 class KVCache:
@@ -44,8 +45,8 @@ class KVCache:
 
     def __init__(self, capacity: int = 0):
         self.capacity = max(int(capacity), 1)
-        self.k: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
         self.length = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
@@ -58,11 +59,11 @@ class KVCache:
             for name in ("k", "v"):
                 old = getattr(self, name)
                 new = old.new_empty(old.shape[:2] + (grow,) + old.shape[3:])
-                new[:, :, :self.length] = old[:, :, :self.length]
+                new[:, :, : self.length] = old[:, :, : self.length]
                 setattr(self, name, new)
         end = self.length + n
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -81,9 +82,10 @@ class DecoderCache:
     enc_mask: (B, 1, 1, Lenc) bool (True = real token) or None; attend: the attention function for the
     cross-attention; step: the model's decode step (ids, cache) -> decoder output; repeat: decoder
     rows per input (row b·repeat + r serves input b)."""
+
     self_attn: list
     cross: list
-    enc_mask: Optional[torch.Tensor]
+    enc_mask: torch.Tensor | None
     attend: Callable
     step: Callable
     repeat: int = 1
@@ -111,24 +113,38 @@ def _shape(t) -> str:
 
 
 def _check_inputs(input_ids, attention_mask):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
-            or input_ids.dtype not in (torch.int64, torch.int32):
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.int64, torch.int32)
+    ):
         raise ValueError(f"input_ids must be an integer tensor shaped (B, L), got {_shape(input_ids)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must not be empty, got shape {tuple(input_ids.shape)}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask must be shaped like input_ids {tuple(input_ids.shape)}, got "
-                             f"{_shape(attention_mask)}")
+            raise ValueError(
+                f"attention_mask must be shaped like input_ids {tuple(input_ids.shape)}, got {_shape(attention_mask)}"
+            )
         if attention_mask.is_floating_point():
             raise ValueError("attention_mask must be bool or 0/1 integers (True/1 = real token)")
 
 
-def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-             max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: Union[bool, str] = False, num_return_sequences: int = 1,
-             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-             decoder_start_token_id: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """input_ids, attention_mask: (B, Lin) (mask bool or 0/1, True = real token; any padding side)
     -> generated ids (B · num_return_sequences, 1 + T), T <= max_new_tokens, column 0 the start token.
 
@@ -141,8 +157,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
     if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}], got "
-                         f"{num_return_sequences!r}")
+        raise ValueError(
+            f"num_return_sequences must be an int in [1, num_beams={num_beams}], got {num_return_sequences!r}"
+        )
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
@@ -160,16 +177,34 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         # inference mode: no autograd bookkeeping on the many small ops of a decode step
         with torch.inference_mode():
             if num_beams == 1:
-                out = greedy_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos,
-                                    pad=pad, start=start, use_cache=use_cache)
+                out = greedy_search(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    eos=eos,
+                    pad=pad,
+                    start=start,
+                    use_cache=use_cache,
+                )
             else:
-                out = beam_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams, length_penalty=float(length_penalty),
-                                  early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-                                  eos=eos, pad=pad, start=start, use_cache=use_cache)
+                out = beam_search(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    length_penalty=float(length_penalty),
+                    early_stopping=early_stopping,
+                    num_return_sequences=num_return_sequences,
+                    eos=eos,
+                    pad=pad,
+                    start=start,
+                    use_cache=use_cache,
+                )
     finally:
         model.train(was_training)
-    return out.clone()          # a normal tensor (inference tensors refuse in-place edits outside)
+    return out.clone()  # a normal tensor (inference tensors refuse in-place edits outside)
 
 
 class _Stepper:
@@ -178,7 +213,7 @@ class _Stepper:
 
     def __init__(self, model, enc, enc_mask, n_rep: int, capacity: int, use_cache: bool):
         self.model, self.use_cache = model, use_cache
-        if use_cache:      # keys/values projected once, on the B inputs; the beams share them
+        if use_cache:  # keys/values projected once, on the B inputs; the beams share them
             self.cache = model.start_cache(enc, enc_mask, capacity=capacity, repeat=n_rep)
         else:
             self.enc = enc.repeat_interleave(n_rep, 0)
@@ -187,7 +222,7 @@ class _Stepper:
     def logits(self, seqs: torch.Tensor) -> torch.Tensor:
         """seqs: (N, t) decoder tokens so far (start token first) -> (N, V) float32."""
         if self.use_cache:
-            out = self.model.decode(seqs[:, self.cache.length:], self.cache)
+            out = self.model.decode(seqs[:, self.cache.length :], self.cache)
         else:
             out = self.model.decode_uncached(seqs, self.enc, self.enc_mask)
         return out[:, -1].float()
@@ -208,7 +243,7 @@ def greedy_search(model, input_ids, attention_mask, *, max_new_tokens, eos, pad,
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     t = 1
     while t < 1 + max_new_tokens:
-        nxt = stepper.logits(seqs[:, :t]).max(-1).indices      # argmax (first maximum), faster on CPU
+        nxt = stepper.logits(seqs[:, :t]).max(-1).indices  # argmax (first maximum), faster on CPU
         if eos:
             nxt = torch.where(unfinished, nxt, pad)
         seqs[:, t] = nxt
@@ -220,8 +255,21 @@ def greedy_search(model, input_ids, attention_mask, *, max_new_tokens, eos, pad,
     return seqs[:, :t]
 
 
-def beam_search(model, input_ids, attention_mask, *, max_new_tokens, num_beams, length_penalty=1.0,
-                early_stopping=False, num_return_sequences=1, eos, pad, start, use_cache=True):
+def beam_search(
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens,
+    num_beams,
+    length_penalty=1.0,
+    early_stopping=False,
+    num_return_sequences=1,
+    eos,
+    pad,
+    start,
+    use_cache=True,
+):
     """Beam search (see the module docstring). Returns (B · num_return_sequences, 1 + T) int64."""
     B, K = input_ids.shape[0], num_beams
     dev = input_ids.device
@@ -233,15 +281,15 @@ def beam_search(model, input_ids, attention_mask, *, max_new_tokens, num_beams, 
     is_top = torch.zeros(n_keep, dtype=torch.bool, device=dev)
     is_top[:K] = True
     eos_t = torch.tensor(eos, dtype=torch.int64, device=dev)
-    rows = torch.arange(B, device=dev)[:, None] * K                 # flat row of beam 0 of each input
+    rows = torch.arange(B, device=dev)[:, None] * K  # flat row of beam 0 of each input
 
     run_seq = torch.full((B, K, max_length), fill, dtype=torch.int64, device=dev)
     run_seq[:, :, 0] = start
     run_score = torch.zeros(B, K, dtype=torch.float32, device=dev)
-    run_score[:, 1:] = _NEG                                          # all beams equal: expand beam 0 only
+    run_score[:, 1:] = _NEG  # all beams equal: expand beam 0 only
     fin_seq = run_seq.clone()
     fin_score = torch.full((B, K), _NEG, dtype=torch.float32, device=dev)
-    fin_len = torch.zeros(B, K, dtype=torch.int64, device=dev)      # generated tokens of each hypothesis
+    fin_len = torch.zeros(B, K, dtype=torch.int64, device=dev)  # generated tokens of each hypothesis
     is_fin = torch.zeros(B, K, dtype=torch.bool, device=dev)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
 
@@ -252,7 +300,7 @@ def beam_search(model, input_ids, attention_mask, *, max_new_tokens, num_beams, 
         total = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
         # (1) the best n_keep continuations over all beams of each input
         top_lp, top_idx = torch.topk(total, n_keep)
-        src = top_idx // V                                           # (B, n_keep) beam each one extends
+        src = top_idx // V  # (B, n_keep) beam each one extends
         tok = top_idx % V
         top_seq = run_seq.gather(1, src[:, :, None].expand(B, n_keep, max_length))
         top_seq[:, :, cur] = tok
@@ -267,7 +315,7 @@ def beam_search(model, input_ids, attention_mask, *, max_new_tokens, num_beams, 
         parent = src.gather(1, keep)
         # (3) the ones that ended among the first K compete with the finished hypotheses
         gen_len = cur + 1 - 1
-        cand = top_lp / (gen_len ** length_penalty)
+        cand = top_lp / (gen_len**length_penalty)
         full = is_fin.all(-1, keepdim=True) & (early_stopping is True)
         cand += full.to(torch.float32) * _NEG
         cand += (~improvable).to(torch.float32) * _NEG
@@ -283,11 +331,10 @@ def beam_search(model, input_ids, attention_mask, *, max_new_tokens, num_beams, 
         cur += 1
         # (5) stop when no input can improve, all are full (early_stopping=True) or nothing can go on
         hyp_len = (max_length - 1) if (early_stopping == "never" and length_penalty > 0.0) else (cur - 1)
-        best_running = run_score[:, :1] / (hyp_len ** length_penalty)
+        best_running = run_score[:, :1] / (hyp_len**length_penalty)
         worst_fin = torch.where(is_fin, fin_score.min(1, keepdim=True).values, _NEG)
         improvable = improvable & (best_running > worst_fin).any(-1, keepdim=True)
-        go_on = bool(improvable.any()) and not (bool(is_fin.all()) and early_stopping is True) \
-            and not bool(ends.all())
+        go_on = bool(improvable.any()) and not (bool(is_fin.all()) and early_stopping is True) and not bool(ends.all())
         if not go_on:
             break
     R = num_return_sequences

@@ -15,12 +15,14 @@ Checkpoints hold only tensors, numbers, strings and containers of those, so `tor
 torch's default `weights_only=True` reads them; `load_state_file` also reads older checkpoints that
 stored numpy's random state as an array (numpy's array reconstruction is allowed, nothing else).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,47 +40,51 @@ class RunFolderError(ValueError):
 # Architectures: class name in config.json -> (kind, builder)
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Architecture:
     """name: the class name recorded in config.json; kind: what the model does ("classifier", "mlm",
     "seq2seq", ...: `fastformer predict` picks its output by kind); build(model_config, num_labels)
     returns the module with freshly initialised weights."""
+
     name: str
     kind: str
-    build: Callable[[dict, Optional[int]], nn.Module]
+    build: Callable[[dict, int | None], nn.Module]
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(name: str, kind: str, build: Callable[[dict, Optional[int]], nn.Module]) -> None:
+def register_architecture(name: str, kind: str, build: Callable[[dict, int | None], nn.Module]) -> None:
     """Make `ff.models.load` (and so `fastformer predict` / `export`) know the model class `name`."""
     ARCHITECTURES[name] = Architecture(name, kind, build)
 
 
 def _bert(cls_name: str):
-    def build(cfg: dict, num_labels: Optional[int]) -> nn.Module:
+    def build(cfg: dict, num_labels: int | None) -> nn.Module:
         from . import bert
 
         c = bert.BertConfig.from_dict(cfg)
         if cls_name == "BertForSequenceClassification":
             return bert.BertForSequenceClassification(c, _need_labels(num_labels, cls_name))
         return getattr(bert, cls_name)(c)
+
     return build
 
 
 def _t5(cls_name: str):
-    def build(cfg: dict, num_labels: Optional[int]) -> nn.Module:
+    def build(cfg: dict, num_labels: int | None) -> nn.Module:
         from . import t5
 
         c = t5.T5Config.from_dict(cfg)
         if cls_name == "T5EncoderForSequenceClassification":
             return t5.T5EncoderForSequenceClassification(c, _need_labels(num_labels, cls_name))
         return getattr(t5, cls_name)(c)
+
     return build
 
 
-def _need_labels(n: Optional[int], what: str) -> int:
+def _need_labels(n: int | None, what: str) -> int:
     if not n:
         raise RunFolderError(f"{what}: config.json lists no labels")
     return n
@@ -101,6 +107,7 @@ def architecture_name(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------
+
 
 def _legacy_numpy_globals() -> list:
     """What a checkpoint that pickled numpy's random state (a uint32 array) needs beyond torch's
@@ -129,14 +136,17 @@ def load_state_file(path: str | Path, map_location: Any = "cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as first:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         if "numpy" not in str(first):
-            raise RunFolderError(f"{path}: cannot load checkpoint ({type(first).__name__}: "
-                                 f"{str(first).splitlines()[0] if str(first) else ''})") from None
+            raise RunFolderError(
+                f"{path}: cannot load checkpoint ({type(first).__name__}: "
+                f"{str(first).splitlines()[0] if str(first) else ''})"
+            ) from None
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise RunFolderError(f"{path}: cannot load checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise RunFolderError(
+            f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -149,7 +159,7 @@ def _read_json(path: Path) -> dict:
 
 
 def run_of(cfg: dict) -> str:
-    """"pretrain" or "finetune" for a run's config.json (inferred where it predates the `run` key: a
+    """ "pretrain" or "finetune" for a run's config.json (inferred where it predates the `run` key: a
     fine-tuning config has labels, or a task other than its pre-training objective)."""
     if cfg.get("run") in ("pretrain", "finetune"):
         return cfg["run"]
@@ -157,13 +167,16 @@ def run_of(cfg: dict) -> str:
     return "finetune" if finetuned else "pretrain"
 
 
-def _legacy_architecture(cfg: dict, finetuned: bool) -> Optional[str]:
+def _legacy_architecture(cfg: dict, finetuned: bool) -> str | None:
     """The model class of a config.json without `architecture`: a classifier when it lists labels, else
     the model its objective pre-trains (a text-to-text fine-tuning keeps the encoder-decoder)."""
     mc = cfg.get("model_config") or {}
     if finetuned and cfg.get("labels"):
-        return "BertForSequenceClassification" if "hidden_size" in mc else (
-            "T5EncoderForSequenceClassification" if "d_model" in mc else None)
+        return (
+            "BertForSequenceClassification"
+            if "hidden_size" in mc
+            else ("T5EncoderForSequenceClassification" if "d_model" in mc else None)
+        )
     return {"mlm": "BertForMaskedLM", "span": "T5ForConditionalGeneration"}.get(cfg.get("objective"))
 
 
@@ -184,8 +197,12 @@ def read_run_config(path: str | Path) -> dict:
         # has the model config and the labels
         ev = _read_json(d / "eval.json")
         fp = load_state_file(d / CHECKPOINT_NAME).get("fingerprint", {})
-        cfg = {"run": "finetune", "labels": ev.get("labels") or fp.get("labels"),
-               "model_config": fp.get("model_config"), "source": ev.get("source")}
+        cfg = {
+            "run": "finetune",
+            "labels": ev.get("labels") or fp.get("labels"),
+            "model_config": fp.get("model_config"),
+            "source": ev.get("source"),
+        }
         run = "finetune"
     else:
         raise RunFolderError(f"{d}: not a fastformer run folder (no {CONFIG_NAME})")
@@ -207,6 +224,7 @@ def read_run_config(path: str | Path) -> dict:
 # The load API
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class LoadedModel:
     """What `load` returns. Unpacks as `model, tokenizer, labels`.
@@ -214,9 +232,10 @@ class LoadedModel:
     model: the nn.Module in eval mode; tokenizer: a `tokenizers.Tokenizer`; labels: class names in
     output order (a classifier) or None; kind: "classifier" | "mlm" | "seq2seq"; config: the
     normalised config.json; path: the folder."""
+
     model: nn.Module
     tokenizer: Any
-    labels: Optional[list[str]]
+    labels: list[str] | None
     kind: str
     config: dict = field(repr=False)
     path: Path = Path(".")
@@ -225,7 +244,7 @@ class LoadedModel:
         return iter((self.model, self.tokenizer, self.labels))
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
     """Rebuild the model of a pretrain / finetune output folder with its trained weights.
 
     Returns a LoadedModel (unpacks as `model, tokenizer, labels`): the model in eval mode on `device`
@@ -241,8 +260,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optiona
     try:
         tok = Tokenizer.from_file(str(d / TOKENIZER_NAME))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
-        raise RunFolderError(f"{d / TOKENIZER_NAME}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else ''})") \
-            from None
+        raise RunFolderError(
+            f"{d / TOKENIZER_NAME}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     labels = cfg.get("labels")
     arch = ARCHITECTURES[cfg["architecture"]]
     try:
@@ -254,7 +274,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optiona
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise RunFolderError(f"{d / CHECKPOINT_NAME}: weights do not fit {arch.name} "
-                             f"({str(e).splitlines()[0]})") from None
+        raise RunFolderError(
+            f"{d / CHECKPOINT_NAME}: weights do not fit {arch.name} ({str(e).splitlines()[0]})"
+        ) from None
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, tok, list(labels) if labels else None, arch.kind, cfg, d)

@@ -19,6 +19,7 @@ embedding, other sizes): a different model. The names `t5-small` and `t5-base` a
 aliases of the v1.1 presets (`DEPRECATED_PRESETS`): they still resolve everywhere a preset is accepted,
 with a `DeprecatedPresetWarning`, and a run recorded under them resumes and loads as before.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,15 +51,19 @@ class PresetTable(dict):
         raise KeyError(name)
 
     def get(self, name, default=None):
-        return self[name] if name in self or (isinstance(name, str) and DEPRECATED_PRESETS.get(name) in self) \
-            else default
+        return (
+            self[name] if name in self or (isinstance(name, str) and DEPRECATED_PRESETS.get(name) in self) else default
+        )
 
-BERT_PRESETS: dict[str, dict] = PresetTable({
-    "bert-tiny": dict(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512),
-    "bert-mini": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024),
-    "bert-small": dict(num_layers=4, hidden_size=512, num_heads=8, intermediate_size=2048),
-    "bert-base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),
-})
+
+BERT_PRESETS: dict[str, dict] = PresetTable(
+    {
+        "bert-tiny": dict(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512),
+        "bert-mini": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024),
+        "bert-small": dict(num_layers=4, hidden_size=512, num_heads=8, intermediate_size=2048),
+        "bert-base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+    }
+)
 
 # Family -> (module, attribute) holding that family's presets, imported on first use.
 _FAMILIES = {
@@ -89,9 +94,12 @@ def canonical_preset(name: str, *, warn: bool = True) -> str:
     if new is None:
         return name
     if warn:
-        warnings.warn(f"model preset {name!r} is deprecated: it is the T5 v1.1 shape (gated-GELU, untied head), "
-                      f"not Hugging Face's {name}; use {new!r}", DeprecatedPresetWarning,
-                      stacklevel=_outside_fastformer())
+        warnings.warn(
+            f"model preset {name!r} is deprecated: it is the T5 v1.1 shape (gated-GELU, untied head), "
+            f"not Hugging Face's {name}; use {new!r}",
+            DeprecatedPresetWarning,
+            stacklevel=_outside_fastformer(),
+        )
     return new
 
 

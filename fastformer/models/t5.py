@@ -20,11 +20,11 @@ Parameter names follow Hugging Face's `T5ForConditionalGeneration`
 `T5EncoderForSequenceClassification` is the encoder-only feature path for fine-tuning: the encoder,
 a masked mean over its outputs, dropout and a linear classifier.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +42,13 @@ from .presets import PresetTable, canonical_preset
 # t5-small / t5-base still index this table, with a warning (presets.DEPRECATED_PRESETS): they are not
 # Hugging Face's t5-small / t5-base (the original T5: ReLU feed-forward, tied head).
 # dropout_rate 0.0: T5 v1.1 was pre-trained without dropout (set it for fine-tuning).
-T5_PRESETS: dict[str, dict] = PresetTable({
-    "t5-tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
-    "t5-v1_1-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
-    "t5-v1_1-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
-})
+T5_PRESETS: dict[str, dict] = PresetTable(
+    {
+        "t5-tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
+        "t5-v1_1-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
+        "t5-v1_1-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+    }
+)
 
 
 @dataclass
@@ -57,21 +59,21 @@ class T5Config:
     d_kv: int = 64
     num_heads: int = 6
     num_layers: int = 8
-    num_decoder_layers: Optional[int] = None       # None: same as num_layers
+    num_decoder_layers: int | None = None  # None: same as num_layers
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     dropout_rate: float = 0.0
     layer_norm_epsilon: float = 1e-6
     pad_token_id: int = 0
     eos_token_id: int = 1
-    decoder_start_token_id: int = 0               # T5 starts decoding from the pad token
+    decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
 
     @classmethod
-    def from_dict(cls, d: dict) -> "T5Config":
+    def from_dict(cls, d: dict) -> T5Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -79,7 +81,7 @@ class T5Config:
         return cls(**d)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "T5Config":
+    def from_preset(cls, name: str, **overrides) -> T5Config:
         """`name`: a T5_PRESETS name (a deprecated alias such as 't5-small' resolves, with a warning)."""
         name = canonical_preset(name)
         if name not in T5_PRESETS:
@@ -94,11 +96,12 @@ class T5Config:
 class Seq2SeqOutput:
     """loss: mean cross-entropy over predicted tokens (0-d); loss_sum: its sum; n_predicted: int;
     logits: (B, Ltgt, V) only when asked for (or when no labels are given)."""
-    loss: Optional[torch.Tensor]
-    loss_sum: Optional[torch.Tensor]
+
+    loss: torch.Tensor | None
+    loss_sum: torch.Tensor | None
     n_predicted: int
-    logits: Optional[torch.Tensor] = None
-    encoder_hidden_states: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
 
 
 class T5RMSNorm(nn.Module):
@@ -110,7 +113,7 @@ class T5RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))        # fp32 statistics for half inputs
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics for half inputs
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * y.to(x.dtype)
 
@@ -133,16 +136,26 @@ class _SelfAttentionLayer(nn.Module):
     def __init__(self, cfg: T5Config, *, is_decoder: bool, owns_table: bool):
         super().__init__()
         self.SelfAttention = T5SelfAttention(
-            cfg.d_model, cfg.num_heads, cfg.d_kv, has_relative_attention_bias=owns_table, is_decoder=is_decoder,
-            num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance,
-            dropout=cfg.dropout_rate)
+            cfg.d_model,
+            cfg.num_heads,
+            cfg.d_kv,
+            has_relative_attention_bias=owns_table,
+            is_decoder=is_decoder,
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+            dropout=cfg.dropout_rate,
+        )
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, h, mask, table):
-        return h + self.dropout(self.SelfAttention(self.layer_norm(h), attn_mask=mask,
-                                                   bias_table=None if self.SelfAttention.has_relative_attention_bias
-                                                   else table))
+        return h + self.dropout(
+            self.SelfAttention(
+                self.layer_norm(h),
+                attn_mask=mask,
+                bias_table=None if self.SelfAttention.has_relative_attention_bias else table,
+            )
+        )
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -159,7 +172,7 @@ class _CrossAttentionLayer(nn.Module):
 class _FeedForwardLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.DenseReluDense = T5GatedGelu(cfg)   # HF's name, kept so state_dicts match
+        self.DenseReluDense = T5GatedGelu(cfg)  # HF's name, kept so state_dicts match
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -203,7 +216,7 @@ class T5Stack(nn.Module):
         decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc)."""
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
-        table = self.block[0].layer[0].SelfAttention.bias_table    # the first layer's table, shared
+        table = self.block[0].layer[0].SelfAttention.bias_table  # the first layer's table, shared
         h = self.dropout(self.embed_tokens(input_ids))
         for blk in self.block:
             h = blk(h, mask, table, encoder_hidden_states, enc_mask)
@@ -213,24 +226,24 @@ class T5Stack(nn.Module):
 def _init_weights(model: nn.Module, cfg: T5Config) -> None:
     """T5's initialisation (Mesh TensorFlow): normal with std 1/sqrt(fan_in) (q additionally / sqrt(d_kv)),
     embeddings std 1. The untied LM head uses std 1/sqrt(d_model) so initial logits are O(1)."""
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if isinstance(mod, T5RMSNorm):
             nn.init.ones_(mod.weight)
         elif isinstance(mod, (T5SelfAttention, T5CrossAttention)):
             nn.init.normal_(mod.q.weight, std=(cfg.d_model * cfg.d_kv) ** -0.5)
-            nn.init.normal_(mod.k.weight, std=cfg.d_model ** -0.5)
-            nn.init.normal_(mod.v.weight, std=cfg.d_model ** -0.5)
+            nn.init.normal_(mod.k.weight, std=cfg.d_model**-0.5)
+            nn.init.normal_(mod.v.weight, std=cfg.d_model**-0.5)
             nn.init.normal_(mod.o.weight, std=(cfg.num_heads * cfg.d_kv) ** -0.5)
             if getattr(mod, "has_relative_attention_bias", False):
-                nn.init.normal_(mod.relative_attention_bias.weight, std=cfg.d_model ** -0.5)
+                nn.init.normal_(mod.relative_attention_bias.weight, std=cfg.d_model**-0.5)
         elif isinstance(mod, T5GatedGelu):
-            nn.init.normal_(mod.wi_0.weight, std=cfg.d_model ** -0.5)
-            nn.init.normal_(mod.wi_1.weight, std=cfg.d_model ** -0.5)
-            nn.init.normal_(mod.wo.weight, std=cfg.d_ff ** -0.5)
+            nn.init.normal_(mod.wi_0.weight, std=cfg.d_model**-0.5)
+            nn.init.normal_(mod.wi_1.weight, std=cfg.d_model**-0.5)
+            nn.init.normal_(mod.wo.weight, std=cfg.d_ff**-0.5)
     if hasattr(model, "shared"):
         nn.init.normal_(model.shared.weight, std=1.0)
     if hasattr(model, "lm_head"):
-        nn.init.normal_(model.lm_head.weight, std=cfg.d_model ** -0.5)
+        nn.init.normal_(model.lm_head.weight, std=cfg.d_model**-0.5)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -246,7 +259,7 @@ class _DecodeStep:
     projected by start_cache; no module calls and no dropout (inference only). Self-attention runs
     `ff.t5_attention` at `query_offset` = the cache length. The uncached decoder (T5Stack) is its oracle."""
 
-    def __init__(self, model: "T5ForConditionalGeneration"):
+    def __init__(self, model: T5ForConditionalGeneration):
         cfg = model.config
         dec = model.decoder
         self.embed = model.shared.weight
@@ -261,9 +274,19 @@ class _DecodeStep:
             for blk in dec.block:
                 sa, ca, ffn = blk.layer[0], blk.layer[1], blk.layer[2]
                 a, c, g = sa.SelfAttention, ca.EncDecAttention, ffn.DenseReluDense
-                self.layers.append((sa.layer_norm.weight, torch.cat([a.q.weight, a.k.weight, a.v.weight]), a.o.weight,
-                                    ca.layer_norm.weight, c.q.weight, c.o.weight,
-                                    ffn.layer_norm.weight, torch.cat([g.wi_0.weight, g.wi_1.weight]), g.wo.weight))
+                self.layers.append(
+                    (
+                        sa.layer_norm.weight,
+                        torch.cat([a.q.weight, a.k.weight, a.v.weight]),
+                        a.o.weight,
+                        ca.layer_norm.weight,
+                        c.q.weight,
+                        c.o.weight,
+                        ffn.layer_norm.weight,
+                        torch.cat([g.wi_0.weight, g.wi_1.weight]),
+                        g.wo.weight,
+                    )
+                )
                 self.cross_kv.append(torch.cat([c.k.weight, c.v.weight]))
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -277,12 +300,22 @@ class _DecodeStep:
         for (n0, qkv, o, n1, cq, co, n2, wi, wo), kv, (ck, cv) in zip(self.layers, cache.self_attn, cache.cross):
             q, k, v = F.linear(_rms_norm(h, n0, eps), qkv).view(N, L, 3, H, D).transpose(1, 3).unbind(2)
             k, v = kv.update(k, v)
-            y = ff.t5_attention(q, k, v, self.table, bidirectional=False, num_buckets=self.nb, max_distance=self.md,
-                                is_causal=True, scale=1.0, query_offset=offset)
+            y = ff.t5_attention(
+                q,
+                k,
+                v,
+                self.table,
+                bidirectional=False,
+                num_buckets=self.nb,
+                max_distance=self.md,
+                is_causal=True,
+                scale=1.0,
+                query_offset=offset,
+            )
             h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), o)
             # the R rows of each input (beams) are R·L query rows against that input's keys
             q = F.linear(_rms_norm(h, n1, eps), cq).view(B, R * L, H, D).transpose(1, 2)
-            y = cache.attend(q, ck, cv, attn_mask=cache.enc_mask, scale=1.0)      # (B, H, R·L, D)
+            y = cache.attend(q, ck, cv, attn_mask=cache.enc_mask, scale=1.0)  # (B, H, R·L, D)
             h = h + F.linear(y.transpose(1, 2).reshape(N, L, H * D), co)
             gate, lin = F.linear(_rms_norm(h, n2, eps), wi).chunk(2, dim=-1)
             h = h + F.linear(F.gelu(gate, approximate="tanh") * lin, wo)
@@ -308,21 +341,26 @@ class T5ForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         _init_weights(self, cfg)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) -> encoder features (B, L, d_model)."""
         return self.encoder(input_ids, attention_mask)
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """(B, Lin) inputs -> generated ids (B · num_return_sequences, 1 + T), greedy or beam search.
         Keywords: max_new_tokens=20, num_beams=1, length_penalty=1.0, early_stopping=False,
         num_return_sequences=1, eos_token_id, pad_token_id, decoder_start_token_id (default: the
         config's), use_cache=True. Semantics: fastformer.models.generation."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def start_cache(self, encoder_hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                    capacity: int = 0, repeat: int = 1) -> DecoderCache:
+    def start_cache(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        capacity: int = 0,
+        repeat: int = 1,
+    ) -> DecoderCache:
         """A decoding cache for encoder output (B, Lenc, d_model) with mask (B, Lenc): the cross-attention
         keys/values of every decoder layer, projected once; empty self-attention caches sized for
         `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep). With repeat=K the
@@ -332,7 +370,7 @@ class T5ForConditionalGeneration(nn.Module):
         b, length, _ = encoder_hidden_states.shape
         H, D = self.config.num_heads, self.config.d_kv
         cross = []
-        for w in step.cross_kv:              # (2·H·D, d_model): k and v rows, one matmul per layer
+        for w in step.cross_kv:  # (2·H·D, d_model): k and v rows, one matmul per layer
             kv = F.linear(encoder_hidden_states, w).view(b, length, 2, H, D).permute(2, 0, 3, 1, 4)
             cross.append((kv[0], kv[1]))
         mask = None
@@ -355,16 +393,26 @@ class T5ForConditionalGeneration(nn.Module):
         dt = autocast_dtype(h)
         return F.linear(h.to(dt), self.lm_head.weight.to(dt))
 
-    def decode_uncached(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode_uncached(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The whole decoder prefix (N, L) against encoder output (N, Lenc, d_model) -> logits (N, L, V)."""
         h = self.decoder(decoder_input_ids, None, encoder_hidden_states, attention_mask)
         dt = autocast_dtype(h)
         return F.linear(h.to(dt), self.lm_head.weight.to(dt))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                decoder_input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                *, return_logits: bool = False) -> Seq2SeqOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        return_logits: bool = False,
+    ) -> Seq2SeqOutput:
         """input_ids, attention_mask: (B, Lin); labels: (B, Ltgt), -100 = not predicted;
         decoder_input_ids: (B, Ltgt), default labels shifted right. The decoder's own padding sits
         after the last label (right padding), so causality alone keeps it out of real positions."""
@@ -380,7 +428,7 @@ class T5ForConditionalGeneration(nn.Module):
         if labels is None:
             return Seq2SeqOutput(None, None, 0, logits, enc)
         flat = labels.reshape(-1)
-        rows = (flat != -100).nonzero().flatten()                     # predicted rows only
+        rows = (flat != -100).nonzero().flatten()  # predicted rows only
         h = dec.reshape(-1, dec.shape[-1]).index_select(0, rows).to(dt)
         # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly.
         loss_sum = ff.linear_cross_entropy(h, w, flat.index_select(0, rows), reduction="sum")
@@ -402,7 +450,7 @@ class T5EncoderForSequenceClassification(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.d_model, num_labels)
         _init_weights(self, cfg)
-        nn.init.normal_(self.classifier.weight, std=cfg.d_model ** -0.5)
+        nn.init.normal_(self.classifier.weight, std=cfg.d_model**-0.5)
         nn.init.zeros_(self.classifier.bias)
 
     def load_pretrained(self, state: dict) -> None:
@@ -416,8 +464,8 @@ class T5EncoderForSequenceClassification(nn.Module):
         if missing or unexpected:
             raise ValueError(f"pretrained state does not fit this encoder: missing {missing}, unexpected {unexpected}")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.encoder(input_ids, attention_mask)                    # (B, L, d_model)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.encoder(input_ids, attention_mask)  # (B, L, d_model)
         if attention_mask is None:
             pooled = h.mean(1)
         else:

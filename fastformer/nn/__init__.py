@@ -1,4 +1,5 @@
 """Drop-in nn.Modules over the fused ops."""
+
 from .attention import MultiheadAttention
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .t5_attention import T5CrossAttention, T5SelfAttention

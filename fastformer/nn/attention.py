@@ -6,9 +6,8 @@ runs ff.scaled_dot_product_attention (Triton kernels on CUDA) and the output pro
 (N, S) key_padding_mask (True = pad) becomes the kernels' per-batch key-length fast path.
 `need_weights=True` (torch's default), add_bias_kv and add_zero_attn use torch's implementation.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -24,24 +23,31 @@ class MaskError(ModuleInputError):
     module catches it unchanged."""
 
 
-def _check_inputs(mha: "MultiheadAttention", query, key, value) -> None:
+def _check_inputs(mha: MultiheadAttention, query, key, value) -> None:
     """torch's MultiheadAttention input checks (it asserts), as ModuleInputError (a ValueError, an
     AssertionError and a RuntimeError) raised before any projection."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise ModuleInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ModuleInputError(f"query, key and value must all be 3-D (batched) or 2-D (unbatched); got shapes "
-                               f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ModuleInputError(
+            f"query, key and value must all be 3-D (batched) or 2-D (unbatched); got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
     if query.shape[-1] != mha.embed_dim:
-        raise ModuleInputError(f"query: was expecting embedding dimension of {mha.embed_dim}, but got "
-                               f"{query.shape[-1]}")
+        raise ModuleInputError(
+            f"query: was expecting embedding dimension of {mha.embed_dim}, but got {query.shape[-1]}"
+        )
     if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
-        raise ModuleInputError(f"key / value: expected feature sizes kdim={mha.kdim}, vdim={mha.vdim}; got "
-                               f"{key.shape[-1]} and {value.shape[-1]}")
+        raise ModuleInputError(
+            f"key / value: expected feature sizes kdim={mha.kdim}, vdim={mha.vdim}; got "
+            f"{key.shape[-1]} and {value.shape[-1]}"
+        )
     if key.shape[:-1] != value.shape[:-1]:
-        raise ModuleInputError(f"key and value must have the same length and batch: key shape {tuple(key.shape)} vs "
-                               f"value shape {tuple(value.shape)}")
+        raise ModuleInputError(
+            f"key and value must have the same length and batch: key shape {tuple(key.shape)} vs "
+            f"value shape {tuple(value.shape)}"
+        )
     if query.dim() == 3:
         b = 0 if mha.batch_first else 1
         if key.shape[b] != query.shape[b]:
@@ -55,8 +61,10 @@ def _check_masks(key_padding_mask, attn_mask, N: int, H: int, L: int, S: int) ->
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
         raise MaskError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
     if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (N * H, L, S)):
-        raise MaskError(f"attn_mask must have shape (L, S) = {(L, S)} or (N·num_heads, L, S) = {(N * H, L, S)}, "
-                        f"got {tuple(attn_mask.shape)}")
+        raise MaskError(
+            f"attn_mask must have shape (L, S) = {(L, S)} or (N·num_heads, L, S) = {(N * H, L, S)}, "
+            f"got {tuple(attn_mask.shape)}"
+        )
 
 
 def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -74,19 +82,33 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     bool True = blocked (or float, added). Returns (attn_output like query, weights or None).
     """
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         _check_inputs(self, query, key, value)
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             if is_causal and attn_mask is None:  # torch needs the explicit mask for need_weights
                 seq_dim = 1 if (self.batch_first and query.dim() == 3) else 0
                 L, S = query.shape[seq_dim], key.shape[seq_dim]
                 attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-                                   is_causal=is_causal)
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

@@ -1,4 +1,5 @@
 """Loss modules over ff.cross_entropy / ff.linear_cross_entropy (drop-in for torch.nn.CrossEntropyLoss)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,18 +19,30 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     losses with reduction="none" (see ff.cross_entropy).
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
-                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0):
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+    ):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                             z_loss=self.z_loss)
+        return cross_entropy(
+            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing, z_loss=self.z_loss
+        )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}")
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}"
+        )
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -46,8 +59,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     -> scalar, or per-row losses shaped like target with reduction="none".
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, chunk_size: int | None = None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -55,11 +74,23 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.chunk_size = chunk_size
 
-    def forward(self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return linear_cross_entropy(input, weight, target, bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size)
+    def forward(
+        self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return linear_cross_entropy(
+            input,
+            weight,
+            target,
+            bias,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}")
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}"
+        )

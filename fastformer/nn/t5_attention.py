@@ -20,9 +20,8 @@ Masks: ``attn_mask`` is a key-padding mask, bool (B, 1, 1, Lk) with True = may a
 bool/0-1 tensor (HF's ``attention_mask`` layout) is accepted and reshaped. The decoder's causal
 structure is not a mask argument: ``is_decoder=True`` applies it (``is_causal`` in the op).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from torch import nn
 from ..ops import scaled_dot_product_attention, t5_attention
 
 
-def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, lk: int) -> Optional[torch.Tensor]:
+def _key_padding_mask(mask: torch.Tensor | None, batch: int, lk: int) -> torch.Tensor | None:
     """(B, Lk) or (B, 1, 1, Lk) bool / 0-1 mask -> bool (B, 1, 1, Lk), True = may attend."""
     if mask is None:
         return None
@@ -38,9 +37,17 @@ def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, lk: int) -> Opti
         raise ValueError(f"attn_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() == 2:
         mask = mask[:, None, None, :]
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != lk or mask.shape[0] not in (1, batch):
-        raise ValueError(f"attn_mask must be a key-padding mask shaped (B, Lk) or (B, 1, 1, Lk) with B={batch}, "
-                         f"Lk={lk}; got shape {tuple(mask.shape)}")
+    if (
+        mask.dim() != 4
+        or mask.shape[1] != 1
+        or mask.shape[2] != 1
+        or mask.shape[3] != lk
+        or mask.shape[0] not in (1, batch)
+    ):
+        raise ValueError(
+            f"attn_mask must be a key-padding mask shaped (B, Lk) or (B, 1, 1, Lk) with B={batch}, "
+            f"Lk={lk}; got shape {tuple(mask.shape)}"
+        )
     if mask.dtype != torch.bool:
         if mask.is_floating_point():
             raise ValueError("attn_mask must be bool or 0/1 integers (True/1 = may attend), not a float additive mask")
@@ -51,8 +58,9 @@ def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, lk: int) -> Opti
 class _T5AttentionBase(nn.Module):
     """Projections shared by self- and cross-attention: q, k, v: d_model -> H*d_kv, o: H*d_kv -> d_model."""
 
-    def __init__(self, d_model: int, num_heads: int, d_kv: Optional[int] = None, *, dropout: float = 0.0,
-                 device=None, dtype=None):
+    def __init__(
+        self, d_model: int, num_heads: int, d_kv: int | None = None, *, dropout: float = 0.0, device=None, dtype=None
+    ):
         super().__init__()
         if d_kv is None:
             if d_model % num_heads:
@@ -91,9 +99,20 @@ class T5SelfAttention(_T5AttentionBase):
     present only when ``has_relative_attention_bias``.
     """
 
-    def __init__(self, d_model: int, num_heads: int, d_kv: Optional[int] = None, *,
-                 has_relative_attention_bias: bool = False, is_decoder: bool = False,
-                 num_buckets: int = 32, max_distance: int = 128, dropout: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_kv: int | None = None,
+        *,
+        has_relative_attention_bias: bool = False,
+        is_decoder: bool = False,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(d_model, num_heads, d_kv, dropout=dropout, device=device, dtype=dtype)
         self.is_decoder = bool(is_decoder)
         self.has_relative_attention_bias = bool(has_relative_attention_bias)
@@ -109,8 +128,14 @@ class T5SelfAttention(_T5AttentionBase):
             raise AttributeError("this T5SelfAttention has no relative_attention_bias (only the first layer owns it)")
         return self.relative_attention_bias.weight
 
-    def forward(self, hidden_states: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                bias_table: Optional[torch.Tensor] = None, *, kv_cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        bias_table: torch.Tensor | None = None,
+        *,
+        kv_cache=None,
+    ) -> torch.Tensor:
         """hidden_states: (B, L, d_model); attn_mask: bool (B, 1, 1, Lk) or (B, Lk), True = attend;
         bias_table: (num_buckets, H), required when this layer owns none. Returns (B, L, d_model).
 
@@ -120,11 +145,15 @@ class T5SelfAttention(_T5AttentionBase):
         self._check_input("hidden_states", hidden_states)
         if self.has_relative_attention_bias:
             if bias_table is not None:
-                raise ValueError("bias_table was given but this layer owns relative_attention_bias; pass one or the other")
+                raise ValueError(
+                    "bias_table was given but this layer owns relative_attention_bias; pass one or the other"
+                )
             bias_table = self.relative_attention_bias.weight
         elif bias_table is None:
-            raise ValueError("bias_table is required: this layer has no relative_attention_bias "
-                             "(pass the first layer's `.bias_table`)")
+            raise ValueError(
+                "bias_table is required: this layer has no relative_attention_bias "
+                "(pass the first layer's `.bias_table`)"
+            )
         b, length, _ = hidden_states.shape
         q = self._heads(self.q(hidden_states))
         k = self._heads(self.k(hidden_states))
@@ -132,37 +161,51 @@ class T5SelfAttention(_T5AttentionBase):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         mask = _key_padding_mask(attn_mask, b, k.shape[2])
-        y = t5_attention(q, k, v, bias_table, bidirectional=not self.is_decoder,
-                         num_buckets=self.relative_attention_num_buckets,
-                         max_distance=self.relative_attention_max_distance, attn_mask=mask,
-                         is_causal=self.is_decoder, scale=1.0,
-                         dropout_p=self.dropout if self.training else 0.0, query_offset=k.shape[2] - length)
+        y = t5_attention(
+            q,
+            k,
+            v,
+            bias_table,
+            bidirectional=not self.is_decoder,
+            num_buckets=self.relative_attention_num_buckets,
+            max_distance=self.relative_attention_max_distance,
+            attn_mask=mask,
+            is_causal=self.is_decoder,
+            scale=1.0,
+            dropout_p=self.dropout if self.training else 0.0,
+            query_offset=k.shape[2] - length,
+        )
         return self._merge(y)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, num_heads={self.n_heads}, d_kv={self.key_value_proj_dim}, "
-                f"is_decoder={self.is_decoder}, has_relative_attention_bias={self.has_relative_attention_bias}")
+        return (
+            f"d_model={self.d_model}, num_heads={self.n_heads}, d_kv={self.key_value_proj_dim}, "
+            f"is_decoder={self.is_decoder}, has_relative_attention_bias={self.has_relative_attention_bias}"
+        )
 
 
 class T5CrossAttention(_T5AttentionBase):
     """T5 encoder-decoder attention: softmax(q_dec·k_encᵀ) v_enc, no position bias, no scaling."""
 
-    def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, key_value_states: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """hidden_states: (B, Lq, d_model) (decoder); key_value_states: (B, Lk, d_model) (encoder output);
         attn_mask: bool (B, 1, 1, Lk) or (B, Lk), True = attend. Returns (B, Lq, d_model)."""
         self._check_input("hidden_states", hidden_states)
         self._check_input("key_value_states", key_value_states)
         if key_value_states.shape[0] != hidden_states.shape[0]:
-            raise ValueError(f"key_value_states batch {key_value_states.shape[0]} != hidden_states batch "
-                             f"{hidden_states.shape[0]}")
+            raise ValueError(
+                f"key_value_states batch {key_value_states.shape[0]} != hidden_states batch {hidden_states.shape[0]}"
+            )
         b, lk = key_value_states.shape[0], key_value_states.shape[1]
         mask = _key_padding_mask(attn_mask, b, lk)
         q = self._heads(self.q(hidden_states))
         k = self._heads(self.k(key_value_states))
         v = self._heads(self.v(key_value_states))
-        y = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                         dropout_p=self.dropout if self.training else 0.0)
+        y = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=1.0, dropout_p=self.dropout if self.training else 0.0
+        )
         return self._merge(y)
 
     def extra_repr(self) -> str:

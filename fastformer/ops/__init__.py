@@ -3,6 +3,7 @@
 Bad input raises the exceptions of fastformer.ops.errors (ValueErrors that are also torch's types).
 `set_target_checks(True)` (or FASTFORMER_CHECK_TARGETS=1) checks class indices on CUDA too (docs/ops.md).
 """
+
 from . import errors
 from .attention import scaled_dot_product_attention, varlen_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy, set_target_checks

@@ -7,6 +7,7 @@ the compiler fuses the code around them, and the kernels run exactly as in eager
 autograd Function), at the cost of one graph break per call. The validation before them and the
 eager reference (CPU tensors) stay traceable, so `fullgraph=True` works on the reference path.
 """
+
 from __future__ import annotations
 
 import torch

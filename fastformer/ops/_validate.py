@@ -1,8 +1,9 @@
 """Input checks shared by every op. Each raises a ValueError naming the offending argument, before any
 kernel launches; the exception is also of the type torch raises for the same mistake (see errors.py)."""
+
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -16,9 +17,9 @@ def check_tensor(
     name: str,
     t,
     *,
-    ndim: Optional[int | Sequence[int]] = None,
-    dtypes: Optional[Iterable[torch.dtype]] = None,
-    device: Optional[torch.device] = None,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Check that ``t`` is a tensor with the given rank(s), dtype family and device."""
     if not isinstance(t, torch.Tensor):

@@ -11,19 +11,19 @@ dtypes chosen here. This is the one autocast helper of the package: ops, nn and 
     no_autocast(t, d)   a context that switches autocast off for t's device (when d is not None)
     autocast_op(*names) decorator: under autocast, cast the named arguments and run the op with it off
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
-from typing import Optional
 
 import torch
 
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def amp_dtype(t) -> Optional[torch.dtype]:
+def amp_dtype(t) -> torch.dtype | None:
     """The autocast dtype in force for t's device type, or None (autocast off, or t not a tensor)."""
     if not isinstance(t, torch.Tensor):
         return None
@@ -31,7 +31,7 @@ def amp_dtype(t) -> Optional[torch.dtype]:
         if not torch.is_autocast_enabled(t.device.type):
             return None
         return torch.get_autocast_dtype(t.device.type)
-    except (RuntimeError, ValueError):   # a device type autocast does not know
+    except (RuntimeError, ValueError):  # a device type autocast does not know
         return None
 
 
@@ -43,14 +43,14 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if amp is None else amp
 
 
-def autocast_cast(t, dtype: Optional[torch.dtype]):
+def autocast_cast(t, dtype: torch.dtype | None):
     """t in the autocast dtype when autocast would cast it (a float32/16 or bfloat16 tensor), else t."""
     if dtype is not None and isinstance(t, torch.Tensor) and t.dtype in _CASTABLE:
         return t.to(dtype)
     return t
 
 
-def no_autocast(t: torch.Tensor, dtype: Optional[torch.dtype]):
+def no_autocast(t: torch.Tensor, dtype: torch.dtype | None):
     """Autocast off for t's device type when it was on (dtype not None); else nothing."""
     return torch.autocast(t.device.type, enabled=False) if dtype is not None else contextlib.nullcontext()
 
@@ -60,6 +60,7 @@ def autocast_op(*names: str):
     autocast is on for the first argument's device, the arguments `names` (by parameter name,
     positional or keyword) are cast with autocast_cast and the op runs with autocast off, so its
     own matmuls keep those dtypes. With autocast off it costs one check."""
+
     def deco(fn):
         params = list(inspect.signature(fn).parameters)
         first = params[0]
@@ -79,5 +80,7 @@ def autocast_op(*names: str):
                     kwargs[n] = autocast_cast(kwargs[n], amp)
             with no_autocast(lead, amp):
                 return fn(*args, **kwargs)
+
         return wrapper
+
     return deco

@@ -14,10 +14,11 @@ Dropout in the kernels draws one seed from torch's default generator of the tens
 (`torch.manual_seed` reproduces it); the keep-mask is regenerated in the backward. For tests,
 `with capture_dropout_masks() as masks:` collects the (B, H, Lq, Lk) keep-mask of every kernel call.
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,11 @@ class SdpaLayout(NamedTuple):
     before the heads dim); H: output heads; HK: the key/value heads the kernels see (H, or a divisor
     of H for grouped-query attention and a broadcast single head), None when the kernels cannot take
     the call without copying (GQA with different key and value head counts); out_shape: torch's."""
+
     rank: int
     batch: tuple
     H: int
-    HK: Optional[int]
+    HK: int | None
     out_shape: tuple
 
 
@@ -89,24 +91,30 @@ def check_sdpa(query, key, value, attn_mask, enable_gqa) -> SdpaLayout:
     try:
         batch = tuple(torch.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3]))
     except RuntimeError:
-        raise InputError(f"the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
-                         f"{tuple(value.shape)} do not broadcast") from None
+        raise InputError(
+            f"the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+            f"{tuple(value.shape)} do not broadcast"
+        ) from None
     Hq, Hk, Hv = qs[-3], ks[-3], vs[-3]
     if enable_gqa and (Hk != Hq or Hv != Hq):
         if Hk == 0 or Hv == 0 or Hq % Hk or Hq % Hv:
-            raise InputError(f"enable_gqa: the number of heads in key ({Hk}) and value ({Hv}) must divide the "
-                             f"number of heads in query ({Hq})")
+            raise InputError(
+                f"enable_gqa: the number of heads in key ({Hk}) and value ({Hv}) must divide the "
+                f"number of heads in query ({Hq})"
+            )
         H, HK = Hq, (Hk if Hk == Hv else None)
     else:
         try:
             H = torch.broadcast_shapes((Hq,), (Hk,), (Hv,))[0]
         except RuntimeError:
-            raise InputError(f"key has {Hk} heads and value {Hv} but query has {Hq}; they must be equal (or 1), "
-                             "or pass enable_gqa=True for grouped-query attention") from None
+            raise InputError(
+                f"key has {Hk} heads and value {Hv} but query has {Hq}; they must be equal (or 1), "
+                "or pass enable_gqa=True for grouped-query attention"
+            ) from None
         HK = Hk if Hk == Hv else H
     full = batch + (H, qs[-2], vs[-1])
-    out_shape = full[len(full) - m:]
-    scores = (batch + (H, qs[-2], ks[-2]))[len(full) - m:]
+    out_shape = full[len(full) - m :]
+    scores = (batch + (H, qs[-2], ks[-2]))[len(full) - m :]
     check_attn_mask(attn_mask, query, scores)
     return SdpaLayout(n, batch, H, HK, out_shape)
 
@@ -141,8 +149,11 @@ def _sdpa_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, lay:
     for idx in itertools.product(*(range(s) for s in batch[:j])):
         q4, k4, v4, *m4 = (t[idx].view((-1,) + tuple(t.shape[nb:])) for t in parts)
         kl = klen[idx].reshape(-1) if klen is not None else None
-        outs.append(fused_attention(q4, k4, v4, mask=m4[0] if m4 else None, klen=kl, dropout_p=dropout_p,
-                                    is_causal=is_causal, scale=scale))
+        outs.append(
+            fused_attention(
+                q4, k4, v4, mask=m4[0] if m4 else None, klen=kl, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+            )
+        )
     out = torch.stack(outs) if j else outs[0]
     return out.reshape(lay.out_shape)
 
@@ -153,16 +164,20 @@ def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if attn_mask is not None and is_causal:
         Lq, Lk = query.shape[-2], key.shape[-2]
         causal = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()
-        attn_mask = attn_mask & causal if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~causal, float("-inf"))
+        attn_mask = (
+            attn_mask & causal if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~causal, float("-inf"))
+        )
         is_causal = False
     kw = {"enable_gqa": True} if enable_gqa else {}
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, scale=scale, **kw)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw
+    )
 
 
 @autocast_op("query", "key", "value", "attn_mask")
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     query: (..., Hq, Lq, E), key: (..., H_kv, Lk, E), value: (..., H_kv, Lk, Ev): any rank >= 2; the
@@ -182,8 +197,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _sdpa_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, lay)
     if path == "torch":
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return sdpa_reference(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          scale=scale, enable_gqa=enable_gqa)
+    return sdpa_reference(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,15 +229,18 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, causal, scale)
     outs = []
     for i in range(len(cq) - 1):
         # (1, H, L, D): torch takes its fused CPU kernel for 4-D inputs (its math path for 3-D ones)
-        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]),
-                                                                     (v, ck[i], ck[i + 1])))
+        qs, ks, vs = (
+            t[a:b].transpose(0, 1)[None]
+            for t, a, b in ((q, cq[i], cq[i + 1]), (k, ck[i], ck[i + 1]), (v, ck[i], ck[i + 1]))
+        )
         outs.append(_torch_sdpa(qs, ks, vs, None, dropout_p, causal, scale, gqa)[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))
 
 
 @autocast_op("q", "k", "v")
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p=0.0,
-                     causal=False, scale=None):
+def varlen_attention(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, dropout_p=0.0, causal=False, scale=None
+):
     """Attention over packed variable-length sequences, no padding computed.
 
     q: (Tq, H, D), k/v: (Tk, H_kv, D) (H a multiple of H_kv), cu_seqlens_q/k: (B + 1,) int, cumulative
@@ -237,8 +263,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         check_tensor(name, cu, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device)
         if cu.numel() < 1:
             raise InputError(f"{name} must hold at least one offset")
-        longest[name] = remembered(cu, ("cu_seqlens", total),
-                                   lambda cu=cu, total=total, name=name: check_cu_seqlens(name, cu, total))
+        longest[name] = remembered(
+            cu, ("cu_seqlens", total), lambda cu=cu, total=total, name=name: check_cu_seqlens(name, cu, total)
+        )
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise InputError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     lq, lk = longest["cu_seqlens_q"], longest["cu_seqlens_k"]
@@ -250,9 +277,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     check_scale(scale)
     path = attention_path(q, k, v, covered=kernel_covers(q, k, v), dropout_p=dropout_p)
     if path == "kernel":
-        return fused_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                      causal, scale)
+        return fused_varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale
+        )
     if path == "torch":
         return _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, causal, scale)
-    return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            dropout_p=dropout_p, causal=causal, scale=scale)
+    return varlen_reference(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, causal=causal, scale=scale
+    )

@@ -18,6 +18,7 @@ numpy/DLPack views, custom kernels) is not seen: call `forget_host_checks()` aft
 The Triton kernels are imported lazily, by `attention_kernels()` alone: the reference and CPU paths never
 import triton.
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,10 +26,9 @@ import contextlib
 import math
 import threading
 import weakref
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..backend import cpu_fast_path, use_triton
 from ._compile import opaque_to_compile
@@ -39,9 +39,21 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 __all__ = [
-    "KERNEL_DTYPES", "MAX_HEAD_DIM", "attention_kernels", "attention_path", "capture_dropout_masks", "check_attn_mask",
-    "check_dropout", "check_scale", "forget_host_checks", "fused_attention", "kernel_covers",
-    "key_lengths", "prepare_mask", "remembered", "torch_sdpa_usable",
+    "KERNEL_DTYPES",
+    "MAX_HEAD_DIM",
+    "attention_kernels",
+    "attention_path",
+    "capture_dropout_masks",
+    "check_attn_mask",
+    "check_dropout",
+    "check_scale",
+    "forget_host_checks",
+    "fused_attention",
+    "kernel_covers",
+    "key_lengths",
+    "prepare_mask",
+    "remembered",
+    "torch_sdpa_usable",
 ]
 
 
@@ -82,9 +94,14 @@ def check_attn_mask(attn_mask, query: torch.Tensor, scores_shape: tuple) -> None
     if attn_mask.device != query.device:
         raise InputError(f"attn_mask is on {attn_mask.device} but must be on {query.device} like query")
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
-        kind = "a float dtype other than float32 and the query's" if attn_mask.dtype in FLOAT_DTYPES else "not bool or float"
-        raise InputError(f"attn_mask has dtype {attn_mask.dtype} ({kind}); expected bool, float32 or the query's "
-                         f"dtype {query.dtype}")
+        kind = (
+            "a float dtype other than float32 and the query's"
+            if attn_mask.dtype in FLOAT_DTYPES
+            else "not bool or float"
+        )
+        raise InputError(
+            f"attn_mask has dtype {attn_mask.dtype} ({kind}); expected bool, float32 or the query's dtype {query.dtype}"
+        )
     shape = tuple(scores_shape)
     ok = attn_mask.dim() <= len(shape)
     if ok:
@@ -93,15 +110,22 @@ def check_attn_mask(attn_mask, query: torch.Tensor, scores_shape: tuple) -> None
         except RuntimeError:
             ok = False
     if not ok:
-        raise InputError(f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to the attention "
-                         f"scores {shape}")
+        raise InputError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} is not broadcastable to the attention scores {shape}"
+        )
 
 
 def kernel_covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the fused kernels compute this call: fp16/bf16/fp32, head dim <= 256 and equal for
     q/k/v, and nothing empty. The rest runs on the fallback."""
-    return (q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] == q.shape[-1]
-            and q.shape[-2] > 0 and k.shape[-2] > 0 and q.numel() > 0)
+    return (
+        q.dtype in KERNEL_DTYPES
+        and q.shape[-1] <= MAX_HEAD_DIM
+        and v.shape[-1] == q.shape[-1]
+        and q.shape[-2] > 0
+        and k.shape[-2] > 0
+        and q.numel() > 0
+    )
 
 
 def _torch_version() -> tuple:
@@ -138,7 +162,7 @@ def attention_path(*tensors, covered: bool, dropout_p: float) -> str:
 # host-side checks remembered per tensor
 # ----------------------------------------------------------------------------------------------
 
-_MEMO: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+_MEMO: collections.OrderedDict[int, tuple] = collections.OrderedDict()
 _MEMO_SIZE = 32
 _MEMO_LOCK = threading.Lock()
 
@@ -182,7 +206,7 @@ def key_lengths(rows: torch.Tensor):
     return None, False
 
 
-def prepare_mask(attn_mask: Optional[torch.Tensor], batch: tuple, H: int, Lq: int, Lk: int):
+def prepare_mask(attn_mask: torch.Tensor | None, batch: tuple, H: int, Lq: int, Lk: int):
     """A validated SDPA mask -> (mask, klen) for the kernels, over the (broadcast) batch dims `batch`.
 
     A bool key-padding mask (only the batch dims and Lk vary; each row True then False) becomes
@@ -206,7 +230,7 @@ def prepare_mask(attn_mask: Optional[torch.Tensor], batch: tuple, H: int, Lq: in
 # dropout
 # ----------------------------------------------------------------------------------------------
 
-_captured: Optional[list] = None
+_captured: list | None = None
 
 
 @contextlib.contextmanager
@@ -234,12 +258,13 @@ def _draw_seed(device: torch.device) -> int:
     as a kernel drawing random numbers would, instead of syncing on a device tensor."""
     if device.type == "cuda":
         try:
-            gen = torch.cuda.default_generators[device.index if device.index is not None
-                                                else torch.cuda.current_device()]
+            gen = torch.cuda.default_generators[
+                device.index if device.index is not None else torch.cuda.current_device()
+            ]
             offset = gen.get_offset()
             gen.set_offset(offset + 4)
             return _splitmix(_splitmix(gen.initial_seed()) ^ offset) & 0x7FFFFFFF
-        except (AttributeError, RuntimeError, IndexError):   # an older torch: draw on the device
+        except (AttributeError, RuntimeError, IndexError):  # an older torch: draw on the device
             pass
     return int(torch.randint(0, 2**31 - 1, (1,), device=device).item())
 
@@ -279,8 +304,9 @@ class FusedAttentionFunction(torch.autograd.Function):
         spec.mask_grad = mask is not None and ctx.needs_input_grad[3]
         spec.t5_grad = table is not None and ctx.needs_input_grad[4]
         need = ctx.needs_input_grad
-        dq, dk, dv, dm, dt = attention_kernels().attention_backward(dout, q, k, v, out, lse, spec, need_dq=need[0],
-                                                           need_dkdv=need[1] or need[2])
+        dq, dk, dv, dm, dt = attention_kernels().attention_backward(
+            dout, q, k, v, out, lse, spec, need_dq=need[0], need_dkdv=need[1] or need[2]
+        )
         dmask = dtable = None
         if dm is not None:
             dmask = dm.to(mask.dtype)  # (B, H, Lq, Lk): the expand's backward reduces it
@@ -296,8 +322,20 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @opaque_to_compile
-def fused_attention(q, k, v, *, mask=None, klen=None, dropout_p=0.0, is_causal=False, scale=None,
-                    t5_table=None, t5_rel=None, query_offset=0):
+def fused_attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    klen=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    t5_table=None,
+    t5_rel=None,
+    query_offset=0,
+):
     """The kernel path for validated 4-D inputs, any strides on the first three dims (stride 0 for
     broadcast ones). q: (B, H, Lq, D), k/v: (B, H_kv, Lk, D) with H a multiple of H_kv -> (B, H, Lq, D).
     mask: None, or a bool / float (B, H, Lq, Lk) view (see prepare_mask); klen: None or (B,) int key
@@ -307,8 +345,13 @@ def fused_attention(q, k, v, *, mask=None, klen=None, dropout_p=0.0, is_causal=F
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    spec = K.AttnSpec(scale=1.0 / math.sqrt(D) if scale is None else float(scale), causal=bool(is_causal),
-                      dropout_p=float(dropout_p), t5_rel=t5_rel, query_offset=int(query_offset))
+    spec = K.AttnSpec(
+        scale=1.0 / math.sqrt(D) if scale is None else float(scale),
+        causal=bool(is_causal),
+        dropout_p=float(dropout_p),
+        t5_rel=t5_rel,
+        query_offset=int(query_offset),
+    )
     if klen is not None:
         spec.klen = klen.to(torch.int32).contiguous()
     float_mask = None
@@ -328,15 +371,19 @@ def fused_attention(q, k, v, *, mask=None, klen=None, dropout_p=0.0, is_causal=F
 
 
 @opaque_to_compile
-def fused_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
-                           scale):
+def fused_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, scale):
     """The kernel path of varlen_attention for validated inputs. q: (Tq, H, D), k/v: (Tk, H_kv, D)."""
     K = attention_kernels()
     B = cu_seqlens_q.numel() - 1
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    spec = K.AttnSpec(scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), causal=bool(causal),
-                      dropout_p=float(dropout_p), cu_q=cu_seqlens_q.to(torch.int32).contiguous(),
-                      cu_k=cu_seqlens_k.to(torch.int32).contiguous(), max_q=max(int(max_seqlen_q), 1),
-                      max_k=max(int(max_seqlen_k), 1))
+    spec = K.AttnSpec(
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        causal=bool(causal),
+        dropout_p=float(dropout_p),
+        cu_q=cu_seqlens_q.to(torch.int32).contiguous(),
+        cu_k=cu_seqlens_k.to(torch.int32).contiguous(),
+        max_q=max(int(max_seqlen_q), 1),
+        max_k=max(int(max_seqlen_k), 1),
+    )
     seed_dropout(spec, B, q.shape[1], spec.max_q, spec.max_k, q.device)
     return FusedAttentionFunction.apply(q, k, v, None, None, spec)

@@ -30,6 +30,7 @@ Deviations from torch, documented in docs/ops.md: "mean" with every target ignor
 0.0 and zero gradients (torch: NaN); any integer dtype is taken for class indices (torch: int64 or
 uint8); float64 inputs, a class weight or soft target that requires grad take the reference path.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,13 @@ import os
 
 import torch
 
+import fastformer.reference.cross_entropy as _ref
+
 from ..backend import get_backend, use_triton
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 from .amp import amp_dtype
 from .errors import InputError, InputTypeError, TargetIndexError
-import fastformer.reference.cross_entropy as _ref
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -91,20 +93,26 @@ def _check_target(target, input_shape: tuple, device, ignore_index) -> bool:
     check_tensor("target", target, device=device)
     if tuple(target.shape) == tuple(input_shape):
         if target.dtype not in FLOAT_DTYPES:
-            raise InputError(f"target is shaped like input, so it holds class probabilities: it must have a "
-                             f"floating point dtype, got {target.dtype}")
+            raise InputError(
+                f"target is shaped like input, so it holds class probabilities: it must have a "
+                f"floating point dtype, got {target.dtype}"
+            )
         if _as_index(ignore_index) is not None and _as_index(ignore_index) >= 0:
             raise InputError("ignore_index is not supported for a floating point (class-probability) target")
         return True
     if target.dtype not in INDEX_DTYPES:
-        raise InputError(f"target must hold integer class indices (or, shaped like input {tuple(input_shape)}, "
-                         f"class probabilities); got dtype {target.dtype} and shape {tuple(target.shape)}")
+        raise InputError(
+            f"target must hold integer class indices (or, shaped like input {tuple(input_shape)}, "
+            f"class probabilities); got dtype {target.dtype} and shape {tuple(target.shape)}"
+        )
     expected = () if len(input_shape) == 1 else (input_shape[0],) + tuple(input_shape[2:])
     if tuple(target.shape) != expected:
         if len(input_shape) >= 2 and (target.dim() == 0 or target.shape[0] != input_shape[0]):
             got = target.shape[0] if target.dim() else "none"
-            raise InputError(f"Expected input batch_size ({input_shape[0]}) to match target batch_size ({got}): "
-                             f"target has shape {tuple(target.shape)}, expected {expected}")
+            raise InputError(
+                f"Expected input batch_size ({input_shape[0]}) to match target batch_size ({got}): "
+                f"target has shape {tuple(target.shape)}, expected {expected}"
+            )
         raise InputError(f"target has shape {tuple(target.shape)}; expected {expected} for input {tuple(input_shape)}")
     return False
 
@@ -126,8 +134,10 @@ def _check_range(target: torch.Tensor, C: int, ignore_index: int) -> None:
     t = target.reshape(-1)
     bad = (t != ignore_index) & ((t < 0) | (t >= C))
     if bool(bad.any()):
-        raise TargetIndexError(f"target {int(t[bad][0])} is out of bounds: class indices must be in [0, {C}) "
-                               f"or equal ignore_index={ignore_index}")
+        raise TargetIndexError(
+            f"target {int(t[bad][0])} is out of bounds: class indices must be in [0, {C}) "
+            f"or equal ignore_index={ignore_index}"
+        )
 
 
 def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, amp) -> bool:
@@ -143,9 +153,11 @@ def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES, device=input.device)
         if tuple(weight.shape) != (C,):
-            raise InputError(f"weight tensor should be defined either for all {C} classes or no classes but got "
-                             f"weight tensor of shape {tuple(weight.shape)}")
-        if amp is None and weight.dtype != input.dtype:   # under autocast torch casts both to float32
+            raise InputError(
+                f"weight tensor should be defined either for all {C} classes or no classes but got "
+                f"weight tensor of shape {tuple(weight.shape)}"
+            )
+        if amp is None and weight.dtype != input.dtype:  # under autocast torch casts both to float32
             raise InputError(f"weight has dtype {weight.dtype} but input has {input.dtype}; they must match")
     return soft
 
@@ -158,8 +170,9 @@ def _validate_linear(input, weight, target, bias, ignore_index, reduction, label
     check_tensor("weight", weight, ndim=2, device=input.device)
     check_same_dtype("weight", weight, "input", input)
     if weight.shape[1] != input.shape[-1]:
-        raise InputError(f"weight has shape {tuple(weight.shape)}; expected (V, {input.shape[-1]}) for input "
-                         f"{tuple(input.shape)}")
+        raise InputError(
+            f"weight has shape {tuple(weight.shape)}; expected (V, {input.shape[-1]}) for input {tuple(input.shape)}"
+        )
     _check_common(ignore_index, reduction, label_smoothing, z_loss)
     logits_shape = tuple(input.shape[:-1]) + (weight.shape[0],)
     if not isinstance(target, torch.Tensor):
@@ -171,12 +184,16 @@ def _validate_linear(input, weight, target, bias, ignore_index, reduction, label
             raise InputError("ignore_index is not supported for a floating point (class-probability) target")
     else:
         if target.dtype not in INDEX_DTYPES:
-            raise InputError(f"target must hold integer class indices shaped {tuple(input.shape[:-1])}, or class "
-                             f"probabilities shaped {logits_shape}; got dtype {target.dtype}, shape "
-                             f"{tuple(target.shape)}")
+            raise InputError(
+                f"target must hold integer class indices shaped {tuple(input.shape[:-1])}, or class "
+                f"probabilities shaped {logits_shape}; got dtype {target.dtype}, shape "
+                f"{tuple(target.shape)}"
+            )
         if tuple(target.shape) != tuple(input.shape[:-1]):
-            raise InputError(f"target has shape {tuple(target.shape)}; expected {tuple(input.shape[:-1])} "
-                             f"for input {tuple(input.shape)}")
+            raise InputError(
+                f"target has shape {tuple(target.shape)}; expected {tuple(input.shape[:-1])} "
+                f"for input {tuple(input.shape)}"
+            )
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=input.device)
         check_same_dtype("bias", bias, "input", input)
@@ -207,8 +224,9 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
 
 class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing, z_loss, need_grad, out_shape,
-                out_dtype):
+    def forward(
+        ctx, x, target, weight, ignore_index, reduction, label_smoothing, z_loss, need_grad, out_shape, out_dtype
+    ):
         """x: (N, C) or (N, C, D) logits view; target: indices (N*D,) contiguous or probabilities shaped like x."""
         from ..kernels import cross_entropy_launch as K
 
@@ -217,14 +235,26 @@ class _CrossEntropyFn(torch.autograd.Function):
         count = wden = None
         if reduction == "mean":
             if soft:
-                count = torch.full((), target.shape[0] * (target.shape[2] if target.dim() == 3 else 1),
-                                   dtype=torch.int64, device=x.device)
+                count = torch.full(
+                    (),
+                    target.shape[0] * (target.shape[2] if target.dim() == 3 else 1),
+                    dtype=torch.int64,
+                    device=x.device,
+                )
             else:
                 count, wden = _mean_denominators(target, w32, ignore_index, x.shape[1])
         grad = torch.empty_like(x) if need_grad else None
-        loss_rows, _ = K.ce_forward(x, target, count=count, weight=w32, weight_den=wden,
-                                    ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                                    grad=grad)
+        loss_rows, _ = K.ce_forward(
+            x,
+            target,
+            count=count,
+            weight=w32,
+            weight_den=wden,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            grad=grad,
+        )
         ctx.grad = grad
         out = loss_rows.reshape(out_shape) if reduction == "none" else loss_rows.sum()
         return out.to(out_dtype)
@@ -236,8 +266,10 @@ class _CrossEntropyFn(torch.autograd.Function):
 
         grad = ctx.grad
         if grad is None:
-            raise RuntimeError("ff.cross_entropy: backward called twice, or on a forward run without grad; "
-                               "the gradient buffer is consumed by the first backward")
+            raise RuntimeError(
+                "ff.cross_entropy: backward called twice, or on a forward run without grad; "
+                "the gradient buffer is consumed by the first backward"
+            )
         ctx.grad = None
         K.scale_rows_(grad, grad_out.reshape(-1).to(torch.float32).contiguous())
         return grad, None, None, None, None, None, None, None, None, None
@@ -278,8 +310,9 @@ def cross_entropy(
     extra_grad = grad_on and ((weight is not None and weight.requires_grad) or (soft and target.requires_grad))
     wide = input.dtype == torch.float64 or (soft and target.dtype == torch.float64)
     if wide or extra_grad or get_backend() == "reference" or not use_triton(input, target, weight):
-        return _amp_result(_ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                                              z_loss=z_loss), amp)
+        return _amp_result(
+            _ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss), amp
+        )
     if input.dim() == 1:
         x, t, out_shape = input[None], (target[None] if soft else target.reshape(1)), ()
     elif input.dim() == 2:
@@ -290,8 +323,21 @@ def cross_entropy(
         out_shape = (input.shape[0],) + tuple(input.shape[2:])
     out_dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
     need_grad = grad_on and input.requires_grad
-    return _amp_result(_ce_kernel(x, t, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-                                  need_grad, out_shape, out_dtype), amp)
+    return _amp_result(
+        _ce_kernel(
+            x,
+            t,
+            weight,
+            int(ignore_index),
+            reduction,
+            float(label_smoothing),
+            float(z_loss),
+            need_grad,
+            out_shape,
+            out_dtype,
+        ),
+        amp,
+    )
 
 
 @opaque_to_compile

@@ -10,6 +10,7 @@ type, so code written against torch catches it unchanged::
     except RuntimeError:      # or ValueError: both catch it
         ...
 """
+
 from __future__ import annotations
 
 

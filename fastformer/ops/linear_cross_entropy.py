@@ -18,17 +18,19 @@ within 2x of the unfused path's, which rounds the whole product once). FLOPs are
 unfused path's (6 N V H): nothing is recomputed for "mean"/"sum". For "none" the gradients depend on
 the per-row grad_output, so backward recomputes the chunks with it folded into the kernel.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
+import fastformer.reference.cross_entropy as _ref
+
 from ..backend import get_backend, use_triton
 from ._compile import opaque_to_compile
 from .amp import amp_dtype, autocast_cast, no_autocast
 from .cross_entropy import _amp_result, _as_index, _check_range, _range_check_wanted, _validate_linear
-import fastformer.reference.cross_entropy as _ref
 
 # a 16-bit grad_W takes one rounding per chunk: at most this many chunks by default. With K chunks
 # its rounding error is sqrt((K + 1) / 2) times the unfused path's single rounding at worst (the
@@ -41,8 +43,17 @@ CUDA_CHUNK_ELEMENTS = 1 << 27
 TORCH_SUB_ELEMENTS = 1 << 21
 
 
-def _ce_rows_torch_(logits, target, scale, label_smoothing: float, z_loss: float, want_grad: bool,
-                    gscale=None, ignore_index: int = -100, colsum=None):
+def _ce_rows_torch_(
+    logits,
+    target,
+    scale,
+    label_smoothing: float,
+    z_loss: float,
+    want_grad: bool,
+    gscale=None,
+    ignore_index: int = -100,
+    colsum=None,
+):
     """Torch-math twin of kernels.cross_entropy_launch.ce_forward for rows without class weights.
 
     logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
@@ -55,16 +66,26 @@ def _ce_rows_torch_(logits, target, scale, label_smoothing: float, z_loss: float
     out = torch.empty(c, dtype=torch.float32, device=logits.device)
     for s in range(0, c, sub):
         e = min(c, s + sub)
-        out[s:e] = _ce_block_torch_(logits[s:e], target[s:e], scale, label_smoothing, z_loss, want_grad,
-                                    gscale[s:e] if gscale is not None else None, ignore_index, colsum)
+        out[s:e] = _ce_block_torch_(
+            logits[s:e],
+            target[s:e],
+            scale,
+            label_smoothing,
+            z_loss,
+            want_grad,
+            gscale[s:e] if gscale is not None else None,
+            ignore_index,
+            colsum,
+        )
     return out
 
 
-def _ce_block_torch_(logits, target, scale, eps: float, z_loss: float, want_grad: bool, gscale, ignore_index: int,
-                     colsum):
+def _ce_block_torch_(
+    logits, target, scale, eps: float, z_loss: float, want_grad: bool, gscale, ignore_index: int, colsum
+):
     V = logits.shape[1]
     xf = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    sA = sB = scale   # no class weights: the CE and z parts share the denominator
+    sA = sB = scale  # no class weights: the CE and z parts share the denominator
     lse = torch.logsumexp(xf, dim=1)
     valid = None
     if target.is_floating_point():
@@ -113,7 +134,7 @@ def _colsum_(acc: torch.Tensor, m: torch.Tensor) -> None:
         return
     sub = max(1, TORCH_SUB_ELEMENTS // max(m.shape[1], 1))
     for s in range(0, m.shape[0], sub):
-        acc.add_(m[s:s + sub].sum(dim=0, dtype=acc.dtype))
+        acc.add_(m[s : s + sub].sum(dim=0, dtype=acc.dtype))
 
 
 def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | None, itemsize: int) -> int:
@@ -132,17 +153,34 @@ def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | 
         rows = max(256, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * H / V))))))
     if itemsize < 4:
         per = -(-n // MAX_CHUNKS)
-        rows = max(rows, -(-per // 128) * 128)   # rounded up to a multiple of 128 for the GEMMs
+        rows = max(rows, -(-per // 128) * 128)  # rounded up to a multiple of 128 for the GEMMs
     return max(1, min(n, rows))
 
 
-def _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, *, loss_rows=None, gscale=None,
-                grad_x=None, keep=None, gW=None, gb=None):
+def _run_chunks(
+    x_k,
+    W,
+    b,
+    t_k,
+    count,
+    eps,
+    z,
+    ignore_index,
+    use_kernel,
+    chunk,
+    *,
+    loss_rows=None,
+    gscale=None,
+    grad_x=None,
+    keep=None,
+    gW=None,
+    gb=None,
+):
     """The chunk loop shared by forward and the "none" backward. x_k: (n, H) rows; t_k: (n,) class
     indices or (n, V) probabilities; keep: (n,) the rows' indices among all rows, None when x_k holds
     every row in order. gW: (V, H) in W's dtype (the returned gradient); gb: (V,) fp32."""
     if use_kernel:
-        from ..kernels import cross_entropy_launch as K   # lazily: the CPU path must not need (or load) triton
+        from ..kernels import cross_entropy_launch as K  # lazily: the CPU path must not need (or load) triton
 
     n = x_k.shape[0]
     want_grad = grad_x is not None or gW is not None or gb is not None
@@ -152,11 +190,19 @@ def _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, 
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc = x_k[s:e]
-        logits = torch.addmm(b, xc, W.t()) if b is not None else xc @ W.t()   # (c, V), owned here
+        logits = torch.addmm(b, xc, W.t()) if b is not None else xc @ W.t()  # (c, V), owned here
         gs = gscale[s:e] if gscale is not None else None
         if use_kernel:
-            rows, _ = K.ce_forward(logits, t_k[s:e], count=count, ignore_index=ignore_index, label_smoothing=eps,
-                                   z_loss=z, grad=logits if want_grad else None, gscale=gs)
+            rows, _ = K.ce_forward(
+                logits,
+                t_k[s:e],
+                count=count,
+                ignore_index=ignore_index,
+                label_smoothing=eps,
+                z_loss=z,
+                grad=logits if want_grad else None,
+                gscale=gs,
+            )
         else:
             rows = _ce_rows_torch_(logits, t_k[s:e], scale, eps, z, want_grad, gs, ignore_index, colsum=gb)
         if loss_rows is not None:
@@ -167,10 +213,10 @@ def _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, 
             else:
                 grad_x.index_copy_(0, keep[s:e], logits @ W)
         if gW is not None:
-            gW.addmm_(logits.t(), xc)      # fp32 sums inside the GEMM, one rounding into gW
+            gW.addmm_(logits.t(), xc)  # fp32 sums inside the GEMM, one rounding into gW
         if gb is not None and use_kernel:
             _colsum_(gb, logits)
-        del logits   # before the next chunk's is made: one chunk buffer alive, not two
+        del logits  # before the next chunk's is made: one chunk buffer alive, not two
 
 
 def _sync_free(x: torch.Tensor) -> bool:
@@ -193,16 +239,17 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         N, H = x.shape
         V = W.shape[0]
         soft = target.is_floating_point()
-        if soft or _sync_free(x):   # every row (ignored ones get zero loss and gradients)
+        if soft or _sync_free(x):  # every row (ignored ones get zero loss and gradients)
             keep, n, x_k, t_k = None, N, x, target
             count = None
             if reduction == "mean":
-                count = (torch.full((), N, dtype=torch.int64, device=x.device) if soft
-                         else (target != ignore_index).sum())
+                count = (
+                    torch.full((), N, dtype=torch.int64, device=x.device) if soft else (target != ignore_index).sum()
+                )
         else:
-            keep = (target != ignore_index).nonzero().squeeze(1)   # host sync: the kept-row count sizes the loop
+            keep = (target != ignore_index).nonzero().squeeze(1)  # host sync: the kept-row count sizes the loop
             n = keep.numel()
-            x_k = x if n == N else x.index_select(0, keep)   # no copy when nothing is ignored
+            x_k = x if n == N else x.index_select(0, keep)  # no copy when nothing is ignored
             t_k = target if n == N else target.index_select(0, keep)
             t_k = t_k.contiguous()
             keep = None if n == N else keep
@@ -221,12 +268,30 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             grad_x = (torch.zeros_like(x) if keep is not None else torch.empty_like(x)) if need_x else None
             gW = torch.zeros_like(W) if need_W else None
             gb = torch.zeros(V, dtype=torch.float32, device=x.device) if need_b else None
-            _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, loss_rows=loss_rows,
-                        grad_x=grad_x, keep=keep, gW=gW, gb=gb)
+            _run_chunks(
+                x_k,
+                W,
+                b,
+                t_k,
+                count,
+                eps,
+                z,
+                ignore_index,
+                use_kernel,
+                chunk,
+                loss_rows=loss_rows,
+                grad_x=grad_x,
+                keep=keep,
+                gW=gW,
+                gb=gb,
+            )
             ctx.grads = (grad_x, gW, gb.to(W.dtype) if gb is not None else None)
         if reduction == "none":
-            out = loss_rows if keep is None else \
-                torch.zeros(N, dtype=torch.float32, device=x.device).index_copy_(0, keep, loss_rows)
+            out = (
+                loss_rows
+                if keep is None
+                else torch.zeros(N, dtype=torch.float32, device=x.device).index_copy_(0, keep, loss_rows)
+            )
         else:
             out = loss_rows.sum()
         return out.to(torch.promote_types(x.dtype, target.dtype) if soft else x.dtype)
@@ -241,22 +306,48 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             grads = ctx.grads
             ctx.grads = None
             # the gradients were made in forward for grad_output 1: scale them in place
-            return (*(_scale_(t, g, use_kernel) if t is not None else None for t in grads),
-                    None, None, None, None, None, None, None, None)
+            return (
+                *(_scale_(t, g, use_kernel) if t is not None else None for t in grads),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
         x_k, W, b, t_k, keep = ctx.saved_tensors
         count = ctx.count
         g = g.reshape(-1)
         gscale = (g if keep is None else g.index_select(0, keep)).to(torch.float32).contiguous()
         grad_x = None
         if need_x:
-            grad_x = torch.zeros((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device) if keep is not None \
+            grad_x = (
+                torch.zeros((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device)
+                if keep is not None
                 else torch.empty((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device)
+            )
         gW = torch.zeros_like(W) if need_W else None
         gb = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device) if need_b else None
-        _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, gscale=gscale,
-                    grad_x=grad_x, keep=keep, gW=gW, gb=gb)
-        return (grad_x, gW, gb.to(W.dtype) if gb is not None else None,
-                None, None, None, None, None, None, None, None)
+        _run_chunks(
+            x_k,
+            W,
+            b,
+            t_k,
+            count,
+            eps,
+            z,
+            ignore_index,
+            use_kernel,
+            chunk,
+            gscale=gscale,
+            grad_x=grad_x,
+            keep=keep,
+            gW=gW,
+            gb=gb,
+        )
+        return (grad_x, gW, gb.to(W.dtype) if gb is not None else None, None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -294,17 +385,35 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     if get_backend() == "reference" or (soft and grad_on and target.requires_grad):
         with no_autocast(input, amp):
-            return _amp_result(_ref.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
-                                                         label_smoothing, z_loss=z_loss), amp)
+            return _amp_result(
+                _ref.linear_cross_entropy(
+                    input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss=z_loss
+                ),
+                amp,
+            )
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1)
-    needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    with no_autocast(input, amp):   # the chunks' matmuls in the dtype chosen above
-        out = _lce_kernel(x, weight, bias, t, int(ignore_index), reduction, float(label_smoothing),
-                          float(z_loss), needs, use_kernel, chunk_size)
+    needs = (
+        grad_on and input.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    with no_autocast(input, amp):  # the chunks' matmuls in the dtype chosen above
+        out = _lce_kernel(
+            x,
+            weight,
+            bias,
+            t,
+            int(ignore_index),
+            reduction,
+            float(label_smoothing),
+            float(z_loss),
+            needs,
+            use_kernel,
+            chunk_size,
+        )
     out = _amp_result(out, amp)
     return out.reshape(lead) if reduction == "none" else out
 

@@ -12,6 +12,7 @@ fixed order; no atomics). CPU tensors under backend "auto" run torch's SDPA with
 mask when the table needs no gradient (inference, a frozen table), else the eager reference, which
 backend "reference" always runs. Only the kernel path imports triton.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,15 +40,21 @@ __all__ = ["t5_attention", "relative_position_bucket", "relative_position_bucket
 def check_bucket_config(bidirectional: bool, num_buckets, max_distance) -> None:
     """num_buckets >= 2 (>= 4 bidirectional), max_distance a positive int beyond the exact-bucket range
     (at or below it, Hugging Face's log formula decreases with distance and leaves [0, num_buckets))."""
-    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 2 \
-            or (bidirectional and num_buckets < 4):
+    if (
+        isinstance(num_buckets, bool)
+        or not isinstance(num_buckets, int)
+        or num_buckets < 2
+        or (bidirectional and num_buckets < 4)
+    ):
         raise InputError(f"num_buckets must be an int >= 2 (>= 4 bidirectional), got {num_buckets!r}")
     if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance < 1:
         raise InputError(f"max_distance must be a positive int, got {max_distance!r}")
     max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     if max_distance <= max_exact:
-        raise InputError(f"max_distance={max_distance} must exceed the exact-bucket range {max_exact} of "
-                         f"num_buckets={num_buckets} ({'bi' if bidirectional else 'uni'}directional)")
+        raise InputError(
+            f"max_distance={max_distance} must exceed the exact-bucket range {max_exact} of "
+            f"num_buckets={num_buckets} ({'bi' if bidirectional else 'uni'}directional)"
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,8 +66,9 @@ def _rel_pos_cached(bidirectional: bool, num_buckets: int, max_distance: int, de
     rel = torch.arange(-radius, radius + 1, device=device)
     bucket = relative_position_bucket(rel, bidirectional, num_buckets, max_distance).cpu()
     if bool((bucket < 0).any()) or bool((bucket >= num_buckets).any()):
-        raise InputError(f"max_distance={max_distance} with num_buckets={num_buckets} gives buckets outside "
-                         f"[0, {num_buckets})")
+        raise InputError(
+            f"max_distance={max_distance} with num_buckets={num_buckets} gives buckets outside [0, {num_buckets})"
+        )
     b = bucket.tolist()
     # the constant runs at both ends: r <= -sat_left all map to b[0], r >= sat_right all to b[-1]
     i = 0
@@ -69,12 +77,19 @@ def _rel_pos_cached(bidirectional: bool, num_buckets: int, max_distance: int, de
     j = len(b) - 1
     while j - 1 >= 0 and b[j - 1] == b[-1]:
         j -= 1
-    sat_left = max(radius - i, 0)     # index i is relative position i - radius
+    sat_left = max(radius - i, 0)  # index i is relative position i - radius
     sat_right = max(j - radius, 1)
     zpts, zweights = _change_point_weights(b, radius, num_buckets)
-    return attention_kernels().T5RelPos(bucket=bucket.to(device=device, dtype=torch.int32), radius=radius, sat_left=sat_left,
-                               sat_right=sat_right, bucket_left=b[0], bucket_right=b[-1], zpts=zpts.to(device),
-                               zweights=zweights.to(device))
+    return attention_kernels().T5RelPos(
+        bucket=bucket.to(device=device, dtype=torch.int32),
+        radius=radius,
+        sat_left=sat_left,
+        sat_right=sat_right,
+        bucket_left=b[0],
+        bucket_right=b[-1],
+        zpts=zpts.to(device),
+        zweights=zweights.to(device),
+    )
 
 
 def _change_point_weights(b, radius, num_buckets):
@@ -83,14 +98,14 @@ def _change_point_weights(b, radius, num_buckets):
     where A[t] = Σ dS over j − i < z_t (padding z = huge, so A = the total there)."""
     z = [i - radius for i in range(1, len(b)) if b[i] != b[i - 1]]
     m = len(z)
-    nz = 1 << m.bit_length()           # a power of two > m: one padded entry at least holds the total
+    nz = 1 << m.bit_length()  # a power of two > m: one padded entry at least holds the total
     nb_pad = 1 << max(num_buckets - 1, 0).bit_length()
     w = torch.zeros(nz, nb_pad, dtype=torch.float32)
     for t in range(m + 1):
-        before = b[0] if t == 0 else b[z[t - 1] + radius]   # the run that ends at z_t (or at the total)
+        before = b[0] if t == 0 else b[z[t - 1] + radius]  # the run that ends at z_t (or at the total)
         w[t, before] += 1.0
         if t < m:
-            w[t, b[z[t] + radius]] -= 1.0                   # the run that starts at z_t
+            w[t, b[z[t] + radius]] -= 1.0  # the run that starts at z_t
     pts = torch.full((nz,), 1 << 29, dtype=torch.int32)
     pts[:m] = torch.tensor(z, dtype=torch.int32)
     return pts, w
@@ -108,19 +123,32 @@ def _t5_torch(q, k, v, bias_table, attn_mask, is_causal, scale, dropout_p, query
     """The CPU fast path: torch's SDPA with the (1, H, Lq, Lk) T5 bias (and the mask, and the causal
     structure) folded into one float mask; the table's gradient flows through the bias gather."""
     Lq, Lk = q.shape[-2], k.shape[-2]
-    mdt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32   # torch takes fp32 masks
+    mdt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32  # torch takes fp32 masks
     bias = t5_bias(bias_table, Lq, Lk, query_offset=query_offset, **kw).to(mdt)
     if attn_mask is not None:
         bias = bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else bias + attn_mask
-    if is_causal:   # keeps j <= i + query_offset
+    if is_causal:  # keeps j <= i + query_offset
         causal = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=query_offset)
         bias = bias.masked_fill(~causal, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
 @autocast_op("q", "k", "v", "attn_mask")
-def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max_distance=128, attn_mask=None,
-                 is_causal=False, scale=1.0, dropout_p=0.0, query_offset=0):
+def t5_attention(
+    q,
+    k,
+    v,
+    bias_table,
+    *,
+    bidirectional=True,
+    num_buckets=32,
+    max_distance=128,
+    attn_mask=None,
+    is_causal=False,
+    scale=1.0,
+    dropout_p=0.0,
+    query_offset=0,
+):
     """q: (B, H, Lq, D), k/v: (B, H, Lk, D), bias_table: (num_buckets, H) -> (B, H, Lq, D).
 
     query_offset: absolute position of query row 0, keys sitting at positions 0..Lk-1 (incremental
@@ -144,8 +172,9 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
         raise InputError(f"v shape {tuple(v.shape)} must match k's (B, H, Lk) {tuple(k.shape[:3])}")
     check_bucket_config(bool(bidirectional), num_buckets, max_distance)
     if tuple(bias_table.shape) != (num_buckets, H):
-        raise InputError(f"bias_table must have shape (num_buckets, H) = ({num_buckets}, {H}), "
-                         f"got {tuple(bias_table.shape)}")
+        raise InputError(
+            f"bias_table must have shape (num_buckets, H) = ({num_buckets}, {H}), got {tuple(bias_table.shape)}"
+        )
     Lk = k.shape[2]
     check_attn_mask(attn_mask, q, (B, H, Lq, Lk))
     dropout_p = check_dropout(dropout_p)
@@ -156,11 +185,32 @@ def t5_attention(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max
     if path == "kernel":
         rel = relative_position_buckets(bidirectional, num_buckets, max_distance, q.device)
         mask, klen = prepare_mask(attn_mask, (B,), H, Lq, Lk)
-        return fused_attention(q, k, v, mask=mask, klen=klen, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                               t5_table=bias_table, t5_rel=rel, query_offset=query_offset)
+        return fused_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            klen=klen,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            t5_table=bias_table,
+            t5_rel=rel,
+            query_offset=query_offset,
+        )
     if path == "torch" and not (torch.is_grad_enabled() and bias_table.requires_grad):
         # torch's fused CPU kernel takes the bias as a float mask but has no gradient for it: with a
         # trainable table torch would run its math path, no faster than the reference (measured)
         return _t5_torch(q, k, v, bias_table, attn_mask, is_causal, scale, dropout_p, query_offset, kw)
-    return t5_attention_reference(q, k, v, bias_table, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                  dropout_p=dropout_p, query_offset=query_offset, **kw)
+    return t5_attention_reference(
+        q,
+        k,
+        v,
+        bias_table,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        query_offset=query_offset,
+        **kw,
+    )

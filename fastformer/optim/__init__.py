@@ -1,4 +1,5 @@
 """Fused optimizers over the compiled extension (torch fallback with one warning when it is missing)."""
+
 from .adam import FusedAdam, FusedAdamW, extension_available
 from .clip import clip_grad_norm_
 

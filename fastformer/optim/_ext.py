@@ -3,6 +3,7 @@
 Any failure (not built, built for another torch, missing symbols) is caught: the optimizers then use
 torch's implementation and warn once. FASTFORMER_DISABLE_EXT=1 forces the fallback.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -9,6 +9,7 @@ State layout is torch's: per parameter 'step' (fp32 scalar tensor on CPU), 'exp_
 'max_exp_avg_sq' (amsgrad) and, with master_weights=True for fp16/bf16 parameters, 'master_param'
 (fp32; exp_avg/exp_avg_sq are then fp32 too). param_groups carry torch's keys plus 'master_weights'.
 """
+
 from __future__ import annotations
 
 from itertools import chain
@@ -39,9 +40,16 @@ def _group_row(group: dict) -> list[float]:
     """The 8 numbers per parameter group the operator reads (csrc/adam_host.h, kGroupRow); the
     per-tensor bias corrections are derived from them and each tensor's step in C++."""
     beta1, beta2 = group["betas"]
-    return [_to_float(group["lr"]), _to_float(beta1), _to_float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), float(bool(group["decoupled_weight_decay"])),
-            float(bool(group["maximize"])), float(bool(group["amsgrad"]))]
+    return [
+        _to_float(group["lr"]),
+        _to_float(beta1),
+        _to_float(beta2),
+        float(group["eps"]),
+        float(group["weight_decay"]),
+        float(bool(group["decoupled_weight_decay"])),
+        float(bool(group["maximize"])),
+        float(bool(group["amsgrad"])),
+    ]
 
 
 class _Bucket:
@@ -66,9 +74,23 @@ class FusedAdam(Optimizer):
 
     _default_decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, master_weights=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, decoupled_weight_decay=None):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        *,
+        maximize=False,
+        master_weights=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=None,
+    ):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
         if torch.is_tensor(lr) and lr.numel() != 1:
@@ -84,9 +106,20 @@ class FusedAdam(Optimizer):
             raise ValueError(f"weight_decay: invalid value {weight_decay}")
         if capturable or differentiable:
             raise ValueError("capturable / differentiable: not supported by FusedAdam (use torch.optim.Adam)")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=False, differentiable=False, fused=None,
-                        decoupled_weight_decay=bool(decoupled_weight_decay), master_weights=bool(master_weights))
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+            master_weights=bool(master_weights),
+        )
         super().__init__(params, defaults)
         # GradScaler: hand us grad_scale / found_inf instead of unscaling and checking itself.
         self._step_supports_amp_scaling = True
@@ -116,8 +149,9 @@ class FusedAdam(Optimizer):
         for sid, p in zip(saved_ids, params):
             st = state_dict["state"].get(sid)
             if st and p.dtype in _LOW_PRECISION:
-                keep[p] = {k: v for k, v in st.items()
-                           if k != "step" and torch.is_tensor(v) and v.dtype == torch.float32}
+                keep[p] = {
+                    k: v for k, v in st.items() if k != "step" and torch.is_tensor(v) and v.dtype == torch.float32
+                }
         super().load_state_dict(state_dict)
         self._plan = {}
         for p, st in self.state.items():
@@ -146,11 +180,18 @@ class FusedAdam(Optimizer):
     def _kernel_ok(p: torch.Tensor, state: dict, amsgrad: bool, master: bool) -> bool:
         """Whether the extension takes this parameter and its state (checked once, then cached)."""
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        tensors = [p, m, v] + ([state["max_exp_avg_sq"]] if amsgrad else []) + ([state["master_param"]] if master else [])
-        return (_ext.supports(p.device) and p.dtype in _KERNEL_DTYPES and m.dtype == v.dtype
-                and m.dtype in (torch.float32, p.dtype) and (not master or m.dtype == torch.float32)
-                and (not amsgrad or state["max_exp_avg_sq"].dtype == m.dtype)
-                and all(t.is_contiguous() and t.device == p.device for t in tensors))
+        tensors = (
+            [p, m, v] + ([state["max_exp_avg_sq"]] if amsgrad else []) + ([state["master_param"]] if master else [])
+        )
+        return (
+            _ext.supports(p.device)
+            and p.dtype in _KERNEL_DTYPES
+            and m.dtype == v.dtype
+            and m.dtype in (torch.float32, p.dtype)
+            and (not master or m.dtype == torch.float32)
+            and (not amsgrad or state["max_exp_avg_sq"].dtype == m.dtype)
+            and all(t.is_contiguous() and t.device == p.device for t in tensors)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -169,9 +210,14 @@ class FusedAdam(Optimizer):
             for p in group["params"]:
                 g = p.grad
                 if g is not None and (g.is_sparse or p.is_complex()):
-                    raise ValueError(f"{type(self).__name__}: "
-                                     + ("sparse gradients are not supported (param.grad is sparse); use "
-                                        "torch.optim.SparseAdam" if g.is_sparse else "complex parameters are not supported"))
+                    raise ValueError(
+                        f"{type(self).__name__}: "
+                        + (
+                            "sparse gradients are not supported (param.grad is sparse); use torch.optim.SparseAdam"
+                            if g.is_sparse
+                            else "complex parameters are not supported"
+                        )
+                    )
         # 3. Sort tensors into one extension call per device, or torch's path where no kernel fits.
         #    The per-parameter checks are cached (self._plan) so a step costs little Python time.
         plan = self.__dict__.setdefault("_plan", {})
@@ -213,14 +259,26 @@ class FusedAdam(Optimizer):
             rows = [x for group in self.param_groups for x in _group_row(group)]
         for device, b in buckets.items():
             gs = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
-            torch.ops.fastformer.adam_step(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
-                                           b.masters, b.steps, b.tensor_group, rows, gs)
+            torch.ops.fastformer.adam_step(
+                b.params,
+                b.grads,
+                b.exp_avgs,
+                b.exp_avg_sqs,
+                b.max_exp_avg_sqs,
+                b.masters,
+                b.steps,
+                b.tensor_group,
+                rows,
+                gs,
+            )
         if fallback:
             if _ext.load():
                 kinds = sorted({f"{p.dtype} on {p.device.type}" for _, params in fallback for p in params})
-                _ext.warn_fallback(f"{type(self).__name__} (for those parameters)",
-                                   why="the extension has no kernel for some parameters "
-                                       f"({', '.join(kinds)}, or non-contiguous / mixed-dtype state)")
+                _ext.warn_fallback(
+                    f"{type(self).__name__} (for those parameters)",
+                    why="the extension has no kernel for some parameters "
+                    f"({', '.join(kinds)}, or non-contiguous / mixed-dtype state)",
+                )
             for group, params in fallback:
                 self._fallback_step(group, params, grad_scale)
         return loss
@@ -243,11 +301,29 @@ class FusedAdam(Optimizer):
             steps.append(state["step"])
             masters.append(master)
         beta1, beta2 = group["betas"]
-        _torch_adam(ps, gs, ms, vs, vmaxs, steps, foreach=False, capturable=False, differentiable=False,
-                    fused=False, grad_scale=None, found_inf=None, has_complex=False,
-                    decoupled_weight_decay=bool(group["decoupled_weight_decay"]), amsgrad=bool(group["amsgrad"]),
-                    beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=bool(group["maximize"]))
+        _torch_adam(
+            ps,
+            gs,
+            ms,
+            vs,
+            vmaxs,
+            steps,
+            foreach=False,
+            capturable=False,
+            differentiable=False,
+            fused=False,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=False,
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=bool(group["maximize"]),
+        )
         for p, src, master in zip(params, ps, masters):
             if master:
                 p.copy_(src)
@@ -260,9 +336,35 @@ class FusedAdamW(FusedAdam):
     _default_decoupled = True
 
     # explicit keywords (not **kw) so that inspect.signature / IDEs show master_weights and the rest
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, master_weights=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None, decoupled_weight_decay=True):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, master_weights=master_weights, foreach=foreach, capturable=capturable,
-                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        *,
+        maximize=False,
+        master_weights=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        decoupled_weight_decay=True,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            master_weights=master_weights,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )

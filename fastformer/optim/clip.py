@@ -4,6 +4,7 @@ The 2-norm and the inf-norm run in the extension (CPU: one OpenMP loop; CUDA: tw
 the norm, one for the scale, no host synchronisation). Other norm types, gradients spread over
 several devices or dtypes the kernels do not take go to torch's implementation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     fused = (
         (norm_type == 2.0 or math.isinf(norm_type) and norm_type > 0)
         and _ext.supports(device)
-        and all(g.device == device and g.layout == torch.strided and g.is_contiguous() and g.dtype in _KERNEL_DTYPES
-                for g in grads)
+        and all(
+            g.device == device and g.layout == torch.strided and g.is_contiguous() and g.dtype in _KERNEL_DTYPES
+            for g in grads
+        )
     )
     if not fused:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
@@ -42,6 +45,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-            "`error_if_nonfinite=False`")
+            "`error_if_nonfinite=False`"
+        )
     torch.ops.fastformer.clip_scale_(grads, total, max_norm)
     return total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads)))

@@ -3,21 +3,32 @@ and the tests' oracle.
 
 Semantics are torch SDPA's (bool mask True = may attend, float mask added, is_causal top-left aligned,
 GQA by repeating kv heads, batch dims broadcast); a query row whose keys are all masked gives zeros
-with zero gradients, as torch >= 2.5 does (older torch gives NaN). Computation runs in float64 for float64 inputs and float32 otherwise; the
-result has the input dtype. Dropout either uses torch's RNG or an explicit keep-mask (so a test can
-replay the kernels' Philox mask).
+with zero gradients, as torch >= 2.5 does (older torch gives NaN). Computation runs in float64 for
+float64 inputs and float32 otherwise; the result has the input dtype. Dropout either uses torch's RNG
+or an explicit keep-mask (so a test can replay the kernels' Philox mask).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 
-def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, *, bias: Optional[torch.Tensor] = None,
-                   dropout_mask: Optional[torch.Tensor] = None, return_weights: bool = False):
+def sdpa_reference(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    return_weights: bool = False,
+):
     """query: (..., H, Lq, D), key: (..., H_kv, Lk, D), value: (..., H_kv, Lk, Dv) -> (..., H, Lq, Dv).
 
     Any rank >= 2; batch dims broadcast as in torch's matmul (and so as in torch's SDPA).
@@ -61,20 +72,40 @@ def sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return (out, weights.to(dtype)) if return_weights else out
 
 
-def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
-                     dropout_p=0.0, causal=False, scale=None, dropout_mask=None):
+def varlen_reference(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    *,
+    dropout_p=0.0,
+    causal=False,
+    scale=None,
+    dropout_mask=None,
+):
     """Packed q: (Tq, H, D), k/v: (Tk, H_kv, D) with cu_seqlens (B + 1,): attention per sequence.
     dropout_mask: (B, H, max_q, max_k) keep-mask indexed by positions within each sequence."""
     outs = []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
-        qs = q[cq[i]:cq[i + 1]].transpose(0, 1)
-        ks = k[ck[i]:ck[i + 1]].transpose(0, 1)
-        vs = v[ck[i]:ck[i + 1]].transpose(0, 1)
+        qs = q[cq[i] : cq[i + 1]].transpose(0, 1)
+        ks = k[ck[i] : ck[i + 1]].transpose(0, 1)
+        vs = v[ck[i] : ck[i + 1]].transpose(0, 1)
         dm = None
         if dropout_mask is not None:
-            dm = dropout_mask[i, :, :qs.shape[1], :ks.shape[1]]
-        o = sdpa_reference(qs, ks, vs, dropout_p=dropout_p, is_causal=causal, scale=scale,
-                           enable_gqa=ks.shape[0] != qs.shape[0], dropout_mask=dm)
+            dm = dropout_mask[i, :, : qs.shape[1], : ks.shape[1]]
+        o = sdpa_reference(
+            qs,
+            ks,
+            vs,
+            dropout_p=dropout_p,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=ks.shape[0] != qs.shape[0],
+            dropout_mask=dm,
+        )
         outs.append(o.transpose(0, 1))
     return torch.cat(outs) if outs else q.new_empty((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))

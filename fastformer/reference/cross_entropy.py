@@ -23,6 +23,7 @@ denominator, or no rows at all) the result is 0.0 with zero gradients, where tor
 Computation is in fp32 for fp16/bf16 input (float64 stays float64); the result has the input dtype
 (probabilities: the promoted dtype of input and target, as torch).
 """
+
 from __future__ import annotations
 
 import torch

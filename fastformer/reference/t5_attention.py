@@ -8,6 +8,7 @@ operation (the tests check it against that static method); `t5_attention_referen
 decoding: Lq new tokens against a cache of Lk keys, query_offset = Lk − Lq): the relative position of
 (i, j) is j − (i + query_offset), and causal masking keeps j <= i + query_offset.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,9 @@ import torch
 from .attention import sdpa_reference
 
 
-def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32,
-                             max_distance: int = 128) -> torch.Tensor:
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
     """relative_position (= key position − query position), any shape, integer -> bucket (long)."""
     buckets = 0
     if bidirectional:
@@ -32,21 +34,24 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     is_small = relative_position < max_exact
     # same float32 ops, same order as HF, so the truncation lands on the same side of every boundary
     if_large = max_exact + (
-        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
     ).to(torch.long)
     if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
     buckets += torch.where(is_small, relative_position, if_large)
     return buckets
 
 
-def _bucket_grid(Lq: int, Lk: int, query_offset: int, bidirectional: bool, num_buckets: int, max_distance: int,
-                 device: torch.device) -> torch.Tensor:
+def _bucket_grid(
+    Lq: int, Lk: int, query_offset: int, bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device
+) -> torch.Tensor:
     """(Lq, Lk) long: bucket(j − (i + query_offset))."""
     rel = torch.arange(Lk, device=device)[None, :] - (torch.arange(Lq, device=device)[:, None] + query_offset)
     return relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
 
 
-_CACHED_GRID_MAX = 1 << 14     # elements: at most 128 KiB per cached grid
+_CACHED_GRID_MAX = 1 << 14  # elements: at most 128 KiB per cached grid
 
 
 @functools.lru_cache(maxsize=128)
@@ -56,8 +61,16 @@ def _bucket_grid_cached(Lq, Lk, query_offset, bidirectional, num_buckets, max_di
         return _bucket_grid(Lq, Lk, query_offset, bidirectional, num_buckets, max_distance, torch.device(device))
 
 
-def t5_bias(bias_table: torch.Tensor, Lq: int, Lk: int, *, bidirectional: bool = True, num_buckets: int = 32,
-            max_distance: int = 128, query_offset: int = 0) -> torch.Tensor:
+def t5_bias(
+    bias_table: torch.Tensor,
+    Lq: int,
+    Lk: int,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    query_offset: int = 0,
+) -> torch.Tensor:
     """bias_table: (num_buckets, H) -> bias (1, H, Lq, Lk) with
     bias[0, h, i, j] = table[bucket(j − (i + query_offset)), h]."""
     args = (int(Lq), int(Lk), int(query_offset), bool(bidirectional), int(num_buckets), int(max_distance))
@@ -70,14 +83,34 @@ def t5_bias(bias_table: torch.Tensor, Lq: int, Lk: int, *, bidirectional: bool =
     return bias_table[bucket].permute(2, 0, 1).unsqueeze(0)
 
 
-def t5_attention_reference(q, k, v, bias_table, *, bidirectional=True, num_buckets=32, max_distance=128,
-                           attn_mask=None, is_causal=False, scale=1.0, dropout_p=0.0, dropout_mask=None,
-                           query_offset=0):
+def t5_attention_reference(
+    q,
+    k,
+    v,
+    bias_table,
+    *,
+    bidirectional=True,
+    num_buckets=32,
+    max_distance=128,
+    attn_mask=None,
+    is_causal=False,
+    scale=1.0,
+    dropout_p=0.0,
+    dropout_mask=None,
+    query_offset=0,
+):
     """q: (B, H, Lq, D), k/v: (B, H, Lk, D), bias_table: (num_buckets, H) -> (B, H, Lq, D).
     query_offset: absolute position of query row 0 (keys at 0..Lk-1); is_causal keeps j <= i + query_offset."""
     Lq, Lk = q.shape[-2], k.shape[-2]
-    bias = t5_bias(bias_table, Lq, Lk, bidirectional=bidirectional, num_buckets=num_buckets,
-                   max_distance=max_distance, query_offset=query_offset)
+    bias = t5_bias(
+        bias_table,
+        Lq,
+        Lk,
+        bidirectional=bidirectional,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        query_offset=query_offset,
+    )
     if is_causal:
         # causal as -inf in the (1, H, Lq, Lk) bias where j > i + query_offset; nothing to hide when the
         # keys end at the last query's position (decoding one token against a cache)
@@ -92,9 +125,18 @@ def t5_attention_reference(q, k, v, bias_table, *, bidirectional=True, num_bucke
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-2, -1))
-        if scale != 1.0:                     # T5 does not scale
+        if scale != 1.0:  # T5 does not scale
             scores = scores * scale
         scores = scores + bias.to(cdt)
         return torch.matmul(torch.softmax(scores, dim=-1), v.to(cdt)).to(q.dtype)
-    return sdpa_reference(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                          bias=bias, dropout_mask=dropout_mask)
+    return sdpa_reference(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        bias=bias,
+        dropout_mask=dropout_mask,
+    )

@@ -7,6 +7,7 @@ with its errno, not the RuntimeError torch's zip writer wraps it in.
 Checkpoints hold only tensors, numbers, strings and containers of those (numpy's random state is
 stored as a tensor), so they load with torch's default `torch.load(path, weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
                 raise
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)          # atomic on POSIX: readers see the old or the new file, never half
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:
@@ -94,17 +95,26 @@ def current_fingerprint(fp: dict) -> dict:
     if isinstance(fp.get("model"), str):
         fp["model"] = canonical_preset(fp["model"], warn=False)
     if isinstance(fp.get("source"), str):
-        fp["source"] = _SOURCE_PRESET.sub(lambda m: f"({canonical_preset(m['name'], warn=False)}{m['rest']})",
-                                          fp["source"])
+        fp["source"] = _SOURCE_PRESET.sub(
+            lambda m: f"({canonical_preset(m['name'], warn=False)}{m['rest']})", fp["source"]
+        )
     return fp
 
 
 def rng_state() -> dict:
     """Every random generator the run draws from, as tensors and plain Python values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -116,6 +126,6 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     if isinstance(n, dict):
         n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    np.random.set_state(n)             # older checkpoints: numpy's own tuple
+    np.random.set_state(n)  # older checkpoints: numpy's own tuple
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,4 +1,5 @@
 """DDP helpers: the same command runs single-process or under torchrun (gloo on CPU, nccl on CUDA)."""
+
 from __future__ import annotations
 
 import os

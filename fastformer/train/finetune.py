@@ -14,6 +14,7 @@ The recipe that works out of the box from a hundred labels to tens of thousands 
   evaluated once per epoch, the weights with the best held-out accuracy (ties: lower loss) are kept,
   and only they are evaluated on `--eval` and saved. The `--eval` file never steers training.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
 from .trainer import TrainConfig, Trainer
 
-MIN_EVAL_EXAMPLES = 20      # fewer held-out examples: accuracy moves in coarse steps (warned)
+MIN_EVAL_EXAMPLES = 20  # fewer held-out examples: accuracy moves in coarse steps (warned)
 
 
 @dataclass
@@ -53,16 +54,16 @@ class FinetuneConfig(TrainConfig):
     model: str | None = None
     max_len: int = 128
     vocab_size: int = 8192
-    tokenizer: str | None = None      # with --model: reuse this tokenizer.json (e.g. a pre-training run's)
+    tokenizer: str | None = None  # with --model: reuse this tokenizer.json (e.g. a pre-training run's)
     out_dir: str = "runs/finetune"
-    steps: int | None = None          # None: from epochs / min_steps
+    steps: int | None = None  # None: from epochs / min_steps
     epochs: float = 4.0
     min_steps: int = 300
-    val_fraction: float = 0.1         # held-out slice of the training labels for model selection; 0: off
-    pooling: str = "cls"              # BERT encoders: "cls" (BERT's [CLS] pooler, exportable) or "mean" of the token states
+    val_fraction: float = 0.1  # held-out slice of the training labels for model selection; 0: off
+    pooling: str = "cls"  # BERT encoders: "cls" (BERT's [CLS] pooler, exportable) or "mean" of the token states
     batch_size: int = 16
     lr: float = 1e-4
-    eval_every: int = 0               # 0: once per epoch when selecting, else at the end only
+    eval_every: int = 0  # 0: once per epoch when selecting, else at the end only
     task: str = "classify"
 
     def validate(self) -> None:
@@ -165,19 +166,24 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         raise ValueError("--tokenizer goes with --model: an --init folder brings its own tokenizer")
     out = Path(cfg.out_dir)
     if cfg.init and out.resolve() == Path(cfg.init).resolve():
-        raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
-                         "pre-trained checkpoint and metrics; choose another --out")
+        raise ValueError(
+            f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
+            "pre-trained checkpoint and metrics; choose another --out"
+        )
     prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
-    D.barrier(info)                                       # every rank has checked --out before rank 0 writes
+    D.barrier(info)  # every rank has checked --out before rank 0 writes
     threads = set_threads(cfg.threads)
     train_texts, train_labels = read_tsv(cfg.train)
     eval_texts, eval_labels = read_tsv(cfg.eval)
     if len(label_vocabulary(train_labels)) < 2:
         raise DataError(f"{cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}")
     if info.main and len(eval_texts) < MIN_EVAL_EXAMPLES:
-        warnings.warn(f"--eval {cfg.eval} has only {len(eval_texts)} example(s): accuracy moves in steps of "
-                      f"1/{len(eval_texts)} and says little; a held-out file of a few hundred rows is better",
-                      FastformerWarning, stacklevel=3)
+        warnings.warn(
+            f"--eval {cfg.eval} has only {len(eval_texts)} example(s): accuracy moves in steps of "
+            f"1/{len(eval_texts)} and says little; a held-out file of a few hundred rows is better",
+            FastformerWarning,
+            stacklevel=3,
+        )
     # classes from both files: a label that only the eval file has (a small training sample) gets a
     # head output that never trains, and its examples count as misses, instead of ending the run
     names = label_vocabulary(train_labels, eval_labels)
@@ -185,9 +191,12 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     train_names = set(label_vocabulary(train_labels))
     unseen = [n for n in names if n not in train_names]
     if unseen and info.main:
-        warnings.warn(f"{cfg.eval}: label(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never appear in "
-                      f"{cfg.train}; the model cannot predict them and their examples count as misses",
-                      FastformerWarning, stacklevel=3)
+        warnings.warn(
+            f"{cfg.eval}: label(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never appear in "
+            f"{cfg.train}; the model cannot predict them and their examples count as misses",
+            FastformerWarning,
+            stacklevel=3,
+        )
 
     def to_ids(labels, path):
         out = []
@@ -220,25 +229,28 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         except json.JSONDecodeError as e:
             raise DataError(f"{init / 'config.json'}: not valid JSON ({e})") from None
         if run_of(pre_cfg) != "pretrain":
-            raise CheckpointError(f"--init {init}: a fine-tuning run, not a pre-training one; --init takes a "
-                                  "pretrain output folder")
+            raise CheckpointError(
+                f"--init {init}: a fine-tuning run, not a pre-training one; --init takes a pretrain output folder"
+            )
         obj = get_objective(pre_cfg["objective"])
         tok = load_tokenizer(init / "tokenizer.json")
         obj.check_tokenizer(tok, str(init / "tokenizer.json"))
         model_config = _with_pooling(pre_cfg["model_config"], obj, cfg.pooling)
         max_pos = model_config.get("max_position")
         if max_pos is not None and cfg.max_len > max_pos:
-            raise ValueError(f"--max-len {cfg.max_len} is longer than the {max_pos} positions the model in --init "
-                             f"{init} was pre-trained with; use --max-len {max_pos} or less")
+            raise ValueError(
+                f"--max-len {cfg.max_len} is longer than the {max_pos} positions the model in --init "
+                f"{init} was pre-trained with; use --max-len {max_pos} or less"
+            )
         state = load_checkpoint(init / CHECKPOINT_NAME)["model"]
         model = obj.build_classifier(model_config, len(names), state)
-        pre_model = canonical_preset(pre_cfg.get("model"), warn=False)   # an older folder's name: the current one
+        pre_model = canonical_preset(pre_cfg.get("model"), warn=False)  # an older folder's name: the current one
         source = f"init {init.resolve()} ({pre_model}, {obj.name})"
     else:
         preset = canonical_preset(cfg.model or "bert-tiny")
         get_preset(preset)
         obj = objective_for_preset(preset)
-        if cfg.resume:            # the tokenizer this run trained (and saved) at its start
+        if cfg.resume:  # the tokenizer this run trained (and saved) at its start
             tok = load_tokenizer(out / "tokenizer.json")
         elif cfg.tokenizer:
             tok = load_tokenizer(cfg.tokenizer)
@@ -246,8 +258,9 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         else:
             tok_json = obj.build_tokenizer(train_texts, cfg.vocab_size).to_str() if info.main else None
             tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
-        model_config = _with_pooling(obj.model_config(obj.build_model(preset, tok, seq_len=cfg.max_len)), obj,
-                                     cfg.pooling)
+        model_config = _with_pooling(
+            obj.model_config(obj.build_model(preset, tok, seq_len=cfg.max_len)), obj, cfg.pooling
+        )
         seed_everything(cfg.seed)
         model = obj.build_classifier(model_config, len(names))
         pre_model = preset
@@ -265,8 +278,9 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
 
     x_val, y_val = [x_train[i] for i in val_idx], y_train[val_idx]
     x_train, y_train = [x_train[i] for i in fit_idx], y_train[fit_idx]
-    sampler = ExampleSampler(len(x_train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info,
-                             seed=cfg.seed)
+    sampler = ExampleSampler(
+        len(x_train), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info, seed=cfg.seed
+    )
 
     def batch_fn(step, micro):
         return collate(sampler.indices(step, micro), x_train, y_train)
@@ -278,7 +292,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         return loss, batch["labels"].numel(), metrics
 
     def batches(xs, ys):
-        bs = max(cfg.batch_size, 64)      # evaluation holds no activations for backward: larger batches
+        bs = max(cfg.batch_size, 64)  # evaluation holds no activations for backward: larger batches
         return [collate(list(range(i, min(i + bs, len(xs)))), xs, ys) for i in range(0, len(xs), bs)]
 
     eval_batches = batches(x_eval, y_eval)
@@ -290,46 +304,93 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         make_out_dir(out)
         write_file(out, "tokenizer.json", tok.to_str())
         arch = architecture_name(model)
-        config = {"fastformer_version": ff.__version__, "run": "finetune", "task": cfg.task, "objective": obj.name,
-                  "model": pre_model, "architecture": arch, "kind": ARCHITECTURES[arch].kind,
-                  "model_config": model_config, "labels": names, "max_len": max_len, "source": source,
-                  "init": str(Path(cfg.init).resolve()) if cfg.init else None, "n_parameters": n_params,
-                  "world_size": info.world, "threads": threads[0], "threads_source": threads[1],
-                  "train": {**asdict(cfg), "model": None if cfg.init else pre_model,
-                            "train": str(Path(cfg.train).resolve()), "eval": str(Path(cfg.eval).resolve()),
-                            "init": str(Path(cfg.init).resolve()) if cfg.init else None,
-                            "warmup_steps": cfg.warmup, "warmup_default": cfg.warmup_steps is None,
-                            "resume": False, "overwrite": False},
-                  "n_train_examples": len(x_train), "n_eval_examples": len(x_eval)}
+        config = {
+            "fastformer_version": ff.__version__,
+            "run": "finetune",
+            "task": cfg.task,
+            "objective": obj.name,
+            "model": pre_model,
+            "architecture": arch,
+            "kind": ARCHITECTURES[arch].kind,
+            "model_config": model_config,
+            "labels": names,
+            "max_len": max_len,
+            "source": source,
+            "init": str(Path(cfg.init).resolve()) if cfg.init else None,
+            "n_parameters": n_params,
+            "world_size": info.world,
+            "threads": threads[0],
+            "threads_source": threads[1],
+            "train": {
+                **asdict(cfg),
+                "model": None if cfg.init else pre_model,
+                "train": str(Path(cfg.train).resolve()),
+                "eval": str(Path(cfg.eval).resolve()),
+                "init": str(Path(cfg.init).resolve()) if cfg.init else None,
+                "warmup_steps": cfg.warmup,
+                "warmup_default": cfg.warmup_steps is None,
+                "resume": False,
+                "overwrite": False,
+            },
+            "n_train_examples": len(x_train),
+            "n_eval_examples": len(x_eval),
+        }
         write_file(out, "config.json", json.dumps(config, indent=2))
-        print(f"finetune {source}: {len(names)} labels, {n_params / 1e6:.1f}M parameters on {device}"
-              f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
-              f"({threads[1]}), {len(x_train):,} training / {len(x_eval):,} eval examples\n"
-              f"  memory: {mem.describe() if mem else 'not checked'}\n"
-              f"  output: {out}{' (resumed)' if cfg.resume else ''}", flush=True)
+        print(
+            f"finetune {source}: {len(names)} labels, {n_params / 1e6:.1f}M parameters on {device}"
+            f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
+            f"({threads[1]}), {len(x_train):,} training / {len(x_eval):,} eval examples\n"
+            f"  memory: {mem.describe() if mem else 'not checked'}\n"
+            f"  output: {out}{' (resumed)' if cfg.resume else ''}",
+            flush=True,
+        )
     D.barrier(info)
-    trainer = _SelectingTrainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn,
-                                tokens_fn=lambda b: int(b["attention_mask"].sum()),
-                                eval_batches=batches(x_val, y_val) if val_idx else eval_batches,
-                                fingerprint=fingerprint, dist_info=info, device=device, desc="finetune")
+    trainer = _SelectingTrainer(
+        model,
+        cfg,
+        batch_fn=batch_fn,
+        step_fn=step_fn,
+        tokens_fn=lambda b: int(b["attention_mask"].sum()),
+        eval_batches=batches(x_val, y_val) if val_idx else eval_batches,
+        fingerprint=fingerprint,
+        dist_info=info,
+        device=device,
+        desc="finetune",
+    )
     trainer.selecting = bool(val_idx)
     result = trainer.train()
     selection = {}
     if val_idx:
         if trainer.best_state is not None:
             trainer.raw_model.load_state_dict(trainer.best_state)
-            trainer.save()                 # the checkpoint holds the selected weights
-        selection = {"n_val": len(val_idx), "selected_step": trainer.best_step,
-                     "val_accuracy": trainer.best_key[0] if trainer.best_key else None}
+            trainer.save()  # the checkpoint holds the selected weights
+        selection = {
+            "n_val": len(val_idx),
+            "selected_step": trainer.best_step,
+            "val_accuracy": trainer.best_key[0] if trainer.best_key else None,
+        }
         trainer.eval_batches = eval_batches
         ev = trainer.evaluate()
     else:
         ev = result.eval or trainer.evaluate()
-    summary = {"accuracy": ev["eval_accuracy"], "eval_loss": ev["eval_loss"], "n_eval": len(x_eval),
-               "n_train": len(x_train) + len(val_idx), "n_fit": len(x_train), **selection, "labels": names,
-               "steps": result.step, "epochs": round(result.step / per_epoch, 2), "final_train_loss": result.final_loss,
-               "source": source, "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
-               "resumed_from": result.resumed_from, "threads": threads[0], "out_dir": str(out)}
+    summary = {
+        "accuracy": ev["eval_accuracy"],
+        "eval_loss": ev["eval_loss"],
+        "n_eval": len(x_eval),
+        "n_train": len(x_train) + len(val_idx),
+        "n_fit": len(x_train),
+        **selection,
+        "labels": names,
+        "steps": result.step,
+        "epochs": round(result.step / per_epoch, 2),
+        "final_train_loss": result.final_loss,
+        "source": source,
+        "tokens_per_s": result.tokens_per_s,
+        "seconds": result.seconds,
+        "resumed_from": result.resumed_from,
+        "threads": threads[0],
+        "out_dir": str(out),
+    }
     if info.main:
         write_file(out, "eval.json", json.dumps(summary, indent=2))
         with writing("--out", out):
@@ -343,12 +404,19 @@ def _check_memory(cfg: FinetuneConfig, model, seq_len: int, device: torch.device
         return None
 
     def est(batch, length):
-        return estimate_memory(model, batch_size=batch, seq_len=length, optimizer=cfg.optimizer, device=device,
-                               processes=D.local_processes(info, device))
+        return estimate_memory(
+            model,
+            batch_size=batch,
+            seq_len=length,
+            optimizer=cfg.optimizer,
+            device=device,
+            processes=D.local_processes(info, device),
+        )
 
     def warn(msg):
         if info.main:
             warnings.warn(msg, FastformerWarning, stacklevel=4)
 
-    return check_memory(est, batch_size=cfg.batch_size, len_flag="--max-len", seq_len=seq_len,
-                        grad_accum=cfg.grad_accum, warn=warn)
+    return check_memory(
+        est, batch_size=cfg.batch_size, len_flag="--max-len", seq_len=seq_len, grad_accum=cfg.grad_accum, warn=warn
+    )

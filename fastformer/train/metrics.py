@@ -1,4 +1,5 @@
 """metrics.jsonl, the loss plot and MFU."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,19 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peak FLOP/s (without sparsity) by device-name substring.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 70e12,
-                   "L40S": 362e12, "L4": 121e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A6000": 155e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -1,14 +1,14 @@
 """The MLM objective (BERT-style): WordPiece tokenizer, [CLS] chunk [SEP] examples, 80/10/10 masking,
 BertForMaskedLM with the sparse tied head; fine-tuning = BertForSequenceClassification."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from fastformer.data.packing import pack_stream, wrap
 from fastformer.data.mlm import MLMCollator
+from fastformer.data.packing import pack_stream, wrap
 from fastformer.data.tokenizer import CLS, MASK, PAD, SEP, encode_texts, special_ids, train_wordpiece
 from fastformer.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from fastformer.models.presets import get_preset, preset_family
@@ -18,7 +18,7 @@ from .objectives import Objective
 
 class MLMObjective(Objective):
     name = "mlm"
-    accuracy_name = "MLM accuracy"          # masked positions predicted correctly
+    accuracy_name = "MLM accuracy"  # masked positions predicted correctly
     family = "bert"
     default_model = "bert-tiny"
 
@@ -38,27 +38,40 @@ class MLMObjective(Objective):
             chunks = pack_stream(docs, seq_len - 2, separator=SEP)
         else:
             lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
-            chunks = [torch.tensor(ids[: seq_len - 2], dtype=torch.int64)
-                      for ids in encode_texts(tokenizer, lines) if ids]
+            chunks = [
+                torch.tensor(ids[: seq_len - 2], dtype=torch.int64) for ids in encode_texts(tokenizer, lines) if ids
+            ]
         return wrap(chunks, [CLS], [SEP])
 
     def make_collator(self, tokenizer, seq_len):
-        return MLMCollator(vocab_size=tokenizer.get_vocab_size(), mask_id=MASK, pad_id=PAD,
-                           special_ids=special_ids(tokenizer), pad_to_multiple_of=8)
+        return MLMCollator(
+            vocab_size=tokenizer.get_vocab_size(),
+            mask_id=MASK,
+            pad_id=PAD,
+            special_ids=special_ids(tokenizer),
+            pad_to_multiple_of=8,
+        )
 
     def build_model(self, preset, tokenizer, *, seq_len):
         if preset_family(preset) != self.family:
             raise ValueError(f"--model {preset}: the mlm objective trains bert-* presets")
-        cfg = BertConfig.from_dict({**get_preset(preset), "vocab_size": tokenizer.get_vocab_size(),
-                                    "max_position": max(512, seq_len), "pad_token_id": PAD})
+        cfg = BertConfig.from_dict(
+            {
+                **get_preset(preset),
+                "vocab_size": tokenizer.get_vocab_size(),
+                "max_position": max(512, seq_len),
+                "pad_token_id": PAD,
+            }
+        )
         return BertForMaskedLM(cfg)
 
     def model_config(self, model):
         return model.config.to_dict()
 
     def step(self, model, batch, *, train=True):
-        loss, n, logits, target = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
-                                        return_logits=not train)
+        loss, n, logits, target = model(
+            batch["input_ids"], batch.get("attention_mask"), batch["labels"], return_logits=not train
+        )
         metrics = {}
         if not train:
             metrics["correct"] = int((logits.argmax(-1) == target).sum())
@@ -74,7 +87,7 @@ class MLMObjective(Objective):
         return 6.0 * body + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len + head
 
     def memory_shape(self, seq_len):
-        return 0, 0.15 * seq_len                # the masked positions only reach the vocabulary projection
+        return 0, 0.15 * seq_len  # the masked positions only reach the vocabulary projection
 
     def encode_for_classification(self, tokenizer, texts, max_len):
         ids = encode_texts(tokenizer, texts)
@@ -83,6 +96,6 @@ class MLMObjective(Objective):
     def build_classifier(self, model_config, num_labels, pretrained_state=None):
         model = BertForSequenceClassification(BertConfig.from_dict(model_config), num_labels)
         if pretrained_state is not None:
-            enc = {k[len("encoder."):]: v for k, v in pretrained_state.items() if k.startswith("encoder.")}
+            enc = {k[len("encoder.") :]: v for k, v in pretrained_state.items() if k.startswith("encoder.")}
             model.encoder.load_state_dict(enc)
         return model

@@ -22,10 +22,12 @@ micro-batch: the trainer normalises by the predicted tokens of all micro-batches
 optimizer step. Fine-tuning uses `encode_for_classification` and `build_classifier` (the encoder of a
 pre-trained model with a classification head).
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +69,9 @@ class Objective:
     def check_tokenizer(self, tokenizer, source: str) -> None:
         """Raise DataError (naming `source`) when `tokenizer` cannot serve this objective."""
 
-    def make_examples(self, texts: Sequence[str], tokenizer, seq_len: int, *, packing: bool = True) -> list[torch.Tensor]:
+    def make_examples(
+        self, texts: Sequence[str], tokenizer, seq_len: int, *, packing: bool = True
+    ) -> list[torch.Tensor]:
         """Tokenize `texts` into training examples: a list of 1-D int64 CPU tensors, each at most the
         length the model accepts for `seq_len`. packing=True: concatenated token stream cut into
         fixed-length examples; packing=False: one example per line (truncated), padded later."""
@@ -87,8 +91,9 @@ class Objective:
         """JSON-serialisable config that `build_classifier` needs to rebuild the architecture."""
         raise NotImplementedError
 
-    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], *, train: bool = True
-             ) -> tuple[torch.Tensor, int | torch.Tensor, dict[str, Any]]:
+    def step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, train: bool = True
+    ) -> tuple[torch.Tensor, int | torch.Tensor, dict[str, Any]]:
         """Forward one micro-batch (already on the device, inside autocast).
 
         Returns (loss_sum, n_predicted, metrics): the summed loss over predicted tokens (a 0-d tensor
@@ -117,8 +122,9 @@ class Objective:
         """Token ids for sequence classification (e.g. [CLS] text [SEP]), each at most max_len long."""
         raise NotImplementedError
 
-    def build_classifier(self, model_config: dict, num_labels: int,
-                         pretrained_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    def build_classifier(
+        self, model_config: dict, num_labels: int, pretrained_state: dict[str, torch.Tensor] | None = None
+    ) -> nn.Module:
         """Encoder of this family + classification head; the encoder weights come from
         `pretrained_state` (a pre-training model's state_dict) when given. The module's
         forward(input_ids, attention_mask) returns logits (B, num_labels)."""
@@ -135,7 +141,8 @@ def get_objective(name: str) -> Objective:
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
             raise UnknownObjectiveError(
-                f"objective {name!r} is not available in this installation (module {module_name} is missing)") from None
+                f"objective {name!r} is not available in this installation (module {module_name} is missing)"
+            ) from None
         raise
     return getattr(module, cls_name)()
 

@@ -14,6 +14,7 @@ A predictor is `fn(loaded, texts, *, batch_size, device, **options) -> (columns,
 are dicts keyed by columns; a new kind (e.g. text-to-text generation) joins with `register_predictor`
 and the command does not change.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,11 @@ def _pad_id(tok) -> int:
 # classifier
 # ---------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def classify(loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu",
-             **_) -> tuple[list[str], list[dict]]:
+def classify(
+    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu", **_
+) -> tuple[list[str], list[dict]]:
     """Label and class probabilities of each text, encoded as fine-tuning encoded it."""
     from .objectives import get_objective
 
@@ -77,8 +80,14 @@ def classify(loaded, texts: list[str], *, batch_size: int = 32, device: torch.de
         probs = F.softmax(loaded.model(x.to(device), mask.to(device)).float(), dim=-1).cpu()
         for i, p in zip(idx, probs):
             k = int(p.argmax())
-            rows.append({"text": texts[i], "label": labels[k], "probability": float(p[k]),
-                         **{f"p_{name}": float(v) for name, v in zip(labels, p)}})
+            rows.append(
+                {
+                    "text": texts[i],
+                    "label": labels[k],
+                    "probability": float(p[k]),
+                    **{f"p_{name}": float(v) for name, v in zip(labels, p)},
+                }
+            )
     return ["text", "label", "probability", *[f"p_{n}" for n in labels]], rows
 
 
@@ -90,8 +99,9 @@ _MASK_RE = re.compile(r"\[mask\]", re.IGNORECASE)
 
 
 @torch.no_grad()
-def fill_mask(loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu",
-              top_k: int = 5, **_) -> tuple[list[str], list[dict]]:
+def fill_mask(
+    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu", top_k: int = 5, **_
+) -> tuple[list[str], list[dict]]:
     """Each [MASK] of each text replaced by the most likely token; `predictions` holds the top_k
     tokens with their probabilities for every mask, in order."""
     from fastformer.data.tokenizer import special_ids
@@ -102,8 +112,11 @@ def fill_mask(loaded, texts: list[str], *, batch_size: int = 32, device: torch.d
         raise ValueError(f"{loaded.path}: the tokenizer has no [MASK] / [CLS] / [SEP] token")
     texts = [_MASK_RE.sub("[MASK]", t) for t in texts]
     if not any("[MASK]" in t for t in texts):
-        warnings.warn("no [MASK] in the input: nothing to fill (write [MASK] where a word should be predicted)",
-                      FastformerWarning, stacklevel=3)
+        warnings.warn(
+            "no [MASK] in the input: nothing to fill (write [MASK] where a word should be predicted)",
+            FastformerWarning,
+            stacklevel=3,
+        )
     limit = model.config.max_position - 2
     encs = tok.encode_batch(texts, add_special_tokens=False)
     banned = torch.tensor(special_ids(tok), dtype=torch.int64)
@@ -115,22 +128,22 @@ def fill_mask(loaded, texts: list[str], *, batch_size: int = 32, device: torch.d
         x, mask = pad_batch(seqs, pad, pad_to_multiple_of=8)
         x = x.to(device)
         h, _ = model.encoder(x, None if mask is None else mask.to(device))
-        where = (x == mask_id).nonzero()                                  # (M, 2): batch row, position
+        where = (x == mask_id).nonzero()  # (M, 2): batch row, position
         probs = torch.empty(0)
         if len(where):
             logits = F.linear(model.head.transform(h[where[:, 0], where[:, 1]]), w, bias).float()
-            logits[:, banned.to(logits.device)] = float("-inf")           # never fill a mask with [PAD], [CLS], ...
+            logits[:, banned.to(logits.device)] = float("-inf")  # never fill a mask with [PAD], [CLS], ...
             probs = F.softmax(logits, dim=-1).cpu()
         k = min(top_k, probs.shape[-1]) if len(where) else 0
         top_p, top_i = probs.topk(k, dim=-1) if len(where) else (probs, probs)
         per_row: dict[int, list] = {}
         for m, (b, _pos) in enumerate(where.tolist()):
-            per_row.setdefault(b, []).append([(tok.id_to_token(int(t)), float(p))
-                                              for t, p in zip(top_i[m], top_p[m])])
+            per_row.setdefault(b, []).append([(tok.id_to_token(int(t)), float(p)) for t, p in zip(top_i[m], top_p[m])])
         for b, i in enumerate(idx):
             preds = per_row.get(b, [])
-            rows.append({"text": texts[i], "filled": _fill(texts[i], encs[i], mask_id, preds, limit),
-                         "predictions": preds})
+            rows.append(
+                {"text": texts[i], "filled": _fill(texts[i], encs[i], mask_id, preds, limit), "predictions": preds}
+            )
     return ["text", "filled", "predictions"], rows
 
 
@@ -149,18 +162,34 @@ def _fill(text: str, enc, mask_id: int, preds: list, limit: int) -> str:
 # encoder-decoder: generate
 # ---------------------------------------------------------------------------------------------------
 
-def generate_text(loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu",
-             num_beams: int | None = None, max_new_tokens: int | None = None, length_penalty: float | None = None,
-             max_len: int | None = None, **_) -> tuple[list[str], list[dict]]:
+
+def generate_text(
+    loaded,
+    texts: list[str],
+    *,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    length_penalty: float | None = None,
+    max_len: int | None = None,
+    **_,
+) -> tuple[list[str], list[dict]]:
     """The generated text for each input, encoded as text-to-text fine-tuning encoded it; generation
     settings default to the folder's (`config.json` "generation"; a span pre-training folder, which
     records none, generates greedily up to 64 tokens: its sentinel-filled spans, sentinels dropped)."""
     from .text2text import generate_texts, generation_settings
 
-    max_len, gen = generation_settings(loaded.config, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                       length_penalty=length_penalty, max_len=max_len)
-    preds = generate_texts(loaded.model, loaded.tokenizer, texts, max_len=max_len, batch_size=batch_size,
-                           device=device, **gen)
+    max_len, gen = generation_settings(
+        loaded.config,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty,
+        max_len=max_len,
+    )
+    preds = generate_texts(
+        loaded.model, loaded.tokenizer, texts, max_len=max_len, batch_size=batch_size, device=device, **gen
+    )
     return ["input", "prediction"], [{"input": t, "prediction": p} for t, p in zip(texts, preds)]
 
 
@@ -181,12 +210,16 @@ register_predictor("seq2seq", generate_text)
 # the command
 # ---------------------------------------------------------------------------------------------------
 
-def predict_texts(loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str | None = None,
-                  **options) -> tuple[list[str], list[dict]]:
+
+def predict_texts(
+    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str | None = None, **options
+) -> tuple[list[str], list[dict]]:
     """(columns, rows) of `loaded`'s predictor over `texts`."""
     if loaded.kind not in PREDICTORS:
-        raise ValueError(f"--model {loaded.path}: predict does not support {loaded.kind} models "
-                         f"({loaded.config['architecture']}) yet; it supports {', '.join(sorted(PREDICTORS))} models")
+        raise ValueError(
+            f"--model {loaded.path}: predict does not support {loaded.kind} models "
+            f"({loaded.config['architecture']}) yet; it supports {', '.join(sorted(PREDICTORS))} models"
+        )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if device is None:
@@ -197,9 +230,9 @@ def predict_texts(loaded, texts: list[str], *, batch_size: int = 32, device: tor
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
-    if isinstance(v, list):        # fill-mask candidates: "good 0.41, great 0.22 | ..."
+    if isinstance(v, list):  # fill-mask candidates: "good 0.41, great 0.22 | ..."
         return " | ".join(", ".join(f"{t} {p:.3f}" for t, p in cands) for cands in v)
-    return " ".join(str(v).split())          # no tabs or newlines inside a TSV cell
+    return " ".join(str(v).split())  # no tabs or newlines inside a TSV cell
 
 
 def format_rows(columns: list[str], rows: list[dict], jsonl: bool) -> str:
@@ -230,6 +263,7 @@ def write_predictions(columns: list[str], rows: list[dict], output: str | Path |
 
 def accuracy(rows: list[dict], labels: list[str]) -> float | None:
     """Share of rows whose predicted label equals the given one (integers compared as integers)."""
+
     def norm(s):
         s = str(s).strip()
         return str(int(s)) if s.lstrip("-").isdigit() else s

@@ -5,6 +5,7 @@ Writes to out_dir: tokenizer.json, config.json, metrics.jsonl, checkpoint.pt, lo
 out_dir must be this run (resume) or be replaced explicitly (overwrite); the peak memory is estimated
 before the first example is built and a run that cannot fit is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,11 @@ from .trainer import TrainConfig, Trainer, TrainResult
 @dataclass
 class PretrainConfig(TrainConfig):
     objective: str = "mlm"
-    model: str | None = None          # preset; None: the objective's default
+    model: str | None = None  # preset; None: the objective's default
     data: list[str] = field(default_factory=list)
     seq_len: int = 128
     vocab_size: int = 8192
-    tokenizer: str | None = None      # reuse this tokenizer.json instead of training one
+    tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
     packing: bool = True
     eval_batches: int = 16
 
@@ -90,17 +91,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     obj = get_objective(cfg.objective)
-    preset = canonical_preset(cfg.model or obj.default_model)   # a deprecated name: warned, recorded as the new one
-    get_preset(preset)                                    # unknown preset -> error before any work
-    if preset_family(preset) != obj.family:               # ... and so is one the objective cannot train
+    preset = canonical_preset(cfg.model or obj.default_model)  # a deprecated name: warned, recorded as the new one
+    get_preset(preset)  # unknown preset -> error before any work
+    if preset_family(preset) != obj.family:  # ... and so is one the objective cannot train
         fits = [p for p in known_presets() if preset_family(p) == obj.family]
-        raise ValueError(f"--model {preset}: the {obj.name} objective trains {obj.family}-* presets "
-                         f"({', '.join(fits)}); leave --model out for {obj.default_model}")
+        raise ValueError(
+            f"--model {preset}: the {obj.name} objective trains {obj.family}-* presets "
+            f"({', '.join(fits)}); leave --model out for {obj.default_model}"
+        )
     out = Path(cfg.out_dir)
     prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
     if cfg.resume and not (out / "tokenizer.json").is_file():
         raise CheckpointError(f"--resume: no tokenizer.json in {out}")
-    D.barrier(info)                                       # every rank has checked --out before rank 0 writes
+    D.barrier(info)  # every rank has checked --out before rank 0 writes
     threads = set_threads(cfg.threads)
 
     docs = load_texts(cfg.data)
@@ -124,7 +127,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     seed_everything(cfg.seed)
     model = obj.build_model(preset, tok, seq_len=cfg.seq_len)
     model_config = obj.model_config(model)
-    mem = _check_memory(cfg, obj, model, device, info)    # before the examples: a run that cannot fit stops here
+    mem = _check_memory(cfg, obj, model, device, info)  # before the examples: a run that cannot fit stops here
 
     train_ex = obj.make_examples(train_docs, tok, cfg.seq_len, packing=cfg.packing)
     eval_ex = obj.make_examples(eval_docs, tok, cfg.seq_len, packing=cfg.packing) if eval_docs else []
@@ -134,16 +137,20 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     eval_ex = eval_ex[: cfg.eval_batches * cfg.batch_size]
     if info.main and len(eval_ex) < MIN_HELDOUT_EXAMPLES:
         where = f"--data {' '.join(cfg.data)}" if cfg.data else "the corpus"
-        warnings.warn(f"the held-out slice of {where} is {len(eval_ex)} example(s) of {cfg.seq_len} tokens "
-                      f"({len(eval_docs)} of {len(docs)} documents): "
-                      + ("no evaluation" if not eval_ex else "eval loss and accuracy will be noisy")
-                      + "; more documents (a blank line separates two) give a larger one",
-                      FastformerWarning, stacklevel=3)
-    eval_gen = torch.Generator().manual_seed(12345)       # fixed masks: eval losses comparable over time
-    eval_batches = [collate(eval_ex[i:i + cfg.batch_size], eval_gen) for i in range(0, len(eval_ex), cfg.batch_size)]
+        warnings.warn(
+            f"the held-out slice of {where} is {len(eval_ex)} example(s) of {cfg.seq_len} tokens "
+            f"({len(eval_docs)} of {len(docs)} documents): "
+            + ("no evaluation" if not eval_ex else "eval loss and accuracy will be noisy")
+            + "; more documents (a blank line separates two) give a larger one",
+            FastformerWarning,
+            stacklevel=3,
+        )
+    eval_gen = torch.Generator().manual_seed(12345)  # fixed masks: eval losses comparable over time
+    eval_batches = [collate(eval_ex[i : i + cfg.batch_size], eval_gen) for i in range(0, len(eval_ex), cfg.batch_size)]
 
-    sampler = ExampleSampler(len(train_ex), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info,
-                             seed=cfg.seed)
+    sampler = ExampleSampler(
+        len(train_ex), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info, seed=cfg.seed
+    )
 
     def batch_fn(step: int, micro: int) -> dict:
         g = torch.Generator().manual_seed(_batch_seed(cfg.seed, step, info.rank * cfg.grad_accum + micro))
@@ -153,34 +160,71 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         return obj.step(m, batch, train=train)
 
     data = [str(Path(p).resolve()) for p in cfg.data]
-    fingerprint = {"objective": obj.name, "model": preset, "model_config": model_config,
-                   "seq_len": cfg.seq_len, "vocab_size": tok.get_vocab_size(),
-                   "data": data, "packing": cfg.packing}
+    fingerprint = {
+        "objective": obj.name,
+        "model": preset,
+        "model_config": model_config,
+        "seq_len": cfg.seq_len,
+        "vocab_size": tok.get_vocab_size(),
+        "data": data,
+        "packing": cfg.packing,
+    }
     n_params = sum(p.numel() for p in model.parameters())
     if info.main:
         make_out_dir(out)
         if not cfg.resume:
             write_file(out, "tokenizer.json", tok_json)
-        config = {"fastformer_version": fastformer.__version__, "run": "pretrain", "task": obj.name,
-                  "objective": obj.name, "model": preset, "architecture": architecture_name(model),
-                  "kind": ARCHITECTURES[architecture_name(model)].kind,
-                  "model_config": model_config, "n_parameters": n_params, "world_size": info.world,
-                  "threads": threads[0], "threads_source": threads[1],
-                  "train": {**asdict(cfg), "model": preset, "data": data, "warmup_steps": cfg.warmup,
-                            "warmup_default": cfg.warmup_steps is None, "resume": False, "overwrite": False},
-                  "n_train_examples": len(train_ex), "n_eval_examples": len(eval_ex), "n_documents": len(docs),
-                  "data": cfg.data or ["<built-in corpus: Python docstrings>"]}
+        config = {
+            "fastformer_version": fastformer.__version__,
+            "run": "pretrain",
+            "task": obj.name,
+            "objective": obj.name,
+            "model": preset,
+            "architecture": architecture_name(model),
+            "kind": ARCHITECTURES[architecture_name(model)].kind,
+            "model_config": model_config,
+            "n_parameters": n_params,
+            "world_size": info.world,
+            "threads": threads[0],
+            "threads_source": threads[1],
+            "train": {
+                **asdict(cfg),
+                "model": preset,
+                "data": data,
+                "warmup_steps": cfg.warmup,
+                "warmup_default": cfg.warmup_steps is None,
+                "resume": False,
+                "overwrite": False,
+            },
+            "n_train_examples": len(train_ex),
+            "n_eval_examples": len(eval_ex),
+            "n_documents": len(docs),
+            "data": cfg.data or ["<built-in corpus: Python docstrings>"],
+        }
         write_file(out, "config.json", json.dumps(config, indent=2))
-        print(f"pretrain {preset} ({obj.name}): {n_params / 1e6:.1f}M parameters on {device}"
-              f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
-              f"({threads[1]}), {len(train_ex):,} examples of {cfg.seq_len} tokens\n"
-              f"  memory: {mem.describe() if mem else 'not checked'}\n"
-              f"  output: {out}{' (resumed)' if cfg.resume else ''}", flush=True)
+        print(
+            f"pretrain {preset} ({obj.name}): {n_params / 1e6:.1f}M parameters on {device}"
+            f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
+            f"({threads[1]}), {len(train_ex):,} examples of {cfg.seq_len} tokens\n"
+            f"  memory: {mem.describe() if mem else 'not checked'}\n"
+            f"  output: {out}{' (resumed)' if cfg.resume else ''}",
+            flush=True,
+        )
     D.barrier(info)
 
-    trainer = Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=obj.input_tokens,
-                      eval_batches=eval_batches, fingerprint=fingerprint, dist_info=info, device=device,
-                      flops_per_token=obj.flops_per_token(model, cfg.seq_len), desc=f"pretrain {preset}")
+    trainer = Trainer(
+        model,
+        cfg,
+        batch_fn=batch_fn,
+        step_fn=step_fn,
+        tokens_fn=obj.input_tokens,
+        eval_batches=eval_batches,
+        fingerprint=fingerprint,
+        dist_info=info,
+        device=device,
+        flops_per_token=obj.flops_per_token(model, cfg.seq_len),
+        desc=f"pretrain {preset}",
+    )
     result: TrainResult = trainer.train()
     if info.main:
         with writing("--out", out):
@@ -188,14 +232,26 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     rows = read_metrics(out / "metrics.jsonl") if info.main else []
     first = rows[0]["loss"] if rows else None
     final, tps = result.final_loss, result.tokens_per_s
-    if rows and final != final:   # --resume of a finished run: no step ran, report the logged ones
+    if rows and final != final:  # --resume of a finished run: no step ran, report the logged ones
         final = rows[-1]["loss"]
-    return {"objective": obj.name, "model": preset, "first_loss": first, "device": str(device), "world_size": info.world,
-            "steps": result.step, "final_loss": final, "tokens_per_s": tps,
-            "seconds": result.seconds, "session_seconds": result.session_seconds,
-            "resumed_from": result.resumed_from, **result.eval, "eval_accuracy_name": obj.accuracy_name,
-            "stopped_early": result.stopped_early, "threads": threads[0],
-            "out_dir": str(out)}
+    return {
+        "objective": obj.name,
+        "model": preset,
+        "first_loss": first,
+        "device": str(device),
+        "world_size": info.world,
+        "steps": result.step,
+        "final_loss": final,
+        "tokens_per_s": tps,
+        "seconds": result.seconds,
+        "session_seconds": result.session_seconds,
+        "resumed_from": result.resumed_from,
+        **result.eval,
+        "eval_accuracy_name": obj.accuracy_name,
+        "stopped_early": result.stopped_early,
+        "threads": threads[0],
+        "out_dir": str(out),
+    }
 
 
 MIN_HELDOUT_EXAMPLES = 8
@@ -208,12 +264,21 @@ def _check_memory(cfg: PretrainConfig, obj, model, device: torch.device, info: D
 
     def est(batch, seq_len):
         target, rows = obj.memory_shape(seq_len)
-        return estimate_memory(model, batch_size=batch, seq_len=seq_len, target_len=target, head_rows=batch * rows,
-                               optimizer=cfg.optimizer, device=device, processes=D.local_processes(info, device))
+        return estimate_memory(
+            model,
+            batch_size=batch,
+            seq_len=seq_len,
+            target_len=target,
+            head_rows=batch * rows,
+            optimizer=cfg.optimizer,
+            device=device,
+            processes=D.local_processes(info, device),
+        )
 
     def warn(msg):
         if info.main:
             warnings.warn(msg, FastformerWarning, stacklevel=4)
 
-    return check_memory(est, batch_size=cfg.batch_size, len_flag="--seq-len", seq_len=cfg.seq_len,
-                        grad_accum=cfg.grad_accum, warn=warn)
+    return check_memory(
+        est, batch_size=cfg.batch_size, len_flag="--seq-len", seq_len=cfg.seq_len, grad_accum=cfg.grad_accum, warn=warn
+    )

@@ -13,6 +13,7 @@ the eager attention of the CPU path keeps about three fp32 (B, H, Lq, Lk) tensor
 layer; the fused GPU kernels keep none (not measured on a GPU). It is an estimate, used to refuse runs
 that cannot fit and to warn about runs that come close.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,16 +22,17 @@ from pathlib import Path
 
 import torch
 
-GB = 1024 ** 3
+GB = 1024**3
 # fp32 bytes per parameter for weights + gradients + optimizer state
 OPTIMIZER_STATE = {"fusedadamw": 8, "adamw": 8, "sgd": 4, "rmsprop": 4}
-SCORE_BYTES = 13            # per attention-score element kept for backward on the eager path (3 fp32 + a mask)
-WARN_FRACTION = 0.8         # warn above this fraction of the available memory
+SCORE_BYTES = 13  # per attention-score element kept for backward on the eager path (3 fp32 + a mask)
+WARN_FRACTION = 0.8  # warn above this fraction of the available memory
 
 
 # ---------------------------------------------------------------------------------------------------
 # threads
 # ---------------------------------------------------------------------------------------------------
+
 
 def _physical_cores() -> int | None:
     """Distinct (package, core) pairs among the CPUs this process may use (Linux), else None."""
@@ -98,10 +100,11 @@ def set_threads(requested: int | None) -> tuple[int, str]:
 # memory
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class MemoryEstimate:
-    weights: int           # parameters + gradients + optimizer state (bytes)
-    activations: int       # kept for the backward pass of one micro-batch (bytes)
+    weights: int  # parameters + gradients + optimizer state (bytes)
+    activations: int  # kept for the backward pass of one micro-batch (bytes)
     available: int | None  # what the device has free now (bytes), None when unknown
     device: str
 
@@ -148,11 +151,13 @@ def available_memory(device: torch.device) -> int | None:
 
 def _attention_layers(cfg) -> list[tuple[int, str, str]]:
     """(heads, query side, key side) per attention layer; sides are "src" or "tgt"."""
-    if hasattr(cfg, "hidden_size"):                       # BERT-style encoder
+    if hasattr(cfg, "hidden_size"):  # BERT-style encoder
         return [(cfg.num_heads, "src", "src")] * cfg.num_layers
-    dec = cfg.num_decoder_layers or cfg.num_layers      # T5: encoder, decoder self + cross
-    return ([(cfg.num_heads, "src", "src")] * cfg.num_layers
-            + [(cfg.num_heads, "tgt", "tgt"), (cfg.num_heads, "tgt", "src")] * dec)
+    dec = cfg.num_decoder_layers or cfg.num_layers  # T5: encoder, decoder self + cross
+    return [(cfg.num_heads, "src", "src")] * cfg.num_layers + [
+        (cfg.num_heads, "tgt", "tgt"),
+        (cfg.num_heads, "tgt", "src"),
+    ] * dec
 
 
 def _per_token_floats(cfg) -> tuple[int, int]:
@@ -166,9 +171,18 @@ def _per_token_floats(cfg) -> tuple[int, int]:
     return enc, dec
 
 
-def estimate_memory(model: torch.nn.Module, *, batch_size: int, seq_len: int, target_len: int = 0,
-                    head_rows: float = 0.0, optimizer: str = "fusedadamw", device: torch.device,
-                    fused_attention: bool | None = None, processes: int = 1) -> MemoryEstimate:
+def estimate_memory(
+    model: torch.nn.Module,
+    *,
+    batch_size: int,
+    seq_len: int,
+    target_len: int = 0,
+    head_rows: float = 0.0,
+    optimizer: str = "fusedadamw",
+    device: torch.device,
+    fused_attention: bool | None = None,
+    processes: int = 1,
+) -> MemoryEstimate:
     """Peak training memory of one process's step, and what `device` has free.
 
     batch_size, seq_len: the micro-batch (examples, tokens per example); target_len: decoder tokens
@@ -180,10 +194,13 @@ def estimate_memory(model: torch.nn.Module, *, batch_size: int, seq_len: int, ta
     weights = n_params * (8 + OPTIMIZER_STATE.get(optimizer, 8))
     if fused_attention is None:
         fused_attention = device.type == "cuda"
-    act_bytes = 2 if device.type == "cuda" else 4          # bf16 autocast on CUDA
+    act_bytes = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA
     src, tgt = seq_len, target_len
-    scores = 0 if fused_attention else sum(h * (src if q == "src" else tgt) * (src if k == "src" else tgt)
-                                           for h, q, k in _attention_layers(cfg))
+    scores = (
+        0
+        if fused_attention
+        else sum(h * (src if q == "src" else tgt) * (src if k == "src" else tgt) for h, q, k in _attention_layers(cfg))
+    )
     enc_f, dec_f = _per_token_floats(cfg)
     vocab = cfg.vocab_size
     per_example = (enc_f * src + dec_f * tgt) * act_bytes + scores * (SCORE_BYTES if not fused_attention else 0)
@@ -205,20 +222,33 @@ def check_memory(est_fn, *, batch_size: int, len_flag: str, seq_len: int, grad_a
     if est.total <= WARN_FRACTION * budget:
         return est
     if est.total <= budget:
-        warn(f"training needs {est.describe()}: close to the limit; a smaller --batch-size (with --grad-accum) "
-             f"or {len_flag} leaves room")
+        warn(
+            f"training needs {est.describe()}: close to the limit; a smaller --batch-size (with --grad-accum) "
+            f"or {len_flag} leaves room"
+        )
         return est
-    fits = [b for b in (batch_size // d for d in (2, 4, 8, 16, 32, 64, 128, 256)) if b >= 1
-            and est_fn(b, seq_len).total <= WARN_FRACTION * budget]
+    fits = [
+        b
+        for b in (batch_size // d for d in (2, 4, 8, 16, 32, 64, 128, 256))
+        if b >= 1 and est_fn(b, seq_len).total <= WARN_FRACTION * budget
+    ]
     if fits:
         b = fits[0]
         accum = grad_accum * -(-batch_size // b)
         hint = f"try --batch-size {b} --grad-accum {accum} (the same examples per step)"
     else:
-        lengths = [n for n in (seq_len // d for d in (2, 4, 8, 16, 32)) if n >= 8
-                   and est_fn(1, n).total <= WARN_FRACTION * budget]
-        hint = (f"even --batch-size 1 does not fit: try {len_flag} {lengths[0]} with --batch-size 1" if lengths
-                else "it does not fit even at --batch-size 1: choose a smaller --model")
-    raise ValueError(f"--batch-size {batch_size} {len_flag} {seq_len} needs {est.describe()} "
-                     f"(weights + optimizer {_size(est.weights)}, activations {_size(est.activations)}): "
-                     f"it cannot fit; {hint}, or --no-memory-check to try anyway")
+        lengths = [
+            n
+            for n in (seq_len // d for d in (2, 4, 8, 16, 32))
+            if n >= 8 and est_fn(1, n).total <= WARN_FRACTION * budget
+        ]
+        hint = (
+            f"even --batch-size 1 does not fit: try {len_flag} {lengths[0]} with --batch-size 1"
+            if lengths
+            else "it does not fit even at --batch-size 1: choose a smaller --model"
+        )
+    raise ValueError(
+        f"--batch-size {batch_size} {len_flag} {seq_len} needs {est.describe()} "
+        f"(weights + optimizer {_size(est.weights)}, activations {_size(est.activations)}): "
+        f"it cannot fit; {hint}, or --no-memory-check to try anyway"
+    )

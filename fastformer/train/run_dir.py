@@ -7,6 +7,7 @@
   should be, permission) into an `OutputError` whose one-line message names the flag and the path.
 - `stored_train_config` reads the settings of the run in a folder (what `--resume` continues).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,15 @@ from pathlib import Path
 from fastformer.models.loading import CHECKPOINT_NAME, CONFIG_NAME, run_of
 
 # Files a pretrain / finetune run writes; --overwrite removes exactly these (and checkpoint temp files).
-RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, "tokenizer.json", "metrics.jsonl", "loss.png", "eval.json",
-             "predictions.tsv")
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    "tokenizer.json",
+    "metrics.jsonl",
+    "loss.png",
+    "eval.json",
+    "predictions.tsv",
+)
 
 
 class OutputError(ValueError):
@@ -40,8 +48,7 @@ def os_error_message(flag: str, path: str | Path, e: OSError, note: str = "") ->
             what = f" {target.relative_to(path)}"
         except ValueError:
             what = f" {target}"
-    if isinstance(e, (FileExistsError, NotADirectoryError)) and (target is None or target == path
-                                                                 or path.is_file()):
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and (target is None or target == path or path.is_file()):
         msg = f"{flag} {path}: exists and is not a folder"
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         msg = f"{flag} {path}: cannot write{what}: no space left on the device"
@@ -66,18 +73,19 @@ def writing(flag: str, path: str | Path, note: str = ""):
 
 
 def run_kind(folder: Path) -> str | None:
-    """"pretrain" / "finetune" for a fastformer run folder, None for anything else."""
+    """ "pretrain" / "finetune" for a fastformer run folder, None for anything else."""
     cfg = folder / CONFIG_NAME
     if cfg.is_file():
         try:
             d = json.loads(cfg.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if isinstance(d, dict) and (d.get("run") in ("pretrain", "finetune")
-                                    or ("objective" in d and "model_config" in d)):   # before config.json said "run"
+        if isinstance(d, dict) and (
+            d.get("run") in ("pretrain", "finetune") or ("objective" in d and "model_config" in d)
+        ):  # before config.json said "run"
             return run_of(d)
         return None
-    if (folder / "eval.json").is_file() and (folder / CHECKPOINT_NAME).is_file():   # an older fine-tuning folder
+    if (folder / "eval.json").is_file() and (folder / CHECKPOINT_NAME).is_file():  # an older fine-tuning folder
         return "finetune"
     return None
 
@@ -99,13 +107,17 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
         raise OutputError(f"--out {out}: exists and is not a folder; choose another --out")
     kind = run_kind(out) if out.is_dir() else None
     if run == "finetune" and kind == "pretrain":
-        raise OutputError(f"--out {out} holds a pre-training run; fine-tuning never writes into one (its "
-                          "checkpoint and tokenizer would be replaced): choose another --out")
+        raise OutputError(
+            f"--out {out} holds a pre-training run; fine-tuning never writes into one (its "
+            "checkpoint and tokenizer would be replaced): choose another --out"
+        )
     started = (out / CHECKPOINT_NAME).is_file()
     if resume:
         if not started and kind == run:
-            raise CheckpointError(f"--resume: the {run} run in {out} stopped before its first checkpoint, so "
-                                  "there is nothing to continue: start it again with --overwrite")
+            raise CheckpointError(
+                f"--resume: the {run} run in {out} stopped before its first checkpoint, so "
+                "there is nothing to continue: start it again with --overwrite"
+            )
         if not started:
             raise CheckpointError(f"--resume: no checkpoint in {out}")
         if kind not in (run, None):
@@ -116,16 +128,21 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
         return
     if not overwrite:
         if kind == run and not started:
-            raise OutputError(f"--out {out} holds a {run} run that stopped before its first checkpoint: add "
-                              "--overwrite to start it again (or choose another --out)")
+            raise OutputError(
+                f"--out {out} holds a {run} run that stopped before its first checkpoint: add "
+                "--overwrite to start it again (or choose another --out)"
+            )
         if kind == run:
-            raise OutputError(f"--out {out} already holds a {run} run: add --resume to continue it, or --overwrite "
-                              "to replace it (or choose another --out)")
+            raise OutputError(
+                f"--out {out} already holds a {run} run: add --resume to continue it, or --overwrite "
+                "to replace it (or choose another --out)"
+            )
         if kind:
-            raise OutputError(f"--out {out} holds a {kind} run: choose another --out, or add --overwrite to "
-                              "replace it")
-        raise OutputError(f"--out {out} is not empty ({len(entries)} entries) and holds no fastformer run: choose "
-                          "another --out, or add --overwrite to write into it")
+            raise OutputError(f"--out {out} holds a {kind} run: choose another --out, or add --overwrite to replace it")
+        raise OutputError(
+            f"--out {out} is not empty ({len(entries)} entries) and holds no fastformer run: choose "
+            "another --out, or add --overwrite to write into it"
+        )
     if main:
         with writing("--out", out):
             for p in entries:

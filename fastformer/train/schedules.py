@@ -1,4 +1,5 @@
 """Learning-rate schedules: linear warmup, then linear or cosine decay to zero (or constant)."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,7 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str = "linear") -> fl
 def make_scheduler(optimizer: torch.optim.Optimizer, *, total: int, warmup: int, kind: str = "linear"):
     """A LambdaLR (its state_dict holds the step, so it checkpoints with the optimizer)."""
     lr_factor(0, total=total, warmup=warmup, kind=kind)  # validate `kind` now
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=total, warmup=warmup, kind=kind))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total=total, warmup=warmup, kind=kind))
 
 
 # -- time-budgeted schedule -----------------------------------------------------------------------
@@ -35,7 +35,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, total: int, warmup: int,
 # the learning rate is a function of the elapsed *fraction of the budget* (Cramming's budgeted
 # schedule): warmup over the first `warmup` of the time, then decay to zero at the end of the budget.
 
-BUDGET_WARMUP = 0.06   # fraction of the time budget spent warming up
+BUDGET_WARMUP = 0.06  # fraction of the time budget spent warming up
 
 
 def budget_lr_factor(fraction: float, *, warmup: float = BUDGET_WARMUP, kind: str = "linear") -> float:
@@ -65,7 +65,7 @@ class TimeBudget:
     def __init__(self, seconds: float, *, warmup: float = BUDGET_WARMUP, kind: str = "linear"):
         if not seconds > 0:
             raise ValueError(f"time budget must be positive, got {seconds} s")
-        budget_lr_factor(0.0, warmup=warmup, kind=kind)   # validate now
+        budget_lr_factor(0.0, warmup=warmup, kind=kind)  # validate now
         self.seconds, self.warmup, self.kind = float(seconds), warmup, kind
         self.elapsed = 0.0
 

@@ -4,9 +4,10 @@ corrupted inputs are exactly `seq_len` long, T5 v1.1 encoder-decoder; fine-tunin
 Registered as "span" in `fastformer.train.objectives.OBJECTIVES`; the trainer calls the methods of
 the `Objective` interface documented there.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from .objectives import Objective
 
 class SpanObjective(Objective):
     name = "span"
-    accuracy_name = "token accuracy"        # target tokens (sentinels + span tokens + EOS), teacher-forced
+    accuracy_name = "token accuracy"  # target tokens (sentinels + span tokens + EOS), teacher-forced
     family = "t5"
     default_model = "t5-tiny"
 
@@ -40,7 +41,7 @@ class SpanObjective(Objective):
             stream = torch.tensor([t for ids in encode(tokenizer, texts) for t in ids], dtype=torch.int64)
             n_full = stream.numel() // raw
             chunks = list(stream[: n_full * raw].view(n_full, raw).unbind(0)) if n_full else []
-            if not chunks and stream.numel() >= 2:          # a corpus shorter than one chunk
+            if not chunks and stream.numel() >= 2:  # a corpus shorter than one chunk
                 chunks = [stream]
             return [c.clone() for c in chunks]
         lines = [ln.strip() for t in texts for ln in t.splitlines() if ln.strip()]
@@ -54,16 +55,26 @@ class SpanObjective(Objective):
         preset = canonical_preset(preset)
         if preset not in T5_PRESETS:
             raise ValueError(f"--model {preset}: the span objective trains t5-* presets ({', '.join(T5_PRESETS)})")
-        cfg = T5Config.from_preset(preset, vocab_size=tokenizer.get_vocab_size(), pad_token_id=PAD,
-                                   eos_token_id=EOS, decoder_start_token_id=PAD)
+        cfg = T5Config.from_preset(
+            preset,
+            vocab_size=tokenizer.get_vocab_size(),
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            decoder_start_token_id=PAD,
+        )
         return T5ForConditionalGeneration(cfg)
 
     def model_config(self, model) -> dict:
         return model.config.to_dict()
 
     def step(self, model, batch, *, train=True):
-        out = model(batch["input_ids"], batch.get("attention_mask"), batch.get("decoder_input_ids"),
-                    batch["labels"], return_logits=not train)
+        out = model(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("decoder_input_ids"),
+            batch["labels"],
+            return_logits=not train,
+        )
         metrics = {}
         if not train:
             valid = batch["labels"] != -100

@@ -19,6 +19,7 @@ Writes to out_dir: eval.json (the summary returned), predictions.tsv (input, tar
 config.json (what rebuilds the model: model_config, tokenizer, length limits, generation settings,
 the training settings), tokenizer.json, checkpoint.pt, metrics.jsonl, loss.png.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,8 +54,8 @@ from .text_metrics import exact_match, rouge
 from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
 TASK = "text2text"
-MIN_EVAL_EXAMPLES = 20           # fewer held-out pairs: the scores move in coarse steps (warned)
-DEFAULT_MAX_NEW_TOKENS = 64      # generation limit for a folder that records none (a span pre-training run)
+MIN_EVAL_EXAMPLES = 20  # fewer held-out pairs: the scores move in coarse steps (warned)
+DEFAULT_MAX_NEW_TOKENS = 64  # generation limit for a folder that records none (a span pre-training run)
 # Fields of Text2TextConfig that only text-to-text runs have (the CLI's generation / length flags).
 TEXT2TEXT_FIELDS = ("max_target_len", "num_beams", "max_new_tokens", "length_penalty", "dropout", "eval_limit")
 
@@ -63,13 +64,13 @@ TEXT2TEXT_FIELDS = ("max_target_len", "num_beams", "max_new_tokens", "length_pen
 class Text2TextConfig(TrainConfig):
     train: str = ""
     eval: str = ""
-    init: str | None = None            # a span pre-training output folder (or a text-to-text run)
-    model: str | None = None           # or a t5-* preset (random init); default t5-tiny
+    init: str | None = None  # a span pre-training output folder (or a text-to-text run)
+    model: str | None = None  # or a t5-* preset (random init); default t5-tiny
     model_overrides: dict | None = None  # T5Config fields that replace the preset's (random init only)
-    max_len: int = 128                 # input tokens, EOS included
-    max_target_len: int = 64           # target tokens, EOS included
-    vocab_size: int = 8192             # tokenizer trained for a preset
-    dropout: float | None = None       # None: the model's own (0.0 for the presets and span pre-training)
+    max_len: int = 128  # input tokens, EOS included
+    max_target_len: int = 64  # target tokens, EOS included
+    vocab_size: int = 8192  # tokenizer trained for a preset
+    dropout: float | None = None  # None: the model's own (0.0 for the presets and span pre-training)
     out_dir: str = "runs/text2text"
     steps: int = 300
     lr: float = 5e-4
@@ -78,8 +79,8 @@ class Text2TextConfig(TrainConfig):
     length_penalty: float = 1.0
     max_new_tokens: int | None = None  # None: max_target_len
     eval_batch_size: int = 64
-    eval_limit: int | None = None      # generate for the first N eval pairs only (None: all)
-    n_examples: int = 20               # (input, target, prediction) examples kept in eval.json
+    eval_limit: int | None = None  # generate for the first N eval pairs only (None: all)
+    n_examples: int = 20  # (input, target, prediction) examples kept in eval.json
     task: str = TASK
 
     def validate(self) -> None:
@@ -135,11 +136,15 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
                 raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
         pre = _read_config(init / "config.json")
         if pre.get("objective") != "span" and pre.get("task") != TASK:
-            raise ValueError(f"--init {init}: text-to-text needs an encoder-decoder (pre-trained with "
-                             f"--objective span or fine-tuned text-to-text), this one is {pre.get('objective')!r}")
+            raise ValueError(
+                f"--init {init}: text-to-text needs an encoder-decoder (pre-trained with "
+                f"--objective span or fine-tuned text-to-text), this one is {pre.get('objective')!r}"
+            )
         if pre.get("architecture", "T5ForConditionalGeneration") != "T5ForConditionalGeneration":
-            raise ValueError(f"--init {init}: a {pre['architecture']} run; text-to-text needs the whole "
-                             "encoder-decoder (a span pre-training or text-to-text folder)")
+            raise ValueError(
+                f"--init {init}: a {pre['architecture']} run; text-to-text needs the whole "
+                "encoder-decoder (a span pre-training or text-to-text folder)"
+            )
         tok = load_tokenizer(init / "tokenizer.json")
         obj.check_tokenizer(tok, str(init / "tokenizer.json"))
         model_config = dict(pre["model_config"])
@@ -149,20 +154,24 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
             model.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"--init {init}: weights do not fit its config ({str(e).splitlines()[0]})") from None
-        preset = canonical_preset(pre.get("model"), warn=False)   # an older folder's name: the current one
+        preset = canonical_preset(pre.get("model"), warn=False)  # an older folder's name: the current one
         source = f"init {init} ({preset}, {pre.get('objective') if pre.get('task') != TASK else TASK})"
     else:
         preset = canonical_preset(cfg.model or "t5-tiny")
         get_preset(preset)
         if preset not in T5_PRESETS:
-            raise ValueError(f"--model {preset}: text-to-text needs an encoder-decoder, a t5-* preset "
-                             f"({', '.join(T5_PRESETS)})")
+            raise ValueError(
+                f"--model {preset}: text-to-text needs an encoder-decoder, a t5-* preset ({', '.join(T5_PRESETS)})"
+            )
         saved = Path(cfg.out_dir) / "tokenizer.json"
-        if cfg.resume and saved.is_file():      # the run's own tokenizer, not a re-trained one
+        if cfg.resume and saved.is_file():  # the run's own tokenizer, not a re-trained one
             tok_json = saved.read_text() if info.main else None
         else:
-            tok_json = (obj.build_tokenizer(list(train_inputs) + list(train_targets), cfg.vocab_size).to_str()
-                        if info.main else None)
+            tok_json = (
+                obj.build_tokenizer(list(train_inputs) + list(train_targets), cfg.vocab_size).to_str()
+                if info.main
+                else None
+            )
         tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
         seed_everything(cfg.seed)
         model = obj.build_model(preset, tok, seq_len=cfg.max_len)
@@ -184,6 +193,7 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
 # generation
 # ---------------------------------------------------------------------------------------------------
 
+
 def decode_generated(tok, ids: torch.Tensor, eos_id: int) -> list[str]:
     """Generated ids (N, 1 + T) (start token first) -> texts, each cut at its first EOS."""
     out = []
@@ -195,17 +205,30 @@ def decode_generated(tok, ids: torch.Tensor, eos_id: int) -> list[str]:
 
 
 @torch.no_grad()
-def generate_texts(model, tok, inputs: list[str], *, max_len: int, max_new_tokens: int, batch_size: int = 64,
-                   num_beams: int = 1, length_penalty: float = 1.0, device=None, progress: bool = False,
-                   log: Callable[[str], None] | None = None) -> list[str]:
+def generate_texts(
+    model,
+    tok,
+    inputs: list[str],
+    *,
+    max_len: int,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    device=None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
     """Generated text for each input (batched longest-first, so little padding), in input order.
 
     Inputs are encoded as fine-tuning encodes them (tokens, cut to max_len - 1, then EOS). progress:
     a progress bar; log: without one, called with a line about every tenth of the inputs."""
     cfg = model.config
     device = device or next(model.parameters()).device
-    enc = [torch.tensor(e.ids[: max_len - 1] + [cfg.eos_token_id], dtype=torch.int64)
-           for e in tok.encode_batch(list(inputs), add_special_tokens=False)]
+    enc = [
+        torch.tensor(e.ids[: max_len - 1] + [cfg.eos_token_id], dtype=torch.int64)
+        for e in tok.encode_batch(list(inputs), add_special_tokens=False)
+    ]
     order = sorted(range(len(enc)), key=lambda i: -enc[i].numel())
     texts: list[str | None] = [None] * len(enc)
     bar = None
@@ -218,10 +241,15 @@ def generate_texts(model, tok, inputs: list[str], *, max_len: int, max_new_token
             bar = None
     t0, next_log = time.perf_counter(), max(1, len(enc) // 10)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ids, mask = pad_batch([enc[i] for i in idx], cfg.pad_token_id, pad_to_multiple_of=8)
-        out = model.generate(ids.to(device), None if mask is None else mask.to(device),
-                             max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty)
+        out = model.generate(
+            ids.to(device),
+            None if mask is None else mask.to(device),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+        )
         for i, text in zip(idx, decode_generated(tok, out.cpu(), cfg.eos_token_id)):
             texts[i] = text
         done = start + len(idx)
@@ -239,8 +267,12 @@ def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
     """(max input tokens, generate keywords) for a run folder's config.json: its recorded settings
     (a text-to-text run) or defaults (a span pre-training run), overridden by the non-None keywords
     (max_len, max_new_tokens, num_beams, length_penalty)."""
-    gen = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "num_beams": 1, "length_penalty": 1.0,
-           **(config.get("generation") or {})}
+    gen = {
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+        "num_beams": 1,
+        "length_penalty": 1.0,
+        **(config.get("generation") or {}),
+    }
     train = config.get("train") or {}
     max_len = int(config.get("max_len") or train.get("max_len") or train.get("seq_len") or 512)
     for key, flag in (("max_len", "--max-len"), ("max_new_tokens", "--max-new-tokens"), ("num_beams", "--num-beams")):
@@ -295,6 +327,7 @@ def _interruptible(step: int, checkpoint: Path):
 # the run
 # ---------------------------------------------------------------------------------------------------
 
+
 def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     if cfg.init and cfg.model:
@@ -303,17 +336,22 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         raise ValueError("model_overrides change a preset's random-init architecture; --init fixes the architecture")
     out = Path(cfg.out_dir)
     if cfg.init and out.resolve() == Path(cfg.init).resolve():
-        raise ValueError(f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
-                         "pre-trained checkpoint and metrics; choose another --out")
+        raise ValueError(
+            f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
+            "pre-trained checkpoint and metrics; choose another --out"
+        )
     prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
-    D.barrier(info)                                       # every rank has checked --out before rank 0 writes
+    D.barrier(info)  # every rank has checked --out before rank 0 writes
     threads = set_threads(cfg.threads)
     train_inputs, train_targets = read_pairs(cfg.train)
     eval_inputs, eval_targets = read_pairs(cfg.eval)
     if info.main and len(eval_inputs) < MIN_EVAL_EXAMPLES:
-        warnings.warn(f"--eval {cfg.eval} has only {len(eval_inputs)} pair(s): the scores move in steps of "
-                      f"1/{len(eval_inputs)} and say little; a held-out file of a few hundred pairs is better",
-                      FastformerWarning, stacklevel=3)
+        warnings.warn(
+            f"--eval {cfg.eval} has only {len(eval_inputs)} pair(s): the scores move in steps of "
+            f"1/{len(eval_inputs)} and say little; a held-out file of a few hundred pairs is better",
+            FastformerWarning,
+            stacklevel=3,
+        )
     model, tok, model_config, source, preset = _build(cfg, train_inputs, train_targets, info)
     mc = model.config
     kw = dict(max_len=cfg.max_len, max_target_len=cfg.max_target_len, eos_id=mc.eos_token_id)
@@ -322,8 +360,9 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
     if info.main:
         _warn_cut(tok, train_targets, cfg.max_target_len, "--max-target-len", cfg.train, "target")
     collate = Seq2SeqCollator(mc.pad_token_id)
-    sampler = ExampleSampler(len(train_ex), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info,
-                             seed=cfg.seed)
+    sampler = ExampleSampler(
+        len(train_ex), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, info=info, seed=cfg.seed
+    )
 
     def batch_fn(step, micro):
         return collate([train_ex[i] for i in sampler.indices(step, micro)])
@@ -336,39 +375,80 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
             metrics["correct"] = int(((out.logits.argmax(-1) == batch["labels"]) & valid).sum())
         return out.loss_sum, out.n_predicted, metrics
 
-    eval_batches = [collate(eval_ex[i:i + cfg.batch_size]) for i in range(0, len(eval_ex), cfg.batch_size)]
+    eval_batches = [collate(eval_ex[i : i + cfg.batch_size]) for i in range(0, len(eval_ex), cfg.batch_size)]
     max_new = cfg.max_new_tokens or cfg.max_target_len
     generation = {"max_new_tokens": max_new, "num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty}
     mem = _check_memory(cfg, model, max(len(x) for x, _ in train_ex), max(len(y) for _, y in train_ex), device, info)
-    fingerprint = {"task": TASK, "source": source, "model_config": model_config, "max_len": cfg.max_len,
-                   "max_target_len": cfg.max_target_len, "train": str(Path(cfg.train).resolve())}
+    fingerprint = {
+        "task": TASK,
+        "source": source,
+        "model_config": model_config,
+        "max_len": cfg.max_len,
+        "max_target_len": cfg.max_target_len,
+        "train": str(Path(cfg.train).resolve()),
+    }
     n_params = sum(p.numel() for p in model.parameters())
     if info.main:
         make_out_dir(out)
         write_file(out, "tokenizer.json", tok.to_str())
         arch = architecture_name(model)
         init = str(Path(cfg.init).resolve()) if cfg.init else None
-        config = {"fastformer_version": fastformer.__version__, "run": "finetune", "task": TASK,
-                  "objective": "span", "model": preset, "architecture": arch, "kind": ARCHITECTURES[arch].kind,
-                  "model_config": model_config, "labels": None, "max_len": cfg.max_len,
-                  "max_target_len": cfg.max_target_len, "generation": generation, "source": source, "init": init,
-                  "n_parameters": n_params, "world_size": info.world, "threads": threads[0],
-                  "threads_source": threads[1],
-                  "train": {**asdict(cfg), "model": None if cfg.init else preset,
-                            "train": str(Path(cfg.train).resolve()), "eval": str(Path(cfg.eval).resolve()),
-                            "init": init, "warmup_steps": cfg.warmup, "warmup_default": cfg.warmup_steps is None,
-                            "resume": False, "overwrite": False, "stop_at": None},
-                  "n_train_examples": len(train_ex), "n_eval_examples": len(eval_ex)}
+        config = {
+            "fastformer_version": fastformer.__version__,
+            "run": "finetune",
+            "task": TASK,
+            "objective": "span",
+            "model": preset,
+            "architecture": arch,
+            "kind": ARCHITECTURES[arch].kind,
+            "model_config": model_config,
+            "labels": None,
+            "max_len": cfg.max_len,
+            "max_target_len": cfg.max_target_len,
+            "generation": generation,
+            "source": source,
+            "init": init,
+            "n_parameters": n_params,
+            "world_size": info.world,
+            "threads": threads[0],
+            "threads_source": threads[1],
+            "train": {
+                **asdict(cfg),
+                "model": None if cfg.init else preset,
+                "train": str(Path(cfg.train).resolve()),
+                "eval": str(Path(cfg.eval).resolve()),
+                "init": init,
+                "warmup_steps": cfg.warmup,
+                "warmup_default": cfg.warmup_steps is None,
+                "resume": False,
+                "overwrite": False,
+                "stop_at": None,
+            },
+            "n_train_examples": len(train_ex),
+            "n_eval_examples": len(eval_ex),
+        }
         write_file(out, "config.json", json.dumps(config, indent=2, default=str))
-        print(f"finetune {TASK} {source}: {n_params / 1e6:.1f}M parameters on {device}"
-              f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
-              f"({threads[1]}), {len(train_ex):,} training / {len(eval_ex):,} eval pairs\n"
-              f"  memory: {mem.describe() if mem else 'not checked'}\n"
-              f"  output: {out}{' (resumed)' if cfg.resume else ''}", flush=True)
+        print(
+            f"finetune {TASK} {source}: {n_params / 1e6:.1f}M parameters on {device}"
+            f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
+            f"({threads[1]}), {len(train_ex):,} training / {len(eval_ex):,} eval pairs\n"
+            f"  memory: {mem.describe() if mem else 'not checked'}\n"
+            f"  output: {out}{' (resumed)' if cfg.resume else ''}",
+            flush=True,
+        )
     D.barrier(info)
-    trainer = Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn,
-                      tokens_fn=lambda b: int(b["attention_mask"].sum()), eval_batches=eval_batches,
-                      fingerprint=fingerprint, dist_info=info, device=device, desc=f"{TASK} finetune")
+    trainer = Trainer(
+        model,
+        cfg,
+        batch_fn=batch_fn,
+        step_fn=step_fn,
+        tokens_fn=lambda b: int(b["attention_mask"].sum()),
+        eval_batches=eval_batches,
+        fingerprint=fingerprint,
+        dist_info=info,
+        device=device,
+        desc=f"{TASK} finetune",
+    )
     result = trainer.train()
     ev = result.eval or trainer.evaluate()
 
@@ -383,28 +463,53 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
             log(f"generating for {n_gen:,} eval input(s): {_describe_generation(generation)}")
         t0 = time.perf_counter()
         with _interruptible(result.step, trainer.ckpt_path):
-            preds = generate_texts(trainer.raw_model, tok, eval_inputs[:n_gen], max_len=cfg.max_len,
-                                   max_new_tokens=max_new, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams,
-                                   length_penalty=cfg.length_penalty, device=device, progress=cfg.progress, log=log)
+            preds = generate_texts(
+                trainer.raw_model,
+                tok,
+                eval_inputs[:n_gen],
+                max_len=cfg.max_len,
+                max_new_tokens=max_new,
+                batch_size=cfg.eval_batch_size,
+                num_beams=cfg.num_beams,
+                length_penalty=cfg.length_penalty,
+                device=device,
+                progress=cfg.progress,
+                log=log,
+            )
         gen_s = time.perf_counter() - t0
         refs = eval_targets[:n_gen]
         scores = rouge(preds, refs)
         em = exact_match(preds, refs)
         final_loss = result.final_loss
-        if final_loss != final_loss:            # --resume of a finished run: no step ran, report the logged one
+        if final_loss != final_loss:  # --resume of a finished run: no step ran, report the logged one
             rows = read_metrics(out / "metrics.jsonl")
             final_loss = rows[-1]["loss"] if rows else None
-        summary = {**scores, "exact_match": em, "accuracy": em, "eval_loss": ev.get("eval_loss"),
-                   "token_accuracy": ev.get("eval_accuracy"), "n_eval": n_gen, "n_train": len(train_ex),
-                   "steps": result.step, "final_train_loss": final_loss, "source": source,
-                   "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
-                   "resumed_from": result.resumed_from, "threads": threads[0], "generation": generation,
-                   "generation_seconds": gen_s,
-                   "examples": [{"input": i, "target": t, "prediction": p}
-                                for i, t, p in zip(eval_inputs[:cfg.n_examples], refs, preds)],
-                   "out_dir": str(out)}
-        lines = ["input\ttarget\tprediction"] + ["\t".join(" ".join(x.split()) for x in row)
-                                                 for row in zip(eval_inputs, refs, preds)]
+        summary = {
+            **scores,
+            "exact_match": em,
+            "accuracy": em,
+            "eval_loss": ev.get("eval_loss"),
+            "token_accuracy": ev.get("eval_accuracy"),
+            "n_eval": n_gen,
+            "n_train": len(train_ex),
+            "steps": result.step,
+            "final_train_loss": final_loss,
+            "source": source,
+            "tokens_per_s": result.tokens_per_s,
+            "seconds": result.seconds,
+            "resumed_from": result.resumed_from,
+            "threads": threads[0],
+            "generation": generation,
+            "generation_seconds": gen_s,
+            "examples": [
+                {"input": i, "target": t, "prediction": p}
+                for i, t, p in zip(eval_inputs[: cfg.n_examples], refs, preds)
+            ],
+            "out_dir": str(out),
+        }
+        lines = ["input\ttarget\tprediction"] + [
+            "\t".join(" ".join(x.split()) for x in row) for row in zip(eval_inputs, refs, preds)
+        ]
         write_file(out, "predictions.tsv", "\n".join(lines) + "\n")
         write_file(out, "eval.json", json.dumps(summary, indent=2))
         with writing("--out", out):
@@ -418,41 +523,63 @@ def _warn_cut(tok, texts, limit: int, flag: str, path: str, what: str) -> None:
     lengths = [len(e.ids) + 1 for e in tok.encode_batch(list(texts), add_special_tokens=False)]
     cut = sum(n > limit for n in lengths)
     if cut:
-        warnings.warn(f"{cut:,} of {len(lengths):,} {what}s in {path} are longer than {flag} {limit} tokens "
-                      f"(the longest: {max(lengths)}, EOS included) and are cut: the model learns to write the cut "
-                      f"{what}s; a larger {flag} keeps them whole", FastformerWarning, stacklevel=4)
+        warnings.warn(
+            f"{cut:,} of {len(lengths):,} {what}s in {path} are longer than {flag} {limit} tokens "
+            f"(the longest: {max(lengths)}, EOS included) and are cut: the model learns to write the cut "
+            f"{what}s; a larger {flag} keeps them whole",
+            FastformerWarning,
+            stacklevel=4,
+        )
 
 
 def _describe_generation(g: dict) -> str:
-    how = "greedy" if g["num_beams"] == 1 else f"beam search ({g['num_beams']} beams, length penalty " \
-                                                f"{g['length_penalty']:g})"
+    how = (
+        "greedy"
+        if g["num_beams"] == 1
+        else f"beam search ({g['num_beams']} beams, length penalty {g['length_penalty']:g})"
+    )
     return f"{how}, at most {g['max_new_tokens']} new tokens"
 
 
 def describe_summary(s: dict) -> str:
     """The lines `fastformer finetune --task text2text` prints at the end."""
     resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
-    return (f"finetune done ({TASK}, {s['source']}): {s['steps']} steps in {s['seconds']:.0f} s{resumed}\n"
-            f"  eval on {s['n_eval']:,} pairs ({_describe_generation(s['generation'])}): ROUGE-1 {s['rouge1']:.4f}, "
-            f"ROUGE-2 {s['rouge2']:.4f}, ROUGE-L {s['rougeL']:.4f}, exact match {s['exact_match']:.4f}\n"
-            f"  {s['out_dir']}/eval.json, predictions.tsv; generate with "
-            f"`fastformer predict --model {s['out_dir']} --input FILE`")
+    return (
+        f"finetune done ({TASK}, {s['source']}): {s['steps']} steps in {s['seconds']:.0f} s{resumed}\n"
+        f"  eval on {s['n_eval']:,} pairs ({_describe_generation(s['generation'])}): ROUGE-1 {s['rouge1']:.4f}, "
+        f"ROUGE-2 {s['rouge2']:.4f}, ROUGE-L {s['rougeL']:.4f}, exact match {s['exact_match']:.4f}\n"
+        f"  {s['out_dir']}/eval.json, predictions.tsv; generate with "
+        f"`fastformer predict --model {s['out_dir']} --input FILE`"
+    )
 
 
-def _check_memory(cfg: Text2TextConfig, model, src_len: int, tgt_len: int, device: torch.device,
-                  info: D.DistInfo):
+def _check_memory(cfg: Text2TextConfig, model, src_len: int, tgt_len: int, device: torch.device, info: D.DistInfo):
     """Refuse a run that cannot fit (warn when close); the estimate (None when not checked)."""
     if not cfg.memory_check:
         return None
     tgt = -(-tgt_len // 8) * 8
 
     def est(batch, length):
-        return estimate_memory(model, batch_size=batch, seq_len=length, target_len=tgt, head_rows=batch * tgt,
-                               optimizer=cfg.optimizer, device=device, processes=D.local_processes(info, device))
+        return estimate_memory(
+            model,
+            batch_size=batch,
+            seq_len=length,
+            target_len=tgt,
+            head_rows=batch * tgt,
+            optimizer=cfg.optimizer,
+            device=device,
+            processes=D.local_processes(info, device),
+        )
 
     def warn(msg):
         if info.main:
             warnings.warn(msg, FastformerWarning, stacklevel=4)
 
-    return check_memory(est, batch_size=cfg.batch_size, len_flag="--max-len", seq_len=-(-src_len // 8) * 8,
-                        grad_accum=cfg.grad_accum, warn=warn)
+    return check_memory(
+        est,
+        batch_size=cfg.batch_size,
+        len_flag="--max-len",
+        seq_len=-(-src_len // 8) * 8,
+        grad_accum=cfg.grad_accum,
+        warn=warn,
+    )

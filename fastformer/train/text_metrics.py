@@ -8,10 +8,11 @@ example, averaged over examples. Exact match compares NFKC-normalised text with
 whitespace runs collapsed and ends stripped, as the T5 tokenizer normalises what it decodes: for
 classification as text it is the accuracy.
 """
+
 from __future__ import annotations
 
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -43,7 +44,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str], *, use_stemmer:
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for p, r in zip(predictions, references):
-        scores = scorer.score(r, p)                      # (target, prediction)
+        scores = scorer.score(r, p)  # (target, prediction)
         for t in ROUGE_TYPES:
             totals[t] += scores[t].fmeasure
     n = max(len(predictions), 1)

@@ -2,10 +2,10 @@
 
 The Trainer owns what every objective shares: device and autocast (bf16 on CUDA, fp32 on CPU),
 gradient accumulation with the loss normalised by the predicted tokens of the whole optimizer step
-(all micro-batches, all ranks), warmup + linear/cosine schedule (per step, or over a time budget: `max_minutes` without `steps`),
-fused gradient clipping, the
-optimizer (FusedAdamW by default), DDP, periodic evaluation, metrics.jsonl, the progress bar and
-atomic checkpoints with exact resume. It never looks inside a batch: the caller gives
+(all micro-batches, all ranks), warmup + linear/cosine schedule (per step, or over a time budget:
+`max_minutes` without `steps`), fused gradient clipping, the optimizer (FusedAdamW by default), DDP,
+periodic evaluation, metrics.jsonl, the progress bar and atomic checkpoints with exact resume. It never
+looks inside a batch: the caller gives
 
     batch_fn(step, micro) -> batch dict (CPU)     a pure function of (step, micro) for this rank
     step_fn(model, batch, train) -> (loss_sum, n_predicted, metrics)
@@ -19,6 +19,7 @@ SIGINT / SIGTERM during `train()` finish the current step, write the checkpoint 
 last checkpoint as it was (checkpoints are written atomically). The checkpoint also carries the
 training time and tokens so far, so a resumed run reports the whole run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -49,9 +50,9 @@ OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/pretrain"
-    steps: int | None = 1000          # None with max_minutes: a time-budgeted run (see `budgeted`)
-    batch_size: int = 32            # examples per micro-batch per rank
-    grad_accum: int = 1             # micro-batches per optimizer step
+    steps: int | None = 1000  # None with max_minutes: a time-budgeted run (see `budgeted`)
+    batch_size: int = 32  # examples per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -62,24 +63,25 @@ class TrainConfig:
     clip_norm: float = 1.0
     seed: int = 0
     device: str = "auto"
-    save_every: int = 0              # 0: only at the end (and when stopped early)
+    save_every: int = 0  # 0: only at the end (and when stopped early)
     resume: bool = False
     log_every: int = 10
-    eval_every: int = 0              # 0: only at the end
+    eval_every: int = 0  # 0: only at the end
     max_minutes: float | None = None  # with steps: a safety cap; without: the time budget of the schedule
-    stop_at: int | None = None        # stop (with a checkpoint) after this step: simulates an interruption
+    stop_at: int | None = None  # stop (with a checkpoint) after this step: simulates an interruption
     progress: bool = True
-    compile: str | None = None        # torch.compile backend for the training forward (None: eager)
-    overwrite: bool = False           # replace the run in a non-empty out_dir (else refused)
-    threads: int | None = None        # CPU intra-op threads; None: OMP_NUM_THREADS or an automatic choice
-    memory_check: bool = True         # refuse a run whose estimated peak memory cannot fit
+    compile: str | None = None  # torch.compile backend for the training forward (None: eager)
+    overwrite: bool = False  # replace the run in a non-empty out_dir (else refused)
+    threads: int | None = None  # CPU intra-op threads; None: OMP_NUM_THREADS or an automatic choice
+    memory_check: bool = True  # refuse a run whose estimated peak memory cannot fit
 
     def validate(self) -> None:
         if self.steps is None and self.max_minutes is None:
             raise ValueError("--steps is required unless --max-minutes gives a time budget")
         if self.budgeted and self.warmup_steps is not None:
-            raise ValueError("--warmup-steps needs --steps: with --max-minutes alone the warmup is "
-                             "6% of the time budget")
+            raise ValueError(
+                "--warmup-steps needs --steps: with --max-minutes alone the warmup is 6% of the time budget"
+            )
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -95,8 +97,10 @@ class TrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max-minutes must be positive, got {self.max_minutes}")
         if self.warmup_steps is not None and self.steps is not None and self.warmup_steps > self.steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} is more than --steps {self.steps}: the learning "
-                             "rate would never reach its peak; use fewer warmup steps (default 6% of --steps)")
+            raise ValueError(
+                f"--warmup-steps {self.warmup_steps} is more than --steps {self.steps}: the learning "
+                "rate would never reach its peak; use fewer warmup steps (default 6% of --steps)"
+            )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.compile:
@@ -137,6 +141,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 class TrainResult:
     """seconds / tokens / tokens_per_s cover the whole run, resumed parts included; session_seconds
     and resumed_from (the step this session started from, 0 for a fresh run) describe this session."""
+
     step: int = 0
     final_loss: float = float("nan")
     tokens_per_s: float = 0.0
@@ -159,7 +164,9 @@ class TrainingInterrupted(KeyboardInterrupt):
         if saved:
             msg = f"stopped by {name} after step {step}; checkpoint saved to {self.checkpoint}"
         elif step:
-            msg = f"stopped at once by a second {name}; the last checkpoint (step {step}) in {self.checkpoint} is intact"
+            msg = (
+                f"stopped at once by a second {name}; the last checkpoint (step {step}) in {self.checkpoint} is intact"
+            )
         else:
             msg = f"stopped at once by a second {name}; no checkpoint had been written yet"
         super().__init__(msg)
@@ -170,14 +177,25 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, *, batch_fn: Callable[[int, int], dict],
-                 step_fn: Callable, tokens_fn: Callable[[dict], int], eval_batches: list[dict] | None = None,
-                 fingerprint: dict | None = None, flops_per_token: float | None = None,
-                 dist_info: D.DistInfo | None = None, device: torch.device | None = None,
-                 metrics_name: str = "metrics.jsonl", desc: str = "train",
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        batch_fn: Callable[[int, int], dict],
+        step_fn: Callable,
+        tokens_fn: Callable[[dict], int],
+        eval_batches: list[dict] | None = None,
+        fingerprint: dict | None = None,
+        flops_per_token: float | None = None,
+        dist_info: D.DistInfo | None = None,
+        device: torch.device | None = None,
+        metrics_name: str = "metrics.jsonl",
+        desc: str = "train",
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         cfg.validate()
-        self.clock = clock              # seconds; tests pass a fake one to check the time budget
+        self.clock = clock  # seconds; tests pass a fake one to check the time budget
         self.cfg = cfg
         self.info = dist_info or D.DistInfo()
         self.device = device or D.resolve_device(cfg.device, self.info)
@@ -194,11 +212,24 @@ class Trainer:
         self.eval_batches = eval_batches or []
         # what must be equal for --resume to continue the same run: the caller's (model, data, ...) and
         # the flags that shape the optimisation; --steps may change (the schedule follows the new total)
-        self.fingerprint = {**(fingerprint or {}), "train": {
-            "lr": cfg.lr, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-            "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay, "betas": list(cfg.betas), "eps": cfg.eps,
-            "clip_norm": cfg.clip_norm, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
-            "steps": cfg.steps, "world_size": self.info.world}}
+        self.fingerprint = {
+            **(fingerprint or {}),
+            "train": {
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+                "seed": cfg.seed,
+                "optimizer": cfg.optimizer,
+                "weight_decay": cfg.weight_decay,
+                "betas": list(cfg.betas),
+                "eps": cfg.eps,
+                "clip_norm": cfg.clip_norm,
+                "schedule": cfg.schedule,
+                "warmup_steps": cfg.warmup_steps,
+                "steps": cfg.steps,
+                "world_size": self.info.world,
+            },
+        }
         self.flops_per_token = flops_per_token
         self.out = Path(cfg.out_dir)
         self.metrics_path = self.out / metrics_name
@@ -214,8 +245,8 @@ class Trainer:
             self.scheduler = make_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
         self.step = 0
         self.peak = peak_flops(self.device)
-        self._saved_step = 0                       # step of the checkpoint on disk (0: none)
-        self._seconds_before, self._tokens_before = 0.0, 0   # earlier sessions of this run
+        self._saved_step = 0  # step of the checkpoint on disk (0: none)
+        self._seconds_before, self._tokens_before = 0.0, 0  # earlier sessions of this run
         self._t_start, self._tokens = None, 0
         self._signal, self._second_signal = None, None
         self._bar = None
@@ -227,14 +258,22 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in batch.items()}
+        return {
+            k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }
 
     def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng_state(),
-                "data_position": {"step": self.step}, "fingerprint": self.fingerprint,
-                "train_config": asdict(self.cfg), "progress": self._progress()}
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": rng_state(),
+            "data_position": {"step": self.step},
+            "fingerprint": self.fingerprint,
+            "train_config": asdict(self.cfg),
+            "progress": self._progress(),
+        }
 
     def _progress(self) -> dict:
         """Training time and tokens of the whole run up to now (earlier sessions included)."""
@@ -243,8 +282,11 @@ class Trainer:
 
     def save(self) -> None:
         if self.info.main:
-            prior = (f"the previous checkpoint (step {self._saved_step}) is intact" if self._saved_step
-                     else "no checkpoint has been written yet")
+            prior = (
+                f"the previous checkpoint (step {self._saved_step}) is intact"
+                if self._saved_step
+                else "no checkpoint has been written yet"
+            )
             try:
                 save_checkpoint(self.state_dict(), self.ckpt_path)
             except OSError as e:
@@ -259,22 +301,26 @@ class Trainer:
         # keys an older checkpoint did not record are not checked
         for key in sorted(theirs):
             if mine.get(key) != theirs.get(key):
-                raise CheckpointError(f"{self.ckpt_path} was written by another model or setup: {key} is "
-                                      f"{theirs.get(key)!r} there, {mine.get(key)!r} in this run")
+                raise CheckpointError(
+                    f"{self.ckpt_path} was written by another model or setup: {key} is "
+                    f"{theirs.get(key)!r} there, {mine.get(key)!r} in this run"
+                )
         self._check_resume_flags(mine_train, theirs_train)
         try:
             self.raw_model.load_state_dict(ck["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"{self.ckpt_path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{self.ckpt_path}: weights do not fit this model ({str(e).splitlines()[0]})"
+            ) from None
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
         self._saved_step = self.step
-        progress = ck.get("progress") or {}        # absent in older checkpoints: this session only
+        progress = ck.get("progress") or {}  # absent in older checkpoints: this session only
         self._seconds_before = float(progress.get("seconds", 0.0))
         self._tokens_before = int(progress.get("tokens", 0))
-        if self.budget is not None:     # the budget continues where the interrupted run left it
+        if self.budget is not None:  # the budget continues where the interrupted run left it
             self.budget.elapsed = self._seconds_before
         # the learning rate of the next step comes from this run's schedule: with an unchanged --steps it
         # is the checkpoint's own value; with a new --steps, the new schedule's value at this step
@@ -285,6 +331,7 @@ class Trainer:
 
     def _check_resume_flags(self, mine: dict, theirs: dict) -> None:
         """The flags that shape the optimisation must match the checkpoint's; --steps may change."""
+
         def effective_warmup(d):
             return d["warmup_steps"] if d.get("warmup_steps") is not None else int(0.06 * (d.get("steps") or 0))
 
@@ -304,9 +351,11 @@ class Trainer:
                 flag = "torchrun --nproc_per_node" if key == "world_size" else "--" + key.replace("_", "-")
             else:
                 continue
-            raise CheckpointError(f"--resume continues the run in {self.out}, which used {key}={want!r}; this "
-                                  f"command gives {got!r} ({flag}). Resume with the same settings (only --steps and "
-                                  "--max-minutes may change).")
+            raise CheckpointError(
+                f"--resume continues the run in {self.out}, which used {key}={want!r}; this "
+                f"command gives {got!r} ({flag}). Resume with the same settings (only --steps and "
+                "--max-minutes may change)."
+            )
 
     def evaluate(self) -> dict:
         """Loss (per predicted token) and accuracy over the held-out batches, shared across ranks."""
@@ -315,7 +364,7 @@ class Trainer:
         self.raw_model.eval()
         tot = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad(), self._autocast():
-            for b in self.eval_batches[self.info.rank::self.info.world]:
+            for b in self.eval_batches[self.info.rank :: self.info.world]:
                 loss, n, m = self.step_fn(self.raw_model, self._to_device(b), False)
                 tot += torch.tensor([float(loss), float(n), float(m.get("correct", 0))], dtype=torch.float64)
         tot = D.all_reduce_sum(tot.to(self.device), self.info).cpu()
@@ -346,8 +395,12 @@ class Trainer:
             total = f" ({self.budget.fraction:.0%} of {self.cfg.max_minutes:g} min)"
         else:
             total = f"/{self.cfg.steps}"
-        parts = [f"step {record['step']}{total}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-                 f"{record['tokens_per_s']:,.0f} tok/s"]
+        parts = [
+            f"step {record['step']}{total}",
+            f"loss {record['loss']:.4f}",
+            f"lr {record['lr']:.2e}",
+            f"{record['tokens_per_s']:,.0f} tok/s",
+        ]
         if "eval_loss" in record:
             parts.append(f"eval loss {record['eval_loss']:.4f}")
         if "eval_accuracy" in record:
@@ -368,8 +421,13 @@ class Trainer:
                 self._signal = signum
                 if self.info.main:
                     # os.write: a buffered print could re-enter a write the signal interrupted
-                    os.write(2, (f"\nfastformer: {signal.Signals(signum).name} received: finishing step "
-                                 f"{self.step + 1}, then writing a checkpoint (again to stop at once)\n").encode())
+                    os.write(
+                        2,
+                        (
+                            f"\nfastformer: {signal.Signals(signum).name} received: finishing step "
+                            f"{self.step + 1}, then writing a checkpoint (again to stop at once)\n"
+                        ).encode(),
+                    )
                 return
             self._second_signal = signum
             raise KeyboardInterrupt
@@ -444,14 +502,20 @@ class Trainer:
                 with sync:
                     with self._autocast():
                         loss, n, _ = self.step_fn(self.model, self._to_device(batch), True)
-                    loss.backward()     # summed loss: normalised below by the step's predicted tokens
+                    loss.backward()  # summed loss: normalised below by the step's predicted tokens
                 loss_sum += loss.detach().float()
                 n_pred += int(n)
             # Global sums over ranks: [loss, predicted tokens, input tokens, ranks that got a signal]
             # (a signal stops every rank after the same step).
             f64 = dict(dtype=torch.float64, device=self.device)
-            tot = torch.stack([loss_sum.double(), torch.tensor(float(n_pred), **f64), torch.tensor(float(n_tok), **f64),
-                               torch.tensor(float(self._signal is not None), **f64)])
+            tot = torch.stack(
+                [
+                    loss_sum.double(),
+                    torch.tensor(float(n_pred), **f64),
+                    torch.tensor(float(n_tok), **f64),
+                    torch.tensor(float(self._signal is not None), **f64),
+                ]
+            )
             tot = D.all_reduce_sum(tot, self.info).tolist()
             g_loss, g_pred, g_tok, g_signal = tot
             # DDP averaged the gradients over ranks; rescale so they are d(sum loss)/d(theta) / g_pred.
@@ -475,24 +539,31 @@ class Trainer:
 
             # one process: a signal that came during this step counts; DDP: only what every rank saw
             signalled = g_signal > 0 if self.info.enabled else self._signal is not None
-            interrupted = signalled or (cfg.stop_at is not None and step >= cfg.stop_at)   # like a crash: no extra eval
+            interrupted = signalled or (cfg.stop_at is not None and step >= cfg.stop_at)  # like a crash: no extra eval
             stop = interrupted
             if self.budget is not None:
                 stop = stop or self._elapsed() >= self.budget.seconds
             elif cfg.max_minutes is not None and self.clock() - t_start >= cfg.max_minutes * 60:
                 stop = True
-            if self.info.enabled and cfg.max_minutes is not None:   # every rank must stop at the same step
+            if self.info.enabled and cfg.max_minutes is not None:  # every rank must stop at the same step
                 flag = D.all_reduce_sum(torch.tensor([float(stop)], device=self.device), self.info)
                 stop = bool(flag.item() > 0)
-            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == self.total or (stop and not interrupted)
+            do_eval = (
+                (cfg.eval_every and step % cfg.eval_every == 0) or step == self.total or (stop and not interrupted)
+            )
             if step % cfg.log_every == 0 or do_eval or step == 1:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 now = time.perf_counter()
                 tps = tok_log / max(now - t_log, 1e-9)
-                record = {"step": step, "loss": round(loss_val, 6), "lr": lr,
-                          "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-                          "tokens_per_s": round(tps, 1), "predicted_tokens": int(g_pred)}
+                record = {
+                    "step": step,
+                    "loss": round(loss_val, 6),
+                    "lr": lr,
+                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                    "tokens_per_s": round(tps, 1),
+                    "predicted_tokens": int(g_pred),
+                }
                 if self.peak and self.flops_per_token:
                     # 4 significant digits, not 4 decimals: a tiny model's MFU is far below 1e-4 and must not log as 0
                     record["mfu"] = float(f"{tps * self.flops_per_token / (self.peak * self.info.world):.4g}")

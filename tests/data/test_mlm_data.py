@@ -1,4 +1,5 @@
 """MLM collator statistics, packing, dynamic padding, WordPiece tokenizer, TSV reading, corpus loading."""
+
 import pytest
 import torch
 
@@ -70,14 +71,14 @@ def test_pack_stream_and_wrap():
     docs = [[5, 6, 7], [], [8, 9], [10, 11, 12, 13]]
     chunks = pack_stream(docs, 4, separator=3)
     assert [c.tolist() for c in chunks] == [[5, 6, 7, 3], [8, 9, 3, 10]]  # partial tail dropped
-    assert [c.tolist() for c in pack_stream([[1, 2]], 4)] == [[1, 2]]      # kept when it is the only one
+    assert [c.tolist() for c in pack_stream([[1, 2]], 4)] == [[1, 2]]  # kept when it is the only one
     assert [c.tolist() for c in wrap(chunks[:1], [CLS], [SEP])] == [[CLS, 5, 6, 7, 3, SEP]]
     with pytest.raises(ValueError, match="length"):
         pack_stream(docs, 0)
 
 
 def test_wordpiece_tokenizer_roundtrip(tmp_path):
-    texts = ["the quick brown fox jumps over the lazy dog number %d" % i for i in range(200)]
+    texts = [f"the quick brown fox jumps over the lazy dog number {i}" for i in range(200)]
     tok = train_wordpiece(texts, vocab_size=120)
     assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == list(range(5)) and special_ids(tok) == [0, 1, 2, 3, 4]
     assert tok.get_vocab_size() <= 120
@@ -94,15 +95,16 @@ def test_read_tsv_styles(tmp_path):
     assert read_tsv(tmp_path / "h.tsv") == (["fine film", "bad film"], ["1", "0"])
     assert read_tsv(tmp_path / "t.tsv") == (["fine film", "bad film"], ["pos", "neg"])
     assert read_tsv(tmp_path / "n.tsv") == (["fine film", "bad film"], ["Sci/Tech", "World"])
-    (tmp_path / "o.tsv").write_text("label\ttitle\npos\tfine film\nneg\tbad film\n")   # text column unnamed
+    (tmp_path / "o.tsv").write_text("label\ttitle\npos\tfine film\nneg\tbad film\n")  # text column unnamed
     assert read_tsv(tmp_path / "o.tsv") == (["fine film", "bad film"], ["pos", "neg"])
     assert label_vocabulary(["10", "2", "1"]) == ["1", "2", "10"]
     assert label_vocabulary(["b", "a"]) == ["a", "b"]
 
 
-@pytest.mark.parametrize("content,match", [("only text\nmore text\n", "no label column"),
-                                           ("sentence\tscore\nx\t1\n", "no label column"),
-                                           ("", "empty")])
+@pytest.mark.parametrize(
+    "content,match",
+    [("only text\nmore text\n", "no label column"), ("sentence\tscore\nx\t1\n", "no label column"), ("", "empty")],
+)
 def test_read_tsv_errors(tmp_path, content, match):
     (tmp_path / "bad.tsv").write_text(content)
     with pytest.raises(DataError, match=match):
@@ -136,11 +138,15 @@ def test_wordpiece_vocabulary_is_reproducible_across_processes():
     import subprocess
     import sys
 
-    code = ("import random, json; from fastformer.data.tokenizer import train_wordpiece; r = random.Random(0); "
-            "t = [' '.join(''.join(r.choice('abcdefgh') for _ in range(r.randint(2, 6))) for _ in range(10)) "
-            "for _ in range(200)]; print(json.dumps(train_wordpiece(t, vocab_size=300).get_vocab(), sort_keys=True))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)}
+    code = (
+        "import random, json; from fastformer.data.tokenizer import train_wordpiece; r = random.Random(0); "
+        "t = [' '.join(''.join(r.choice('abcdefgh') for _ in range(r.randint(2, 6))) for _ in range(10)) "
+        "for _ in range(200)]; print(json.dumps(train_wordpiece(t, vocab_size=300).get_vocab(), sort_keys=True))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
     assert len(outs) == 1
 
 
@@ -157,11 +163,10 @@ def test_bom_header_and_crlf_tsv_and_unknown_suffix_text_files(tmp_path):
 
 def test_headerless_extra_columns_stay_in_the_text_and_binary_data_is_refused(tmp_path):
 
-
     (tmp_path / "t.tsv").write_text("a title\tits body\tSports\nother\ttext\tWorld\n")
     assert read_tsv(tmp_path / "t.tsv") == (["a title\tits body", "other\ttext"], ["Sports", "World"])
     (tmp_path / "x.bin").write_bytes(b"\x00\x01\x02binary\x00" * 100)
     with pytest.raises(DataError, match="binary"):
         load_texts([tmp_path / "x.bin"])
-    (tmp_path / "u16.txt").write_text("first document\n\nsecond one", encoding="utf-16")   # with its BOM
+    (tmp_path / "u16.txt").write_text("first document\n\nsecond one", encoding="utf-16")  # with its BOM
     assert load_texts([tmp_path / "u16.txt"]) == ["first document", "second one"]

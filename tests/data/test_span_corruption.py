@@ -1,11 +1,17 @@
 """Span-corruption collator: T5's random_spans_noise_mask semantics, exact lengths, sentinels, reconstruction."""
+
 import pytest
 import torch
 
-from fastformer.data.span_corruption import (SpanCorruptionCollator, corrupted_lengths, noise_counts,
-                                             random_spans_noise_mask, span_corruption_lengths)
+from fastformer.data.span_corruption import (
+    SpanCorruptionCollator,
+    corrupted_lengths,
+    noise_counts,
+    random_spans_noise_mask,
+    span_corruption_lengths,
+)
 
-SENTINELS = list(range(32099, 31999, -1))     # T5's layout: <extra_id_0> has the highest id
+SENTINELS = list(range(32099, 31999, -1))  # T5's layout: <extra_id_0> has the highest id
 PAD, EOS = 0, 1
 
 
@@ -27,7 +33,7 @@ def _reconstruct(inputs, targets):
 
 
 def test_t5_lengths_for_512_and_every_seq_len():
-    assert span_corruption_lengths(512) == (568, 114)      # T5's random_spans_helper values for 512
+    assert span_corruption_lengths(512) == (568, 114)  # T5's random_spans_helper values for 512
     for seq_len in range(8, 400):
         raw, tgt = span_corruption_lengths(seq_len)
         assert corrupted_lengths(raw) == (seq_len, tgt) or corrupted_lengths(raw)[0] < seq_len
@@ -50,7 +56,7 @@ def test_exact_shapes_sentinels_and_reconstruction(n):
         # sentinels: one per span, in order <extra_id_0>, <extra_id_1>, ... in both sequences
         assert [t for t in inputs.tolist() if t in SENTINELS] == SENTINELS[:num_spans]
         assert [t for t in targets.tolist() if t in SENTINELS] == SENTINELS[:num_spans]
-        assert targets[0].item() == SENTINELS[0]            # spans start with non-noise: target opens with a sentinel
+        assert targets[0].item() == SENTINELS[0]  # spans start with non-noise: target opens with a sentinel
         assert inputs[0].item() == tokens[0].item()
         assert len(targets) - num_spans - 1 == num_noise
         assert _reconstruct(inputs, targets) == tokens.tolist()
@@ -70,14 +76,16 @@ def test_noise_fraction_and_mean_span_length_over_many_draws():
     assert not masks[:, 0].any() and masks[:, -1].all()
     span_lengths = []
     for m in masks[:50]:
-        runs = torch.diff(torch.nonzero(torch.diff(torch.cat([torch.tensor([0]), m.long(), torch.tensor([0])]))).flatten())
+        runs = torch.diff(
+            torch.nonzero(torch.diff(torch.cat([torch.tensor([0]), m.long(), torch.tensor([0])]))).flatten()
+        )
         span_lengths += runs[::2].tolist()
     assert abs(sum(span_lengths) / len(span_lengths) - 3.0) < 0.1
-    assert max(span_lengths) > 6 and min(span_lengths) == 1     # lengths vary (random segmentation)
+    assert max(span_lengths) > 6 and min(span_lengths) == 1  # lengths vary (random segmentation)
     # noise is spread over the sequence: every position is noise ~15% of the time
     per_pos = masks.float().mean(0)
     for a in range(0, n - 40, 71):
-        assert 0.07 < per_pos[a + 1:a + 71].mean().item() < 0.25
+        assert 0.07 < per_pos[a + 1 : a + 71].mean().item() < 0.25
 
 
 def test_batch_padding_shift_right_and_seeding():
@@ -95,7 +103,7 @@ def test_batch_padding_shift_right_and_seeding():
         lin = int(am[i].sum())
         assert (ids[i, lin:] == PAD).all() and ids[i, lin - 1] == EOS
         valid = labels[i] != -100
-        assert valid[: int(valid.sum())].all()              # labels padded on the right only
+        assert valid[: int(valid.sum())].all()  # labels padded on the right only
         assert _reconstruct(ids[i, :lin], labels[i, valid]) == ex.tolist()
     assert (dec[:, 0] == PAD).all()
     assert torch.equal(dec[:, 1:], labels[:, :-1].masked_fill(labels[:, :-1] == -100, PAD))

@@ -1,4 +1,5 @@
 """Text-to-text pairs: TSV reading with and without a header, encoding with EOS, the seq2seq collator."""
+
 import pytest
 import torch
 
@@ -31,10 +32,16 @@ def test_no_header_last_column_is_the_target(tmp_path):
     assert read_pairs(p) == (["one\ttwo", "four"], ["three", "five"])
 
 
-@pytest.mark.parametrize("text, match", [("", "empty"), ("input\ttarget\n", "no data rows"),
-                                         ("a\tb\nonly one column\n", "row 2"),
-                                         ("input\ttarget\nx\n", "row 1"),
-                                         ("input\ttarget\na\tb\nc\t  \n", "row 2 has an empty target")])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty"),
+        ("input\ttarget\n", "no data rows"),
+        ("a\tb\nonly one column\n", "row 2"),
+        ("input\ttarget\nx\n", "row 1"),
+        ("input\ttarget\na\tb\nc\t  \n", "row 2 has an empty target"),
+    ],
+)
 def test_bad_files_raise_data_error(tmp_path, text, match):
     with pytest.raises(DataError, match=match):
         read_pairs(_write(tmp_path, text))
@@ -54,23 +61,30 @@ def test_binary_and_utf16_files(tmp_path):
 
 def test_generation_inputs_with_and_without_targets(tmp_path):
     assert read_generation_inputs(_write(tmp_path, "description\theadline\nlong text\tshort\n")) == (
-        ["long text"], ["short"])
+        ["long text"],
+        ["short"],
+    )
     assert read_generation_inputs(_write(tmp_path, "a b\tc\nd\te\n", "x.tsv")) == (["a b", "d"], ["c", "e"])
     assert read_generation_inputs(_write(tmp_path, "just one\nand two\n", "y.tsv")) == (["just one", "and two"], None)
-    assert read_generation_inputs(_write(tmp_path, "x\ty\n\nsecond line\n", "z.txt")) == (["x\ty", "second line"],
-                                                                                         None)
+    assert read_generation_inputs(_write(tmp_path, "x\ty\n\nsecond line\n", "z.txt")) == (["x\ty", "second line"], None)
     with pytest.raises(DataError, match="no such file"):
         read_generation_inputs(tmp_path / "missing.txt")
 
 
 def test_encode_pairs_truncates_before_eos_and_collator_pads():
     tok = train_unigram(["the cat sat on the mat", "a dog ran in the park"] * 20, vocab_size=200)
-    ex = encode_pairs(tok, ["the cat sat on the mat", "a dog"], ["cat", "a dog ran in the park"], max_len=5,
-                      max_target_len=4, eos_id=EOS)
+    ex = encode_pairs(
+        tok,
+        ["the cat sat on the mat", "a dog"],
+        ["cat", "a dog ran in the park"],
+        max_len=5,
+        max_target_len=4,
+        eos_id=EOS,
+    )
     for src, tgt in ex:
         assert src[-1] == EOS and tgt[-1] == EOS and len(src) <= 5 and len(tgt) <= 4
         assert EOS not in src[:-1].tolist() and EOS not in tgt[:-1].tolist()
-    assert len(ex[0][0]) == 5 and len(ex[1][1]) == 4             # truncated ones keep their EOS
+    assert len(ex[0][0]) == 5 and len(ex[1][1]) == 4  # truncated ones keep their EOS
     batch = Seq2SeqCollator(pad_id=0, pad_to_multiple_of=8)(ex)
     assert batch["input_ids"].shape == (2, 8) and batch["labels"].shape == (2, 8)
     for i, (src, tgt) in enumerate(ex):

@@ -4,6 +4,7 @@ Tiny randomly initialised configs built locally (nothing downloaded), fp32, drop
 eval modes are deterministic; padding in every batch. Outputs, losses and the gradient of every
 parameter are compared by relative error with the conftest fp32 tolerance.
 """
+
 import copy
 import inspect
 
@@ -14,15 +15,26 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from conftest import TOLERANCES, rel_err  # noqa: E402
+from transformers import (  # noqa: E402 - after importorskip
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertLMHeadModel,
+    BertModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    T5Model,
+)
+
 from fastformer.backend import use_backend  # noqa: E402
 from fastformer.integrations import patch_hf_model  # noqa: E402
 from fastformer.integrations._hf_loss import VocabProjection  # noqa: E402
-
-from transformers import (  # noqa: E402
-    BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertLMHeadModel, BertModel,
-    RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel,
-    T5Config, T5EncoderModel, T5ForConditionalGeneration, T5Model,
-)
 
 DTYPE = torch.float32
 VOCAB = 103  # awkward on purpose
@@ -30,15 +42,36 @@ B, L, LT = 3, 13, 7  # batch, encoder length, decoder length (all <= 16: cheap u
 
 
 def bert_config(cls=BertConfig, **kw):
-    return cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-               max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-               num_labels=3, pad_token_id=1, **kw)
+    return cls(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        pad_token_id=1,
+        **kw,
+    )
 
 
 def t5_config():
-    return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2, num_heads=4,
-                    dropout_rate=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=12,
-                    decoder_start_token_id=0, pad_token_id=0)
+    return T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=40,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
 
 
 BUILDERS = {
@@ -140,8 +173,9 @@ def run_pair(name, mode, backend, keep_logits=False, varlen=False):
 def compare_outputs(name, out_ref, out, lm_logits_dropped):
     tol = TOLERANCES[DTYPE]
     assert type(out) is type(out_ref)
-    assert list(out.keys()) == [k for k in out_ref.keys() if not (lm_logits_dropped and k in ("logits",
-                                                                                                "prediction_logits"))]
+    assert list(out.keys()) == [
+        k for k in out_ref.keys() if not (lm_logits_dropped and k in ("logits", "prediction_logits"))
+    ]
     for key, value in out_ref.items():
         if lm_logits_dropped and key in ("logits", "prediction_logits"):
             assert getattr(out, key) is None, f"{key} should be None in training mode with labels"
@@ -370,6 +404,7 @@ def test_calls_reach_fastformer_ops(monkeypatch):
         def wrapped(*args, **kwargs):
             calls.append((name, args, kwargs))
             return fn(*args, **kwargs)
+
         monkeypatch.setattr(module, name, wrapped)
 
     for name in ("scaled_dot_product_attention", "t5_attention", "varlen_attention"):

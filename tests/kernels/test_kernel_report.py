@@ -3,6 +3,7 @@ and `scripts/kernel_report.py --ci --check` (the representative builds and every
 
 The interpreter never compiles the kernels: this is where a GPU-only compile error, a spill in a main
 loop or a lost async copy fails CI."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import HAS_CUDA
+
 from fastformer.kernels import aot, registry, tuning
 from fastformer.kernels import attention_launch as AL
 
@@ -78,27 +79,39 @@ def test_sass_loops_and_per_iteration_counts():
 
 def test_ttgir_loop_dots():
     loops = aot.ttgir_loops(TTGIR)
-    assert loops == [{"dots": 3, "inner": False}]   # tt.dot, warp_group_dot (not its _wait), the dot in scf.if
+    assert loops == [{"dots": 3, "inner": False}]  # tt.dot, warp_group_dot (not its _wait), the dot in scf.if
 
 
 def test_occupancy_and_ptxas_log():
     assert aot.blocks_per_sm(90, 255, 131072, 8) == 1
     assert aot.blocks_per_sm(90, 128, 49152, 4) == 4
-    assert aot.blocks_per_sm(80, 96, 200000, 4) == 0      # more shared memory than a block may have
-    log = "ptxas info : Used 182 registers, used 1 barriers\n    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads"
-    assert aot.parse_ptxas_log(log) == {"stack_bytes": 16, "spill_store_bytes": 8, "spill_load_bytes": 12,
-                                        "registers": 182}
+    assert aot.blocks_per_sm(80, 96, 200000, 4) == 0  # more shared memory than a block may have
+    log = (
+        "ptxas info : Used 182 registers, used 1 barriers\n"
+        "    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads"
+    )
+    assert aot.parse_ptxas_log(log) == {
+        "stack_bytes": 16,
+        "spill_store_bytes": 8,
+        "spill_load_bytes": 12,
+        "registers": 182,
+    }
 
 
 def test_gates_are_evaluated_where_they_apply():
     gates = (registry.Gate("small", "", lambda r: r["x"] < 3, lambda r: r["kernel"] == "a"),)
-    rows = [{"kernel": "a", "config": "c1", "arch": "sm_90", "x": 1},
-            {"kernel": "a", "config": "c2", "arch": "sm_90", "x": 5},
-            {"kernel": "b", "config": "c1", "arch": "sm_90", "x": 9},
-            {"kernel": "a", "config": "c3", "arch": "sm_80", "error": "CompilationError: boom"}]
+    rows = [
+        {"kernel": "a", "config": "c1", "arch": "sm_90", "x": 1},
+        {"kernel": "a", "config": "c2", "arch": "sm_90", "x": 5},
+        {"kernel": "b", "config": "c1", "arch": "sm_90", "x": 9},
+        {"kernel": "a", "config": "c3", "arch": "sm_80", "error": "CompilationError: boom"},
+    ]
     res = registry.evaluate(gates, rows)
-    assert [(r["config"], r["gate"], r["ok"]) for r in res] == [("c1", "small", True), ("c2", "small", False),
-                                                                ("c3", "compiles", False)]
+    assert [(r["config"], r["gate"], r["ok"]) for r in res] == [
+        ("c1", "small", True),
+        ("c2", "small", False),
+        ("c3", "compiles", False),
+    ]
 
 
 def test_every_declared_candidate_has_committed_gate_verdicts():
@@ -127,8 +140,13 @@ def test_registry_t5_tables_are_the_ops():
     for bidirectional in (True, False):
         op = relative_position_buckets(bidirectional, 32, 128, "cpu")
         reg = R._t5_rel(bidirectional)
-        assert (op.radius, op.sat_left, op.sat_right, op.bucket_left, op.bucket_right) == \
-            (reg.radius, reg.sat_left, reg.sat_right, reg.bucket_left, reg.bucket_right)
+        assert (op.radius, op.sat_left, op.sat_right, op.bucket_left, op.bucket_right) == (
+            reg.radius,
+            reg.sat_left,
+            reg.sat_right,
+            reg.bucket_left,
+            reg.bucket_right,
+        )
         for name in ("bucket", "zpts", "zweights"):
             a, b = getattr(op, name), getattr(reg, name)
             assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -217,8 +235,9 @@ def test_report_sees_the_launchers_specialization():
     own arguments: aligned pointers and lengths are 16-divisible, a shifted view and L=77 are not,
     the dropout seed is never specialised, GROUP=1 becomes a constant."""
     _nvidia_backend()
-    out = subprocess.run([sys.executable, "-c", _SPEC_SCRIPT], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _SPEC_SCRIPT], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     aligned, shifted, odd = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("SPEC"))[4:])
     names = list(aligned["signature"])
@@ -238,14 +257,33 @@ def test_kernel_report_ci_check(tmp_path):
     declared gate holds (earlier identical builds come from the report's cache)."""
     _nvidia_backend()
     out_json = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--ci", "--check", "--quiet",
-                           "--json", str(out_json)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "kernel_report.py"),
+            "--ci",
+            "--check",
+            "--quiet",
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out_json.read_text())
     rows = report["rows"]
-    assert {r["kernel"] for r in rows} == {"attention.fwd", "attention.delta", "attention.bwd", "attention.dq_finish",
-                                           "cross_entropy.fwd", "cross_entropy.scale"}
+    assert {r["kernel"] for r in rows} == {
+        "attention.fwd",
+        "attention.delta",
+        "attention.bwd",
+        "attention.dq_finish",
+        "cross_entropy.fwd",
+        "cross_entropy.scale",
+    }
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert not [r for r in rows if r.get("error")]
     assert report["gate_results"] and all(v["ok"] for v in report["gate_results"])

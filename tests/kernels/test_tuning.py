@@ -1,5 +1,6 @@
 """Self-tuning on CPU with a fake timer: the choice, the disk cache across processes, the switches,
 failing and gate-rejected candidates, and the attention launchers' use of it."""
+
 import json
 import os
 import subprocess
@@ -85,7 +86,8 @@ def test_choice_is_reused_by_a_later_process_that_has_no_triton(tune_env):
         "def boom(fn):\n    raise AssertionError('a cached choice must not be timed again')\n"
         "tuning.set_timer(boom)\n"
         f"print(tuning.choose({KERNEL!r}, 'bfloat16|d64|plain|L1024|BH64', {DEFAULT!r}, {CANDS!r}, lambda c: None,"
-        f" torch.device('cpu'), facts={FACTS!r}))\n")
+        f" torch.device('cpu'), facts={FACTS!r}))\n"
+    )
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -101,8 +103,8 @@ def test_tune_off_pins_the_default(tune_env, monkeypatch):
     with tuning.use_tuning(False):
         assert _choose(timer) == DEFAULT and timer.timed == []
     assert not tuning.cache_file(*FACTS[::2]).exists()
-    assert _choose(timer) == (128, 64, 8, 3)          # on again: tuned
-    with tuning.use_tuning(False):                       # a cached choice is not used either
+    assert _choose(timer) == (128, 64, 8, 3)  # on again: tuned
+    with tuning.use_tuning(False):  # a cached choice is not used either
         assert _choose(timer) == DEFAULT
 
 
@@ -134,20 +136,25 @@ def test_nothing_is_tuned_on_cpu_or_for_unknown_candidates(tune_env):
     # a real CPU device (no facts): the default, untimed
     assert tuning.choose(KERNEL, "x", DEFAULT, CANDS, lambda c: None, torch.device("cpu")) == DEFAULT
     # a kernel the gate file does not know: only the default is allowed, so nothing is timed
-    assert tuning.choose("attention.dq:d128", "x", DEFAULT, CANDS, lambda c: None, torch.device("cpu"),
-                         facts=FACTS) == DEFAULT
+    assert (
+        tuning.choose("attention.dq:d128", "x", DEFAULT, CANDS, lambda c: None, torch.device("cpu"), facts=FACTS)
+        == DEFAULT
+    )
 
 
 def test_gate_lookup_rules():
-    res = {"triton": {"3.6.0": {"sm_80": {"k": {"1,2,3,4": {"failed": []}}},
-                                "sm_90": {"k": {"1,2,3,4": {"failed": ["fits"]}}}},
-                      "3.9.0": {"sm_90": {"k": {"1,2,3,4": {"failed": []}}}}}}
+    res = {
+        "triton": {
+            "3.6.0": {"sm_80": {"k": {"1,2,3,4": {"failed": []}}}, "sm_90": {"k": {"1,2,3,4": {"failed": ["fits"]}}}},
+            "3.9.0": {"sm_90": {"k": {"1,2,3,4": {"failed": []}}}},
+        }
+    }
     cfg = (1, 2, 3, 4)
     assert tuning.gates_allow("k", cfg, 80, "3.6.0", res)
-    assert tuning.gates_allow("k", cfg, 86, "3.6.0", res)          # sm_86: judged by sm_80
+    assert tuning.gates_allow("k", cfg, 86, "3.6.0", res)  # sm_86: judged by sm_80
     assert not tuning.gates_allow("k", cfg, 90, "3.6.0", res)
-    assert tuning.gates_allow("k", cfg, 100, "3.9.0", res)         # sm_100: judged by sm_90
-    assert not tuning.gates_allow("k", cfg, 90, "4.0.0", res)      # unknown version: must pass everywhere
+    assert tuning.gates_allow("k", cfg, 100, "3.9.0", res)  # sm_100: judged by sm_90
+    assert not tuning.gates_allow("k", cfg, 90, "4.0.0", res)  # unknown version: must pass everywhere
     assert not tuning.gates_allow("k", (9, 9, 9, 9), 90, "3.9.0", res)
 
 
@@ -198,7 +205,7 @@ def test_hopper_forward_is_the_tma_build_where_it_can_run(monkeypatch):
     q = torch.empty(2, 4, 256, 64, device="meta", dtype=torch.bfloat16)
     item = fwd(q, 90)
     assert item.kwargs["TMA"] and item.kwargs["WS"] and len(item.config) == 5 and item.kwargs["num_warps"] == 4
-    assert not item.kwargs["WS_MASKED"]                    # 256 keys: whole blocks, nothing to mask
+    assert not item.kwargs["WS_MASKED"]  # 256 keys: whole blocks, nothing to mask
     assert fwd(q, 90, causal=True).kwargs["WS_MASKED"]
     mask = torch.empty(2, 1, 256, 256, device="meta", dtype=torch.uint8).expand(2, 4, 256, 256)
     masked = fwd(q, 90, mask=mask)

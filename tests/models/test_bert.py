@@ -1,19 +1,28 @@
 """BERT-style encoder: forward/backward, the sparse tied MLM head against the dense one, the unpadded
 (varlen) layout against the padded (key-mask) layout, presets."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close
+
 from fastformer.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
 from fastformer.models.presets import BERT_PRESETS, UnknownPresetError, get_preset, preset_family
 
 
 def _cfg(**kw):
-    base = dict(vocab_size=103, hidden_size=48, num_layers=2, num_heads=3, intermediate_size=80,
-                max_position=64, dropout=0.0, attention_dropout=0.0)
+    base = dict(
+        vocab_size=103,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=3,
+        intermediate_size=80,
+        max_position=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     return BertConfig(**{**base, **kw})
 
 
@@ -51,7 +60,7 @@ def test_sparse_mlm_head_equals_dense_on_masked_rows():
     loss, n, logits, target = model(ids, mask, labels, return_logits=True)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
-    dense = ref_model.dense_logits(ids, mask)                                # (B, L, V)
+    dense = ref_model.dense_logits(ids, mask)  # (B, L, V)
     sel = labels != -100
     ref = F.cross_entropy(dense[sel], labels[sel], reduction="sum")
     ref_grads = torch.autograd.grad(ref, list(ref_model.parameters()), allow_unused=True)
@@ -108,8 +117,12 @@ def test_too_long_input_raises_value_error():
 
 def test_presets_are_the_published_sizes():
     assert get_preset("bert-base") == dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)
-    assert get_preset("bert-tiny")["hidden_size"] == 128 and set(BERT_PRESETS) >= {"bert-tiny", "bert-mini",
-                                                                                   "bert-small", "bert-base"}
+    assert get_preset("bert-tiny")["hidden_size"] == 128 and set(BERT_PRESETS) >= {
+        "bert-tiny",
+        "bert-mini",
+        "bert-small",
+        "bert-base",
+    }
     assert preset_family("t5-v1_1-small") == "t5"
     with pytest.raises(UnknownPresetError, match="bert-huge"):
         get_preset("bert-huge")

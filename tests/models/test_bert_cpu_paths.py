@@ -1,22 +1,31 @@
 """The CPU shortcuts of models/bert.py give the results of the plain paths: automatic unpadding of a
 padded batch, the sparse gradient of the tied word embedding, the 64-bit dropout masks."""
+
 import copy
 
 import torch
-
 from conftest import assert_close
+
 from fastformer.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, Dropout
 
 
 def _cfg(**kw):
-    base = dict(vocab_size=211, hidden_size=48, num_layers=2, num_heads=3, intermediate_size=80,
-                max_position=64, dropout=0.0, attention_dropout=0.0)
+    base = dict(
+        vocab_size=211,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=3,
+        intermediate_size=80,
+        max_position=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     return BertConfig(**{**base, **kw})
 
 
 def _batch(lengths=(37, 9, 22, 3), L=37, V=211):
     ids = torch.randint(5, V, (len(lengths), L))
-    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]      # half of the batch is padding
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]  # half of the batch is padding
     ids[~mask] = 0
     labels = torch.where((torch.rand(ids.shape) < 0.3) & mask, ids, torch.full_like(ids, -100))
     labels[0, 0] = ids[0, 0]
@@ -30,14 +39,14 @@ def _grads(model):
 def test_auto_unpadded_cpu_batch_equals_the_padded_layout_with_grads():
     torch.manual_seed(0)
     ids, mask, labels = _batch()
-    auto = BertForMaskedLM(_cfg()).double()                   # unpad=None: this batch is unpadded on CPU
+    auto = BertForMaskedLM(_cfg()).double()  # unpad=None: this batch is unpadded on CPU
     padded = copy.deepcopy(auto)
     padded.config.unpad = False
     padded.encoder.config = padded.config
     assert auto.encoder._layout(ids, mask).unpadded and not padded.encoder._layout(ids, mask).unpadded
     out_a, out_p = auto(ids, mask, labels), padded(ids, mask, labels)
     assert out_a[1] == out_p[1]
-    assert_close(out_a[0], out_p[0], torch.float32, "loss")     # the CPU cross-entropy accumulates in fp32
+    assert_close(out_a[0], out_p[0], torch.float32, "loss")  # the CPU cross-entropy accumulates in fp32
     out_a[0].backward()
     out_p[0].backward()
     ga, gp = _grads(auto), _grads(padded)
@@ -55,7 +64,7 @@ def test_auto_unpadded_cpu_batch_equals_the_padded_layout_with_grads():
 def test_label_on_a_padded_position_keeps_the_padded_layout():
     torch.manual_seed(1)
     ids, mask, labels = _batch()
-    labels[1, 30] = 7                                        # on padding: predicted, as Hugging Face does
+    labels[1, 30] = 7  # on padding: predicted, as Hugging Face does
     model = BertForMaskedLM(_cfg()).double()
     _, n, _, target = model(ids, mask, labels)
     assert n == int((labels != -100).sum()) and 7 in target.tolist()
@@ -63,8 +72,8 @@ def test_label_on_a_padded_position_keeps_the_padded_layout():
 
 def test_sparse_tied_embedding_gradient_equals_the_dense_one():
     torch.manual_seed(2)
-    ids, _, labels = _batch()                 # [PAD] ids in the input, attended to (no mask): padding_idx
-                                              # must keep their lookup gradient out in both paths
+    ids, _, labels = _batch()  # [PAD] ids in the input, attended to (no mask): padding_idx
+    # must keep their lookup gradient out in both paths
     sparse = BertForMaskedLM(_cfg()).double()
     dense = copy.deepcopy(sparse)
     dense.encoder.sparse_word_grad = False
@@ -72,7 +81,7 @@ def test_sparse_tied_embedding_gradient_equals_the_dense_one():
         loss, n, _, _ = m(ids, None, labels)
         (loss / n).backward()
     w_s, w_d = sparse.encoder.word_embeddings.weight.grad, dense.encoder.word_embeddings.weight.grad
-    assert not w_s.is_sparse and not w_d.is_sparse              # optimizers see a dense gradient
+    assert not w_s.is_sparse and not w_d.is_sparse  # optimizers see a dense gradient
     assert_close(w_s, w_d, torch.float64, "tied embedding grad")
 
 
@@ -81,8 +90,8 @@ def test_dropout_keep_rate_scale_and_reproducibility():
     x = torch.ones(400, 1000)
     y = drop(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.75) < 0.005        # 4e5 draws: 5 standard deviations ~ 0.0035
-    assert abs(y.mean().item() - 1.0) < 0.01                     # kept values rescaled: same expectation
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 4e5 draws: 5 standard deviations ~ 0.0035
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept values rescaled: same expectation
     torch.manual_seed(3)
     a = drop(x)
     torch.manual_seed(3)

@@ -1,15 +1,25 @@
 """Mean pooling of the BERT classifier: the masked mean of the real tokens' states, padding ignored;
 not exportable to Hugging Face (whose classifier pools [CLS])."""
+
 import pytest
 import torch
-
 from conftest import assert_close
+
 from fastformer.models.bert import BertConfig, BertForSequenceClassification
 
 
 def _cfg(**kw):
-    return BertConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                      max_position=64, dropout=0.0, attention_dropout=0.0, **kw)
+    return BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_position=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        **kw,
+    )
 
 
 def test_mean_pooling_is_the_masked_mean_and_ignores_padding():
@@ -23,7 +33,7 @@ def test_mean_pooling_is_the_masked_mean_and_ignores_padding():
     want = model.classifier(torch.tanh(model.pooler(want)))
     assert_close(model(ids, mask), want, torch.float64, "logits")
     ids2 = ids.clone()
-    ids2[1, 6:] = 3                                   # other tokens on the padded positions: same logits
+    ids2[1, 6:] = 3  # other tokens on the padded positions: same logits
     assert_close(model(ids2, mask), model(ids, mask), torch.float64, "logits with other padding")
     with pytest.raises(ValueError, match="pooling"):
         BertForSequenceClassification(_cfg(pooling="max"), num_labels=2)

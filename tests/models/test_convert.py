@@ -4,12 +4,12 @@ For each pair: outputs (hidden states / logits) and losses agree in both directi
 bitwise exact (state, dtype), and unsupported models / configs raise ValueError naming the problem.
 Tiny configs built locally; nothing is downloaded.
 """
+
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close
 
 import fastformer as ff
@@ -20,11 +20,30 @@ from fastformer.models.t5 import T5Config, T5EncoderForSequenceClassification, T
 transformers = pytest.importorskip("transformers")
 
 V = 101
-BERT = dict(vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
-            max_position_embeddings=40, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-T5 = dict(vocab_size=V, d_model=32, d_ff=48, d_kv=16, num_heads=2, num_layers=2, num_decoder_layers=3,
-          relative_attention_num_buckets=16, relative_attention_max_distance=20, dropout_rate=0.0,
-          decoder_start_token_id=0)
+BERT = dict(
+    vocab_size=V,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    intermediate_size=37,
+    max_position_embeddings=40,
+    type_vocab_size=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+T5 = dict(
+    vocab_size=V,
+    d_model=32,
+    d_ff=48,
+    d_kv=16,
+    num_heads=2,
+    num_layers=2,
+    num_decoder_layers=3,
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=20,
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+)
 
 
 def _bert_hf(cls, **kw):
@@ -39,7 +58,7 @@ def _t5_hf(cls, **kw):
     cfg = transformers.T5Config(**{**T5, **kw})
     cfg._attn_implementation = "eager"
     model = cls(cfg)
-    if hasattr(model, "lm_head"):   # transformers 5.x ties the head to `shared`: give it its own values
+    if hasattr(model, "lm_head"):  # transformers 5.x ties the head to `shared`: give it its own values
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.2)
     _perturb(model)
     return model.double().eval()
@@ -74,6 +93,7 @@ def _assert_same_state(a, b):
 
 # --- BERT --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["encoder", "mlm", "cls"])
 def test_bert_hf_to_ff_outputs_and_round_trip(kind):
     torch.manual_seed(0)
@@ -86,7 +106,7 @@ def test_bert_hf_to_ff_outputs_and_round_trip(kind):
         assert isinstance(ours, BertEncoder)
         ref = hf(input_ids=ids, attention_mask=am, token_type_ids=tt).last_hidden_state
         out, _ = ours(ids, am, tt)
-        m = am.bool()[..., None]      # padded positions: both compute them, compare real tokens only
+        m = am.bool()[..., None]  # padded positions: both compute them, compare real tokens only
         assert_close(out.masked_fill(~m, 0), ref.masked_fill(~m, 0), tol, "hidden states")
     elif kind == "mlm":
         hf = _bert_hf(transformers.BertForMaskedLM)
@@ -104,8 +124,12 @@ def test_bert_hf_to_ff_outputs_and_round_trip(kind):
         self_attn = hf.bert.encoder.layer[1].attention.self
         hf_qkv = torch.cat([self_attn.query.weight.grad, self_attn.key.weight.grad, self_attn.value.weight.grad])
         assert_close(ours.encoder.layers[1].attn.qkv.weight.grad, hf_qkv, torch.float32, "qkv grad")
-        assert_close(ours.encoder.word_embeddings.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad,
-                     torch.float32, "tied embedding grad")
+        assert_close(
+            ours.encoder.word_embeddings.weight.grad,
+            hf.bert.embeddings.word_embeddings.weight.grad,
+            torch.float32,
+            "tied embedding grad",
+        )
         assert_close(ours.head.bias.grad, hf.cls.predictions.bias.grad, torch.float32, "bias grad")
         hf.zero_grad()
         ours.zero_grad()
@@ -127,10 +151,21 @@ def test_bert_hf_to_ff_outputs_and_round_trip(kind):
 @pytest.mark.parametrize("kind", ["encoder", "mlm", "cls"])
 def test_bert_ff_to_hf_outputs_and_round_trip(kind):
     torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=40, max_position=24,
-                     dropout=0.0, attention_dropout=0.0)
-    ours = {"encoder": BertEncoder, "mlm": BertForMaskedLM,
-            "cls": lambda c: BertForSequenceClassification(c, num_labels=2)}[kind](cfg)
+    cfg = BertConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=40,
+        max_position=24,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    ours = {
+        "encoder": BertEncoder,
+        "mlm": BertForMaskedLM,
+        "cls": lambda c: BertForSequenceClassification(c, num_labels=2),
+    }[kind](cfg)
     if kind == "encoder":
         ours.apply(ours.init_weights)
     _perturb_ff(ours)
@@ -147,7 +182,7 @@ def test_bert_ff_to_hf_outputs_and_round_trip(kind):
         ref = hf(input_ids=ids, attention_mask=am, labels=labels)
         loss_sum, n, _, _ = ours(ids, am, labels)
         assert_close(ours.dense_logits(ids, am), ref.logits, tol, "logits")
-        assert_close(loss_sum / n, ref.loss, torch.float32, "loss")    # fp32 accumulation, as above
+        assert_close(loss_sum / n, ref.loss, torch.float32, "loss")  # fp32 accumulation, as above
     else:
         y = torch.tensor([1, 0, 1])
         ref = hf(input_ids=ids, attention_mask=am, labels=y)
@@ -173,7 +208,7 @@ def test_bert_bf16_round_trip_keeps_dtype_and_bits():
 
 
 def test_bert_pooler_is_dropped_with_a_warning():
-    hf = _bert_hf(transformers.BertModel)          # add_pooling_layer=True
+    hf = _bert_hf(transformers.BertModel)  # add_pooling_layer=True
     with pytest.warns(UserWarning, match="pooler"):
         ours = ff.models.from_hf(hf)
     ids, am, _, _ = _batch()
@@ -189,6 +224,7 @@ def test_bert_training_mode_is_kept():
 
 
 # --- T5 ----------------------------------------------------------------------------------------
+
 
 def test_t5_hf_to_ff_outputs_and_round_trip():
     torch.manual_seed(2)
@@ -214,14 +250,20 @@ def test_t5_hf_to_ff_outputs_and_round_trip():
 
 def test_t5_hf_tied_head_converts_to_equal_untied_head():
     # A v1.1 config built fresh in transformers 5.x shares lm_head with shared: the head HF uses is copied.
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5, feed_forward_proj="gated-gelu",
-                                                                       tie_word_embeddings=False)).double().eval()
+    hf = (
+        transformers.T5ForConditionalGeneration(
+            transformers.T5Config(**T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        )
+        .double()
+        .eval()
+    )
     ours = ff.models.from_hf(hf)
     assert torch.equal(ours.lm_head.weight, hf.lm_head.weight)
     assert ours.lm_head.weight is not ours.shared.weight
     ids, am, _, tgt = _batch()
-    assert_close(ours(ids, am, labels=tgt).loss, hf(input_ids=ids, attention_mask=am, labels=tgt).loss,
-                 torch.float32, "loss")
+    assert_close(
+        ours(ids, am, labels=tgt).loss, hf(input_ids=ids, attention_mask=am, labels=tgt).loss, torch.float32, "loss"
+    )
 
 
 def test_t5_ff_to_hf_outputs_and_round_trip():
@@ -266,14 +308,16 @@ def test_t5_encoder_both_directions():
 
 # --- unsupported -------------------------------------------------------------------------------
 
+
 def test_unsupported_configs_and_models_raise_value_error():
     tf = transformers
     with pytest.raises(ValueError, match="feed_forward_proj"):
-        ff.models.from_hf(tf.T5ForConditionalGeneration(tf.T5Config(**T5, feed_forward_proj="relu",
-                                                                    tie_word_embeddings=False)))
+        ff.models.from_hf(
+            tf.T5ForConditionalGeneration(tf.T5Config(**T5, feed_forward_proj="relu", tie_word_embeddings=False))
+        )
     with pytest.raises(ValueError, match="feed_forward_proj"):
         ff.models.from_hf(tf.T5EncoderModel(tf.T5Config(**T5, feed_forward_proj="gated-silu")))
-    with pytest.raises(ValueError, match="tie_word_embeddings"):   # original T5: scaled decoder output
+    with pytest.raises(ValueError, match="tie_word_embeddings"):  # original T5: scaled decoder output
         ff.models.from_hf(tf.T5ForConditionalGeneration(tf.T5Config(**T5, feed_forward_proj="gated-gelu")))
     with pytest.raises(ValueError, match="hidden_act"):
         ff.models.from_hf(tf.BertModel(tf.BertConfig(**BERT, hidden_act="relu"), add_pooling_layer=False))

@@ -1,8 +1,8 @@
 """Generation: token-for-token parity with Hugging Face `generate` (greedy and beam search), the cached
 decoder against the uncached one, padding, and argument checks. Tiny random models, CPU."""
+
 import pytest
 import torch
-
 from conftest import assert_close
 
 from fastformer.models.convert import to_hf
@@ -12,8 +12,16 @@ from fastformer.models.t5 import T5Config, T5ForConditionalGeneration
 transformers = pytest.importorskip("transformers")
 
 # HF's generate builds its cache with num_layers entries: keep num_decoder_layers <= num_layers there.
-TINY = dict(d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=2,
-            relative_attention_num_buckets=8, relative_attention_max_distance=12)
+TINY = dict(
+    d_model=32,
+    d_ff=48,
+    d_kv=8,
+    num_heads=4,
+    num_layers=3,
+    num_decoder_layers=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=12,
+)
 
 
 def _model(vocab, dtype, seed, eos_boost=3.0):
@@ -23,7 +31,7 @@ def _model(vocab, dtype, seed, eos_boost=3.0):
         for n, p in m.named_parameters():
             if "layer_norm" in n:
                 p.uniform_(0.5, 1.5)
-        m.lm_head.weight[1] *= eos_boost          # make EOS common, so stopping is exercised
+        m.lm_head.weight[1] *= eos_boost  # make EOS common, so stopping is exercised
     return m
 
 
@@ -31,8 +39,8 @@ def _inputs(B, L, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.bool)
-    mask[1, L // 2:] = False                        # right padding
-    mask[-1, : L // 3] = False                       # left padding
+    mask[1, L // 2 :] = False  # right padding
+    mask[-1, : L // 3] = False  # left padding
     return ids.masked_fill(~mask, 0), mask
 
 
@@ -56,8 +64,9 @@ def test_matches_hf_generate_token_for_token(kw, dtype):
         hf = to_hf(ours).eval()
         ids, mask = _inputs(5, 11, vocab, seed)
         out = ours.generate(ids, mask, max_new_tokens=9, eos_token_id=eos, **kw)
-        ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=9, eos_token_id=eos,
-                          do_sample=False, **kw)
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask.long(), max_new_tokens=9, eos_token_id=eos, do_sample=False, **kw
+        )
         assert out.dtype == torch.int64
         assert out.shape == ref.shape, (out.shape, ref.shape)
         assert torch.equal(out, ref), f"\nours {out}\nhf   {ref}"
@@ -83,9 +92,9 @@ def test_cached_decoder_logits_equal_uncached_forward(dtype):
     ids, mask = _inputs(3, 10, 53, 4)
     dec = torch.randint(0, 53, (3, 6))
     with torch.no_grad():
-        full = m(ids, mask, decoder_input_ids=dec, return_logits=True).logits        # (3, 6, V)
+        full = m(ids, mask, decoder_input_ids=dec, return_logits=True).logits  # (3, 6, V)
         enc = m.encode(ids, mask)
-        cache = m.start_cache(enc, mask, capacity=2)        # too small on purpose: the cache grows
+        cache = m.start_cache(enc, mask, capacity=2)  # too small on purpose: the cache grows
         parts = []
         for a, b in ((0, 1), (1, 4), (4, 6)):
             assert cache.length == a
@@ -112,7 +121,7 @@ def test_padding_does_not_change_a_rows_output():
     batched = m.generate(ids, mask, max_new_tokens=7, eos_token_id=None)
     for i in range(4):
         keep = mask[i]
-        alone = m.generate(ids[i:i + 1, keep], None, max_new_tokens=7, eos_token_id=None)
+        alone = m.generate(ids[i : i + 1, keep], None, max_new_tokens=7, eos_token_id=None)
         assert torch.equal(alone[0], batched[i]), i
 
 
@@ -125,8 +134,8 @@ def test_greedy_stops_and_pads_after_eos():
     for row in out.tolist():
         if 1 in row[1:]:
             end = row.index(1, 1)
-            assert all(t == 0 for t in row[end + 1:]), row
-    if out.shape[1] < 13:              # stopped early: every row has ended
+            assert all(t == 0 for t in row[end + 1 :]), row
+    if out.shape[1] < 13:  # stopped early: every row has ended
         assert all(1 in row[1:] for row in out.tolist())
 
 
@@ -137,18 +146,21 @@ def test_generate_restores_training_mode_and_keeps_weights():
     ids, mask = _inputs(2, 5, 23, 8)
     out = m.generate(ids, mask, max_new_tokens=3)
     assert m.training
-    out[:, 0] = 5                       # a normal tensor, editable
+    out[:, 0] = 5  # a normal tensor, editable
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(num_beams=0), "num_beams"),
-    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
-    (dict(early_stopping="sometimes"), "early_stopping"),
-    (dict(eos_token_id=99), "eos_token_id"),
-    (dict(decoder_start_token_id=-1), "decoder_start_token_id"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(num_beams=0), "num_beams"),
+        (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (dict(early_stopping="sometimes"), "early_stopping"),
+        (dict(eos_token_id=99), "eos_token_id"),
+        (dict(decoder_start_token_id=-1), "decoder_start_token_id"),
+    ],
+)
 def test_bad_arguments_raise_value_error(bad, match):
     m = _model(23, torch.float32, 9)
     ids, mask = _inputs(2, 5, 23, 9)
@@ -170,7 +182,7 @@ def test_kv_cache_grows_and_reorders():
     k, v = c.update(k1, v1)
     assert torch.equal(k, k1) and torch.equal(v, v1)
     k2, v2 = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)
-    k, v = c.update(k2, v2)                    # past the capacity: the buffers grow
+    k, v = c.update(k2, v2)  # past the capacity: the buffers grow
     assert c.length == 5 and torch.equal(k, torch.cat([k1, k2], 2)) and torch.equal(v, torch.cat([v1, v2], 2))
     idx = torch.tensor([2, 0, 0])
     c.reorder(idx)

@@ -1,17 +1,31 @@
 """T5 v1.1 encoder-decoder: parity with Hugging Face T5ForConditionalGeneration given the same weights,
 forward/backward, table sharing, presets at the published sizes, the encoder classification path."""
+
 import pytest
 import torch
+from conftest import assert_close
 
-from conftest import TOLERANCES, assert_close
-
-from fastformer.models.t5 import (T5_PRESETS, T5Config, T5EncoderForSequenceClassification,
-                                  T5ForConditionalGeneration, shift_right)
+from fastformer.models.t5 import (
+    T5_PRESETS,
+    T5Config,
+    T5EncoderForSequenceClassification,
+    T5ForConditionalGeneration,
+    shift_right,
+)
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=101, d_model=32, d_ff=48, d_kv=16, num_heads=2, num_layers=2, num_decoder_layers=3,
-            relative_attention_num_buckets=16, relative_attention_max_distance=20)
+TINY = dict(
+    vocab_size=101,
+    d_model=32,
+    d_ff=48,
+    d_kv=16,
+    num_heads=2,
+    num_layers=2,
+    num_decoder_layers=3,
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=20,
+)
 
 
 def _hf_v1_1(cfg):
@@ -23,8 +37,15 @@ def _hf_v1_1(cfg):
 
 
 def _hf_config(**kw):
-    cfg = transformers.T5Config(**kw, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = transformers.T5Config(
+        **kw,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -45,9 +66,9 @@ def test_matches_hf_t5_v1_1_loss_logits_and_grads():
     hf = _hf_v1_1(_hf_config(**TINY)).double()
     for n, p in hf.named_parameters():
         if "layer_norm" in n:
-            torch.nn.init.uniform_(p, 0.5, 1.5)   # non-trivial norm weights
+            torch.nn.init.uniform_(p, 0.5, 1.5)  # non-trivial norm weights
     ours = T5ForConditionalGeneration(T5Config(**TINY)).double()
-    ours.load_state_dict(hf.state_dict())         # HF's parameter names, strict
+    ours.load_state_dict(hf.state_dict())  # HF's parameter names, strict
     ids, am, labels = _batch()
     ref = hf(input_ids=ids, attention_mask=am.long(), labels=labels)
     ref.loss.backward()
@@ -68,8 +89,10 @@ def test_forward_backward_table_sharing_and_padding_invariance():
     torch.manual_seed(1)
     model = T5ForConditionalGeneration(T5Config.from_preset("t5-tiny", vocab_size=97)).double()
     tables = [n for n, _ in model.named_parameters() if "relative_attention_bias" in n]
-    assert tables == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    assert tables == [
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ]
     ids, am, labels = _batch(V=97)
     out = model(ids, am, labels=labels)
     assert torch.isfinite(out.loss) and out.logits is None
@@ -91,11 +114,21 @@ def test_forward_backward_table_sharing_and_padding_invariance():
         assert_close(model(ids, am, decoder_input_ids=dec, labels=labels).loss, base, torch.float64, "explicit")
 
 
-@pytest.mark.parametrize("name,published,n_params", [
-    ("t5-v1_1-small", dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8), 76_961_152),
-    ("t5-v1_1-base", dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
-     247_577_856),
-])
+@pytest.mark.parametrize(
+    "name,published,n_params",
+    [
+        (
+            "t5-v1_1-small",
+            dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
+            76_961_152,
+        ),
+        (
+            "t5-v1_1-base",
+            dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
+            247_577_856,
+        ),
+    ],
+)
 def test_presets_have_published_v1_1_sizes_and_hf_layout(name, published, n_params):
     assert T5_PRESETS[name] == published
     with torch.device("meta"):
@@ -112,8 +145,10 @@ def test_encoder_classifier_loads_pretrained_encoder_and_ignores_padding():
     pre = T5ForConditionalGeneration(cfg)
     clf = T5EncoderForSequenceClassification(T5Config.from_dict(cfg.to_dict()), num_labels=4).double().eval()
     clf.load_pretrained(pre.state_dict())
-    assert torch.equal(clf.encoder.block[1].layer[1].DenseReluDense.wo.weight.float(),
-                       pre.encoder.block[1].layer[1].DenseReluDense.wo.weight)
+    assert torch.equal(
+        clf.encoder.block[1].layer[1].DenseReluDense.wo.weight.float(),
+        pre.encoder.block[1].layer[1].DenseReluDense.wo.weight,
+    )
     ids = torch.randint(2, 97, (2, 13))
     logits = clf(ids)
     assert logits.shape == (2, 4)

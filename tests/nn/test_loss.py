@@ -1,10 +1,11 @@
 """ff.nn.CrossEntropyLoss / LinearCrossEntropyLoss: same numbers as the functional ops and torch's module."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import assert_close
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -28,7 +29,7 @@ def test_cross_entropy_loss_z_loss_and_buffer():
     w = torch.rand(10)
     mod = ff.nn.CrossEntropyLoss(weight=w, z_loss=1e-2)
     assert "weight" in dict(mod.named_buffers())
-    assert mod.to(torch.float64).weight.dtype == torch.float64   # follows .to like torch's buffer
+    assert mod.to(torch.float64).weight.dtype == torch.float64  # follows .to like torch's buffer
     x = torch.randn(5, 10, dtype=torch.float64)
     t = torch.randint(0, 10, (5,))
     exp = F.cross_entropy(x, t, mod.weight) + 1e-2 * torch.logsumexp(x, -1).pow(2).mean()

@@ -1,9 +1,10 @@
 """ff.nn.MultiheadAttention vs torch.nn.MultiheadAttention after load_state_dict (kernels interpreted on CPU)."""
+
 import pytest
 import torch
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import assert_close
 
 
 def _pair(E, H, device, **kw):
@@ -40,7 +41,7 @@ def test_mha_masks_kdim_and_causal(device):
     q = torch.randn(N, L, E, device=device)
     k = torch.randn(N, S, 24, device=device)
     v = torch.randn(N, S, 20, device=device)
-    attn_mask = torch.rand(L, S, device=device) > 0.7      # bool, True = blocked
+    attn_mask = torch.rand(L, S, device=device) > 0.7  # bool, True = blocked
     attn_mask[:, 0] = False
     kpm = torch.rand(N, S, device=device) > 0.8
     kpm[:, 0] = False

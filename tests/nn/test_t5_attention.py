@@ -5,10 +5,10 @@ the way T5 shares it) must agree, for the encoder (bidirectional buckets) and th
 unidirectional buckets), with key padding. HF runs in float64 from a tiny local T5Config (nothing is
 downloaded).
 """
+
 import pytest
 import torch
-
-from conftest import TOLERANCES, assert_close
+from conftest import assert_close
 
 import fastformer as ff
 
@@ -16,8 +16,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import T5Config  # noqa: E402
 from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 
-D_MODEL, HEADS, D_KV = 32, 2, 16          # head dim 16: the smallest the fused kernels take
-NUM_BUCKETS, MAX_DISTANCE = 16, 20        # small max_distance so L=37 reaches the logarithmic buckets
+D_MODEL, HEADS, D_KV = 32, 2, 16  # head dim 16: the smallest the fused kernels take
+NUM_BUCKETS, MAX_DISTANCE = 16, 20  # small max_distance so L=37 reaches the logarithmic buckets
+
 
 def _precision(backend):
     """(dtype fed to the fastformer module, dtype whose tolerance applies).
@@ -31,9 +32,18 @@ def _precision(backend):
 
 
 def _config(is_decoder):
-    cfg = T5Config(d_model=D_MODEL, d_kv=D_KV, num_heads=HEADS, d_ff=64, num_layers=2,
-                   relative_attention_num_buckets=NUM_BUCKETS, relative_attention_max_distance=MAX_DISTANCE,
-                   dropout_rate=0.0, is_decoder=is_decoder, vocab_size=50)
+    cfg = T5Config(
+        d_model=D_MODEL,
+        d_kv=D_KV,
+        num_heads=HEADS,
+        d_ff=64,
+        num_layers=2,
+        relative_attention_num_buckets=NUM_BUCKETS,
+        relative_attention_max_distance=MAX_DISTANCE,
+        dropout_rate=0.0,
+        is_decoder=is_decoder,
+        vocab_size=50,
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -42,7 +52,7 @@ def _padding(batch, length):
     """bool (B, L), True = real token; batch 0 unpadded, the others right-padded by random amounts."""
     keep = torch.ones(batch, length, dtype=torch.bool)
     for b in range(1, batch):
-        keep[b, int(torch.randint(1, length, ())):] = False
+        keep[b, int(torch.randint(1, length, ())) :] = False
     return keep
 
 
@@ -69,10 +79,25 @@ def test_self_attention_matches_hf_with_shared_table(backend, device, is_decoder
     # eager fp32 gradients agree with float64 to ~2e-6 (std 0.3 amplified fp32 rounding to ~4e-5)
     for p in list(hf0.parameters()) + list(hf1.parameters()):
         torch.nn.init.normal_(p, std=0.2)
-    ours0 = ff.nn.T5SelfAttention(D_MODEL, HEADS, D_KV, has_relative_attention_bias=True, is_decoder=is_decoder,
-                                  num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE, dtype=torch.float64)
-    ours1 = ff.nn.T5SelfAttention(D_MODEL, HEADS, D_KV, is_decoder=is_decoder,
-                                  num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE, dtype=torch.float64)
+    ours0 = ff.nn.T5SelfAttention(
+        D_MODEL,
+        HEADS,
+        D_KV,
+        has_relative_attention_bias=True,
+        is_decoder=is_decoder,
+        num_buckets=NUM_BUCKETS,
+        max_distance=MAX_DISTANCE,
+        dtype=torch.float64,
+    )
+    ours1 = ff.nn.T5SelfAttention(
+        D_MODEL,
+        HEADS,
+        D_KV,
+        is_decoder=is_decoder,
+        num_buckets=NUM_BUCKETS,
+        max_distance=MAX_DISTANCE,
+        dtype=torch.float64,
+    )
     ours0.load_state_dict(hf0.state_dict())  # HF parameter names load as they are
     ours1.load_state_dict(hf1.state_dict())
     ours0.to(device, dtype), ours1.to(device, dtype)
@@ -95,7 +120,9 @@ def test_self_attention_matches_hf_with_shared_table(backend, device, is_decoder
     y1 = ours1(y0, attn_mask=attn_mask, bias_table=ours0.bias_table)
     ((y0 * g0.to(device, dtype)).sum() + (y1 * g1.to(device, dtype)).sum()).backward()
 
-    assert "relative_attention_bias" not in dict(ours1.named_parameters()) and not hasattr(ours1, "relative_attention_bias")
+    assert "relative_attention_bias" not in dict(ours1.named_parameters()) and not hasattr(
+        ours1, "relative_attention_bias"
+    )
     assert_close(y0, out0, tol_dtype, "layer 0 output")
     assert_close(y1, out1, tol_dtype, "layer 1 output")
     assert_close(xf.grad, xh.grad, tol_dtype, "grad hidden_states")
@@ -154,4 +181,4 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="key_value_states"):
         ff.nn.T5CrossAttention(D_MODEL, HEADS, D_KV)(x, torch.randn(3, 5, D_MODEL))
     with pytest.raises(AttributeError):
-        later.bias_table
+        _ = later.bias_table

@@ -1,10 +1,11 @@
 """ff.scaled_dot_product_attention: Triton kernels (interpreted on CPU) vs the float64 reference and torch."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, poison_
 
 import fastformer as ff
-from conftest import HAS_CUDA, assert_close, poison_
 from fastformer.ops.attention import capture_dropout_masks
 from fastformer.reference.attention import sdpa_reference
 
@@ -39,13 +40,16 @@ def _check(q, k, v, dtype, factor=1.0, mask=None, grad_mask=False, **kw):
     return out
 
 
-@pytest.mark.parametrize("B,H,Lq,Lk,D,causal", [
-    (2, 2, 17, 17, 16, False),
-    (1, 2, 77, 130, 80, True),    # cross lengths, causal top-left, padded head dim
-    (2, 1, 130, 77, 16, True),    # more queries than keys: rows past Lk see every key
-    (1, 1, 1, 77, 16, False),     # single query
-    (1, 1, 77, 1, 16, True),      # single key
-])
+@pytest.mark.parametrize(
+    "B,H,Lq,Lk,D,causal",
+    [
+        (2, 2, 17, 17, 16, False),
+        (1, 2, 77, 130, 80, True),  # cross lengths, causal top-left, padded head dim
+        (2, 1, 130, 77, 16, True),  # more queries than keys: rows past Lk see every key
+        (1, 1, 1, 77, 16, False),  # single query
+        (1, 1, 77, 1, 16, True),  # single key
+    ],
+)
 def test_dense_fp32(B, H, Lq, Lk, D, causal, device):
     q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
     _check(q, k, v, torch.float32, is_causal=causal)
@@ -66,7 +70,9 @@ def test_key_padding_fast_path_and_empty_rows(device, monkeypatch):
 
     specs = []
     real = kern.attention_forward
-    monkeypatch.setattr(kern, "attention_forward", lambda q, k, v, spec, out=None: specs.append(spec) or real(q, k, v, spec))
+    monkeypatch.setattr(
+        kern, "attention_forward", lambda q, k, v, spec, out=None: specs.append(spec) or real(q, k, v, spec)
+    )
     B, H, L, D = 2, 2, 77, 16
     q, k, v = _inputs(B, H, L, L, D, torch.float32, device)
     lengths = torch.tensor([77, 30], device=device)
@@ -84,8 +90,8 @@ def test_key_padding_fast_path_and_empty_rows(device, monkeypatch):
 def test_general_bool_mask_broadcast(device):
     B, H, Lq, Lk, D = 2, 2, 40, 77, 16
     q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
-    mask = torch.rand(1, H, Lq, Lk, device=device) > 0.3   # broadcast over batch
-    mask[0, 1, 5] = False                                     # one fully masked row
+    mask = torch.rand(1, H, Lq, Lk, device=device) > 0.3  # broadcast over batch
+    mask[0, 1, 5] = False  # one fully masked row
     _check(q, k, v, torch.float32, mask=mask, is_causal=False)
     # a non-prefix key-padding mask must take the general path and still be right
     kp = torch.rand(B, 1, 1, Lk, device=device) > 0.5
@@ -95,10 +101,10 @@ def test_general_bool_mask_broadcast(device):
 def test_float_mask_with_grad(device):
     B, H, Lq, Lk, D = 2, 2, 33, 40, 16
     q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
-    mask = torch.randn(B, 1, Lq, Lk, device=device)            # broadcast over heads
+    mask = torch.randn(B, 1, Lq, Lk, device=device)  # broadcast over heads
     mask[:, :, :, 3] = float("-inf")
     _check(q, k, v, torch.float32, mask=mask, grad_mask=True, is_causal=True)
-    mask2 = torch.randn(Lq, Lk, device=device)                 # 2-D mask, broadcast over B and H
+    mask2 = torch.randn(Lq, Lk, device=device)  # 2-D mask, broadcast over B and H
     _check(q, k, v, torch.float32, mask=mask2, grad_mask=True)
 
 
@@ -107,8 +113,9 @@ def test_matches_torch_sdpa(device):
     mask = torch.randn(2, 2, 30, 30, device=device)
     with ff.use_backend("triton"):
         out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double()),
-                 torch.float32)
+    assert_close(
+        out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double()), torch.float32
+    )
 
 
 def test_kernel_writes_every_output_element(device):
@@ -117,8 +124,7 @@ def test_kernel_writes_every_output_element(device):
     q, k, v = _inputs(2, 2, 130, 77, 80, torch.float32, device)
     out = poison_(torch.empty_like(q))
     attention_forward(q, k, v, AttnSpec(scale=0.125, causal=True), out=out)
-    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), is_causal=True, scale=0.125),
-                 torch.float32)
+    assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), is_causal=True, scale=0.125), torch.float32)
 
 
 def test_dropout(device):
@@ -162,8 +168,9 @@ def test_dropout_mean_over_seeds(device):
     mean_keep = torch.stack(masks).float().mean(0) / 0.5
     assert abs(mean_keep.mean().item() - 1.0) < 0.03
     ref = sdpa_reference(q.double(), k.double(), v.double())
-    mean_out = torch.stack([sdpa_reference(q.double(), k.double(), v.double(), dropout_p=0.5, dropout_mask=m)
-                            for m in masks]).mean(0)
+    mean_out = torch.stack(
+        [sdpa_reference(q.double(), k.double(), v.double(), dropout_p=0.5, dropout_mask=m) for m in masks]
+    ).mean(0)
     assert (mean_out - ref).norm() / ref.norm() < 0.15
 
 
@@ -199,9 +206,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="attn_mask"):
         ff.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 9, dtype=torch.bool))
     k3 = torch.randn(1, 3, 9, 16)
-    with pytest.raises(ValueError, match="enable_gqa"):          # 3 kv heads vs 2 query heads
+    with pytest.raises(ValueError, match="enable_gqa"):  # 3 kv heads vs 2 query heads
         ff.scaled_dot_product_attention(q, k3, k3)
-    with pytest.raises(RuntimeError, match="enable_gqa"):        # what torch raises for it
+    with pytest.raises(RuntimeError, match="enable_gqa"):  # what torch raises for it
         ff.scaled_dot_product_attention(q, k3, k3, enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
         ff.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
@@ -211,8 +218,10 @@ def test_bad_input():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 96), (torch.float16, 128),
-                                     (torch.bfloat16, 192), (torch.float16, 256)])
+@pytest.mark.parametrize(
+    "dtype,D",
+    [(torch.bfloat16, 64), (torch.bfloat16, 96), (torch.float16, 128), (torch.bfloat16, 192), (torch.float16, 256)],
+)
 def test_cuda_dtypes_head_dims(dtype, D):
     q, k, v = _inputs(2, 3, 300, 257, D, dtype, "cuda")
     mask = torch.arange(257, device="cuda")[None, :] < torch.tensor([257, 100], device="cuda")[:, None]
@@ -276,8 +285,9 @@ def test_dropout_p_one_gives_zeros_like_torch(backend):
     out.sum().backward()
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
     cu = torch.tensor([0, 2, 5])
-    assert not ff.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3,
-                                   dropout_p=1.0).any()
+    assert not ff.varlen_attention(
+        q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3, dropout_p=1.0
+    ).any()
     assert not ff.t5_attention(q, q, q, torch.randn(32, 2), dropout_p=1.0).any()
 
 
@@ -299,7 +309,7 @@ def test_host_checks_are_remembered_per_tensor(monkeypatch):
         a = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert calls["klen"] == 1 and torch.equal(a, b)
-        mask[1, ..., 5:] = False                       # in place: must be looked at again
+        mask[1, ..., 5:] = False  # in place: must be looked at again
         c = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert calls["klen"] == 2
         assert_close(c, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
@@ -308,10 +318,10 @@ def test_host_checks_are_remembered_per_tensor(monkeypatch):
         qv = torch.randn(20, 2, 16)
         ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
         ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
-        assert calls["cu"] == 1                        # one tensor serves as cu_seqlens_q and _k: checked once
+        assert calls["cu"] == 1  # one tensor serves as cu_seqlens_q and _k: checked once
         with pytest.raises(ValueError, match="max_seqlen_q"):
-            ff.varlen_attention(qv, qv, qv, cu, cu, 12, 13)   # the remembered longest length still checks
-        cu[1] = 25                                     # now invalid: the remembered result must not be used
+            ff.varlen_attention(qv, qv, qv, cu, cu, 12, 13)  # the remembered longest length still checks
+        cu[1] = 25  # now invalid: the remembered result must not be used
         with pytest.raises(ValueError, match="cu_seqlens_q"):
             ff.varlen_attention(qv, qv, qv, cu, cu, 13, 13)
 
@@ -338,7 +348,7 @@ def test_tile_config_override(monkeypatch):
     monkeypatch.setenv(KA.TILES_ENV, "bwd:128=32,64,4,2,64,32,4,2; t5fwd:64=64,64,4,3; fwd:128=128,64,4,2,1")
     assert KA._blocks(128, "bwd", 2) == (32, 64, 4, 2, 64, 32, 4, 2) != builtin
     assert KA._blocks(64, "fwd", 2, t5=True) == (64, 64, 4, 3)
-    assert KA._blocks(64, "fwd", 2) != (64, 64, 4, 3)      # the T5 override leaves the plain kernel alone
+    assert KA._blocks(64, "fwd", 2) != (64, 64, 4, 3)  # the T5 override leaves the plain kernel alone
     assert KA._blocks(128, "fwd", 2) == (128, 64, 4, 2, 1)
     assert KA._blocks(128, "bwd", 4) != (32, 64, 4, 2, 64, 32, 4, 2)
     for bad in ("dkdv:100=1,2,3", "bwd:64=1,2,3,4,5", "fwd:64=128,64,4,2,7", "dq:64=1,2,3,4,5,6,7,8"):
@@ -364,7 +374,7 @@ def test_host_checks_under_inference_mode_and_untracked_writes():
     mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
     with ff.use_backend("triton"):
         ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        mask.data[0, ..., 3:] = False              # bypasses the version counter
+        mask.data[0, ..., 3:] = False  # bypasses the version counter
         A.forget_host_checks()
         out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert_close(out, sdpa_reference(q.double(), k.double(), v.double(), attn_mask=mask), torch.float32)
@@ -392,8 +402,13 @@ def test_backward_computes_only_the_needed_gradients(needs, monkeypatch):
     monkeypatch.setattr(KA, "launch", lambda item: (names.append(item.name), real(item))[1])
     q, k, v = _inputs(1, 2, 24, 40, 16, torch.float32, "cpu")
     mask = torch.randn(1, 2, 24, 40)
-    req = {"q": (True, False, False, False), "kv": (False, True, True, False), "k": (False, True, False, False),
-           "none_but_mask": (False, False, False, True), "all": (True, True, True, True)}[needs]
+    req = {
+        "q": (True, False, False, False),
+        "kv": (False, True, True, False),
+        "k": (False, True, False, False),
+        "none_but_mask": (False, False, False, True),
+        "all": (True, True, True, True),
+    }[needs]
     leaves = [t.clone().requires_grad_(r) for t, r in zip((q, k, v, mask), req)]
     with ff.use_backend("triton"):
         out = ff.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])

@@ -5,12 +5,13 @@ specialised loop, and the seven-GEMM backward (dK/dV pass + query-stationary dQ 
 and backward variants are independent, so one extra run covers both. In the Triton interpreter the
 descriptor loads are emulated; the warp specialisation is a compile-time transformation the
 interpreter does not see (the kernel report checks it)."""
-import pytest
 
+import pytest
 import test_attention as A
 import test_t5_attention_kernel as T5
 import test_t5_attention_offset as OFF
 import test_varlen_attention as VL
+
 from fastformer.kernels import attention_launch as AL
 
 

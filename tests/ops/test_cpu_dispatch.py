@@ -1,11 +1,12 @@
 """Backend "auto" on CPU tensors runs torch's own fused CPU attention (SDPA) instead of the eager
 reference: same values and gradients as the reference, and the reference stays what "reference" runs."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import assert_close
 
 
 def _both(fn, *tensors):
@@ -38,7 +39,7 @@ def calls(monkeypatch):
     """Counts calls of torch's SDPA from fastformer's ops."""
     from fastformer.ops.attention_common import torch_sdpa_usable
 
-    assert torch_sdpa_usable()          # torch >= 2.5 here
+    assert torch_sdpa_usable()  # torch >= 2.5 here
     n = {"sdpa": 0}
     real = F.scaled_dot_product_attention
 
@@ -46,7 +47,7 @@ def calls(monkeypatch):
         n["sdpa"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)   # the ops call it as F.<name>
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)  # the ops call it as F.<name>
     return n
 
 
@@ -56,7 +57,7 @@ def test_auto_on_cpu_runs_torchs_sdpa_and_reference_does_not(calls):
     with ff.use_backend("auto"):
         ff.scaled_dot_product_attention(q, q, q)
         assert calls["sdpa"] == 1
-        ff.t5_attention(q, q, q, table)          # a trainable table: the reference (torch has no fused grad)
+        ff.t5_attention(q, q, q, table)  # a trainable table: the reference (torch has no fused grad)
         assert calls["sdpa"] == 1
         ff.t5_attention(q, q, q, table.detach())
     assert calls["sdpa"] == 2
@@ -66,8 +67,22 @@ def test_auto_on_cpu_runs_torchs_sdpa_and_reference_does_not(calls):
     assert calls["sdpa"] == 2
 
 
-@pytest.mark.parametrize("case", ["plain", "causal", "key_padding", "bool_mask", "float_mask_grad", "gqa",
-                                  "broadcast_batch", "mask_and_causal", "empty_rows", "3d", "cross_lengths"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        "causal",
+        "key_padding",
+        "bool_mask",
+        "float_mask_grad",
+        "gqa",
+        "broadcast_batch",
+        "mask_and_causal",
+        "empty_rows",
+        "3d",
+        "cross_lengths",
+    ],
+)
 def test_sdpa_auto_matches_reference(case):
     q, k, v = torch.randn(2, 4, 13, 16), torch.randn(2, 4, 21, 16), torch.randn(2, 4, 21, 16)
     kw, extra = {}, []
@@ -89,7 +104,7 @@ def test_sdpa_auto_matches_reference(case):
         k, v = k[:, :2], v[:, :2]
         kw["enable_gqa"] = True
     elif case == "broadcast_batch":
-        q = q[0]                      # (H, Lq, D) against (B, H, Lk, D)
+        q = q[0]  # (H, Lq, D) against (B, H, Lk, D)
     elif case == "3d":
         q, k, v = q[0], k[0], v[0]
     elif case == "cross_lengths":
@@ -107,12 +122,21 @@ def test_t5_auto_matches_reference(decoder):
     table = torch.randn(32, 3)
     m = torch.ones(2, 1, 1, 11, dtype=torch.bool)
     m[0, ..., 7:] = False
-    _match(lambda a, b, c, t: ff.t5_attention(a, b, c, t, bidirectional=not decoder, is_causal=decoder, attn_mask=m),
-           q, k, v, table)
+    _match(
+        lambda a, b, c, t: ff.t5_attention(a, b, c, t, bidirectional=not decoder, is_causal=decoder, attn_mask=m),
+        q,
+        k,
+        v,
+        table,
+    )
     fm = torch.randn(1, 3, 11, 11)
     _match(lambda a, b, c, t: ff.t5_attention(a, b, c, t, attn_mask=fm, scale=0.5), q, k, v, table)
-    _match(lambda a, b, c: ff.t5_attention(a, b, c, table, bidirectional=not decoder, is_causal=decoder,
-                                           attn_mask=m), q, k, v)    # frozen table: torch's SDPA
+    _match(
+        lambda a, b, c: ff.t5_attention(a, b, c, table, bidirectional=not decoder, is_causal=decoder, attn_mask=m),
+        q,
+        k,
+        v,
+    )  # frozen table: torch's SDPA
 
 
 def test_varlen_auto_matches_reference():
@@ -135,7 +159,7 @@ def test_dropout_on_cpu_auto():
         a = ff.scaled_dot_product_attention(q, q, q, dropout_p=0.3)
         torch.manual_seed(1)
         b = F.scaled_dot_product_attention(q, q, q, dropout_p=0.3)
-    assert torch.equal(a, b)            # torch's own dropout, reproducible with torch.manual_seed
+    assert torch.equal(a, b)  # torch's own dropout, reproducible with torch.manual_seed
 
 
 def test_cross_entropy_auto_matches_reference():
@@ -157,7 +181,7 @@ def test_the_fast_path_rests_on_torchs_empty_row_semantics():
 def test_auto_on_cpu_compiles_as_one_graph():
     q = torch.randn(1, 2, 8, 16)
     m = torch.rand(1, 1, 8, 8) > 0.2
-    f = lambda q: ff.scaled_dot_product_attention(q, q, q, attn_mask=m).sum()   # noqa: E731
+    f = lambda q: ff.scaled_dot_product_attention(q, q, q, attn_mask=m).sum()
     torch._dynamo.reset()
     with ff.use_backend("auto"):
         assert_close(torch.compile(f, backend="eager", fullgraph=True)(q), f(q), torch.float32)

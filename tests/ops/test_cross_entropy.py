@@ -1,10 +1,11 @@
 """ff.cross_entropy against torch (float64) and the reference, on both backends; kernels interpreted on CPU."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import TOLERANCES, assert_close
 from fastformer.reference import cross_entropy as ref
 
 RED = ["mean", "sum", "none"]
@@ -33,8 +34,13 @@ def _check(x, t, dtype, backend=None, factor=1.0, **kw):
     """Compare loss and d loss / d x (with a random upstream gradient) against the float64 oracle."""
     red = kw.get("reduction", "mean")
     g = torch.randn(x.shape[0], dtype=torch.float64) if red == "none" else torch.tensor(1.7, dtype=torch.float64)
-    loss, gx = _loss_and_grad(lambda a: ff.cross_entropy(a, t, kw.get("weight"), kw.get("ignore_index", -100), red,
-                                                          kw.get("eps", 0.0), z_loss=kw.get("z", 0.0)), x.to(dtype), g)
+    loss, gx = _loss_and_grad(
+        lambda a: ff.cross_entropy(
+            a, t, kw.get("weight"), kw.get("ignore_index", -100), red, kw.get("eps", 0.0), z_loss=kw.get("z", 0.0)
+        ),
+        x.to(dtype),
+        g,
+    )
     x64 = x.detach().to(torch.float64)
     eloss, egx = _loss_and_grad(lambda a: _expected(a, t, **kw), x64, g)
     assert loss.dtype == dtype and gx.dtype == dtype
@@ -54,7 +60,7 @@ def test_shapes_vs_torch(backend, N, V, reduction):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("z", [0.0, 1e-3])
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
-@pytest.mark.parametrize("V", [1000, 2500])   # one block kept in registers / streamed twice (interpreter blocks: 1024)
+@pytest.mark.parametrize("V", [1000, 2500])  # one block kept in registers / streamed twice (interpreter blocks: 1024)
 def test_features_and_combinations(backend, use_weight, eps, z, reduction, V):
     N = 77
     x = torch.randn(N, V) * 2
@@ -68,7 +74,7 @@ def test_custom_ignore_index_and_int32_targets(backend):
     N, V = 130, 10
     x = torch.randn(N, V)
     t = torch.randint(0, V, (N,), dtype=torch.int32)
-    t[::3] = 3   # a real class used as ignore_index, like torch allows
+    t[::3] = 3  # a real class used as ignore_index, like torch allows
     _check(x, t, torch.float32, ignore_index=3, eps=0.2, reduction="mean")
 
 
@@ -105,7 +111,7 @@ def test_all_ignored(backend, reduction):
     x = torch.randn(5, 10, requires_grad=True)
     t = torch.full((5,), -100)
     loss = ff.cross_entropy(x, t, reduction=reduction, z_loss=1e-2, label_smoothing=0.1)
-    assert torch.equal(loss.detach(), torch.zeros_like(loss))       # torch gives NaN for "mean": documented
+    assert torch.equal(loss.detach(), torch.zeros_like(loss))  # torch gives NaN for "mean": documented
     (gx,) = torch.autograd.grad(loss.sum(), x)
     assert torch.equal(gx, torch.zeros_like(gx))
 
@@ -113,7 +119,7 @@ def test_all_ignored(backend, reduction):
 def test_non_contiguous_input_and_no_grad(backend):
     V, N = 1000, 77
     xt = torch.randn(V, N)
-    x = xt.t()   # (N, V) with stride (1, N)
+    x = xt.t()  # (N, V) with stride (1, N)
     t = torch.randint(0, V, (N,))
     _check(x, t, torch.float32, reduction="mean")
     with torch.no_grad():
@@ -125,6 +131,7 @@ def test_kernel_writes_every_element(triton_backend):
     """Launch the kernel directly on NaN-poisoned loss/grad buffers: every element, ignored rows included,
     must be written (ignored rows with zeros)."""
     from conftest import poison_
+
     from fastformer.kernels import cross_entropy_launch as K
 
     N, V = 130, 1000
@@ -145,21 +152,24 @@ def test_kernel_writes_every_element(triton_backend):
     assert_close(y, grad, torch.float32, "in-place gradient")
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, t: ff.cross_entropy(x[0], t), "input"),
-    (lambda x, t: ff.cross_entropy(x, t[:, None]), "target"),
-    (lambda x, t: ff.cross_entropy(x, t[:-1]), "target"),
-    (lambda x, t: ff.cross_entropy(x, t.float()), "target"),
-    (lambda x, t: ff.cross_entropy(x.long(), t), "input"),
-    (lambda x, t: ff.cross_entropy(x, t.to("meta")), "target"),
-    (lambda x, t: ff.cross_entropy(x, t, torch.ones(9)), "weight"),
-    (lambda x, t: ff.cross_entropy(x, t, torch.ones(10, device="meta")), "weight"),
-    (lambda x, t: ff.cross_entropy(x, t, reduction="avg"), "reduction"),
-    (lambda x, t: ff.cross_entropy(x, t, label_smoothing=1.5), "label_smoothing"),
-    (lambda x, t: ff.cross_entropy(x, t, z_loss=-1.0), "z_loss"),
-    (lambda x, t: ff.cross_entropy(x, t, ignore_index=1.5), "ignore_index"),
-    (lambda x, t: ff.cross_entropy([[1.0]], t), "input"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, t: ff.cross_entropy(x[0], t), "input"),
+        (lambda x, t: ff.cross_entropy(x, t[:, None]), "target"),
+        (lambda x, t: ff.cross_entropy(x, t[:-1]), "target"),
+        (lambda x, t: ff.cross_entropy(x, t.float()), "target"),
+        (lambda x, t: ff.cross_entropy(x.long(), t), "input"),
+        (lambda x, t: ff.cross_entropy(x, t.to("meta")), "target"),
+        (lambda x, t: ff.cross_entropy(x, t, torch.ones(9)), "weight"),
+        (lambda x, t: ff.cross_entropy(x, t, torch.ones(10, device="meta")), "weight"),
+        (lambda x, t: ff.cross_entropy(x, t, reduction="avg"), "reduction"),
+        (lambda x, t: ff.cross_entropy(x, t, label_smoothing=1.5), "label_smoothing"),
+        (lambda x, t: ff.cross_entropy(x, t, z_loss=-1.0), "z_loss"),
+        (lambda x, t: ff.cross_entropy(x, t, ignore_index=1.5), "ignore_index"),
+        (lambda x, t: ff.cross_entropy([[1.0]], t), "input"),
+    ],
+)
 def test_bad_input(backend, call, match):
     x = torch.randn(4, 10)
     t = torch.randint(0, 10, (4,))
@@ -170,8 +180,17 @@ def test_bad_input(backend, call, match):
 def _candidate_configs():
     from fastformer.kernels import cross_entropy_launch as CL
 
-    return list(dict.fromkeys([CL.LEGACY, *CL.ONE_BLOCK_CANDIDATES, *CL.STREAM_CANDIDATES, CL.SAFE,
-                               CL.default_config(9000, 2, False, False, False)]))
+    return list(
+        dict.fromkeys(
+            [
+                CL.LEGACY,
+                *CL.ONE_BLOCK_CANDIDATES,
+                *CL.STREAM_CANDIDATES,
+                CL.SAFE,
+                CL.default_config(9000, 2, False, False, False),
+            ]
+        )
+    )
 
 
 @pytest.mark.parametrize("cfg", _candidate_configs(), ids=lambda c: ",".join(map(str, c)))
@@ -200,10 +219,14 @@ def test_every_tuning_candidate(triton_backend, cfg):
         (gw,) = torch.autograd.grad(want, x64, g.double())
         assert_close(loss, want, torch.float32, "soft loss")
         assert_close(gx, gw, torch.float32, "soft grad")
-        xk = torch.randn(2, V, 3)                              # class dim strided (stride 3)
+        xk = torch.randn(2, V, 3)  # class dim strided (stride 3)
         tk = torch.randint(0, V, (2, 3))
-        assert_close(ff.cross_entropy(xk, tk, reduction="none"),
-                     F.cross_entropy(xk.double(), tk, reduction="none"), torch.float32, "K-dim loss")
+        assert_close(
+            ff.cross_entropy(xk, tk, reduction="none"),
+            F.cross_entropy(xk.double(), tk, reduction="none"),
+            torch.float32,
+            "K-dim loss",
+        )
         grad = torch.empty_like(x)
         rows, _ = CL.ce_forward(x, torch.tensor([1, V, 3, -5, 0, 2, 8]), grad=grad)
         assert torch.isnan(rows[[1, 3]]).all() and torch.isnan(grad[[1, 3]]).all()
@@ -221,6 +244,7 @@ def test_every_tuning_candidate(triton_backend, cfg):
 def test_scale_rows_skips_a_factor_of_one(triton_backend):
     """backward's scaling: rows whose factor is exactly 1 keep their bits, the others are scaled."""
     from conftest import poison_
+
     from fastformer.kernels import cross_entropy_launch as CL
 
     x = torch.randn(5, 3000)
@@ -231,14 +255,14 @@ def test_scale_rows_skips_a_factor_of_one(triton_backend):
     assert torch.equal(y[[0, 2]], x[[0, 2]])
     assert torch.equal(y[1], x[1] * 2) and torch.equal(y[3], x[3] * -0.5) and torch.equal(y[4], x[4] * 0)
     z = poison_(torch.empty(2, 10))
-    CL.scale_rows_(z, torch.ones(1))            # a factor of 1 never reads or writes the rows
+    CL.scale_rows_(z, torch.ones(1))  # a factor of 1 never reads or writes the rows
     assert torch.isnan(z).all()
 
 
 # ----------------------------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("V", [50257, 32000, 5000])   # streamed rows / a row kept on chip (32 and 8 warps)
+@pytest.mark.parametrize("V", [50257, 32000, 5000])  # streamed rows / a row kept on chip (32 and 8 warps)
 def test_cuda_bf16(reduction, V):
     N = 333
     x = (torch.randn(N, V, device="cuda") * 3).bfloat16()
@@ -285,12 +309,12 @@ def test_cuda_every_tuning_candidate(cfg):
 def test_cuda_beyond_int32_offsets():
     """N * V > 2^31 elements: rows past the 2^31 boundary must read and write the right memory."""
     N, V = 8200, 262144
-    assert N * V > 2 ** 31
+    assert N * V > 2**31
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
     t = torch.randint(0, V, (N,), device="cuda")
     x.requires_grad_(True)
     loss = ff.cross_entropy(x, t, reduction="none")
-    rows = torch.tensor([0, 4100, 8190, N - 1], device="cuda")   # 8190 * V > 2^31
+    rows = torch.tensor([0, 4100, 8190, N - 1], device="cuda")  # 8190 * V > 2^31
     xs = x.detach()[rows].float().requires_grad_(True)
     eloss = F.cross_entropy(xs, t[rows], reduction="none")
     assert_close(loss[rows], eloss, torch.bfloat16, "loss of far rows")
@@ -348,7 +372,7 @@ def test_tuning_runs_never_touch_the_call_buffers(triton_backend, monkeypatch):
     x = torch.randn(N, V)
     t = torch.randint(0, V, (N,))
     y = x.clone()
-    rows, _ = CL.ce_forward(y, t, count=torch.tensor(N), grad=y)    # in place
+    rows, _ = CL.ce_forward(y, t, count=torch.tensor(N), grad=y)  # in place
     assert len(timed) == 3
     grad = torch.empty_like(x)
     want, _ = CL.ce_forward(x, t, count=torch.tensor(N), grad=grad)

@@ -2,6 +2,7 @@
 
 Three implementations: "reference" (full logits, eager), "auto" on CPU (chunked, torch math), "triton"
 (chunked, CE kernel interpreted on CPU). Chunks are forced small so several are exercised."""
+
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, rel_err
 
 import fastformer as ff
-from conftest import assert_close, rel_err
 
 IMPLS = ["reference", "auto", "triton"]
 
@@ -35,8 +36,17 @@ def _run(impl, x, W, t, b, dtype, chunk_size=16, **kw):
     leaves = [a.detach().to(dtype).requires_grad_(True) if a is not None else None for a in (x, W, b)]
     leaves64 = [a.detach().to(torch.float64).requires_grad_(True) if a is not None else None for a in (x, W, b)]
     with ff.use_backend(impl):
-        out = ff.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], kw.get("ignore_index", -100), red,
-                                      kw.get("eps", 0.0), z_loss=kw.get("z", 0.0), chunk_size=chunk_size)
+        out = ff.linear_cross_entropy(
+            leaves[0],
+            leaves[1],
+            t,
+            leaves[2],
+            kw.get("ignore_index", -100),
+            red,
+            kw.get("eps", 0.0),
+            z_loss=kw.get("z", 0.0),
+            chunk_size=chunk_size,
+        )
     exp = _expected(*leaves64[:2], t, leaves64[2], **kw)
     g = torch.randn_like(exp) if red == "none" else torch.tensor(0.7, dtype=torch.float64)
     assert out.dtype == dtype and out.shape == exp.shape
@@ -56,11 +66,11 @@ def _run(impl, x, W, t, b, dtype, chunk_size=16, **kw):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_unfused(impl, N, H, V, reduction, with_bias):
     x = torch.randn(N, H)
-    W = torch.randn(V, H) / H ** 0.5
+    W = torch.randn(V, H) / H**0.5
     b = torch.randn(V) if with_bias else None
     t = torch.randint(0, V, (N,))
     if N > 1:
-        t[::4] = -100   # ignored rows are dropped before the matmul: their grad of x must be 0
+        t[::4] = -100  # ignored rows are dropped before the matmul: their grad of x must be 0
     _run(impl, x, W, t, b, torch.float32, reduction=reduction)
 
 
@@ -110,7 +120,7 @@ def test_all_ignored(impl, reduction):
 
 def test_no_grad_and_frozen_weight():
     x = torch.randn(20, 8, requires_grad=True)
-    W = torch.randn(50, 8)          # frozen projection: only x gets a gradient
+    W = torch.randn(50, 8)  # frozen projection: only x gets a gradient
     t = torch.randint(0, 50, (20,))
     out = ff.linear_cross_entropy(x, W, t, chunk_size=4)
     (gx,) = torch.autograd.grad(out, x)
@@ -121,18 +131,21 @@ def test_no_grad_and_frozen_weight():
         assert_close(ff.linear_cross_entropy(x, W, t), _expected(x.double(), W.double(), t, None), torch.float32)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, W, t, b: ff.linear_cross_entropy(x[0], W, t[:1]), "input"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W.double(), t), "weight"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W[:, :-1], t), "weight"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t[:-1]), "target"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t.float()), "target"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, b[:-1]), "bias"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, b.half()), "bias"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W.to("meta"), t), "weight"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, reduction="mean "), "reduction"),
-    (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, label_smoothing=-0.1), "label_smoothing"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, W, t, b: ff.linear_cross_entropy(x[0], W, t[:1]), "input"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W.double(), t), "weight"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W[:, :-1], t), "weight"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t[:-1]), "target"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t.float()), "target"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, b[:-1]), "bias"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, b.half()), "bias"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W.to("meta"), t), "weight"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, reduction="mean "), "reduction"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, label_smoothing=-0.1), "label_smoothing"),
+    ],
+)
 def test_bad_input(call, match):
     x, W, b = torch.randn(5, 8), torch.randn(10, 8), torch.randn(10)
     t = torch.randint(0, 10, (5,))
@@ -190,7 +203,7 @@ def test_bf16_weight_gradient_as_accurate_as_unfused(impl, N, H, V, chunk):
     assert -(-N // rows) == L.MAX_CHUNKS
     torch.manual_seed(0)
     x = torch.randn(N, H).bfloat16()
-    W = (torch.randn(V, H) * (2 / H ** 0.5)).bfloat16()
+    W = (torch.randn(V, H) * (2 / H**0.5)).bfloat16()
     b = torch.randn(V).bfloat16()
     t = torch.randint(0, V, (N,))
     t[::7] = -100
@@ -229,8 +242,14 @@ def test_cpu_memory_gate():
     CPU; peak RSS above the inputs and the returned gradients at most 1/8 of the unfused path's."""
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_linear_cross_entropy.py"), "--memory-gate"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench_linear_cross_entropy.py"), "--memory-gate"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.stdout.strip(), proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["passed"] and proc.returncode == 0, res

@@ -1,13 +1,14 @@
 """ff.t5_attention: in-kernel T5 relative-position bias vs a float64 reference built with Hugging Face's
 own bucket function; gradients of q, k, v and the bias table; deterministic table gradient."""
+
 import pytest
 import torch
 import triton
 import triton.language as tl
+from conftest import assert_close
 
 import fastformer as ff
 import fastformer.kernels.attention as KA
-from conftest import assert_close
 from fastformer.ops.attention import capture_dropout_masks
 from fastformer.ops.t5_attention import relative_position_buckets
 from fastformer.reference.attention import sdpa_reference
@@ -16,16 +17,39 @@ from fastformer.reference.t5_attention import relative_position_bucket
 T5Attention = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attention
 
 
-def _hf_reference(q, k, v, table, *, bidirectional, num_buckets, max_distance, attn_mask=None, is_causal=False,
-                  scale=1.0, dropout_mask=None, dropout_p=0.0):
+def _hf_reference(
+    q,
+    k,
+    v,
+    table,
+    *,
+    bidirectional,
+    num_buckets,
+    max_distance,
+    attn_mask=None,
+    is_causal=False,
+    scale=1.0,
+    dropout_mask=None,
+    dropout_p=0.0,
+):
     """float64 reference whose bias comes from HF's static bucket method."""
     Lq, Lk = q.shape[-2], k.shape[-2]
     rel = torch.arange(Lk, device=q.device)[None, :] - torch.arange(Lq, device=q.device)[:, None]
-    bucket = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
-                                                   max_distance=max_distance)
+    bucket = T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
     bias = table[bucket].permute(2, 0, 1).unsqueeze(0)
-    return sdpa_reference(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, bias=bias,
-                          dropout_p=dropout_p, dropout_mask=dropout_mask)
+    return sdpa_reference(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        bias=bias,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+    )
 
 
 def _run(q, k, v, table, **kw):
@@ -40,8 +64,9 @@ def _run(q, k, v, table, **kw):
 def test_bucket_function_matches_hf(bidirectional, num_buckets, max_distance):
     rel = torch.arange(-700, 700)[:, None] + torch.zeros(1, 3, dtype=torch.long)
     ours = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
-    hf = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
-                                               max_distance=max_distance)
+    hf = T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
     assert torch.equal(ours, hf)
     # the kernels' bucket vector over clamped relative positions agrees with HF on every relative
     # position, and its saturated ends really are constant from sat_left / sat_right on
@@ -67,19 +92,21 @@ def test_invalid_bucket_config_is_a_value_error(bidirectional, nb, md):
         ff.t5_attention(q, q, q, torch.randn(nb, 1), bidirectional=bidirectional, num_buckets=nb, max_distance=md)
 
 
-@pytest.mark.parametrize("bidirectional,causal,B,H,Lq,Lk,D", [
-    (True, False, 2, 2, 17, 17, 16),
-    (True, False, 1, 2, 130, 130, 80),
-    (False, True, 1, 2, 130, 130, 16),
-    (True, False, 2, 1, 17, 130, 16),    # cross lengths
-    (True, False, 1, 1, 300, 300, 16),   # distances past max_distance
-])
+@pytest.mark.parametrize(
+    "bidirectional,causal,B,H,Lq,Lk,D",
+    [
+        (True, False, 2, 2, 17, 17, 16),
+        (True, False, 1, 2, 130, 130, 80),
+        (False, True, 1, 2, 130, 130, 16),
+        (True, False, 2, 1, 17, 130, 16),  # cross lengths
+        (True, False, 1, 1, 300, 300, 16),  # distances past max_distance
+    ],
+)
 def test_t5_forward_backward(bidirectional, causal, B, H, Lq, Lk, D, device):
     nb, md = 32, 128
     q, k, v = (torch.randn(B, H, L, D, device=device) for L in (Lq, Lk, Lk))
     table = torch.randn(nb, H, device=device)
-    out, leaves = _run(q, k, v, table, bidirectional=bidirectional, num_buckets=nb, max_distance=md,
-                       is_causal=causal)
+    out, leaves = _run(q, k, v, table, bidirectional=bidirectional, num_buckets=nb, max_distance=md, is_causal=causal)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v, table)]
@@ -90,13 +117,16 @@ def test_t5_forward_backward(bidirectional, causal, B, H, Lq, Lk, D, device):
         assert_close(g, rg, torch.float32, name)
 
 
-@pytest.mark.parametrize("bidirectional,nb,md,causal,Lq,Lk,mask_kind,p", [
-    (True, 8, 12, False, 130, 130, "klen", 0.0),     # far-left, near and far-right tiles, masked and not
-    (True, 4, 3, False, 75, 140, "bool", 0.0),       # a two-bucket-per-side config, general bool mask
-    (False, 8, 12, True, 130, 130, None, 0.0),       # decoder: far-left tiles below the diagonal
-    (False, 6, 9, False, 96, 70, "float", 0.0),      # unidirectional without causal: far-right = bucket 0
-    (True, 8, 12, False, 97, 97, "klen", 0.3),       # dropout through far and near tiles
-])
+@pytest.mark.parametrize(
+    "bidirectional,nb,md,causal,Lq,Lk,mask_kind,p",
+    [
+        (True, 8, 12, False, 130, 130, "klen", 0.0),  # far-left, near and far-right tiles, masked and not
+        (True, 4, 3, False, 75, 140, "bool", 0.0),  # a two-bucket-per-side config, general bool mask
+        (False, 8, 12, True, 130, 130, None, 0.0),  # decoder: far-left tiles below the diagonal
+        (False, 6, 9, False, 96, 70, "float", 0.0),  # unidirectional without causal: far-right = bucket 0
+        (True, 8, 12, False, 97, 97, "klen", 0.3),  # dropout through far and near tiles
+    ],
+)
 def test_t5_far_and_near_tiles(bidirectional, nb, md, causal, Lq, Lk, mask_kind, p, device):
     """Small max_distance so that most tiles are 'far' (one constant bias, one dS sum for the table
     gradient) even at these lengths; every kind of tile and range split is compared with HF's bias."""
@@ -109,7 +139,7 @@ def test_t5_far_and_near_tiles(bidirectional, nb, md, causal, Lq, Lk, mask_kind,
     if mask_kind == "klen":
         mask = (torch.arange(Lk)[None, :] < torch.tensor([Lk, Lk // 3])[:, None]).to(device)[:, None, None, :]
     elif mask_kind == "bool":
-        mask = (torch.rand(B, 1, Lq, Lk, device=device) > 0.3)
+        mask = torch.rand(B, 1, Lq, Lk, device=device) > 0.3
     elif mask_kind == "float":
         mask = torch.randn(1, H, Lq, Lk, device=device).requires_grad_()
     leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
@@ -121,8 +151,16 @@ def test_t5_far_and_near_tiles(bidirectional, nb, md, causal, Lq, Lk, mask_kind,
     grads = torch.autograd.grad(out, wrt, dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v, table)]
     ref_mask = mask.detach().double().requires_grad_() if mask_kind == "float" else mask
-    ref = _hf_reference(*ref_leaves, bidirectional=bidirectional, num_buckets=nb, max_distance=md,
-                        attn_mask=ref_mask, is_causal=causal, dropout_p=p, dropout_mask=masks[0] if p else None)
+    ref = _hf_reference(
+        *ref_leaves,
+        bidirectional=bidirectional,
+        num_buckets=nb,
+        max_distance=md,
+        attn_mask=ref_mask,
+        is_causal=causal,
+        dropout_p=p,
+        dropout_mask=masks[0] if p else None,
+    )
     ref_grads = torch.autograd.grad(ref, ref_leaves + ([ref_mask] if mask_kind == "float" else []), dout.double())
     assert_close(out, ref, torch.float32, "out")
     for name, g, rg in zip(("dq", "dk", "dv", "dtable", "dmask"), grads, ref_grads):
@@ -158,8 +196,16 @@ def test_t5_dropout_and_scale(device):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v, table)]
-    ref = _hf_reference(*ref_leaves, bidirectional=False, num_buckets=32, max_distance=128, is_causal=True,
-                        scale=0.5, dropout_p=p, dropout_mask=masks[0])
+    ref = _hf_reference(
+        *ref_leaves,
+        bidirectional=False,
+        num_buckets=32,
+        max_distance=128,
+        is_causal=True,
+        scale=0.5,
+        dropout_p=p,
+        dropout_mask=masks[0],
+    )
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     assert_close(out, ref, torch.float32, "out")
     for name, g, rg in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
@@ -261,8 +307,9 @@ def test_t5_table_gradient_alone(device):
     dout = torch.randn_like(out)
     (g,) = torch.autograd.grad(out, table, dout)
     ref_table = table.detach().double().requires_grad_()
-    ref = _hf_reference(q.double(), k.double(), v.double(), ref_table, bidirectional=True, num_buckets=8,
-                        max_distance=12)
+    ref = _hf_reference(
+        q.double(), k.double(), v.double(), ref_table, bidirectional=True, num_buckets=8, max_distance=12
+    )
     (rg,) = torch.autograd.grad(ref, ref_table, dout.double())
     assert_close(g, rg, torch.float32, "dtable")
 
@@ -282,8 +329,16 @@ def test_t5_cuda_far_and_near_tiles(bidirectional, causal, p):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.float().requires_grad_() for t in (q, k, v, table)]
-    ref = _hf_reference(*ref_leaves, bidirectional=bidirectional, num_buckets=nb, max_distance=md, attn_mask=mask,
-                        is_causal=causal, dropout_p=p, dropout_mask=masks[0] if p else None)
+    ref = _hf_reference(
+        *ref_leaves,
+        bidirectional=bidirectional,
+        num_buckets=nb,
+        max_distance=md,
+        attn_mask=mask,
+        is_causal=causal,
+        dropout_p=p,
+        dropout_mask=masks[0] if p else None,
+    )
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
     assert_close(out, ref, torch.bfloat16, "out", 2.0)
     for name, g, rg in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):

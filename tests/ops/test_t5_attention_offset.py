@@ -2,11 +2,12 @@
 (decoding against a cache). The oracle is the aligned call on the full query block, rows P..P+Lq-1,
 with a bias built from Hugging Face's bucket function; gradients included. Both backends: the kernels
 add the offset to their bucket and causal indexing (far and near tiles, the table's gradient)."""
+
 import pytest
 import torch
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import assert_close
 from fastformer.reference.attention import sdpa_reference
 from fastformer.reference.t5_attention import t5_attention_reference
 
@@ -15,8 +16,9 @@ T5Attention = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attent
 
 def _hf_bias(table, Lq, Lk, offset, bidirectional, num_buckets, max_distance):
     rel = torch.arange(Lk)[None, :] - (torch.arange(Lq)[:, None] + offset)
-    bucket = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=num_buckets,
-                                                   max_distance=max_distance)
+    bucket = T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
     return table[bucket].permute(2, 0, 1).unsqueeze(0)
 
 
@@ -29,8 +31,9 @@ def test_offset_matches_rows_of_the_full_call(backend, Lq, Lk, offset, bidirecti
     k, v = torch.randn(B, H, Lk, D, dtype=dt), torch.randn(B, H, Lk, D, dtype=dt)
     table = torch.randn(nb, H, dtype=dt)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
-    out = ff.t5_attention(*leaves, bidirectional=bidirectional, num_buckets=nb, max_distance=md,
-                          is_causal=is_causal, query_offset=offset)
+    out = ff.t5_attention(
+        *leaves, bidirectional=bidirectional, num_buckets=nb, max_distance=md, is_causal=is_causal, query_offset=offset
+    )
     ref_leaves = [t.double().clone().requires_grad_() for t in (q, k, v, table)]
     q64, k64, v64, t64 = ref_leaves
     bias = _hf_bias(t64, Lq, Lk, offset, bidirectional, nb, md)
@@ -46,12 +49,15 @@ def test_offset_matches_rows_of_the_full_call(backend, Lq, Lk, offset, bidirecti
         assert_close(a.grad, b.grad, dt, f"d{name}")
 
 
-@pytest.mark.parametrize("bidirectional,is_causal,Lq,Lk,offset,padded,p", [
-    (False, True, 1, 150, 149, False, 0.0),     # one decoding step: far-left tiles, the last near one
-    (False, True, 37, 150, 113, True, 0.0),     # several query blocks against a cache, padded keys
-    (True, False, 40, 97, 30, False, 0.2),      # far tiles on both sides, dropout
-    (False, False, 20, 64, 200, True, 0.0),     # offset beyond the keys: every tile far left, one bucket
-])
+@pytest.mark.parametrize(
+    "bidirectional,is_causal,Lq,Lk,offset,padded,p",
+    [
+        (False, True, 1, 150, 149, False, 0.0),  # one decoding step: far-left tiles, the last near one
+        (False, True, 37, 150, 113, True, 0.0),  # several query blocks against a cache, padded keys
+        (True, False, 40, 97, 30, False, 0.2),  # far tiles on both sides, dropout
+        (False, False, 20, 64, 200, True, 0.0),  # offset beyond the keys: every tile far left, one bucket
+    ],
+)
 def test_offset_through_the_kernels(bidirectional, is_causal, Lq, Lk, offset, padded, p, monkeypatch):
     """A non-zero query_offset runs the fused kernels (not the reference) with a small max_distance, so
     that far and near tiles, the causal bound and the table's gradient all see the offset; checked
@@ -60,7 +66,7 @@ def test_offset_through_the_kernels(bidirectional, is_causal, Lq, Lk, offset, pa
 
     from fastformer.ops.attention import capture_dropout_masks
 
-    T = sys.modules["fastformer.ops.t5_attention"]   # the package re-exports the function under that name
+    T = sys.modules["fastformer.ops.t5_attention"]  # the package re-exports the function under that name
 
     calls = []
     real = T.fused_attention
@@ -73,8 +79,15 @@ def test_offset_through_the_kernels(bidirectional, is_causal, Lq, Lk, offset, pa
     mask = None
     if padded:
         mask = (torch.arange(Lk)[None, :] < torch.tensor([Lk, Lk - 23])[:, None])[:, None, None, :]
-    kw = dict(bidirectional=bidirectional, num_buckets=nb, max_distance=md, is_causal=is_causal,
-              query_offset=offset, attn_mask=mask, dropout_p=p)
+    kw = dict(
+        bidirectional=bidirectional,
+        num_buckets=nb,
+        max_distance=md,
+        is_causal=is_causal,
+        query_offset=offset,
+        attn_mask=mask,
+        dropout_p=p,
+    )
     leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
     with ff.use_backend("triton"), capture_dropout_masks() as masks:
         out = ff.t5_attention(*leaves, **kw)
@@ -110,13 +123,24 @@ def test_mask_free_reference_equals_masked_reference():
     forward and backward, causal or not."""
     B, H, Lq, Lk, D = 2, 3, 5, 9, 8
     for causal, offset in ((False, 0), (True, 0), (True, 4), (True, 2)):
-        inputs = [torch.randn(B, H, Lq, D, dtype=torch.float64), torch.randn(B, H, Lk, D, dtype=torch.float64),
-                  torch.randn(B, H, Lk, D, dtype=torch.float64), torch.randn(16, H, dtype=torch.float64)]
+        inputs = [
+            torch.randn(B, H, Lq, D, dtype=torch.float64),
+            torch.randn(B, H, Lk, D, dtype=torch.float64),
+            torch.randn(B, H, Lk, D, dtype=torch.float64),
+            torch.randn(16, H, dtype=torch.float64),
+        ]
         outs, grads = [], []
         for mask in (None, torch.ones(B, 1, 1, Lk, dtype=torch.bool)):
             leaves = [t.clone().requires_grad_() for t in inputs]
-            o = t5_attention_reference(*leaves, bidirectional=not causal, num_buckets=16, max_distance=30,
-                                       attn_mask=mask, is_causal=causal, query_offset=offset)
+            o = t5_attention_reference(
+                *leaves,
+                bidirectional=not causal,
+                num_buckets=16,
+                max_distance=30,
+                attn_mask=mask,
+                is_causal=causal,
+                query_offset=offset,
+            )
             o.sum().backward()
             outs.append(o)
             grads.append([t.grad for t in leaves])

@@ -9,6 +9,7 @@ Acceptance, per sample, for the output and the gradient of every input that requ
 A sample that cannot meet that is on DEVIATIONS, with its reason (docs/ops.md lists the same) and a
 weaker check that still runs. No sample torch accepts may be refused.
 """
+
 import copy
 import os
 import warnings
@@ -16,16 +17,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fastformer as ff
 from conftest import TOLERANCES, rel_err
 
-pytest.importorskip("expecttest")   # torch.testing._internal needs it (the `test` extra installs it)
-from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
-from torch.testing._internal.common_modules import module_db  # noqa: E402
+import fastformer as ff
 
-from fastformer.ops.attention import capture_dropout_masks  # noqa: E402
-from fastformer.reference.attention import sdpa_reference  # noqa: E402
+pytest.importorskip("expecttest")  # torch.testing._internal needs it (the `test` extra installs it)
+from torch.testing._internal.common_methods_invocations import op_db
+from torch.testing._internal.common_modules import module_db
+
+from fastformer.ops.attention import capture_dropout_masks
+from fastformer.reference.attention import sdpa_reference
 
 DTYPES = [torch.float16, torch.float32, torch.float64]
 BACKENDS = ["reference", "triton"]
@@ -39,13 +40,13 @@ MAX_KERNEL_ROWS = 64
 # Samples that cannot match torch bit for bit within tolerance, and what is checked for them instead.
 DEVIATIONS = {
     "dropout_rng": "dropout draws its keep-mask from fastformer's own RNG on the kernel path (Philox keyed by "
-                   "a seed from torch's generator), not torch's: the output is checked against the float64 "
-                   "reference replaying the kernel's keep-mask",
+    "a seed from torch's generator), not torch's: the output is checked against the float64 "
+    "reference replaying the kernel's keep-mask",
     "saturated_scores": "attention on the kernel path (float16 / float32) where the samples' scores saturate the "
-                        "softmax (|q·k·scale| up to ~100 here): the gradient error vs float64 is that of torch's own "
-                        "fused CPU kernel (FLASH_ATTENTION backend) and is held to 2x it, while torch's default pick "
-                        "for such a call (its math path, float32 internally) can be up to ~100x more accurate "
-                        "(docs/ops.md, 'Accuracy at saturated scores')",
+    "softmax (|q·k·scale| up to ~100 here): the gradient error vs float64 is that of torch's own "
+    "fused CPU kernel (FLASH_ATTENTION backend) and is held to 2x it, while torch's default pick "
+    "for such a call (its math path, float32 internally) can be up to ~100x more accurate "
+    "(docs/ops.md, 'Accuracy at saturated scores')",
     "all_ignored_mean": "reduction 'mean' with every target ignored gives 0.0 and zero gradients (torch: NaN)",
 }
 
@@ -112,8 +113,7 @@ def _accept(ours, theirs, truth, dtype):
     return f"rel err vs torch {err:.2e} > {tol:.0e}"
 
 
-def _compare(name, ours_fn, torch_fn, args, kwargs, dtype, failures, seed=0, torch_fn64=None, fused_fn=None,
-             used=None):
+def _compare(name, ours_fn, torch_fn, args, kwargs, dtype, failures, seed=0, torch_fn64=None, fused_fn=None, used=None):
     """torch_fn64: torch_fn for float64 inputs when it is not torch_fn itself (a module's float64 copy).
     fused_fn: torch's own fused kernel for the call; an item that misses the rule is then held to 2x
     that kernel's error vs float64 instead (DEVIATIONS["saturated_scores"]; counted in `used`)."""
@@ -122,8 +122,11 @@ def _compare(name, ours_fn, torch_fn, args, kwargs, dtype, failures, seed=0, tor
     truth, truth_grads = (ref, ref_grads)
     if dtype != torch.float64:
         truth, truth_grads = _run(torch_fn64 or torch_fn, args, kwargs, dtype=torch.float64, seed=seed)
-    if ref.isnan().all() and kwargs.get("reduction", "mean") == "mean" \
-            and getattr(torch_fn, "reduction", "mean") == "mean":
+    if (
+        ref.isnan().all()
+        and kwargs.get("reduction", "mean") == "mean"
+        and getattr(torch_fn, "reduction", "mean") == "mean"
+    ):
         # DEVIATIONS["all_ignored_mean"]: 0 and zero gradients where torch gives NaN
         if out.item() != 0 or any(g is not None and g.abs().max() > 0 for g in grads):
             failures.append(f"{name}: all-ignored mean should give 0 and zero gradients")
@@ -159,10 +162,10 @@ def _torch_flash(query, key, value, attn_mask=None, **kw):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
-    except RuntimeError:   # no fused CPU kernel for it (a mask that requires grad): torch's math ops unupcast
+    except RuntimeError:  # no fused CPU kernel for it (a mask that requires grad): torch's math ops unupcast
         out = _lowp_attention(q, k, v, attn_mask, **kw)
     m = max(query.dim(), key.dim(), value.dim())
-    return out.reshape(out.shape[n - m:]) if m < n else out
+    return out.reshape(out.shape[n - m :]) if m < n else out
 
 
 def _lowp_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
@@ -183,6 +186,7 @@ def _mha_flash(module):
     def run(*args, **kwargs):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return module(*args, **kwargs)
+
     return run
 
 
@@ -196,17 +200,30 @@ def test_sdpa_opinfo_samples(backend, dtype):
     for i, s in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
         args, kwargs = [s.input, *s.args], dict(s.kwargs)
         name = f"sample {i} q{tuple(s.input.shape)} k{tuple(s.args[0].shape)} {kwargs}"
-        config = (tuple(s.input.shape), tuple(s.args[0].shape), repr(sorted((k, v if not isinstance(v, torch.Tensor)
-                                                                            else tuple(v.shape)) for k, v in kwargs.items())))
+        config = (
+            tuple(s.input.shape),
+            tuple(s.args[0].shape),
+            repr(sorted((k, v if not isinstance(v, torch.Tensor) else tuple(v.shape)) for k, v in kwargs.items())),
+        )
         if backend == "triton" and not FULL and config in seen:
             continue
         seen.add(config)
         with ff.use_backend(backend):
             if kwargs.get("dropout_p", 0.0) > 0 and backend == "triton" and dtype != torch.float64:
-                _check_dropout_replay(name, args, kwargs, dtype, failures)   # DEVIATIONS["dropout_rng"]
+                _check_dropout_replay(name, args, kwargs, dtype, failures)  # DEVIATIONS["dropout_rng"]
             else:
-                _compare(name, ff.scaled_dot_product_attention, F.scaled_dot_product_attention, args, kwargs,
-                         dtype, failures, seed=i, fused_fn=_torch_flash if backend == "triton" else None, used=used)
+                _compare(
+                    name,
+                    ff.scaled_dot_product_attention,
+                    F.scaled_dot_product_attention,
+                    args,
+                    kwargs,
+                    dtype,
+                    failures,
+                    seed=i,
+                    fused_fn=_torch_flash if backend == "triton" else None,
+                    used=used,
+                )
         n += 1
     assert n >= (20 if backend == "reference" or FULL else 12), f"only {n} samples"
     assert not failures, "\n".join(failures)
@@ -234,8 +251,9 @@ def test_cross_entropy_opinfo_samples(backend, dtype):
     with ff.use_backend(backend):
         for i, s in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
             name = f"sample {i} x{tuple(s.input.shape)} t{tuple(s.args[0].shape)} {list(s.kwargs)}"
-            _compare(name, ff.cross_entropy, F.cross_entropy, [s.input, *s.args], dict(s.kwargs), dtype, failures,
-                     used={})
+            _compare(
+                name, ff.cross_entropy, F.cross_entropy, [s.input, *s.args], dict(s.kwargs), dtype, failures, used={}
+            )
             n += 1
     assert n >= 20, f"only {n} samples"
     assert not failures, "\n".join(failures)
@@ -259,8 +277,17 @@ def test_cross_entropy_loss_moduleinfo_samples(backend, dtype):
                 continue
             ours = ff.nn.CrossEntropyLoss(*c.args, **c.kwargs)
             theirs = torch.nn.CrossEntropyLoss(*c.args, **c.kwargs)
-            _compare(mi.desc, ours, theirs, list(f.args), dict(f.kwargs), dtype, failures,
-                     torch_fn64=copy.deepcopy(theirs).double(), used=used)
+            _compare(
+                mi.desc,
+                ours,
+                theirs,
+                list(f.args),
+                dict(f.kwargs),
+                dtype,
+                failures,
+                torch_fn64=copy.deepcopy(theirs).double(),
+                used=used,
+            )
             n += 1
     assert n >= (100 if backend == "reference" or FULL else 75), f"only {n} samples"
     assert not failures, "\n".join(failures)
@@ -270,8 +297,7 @@ def test_cross_entropy_loss_moduleinfo_samples(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cross_entropy_loss_error_inputs_raise_torchs_types(backend):
     info = _module_info(torch.nn.CrossEntropyLoss)
-    errors = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True,
-                                           training=True)
+    errors = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True, training=True)
     assert len(errors) >= 5
     with ff.use_backend(backend):
         for e in errors:
@@ -290,7 +316,7 @@ def _mha_pair(c, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # the dtypes torch's ModuleInfo lists
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the dtypes torch's ModuleInfo lists
 def test_multihead_attention_moduleinfo_samples(backend, dtype):
     failures, n, used = [], 0, {}
     with ff.use_backend(backend):
@@ -299,11 +325,30 @@ def test_multihead_attention_moduleinfo_samples(backend, dtype):
             ours, theirs = _mha_pair(c, dtype)
             name = f"sample {i} {c.kwargs} {[tuple(a.shape) for a in f.args]}"
             # as given (need_weights=True: torch's own path inside ff), then the fused path
-            _compare(name, ours, theirs, list(f.args), dict(f.kwargs), dtype, failures, seed=i,
-                     torch_fn64=copy.deepcopy(theirs).double())
-            _compare(name + " need_weights=False", ours, theirs, list(f.args), dict(f.kwargs, need_weights=False),
-                     dtype, failures, seed=i, torch_fn64=copy.deepcopy(theirs).double(),
-                     fused_fn=_mha_flash(theirs) if backend == "triton" else None, used=used)
+            _compare(
+                name,
+                ours,
+                theirs,
+                list(f.args),
+                dict(f.kwargs),
+                dtype,
+                failures,
+                seed=i,
+                torch_fn64=copy.deepcopy(theirs).double(),
+            )
+            _compare(
+                name + " need_weights=False",
+                ours,
+                theirs,
+                list(f.args),
+                dict(f.kwargs, need_weights=False),
+                dtype,
+                failures,
+                seed=i,
+                torch_fn64=copy.deepcopy(theirs).double(),
+                fused_fn=_mha_flash(theirs) if backend == "triton" else None,
+                used=used,
+            )
             n += 1
     assert n >= 60, f"only {n} samples"
     assert not failures, "\n".join(failures)
@@ -312,13 +357,15 @@ def test_multihead_attention_moduleinfo_samples(backend, dtype):
 def test_multihead_attention_raises_torchs_errors():
     mha = ff.nn.MultiheadAttention(8, 2)
     x = torch.randn(5, 3, 8)
-    for call in (lambda: mha(torch.randn(5, 3, 6), x, x, need_weights=False),         # wrong embedding size
-                 lambda: mha(x, x, torch.randn(4, 3, 8), need_weights=False),         # key/value lengths differ
-                 lambda: mha(x, x, torch.randn(4, 3, 8))):                            # also on torch's own path
+    for call in (
+        lambda: mha(torch.randn(5, 3, 6), x, x, need_weights=False),  # wrong embedding size
+        lambda: mha(x, x, torch.randn(4, 3, 8), need_weights=False),  # key/value lengths differ
+        lambda: mha(x, x, torch.randn(4, 3, 8)),
+    ):  # also on torch's own path
         with pytest.raises(AssertionError) as got:
             call()
         assert isinstance(got.value, ValueError)
-    with pytest.raises(AssertionError):   # torch raises AssertionError for the same calls
+    with pytest.raises(AssertionError):  # torch raises AssertionError for the same calls
         torch.nn.MultiheadAttention(8, 2)(torch.randn(5, 3, 6), x, x)
 
 
@@ -328,10 +375,14 @@ _SDPA_ERRORS = {
     "head dims differ": lambda t: ((t(2, 3, 5, 8), t(2, 3, 6, 4), t(2, 3, 6, 4)), {}),
     "batch dims do not broadcast": lambda t: ((t(2, 3, 5, 8), t(3, 3, 6, 8), t(3, 3, 6, 8)), {}),
     "gqa heads do not divide": lambda t: ((t(2, 3, 5, 8), t(2, 2, 6, 8), t(2, 2, 6, 8)), {"enable_gqa": True}),
-    "integer mask": lambda t: ((t(2, 3, 5, 8), t(2, 3, 6, 8), t(2, 3, 6, 8)),
-                               {"attn_mask": torch.ones(5, 6, dtype=torch.int64)}),
-    "mask of another float dtype": lambda t: ((t(2, 3, 5, 8), t(2, 3, 6, 8), t(2, 3, 6, 8)),
-                                              {"attn_mask": torch.zeros(5, 6, dtype=torch.float16)}),
+    "integer mask": lambda t: (
+        (t(2, 3, 5, 8), t(2, 3, 6, 8), t(2, 3, 6, 8)),
+        {"attn_mask": torch.ones(5, 6, dtype=torch.int64)},
+    ),
+    "mask of another float dtype": lambda t: (
+        (t(2, 3, 5, 8), t(2, 3, 6, 8), t(2, 3, 6, 8)),
+        {"attn_mask": torch.zeros(5, 6, dtype=torch.float16)},
+    ),
     "mask shape": lambda t: ((t(2, 3, 5, 8), t(2, 3, 6, 8), t(2, 3, 6, 8)), {"attn_mask": torch.ones(4, 6) > 0}),
     "mask of higher rank": lambda t: ((t(3, 5, 8), t(3, 6, 8), t(3, 6, 8)), {"attn_mask": torch.ones(2, 3, 5, 6) > 0}),
     "dropout_p > 1": lambda t: ((t(2, 3, 5, 8), t(2, 3, 6, 8), t(2, 3, 6, 8)), {"dropout_p": 1.5}),

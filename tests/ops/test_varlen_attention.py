@@ -1,9 +1,10 @@
 """ff.varlen_attention on packed sequences vs per-sequence float64 SDPA."""
+
 import pytest
 import torch
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import assert_close
 from fastformer.ops.attention import capture_dropout_masks
 from fastformer.reference.attention import sdpa_reference, varlen_reference
 
@@ -21,18 +22,21 @@ def _per_sequence(q, k, v, cu_q, cu_k, causal):
     """Independent oracle: torch SDPA in float64 on each sequence."""
     outs = []
     for i in range(cu_q.numel() - 1):
-        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
-        ks = k[cu_k[i]:cu_k[i + 1]].transpose(0, 1)
-        vs = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1)
+        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)
+        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1)
+        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1)
         outs.append(sdpa_reference(qs, ks, vs, is_causal=causal, enable_gqa=True).transpose(0, 1))
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("lens_q,lens_k,H,Hk,D,causal", [
-    ([17, 1, 77], [17, 1, 77], 2, 2, 16, False),
-    ([40, 5, 33], [40, 5, 33], 2, 1, 80, True),      # GQA, padded head dim
-    ([9, 30], [50, 3], 1, 1, 16, True),              # cross lengths per sequence
-])
+@pytest.mark.parametrize(
+    "lens_q,lens_k,H,Hk,D,causal",
+    [
+        ([17, 1, 77], [17, 1, 77], 2, 2, 16, False),
+        ([40, 5, 33], [40, 5, 33], 2, 1, 80, True),  # GQA, padded head dim
+        ([9, 30], [50, 3], 1, 1, 16, True),  # cross lengths per sequence
+    ],
+)
 def test_varlen_matches_per_sequence(lens_q, lens_k, H, Hk, D, causal, device):
     q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, H, Hk, D, device)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -1,11 +1,12 @@
 """ff.optim.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_ (norm value and clipped gradients)."""
+
 import math
 
 import pytest
 import torch
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import HAS_CUDA, assert_close
 
 SHAPES = [(), (7,), (33, 65), (129,), (3, 1000)]
 
@@ -60,10 +61,18 @@ def test_low_precision_grads(dtype):
 def test_other_norm_types_and_single_tensor_follow_torch():
     ours = params_with_grads(seed=3)
     ref = twin(ours)
-    assert_close(ff.optim.clip_grad_norm_(ours, 0.3, norm_type=1.0),
-                 torch.nn.utils.clip_grad_norm_(ref, 0.3, norm_type=1.0), torch.float32, "1-norm")
-    assert_close(ff.optim.clip_grad_norm_(ours[2], 0.1), torch.nn.utils.clip_grad_norm_(ref[2], 0.1),
-                 torch.float32, "single tensor")
+    assert_close(
+        ff.optim.clip_grad_norm_(ours, 0.3, norm_type=1.0),
+        torch.nn.utils.clip_grad_norm_(ref, 0.3, norm_type=1.0),
+        torch.float32,
+        "1-norm",
+    )
+    assert_close(
+        ff.optim.clip_grad_norm_(ours[2], 0.1),
+        torch.nn.utils.clip_grad_norm_(ref[2], 0.1),
+        torch.float32,
+        "single tensor",
+    )
     assert float(ff.optim.clip_grad_norm_([torch.zeros(3, requires_grad=True)], 1.0)) == 0.0  # no grads
 
 

@@ -1,5 +1,6 @@
 """FusedAdam / FusedAdamW against torch.optim.Adam / AdamW: parity, checkpoints, GradScaler, master
 weights, fallback. Parameters, moments and steps are compared after many steps by relative error."""
+
 import copy
 import io
 import random
@@ -7,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close
 
 import fastformer as ff
-from conftest import HAS_CUDA, TOLERANCES, assert_close
 from fastformer.optim import _ext
 
 F32 = torch.float32
@@ -30,16 +31,18 @@ def random_groups(params, rng, tensor_lr=False):
     k = rng.randint(1, min(3, len(params)))
     cuts = sorted(rng.sample(range(1, len(params)), k - 1)) if k > 1 else []
     groups, start = [], 0
-    for i, end in enumerate(cuts + [len(params)]):
-        groups.append(dict(
-            params=params[start:end],
-            lr=rng.choice([1e-3, 3e-2, 0.1]),
-            betas=(rng.choice([0.0, 0.3, 0.9]), rng.choice([0.5, 0.99, 0.999])),
-            eps=rng.choice([1e-8, 1e-3]),
-            weight_decay=rng.choice([0.0, 0.05]),
-            amsgrad=rng.random() < 0.5,
-            maximize=rng.random() < 0.3,
-        ))
+    for end in cuts + [len(params)]:
+        groups.append(
+            dict(
+                params=params[start:end],
+                lr=rng.choice([1e-3, 3e-2, 0.1]),
+                betas=(rng.choice([0.0, 0.3, 0.9]), rng.choice([0.5, 0.99, 0.999])),
+                eps=rng.choice([1e-8, 1e-3]),
+                weight_decay=rng.choice([0.0, 0.05]),
+                amsgrad=rng.random() < 0.5,
+                maximize=rng.random() < 0.3,
+            )
+        )
         start = end
     return groups
 
@@ -50,7 +53,7 @@ def lists_for(groups, params):
     for g in groups:
         n = len(g["params"])
         h = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
-        out.append(dict(params=params[i:i + n], **h))
+        out.append(dict(params=params[i : i + n], **h))
         i += n
     return out
 
@@ -147,8 +150,8 @@ def test_grad_scaler_inf_step_changes_nothing():
     pa = make_params([(17, 3), (9,)], seed=5)
     pb = clone_params(pa)
     ours, theirs = ff.optim.FusedAdamW(pa, lr=0.05), torch.optim.AdamW(pb, lr=0.05)
-    sa = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    sb = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    sa = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    sb = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     assert ours._step_supports_amp_scaling
     for step in range(6):
         x = torch.randn(17, 3)
@@ -291,7 +294,7 @@ def test_cuda_state_dict_from_cpu_checkpoint():
     pb = clone_params(pa)
     theirs = torch.optim.AdamW(pb, fused=True, **kw)  # torch's fused layout: step on the device
     ours = ff.optim.FusedAdamW(pa, **kw)
-    for step in range(3):
+    for _step in range(3):
         for p, q in zip(pa, pb):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
@@ -326,8 +329,20 @@ def test_cuda_kernels_standalone(tmp_path):
         pytest.skip("nvcc not found")
     root = Path(__file__).resolve().parents[2]
     exe = tmp_path / "adam_kernel_check"
-    subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=native", f"-I{root / 'csrc'}", str(root / "tests/optim/adam_kernel_check.cu"),
-                    str(root / "csrc/adam_cuda.cu"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-O3",
+            "-arch=native",
+            f"-I{root / 'csrc'}",
+            str(root / "tests/optim/adam_kernel_check.cu"),
+            str(root / "csrc/adam_cuda.cu"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0 and "KERNEL TEST PASS" in out.stdout, out.stdout + out.stderr
 

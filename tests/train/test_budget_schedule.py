@@ -1,6 +1,7 @@
 """`--max-minutes` without `--steps`: the learning rate follows the elapsed fraction of the time budget
 (warmup, then decay to zero when the clock runs out), checked against a fake clock; with `--steps` the
 minutes stay a safety cap."""
+
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def test_budget_lr_factor():
     assert budget_lr_factor(0.1, warmup=0.1) == pytest.approx(1.0)
     assert budget_lr_factor(0.55, warmup=0.1) == pytest.approx(0.5)
     assert budget_lr_factor(1.0, warmup=0.1) == 0.0
-    assert budget_lr_factor(7.0, warmup=0.1) == 0.0            # past the budget: still zero
+    assert budget_lr_factor(7.0, warmup=0.1) == 0.0  # past the budget: still zero
     assert budget_lr_factor(0.55, warmup=0.1, kind="cosine") == pytest.approx(0.5)
     assert budget_lr_factor(0.9, warmup=0.1, kind="constant") == 1.0
     with pytest.raises(ValueError, match="schedule"):
@@ -35,7 +36,7 @@ def _trainer(out, clock_now, **kw):
     w = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
 
     def batch_fn(step, micro):
-        clock_now[0] += SECONDS_PER_STEP            # every step "takes" 3 s of the fake clock
+        clock_now[0] += SECONDS_PER_STEP  # every step "takes" 3 s of the fake clock
         g = torch.Generator().manual_seed(step)
         x = torch.randn(8, 6, generator=g)
         return {"x": x, "y": (x @ w).argmax(-1)}
@@ -44,8 +45,7 @@ def _trainer(out, clock_now, **kw):
         return F.cross_entropy(m(b["x"]), b["y"], reduction="sum"), b["y"].numel(), {}
 
     cfg = TrainConfig(out_dir=str(out), lr=1e-2, log_every=1, progress=False, optimizer="adamw", **kw)
-    return Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=lambda b: 8,
-                   clock=lambda: clock_now[0])
+    return Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=lambda b: 8, clock=lambda: clock_now[0])
 
 
 def _lrs(out):
@@ -56,10 +56,10 @@ def test_time_budget_spreads_warmup_and_decay_over_the_minutes(tmp_path):
     now = [0.0]
     res = _trainer(tmp_path / "a", now, steps=None, max_minutes=1.0).train()
     n = round(60 / SECONDS_PER_STEP)
-    assert res.step == n and not res.stopped_early          # ran until the clock said the minute was over
+    assert res.step == n and not res.stopped_early  # ran until the clock said the minute was over
     want = [1e-2 * budget_lr_factor(k * SECONDS_PER_STEP / 60) for k in range(1, n + 1)]
     assert _lrs(tmp_path / "a") == pytest.approx(want)
-    assert want[0] > 0 and max(want) == pytest.approx(1e-2, rel=0.1) and want[-1] == 0.0   # decay finished
+    assert want[0] > 0 and max(want) == pytest.approx(1e-2, rel=0.1) and want[-1] == 0.0  # decay finished
 
     # interrupted after 8 steps and resumed in a "new process" (a clock restarting at 0): the budget
     # continues where it stopped, so the learning rates are those of the uninterrupted run
@@ -76,7 +76,7 @@ def test_with_steps_the_minutes_are_a_safety_cap(tmp_path):
     res = _trainer(tmp_path, now, steps=100, max_minutes=1.0).train()
     assert res.step == 20 and res.stopped_early
     lrs = _lrs(tmp_path)
-    assert lrs[-1] > 0.5e-2                                  # the step schedule had barely begun to decay
+    assert lrs[-1] > 0.5e-2  # the step schedule had barely begun to decay
 
 
 def test_budget_flags_are_checked(tmp_path):

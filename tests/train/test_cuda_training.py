@@ -1,9 +1,10 @@
 """GPU checks (run by `make gpu-check`): unpadded varlen layout vs padded mask layout under bf16
 autocast, and a short bf16 pre-training run with MFU in metrics.jsonl."""
+
 import pytest
 import torch
-
 from train_helpers import tiny_config, tiny_corpus  # noqa: F401 (fixture)
+
 from fastformer.models.bert import BertConfig, BertForMaskedLM
 from fastformer.train.metrics import read_metrics
 from fastformer.train.pretrain import pretrain
@@ -12,8 +13,15 @@ from fastformer.train.pretrain import pretrain
 @pytest.mark.cuda
 def test_cuda_unpadded_matches_padded_bf16():
     torch.manual_seed(0)
-    cfg = dict(vocab_size=1003, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, dropout=0.0,
-               attention_dropout=0.0)
+    cfg = dict(
+        vocab_size=1003,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=256,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     a = BertForMaskedLM(BertConfig(**cfg, unpad=False)).cuda()
     b = BertForMaskedLM(BertConfig(**cfg, unpad=True)).cuda()
     b.load_state_dict(a.state_dict())

@@ -1,5 +1,6 @@
 """The fine-tuning recipe: epochs with a minimum step count, a stratified held-out slice of the training
 labels that picks the weights (never the eval file), and defaults that learn a small task out of the box."""
+
 import json
 import random
 
@@ -30,7 +31,7 @@ def test_heldout_split_is_stratified_disjoint_and_seeded():
     labels = [0] * 50 + [1] * 30 + [2] * 20 + [3]
     fit, held = heldout_split(labels, 0.1, seed=4)
     assert sorted(fit + held) == list(range(len(labels))) and not set(fit) & set(held)
-    assert [sum(labels[i] == c for i in held) for c in range(4)] == [5, 3, 2, 0]   # a lone example stays in fit
+    assert [sum(labels[i] == c for i in held) for c in range(4)] == [5, 3, 2, 0]  # a lone example stays in fit
     assert heldout_split(labels, 0.1, seed=4) == (fit, held)
     assert heldout_split(labels, 0.1, seed=5)[1] != held
     assert heldout_split(labels, 0.0, seed=4) == (list(range(len(labels))), [])
@@ -38,8 +39,8 @@ def test_heldout_split_is_stratified_disjoint_and_seeded():
 
 def test_planned_steps_epochs_minimum_and_explicit_steps():
     cfg = FinetuneConfig(batch_size=16, epochs=4, min_steps=300)
-    assert planned_steps(90, cfg) == (300, 6)                   # few labels: the minimum wins
-    assert planned_steps(9000, cfg) == (2252, 563)              # many: 4 epochs
+    assert planned_steps(90, cfg) == (300, 6)  # few labels: the minimum wins
+    assert planned_steps(9000, cfg) == (2252, 563)  # many: 4 epochs
     assert planned_steps(9000, FinetuneConfig(batch_size=16, steps=50)) == (50, 563)
     with pytest.raises(ValueError, match="--val-fraction"):
         FinetuneConfig(train="t.tsv", eval="e.tsv", val_fraction=1.0).validate()
@@ -49,15 +50,34 @@ def test_default_recipe_learns_a_small_task_and_keeps_the_selected_weights(tmp_p
     train, test = _write(tmp_path / "train.tsv", 120, 0), _write(tmp_path / "test.tsv", 200, 1)
     out = tmp_path / "ft"
     # no --steps, --lr, --epochs: the defaults a user gets
-    assert main(["finetune", "--train", str(train), "--eval", str(test), "--model", "bert-tiny", "--device", "cpu",
-                 "--out", str(out), "--no-progress", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--train",
+                str(train),
+                "--eval",
+                str(test),
+                "--model",
+                "bert-tiny",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["accuracy"] > 0.8, ev          # chance is 0.5: one cue word per row decides the label
+    assert ev["accuracy"] > 0.8, ev  # chance is 0.5: one cue word per row decides the label
     assert ev["n_train"] == 120 and ev["n_val"] == 12 and ev["n_fit"] == 108
     assert 0 < ev["selected_step"] <= ev["steps"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_accuracy" in r]
-    assert len(evals) >= 5                   # the held-out slice was scored along the way
+    assert len(evals) >= 5  # the held-out slice was scored along the way
     best = max(evals, key=lambda r: (r["eval_accuracy"], -r["eval_loss"]))
     assert best["step"] == ev["selected_step"]
     # the checkpoint holds the weights that were scored on --eval (the selected ones)
@@ -81,12 +101,36 @@ def test_default_recipe_learns_a_small_task_and_keeps_the_selected_weights(tmp_p
 def test_the_eval_file_never_steers_training(tmp_path):
     train = _write(tmp_path / "train.tsv", 60, 0)
     results = []
-    for i, seed in enumerate((1, 2)):            # two different eval files, everything else equal
+    for i, seed in enumerate((1, 2)):  # two different eval files, everything else equal
         out = tmp_path / f"ft{i}"
-        assert main(["finetune", "--train", str(train), "--eval", str(_write(tmp_path / f"e{i}.tsv", 30, seed)),
-                     "--model", "bert-tiny", "--device", "cpu", "--out", str(out), "--no-progress",
-                     "--min-steps", "24", "--seed", "5"]) == 0
-        results.append((json.loads((out / "eval.json").read_text())["selected_step"],
-                        load_checkpoint(out / "checkpoint.pt")["model"]))
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--train",
+                    str(train),
+                    "--eval",
+                    str(_write(tmp_path / f"e{i}.tsv", 30, seed)),
+                    "--model",
+                    "bert-tiny",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    "--min-steps",
+                    "24",
+                    "--seed",
+                    "5",
+                ]
+            )
+            == 0
+        )
+        results.append(
+            (
+                json.loads((out / "eval.json").read_text())["selected_step"],
+                load_checkpoint(out / "checkpoint.pt")["model"],
+            )
+        )
     (s0, w0), (s1, w1) = results
     assert s0 == s1 and all(torch.equal(w0[k], w1[k]) for k in w0)

@@ -1,5 +1,6 @@
 """Using what was trained: ff.models.load, predict (classifier labels, filled [MASK]), save_hf, and
 checkpoints that torch's weights-only loader reads (older ones too)."""
+
 import json
 import random
 import shutil
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close
 from train_helpers import finetune_config, make_corpus, make_tsv, tiny_config
+
 import fastformer as ff
 from fastformer.models.loading import RunFolderError
 from fastformer.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -35,7 +36,7 @@ def test_load_gives_model_tokenizer_labels_in_eval_mode(runs):
     model, tok, labels = ff.models.load(runs / "ft")
     assert type(model).__name__ == "BertForSequenceClassification" and not model.training
     assert labels == ["neg", "pos"] and tok.token_to_id("[CLS]") == 2
-    state = torch.load(runs / "ft" / "checkpoint.pt")["model"]          # torch's default: weights_only=True
+    state = torch.load(runs / "ft" / "checkpoint.pt")["model"]  # torch's default: weights_only=True
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     loaded = ff.models.load(runs / "pre")
     assert loaded.kind == "mlm" and loaded.labels is None and loaded.config["run"] == "pretrain"
@@ -102,7 +103,8 @@ def test_save_hf_matches_transformers(runs, tmp_path):
     assert_close(probs, ours, torch.float32, "HF probabilities", factor=10)
     assert hf_tok.decode(batch["input_ids"][0], skip_special_tokens=False).startswith("[CLS]")
     t5_head = ff.models.loading.ARCHITECTURES["T5EncoderForSequenceClassification"].build(
-        {"vocab_size": 64, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}, 2)
+        {"vocab_size": 64, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}, 2
+    )
     with pytest.raises(ValueError, match="no Hugging Face counterpart"):
         ff.models.save_hf(t5_head, tmp_path / "t5")
 

@@ -1,12 +1,13 @@
 """The peak-memory check before the first step, and the CPU thread default."""
+
 import json
 import os
 import re
 
 import pytest
 import torch
-
 from train_helpers import tiny_config, tiny_corpus  # noqa: F401 (fixture)
+
 from fastformer.models.bert import BertConfig, BertForMaskedLM
 from fastformer.models.presets import get_preset
 from fastformer.models.t5 import T5Config, T5ForConditionalGeneration
@@ -20,9 +21,10 @@ CPU = torch.device("cpu")
 
 
 def _bert(preset="bert-tiny", max_position=512):
-    with torch.device("meta"):      # shapes only: no memory, no init time
-        return BertForMaskedLM(BertConfig.from_dict({**get_preset(preset), "vocab_size": 8192,
-                                                     "max_position": max_position}))
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        return BertForMaskedLM(
+            BertConfig.from_dict({**get_preset(preset), "vocab_size": 8192, "max_position": max_position})
+        )
 
 
 def test_estimate_scales_with_batch_and_quadratically_with_length_on_the_eager_path():
@@ -30,13 +32,12 @@ def test_estimate_scales_with_batch_and_quadratically_with_length_on_the_eager_p
     a = estimate_memory(m, batch_size=8, seq_len=512, head_rows=0.15 * 8 * 512, device=CPU)
     b = estimate_memory(m, batch_size=16, seq_len=512, head_rows=0.15 * 16 * 512, device=CPU)
     c = estimate_memory(m, batch_size=8, seq_len=1024, head_rows=0.15 * 8 * 1024, device=CPU)
-    fused = estimate_memory(m, batch_size=8, seq_len=1024, head_rows=0.15 * 8 * 1024, device=CPU,
-                            fused_attention=True)
+    fused = estimate_memory(m, batch_size=8, seq_len=1024, head_rows=0.15 * 8 * 1024, device=CPU, fused_attention=True)
     n = sum(p.numel() for p in m.parameters())
-    assert a.weights == b.weights == n * 16                  # fp32 weights, grads, two Adam moments
+    assert a.weights == b.weights == n * 16  # fp32 weights, grads, two Adam moments
     assert b.activations == pytest.approx(2 * a.activations, rel=1e-6)
-    assert 2.5 * a.activations < c.activations < 4 * a.activations     # the (L, L) scores dominate
-    assert fused.activations < c.activations / 2              # no (L, L) scores kept by the fused kernels
+    assert 2.5 * a.activations < c.activations < 4 * a.activations  # the (L, L) scores dominate
+    assert fused.activations < c.activations / 2  # no (L, L) scores kept by the fused kernels
     # bench/memory_estimate.py measured a bert-tiny step at (8, 1024) on the CPU path growing the peak
     # RSS by about 0.7 GB, a t5-tiny step at (8, 512) by about 0.36 GB
     assert 0.5 * GB < c.total < 1.0 * GB
@@ -56,20 +57,21 @@ def test_check_refuses_with_a_suggestion_and_warns_when_close(monkeypatch):
         check_memory(est, batch_size=32, len_flag="--seq-len", seq_len=4096, grad_accum=1, warn=print)
     msg = str(info.value)
     assert msg.startswith("--batch-size 32 --seq-len 4096 needs about") and "of 4.0 GB available on cpu" in msg
-    b, accum = map(int, re.search(r"try --batch-size (\d+) --grad-accum (\d+) \(the same examples per step\)",
-                                  msg).groups())
+    b, accum = map(
+        int, re.search(r"try --batch-size (\d+) --grad-accum (\d+) \(the same examples per step\)", msg).groups()
+    )
     assert b * accum == 32 and "--no-memory-check" in msg
-    assert est(b, 4096).total <= 0.8 * 4 * GB < est(2 * b, 4096).total      # the largest batch that fits
+    assert est(b, 4096).total <= 0.8 * 4 * GB < est(2 * b, 4096).total  # the largest batch that fits
     with pytest.raises(ValueError, match="even --batch-size 1 does not fit: try --seq-len") as info:
         check_memory(est, batch_size=2, len_flag="--seq-len", seq_len=16384, grad_accum=1, warn=print)
     n = int(re.search(r"try --seq-len (\d+) with --batch-size 1", str(info.value)).group(1))
     assert n < 16384 and est(1, n).total <= 0.8 * 4 * GB < est(1, 2 * n).total
     warned = []
-    close = est(b, 4096).total / 0.9          # the run needs 90% of what is available
+    close = est(b, 4096).total / 0.9  # the run needs 90% of what is available
     monkeypatch.setattr(resources, "available_memory", lambda device: int(close))
     check_memory(est, batch_size=b, len_flag="--seq-len", seq_len=4096, grad_accum=1, warn=warned.append)
     assert len(warned) == 1 and "close to the limit" in warned[0]
-    monkeypatch.setattr(resources, "available_memory", lambda device: None)   # unknown: no check
+    monkeypatch.setattr(resources, "available_memory", lambda device: None)  # unknown: no check
     assert check_memory(est, batch_size=32, len_flag="--seq-len", seq_len=4096, grad_accum=1, warn=print).total > 0
 
 

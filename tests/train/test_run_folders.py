@@ -4,6 +4,7 @@ The interrupt tests drive the Trainer with a toy model whose batch function send
 own process at a chosen step, so which path runs (finish the step and save / stop at once) is
 deterministic; the CLI tests (tests/test_cli.py) send real signals to a `python -m fastformer` child.
 """
+
 import errno
 import json
 import os
@@ -13,8 +14,8 @@ import time
 import pytest
 import torch
 from torch import nn
-
 from train_helpers import finetune_config, make_tsv, tiny_config, tiny_corpus  # noqa: F401 (fixture)
+
 import fastformer as ff
 from fastformer.data.corpus import DataError
 from fastformer.data.tsv import read_tsv
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the held-out slice")
 # ---------------------------------------------------------------------------------------------------
 # --out
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_out_folder_is_refused_unless_resume_or_overwrite(tmp_path, tiny_corpus):
     out = tmp_path / "run"
@@ -63,7 +65,7 @@ def test_out_folder_is_refused_unless_resume_or_overwrite(tmp_path, tiny_corpus)
 def test_a_run_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
-    (out / "checkpoint.pt").unlink()                    # config.json and tokenizer.json, no step saved
+    (out / "checkpoint.pt").unlink()  # config.json and tokenizer.json, no step saved
     with pytest.raises(OutputError, match=r"stopped before its first checkpoint: add --overwrite"):
         pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
     with pytest.raises(ckpt_mod.CheckpointError, match=r"stopped before its first checkpoint.*--overwrite"):
@@ -87,6 +89,7 @@ def test_finetune_never_writes_into_a_pretraining_folder(tmp_path, tiny_corpus):
 # interrupts (a toy model: the signal is sent from inside the batch function)
 # ---------------------------------------------------------------------------------------------------
 
+
 def _toy_trainer(out, *, steps=8, on_batch=None, resume=False, save_every=2):
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
@@ -100,16 +103,30 @@ def _toy_trainer(out, *, steps=8, on_batch=None, resume=False, save_every=2):
     def step_fn(m, b, train):
         return ff.cross_entropy(m(b["x"]), b["y"], reduction="sum"), 8, {}
 
-    cfg = TrainConfig(out_dir=str(out), steps=steps, optimizer="adamw", log_every=1, progress=False,
-                      save_every=save_every, resume=resume)
-    return Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=lambda b: 8,
-                   fingerprint={"toy": 1}, device=torch.device("cpu"))
+    cfg = TrainConfig(
+        out_dir=str(out),
+        steps=steps,
+        optimizer="adamw",
+        log_every=1,
+        progress=False,
+        save_every=save_every,
+        resume=resume,
+    )
+    return Trainer(
+        model,
+        cfg,
+        batch_fn=batch_fn,
+        step_fn=step_fn,
+        tokens_fn=lambda b: 8,
+        fingerprint={"toy": 1},
+        device=torch.device("cpu"),
+    )
 
 
 def _send(signum, times=1):
     for _ in range(times):
         os.kill(os.getpid(), signum)
-        time.sleep(0.01)            # the Python handler runs before the next signal is sent
+        time.sleep(0.01)  # the Python handler runs before the next signal is sent
 
 
 def test_sigterm_finishes_the_step_writes_the_checkpoint_and_resume_reports_the_whole_run(tmp_path):
@@ -118,12 +135,14 @@ def test_sigterm_finishes_the_step_writes_the_checkpoint_and_resume_reports_the_
         _toy_trainer(out, on_batch=lambda s: s == 3 and _send(signal.SIGTERM)).train()
     e = info.value
     assert e.saved and e.step == 3 and e.exit_code == 143 and "SIGTERM" in str(e)
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)      # torch's default loader reads it
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # torch's default loader reads it
     assert ck["step"] == 3 and ck["progress"]["tokens"] == 3 * 8 and ck["progress"]["seconds"] > 0
-    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (
+        signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
     res = _toy_trainer(out, resume=True).train()
     assert res.step == 8 and res.resumed_from == 3
-    assert res.tokens == 8 * 8 and res.seconds > res.session_seconds   # the whole run, not this session
+    assert res.tokens == 8 * 8 and res.seconds > res.session_seconds  # the whole run, not this session
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 9))
 
 
@@ -153,12 +172,13 @@ def test_second_sigint_during_the_checkpoint_write_keeps_the_previous_one(tmp_pa
         _toy_trainer(out, on_batch=lambda s: s == 3 and _send(signal.SIGINT)).train()
     assert not info.value.saved and info.value.step == 2
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]   # no temp file left
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temp file left
 
 
 # ---------------------------------------------------------------------------------------------------
 # OS errors
 # ---------------------------------------------------------------------------------------------------
+
 
 class _FullDisk:
     """A file whose writes fail with ENOSPC once `room` bytes are used (torch.save gets this file)."""
@@ -192,7 +212,7 @@ def test_full_disk_is_one_line_naming_out_and_the_previous_checkpoint_survives(t
         f = real_open(path, mode, *a, **k)
         if ".checkpoint.pt.tmp" in str(path):
             calls["n"] += 1
-            if calls["n"] == 2:                 # the step-2 checkpoint fits, the step-4 one does not
+            if calls["n"] == 2:  # the step-2 checkpoint fits, the step-4 one does not
                 return _FullDisk(f, room=100)
         return f
 
@@ -208,8 +228,9 @@ def test_full_disk_is_one_line_naming_out_and_the_previous_checkpoint_survives(t
 
 def test_save_checkpoint_raises_the_os_error_not_torchs_wrapper(tmp_path, monkeypatch):
     real_open = open
-    monkeypatch.setattr(ckpt_mod, "open", lambda p, m="r", *a, **k: _FullDisk(real_open(p, m, *a, **k), 10),
-                        raising=False)
+    monkeypatch.setattr(
+        ckpt_mod, "open", lambda p, m="r", *a, **k: _FullDisk(real_open(p, m, *a, **k), 10), raising=False
+    )
     with pytest.raises(OSError) as info:
         save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "checkpoint.pt")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "checkpoint.pt")
@@ -235,6 +256,7 @@ def test_unwritable_out_is_named(tmp_path, tiny_corpus, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # validation, fine-tuning folders, resume
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_nonsense_settings_and_files_are_refused(tmp_path, tiny_corpus):
     train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)

@@ -1,5 +1,6 @@
 """The span objective on its own (the trainer lives in another layer): tokenizer, examples, collator,
 model, step, fine-tuning hooks; the loss falls on a tiny generated corpus."""
+
 import random
 
 import pytest
@@ -20,8 +21,11 @@ def _corpus(n_docs=60, seed=0):
     objects = ["the red ball", "a green tree", "the river", "an open window", "the blue house"]
     docs = []
     for _ in range(n_docs):
-        docs.append(" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
-                             for _ in range(rng.randint(3, 8))))
+        docs.append(
+            " ".join(
+                f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(rng.randint(3, 8))
+            )
+        )
     return docs
 
 
@@ -66,12 +70,13 @@ def test_loss_falls_and_fine_tuning_hooks(setup):
     examples = obj.make_examples(texts, tok, seq_len)
     coll = obj.make_collator(tok, seq_len)
     model = obj.build_model("t5-tiny", tok, seq_len=seq_len)
-    assert obj.flops_per_token(model, seq_len) > 6 * sum(p.numel() for n, p in model.named_parameters()
-                                                         if n.startswith("encoder."))
+    assert obj.flops_per_token(model, seq_len) > 6 * sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("encoder.")
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(40):
+    for _step in range(40):
         idx = torch.randint(len(examples), (8,), generator=g).tolist()
         batch = coll([examples[i] for i in idx], g)
         loss_sum, n, _ = obj.step(model, batch)
@@ -92,12 +97,16 @@ def test_loss_falls_and_fine_tuning_hooks(setup):
     # fine-tuning: encoder of the pre-trained model + head, rebuilt from the saved config
     cfg = obj.model_config(model)
     clf = obj.build_classifier(cfg, num_labels=3, pretrained_state=model.state_dict())
-    assert torch.equal(clf.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
-                       model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight)
+    assert torch.equal(
+        clf.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+        model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+    )
     ids = obj.encode_for_classification(tok, ["the cat sees the river.", "a dog"], max_len=6)
     assert all(x[-1].item() == EOS and x.numel() <= 6 for x in ids)
-    logits = clf(torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=PAD),
-                 torch.nn.utils.rnn.pad_sequence([torch.ones_like(x, dtype=torch.bool) for x in ids], batch_first=True))
+    logits = clf(
+        torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=PAD),
+        torch.nn.utils.rnn.pad_sequence([torch.ones_like(x, dtype=torch.bool) for x in ids], batch_first=True),
+    )
     assert logits.shape == (2, 3)
     with pytest.raises(ValueError, match="t5-"):
         obj.build_model("bert-tiny", tok, seq_len=seq_len)
@@ -120,6 +129,7 @@ def test_tokenizer_training_is_reproducible():
 
 # ---- with the trainer and CLI (fastformer.train.pretrain, fastformer.cli) ----
 
+
 def _write_corpus(path):
     path.write_text("\n\n".join(_corpus()) + "\n")
     return path
@@ -133,9 +143,23 @@ def test_span_pretrain_resume_equals_an_uninterrupted_run(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus.txt")
 
     def cfg(out, **kw):
-        base = dict(objective="span", model="t5-tiny", out_dir=str(out), data=[str(corpus)], steps=6, batch_size=4,
-                    seq_len=32, vocab_size=200, lr=2e-3, log_every=1, eval_every=3, eval_batches=2, progress=False,
-                    seed=3, device="cpu")
+        base = dict(
+            objective="span",
+            model="t5-tiny",
+            out_dir=str(out),
+            data=[str(corpus)],
+            steps=6,
+            batch_size=4,
+            seq_len=32,
+            vocab_size=200,
+            lr=2e-3,
+            log_every=1,
+            eval_every=3,
+            eval_batches=2,
+            progress=False,
+            seed=3,
+            device="cpu",
+        )
         return pt.PretrainConfig(**{**base, **kw})
 
     full, part = tmp_path / "full", tmp_path / "part"
@@ -152,14 +176,38 @@ def test_span_pretrain_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_cli_span_pretrain_then_finetune_from_the_encoder(tmp_path):
-    from fastformer import cli
     import json
+
+    from fastformer import cli
 
     corpus = _write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "pre"
-    rc = cli.main(["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(corpus), "--steps", "6",
-                   "--batch-size", "4", "--seq-len", "32", "--vocab-size", "200", "--device", "cpu", "--out", str(out),
-                   "--no-progress", "--log-every", "2"])
+    rc = cli.main(
+        [
+            "pretrain",
+            "--objective",
+            "span",
+            "--model",
+            "t5-tiny",
+            "--data",
+            str(corpus),
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--vocab-size",
+            "200",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--log-every",
+            "2",
+        ]
+    )
     assert rc in (0, None)
     for f in ("metrics.jsonl", "config.json", "tokenizer.json", "loss.png"):
         assert (out / f).stat().st_size > 0, f
@@ -176,9 +224,26 @@ def test_cli_span_pretrain_then_finetune_from_the_encoder(tmp_path):
             lines.append(f"{words} .\t{'pos' if label else 'neg'}")
         (tmp_path / name).write_text("\n".join(lines) + "\n")
     ft = tmp_path / "ft"
-    rc = cli.main(["finetune", "--train", str(tmp_path / "train.tsv"), "--eval", str(tmp_path / "eval.tsv"),
-                   "--init", str(out), "--steps", "4", "--batch-size", "4", "--device", "cpu", "--out", str(ft),
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "finetune",
+            "--train",
+            str(tmp_path / "train.tsv"),
+            "--eval",
+            str(tmp_path / "eval.tsv"),
+            "--init",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(ft),
+            "--no-progress",
+        ]
+    )
     assert rc in (0, None)
     ev = json.loads((ft / "eval.json").read_text())
     assert 0.0 <= ev["accuracy"] <= 1.0

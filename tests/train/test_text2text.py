@@ -1,14 +1,14 @@
 """Text-to-text fine-tuning (library level): a copy task the model learns, classification as text from a
 span pre-trained folder, ROUGE and exact match. Tiny generated pairs, CPU."""
+
 import json
 import random
 
 import pytest
+from train_helpers import make_corpus, tiny_config
 
 from fastformer.train.text2text import Text2TextConfig, finetune_text2text, generate_texts, load_text2text
 from fastformer.train.text_metrics import exact_match, normalize_text, rouge
-
-from train_helpers import make_corpus, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:--eval .* has only", "ignore:the held-out slice")
 
@@ -30,9 +30,25 @@ def test_copy_task_is_learned(tmp_path):
     train = _copy_pairs(tmp_path / "train.tsv", 2000, rng, header=True)
     ev = _copy_pairs(tmp_path / "eval.tsv", 48, rng, header=False)
     out = tmp_path / "run"
-    cfg = Text2TextConfig(train=str(train), eval=str(ev), model="t5-tiny", model_overrides=SMALL, steps=300,
-                          batch_size=32, lr=3e-3, warmup_steps=10, vocab_size=200, max_len=24, max_target_len=24,
-                          out_dir=str(out), device="cpu", progress=False, log_every=50, n_examples=5, seed=0)
+    cfg = Text2TextConfig(
+        train=str(train),
+        eval=str(ev),
+        model="t5-tiny",
+        model_overrides=SMALL,
+        steps=300,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=10,
+        vocab_size=200,
+        max_len=24,
+        max_target_len=24,
+        out_dir=str(out),
+        device="cpu",
+        progress=False,
+        log_every=50,
+        n_examples=5,
+        seed=0,
+    )
     s = finetune_text2text(cfg)
     assert s["exact_match"] >= 0.8, s["examples"]
     assert s["rougeL"] >= 0.9 and s["rouge1"] >= 0.9 and s["rouge2"] >= 0.5
@@ -75,9 +91,25 @@ def test_classification_as_text_from_span_pretraining(tmp_path):
 
     train, ev = write(tmp_path / "train.tsv", 200), write(tmp_path / "eval.tsv", 16)
     out = tmp_path / "cls"
-    s = finetune_text2text(Text2TextConfig(train=str(train), eval=str(ev), init=str(pre), steps=40, batch_size=16,
-                                           lr=2e-3, warmup_steps=4, max_len=16, max_target_len=8, dropout=0.1,
-                                           out_dir=str(out), device="cpu", progress=False, log_every=10, seed=0))
+    s = finetune_text2text(
+        Text2TextConfig(
+            train=str(train),
+            eval=str(ev),
+            init=str(pre),
+            steps=40,
+            batch_size=16,
+            lr=2e-3,
+            warmup_steps=4,
+            max_len=16,
+            max_target_len=8,
+            dropout=0.1,
+            out_dir=str(out),
+            device="cpu",
+            progress=False,
+            log_every=10,
+            seed=0,
+        )
+    )
     assert s["source"].startswith(f"init {pre}")
     assert (out / "tokenizer.json").read_text() == (pre / "tokenizer.json").read_text()
     assert json.loads((out / "config.json").read_text())["model_config"]["dropout_rate"] == 0.1
@@ -88,14 +120,39 @@ def test_refuses_encoder_only_models(tmp_path):
     rng = random.Random(2)
     pairs = _copy_pairs(tmp_path / "p.tsv", 10, rng, header=False)
     with pytest.raises(ValueError, match="encoder-decoder"):
-        finetune_text2text(Text2TextConfig(train=str(pairs), eval=str(pairs), model="bert-tiny",
-                                           out_dir=str(tmp_path / "o"), device="cpu", progress=False))
+        finetune_text2text(
+            Text2TextConfig(
+                train=str(pairs),
+                eval=str(pairs),
+                model="bert-tiny",
+                out_dir=str(tmp_path / "o"),
+                device="cpu",
+                progress=False,
+            )
+        )
     with pytest.raises(ValueError, match="not both"):
-        finetune_text2text(Text2TextConfig(train=str(pairs), eval=str(pairs), model="t5-tiny", init=str(tmp_path),
-                                           out_dir=str(tmp_path / "o"), device="cpu", progress=False))
+        finetune_text2text(
+            Text2TextConfig(
+                train=str(pairs),
+                eval=str(pairs),
+                model="t5-tiny",
+                init=str(tmp_path),
+                out_dir=str(tmp_path / "o"),
+                device="cpu",
+                progress=False,
+            )
+        )
     with pytest.raises(ValueError, match="num-beams"):
-        finetune_text2text(Text2TextConfig(train=str(pairs), eval=str(pairs), num_beams=0,
-                                           out_dir=str(tmp_path / "o"), device="cpu", progress=False))
+        finetune_text2text(
+            Text2TextConfig(
+                train=str(pairs),
+                eval=str(pairs),
+                num_beams=0,
+                out_dir=str(tmp_path / "o"),
+                device="cpu",
+                progress=False,
+            )
+        )
 
 
 def test_rouge_and_exact_match_values():
@@ -119,8 +176,21 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     rng = random.Random(3)
     train = _copy_pairs(tmp_path / "train.tsv", 200, rng, header=True)
     ev = _copy_pairs(tmp_path / "eval.tsv", 4, rng, header=False)
-    base = dict(train=str(train), eval=str(ev), model="t5-tiny", model_overrides=SMALL, steps=6, batch_size=8,
-                lr=1e-3, vocab_size=200, max_len=12, max_target_len=12, device="cpu", progress=False, seed=0)
+    base = dict(
+        train=str(train),
+        eval=str(ev),
+        model="t5-tiny",
+        model_overrides=SMALL,
+        steps=6,
+        batch_size=8,
+        lr=1e-3,
+        vocab_size=200,
+        max_len=12,
+        max_target_len=12,
+        device="cpu",
+        progress=False,
+        seed=0,
+    )
     finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "a"), **base))
     finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), stop_at=3, **base))
     s = finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
@@ -140,13 +210,26 @@ def test_ctrl_c_during_the_final_generation_keeps_the_run_and_resume_generates(t
     rng = random.Random(4)
     train = _copy_pairs(tmp_path / "train.tsv", 100, rng, header=True)
     ev = _copy_pairs(tmp_path / "eval.tsv", 6, rng, header=False)
-    cfg = dict(train=str(train), eval=str(ev), model="t5-tiny", model_overrides=SMALL, steps=4, batch_size=8,
-               lr=1e-3, vocab_size=200, max_len=12, max_target_len=12, device="cpu", progress=False, seed=0,
-               out_dir=str(tmp_path / "run"))
+    cfg = dict(
+        train=str(train),
+        eval=str(ev),
+        model="t5-tiny",
+        model_overrides=SMALL,
+        steps=4,
+        batch_size=8,
+        lr=1e-3,
+        vocab_size=200,
+        max_len=12,
+        max_target_len=12,
+        device="cpu",
+        progress=False,
+        seed=0,
+        out_dir=str(tmp_path / "run"),
+    )
     original = t2t.generate_texts
 
     def interrupted(*args, **kw):
-        os.kill(os.getpid(), signal.SIGINT)      # the handler raises at once: nothing is generated
+        os.kill(os.getpid(), signal.SIGINT)  # the handler raises at once: nothing is generated
         return original(*args, **kw)
 
     monkeypatch.setattr(t2t, "generate_texts", interrupted)
@@ -154,9 +237,9 @@ def test_ctrl_c_during_the_final_generation_keeps_the_run_and_resume_generates(t
         finetune_text2text(Text2TextConfig(**cfg))
     assert info.value.saved and info.value.step == 4 and info.value.exit_code == 130
     assert not (tmp_path / "run" / "eval.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handlers restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.setattr(t2t, "generate_texts", original)
-    s = finetune_text2text(Text2TextConfig(resume=True, **cfg))              # no training left: generates
+    s = finetune_text2text(Text2TextConfig(resume=True, **cfg))  # no training left: generates
     assert s["steps"] == 4 and s["resumed_from"] == 4 and s["n_eval"] == 6
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert s["final_train_loss"] == last["loss"]

@@ -1,10 +1,11 @@
 """Trainer: loss goes down, exact resume, atomic checkpoints, schedules, accumulation, mismatches."""
+
 import json
 
 import pytest
 import torch
-
 from train_helpers import tiny_config, tiny_corpus  # noqa: F401 (fixture)
+
 from fastformer.train import checkpoint as ckpt_mod
 from fastformer.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastformer.train.metrics import read_metrics
@@ -59,8 +60,11 @@ def test_line_by_line_dynamic_padding_with_grad_accumulation(tmp_path, tiny_corp
     """--line-by-line examples (padded to a multiple of 8, key-padding mask) with 2 micro-batches per
     step: the logged loss is the mean over the predicted tokens of both micro-batches."""
     out = tmp_path / "acc"
-    pretrain(tiny_config(out, tiny_corpus, steps=4, grad_accum=2, eval_every=0, optimizer="adamw",
-                         packing=False, schedule="cosine"))
+    pretrain(
+        tiny_config(
+            out, tiny_corpus, steps=4, grad_accum=2, eval_every=0, optimizer="adamw", packing=False, schedule="cosine"
+        )
+    )
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 4 and all(r["loss"] > 0 and r["predicted_tokens"] > 0 for r in rows)
 
@@ -117,13 +121,23 @@ def test_resume_checks_the_flags_and_follows_a_new_step_count(tmp_path, tiny_cor
     pretrain(tiny_config(out, tiny_corpus, steps=2, eval_every=0, schedule="linear", warmup_steps=0))
     for flag, value in (("lr", 5e-3), ("seed", 4), ("batch_size", 2), ("schedule", "cosine")):
         with pytest.raises(CheckpointError, match=flag):
-            pretrain(tiny_config(out, tiny_corpus, steps=4, eval_every=0, warmup_steps=0, resume=True,
-                                 **{"schedule": "linear", flag: value}))
+            pretrain(
+                tiny_config(
+                    out,
+                    tiny_corpus,
+                    steps=4,
+                    eval_every=0,
+                    warmup_steps=0,
+                    resume=True,
+                    **{"schedule": "linear", flag: value},
+                )
+            )
     pretrain(tiny_config(out, tiny_corpus, steps=4, eval_every=0, schedule="linear", warmup_steps=0, resume=True))
     lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl")]
     # steps 1-2 ran under the 2-step schedule, steps 3-4 under the 4-step one
-    expect = [1e-3 * lr_factor(s, total=2, warmup=0) for s in (0, 1)] + \
-             [1e-3 * lr_factor(s, total=4, warmup=0) for s in (2, 3)]
+    expect = [1e-3 * lr_factor(s, total=2, warmup=0) for s in (0, 1)] + [
+        1e-3 * lr_factor(s, total=4, warmup=0) for s in (2, 3)
+    ]
     assert lrs == pytest.approx(expect)
 
 
@@ -153,8 +167,7 @@ def test_compiled_training_matches_eager(tmp_path, tiny_corpus):
     the plain module's keys."""
     a, b = tmp_path / "a", tmp_path / "b"
     pretrain(tiny_config(a, tiny_corpus, steps=3, eval_every=0))
-    pretrain(tiny_config(b, tiny_corpus, steps=3, eval_every=0, compile="eager",
-                         tokenizer=str(a / "tokenizer.json")))
+    pretrain(tiny_config(b, tiny_corpus, steps=3, eval_every=0, compile="eager", tokenizer=str(a / "tokenizer.json")))
     la = [r["loss"] for r in read_metrics(a / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(b / "metrics.jsonl")]
     assert la == pytest.approx(lb, rel=1e-6)
@@ -165,7 +178,7 @@ def test_compiled_training_matches_eager(tmp_path, tiny_corpus):
 
 def test_resume_accepts_older_checkpoints_and_an_equal_explicit_warmup(tmp_path, tiny_corpus):
     out = tmp_path / "run"
-    pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=2, eval_every=0))   # default warmup: 3 steps
+    pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=2, eval_every=0))  # default warmup: 3 steps
     # an explicit --warmup-steps equal to the default's value is the same run
     pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=3, eval_every=0, warmup_steps=3, resume=True))
     with pytest.raises(CheckpointError, match="warmup"):
