@@ -625,6 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate every N steps (default: classify with a held-out slice, once "
         "per epoch on it, then once on --eval; otherwise at the end only)",
     )
+    _task_default(
+        fin,
+        "max_minutes",
+        help="stop (with a checkpoint) after this many minutes of training in this session; a fine-tuning "
+        "run's length and schedule come from its epochs or --steps",
+    )
     cls = fin.add_argument_group("classification (--task classify)")
     cls.add_argument(
         "--epochs",

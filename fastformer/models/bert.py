@@ -53,7 +53,7 @@ class BertConfig:
     unpad: bool | None = None  # None: unpad + varlen attention on CUDA, and on CPU for batches >= 1/8 padding
     initializer_range: float = 0.02
     pooling: str = "cls"  # sequence classification: pooler on "cls" ([CLS], as BERT) or on the "mean"
-    # of the real tokens' states (better after MLM-only pre-training)
+    # of the real tokens' states
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,8 +317,9 @@ class BertForSequenceClassification(nn.Module):
     """Encoder + pooler (dense + tanh on [CLS], or on the masked mean of the token states with
     cfg.pooling "mean") + dropout + linear. forward -> logits (B, num_labels).
 
-    MLM pre-training never trains the [CLS] state (no next-sentence task here), while every token
-    state learned to carry its context: with few labels the mean of them is the better feature."""
+    MLM pre-training never trains the [CLS] state (no next-sentence task here), while every token state
+    learned to carry its context, so the mean is offered beside BERT's [CLS]; only "cls" has a Hugging
+    Face counterpart (to_hf refuses "mean")."""
 
     def __init__(self, cfg: BertConfig, num_labels: int):
         if cfg.pooling not in ("cls", "mean"):

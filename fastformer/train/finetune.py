@@ -6,7 +6,7 @@ From scratch (`--model PRESET`): a tokenizer is trained on the training texts an
 Writes DIR/config.json and tokenizer.json first (what `ff.models.load` and `--resume` read), then
 metrics.jsonl, checkpoint.pt, loss.png and at the end eval.json (accuracy, eval loss, label names).
 
-The recipe that works out of the box from a hundred labels to tens of thousands (docs/pretraining.md):
+The recipe that works out of the box from a hundred labels to tens of thousands (docs/training.md):
 - length in epochs, not steps: `epochs` passes over the training labels, but at least `min_steps`
   optimizer steps (a few hundred examples need many passes); `steps` overrides both;
 - warmup (6% of the steps) then linear decay, one learning rate for pre-trained and random weights;
@@ -68,7 +68,8 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> None:
         # steps None is resolved from the data size in finetune(); validate the rest meanwhile
-        TrainConfig.validate(self if self.steps is not None else _replace(self, steps=1))
+        # (with a placeholder that no --warmup-steps exceeds: the Trainer validates the planned steps again)
+        TrainConfig.validate(self if self.steps is not None else _replace(self, steps=2**31))
         if not self.train or not self.eval:
             raise ValueError("finetune needs --train FILE.tsv and --eval FILE.tsv")
         if self.max_len < 8:

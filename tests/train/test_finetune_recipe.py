@@ -44,6 +44,8 @@ def test_planned_steps_epochs_minimum_and_explicit_steps():
     assert planned_steps(9000, FinetuneConfig(batch_size=16, steps=50)) == (50, 563)
     with pytest.raises(ValueError, match="--val-fraction"):
         FinetuneConfig(train="t.tsv", eval="e.tsv", val_fraction=1.0).validate()
+    # --warmup-steps without --steps: checked against the planned steps later, not a placeholder now
+    FinetuneConfig(train="t.tsv", eval="e.tsv", warmup_steps=50).validate()
 
 
 def test_default_recipe_learns_a_small_task_and_keeps_the_selected_weights(tmp_path):
