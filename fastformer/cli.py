@@ -605,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     _task_default(
         fin,
         "lr",
-        help=f"peak learning rate (default {FinetuneConfig.lr:g}; {Text2TextConfig.lr:g} for --task text2text)",
+        help="peak learning rate (default: 1e-4 x 768 / the model's hidden size, e.g. 6e-4 for bert-tiny, 1e-4 "
+        f"for bert-base; {Text2TextConfig.lr:g} for --task text2text)",
     )
     _task_default(
         fin,
