@@ -16,8 +16,10 @@ the library's defaults unless a flag below says otherwise, exactly as a user wou
 3. a bag-of-words logistic regression (bench/bow_baseline.py) on the same label sets.
 
 Runs go under --work (one folder each); a run whose result file exists is skipped, so an interrupted
-experiment continues where it stopped. Results: bench/results/pretraining_benefit_<tag>.{json,md,png}
-(mean ± std over seeds, the paired gains, and the targets checked).
+experiment continues where it stopped; `--summary-only` rewrites the results from the runs that finished
+(e.g. the 10,001-label runs of one objective added by a later invocation). Results:
+bench/results/pretraining_benefit_<tag>.{json,md,png} (mean ± std over seeds, the paired gains, and the
+targets checked).
 """
 
 from __future__ import annotations
@@ -284,10 +286,14 @@ def save(results, pre_info, cells, checks, a, models, started) -> None:
         )
     )
 
-    def fmt(d):
-        return f"{d['mean']:.3f} ± {d['std']:.3f}" if d else "—"
-
     seeds = sorted({r["seed"] for r in results})
+
+    def fmt(d):
+        if not d:
+            return "—"
+        # a cell with fewer seeds than the table (an unfinished experiment) says how many
+        return f"{d['mean']:.3f} ± {d['std']:.3f}" + (f" (n={d['n']})" if d.get("n", len(seeds)) < len(seeds) else "")
+
     lines = [
         f"AG News test accuracy (all rows of test.tsv), mean ± std over seeds {seeds}; gain = pre-trained − "
         "random init, paired by seed.",
@@ -347,6 +353,27 @@ def save(results, pre_info, cells, checks, a, models, started) -> None:
     log(f"saved {stem}.json .md .png")
 
 
+def summary_only(a, work: Path, models: dict[str, str], started: float) -> None:
+    """The results of the runs in `work` that finished (eval.json, done.json, the baselines' JSON)."""
+    results, pre_info = [], {}
+    for seed in a.seeds:
+        for n in a.sizes:
+            if (work / f"bow_{n}_seed{seed}.json").is_file():
+                results.append(bow(a, Path("unused"), n, seed, work))
+        for obj in a.objectives:
+            pre_seed = a.seeds[0] if a.shared_pretraining else seed
+            pre_dir = work / f"pretrain_{obj}_{models[obj]}_seed{pre_seed}"
+            if (pre_dir / "done.json").is_file():
+                pre_info[f"{obj}_seed{pre_seed}"] = json.loads((pre_dir / "done.json").read_text())
+            for n in a.sizes:
+                for arm in ARMS:
+                    if (work / f"finetune_{obj}_{models[obj]}_{arm}_{n}_seed{seed}" / "eval.json").is_file():
+                        results.append(finetune(a, obj, models[obj], arm, pre_dir, Path("unused"), n, seed, work))
+    log(f"{len(results)} finished runs in {work}")
+    cells, checks = summarise(results, models)
+    save(results, pre_info, cells, checks, a, models, started)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with unlabeled.txt, dev.tsv, test.tsv")
@@ -372,6 +399,11 @@ def main() -> None:
     p.add_argument("--pretrain-args", default="", help="extra `fastformer pretrain` flags, one quoted string")
     p.add_argument("--finetune-args", default="", help="extra `fastformer finetune` flags, one quoted string")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: rewrite the results from the finished runs in --work (a missing run is left out)",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="label counts (subset of 100 1000 10001)")
     a = p.parse_args()
     data_dir = Path(a.data_dir)
@@ -390,6 +422,9 @@ def main() -> None:
         f"runs, {len(a.seeds) * len(a.sizes)} linear baselines; work folder {work}"
     )
 
+    if a.summary_only:
+        summary_only(a, work, models, started)
+        return
     results, pre_info, done = [], {}, 0
     for seed in a.seeds:  # seed-major: an interrupted experiment still has whole seeds
         sets = label_sets(data_dir, work, seed)
