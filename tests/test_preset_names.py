@@ -226,8 +226,9 @@ def test_old_runs_recorded_under_a_deprecated_name_resume_and_load(tmp_path, mon
 
 
 def test_finetune_lr_default_follows_the_task(monkeypatch):
-    """No --lr: classify uses FinetuneConfig's default (1e-4), text2text Text2TextConfig's (5e-4); --help
-    says both; an explicit --lr is used by either."""
+    """No --lr: classify leaves it to FinetuneConfig (None: the model width's rule, resolved when the model
+    is built), text2text uses Text2TextConfig's (5e-4); --help says both; an explicit --lr is used by
+    either."""
     import fastformer.train.finetune as fin
     import fastformer.train.text2text as t2t
     from fastformer.cli import build_parser
@@ -238,10 +239,11 @@ def test_finetune_lr_default_follows_the_task(monkeypatch):
     monkeypatch.setattr("fastformer.cli._is_main", lambda: False)
     base = ["finetune", "--train", "a.tsv", "--eval", "b.tsv"]
     assert main(base) == 0 and main(base + ["--task", "text2text"]) == 0
-    assert seen["classify"].lr == 1e-4 == fin.FinetuneConfig.lr
+    assert seen["classify"].lr is None and fin.FinetuneConfig.lr is None
     assert seen["text2text"].lr == 5e-4 == t2t.Text2TextConfig.lr
     seen.clear()
     assert main(base + ["--lr", "3e-3"]) == 0 and main(base + ["--task", "text2text", "--lr", "3e-3"]) == 0
     assert seen["classify"].lr == seen["text2text"].lr == 3e-3
     help_ = " ".join(build_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
-    assert "--lr LR peak learning rate (default 0.0001; 0.0005 for --task text2text)" in help_
+    assert "--lr LR peak learning rate (default: 1e-4 x 768 / the model's hidden size" in help_
+    assert "0.0005 for --task text2text)" in help_
