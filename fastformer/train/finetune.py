@@ -172,12 +172,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         D.shutdown(info)
 
 
-def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> dict:
-    cfg.validate()
-    if cfg.init and cfg.model:
-        raise ValueError("give either --init DIR or --model PRESET, not both")
-    if cfg.init and cfg.tokenizer:
-        raise ValueError("--tokenizer goes with --model: an --init folder brings its own tokenizer")
+def prepare_finetune_out(cfg: TrainConfig, info: D.DistInfo) -> Path:
+    """--out of a fine-tuning run (classification or text-to-text): never the --init folder, checked by
+    prepare_out_dir (a new folder, this run's with --resume, or --overwrite) on every rank before rank 0
+    writes into it."""
     out = Path(cfg.out_dir)
     if cfg.init and out.resolve() == Path(cfg.init).resolve():
         raise ValueError(
@@ -186,6 +184,16 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         )
     prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
     D.barrier(info)  # every rank has checked --out before rank 0 writes
+    return out
+
+
+def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> dict:
+    cfg.validate()
+    if cfg.init and cfg.model:
+        raise ValueError("give either --init DIR or --model PRESET, not both")
+    if cfg.init and cfg.tokenizer:
+        raise ValueError("--tokenizer goes with --model: an --init folder brings its own tokenizer")
+    out = prepare_finetune_out(cfg, info)
     threads = set_threads(cfg.threads)
     train_texts, train_labels = read_tsv(cfg.train)
     eval_texts, eval_labels = read_tsv(cfg.eval)

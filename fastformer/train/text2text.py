@@ -46,10 +46,11 @@ from fastformer.models.t5 import T5_PRESETS, T5Config, T5ForConditionalGeneratio
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from .finetune import prepare_finetune_out
 from .metrics import plot_loss, read_metrics
 from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
-from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
+from .run_dir import FastformerWarning, make_out_dir, write_file, writing
 from .text_metrics import exact_match, rouge
 from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
@@ -334,14 +335,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         raise ValueError("give either --init DIR or --model PRESET, not both")
     if cfg.init and cfg.model_overrides:
         raise ValueError("model_overrides change a preset's random-init architecture; --init fixes the architecture")
-    out = Path(cfg.out_dir)
-    if cfg.init and out.resolve() == Path(cfg.init).resolve():
-        raise ValueError(
-            f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
-            "pre-trained checkpoint and metrics; choose another --out"
-        )
-    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
-    D.barrier(info)  # every rank has checked --out before rank 0 writes
+    out = prepare_finetune_out(cfg, info)
     threads = set_threads(cfg.threads)
     train_inputs, train_targets = read_pairs(cfg.train)
     eval_inputs, eval_targets = read_pairs(cfg.eval)
