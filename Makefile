@@ -82,14 +82,16 @@ info: env
 	$(PY) -m fastformer info
 
 # The main job: a couple of minutes of MLM pre-training on the built-in corpus (Python docstrings, no
-# download). CPU: bert-tiny; a CUDA GPU: bert-base with bf16 autocast. Override with DEMO_ARGS=...
+# download). CPU: bert-tiny; a CUDA GPU: bert-base with bf16 autocast. A time budget without --steps:
+# warmup and decay follow the 2 minutes, so the run ends with its schedule finished on any machine.
+# Override with DEMO_ARGS=... (a later flag wins, e.g. DEMO_ARGS="--max-minutes 10").
 # Each `make demo` replaces the previous demo run (--overwrite).
 DEMO_OUT ?= runs/demo
 demo: env
 	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-	  args="--model bert-base --batch-size 64 --seq-len 128 --lr 2e-4 --steps 3000"; \
+	  args="--model bert-base --batch-size 64 --seq-len 128 --lr 2e-4"; \
 	else \
-	  args="--model bert-tiny --batch-size 32 --seq-len 128 --lr 1e-3 --steps 600"; \
+	  args="--model bert-tiny --batch-size 32 --seq-len 128 --lr 1e-3"; \
 	fi; \
 	echo "fastformer pretrain --objective mlm $$args --max-minutes 2 --out $(DEMO_OUT) $(DEMO_ARGS)"; \
 	PYTHONUNBUFFERED=1 $(PY) -m fastformer pretrain --objective mlm $$args --max-minutes 2 --eval-every 200 \
