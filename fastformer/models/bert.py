@@ -14,8 +14,13 @@ and computes the loss with ff.linear_cross_entropy against the word-embedding ma
 (N, V) logits are never built for the ~85% of tokens that are not predicted.
 
 CPU training costs that are not matrix products, and what this file does about them:
-- dropout masks: torch draws a float per element from a serial generator; `Dropout` below draws 64
-  random bits per four elements instead (same keep probability to 2e-5, same expectation);
+- dropout masks: torch draws a float per element from a serial generator, then scales and multiplies
+  in more passes; `Dropout` below draws, applies and stores the mask in one pass of the compiled
+  extension (csrc/dropout_cpu.cpp), or draws 64 random bits per four elements without it (same keep
+  probability to 2e-5, same expectation);
+- attention with dropout (training, padded layout): torch's CPU SDPA falls back to its math path
+  (head copies, a float per probability); `_cpu_attention.self_attention_dropout` runs per-head GEMMs
+  on the q|k|v projection's own layout with the cheap keep masks;
 - the tied word-embedding gradient: the input lookup's gradient touches at most B*L rows of the
   (V, H) matrix, so in `BertForMaskedLM` it is handed to autograd as sparse rows that are added to
   the head's dense gradient, instead of a second dense (V, H) buffer filled with zeros;
@@ -33,7 +38,9 @@ from torch import nn
 
 import fastformer as ff
 
+from . import _cpu_attention
 from ._autocast import autocast_dtype
+from ._cpu_attention import keep_mask, keep_scale
 
 
 @dataclass
@@ -72,21 +79,21 @@ def _compiling() -> bool:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose CPU training mask comes from 16-bit lanes of bulk 64-bit random integers (from
-    torch's default generator, so torch.manual_seed reproduces it): a quarter of the generator calls of
-    torch's float-per-element draw (also under torch.compile, so a compiled run draws the same masks). On
-    CUDA and in eval it is nn.Dropout."""
+    """nn.Dropout with cheaper CPU training masks, reproducible with torch.manual_seed (see
+    models/_cpu_attention.py): with the compiled extension, one pass that draws the mask from a
+    counter-based hash of a seed taken from torch's default generator, applies it and keeps it for
+    backward (fp32/fp64); otherwise, and under torch.compile, 16-bit lanes of bulk 64-bit random
+    integers from torch's generator (a quarter of the generator calls of torch's float-per-element
+    draw). Same keep probability to 2e-5, same expectation. On CUDA and in eval it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         if self.p >= 1.0:
             return x * 0.0
-        n = x.numel()
-        drop = round(self.p * 65536)  # keep a lane iff its 16-bit value >= -32768 + drop
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= (drop - 32768)
-        return x * (keep * (65536.0 / (65536 - drop))).to(x.dtype)
+        if _compiling():  # the lanes version traces as plain torch ops
+            return x * (keep_mask(x.shape, self.p, x.device) * keep_scale(self.p)).to(x.dtype)
+        return _cpu_attention.dropout(x, self.p)
 
 
 class _Layout:
@@ -124,6 +131,8 @@ class BertSelfAttention(nn.Module):
                 q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen, dropout_p=p
             )
             o = o.reshape(x.shape)
+        elif 0.0 < p < 1.0 and not _compiling() and _cpu_attention.usable(qkv, layout.mask):
+            o = _cpu_attention.self_attention_dropout(qkv, self.h, p, layout.mask)  # CPU training
         else:
             B, L, _ = x.shape
             q, k, v = qkv.view(B, L, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, L, d)

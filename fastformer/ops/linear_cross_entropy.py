@@ -53,19 +53,23 @@ def _ce_rows_torch_(
     gscale=None,
     ignore_index: int = -100,
     colsum=None,
+    bias=None,
 ):
     """Torch-math twin of kernels.cross_entropy_launch.ce_forward for rows without class weights.
 
     logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
     gscale: (c,) or None). target: (c,) class indices (ignore_index rows: loss 0, gradient 0) or
     (c, V) probabilities. scale: 0-d tensor or float, 1 / #rows for "mean", else 1. Returns fp32 (c,)
-    scaled per-row losses; colsum (V,) fp32, if given, gets the gradient's column sums added. Works on
+    scaled per-row losses; colsum (V,) fp32, if given, gets the gradient's column sums added. bias
+    (V,), if given, is added to the logits first, block by block (fp32/fp64 logits only). Works on
     blocks of rows so that the fp32 temporaries stay small."""
     c, V = logits.shape
     sub = max(1, TORCH_SUB_ELEMENTS // max(V, 1))
     out = torch.empty(c, dtype=torch.float32, device=logits.device)
     for s in range(0, c, sub):
         e = min(c, s + sub)
+        if bias is not None:
+            logits[s:e].add_(bias)
         out[s:e] = _ce_block_torch_(
             logits[s:e],
             target[s:e],
@@ -86,21 +90,37 @@ def _ce_block_torch_(
     V = logits.shape[1]
     xf = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     sA = sB = scale  # no class weights: the CE and z parts share the denominator
-    lse = torch.logsumexp(xf, dim=1)
     valid = None
-    if target.is_floating_point():
+    # what the loss needs from the raw logits, taken before xf is overwritten below
+    soft = target.is_floating_point()
+    if soft:
         y = target.to(xf.dtype)
         if eps > 0.0:
             y = (1.0 - eps) * y + eps / V
         mass = y.sum(dim=1)
-        ce = mass * lse - (y * xf).sum(dim=1)
+        yx = (y * xf).sum(dim=1)
     else:
         valid = target != ignore_index
         t = torch.where(valid, target, torch.zeros_like(target)).long()[:, None]
         mass = None
-        ce = (1.0 - eps) * (lse - xf.gather(1, t)[:, 0])
+        xt = xf.gather(1, t)[:, 0]
+        xsum = xf.sum(dim=1) if eps > 0.0 else None
+    if want_grad:
+        # exp once: xf <- exp(xf - rowmax) in place; its row sums give lse, and rescaled it is the
+        # softmax the gradient needs (logsumexp, then exp(xf - lse), would take every exp twice)
+        m = xf.amax(dim=1)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # as logsumexp: all -inf rows stay -inf
+        xf.sub_(m[:, None]).exp_()
+        sumexp = xf.sum(dim=1)
+        lse = m + sumexp.log()
+    else:
+        lse = torch.logsumexp(xf, dim=1)
+    if soft:
+        ce = mass * lse - yx
+    else:
+        ce = (1.0 - eps) * (lse - xt)
         if eps > 0.0:
-            ce = ce + eps * lse - (eps / V) * xf.sum(dim=1)
+            ce = ce + eps * lse - (eps / V) * xsum
     loss = sA * ce
     if z_loss != 0.0:
         loss = loss + sB * z_loss * lse * lse
@@ -112,10 +132,10 @@ def _ce_block_torch_(
             g = torch.where(valid, g, torch.zeros_like(g))
         if mass is not None:
             coef = g * (sA * mass + sB * 2.0 * z_loss * lse)
-            xf.sub_(lse[:, None]).exp_().mul_(coef[:, None]).sub_((g * sA)[:, None] * y)
+            xf.mul_((coef / sumexp)[:, None]).sub_((g * sA)[:, None] * y)
         else:
             coef = g * (sA + sB * 2.0 * z_loss * lse)  # (1 - eps) + eps / V * V == 1 without class weights
-            xf.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+            xf.mul_((coef / sumexp)[:, None])
             if eps > 0.0:
                 xf.sub_((g * sA * (eps / V))[:, None])
             xf.scatter_add_(1, t, (-(g * sA * (1.0 - eps)))[:, None])
@@ -190,7 +210,10 @@ def _run_chunks(
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc = x_k[s:e]
-        logits = torch.addmm(b, xc, W.t()) if b is not None else xc @ W.t()  # (c, V), owned here
+        # CPU, fp32/fp64: the bias is added inside the CE rows (a pass over the logits either way, but
+        # addmm first writes the broadcast bias over the whole chunk, then reads it back in the GEMM)
+        late_bias = b is not None and not use_kernel and x_k.dtype in (torch.float32, torch.float64)
+        logits = torch.addmm(b, xc, W.t()) if b is not None and not late_bias else xc @ W.t()  # (c, V)
         gs = gscale[s:e] if gscale is not None else None
         if use_kernel:
             rows, _ = K.ce_forward(
@@ -204,7 +227,9 @@ def _run_chunks(
                 gscale=gs,
             )
         else:
-            rows = _ce_rows_torch_(logits, t_k[s:e], scale, eps, z, want_grad, gs, ignore_index, colsum=gb)
+            rows = _ce_rows_torch_(
+                logits, t_k[s:e], scale, eps, z, want_grad, gs, ignore_index, colsum=gb, bias=b if late_bias else None
+            )
         if loss_rows is not None:
             loss_rows[s:e] = rows
         if grad_x is not None:
@@ -212,11 +237,20 @@ def _run_chunks(
                 torch.mm(logits, W, out=grad_x[s:e])
             else:
                 grad_x.index_copy_(0, keep[s:e], logits @ W)
-        if gW is not None:
-            gW.addmm_(logits.t(), xc)  # fp32 sums inside the GEMM, one rounding into gW
+        if gW is not None:  # fp32 sums inside the GEMM, one rounding into gW
+            if s == 0:
+                torch.mm(logits.t(), xc, out=gW)  # gW starts uninitialised (_grad_W): no zero fill
+            else:
+                gW.addmm_(logits.t(), xc)
         if gb is not None and use_kernel:
             _colsum_(gb, logits)
         del logits  # before the next chunk's is made: one chunk buffer alive, not two
+
+
+def _grad_W(W: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """The buffer for grad_W: uninitialised when some row is kept (the first chunk's GEMM writes all of
+    it), zeros when none is (the chunk loop does not run)."""
+    return torch.empty_like(W, memory_format=torch.contiguous_format) if n_kept > 0 else torch.zeros_like(W)
 
 
 def _sync_free(x: torch.Tensor) -> bool:
@@ -266,7 +300,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             ctx.grads = None
         else:
             grad_x = (torch.zeros_like(x) if keep is not None else torch.empty_like(x)) if need_x else None
-            gW = torch.zeros_like(W) if need_W else None
+            gW = _grad_W(W, n) if need_W else None
             gb = torch.zeros(V, dtype=torch.float32, device=x.device) if need_b else None
             _run_chunks(
                 x_k,
@@ -328,7 +362,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 if keep is not None
                 else torch.empty((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device)
             )
-        gW = torch.zeros_like(W) if need_W else None
+        gW = _grad_W(W, x_k.shape[0]) if need_W else None
         gb = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device) if need_b else None
         _run_chunks(
             x_k,

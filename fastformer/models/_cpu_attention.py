@@ -1,0 +1,168 @@
+"""Training-time pieces of the BERT encoder on CPU: cheap dropout, and self-attention with dropout
+computed straight on the fused q|k|v projection.
+
+Dropout: with the compiled extension (`fastformer._C`, csrc/dropout_cpu.cpp) one pass draws the keep
+mask from a counter-based hash of a seed taken from torch's default generator, applies it, and stores
+it as bool for backward; without it, `keep_mask` takes 16-bit lanes of bulk 64-bit random integers
+from torch's generator. Either way `torch.manual_seed` reproduces the masks (not the same masks
+between the two ways).
+
+Why the attention has its own CPU training path: with dropout, torch's CPU SDPA takes its math path,
+which (for a (B, L, 3, h, d) projection viewed as (B, h, L, d)) copies q, k and v into contiguous
+heads, scales q and k in two more passes, draws one float per attention probability (`bernoulli_`),
+divides the mask by 1 - p, and in backward stacks the three gradients and copies them back. Here:
+
+- the GEMMs run per head on strided views of the projection itself (`torch.bmm` takes a row stride of
+  3H), and write the output (B, L, h, d) and the gradient (B, L, 3, h, d) in place: no layout copies;
+- the softmax scale and nothing else ride in the GEMM (`alpha`);
+- the keep mask is drawn and applied in one pass (above), and applied again in one pass in backward.
+
+The function is the same: softmax(q kᵀ · scale + key bias) · keep / (1 - p), times v. Measured per
+layer (bert-mini shape, batch 16 × 128, one thread, forward + backward) in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def has_fused_dropout() -> bool:
+    """Whether the compiled extension's one-pass CPU dropout (csrc/dropout_cpu.cpp) is loaded."""
+    if _FUSED["ok"] is None:
+        from ..optim import _ext
+
+        _FUSED["ok"] = _ext.load() and hasattr(torch.ops.fastformer, "dropout_cpu")
+    return bool(_FUSED["ok"])
+
+
+_FUSED: dict = {"ok": None}
+
+
+def _seed(device) -> torch.Tensor:
+    """One int64 from torch's default generator: the fused dropout's mask seed."""
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=device)
+
+
+def fused_dropout_usable(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and has_fused_dropout()
+
+
+class _FusedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float):
+        out, mask = torch.ops.fastformer.dropout_cpu(x.contiguous(), p, _seed(x.device))
+        ctx.save_for_backward(mask)
+        ctx.scale = keep_scale(p)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.ops.fastformer.dropout_cpu_backward(grad.contiguous(), mask, ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout on a CPU tensor, 0 < p < 1: x * keep / (1 - p) with keep drawn per element
+    with probability 1 - p (p rounded to a multiple of 1/65536). One pass with the extension
+    (fp32/fp64); otherwise keep_mask's 16-bit lanes. Both reproducible with torch.manual_seed."""
+    if fused_dropout_usable(x):
+        return _FusedDropout.apply(x, float(p))
+    return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(keep_scale(p))
+
+
+def keep_mask(shape, p: float, device) -> torch.Tensor:
+    """Bool keep mask of `shape`: each element kept with probability 1 - p (to 2e-5: p is rounded to a
+    multiple of 1/65536), from 16-bit lanes of torch.randint's 64-bit integers (default generator)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    drop = round(p * 65536)  # keep a lane iff its 16-bit value >= -32768 + drop
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return bits.view(torch.int16)[:n].view(shape) >= (drop - 32768)
+
+
+def keep_scale(p: float) -> float:
+    """The factor kept elements are multiplied by: 1 / the exact keep probability of keep_mask."""
+    drop = round(p * 65536)
+    return 65536.0 / (65536 - drop)
+
+
+class _SelfAttentionDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, num_heads: int, p: float, key_bias):
+        B, L, H3 = qkv.shape
+        h = num_heads
+        d = H3 // (3 * h)
+        x = qkv.view(B, L, 3, h, d)
+        scale = d**-0.5
+        S = qkv.new_empty(h, B, L, L)  # scores, head-major so each head's (B, L, L) block is contiguous
+        for j in range(h):
+            torch.baddbmm(S[j], x[:, :, 0, j], x[:, :, 1, j].transpose(1, 2), beta=0, alpha=scale, out=S[j])
+        if key_bias is not None:
+            S.add_(key_bias)  # (B, 1, L): -inf on padded keys
+        P = torch.softmax(S, -1)
+        del S
+        keep = None  # the mask: bool (fused extension) or float holding 0 or 1 / (1 - p)
+        if p == 0.0:
+            Pd = P
+        elif fused_dropout_usable(P):
+            Pd, keep = torch.ops.fastformer.dropout_cpu(P, p, _seed(P.device))
+        else:
+            keep = keep_mask(P.shape, p, qkv.device).to(P.dtype).mul_(keep_scale(p))
+            Pd = P * keep
+        out = qkv.new_empty(B, L, h, d)
+        for j in range(h):
+            torch.bmm(Pd[j], x[:, :, 2, j], out=out[:, :, j])
+        ctx.save_for_backward(qkv, P, Pd, keep)
+        ctx.num_heads, ctx.scale, ctx.p = h, scale, p
+        return out.view(B, L, h * d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qkv, P, Pd, keep = ctx.saved_tensors
+        h, scale = ctx.num_heads, ctx.scale
+        B, L, H3 = qkv.shape
+        d = H3 // (3 * h)
+        x = qkv.view(B, L, 3, h, d)
+        g = grad_out.view(B, L, h, d)
+        dx = qkv.new_empty(B, L, 3, h, d)
+        dP = torch.empty_like(P)
+        for j in range(h):
+            torch.bmm(Pd[j].transpose(1, 2), g[:, :, j], out=dx[:, :, 2, j])  # dv
+            torch.bmm(g[:, :, j], x[:, :, 2, j].transpose(1, 2), out=dP[j])
+        if keep is not None and keep.dtype == torch.bool:
+            dP = torch.ops.fastformer.dropout_cpu_backward(dP, keep, keep_scale(ctx.p))
+        elif keep is not None:
+            dP.mul_(keep)
+        dS = torch._softmax_backward_data(dP, P, -1, P.dtype)
+        del dP
+        for j in range(h):
+            dq, dk = dx[:, :, 0, j], dx[:, :, 1, j]
+            torch.baddbmm(dq, dS[j], x[:, :, 1, j], beta=0, alpha=scale, out=dq)
+            torch.baddbmm(dk, dS[j].transpose(1, 2), x[:, :, 0, j], beta=0, alpha=scale, out=dk)
+        return dx.view(B, L, H3), None, None, None
+
+
+def usable(qkv: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether self_attention_dropout takes this call: a CPU fp32/fp64 projection and, with a key
+    padding mask, at least one key per sequence (a row with no key is 0 in ff's attention, NaN here)."""
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64):
+        return False
+    return mask is None or bool(mask.reshape(mask.shape[0], -1).any(1).all())
+
+
+def self_attention_dropout(
+    qkv: torch.Tensor, num_heads: int, dropout_p: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Multi-head self-attention with dropout on the attention probabilities.
+
+    qkv: (B, L, 3·H) the fused projection, laid out (B, L, 3, num_heads, H / num_heads) (q | k | v).
+    mask: None, or a bool key-padding mask (B, 1, 1, L), True = real token, every sequence with at
+    least one (see usable()). Returns (B, L, H), heads concatenated as (num_heads, d)."""
+    key_bias = None
+    if mask is not None:
+        B, L = mask.shape[0], mask.shape[-1]
+        key_bias = torch.zeros(B, 1, L, dtype=qkv.dtype).masked_fill_(~mask.reshape(B, 1, L), float("-inf"))
+    return _SelfAttentionDropout.apply(qkv, num_heads, float(dropout_p), key_bias)
