@@ -132,16 +132,19 @@ class _SelfAttentionDropout(torch.autograd.Function):
         for j in range(h):
             torch.bmm(Pd[j].transpose(1, 2), g[:, :, j], out=dx[:, :, 2, j])  # dv
             torch.bmm(g[:, :, j], x[:, :, 2, j].transpose(1, 2), out=dP[j])
+        # the softmax scale rides on dP (dS is linear in it), so that dq and dk are plain bmm calls:
+        # torch.bmm writes a strided output in one batched call, baddbmm loops over the batch
         if keep is not None and keep.dtype == torch.bool:
-            dP = torch.ops.fastformer.dropout_cpu_backward(dP, keep, keep_scale(ctx.p))
+            dP = torch.ops.fastformer.dropout_cpu_backward(dP, keep, keep_scale(ctx.p) * scale)
         elif keep is not None:
-            dP.mul_(keep)
+            dP.mul_(keep).mul_(scale)
+        else:
+            dP.mul_(scale)
         dS = torch._softmax_backward_data(dP, P, -1, P.dtype)
         del dP
         for j in range(h):
-            dq, dk = dx[:, :, 0, j], dx[:, :, 1, j]
-            torch.baddbmm(dq, dS[j], x[:, :, 1, j], beta=0, alpha=scale, out=dq)
-            torch.baddbmm(dk, dS[j].transpose(1, 2), x[:, :, 0, j], beta=0, alpha=scale, out=dk)
+            torch.bmm(dS[j], x[:, :, 1, j], out=dx[:, :, 0, j])  # dq
+            torch.bmm(dS[j].transpose(1, 2), x[:, :, 0, j], out=dx[:, :, 1, j])  # dk
         return dx.view(B, L, H3), None, None, None
 
 

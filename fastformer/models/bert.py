@@ -22,8 +22,9 @@ CPU training costs that are not matrix products, and what this file does about t
   (head copies, a float per probability); `_cpu_attention.self_attention_dropout` runs per-head GEMMs
   on the q|k|v projection's own layout with the cheap keep masks;
 - the tied word-embedding gradient: the input lookup's gradient touches at most B*L rows of the
-  (V, H) matrix, so in `BertForMaskedLM` it is handed to autograd as sparse rows that are added to
-  the head's dense gradient, instead of a second dense (V, H) buffer filled with zeros;
+  (V, H) matrix, so in `BertForMaskedLM` the lookup and the head's view of the matrix come from one
+  autograd node (`_TiedLookup`) whose backward adds those rows into the head's dense gradient in
+  place: no second dense (V, H) buffer filled with zeros, and no out-of-place sum of the two;
 - token types: without `token_type_ids` the type-0 row is broadcast instead of gathered per token.
 """
 
@@ -96,6 +97,36 @@ class Dropout(nn.Dropout):
         return _cpu_attention.dropout(x, self.p)
 
 
+class _TiedLookup(torch.autograd.Function):
+    """(embedding rows of `ids`, an alias of `weight` for the tied head) from one node, so that the two
+    gradients of the tied matrix meet in this backward: the lookup rows are index_add_-ed into the
+    head's dense gradient in place (autograd itself would add a sparse and a dense gradient out of
+    place, a (V, H) allocation and copy per step). Rows of `padding_idx` get no lookup gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, padding_idx):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.num_rows = padding_idx, weight.shape[0]
+        return F.embedding(ids, weight), weight.view_as(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows, grad_alias):
+        (ids,) = ctx.saved_tensors
+        flat = ids.reshape(-1)
+        H = grad_rows.shape[-1]
+        rows = grad_rows.reshape(-1, H)
+        if ctx.padding_idx is not None:
+            rows = rows.masked_fill((flat == ctx.padding_idx)[:, None], 0.0)
+        if grad_alias is None:  # the head's alias took no part in this backward
+            grad = torch.zeros((ctx.num_rows, H), dtype=rows.dtype, device=rows.device)
+        else:
+            # grad_alias is the buffer autograd built for this node's second output (the head's
+            # freshly made gradient, or the sum of its uses): this node is its only reader
+            grad = grad_alias if grad_alias.is_contiguous() else grad_alias.contiguous()
+        return grad.index_add_(0, flat, rows.to(grad.dtype)), None, None
+
+
 class _Layout:
     """How the token rows are laid out: padded (B, L) with an optional key mask, or unpadded (T,)."""
 
@@ -105,6 +136,7 @@ class _Layout:
         self.cu_seqlens = cu_seqlens  # (B + 1,) int32                      (unpadded)
         self.max_seqlen = max_seqlen
         self.index = index  # (T,) flat positions of real tokens  (unpadded)
+        self.tied_weight = None  # the word-embedding matrix as the tied head must read it (_TiedLookup)
 
     @property
     def unpadded(self) -> bool:
@@ -175,7 +207,7 @@ class BertEncoder(nn.Module):
         self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = Dropout(cfg.dropout)
         # set by BertForMaskedLM, whose tied head always adds a dense gradient to the same matrix
-        self.sparse_word_grad = False
+        self.tied_word_grad = False
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
 
@@ -225,14 +257,18 @@ class BertEncoder(nn.Module):
         layout = self._layout(input_ids, attention_mask, cpu_unpad)
         pos = torch.arange(L, device=input_ids.device)
         emb = self.word_embeddings
-        sparse = (
-            self.sparse_word_grad
+        tied = (
+            self.tied_word_grad
             and input_ids.device.type == "cpu"
             and emb.weight.requires_grad
             and torch.is_grad_enabled()
             and not _compiling()
         )
-        x = F.embedding(input_ids, emb.weight, emb.padding_idx, sparse=sparse) + self.position_embeddings(pos)
+        if tied:  # the head reads the matrix through layout.tied_weight
+            words, layout.tied_weight = _TiedLookup.apply(emb.weight, input_ids, emb.padding_idx)
+        else:
+            words = F.embedding(input_ids, emb.weight, emb.padding_idx)
+        x = words + self.position_embeddings(pos)
         if token_type_ids is not None:
             x = x + self.token_type_embeddings(token_type_ids)
         else:
@@ -283,7 +319,7 @@ class BertForMaskedLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = BertEncoder(cfg)
-        self.encoder.sparse_word_grad = True
+        self.encoder.tied_word_grad = True
         self.head = BertMLMHead(cfg)
         self.apply(self.encoder.init_weights)
 
@@ -309,7 +345,8 @@ class BertForMaskedLM(nn.Module):
         dt = autocast_dtype(hm)
         # ff.linear_cross_entropy is a custom op that autocast does not see: cast explicitly, once for
         # the loss and the logits
-        hm, w, bias = hm.to(dt), self.encoder.word_embeddings.weight.to(dt), self.head.bias.to(dt)
+        w = layout.tied_weight if layout.tied_weight is not None else self.encoder.word_embeddings.weight
+        hm, w, bias = hm.to(dt), w.to(dt), self.head.bias.to(dt)
         loss = ff.linear_cross_entropy(hm, w, target, bias=bias, reduction="sum")
         logits = F.linear(hm, w, bias) if return_logits else None
         if loss.dtype in (torch.float16, torch.bfloat16):

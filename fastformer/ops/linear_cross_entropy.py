@@ -162,7 +162,8 @@ def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | 
 
     CUDA: chunk logits of up to CUDA_CHUNK_ELEMENTS (at least 1024 rows), so the per-chunk read and
     write of grad_W (2 V H elements) stays small next to the chunk's 6 c H V matmul flops. CPU: the
-    chunk's logits about as large as the kept hidden states (n, H), at least 256 rows. 16-bit inputs:
+    chunk's logits about as large as the kept hidden states (n, H), at least 256 rows, then split evenly
+    over the chunks that needs. 16-bit inputs:
     at least n / MAX_CHUNKS rows, for grad_W's accuracy. `chunk_size` overrides all of it."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
@@ -171,6 +172,9 @@ def _chunk_rows(n: int, H: int, V: int, device: torch.device, chunk_size: int | 
         rows = max(1024, rows)
     else:
         rows = max(256, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n * H / V))))))
+        # as many chunks as that needs, of equal size: a thin remainder chunk runs its three GEMMs at a
+        # fraction of the full ones' rate (bert-mini MLM, 303 rows: 2 x 152 is 8% faster than 256 + 47)
+        rows = -(-n // max(1, -(-n // rows)))
     if itemsize < 4:
         per = -(-n // MAX_CHUNKS)
         rows = max(rows, -(-per // 128) * 128)  # rounded up to a multiple of 128 for the GEMMs

@@ -1,5 +1,5 @@
 """The CPU shortcuts of models/bert.py give the results of the plain paths: automatic unpadding of a
-padded batch, the sparse gradient of the tied word embedding, the 64-bit dropout masks."""
+padded batch, the in-place gradient of the tied word embedding, the 64-bit dropout masks."""
 
 import copy
 
@@ -70,19 +70,31 @@ def test_label_on_a_padded_position_keeps_the_padded_layout():
     assert n == int((labels != -100).sum()) and 7 in target.tolist()
 
 
-def test_sparse_tied_embedding_gradient_equals_the_dense_one():
+def test_tied_embedding_gradient_equals_the_plain_one():
     torch.manual_seed(2)
     ids, _, labels = _batch()  # [PAD] ids in the input, attended to (no mask): padding_idx
     # must keep their lookup gradient out in both paths
-    sparse = BertForMaskedLM(_cfg()).double()
-    dense = copy.deepcopy(sparse)
-    dense.encoder.sparse_word_grad = False
-    for m in (sparse, dense):
+    tied = BertForMaskedLM(_cfg()).double()
+    plain = copy.deepcopy(tied)
+    plain.encoder.tied_word_grad = False
+    for m in (tied, plain):
         loss, n, _, _ = m(ids, None, labels)
         (loss / n).backward()
-    w_s, w_d = sparse.encoder.word_embeddings.weight.grad, dense.encoder.word_embeddings.weight.grad
-    assert not w_s.is_sparse and not w_d.is_sparse  # optimizers see a dense gradient
-    assert_close(w_s, w_d, torch.float64, "tied embedding grad")
+    w_t, w_p = tied.encoder.word_embeddings.weight.grad, plain.encoder.word_embeddings.weight.grad
+    assert not w_t.is_sparse and not w_p.is_sparse  # optimizers see a dense gradient
+    assert_close(w_t, w_p, torch.float64, "tied embedding grad")
+
+    # the head's view of the matrix used twice (loss and logits), and not at all (encoder alone)
+    for m in (tied, plain):
+        m.zero_grad(set_to_none=True)
+        loss, n, logits, _ = m(ids, None, labels, return_logits=True)
+        (loss / n + logits.square().mean()).backward()
+    assert_close(
+        tied.encoder.word_embeddings.weight.grad, plain.encoder.word_embeddings.weight.grad, torch.float64, "two uses"
+    )
+    grads = [torch.autograd.grad(m.encoder(ids)[0].sum(), m.encoder.word_embeddings.weight)[0] for m in (tied, plain)]
+    assert_close(grads[0], grads[1], torch.float64, "lookup only")
+    assert grads[0][0].abs().max() == 0  # the padding row
 
 
 def test_dropout_keep_rate_scale_and_reproducibility():
