@@ -40,7 +40,7 @@ def _ext_modules_and_cmdclass():
     cuda_home = getattr(ce, "CUDA_HOME", None)
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = bool(torch.version.cuda) and bool(nvcc) and os.path.exists(nvcc or "")
-    cpu_sources = [os.path.join(csrc, "adam_cpu.cpp"), os.path.join(csrc, "dropout_cpu.cpp")]
+    cpu_sources = [os.path.join(csrc, f) for f in ("adam_cpu.cpp", "dropout_cpu.cpp", "cross_entropy_cpu.cpp")]
     cuda_sources = [os.path.join(csrc, "adam_cuda.cu"), os.path.join(csrc, "adam_cuda_binding.cpp")]
     archs = [
         a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()

@@ -43,6 +43,26 @@ CUDA_CHUNK_ELEMENTS = 1 << 27
 TORCH_SUB_ELEMENTS = 1 << 21
 
 
+# the compiled row kernel (csrc/cross_entropy_cpu.cpp) for fp32 CPU rows with class-index targets:
+# None = not looked up yet; tests set it to False to run the torch math below instead
+_CPP_ROWS: dict = {"ok": None}
+
+
+def _cpp_rows_usable(logits, target, gscale, colsum, bias) -> bool:
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous():
+        return False
+    if target.is_floating_point():
+        return False
+    for t in (gscale, colsum, bias):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            return False
+    if _CPP_ROWS["ok"] is None:
+        from ..optim import _ext
+
+        _CPP_ROWS["ok"] = _ext.load() and hasattr(torch.ops.fastformer, "ce_rows_cpu")
+    return bool(_CPP_ROWS["ok"])
+
+
 def _ce_rows_torch_(
     logits,
     target,
@@ -55,7 +75,9 @@ def _ce_rows_torch_(
     colsum=None,
     bias=None,
 ):
-    """Torch-math twin of kernels.cross_entropy_launch.ce_forward for rows without class weights.
+    """Torch-math twin of kernels.cross_entropy_launch.ce_forward for rows without class weights; fp32
+    CPU rows with class-index targets go to the compiled row kernel (csrc/cross_entropy_cpu.cpp: each
+    row read from memory once, the other passes in cache), whose reference this torch math is.
 
     logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
     gscale: (c,) or None). target: (c,) class indices (ignore_index rows: loss 0, gradient 0) or
@@ -63,6 +85,19 @@ def _ce_rows_torch_(
     scaled per-row losses; colsum (V,) fp32, if given, gets the gradient's column sums added. bias
     (V,), if given, is added to the logits first, block by block (fp32/fp64 logits only). Works on
     blocks of rows so that the fp32 temporaries stay small."""
+    if _cpp_rows_usable(logits, target, gscale, colsum, bias):
+        return torch.ops.fastformer.ce_rows_cpu(
+            logits,
+            target.to(torch.int64).contiguous(),
+            bias,
+            float(scale),
+            label_smoothing,
+            z_loss,
+            ignore_index,
+            want_grad,
+            gscale,
+            colsum,
+        )
     c, V = logits.shape
     sub = max(1, TORCH_SUB_ELEMENTS // max(V, 1))
     out = torch.empty(c, dtype=torch.float32, device=logits.device)
