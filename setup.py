@@ -1,12 +1,15 @@
 """setuptools entry point. Package metadata lives in pyproject.toml; this file adds the compiled
-fused-optimizer extension `fastformer._C` (sources in csrc/):
+extension `fastformer._C` (sources in csrc/): the fused optimizer, and CPU training kernels:
 
-- always the CPU part (csrc/adam_cpu.cpp: OpenMP, -O3 -march=native so the loops vectorise);
+- always the CPU part (OpenMP, -O3 -march=native so the loops vectorise): csrc/adam_cpu.cpp (fused
+  Adam/AdamW, gradient norms), csrc/dropout_cpu.cpp (one-pass dropout for the BERT model on CPU),
+  csrc/cross_entropy_cpu.cpp (the softmax cross-entropy rows of ff.linear_cross_entropy on CPU);
 - plus the CUDA part (csrc/adam_cuda.cu + csrc/adam_cuda_binding.cpp) when torch was built with CUDA
   and nvcc is found (sm_80 and sm_90 code; FASTFORMER_CUDA_ARCHS="80;90;100" to change).
 
 If the extension cannot be compiled (no compiler, no torch headers) the install still succeeds and
-fastformer.optim falls back to torch's optimizers with a warning. FASTFORMER_NO_EXT=1 skips the build.
+fastformer.optim falls back to torch's optimizers with a warning (and the CPU kernels to torch
+math). FASTFORMER_NO_EXT=1 skips the build.
 """
 
 import os

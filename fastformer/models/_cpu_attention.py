@@ -14,11 +14,12 @@ divides the mask by 1 - p, and in backward stacks the three gradients and copies
 
 - the GEMMs run per head on strided views of the projection itself (`torch.bmm` takes a row stride of
   3H), and write the output (B, L, h, d) and the gradient (B, L, 3, h, d) in place: no layout copies;
-- the softmax scale and nothing else ride in the GEMM (`alpha`);
+- the softmax scale rides in the scores' GEMM (`alpha`) and, in backward, in dP (dS is linear in it),
+  so that dq and dk are plain batched `bmm` calls into the strided gradient;
 - the keep mask is drawn and applied in one pass (above), and applied again in one pass in backward.
 
-The function is the same: softmax(q kᵀ · scale + key bias) · keep / (1 - p), times v. Measured per
-layer (bert-mini shape, batch 16 × 128, one thread, forward + backward) in docs/training.md.
+The function is the same: softmax(q kᵀ · scale + key bias) · keep / (1 - p), times v. What it saves
+in a bert-mini training step is in docs/training.md.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class _FusedDropout(torch.autograd.Function):
         return torch.ops.fastformer.dropout_cpu_backward(grad.contiguous(), mask, ctx.scale), None
 
 
+@torch.compiler.disable  # under torch.compile: the same masks as in eager mode, outside the graph
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout on a CPU tensor, 0 < p < 1: x * keep / (1 - p) with keep drawn per element
     with probability 1 - p (p rounded to a multiple of 1/65536). One pass with the extension
@@ -156,6 +158,7 @@ def usable(qkv: torch.Tensor, mask: torch.Tensor | None) -> bool:
     return mask is None or bool(mask.reshape(mask.shape[0], -1).any(1).all())
 
 
+@torch.compiler.disable  # under torch.compile: as in eager mode, outside the graph
 def self_attention_dropout(
     qkv: torch.Tensor, num_heads: int, dropout_p: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:

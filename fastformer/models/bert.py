@@ -41,7 +41,6 @@ import fastformer as ff
 
 from . import _cpu_attention
 from ._autocast import autocast_dtype
-from ._cpu_attention import keep_mask, keep_scale
 
 
 @dataclass
@@ -83,17 +82,17 @@ class Dropout(nn.Dropout):
     """nn.Dropout with cheaper CPU training masks, reproducible with torch.manual_seed (see
     models/_cpu_attention.py): with the compiled extension, one pass that draws the mask from a
     counter-based hash of a seed taken from torch's default generator, applies it and keeps it for
-    backward (fp32/fp64); otherwise, and under torch.compile, 16-bit lanes of bulk 64-bit random
+    backward (fp32/fp64); otherwise 16-bit lanes of bulk 64-bit random
     integers from torch's generator (a quarter of the generator calls of torch's float-per-element
-    draw). Same keep probability to 2e-5, same expectation. On CUDA and in eval it is nn.Dropout."""
+    draw). Same keep probability to 2e-5, same expectation. Under torch.compile it runs outside the
+    graph, so a compiled run draws the same masks as an eager one. On CUDA and in eval it is
+    nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         if self.p >= 1.0:
             return x * 0.0
-        if _compiling():  # the lanes version traces as plain torch ops
-            return x * (keep_mask(x.shape, self.p, x.device) * keep_scale(self.p)).to(x.dtype)
         return _cpu_attention.dropout(x, self.p)
 
 
@@ -125,6 +124,11 @@ class _TiedLookup(torch.autograd.Function):
             # freshly made gradient, or the sum of its uses): this node is its only reader
             grad = grad_alias if grad_alias.is_contiguous() else grad_alias.contiguous()
         return grad.index_add_(0, flat, rows.to(grad.dtype)), None, None
+
+
+@torch.compiler.disable  # under torch.compile: run as in eager mode, outside the graph
+def _tied_lookup(weight, ids, padding_idx):
+    return _TiedLookup.apply(weight, ids, padding_idx)
 
 
 class _Layout:
@@ -163,7 +167,7 @@ class BertSelfAttention(nn.Module):
                 q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen, dropout_p=p
             )
             o = o.reshape(x.shape)
-        elif 0.0 < p < 1.0 and not _compiling() and _cpu_attention.usable(qkv, layout.mask):
+        elif 0.0 < p < 1.0 and _cpu_attention.usable(qkv, layout.mask):
             o = _cpu_attention.self_attention_dropout(qkv, self.h, p, layout.mask)  # CPU training
         else:
             B, L, _ = x.shape
@@ -262,10 +266,9 @@ class BertEncoder(nn.Module):
             and input_ids.device.type == "cpu"
             and emb.weight.requires_grad
             and torch.is_grad_enabled()
-            and not _compiling()
         )
         if tied:  # the head reads the matrix through layout.tied_weight
-            words, layout.tied_weight = _TiedLookup.apply(emb.weight, input_ids, emb.padding_idx)
+            words, layout.tied_weight = _tied_lookup(emb.weight, input_ids, emb.padding_idx)
         else:
             words = F.embedding(input_ids, emb.weight, emb.padding_idx)
         x = words + self.position_embeddings(pos)

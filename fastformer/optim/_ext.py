@@ -1,4 +1,5 @@
-"""Loads the compiled fused-optimizer extension `fastformer._C` once, and remembers why it failed.
+"""Loads the compiled extension `fastformer._C` (fused optimizer; CPU dropout and cross-entropy rows,
+used by models/_cpu_attention.py and ops/linear_cross_entropy.py) once, and remembers why it failed.
 
 Any failure (not built, built for another torch, missing symbols) is caught: the optimizers then use
 torch's implementation and warn once. FASTFORMER_DISABLE_EXT=1 forces the fallback.
