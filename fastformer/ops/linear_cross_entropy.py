@@ -22,6 +22,7 @@ the per-row grad_output, so backward recomputes the chunks with it folded into t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -57,10 +58,20 @@ def _cpp_rows_usable(logits, target, gscale, colsum, bias) -> bool:
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             return False
     if _CPP_ROWS["ok"] is None:
-        from ..optim import _ext
-
-        _CPP_ROWS["ok"] = _ext.load() and hasattr(torch.ops.fastformer, "ce_rows_cpu")
+        _CPP_ROWS["ok"] = _load_cpp_rows()
     return bool(_CPP_ROWS["ok"])
+
+
+def _load_cpp_rows() -> bool:
+    """The extension's row kernel, loaded here rather than through optim/_ext.py (a layer above ops);
+    FASTFORMER_DISABLE_EXT=1 turns it off as it does the optimizers'."""
+    if os.environ.get("FASTFORMER_DISABLE_EXT"):
+        return False
+    try:
+        from .. import _C  # noqa: F401 - registers torch.ops.fastformer.*
+    except Exception:  # noqa: BLE001 - not built, or built for another torch: the torch math runs
+        return False
+    return hasattr(torch.ops.fastformer, "ce_rows_cpu")
 
 
 def _ce_rows_torch_(
