@@ -41,11 +41,6 @@ inline vf load(const float* p) {
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 inline vf splat(float a) { return vf{} + a; }
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int k = 0; k < kW; ++k) s += v[k];
-  return s;
-}
 inline float hmax(vf v) {
   float m = v[0];
   for (int k = 1; k < kW; ++k) m = std::max(m, v[k]);

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+_FUSED: dict = {"ok": None}  # whether the extension's dropout is loaded; None = not looked up yet
+
 
 def has_fused_dropout() -> bool:
     """Whether the compiled extension's one-pass CPU dropout (csrc/dropout_cpu.cpp) is loaded."""
@@ -34,9 +36,6 @@ def has_fused_dropout() -> bool:
 
         _FUSED["ok"] = _ext.load() and hasattr(torch.ops.fastformer, "dropout_cpu")
     return bool(_FUSED["ok"])
-
-
-_FUSED: dict = {"ok": None}
 
 
 def _seed(device) -> torch.Tensor:
@@ -70,7 +69,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     (fp32/fp64); otherwise keep_mask's 16-bit lanes. Both reproducible with torch.manual_seed."""
     if fused_dropout_usable(x):
         return _FusedDropout.apply(x, float(p))
-    return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(keep_scale(p))
+    return x * _keep_factors(x.shape, p, x.device, x.dtype)
 
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
@@ -88,6 +87,11 @@ def keep_scale(p: float) -> float:
     """The factor kept elements are multiplied by: 1 / the exact keep probability of keep_mask."""
     drop = round(p * 65536)
     return 65536.0 / (65536 - drop)
+
+
+def _keep_factors(shape, p: float, device, dtype) -> torch.Tensor:
+    """keep_mask as the factors dropout multiplies by: 0, or keep_scale(p), in `dtype`."""
+    return keep_mask(shape, p, device).to(dtype).mul_(keep_scale(p))
 
 
 class _SelfAttentionDropout(torch.autograd.Function):
@@ -111,7 +115,7 @@ class _SelfAttentionDropout(torch.autograd.Function):
         elif fused_dropout_usable(P):
             Pd, keep = torch.ops.fastformer.dropout_cpu(P, p, _seed(P.device))
         else:
-            keep = keep_mask(P.shape, p, qkv.device).to(P.dtype).mul_(keep_scale(p))
+            keep = _keep_factors(P.shape, p, qkv.device, P.dtype)
             Pd = P * keep
         out = qkv.new_empty(B, L, h, d)
         for j in range(h):

@@ -105,7 +105,7 @@ class _TiedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, ids, padding_idx):
         ctx.save_for_backward(ids)
-        ctx.padding_idx, ctx.num_rows = padding_idx, weight.shape[0]
+        ctx.padding_idx = padding_idx
         return F.embedding(ids, weight), weight.view_as(weight)
 
     @staticmethod
@@ -117,12 +117,10 @@ class _TiedLookup(torch.autograd.Function):
         rows = grad_rows.reshape(-1, H)
         if ctx.padding_idx is not None:
             rows = rows.masked_fill((flat == ctx.padding_idx)[:, None], 0.0)
-        if grad_alias is None:  # the head's alias took no part in this backward
-            grad = torch.zeros((ctx.num_rows, H), dtype=rows.dtype, device=rows.device)
-        else:
-            # grad_alias is the buffer autograd built for this node's second output (the head's
-            # freshly made gradient, or the sum of its uses): this node is its only reader
-            grad = grad_alias if grad_alias.is_contiguous() else grad_alias.contiguous()
+        # grad_alias is the buffer autograd built for this node's second output (the head's freshly
+        # made gradient, the sum of its uses, or zeros autograd materialises when the head took no
+        # part in this backward): this node is its only reader
+        grad = grad_alias if grad_alias.is_contiguous() else grad_alias.contiguous()
         return grad.index_add_(0, flat, rows.to(grad.dtype)), None, None
 
 

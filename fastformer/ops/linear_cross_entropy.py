@@ -257,12 +257,12 @@ def _run_chunks(
     scale = None
     if not use_kernel:
         scale = 1.0 / count.clamp_min(1).to(torch.float32) if count is not None else 1.0
+    # CPU, fp32/fp64: the bias is added inside the CE rows (a pass over the logits either way, but
+    # addmm first writes the broadcast bias over the whole chunk, then reads it back in the GEMM)
+    late_bias = b is not None and not use_kernel and x_k.dtype in (torch.float32, torch.float64)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc = x_k[s:e]
-        # CPU, fp32/fp64: the bias is added inside the CE rows (a pass over the logits either way, but
-        # addmm first writes the broadcast bias over the whole chunk, then reads it back in the GEMM)
-        late_bias = b is not None and not use_kernel and x_k.dtype in (torch.float32, torch.float64)
         logits = torch.addmm(b, xc, W.t()) if b is not None and not late_bias else xc @ W.t()  # (c, V)
         gs = gscale[s:e] if gscale is not None else None
         if use_kernel:
