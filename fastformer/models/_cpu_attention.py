@@ -1,5 +1,5 @@
-"""Training-time pieces of the BERT encoder on CPU: cheap dropout, and self-attention with dropout
-computed straight on the fused q|k|v projection.
+"""Training-time pieces of the models on CPU: cheap dropout (`Dropout`, used by the BERT and T5 models),
+and the BERT encoder's self-attention with dropout computed straight on the fused q|k|v projection.
 
 Dropout: with the compiled extension (`fastformer._C`, csrc/dropout_cpu.cpp) one pass draws the keep
 mask from a counter-based hash of a seed taken from torch's default generator, applies it, and stores
@@ -25,6 +25,7 @@ in a bert-mini training step is in docs/training.md.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 _FUSED: dict = {"ok": None}  # whether the extension's dropout is loaded; None = not looked up yet
 
@@ -92,6 +93,23 @@ def keep_scale(p: float) -> float:
 def _keep_factors(shape, p: float, device, dtype) -> torch.Tensor:
     """keep_mask as the factors dropout multiplies by: 0, or keep_scale(p), in `dtype`."""
     return keep_mask(shape, p, device).to(dtype).mul_(keep_scale(p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with cheaper CPU training masks, reproducible with torch.manual_seed (`dropout`
+    above): with the compiled extension, one pass that draws the mask from a counter-based hash of a
+    seed taken from torch's default generator, applies it and keeps it for backward (fp32/fp64);
+    otherwise 16-bit lanes of bulk 64-bit random integers from torch's generator (a quarter of the
+    generator calls of torch's float-per-element draw). Same keep probability to 2e-5, same
+    expectation. Under torch.compile it runs outside the graph, so a compiled run draws the same masks
+    as an eager one. On CUDA and in eval it is nn.Dropout. The BERT and T5 models use it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if self.p >= 1.0:
+            return x * 0.0
+        return dropout(x, self.p)
 
 
 class _SelfAttentionDropout(torch.autograd.Function):

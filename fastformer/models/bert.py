@@ -15,7 +15,7 @@ and computes the loss with ff.linear_cross_entropy against the word-embedding ma
 
 CPU training costs that are not matrix products, and what this file does about them:
 - dropout masks: torch draws a float per element from a serial generator, then scales and multiplies
-  in more passes; `Dropout` below draws, applies and stores the mask in one pass of the compiled
+  in more passes; `Dropout` (from _cpu_attention) draws, applies and stores the mask in one pass of the compiled
   extension (csrc/dropout_cpu.cpp), or draws 64 random bits per four elements without it (same keep
   probability to 2e-5, same expectation);
 - attention with dropout (training, padded layout): torch's CPU SDPA falls back to its math path
@@ -41,6 +41,7 @@ import fastformer as ff
 
 from . import _cpu_attention
 from ._autocast import autocast_dtype
+from ._cpu_attention import Dropout
 
 
 @dataclass
@@ -76,24 +77,6 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # an older torch
         return False
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with cheaper CPU training masks, reproducible with torch.manual_seed (see
-    models/_cpu_attention.py): with the compiled extension, one pass that draws the mask from a
-    counter-based hash of a seed taken from torch's default generator, applies it and keeps it for
-    backward (fp32/fp64); otherwise 16-bit lanes of bulk 64-bit random
-    integers from torch's generator (a quarter of the generator calls of torch's float-per-element
-    draw). Same keep probability to 2e-5, same expectation. Under torch.compile it runs outside the
-    graph, so a compiled run draws the same masks as an eager one. On CUDA and in eval it is
-    nn.Dropout."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
-            return super().forward(x)
-        if self.p >= 1.0:
-            return x * 0.0
-        return _cpu_attention.dropout(x, self.p)
 
 
 class _TiedLookup(torch.autograd.Function):

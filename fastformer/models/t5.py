@@ -34,6 +34,7 @@ import fastformer as ff
 from fastformer.nn import T5CrossAttention, T5SelfAttention
 
 from ._autocast import autocast_dtype
+from ._cpu_attention import Dropout
 from .generation import DecoderCache, KVCache, generate
 from .presets import PresetTable, canonical_preset
 
@@ -126,7 +127,7 @@ class T5GatedGelu(nn.Module):
         self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, x):
         return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
@@ -146,7 +147,7 @@ class _SelfAttentionLayer(nn.Module):
             dropout=cfg.dropout_rate,
         )
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, h, mask, table):
         return h + self.dropout(
@@ -163,7 +164,7 @@ class _CrossAttentionLayer(nn.Module):
         super().__init__()
         self.EncDecAttention = T5CrossAttention(cfg.d_model, cfg.num_heads, cfg.d_kv, dropout=cfg.dropout_rate)
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, h, enc, enc_mask):
         return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
@@ -174,7 +175,7 @@ class _FeedForwardLayer(nn.Module):
         super().__init__()
         self.DenseReluDense = T5GatedGelu(cfg)  # HF's name, kept so state_dicts match
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, h):
         return h + self.dropout(self.DenseReluDense(self.layer_norm(h)))
@@ -209,7 +210,7 @@ class T5Stack(nn.Module):
         n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
         self.block = nn.ModuleList([T5Block(cfg, is_decoder=is_decoder, owns_table=(i == 0)) for i in range(n)])
         self.final_layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None):
         """input_ids: (B, L); attention_mask: (B, L) bool/0-1, True = real token (key padding);
@@ -447,7 +448,7 @@ class T5EncoderForSequenceClassification(nn.Module):
         self.config = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, self.shared, is_decoder=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.classifier = nn.Linear(cfg.d_model, num_labels)
         _init_weights(self, cfg)
         nn.init.normal_(self.classifier.weight, std=cfg.d_model**-0.5)

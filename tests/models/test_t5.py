@@ -167,3 +167,35 @@ def test_bad_config_and_input_raise_value_error():
     model = T5ForConditionalGeneration(T5Config(**TINY))
     with pytest.raises(ValueError, match="labels"):
         model(torch.randint(2, 101, (1, 5)))
+
+
+def test_training_dropout_uses_the_cheap_cpu_masks_and_is_reproducible():
+    """Every dropout of the T5 models is the one-pass CPU Dropout (models/_cpu_attention.py): active in
+    training (the loss moves), reproducible with torch.manual_seed, off in eval."""
+    from fastformer.models._cpu_attention import Dropout
+
+    cfg = T5Config(**{**TINY, "dropout_rate": 0.3})
+    model = T5ForConditionalGeneration(cfg)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(isinstance(m, Dropout) and m.p == 0.3 for m in drops)
+    clf = T5EncoderForSequenceClassification(cfg, num_labels=3)
+    assert all(isinstance(m, Dropout) for m in clf.modules() if isinstance(m, torch.nn.Dropout))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, cfg.vocab_size, (3, 9), generator=g)
+    labels = torch.randint(2, cfg.vocab_size, (3, 5), generator=g)
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        return model(ids, None, labels=labels).loss
+
+    model.train()
+    a, b, c = loss(1), loss(1), loss(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    a.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        ref = loss(1)
+        torch.manual_seed(5)
+        assert torch.equal(ref, model(ids, None, labels=labels).loss)
+    assert not torch.equal(a.detach(), ref)
