@@ -194,3 +194,68 @@ def self_attention_dropout(
         B, L = mask.shape[0], mask.shape[-1]
         key_bias = torch.zeros(B, 1, L, dtype=qkv.dtype).masked_fill_(~mask.reshape(B, 1, L), float("-inf"))
     return _SelfAttentionDropout.apply(qkv, num_heads, float(dropout_p), key_bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# T5 attention in CPU training with dropout
+# ---------------------------------------------------------------------------------------------------
+# With dropout, torch's CPU SDPA takes its math path: it scales q and k in two extra passes, draws a
+# float per attention probability (bernoulli_), and ff.t5_attention first rebuilds the (B, H, L, L)
+# float mask (position bias, padding, causality) in every layer. T5's layers share one position-bias
+# table, so the stack builds that additive bias once per forward (`t5_stack_bias`), every layer adds
+# it to its scores, and the probabilities' dropout is the one-pass `dropout` above. Autograd sums the
+# layers' bias gradients into the one tensor, which flows back to the table through one gather.
+
+
+def t5_stack_bias(
+    table: torch.Tensor,
+    length: int,
+    *,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor | None:
+    """The additive self-attention bias of a T5 stack: table[bucket(j − i)] (1, H, L, L), -inf where
+    `key_mask` (bool (B, 1, 1, L), True = real token) or causality forbids a key; (B, H, L, L) with a
+    mask. None when some query row would keep no key (the caller then takes ff.t5_attention, whose rows
+    without keys are 0)."""
+    from ..reference.t5_attention import t5_bias
+
+    bias = t5_bias(
+        table, length, length, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    allowed = None
+    if causal:
+        allowed = torch.ones(length, length, dtype=torch.bool, device=table.device).tril()
+    if key_mask is not None:
+        allowed = key_mask if allowed is None else allowed & key_mask
+    if allowed is None:
+        return bias
+    if not bool(allowed.any(-1).all()):
+        return None
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def key_padding_bias(key_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """bool (B, 1, 1, Lk) key mask (True = real token) -> additive (B, 1, 1, Lk): 0 or -inf."""
+    if key_mask is None:
+        return None
+    return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill_(~key_mask, float("-inf"))
+
+
+def attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
+    """softmax(q kᵀ + bias) (no scaling, T5's convention), dropout on the probabilities, times v.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); bias: None or additive, broadcastable to (B, H, Lq, Lk),
+    -inf = masked, every row keeping a key. Returns (B, H, Lq, D)."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    if bias is not None:
+        s = s.add_(bias)  # in place: the product's backward needs q and k, not s
+    a = torch.softmax(s, dim=-1)
+    if dropout_p > 0.0:
+        a = dropout(a, dropout_p)
+    return torch.matmul(a, v)

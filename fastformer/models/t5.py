@@ -33,6 +33,7 @@ from torch import nn
 import fastformer as ff
 from fastformer.nn import T5CrossAttention, T5SelfAttention
 
+from . import _cpu_attention
 from ._autocast import autocast_dtype
 from ._cpu_attention import Dropout
 from .generation import DecoderCache, KVCache, generate
@@ -149,14 +150,19 @@ class _SelfAttentionLayer(nn.Module):
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = Dropout(cfg.dropout_rate)
 
-    def forward(self, h, mask, table):
-        return h + self.dropout(
-            self.SelfAttention(
-                self.layer_norm(h),
-                attn_mask=mask,
-                bias_table=None if self.SelfAttention.has_relative_attention_bias else table,
+    def forward(self, h, mask, table, fast=None):
+        """fast: None, or the stack's precomputed (self-attention bias, cross-attention bias) of the CPU
+        training path (T5Stack._fast_biases)."""
+        x = self.layer_norm(h)
+        if fast is not None:
+            sa = self.SelfAttention
+            q, k, v = sa._heads(sa.q(x)), sa._heads(sa.k(x)), sa._heads(sa.v(x))
+            y = sa._merge(_cpu_attention.attention_with_bias(q, k, v, fast[0], sa.dropout))
+        else:
+            y = self.SelfAttention(
+                x, attn_mask=mask, bias_table=None if self.SelfAttention.has_relative_attention_bias else table
             )
-        )
+        return h + self.dropout(y)
 
 
 class _CrossAttentionLayer(nn.Module):
@@ -166,8 +172,15 @@ class _CrossAttentionLayer(nn.Module):
         self.layer_norm = T5RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.dropout = Dropout(cfg.dropout_rate)
 
-    def forward(self, h, enc, enc_mask):
-        return h + self.dropout(self.EncDecAttention(self.layer_norm(h), enc, attn_mask=enc_mask))
+    def forward(self, h, enc, enc_mask, fast=None):
+        x = self.layer_norm(h)
+        if fast is not None:
+            ca = self.EncDecAttention
+            q, k, v = ca._heads(ca.q(x)), ca._heads(ca.k(enc)), ca._heads(ca.v(enc))
+            y = ca._merge(_cpu_attention.attention_with_bias(q, k, v, fast[1], ca.dropout))
+        else:
+            y = self.EncDecAttention(x, enc, attn_mask=enc_mask)
+        return h + self.dropout(y)
 
 
 class _FeedForwardLayer(nn.Module):
@@ -193,10 +206,10 @@ class T5Block(nn.Module):
         layers.append(_FeedForwardLayer(cfg))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, h, mask, table, enc=None, enc_mask=None):
-        h = self.layer[0](h, mask, table)
+    def forward(self, h, mask, table, enc=None, enc_mask=None, fast=None):
+        h = self.layer[0](h, mask, table, fast)
         if self.is_decoder:
-            h = self.layer[1](h, enc, enc_mask)
+            h = self.layer[1](h, enc, enc_mask, fast)
         return self.layer[-1](h)
 
 
@@ -219,9 +232,41 @@ class T5Stack(nn.Module):
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
         table = self.block[0].layer[0].SelfAttention.bias_table  # the first layer's table, shared
         h = self.dropout(self.embed_tokens(input_ids))
+        fast = self._fast_biases(h, table, mask, encoder_hidden_states, enc_mask)
         for blk in self.block:
-            h = blk(h, mask, table, encoder_hidden_states, enc_mask)
+            h = blk(h, mask, table, encoder_hidden_states, enc_mask, fast)
         return self.dropout(self.final_layer_norm(h))
+
+    def _fast_biases(self, h, table, mask, enc, enc_mask):
+        """(self-attention bias, cross-attention bias) for the CPU training path with dropout
+        (models/_cpu_attention.py: the stack's bias built once, one-pass dropout on the probabilities),
+        or None: the layers call ff.t5_attention / ff.scaled_dot_product_attention (CUDA, eval, no
+        dropout, autocast, torch.compile, or a query row without keys)."""
+        p = self.block[0].layer[0].SelfAttention.dropout
+        if (
+            not self.training
+            or not 0.0 < p < 1.0
+            or h.device.type != "cpu"
+            or h.dtype not in (torch.float32, torch.float64)
+            or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        if self.is_decoder and enc_mask is not None and not bool(enc_mask.any(-1).all()):
+            return None
+        sa = self.block[0].layer[0].SelfAttention
+        self_bias = _cpu_attention.t5_stack_bias(
+            table.to(h.dtype),
+            h.shape[1],
+            bidirectional=not self.is_decoder,
+            num_buckets=sa.relative_attention_num_buckets,
+            max_distance=sa.relative_attention_max_distance,
+            key_mask=mask,
+            causal=self.is_decoder,
+        )
+        if self_bias is None:
+            return None
+        return self_bias, _cpu_attention.key_padding_bias(enc_mask, h.dtype)
 
 
 def _init_weights(model: nn.Module, cfg: T5Config) -> None:

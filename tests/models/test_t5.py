@@ -199,3 +199,88 @@ def test_training_dropout_uses_the_cheap_cpu_masks_and_is_reproducible():
         torch.manual_seed(5)
         assert torch.equal(ref, model(ids, None, labels=labels).loss)
     assert not torch.equal(a.detach(), ref)
+
+
+def _no_module_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def test_cpu_training_attention_path_matches_the_regular_path(monkeypatch):
+    """CPU training with dropout: the stacks build their attention bias once and the layers run
+    _cpu_attention.attention_with_bias. With its dropout forced to 0 it must give the regular path's
+    loss and gradients (float64, padded inputs, a padded label row, more decoder than encoder layers)."""
+    from fastformer.models import _cpu_attention as C
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(**{**TINY, "dropout_rate": 0.3})).double().train()
+    _no_module_dropout(model)
+    ids = torch.randint(2, TINY["vocab_size"], (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    mask[2, 3:] = False
+    labels = torch.randint(2, TINY["vocab_size"], (3, 6))
+    labels[0, 4:] = -100
+    calls = []
+    inner = C.attention_with_bias
+
+    def no_dropout(q, k, v, bias, p):
+        calls.append(p)
+        return inner(q, k, v, bias, 0.0)
+
+    monkeypatch.setattr(C, "attention_with_bias", no_dropout)
+    fast = model(ids, mask, labels=labels)
+    fast.loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    n_layers = TINY["num_layers"] + 2 * TINY["num_decoder_layers"]
+    assert calls == [0.3] * n_layers  # every attention took the path
+    model.zero_grad()
+    for m in model.modules():  # attention dropout 0: the layers call ff's attention
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+    ref = model(ids, mask, labels=labels)
+    ref.loss.backward()
+    assert len(calls) == n_layers
+    assert_close(fast.loss, ref.loss, torch.float64, "loss")
+    for n, p in model.named_parameters():
+        assert_close(fast_grads[n], p.grad, torch.float64, n)
+
+
+def test_cpu_attention_with_bias_dropout_matches_reference_with_the_same_mask():
+    from fastformer.models import _cpu_attention as C
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    bias = torch.randn(1, 3, 5, 7, generator=g, dtype=torch.float64)
+    bias[..., 4:] = float("-inf")  # masked keys
+    torch.manual_seed(7)
+    out = C.attention_with_bias(q, k, v, bias, 0.25)
+    torch.manual_seed(7)
+    keep = C.dropout(torch.ones(2, 3, 5, 7, dtype=torch.float64), 0.25)  # the same draw: same mask
+    assert 0 < (keep == 0).sum() < keep.numel()
+    ref = ((q @ k.transpose(-1, -2) + bias).softmax(-1) * keep) @ v
+    assert_close(out, ref, torch.float64, "out")
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dy)
+    want = torch.autograd.grad(ref, (q, k, v), dy)
+    for a, b, name in zip(got, want, "qkv"):
+        assert_close(a, b, torch.float64, f"d{name}")
+
+
+def test_cpu_training_path_steps_aside_for_inputs_without_keys():
+    """An input that is all padding has query rows without keys: the stacks leave the fast path (which
+    would give NaN) to ff's attention, and the loss stays finite."""
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(**{**TINY, "dropout_rate": 0.2})).train()
+    ids = torch.randint(2, TINY["vocab_size"], (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    h = model.encoder.embed_tokens(ids)
+    table = model.encoder.block[0].layer[0].SelfAttention.bias_table
+    assert model.encoder._fast_biases(h, table, mask[:, None, None, :], None, None) is None
+    assert model.encoder._fast_biases(h, table, torch.ones_like(mask)[:, None, None, :], None, None) is not None
+    out = model(ids, mask, labels=torch.randint(2, TINY["vocab_size"], (2, 4)))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
