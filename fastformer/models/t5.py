@@ -232,12 +232,12 @@ class T5Stack(nn.Module):
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
         table = self.block[0].layer[0].SelfAttention.bias_table  # the first layer's table, shared
         h = self.dropout(self.embed_tokens(input_ids))
-        fast = self._fast_biases(h, table, mask, encoder_hidden_states, enc_mask)
+        fast = self._fast_biases(h, table, mask, enc_mask)
         for blk in self.block:
             h = blk(h, mask, table, encoder_hidden_states, enc_mask, fast)
         return self.dropout(self.final_layer_norm(h))
 
-    def _fast_biases(self, h, table, mask, enc, enc_mask):
+    def _fast_biases(self, h, table, mask, enc_mask):
         """(self-attention bias, cross-attention bias) for the CPU training path with dropout
         (models/_cpu_attention.py: the stack's bias built once, one-pass dropout on the probabilities),
         or None: the layers call ff.t5_attention / ff.scaled_dot_product_attention (CUDA, eval, no

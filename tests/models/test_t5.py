@@ -278,8 +278,8 @@ def test_cpu_training_path_steps_aside_for_inputs_without_keys():
     mask[1] = False
     h = model.encoder.embed_tokens(ids)
     table = model.encoder.block[0].layer[0].SelfAttention.bias_table
-    assert model.encoder._fast_biases(h, table, mask[:, None, None, :], None, None) is None
-    assert model.encoder._fast_biases(h, table, torch.ones_like(mask)[:, None, None, :], None, None) is not None
+    assert model.encoder._fast_biases(h, table, mask[:, None, None, :], None) is None
+    assert model.encoder._fast_biases(h, table, torch.ones_like(mask)[:, None, None, :], None) is not None
     out = model(ids, mask, labels=torch.randint(2, TINY["vocab_size"], (2, 4)))
     assert torch.isfinite(out.loss)
     out.loss.backward()
