@@ -52,7 +52,7 @@ RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_ev
 RUN_SHAPING["finetune"].update(max_target_len="max_target_len", dropout="dropout")
 # classification: the recipe's length, model selection and pooling shape the run
 RUN_SHAPING["finetune"].update({k: k for k in ("epochs", "min_steps", "val_fraction", "pooling", "tokenizer")})
-RESUME_MAY_CHANGE += ("num_beams", "max_new_tokens", "length_penalty", "eval_limit")
+RESUME_MAY_CHANGE += ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size", "eval_limit")
 PATH_FLAGS = ("data", "tokenizer", "train", "eval", "init")
 
 
@@ -448,7 +448,7 @@ def _predict(args: argparse.Namespace) -> int:
     loaded = load(args.model, device=device)
     generation = {
         k: getattr(args, k)
-        for k in ("num_beams", "max_new_tokens", "length_penalty", "max_len")
+        for k in ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size", "max_len")
         if getattr(args, k) is not None
     }
     if loaded.kind == "seq2seq":  # text-to-text: a TSV's input column (and its targets, if any)
@@ -688,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation: beam score = log-probability / length ** P (default 1.0)",
     )
     t2t.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluation: never generate an N-gram twice in a text (default 0: off)",
+    )
+    t2t.add_argument(
         "--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the model's, 0.0)"
     )
     t2t.add_argument(
@@ -723,6 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="text-to-text: beam length penalty (default: the run's setting)",
+    )
+    prd.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="text-to-text: never generate an N-gram twice in a text, 0 = off (default: the run's setting)",
     )
     prd.add_argument(
         "--max-len",

@@ -121,7 +121,7 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
         assert 0.0 <= ev[key] <= 1.0, key
     assert ev["n_eval"] == 24 and ev["n_train"] == 400 and ev["steps"] == 80 and ev["accuracy"] == ev["exact_match"]
-    assert ev["generation"] == {"max_new_tokens": 16, "num_beams": 1, "length_penalty": 1.0}
+    assert ev["generation"] == {"max_new_tokens": 16, "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0}
     assert len(ev["examples"]) == 20 and set(ev["examples"][0]) == {"input", "target", "prediction"}
     assert ev["examples"][0]["target"] == ev["examples"][0]["input"]
     assert ev["rouge1"] > 0.2, ev["examples"][:5]  # 80 steps of a copy task: some letters come out right
@@ -143,6 +143,11 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     assert main(["predict", "--model", str(out), "--input", str(d / "in.txt"), "--num-beams", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "input\tprediction" and [x.split("\t")[0] for x in lines[1:]] == ["a b c", "d e"]
+    # --no-repeat-ngram-size 1: no word twice in a prediction (the copy task's own targets repeat letters)
+    assert main(["predict", "--model", str(out), "--input", str(pairs["eval"]), "--no-repeat-ngram-size", "1"]) == 0
+    rows = [x.split("\t") for x in capsys.readouterr().out.splitlines()[1:]]
+    assert any(len(set(r[0].split())) < len(r[0].split()) for r in rows)
+    assert all(len(set(r[1].split())) == len(r[1].split()) for r in rows if len(r) > 1)
 
     # the load API: the encoder-decoder and its tokenizer
     loaded = ff.models.load(out)
@@ -157,6 +162,10 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     greedy = _hf_matches_ours(loaded.model, d / "hf", texts, 16)
     assert (greedy[:, 1:] > 2).sum() >= 4  # real tokens were generated, not only EOS / padding
     _hf_matches_ours(loaded.model, d / "hf", texts, 16, num_beams=3, length_penalty=0.6)
+    _hf_matches_ours(loaded.model, d / "hf", texts, 16, num_beams=2, no_repeat_ngram_size=2)
+    # a run's no_repeat_ngram_size becomes generation_config.json's
+    ff.models.save_hf(loaded.model, d / "hf2", generation={"max_new_tokens": 16, "no_repeat_ngram_size": 2})
+    assert json.loads((d / "hf2" / "generation_config.json").read_text())["no_repeat_ngram_size"] == 2
 
 
 def test_text2text_ctrl_c_then_resume(pairs, capsys):
@@ -313,6 +322,9 @@ def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     assert "encoder-decoder" in _error_line(capsys, ft + ["--task", "text2text", "--model", "bert-tiny"])
     assert "--num-beams applies to --task text2text only" in _error_line(capsys, ft + ["--num-beams", "2"])
     assert "--num-beams must be at least 1" in _error_line(capsys, ft + ["--task", "text2text", "--num-beams", "0"])
+    err = _error_line(capsys, ft + ["--task", "text2text", "--no-repeat-ngram-size", "-1"])
+    assert "--no-repeat-ngram-size must be >= 0" in err
+    assert "applies to --task text2text only" in _error_line(capsys, ft + ["--no-repeat-ngram-size", "2"])
     assert "not a pretrain output folder" in _error_line(capsys, ft + ["--task", "text2text", "--init", str(tmp_path)])
     (d / "holes.tsv").write_text("input\ttarget\na b\ta b\nc d\t \n")
     err = _error_line(

@@ -22,6 +22,9 @@ tokens are the same:
   current length), True (stop as soon as num_beams hypotheses are finished) or "never".
   Positions after a hypothesis' end hold `pad_token_id`, or the first EOS id when `pad_token_id`
   is 0 (what Hugging Face writes there, e.g. for T5).
+- `no_repeat_ngram_size` n > 0: a token that would complete an n-gram already in the sequence (start
+  token included) gets score -inf: on the logits in greedy search, on the log-probabilities (before
+  the beam scores are added) in beam search.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     decoder_start_token_id: int | None = None,
+    no_repeat_ngram_size: int = 0,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """input_ids, attention_mask: (B, Lin) (mask bool or 0/1, True = real token; any padding side)
@@ -162,6 +166,8 @@ def generate(
         )
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
@@ -185,6 +191,7 @@ def generate(
                     eos=eos,
                     pad=pad,
                     start=start,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
                     use_cache=use_cache,
                 )
             else:
@@ -200,6 +207,7 @@ def generate(
                     eos=eos,
                     pad=pad,
                     start=start,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
                     use_cache=use_cache,
                 )
     finally:
@@ -232,7 +240,23 @@ class _Stepper:
             self.cache.reorder(index)
 
 
-def greedy_search(model, input_ids, attention_mask, *, max_new_tokens, eos, pad, start, use_cache=True):
+def ban_repeated_ngrams(seqs: torch.Tensor, n: int, scores: torch.Tensor) -> torch.Tensor:
+    """scores (N, V) with -inf, in place, at every token that would complete an n-gram already present
+    in seqs (N, t) (the tokens so far): the tokens that followed an earlier occurrence of the last
+    n - 1 tokens (n = 1: every token so far). Nothing while t < n. Returns scores."""
+    t = seqs.shape[1]
+    if n <= 0 or t < n:
+        return scores
+    grams = seqs.unfold(1, n, 1)  # (N, t - n + 1, n): every n-gram so far
+    seen = (grams[:, :, :-1] == seqs[:, t - n + 1 :][:, None, :]).all(-1)  # its first n - 1 = the last n - 1
+    rows, at = seen.nonzero(as_tuple=True)
+    scores[rows, grams[rows, at, -1]] = float("-inf")
+    return scores
+
+
+def greedy_search(
+    model, input_ids, attention_mask, *, max_new_tokens, eos, pad, start, no_repeat_ngram_size=0, use_cache=True
+):
     """Greedy decoding (see the module docstring). Returns (B, 1 + T) int64."""
     B = input_ids.shape[0]
     dev = input_ids.device
@@ -243,7 +267,10 @@ def greedy_search(model, input_ids, attention_mask, *, max_new_tokens, eos, pad,
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     t = 1
     while t < 1 + max_new_tokens:
-        nxt = stepper.logits(seqs[:, :t]).max(-1).indices  # argmax (first maximum), faster on CPU
+        logits = stepper.logits(seqs[:, :t])
+        if no_repeat_ngram_size:
+            ban_repeated_ngrams(seqs[:, :t], no_repeat_ngram_size, logits)
+        nxt = logits.max(-1).indices  # argmax (first maximum), faster on CPU
         if eos:
             nxt = torch.where(unfinished, nxt, pad)
         seqs[:, t] = nxt
@@ -268,6 +295,7 @@ def beam_search(
     eos,
     pad,
     start,
+    no_repeat_ngram_size=0,
     use_cache=True,
 ):
     """Beam search (see the module docstring). Returns (B · num_return_sequences, 1 + T) int64."""
@@ -296,6 +324,8 @@ def beam_search(
     cur = 1
     while True:
         logp = F.log_softmax(stepper.logits(run_seq.view(B * K, max_length)[:, :cur]), dim=-1)
+        if no_repeat_ngram_size:
+            ban_repeated_ngrams(run_seq.view(B * K, max_length)[:, :cur], no_repeat_ngram_size, logp)
         V = logp.shape[-1]
         total = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
         # (1) the best n_keep continuations over all beams of each input

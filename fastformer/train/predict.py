@@ -172,6 +172,7 @@ def generate_text(
     num_beams: int | None = None,
     max_new_tokens: int | None = None,
     length_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
     max_len: int | None = None,
     **_,
 ) -> tuple[list[str], list[dict]]:
@@ -185,6 +186,7 @@ def generate_text(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         max_len=max_len,
     )
     preds = generate_texts(

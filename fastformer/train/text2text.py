@@ -58,7 +58,15 @@ TASK = "text2text"
 MIN_EVAL_EXAMPLES = 20  # fewer held-out pairs: the scores move in coarse steps (warned)
 DEFAULT_MAX_NEW_TOKENS = 64  # generation limit for a folder that records none (a span pre-training run)
 # Fields of Text2TextConfig that only text-to-text runs have (the CLI's generation / length flags).
-TEXT2TEXT_FIELDS = ("max_target_len", "num_beams", "max_new_tokens", "length_penalty", "dropout", "eval_limit")
+TEXT2TEXT_FIELDS = (
+    "max_target_len",
+    "num_beams",
+    "max_new_tokens",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "dropout",
+    "eval_limit",
+)
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Text2TextConfig(TrainConfig):
     eval_every: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram twice in a generated text
     max_new_tokens: int | None = None  # None: max_target_len
     eval_batch_size: int = 64
     eval_limit: int | None = None  # generate for the first N eval pairs only (None: all)
@@ -101,6 +110,8 @@ class Text2TextConfig(TrainConfig):
             raise ValueError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"--length-penalty must be a finite number, got {self.length_penalty}")
         if self.n_examples < 0:
@@ -216,6 +227,7 @@ def generate_texts(
     batch_size: int = 64,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     device=None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -250,6 +262,7 @@ def generate_texts(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         for i, text in zip(idx, decode_generated(tok, out.cpu(), cfg.eos_token_id)):
             texts[i] = text
@@ -267,11 +280,12 @@ def generate_texts(
 def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
     """(max input tokens, generate keywords) for a run folder's config.json: its recorded settings
     (a text-to-text run) or defaults (a span pre-training run), overridden by the non-None keywords
-    (max_len, max_new_tokens, num_beams, length_penalty)."""
+    (max_len, max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size)."""
     gen = {
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
         "num_beams": 1,
         "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
         **(config.get("generation") or {}),
     }
     train = config.get("train") or {}
@@ -280,9 +294,12 @@ def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
         v = overrides.get(key)
         if v is not None and v < (2 if key == "max_len" else 1):
             raise ValueError(f"{flag} must be at least {2 if key == 'max_len' else 1}, got {v}")
+    v = overrides.get("no_repeat_ngram_size")
+    if v is not None and v < 0:
+        raise ValueError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {v}")
     if overrides.get("max_len") is not None:
         max_len = int(overrides["max_len"])
-    for key in ("max_new_tokens", "num_beams", "length_penalty"):
+    for key in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size"):
         if overrides.get(key) is not None:
             gen[key] = overrides[key]
     return max_len, gen
@@ -371,7 +388,12 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
 
     eval_batches = [collate(eval_ex[i : i + cfg.batch_size]) for i in range(0, len(eval_ex), cfg.batch_size)]
     max_new = cfg.max_new_tokens or cfg.max_target_len
-    generation = {"max_new_tokens": max_new, "num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty}
+    generation = {
+        "max_new_tokens": max_new,
+        "num_beams": cfg.num_beams,
+        "length_penalty": cfg.length_penalty,
+        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+    }
     mem = _check_memory(cfg, model, max(len(x) for x, _ in train_ex), max(len(y) for _, y in train_ex), device, info)
     fingerprint = {
         "task": TASK,
@@ -466,6 +488,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
                 batch_size=cfg.eval_batch_size,
                 num_beams=cfg.num_beams,
                 length_penalty=cfg.length_penalty,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
                 device=device,
                 progress=cfg.progress,
                 log=log,
@@ -532,7 +555,8 @@ def _describe_generation(g: dict) -> str:
         if g["num_beams"] == 1
         else f"beam search ({g['num_beams']} beams, length penalty {g['length_penalty']:g})"
     )
-    return f"{how}, at most {g['max_new_tokens']} new tokens"
+    ban = f", no {g['no_repeat_ngram_size']}-gram twice" if g.get("no_repeat_ngram_size") else ""
+    return f"{how}, at most {g['max_new_tokens']} new tokens{ban}"
 
 
 def describe_summary(s: dict) -> str:

@@ -52,6 +52,9 @@ CASES = [
     dict(num_beams=3, early_stopping=True),
     dict(num_beams=3, early_stopping="never", length_penalty=2.0),
     dict(num_beams=3, num_return_sequences=3),
+    dict(no_repeat_ngram_size=2),
+    dict(no_repeat_ngram_size=1),
+    dict(num_beams=3, no_repeat_ngram_size=2, num_return_sequences=2),
 ]
 
 
@@ -159,6 +162,8 @@ def test_generate_restores_training_mode_and_keeps_weights():
         (dict(early_stopping="sometimes"), "early_stopping"),
         (dict(eos_token_id=99), "eos_token_id"),
         (dict(decoder_start_token_id=-1), "decoder_start_token_id"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size"),
     ],
 )
 def test_bad_arguments_raise_value_error(bad, match):
@@ -199,3 +204,22 @@ def test_generate_on_the_kernel_path_matches_hf(triton_backend):
     out = ours.generate(ids, mask, max_new_tokens=4)
     ref = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref), f"\nours {out}\nhf   {ref}"
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3)], ids=["greedy", "beam"])
+def test_no_repeat_ngram_size_removes_repeats_that_happen_without_it(kw):
+    """The tiny random model repeats itself; with no_repeat_ngram_size=2 no bigram occurs twice in a
+    generated sequence (start token included, up to its EOS)."""
+    m = _model(19, torch.float32, 4, eos_boost=0.0)  # EOS rare: long sequences
+    ids, mask = _inputs(4, 9, 19, 4)
+
+    def repeats(out):
+        n = 0
+        for row in out.tolist():
+            row = row[: row.index(1) + 1] if 1 in row[1:] else row
+            grams = list(zip(row, row[1:]))
+            n += len(grams) - len(set(grams))
+        return n
+
+    assert repeats(m.generate(ids, mask, max_new_tokens=12, **kw)) > 0
+    assert repeats(m.generate(ids, mask, max_new_tokens=12, no_repeat_ngram_size=2, **kw)) == 0
