@@ -452,8 +452,8 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
     text exactly as fastformer's training did). `labels` (class names in logit order) become the
     config's id2label / label2id. `generation` (an encoder-decoder's `max_new_tokens`, `num_beams`,
     `length_penalty`, `no_repeat_ngram_size`) becomes the defaults of `generation_config.json`, so
-    that `generate` without arguments decodes as fastformer's run did. Returns the transformers model. Raises ValueError for a
-    model `to_hf` does not support."""
+    that `generate` without arguments decodes as fastformer's run did. Returns the transformers model.
+    Raises ValueError for a model `to_hf` does not support."""
     hf_tok = _hf_tokenizer(tokenizer, model) if tokenizer is not None else None
     hf = to_hf(model)
     if labels:
