@@ -191,8 +191,7 @@ def self_attention_dropout(
     least one (see usable()). Returns (B, L, H), heads concatenated as (num_heads, d)."""
     key_bias = None
     if mask is not None:
-        B, L = mask.shape[0], mask.shape[-1]
-        key_bias = torch.zeros(B, 1, L, dtype=qkv.dtype).masked_fill_(~mask.reshape(B, 1, L), float("-inf"))
+        key_bias = key_padding_bias(mask, qkv.dtype).reshape(mask.shape[0], 1, mask.shape[-1])
     return _SelfAttentionDropout.apply(qkv, num_heads, float(dropout_p), key_bias)
 
 

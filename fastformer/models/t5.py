@@ -134,6 +134,14 @@ class T5GatedGelu(nn.Module):
         return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
 
 
+def _attend_with_bias(attn, x, kv, bias):
+    """The CPU training path of a T5 attention module `attn` (self: kv = x; cross: kv = the encoder
+    output): its projections, _cpu_attention.attention_with_bias with the stack's precomputed bias and
+    the module's dropout rate, its output projection. (B, Lq, d_model)."""
+    q, k, v = attn._heads(attn.q(x)), attn._heads(attn.k(kv)), attn._heads(attn.v(kv))
+    return attn._merge(_cpu_attention.attention_with_bias(q, k, v, bias, attn.dropout))
+
+
 class _SelfAttentionLayer(nn.Module):
     def __init__(self, cfg: T5Config, *, is_decoder: bool, owns_table: bool):
         super().__init__()
@@ -155,9 +163,7 @@ class _SelfAttentionLayer(nn.Module):
         training path (T5Stack._fast_biases)."""
         x = self.layer_norm(h)
         if fast is not None:
-            sa = self.SelfAttention
-            q, k, v = sa._heads(sa.q(x)), sa._heads(sa.k(x)), sa._heads(sa.v(x))
-            y = sa._merge(_cpu_attention.attention_with_bias(q, k, v, fast[0], sa.dropout))
+            y = _attend_with_bias(self.SelfAttention, x, x, fast[0])
         else:
             y = self.SelfAttention(
                 x, attn_mask=mask, bias_table=None if self.SelfAttention.has_relative_attention_bias else table
@@ -175,9 +181,7 @@ class _CrossAttentionLayer(nn.Module):
     def forward(self, h, enc, enc_mask, fast=None):
         x = self.layer_norm(h)
         if fast is not None:
-            ca = self.EncDecAttention
-            q, k, v = ca._heads(ca.q(x)), ca._heads(ca.k(enc)), ca._heads(ca.v(enc))
-            y = ca._merge(_cpu_attention.attention_with_bias(q, k, v, fast[1], ca.dropout))
+            y = _attend_with_bias(self.EncDecAttention, x, enc, fast[1])
         else:
             y = self.EncDecAttention(x, enc, attn_mask=enc_mask)
         return h + self.dropout(y)
@@ -242,10 +246,10 @@ class T5Stack(nn.Module):
         (models/_cpu_attention.py: the stack's bias built once, one-pass dropout on the probabilities),
         or None: the layers call ff.t5_attention / ff.scaled_dot_product_attention (CUDA, eval, no
         dropout, autocast, torch.compile, or a query row without keys)."""
-        p = self.block[0].layer[0].SelfAttention.dropout
+        sa = self.block[0].layer[0].SelfAttention
         if (
             not self.training
-            or not 0.0 < p < 1.0
+            or not 0.0 < sa.dropout < 1.0
             or h.device.type != "cpu"
             or h.dtype not in (torch.float32, torch.float64)
             or torch.is_autocast_enabled("cpu")
@@ -254,7 +258,6 @@ class T5Stack(nn.Module):
             return None
         if self.is_decoder and enc_mask is not None and not bool(enc_mask.any(-1).all()):
             return None
-        sa = self.block[0].layer[0].SelfAttention
         self_bias = _cpu_attention.t5_stack_bias(
             table.to(h.dtype),
             h.shape[1],

@@ -290,13 +290,10 @@ def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
     }
     train = config.get("train") or {}
     max_len = int(config.get("max_len") or train.get("max_len") or train.get("seq_len") or 512)
-    for key, flag in (("max_len", "--max-len"), ("max_new_tokens", "--max-new-tokens"), ("num_beams", "--num-beams")):
+    for key, least in (("max_len", 2), ("max_new_tokens", 1), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
         v = overrides.get(key)
-        if v is not None and v < (2 if key == "max_len" else 1):
-            raise ValueError(f"{flag} must be at least {2 if key == 'max_len' else 1}, got {v}")
-    v = overrides.get("no_repeat_ngram_size")
-    if v is not None and v < 0:
-        raise ValueError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {v}")
+        if v is not None and v < least:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {v}")
     if overrides.get("max_len") is not None:
         max_len = int(overrides["max_len"])
     for key in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size"):
