@@ -33,9 +33,9 @@ _FUSED: dict = {"ok": None}  # whether the extension's dropout is loaded; None =
 def has_fused_dropout() -> bool:
     """Whether the compiled extension's one-pass CPU dropout (csrc/dropout_cpu.cpp) is loaded."""
     if _FUSED["ok"] is None:
-        from ..optim import _ext
+        from .._extension import has_op
 
-        _FUSED["ok"] = _ext.load() and hasattr(torch.ops.fastformer, "dropout_cpu")
+        _FUSED["ok"] = has_op("dropout_cpu")
     return bool(_FUSED["ok"])
 
 

@@ -22,7 +22,6 @@ the per-row grad_output, so backward recomputes the chunks with it folded into t
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -63,15 +62,10 @@ def _cpp_rows_usable(logits, target, gscale, colsum, bias) -> bool:
 
 
 def _load_cpp_rows() -> bool:
-    """The extension's row kernel, loaded here rather than through optim/_ext.py (a layer above ops);
-    FASTFORMER_DISABLE_EXT=1 turns it off as it does the optimizers'."""
-    if os.environ.get("FASTFORMER_DISABLE_EXT"):
-        return False
-    try:
-        from .. import _C  # noqa: F401 - registers torch.ops.fastformer.*
-    except Exception:  # noqa: BLE001 - not built, or built for another torch: the torch math runs
-        return False
-    return hasattr(torch.ops.fastformer, "ce_rows_cpu")
+    """Whether the extension's row kernel is loaded (FASTFORMER_DISABLE_EXT=1 turns it off)."""
+    from .._extension import has_op
+
+    return has_op("ce_rows_cpu")
 
 
 def _ce_rows_torch_(

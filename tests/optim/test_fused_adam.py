@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close
 
 import fastformer as ff
-from fastformer.optim import _ext
+from fastformer import _extension
 
 F32 = torch.float32
 PAIRS = [(ff.optim.FusedAdam, torch.optim.Adam), (ff.optim.FusedAdamW, torch.optim.AdamW)]
@@ -228,11 +228,11 @@ def test_bad_hyper_parameters_raise():
 
 def test_extension_loaded_here():
     # the build (make test / pip install -e .) must produce the extension on this machine
-    assert ff.optim.extension_available(), f"extension failed to load: {_ext._state['error']}"
+    assert ff.optim.extension_available(), f"extension failed to load: {_extension._state['error']}"
 
 
 def test_fallback_warns_once_and_matches_torch(monkeypatch):
-    monkeypatch.setattr(_ext, "_state", {"loaded": False, "error": ImportError("simulated"), "warned": False})
+    monkeypatch.setattr(_extension, "_state", {"loaded": False, "error": ImportError("simulated"), "warned": False})
     pa = make_params([(13, 5), (), (64,)], seed=7)
     pb = clone_params(pa)
     with warnings.catch_warnings(record=True) as rec:
@@ -314,7 +314,7 @@ def test_cuda_state_dict_from_cpu_checkpoint():
 @pytest.mark.cuda
 def test_cuda_kernels_built():
     # `pip install -e .` on a machine with CUDA torch and nvcc must build the CUDA part too
-    assert ff.optim.extension_available("cuda"), f"no CUDA kernels: {_ext._state['error']}"
+    assert ff.optim.extension_available("cuda"), f"no CUDA kernels: {_extension._state['error']}"
 
 
 @pytest.mark.cuda
