@@ -242,14 +242,15 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(h))
 
     def _fast_biases(self, h, table, mask, enc_mask):
-        """(self-attention bias, cross-attention bias) for the CPU training path with dropout
-        (models/_cpu_attention.py: the stack's bias built once, one-pass dropout on the probabilities),
-        or None: the layers call ff.t5_attention / ff.scaled_dot_product_attention (CUDA, eval, no
-        dropout, autocast, torch.compile, or a query row without keys)."""
+        """(self-attention bias, cross-attention bias) for the CPU training path (models/_cpu_attention.py:
+        the stack's bias built once, one-pass dropout on the probabilities when there is dropout), or
+        None: the layers call ff.t5_attention / ff.scaled_dot_product_attention (CUDA, eval, autocast,
+        torch.compile, or a query row without keys). Without dropout the path is taken too: torch's CPU
+        attention with a float mask, run per layer, measured 1.1-1.5x slower per forward + backward."""
         sa = self.block[0].layer[0].SelfAttention
         if (
             not self.training
-            or not 0.0 < sa.dropout < 1.0
+            or not 0.0 <= sa.dropout < 1.0
             or h.device.type != "cpu"
             or h.dtype not in (torch.float32, torch.float64)
             or torch.is_autocast_enabled("cpu")

@@ -10,6 +10,7 @@ from fastformer.models.t5 import (
     T5Config,
     T5EncoderForSequenceClassification,
     T5ForConditionalGeneration,
+    T5Stack,
     shift_right,
 )
 
@@ -208,7 +209,7 @@ def _no_module_dropout(model):
 
 
 def test_cpu_training_attention_path_matches_the_regular_path(monkeypatch):
-    """CPU training with dropout: the stacks build their attention bias once and the layers run
+    """CPU training: the stacks build their attention bias once and the layers run
     _cpu_attention.attention_with_bias. With its dropout forced to 0 it must give the regular path's
     loss and gradients (float64, padded inputs, a padded label row, more decoder than encoder layers)."""
     from fastformer.models import _cpu_attention as C
@@ -236,12 +237,44 @@ def test_cpu_training_attention_path_matches_the_regular_path(monkeypatch):
     n_layers = TINY["num_layers"] + 2 * TINY["num_decoder_layers"]
     assert calls == [0.3] * n_layers  # every attention took the path
     model.zero_grad()
-    for m in model.modules():  # attention dropout 0: the layers call ff's attention
+    for m in model.modules():  # attention dropout 0, on the regular path: the layers call ff's attention
         if isinstance(getattr(m, "dropout", None), float):
             m.dropout = 0.0
+    monkeypatch.setattr(T5Stack, "_fast_biases", lambda self, *args: None)
     ref = model(ids, mask, labels=labels)
     ref.loss.backward()
     assert len(calls) == n_layers
+    assert_close(fast.loss, ref.loss, torch.float64, "loss")
+    for n, p in model.named_parameters():
+        assert_close(fast_grads[n], p.grad, torch.float64, n)
+
+
+def test_cpu_training_without_dropout_takes_the_path_and_matches(monkeypatch):
+    """Dropout 0 (span pre-training): CPU training still takes the stack-bias path, with p = 0 and the
+    regular path's loss and gradients (float64, padding); eval mode does not take it."""
+    from fastformer.models import _cpu_attention as C
+
+    torch.manual_seed(1)
+    model = T5ForConditionalGeneration(T5Config(**TINY)).double().train()
+    ids = torch.randint(2, TINY["vocab_size"], (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    labels = torch.randint(2, TINY["vocab_size"], (2, 5))
+    calls = []
+    inner = C.attention_with_bias
+    monkeypatch.setattr(C, "attention_with_bias", lambda q, k, v, bias, p: calls.append(p) or inner(q, k, v, bias, p))
+    fast = model(ids, mask, labels=labels)
+    fast.loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert calls == [0.0] * (TINY["num_layers"] + 2 * TINY["num_decoder_layers"])
+    model.eval()
+    with torch.no_grad():
+        model(ids, mask, labels=labels)
+    assert len(calls) == TINY["num_layers"] + 2 * TINY["num_decoder_layers"]  # eval: the regular path
+    model.train().zero_grad()
+    monkeypatch.setattr(T5Stack, "_fast_biases", lambda self, *args: None)
+    ref = model(ids, mask, labels=labels)
+    ref.loss.backward()
     assert_close(fast.loss, ref.loss, torch.float64, "loss")
     for n, p in model.named_parameters():
         assert_close(fast_grads[n], p.grad, torch.float64, n)
