@@ -13,8 +13,8 @@ import os
 
 import torch
 
-# loaded: None = not tried yet; error: the exception that stopped it; warned: used by optim/_ext.py
-_state = {"loaded": None, "error": None, "warned": False}
+# loaded: None = not tried yet; error: the exception that stopped it
+_state = {"loaded": None, "error": None}
 
 
 def load() -> bool:

@@ -204,9 +204,12 @@ def self_attention_dropout(
 # so the stack builds that additive bias once per forward (`t5_stack_bias`), every layer adds it to
 # its scores, and the probabilities' dropout (if any) is the one-pass `dropout` above. Autograd sums
 # the layers' bias gradients into the one tensor, which flows back to the table through one gather.
-# Without dropout this is still faster than SDPA with a float mask on CPU (1.1x at 128 tokens, 1.4-1.5x
-# at 512, forward + backward), and keeps one (B, H, Lq, Lk) fp32 tensor per layer for backward: within
-# what train/resources.py budgets for eager CPU attention.
+# Without dropout, when the table gets a gradient, ff.t5_attention runs its eager reference per layer
+# (torch's fused CPU kernel has no gradient for a float mask); this path is 1.1x faster at 128 tokens
+# and 1.4-1.5x at 512 (forward + backward). Without that gradient the op's torch kernel is the faster
+# one, and the models use it. For backward this keeps the probabilities (fp32 at p = 0: 4 bytes per
+# score; with dropout also the dropped ones and a bool mask: 9), within the 13 bytes per score that
+# train/resources.py budgets for eager CPU attention.
 
 
 def t5_stack_bias(

@@ -245,8 +245,10 @@ class T5Stack(nn.Module):
         """(self-attention bias, cross-attention bias) for the CPU training path (models/_cpu_attention.py:
         the stack's bias built once, one-pass dropout on the probabilities when there is dropout), or
         None: the layers call ff.t5_attention / ff.scaled_dot_product_attention (CUDA, eval, autocast,
-        torch.compile, or a query row without keys). Without dropout the path is taken too: torch's CPU
-        attention with a float mask, run per layer, measured 1.1-1.5x slower per forward + backward."""
+        torch.compile, or a query row without keys). Without dropout the path is taken only when the
+        position-bias table gets a gradient: ff.t5_attention then runs its eager reference per layer
+        (measured 1.1-1.5x slower per forward + backward), while without that gradient it runs torch's
+        fused CPU attention, which is faster than this path."""
         sa = self.block[0].layer[0].SelfAttention
         if (
             not self.training
@@ -256,6 +258,8 @@ class T5Stack(nn.Module):
             or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling()
         ):
+            return None
+        if sa.dropout == 0.0 and not (torch.is_grad_enabled() and table.requires_grad):
             return None
         if self.is_decoder and enc_mask is not None and not bool(enc_mask.any(-1).all()):
             return None

@@ -10,6 +10,8 @@ import torch
 
 from .. import _extension
 
+_warned = {"done": False}  # one fallback warning per process
+
 
 def load() -> bool:
     """True when the operators torch.ops.fastformer.* are registered (CPU kernels at least)."""
@@ -30,11 +32,11 @@ def supports(device: torch.device) -> bool:
 def warn_fallback(what: str, why: str | None = None) -> None:
     """One warning per process that torch's implementation is used instead of the extension.
     why: the reason when it is not the extension itself (e.g. a parameter dtype it has no kernel for)."""
-    state = _extension._state
-    if state["warned"]:
+    if _warned["done"]:
         return
-    state["warned"] = True
+    _warned["done"] = True
     if why is None:
-        err = state["error"] if state["error"] is not None else "no kernels for this device"
+        err = _extension._state["error"]
+        err = err if err is not None else "no kernels for this device"
         why = f"fused optimizer extension not available ({err})"
     warnings.warn(f"fastformer: {why}; {what} falls back to torch's implementation", RuntimeWarning, stacklevel=3)

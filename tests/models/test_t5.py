@@ -250,8 +250,10 @@ def test_cpu_training_attention_path_matches_the_regular_path(monkeypatch):
 
 
 def test_cpu_training_without_dropout_takes_the_path_and_matches(monkeypatch):
-    """Dropout 0 (span pre-training): CPU training still takes the stack-bias path, with p = 0 and the
-    regular path's loss and gradients (float64, padding); eval mode does not take it."""
+    """Dropout 0 (span pre-training): CPU training with a trainable position-bias table takes the
+    stack-bias path, with p = 0 and the regular path's loss and gradients (float64, padded inputs and
+    labels). Eval, torch.no_grad() and a frozen table keep ff.t5_attention (its torch kernel is faster
+    there); the encoder classifier takes the path too."""
     from fastformer.models import _cpu_attention as C
 
     torch.manual_seed(1)
@@ -260,18 +262,30 @@ def test_cpu_training_without_dropout_takes_the_path_and_matches(monkeypatch):
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 5:] = False
     labels = torch.randint(2, TINY["vocab_size"], (2, 5))
+    labels[1, 3:] = -100
     calls = []
     inner = C.attention_with_bias
     monkeypatch.setattr(C, "attention_with_bias", lambda q, k, v, bias, p: calls.append(p) or inner(q, k, v, bias, p))
+    n_attn = TINY["num_layers"] + 2 * TINY["num_decoder_layers"]
     fast = model(ids, mask, labels=labels)
     fast.loss.backward()
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert calls == [0.0] * (TINY["num_layers"] + 2 * TINY["num_decoder_layers"])
-    model.eval()
+    assert calls == [0.0] * n_attn
     with torch.no_grad():
-        model(ids, mask, labels=labels)
-    assert len(calls) == TINY["num_layers"] + 2 * TINY["num_decoder_layers"]  # eval: the regular path
-    model.train().zero_grad()
+        model.eval()(ids, mask, labels=labels)
+        model.train()(ids, mask, labels=labels)
+    tables = [m.bias_table for m in model.modules() if getattr(m, "has_relative_attention_bias", False)]
+    assert len(tables) == 2
+    for t in tables:
+        t.requires_grad_(False)
+    model(ids, mask, labels=labels).loss.backward()
+    for t in tables:
+        t.requires_grad_(True)
+    assert len(calls) == n_attn  # eval, no_grad, frozen table: the regular path
+    clf = T5EncoderForSequenceClassification(T5Config(**TINY), num_labels=3).double().train()
+    clf(ids, mask).sum().backward()  # logits (B, num_labels)
+    assert len(calls) == n_attn + TINY["num_layers"]
+    model.zero_grad()
     monkeypatch.setattr(T5Stack, "_fast_biases", lambda self, *args: None)
     ref = model(ids, mask, labels=labels)
     ref.loss.backward()

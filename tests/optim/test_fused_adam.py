@@ -12,6 +12,7 @@ from conftest import assert_close
 
 import fastformer as ff
 from fastformer import _extension
+from fastformer.optim import _ext
 
 F32 = torch.float32
 PAIRS = [(ff.optim.FusedAdam, torch.optim.Adam), (ff.optim.FusedAdamW, torch.optim.AdamW)]
@@ -232,7 +233,8 @@ def test_extension_loaded_here():
 
 
 def test_fallback_warns_once_and_matches_torch(monkeypatch):
-    monkeypatch.setattr(_extension, "_state", {"loaded": False, "error": ImportError("simulated"), "warned": False})
+    monkeypatch.setattr(_extension, "_state", {"loaded": False, "error": ImportError("simulated")})
+    monkeypatch.setitem(_ext._warned, "done", False)
     pa = make_params([(13, 5), (), (64,)], seed=7)
     pb = clone_params(pa)
     with warnings.catch_warnings(record=True) as rec:
