@@ -52,7 +52,14 @@ RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_ev
 RUN_SHAPING["finetune"].update(max_target_len="max_target_len", dropout="dropout")
 # classification: the recipe's length, model selection and pooling shape the run
 RUN_SHAPING["finetune"].update({k: k for k in ("epochs", "min_steps", "val_fraction", "pooling", "tokenizer")})
-RESUME_MAY_CHANGE += ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size", "eval_limit")
+RESUME_MAY_CHANGE += (
+    "num_beams",
+    "max_new_tokens",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "eval_limit",
+    "eval_generate",
+)
 PATH_FLAGS = ("data", "tokenizer", "train", "eval", "init")
 
 
@@ -703,6 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="evaluation: generate for the first N --eval pairs only (default all)",
+    )
+    t2t.add_argument(
+        "--eval-generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --eval-every: at each evaluation also generate for the first N --eval pairs and log "
+        "their ROUGE (eval_rougeL, ...) in metrics.jsonl (default 0: off)",
     )
     fin.set_defaults(func=_finetune)
 

@@ -112,11 +112,19 @@ def test_text2text_finetune_predict_export(pairs, capsys):
         "5",
         "--log-every",
         "20",
+        "--eval-every",
+        "40",
+        "--eval-generate",
+        "8",
         "--out",
         out,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "finetune text2text random init (t5-tiny)" in r.stdout and "ROUGE-L" in r.stdout
+    # --eval-generate: ROUGE of 8 generated eval pairs at steps 40 and 80, on the progress line and in metrics
+    assert "step 40/80" in r.stdout and "eval ROUGE-L " in r.stdout
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if "eval_rougeL" in x] == [40, 80]
     ev = json.loads((out / "eval.json").read_text())
     for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
         assert 0.0 <= ev[key] <= 1.0, key
@@ -325,6 +333,11 @@ def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     err = _error_line(capsys, ft + ["--task", "text2text", "--no-repeat-ngram-size", "-1"])
     assert "--no-repeat-ngram-size must be >= 0" in err
     assert "applies to --task text2text only" in _error_line(capsys, ft + ["--no-repeat-ngram-size", "2"])
+    assert "applies to --task text2text only" in _error_line(capsys, ft + ["--eval-generate", "4"])
+    err = _error_line(capsys, ft + ["--task", "text2text", "--eval-generate", "4"])
+    assert "--eval-generate N scores generation at each --eval-every evaluation" in err
+    err = _error_line(capsys, ft + ["--task", "text2text", "--eval-every", "1", "--eval-generate", "-1"])
+    assert "--eval-generate must be >= 0" in err
     assert "not a pretrain output folder" in _error_line(capsys, ft + ["--task", "text2text", "--init", str(tmp_path)])
     (d / "holes.tsv").write_text("input\ttarget\na b\ta b\nc d\t \n")
     err = _error_line(

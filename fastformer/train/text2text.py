@@ -66,6 +66,7 @@ TEXT2TEXT_FIELDS = (
     "no_repeat_ngram_size",
     "dropout",
     "eval_limit",
+    "eval_generate",
 )
 
 
@@ -90,6 +91,7 @@ class Text2TextConfig(TrainConfig):
     max_new_tokens: int | None = None  # None: max_target_len
     eval_batch_size: int = 64
     eval_limit: int | None = None  # generate for the first N eval pairs only (None: all)
+    eval_generate: int = 0  # > 0: every eval_every steps, also ROUGE of generation for the first N eval pairs
     n_examples: int = 20  # (input, target, prediction) examples kept in eval.json
     task: str = TASK
 
@@ -108,6 +110,13 @@ class Text2TextConfig(TrainConfig):
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"--eval-limit must be at least 1, got {self.eval_limit}")
+        if self.eval_generate < 0:
+            raise ValueError(f"--eval-generate must be >= 0 (0: off), got {self.eval_generate}")
+        if self.eval_generate and not self.eval_every:
+            raise ValueError(
+                "--eval-generate N scores generation at each --eval-every evaluation: give --eval-every STEPS too "
+                "(the final evaluation generates for the --eval-limit pairs anyway)"
+            )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.no_repeat_ngram_size < 0:
@@ -391,6 +400,29 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         "length_penalty": cfg.length_penalty,
         "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
     }
+    eval_fn = None
+    if cfg.eval_generate:
+        n_periodic = min(cfg.eval_generate, len(eval_inputs))
+
+        def eval_fn(m) -> dict:
+            """ROUGE and exact match of generation for the first n_periodic eval pairs (greedy or beam
+            search: no random draws, so --resume stays exact)."""
+            preds = generate_texts(
+                m,
+                tok,
+                eval_inputs[:n_periodic],
+                max_len=cfg.max_len,
+                max_new_tokens=max_new,
+                batch_size=cfg.eval_batch_size,
+                num_beams=cfg.num_beams,
+                length_penalty=cfg.length_penalty,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                device=device,
+            )
+            refs = eval_targets[:n_periodic]
+            scores = {f"eval_{k}": v for k, v in rouge(preds, refs).items()}
+            return {**scores, "eval_exact_match": exact_match(preds, refs)}
+
     mem = _check_memory(cfg, model, max(len(x) for x, _ in train_ex), max(len(y) for _, y in train_ex), device, info)
     fingerprint = {
         "task": TASK,
@@ -461,6 +493,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         dist_info=info,
         device=device,
         desc=f"{TASK} finetune",
+        eval_fn=eval_fn,
     )
     result = trainer.train()
     ev = result.eval or trainer.evaluate()

@@ -193,7 +193,11 @@ class Trainer:
         metrics_name: str = "metrics.jsonl",
         desc: str = "train",
         clock: Callable[[], float] = time.perf_counter,
+        eval_fn: Callable[[nn.Module], dict] | None = None,
     ):
+        """eval_fn: extra held-out scores (name -> float) added to every evaluation, computed by the
+        main process on the plain model in eval mode without gradients (e.g. generation's ROUGE); it
+        must not draw from torch's random generators, so that --resume stays exact."""
         cfg.validate()
         self.clock = clock  # seconds; tests pass a fake one to check the time budget
         self.cfg = cfg
@@ -210,6 +214,7 @@ class Trainer:
             self.model = torch.compile(self.model, backend=cfg.compile)
         self.batch_fn, self.step_fn, self.tokens_fn = batch_fn, step_fn, tokens_fn
         self.eval_batches = eval_batches or []
+        self.eval_fn = eval_fn
         # what must be equal for --resume to continue the same run: the caller's (model, data, ...) and
         # the flags that shape the optimisation; --steps may change (the schedule follows the new total)
         self.fingerprint = {
@@ -368,9 +373,13 @@ class Trainer:
                 loss, n, m = self.step_fn(self.raw_model, self._to_device(b), False)
                 tot += torch.tensor([float(loss), float(n), float(m.get("correct", 0))], dtype=torch.float64)
         tot = D.all_reduce_sum(tot.to(self.device), self.info).cpu()
+        extra = {}
+        if self.eval_fn is not None and self.info.main:
+            with torch.no_grad():
+                extra = self.eval_fn(self.raw_model)
         self.raw_model.train()
         n = max(tot[1].item(), 1.0)
-        return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[2].item() / n}
+        return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[2].item() / n, **extra}
 
     def _elapsed(self) -> float:
         """Training seconds of the whole run so far (earlier sessions included)."""
@@ -405,6 +414,8 @@ class Trainer:
             parts.append(f"eval loss {record['eval_loss']:.4f}")
         if "eval_accuracy" in record:
             parts.append(f"eval accuracy {record['eval_accuracy']:.3f}")
+        if "eval_rougeL" in record:
+            parts.append(f"eval ROUGE-L {record['eval_rougeL']:.4f}")
         return "  ".join(parts)
 
     # -- signals ----------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ def test_copy_task_is_learned(tmp_path):
         device="cpu",
         progress=False,
         log_every=50,
+        eval_every=100,
+        eval_generate=16,
         n_examples=5,
         seed=0,
     )
@@ -59,6 +61,16 @@ def test_copy_task_is_learned(tmp_path):
     assert set(on_disk["examples"][0]) == {"input", "target", "prediction"}
     rows = (out / "predictions.tsv").read_text().splitlines()
     assert rows[0] == "input\ttarget\tprediction" and len(rows) == 49
+    # --eval-generate: ROUGE of the first 16 eval pairs at every evaluation, in metrics.jsonl
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r for r in records if "eval_rougeL" in r]
+    assert [r["step"] for r in periodic] == [100, 200, 300]
+    for r in periodic:
+        assert {"eval_rouge1", "eval_rouge2", "eval_exact_match", "eval_loss"} <= r.keys()
+        assert 0.0 <= r["eval_rougeL"] <= 1.0 and 0.0 <= r["eval_exact_match"] <= 1.0
+    first16 = [r.split("\t") for r in rows[1:17]]
+    want = rouge([p for _, _, p in first16], [t for _, t, _ in first16])["rougeL"]
+    assert abs(periodic[-1]["eval_rougeL"] - want) < 1e-9  # the final model, the same 16 predictions
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "text2text" and config["model_config"]["d_model"] == 64
     assert config["architecture"] == "T5ForConditionalGeneration" and config["run"] == "finetune"
@@ -190,6 +202,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
         device="cpu",
         progress=False,
         seed=0,
+        eval_every=2,
+        eval_generate=2,  # generation between steps must not disturb the run
     )
     finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "a"), **base))
     finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), stop_at=3, **base))
