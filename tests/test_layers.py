@@ -21,6 +21,7 @@ RANK = {
     "kernels": 7,
     "reference": 7,
     "backend": 8,
+    "_extension": 8,
     "_profiling": 8,
     "_C": 8,
 }
