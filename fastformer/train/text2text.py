@@ -400,6 +400,23 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         "length_penalty": cfg.length_penalty,
         "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
     }
+
+    def generate_eval(m, inputs: list[str], **kw) -> list[str]:
+        """The run's generation settings on eval inputs (kw: progress, log)."""
+        return generate_texts(
+            m,
+            tok,
+            inputs,
+            max_len=cfg.max_len,
+            max_new_tokens=max_new,
+            batch_size=cfg.eval_batch_size,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+            device=device,
+            **kw,
+        )
+
     eval_fn = None
     if cfg.eval_generate:
         n_periodic = min(cfg.eval_generate, len(eval_inputs))
@@ -407,18 +424,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         def eval_fn(m) -> dict:
             """ROUGE and exact match of generation for the first n_periodic eval pairs (greedy or beam
             search: no random draws, so --resume stays exact)."""
-            preds = generate_texts(
-                m,
-                tok,
-                eval_inputs[:n_periodic],
-                max_len=cfg.max_len,
-                max_new_tokens=max_new,
-                batch_size=cfg.eval_batch_size,
-                num_beams=cfg.num_beams,
-                length_penalty=cfg.length_penalty,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                device=device,
-            )
+            preds = generate_eval(m, eval_inputs[:n_periodic])
             refs = eval_targets[:n_periodic]
             scores = {f"eval_{k}": v for k, v in rouge(preds, refs).items()}
             return {**scores, "eval_exact_match": exact_match(preds, refs)}
@@ -509,20 +515,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
             log(f"generating for {n_gen:,} eval input(s): {_describe_generation(generation)}")
         t0 = time.perf_counter()
         with _interruptible(result.step, trainer.ckpt_path):
-            preds = generate_texts(
-                trainer.raw_model,
-                tok,
-                eval_inputs[:n_gen],
-                max_len=cfg.max_len,
-                max_new_tokens=max_new,
-                batch_size=cfg.eval_batch_size,
-                num_beams=cfg.num_beams,
-                length_penalty=cfg.length_penalty,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                device=device,
-                progress=cfg.progress,
-                log=log,
-            )
+            preds = generate_eval(trainer.raw_model, eval_inputs[:n_gen], progress=cfg.progress, log=log)
         gen_s = time.perf_counter() - t0
         refs = eval_targets[:n_gen]
         scores = rouge(preds, refs)
