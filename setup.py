@@ -3,7 +3,8 @@ extension `fastformer._C` (sources in csrc/): the fused optimizer, and CPU train
 
 - always the CPU part (OpenMP, -O3 -march=native so the loops vectorise): csrc/adam_cpu.cpp (fused
   Adam/AdamW, gradient norms), csrc/dropout_cpu.cpp (one-pass dropout for the BERT model on CPU),
-  csrc/cross_entropy_cpu.cpp (the softmax cross-entropy rows of ff.linear_cross_entropy on CPU);
+  csrc/cross_entropy_cpu.cpp (the softmax cross-entropy rows of ff.linear_cross_entropy on CPU),
+  csrc/cpu_env.cpp (flush-to-zero / denormals-are-zero on every CPU thread, for the trainer);
 - plus the CUDA part (csrc/adam_cuda.cu + csrc/adam_cuda_binding.cpp) when torch was built with CUDA
   and nvcc is found (sm_80 and sm_90 code; FASTFORMER_CUDA_ARCHS="80;90;100" to change).
 
@@ -43,7 +44,9 @@ def _ext_modules_and_cmdclass():
     cuda_home = getattr(ce, "CUDA_HOME", None)
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
     with_cuda = bool(torch.version.cuda) and bool(nvcc) and os.path.exists(nvcc or "")
-    cpu_sources = [os.path.join(csrc, f) for f in ("adam_cpu.cpp", "dropout_cpu.cpp", "cross_entropy_cpu.cpp")]
+    cpu_sources = [
+        os.path.join(csrc, f) for f in ("adam_cpu.cpp", "dropout_cpu.cpp", "cross_entropy_cpu.cpp", "cpu_env.cpp")
+    ]
     cuda_sources = [os.path.join(csrc, "adam_cuda.cu"), os.path.join(csrc, "adam_cuda_binding.cpp")]
     archs = [
         a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()

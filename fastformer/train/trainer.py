@@ -41,6 +41,7 @@ import fastformer as ff
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
+from .resources import flush_denormals
 from .run_dir import OutputError, os_error_message, writing
 from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
@@ -457,7 +458,8 @@ class Trainer:
         """Run until cfg.steps (or a stop); raises TrainingInterrupted after SIGINT / SIGTERM."""
         self._signal, self._second_signal = None, None
         try:
-            with self._signals():
+            # CPU: no denormal floats while training (train/resources.py says why)
+            with self._signals(), flush_denormals(self.device.type == "cpu"):
                 return self._train()
         except KeyboardInterrupt as e:
             if isinstance(e, TrainingInterrupted):
