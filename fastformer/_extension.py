@@ -1,6 +1,7 @@
 """Loads the compiled extension `fastformer._C` once for every layer that uses it, and remembers why
-it failed: the fused optimizers (optim/), the CPU cross-entropy rows (ops/linear_cross_entropy.py) and
-the one-pass CPU dropout (models/_cpu_attention.py).
+it failed: the fused optimizers (optim/), the CPU cross-entropy rows (ops/linear_cross_entropy.py),
+the one-pass CPU dropout (models/_cpu_attention.py) and the trainer's denormal mode for every CPU
+thread (train/resources.py).
 
 Any failure (not built, built for another torch, missing symbols) is caught; each user then runs its
 torch fallback. FASTFORMER_DISABLE_EXT=1 forces the fallbacks everywhere.
