@@ -7,16 +7,18 @@
 //
 // The two bits live in each thread's MXCSR register. torch.set_flush_denormal sets them only for the
 // calling thread: the intra-op worker threads, created earlier, keep theirs. This op sets them on the
-// calling thread, on each thread of torch's intra-op pool and on each thread of this extension's own
-// OpenMP loops (adam_cpu.cpp), and returns the calling thread's previous mode.
+// calling thread and on each thread of an OpenMP team of `threads` threads. The team is the process's
+// OpenMP pool, the one torch's intra-op loops and adam_cpu.cpp use: torch ships libgomp under the same
+// SONAME, so one runtime is loaded. Threads the pool creates later copy their creator's MXCSR.
 //
-//   set_flush_denormal_all(on) -> int    1: the calling thread had both bits on, 0: not, -1: not x86
-//                                         (nothing is changed there)
+//   set_denormal_mode_all(bits, threads) -> int    bits: a subset of 0x8040 (FTZ | DAZ) to leave set,
+//       the others cleared; returns the calling thread's previous bits, or -1 where there is no
+//       MXCSR (not x86: nothing is changed). threads: the team size, at least the intra-op pool's.
 
-#include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__SSE__)
@@ -26,39 +28,39 @@
 
 namespace {
 
-#ifdef FF_HAS_MXCSR
-constexpr unsigned kDenormalsAreZero = 0x0040;
-constexpr unsigned kFlushToZero = 0x8000;
-constexpr unsigned kBoth = kDenormalsAreZero | kFlushToZero;
-#endif
+constexpr int64_t kFlushToZero = 0x8000;
+constexpr int64_t kDenormalsAreZero = 0x0040;
+constexpr int64_t kBoth = kFlushToZero | kDenormalsAreZero;
 
-// the calling thread's mode before the change: 1 / 0, or -1 without MXCSR
-int64_t set_this_thread(bool on) {
+// the calling thread's previous FTZ / DAZ bits, or -1 without MXCSR
+int64_t set_this_thread(int64_t bits) {
 #ifdef FF_HAS_MXCSR
   const unsigned csr = _mm_getcsr();
-  _mm_setcsr(on ? (csr | kBoth) : (csr & ~kBoth));
-  return (csr & kBoth) == kBoth ? 1 : 0;
+  _mm_setcsr((csr & ~static_cast<unsigned>(kBoth)) | static_cast<unsigned>(bits & kBoth));
+  return static_cast<int64_t>(csr) & kBoth;
 #else
-  (void)on;
+  (void)bits;
   return -1;
 #endif
 }
 
-int64_t set_flush_denormal_all(bool on) {
-  const int64_t previous = set_this_thread(on);
+int64_t set_denormal_mode_all(int64_t bits, int64_t threads) {
+  const int64_t previous = set_this_thread(bits);
   if (previous < 0) {
     return previous;
   }
-  // torch's pool: at::parallel_for over as many items as threads, grain 1, gives each thread one item
-  const int64_t n = at::get_num_threads();
-  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { set_this_thread(on); });
-  // this extension's OpenMP loops (the same pool when both use one OpenMP runtime; harmless if so)
-#pragma omp parallel num_threads(static_cast<int>(n))
-  { set_this_thread(on); }
+  const int team = static_cast<int>(std::max<int64_t>(threads, omp_get_max_threads()));
+  if (team > 1) {
+    // every member of the team runs the block once (the caller is member 0)
+#pragma omp parallel num_threads(team)
+    { set_this_thread(bits); }
+  }
   return previous;
 }
 
 }  // namespace
 
 // no tensor arguments, nothing to dispatch on: a catch-all kernel
-TORCH_LIBRARY_FRAGMENT(fastformer, m) { m.def("set_flush_denormal_all(bool on) -> int", &set_flush_denormal_all); }
+TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+  m.def("set_denormal_mode_all(int bits, int threads) -> int", &set_denormal_mode_all);
+}

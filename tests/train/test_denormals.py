@@ -36,7 +36,7 @@ def _zero_fraction(x: torch.Tensor) -> float:
 
 
 def test_every_thread_flushes_inside_and_the_mode_comes_back(two_threads):
-    if not _extension.has_op("set_flush_denormal_all"):
+    if not _extension.has_op("set_denormal_mode_all"):
         pytest.skip(f"extension not built here ({_extension._state['error']})")
     x = torch.full((N,), DENORMAL)
     assert _zero_fraction(x * 1.0) == 0.0  # off: denormals survive
@@ -55,6 +55,21 @@ def _adamw_decayed() -> torch.Tensor:
     p.grad = torch.zeros(N)
     ff.optim.FusedAdamW([p], lr=1e-3, weight_decay=0.1).step()
     return p.detach()
+
+
+def test_the_previous_mode_comes_back_after_an_error(two_threads):
+    from fastformer.train.resources import _flushes_here
+
+    try:
+        torch.set_flush_denormal(True)  # the user's own setting (the calling thread)
+        with pytest.raises(RuntimeError, match="inside"), flush_denormals():
+            raise RuntimeError("inside")
+        assert _flushes_here()  # still on after the block
+    finally:
+        torch.set_flush_denormal(False)
+        with flush_denormals():  # and back to off on every thread for the other tests
+            pass
+    assert not _flushes_here() and _zero_fraction(torch.full((N,), DENORMAL) * 1.0) == 0.0
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -82,6 +97,6 @@ def test_cpu_training_runs_with_the_mode_on(tmp_path, two_threads):
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=3, lr=1e-2, progress=False, device="cpu")
     Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=lambda b: 8).train()
-    full = 1.0 if _extension.has_op("set_flush_denormal_all") else 0.5  # fallback: the calling thread only
+    full = 1.0 if _extension.has_op("set_denormal_mode_all") else 0.5  # fallback: the calling thread only
     assert len(seen) == 3 and all(s >= full for s in seen), seen
     assert _zero_fraction(x_denormal * 1.0) == 0.0  # off again after training
