@@ -9,13 +9,9 @@ import warnings
 import torch
 
 from .. import _extension
+from .._extension import load  # also the optimizers' entry point (adam.py)
 
 _warned = {"done": False}  # one fallback warning per process
-
-
-def load() -> bool:
-    """True when the operators torch.ops.fastformer.* are registered (CPU kernels at least)."""
-    return _extension.load()
 
 
 def supports(device: torch.device) -> bool:

@@ -404,17 +404,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
     def generate_eval(m, inputs: list[str], **kw) -> list[str]:
         """The run's generation settings on eval inputs (kw: progress, log)."""
         return generate_texts(
-            m,
-            tok,
-            inputs,
-            max_len=cfg.max_len,
-            max_new_tokens=max_new,
-            batch_size=cfg.eval_batch_size,
-            num_beams=cfg.num_beams,
-            length_penalty=cfg.length_penalty,
-            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            device=device,
-            **kw,
+            m, tok, inputs, max_len=cfg.max_len, batch_size=cfg.eval_batch_size, device=device, **generation, **kw
         )
 
     eval_fn = None
