@@ -57,6 +57,7 @@ RESUME_MAY_CHANGE += (
     "max_new_tokens",
     "length_penalty",
     "no_repeat_ngram_size",
+    "encoder_repetition_penalty",
     "eval_limit",
     "eval_generate",
 )
@@ -455,7 +456,14 @@ def _predict(args: argparse.Namespace) -> int:
     loaded = load(args.model, device=device)
     generation = {
         k: getattr(args, k)
-        for k in ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size", "max_len")
+        for k in (
+            "num_beams",
+            "max_new_tokens",
+            "length_penalty",
+            "no_repeat_ngram_size",
+            "encoder_repetition_penalty",
+            "max_len",
+        )
         if getattr(args, k) is not None
     }
     if loaded.kind == "seq2seq":  # text-to-text: a TSV's input column (and its targets, if any)
@@ -702,6 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation: never generate an N-gram twice in a text (default 0: off)",
     )
     t2t.add_argument(
+        "--encoder-repetition-penalty",
+        type=float,
+        default=None,
+        metavar="P",
+        help="evaluation: P > 1 favours tokens of the input (Hugging Face's encoder_repetition_penalty; "
+        "default 1: off)",
+    )
+    t2t.add_argument(
         "--dropout", type=float, default=None, help="dropout rate while fine-tuning (default: the model's, 0.0)"
     )
     t2t.add_argument(
@@ -752,6 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="text-to-text: never generate an N-gram twice in a text, 0 = off (default: the run's setting)",
+    )
+    prd.add_argument(
+        "--encoder-repetition-penalty",
+        type=float,
+        default=None,
+        metavar="P",
+        help="text-to-text: P > 1 favours tokens of the input, 1 = off (default: the run's setting)",
     )
     prd.add_argument(
         "--max-len",

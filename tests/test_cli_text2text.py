@@ -129,7 +129,13 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     for key in ("rouge1", "rouge2", "rougeL", "exact_match"):
         assert 0.0 <= ev[key] <= 1.0, key
     assert ev["n_eval"] == 24 and ev["n_train"] == 400 and ev["steps"] == 80 and ev["accuracy"] == ev["exact_match"]
-    assert ev["generation"] == {"max_new_tokens": 16, "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0}
+    assert ev["generation"] == {
+        "max_new_tokens": 16,
+        "num_beams": 1,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "encoder_repetition_penalty": 1.0,
+    }
     assert len(ev["examples"]) == 20 and set(ev["examples"][0]) == {"input", "target", "prediction"}
     assert ev["examples"][0]["target"] == ev["examples"][0]["input"]
     assert ev["rouge1"] > 0.2, ev["examples"][:5]  # 80 steps of a copy task: some letters come out right
@@ -156,6 +162,22 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     rows = [x.split("\t") for x in capsys.readouterr().out.splitlines()[1:]]
     assert any(len(set(r[0].split())) < len(r[0].split()) for r in rows)
     assert all(len(set(r[1].split())) == len(r[1].split()) for r in rows if len(r) > 1)
+    # --encoder-repetition-penalty: the same texts as the model's generate with the same setting
+    assert (
+        main(["predict", "--model", str(out), "--input", str(d / "in.txt"), "--encoder-repetition-penalty", "4"]) == 0
+    )
+    rows = [x.split("\t") for x in capsys.readouterr().out.splitlines()[1:]]
+    from fastformer.train.text2text import generate_texts
+
+    loaded = ff.models.load(out)
+    want = generate_texts(
+        loaded.model, loaded.tokenizer, ["a b c", "d e"], max_len=128, max_new_tokens=16, encoder_repetition_penalty=4.0
+    )
+    assert [r[1] if len(r) > 1 else "" for r in rows] == want
+    err = _error_line(
+        capsys, ["predict", "--model", str(out), "--input", str(d / "in.txt"), "--encoder-repetition-penalty", "0"]
+    )
+    assert "--encoder-repetition-penalty must be a finite number > 0" in err
 
     # the load API: the encoder-decoder and its tokenizer
     loaded = ff.models.load(out)
@@ -171,9 +193,12 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     assert (greedy[:, 1:] > 2).sum() >= 4  # real tokens were generated, not only EOS / padding
     _hf_matches_ours(loaded.model, d / "hf", texts, 16, num_beams=3, length_penalty=0.6)
     _hf_matches_ours(loaded.model, d / "hf", texts, 16, num_beams=2, no_repeat_ngram_size=2)
+    _hf_matches_ours(loaded.model, d / "hf", texts, 16, encoder_repetition_penalty=2.5)
     # a run's no_repeat_ngram_size becomes generation_config.json's
-    ff.models.save_hf(loaded.model, d / "hf2", generation={"max_new_tokens": 16, "no_repeat_ngram_size": 2})
-    assert json.loads((d / "hf2" / "generation_config.json").read_text())["no_repeat_ngram_size"] == 2
+    generation = {"max_new_tokens": 16, "no_repeat_ngram_size": 2, "encoder_repetition_penalty": 1.5}
+    ff.models.save_hf(loaded.model, d / "hf2", generation=generation)
+    gen_cfg = json.loads((d / "hf2" / "generation_config.json").read_text())
+    assert gen_cfg["no_repeat_ngram_size"] == 2 and gen_cfg["encoder_repetition_penalty"] == 1.5
 
 
 def test_text2text_ctrl_c_then_resume(pairs, capsys):
@@ -333,6 +358,9 @@ def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     err = _error_line(capsys, ft + ["--task", "text2text", "--no-repeat-ngram-size", "-1"])
     assert "--no-repeat-ngram-size must be >= 0" in err
     assert "applies to --task text2text only" in _error_line(capsys, ft + ["--no-repeat-ngram-size", "2"])
+    err = _error_line(capsys, ft + ["--task", "text2text", "--encoder-repetition-penalty", "-2"])
+    assert "--encoder-repetition-penalty must be a finite number > 0" in err
+    assert "applies to --task text2text only" in _error_line(capsys, ft + ["--encoder-repetition-penalty", "2"])
     assert "applies to --task text2text only" in _error_line(capsys, ft + ["--eval-generate", "4"])
     err = _error_line(capsys, ft + ["--task", "text2text", "--eval-generate", "4"])
     assert "--eval-generate N scores generation at each --eval-every evaluation" in err

@@ -451,9 +451,9 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
     `tokenizers.Tokenizer` also the tokenizer (`AutoTokenizer.from_pretrained(out_dir)` then encodes a
     text exactly as fastformer's training did). `labels` (class names in logit order) become the
     config's id2label / label2id. `generation` (an encoder-decoder's `max_new_tokens`, `num_beams`,
-    `length_penalty`, `no_repeat_ngram_size`) becomes the defaults of `generation_config.json`, so
-    that `generate` without arguments decodes as fastformer's run did. Returns the transformers model.
-    Raises ValueError for a model `to_hf` does not support."""
+    `length_penalty`, `no_repeat_ngram_size`, `encoder_repetition_penalty`) becomes the defaults of
+    `generation_config.json`, so that `generate` without arguments decodes as fastformer's run did.
+    Returns the transformers model. Raises ValueError for a model `to_hf` does not support."""
     hf_tok = _hf_tokenizer(tokenizer, model) if tokenizer is not None else None
     hf = to_hf(model)
     if labels:
@@ -467,6 +467,8 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
             gc.length_penalty = float(generation.get("length_penalty", 1.0))
         if generation.get("no_repeat_ngram_size"):
             gc.no_repeat_ngram_size = int(generation["no_repeat_ngram_size"])
+        if generation.get("encoder_repetition_penalty", 1.0) != 1.0:
+            gc.encoder_repetition_penalty = float(generation["encoder_repetition_penalty"])
     hf.save_pretrained(str(out_dir))
     if hf_tok is not None:
         hf_tok.save_pretrained(str(out_dir))

@@ -22,6 +22,11 @@ tokens are the same:
   current length), True (stop as soon as num_beams hypotheses are finished) or "never".
   Positions after a hypothesis' end hold `pad_token_id`, or the first EOS id when `pad_token_id`
   is 0 (what Hugging Face writes there, e.g. for T5).
+- `encoder_repetition_penalty` p != 1: the score s of every token id in `input_ids` (padding ids
+  included, as Hugging Face does) becomes s * p where s > 0 and s / p otherwise, so p > 1 favours
+  words of the input (against decoders that make up words instead of copying them) and p < 1 avoids
+  them; on the logits in greedy search, on the log-probabilities in beam search, before
+  `no_repeat_ngram_size`.
 - `no_repeat_ngram_size` n > 0: a token that would complete an n-gram already in the sequence (start
   token included) gets score -inf: on the logits in greedy search, on the log-probabilities (before
   the beam scores are added) in beam search.
@@ -29,6 +34,7 @@ tokens are the same:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -147,6 +153,7 @@ def generate(
     pad_token_id: int | None = None,
     decoder_start_token_id: int | None = None,
     no_repeat_ngram_size: int = 0,
+    encoder_repetition_penalty: float = 1.0,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """input_ids, attention_mask: (B, Lin) (mask bool or 0/1, True = real token; any padding side)
@@ -168,6 +175,9 @@ def generate(
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
+    p = encoder_repetition_penalty
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"encoder_repetition_penalty must be a finite number > 0 (1: off), got {p!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
@@ -192,6 +202,7 @@ def generate(
                     pad=pad,
                     start=start,
                     no_repeat_ngram_size=no_repeat_ngram_size,
+                    encoder_repetition_penalty=float(p),
                     use_cache=use_cache,
                 )
             else:
@@ -208,6 +219,7 @@ def generate(
                     pad=pad,
                     start=start,
                     no_repeat_ngram_size=no_repeat_ngram_size,
+                    encoder_repetition_penalty=float(p),
                     use_cache=use_cache,
                 )
     finally:
@@ -254,8 +266,29 @@ def ban_repeated_ngrams(seqs: torch.Tensor, n: int, scores: torch.Tensor) -> tor
     return scores
 
 
+def favour_input_tokens(input_ids: torch.Tensor, penalty: float, scores: torch.Tensor) -> torch.Tensor:
+    """scores (N, V) with the encoder repetition penalty at the ids of input_ids (B, Lin), N = B · K
+    (the K rows of input b are b·K .. b·K + K - 1): s -> s * penalty where s > 0, s / penalty otherwise.
+    Returns new scores (Hugging Face's EncoderRepetitionPenaltyLogitsProcessor, the same operations)."""
+    if scores.shape[0] != input_ids.shape[0]:
+        input_ids = input_ids.repeat_interleave(scores.shape[0] // input_ids.shape[0], 0)
+    s = scores.gather(1, input_ids)
+    inv = 1.0 / penalty  # Hugging Face multiplies by 1 / penalty and divides by it: the same rounding
+    return scores.scatter(1, input_ids, torch.where(s < 0, s * inv, s / inv))
+
+
 def greedy_search(
-    model, input_ids, attention_mask, *, max_new_tokens, eos, pad, start, no_repeat_ngram_size=0, use_cache=True
+    model,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens,
+    eos,
+    pad,
+    start,
+    no_repeat_ngram_size=0,
+    encoder_repetition_penalty=1.0,
+    use_cache=True,
 ):
     """Greedy decoding (see the module docstring). Returns (B, 1 + T) int64."""
     B = input_ids.shape[0]
@@ -268,6 +301,8 @@ def greedy_search(
     t = 1
     while t < 1 + max_new_tokens:
         logits = stepper.logits(seqs[:, :t])
+        if encoder_repetition_penalty != 1.0:
+            logits = favour_input_tokens(input_ids, encoder_repetition_penalty, logits)
         if no_repeat_ngram_size:
             ban_repeated_ngrams(seqs[:, :t], no_repeat_ngram_size, logits)
         nxt = logits.max(-1).indices  # argmax (first maximum), faster on CPU
@@ -296,6 +331,7 @@ def beam_search(
     pad,
     start,
     no_repeat_ngram_size=0,
+    encoder_repetition_penalty=1.0,
     use_cache=True,
 ):
     """Beam search (see the module docstring). Returns (B · num_return_sequences, 1 + T) int64."""
@@ -324,6 +360,8 @@ def beam_search(
     cur = 1
     while True:
         logp = F.log_softmax(stepper.logits(run_seq.view(B * K, max_length)[:, :cur]), dim=-1)
+        if encoder_repetition_penalty != 1.0:
+            logp = favour_input_tokens(input_ids, encoder_repetition_penalty, logp)
         if no_repeat_ngram_size:
             ban_repeated_ngrams(run_seq.view(B * K, max_length)[:, :cur], no_repeat_ngram_size, logp)
         V = logp.shape[-1]

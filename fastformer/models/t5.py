@@ -404,7 +404,8 @@ class T5ForConditionalGeneration(nn.Module):
         """(B, Lin) inputs -> generated ids (B · num_return_sequences, 1 + T), greedy or beam search.
         Keywords: max_new_tokens=20, num_beams=1, length_penalty=1.0, early_stopping=False,
         num_return_sequences=1, eos_token_id, pad_token_id, decoder_start_token_id (default: the
-        config's), no_repeat_ngram_size=0, use_cache=True. Semantics: fastformer.models.generation."""
+        config's), no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, use_cache=True. Semantics:
+        fastformer.models.generation."""
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def start_cache(

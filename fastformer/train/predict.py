@@ -173,6 +173,7 @@ def generate_text(
     max_new_tokens: int | None = None,
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    encoder_repetition_penalty: float | None = None,
     max_len: int | None = None,
     **_,
 ) -> tuple[list[str], list[dict]]:
@@ -187,6 +188,7 @@ def generate_text(
         max_new_tokens=max_new_tokens,
         length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
+        encoder_repetition_penalty=encoder_repetition_penalty,
         max_len=max_len,
     )
     preds = generate_texts(

@@ -64,6 +64,7 @@ TEXT2TEXT_FIELDS = (
     "max_new_tokens",
     "length_penalty",
     "no_repeat_ngram_size",
+    "encoder_repetition_penalty",
     "dropout",
     "eval_limit",
     "eval_generate",
@@ -88,6 +89,7 @@ class Text2TextConfig(TrainConfig):
     num_beams: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # > 0: no n-gram twice in a generated text
+    encoder_repetition_penalty: float = 1.0  # > 1: favour tokens of the input (1: off)
     max_new_tokens: int | None = None  # None: max_target_len
     eval_batch_size: int = 64
     eval_limit: int | None = None  # generate for the first N eval pairs only (None: all)
@@ -121,6 +123,9 @@ class Text2TextConfig(TrainConfig):
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        p = self.encoder_repetition_penalty
+        if not (math.isfinite(p) and p > 0):
+            raise ValueError(f"--encoder-repetition-penalty must be a finite number > 0 (1: off), got {p}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"--length-penalty must be a finite number, got {self.length_penalty}")
         if self.n_examples < 0:
@@ -237,6 +242,7 @@ def generate_texts(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    encoder_repetition_penalty: float = 1.0,
     device=None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -272,6 +278,7 @@ def generate_texts(
             num_beams=num_beams,
             length_penalty=length_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            encoder_repetition_penalty=encoder_repetition_penalty,
         )
         for i, text in zip(idx, decode_generated(tok, out.cpu(), cfg.eos_token_id)):
             texts[i] = text
@@ -289,12 +296,13 @@ def generate_texts(
 def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
     """(max input tokens, generate keywords) for a run folder's config.json: its recorded settings
     (a text-to-text run) or defaults (a span pre-training run), overridden by the non-None keywords
-    (max_len, max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size)."""
+    (max_len, max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, encoder_repetition_penalty)."""
     gen = {
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
         "num_beams": 1,
         "length_penalty": 1.0,
         "no_repeat_ngram_size": 0,
+        "encoder_repetition_penalty": 1.0,
         **(config.get("generation") or {}),
     }
     train = config.get("train") or {}
@@ -305,7 +313,10 @@ def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {v}")
     if overrides.get("max_len") is not None:
         max_len = int(overrides["max_len"])
-    for key in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size"):
+    p = overrides.get("encoder_repetition_penalty")
+    if p is not None and not (math.isfinite(p) and p > 0):
+        raise ValueError(f"--encoder-repetition-penalty must be a finite number > 0 (1: off), got {p}")
+    for key in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty"):
         if overrides.get(key) is not None:
             gen[key] = overrides[key]
     return max_len, gen
@@ -399,6 +410,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         "num_beams": cfg.num_beams,
         "length_penalty": cfg.length_penalty,
         "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+        "encoder_repetition_penalty": cfg.encoder_repetition_penalty,
     }
 
     def generate_eval(m, inputs: list[str], **kw) -> list[str]:
@@ -569,7 +581,9 @@ def _describe_generation(g: dict) -> str:
         else f"beam search ({g['num_beams']} beams, length penalty {g['length_penalty']:g})"
     )
     ban = f", no {g['no_repeat_ngram_size']}-gram twice" if g.get("no_repeat_ngram_size") else ""
-    return f"{how}, at most {g['max_new_tokens']} new tokens{ban}"
+    p = g.get("encoder_repetition_penalty", 1.0)
+    favour = f", encoder repetition penalty {p:g}" if p != 1.0 else ""
+    return f"{how}, at most {g['max_new_tokens']} new tokens{ban}{favour}"
 
 
 def describe_summary(s: dict) -> str:

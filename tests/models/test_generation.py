@@ -55,6 +55,10 @@ CASES = [
     dict(no_repeat_ngram_size=2),
     dict(no_repeat_ngram_size=1),
     dict(num_beams=3, no_repeat_ngram_size=2, num_return_sequences=2),
+    dict(encoder_repetition_penalty=1.7),
+    dict(encoder_repetition_penalty=0.6),
+    dict(num_beams=3, encoder_repetition_penalty=1.5),
+    dict(num_beams=2, encoder_repetition_penalty=2.0, no_repeat_ngram_size=2),
 ]
 
 
@@ -164,6 +168,10 @@ def test_generate_restores_training_mode_and_keeps_weights():
         (dict(decoder_start_token_id=-1), "decoder_start_token_id"),
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
         (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size"),
+        (dict(encoder_repetition_penalty=0.0), "encoder_repetition_penalty"),
+        (dict(encoder_repetition_penalty=-1.5), "encoder_repetition_penalty"),
+        (dict(encoder_repetition_penalty=float("inf")), "encoder_repetition_penalty"),
+        (dict(encoder_repetition_penalty=True), "encoder_repetition_penalty"),
     ],
 )
 def test_bad_arguments_raise_value_error(bad, match):
@@ -223,3 +231,27 @@ def test_no_repeat_ngram_size_removes_repeats_that_happen_without_it(kw):
 
     assert repeats(m.generate(ids, mask, max_new_tokens=12, **kw)) > 0
     assert repeats(m.generate(ids, mask, max_new_tokens=12, no_repeat_ngram_size=2, **kw)) == 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3)], ids=["greedy", "beam"])
+def test_encoder_repetition_penalty_moves_generation_towards_input_tokens(kw):
+    """p > 1 raises the share of generated tokens that occur in the input, p < 1 lowers it, p = 1 is
+    the plain search (tokens up to each sequence's EOS, the start token left out)."""
+    m = _model(41, torch.float32, 6, eos_boost=0.0)
+    ids, mask = _inputs(6, 8, 41, 6)
+
+    def share_from_input(out):
+        hit = total = 0
+        for row, src, keep in zip(out.tolist(), ids.tolist(), mask.tolist()):
+            row = row[1:]
+            row = row[: row.index(1)] if 1 in row else row
+            words = {t for t, k in zip(src, keep) if k}
+            hit += sum(t in words for t in row)
+            total += len(row)
+        return hit / total
+
+    plain = m.generate(ids, mask, max_new_tokens=10, **kw)
+    assert torch.equal(plain, m.generate(ids, mask, max_new_tokens=10, encoder_repetition_penalty=1.0, **kw))
+    more = share_from_input(m.generate(ids, mask, max_new_tokens=10, encoder_repetition_penalty=3.0, **kw))
+    less = share_from_input(m.generate(ids, mask, max_new_tokens=10, encoder_repetition_penalty=0.3, **kw))
+    assert less < share_from_input(plain) < more, (less, share_from_input(plain), more)
