@@ -30,6 +30,14 @@ checkpoint) picks up where it stopped. --jobs N runs N fine-tuning runs at a tim
 what a 2-core machine wants). Results: bench/results/text2text_benefit_<tag>.{json,md,png}, rewritten
 after every finished run.
 
+--select-decoding N adds a decoding choice for the headline runs (bench/decoding_choice.py): each
+finished run generates for the test pairs again with every setting of a grid (encoder repetition
+penalty --decoding-penalties x no-repeat n-gram size --decoding-no-repeat); per training-pair count the
+setting with the best mean ROUGE-L over both arms and all seeds on the first N test pairs is chosen,
+and every run is scored on the other test pairs with it and with plain greedy decoding (the lead
+baseline too), so the pairs that chose a setting never score it. Generations are cached in the run
+folders (decoding/).
+
 --estimate measures instead: a few steps of each kind of run (pre-training if needed, headline and
 classification fine-tuning, the classifier) and a few generated examples, then prints the single-thread
 time each part of the experiment would take with the current settings, and exits.
@@ -490,6 +498,114 @@ def run_jobs(a, jobs: list[Job], work: Path, pre_folder: Path, save) -> list[dic
 
 
 # ---------------------------------------------------------------------------------------------------
+# --select-decoding: one decoding setting per pair count, chosen on held-out test pairs
+# ---------------------------------------------------------------------------------------------------
+
+
+def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[dict]:
+    """For each headline pair count: the chosen setting and the scores on the test pairs after the
+    first --select-decoding (see bench/decoding_choice.py)."""
+    import torch
+    from decoding_choice import cached_predictions, choose_and_score, decoding_grid, setting_name
+
+    from fastformer.data.text2text import read_pairs
+    from fastformer.train.text2text import generate_texts, load_text2text
+    from fastformer.train.text_metrics import rouge
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    grid = decoding_grid(a.decoding_penalties, a.decoding_no_repeat)
+    inputs, targets = read_pairs(test_tsv)
+    n_sel = a.select_decoding
+    lead = [" ".join(x.split()[: a.lead_words]) for x in inputs[n_sel:]]
+    cells = []
+    for n in sorted({r["n_train"] for r in results if r["part"] == "headlines"}):
+        rows = [r for r in results if r["part"] == "headlines" and r["n_train"] == n]
+        preds = {}
+        for r in rows:
+            run = work / r["name"]
+            model = tok = config = None
+            preds[r["name"]] = {}
+            for setting in grid:
+
+                def generate(setting=setting, run=run):
+                    nonlocal model, tok, config
+                    if model is None:
+                        model, tok, config = load_text2text(run)
+                    say(f"decoding: {run.name} {setting_name(setting)} on {len(inputs)} test inputs")
+                    return generate_texts(
+                        model,
+                        tok,
+                        inputs,
+                        max_len=config["max_len"],
+                        max_new_tokens=config["generation"]["max_new_tokens"],
+                        num_beams=a.num_beams,
+                        encoder_repetition_penalty=setting[0],
+                        no_repeat_ngram_size=setting[1],
+                    )
+
+                preds[r["name"]][setting] = cached_predictions(run, setting, len(inputs), generate)
+        got = choose_and_score(preds, targets, n_sel, rouge)
+        cell = {"n_train": n, **{k: v for k, v in got.items() if k != "scores"}}
+        cell["runs_rougeL"] = {
+            r: {w: got["scores"][r][w]["rougeL"] for w in ("plain", "chosen")} for r in got["scores"]
+        }
+        cell["lead_baseline"] = rouge(lead, targets[n_sel:])
+        by_seed = {}
+        for init in ("pretrained", "random"):
+            mine = [r for r in rows if r["init"] == init]
+            if not mine:
+                continue
+            cell[init] = {"seeds": sorted(r["seed"] for r in mine)}
+            for which in ("plain", "chosen"):
+                cell[init][which] = {
+                    k: mean_std([got["scores"][r["name"]][which][k] for r in mine])
+                    for k in ("rouge1", "rouge2", "rougeL")
+                }
+                by_seed[(init, which)] = {r["seed"]: got["scores"][r["name"]][which]["rougeL"] for r in mine}
+        for which in ("plain", "chosen"):
+            pre, rnd = by_seed.get(("pretrained", which), {}), by_seed.get(("random", which), {})
+            gain = [pre[s] - rnd[s] for s in sorted(set(pre) & set(rnd))]
+            if gain:
+                cell[f"rougeL_gain_{which}"] = mean_std(gain)
+        cells.append(cell)
+        say(f"decoding for {n:,} pairs: chose {cell['chosen']}")
+    return cells
+
+
+def decoding_markdown(cells: list[dict], a) -> str:
+    lines = []
+    for c in cells:
+        ch = c["chosen"]
+        lines += [
+            "",
+            f"Decoding chosen on the first {c['n_select']} test pairs (mean ROUGE-L over both arms and all "
+            f"seeds; grid: encoder repetition penalty {a.decoding_penalties} x no-repeat n-gram size "
+            f"{a.decoding_no_repeat}), {c['n_train']:,} training pairs: encoder repetition penalty "
+            f"{ch['encoder_repetition_penalty']:g}, no-repeat n-gram size {ch['no_repeat_ngram_size']}. "
+            f"Scored on the other {c['n_scored']} test pairs:",
+            "",
+            "| init | decoding | ROUGE-1 | ROUGE-2 | ROUGE-L |",
+            "|---|---|---:|---:|---:|",
+            f"| lead-{a.lead_words} baseline | — | {c['lead_baseline']['rouge1']:.4f} | "
+            f"{c['lead_baseline']['rouge2']:.4f} | {c['lead_baseline']['rougeL']:.4f} |",
+        ]
+        for init in ("random", "pretrained"):
+            for which in ("plain", "chosen"):
+                if init in c:
+                    s = c[init][which]
+                    lines.append(
+                        f"| {init} | {which} | {_fmt(s['rouge1'])} | {_fmt(s['rouge2'])} | {_fmt(s['rougeL'])} |"
+                    )
+        for which in ("plain", "chosen"):
+            g = c.get(f"rougeL_gain_{which}")
+            if g:
+                gain = f"{g[0] * 100:+.2f} ± {g[1] * 100:.2f} points"
+                lines.append(f"\nROUGE-L gain of pre-training, {which} decoding (paired): {gain}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------------
 
@@ -787,6 +903,15 @@ def main() -> None:
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--eval-rows", type=int, default=0, help="score the first N test pairs only (0: all)")
     g.add_argument("--lead-words", type=int, default=10)
+    g.add_argument(
+        "--select-decoding",
+        type=int,
+        default=0,
+        metavar="N",
+        help="choose the decoding on the first N test pairs, score it on the others (default 0: off)",
+    )
+    g.add_argument("--decoding-penalties", type=float, nargs="+", default=[1.0, 1.3, 1.6, 2.0, 3.0, 4.0])
+    g.add_argument("--decoding-no-repeat", type=int, nargs="+", default=[0, 3])
     g = p.add_argument_group("classification")
     g.add_argument(
         "--labels",
@@ -807,6 +932,14 @@ def main() -> None:
     for f in ("unlabeled.txt", "headlines/train.tsv", "headlines/test.tsv", "dev.tsv", "test.tsv"):
         if not (data_dir / f).is_file():
             sys.exit(f"--data-dir {data_dir}: no {f}")
+    if a.select_decoding < 0:
+        sys.exit(f"--select-decoding must be >= 0 (0: off), got {a.select_decoding}")
+    try:
+        from decoding_choice import decoding_grid
+
+        decoding_grid(a.decoding_penalties, a.decoding_no_repeat)
+    except ValueError as e:
+        sys.exit(str(e))
     for spec in a.pairs:
         if spec != "all" and not spec.isdigit():
             sys.exit(f"--pairs: a count or 'all', got {spec!r}")
@@ -858,8 +991,10 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"text2text_benefit_{a.tag}"
 
-    def save(results: list[dict]) -> None:
+    def save(results: list[dict], decoding: list[dict] | None = None) -> None:
         summary = summarize(results)
+        if decoding:
+            summary["decoding"] = decoding
         settings = {k: v for k, v in vars(a).items() if k not in ("work", "results")}
         settings["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
         stem.with_suffix(".json").write_text(
@@ -875,12 +1010,14 @@ def main() -> None:
                 indent=2,
             )
         )
-        stem.with_suffix(".md").write_text(markdown(summary, baseline, pre_info, a))
+        md = markdown(summary, baseline, pre_info, a) + decoding_markdown(decoding or [], a)
+        stem.with_suffix(".md").write_text(md)
         plot(summary, baseline, stem.with_suffix(".png"))
 
     results = run_jobs(a, jobs, work, pre, save)
-    save(results)
-    say("\n" + markdown(summarize(results), baseline, pre_info, a))
+    decoding = select_decoding(a, work, results, work / "data" / "headlines_test.tsv") if a.select_decoding else None
+    save(results, decoding)
+    say("\n" + markdown(summarize(results), baseline, pre_info, a) + decoding_markdown(decoding or [], a))
     say(f"saved {stem}.json .md .png")
 
 
