@@ -1015,7 +1015,12 @@ def main() -> None:
         plot(summary, baseline, stem.with_suffix(".png"))
 
     results = run_jobs(a, jobs, work, pre, save)
-    decoding = select_decoding(a, work, results, work / "data" / "headlines_test.tsv") if a.select_decoding else None
+    try:
+        decoding = (
+            select_decoding(a, work, results, work / "data" / "headlines_test.tsv") if a.select_decoding else None
+        )
+    except ValueError as e:  # e.g. --select-decoding N not below the number of test pairs
+        sys.exit(f"{e} (the fine-tuning runs are kept)")
     save(results, decoding)
     say("\n" + markdown(summarize(results), baseline, pre_info, a) + decoding_markdown(decoding or [], a))
     say(f"saved {stem}.json .md .png")
