@@ -12,12 +12,16 @@ setting never score it.
     preds = {run: {setting: generate(run, setting) for setting in grid} for run in runs}  # all test pairs
     cell = choose_and_score(preds, targets, n_select=300)
 
-Predictions are cached per run folder (`decoding/erp<penalty>_nr<n>.txt`, one line per test pair), so
-a rerun only generates what is missing.
+Predictions are cached per run folder (`decoding/erp<penalty>_nr<n>.txt`, one line per test pair,
+beside a `.json` with a hash of the test inputs and the generation settings), so a rerun only
+generates what is missing or was generated for other inputs or settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,30 +32,45 @@ def decoding_grid(penalties: Sequence[float], no_repeat: Sequence[int]) -> list[
     """(penalty, no_repeat_ngram_size) pairs, plain decoding first (it wins ties)."""
     grid = [(float(p), int(n)) for p in penalties for n in no_repeat]
     for p, n in grid:
-        if not p > 0:
-            raise ValueError(f"--decoding-penalties: each must be > 0, got {p}")
+        if not (math.isfinite(p) and p > 0):
+            raise ValueError(f"--decoding-penalties: each must be a finite number > 0, got {p}")
         if n < 0:
             raise ValueError(f"--decoding-no-repeat: each must be >= 0, got {n}")
-    return [PLAIN] + [s for s in dict.fromkeys(grid) if s != PLAIN]
+    grid = [PLAIN] + [s for s in dict.fromkeys(grid) if s != PLAIN]
+    names = [setting_name(s) for s in grid]
+    if len(set(names)) != len(names):  # the cache and the results are keyed by name
+        raise ValueError(f"--decoding-penalties: values too close to tell apart in a file name: {sorted(penalties)}")
+    return grid
 
 
 def setting_name(setting: tuple[float, int]) -> str:
     return f"erp{setting[0]:g}_nr{setting[1]}"
 
 
-def cached_predictions(run: Path, setting: tuple[float, int], n: int, generate: Callable[[], list[str]]) -> list[str]:
-    """The run's predictions for all n test inputs with `setting`: from run/decoding/ when there, else
-    generate() (written there, one line per input; newlines inside a prediction become spaces)."""
+def cached_predictions(
+    run: Path, setting: tuple[float, int], inputs: list[str], generate: Callable[[], list[str]], **settings
+) -> list[str]:
+    """The run's predictions for `inputs` with `setting`: from run/decoding/ when they were generated
+    for the same inputs and `settings` (max_len, max_new_tokens, num_beams, ...), else generate()
+    (written there, one line per input; newlines inside a prediction become spaces)."""
     path = run / "decoding" / f"{setting_name(setting)}.txt"
-    if path.is_file():
+    stamp = {
+        "inputs_sha256": hashlib.sha256("\n".join(inputs).encode("utf-8")).hexdigest(),
+        "encoder_repetition_penalty": setting[0],
+        "no_repeat_ngram_size": setting[1],
+        **settings,
+    }
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == stamp:
         lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-        if len(lines) == n:
+        if len(lines) == len(inputs):
             return lines
     preds = [" ".join(p.split()) for p in generate()]
-    if len(preds) != n:
-        raise RuntimeError(f"{run}: {len(preds)} predictions for {n} inputs")
+    if len(preds) != len(inputs):
+        raise RuntimeError(f"{run}: {len(preds)} predictions for {len(inputs)} inputs")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(p + "\n" for p in preds), encoding="utf-8")
+    meta.write_text(json.dumps(stamp))
     return preds
 
 

@@ -524,27 +524,24 @@ def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[
         preds = {}
         for r in rows:
             run = work / r["name"]
-            model = tok = config = None
-            preds[r["name"]] = {}
-            for setting in grid:
+            run_config = json.loads((run / "config.json").read_text())
+            gen = {  # what the cache checks besides the inputs and the setting
+                "max_len": run_config["max_len"],
+                "max_new_tokens": run_config["generation"]["max_new_tokens"],
+                "num_beams": a.num_beams,
+            }
+            loaded = []  # the model, loaded at the first setting that is not cached
 
-                def generate(setting=setting, run=run):
-                    nonlocal model, tok, config
-                    if model is None:
-                        model, tok, config = load_text2text(run)
-                    say(f"decoding: {run.name} {setting_name(setting)} on {len(inputs)} test inputs")
-                    return generate_texts(
-                        model,
-                        tok,
-                        inputs,
-                        max_len=config["max_len"],
-                        max_new_tokens=config["generation"]["max_new_tokens"],
-                        num_beams=a.num_beams,
-                        encoder_repetition_penalty=setting[0],
-                        no_repeat_ngram_size=setting[1],
-                    )
+            def generate(setting, run=run, gen=gen, loaded=loaded):
+                if not loaded:
+                    loaded.extend(load_text2text(run)[:2])
+                say(f"decoding: {run.name} {setting_name(setting)} on {len(inputs)} test inputs")
+                model, tok = loaded
+                return generate_texts(
+                    model, tok, inputs, **gen, encoder_repetition_penalty=setting[0], no_repeat_ngram_size=setting[1]
+                )
 
-                preds[r["name"]][setting] = cached_predictions(run, setting, len(inputs), generate)
+            preds[r["name"]] = {s: cached_predictions(run, s, inputs, lambda s=s: generate(s), **gen) for s in grid}
         got = choose_and_score(preds, targets, n_sel, rouge)
         cell = {"n_train": n, **{k: v for k, v in got.items() if k != "scores"}}
         cell["runs_rougeL"] = {
@@ -981,6 +978,11 @@ def main() -> None:
     jobs = plan(a, work, data_dir, inits)
     baseline = lead_baseline(work / "data" / "headlines_test.tsv", a.lead_words)  # the runs' test pairs
     pre_info = pretraining_info(pre)
+    if a.select_decoding and a.select_decoding >= baseline["n_eval"]:
+        sys.exit(
+            f"--select-decoding {a.select_decoding}: needs fewer than the {baseline['n_eval']} test pairs "
+            "(the rest score the chosen setting)"
+        )
     say(
         f"{len(jobs)} fine-tuning runs ({sum(j.part == 'headlines' for j in jobs)} headlines, "
         f"{sum(j.part == 'classification' for j in jobs)} classification) from {pre} and {rnd}; "

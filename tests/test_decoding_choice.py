@@ -65,16 +65,27 @@ def test_bad_splits_and_settings_are_refused():
         dc.choose_and_score({"A": {dc.PLAIN: TARGETS}, "B": {(2.0, 0): TARGETS}}, TARGETS, 2)
 
 
-def test_predictions_are_cached_per_run_and_setting(tmp_path):
+def test_predictions_are_cached_per_run_setting_and_inputs(tmp_path):
     calls = []
 
-    def generate():
+    def generate(out=("x  y", "a\nb", "")):
         calls.append(1)
-        return ["x  y", "a\nb", ""]
+        return list(out)
 
-    first = dc.cached_predictions(tmp_path, (1.3, 3), 3, generate)
+    inputs = ["i1", "i2", "i3"]
+    first = dc.cached_predictions(tmp_path, (1.3, 3), inputs, generate, max_len=16)
     assert first == ["x y", "a b", ""] and (tmp_path / "decoding" / "erp1.3_nr3.txt").is_file()
-    assert dc.cached_predictions(tmp_path, (1.3, 3), 3, generate) == first and len(calls) == 1
-    # a cache for another number of inputs is not used
+    assert dc.cached_predictions(tmp_path, (1.3, 3), inputs, generate, max_len=16) == first and len(calls) == 1
+    # other inputs (same count) or other generation settings: generated again, never the stale file
+    dc.cached_predictions(tmp_path, (1.3, 3), ["i1", "i2", "other"], generate, max_len=16)
+    dc.cached_predictions(tmp_path, (1.3, 3), ["i1", "i2", "other"], generate, max_len=32)
+    assert len(calls) == 3
     with pytest.raises(RuntimeError, match="3 predictions for 4 inputs"):
-        dc.cached_predictions(tmp_path, (1.3, 3), 4, generate)
+        dc.cached_predictions(tmp_path, (1.3, 3), inputs + ["i4"], generate, max_len=16)
+
+
+def test_grid_refuses_values_that_share_a_file_name():
+    with pytest.raises(ValueError, match="too close"):
+        dc.decoding_grid([1.0, 1.0000001], [0])
+    with pytest.raises(ValueError, match="finite"):
+        dc.decoding_grid([float("inf")], [0])

@@ -22,8 +22,8 @@ tokens are the same:
   current length), True (stop as soon as num_beams hypotheses are finished) or "never".
   Positions after a hypothesis' end hold `pad_token_id`, or the first EOS id when `pad_token_id`
   is 0 (what Hugging Face writes there, e.g. for T5).
-- `encoder_repetition_penalty` p != 1: the score s of every token id in `input_ids` (padding ids
-  included, as Hugging Face does) becomes s * p where s > 0 and s / p otherwise, so p > 1 favours
+- `encoder_repetition_penalty` p != 1: the score s of every token id in `input_ids` (padding and
+  EOS ids included, as Hugging Face does) becomes s * p where s > 0 and s / p otherwise, so p > 1 favours
   words of the input (against decoders that make up words instead of copying them) and p < 1 avoids
   them; on the logits in greedy search, on the log-probabilities in beam search, before
   `no_repeat_ngram_size`.
@@ -175,9 +175,7 @@ def generate(
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
-    p = encoder_repetition_penalty
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
-        raise ValueError(f"encoder_repetition_penalty must be a finite number > 0 (1: off), got {p!r}")
+    p = check_encoder_repetition_penalty(encoder_repetition_penalty)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
@@ -202,7 +200,7 @@ def generate(
                     pad=pad,
                     start=start,
                     no_repeat_ngram_size=no_repeat_ngram_size,
-                    encoder_repetition_penalty=float(p),
+                    encoder_repetition_penalty=p,
                     use_cache=use_cache,
                 )
             else:
@@ -219,7 +217,7 @@ def generate(
                     pad=pad,
                     start=start,
                     no_repeat_ngram_size=no_repeat_ngram_size,
-                    encoder_repetition_penalty=float(p),
+                    encoder_repetition_penalty=p,
                     use_cache=use_cache,
                 )
     finally:
@@ -264,6 +262,13 @@ def ban_repeated_ngrams(seqs: torch.Tensor, n: int, scores: torch.Tensor) -> tor
     rows, at = seen.nonzero(as_tuple=True)
     scores[rows, grams[rows, at, -1]] = float("-inf")
     return scores
+
+
+def check_encoder_repetition_penalty(p, name: str = "encoder_repetition_penalty") -> float:
+    """p as a float; ValueError naming `name` unless p is a finite number > 0 (not a bool)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (1: off), got {p!r}")
+    return float(p)
 
 
 def favour_input_tokens(input_ids: torch.Tensor, penalty: float, scores: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from fastformer.data.corpus import DataError
 from fastformer.data.packing import pad_batch
 from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_pairs
 from fastformer.data.tokenizer import load_tokenizer
+from fastformer.models.generation import check_encoder_repetition_penalty
 from fastformer.models.loading import ARCHITECTURES, architecture_name
 from fastformer.models.presets import canonical_preset, get_preset
 from fastformer.models.t5 import T5_PRESETS, T5Config, T5ForConditionalGeneration
@@ -123,9 +124,7 @@ class Text2TextConfig(TrainConfig):
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
-        p = self.encoder_repetition_penalty
-        if not (math.isfinite(p) and p > 0):
-            raise ValueError(f"--encoder-repetition-penalty must be a finite number > 0 (1: off), got {p}")
+        check_encoder_repetition_penalty(self.encoder_repetition_penalty, "--encoder-repetition-penalty")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"--length-penalty must be a finite number, got {self.length_penalty}")
         if self.n_examples < 0:
@@ -313,9 +312,8 @@ def generation_settings(config: dict, **overrides) -> tuple[int, dict]:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {v}")
     if overrides.get("max_len") is not None:
         max_len = int(overrides["max_len"])
-    p = overrides.get("encoder_repetition_penalty")
-    if p is not None and not (math.isfinite(p) and p > 0):
-        raise ValueError(f"--encoder-repetition-penalty must be a finite number > 0 (1: off), got {p}")
+    if overrides.get("encoder_repetition_penalty") is not None:
+        check_encoder_repetition_penalty(overrides["encoder_repetition_penalty"], "--encoder-repetition-penalty")
     for key in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty"):
         if overrides.get(key) is not None:
             gen[key] = overrides[key]

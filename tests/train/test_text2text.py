@@ -167,6 +167,13 @@ def test_refuses_encoder_only_models(tmp_path):
         )
 
 
+@pytest.mark.parametrize("bad", [True, "2", 0, -1.5, float("nan"), float("inf")])
+def test_bad_encoder_repetition_penalty_is_refused_before_training(bad):
+    """Refused by validate() (before any training), with the flag's name; a bool is not a number here."""
+    with pytest.raises(ValueError, match="--encoder-repetition-penalty must be a finite number > 0"):
+        Text2TextConfig(train="a.tsv", eval="b.tsv", encoder_repetition_penalty=bad).validate()
+
+
 def test_rouge_and_exact_match_values():
     assert rouge(["the cat sat"], ["the cat sat"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
     assert rouge(["dog"], ["the cat sat"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
