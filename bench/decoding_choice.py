@@ -9,8 +9,13 @@ with the chosen setting and with plain decoding (penalty 1, no n-gram ban). The 
 setting never score it.
 
     grid = decoding_grid([1.0, 1.3, 2.0], [0, 3])
-    preds = {run: {setting: generate(run, setting) for setting in grid} for run in runs}  # all test pairs
+    preds = {name: run_predictions(folder, grid, inputs) for name, folder in runs.items()}  # all test pairs
     cell = choose_and_score(preds, targets, n_select=300)
+
+From the command line, for any text-to-text run folders (one cell; results/decoding_choice_<tag>.*):
+
+    python bench/decoding_choice.py --runs pretrained=runs/a random=runs/b --test test.tsv --select 300 \
+        --tag headlines_long
 
 Predictions are cached per run folder (`decoding/erp<penalty>_nr<n>.txt`, one line per test pair,
 beside a `.json` with a hash of the test inputs and the generation settings), so a rerun only
@@ -74,6 +79,33 @@ def cached_predictions(
     return preds
 
 
+def run_predictions(
+    run: Path, grid: list[tuple[float, int]], inputs: list[str], *, num_beams: int = 1, log=print
+) -> dict[tuple[float, int], list[str]]:
+    """A text-to-text run folder's predictions for `inputs` with every setting of `grid` (its own
+    max_len and max_new_tokens; cached in run/decoding/), the model loaded only if something is missing."""
+    from fastformer.train.text2text import generate_texts, load_text2text
+
+    config = json.loads((run / "config.json").read_text())
+    gen = {
+        "max_len": config["max_len"],
+        "max_new_tokens": config["generation"]["max_new_tokens"],
+        "num_beams": num_beams,
+    }
+    loaded = []
+
+    def generate(setting):
+        if not loaded:
+            loaded.extend(load_text2text(run)[:2])
+        log(f"decoding: {run.name} {setting_name(setting)} on {len(inputs)} inputs")
+        model, tok = loaded
+        return generate_texts(
+            model, tok, inputs, **gen, encoder_repetition_penalty=setting[0], no_repeat_ngram_size=setting[1]
+        )
+
+    return {s: cached_predictions(run, s, inputs, lambda s=s: generate(s), **gen) for s in grid}
+
+
 def choose_and_score(
     preds: dict[str, dict[tuple[float, int], list[str]]],
     targets: list[str],
@@ -109,3 +141,83 @@ def choose_and_score(
         "n_select": n_select,
         "n_scored": len(rest),
     }
+
+
+def main() -> None:
+    import argparse
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR", help="text-to-text run folders")
+    p.add_argument("--test", required=True, help="input<TAB>target pairs (a header row is allowed)")
+    p.add_argument("--select", type=int, required=True, metavar="N", help="choose on the first N pairs")
+    p.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.3, 1.6, 2.0, 3.0, 4.0])
+    p.add_argument("--no-repeat", type=int, nargs="+", default=[0, 3])
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--lead-words", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tag", required=True)
+    p.add_argument("--results", default=str(root / "bench" / "results"))
+    a = p.parse_args()
+    runs = {}
+    for spec in a.runs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not (Path(folder) / "config.json").is_file():
+            sys.exit(f"--runs {spec}: give NAME=DIR with a text-to-text run folder")
+        runs[name] = Path(folder).resolve()
+    import torch
+
+    from fastformer.data.text2text import read_pairs
+    from fastformer.train.text_metrics import rouge
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        grid = decoding_grid(a.penalties, a.no_repeat)
+        inputs, targets = read_pairs(a.test)
+        if not 0 < a.select < len(targets):
+            raise ValueError(f"--select {a.select}: needs 0 < N < the {len(targets)} pairs of {a.test}")
+    except ValueError as e:
+        sys.exit(str(e))
+    preds = {name: run_predictions(folder, grid, inputs, num_beams=a.num_beams) for name, folder in runs.items()}
+    got = choose_and_score(preds, targets, a.select, rouge)
+    lead = [" ".join(x.split()[: a.lead_words]) for x in inputs[a.select :]]
+    got["lead_baseline"] = rouge(lead, targets[a.select :])
+    settings = {k: v for k, v in vars(a).items() if k != "results"}
+    settings["runs"] = {k: str(v) for k, v in runs.items()}
+    stem = Path(a.results) / f"decoding_choice_{a.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "cell": got}, indent=2))
+    md = "\n".join(markdown(got, settings)) + "\n"
+    stem.with_suffix(".md").write_text(md)
+    print(md + f"\nsaved {stem}.json .md")
+
+
+def markdown(cell: dict, settings: dict) -> list[str]:
+    """The choice and a table: each run's ROUGE on the scoring pairs, plain and chosen decoding."""
+    ch = cell["chosen"]
+    out = [
+        f"Decoding chosen on the first {cell['n_select']} pairs of {Path(settings['test']).name} (best mean "
+        f"ROUGE-L over the runs; encoder repetition penalty {settings['penalties']} × no-repeat n-gram size "
+        f"{settings['no_repeat']}): penalty {ch['encoder_repetition_penalty']:g}, no-repeat n-gram size "
+        f"{ch['no_repeat_ngram_size']}; ROUGE on the other {cell['n_scored']} pairs:",
+        "",
+        "| run | decoding | ROUGE-1 | ROUGE-2 | ROUGE-L |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lead = cell["lead_baseline"]
+    out.append(
+        f"| lead-{settings['lead_words']} baseline | – | {lead['rouge1']:.4f} | {lead['rouge2']:.4f} | "
+        f"{lead['rougeL']:.4f} |"
+    )
+    for name, by in cell["scores"].items():
+        for which in ("plain", "chosen"):
+            r = by[which]
+            out.append(f"| {name} | {which} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} |")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -599,6 +599,16 @@ def _decoding_choice(c, settings) -> list[str]:
     return out
 
 
+def render_decoding_choice(d, path, ctx):
+    """bench/decoding_choice.py's own table (its module renders it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("decoding_choice", Path(__file__).with_name("decoding_choice.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.markdown(d["cell"], d.get("settings", {}))
+
+
 def render_generic(d, path, ctx):
     """Any harness-format file ({"meta", "rows"}): its scalar columns; columns equal in every row below."""
     rows = _rows(d)
@@ -634,6 +644,7 @@ RENDERERS: dict[str, tuple[str, str, Callable]] = {
     "kernel_report": ("Kernel report", "scripts/kernel_report.py", render_kernel_report),
     "pretraining_benefit": ("Pre-training benefit", "bench/pretraining_benefit.py", render_pretraining_benefit),
     "text2text_benefit": ("Text-to-text benefit", "bench/text2text_benefit.py", render_text2text_benefit),
+    "decoding_choice": ("Decoding choice", "bench/decoding_choice.py", render_decoding_choice),
 }
 # files that are not harness JSON: file-name prefix -> kind (checked after the harness format)
 PREFIXES = {
@@ -641,6 +652,7 @@ PREFIXES = {
     "pretraining_benefit_": "pretraining_benefit",
     "text2text_benefit_": "text2text_benefit",
     "gpu_check_": "gpu_check",
+    "decoding_choice_": "decoding_choice",
 }
 
 
@@ -665,6 +677,8 @@ def classify(path: Path, d) -> tuple[str | None, dict]:
                 return None, {}
             if kind == "gpu_check" and "steps" not in d:
                 return None, {}
+            if kind == "decoding_choice" and "cell" not in d:
+                return None, {}
             meta = dict(d.get("meta") or {})
             if kind == "gpu_check":
                 meta["device"] = d.get("device")
@@ -678,7 +692,7 @@ def classify(path: Path, d) -> tuple[str | None, dict]:
 
 
 def _where(kind: str, path: Path, meta: dict, data) -> str:
-    if kind in ("pretraining_benefit", "text2text_benefit"):
+    if kind in ("pretraining_benefit", "text2text_benefit", "decoding_choice"):
         s = data.get("settings", {}) if isinstance(data, dict) else {}
         dev = f"CPU runs (tag `{s.get('tag', '?')}`; the file does not name the processor)"
     elif kind == "kernel_report":

@@ -506,10 +506,9 @@ def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[
     """For each headline pair count: the chosen setting and the scores on the test pairs after the
     first --select-decoding (see bench/decoding_choice.py)."""
     import torch
-    from decoding_choice import cached_predictions, choose_and_score, decoding_grid, setting_name
+    from decoding_choice import choose_and_score, decoding_grid, run_predictions
 
     from fastformer.data.text2text import read_pairs
-    from fastformer.train.text2text import generate_texts, load_text2text
     from fastformer.train.text_metrics import rouge
 
     if a.threads:
@@ -521,27 +520,9 @@ def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[
     cells = []
     for n in sorted({r["n_train"] for r in results if r["part"] == "headlines"}):
         rows = [r for r in results if r["part"] == "headlines" and r["n_train"] == n]
-        preds = {}
-        for r in rows:
-            run = work / r["name"]
-            run_config = json.loads((run / "config.json").read_text())
-            gen = {  # what the cache checks besides the inputs and the setting
-                "max_len": run_config["max_len"],
-                "max_new_tokens": run_config["generation"]["max_new_tokens"],
-                "num_beams": a.num_beams,
-            }
-            loaded = []  # the model, loaded at the first setting that is not cached
-
-            def generate(setting, run=run, gen=gen, loaded=loaded):
-                if not loaded:
-                    loaded.extend(load_text2text(run)[:2])
-                say(f"decoding: {run.name} {setting_name(setting)} on {len(inputs)} test inputs")
-                model, tok = loaded
-                return generate_texts(
-                    model, tok, inputs, **gen, encoder_repetition_penalty=setting[0], no_repeat_ngram_size=setting[1]
-                )
-
-            preds[r["name"]] = {s: cached_predictions(run, s, inputs, lambda s=s: generate(s), **gen) for s in grid}
+        preds = {
+            r["name"]: run_predictions(work / r["name"], grid, inputs, num_beams=a.num_beams, log=say) for r in rows
+        }
         got = choose_and_score(preds, targets, n_sel, rouge)
         cell = {"n_train": n, **{k: v for k, v in got.items() if k != "scores"}}
         cell["runs_rougeL"] = {
