@@ -282,6 +282,19 @@ def favour_input_tokens(input_ids: torch.Tensor, penalty: float, scores: torch.T
     return scores.scatter(1, input_ids, torch.where(s < 0, s * inv, s / inv))
 
 
+def process_scores(
+    scores: torch.Tensor, seqs: torch.Tensor, input_ids: torch.Tensor, encoder_repetition_penalty: float, ngram: int
+) -> torch.Tensor:
+    """Next-token scores (N, V) after the score rules, in Hugging Face's order: the encoder repetition
+    penalty (favour_input_tokens), then the n-gram ban on the tokens so far seqs (N, t)
+    (ban_repeated_ngrams, in place). The same for greedy (logits) and beam search (log-probabilities)."""
+    if encoder_repetition_penalty != 1.0:
+        scores = favour_input_tokens(input_ids, encoder_repetition_penalty, scores)
+    if ngram:
+        ban_repeated_ngrams(seqs, ngram, scores)
+    return scores
+
+
 def greedy_search(
     model,
     input_ids,
@@ -306,10 +319,7 @@ def greedy_search(
     t = 1
     while t < 1 + max_new_tokens:
         logits = stepper.logits(seqs[:, :t])
-        if encoder_repetition_penalty != 1.0:
-            logits = favour_input_tokens(input_ids, encoder_repetition_penalty, logits)
-        if no_repeat_ngram_size:
-            ban_repeated_ngrams(seqs[:, :t], no_repeat_ngram_size, logits)
+        logits = process_scores(logits, seqs[:, :t], input_ids, encoder_repetition_penalty, no_repeat_ngram_size)
         nxt = logits.max(-1).indices  # argmax (first maximum), faster on CPU
         if eos:
             nxt = torch.where(unfinished, nxt, pad)
@@ -364,11 +374,9 @@ def beam_search(
 
     cur = 1
     while True:
-        logp = F.log_softmax(stepper.logits(run_seq.view(B * K, max_length)[:, :cur]), dim=-1)
-        if encoder_repetition_penalty != 1.0:
-            logp = favour_input_tokens(input_ids, encoder_repetition_penalty, logp)
-        if no_repeat_ngram_size:
-            ban_repeated_ngrams(run_seq.view(B * K, max_length)[:, :cur], no_repeat_ngram_size, logp)
+        so_far = run_seq.view(B * K, max_length)[:, :cur]
+        logp = F.log_softmax(stepper.logits(so_far), dim=-1)
+        logp = process_scores(logp, so_far, input_ids, encoder_repetition_penalty, no_repeat_ngram_size)
         V = logp.shape[-1]
         total = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
         # (1) the best n_keep continuations over all beams of each input
