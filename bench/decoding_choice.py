@@ -106,16 +106,24 @@ def run_predictions(
     return {s: cached_predictions(run, s, inputs, lambda s=s: generate(s), **gen) for s in grid}
 
 
+def lead_texts(inputs: list[str], words: int) -> list[str]:
+    """The lead-N baseline: the first `words` words of each input."""
+    return [" ".join(x.split()[:words]) for x in inputs]
+
+
 def choose_and_score(
     preds: dict[str, dict[tuple[float, int], list[str]]],
     targets: list[str],
     n_select: int,
     rouge: Callable[[list[str], list[str]], dict] | None = None,
+    *,
+    lead: list[str] | None = None,
 ) -> dict:
     """preds: run name -> setting -> predictions for all test pairs (every run has every setting).
     Returns {"chosen": setting, "select": {setting name: mean ROUGE-L over runs on the first n_select
     pairs}, "scores": {run: {"plain": ROUGE dict, "chosen": ROUGE dict}} on the other pairs,
-    "n_select", "n_scored"}."""
+    "n_select", "n_scored"}, plus "lead_baseline" (its ROUGE on the other pairs) given `lead`, a
+    baseline's texts for all test pairs (lead_texts)."""
     if rouge is None:
         from fastformer.train.text_metrics import rouge
     if not 0 < n_select < len(targets):
@@ -134,13 +142,16 @@ def choose_and_score(
         }
         for r in runs
     }
-    return {
+    out = {
         "chosen": {"encoder_repetition_penalty": chosen[0], "no_repeat_ngram_size": chosen[1]},
         "select": {setting_name(s): v for s, v in select.items()},
         "scores": scores,
         "n_select": n_select,
         "n_scored": len(rest),
     }
+    if lead is not None:
+        out["lead_baseline"] = rouge(lead[n_select:], rest)
+    return out
 
 
 def main() -> None:
@@ -182,9 +193,7 @@ def main() -> None:
     except ValueError as e:
         sys.exit(str(e))
     preds = {name: run_predictions(folder, grid, inputs, num_beams=a.num_beams) for name, folder in runs.items()}
-    got = choose_and_score(preds, targets, a.select, rouge)
-    lead = [" ".join(x.split()[: a.lead_words]) for x in inputs[a.select :]]
-    got["lead_baseline"] = rouge(lead, targets[a.select :])
+    got = choose_and_score(preds, targets, a.select, rouge, lead=lead_texts(inputs, a.lead_words))
     settings = {k: v for k, v in vars(a).items() if k != "results"}
     settings["runs"] = {k: str(v) for k, v in runs.items()}
     stem = Path(a.results) / f"decoding_choice_{a.tag}"

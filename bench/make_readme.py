@@ -541,8 +541,8 @@ def render_text2text_benefit(d, path, ctx):
                     ),
                 ],
             )
-    for c in summ.get("decoding", []):
-        out += [""] + _decoding_choice(c, s)
+    if summ.get("decoding"):  # --select-decoding: the script's own rendering
+        out += _bench_module("text2text_benefit").decoding_markdown(summ["decoding"], s).rstrip("\n").splitlines()
     if summ.get("classification"):
         out += ["", "AG News classification, test accuracy (as text: exact match of the generated label word):", ""]
         out += table(
@@ -562,51 +562,23 @@ def render_text2text_benefit(d, path, ctx):
     return out
 
 
-def _decoding_choice(c, settings) -> list[str]:
-    """text2text_benefit.py --select-decoding: the setting chosen on the first test pairs, the scores on the rest."""
-    ch, lead = c.get("chosen", {}), c.get("lead_baseline", {})
-    out = [
-        f"Decoding chosen for {fmt(c.get('n_train'))} training pairs on the first {fmt(c.get('n_select'))} test "
-        f"pairs (best mean ROUGE-L over both arms and all seeds; encoder repetition penalty "
-        f"{settings.get('decoding_penalties')} × no-repeat n-gram size {settings.get('decoding_no_repeat')}): "
-        f"penalty {ch.get('encoder_repetition_penalty')}, no-repeat n-gram size {ch.get('no_repeat_ngram_size')}; "
-        f"ROUGE on the other {fmt(c.get('n_scored'))} test pairs:",
-        "",
-    ]
-    rows = [{"init": f"lead-{settings.get('lead_words')} baseline", "decoding": "–", "baseline": lead}]
-    for init in ("random", "pretrained"):
-        for which in ("plain", "chosen"):
-            if init in c:
-                rows.append({"init": init, "decoding": which, **c[init][which]})
-    f4 = lambda k: lambda r: f"{r['baseline'][k]:.4f}" if "baseline" in r else _mean_std(r.get(k), 4)
-    out += table(
-        rows,
-        [
-            ("init", "init"),
-            ("decoding", "decoding"),
-            ("rouge1", "ROUGE-1", f4("rouge1")),
-            ("rouge2", "ROUGE-2", f4("rouge2")),
-            ("rougeL", "ROUGE-L", f4("rougeL")),
-        ],
-    )
-    for which in ("plain", "chosen"):
-        g = c.get(f"rougeL_gain_{which}")
-        if g:
-            out += [
-                "",
-                f"ROUGE-L gain of pre-training, {which} decoding (paired): {g[0] * 100:+.2f} ± {g[1] * 100:.2f} points",
-            ]
-    return out
+def _bench_module(name: str):
+    """A script of bench/ as a module (its results' own markdown renderer), imported once."""
+    if name not in sys.modules:
+        import importlib.util
+
+        bench = str(Path(__file__).parent)
+        if bench not in sys.path:  # the scripts import their bench/ neighbours
+            sys.path.insert(0, bench)
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def render_decoding_choice(d, path, ctx):
-    """bench/decoding_choice.py's own table (its module renders it)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("decoding_choice", Path(__file__).with_name("decoding_choice.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.markdown(d["cell"], d.get("settings", {}))
+    """bench/decoding_choice.py's own table."""
+    return _bench_module("decoding_choice").markdown(d["cell"], d.get("settings", {}))
 
 
 def render_generic(d, path, ctx):

@@ -89,11 +89,13 @@ def write_rows(path: Path, header: list[str], rows: list[str]) -> Path:
 
 def lead_baseline(test_tsv: Path, words: int) -> dict:
     """ROUGE / exact match of the first `words` words of each input against its target."""
+    from decoding_choice import lead_texts
+
     from fastformer.data.text2text import read_pairs
     from fastformer.train.text_metrics import exact_match, rouge
 
     inputs, targets = read_pairs(test_tsv)
-    preds = [" ".join(x.split()[:words]) for x in inputs]
+    preds = lead_texts(inputs, words)
     return {
         "method": f"lead-{words}",
         **rouge(preds, targets),
@@ -506,7 +508,7 @@ def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[
     """For each headline pair count: the chosen setting and the scores on the test pairs after the
     first --select-decoding (see bench/decoding_choice.py)."""
     import torch
-    from decoding_choice import choose_and_score, decoding_grid, run_predictions
+    from decoding_choice import choose_and_score, decoding_grid, lead_texts, run_predictions
 
     from fastformer.data.text2text import read_pairs
     from fastformer.train.text_metrics import rouge
@@ -516,34 +518,30 @@ def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[
     grid = decoding_grid(a.decoding_penalties, a.decoding_no_repeat)
     inputs, targets = read_pairs(test_tsv)
     n_sel = a.select_decoding
-    lead = [" ".join(x.split()[: a.lead_words]) for x in inputs[n_sel:]]
+    lead = lead_texts(inputs, a.lead_words)
     cells = []
     for n in sorted({r["n_train"] for r in results if r["part"] == "headlines"}):
         rows = [r for r in results if r["part"] == "headlines" and r["n_train"] == n]
         preds = {
             r["name"]: run_predictions(work / r["name"], grid, inputs, num_beams=a.num_beams, log=say) for r in rows
         }
-        got = choose_and_score(preds, targets, n_sel, rouge)
+        got = choose_and_score(preds, targets, n_sel, rouge, lead=lead)
         cell = {"n_train": n, **{k: v for k, v in got.items() if k != "scores"}}
         cell["runs_rougeL"] = {
             r: {w: got["scores"][r][w]["rougeL"] for w in ("plain", "chosen")} for r in got["scores"]
         }
-        cell["lead_baseline"] = rouge(lead, targets[n_sel:])
-        by_seed = {}
+        scored = [{**r, **got["scores"][r["name"]]} for r in rows]  # each run's row with its plain / chosen ROUGE
         for init in ("pretrained", "random"):
-            mine = [r for r in rows if r["init"] == init]
-            if not mine:
-                continue
-            cell[init] = {"seeds": sorted(r["seed"] for r in mine)}
-            for which in ("plain", "chosen"):
-                cell[init][which] = {
-                    k: mean_std([got["scores"][r["name"]][which][k] for r in mine])
-                    for k in ("rouge1", "rouge2", "rougeL")
-                }
-                by_seed[(init, which)] = {r["seed"]: got["scores"][r["name"]][which]["rougeL"] for r in mine}
+            mine = [r for r in scored if r["init"] == init]
+            if mine:
+                cell[init] = {"seeds": sorted(r["seed"] for r in mine)}
+                for which in ("plain", "chosen"):
+                    cell[init][which] = {
+                        k: mean_std([r[which][k] for r in mine]) for k in ("rouge1", "rouge2", "rougeL")
+                    }
         for which in ("plain", "chosen"):
-            pre, rnd = by_seed.get(("pretrained", which), {}), by_seed.get(("random", which), {})
-            gain = [pre[s] - rnd[s] for s in sorted(set(pre) & set(rnd))]
+            flat = [{**r, "rougeL": r[which]["rougeL"]} for r in scored]
+            gain = paired(flat, "rougeL", {"init": "pretrained"}, {"init": "random"}, {})
             if gain:
                 cell[f"rougeL_gain_{which}"] = mean_std(gain)
         cells.append(cell)
@@ -551,21 +549,23 @@ def select_decoding(a, work: Path, results: list[dict], test_tsv: Path) -> list[
     return cells
 
 
-def decoding_markdown(cells: list[dict], a) -> str:
+def decoding_markdown(cells: list[dict], settings: dict) -> str:
+    """The --select-decoding cells (the script's .md file and bench/README.md alike); `settings`: the
+    run's flags (decoding_penalties, decoding_no_repeat, lead_words)."""
     lines = []
     for c in cells:
         ch = c["chosen"]
         lines += [
             "",
             f"Decoding chosen on the first {c['n_select']} test pairs (mean ROUGE-L over both arms and all "
-            f"seeds; grid: encoder repetition penalty {a.decoding_penalties} x no-repeat n-gram size "
-            f"{a.decoding_no_repeat}), {c['n_train']:,} training pairs: encoder repetition penalty "
+            f"seeds; grid: encoder repetition penalty {settings.get('decoding_penalties')} x no-repeat n-gram "
+            f"size {settings.get('decoding_no_repeat')}), {c['n_train']:,} training pairs: encoder repetition penalty "
             f"{ch['encoder_repetition_penalty']:g}, no-repeat n-gram size {ch['no_repeat_ngram_size']}. "
             f"Scored on the other {c['n_scored']} test pairs:",
             "",
             "| init | decoding | ROUGE-1 | ROUGE-2 | ROUGE-L |",
             "|---|---|---:|---:|---:|",
-            f"| lead-{a.lead_words} baseline | — | {c['lead_baseline']['rouge1']:.4f} | "
+            f"| lead-{settings.get('lead_words')} baseline | — | {c['lead_baseline']['rouge1']:.4f} | "
             f"{c['lead_baseline']['rouge2']:.4f} | {c['lead_baseline']['rougeL']:.4f} |",
         ]
         for init in ("random", "pretrained"):
@@ -993,7 +993,7 @@ def main() -> None:
                 indent=2,
             )
         )
-        md = markdown(summary, baseline, pre_info, a) + decoding_markdown(decoding or [], a)
+        md = markdown(summary, baseline, pre_info, a) + decoding_markdown(decoding or [], vars(a))
         stem.with_suffix(".md").write_text(md)
         plot(summary, baseline, stem.with_suffix(".png"))
 
@@ -1005,7 +1005,7 @@ def main() -> None:
     except ValueError as e:  # e.g. --select-decoding N not below the number of test pairs
         sys.exit(f"{e} (the fine-tuning runs are kept)")
     save(results, decoding)
-    say("\n" + markdown(summarize(results), baseline, pre_info, a) + decoding_markdown(decoding or [], a))
+    say("\n" + markdown(summarize(results), baseline, pre_info, a) + decoding_markdown(decoding or [], vars(a)))
     say(f"saved {stem}.json .md .png")
 
 
