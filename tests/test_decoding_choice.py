@@ -35,7 +35,8 @@ def test_setting_best_on_select_rows_is_chosen_and_scored_on_the_other_rows_only
         run: {dc.PLAIN: _preds(False, True), good_early: _preds(True, False), (4.0, 3): _preds(False, False)}
         for run in ("pretrained_seed0", "random_seed0")
     }
-    got = dc.choose_and_score(preds, TARGETS, n_select=2)
+    got = dc.choose_and_score(preds, TARGETS, n_select=2, lead=dc.lead_texts(TARGETS[:2] + ["x"] * 4, 1))
+    assert got["lead_baseline"]["rougeL"] == 0.0  # scored on the other rows only, where the lead is wrong
     assert got["chosen"] == {"encoder_repetition_penalty": 2.0, "no_repeat_ngram_size": 0}
     assert got["select"] == {"erp1_nr0": 0.0, "erp2_nr0": 1.0, "erp4_nr3": 0.0}
     assert got["n_select"] == 2 and got["n_scored"] == 4
