@@ -4,7 +4,10 @@ Tests compare against a float64 reference by relative error ‖out − ref‖ / 
 tolerance of the *input* dtype from TOLERANCES. Import the helpers with `from conftest import ...`.
 """
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,21 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastformer.backend import use_backend  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_script(name: str):
+    """bench/<name>.py as a module, loaded once: registered in sys.modules (dataclasses look their
+    module up there), with bench/ on sys.path (the scripts import their neighbours)."""
+    if name not in sys.modules:
+        if str(BENCH) not in sys.path:
+            sys.path.insert(0, str(BENCH))
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
 
 # Relative-error tolerance per input dtype. fp32 on GPU includes tf32 matmuls (~3e-4);
 # in the CPU interpreter fp32 dots are exact fp32.

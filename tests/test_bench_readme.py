@@ -2,16 +2,13 @@
 committed file must be what the script writes (no benchmark runs here), and the script must cope with
 result files it does not know."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+from conftest import bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_readme", ROOT / "bench" / "make_readme.py")
-make_readme = importlib.util.module_from_spec(_spec)
-sys.modules["make_readme"] = make_readme
-_spec.loader.exec_module(make_readme)
+make_readme = bench_script("make_readme")
 
 
 def test_committed_bench_readme_is_what_the_generator_writes(tmp_path):

@@ -1,15 +1,9 @@
 """bench/decoding_choice.py: a decoding setting is chosen on the first test pairs and scored on the others."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import bench_script
 
-_spec = importlib.util.spec_from_file_location(
-    "decoding_choice", Path(__file__).resolve().parents[1] / "bench" / "decoding_choice.py"
-)
-dc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dc)
+dc = bench_script("decoding_choice")
 
 
 def test_grid_starts_with_plain_decoding_and_has_no_duplicates():

@@ -1,15 +1,8 @@
 """The time budget of `make gpu-check` (bench/gpu_check.py), checked on CPU with fake durations."""
 
-import importlib.util
-import sys
-from pathlib import Path
+from conftest import bench_script
 
-_spec = importlib.util.spec_from_file_location(
-    "gpu_check", Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-)
-gpu_check = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up
-_spec.loader.exec_module(gpu_check)
+gpu_check = bench_script("gpu_check")
 Step = gpu_check.Step
 
 
@@ -89,18 +82,11 @@ def test_the_real_plan_fits_nine_minutes():
     assert max(s.limit for s in todo) <= 500
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_quick_set_compiles_no_flex_attention():
     """FlexAttention compiles per shape: the quick set (what gpu-check runs) never asks for it."""
-    t5 = _load("bench_t5_attention")
+    t5 = bench_script("bench_t5_attention")
     assert "flex" not in t5.providers_for(quick=True) and "flex" in t5.providers_for(quick=False)
-    att = _load("bench_attention")
+    att = bench_script("bench_attention")
     for case in att._cases(quick=True, cuda=True):
         provs = att._providers(case, cuda=True, quick=True)
         assert "flex" not in provs and "fastformer" in provs
