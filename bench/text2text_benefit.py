@@ -974,7 +974,8 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"text2text_benefit_{a.tag}"
 
-    def save(results: list[dict], decoding: list[dict] | None = None) -> None:
+    def save(results: list[dict], decoding: list[dict] | None = None) -> str:
+        """Writes the .json, .md and .png results; returns the markdown."""
         summary = summarize(results)
         if decoding:
             summary["decoding"] = decoding
@@ -996,16 +997,12 @@ def main() -> None:
         md = markdown(summary, baseline, pre_info, a) + decoding_markdown(decoding or [], vars(a))
         stem.with_suffix(".md").write_text(md)
         plot(summary, baseline, stem.with_suffix(".png"))
+        return md
 
     results = run_jobs(a, jobs, work, pre, save)
-    try:
-        decoding = (
-            select_decoding(a, work, results, work / "data" / "headlines_test.tsv") if a.select_decoding else None
-        )
-    except ValueError as e:  # e.g. --select-decoding N not below the number of test pairs
-        sys.exit(f"{e} (the fine-tuning runs are kept)")
-    save(results, decoding)
-    say("\n" + markdown(summarize(results), baseline, pre_info, a) + decoding_markdown(decoding or [], vars(a)))
+    # the decoding grid and --select-decoding were checked before the runs
+    decoding = select_decoding(a, work, results, work / "data" / "headlines_test.tsv") if a.select_decoding else None
+    say("\n" + save(results, decoding))
     say(f"saved {stem}.json .md .png")
 
 
