@@ -12,8 +12,9 @@ cross_entropy (kernel path)
     out like the input. That buffer *is* the gradient backward returns (scaled in place by
     grad_output by a persistent kernel that skips factors of exactly 1: the usual
     grad_output of 1 moves no bytes), so forward + backward allocate one (N, V)
-    tensor, the gradient itself. Soft targets, label smoothing and class weights are all in the
-    kernel (a soft target is distillation's case and keeps the fused path).
+    tensor, the gradient itself (a later backward through a retained graph: forward_grads.py).
+    Soft targets, label smoothing and class weights are all in the kernel (a soft target is
+    distillation's case and keeps the fused path).
 
 linear_cross_entropy: the checks are here, the chunked path in linear_cross_entropy.py.
 
@@ -43,6 +44,7 @@ import torch
 import fastformer.reference.cross_entropy as _ref
 
 from ..backend import get_backend, use_triton
+from . import forward_grads
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 from .amp import amp_dtype
@@ -255,7 +257,7 @@ class _CrossEntropyFn(torch.autograd.Function):
             z_loss=z_loss,
             grad=grad,
         )
-        ctx.grad = grad
+        forward_grads.save(ctx, grad)
         out = loss_rows.reshape(out_shape) if reduction == "none" else loss_rows.sum()
         return out.to(out_dtype)
 
@@ -264,14 +266,9 @@ class _CrossEntropyFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         from ..kernels import cross_entropy_launch as K
 
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(
-                "ff.cross_entropy: backward called twice, or on a forward run without grad; "
-                "the gradient buffer is consumed by the first backward"
-            )
-        ctx.grad = None
-        K.scale_rows_(grad, grad_out.reshape(-1).to(torch.float32).contiguous())
+        (grad,) = forward_grads.scaled(
+            ctx, grad_out.reshape(-1).to(torch.float32).contiguous(), K.scale_rows_, "ff.cross_entropy"
+        )
         return grad, None, None, None, None, None, None, None, None, None
 
 

@@ -28,6 +28,7 @@ import torch
 import fastformer.reference.cross_entropy as _ref
 
 from ..backend import get_backend, use_triton
+from . import forward_grads
 from ._compile import opaque_to_compile
 from .amp import amp_dtype, autocast_cast, no_autocast
 from .cross_entropy import _amp_result, _as_index, _check_range, _range_check_wanted, _validate_linear
@@ -341,7 +342,6 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, loss_rows=loss_rows)
             ctx.save_for_backward(x_k, W, b, t_k, keep)
             ctx.count = count
-            ctx.grads = None
         else:
             grad_x = (torch.zeros_like(x) if keep is not None else torch.empty_like(x)) if need_x else None
             gW = _grad_W(W, n) if need_W else None
@@ -363,7 +363,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 gW=gW,
                 gb=gb,
             )
-            ctx.grads = (grad_x, gW, gb.to(W.dtype) if gb is not None else None)
+            forward_grads.save(ctx, grad_x, gW, gb.to(W.dtype) if gb is not None else None)
         if reduction == "none":
             out = (
                 loss_rows
@@ -379,22 +379,11 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     def backward(ctx, g):
         reduction, eps, z, ignore_index, use_kernel, chunk, N, (need_x, need_W, need_b) = ctx.meta
         if reduction != "none":
-            if ctx.grads is None:
-                raise RuntimeError("ff.linear_cross_entropy: backward called twice")
-            grads = ctx.grads
-            ctx.grads = None
-            # the gradients were made in forward for grad_output 1: scale them in place
-            return (
-                *(_scale_(t, g, use_kernel) if t is not None else None for t in grads),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
+            # the gradients were made in forward for grad_output 1: scale them
+            grads = forward_grads.scaled(
+                ctx, g.to(torch.float32), lambda t, f: _scale_(t, f, use_kernel), "ff.linear_cross_entropy"
             )
+            return (*grads, None, None, None, None, None, None, None, None)
         x_k, W, b, t_k, keep = ctx.saved_tensors
         count = ctx.count
         g = g.reshape(-1)
