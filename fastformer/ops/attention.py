@@ -160,7 +160,10 @@ def _sdpa_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, lay:
 
 def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """torch's own SDPA (the CPU fast path). A mask together with is_causal is combined here, so that
-    every torch version that passes torch_sdpa_usable() takes it."""
+    every torch version that passes torch_sdpa_usable() takes it. A mask of fewer than 2 dims, which
+    broadcasts but torch's SDPA refuses, gets leading 1s (the other paths broadcast it as it is)."""
+    if attn_mask is not None and attn_mask.dim() < 2:
+        attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape))
     if attn_mask is not None and is_causal:
         Lq, Lk = query.shape[-2], key.shape[-2]
         causal = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()

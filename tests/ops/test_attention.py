@@ -279,6 +279,25 @@ def test_under_autocast_like_torch(backend):
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_masks_of_fewer_than_two_dims_broadcast_on_every_backend(backend):
+    """A (Lk,) or 0-d mask broadcasts to the scores; torch's own SDPA refuses it (IndexError), so the
+    CPU fast path gives it leading 1s. The gradient of a (Lk,) float mask is summed over the broadcast."""
+    q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    for mask in (torch.rand(9) > 0.3, torch.randn(9, requires_grad=True), torch.tensor(0.5, requires_grad=True)):
+        with ff.use_backend(backend):
+            got = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask64 = mask if mask.dtype == torch.bool else mask.double()
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask64.expand(7, 9))
+        assert_close(got, want, torch.float32)
+        if mask.dim() == 1 and mask.requires_grad:  # (a 0-d mask shifts every score: its gradient is 0)
+            dout = torch.randn(got.shape)
+            (g,) = torch.autograd.grad(got, mask, dout)
+            (gw,) = torch.autograd.grad(want, mask, dout.double())
+            assert g.shape == mask.shape
+            assert_close(g, gw, torch.float32, "mask grad", 10.0)
+
+
 def test_dropout_p_one_gives_zeros_like_torch(backend):
     q = torch.randn(1, 2, 5, 8, requires_grad=True)
     out = ff.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
