@@ -54,12 +54,24 @@ def _check_inputs(mha: MultiheadAttention, query, key, value) -> None:
             raise ModuleInputError(f"key batch size {key.shape[b]} != query batch size {query.shape[b]}")
 
 
-def _check_masks(key_padding_mask, attn_mask, N: int, H: int, L: int, S: int) -> None:
+def _check_masks(mha: MultiheadAttention, query, key, key_padding_mask, attn_mask) -> None:
+    """torch's mask checks (AssertionError / RuntimeError there) as MaskError, for either forward path.
+    key_padding_mask: (N, S), or (S,) for unbatched inputs; attn_mask: (L, S) or (N·num_heads, L, S)."""
+    unbatched = query.dim() == 2
+    if unbatched:
+        N, L, S = 1, query.shape[0], key.shape[0]
+    elif mha.batch_first:
+        N, L, S = query.shape[0], query.shape[1], key.shape[1]
+    else:
+        N, L, S = query.shape[1], query.shape[0], key.shape[0]
+    H = mha.num_heads
     for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
         if m is not None and not (m.dtype == torch.bool or m.is_floating_point()):
             raise MaskError(f"{name} must be bool or floating point (as torch's MultiheadAttention), got {m.dtype}")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
-        raise MaskError(f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}")
+    kpm_shape = (S,) if unbatched else (N, S)
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != kpm_shape:
+        want = f"(S,) = {kpm_shape}" if unbatched else f"(N, S) = {kpm_shape}"
+        raise MaskError(f"key_padding_mask must have shape {want}, got {tuple(key_padding_mask.shape)}")
     if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (N * H, L, S)):
         raise MaskError(
             f"attn_mask must have shape (L, S) = {(L, S)} or (N·num_heads, L, S) = {(N * H, L, S)}, "
@@ -94,7 +106,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         is_causal: bool = False,
     ):
         _check_inputs(self, query, key, value)
-        if need_weights or self.bias_k is not None or self.add_zero_attn:
+        # with is_causal the fast path ignores attn_mask (torch's hint), so only the torch path checks it
+        torch_path = need_weights or self.bias_k is not None or self.add_zero_attn
+        _check_masks(self, query, key, key_padding_mask, attn_mask if torch_path or not is_causal else None)
+        if torch_path:
             if is_causal and attn_mask is None:  # torch needs the explicit mask for need_weights
                 seq_dim = 1 if (self.batch_first and query.dim() == 3) else 0
                 L, S = query.shape[seq_dim], key.shape[seq_dim]
@@ -134,7 +149,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         v = F.linear(value, w_v, b_v).view(S, N, H, hd).permute(1, 2, 0, 3)
 
         # 2. masks -> one SDPA mask (bool True = attend when possible: keeps the key-length fast path)
-        _check_masks(key_padding_mask, None if is_causal else attn_mask, N, H, L, S)
         mask = None
         causal = bool(is_causal)
         if causal:

@@ -73,20 +73,25 @@ def test_mha_need_weights_uses_reference():
     assert_close(w, ew, torch.float32)
 
 
-def test_bad_masks_raise_like_torch():
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_bad_masks_raise_like_torch(need_weights):
     """An integer key_padding_mask or a mask of the wrong shape raises a ValueError naming it that is
-    also the exception type torch's module raises (AssertionError / RuntimeError)."""
+    also the exception type torch's module raises (AssertionError / RuntimeError), on the fused path
+    and on torch's (need_weights=True) alike."""
     import fastformer as ff
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 16)
     fm = ff.nn.MultiheadAttention(16, 4, batch_first=True)
     kpm = torch.zeros(2, 6, dtype=torch.long)
+    kw = dict(need_weights=need_weights)
     with pytest.raises(AssertionError, match="key_padding_mask"):
-        fm(x, x, x, key_padding_mask=kpm, need_weights=False)
+        fm(x, x, x, key_padding_mask=kpm, **kw)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        fm(x, x, x, key_padding_mask=kpm.bool()[:, :5], need_weights=False)
+        fm(x, x, x, key_padding_mask=kpm.bool()[:, :5], **kw)
     with pytest.raises(RuntimeError, match="attn_mask"):
-        fm(x, x, x, attn_mask=torch.zeros(6, 5, dtype=torch.bool), need_weights=False)
+        fm(x, x, x, attn_mask=torch.zeros(6, 5, dtype=torch.bool), **kw)
     with pytest.raises(ValueError, match="attn_mask"):
-        fm(x, x, x, attn_mask=torch.zeros(6, 6, dtype=torch.int32), need_weights=False)
+        fm(x, x, x, attn_mask=torch.zeros(6, 6, dtype=torch.int32), **kw)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(S,\)"):
+        fm(x[0], x[0], x[0], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool), **kw)
