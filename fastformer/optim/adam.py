@@ -168,6 +168,10 @@ class FusedAdam(Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+        if master:  # moments loaded from torch's Adam are in the parameter's dtype: master weights keep fp32
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state and state[key].dtype != torch.float32:
+                    state[key] = state[key].to(torch.float32)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         if master and "master_param" not in state:

@@ -210,6 +210,36 @@ def test_master_weights(dtype):
         assert st["master_param"].dtype == F32 and st["exp_avg_sq"].dtype == F32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: pair[0].__name__)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_master_weights_continue_from_torchs_state(dtype, pair, amsgrad):
+    """torch's Adam keeps the moments of a 16-bit parameter in 16 bits; loaded into master_weights=True,
+    they become fp32 state and the steps continue like torch's in fp32 from that state."""
+    ours_cls, torch_cls = pair  # eps 1e-4: torch's default 1e-8 is 0 in fp16, and its fp16 step divides by 0
+    (p,) = make_params([(31, 7)], dtype=dtype, seed=3)
+    theirs = torch_cls([p], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, eps=1e-4)
+    p.grad = torch.randn_like(p)
+    theirs.step()
+    saved = copy.deepcopy(theirs.state_dict())
+    (q,) = clone_params([p])
+    ours = ours_cls([q], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, eps=1e-4, master_weights=True)
+    ours.load_state_dict(copy.deepcopy(saved))
+    (r,) = clone_params([p], F32)  # the reference: torch in fp32 from the same state
+    fp32_state = {k: v.float() if k != "step" else v for k, v in saved["state"][0].items()}
+    ref = torch_cls([r], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, eps=1e-4)
+    ref.load_state_dict({**saved, "state": {0: fp32_state}})
+    for step in range(5):
+        g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(dtype)
+        q.grad, r.grad = g.clone(), g.float()
+        ours.step()
+        ref.step()
+    st = ours.state[q]
+    assert all(st[k].dtype == F32 for k in ("exp_avg", "exp_avg_sq", "master_param"))
+    assert_close(st["master_param"], r, F32, "master")
+    assert torch.equal(q, st["master_param"].to(dtype)), "param is the rounded master"
+
+
 def test_sparse_grad_raises_value_error():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = ff.optim.FusedAdam(emb.parameters())
