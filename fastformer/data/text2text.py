@@ -28,7 +28,7 @@ import torch
 
 from .corpus import DataError
 from .packing import pad_batch
-from .tsv import _read_text
+from .tsv import _fit_to_header, _read_text
 
 INPUT_COLUMNS = (
     "input",
@@ -106,6 +106,7 @@ def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
         else:
             if len(r) <= max(cols):
                 raise DataError(f"{path}: data row {n} has {len(r)} columns, the header names {n_head}")
+            r = _fit_to_header(r, n_head, cols[0])
             inputs.append(r[cols[0]])
             targets.append(r[cols[1]].strip())
         if not targets[-1]:
@@ -118,9 +119,9 @@ def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
 def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
     """Inputs to generate for and, when the file has them, their targets.
 
-    `.tsv`: a header naming the columns (as `read_pairs`), or headerless `input<TAB>target` rows
-    (every row with a tab: the last column is the target), or one input per row. Any other file:
-    one input per non-empty line."""
+    `.tsv`: a header naming the columns (as `read_pairs`; or the input column alone), or headerless
+    `input<TAB>target` rows (every row with a tab: the last column is the target), or one input per
+    row. Any other file: one input per non-empty line."""
     if Path(path).suffix.lower() != ".tsv":
         p = Path(path)
         if not p.is_file():
@@ -132,8 +133,10 @@ def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | Non
     rows = _tsv_rows(path)
     cols = _columns(path, rows[0]) if len(rows[0]) > 1 else None
     targets: list[str] | None
-    if cols is not None:
-        rows = rows[1:]
+    if len(rows[0]) == 1 and rows[0][0].strip().lower() in INPUT_COLUMNS:  # a header naming the input alone
+        inputs, targets = ["\t".join(r) for r in rows[1:]], None
+    elif cols is not None:
+        rows = [_fit_to_header(r, len(rows[0]), cols[0]) for r in rows[1:]]
         inputs = [r[cols[0]] if len(r) > cols[0] else "" for r in rows]
         targets = [r[cols[1]].strip() if len(r) > cols[1] else "" for r in rows]
     elif all(len(r) >= 2 for r in rows):

@@ -2,11 +2,14 @@
 
 A header is recognised when its first row names a text column (sentence, text, sentence1, content,
 review, document) or a label column (label, labels, class, category, target). Without a header the
-last column is the label and everything before it (joined by tabs) the text. Labels may be strings or integers; they are
-mapped to class indices in sorted order (integers numerically), the names kept for reporting.
+last column is the label and everything before it (joined by tabs) the text; with a header, a row
+with more columns than the header has tabs in its text column, which takes the extra ones. Labels
+may be strings or integers; they are mapped to class indices in sorted order (integers numerically),
+each label string kept as it is spelled for reporting.
 
 Files are UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mark; a file with NUL
-bytes and no UTF-16 mark is refused as binary. `read_inputs` reads the texts to predict: a .tsv in
+bytes and no UTF-16 mark is refused as binary, and bytes that are not UTF-8 (a Latin-1 file) are read
+as U+FFFD with a warning naming the file. `read_inputs` reads the texts to predict: a .tsv in
 the same format with the label column optional, any other file one text per non-empty line.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import warnings
 from pathlib import Path
 
 from .corpus import DataError
@@ -34,7 +38,17 @@ def _read_text(p: Path, path) -> str:
         return raw.decode("utf-16", errors="replace")
     if b"\0" in raw[:8192]:
         raise DataError(f"{path}: looks like a binary file (NUL bytes), not tab-separated UTF-8 / UTF-16 text")
-    return raw.decode("utf-8-sig", errors="replace")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        text = raw.decode("utf-8-sig", errors="replace")
+        warnings.warn(
+            f"{path}: not UTF-8 (first bad byte at offset {err.start}); {text.count(chr(0xFFFD))} undecodable "
+            "byte sequence(s) read as U+FFFD. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+            UnicodeWarning,
+            stacklevel=4,
+        )
+        return text
 
 
 def _rows(path) -> list[list[str]]:
@@ -67,6 +81,15 @@ def _header(rows: list[list[str]]) -> tuple[int | None, int | None] | None:
     return text_col, label_col
 
 
+def _fit_to_header(row: list[str], width: int, text_col: int) -> list[str]:
+    """A data row with more fields than its header (`width` columns) had tabs in its text: the text
+    column takes the extra fields back, joined by tabs, and the columns after it shift into place."""
+    extra = len(row) - width
+    if extra <= 0:
+        return row
+    return row[:text_col] + ["\t".join(row[text_col : text_col + extra + 1])] + row[text_col + extra + 1 :]
+
+
 def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     """(texts, raw label strings) of a TSV file. Raises DataError naming the file and the problem."""
     rows = _rows(path)
@@ -79,6 +102,7 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
         if label_col is None:
             raise DataError(f"{path}: header row ({', '.join(head)}) has no label column")
         text_col = 0 if text_col is None else text_col
+        rows = [_fit_to_header(r, len(head), text_col) for r in rows]
     elif max(len(r) for r in rows) < 2:
         raise DataError(f"{path}: no label column (expected text<TAB>label rows)")
     texts, labels = [], []
@@ -116,7 +140,7 @@ def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
         text_col, label_col = header
         if text_col is None:
             raise DataError(f"{path}: header row has no text column")
-        rows = rows[1:]
+        rows = [_fit_to_header(r, len(rows[0]), text_col) for r in rows[1:]]
         texts = [r[text_col] if len(r) > text_col else "" for r in rows]
         labels = None
         if label_col is not None:
@@ -133,9 +157,10 @@ def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
 
 
 def label_vocabulary(*label_lists: list[str]) -> list[str]:
-    """Sorted label names over all lists: numerically when every label is an integer."""
+    """The distinct label strings over all lists, sorted: numerically when every label is an integer
+    ("2" before "10"). Each keeps its spelling ("01" stays "01", and "1" and "01" are two labels)."""
     names = set().union(*map(set, label_lists))
     try:
-        return [str(v) for v in sorted({int(n) for n in names})]
+        return sorted(names, key=lambda n: (int(n), n))
     except ValueError:
         return sorted(names)

@@ -69,6 +69,21 @@ def test_generation_inputs_with_and_without_targets(tmp_path):
     assert read_generation_inputs(_write(tmp_path, "x\ty\n\nsecond line\n", "z.txt")) == (["x\ty", "second line"], None)
     with pytest.raises(DataError, match="no such file"):
         read_generation_inputs(tmp_path / "missing.txt")
+    # a header naming the input column alone is a header, not a text; tabs in a headed row's text stay in it
+    assert read_generation_inputs(_write(tmp_path, "input\napple pie\nsun\n", "h.tsv")) == (["apple pie", "sun"], None)
+    assert read_generation_inputs(_write(tmp_path, "input\ttarget\nNEW\tYORK\tcity\n", "t.tsv")) == (
+        ["NEW\tYORK"],
+        ["city"],
+    )
+    assert read_pairs(_write(tmp_path, "input\ttarget\nNEW\tYORK\tcity\n", "t.tsv")) == (["NEW\tYORK"], ["city"])
+
+
+def test_a_file_that_is_not_utf8_is_read_with_a_warning(tmp_path):
+    p = tmp_path / "latin1.tsv"
+    p.write_bytes("input\ttarget\ncaf\u00e9 au lait\tcaf\u00e9\n".encode("latin-1"))
+    with pytest.warns(UnicodeWarning, match=r"latin1.tsv: not UTF-8 .* 2 undecodable"):
+        inputs, targets = read_pairs(p)
+    assert inputs == ["caf\ufffd au lait"] and targets == ["caf\ufffd"]
 
 
 def test_encode_pairs_truncates_before_eos_and_collator_pads():
