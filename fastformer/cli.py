@@ -252,8 +252,14 @@ CLASSIFY_FIELDS = ("epochs", "min_steps", "val_fraction", "pooling", "tokenizer"
 
 
 def _finetune_kwargs(args) -> dict:
-    """_train_kwargs without the absent TASK_DEFAULTS flags."""
-    return {k: v for k, v in _train_kwargs(args).items() if not (k in TASK_DEFAULTS and v is None)}
+    """_train_kwargs without the absent TASK_DEFAULTS flags; --max-minutes without --steps keeps
+    steps None (a time-budgeted run) instead of the pipeline's step count."""
+    budgeted = args.steps is None and args.max_minutes is not None
+    return {
+        k: v
+        for k, v in _train_kwargs(args).items()
+        if not (k in TASK_DEFAULTS and v is None and not (k == "steps" and budgeted))
+    }
 
 
 def _is_main() -> bool:
@@ -410,6 +416,13 @@ def _finetune(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
     recipe = {k: getattr(args, k) for k in CLASSIFY_FIELDS if getattr(args, k) is not None}
+    if args.steps is None and args.max_minutes is not None:
+        length = [k for k in ("epochs", "min_steps") if k in recipe]
+        if length:
+            raise ValueError(
+                f"--{length[0].replace('_', '-')} sets the run's length in steps, and --max-minutes without "
+                "--steps sets it in time: give one of them (or --steps with --max-minutes as a safety cap)"
+            )
     cfg = FinetuneConfig(
         train=args.train,
         eval=args.eval,
@@ -477,9 +490,11 @@ def _predict(args: argparse.Namespace) -> int:
         )
     else:
         texts, labels = read_inputs(args.input)
-    columns, rows = predict_texts(
-        loaded, texts, batch_size=args.batch_size, device=device, top_k=args.top_k, **generation
-    )
+    if args.top_k is not None:
+        if loaded.kind != "mlm":
+            raise ValueError(f"--top-k applies to masked language models; {args.model} holds a {loaded.kind} model")
+        generation["top_k"] = args.top_k
+    columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, **generation)
     write_predictions(columns, rows, args.output)
     acc = accuracy(rows, labels) if labels and loaded.kind == "classifier" else None
     note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
@@ -506,6 +521,14 @@ def _export(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--hf {out} is not empty: choose another --hf, or add --overwrite to write over it")
     loaded = load(args.model)
+    max_len = generation = None
+    if loaded.kind == "seq2seq":  # what predict would use: the run's settings, or a span folder's defaults
+        from fastformer.train.text2text import generation_settings
+
+        max_len, generation = generation_settings(loaded.config)
+    else:
+        train = loaded.config.get("train") or {}
+        max_len = loaded.config.get("max_len") or train.get("max_len") or train.get("seq_len")
     try:
         import transformers
 
@@ -519,7 +542,8 @@ def _export(args: argparse.Namespace) -> int:
                 out,
                 tokenizer=loaded.tokenizer,
                 labels=loaded.labels,
-                generation=loaded.config.get("generation"),
+                generation=generation,
+                max_len=max_len,
             )
     except ValueError as e:
         if str(e).startswith("--hf"):
@@ -627,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
         fin,
         "steps",
         help=f"optimizer steps (default: --epochs passes over the training labels, at least "
-        f"--min-steps; {Text2TextConfig.steps} for --task text2text)",
+        f"--min-steps; {Text2TextConfig.steps} for --task text2text; with --max-minutes alone: as many as the "
+        "time budget allows)",
     )
     _task_default(
         fin,
@@ -644,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     _task_default(
         fin,
         "max_minutes",
-        help="stop (with a checkpoint) after this many minutes of training in this session; a fine-tuning "
-        "run's length and schedule come from its epochs or --steps",
+        help="time budget: alone (no --steps), warmup and decay of the learning rate are spread over these "
+        "minutes instead of --epochs / the text2text step count; with --steps, a safety cap (stop with a "
+        "checkpoint)",
     )
     cls = fin.add_argument_group("classification (--task classify)")
     cls.add_argument(
@@ -748,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("--output", default=None, metavar="FILE", help="TSV (or .jsonl) output; default stdout")
     prd.add_argument("--batch-size", type=int, default=32)
     prd.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
-    prd.add_argument("--top-k", type=int, default=5, help="MLM: candidates listed per [MASK] (default 5)")
+    prd.add_argument("--top-k", type=int, default=None, help="MLM: candidates listed per [MASK] (default 5)")
     prd.add_argument("--num-beams", type=int, default=None, help="text-to-text: beams (default: the run's setting)")
     prd.add_argument(
         "--max-new-tokens",

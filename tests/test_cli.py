@@ -180,6 +180,45 @@ def test_finetune_from_scratch_headerless_string_labels_learns(files):
     assert ev["accuracy"] > 0.75, ev  # one sentiment word per sentence decides the label
 
 
+def test_finetune_max_minutes_alone_is_a_time_budget(files, capsys):
+    """--max-minutes without --steps: warmup and decay follow the clock and the run ends at lr 0;
+    --epochs with it is refused (two lengths), and --steps 0 is refused like pretrain's."""
+    ft = files["dir"] / "budget"
+    base = ["finetune", "--train", str(files["train_s"]), "--eval", str(files["eval_s"]), "--model", "bert-tiny"]
+    base += ["--batch-size", "16", "--device", "cpu", "--no-progress", "--threads", "1"]
+    assert main(base + ["--max-minutes", "0.1", "--out", str(ft)]) == 0
+    lrs = [json.loads(x)["lr"] for x in (ft / "metrics.jsonl").read_text().splitlines()]
+    ev = json.loads((ft / "eval.json").read_text())
+    # the last step's lr was set just before the budget ran out: near zero, not exactly (a step-based
+    # run of the recipe would still be at its peak rate after the first epoch)
+    assert ev["steps"] >= 4 and lrs[0] < max(lrs) and lrs[-1] <= 0.1 * max(lrs), lrs
+    config = (ft / "config.json").read_text()
+    assert json.loads(config)["train"]["steps"] is None
+    capsys.readouterr()
+    # --resume with fewer --steps than the run has done: refused before config.json is rewritten
+    err = _error_line(capsys, ["finetune", "--out", str(ft), "--resume", "--steps", "1", "--no-progress"])
+    assert f"has already done {ev['steps']} steps" in err and (ft / "config.json").read_text() == config
+    # --resume where there is no run: said so, not "finetune needs --train"
+    assert "--resume: no checkpoint in" in _error_line(capsys, ["finetune", "--out", str(ft / "none"), "--resume"])
+    assert "--epochs sets the run's length" in _error_line(capsys, base + ["--max-minutes", "1", "--epochs", "2"])
+    assert "--steps must be at least 1" in _error_line(capsys, base + ["--steps", "0"])
+
+
+def test_header_files_with_tabs_in_the_text_and_label_spellings(files):
+    """With a header, a row with more columns than the header has tabs in its text (the label is
+    still the label column); labels keep their spelling ("01" is not "1")."""
+    from fastformer.data.tsv import label_vocabulary, read_inputs, read_tsv
+
+    p = files["dir"] / "tabs.tsv"
+    p.write_text("text\tlabel\nNEW\tYORK rises\t01\nplain text\t10\n")
+    assert read_tsv(p) == (["NEW\tYORK rises", "plain text"], ["01", "10"])
+    assert read_inputs(p) == (["NEW\tYORK rises", "plain text"], ["01", "10"])
+    q = files["dir"] / "label_first.tsv"
+    q.write_text("label\tsentence\npos\ta\tb\nneg\tc\n")
+    assert read_tsv(q) == (["a\tb", "c"], ["pos", "neg"])
+    assert label_vocabulary(["10", "2", "01", "1"]) == ["01", "1", "2", "10"]
+
+
 def test_info_runs():
     r = _run("info", timeout=60)
     assert r.returncode == 0 and "fastformer" in r.stdout and "torch" in r.stdout

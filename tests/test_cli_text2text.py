@@ -333,6 +333,16 @@ def test_span_pretrained_folder_predicts_and_exports(tmp_path):
     assert cols == ["input", "prediction"] and [r["input"] for r in rows] == ["the cat sat", "a dog ran far"]
     assert main(["export", "--model", str(pre), "--hf", str(tmp_path / "hf")]) == 0
     _hf_matches_ours(loaded.model, tmp_path / "hf", ["the cat sat on a mat", "dog"], 6, from_config=False)
+    # predict's settings for a span folder travel with it: at most 64 new tokens, inputs cut at --seq-len
+    gen_cfg = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert gen_cfg["max_new_tokens"] == 64 and tok_cfg["model_max_length"] == 32
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    long_text = " ".join(["the cat sat on a mat"] * 20)
+    batch = hf_tok([long_text], return_tensors="pt", truncation=True)
+    ours = loaded.tokenizer.encode(long_text).ids[:31] + [loaded.tokenizer.token_to_id("</s>")]
+    assert batch["input_ids"][0].tolist() == ours
 
 
 def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
@@ -406,3 +416,6 @@ def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     (d / "notes").mkdir()
     (d / "notes" / "mine.txt").write_text("keep")
     assert "not empty" in _error_line(capsys, ft[:-1] + [str(d / "notes"), "--task", "text2text"])
+    # --resume of a folder without a run says so (not "needs --train FILE.tsv")
+    err = _error_line(capsys, ["finetune", "--task", "text2text", "--out", str(d / "none"), "--resume"])
+    assert "--resume: no checkpoint in" in err

@@ -416,9 +416,10 @@ def to_hf(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 
-def _hf_tokenizer(tokenizer, model: nn.Module):
+def _hf_tokenizer(tokenizer, model: nn.Module, max_len: int | None = None):
     """A transformers PreTrainedTokenizerFast over a copy of `tokenizer` (a tokenizers.Tokenizer) that
-    frames a text as fastformer does: `[CLS] text [SEP]` for BERT, `text </s>` for T5."""
+    frames a text as fastformer does: `[CLS] text [SEP]` for BERT, `text </s>` for T5. max_len (special
+    tokens included) becomes its model_max_length, where `truncation=True` cuts."""
     from tokenizers import Tokenizer, processors
 
     tf = _transformers()
@@ -432,11 +433,13 @@ def _hf_tokenizer(tokenizer, model: nn.Module):
             "mask_token": "[MASK]",
         }
         single, pair, framing = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ("[CLS]", "[SEP]")
-        extra = {"model_max_length": model.config.max_position}
+        extra = {"model_max_length": min(max_len or model.config.max_position, model.config.max_position)}
     else:
         need = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
         single, pair, framing = "$A </s>", "$A </s> $B </s>", ("</s>",)
         extra = {"model_input_names": ["input_ids", "attention_mask"]}
+        if max_len:
+            extra["model_max_length"] = max_len
     missing = [t for t in need.values() if tok.token_to_id(t) is None]
     if missing:
         raise ValueError(f"tokenizer: lacks the special token(s) {missing} that {type(model).__name__} expects")
@@ -446,15 +449,17 @@ def _hf_tokenizer(tokenizer, model: nn.Module):
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
 
 
-def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generation=None) -> nn.Module:
+def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generation=None, max_len=None) -> nn.Module:
     """Write `model` as a Hugging Face folder: `to_hf(model).save_pretrained(out_dir)`, and with a
     `tokenizers.Tokenizer` also the tokenizer (`AutoTokenizer.from_pretrained(out_dir)` then encodes a
     text exactly as fastformer's training did). `labels` (class names in logit order) become the
     config's id2label / label2id. `generation` (an encoder-decoder's `max_new_tokens`, `num_beams`,
     `length_penalty`, `no_repeat_ngram_size`, `encoder_repetition_penalty`) becomes the defaults of
     `generation_config.json`, so that `generate` without arguments decodes as fastformer's run did.
+    `max_len` (the run's input tokens, special tokens included) becomes the tokenizer's
+    model_max_length: `tokenizer(texts, truncation=True)` then cuts inputs where fastformer's did.
     Returns the transformers model. Raises ValueError for a model `to_hf` does not support."""
-    hf_tok = _hf_tokenizer(tokenizer, model) if tokenizer is not None else None
+    hf_tok = _hf_tokenizer(tokenizer, model, max_len) if tokenizer is not None else None
     hf = to_hf(model)
     if labels:
         hf.config.id2label = {i: str(n) for i, n in enumerate(labels)}

@@ -171,8 +171,12 @@ def generate(
         raise ValueError(
             f"num_return_sequences must be an int in [1, num_beams={num_beams}], got {num_return_sequences!r}"
         )
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
-        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    if (
+        isinstance(length_penalty, bool)
+        or not isinstance(length_penalty, (int, float))
+        or not math.isfinite(length_penalty)
+    ):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
     p = check_encoder_repetition_penalty(encoder_repetition_penalty)
@@ -185,6 +189,9 @@ def generate(
     for name, ids in (("eos_token_id", eos), ("pad_token_id", [pad]), ("decoder_start_token_id", [start])):
         if any(not 0 <= i < V for i in ids):
             raise ValueError(f"{name} {ids if len(ids) > 1 else ids[0]} is outside the vocabulary [0, {V})")
+    lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync; an embedding lookup would fail deep inside
+    if lo < 0 or hi >= V:
+        raise ValueError(f"input_ids hold {lo if lo < 0 else hi}, outside the vocabulary [0, {V})")
     was_training = model.training
     model.eval()
     try:

@@ -8,7 +8,8 @@ metrics.jsonl, checkpoint.pt, loss.png and at the end eval.json (accuracy, eval 
 
 The recipe that works out of the box from a hundred labels to tens of thousands (docs/training.md):
 - length in epochs, not steps: `epochs` passes over the training labels, but at least `min_steps`
-  optimizer steps (a few hundred examples need many passes); `steps` overrides both;
+  optimizer steps (a few hundred examples need many passes); `steps` overrides both, and so does
+  `max_minutes` without `steps` (a time-budgeted run: the schedule follows the elapsed time);
 - warmup (6% of the steps) then linear decay, one learning rate for pre-trained and random weights;
 - model selection on a held-out slice of the *training* file (`val_fraction`, stratified by label):
   evaluated once per epoch, the weights with the best held-out accuracy (ties: lower loss) are kept,
@@ -70,8 +71,13 @@ class FinetuneConfig(TrainConfig):
         # steps None is resolved from the data size in finetune(); validate the rest meanwhile
         # (with a placeholder that no --warmup-steps exceeds: the Trainer validates the planned steps again;
         # and lr None is resolved from the model's width)
-        TrainConfig.validate(_replace(self, steps=self.steps or 2**31, lr=self.lr or BASE_LR))
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        steps = None if self.budgeted else (self.steps or 2**31)
+        TrainConfig.validate(_replace(self, steps=steps, lr=self.lr or BASE_LR))
         if not self.train or not self.eval:
+            if self.resume:  # no finetune run in --out to take them from: say what is there
+                prepare_out_dir(self.out_dir, run="finetune", resume=True, overwrite=False)
             raise ValueError("finetune needs --train FILE.tsv and --eval FILE.tsv")
         if self.max_len < 8:
             raise ValueError(f"--max-len must be at least 8 tokens, got {self.max_len}")
@@ -182,7 +188,7 @@ def prepare_finetune_out(cfg: TrainConfig, info: D.DistInfo) -> Path:
             f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
             "pre-trained checkpoint and metrics; choose another --out"
         )
-    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
+    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main, steps=cfg.steps)
     D.barrier(info)  # every rank has checked --out before rank 0 writes
     return out
 
@@ -220,21 +226,17 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             stacklevel=3,
         )
 
-    def to_ids(labels, path):
-        out = []
-        for lab in labels:
-            key = lab if lab in index else (str(int(lab)) if lab.lstrip("-").isdigit() else lab)
-            if key not in index:
-                raise DataError(f"{path}: label {lab!r} cannot be matched to the label list {names}")
-            out.append(index[key])
-        return torch.tensor(out, dtype=torch.int64)
+    def to_ids(labels):
+        return torch.tensor([index[lab] for lab in labels], dtype=torch.int64)
 
-    y_train, y_eval = to_ids(train_labels, cfg.train), to_ids(eval_labels, cfg.eval)
+    y_train, y_eval = to_ids(train_labels), to_ids(eval_labels)
     fit_idx, val_idx = heldout_split(y_train.tolist(), cfg.val_fraction, cfg.seed)
     if len(fit_idx) < 2:
         val_idx, fit_idx = [], list(range(len(y_train)))
     steps, per_epoch = planned_steps(len(fit_idx), cfg, info.world)
-    eval_every = cfg.eval_every or (max(per_epoch, math.ceil(steps / 50)) if val_idx else 0)
+    if cfg.budgeted:  # --max-minutes alone: the time budget is the run's length, not the epochs
+        steps = None
+    eval_every = cfg.eval_every or (max(per_epoch, math.ceil((steps or 0) / 50)) if val_idx else 0)
     cfg = _replace(cfg, steps=steps, eval_every=eval_every)
 
     from tokenizers import Tokenizer

@@ -17,6 +17,7 @@ and the command does not change.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -61,7 +62,7 @@ def _pad_id(tok) -> int:
 
 @torch.no_grad()
 def classify(
-    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu", **_
+    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu"
 ) -> tuple[list[str], list[dict]]:
     """Label and class probabilities of each text, encoded as fine-tuning encoded it."""
     from .objectives import get_objective
@@ -100,7 +101,7 @@ _MASK_RE = re.compile(r"\[mask\]", re.IGNORECASE)
 
 @torch.no_grad()
 def fill_mask(
-    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu", top_k: int = 5, **_
+    loaded, texts: list[str], *, batch_size: int = 32, device: torch.device | str = "cpu", top_k: int = 5
 ) -> tuple[list[str], list[dict]]:
     """Each [MASK] of each text replaced by the most likely token; `predictions` holds the top_k
     tokens with their probabilities for every mask, in order."""
@@ -175,7 +176,6 @@ def generate_text(
     no_repeat_ngram_size: int | None = None,
     encoder_repetition_penalty: float | None = None,
     max_len: int | None = None,
-    **_,
 ) -> tuple[list[str], list[dict]]:
     """The generated text for each input, encoded as text-to-text fine-tuning encoded it; generation
     settings default to the folder's (`config.json` "generation"; a span pre-training folder, which
@@ -228,7 +228,13 @@ def predict_texts(
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if device is None:
         device = next(loaded.model.parameters()).device
-    return PREDICTORS[loaded.kind](loaded, texts, batch_size=batch_size, device=device, **options)
+    predictor = PREDICTORS[loaded.kind]
+    known = inspect.signature(predictor).parameters
+    for name in options:
+        if name not in known:
+            takes = sorted(k for k, p in known.items() if p.kind is p.KEYWORD_ONLY)
+            raise ValueError(f"{name} does not apply to {loaded.kind} models (they take {', '.join(takes)})")
+    return predictor(loaded, texts, batch_size=batch_size, device=device, **options)
 
 
 def _cell(v) -> str:

@@ -100,7 +100,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
             f"({', '.join(fits)}); leave --model out for {obj.default_model}"
         )
     out = Path(cfg.out_dir)
-    prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main)
+    prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main, steps=cfg.steps)
     if cfg.resume and not (out / "tokenizer.json").is_file():
         raise CheckpointError(f"--resume: no tokenizer.json in {out}")
     D.barrier(info)  # every rank has checked --out before rank 0 writes

@@ -94,10 +94,14 @@ def _entries(folder: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
-def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool, main: bool = True) -> None:
+def prepare_out_dir(
+    out: str | Path, *, run: str, resume: bool, overwrite: bool, main: bool = True, steps: int | None = None
+) -> None:
     """Check that `run` ("pretrain" | "finetune") may write into `out`; with overwrite, remove the files
-    of the run that was there (only on the main process). Raises OutputError / CheckpointError with one
-    line that names the folder and the ways out."""
+    of the run that was there (only on the main process). With resume, `steps` (the run's length, None
+    for a time budget) must not be below the checkpoint's step: checked here, before config.json is
+    written again. Raises OutputError / CheckpointError with one line that names the folder and the
+    ways out."""
     from .checkpoint import CheckpointError
 
     out = Path(out)
@@ -122,6 +126,15 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
             raise CheckpointError(f"--resume: no checkpoint in {out}")
         if kind not in (run, None):
             raise CheckpointError(f"--resume: {out} holds a {kind} run, not a {run} run")
+        if steps is not None:
+            from .checkpoint import load_checkpoint
+
+            done = int(load_checkpoint(out / CHECKPOINT_NAME).get("step", 0))
+            if done > steps:
+                raise OutputError(
+                    f"--steps {steps}: the run in {out} has already done {done} steps; give --steps {done} "
+                    "or more to continue it"
+                )
         return
     entries = _entries(out)
     if not entries:

@@ -51,7 +51,7 @@ from .finetune import prepare_finetune_out
 from .metrics import plot_loss, read_metrics
 from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
-from .run_dir import FastformerWarning, make_out_dir, write_file, writing
+from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
 from .text_metrics import exact_match, rouge
 from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
@@ -101,6 +101,8 @@ class Text2TextConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if not self.train or not self.eval:
+            if self.resume:  # no finetune run in --out to take them from: say what is there
+                prepare_out_dir(self.out_dir, run="finetune", resume=True, overwrite=False)
             raise ValueError("finetune needs --train FILE.tsv and --eval FILE.tsv")
         if self.task != TASK:
             raise ValueError(f"--task {self.task}: this pipeline fine-tunes text-to-text (--task {TASK})")
@@ -250,6 +252,9 @@ def generate_texts(
 
     Inputs are encoded as fine-tuning encodes them (tokens, cut to max_len - 1, then EOS). progress:
     a progress bar; log: without one, called with a line about every tenth of the inputs."""
+    for name, v, least in (("max_len", max_len, 2), ("batch_size", batch_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
     cfg = model.config
     device = device or next(model.parameters()).device
     enc = [

@@ -322,6 +322,11 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
+        if self.cfg.steps is not None and self.step > self.cfg.steps:
+            raise ValueError(
+                f"--steps {self.cfg.steps}: the run in {self.out} has already done {self.step} steps; "
+                f"give --steps {self.step} or more to continue it"
+            )
         self._saved_step = self.step
         progress = ck.get("progress") or {}  # absent in older checkpoints: this session only
         self._seconds_before = float(progress.get("seconds", 0.0))

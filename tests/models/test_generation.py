@@ -172,6 +172,8 @@ def test_generate_restores_training_mode_and_keeps_weights():
         (dict(encoder_repetition_penalty=-1.5), "encoder_repetition_penalty"),
         (dict(encoder_repetition_penalty=float("inf")), "encoder_repetition_penalty"),
         (dict(encoder_repetition_penalty=True), "encoder_repetition_penalty"),
+        (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
+        (dict(num_beams=2, length_penalty=float("inf")), "length_penalty must be a finite number"),
     ],
 )
 def test_bad_arguments_raise_value_error(bad, match):
@@ -187,6 +189,10 @@ def test_bad_inputs_raise_value_error():
         m.generate(torch.randn(2, 5))
     with pytest.raises(ValueError, match="attention_mask"):
         m.generate(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"input_ids hold 23, outside the vocabulary \[0, 23\)"):
+        m.generate(torch.tensor([[4, 23]]))
+    with pytest.raises(ValueError, match="input_ids hold -1"):
+        m.generate(torch.tensor([[-1, 4]]))
 
 
 def test_kv_cache_grows_and_reorders():

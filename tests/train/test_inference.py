@@ -80,6 +80,14 @@ def test_fill_mask_uses_the_mlm_head(runs):
     assert rows[0]["filled"] == f"the cat {word} the ball ."
 
 
+def test_an_option_the_predictor_does_not_take_is_refused_by_name(runs):
+    """A misspelt or foreign option is an error, not silently dropped (the CLI refuses the same flags)."""
+    with pytest.raises(ValueError, match="num_beams does not apply to classifier models"):
+        predict_texts(ff.models.load(runs / "ft"), ["a"], num_beams=4)
+    with pytest.raises(ValueError, match="topk does not apply to mlm models .*top_k"):
+        predict_texts(ff.models.load(runs / "pre"), ["a [MASK]"], topk=3)
+
+
 def test_a_kind_without_predictor_is_refused_by_name(runs, monkeypatch):
     loaded = ff.models.load(runs / "pre")
     monkeypatch.delitem(PREDICTORS, "mlm")
