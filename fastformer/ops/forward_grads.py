@@ -5,16 +5,19 @@ forward pass, for a grad_output of 1, so that backward only has to scale them. T
 behave like any autograd op:
 
 - The buffers are saved tensors (`ctx.save_for_backward`), so autograd frees them after a backward
-  that does not retain the graph, and keeps them for one that does. A plain attribute would keep
-  them alive for as long as the caller holds the loss.
+  that does not retain the graph, and keeps them for one that does. Nothing else holds them: a plain
+  attribute would keep them alive for as long as the caller holds the loss.
 - The first backward scales them in place (no copy: the memory saving of making them in forward).
   A later backward through a retained graph (`loss.backward(retain_graph=True)` twice, or
-  `torch.autograd.grad(loss, ..., retain_graph=True)` and then `loss.backward()`) gets new tensors,
-  scaled by g_now / g_first. The tensors handed out by the first backward are not touched again.
-  Under saved-tensor hooks (`torch.autograd.graph.save_on_cpu`) an unpack is a fresh copy of what
-  forward saved, unscaled: a mark on the tensor the first backward scaled tells the two apart.
+  `torch.autograd.grad(loss, ..., retain_graph=True)` and then `loss.backward()`) returns new
+  tensors, the saved ones times g_now / g_first; the saved ones are not changed again. Under
+  saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`) an unpack may be a fresh copy of
+  what forward saved, unscaled: a mark on the tensor the first backward scaled tells the two apart.
 
-Only case that cannot be served: the first grad_output had zeros, which wiped those rows in place.
+Refused (RuntimeError, saying why): a first grad_output with zeros or non-finite entries (the rows
+it scaled cannot be recovered), and a saved gradient changed since the first backward returned it
+(autograd may hand that very tensor to a leaf input as its .grad, and accumulating into that .grad
+changes it). With 16-bit buffers a later backward also carries the first backward's rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ def save(ctx, *grads: torch.Tensor | None) -> None:
     """Keep the forward-made gradients (None for an input that needs none) for backward."""
     ctx.save_for_backward(*grads)
     ctx.first_grad_out = None
-    ctx.later = None
 
 
 def _unpack(ctx, op: str) -> tuple[torch.Tensor | None, ...]:
@@ -42,41 +44,37 @@ def _unpack(ctx, op: str) -> tuple[torch.Tensor | None, ...]:
             raise
         raise RuntimeError(
             f"{op}: a second backward through the same graph needs the gradient the first backward "
-            "returned, and that tensor was modified in place since (it became a leaf's .grad, which "
-            "was then zeroed or clipped in place); compute the loss again"
+            "returned, and that tensor was changed since: autograd made it a leaf input's .grad, which "
+            "was then accumulated into (another backward) or changed in place; compute the loss again"
         ) from err
 
 
 def scaled(ctx, g: torch.Tensor, scale_: Scaler, op: str) -> tuple[torch.Tensor | None, ...]:
     """The saved gradients times g. g: float32 grad_output, one element or one per row;
     scale_(t, factor) multiplies t by factor in place and returns t."""
-    if ctx.later is None:
-        grads = _unpack(ctx, op)
-        if ctx.first_grad_out is None:  # the first backward
-            ctx.first_grad_out = g.detach().clone()
-            for t in grads:
-                if t is not None:
-                    # through .data: scaling in place must not bump the saved tensor's version counter,
-                    # or a second backward through a retained graph would be refused as an in-place change
-                    scale_(t.data, g)
-                    t._ff_scaled_in_place = True  # kept on the tensor for as long as autograd holds it
-            return grads
-        # a later backward (the graph was retained): a private copy of each gradient and the factor it
-        # carries, since the first backward's tensors may now be a leaf's .grad, accumulated into
-        first = ctx.first_grad_out
-        later = []
+    grads = _unpack(ctx, op)
+    first = ctx.first_grad_out
+    if first is None:  # the first backward: no host sync here (CUDA graph capture)
+        ctx.first_grad_out = g.detach().clone()
         for t in grads:
-            if t is None:
-                later.append(None)
-            elif getattr(t, "_ff_scaled_in_place", False):
-                if bool((first == 0).any()):
-                    raise RuntimeError(
-                        f"{op}: a second backward through the same graph needs the gradient made in forward, "
-                        "but the first backward's grad_output had zeros and scaled it to zero in place; "
-                        "compute the loss again"
-                    )
-                later.append((t.clone(), first))
-            else:  # a fresh tensor from a saved-tensor hook (save_on_cpu, ...): as forward made it
-                later.append((t.clone(), None))
-        ctx.later = tuple(later)
-    return tuple(None if e is None else scale_(e[0].clone(), g if e[1] is None else g / e[1]) for e in ctx.later)
+            if t is not None:
+                # through .data: scaling in place must not bump the saved tensor's version counter,
+                # or a second backward through a retained graph would be refused as an in-place change
+                scale_(t.data, g)
+                t._ff_scaled_in_place = True  # kept on the tensor for as long as autograd holds it
+        return grads
+    # a later backward through the retained graph: new tensors, the saved ones are left as they are
+    if any(t is not None and getattr(t, "_ff_scaled_in_place", False) for t in grads):
+        if not bool(torch.isfinite(first).all() and (first != 0).all()):
+            raise RuntimeError(
+                f"{op}: a second backward through the same graph needs the gradient made in forward, but the "
+                "first backward's grad_output had zero or non-finite entries and scaled it in place; "
+                "compute the loss again"
+            )
+    out = []
+    for t in grads:
+        if t is None:
+            out.append(None)
+        else:  # scaled by the first grad_output, or a fresh unscaled copy from a saved-tensor hook
+            out.append(scale_(t.clone(), g / first if getattr(t, "_ff_scaled_in_place", False) else g))
+    return tuple(out)
