@@ -416,7 +416,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
     recipe = {k: getattr(args, k) for k in CLASSIFY_FIELDS if getattr(args, k) is not None}
-    if args.steps is None and args.max_minutes is not None:
+    if args.steps is None and args.max_minutes is not None and not args.resume:  # (a resumed run's own values)
         length = [k for k in ("epochs", "min_steps") if k in recipe]
         if length:
             raise ValueError(
@@ -526,9 +526,8 @@ def _export(args: argparse.Namespace) -> int:
         from fastformer.train.text2text import generation_settings
 
         max_len, generation = generation_settings(loaded.config)
-    else:
-        train = loaded.config.get("train") or {}
-        max_len = loaded.config.get("max_len") or train.get("max_len") or train.get("seq_len")
+    elif loaded.kind == "classifier":  # predict cuts at the fine-tuning --max-len (MLM: the model's positions)
+        max_len = loaded.config.get("max_len")
     try:
         import transformers
 

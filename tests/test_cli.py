@@ -198,6 +198,8 @@ def test_finetune_max_minutes_alone_is_a_time_budget(files, capsys):
     # --resume with fewer --steps than the run has done: refused before config.json is rewritten
     err = _error_line(capsys, ["finetune", "--out", str(ft), "--resume", "--steps", "1", "--no-progress"])
     assert f"has already done {ev['steps']} steps" in err and (ft / "config.json").read_text() == config
+    # the budgeted run resumes with its own settings (its recorded epochs are not "given")
+    assert main(["finetune", "--out", str(ft), "--resume", "--no-progress"]) == 0
     # --resume where there is no run: said so, not "finetune needs --train"
     assert "--resume: no checkpoint in" in _error_line(capsys, ["finetune", "--out", str(ft / "none"), "--resume"])
     assert "--epochs sets the run's length" in _error_line(capsys, base + ["--max-minutes", "1", "--epochs", "2"])
@@ -213,6 +215,9 @@ def test_header_files_with_tabs_in_the_text_and_label_spellings(files):
     p.write_text("text\tlabel\nNEW\tYORK rises\t01\nplain text\t10\n")
     assert read_tsv(p) == (["NEW\tYORK rises", "plain text"], ["01", "10"])
     assert read_inputs(p) == (["NEW\tYORK rises", "plain text"], ["01", "10"])
+    trailing = files["dir"] / "trailing.tsv"
+    trailing.write_text("sentence\tlabel\ngood movie\tpos\t\nbad\tneg\n")
+    assert read_tsv(trailing) == (["good movie", "bad"], ["pos", "neg"])  # a trailing tab is no text tab
     q = files["dir"] / "label_first.tsv"
     q.write_text("label\tsentence\npos\ta\tb\nneg\tc\n")
     assert read_tsv(q) == (["a\tb", "c"], ["pos", "neg"])
@@ -678,6 +683,11 @@ def test_predict_and_export_what_was_trained(files, capsys):
     assert main(["export", "--model", str(ft), "--hf", str(d / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(d / "hf"))
     assert "not empty" in _error_line(capsys, ["export", "--model", str(ft), "--hf", str(d / "hf")])
+    # the tokenizer cuts (truncation=True) where predict does: the classifier's --max-len, an MLM's positions
+    assert json.loads((d / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == cfg["max_len"]
+    assert main(["export", "--model", str(pre), "--hf", str(d / "hf_mlm")]) == 0
+    positions = json.loads((pre / "config.json").read_text())["model_config"]["max_position"]
+    assert json.loads((d / "hf_mlm" / "tokenizer_config.json").read_text())["model_max_length"] == positions
 
 
 def test_help_lists_the_registered_objectives_and_presets(monkeypatch, capsys):

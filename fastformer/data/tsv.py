@@ -84,6 +84,8 @@ def _header(rows: list[list[str]]) -> tuple[int | None, int | None] | None:
 def _fit_to_header(row: list[str], width: int, text_col: int) -> list[str]:
     """A data row with more fields than its header (`width` columns) had tabs in its text: the text
     column takes the extra fields back, joined by tabs, and the columns after it shift into place."""
+    while len(row) > width and not row[-1].strip():  # a trailing tab is not a tab in the text
+        row = row[:-1]
     extra = len(row) - width
     if extra <= 0:
         return row

@@ -9,7 +9,8 @@ metrics.jsonl, checkpoint.pt, loss.png and at the end eval.json (accuracy, eval 
 The recipe that works out of the box from a hundred labels to tens of thousands (docs/training.md):
 - length in epochs, not steps: `epochs` passes over the training labels, but at least `min_steps`
   optimizer steps (a few hundred examples need many passes); `steps` overrides both, and so does
-  `max_minutes` without `steps` (a time-budgeted run: the schedule follows the elapsed time);
+  `max_minutes` without `steps` (a time-budgeted run: the schedule follows the elapsed time, and
+  `epochs` / `min_steps` do not apply; the CLI refuses them together);
 - warmup (6% of the steps) then linear decay, one learning rate for pre-trained and random weights;
 - model selection on a held-out slice of the *training* file (`val_fraction`, stratified by label):
   evaluated once per epoch, the weights with the best held-out accuracy (ties: lower loss) are kept,

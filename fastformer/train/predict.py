@@ -230,8 +230,9 @@ def predict_texts(
         device = next(loaded.model.parameters()).device
     predictor = PREDICTORS[loaded.kind]
     known = inspect.signature(predictor).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in known.values())
     for name in options:
-        if name not in known:
+        if name not in known and not open_ended:
             takes = sorted(k for k, p in known.items() if p.kind is p.KEYWORD_ONLY)
             raise ValueError(f"{name} does not apply to {loaded.kind} models (they take {', '.join(takes)})")
     return predictor(loaded, texts, batch_size=batch_size, device=device, **options)

@@ -88,6 +88,18 @@ def test_an_option_the_predictor_does_not_take_is_refused_by_name(runs):
         predict_texts(ff.models.load(runs / "pre"), ["a [MASK]"], topk=3)
 
 
+def test_a_registered_predictor_with_open_options_gets_them(runs, monkeypatch):
+    seen = {}
+
+    def predictor(loaded, texts, *, batch_size, device, **options):
+        seen.update(options)
+        return ["text"], [{"text": t} for t in texts]
+
+    monkeypatch.setitem(PREDICTORS, "mlm", predictor)
+    predict_texts(ff.models.load(runs / "pre"), ["a"], temperature=0.5)
+    assert seen == {"temperature": 0.5}
+
+
 def test_a_kind_without_predictor_is_refused_by_name(runs, monkeypatch):
     loaded = ff.models.load(runs / "pre")
     monkeypatch.delitem(PREDICTORS, "mlm")
