@@ -377,6 +377,17 @@ def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     err = _error_line(capsys, ft + ["--task", "text2text", "--eval-every", "1", "--eval-generate", "-1"])
     assert "--eval-generate must be >= 0" in err
     assert "not a pretrain output folder" in _error_line(capsys, ft + ["--task", "text2text", "--init", str(tmp_path)])
+    cls_run = tmp_path / "cls_run"  # a classifier's folder as --init: said what it holds
+    cls_run.mkdir()
+    for name in ("tokenizer.json", "checkpoint.pt"):
+        (cls_run / name).write_text("")
+    (cls_run / "config.json").write_text(
+        json.dumps(
+            {"run": "finetune", "task": "classify", "objective": "mlm", "architecture": "BertForSequenceClassification"}
+        )
+    )
+    err = _error_line(capsys, ft + ["--task", "text2text", "--init", str(cls_run)])
+    assert "this folder holds a classify fine-tuning run (BertForSequenceClassification)" in err
     (d / "holes.tsv").write_text("input\ttarget\na b\ta b\nc d\t \n")
     err = _error_line(
         capsys,

@@ -163,9 +163,14 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
                 raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
         pre = _read_config(init / "config.json")
         if pre.get("objective") != "span" and pre.get("task") != TASK:
+            what = (
+                f"a {pre.get('task') or 'classify'} fine-tuning run ({pre.get('architecture')})"
+                if pre.get("run") == "finetune"
+                else f"a {pre.get('objective')!r} pre-training run"
+            )
             raise ValueError(
                 f"--init {init}: text-to-text needs an encoder-decoder (pre-trained with "
-                f"--objective span or fine-tuned text-to-text), this one is {pre.get('objective')!r}"
+                f"--objective span or fine-tuned text-to-text); this folder holds {what}"
             )
         if pre.get("architecture", "T5ForConditionalGeneration") != "T5ForConditionalGeneration":
             raise ValueError(
