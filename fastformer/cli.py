@@ -402,6 +402,10 @@ def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.finetune import FinetuneConfig, finetune
     from fastformer.train.text2text import TEXT2TEXT_FIELDS
 
+    if args.vocab_size is not None and args.init and not args.resume:
+        raise ValueError("--vocab-size goes with --model: an --init folder brings its own tokenizer")
+    args.vocab_size = args.vocab_size if args.vocab_size is not None else FinetuneConfig.vocab_size
+
     if args.task == "text2text":
         given = [k for k in CLASSIFY_FIELDS if getattr(args, k) is not None]
         if given:
@@ -707,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --model: use this tokenizer.json (e.g. a pre-training run's) instead of training one on --train",
     )
     fin.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
-    fin.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size when training from scratch")
+    fin.add_argument(
+        "--vocab-size", type=int, default=None, help="with --model: the size of the tokenizer trained (default 8192)"
+    )
     t2t = fin.add_argument_group("text-to-text (--task text2text)")
     t2t.add_argument(
         "--max-target-len", type=int, default=None, help="target tokens, longer targets are cut (default 64)"
