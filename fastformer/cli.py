@@ -403,7 +403,15 @@ def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.text2text import TEXT2TEXT_FIELDS
 
     if args.vocab_size is not None and args.init and not args.resume:
-        raise ValueError("--vocab-size goes with --model: an --init folder brings its own tokenizer")
+        import warnings
+
+        from fastformer.train.run_dir import FastformerWarning
+
+        warnings.warn(
+            f"--vocab-size {args.vocab_size} is not used: the --init folder brings its own tokenizer",
+            FastformerWarning,
+            stacklevel=2,
+        )
     args.vocab_size = args.vocab_size if args.vocab_size is not None else FinetuneConfig.vocab_size
 
     if args.task == "text2text":
