@@ -453,6 +453,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues_the_run(files, capsys):
     assert f"resume with: fastformer pretrain --out {out} --resume" in err and "Traceback" not in err
     step = _ckpt_step(out)
     assert step >= 3
+    assert (out / "loss.png").is_file()  # the curve so far, next to the checkpoint
     # --resume alone: every setting comes from the run; only --steps changes
     assert main(["pretrain", "--out", str(out), "--resume", "--steps", str(step + 2), "--log-every", "1"]) == 0
     printed = capsys.readouterr().out

@@ -61,16 +61,32 @@ def test_bert_mlm_under_torch_compile():
     assert_close(compiled[0], eager[0], torch.float32, "loss sum")
 
 
-def test_reference_path_compiles_as_one_graph():
-    """Only the kernel paths are opaque: on CPU tensors (the eager reference) the ops still trace into
-    one graph, so fullgraph=True keeps working."""
-    q = torch.randn(1, 2, 8, 16)
-    x, t = torch.randn(6, 10), torch.randint(0, 10, (6,))
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_cpu_paths_compile_as_one_graph(backend):
+    """Only the kernel paths are opaque: on CPU tensors (torch's fused CPU kernels or the eager
+    reference) sdpa, t5_attention, cross_entropy and nn.MultiheadAttention trace into one graph, so
+    fullgraph=True keeps working (README, docs/design.md), forward and backward."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    x, t = torch.randn(6, 10, requires_grad=True), torch.randint(0, 10, (6,))
+    table = torch.randn(32, 2)
+    mha = ff.nn.MultiheadAttention(16, 2, batch_first=True)
 
     def f(q, x, t):
-        return ff.scaled_dot_product_attention(q, q, q, is_causal=True).sum() + ff.cross_entropy(x, t)
+        seq = q[0].transpose(0, 1).reshape(1, 8, 32)[..., :16]
+        return (
+            ff.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+            + ff.t5_attention(q, q, q, table, bidirectional=False).sum()
+            + ff.cross_entropy(x, t)
+            + mha(seq, seq, seq, need_weights=False)[0].sum()
+        )
 
     torch._dynamo.reset()
-    with ff.use_backend("reference"):
-        out = torch.compile(f, backend="eager", fullgraph=True)(q, x, t)
-        assert_close(out, f(q, x, t), torch.float32)
+    with ff.use_backend(backend):
+        out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, x, t)
+        want = f(q, x, t)
+        assert_close(out, want, torch.float32)
+        got_grads = torch.autograd.grad(out, (q, x))
+        want_grads = torch.autograd.grad(want, (q, x))
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w, torch.float32, "gradient")

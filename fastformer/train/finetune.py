@@ -38,7 +38,7 @@ from fastformer.models.presets import canonical_preset, get_preset
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from .metrics import plot_loss
+from .metrics import loss_plot_on_stop, plot_loss
 from .objectives import get_objective, objective_for_preset
 from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
@@ -385,7 +385,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         desc="finetune",
     )
     trainer.selecting = bool(val_idx)
-    result = trainer.train()
+    with loss_plot_on_stop(out, f"fine-tuning, {source}", info.main):
+        result = trainer.train()
     selection = {}
     if val_idx:
         if trainer.best_state is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -76,7 +77,23 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if tr or ev:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def loss_plot_on_stop(out: str | Path, title: str, main: bool = True):
+    """Around `trainer.train()`: a run stopped early (Ctrl-C, SIGTERM, an error) still leaves loss.png
+    with its curve so far, next to the checkpoint it saved; a finished run is plotted by its pipeline."""
+    try:
+        yield
+    except BaseException:
+        if main and (Path(out) / "metrics.jsonl").is_file():
+            try:
+                plot_loss(Path(out) / "metrics.jsonl", Path(out) / "loss.png", title=title)
+            except Exception:  # noqa: BLE001 - the plot must never hide why the run stopped
+                pass
+        raise

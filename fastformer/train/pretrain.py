@@ -25,7 +25,7 @@ from fastformer.models.presets import canonical_preset, get_preset, known_preset
 
 from . import distributed as D
 from .checkpoint import CheckpointError
-from .metrics import plot_loss, read_metrics
+from .metrics import loss_plot_on_stop, plot_loss, read_metrics
 from .objectives import get_objective
 from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
@@ -225,10 +225,12 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         flops_per_token=obj.flops_per_token(model, cfg.seq_len),
         desc=f"pretrain {preset}",
     )
-    result: TrainResult = trainer.train()
+    title = f"{obj.name} pre-training, {preset}"
+    with loss_plot_on_stop(out, title, info.main):
+        result: TrainResult = trainer.train()
     if info.main:
         with writing("--out", out):
-            plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"{obj.name} pre-training, {preset}")
+            plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
     rows = read_metrics(out / "metrics.jsonl") if info.main else []
     first = rows[0]["loss"] if rows else None
     final, tps = result.final_loss, result.tokens_per_s

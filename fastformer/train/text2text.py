@@ -48,7 +48,7 @@ from fastformer.models.t5 import T5_PRESETS, T5Config, T5ForConditionalGeneratio
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from .finetune import prepare_finetune_out
-from .metrics import plot_loss, read_metrics
+from .metrics import loss_plot_on_stop, plot_loss, read_metrics
 from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
@@ -511,7 +511,8 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         desc=f"{TASK} finetune",
         eval_fn=eval_fn,
     )
-    result = trainer.train()
+    with loss_plot_on_stop(out, f"text-to-text fine-tuning, {source}", info.main):
+        result = trainer.train()
     ev = result.eval or trainer.evaluate()
 
     summary = {}
