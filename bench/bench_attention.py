@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, save, time_ms
+from harness import format_table, main, save, time_ms
 
 import fastformer as ff
 from fastformer.kernels import tuning
@@ -337,4 +337,4 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run(quick="--full" not in sys.argv)
+    main(run, __doc__)

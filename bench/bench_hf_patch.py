@@ -29,7 +29,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import format_table, peak_extra_bytes, save, sync, time_ms
+from harness import format_table, main, peak_extra_bytes, save, sync, time_ms
 
 import fastformer as ff
 
@@ -242,4 +242,4 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run(quick="--full" not in sys.argv)
+    main(run, __doc__)
