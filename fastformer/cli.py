@@ -508,7 +508,7 @@ def _predict(args: argparse.Namespace) -> int:
         generation["top_k"] = args.top_k
     columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, **generation)
     write_predictions(columns, rows, args.output)
-    acc = accuracy(rows, labels) if labels and loaded.kind == "classifier" else None
+    acc = accuracy(rows, labels, loaded.labels) if labels and loaded.kind == "classifier" else None
     note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
     if labels and loaded.kind == "seq2seq":
         from fastformer.train.predict import generation_scores

@@ -272,8 +272,10 @@ def write_predictions(columns: list[str], rows: list[dict], output: str | Path |
             tmp.unlink(missing_ok=True)
 
 
-def accuracy(rows: list[dict], labels: list[str]) -> float | None:
-    """Share of rows whose predicted label equals the given one (integers compared as integers)."""
+def accuracy(rows: list[dict], labels: list[str], names: list[str] | None = None) -> float | None:
+    """Share of rows whose predicted label equals the given one. A given label that is not one of the
+    model's label `names` (an older run recorded "1" where the file says "01") is compared as an
+    integer; one that is, by its spelling, as training told the two apart."""
 
     def norm(s):
         s = str(s).strip()
@@ -281,4 +283,10 @@ def accuracy(rows: list[dict], labels: list[str]) -> float | None:
 
     if not rows or "label" not in rows[0]:
         return None
-    return sum(norm(r["label"]) == norm(y) for r, y in zip(rows, labels)) / len(rows)
+    known = set(names or ())
+
+    def same(pred, gold):
+        gold = str(gold).strip()
+        return pred == gold if gold in known else norm(pred) == norm(gold)
+
+    return sum(same(r["label"], y) for r, y in zip(rows, labels)) / len(rows)

@@ -58,6 +58,10 @@ def test_classifier_predictions_are_the_models_softmax(runs):
         assert r["text"] == t and r["label"] == loaded.labels[int(p.argmax())]
         assert r["p_neg"] == pytest.approx(float(p[0]), abs=1e-6) and r["probability"] == pytest.approx(float(p.max()))
     assert accuracy(rows, [r["label"] for r in rows]) == 1.0
+    # labels by spelling when the model knows them ("01" and "1" two classes), else as integers
+    spelled = [{"label": "01"}, {"label": "1"}]
+    assert accuracy(spelled, ["1", "01"], names=["01", "1"]) == 0.0
+    assert accuracy(spelled, ["1", "01"]) == 1.0  # an older run that recorded integers
     tsv = format_rows(cols, rows, jsonl=False).splitlines()
     assert tsv[0] == "text\tlabel\tprobability\tp_neg\tp_pos" and len(tsv) == 4
     assert json.loads(format_rows(cols, rows, jsonl=True).splitlines()[1])["label"] == rows[1]["label"]
