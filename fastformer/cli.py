@@ -254,12 +254,10 @@ CLASSIFY_FIELDS = ("epochs", "min_steps", "val_fraction", "pooling", "tokenizer"
 def _finetune_kwargs(args) -> dict:
     """_train_kwargs without the absent TASK_DEFAULTS flags; --max-minutes without --steps keeps
     steps None (a time-budgeted run) instead of the pipeline's step count."""
-    budgeted = args.steps is None and args.max_minutes is not None
-    return {
-        k: v
-        for k, v in _train_kwargs(args).items()
-        if not (k in TASK_DEFAULTS and v is None and not (k == "steps" and budgeted))
-    }
+    kwargs = {k: v for k, v in _train_kwargs(args).items() if not (k in TASK_DEFAULTS and v is None)}
+    if args.steps is None and args.max_minutes is not None:
+        kwargs["steps"] = None
+    return kwargs
 
 
 def _is_main() -> bool:

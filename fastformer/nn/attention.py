@@ -54,16 +54,20 @@ def _check_inputs(mha: MultiheadAttention, query, key, value) -> None:
             raise ModuleInputError(f"key batch size {key.shape[b]} != query batch size {query.shape[b]}")
 
 
+def _dims(mha: MultiheadAttention, query, key) -> tuple[int, int, int]:
+    """(N, L, S) of a forward's inputs in any of torch's layouts (N = 1 for unbatched ones)."""
+    if query.dim() == 2:
+        return 1, query.shape[0], key.shape[0]
+    if mha.batch_first:
+        return query.shape[0], query.shape[1], key.shape[1]
+    return query.shape[1], query.shape[0], key.shape[0]
+
+
 def _check_masks(mha: MultiheadAttention, query, key, key_padding_mask, attn_mask) -> None:
     """torch's mask checks (AssertionError / RuntimeError there) as MaskError, for either forward path.
     key_padding_mask: (N, S), or (S,) for unbatched inputs; attn_mask: (L, S) or (N·num_heads, L, S)."""
     unbatched = query.dim() == 2
-    if unbatched:
-        N, L, S = 1, query.shape[0], key.shape[0]
-    elif mha.batch_first:
-        N, L, S = query.shape[0], query.shape[1], key.shape[1]
-    else:
-        N, L, S = query.shape[1], query.shape[0], key.shape[0]
+    N, L, S = _dims(mha, query, key)
     H = mha.num_heads
     for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
         if m is not None and not (m.dtype == torch.bool or m.is_floating_point()):
@@ -111,8 +115,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         _check_masks(self, query, key, key_padding_mask, attn_mask if torch_path or not is_causal else None)
         if torch_path:
             if is_causal and attn_mask is None:  # torch needs the explicit mask for need_weights
-                seq_dim = 1 if (self.batch_first and query.dim() == 3) else 0
-                L, S = query.shape[seq_dim], key.shape[seq_dim]
+                _, L, S = _dims(self, query, key)
                 attn_mask = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
             return super().forward(
                 query,

@@ -63,18 +63,13 @@ def scaled(ctx, g: torch.Tensor, scale_: Scaler, op: str) -> tuple[torch.Tensor 
                 scale_(t.data, g)
                 t._ff_scaled_in_place = True  # kept on the tensor for as long as autograd holds it
         return grads
-    # a later backward through the retained graph: new tensors, the saved ones are left as they are
-    if any(t is not None and getattr(t, "_ff_scaled_in_place", False) for t in grads):
-        if not bool(torch.isfinite(first).all() and (first != 0).all()):
-            raise RuntimeError(
-                f"{op}: a second backward through the same graph needs the gradient made in forward, but the "
-                "first backward's grad_output had zero or non-finite entries and scaled it in place; "
-                "compute the loss again"
-            )
-    out = []
-    for t in grads:
-        if t is None:
-            out.append(None)
-        else:  # scaled by the first grad_output, or a fresh unscaled copy from a saved-tensor hook
-            out.append(scale_(t.clone(), g / first if getattr(t, "_ff_scaled_in_place", False) else g))
-    return tuple(out)
+    # a later backward through the retained graph: new tensors, the saved ones are left as they are;
+    # unmarked ones are fresh unscaled copies from a saved-tensor hook
+    marked = [t is not None and getattr(t, "_ff_scaled_in_place", False) for t in grads]
+    if any(marked) and not bool(torch.isfinite(first).all() and (first != 0).all()):
+        raise RuntimeError(
+            f"{op}: a second backward through the same graph needs the gradient made in forward, but the "
+            "first backward's grad_output had zero or non-finite entries and scaled it in place; "
+            "compute the loss again"
+        )
+    return tuple(None if t is None else scale_(t.clone(), g / first if m else g) for t, m in zip(grads, marked))

@@ -84,6 +84,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was written at, read without loading its tensors (memory-mapped); an
+    older format that cannot be mapped is loaded in full."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint says what is wrong with the file
+        state = load_checkpoint(path)
+    return int(state.get("step", 0))
+
+
 # the preset a fine-tuning `source` names: "random init (NAME)", "init DIR (NAME, objective)"
 _SOURCE_PRESET = re.compile(r"\((?P<name>[^(),\s]+)(?P<rest>(, [^()]*)?)\)$")
 

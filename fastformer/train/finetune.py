@@ -385,7 +385,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         desc="finetune",
     )
     trainer.selecting = bool(val_idx)
-    with loss_plot_on_stop(out, f"fine-tuning, {source}", info.main):
+    title = f"fine-tuning, {source}"
+    with loss_plot_on_stop(out, title, info.main):
         result = trainer.train()
     selection = {}
     if val_idx:
@@ -422,7 +423,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     if info.main:
         write_file(out, "eval.json", json.dumps(summary, indent=2))
         with writing("--out", out):
-            plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"fine-tuning, {source}")
+            plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
     return summary
 
 

@@ -94,6 +94,15 @@ def _entries(folder: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+def check_steps_done(steps: int | None, done: int, out: str | Path) -> None:
+    """A resumed run whose --steps is below the `done` steps of its checkpoint: OutputError, one line."""
+    if steps is not None and done > steps:
+        raise OutputError(
+            f"--steps {steps}: the run in {out} has already done {done} steps; give --steps {done} or more "
+            "to continue it"
+        )
+
+
 def prepare_out_dir(
     out: str | Path, *, run: str, resume: bool, overwrite: bool, main: bool = True, steps: int | None = None
 ) -> None:
@@ -127,14 +136,9 @@ def prepare_out_dir(
         if kind not in (run, None):
             raise CheckpointError(f"--resume: {out} holds a {kind} run, not a {run} run")
         if steps is not None:
-            from .checkpoint import load_checkpoint
+            from .checkpoint import checkpoint_step
 
-            done = int(load_checkpoint(out / CHECKPOINT_NAME).get("step", 0))
-            if done > steps:
-                raise OutputError(
-                    f"--steps {steps}: the run in {out} has already done {done} steps; give --steps {done} "
-                    "or more to continue it"
-                )
+            check_steps_done(steps, checkpoint_step(out / CHECKPOINT_NAME), out)
         return
     entries = _entries(out)
     if not entries:

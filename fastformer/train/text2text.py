@@ -511,7 +511,8 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         desc=f"{TASK} finetune",
         eval_fn=eval_fn,
     )
-    with loss_plot_on_stop(out, f"text-to-text fine-tuning, {source}", info.main):
+    title = f"text-to-text fine-tuning, {source}"
+    with loss_plot_on_stop(out, title, info.main):
         result = trainer.train()
     ev = result.eval or trainer.evaluate()
 
@@ -564,7 +565,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         write_file(out, "predictions.tsv", "\n".join(lines) + "\n")
         write_file(out, "eval.json", json.dumps(summary, indent=2))
         with writing("--out", out):
-            plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"text-to-text fine-tuning, {source}")
+            plot_loss(out / "metrics.jsonl", out / "loss.png", title=title)
     D.barrier(info)
     return D.broadcast_object(summary if info.main else None, info)
 

@@ -42,7 +42,7 @@ from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
 from .resources import flush_denormals
-from .run_dir import OutputError, os_error_message, writing
+from .run_dir import OutputError, check_steps_done, os_error_message, writing
 from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
 OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
@@ -322,11 +322,7 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
-        if self.cfg.steps is not None and self.step > self.cfg.steps:
-            raise ValueError(
-                f"--steps {self.cfg.steps}: the run in {self.out} has already done {self.step} steps; "
-                f"give --steps {self.step} or more to continue it"
-            )
+        check_steps_done(self.cfg.steps, self.step, self.out)
         self._saved_step = self.step
         progress = ck.get("progress") or {}  # absent in older checkpoints: this session only
         self._seconds_before = float(progress.get("seconds", 0.0))
