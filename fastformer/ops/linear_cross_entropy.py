@@ -87,8 +87,9 @@ def _ce_rows_torch_(
 
     logits: (c, V), owned by the caller; with want_grad it is overwritten by d loss / d logits (times
     gscale: (c,) or None). target: (c,) class indices (ignore_index rows: loss 0, gradient 0) or
-    (c, V) probabilities. scale: 0-d tensor or float, 1 / #rows for "mean", else 1. Returns fp32 (c,)
-    scaled per-row losses; colsum (V,) fp32, if given, gets the gradient's column sums added. bias
+    (c, V) probabilities. scale: 0-d tensor or float, 1 / #rows for "mean", else 1. Returns (c,) scaled
+    per-row losses in _acc_dtype(logits) (fp32, fp64 for fp64 logits); colsum (V,) in that dtype, if
+    given, gets the gradient's column sums added. bias
     (V,), if given, is added to the logits first, block by block (fp32/fp64 logits only). Works on
     blocks of rows so that the fp32 temporaries stay small."""
     if _cpp_rows_usable(logits, target, gscale, colsum, bias):
@@ -106,7 +107,7 @@ def _ce_rows_torch_(
         )
     c, V = logits.shape
     sub = max(1, TORCH_SUB_ELEMENTS // max(V, 1))
-    out = torch.empty(c, dtype=torch.float32, device=logits.device)
+    out = torch.empty(c, dtype=_acc_dtype(logits), device=logits.device)
     for s in range(0, c, sub):
         e = min(c, s + sub)
         if bias is not None:
@@ -184,7 +185,13 @@ def _ce_block_torch_(
             colsum.add_(xf.sum(dim=0, dtype=colsum.dtype))
         if xf is not logits:
             logits.copy_(xf)
-    return loss.to(torch.float32)
+    return loss.to(_acc_dtype(xf))
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of the loss rows, the 1/count scale and the bias-gradient sums: float64 for float64
+    input (so that float64 gives float64 results), else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _colsum_(acc: torch.Tensor, m: torch.Tensor) -> None:
@@ -243,7 +250,7 @@ def _run_chunks(
 ):
     """The chunk loop shared by forward and the "none" backward. x_k: (n, H) rows; t_k: (n,) class
     indices or (n, V) probabilities; keep: (n,) the rows' indices among all rows, None when x_k holds
-    every row in order. gW: (V, H) in W's dtype (the returned gradient); gb: (V,) fp32."""
+    every row in order. gW: (V, H) in W's dtype (the returned gradient); gb: (V,) in _acc_dtype(x_k)."""
     if use_kernel:
         from ..kernels import cross_entropy_launch as K  # lazily: the CPU path must not need (or load) triton
 
@@ -251,7 +258,7 @@ def _run_chunks(
     want_grad = grad_x is not None or gW is not None or gb is not None
     scale = None
     if not use_kernel:
-        scale = 1.0 / count.clamp_min(1).to(torch.float32) if count is not None else 1.0
+        scale = 1.0 / count.clamp_min(1).to(_acc_dtype(x_k)) if count is not None else 1.0
     # CPU, fp32/fp64: the bias is added inside the CE rows (a pass over the logits either way, but
     # addmm first writes the broadcast bias over the whole chunk, then reads it back in the GEMM)
     late_bias = b is not None and not use_kernel and x_k.dtype in (torch.float32, torch.float64)
@@ -336,7 +343,8 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             count = torch.full((), n, dtype=torch.int64, device=x.device) if reduction == "mean" else None
         chunk = _chunk_rows(n, H, V, x.device, chunk_size, x.element_size())
         need_x, need_W, need_b = needs
-        loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+        acc = _acc_dtype(x)
+        loss_rows = torch.empty(n, dtype=acc, device=x.device)
         ctx.meta = (reduction, eps, z, ignore_index, use_kernel, chunk, N, needs)
         if reduction == "none" or not any(needs):
             _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, loss_rows=loss_rows)
@@ -345,7 +353,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         else:
             grad_x = (torch.zeros_like(x) if keep is not None else torch.empty_like(x)) if need_x else None
             gW = _grad_W(W, n) if need_W else None
-            gb = torch.zeros(V, dtype=torch.float32, device=x.device) if need_b else None
+            gb = torch.zeros(V, dtype=acc, device=x.device) if need_b else None
             _run_chunks(
                 x_k,
                 W,
@@ -368,7 +376,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             out = (
                 loss_rows
                 if keep is None
-                else torch.zeros(N, dtype=torch.float32, device=x.device).index_copy_(0, keep, loss_rows)
+                else torch.zeros(N, dtype=acc, device=x.device).index_copy_(0, keep, loss_rows)
             )
         else:
             out = loss_rows.sum()
@@ -381,13 +389,13 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         if reduction != "none":
             # the gradients were made in forward for grad_output 1: scale them
             grads = forward_grads.scaled(
-                ctx, g.to(torch.float32), lambda t, f: _scale_(t, f, use_kernel), "ff.linear_cross_entropy"
+                ctx, g.to(_acc_dtype(g)), lambda t, f: _scale_(t, f, use_kernel), "ff.linear_cross_entropy"
             )
             return (*grads, None, None, None, None, None, None, None, None)
         x_k, W, b, t_k, keep = ctx.saved_tensors
         count = ctx.count
         g = g.reshape(-1)
-        gscale = (g if keep is None else g.index_select(0, keep)).to(torch.float32).contiguous()
+        gscale = (g if keep is None else g.index_select(0, keep)).to(_acc_dtype(x_k)).contiguous()
         grad_x = None
         if need_x:
             grad_x = (
@@ -396,7 +404,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 else torch.empty((N, x_k.shape[1]), dtype=x_k.dtype, device=x_k.device)
             )
         gW = _grad_W(W, x_k.shape[0]) if need_W else None
-        gb = torch.zeros(W.shape[0], dtype=torch.float32, device=W.device) if need_b else None
+        gb = torch.zeros(W.shape[0], dtype=_acc_dtype(x_k), device=W.device) if need_b else None
         _run_chunks(
             x_k,
             W,
