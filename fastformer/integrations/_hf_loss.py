@@ -51,6 +51,13 @@ class VocabProjection(nn.Linear):
             return super().forward(hidden)
         self.__dict__["_ff_pending"] = None  # consumed by exactly one call
         labels, keep_logits = pending
+        if labels.numel() * hidden.shape[-1] != hidden.numel():
+            # Hugging Face raises here too (its cross_entropy sees two batch sizes); the row gather
+            # below would otherwise pair labels with the wrong positions, or index past the end
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must have one label per output position "
+                f"{tuple(hidden.shape[:-1])}: {labels.numel()} labels for {hidden.numel() // hidden.shape[-1]}"
+            )
         target = labels.reshape(-1).to(hidden.device)
         rows = (target != IGNORE_INDEX).nonzero().squeeze(1)
         target = target.index_select(0, rows)

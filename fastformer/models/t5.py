@@ -475,6 +475,11 @@ class T5ForConditionalGeneration(nn.Module):
             raise ValueError("labels or decoder_input_ids is required")
         if decoder_input_ids is None:
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+        elif labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(
+                f"labels must be shaped like decoder_input_ids {tuple(decoder_input_ids.shape)} (one label per "
+                f"decoder position), got {tuple(labels.shape)}"
+            )
         enc = self.encoder(input_ids, attention_mask)
         dec = self.decoder(decoder_input_ids, None, enc, attention_mask)
         dt = autocast_dtype(dec)

@@ -369,6 +369,26 @@ def test_all_labels_ignored_gives_zero_loss(mode):
     assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "T5ForConditionalGeneration"])
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_labels_not_matching_the_output_are_refused_like_hf(name, mode, extra):
+    """One label too few or too many per row: Hugging Face raises a ValueError; the patched head used to
+    pair the labels with the wrong positions (a wrong loss) or fail with an IndexError."""
+    torch.manual_seed(0)
+    ref = BUILDERS[name]()
+    model = patch_hf_model(copy.deepcopy(ref))
+    batch = make_batch(name, torch.Generator().manual_seed(1))
+    if name.startswith("T5"):  # decoder inputs given: the labels no longer define the output length
+        batch["decoder_input_ids"] = torch.randint(1, VOCAB, (B, LT))
+    n = batch["labels"].shape[1] + extra
+    batch["labels"] = torch.randint(2, VOCAB, (B, n))
+    for m in (ref, model):
+        getattr(m, mode)()
+        with pytest.raises(ValueError):
+            m(**batch)
+
+
 def test_unsupported_models_raise_value_error():
     with pytest.raises(ValueError, match="Supported: .*BertForMaskedLM.*T5ForConditionalGeneration"):
         patch_hf_model(BertLMHeadModel(bert_config(is_decoder=True)))

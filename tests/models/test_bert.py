@@ -115,6 +115,18 @@ def test_too_long_input_raises_value_error():
         model.encoder(ids)
 
 
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_labels_not_shaped_like_the_input_raise_value_error(extra):
+    model = BertForMaskedLM(_cfg())
+    ids, mask, labels = _batch()
+    bad = torch.full((3, ids.shape[1] + extra), -100)
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match="labels must be shaped like input_ids"):
+        model(ids, mask, bad)
+    with pytest.raises(ValueError, match="labels must be shaped like input_ids"):
+        model(ids, mask, bad.reshape(-1)[: ids.numel()])  # the right count, flattened
+
+
 def test_presets_are_the_published_sizes():
     assert get_preset("bert-base") == dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)
     assert get_preset("bert-tiny")["hidden_size"] == 128 and set(BERT_PRESETS) >= {

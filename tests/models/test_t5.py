@@ -168,6 +168,10 @@ def test_bad_config_and_input_raise_value_error():
     model = T5ForConditionalGeneration(T5Config(**TINY))
     with pytest.raises(ValueError, match="labels"):
         model(torch.randint(2, 101, (1, 5)))
+    ids, am, labels = _batch()
+    dec = torch.randint(2, 101, (3, labels.shape[1] + 1))  # one decoder position without a label
+    with pytest.raises(ValueError, match="labels must be shaped like decoder_input_ids"):
+        model(ids, am, decoder_input_ids=dec, labels=labels)
 
 
 def test_training_dropout_uses_the_cheap_cpu_masks_and_is_reproducible():
