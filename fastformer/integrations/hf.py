@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 
 from . import _hf_attention as attn
 from ._hf_loss import ensure_projection, make_loss_forward
@@ -125,8 +126,12 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
     varlen: BERT/RoBERTa self-attention runs on the unpadded tokens through ``ff.varlen_attention``.
         Outputs at padded positions are then zero-attention rows instead of Hugging Face's values
         (outputs at real tokens, losses over real tokens and gradients agree).
-    Raises ValueError for an unsupported model, listing what is supported.
+    Raises ValueError for an unsupported model, listing what is supported, or an option that is not a
+    bool; warns when an option has nothing to act on (varlen for T5, keep_logits without an LM head).
     """
+    for name, value in (("keep_logits", keep_logits), ("varlen", varlen)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     try:
         import transformers  # noqa: F401 - the ImportError below names the missing extra
         from transformers import PreTrainedModel
@@ -144,6 +149,10 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
         raise _unsupported(model, "BERT/RoBERTa decoder configs (is_decoder / add_cross_attention) are not supported")
     _check_interface(model)
 
+    if varlen and family != "bert":
+        warnings.warn("varlen=True has no effect on T5 models: it applies to BERT/RoBERTa self-attention", stacklevel=2)
+    if keep_logits and loss_kind is None:
+        warnings.warn(f"keep_logits=True has no effect on {type(model).__name__}: it has no LM head", stacklevel=2)
     attn.register()
     _set_attn_implementation(model)
     if family == "bert":
@@ -151,7 +160,7 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
     else:
         _tag_t5(model)
     if loss_kind is not None:
-        model._ff_keep_logits = bool(keep_logits)
+        model._ff_keep_logits = keep_logits
         ensure_projection(model)
         # Instance attribute: the class (and its name in saved configs) is unchanged; deepcopy rebinds it.
         model.forward = types.MethodType(make_loss_forward(type(model), loss_kind), model)

@@ -398,6 +398,15 @@ def test_unsupported_models_raise_value_error():
         patch_hf_model(BertModel(bert_config(is_decoder=True)))
 
 
+@pytest.mark.parametrize("option", ["keep_logits", "varlen"])
+def test_options_must_be_bools_and_options_without_effect_warn(option):
+    with pytest.raises(ValueError, match=f"{option} must be True or False, got 'no'"):
+        patch_hf_model(BertForMaskedLM(bert_config()), **{option: "no"})
+    model, other = (BertModel, "BertModel") if option == "keep_logits" else (T5ForConditionalGeneration, "T5")
+    with pytest.warns(UserWarning, match=f"{option}=True has no effect on {other}"):
+        patch_hf_model(model(t5_config() if other == "T5" else bert_config()), **{option: True})
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["BertForMaskedLM", "T5ForConditionalGeneration"])
 def test_patched_matches_hf_cuda(name):
