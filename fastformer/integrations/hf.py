@@ -25,6 +25,7 @@ import sys
 import types
 import warnings
 
+from ..ops.t5_attention import check_bucket_config
 from . import _hf_attention as attn
 from ._hf_loss import ensure_projection, make_loss_forward
 
@@ -107,6 +108,15 @@ def _tag_t5(model) -> None:
         first = stack.block[0].layer[0].SelfAttention
         if getattr(first, "relative_attention_bias", None) is None:
             continue  # unexpected layout: leave untagged (generic, correct path)
+        try:  # refused here rather than at the first forward (Hugging Face's buckets are wrong there too)
+            check_bucket_config(
+                not stack.is_decoder, first.relative_attention_num_buckets, first.relative_attention_max_distance
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"patch_hf_model: {type(model).__name__}'s relative_attention_num_buckets / "
+                f"relative_attention_max_distance: {exc}"
+            ) from None
         for block in stack.block:
             self_attn = block.layer[0].SelfAttention
             self_attn.__dict__[attn.ROLE] = "t5_self"

@@ -398,6 +398,14 @@ def test_unsupported_models_raise_value_error():
         patch_hf_model(BertModel(bert_config(is_decoder=True)))
 
 
+@pytest.mark.parametrize("max_distance", [4, 3])  # 8 buckets: exact range 2 bidirectional, 4 causal
+def test_t5_bucket_config_without_a_log_range_is_refused_when_patching(max_distance):
+    cfg = t5_config()
+    cfg.relative_attention_max_distance = max_distance
+    with pytest.raises(ValueError, match="relative_attention_max_distance: max_distance=.* must exceed"):
+        patch_hf_model(T5ForConditionalGeneration(cfg))
+
+
 @pytest.mark.parametrize("option", ["keep_logits", "varlen"])
 def test_options_must_be_bools_and_options_without_effect_warn(option):
     with pytest.raises(ValueError, match=f"{option} must be True or False, got 'no'"):
