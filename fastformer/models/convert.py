@@ -213,9 +213,10 @@ def _copy_to_hf(ours: nn.Module, hf: nn.Module, mapping: list) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _unsupported(what: str, problems: list) -> None:
+def _unsupported(what: str, problems: list, by: str = "fastformer") -> None:
+    """by: who lacks the feature (fastformer for from_hf, Hugging Face for to_hf)."""
     if problems:
-        raise ValueError(f"{what}: unsupported by fastformer: " + "; ".join(problems))
+        raise ValueError(f"{what}: unsupported by {by}: " + "; ".join(problems))
 
 
 def _bert_config_from_hf(c, what: str) -> BertConfig:
@@ -245,7 +246,7 @@ def _bert_config_from_hf(c, what: str) -> BertConfig:
 
 
 def _bert_config_to_hf(c: BertConfig, what: str, **extra):
-    _unsupported(what, ["pre_ln=True (Hugging Face BERT is post-LN)"] if c.pre_ln else [])
+    _unsupported(what, ["pre_ln=True (its BERT is post-LN)"] if c.pre_ln else [], by="Hugging Face")
     return _transformers().BertConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,

@@ -335,7 +335,7 @@ def test_unsupported_configs_and_models_raise_value_error():
     with pytest.raises(ValueError, match="supported"):
         ff.models.from_hf(torch.nn.Linear(2, 2))
     cfg = BertConfig(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=40, pre_ln=True)
-    with pytest.raises(ValueError, match="pre_ln"):
+    with pytest.raises(ValueError, match="unsupported by Hugging Face: pre_ln=True"):
         ff.models.to_hf(BertForMaskedLM(cfg))
     with pytest.raises(ValueError, match="T5EncoderForSequenceClassification"):
         ff.models.to_hf(T5EncoderForSequenceClassification(T5Config(**T5), num_labels=2))
