@@ -351,10 +351,20 @@ def from_hf(model: nn.Module) -> nn.Module:
         elif isinstance(model, tf.BertForMaskedLM):
             kind, ours = "mlm", BertForMaskedLM(cfg)
         else:
-            kind, ours = "cls", BertForSequenceClassification(cfg, model.config.num_labels)
-            drop = model.config.classifier_dropout
+            drop, problem = model.config.classifier_dropout, getattr(model.config, "problem_type", None)
             if drop is not None and drop != cfg.dropout:
                 _unsupported(name, [f"classifier_dropout={drop} differs from hidden_dropout_prob={cfg.dropout}"])
+            # fastformer's classifier is single-label (softmax cross-entropy): Hugging Face's regression
+            # (num_labels 1) and multi-label (sigmoid) heads would convert but train and predict otherwise
+            if problem not in (None, "single_label_classification") or model.config.num_labels < 2:
+                _unsupported(
+                    name,
+                    [
+                        f"problem_type={problem!r} with num_labels={model.config.num_labels} (fastformer's classifier "
+                        "is single-label classification over at least 2 labels)"
+                    ],
+                )
+            kind, ours = "cls", BertForSequenceClassification(cfg, model.config.num_labels)
         _copy_from_hf(_prepare(ours, model), model, _bert_map(kind, cfg.num_layers), ignore)
         return ours
     if isinstance(model, (tf.T5ForConditionalGeneration, tf.T5EncoderModel)):

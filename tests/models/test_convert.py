@@ -325,6 +325,13 @@ def test_unsupported_configs_and_models_raise_value_error():
         ff.models.from_hf(tf.BertForMaskedLM(tf.BertConfig(**BERT, is_decoder=True)))
     with pytest.raises(ValueError, match="classifier_dropout"):
         ff.models.from_hf(tf.BertForSequenceClassification(tf.BertConfig(**BERT, classifier_dropout=0.3)))
+    for head in (dict(num_labels=1), dict(num_labels=3, problem_type="multi_label_classification")):
+        with pytest.raises(ValueError, match="problem_type=.*single-label classification"):  # regression, sigmoid
+            ff.models.from_hf(tf.BertForSequenceClassification(tf.BertConfig(**BERT, **head)))
+    two = dict(num_labels=2, problem_type="single_label_classification")
+    assert (
+        ff.models.from_hf(tf.BertForSequenceClassification(tf.BertConfig(**BERT, **two))).classifier.out_features == 2
+    )
     untied = tf.BertForMaskedLM(tf.BertConfig(**BERT, tie_word_embeddings=False))
     with torch.no_grad():
         untied.cls.predictions.decoder.weight.add_(1.0)
