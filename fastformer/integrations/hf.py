@@ -100,15 +100,16 @@ def _tag_bert(model, varlen: bool) -> None:
             module.__dict__[attn.VARLEN] = bool(varlen)
 
 
-def _tag_t5(model) -> None:
-    """Tag each T5 stack's attentions; self-attentions point at the first layer, which owns the table."""
+def _check_t5_buckets(model) -> None:
+    """Refuse, before anything is patched, a bucket config that ff.t5_attention refuses at the first
+    forward (Hugging Face's own buckets leave the table's range there)."""
     for stack in model.modules():
         if type(stack).__name__ != "T5Stack":
             continue
         first = stack.block[0].layer[0].SelfAttention
         if getattr(first, "relative_attention_bias", None) is None:
-            continue  # unexpected layout: leave untagged (generic, correct path)
-        try:  # refused here rather than at the first forward (Hugging Face's buckets are wrong there too)
+            continue
+        try:
             check_bucket_config(
                 not stack.is_decoder, first.relative_attention_num_buckets, first.relative_attention_max_distance
             )
@@ -117,6 +118,16 @@ def _tag_t5(model) -> None:
                 f"patch_hf_model: {type(model).__name__}'s relative_attention_num_buckets / "
                 f"relative_attention_max_distance: {exc}"
             ) from None
+
+
+def _tag_t5(model) -> None:
+    """Tag each T5 stack's attentions; self-attentions point at the first layer, which owns the table."""
+    for stack in model.modules():
+        if type(stack).__name__ != "T5Stack":
+            continue
+        first = stack.block[0].layer[0].SelfAttention
+        if getattr(first, "relative_attention_bias", None) is None:
+            continue  # unexpected layout: leave untagged (generic, correct path)
         for block in stack.block:
             self_attn = block.layer[0].SelfAttention
             self_attn.__dict__[attn.ROLE] = "t5_self"
@@ -158,6 +169,8 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
     ):
         raise _unsupported(model, "BERT/RoBERTa decoder configs (is_decoder / add_cross_attention) are not supported")
     _check_interface(model)
+    if family == "t5":
+        _check_t5_buckets(model)
 
     if varlen and family != "bert":
         warnings.warn("varlen=True has no effect on T5 models: it applies to BERT/RoBERTa self-attention", stacklevel=2)

@@ -313,9 +313,12 @@ class BertForMaskedLM(nn.Module):
         Returns (loss_sum, n_predicted, logits, target): loss_sum is the SUM of the cross-entropy over
         the predicted rows (callers normalise), n_predicted an int, logits (n_predicted, V) only with
         return_logits (evaluation accuracy) else None, target (n_predicted,) the gathered labels."""
-        if labels is None or labels.shape != input_ids.shape:
-            got = None if labels is None else tuple(labels.shape)
-            raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got {got}")
+        if labels is None:
+            raise ValueError("labels is required (-100 where nothing is predicted)")
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+            )
         # a label on a padded position (no collator makes one) is predicted from that position's hidden
         # state, as Hugging Face does: only the padded layout has it, so such a CPU batch stays padded
         cpu_unpad = (

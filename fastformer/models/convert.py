@@ -396,6 +396,8 @@ def to_hf(model: nn.Module) -> nn.Module:
                     f"to_hf: {name} with pooling={cfg.pooling!r} has no Hugging Face counterpart "
                     "(BertForSequenceClassification pools [CLS]); fine-tune with --pooling cls to export it"
                 )
+            if n < 2:  # Hugging Face would take a one-label head for regression
+                raise ValueError(f"to_hf: {name} with {n} label has no single-label Hugging Face counterpart")
             kind, hf = "cls", tf.BertForSequenceClassification(_bert_config_to_hf(cfg, name, num_labels=n))
         _copy_to_hf(model, _prepare(hf, model), _bert_map(kind, cfg.num_layers))
         return hf

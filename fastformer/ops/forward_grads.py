@@ -50,8 +50,9 @@ def _unpack(ctx, op: str) -> tuple[torch.Tensor | None, ...]:
 
 
 def scaled(ctx, g: torch.Tensor, scale_: Scaler, op: str) -> tuple[torch.Tensor | None, ...]:
-    """The saved gradients times g. g: float32 grad_output, one element or one per row;
-    scale_(t, factor) multiplies t by factor in place and returns t."""
+    """The saved gradients times g. g: grad_output in the op's accumulation dtype (float32; float64 for
+    float64 input), one element or one per row; scale_(t, factor) multiplies t by factor in place and
+    returns t."""
     grads = _unpack(ctx, op)
     first = ctx.first_grad_out
     if first is None:  # the first backward: no host sync here (CUDA graph capture)

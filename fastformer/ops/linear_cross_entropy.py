@@ -9,7 +9,7 @@ each chunk of kept rows:
     CE and d loss / d logits in place in it      (kernel: one read, one write per element)
     grad_x[rows of c] = dlogits @ W              (complete: no accumulation across chunks)
     grad_W += dlogits^T @ x_c                    (straight into the returned gradient, in W's dtype)
-    grad_b += column sums of dlogits             (fp32, V numbers)
+    grad_b += column sums of dlogits             (fp32, V numbers; fp64 for fp64 input)
 
 grad_W is accumulated in the returned tensor itself: no fp32 (V, H) accumulator (2 GB at V=131072,
 H=4096). Each chunk's GEMM sums in fp32 and rounds once into it, so a 16-bit grad_W takes one
@@ -195,8 +195,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _colsum_(acc: torch.Tensor, m: torch.Tensor) -> None:
-    """acc (V,) fp32 += column sums of m (c, V); on CPU in blocks of rows (a whole-matrix sum there
-    converts all of m to fp32 first)."""
+    """acc (V,) += column sums of m (c, V) in acc's dtype; on CPU in blocks of rows (a whole-matrix sum
+    there converts all of m to acc's dtype first)."""
     if m.is_cuda:
         acc.add_(m.sum(dim=0, dtype=acc.dtype))
         return

@@ -402,8 +402,12 @@ def test_unsupported_models_raise_value_error():
 def test_t5_bucket_config_without_a_log_range_is_refused_when_patching(max_distance):
     cfg = t5_config()
     cfg.relative_attention_max_distance = max_distance
+    model = T5ForConditionalGeneration(cfg)
+    implementation = model.config._attn_implementation
     with pytest.raises(ValueError, match="relative_attention_max_distance: max_distance=.* must exceed"):
-        patch_hf_model(T5ForConditionalGeneration(cfg))
+        patch_hf_model(model)
+    assert model.config._attn_implementation == implementation  # refused before anything was patched
+    assert not any(k.startswith("_ff") for m in model.modules() for k in m.__dict__)
 
 
 @pytest.mark.parametrize("option", ["keep_logits", "varlen"])

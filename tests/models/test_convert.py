@@ -328,6 +328,8 @@ def test_unsupported_configs_and_models_raise_value_error():
     for head in (dict(num_labels=1), dict(num_labels=3, problem_type="multi_label_classification")):
         with pytest.raises(ValueError, match="problem_type=.*single-label classification"):  # regression, sigmoid
             ff.models.from_hf(tf.BertForSequenceClassification(tf.BertConfig(**BERT, **head)))
+    with pytest.raises(ValueError, match="1 label has no single-label"):
+        ff.models.to_hf(ff.models.bert.BertForSequenceClassification(ff.models.bert.BertConfig(vocab_size=50), 1))
     two = dict(num_labels=2, problem_type="single_label_classification")
     assert (
         ff.models.from_hf(tf.BertForSequenceClassification(tf.BertConfig(**BERT, **two))).classifier.out_features == 2
