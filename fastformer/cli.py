@@ -514,7 +514,7 @@ def _predict(args: argparse.Namespace) -> int:
         g = generation_scores(rows, labels)
         note = f"; ROUGE-L {g['rougeL']:.4f}, exact match {g['exact_match']:.4f} against the targets in {args.input}"
     print(
-        f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.config['architecture']}"
+        f"fastformer predict: {len(rows)} text(s), {loaded.kind} model {loaded.run_config['architecture']}"
         f"{' -> ' + args.output if args.output else ''}{note}",
         file=sys.stderr,
     )
@@ -535,9 +535,9 @@ def _export(args: argparse.Namespace) -> int:
     if loaded.kind == "seq2seq":  # what predict would use: the run's settings, or a span folder's defaults
         from fastformer.train.text2text import generation_settings
 
-        max_len, generation = generation_settings(loaded.config)
+        max_len, generation = generation_settings(loaded.run_config)
     elif loaded.kind == "classifier":  # predict cuts at the fine-tuning --max-len (MLM: the model's positions)
-        max_len = loaded.config.get("max_len")
+        max_len = loaded.run_config.get("max_len")
     try:
         import transformers
 
@@ -559,7 +559,7 @@ def _export(args: argparse.Namespace) -> int:
             raise
         raise ValueError(f"export --model {args.model}: {e}") from None
     print(
-        f"exported {loaded.config['architecture']} ({loaded.kind}) from {args.model} to {out}/ "
+        f"exported {loaded.run_config['architecture']} ({loaded.kind}) from {args.model} to {out}/ "
         f"(transformers: from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r}))"
     )
     return 0

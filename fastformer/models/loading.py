@@ -3,7 +3,8 @@
     model, tokenizer, labels = ff.models.load("runs/finetune")      # eval mode, on the CPU
     loaded = ff.models.load("runs/pretrain", device="cuda")
     loaded.kind        # "classifier" | "mlm" | "seq2seq"
-    loaded.config      # the folder's config.json (normalised: always has run, architecture, kind)
+    loaded.run_config  # the folder's config.json (normalised: always has run, architecture, kind)
+    loaded(input_ids, attention_mask)  # the object is also the model itself (an nn.Module)
 
 A run folder (written by `fastformer pretrain` or `fastformer finetune`) holds `config.json`,
 `tokenizer.json` and `checkpoint.pt`. config.json names the model class (`architecture`) and its
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,23 +226,48 @@ def read_run_config(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadedModel:
-    """What `load` returns. Unpacks as `model, tokenizer, labels`.
+class LoadedModel(nn.Module):
+    """What `load` returns: the trained model, ready for inference, with what it needs around it.
 
-    model: the nn.Module in eval mode; tokenizer: a `tokenizers.Tokenizer`; labels: class names in
-    output order (a classifier) or None; kind: "classifier" | "mlm" | "seq2seq"; config: the
-    normalised config.json; path: the folder."""
+    Use it as the model: it is an nn.Module (in eval mode) whose forward is the model's, and any other
+    attribute it lacks is the model's (`generate`, `encoder`, ...). Or unpack it as
+    `model, tokenizer, labels`. Attributes: model, the underlying nn.Module; tokenizer, a
+    `tokenizers.Tokenizer`; labels, class names in output order (a classifier) or None; kind,
+    "classifier" | "mlm" | "seq2seq"; run_config, the run's normalised config.json; path, the
+    folder. (`config` is the model's, as for the model itself.)"""
 
-    model: nn.Module
-    tokenizer: Any
-    labels: list[str] | None
-    kind: str
-    config: dict = field(repr=False)
-    path: Path = Path(".")
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        labels: list[str] | None,
+        kind: str,
+        run_config: dict,
+        path: Path = Path("."),
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer, self.labels, self.kind, self.run_config = tokenizer, labels, kind, run_config
+        self.path = Path(path)
+        self.train(model.training)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (`model`)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.labels))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, path={str(self.path)!r}, labels={self.labels!r}"
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:

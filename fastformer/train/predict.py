@@ -67,9 +67,9 @@ def classify(
     """Label and class probabilities of each text, encoded as fine-tuning encoded it."""
     from .objectives import get_objective
 
-    obj = get_objective(loaded.config["objective"])
-    mc = loaded.config["model_config"]
-    max_len = int(loaded.config.get("max_len") or min(512, mc.get("max_position", 512)))
+    obj = get_objective(loaded.run_config["objective"])
+    mc = loaded.run_config["model_config"]
+    max_len = int(loaded.run_config.get("max_len") or min(512, mc.get("max_position", 512)))
     ids = obj.encode_for_classification(loaded.tokenizer, texts, max_len)
     pad = _pad_id(loaded.tokenizer)
     labels = loaded.labels
@@ -183,7 +183,7 @@ def generate_text(
     from .text2text import generate_texts, generation_settings
 
     max_len, gen = generation_settings(
-        loaded.config,
+        loaded.run_config,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         length_penalty=length_penalty,
@@ -222,7 +222,7 @@ def predict_texts(
     if loaded.kind not in PREDICTORS:
         raise ValueError(
             f"--model {loaded.path}: predict does not support {loaded.kind} models "
-            f"({loaded.config['architecture']}) yet; it supports {', '.join(sorted(PREDICTORS))} models"
+            f"({loaded.run_config['architecture']}) yet; it supports {', '.join(sorted(PREDICTORS))} models"
         )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")

@@ -39,11 +39,28 @@ def test_load_gives_model_tokenizer_labels_in_eval_mode(runs):
     state = torch.load(runs / "ft" / "checkpoint.pt")["model"]  # torch's default: weights_only=True
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     loaded = ff.models.load(runs / "pre")
-    assert loaded.kind == "mlm" and loaded.labels is None and loaded.config["run"] == "pretrain"
+    assert loaded.kind == "mlm" and loaded.labels is None and loaded.run_config["run"] == "pretrain"
     with pytest.raises(RunFolderError, match="not a fastformer run folder"):
         ff.models.load(runs)
     with pytest.raises(RunFolderError, match="no such folder"):
         ff.models.load(runs / "missing")
+
+
+def test_loaded_object_is_the_model_ready_for_inference(runs):
+    """`ff.models.load(DIR)` "returns a trained model ready for inference": the object itself is an
+    nn.Module in eval mode that computes what its model computes, with the model's other attributes."""
+    loaded = ff.models.load(runs / "ft")
+    assert isinstance(loaded, torch.nn.Module) and not loaded.training
+    assert loaded.config is loaded.model.config and loaded.classifier is loaded.model.classifier
+    ids = torch.tensor([[2, 17, 40, 3], [2, 9, 3, 0]])
+    mask = ids != 0
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask), loaded.model(ids, mask))
+    assert [n for n, _ in loaded.named_parameters()] == [f"model.{n}" for n, _ in loaded.model.named_parameters()]
+    loaded.train()
+    assert loaded.model.training  # eval() / train() / to() reach the model
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        _ = loaded.missing
 
 
 def test_classifier_predictions_are_the_models_softmax(runs):

@@ -7,6 +7,7 @@ import random
 import pytest
 from train_helpers import make_corpus, tiny_config
 
+import fastformer as ff
 from fastformer.train.text2text import Text2TextConfig, finetune_text2text, generate_texts, load_text2text
 from fastformer.train.text_metrics import exact_match, normalize_text, rouge
 
@@ -82,6 +83,12 @@ def test_copy_task_is_learned(tmp_path):
     inputs = [r.split("\t")[0] for r in rows[1:]]
     again = generate_texts(model, tok, inputs, max_len=config["max_len"], batch_size=7, **config["generation"])
     assert again == [r.split("\t")[2] for r in rows[1:]]
+    # so does ff.models.load's object, used as the model itself (`generate` included)
+    loaded = ff.models.load(out)
+    assert (
+        generate_texts(loaded, loaded.tokenizer, inputs[:9], max_len=config["max_len"], **config["generation"])
+        == (again[:9])
+    )
 
 
 def test_classification_as_text_from_span_pretraining(tmp_path):
