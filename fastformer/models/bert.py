@@ -297,7 +297,7 @@ class BertMLMHead(nn.Module):
 
 
 class BertForMaskedLM(nn.Module):
-    """Encoder + tied sparse MLM head. forward(...) -> (loss_sum, n_predicted, logits_or_None)."""
+    """Encoder + tied sparse MLM head. forward(...) -> (loss_sum, n_predicted, logits_or_None, target)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -312,9 +312,10 @@ class BertForMaskedLM(nn.Module):
 
         Returns (loss_sum, n_predicted, logits, target): loss_sum is the SUM of the cross-entropy over
         the predicted rows (callers normalise), n_predicted an int, logits (n_predicted, V) only with
-        return_logits (evaluation accuracy) else None, target (n_predicted,) the gathered labels."""
+        return_logits (evaluation accuracy) else None, target (n_predicted,) the gathered labels.
+        Without labels (inference): (None, 0, logits (B, L, V) for every position, None)."""
         if labels is None:
-            raise ValueError("labels is required (-100 where nothing is predicted)")
+            return None, 0, self.dense_logits(input_ids, attention_mask, token_type_ids), None
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
@@ -344,7 +345,8 @@ class BertForMaskedLM(nn.Module):
         return loss, rows.numel(), logits, target
 
     def dense_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Reference: logits for every position (B, L, V); used by tests to check the sparse head."""
+        """Logits for every position (B, L, V): forward without labels, and the tests' check of the
+        sparse head."""
         h, _ = self.encoder(input_ids, attention_mask, token_type_ids, cpu_unpad=False)
         return F.linear(self.head.transform(h), self.encoder.word_embeddings.weight, self.head.bias)
 

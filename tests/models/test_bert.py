@@ -115,6 +115,16 @@ def test_too_long_input_raises_value_error():
         model.encoder(ids)
 
 
+def test_masked_lm_without_labels_gives_every_positions_logits():
+    model = BertForMaskedLM(_cfg()).eval()
+    ids, mask, labels = _batch()
+    loss, n, logits, target = model(ids, mask)
+    assert loss is None and n == 0 and target is None and logits.shape == (*ids.shape, 103)
+    with torch.no_grad():
+        _, _, picked, _ = model(ids, mask, labels, return_logits=True)
+    assert_close(logits[labels != -100], picked, torch.float32, "labelled rows")
+
+
 @pytest.mark.parametrize("extra", [-1, 1])
 def test_labels_not_shaped_like_the_input_raise_value_error(extra):
     model = BertForMaskedLM(_cfg())

@@ -61,6 +61,10 @@ def test_loaded_object_is_the_model_ready_for_inference(runs):
     assert loaded.model.training  # eval() / train() / to() reach the model
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
         _ = loaded.missing
+    mlm = ff.models.load(runs / "pre")  # a masked LM, called without labels: every position's logits
+    with torch.no_grad():
+        _, _, logits, _ = mlm(ids, mask)
+    assert logits.shape == (2, 4, mlm.config.vocab_size) and torch.isfinite(logits).all()
 
 
 def test_classifier_predictions_are_the_models_softmax(runs):
