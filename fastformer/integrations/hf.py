@@ -100,15 +100,21 @@ def _tag_bert(model, varlen: bool) -> None:
             module.__dict__[attn.VARLEN] = bool(varlen)
 
 
-def _check_t5_buckets(model) -> None:
-    """Refuse, before anything is patched, a bucket config that ff.t5_attention refuses at the first
-    forward (Hugging Face's own buckets leave the table's range there)."""
+def _t5_stacks(model):
+    """(stack, its first self-attention, which owns the position-bias table) for each T5Stack of
+    `model`; a stack laid out otherwise is skipped (left untagged: the generic, correct path)."""
     for stack in model.modules():
         if type(stack).__name__ != "T5Stack":
             continue
         first = stack.block[0].layer[0].SelfAttention
-        if getattr(first, "relative_attention_bias", None) is None:
-            continue
+        if getattr(first, "relative_attention_bias", None) is not None:
+            yield stack, first
+
+
+def _check_t5_buckets(model) -> None:
+    """Refuse, before anything is patched, a bucket config that ff.t5_attention refuses at the first
+    forward (Hugging Face's own buckets leave the table's range there)."""
+    for stack, first in _t5_stacks(model):
         try:
             check_bucket_config(
                 not stack.is_decoder, first.relative_attention_num_buckets, first.relative_attention_max_distance
@@ -122,12 +128,7 @@ def _check_t5_buckets(model) -> None:
 
 def _tag_t5(model) -> None:
     """Tag each T5 stack's attentions; self-attentions point at the first layer, which owns the table."""
-    for stack in model.modules():
-        if type(stack).__name__ != "T5Stack":
-            continue
-        first = stack.block[0].layer[0].SelfAttention
-        if getattr(first, "relative_attention_bias", None) is None:
-            continue  # unexpected layout: leave untagged (generic, correct path)
+    for stack, first in _t5_stacks(model):
         for block in stack.block:
             self_attn = block.layer[0].SelfAttention
             self_attn.__dict__[attn.ROLE] = "t5_self"
