@@ -61,13 +61,25 @@ def use_backend(name: str):
 
 
 @functools.cache
-def triton_available() -> bool:
-    """True when triton imports (with a GPU, or on CPU under TRITON_INTERPRET=1)."""
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001 - any import problem means "not available"
         return False
     return True
+
+
+def _constant_under_compile(fn):
+    """torch.compile calls fn while tracing and keeps its result as a constant (instead of tracing into
+    the import and the cache around it, which it warns about)."""
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
+def triton_available() -> bool:
+    """True when triton imports (with a GPU, or on CPU under TRITON_INTERPRET=1)."""
+    return _triton_imports()
 
 
 def interpreting() -> bool:

@@ -90,3 +90,73 @@ def test_cpu_paths_compile_as_one_graph(backend):
         want_grads = torch.autograd.grad(want, (q, x))
     for g, w in zip(got_grads, want_grads):
         assert_close(g, w, torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["index", "probabilities"])
+def test_linear_cross_entropy_cpu_compiles_as_one_graph(dtype, reduction, target_kind):
+    """On CPU tensors linear_cross_entropy's chunked path is a custom op under torch.compile
+    (ops/linear_cross_entropy_op.py): fullgraph=True traces it, and loss and gradients are eager's,
+    bit for bit (the same chunk loop runs), with ignored rows, smoothing, z-loss and several chunks."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    b = torch.randn(40, dtype=dtype, requires_grad=True)
+    if target_kind == "index":
+        t = torch.randint(0, 40, (3, 7))
+        t[0, 3] = t[2, :4] = -100
+    else:
+        t = torch.softmax(torch.randn(3, 7, 40), -1).to(dtype)
+
+    def f(x, w, b, t):
+        loss = ff.linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
+        # a per-row grad_output that is not all ones, for "none"
+        return (
+            (loss * torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)).sum()
+            if reduction == "none"
+            else 3 * loss
+        )
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, b, t)
+    want = f(x, w, b, t)
+    assert torch.equal(got, want)
+    for g, w_ in zip(torch.autograd.grad(got, (x, w, b)), torch.autograd.grad(want, (x, w, b))):
+        assert g.dtype == w_.dtype and torch.equal(g, w_)
+
+
+def test_linear_cross_entropy_cpu_compiles_with_inductor_and_frozen_inputs():
+    """Inductor too, with only the projection trainable (no grad_x is made) and no bias."""
+    torch.manual_seed(2)
+    x, w = torch.randn(20, 8), torch.randn(30, 8, requires_grad=True)
+    t = torch.randint(0, 30, (20,))
+
+    def f(x, w, t):
+        return ff.linear_cross_entropy(torch.tanh(x), w, t)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(x, w, t)
+    want = f(x, w, t)
+    assert_close(got, want, torch.float32, "loss")
+    assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(want, w)[0], torch.float32, "grad_W")
+
+
+def test_linear_cross_entropy_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake (meta) shapes against the real outputs, autograd registration."""
+    from fastformer.ops.linear_cross_entropy_op import linear_cross_entropy_op, linear_cross_entropy_rows_backward
+
+    torch.manual_seed(3)
+    x, w, b = torch.randn(9, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True), torch.randn(40)
+    t = torch.randint(0, 40, (9,))
+    t[2] = -100
+    probs = torch.softmax(torch.randn(9, 40), -1)
+    for reduction in ("mean", "sum", "none"):
+        for target, bias in ((t, b), (probs, None)):
+            torch.library.opcheck(
+                linear_cross_entropy_op, (x, w, bias, target, -100, reduction, 0.1, 0.0, True, True, False, False, 4)
+            )
+    torch.library.opcheck(
+        linear_cross_entropy_rows_backward,
+        (torch.randn(9), x.detach(), w.detach(), b, t, -100, 0.0, 1e-3, True, False, True, False, None),
+    )

@@ -31,7 +31,7 @@ from ..backend import get_backend, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
 from .amp import amp_dtype, autocast_cast, no_autocast
-from .cross_entropy import _amp_result, _as_index, _check_range, _range_check_wanted, _validate_linear
+from .cross_entropy import _amp_result, _as_index, _check_range, _is_compiling, _range_check_wanted, _validate_linear
 
 # a 16-bit grad_W takes one rounding per chunk: at most this many chunks by default. With K chunks
 # its rounding error is sqrt((K + 1) / 2) times the unfused path's single rounding at worst (the
@@ -319,33 +319,47 @@ def _scale_(t: torch.Tensor, g: torch.Tensor, use_kernel: bool) -> torch.Tensor:
     return t.mul_(g)
 
 
+def _kept_rows(x: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str):
+    """The rows the chunks run over: (keep, n, x_k, t_k, count). keep: (n,) their indices among x's N
+    rows, None when all N are kept in order; x_k: (n, H); t_k: (n,) or (n, V); count: the 0-d divisor
+    of "mean" (the kept-row count; N for probability targets), None for the other reductions."""
+    N = x.shape[0]
+    soft = target.is_floating_point()
+    if soft or _sync_free(x):  # every row (ignored ones get zero loss and gradients)
+        count = None
+        if reduction == "mean":
+            count = torch.full((), N, dtype=torch.int64, device=x.device) if soft else (target != ignore_index).sum()
+        return None, N, x, target, count
+    keep = (target != ignore_index).nonzero().squeeze(1)  # host sync: the kept-row count sizes the loop
+    n = keep.numel()
+    x_k = x if n == N else x.index_select(0, keep)  # no copy when nothing is ignored
+    t_k = (target if n == N else target.index_select(0, keep)).contiguous()
+    # "mean": the kernel divides by the kept-row count (0 -> 1: all ignored gives 0 and zero grads)
+    count = torch.full((), n, dtype=torch.int64, device=x.device) if reduction == "mean" else None
+    return (None if n == N else keep), n, x_k, t_k, count
+
+
+def _prepare(ctx, x, W, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size):
+    """_kept_rows plus the chunk size; sets ctx.meta, which backward reads. Returns (keep, n, x_k, t_k,
+    count, chunk)."""
+    keep, n, x_k, t_k, count = _kept_rows(x, target, ignore_index, reduction)
+    chunk = _chunk_rows(n, x.shape[1], W.shape[0], x.device, chunk_size, x.element_size())
+    ctx.meta = (reduction, eps, z, ignore_index, use_kernel, chunk, x.shape[0], needs)
+    return keep, n, x_k, t_k, count, chunk
+
+
 class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size):
-        N, H = x.shape
+        N = x.shape[0]
         V = W.shape[0]
         soft = target.is_floating_point()
-        if soft or _sync_free(x):  # every row (ignored ones get zero loss and gradients)
-            keep, n, x_k, t_k = None, N, x, target
-            count = None
-            if reduction == "mean":
-                count = (
-                    torch.full((), N, dtype=torch.int64, device=x.device) if soft else (target != ignore_index).sum()
-                )
-        else:
-            keep = (target != ignore_index).nonzero().squeeze(1)  # host sync: the kept-row count sizes the loop
-            n = keep.numel()
-            x_k = x if n == N else x.index_select(0, keep)  # no copy when nothing is ignored
-            t_k = target if n == N else target.index_select(0, keep)
-            t_k = t_k.contiguous()
-            keep = None if n == N else keep
-            # "mean": the kernel divides by the kept-row count (0 -> 1: all ignored gives 0 and zero grads)
-            count = torch.full((), n, dtype=torch.int64, device=x.device) if reduction == "mean" else None
-        chunk = _chunk_rows(n, H, V, x.device, chunk_size, x.element_size())
+        keep, n, x_k, t_k, count, chunk = _prepare(
+            ctx, x, W, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size
+        )
         need_x, need_W, need_b = needs
         acc = _acc_dtype(x)
         loss_rows = torch.empty(n, dtype=acc, device=x.device)
-        ctx.meta = (reduction, eps, z, ignore_index, use_kernel, chunk, N, needs)
         if reduction == "none" or not any(needs):
             _run_chunks(x_k, W, b, t_k, count, eps, z, ignore_index, use_kernel, chunk, loss_rows=loss_rows)
             ctx.save_for_backward(x_k, W, b, t_k, keep)
@@ -476,7 +490,10 @@ def linear_cross_entropy(
         grad_on and bias is not None and bias.requires_grad,
     )
     with no_autocast(input, amp):  # the chunks' matmuls in the dtype chosen above
-        out = _lce_kernel(
+        # the kernel path stays an opaque call under torch.compile (its backward scales the gradients
+        # made in forward in place, which a traced backward could not); the CPU path is a custom op
+        chunked = _lce_traced if _is_compiling() and not use_kernel else _lce_kernel
+        out = chunked(
             x,
             weight,
             bias,
@@ -498,3 +515,11 @@ def _lce_kernel(*args):
     """The chunked path of linear_cross_entropy (Triton kernel or torch math per chunk), opaque to
     torch.compile (see fastformer/ops/_compile.py)."""
     return _LinearCrossEntropyFn.apply(*args)
+
+
+def _lce_traced(x, W, b, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size):
+    """The chunked torch-math path (CPU) under torch.compile: one custom op node, so the graph stays
+    whole (linear_cross_entropy_op.py)."""
+    from .linear_cross_entropy_op import linear_cross_entropy_op
+
+    return linear_cross_entropy_op(x, W, b, target, ignore_index, reduction, eps, z, *needs, use_kernel, chunk_size)[0]

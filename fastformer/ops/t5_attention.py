@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.t5_attention import relative_position_bucket, t5_attention_reference, t5_bias
+from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, check_tensor
 from .amp import autocast_op
 from .attention_common import (
@@ -119,6 +120,11 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     return _rel_pos_cached(bool(bidirectional), num_buckets, max_distance, str(torch.device(device)))
 
 
+# The kernel path's bucket tables, looked up outside torch.compile's graph: traced, the cached
+# lookup's Python loops would become graph ops that build the tables again on every call.
+_rel_pos_outside_graph = opaque_to_compile(relative_position_buckets)
+
+
 def _t5_torch(q, k, v, bias_table, attn_mask, is_causal, scale, dropout_p, query_offset, kw):
     """The CPU fast path: torch's SDPA with the (1, H, Lq, Lk) T5 bias (and the mask, and the causal
     structure) folded into one float mask; the table's gradient flows through the bias gather."""
@@ -183,7 +189,7 @@ def t5_attention(
     kw = dict(bidirectional=bool(bidirectional), num_buckets=num_buckets, max_distance=max_distance)
     path = attention_path(q, k, v, bias_table, attn_mask, covered=kernel_covers(q, k, v), dropout_p=dropout_p)
     if path == "kernel":
-        rel = relative_position_buckets(bidirectional, num_buckets, max_distance, q.device)
+        rel = _rel_pos_outside_graph(bidirectional, num_buckets, max_distance, q.device)
         mask, klen = prepare_mask(attn_mask, (B,), H, Lq, Lk)
         return fused_attention(
             q,

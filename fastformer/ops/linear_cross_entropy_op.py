@@ -1,0 +1,151 @@
+"""linear_cross_entropy's CPU chunked path as a torch.library custom op, for torch.compile.
+
+In eager mode the chunked path is `_LinearCrossEntropyFn` (linear_cross_entropy.py). TorchDynamo cannot
+trace it: the kept-row count is read on the host, and the CPU row kernel is a compiled extension.
+Under torch.compile the same code runs inside two custom ops instead, which the compiler sees as
+single nodes with known output shapes (the fake implementations below), so a graph around
+`ff.linear_cross_entropy` on CPU tensors stays whole (`fullgraph=True` works) and the numbers are
+eager's. (The Triton kernel path stays an opaque call, one graph break: its backward scales the
+forward-made gradients in place, which saves a copy of grad_W that a traced backward would make.)
+
+    fastformer::linear_cross_entropy(x, W, b, target, ...) -> (loss, grad_x, grad_W, grad_b)
+        "mean" / "sum": the loss and its gradients for a grad_output of 1, made in the same chunk loop as
+        eager; backward multiplies them by grad_output (out of place: a traced graph may not scale a
+        saved tensor in place, so backward holds the gradients twice, briefly). "none": the loss rows
+        only (unneeded gradient slots are empty (0,) tensors).
+    fastformer::linear_cross_entropy_rows_backward(g, x, W, b, target, ...) -> (grad_x, grad_W, grad_b)
+        "none": backward recomputes the chunks with the per-row grad_output, as eager does.
+
+The gradients are not differentiable again (as in eager, where backward is once_differentiable).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .linear_cross_entropy import _acc_dtype, _LinearCrossEntropyFn, _prepare
+
+
+class _Ctx:
+    """Stands in for autograd's ctx when a custom op runs _LinearCrossEntropyFn's forward or backward."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("fastformer::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    eps: float,
+    z: float,
+    need_x: bool,
+    need_W: bool,
+    need_b: bool,
+    use_kernel: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (N, H); W: (V, H); b: (V,) or None; target: (N,) class indices or (N, V) probabilities.
+    Returns the loss (() or (N,) for "none"), then grad_x (N, H), grad_W (V, H), grad_b (V,) for a
+    grad_output of 1 ("mean" / "sum" and needed; else (0,))."""
+    ctx = _Ctx()
+    needs = (need_x, need_W, need_b)
+    args = (ignore_index, reduction, eps, z, needs, use_kernel, chunk_size)
+    loss = _LinearCrossEntropyFn.forward(ctx, x, W, b, target, *args)
+    if reduction == "none" or not any(needs):
+        return loss, _empty(x), _empty(W), _empty(W)
+    gx, gW, gb = ctx.saved_tensors
+    return (
+        loss,
+        gx if gx is not None else _empty(x),
+        gW if gW is not None else _empty(W),
+        gb if gb is not None else _empty(W),
+    )
+
+
+@linear_cross_entropy_op.register_fake
+def _(x, W, b, target, ignore_index, reduction, eps, z, need_x, need_W, need_b, use_kernel, chunk_size):
+    soft = target.is_floating_point()
+    dtype = torch.promote_types(x.dtype, target.dtype) if soft else x.dtype
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=dtype)
+    grads = reduction != "none" and (need_x or need_W or need_b)
+    gx = torch.empty_like(x) if grads and need_x else _empty(x)
+    gW = torch.empty_like(W, memory_format=torch.contiguous_format) if grads and need_W else _empty(W)
+    gb = W.new_empty(W.shape[0]) if grads and need_b else _empty(W)
+    return loss, gx, gW, gb
+
+
+@torch.library.custom_op("fastformer::linear_cross_entropy_rows_backward", mutates_args=())
+def linear_cross_entropy_rows_backward(
+    g: Tensor,
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    eps: float,
+    z: float,
+    need_x: bool,
+    need_W: bool,
+    need_b: bool,
+    use_kernel: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of reduction="none" for per-row grad_output g (N,): grad_x (N, H), grad_W (V, H),
+    grad_b (V,); (0,) where not needed."""
+    ctx = _Ctx()
+    needs = (need_x, need_W, need_b)
+    keep, _, x_k, t_k, count, _ = _prepare(
+        ctx, x, W, target, ignore_index, "none", eps, z, needs, use_kernel, chunk_size
+    )
+    ctx.save_for_backward(x_k, W, b, t_k, keep)
+    ctx.count = count
+    gx, gW, gb = _LinearCrossEntropyFn.backward(ctx, g)[:3]
+    return gx if gx is not None else _empty(x), gW if gW is not None else _empty(W), gb if gb is not None else _empty(W)
+
+
+@linear_cross_entropy_rows_backward.register_fake
+def _(g, x, W, b, target, ignore_index, eps, z, need_x, need_W, need_b, use_kernel, chunk_size):
+    gx = x.new_empty((x.shape[0], x.shape[1])) if need_x else _empty(x)
+    gW = torch.empty_like(W, memory_format=torch.contiguous_format) if need_W else _empty(W)
+    gb = W.new_empty(W.shape[0]) if need_b else _empty(W)
+    return gx, gW, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, W, b, target, ignore_index, reduction, eps, z, need_x, need_W, need_b, use_kernel, chunk_size = inputs
+    ctx.reduction = reduction
+    ctx.args = (ignore_index, eps, z, need_x, need_W, need_b, use_kernel, chunk_size)
+    if reduction == "none":
+        ctx.save_for_backward(x, W, b, target)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, g, *_grads_of_grads):
+    need_x, need_W, need_b = ctx.args[3:6]
+    if ctx.reduction == "none":
+        x, W, b, target = ctx.saved_tensors
+        gx, gW, gb = linear_cross_entropy_rows_backward(g.reshape(-1).contiguous(), x, W, b, target, *ctx.args)
+    else:
+        gx, gW, gb = ctx.saved_tensors
+        g = g.to(_acc_dtype(g))
+        gx, gW, gb = ((t * g).to(t.dtype) for t in (gx, gW, gb))
+    return (
+        gx if need_x else None,
+        gW if need_W else None,
+        gb if need_b else None,
+        *([None] * 10),
+    )
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
