@@ -100,7 +100,8 @@ def test_linear_cross_entropy_cpu_compiles_as_one_graph(dtype, reduction, target
     (ops/linear_cross_entropy_op.py): fullgraph=True traces it, and loss and gradients are eager's,
     bit for bit (the same chunk loop runs), with ignored rows, smoothing, z-loss and several chunks."""
     torch.manual_seed(1)
-    x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    # a non-contiguous input: (3, 7, 16) seen through a transpose
+    x = torch.randn(7, 3, 16, dtype=dtype).transpose(0, 1).requires_grad_()
     w = torch.randn(40, 16, dtype=dtype, requires_grad=True)
     b = torch.randn(40, dtype=dtype, requires_grad=True)
     if target_kind == "index":
@@ -156,6 +157,15 @@ def test_linear_cross_entropy_custom_ops_pass_opcheck():
             torch.library.opcheck(
                 linear_cross_entropy_op, (x, w, bias, target, -100, reduction, 0.1, 0.0, True, True, False, False, 4)
             )
+    x_t = torch.randn(16, 9).t().requires_grad_()  # (9, 16) with strides (1, 9): strides the fakes must give
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(
+            linear_cross_entropy_op, (x_t, w, b, t, -100, reduction, 0.0, 0.0, True, True, True, False, None)
+        )
+    torch.library.opcheck(
+        linear_cross_entropy_rows_backward,
+        (torch.randn(9), x_t.detach(), w.detach(), b, t, -100, 0.0, 0.0, True, True, True, False, 2),
+    )
     torch.library.opcheck(
         linear_cross_entropy_rows_backward,
         (torch.randn(9), x.detach(), w.detach(), b, t, -100, 0.0, 1e-3, True, False, True, False, None),

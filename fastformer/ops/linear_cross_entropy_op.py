@@ -38,6 +38,20 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _or_empty(grads, x: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_W, grad_b) with None replaced by (0,) tensors (a custom op returns tensors only)."""
+    return tuple(g if g is not None else _empty(like) for g, like in zip(grads, (x, W, W)))
+
+
+def _fake_grads(gx_like: Tensor, W: Tensor, need_x: bool, need_W: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The shapes, dtypes and strides of (grad_x, grad_W, grad_b) as the chunk loop makes them."""
+    return (
+        torch.empty_like(gx_like) if need_x else _empty(gx_like),
+        torch.empty_like(W, memory_format=torch.contiguous_format) if need_W else _empty(W),
+        W.new_empty(W.shape[0]) if need_b else _empty(W),
+    )
+
+
 @torch.library.custom_op("fastformer::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     x: Tensor,
@@ -61,15 +75,8 @@ def linear_cross_entropy_op(
     needs = (need_x, need_W, need_b)
     args = (ignore_index, reduction, eps, z, needs, use_kernel, chunk_size)
     loss = _LinearCrossEntropyFn.forward(ctx, x, W, b, target, *args)
-    if reduction == "none" or not any(needs):
-        return loss, _empty(x), _empty(W), _empty(W)
-    gx, gW, gb = ctx.saved_tensors
-    return (
-        loss,
-        gx if gx is not None else _empty(x),
-        gW if gW is not None else _empty(W),
-        gb if gb is not None else _empty(W),
-    )
+    grads = (None, None, None) if reduction == "none" or not any(needs) else ctx.saved_tensors
+    return (loss, *_or_empty(grads, x, W))
 
 
 @linear_cross_entropy_op.register_fake
@@ -78,10 +85,7 @@ def _(x, W, b, target, ignore_index, reduction, eps, z, need_x, need_W, need_b, 
     dtype = torch.promote_types(x.dtype, target.dtype) if soft else x.dtype
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=dtype)
     grads = reduction != "none" and (need_x or need_W or need_b)
-    gx = torch.empty_like(x) if grads and need_x else _empty(x)
-    gW = torch.empty_like(W, memory_format=torch.contiguous_format) if grads and need_W else _empty(W)
-    gb = W.new_empty(W.shape[0]) if grads and need_b else _empty(W)
-    return loss, gx, gW, gb
+    return (loss, *_fake_grads(x, W, grads and need_x, grads and need_W, grads and need_b))
 
 
 @torch.library.custom_op("fastformer::linear_cross_entropy_rows_backward", mutates_args=())
@@ -109,16 +113,12 @@ def linear_cross_entropy_rows_backward(
     )
     ctx.save_for_backward(x_k, W, b, t_k, keep)
     ctx.count = count
-    gx, gW, gb = _LinearCrossEntropyFn.backward(ctx, g)[:3]
-    return gx if gx is not None else _empty(x), gW if gW is not None else _empty(W), gb if gb is not None else _empty(W)
+    return _or_empty(_LinearCrossEntropyFn.backward(ctx, g)[:3], x, W)
 
 
 @linear_cross_entropy_rows_backward.register_fake
 def _(g, x, W, b, target, ignore_index, eps, z, need_x, need_W, need_b, use_kernel, chunk_size):
-    gx = x.new_empty((x.shape[0], x.shape[1])) if need_x else _empty(x)
-    gW = torch.empty_like(W, memory_format=torch.contiguous_format) if need_W else _empty(W)
-    gb = W.new_empty(W.shape[0]) if need_b else _empty(W)
-    return gx, gW, gb
+    return _fake_grads(x.new_empty(x.shape), W, need_x, need_W, need_b)  # backward's grad_x is contiguous
 
 
 def _setup_context(ctx, inputs, output):
