@@ -469,9 +469,12 @@ def test_backward_is_bitwise_reproducible(device):
 def test_saturated_scores_gradient_accuracy_today(smax, bound):
     """Documents today's fp32 backward accuracy at saturated scores (|q·k·scale| = smax; docs/ops.md,
     "Accuracy at saturated scores"): the kernels recompute P = exp(s − lse) from the stored row
-    log-sum-exp, so the gradient error vs float64 grows with |s|·eps: on this input 1.4e-5 at 1e3 and
-    4.4e-4 at 1e4, within 3x of torch's own fused CPU kernel (FLASH_ATTENTION backend, the same
-    recomputation; measured ratios up to 2.6x) and under `bound`. A kernel-side fix tightens both."""
+    log-sum-exp, so the gradient error vs float64 grows with |s|·eps. Held to `bound` and to half of
+    smax·eps(fp32), the scale of that recomputation error (dq, dk, dv measured on this input: 1.5e-5,
+    1.5e-5, 2.5e-5 at 1e3 and 1.7e-4, 1.7e-4, 2.5e-4 at 1e4 on an AMD EPYC). torch's own fused CPU
+    kernel recomputes too, but its error depends on the CPU it runs on (within 2.6x of ours on an
+    Intel Xeon; on an AMD EPYC its dv is 4x and 14x more accurate), so it is reported, not a bound.
+    A kernel-side fix tightens both."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator().manual_seed(0)
@@ -489,7 +492,9 @@ def test_saturated_scores_gradient_accuracy_today(smax, bound):
         fused = grads(F.scaled_dot_product_attention, torch.float32)
     from conftest import rel_err
 
+    scale = 0.5 * smax * torch.finfo(torch.float32).eps
     for name, a, b, t in zip(("dq", "dk", "dv"), ours, fused, truth):
         err, err_fused = rel_err(a, t), rel_err(b, t)
-        assert err <= bound, f"{name}: error vs float64 {err:.2e} > {bound:.0e} at |s| = {smax:.0e}"
-        assert err <= 3 * err_fused + 1e-6, f"{name}: {err:.2e} > 3 x torch's fused kernel {err_fused:.2e}"
+        said = f"{name}: error vs float64 {err:.2e} at |s| = {smax:.0e} (torch's fused CPU kernel: {err_fused:.2e})"
+        assert err <= bound, f"{said} > {bound:.0e}"
+        assert err <= scale, f"{said} > smax x eps / 2 = {scale:.2e}"
