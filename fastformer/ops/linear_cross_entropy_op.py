@@ -131,7 +131,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
 
 
-def _backward(ctx, g, *_grads_of_grads):
+def _backward(ctx, g, *_):  # the gradient outputs are not differentiated: their grad_outputs are ignored
     need_x, need_W, need_b = ctx.args[3:6]
     if ctx.reduction == "none":
         x, W, b, target = ctx.saved_tensors
