@@ -60,6 +60,8 @@ def use_backend(name: str):
         _state.backend = previous
 
 
+# The cache sits on this inner function: Dynamo ignores the constant mark on a functools.cache wrapper
+# (it traces into the wrapper and warns), so triton_available itself stays a plain function.
 @functools.cache
 def _triton_imports() -> bool:
     try:
