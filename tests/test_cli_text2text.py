@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,7 +248,7 @@ def test_text2text_ctrl_c_then_resume(pairs, capsys):
     assert ev["steps"] == step + 2 and ev["generation"]["num_beams"] == 2 and ev["resumed_from"] == step
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == list(range(1, step + 3))
-    err = _error_line(capsys, ["finetune", "--out", str(out), "--resume", "--max-target-len", "8"])
+    err = _error_line(capsys, ["finetune", "--out", str(out), "--resume", "--max-target-len", "12"])
     assert "leave --max-target-len out" in err
 
 
@@ -432,3 +433,29 @@ def test_text2text_bad_arguments_are_one_line(pairs, capsys, tmp_path):
     # --resume of a folder without a run says so (not "needs --train FILE.tsv")
     err = _error_line(capsys, ["finetune", "--task", "text2text", "--out", str(d / "none"), "--resume"])
     assert "--resume: no checkpoint in" in err
+
+
+def test_run_from_a_relative_init_resumes_from_anywhere(tmp_path, monkeypatch, capsys):
+    """--init given as a relative path: the printed `--resume` command, run from the same or another
+    directory, continues the run (the checkpoint records the folder as config.json does: resolved)."""
+    rng = random.Random(5)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    Path("corpus.txt").write_text(
+        "\n\n".join(" ".join(rng.choice(LETTERS) for _ in range(40)) for _ in range(30)) + "\n"
+    )
+    pre = ["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", "corpus.txt", "--steps", "2"]
+    pre += ["--batch-size", "4", "--seq-len", "32", "--vocab-size", "160", "--device", "cpu", "--no-progress"]
+    assert main([*pre, "--out", "span"]) == 0
+    train = _copy_pairs(Path("train.tsv"), 40, rng)
+    ev = _copy_pairs(Path("eval.tsv"), 20, rng, header=None)
+    args = ["finetune", "--task", "text2text", "--init", "span", "--train", str(train), "--eval", str(ev)]
+    args += ["--steps", "2", "--batch-size", "8", "--max-len", "16", "--max-target-len", "12"]
+    assert main([*args, "--device", "cpu", "--no-progress", "--out", "t2t"]) == 0
+    assert main(["finetune", "--out", "t2t", "--resume", "--steps", "3", "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--out", str(work / "t2t"), "--resume", "--steps", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    ev = json.loads((work / "t2t" / "eval.json").read_text())
+    assert ev["steps"] == 4 and ev["resumed_from"] == 3 and ev["source"].startswith(f"init {work / 'span'}")

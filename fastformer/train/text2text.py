@@ -187,7 +187,10 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         except RuntimeError as e:
             raise CheckpointError(f"--init {init}: weights do not fit its config ({str(e).splitlines()[0]})") from None
         preset = canonical_preset(pre.get("model"), warn=False)  # an older folder's name: the current one
-        source = f"init {init} ({preset}, {pre.get('objective') if pre.get('task') != TASK else TASK})"
+        # the resolved folder, as config.json records it: a resume from another directory (or with the
+        # --init a relative path named) must recognise its own checkpoint
+        kind = pre.get("objective") if pre.get("task") != TASK else TASK
+        source = f"init {init.resolve()} ({preset}, {kind})"
     else:
         preset = canonical_preset(cfg.model or "t5-tiny")
         get_preset(preset)
