@@ -474,6 +474,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.output and Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError(f"--output {args.output} is the --input file: choose another --output")
+    if args.output and Path(args.output).is_file() and Path(args.output).resolve().parent == Path(args.model).resolve():
+        # the run folder's own files (checkpoint.pt, config.json, eval.json, ...) are never replaced
+        raise ValueError(f"--output {args.output} would replace a file of the --model folder: choose another --output")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1 (candidates listed per [MASK]), got {args.top_k}")
     set_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load(args.model, device=device)

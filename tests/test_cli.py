@@ -681,6 +681,28 @@ def test_predict_and_export_what_was_trained(files, capsys):
     assert main(["predict", "--model", str(pre), "--input", str(d / "masks.txt")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "text\tfilled\tpredictions" and out[1].startswith("the film was [MASK] .\tthe film was ")
+    # every candidate the vocabulary has, and none of the special tokens; the input echoed as written
+    (d / "masks2.txt").write_text("the film was [mask] .\n")
+    assert main(["predict", "--model", str(pre), "--input", str(d / "masks2.txt"), "--top-k", "100000"]) == 0
+    text, _, cands = capsys.readouterr().out.splitlines()[1].split("\t")
+    assert text == "the film was [mask] ." and not {"[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"} & set(cands.split())
+    for k in ("0", "-3"):
+        assert "--top-k must be at least 1" in _error_line(
+            capsys, ["predict", "--model", str(pre), "--input", str(d / "masks.txt"), "--top-k", k]
+        )
+    # --output never replaces the model folder's own files; a new folder for it is made
+    for name in ("checkpoint.pt", "config.json"):
+        before = (ft / name).read_bytes()
+        err = _error_line(
+            capsys, ["predict", "--model", str(ft), "--input", str(files["eval_s"]), "--output", str(ft / name)]
+        )
+        assert "would replace a file of the --model folder" in err and (ft / name).read_bytes() == before
+    assert (
+        main(["predict", "--model", str(ft), "--input", str(files["eval_s"]), "--output", str(d / "new" / "p.tsv")])
+        == 0
+    )
+    assert len((d / "new" / "p.tsv").read_text().splitlines()) == 41
+    capsys.readouterr()
     assert main(["export", "--model", str(ft), "--hf", str(d / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(d / "hf"))
     assert "not empty" in _error_line(capsys, ["export", "--model", str(ft), "--hf", str(d / "hf")])

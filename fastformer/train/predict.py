@@ -111,7 +111,9 @@ def fill_mask(
     mask_id, cls_id, sep_id = (tok.token_to_id(t) for t in ("[MASK]", "[CLS]", "[SEP]"))
     if None in (mask_id, cls_id, sep_id):
         raise ValueError(f"{loaded.path}: the tokenizer has no [MASK] / [CLS] / [SEP] token")
-    texts = [_MASK_RE.sub("[MASK]", t) for t in texts]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1 (candidates listed per mask), got {top_k!r}")
+    originals, texts = texts, [_MASK_RE.sub("[MASK]", t) for t in texts]
     if not any("[MASK]" in t for t in texts):
         warnings.warn(
             "no [MASK] in the input: nothing to fill (write [MASK] where a word should be predicted)",
@@ -135,7 +137,7 @@ def fill_mask(
             logits = F.linear(model.head.transform(h[where[:, 0], where[:, 1]]), w, bias).float()
             logits[:, banned.to(logits.device)] = float("-inf")  # never fill a mask with [PAD], [CLS], ...
             probs = F.softmax(logits, dim=-1).cpu()
-        k = min(top_k, probs.shape[-1]) if len(where) else 0
+        k = min(top_k, probs.shape[-1] - len(banned)) if len(where) else 0  # special tokens never listed
         top_p, top_i = probs.topk(k, dim=-1) if len(where) else (probs, probs)
         per_row: dict[int, list] = {}
         for m, (b, _pos) in enumerate(where.tolist()):
@@ -143,7 +145,7 @@ def fill_mask(
         for b, i in enumerate(idx):
             preds = per_row.get(b, [])
             rows.append(
-                {"text": texts[i], "filled": _fill(texts[i], encs[i], mask_id, preds, limit), "predictions": preds}
+                {"text": originals[i], "filled": _fill(texts[i], encs[i], mask_id, preds, limit), "predictions": preds}
             )
     return ["text", "filled", "predictions"], rows
 
@@ -265,6 +267,7 @@ def write_predictions(columns: list[str], rows: list[dict], output: str | Path |
     with writing("--output", out):
         if out.is_dir():
             raise IsADirectoryError(21, "is a folder", str(out))
+        out.parent.mkdir(parents=True, exist_ok=True)  # as --out of a training run
         try:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, out)
