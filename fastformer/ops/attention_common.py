@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -117,9 +119,11 @@ def check_attn_mask(attn_mask, query: torch.Tensor, scores_shape: tuple) -> None
 
 def kernel_covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the fused kernels compute this call: fp16/bf16/fp32, head dim <= 256 and equal for
-    q/k/v, and nothing empty. The rest runs on the fallback."""
+    q/k/v, and nothing empty. The rest runs on the fallback. bf16 CPU tensors too: on the CPU the
+    kernels run in Triton's interpreter, whose bf16 tl.dot returns garbage (numpy holds bf16 as raw bits)."""
     return (
         q.dtype in KERNEL_DTYPES
+        and not (q.dtype == torch.bfloat16 and q.device.type == "cpu")
         and q.shape[-1] <= MAX_HEAD_DIM
         and v.shape[-1] == q.shape[-1]
         and q.shape[-2] > 0
@@ -151,11 +155,24 @@ def attention_path(*tensors, covered: bool, dropout_p: float) -> str:
     """Which implementation runs an attention call: "kernel" (the fused Triton kernels: CUDA tensors,
     or any tensor with the backend forced to "triton", when the kernels cover the call), "torch"
     (torch's own SDPA: CPU tensors under backend "auto"), else "reference" (the eager spec)."""
-    if dropout_p < 1.0 and use_triton(*tensors) and covered:
-        return "kernel"
+    if dropout_p < 1.0 and use_triton(*tensors):
+        if covered:
+            return "kernel"
+        if tensors[0].dtype == torch.bfloat16 and tensors[0].device.type == "cpu":
+            _warn_bf16_interpreter()
     if cpu_fast_path(*tensors) and torch_sdpa_usable():
         return "torch"
     return "reference"
+
+
+@functools.cache
+def _warn_bf16_interpreter() -> None:
+    warnings.warn(
+        "backend 'triton' on bfloat16 CPU tensors: attention runs the eager reference, since Triton's "
+        "interpreter computes bf16 dot products wrongly; float16 / float32 run the kernels on the CPU",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -498,3 +498,25 @@ def test_saturated_scores_gradient_accuracy_today(smax, bound):
         said = f"{name}: error vs float64 {err:.2e} at |s| = {smax:.0e} (torch's fused CPU kernel: {err_fused:.2e})"
         assert err <= bound, f"{said} > {bound:.0e}"
         assert err <= scale, f"{said} > smax x eps / 2 = {scale:.2e}"
+
+
+def test_bfloat16_cpu_under_the_triton_backend_runs_the_reference():
+    """Triton's interpreter computes bf16 dot products wrongly, so bf16 CPU tensors take the eager
+    reference (with a warning) even when the backend forces the kernels: the three attention ops."""
+    import fastformer.ops.attention_common as common
+
+    common._warn_bf16_interpreter.cache_clear()
+    q, k, v = _inputs(2, 2, 33, 33, 16, torch.bfloat16, "cpu")
+    with pytest.warns(UserWarning, match="bfloat16 CPU tensors: attention runs the eager reference"):
+        _check(q, k, v, torch.bfloat16, is_causal=True)
+    table = torch.randn(32, 2, dtype=torch.bfloat16)
+    with ff.use_backend("triton"):
+        out = ff.t5_attention(q, k, v, table)
+    ref = ff.t5_attention(*(t.double() for t in (q, k, v, table)))
+    assert_close(out, ref, torch.bfloat16, "t5 out")
+    packed = [t.transpose(1, 2).reshape(66, 2, 16) for t in (q, k, v)]  # two sequences of 33
+    cu = torch.tensor([0, 33, 66], dtype=torch.int32)
+    with ff.use_backend("triton"):
+        out = ff.varlen_attention(*packed, cu, cu, 33, 33, causal=True)
+    ref = sdpa_reference(*(t.double() for t in (q, k, v)), is_causal=True).transpose(1, 2).reshape(66, 2, 16)
+    assert_close(out, ref, torch.bfloat16, "varlen out")
