@@ -32,6 +32,7 @@ from . import forward_grads
 from ._compile import opaque_to_compile
 from .amp import amp_dtype, autocast_cast, no_autocast
 from .cross_entropy import _amp_result, _as_index, _check_range, _is_compiling, _range_check_wanted, _validate_linear
+from .errors import InputError
 
 # a 16-bit grad_W takes one rounding per chunk: at most this many chunks by default. With K chunks
 # its rounding error is sqrt((K + 1) / 2) times the unfused path's single rounding at worst (the
@@ -468,6 +469,8 @@ def linear_cross_entropy(
         # the projection is F.linear, which autocast runs in its low precision dtype: do the same
         input, weight, bias = (autocast_cast(t, amp) for t in (input, weight, bias))
     soft = _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
     ignore_index = _as_index(ignore_index)
     if not soft and _range_check_wanted(target):
         _check_range(target, weight.shape[0], ignore_index)

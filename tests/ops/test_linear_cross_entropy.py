@@ -177,6 +177,10 @@ def test_no_grad_and_frozen_weight():
         (lambda x, W, t, b: ff.linear_cross_entropy(x, W.to("meta"), t), "weight"),
         (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, reduction="mean "), "reduction"),
         (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, label_smoothing=-0.1), "label_smoothing"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, chunk_size=0), "chunk_size"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, chunk_size=-5), "chunk_size"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, chunk_size=2.5), "chunk_size"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t, chunk_size="a"), "chunk_size"),
     ],
 )
 def test_bad_input(call, match):
