@@ -278,6 +278,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     order of the logits. Raises RunFolderError (a ValueError) naming the folder and what is missing."""
     from tokenizers import Tokenizer
 
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA GPU is available (load on 'cpu')")
     d = Path(path)
     cfg = read_run_config(d)
     for name in (TOKENIZER_NAME, CHECKPOINT_NAME):

@@ -113,6 +113,17 @@ def test_an_option_the_predictor_does_not_take_is_refused_by_name(runs):
         predict_texts(ff.models.load(runs / "pre"), ["a [MASK]"], topk=3)
 
 
+def test_bad_device_or_top_k_is_a_value_error_naming_it(runs):
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        ff.models.load(runs / "ft", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU"):
+            ff.models.load(runs / "ft", device="cuda")
+    for k in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+            predict_texts(ff.models.load(runs / "pre"), ["a [MASK]"], top_k=k)
+
+
 def test_a_registered_predictor_with_open_options_gets_them(runs, monkeypatch):
     seen = {}
 
