@@ -466,8 +466,10 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from fastformer.data.corpus import named_by
     from fastformer.data.tsv import read_inputs
     from fastformer.models import load
+    from fastformer.models.loading import RunFolderError
     from fastformer.train.distributed import resolve_device
     from fastformer.train.predict import accuracy, predict_texts, write_predictions
     from fastformer.train.resources import set_threads
@@ -481,7 +483,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be at least 1 (candidates listed per [MASK]), got {args.top_k}")
     set_threads(args.threads)
     device = resolve_device(args.device)
-    loaded = load(args.model, device=device)
+    with named_by("--model", (RunFolderError,)):
+        loaded = load(args.model, device=device)
     generation = {
         k: getattr(args, k)
         for k in (
@@ -497,14 +500,16 @@ def _predict(args: argparse.Namespace) -> int:
     if loaded.kind == "seq2seq":  # text-to-text: a TSV's input column (and its targets, if any)
         from fastformer.data.text2text import read_generation_inputs
 
-        texts, labels = read_generation_inputs(args.input)
+        with named_by("--input"):
+            texts, labels = read_generation_inputs(args.input)
     elif generation:
         raise ValueError(
             f"--{next(iter(generation)).replace('_', '-')} applies to text-to-text models; "
             f"{args.model} holds a {loaded.kind} model"
         )
     else:
-        texts, labels = read_inputs(args.input)
+        with named_by("--input"):
+            texts, labels = read_inputs(args.input)
     if args.top_k is not None:
         if loaded.kind != "mlm":
             raise ValueError(f"--top-k applies to masked language models; {args.model} holds a {loaded.kind} model")
@@ -527,7 +532,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from fastformer.data.corpus import named_by
     from fastformer.models import load, save_hf
+    from fastformer.models.loading import RunFolderError
     from fastformer.train.run_dir import writing
 
     out = Path(args.hf)
@@ -535,7 +542,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"--hf {out}: exists and is not a folder; choose another --hf")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--hf {out} is not empty: choose another --hf, or add --overwrite to write over it")
-    loaded = load(args.model)
+    with named_by("--model", (RunFolderError,)):
+        loaded = load(args.model)
     max_len = generation = None
     if loaded.kind == "seq2seq":  # what predict would use: the run's settings, or a span folder's defaults
         from fastformer.train.text2text import generation_settings

@@ -633,6 +633,12 @@ def test_nonsense_is_refused_with_one_line(files, capsys):
         capsys, ["predict", "--model", str(d), "--input", str(files["eval"])]
     )
     assert "needs --train" in _error_line(capsys, ["finetune", "--eval", str(files["eval"]), "--out", str(d / "f2")])
+    # a file error names the flag that gave the file
+    assert f"--train {d / 'nope.tsv'}: no such file" in _error_line(capsys, ft + ["--train", str(d / "nope.tsv")])
+    (d / "blank.tsv").write_text("")
+    err = _error_line(capsys, ["finetune", "--train", str(files["train"]), "--eval", str(d / "blank.tsv"), *ft[3:]])
+    assert err.startswith(f"fastformer: error: --eval {d / 'blank.tsv'}: ")
+    assert f"--model {d / 'nope'}: " in _error_line(capsys, ["predict", "--model", str(d / "nope"), "--input", "x"])
     assert not (d / "ft").exists()
 
 
@@ -703,6 +709,8 @@ def test_predict_and_export_what_was_trained(files, capsys):
     )
     assert len((d / "new" / "p.tsv").read_text().splitlines()) == 41
     capsys.readouterr()
+    err = _error_line(capsys, ["predict", "--model", str(ft), "--input", str(d / "nope.txt")])
+    assert f"--input {d / 'nope.txt'}: no such file" in err
     assert main(["export", "--model", str(ft), "--hf", str(d / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(d / "hf"))
     assert "not empty" in _error_line(capsys, ["export", "--model", str(ft), "--hf", str(d / "hf")])

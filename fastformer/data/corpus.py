@@ -8,6 +8,7 @@ and cached under $FASTFORMER_CACHE (default ~/.cache/fastformer).
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import sysconfig
 from collections.abc import Sequence
@@ -19,6 +20,18 @@ BUILTIN_TARGET_CHARS = 6_000_000
 
 class DataError(ValueError):
     """Missing, unreadable or empty input data."""
+
+
+@contextlib.contextmanager
+def named_by(flag: str, errors: tuple[type[ValueError], ...] = ()):
+    """A DataError (or one of `errors`) raised inside the block says which flag (--train, --eval,
+    --input, --model) named the file."""
+    try:
+        yield
+    except (DataError, *errors) as e:
+        if str(e).startswith(flag):
+            raise
+        raise type(e)(f"{flag} {e}") from None
 
 
 def cache_dir() -> Path:

@@ -120,7 +120,31 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
         labels.append(label)
     if not texts:
         raise DataError(f"{path}: no data rows")
+    if header is None:
+        _check_label_column(path, rows, labels)
     return texts, labels
+
+
+def _check_label_column(path, rows: list[list[str]], labels: list[str]) -> None:
+    """Refuse a headerless file whose last column reads as text, not labels (a label<TAB>text file):
+    more distinct values than half the rows (and over 20), most of them three words or more."""
+    distinct = len(set(labels))
+    if distinct <= max(20, len(labels) // 2):
+        return
+    words = sorted(len(label.split()) for label in labels)
+    if words[len(words) // 2] < 3:
+        return
+    firsts = len({r[0].strip() for r in rows})
+    hint = (
+        f"; its first column has only {firsts} distinct value(s): a label<TAB>text file? "
+        if firsts <= max(20, len(rows) // 10)
+        else "; "
+    )
+    raise DataError(
+        f"{path}: without a header the last column is the label, but it holds {distinct} distinct values in "
+        f"{len(labels)} rows, most of them several words long: that looks like text{hint}"
+        "put the label last (text<TAB>label) or add a header row naming the columns (e.g. label<TAB>text)"
+    )
 
 
 def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import fastformer as ff
-from fastformer.data.corpus import DataError
+from fastformer.data.corpus import DataError, named_by
 from fastformer.data.packing import pad_batch
 from fastformer.data.tokenizer import load_tokenizer
 from fastformer.data.tsv import label_vocabulary, read_tsv
@@ -202,10 +202,14 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         raise ValueError("--tokenizer goes with --model: an --init folder brings its own tokenizer")
     out = prepare_finetune_out(cfg, info)
     threads = set_threads(cfg.threads)
-    train_texts, train_labels = read_tsv(cfg.train)
-    eval_texts, eval_labels = read_tsv(cfg.eval)
+    with named_by("--train"):
+        train_texts, train_labels = read_tsv(cfg.train)
+    with named_by("--eval"):
+        eval_texts, eval_labels = read_tsv(cfg.eval)
     if len(label_vocabulary(train_labels)) < 2:
-        raise DataError(f"{cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}")
+        raise DataError(
+            f"--train {cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}"
+        )
     if info.main and len(eval_texts) < MIN_EVAL_EXAMPLES:
         warnings.warn(
             f"--eval {cfg.eval} has only {len(eval_texts)} example(s): accuracy moves in steps of "

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import fastformer
-from fastformer.data.corpus import DataError
+from fastformer.data.corpus import DataError, named_by
 from fastformer.data.packing import pad_batch
 from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_pairs
 from fastformer.data.tokenizer import load_tokenizer
@@ -382,8 +382,10 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         raise ValueError("model_overrides change a preset's random-init architecture; --init fixes the architecture")
     out = prepare_finetune_out(cfg, info)
     threads = set_threads(cfg.threads)
-    train_inputs, train_targets = read_pairs(cfg.train)
-    eval_inputs, eval_targets = read_pairs(cfg.eval)
+    with named_by("--train"):
+        train_inputs, train_targets = read_pairs(cfg.train)
+    with named_by("--eval"):
+        eval_inputs, eval_targets = read_pairs(cfg.eval)
     if info.main and len(eval_inputs) < MIN_EVAL_EXAMPLES:
         warnings.warn(
             f"--eval {cfg.eval} has only {len(eval_inputs)} pair(s): the scores move in steps of "

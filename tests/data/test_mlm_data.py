@@ -1,5 +1,7 @@
 """MLM collator statistics, packing, dynamic padding, WordPiece tokenizer, TSV reading, corpus loading."""
 
+import random
+
 import pytest
 import torch
 
@@ -170,3 +172,18 @@ def test_headerless_extra_columns_stay_in_the_text_and_binary_data_is_refused(tm
         load_texts([tmp_path / "x.bin"])
     (tmp_path / "u16.txt").write_text("first document\n\nsecond one", encoding="utf-16")  # with its BOM
     assert load_texts([tmp_path / "u16.txt"]) == ["first document", "second one"]
+
+
+def test_headerless_label_first_file_is_refused_with_a_hint(tmp_path):
+    """label<TAB>text without a header would train on every text as its own class: refused, saying why;
+    the same rows with a header, or many short labels (a real many-class task), are read."""
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on mat far home big small".split()
+    rows = [(rng.choice(["pos", "neg"]), " ".join(rng.choice(words) for _ in range(6)) + f" {i}") for i in range(60)]
+    (tmp_path / "lf.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in rows))
+    with pytest.raises(DataError, match=r"lf.tsv: without a header .* 60 distinct values in 60 rows.*only 2 distinct"):
+        read_tsv(tmp_path / "lf.tsv")
+    (tmp_path / "lfh.tsv").write_text("label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows))
+    assert read_tsv(tmp_path / "lfh.tsv")[1] == [label for label, _ in rows]
+    (tmp_path / "many.tsv").write_text("".join(f"{text}\tclass_{i}\n" for i, (_, text) in enumerate(rows)))
+    assert len(set(read_tsv(tmp_path / "many.tsv")[1])) == 60  # one-word labels: a many-class file
