@@ -356,14 +356,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             if "eval_loss" in s
             else ""
         )
-        resumed = (
-            (
-                f"\n  resumed at step {s['resumed_from']}: steps {s['resumed_from'] + 1}-{s['steps']} in "
-                f"{s['session_seconds']:.0f} s this session"
-            )
-            if s.get("resumed_from")
-            else ""
-        )
+        resumed = resumed_line(s)
         first = f"{s['first_loss']:.3f} (step 1)" if s["first_loss"] is not None else "?"
         print(
             f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
@@ -373,6 +366,16 @@ def _pretrain(args: argparse.Namespace) -> int:
             f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt"
         )
     return 0
+
+
+def resumed_line(s: dict) -> str:
+    """The summary's line about a resumed session ('' for a fresh run)."""
+    start = s.get("resumed_from")
+    if not start:
+        return ""
+    if start >= s["steps"]:
+        return f"\n  resumed at step {start}: the run had already finished (a larger --steps trains further)"
+    return f"\n  resumed at step {start}: steps {start + 1}-{s['steps']} in {s['session_seconds']:.0f} s this session"
 
 
 def _finetune_text2text(args: argparse.Namespace) -> int:

@@ -463,6 +463,11 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues_the_run(files, capsys):
     assert [x["step"] for x in rows] == list(range(1, step + 3))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["lr"] == 2e-3 and cfg["train"]["batch_size"] == 4 and cfg["threads"] == 1
+    # --resume of the finished run trains nothing and says so
+    assert main(["pretrain", "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed at step {step + 2}: the run had already finished" in printed, printed
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == step + 2
 
 
 def test_sigterm_exits_143_with_a_checkpoint(files):

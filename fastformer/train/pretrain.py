@@ -234,8 +234,12 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     rows = read_metrics(out / "metrics.jsonl") if info.main else []
     first = rows[0]["loss"] if rows else None
     final, tps = result.final_loss, result.tokens_per_s
+    evaluated = result.eval
     if rows and final != final:  # --resume of a finished run: no step ran, report the logged ones
         final = rows[-1]["loss"]
+        logged = [r for r in rows if "eval_loss" in r]
+        if not evaluated and logged:
+            evaluated = {k: v for k, v in logged[-1].items() if k.startswith("eval_")}
     return {
         "objective": obj.name,
         "model": preset,
@@ -248,7 +252,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         "seconds": result.seconds,
         "session_seconds": result.session_seconds,
         "resumed_from": result.resumed_from,
-        **result.eval,
+        **evaluated,
         "eval_accuracy_name": obj.accuracy_name,
         "stopped_early": result.stopped_early,
         "threads": threads[0],
