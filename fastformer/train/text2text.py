@@ -531,7 +531,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         if not cfg.progress:
             log(f"generating for {n_gen:,} eval input(s): {_describe_generation(generation)}")
         t0 = time.perf_counter()
-        with _interruptible(result.step, trainer.ckpt_path):
+        with loss_plot_on_stop(out, title), _interruptible(result.step, trainer.ckpt_path):
             preds = generate_eval(trainer.raw_model, eval_inputs[:n_gen], progress=cfg.progress, log=log)
         gen_s = time.perf_counter() - t0
         refs = eval_targets[:n_gen]

@@ -266,6 +266,7 @@ def test_ctrl_c_during_the_final_generation_keeps_the_run_and_resume_generates(t
         finetune_text2text(Text2TextConfig(**cfg))
     assert info.value.saved and info.value.step == 4 and info.value.exit_code == 130
     assert not (tmp_path / "run" / "eval.json").exists()
+    assert (tmp_path / "run" / "loss.png").is_file()  # the curve, next to the checkpoint
     assert signal.getsignal(signal.SIGINT) == before  # handlers restored
     monkeypatch.setattr(t2t, "generate_texts", original)
     s = finetune_text2text(Text2TextConfig(resume=True, **cfg))  # no training left: generates
