@@ -8,6 +8,7 @@ before the first example is built and a run that cannot fit is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import warnings
@@ -108,6 +109,9 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
 
     docs = load_texts(cfg.data)
     train_docs, eval_docs = split_heldout(docs)
+    digest = data_digest(docs)
+    if cfg.resume and info.main:
+        _warn_if_data_changed(out, digest, len(docs), cfg.data)
 
     # Tokenizer: trained once on rank 0 (or reloaded on resume) and shared as JSON text.
     if cfg.resume:
@@ -199,6 +203,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
             "n_train_examples": len(train_ex),
             "n_eval_examples": len(eval_ex),
             "n_documents": len(docs),
+            "data_digest": digest,
             "data": cfg.data or ["<built-in corpus: Python docstrings>"],
         }
         write_file(out, "config.json", json.dumps(config, indent=2))
@@ -261,6 +266,35 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
 
 
 MIN_HELDOUT_EXAMPLES = 8
+
+
+def data_digest(docs: list[str]) -> str:
+    """A fingerprint of the corpus text (SHA-256 of the documents), kept in config.json so that --resume
+    notices data that changed since the run began."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def _warn_if_data_changed(out: Path, digest: str, n_docs: int, data: list[str]) -> None:
+    """--resume on data other than the run's: warn (the run goes on, no longer the same as an
+    uninterrupted one). A config.json from before digests were recorded is not checked."""
+    try:
+        before = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(before, dict) or before.get("data_digest") in (None, digest):
+        return
+    where = f"--data {' '.join(data)}" if data else "the built-in corpus"
+    warnings.warn(
+        f"{where} changed since this run began ({before.get('n_documents', '?')} documents then, {n_docs} "
+        "now): the resumed run trains and evaluates on the new text, so it is no longer the run an "
+        "uninterrupted one would have been",
+        FastformerWarning,
+        stacklevel=4,
+    )
 
 
 def _check_memory(cfg: PretrainConfig, obj, model, device: torch.device, info: D.DistInfo):

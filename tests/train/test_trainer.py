@@ -11,6 +11,7 @@ from fastformer.train.checkpoint import CheckpointError, load_checkpoint, save_c
 from fastformer.train.metrics import read_metrics
 from fastformer.train.objectives import OBJECTIVES, UnknownObjectiveError, get_objective
 from fastformer.train.pretrain import pretrain
+from fastformer.train.run_dir import FastformerWarning
 from fastformer.train.schedules import lr_factor
 
 # tiny generated corpora: a held-out slice of one or two examples, said in a warning
@@ -93,6 +94,22 @@ def test_resume_from_another_model_or_missing_checkpoint_fails(tmp_path, tiny_co
     pretrain(tiny_config(out, tiny_corpus, steps=2, eval_every=0))
     with pytest.raises(CheckpointError, match="another model"):
         pretrain(tiny_config(out, tiny_corpus, steps=4, resume=True, model="bert-mini"))
+
+
+def test_resume_warns_when_the_data_changed(tmp_path, tiny_corpus):
+    import warnings
+
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=2, eval_every=0))
+    digest = json.loads((out / "config.json").read_text())["data_digest"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "--data .* changed")  # the same text: no warning
+        pretrain(tiny_config(out, tiny_corpus, steps=3, eval_every=0, resume=True))
+    assert json.loads((out / "config.json").read_text())["data_digest"] == digest
+    tiny_corpus.write_text(tiny_corpus.read_text().replace("the", "a", 1))  # one word of the text
+    with pytest.warns(FastformerWarning, match="changed since this run began .*no longer the run"):
+        pretrain(tiny_config(out, tiny_corpus, steps=4, eval_every=0, resume=True))
+    assert json.loads((out / "config.json").read_text())["data_digest"] != digest
 
 
 def test_schedules():
