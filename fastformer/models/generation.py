@@ -183,6 +183,8 @@ def generate(
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    if eos_token_id is not None and not eos:
+        raise ValueError("eos_token_id must name at least one token id (None: the model config's)")
     pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
     start = cfg.decoder_start_token_id if decoder_start_token_id is None else int(decoder_start_token_id)
     V = cfg.vocab_size

@@ -79,6 +79,12 @@ def check_dropout(dropout_p) -> float:
     return p
 
 
+def check_flag(name: str, value) -> None:
+    """A bool (is_causal, causal, bidirectional): as torch's SDPA, which refuses a string or a tensor."""
+    if not isinstance(value, bool):
+        raise InputTypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_scale(scale) -> None:
     """None (1/sqrt(D)) or a finite number."""
     if scale is not None and not math.isfinite(float(scale)):

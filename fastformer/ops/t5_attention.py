@@ -29,6 +29,7 @@ from .attention_common import (
     attention_path,
     check_attn_mask,
     check_dropout,
+    check_flag,
     fused_attention,
     kernel_covers,
     prepare_mask,
@@ -184,6 +185,7 @@ def t5_attention(
     Lk = k.shape[2]
     check_attn_mask(attn_mask, q, (B, H, Lq, Lk))
     dropout_p = check_dropout(dropout_p)
+    check_flag("is_causal", is_causal)
     if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
         raise InputError(f"query_offset must be an int >= 0, got {query_offset!r}")
     kw = dict(bidirectional=bool(bidirectional), num_buckets=num_buckets, max_distance=max_distance)

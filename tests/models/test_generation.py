@@ -165,6 +165,7 @@ def test_generate_restores_training_mode_and_keeps_weights():
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(early_stopping="sometimes"), "early_stopping"),
         (dict(eos_token_id=99), "eos_token_id"),
+        (dict(eos_token_id=[]), "eos_token_id"),
         (dict(decoder_start_token_id=-1), "decoder_start_token_id"),
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
         (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size"),

@@ -212,6 +212,11 @@ def test_bad_input():
         ff.scaled_dot_product_attention(q, k3, k3, enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
         ff.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
+    for backend in ("auto", "reference", "triton"):  # the same answer whichever path would run
+        with ff.use_backend(backend), pytest.raises(TypeError, match="is_causal must be a bool"):
+            ff.scaled_dot_product_attention(q, k, v, is_causal="yes")
+        with ff.use_backend(backend), pytest.raises(ValueError, match="is_causal must be a bool"):
+            ff.t5_attention(q, k, v, torch.randn(32, 2), is_causal=torch.tensor(True))
 
 
 # ------------------------------------------------------------------ GPU only

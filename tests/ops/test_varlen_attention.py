@@ -84,6 +84,8 @@ def test_varlen_bad_input():
         ff.varlen_attention(q[None], k, v, cu_q, cu_k, 9, 9)
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         ff.varlen_attention(q, k, v, cu_q, cu_k.float(), 9, 9)
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        ff.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal="no")
 
 
 @pytest.mark.cuda
