@@ -82,9 +82,11 @@ def _as_index(value):
         return None
 
 
-def _amp_result(out: torch.Tensor, amp) -> torch.Tensor:
-    # under autocast torch's cross_entropy runs (and returns) in float32: so does the loss here
-    return out.float() if amp is not None and out.dtype in (torch.float16, torch.bfloat16) else out
+def _loss_dtype(natural: torch.dtype, amp) -> torch.dtype:
+    """The loss's dtype: `natural` (the input's, or promoted with a probability target's), but float32
+    for a half-precision one under autocast, where torch runs cross_entropy in float32. The loss is
+    computed in float32 and rounded to this dtype once: under autocast it is not rounded to bf16."""
+    return torch.float32 if amp is not None and natural in (torch.float16, torch.bfloat16) else natural
 
 
 def _check_target(target, input_shape: tuple, device, ignore_index) -> bool:
@@ -306,9 +308,10 @@ def cross_entropy(
     # gradient exactly as torch does (the kernel path would silently give it none)
     extra_grad = grad_on and ((weight is not None and weight.requires_grad) or (soft and target.requires_grad))
     wide = input.dtype == torch.float64 or (soft and target.dtype == torch.float64)
+    out_dtype = _loss_dtype(torch.promote_types(input.dtype, target.dtype) if soft else input.dtype, amp)
     if wide or extra_grad or get_backend() == "reference" or not use_triton(input, target, weight):
-        return _amp_result(
-            _ref.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss), amp
+        return _ref.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, out_dtype=out_dtype
         )
     if input.dim() == 1:
         x, t, out_shape = input[None], (target[None] if soft else target.reshape(1)), ()
@@ -318,22 +321,18 @@ def cross_entropy(
         x = _rows_view(input)
         t = _rows_view(target) if soft else target.reshape(-1).contiguous()
         out_shape = (input.shape[0],) + tuple(input.shape[2:])
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
     need_grad = grad_on and input.requires_grad
-    return _amp_result(
-        _ce_kernel(
-            x,
-            t,
-            weight,
-            int(ignore_index),
-            reduction,
-            float(label_smoothing),
-            float(z_loss),
-            need_grad,
-            out_shape,
-            out_dtype,
-        ),
-        amp,
+    return _ce_kernel(
+        x,
+        t,
+        weight,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        need_grad,
+        out_shape,
+        out_dtype,
     )
 
 

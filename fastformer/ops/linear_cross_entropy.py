@@ -31,7 +31,7 @@ from ..backend import get_backend, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
 from .amp import amp_dtype, autocast_cast, no_autocast
-from .cross_entropy import _amp_result, _as_index, _check_range, _is_compiling, _range_check_wanted, _validate_linear
+from .cross_entropy import _as_index, _check_range, _is_compiling, _loss_dtype, _range_check_wanted, _validate_linear
 from .errors import InputError
 
 # a 16-bit grad_W takes one rounding per chunk: at most this many chunks by default. With K chunks
@@ -354,7 +354,6 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     def forward(ctx, x, W, b, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size):
         N = x.shape[0]
         V = W.shape[0]
-        soft = target.is_floating_point()
         keep, n, x_k, t_k, count, chunk = _prepare(
             ctx, x, W, target, ignore_index, reduction, eps, z, needs, use_kernel, chunk_size
         )
@@ -395,7 +394,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             )
         else:
             out = loss_rows.sum()
-        return out.to(torch.promote_types(x.dtype, target.dtype) if soft else x.dtype)
+        return out  # in _acc_dtype(x): the caller rounds it to the loss dtype (float32 under autocast)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -475,13 +474,19 @@ def linear_cross_entropy(
     if not soft and _range_check_wanted(target):
         _check_range(target, weight.shape[0], ignore_index)
     grad_on = torch.is_grad_enabled()
+    out_dtype = _loss_dtype(torch.promote_types(input.dtype, target.dtype) if soft else input.dtype, amp)
     if get_backend() == "reference" or (soft and grad_on and target.requires_grad):
         with no_autocast(input, amp):
-            return _amp_result(
-                _ref.linear_cross_entropy(
-                    input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss=z_loss
-                ),
-                amp,
+            return _ref.linear_cross_entropy(
+                input,
+                weight,
+                target,
+                bias,
+                ignore_index,
+                reduction,
+                label_smoothing,
+                z_loss=z_loss,
+                out_dtype=out_dtype,
             )
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
     lead = input.shape[:-1]
@@ -509,7 +514,7 @@ def linear_cross_entropy(
             use_kernel,
             chunk_size,
         )
-    out = _amp_result(out, amp)
+    out = out.to(out_dtype)  # computed in float32 (float64 for float64): rounded once, here
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -69,8 +69,8 @@ def linear_cross_entropy_op(
     chunk_size: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: (N, H); W: (V, H); b: (V,) or None; target: (N,) class indices or (N, V) probabilities.
-    Returns the loss (() or (N,) for "none"), then grad_x (N, H), grad_W (V, H), grad_b (V,) for a
-    grad_output of 1 ("mean" / "sum" and needed; else (0,))."""
+    Returns the loss (() or (N,) for "none"; float32, float64 for float64 x), then grad_x (N, H),
+    grad_W (V, H), grad_b (V,) for a grad_output of 1 ("mean" / "sum" and needed; else (0,))."""
     ctx = _Ctx()
     needs = (need_x, need_W, need_b)
     args = (ignore_index, reduction, eps, z, needs, use_kernel, chunk_size)
@@ -81,8 +81,7 @@ def linear_cross_entropy_op(
 
 @linear_cross_entropy_op.register_fake
 def _(x, W, b, target, ignore_index, reduction, eps, z, need_x, need_W, need_b, use_kernel, chunk_size):
-    soft = target.is_floating_point()
-    dtype = torch.promote_types(x.dtype, target.dtype) if soft else x.dtype
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # the forward's _acc_dtype(x)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=dtype)
     grads = reduction != "none" and (need_x or need_W or need_b)
     return (loss, *_fake_grads(x, W, grads and need_x, grads and need_W, grads and need_b))

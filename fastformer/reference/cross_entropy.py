@@ -46,14 +46,17 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """input: (C,), (N, C) or (N, C, d1, ..., dK) logits; target: class indices (), (N,) or
     (N, d1, ..., dK), or probabilities shaped like input; weight: (C,) or None.
-    Returns a scalar ("mean"/"sum") or per-position losses ("none", shaped like the index target)."""
+    Returns a scalar ("mean"/"sum") or per-position losses ("none", shaped like the index target), in
+    out_dtype (default: input's, promoted with a probability target's; float32 under autocast, as torch)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
     soft = target.is_floating_point()
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
+    if out_dtype is None:
+        out_dtype = torch.promote_types(input.dtype, target.dtype) if soft else input.dtype
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
     out_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
     x = _rows(input, True).to(compute)
@@ -96,12 +99,13 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """cross_entropy(F.linear(input, weight, bias), target, ...) with the full (N, V) logits.
     input: (*, H); weight: (V, H); bias: (V,) or None; target: (*) class indices or (*, V)
-    probabilities. "none" returns shape (*)."""
+    probabilities. "none" returns shape (*). out_dtype: as cross_entropy's."""
     lead = input.shape[:-1]
     logits = F.linear(input.reshape(-1, input.shape[-1]), weight, bias)
     t = target.reshape(-1, target.shape[-1]) if target.is_floating_point() else target.reshape(-1)
-    out = cross_entropy(logits, t, None, ignore_index, reduction, label_smoothing, z_loss=z_loss)
+    out = cross_entropy(logits, t, None, ignore_index, reduction, label_smoothing, z_loss=z_loss, out_dtype=out_dtype)
     return out.reshape(lead) if reduction == "none" else out
