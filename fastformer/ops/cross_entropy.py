@@ -82,10 +82,11 @@ def _as_index(value):
         return None
 
 
-def _loss_dtype(natural: torch.dtype, amp) -> torch.dtype:
-    """The loss's dtype: `natural` (the input's, or promoted with a probability target's), but float32
-    for a half-precision one under autocast, where torch runs cross_entropy in float32. The loss is
+def _loss_dtype(input: torch.Tensor, target: torch.Tensor, amp) -> torch.dtype:
+    """The loss's dtype: the input's (promoted with a probability target's, as torch), but float32 for
+    a half-precision one under autocast, where torch runs cross_entropy in float32. The loss is
     computed in float32 and rounded to this dtype once: under autocast it is not rounded to bf16."""
+    natural = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
     return torch.float32 if amp is not None and natural in (torch.float16, torch.bfloat16) else natural
 
 
@@ -308,7 +309,7 @@ def cross_entropy(
     # gradient exactly as torch does (the kernel path would silently give it none)
     extra_grad = grad_on and ((weight is not None and weight.requires_grad) or (soft and target.requires_grad))
     wide = input.dtype == torch.float64 or (soft and target.dtype == torch.float64)
-    out_dtype = _loss_dtype(torch.promote_types(input.dtype, target.dtype) if soft else input.dtype, amp)
+    out_dtype = _loss_dtype(input, target, amp)
     if wide or extra_grad or get_backend() == "reference" or not use_triton(input, target, weight):
         return _ref.cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, out_dtype=out_dtype

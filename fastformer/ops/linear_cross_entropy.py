@@ -474,7 +474,7 @@ def linear_cross_entropy(
     if not soft and _range_check_wanted(target):
         _check_range(target, weight.shape[0], ignore_index)
     grad_on = torch.is_grad_enabled()
-    out_dtype = _loss_dtype(torch.promote_types(input.dtype, target.dtype) if soft else input.dtype, amp)
+    out_dtype = _loss_dtype(input, target, amp)
     if get_backend() == "reference" or (soft and grad_on and target.requires_grad):
         with no_autocast(input, amp):
             return _ref.linear_cross_entropy(
