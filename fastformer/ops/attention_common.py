@@ -123,13 +123,18 @@ def check_attn_mask(attn_mask, query: torch.Tensor, scores_shape: tuple) -> None
         )
 
 
+def _bf16_on_cpu(t: torch.Tensor) -> bool:
+    """bf16 CPU tensors: the kernels would run in Triton's interpreter, whose bf16 tl.dot returns
+    garbage (numpy holds bf16 as raw bits), so they are not covered."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu"
+
+
 def kernel_covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the fused kernels compute this call: fp16/bf16/fp32, head dim <= 256 and equal for
-    q/k/v, and nothing empty. The rest runs on the fallback. bf16 CPU tensors too: on the CPU the
-    kernels run in Triton's interpreter, whose bf16 tl.dot returns garbage (numpy holds bf16 as raw bits)."""
+    """Whether the fused kernels compute this call: fp16/bf16/fp32 (not bf16 CPU tensors, see
+    _bf16_on_cpu), head dim <= 256 and equal for q/k/v, and nothing empty. The rest runs on the fallback."""
     return (
         q.dtype in KERNEL_DTYPES
-        and not (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+        and not _bf16_on_cpu(q)
         and q.shape[-1] <= MAX_HEAD_DIM
         and v.shape[-1] == q.shape[-1]
         and q.shape[-2] > 0
@@ -164,7 +169,7 @@ def attention_path(*tensors, covered: bool, dropout_p: float) -> str:
     if dropout_p < 1.0 and use_triton(*tensors):
         if covered:
             return "kernel"
-        if tensors[0].dtype == torch.bfloat16 and tensors[0].device.type == "cpu":
+        if _bf16_on_cpu(tensors[0]):
             _warn_bf16_interpreter()
     if cpu_fast_path(*tensors) and torch_sdpa_usable():
         return "torch"
