@@ -89,14 +89,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def under_functorch(*tensors: torch.Tensor | None) -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) wraps any of these tensors.
+
+    The fused paths are autograd.Functions whose backward is a kernel, and their checks read values on
+    the host; neither works inside a transform. There the ops run their torch-operation paths, which
+    torch.func batches and differentiates (use_triton says no; linear_cross_entropy asks directly).
+    """
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot trace the check below (a pybind builtin); it traces the transforms itself
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(t is not None and wrapped(t) for t in tensors)
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Decide whether an op given these tensors should launch its Triton kernel.
 
     auto: only for CUDA tensors (and triton importable). triton: always, on CUDA tensors or, under the
-    interpreter, CPU tensors; raising if that is impossible. reference: never.
+    interpreter, CPU tensors; raising if that is impossible. reference: never; nor inside a torch.func
+    transform (under_functorch).
     """
     backend = get_backend()
-    if backend == "reference":
+    if backend == "reference" or under_functorch(*tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":

@@ -33,9 +33,10 @@ from collections.abc import Callable
 import torch
 
 from ..backend import cpu_fast_path, use_triton
+from ..reference.attention import default_scale
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, check_range
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, refuse_double_backward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -325,6 +326,7 @@ class FusedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_double_backward("ff attention (scaled_dot_product_attention, varlen_attention, t5_attention)")
         q, k, v, out, lse, mask, table = ctx.saved_tensors
         spec = ctx.spec
         spec.mask = mask if mask is not None else spec.mask
@@ -374,7 +376,7 @@ def fused_attention(
     Lk = k.shape[2]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     spec = K.AttnSpec(
-        scale=1.0 / math.sqrt(D) if scale is None else float(scale),
+        scale=default_scale(D) if scale is None else float(scale),
         causal=bool(is_causal),
         dropout_p=float(dropout_p),
         t5_rel=t5_rel,
@@ -405,7 +407,7 @@ def fused_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     B = cu_seqlens_q.numel() - 1
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     spec = K.AttnSpec(
-        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        scale=default_scale(q.shape[-1]) if scale is None else float(scale),
         causal=bool(causal),
         dropout_p=float(dropout_p),
         cu_q=cu_seqlens_q.to(torch.int32).contiguous(),

@@ -43,12 +43,12 @@ import torch
 
 import fastformer.reference.cross_entropy as _ref
 
-from ..backend import get_backend, use_triton
+from ..backend import get_backend, under_functorch, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
 from .amp import amp_dtype
-from .errors import InputError, InputTypeError, TargetIndexError
+from .errors import InputError, InputTypeError, TargetIndexError, refuse_double_backward
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -67,9 +67,9 @@ def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     if isinstance(ignore_index, bool) or _as_index(ignore_index) is None:
         raise InputTypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+    if _as_real(label_smoothing) is None:
         raise InputTypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
-    check_range("label_smoothing", float(label_smoothing), 0.0, 1.0, hi_inclusive=True)
+    check_range("label_smoothing", _as_real(label_smoothing), 0.0, 1.0, hi_inclusive=True)
     if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not math.isfinite(z_loss) or z_loss < 0:
         raise InputError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
 
@@ -80,6 +80,14 @@ def _as_index(value):
         return operator.index(value)
     except TypeError:
         return None
+
+
+def _as_real(value):
+    """float(value) for a real number or a real 0-d tensor (torch's cross_entropy takes both), else None."""
+    if isinstance(value, torch.Tensor):
+        ok = value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+        return float(value) if ok else None
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 def _loss_dtype(input: torch.Tensor, target: torch.Tensor, amp) -> torch.dtype:
@@ -111,6 +119,8 @@ def _check_target(target, input_shape: tuple, device, ignore_index) -> bool:
             f"class probabilities); got dtype {target.dtype} and shape {tuple(target.shape)}"
         )
     expected = () if len(input_shape) == 1 else (input_shape[0],) + tuple(input_shape[2:])
+    if len(input_shape) == 1 and tuple(target.shape) == (1,):
+        return False  # torch takes a one-element target for an unbatched input too
     if tuple(target.shape) != expected:
         if len(input_shape) >= 2 and (target.dim() == 0 or target.shape[0] != input_shape[0]):
             got = target.shape[0] if target.dim() else "none"
@@ -130,8 +140,9 @@ def _is_compiling() -> bool:
 def _range_check_wanted(target: torch.Tensor) -> bool:
     """Check class indices before launching: always on CPU (no device sync to pay), elsewhere only with
     the debug switch (set_target_checks / FASTFORMER_CHECK_TARGETS). Not while torch.compile traces
-    (a value-dependent branch would break the graph; torch's own checks apply there)."""
-    return (target.device.type == "cpu" or _CHECK_TARGETS) and not _is_compiling()
+    (a value-dependent branch would break the graph; torch's own checks apply there), nor inside a
+    torch.func transform (vmap cannot branch on values)."""
+    return (target.device.type == "cpu" or _CHECK_TARGETS) and not _is_compiling() and not under_functorch(target)
 
 
 def _check_range(target: torch.Tensor, C: int, ignore_index: int) -> None:
@@ -145,6 +156,17 @@ def _check_range(target: torch.Tensor, C: int, ignore_index: int) -> None:
         )
 
 
+def _rows(input: torch.Tensor) -> int:
+    """How many (batch entry, position) rows of C classes an input (C,) or (N, C, d1, ..., dK) holds."""
+    return 1 if input.dim() == 1 else input.shape[0] * math.prod(input.shape[2:])
+
+
+def _index_target(target: torch.Tensor) -> torch.Tensor:
+    """Class indices as int32 / int64: a narrower dtype is widened (as torch reads a uint8 target), so that
+    comparisons with C and ignore_index (-100 is 156 as a uint8) are made on the values as written."""
+    return target if target.dtype in (torch.int64, torch.int32) else target.long()
+
+
 def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, amp) -> bool:
     """All of cross_entropy's checks; returns whether target is soft (probabilities)."""
     check_tensor("input", input, dtypes=FLOAT_DTYPES)
@@ -153,7 +175,7 @@ def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     _check_common(ignore_index, reduction, label_smoothing, z_loss)
     soft = _check_target(target, tuple(input.shape), input.device, ignore_index)
-    if C == 0:
+    if C == 0 and _rows(input) > 0:
         raise TargetIndexError(f"input must have at least one class, got shape {tuple(input.shape)}")
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES, device=input.device)
@@ -170,7 +192,7 @@ def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing
 def _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss) -> bool:
     """All of linear_cross_entropy's checks; returns whether target is soft (probabilities (*, V))."""
     check_tensor("input", input, dtypes=FLOAT_DTYPES)
-    if input.dim() < 2:
+    if input.dim() < 1:
         raise InputError(f"input must have shape (N, H) (or (*, H)), got {tuple(input.shape)}")
     check_tensor("weight", weight, ndim=2, device=input.device)
     check_same_dtype("weight", weight, "input", input)
@@ -220,11 +242,11 @@ def _mean_denominators(target, weight32, ignore_index: int, V: int):
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
     """(N, C, d1, ..., dK) -> the (N, C, D) view the kernel reads (a copy only when d1..dK do not merge)."""
-    N, C = t.shape[0], t.shape[1]
+    N, C, D = t.shape[0], t.shape[1], math.prod(t.shape[2:])  # not -1: ambiguous when N or C is 0
     try:
-        return t.view(N, C, -1)
+        return t.view(N, C, D)
     except RuntimeError:
-        return t.contiguous().view(N, C, -1)
+        return t.contiguous().view(N, C, D)
 
 
 class _CrossEntropyFn(torch.autograd.Function):
@@ -265,9 +287,10 @@ class _CrossEntropyFn(torch.autograd.Function):
         return out.to(out_dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         from ..kernels import cross_entropy_launch as K
+
+        refuse_double_backward("ff.cross_entropy")
 
         (grad,) = forward_grads.scaled(
             ctx, grad_out.reshape(-1).to(torch.float32).contiguous(), K.scale_rows_, "ff.cross_entropy"
@@ -300,8 +323,10 @@ def cross_entropy(
     """
     amp = amp_dtype(input)
     soft = _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, amp)
-    ignore_index = _as_index(ignore_index)
+    ignore_index, label_smoothing = _as_index(ignore_index), _as_real(label_smoothing)
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if not soft:
+        target = _index_target(target).reshape(target.shape[1:] if input.dim() == 1 else target.shape)
     if not soft and _range_check_wanted(target):
         _check_range(target, C, ignore_index)
     grad_on = torch.is_grad_enabled()
@@ -310,7 +335,8 @@ def cross_entropy(
     extra_grad = grad_on and ((weight is not None and weight.requires_grad) or (soft and target.requires_grad))
     wide = input.dtype == torch.float64 or (soft and target.dtype == torch.float64)
     out_dtype = _loss_dtype(input, target, amp)
-    if wide or extra_grad or get_backend() == "reference" or not use_triton(input, target, weight):
+    empty = C == 0  # no rows either (checked above): the reference returns the empty reduction
+    if wide or extra_grad or empty or get_backend() == "reference" or not use_triton(input, target, weight):
         return _ref.cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, out_dtype=out_dtype
         )
@@ -329,7 +355,7 @@ def cross_entropy(
         weight,
         int(ignore_index),
         reduction,
-        float(label_smoothing),
+        label_smoothing,
         float(z_loss),
         need_grad,
         out_shape,

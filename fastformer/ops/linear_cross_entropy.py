@@ -27,12 +27,21 @@ import torch
 
 import fastformer.reference.cross_entropy as _ref
 
-from ..backend import get_backend, use_triton
+from ..backend import get_backend, under_functorch, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
 from .amp import amp_dtype, autocast_cast, no_autocast
-from .cross_entropy import _as_index, _check_range, _is_compiling, _loss_dtype, _range_check_wanted, _validate_linear
-from .errors import InputError
+from .cross_entropy import (
+    _as_index,
+    _as_real,
+    _check_range,
+    _index_target,
+    _is_compiling,
+    _loss_dtype,
+    _range_check_wanted,
+    _validate_linear,
+)
+from .errors import InputError, refuse_double_backward
 
 # a 16-bit grad_W takes one rounding per chunk: at most this many chunks by default. With K chunks
 # its rounding error is sqrt((K + 1) / 2) times the unfused path's single rounding at worst (the
@@ -397,8 +406,13 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         return out  # in _acc_dtype(x): the caller rounds it to the loss dtype (float32 under autocast)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        refuse_double_backward("ff.linear_cross_entropy")
+        return _LinearCrossEntropyFn.grads(ctx, g)
+
+    @staticmethod
+    def grads(ctx, g):
+        """backward's body, also run by the compiled path's custom op (linear_cross_entropy_op.py)."""
         reduction, eps, z, ignore_index, use_kernel, chunk, N, (need_x, need_W, need_b) = ctx.meta
         if reduction != "none":
             # the gradients were made in forward for grad_output 1: scale them
@@ -470,12 +484,18 @@ def linear_cross_entropy(
     soft = _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
-    ignore_index = _as_index(ignore_index)
+    ignore_index, label_smoothing = _as_index(ignore_index), _as_real(label_smoothing)
+    if not soft:
+        target = _index_target(target)
     if not soft and _range_check_wanted(target):
         _check_range(target, weight.shape[0], ignore_index)
     grad_on = torch.is_grad_enabled()
     out_dtype = _loss_dtype(input, target, amp)
-    if get_backend() == "reference" or (soft and grad_on and target.requires_grad):
+    if (
+        get_backend() == "reference"
+        or (soft and grad_on and target.requires_grad)
+        or under_functorch(input, weight, target, bias)
+    ):
         with no_autocast(input, amp):
             return _ref.linear_cross_entropy(
                 input,
@@ -508,7 +528,7 @@ def linear_cross_entropy(
             t,
             int(ignore_index),
             reduction,
-            float(label_smoothing),
+            label_smoothing,
             float(z_loss),
             needs,
             use_kernel,

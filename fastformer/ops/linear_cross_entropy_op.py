@@ -16,7 +16,7 @@ forward-made gradients in place, which saves a copy of grad_W that a traced back
     fastformer::linear_cross_entropy_rows_backward(g, x, W, b, target, ...) -> (grad_x, grad_W, grad_b)
         "none": backward recomputes the chunks with the per-row grad_output, as eager does.
 
-The gradients are not differentiable again (as in eager, where backward is once_differentiable).
+The gradients are not differentiable again (eager refuses a create_graph backward: errors.refuse_double_backward).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def linear_cross_entropy_rows_backward(
     )
     ctx.save_for_backward(x_k, W, b, t_k, keep)
     ctx.count = count
-    return _or_empty(_LinearCrossEntropyFn.backward(ctx, g)[:3], x, W)
+    return _or_empty(_LinearCrossEntropyFn.grads(ctx, g)[:3], x, W)
 
 
 @linear_cross_entropy_rows_backward.register_fake

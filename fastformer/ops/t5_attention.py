@@ -30,6 +30,7 @@ from .attention_common import (
     check_attn_mask,
     check_dropout,
     check_flag,
+    check_scale,
     fused_attention,
     kernel_covers,
     prepare_mask,
@@ -177,7 +178,8 @@ def t5_attention(
         raise InputError(f"k shape {tuple(k.shape)} must be (B={B}, H={H}, Lk, D={D})")
     if v.shape[:3] != k.shape[:3]:
         raise InputError(f"v shape {tuple(v.shape)} must match k's (B, H, Lk) {tuple(k.shape[:3])}")
-    check_bucket_config(bool(bidirectional), num_buckets, max_distance)
+    check_flag("bidirectional", bidirectional)
+    check_bucket_config(bidirectional, num_buckets, max_distance)
     if tuple(bias_table.shape) != (num_buckets, H):
         raise InputError(
             f"bias_table must have shape (num_buckets, H) = ({num_buckets}, {H}), got {tuple(bias_table.shape)}"
@@ -186,6 +188,7 @@ def t5_attention(
     check_attn_mask(attn_mask, q, (B, H, Lq, Lk))
     dropout_p = check_dropout(dropout_p)
     check_flag("is_causal", is_causal)
+    check_scale(scale)
     if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
         raise InputError(f"query_offset must be an int >= 0, got {query_offset!r}")
     kw = dict(bidirectional=bool(bidirectional), num_buckets=num_buckets, max_distance=max_distance)

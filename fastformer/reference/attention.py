@@ -15,6 +15,12 @@ import math
 import torch
 
 
+def default_scale(head_dim: int) -> float:
+    """torch's default softmax scale 1/sqrt(D). With D = 0 every score is 0 whatever the scale, and torch
+    returns the uniform average of the values: any finite scale gives that, so 1.0 (no division by 0)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def sdpa_reference(
     query,
     key,
@@ -46,7 +52,7 @@ def sdpa_reference(
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         if v.shape[-3] != q.shape[-3]:
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         scores = scores + bias.to(cdt)

@@ -26,6 +26,8 @@ Computation is in fp32 for fp16/bf16 input (float64 stays float64); the result h
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,10 @@ import torch.nn.functional as F
 def _rows(t: torch.Tensor, C_dim: bool) -> torch.Tensor:
     """(C,) / (N, C) / (N, C, d...) -> (R, C) rows (C_dim) or () / (N,) / (N, d...) -> (R,)."""
     if C_dim:
-        return t[None] if t.dim() == 1 else t.movedim(1, -1).reshape(-1, t.shape[1])
+        if t.dim() == 1:
+            return t[None]
+        rows = t.shape[0] * math.prod(t.shape[2:])  # not -1: ambiguous when there are no classes
+        return t.movedim(1, -1).reshape(rows, t.shape[1])
     return t.reshape(-1)
 
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .attention import sdpa_reference
+from .attention import default_scale, sdpa_reference
 
 
 def relative_position_bucket(
@@ -123,7 +123,7 @@ def t5_attention_reference(
         # no row can lose all its keys (causal keeps key 0 for every row): sdpa_reference's formula
         # without its mask bookkeeping, the same values in a few calls (a decode step makes many)
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scale = default_scale(q.shape[-1]) if scale is None else scale
         scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-2, -1))
         if scale != 1.0:  # T5 does not scale
             scores = scores * scale
