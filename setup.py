@@ -23,15 +23,22 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _env_flag(name):
+    """Whether the environment variable is on: unset, "", 0, false, off and no (any case) are off, so
+    FASTFORMER_NO_EXT=0 still builds. The same rule as fastformer/_extension.py:env_flag (not imported:
+    the package needs torch and is not installed yet when this runs)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "off", "no")
+
+
 def _cxx_flags():
     flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # -std: torch's BuildExtension adds the one its headers need
-    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("FASTFORMER_PORTABLE"):
+    if platform.machine() in ("x86_64", "AMD64") and not _env_flag("FASTFORMER_PORTABLE"):
         flags.append("-march=native")  # AVX2/AVX-512 for the Adam loop; FASTFORMER_PORTABLE=1 for a generic build
     return flags
 
 
 def _ext_modules_and_cmdclass():
-    if os.environ.get("FASTFORMER_NO_EXT"):
+    if _env_flag("FASTFORMER_NO_EXT"):
         return [], {}
     try:
         import torch

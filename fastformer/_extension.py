@@ -4,7 +4,7 @@ the one-pass CPU dropout (models/_cpu_attention.py) and the trainer's denormal m
 thread (train/resources.py).
 
 Any failure (not built, built for another torch, missing symbols) is caught; each user then runs its
-torch fallback. FASTFORMER_DISABLE_EXT=1 forces the fallbacks everywhere.
+torch fallback. FASTFORMER_DISABLE_EXT=1 forces the fallbacks everywhere (0 / false / off / no: not set).
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ import torch
 # loaded: None = not tried yet; error: the exception that stopped it
 _state = {"loaded": None, "error": None}
 
+_OFF = ("", "0", "false", "off", "no")
+
+
+def env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to something other than "", 0, false, off or
+    no (case-insensitive): FASTFORMER_DISABLE_EXT=0 must leave the extension on. setup.py parses
+    FASTFORMER_NO_EXT / FASTFORMER_PORTABLE the same way."""
+    return os.environ.get(name, "").strip().lower() not in _OFF
+
 
 def load() -> bool:
     """True when the operators torch.ops.fastformer.* are registered (CPU kernels at least)."""
     if _state["loaded"] is None:
         try:
-            if os.environ.get("FASTFORMER_DISABLE_EXT"):
+            if env_flag("FASTFORMER_DISABLE_EXT"):
                 raise ImportError("disabled by FASTFORMER_DISABLE_EXT")
             importlib.import_module("fastformer._C")
             torch.ops.fastformer.adam_step  # noqa: B018 - raises if the operator is not registered

@@ -5,18 +5,21 @@ tensor of every parameter group: on CPU one OpenMP loop, on CUDA one kernel laun
 travel as one row of 8 numbers per group (`_group_row`); the operator increments each tensor's step
 and computes its bias corrections in double precision, as torch's single-tensor Adam does in Python.
 
-State layout is torch's: per parameter 'step' (fp32 scalar tensor on CPU), 'exp_avg', 'exp_avg_sq',
+State layout is torch's: per parameter 'step' (a CPU scalar tensor, fp32 or fp64 under
+torch.set_default_dtype(torch.float64), as torch makes it), 'exp_avg', 'exp_avg_sq',
 'max_exp_avg_sq' (amsgrad) and, with master_weights=True for fp16/bf16 parameters, 'master_param'
 (fp32; exp_avg/exp_avg_sq are then fp32 too). param_groups carry torch's keys plus 'master_weights'.
 """
 
 from __future__ import annotations
 
+import numbers
 from itertools import chain
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
+from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _ext
 
@@ -36,6 +39,57 @@ def _to_float(x) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
 
+def _check_number(name: str, x) -> None:
+    """ValueError naming the argument unless x is a real number or a 1-element real tensor (torch
+    fails on lr="0.1" only later, comparing a str with a float; the kernel row needs a float)."""
+    if torch.is_tensor(x):
+        if x.numel() != 1 or x.is_complex():
+            raise ValueError(f"{name}: a tensor {name} must have one real element")
+    elif not isinstance(x, numbers.Real):
+        raise ValueError(f"{name}: must be a number or a 1-element tensor, got {type(x).__name__} {x!r}")
+
+
+def _check_betas(betas) -> None:
+    """betas: two numbers in [0, 1); a wrong length would only fail at the first step otherwise."""
+    try:
+        n = len(betas)
+    except TypeError:
+        raise ValueError(f"betas: must be a pair (beta1, beta2), got {betas!r}") from None
+    if n != 2:
+        raise ValueError(f"betas: must be a pair (beta1, beta2), got {n} values: {betas!r}")
+    for i, b in enumerate(betas):
+        _check_number(f"betas[{i}]", b)
+        if not 0.0 <= _to_float(b) < 1.0:
+            raise ValueError(f"betas: invalid beta parameter at index {i}: {b}")
+
+
+def _step_tensor(value) -> torch.Tensor:
+    """A loaded 'step' as a fresh CPU scalar: fp32 or fp64 as saved (torch keeps the saved dtype),
+    otherwise (a Python number from an old checkpoint) torch's default scalar dtype."""
+    dtype = value.dtype if torch.is_tensor(value) and value.dtype in (torch.float32, torch.float64) else None
+    return torch.tensor(_to_float(value), dtype=dtype or _get_scalar_dtype())
+
+
+def _master_is_current(master, p: torch.Tensor) -> bool:
+    """Whether a loaded state["master_param"] is the fp32 copy of p: a checkpoint that went through
+    torch's Adam carries the key cast to p's dtype and no longer updated, so it is stale."""
+    return (
+        torch.is_tensor(master)
+        and master.dtype == torch.float32
+        and master.shape == p.shape
+        and torch.equal(master.to(device=p.device, dtype=p.dtype), p.detach())
+    )
+
+
+def _unscale(g: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """Divide g by the GradScaler scale in fp32 and write the result back (as torch's fused Adam
+    does); returns the fp32 quotient. The scale (e.g. 65536) is inf in fp16, so dividing in g's
+    dtype would zero an fp16 gradient."""
+    g32 = g.to(torch.float32) / grad_scale.to(device=g.device, dtype=torch.float32)
+    g.copy_(g32)
+    return g32
+
+
 def _group_row(group: dict) -> list[float]:
     """The 8 numbers per parameter group the operator reads (csrc/adam_host.h, kGroupRow); the
     per-tensor bias corrections are derived from them and each tensor's step in C++."""
@@ -53,11 +107,30 @@ def _group_row(group: dict) -> list[float]:
 
 
 class _Bucket:
-    """The tensors of one device that go to one extension call."""
+    """The tensors of one device that go to one extension call: one row per tensor, (param, grad,
+    exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, group code), turned into the operator's
+    lists at call time (one append per tensor in the step's hot loop instead of eight)."""
 
     def __init__(self):
-        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
-        self.max_exp_avg_sqs, self.masters, self.steps, self.tensor_group = [], [], [], []
+        self.rows: list[tuple] = []
+        self.wide_steps = False  # some 'step' is fp64 (torch.set_default_dtype(torch.float64))
+
+    def calls(self) -> list[list[tuple]]:
+        """The operator's argument lists, once per call. Usually one call; a parameter listed twice
+        in its group (torch allows it, with a warning) goes to one call per occurrence: torch steps
+        it twice in sequence, while in one call both entries would share the state (a data race
+        across threads, and both would see the step count already advanced)."""
+        cols = list(zip(*self.rows))
+        if len(set(map(id, cols[0]))) == len(cols[0]):
+            return [cols]
+        rounds: list[list[tuple]] = []
+        seen: dict[int, int] = {}
+        for row in self.rows:
+            r = seen[id(row[0])] = seen.get(id(row[0]), -1) + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(row)
+        return [list(zip(*rows)) for rows in rounds]
 
 
 class FusedAdam(Optimizer):
@@ -67,7 +140,8 @@ class FusedAdam(Optimizer):
     amsgrad, maximize, decoupled_weight_decay), plus master_weights: keep an fp32 copy of fp16/bf16
     parameters (and fp32 moments) in the state and write the parameter back rounded. Without it,
     low-precision parameters are updated in fp32 math and stored rounded.
-    capturable / differentiable are not supported; foreach / fused are accepted and ignored.
+    capturable / differentiable, sparse gradients and complex parameters are not supported (step()
+    raises ValueError for the latter two); foreach / fused are accepted and ignored.
     Works under torch.amp.GradScaler (the unscale happens inside the step; a step whose gradients
     have an inf/NaN changes nothing, including the step count).
     """
@@ -93,15 +167,13 @@ class FusedAdam(Optimizer):
     ):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
-        if torch.is_tensor(lr) and lr.numel() != 1:
-            raise ValueError("lr: a tensor lr must have one element")
+        for name, x in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            _check_number(name, x)
         if not 0.0 <= _to_float(lr):
             raise ValueError(f"lr: invalid learning rate {lr}")
         if not 0.0 <= eps:
             raise ValueError(f"eps: invalid epsilon value {eps}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= _to_float(b) < 1.0:
-                raise ValueError(f"betas: invalid beta parameter at index {i}: {b}")
+        _check_betas(betas)
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight_decay: invalid value {weight_decay}")
         if capturable or differentiable:
@@ -141,8 +213,10 @@ class FusedAdam(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict):
-        """torch's load, except that 'step' is kept as an fp32 CPU scalar and the fp32 state of
-        fp16/bf16 parameters (master weights, moments) is not cast down to the parameter dtype."""
+        """torch's load, except that 'step' is kept as a CPU scalar (fp32, or fp64 as saved), the fp32
+        state of fp16/bf16 parameters (master weights, moments) is not cast down to the parameter
+        dtype, and a stale master copy (not fp32, or not rounding to the parameter) is dropped so
+        that the next step rebuilds it from the parameter."""
         keep = {}
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -156,16 +230,20 @@ class FusedAdam(Optimizer):
         self._plan = {}
         for p, st in self.state.items():
             if "step" in st:
-                st["step"] = torch.tensor(_to_float(st["step"]), dtype=torch.float32)
+                st["step"] = _step_tensor(st["step"])
             for k, v in keep.get(p, {}).items():
                 st[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+            if "master_param" in st and not _master_is_current(st["master_param"], p):
+                del st["master_param"]
 
     # -- the step ------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict, master: bool) -> dict:
+        """p's state as the step needs it (run when its plan entry is built): torch's fresh moments
+        and step, fp32 moments and an fp32 copy of p with master weights, 'step' on the CPU."""
         state = self.state[p]
         sdtype = torch.float32 if master else p.dtype
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # fp64 under default fp64, as torch
             state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
         if master:  # moments loaded from torch's Adam are in the parameter's dtype: master weights keep fp32
@@ -174,15 +252,39 @@ class FusedAdam(Optimizer):
                     state[key] = state[key].to(torch.float32)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+        if master and "master_param" in state and not _master_is_current(state["master_param"], p):
+            del state["master_param"]  # p.data was replaced: the step continues from the new values
         if master and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)
         if state["step"].device.type != "cpu":
-            state["step"] = state["step"].to("cpu", torch.float32)
+            state["step"] = state["step"].to("cpu")
         return state
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        """ValueError for a parameter the step cannot take (checked before its plan entry is built):
+        complex, or state of another shape (p.data was replaced; torch fails inside its step)."""
+        if p.is_complex():
+            raise ValueError(f"{type(self).__name__}: complex parameters are not supported")
+        state = self.state.get(p) or {}
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+            if torch.is_tensor(state.get(k)) and state[k].shape != p.shape:
+                raise ValueError(
+                    f"params: a parameter of shape {tuple(p.shape)} has optimizer state {k!r} of shape "
+                    f"{tuple(state[k].shape)} (p.data was replaced; reset opt.state[p] to start it afresh)"
+                )
+
+    def _plan_entry(self, p: torch.Tensor, group: dict, key: tuple) -> tuple:
+        """Initialise p's state and decide once whether the extension takes it; the entry is reused
+        while its key and state dict stay the same (checked every step in `_sort`)."""
+        amsgrad, mw = key[-2:]
+        master = bool(mw and p.dtype in _LOW_PRECISION)
+        state = self._init_state(p, group, master)
+        wide = state["step"].dtype != torch.float32
+        return key, state, master, self._kernel_ok(p, state, amsgrad, master), wide, p.device
 
     @staticmethod
     def _kernel_ok(p: torch.Tensor, state: dict, amsgrad: bool, master: bool) -> bool:
-        """Whether the extension takes this parameter and its state (checked once, then cached)."""
+        """Whether the extension takes this parameter and its state (cached in the step plan)."""
         m, v = state["exp_avg"], state["exp_avg_sq"]
         tensors = (
             [p, m, v] + ([state["max_exp_avg_sq"]] if amsgrad else []) + ([state["master_param"]] if master else [])
@@ -209,72 +311,24 @@ class FusedAdam(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and _to_float(found_inf) != 0.0:
             return loss
-        # 2. Validate everything before any state changes.
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None and (g.is_sparse or p.is_complex()):
-                    raise ValueError(
-                        f"{type(self).__name__}: "
-                        + (
-                            "sparse gradients are not supported (param.grad is sparse); use torch.optim.SparseAdam"
-                            if g.is_sparse
-                            else "complex parameters are not supported"
-                        )
-                    )
-        # 3. Sort tensors into one extension call per device, or torch's path where no kernel fits.
-        #    The per-parameter checks are cached (self._plan) so a step costs little Python time.
+        # 2. Sort tensors into one extension call per device, or torch's path where no kernel fits
+        #    (_sort). Nothing changes until every gradient is checked: parameters without a valid
+        #    cached entry are only collected on the first pass; their entries (which initialise state)
+        #    are built after that, and a second pass sorts them in.
         plan = self.__dict__.setdefault("_plan", {})
-        buckets: dict[torch.device, _Bucket] = {}
-        fallback: list[tuple[dict, list]] = []
-        for gi, group in enumerate(self.param_groups):
-            amsgrad, mw = bool(group["amsgrad"]), bool(group["master_weights"])
-            slow = []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                entry = plan.get(p)
-                if entry is None or entry[0] != amsgrad or entry[1] != mw:
-                    master = mw and p.dtype in _LOW_PRECISION
-                    state = self._init_state(p, group, master)
-                    entry = plan[p] = (amsgrad, mw, master, self._kernel_ok(p, state, amsgrad, master), state)
-                _, _, master, ok, state = entry
-                if not (ok and g.dtype == p.dtype and g.is_contiguous()):
-                    slow.append(p)
-                    continue
-                b = buckets.get(p.device)
-                if b is None:
-                    b = buckets[p.device] = _Bucket()
-                v = state["exp_avg_sq"]
-                b.params.append(p)
-                b.grads.append(g)
-                b.exp_avgs.append(state["exp_avg"])
-                b.exp_avg_sqs.append(v)
-                b.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if amsgrad else v)
-                b.masters.append(state["master_param"] if master else p)
-                b.steps.append(state["step"])
-                b.tensor_group.append(2 * gi + int(master))
-            if slow:
-                fallback.append((group, slow))
-        # 4. One fused call per device: every tensor, every group. The operator increments each
+        buckets, fallback, stale = self._sort(plan, build=False)
+        if stale:
+            for p, _, _ in stale:
+                self._check_param(p)
+            buckets, fallback, _ = self._sort(plan, build=True)
+        # 3. One fused call per device: every tensor, every group. The operator increments each
         #    tensor's step and derives its bias corrections from its group's row.
         if buckets:
             rows = [x for group in self.param_groups for x in _group_row(group)]
         for device, b in buckets.items():
             gs = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
-            torch.ops.fastformer.adam_step(
-                b.params,
-                b.grads,
-                b.exp_avgs,
-                b.exp_avg_sqs,
-                b.max_exp_avg_sqs,
-                b.masters,
-                b.steps,
-                b.tensor_group,
-                rows,
-                gs,
-            )
+            for r, cols in enumerate(b.calls()):
+                self._kernel_call(cols, b.wide_steps, rows, gs if r == 0 else None)  # later: grads unscaled
         if fallback:
             if _ext.load():
                 kinds = sorted({f"{p.dtype} on {p.device.type}" for _, params in fallback for p in params})
@@ -287,21 +341,113 @@ class FusedAdam(Optimizer):
                 self._fallback_step(group, params, grad_scale)
         return loss
 
+    def _sort(self, plan: dict, build: bool) -> tuple[dict, list, list]:
+        """The step's tensors: a _Bucket per device for the extension, (group, params) lists for
+        torch's path, and the (param, group, key) whose cached entry is missing or stale; with
+        build=True those entries are built here (initialising state) and sorted in. Raises
+        ValueError for a sparse gradient before anything changes.
+
+        The per-parameter checks are cached (plan, by id(p)) so a step costs little Python time.
+        An entry is rebuilt when its state dict was replaced or emptied (opt.state.clear(), a new
+        opt.state, del opt.state[p]: torch then starts afresh), when p.data was replaced (pointer,
+        dtype, shape or strides differ) or when the group's amsgrad / master_weights changed. The
+        state identity check also makes a reused id(p) safe. The device needs no check: tensors on
+        different devices never share an address while both are alive."""
+        states = self.state
+        buckets: dict[torch.device, _Bucket] = {}
+        fallback: list[tuple[dict, list]] = []
+        stale: list[tuple] = []
+        for gi, group in enumerate(self.param_groups):
+            amsgrad, mw = bool(group["amsgrad"]), bool(group["master_weights"])
+            slow = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__}: sparse gradients are not supported (param.grad is sparse); "
+                        "use torch.optim.SparseAdam"
+                    )
+                dtype = p.dtype
+                key = (p.data_ptr(), dtype, p.shape, p.stride(), amsgrad, mw)  # inline: the hot path
+                entry = plan.get(id(p))
+                if entry is None or entry[0] != key or not entry[1] or states.get(p) is not entry[1]:
+                    if not build:
+                        stale.append((p, group, key))
+                        continue
+                    entry = plan[id(p)] = self._plan_entry(p, group, key)
+                _, state, master, ok, wide, device = entry
+                if not (ok and g.dtype == dtype and g.is_contiguous()):
+                    slow.append(p)
+                    continue
+                b = buckets.get(device)
+                if b is None:
+                    b = buckets[device] = _Bucket()
+                if wide:
+                    b.wide_steps = True
+                v = state["exp_avg_sq"]
+                b.rows.append(
+                    (
+                        p,
+                        g,
+                        state["exp_avg"],
+                        v,
+                        state["max_exp_avg_sq"] if amsgrad else v,
+                        state["master_param"] if master else p,
+                        state["step"],
+                        2 * gi + master,
+                    )
+                )
+            if slow:
+                fallback.append((group, slow))
+        return buckets, fallback, stale
+
+    @staticmethod
+    def _kernel_call(cols: list[tuple], wide_steps: bool, rows: list[float], grad_scale) -> None:
+        """One torch.ops.fastformer.adam_step over a bucket's lists (_Bucket.calls). The operator
+        counts steps in fp32; fp64 step tensors (torch's under a float64 default dtype) go through
+        fp32 copies."""
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, tensor_group = cols
+        steps32 = [s.to(torch.float32) for s in steps] if wide_steps else steps
+        torch.ops.fastformer.adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps32, tensor_group, rows, grad_scale
+        )
+        if wide_steps:
+            for s, s32 in zip(steps, steps32):
+                if s is not s32:
+                    s.copy_(s32)
+
     def _fallback_step(self, group: dict, params: list, grad_scale) -> None:
-        """torch's single-tensor Adam on the same state (it increments 'step' itself)."""
+        """torch's single-tensor Adam on the same state (it increments 'step' itself, and steps a
+        parameter listed twice twice, in sequence, as torch does). fp16/bf16 tensors are stepped in
+        fp32 copies and written back rounded, as the kernels do: in fp16 itself eps=1e-8 is 0 and
+        a small gradient's square underflows, so the update would be inf."""
         ps, gs, ms, vs, vmaxs, steps, masters = [], [], [], [], [], [], []
+        unscaled: dict[int, torch.Tensor] = {}  # id(grad) -> fp32 unscaled grad: each grad once
+        work: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(stored) -> (stored, fp32 copy)
+
+        def up(t: torch.Tensor) -> torch.Tensor:  # one copy per tensor, shared by repeated params
+            if t.dtype not in _LOW_PRECISION:
+                return t
+            if id(t) not in work:
+                work[id(t)] = (t, t.to(torch.float32))
+            return work[id(t)][1]
+
         for p in params:
             state = self.state[p]
             g = p.grad
             if grad_scale is not None:
-                g.div_(grad_scale.to(device=g.device, dtype=g.dtype))
+                if id(g) not in unscaled:
+                    unscaled[id(g)] = _unscale(g, grad_scale)
+                g = unscaled[id(g)]
             master = "master_param" in state and bool(group["master_weights"])
-            ps.append(state["master_param"] if master else p)
+            ps.append(up(state["master_param"] if master else p))
             gs.append(g.to(ps[-1].dtype))
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
+            ms.append(up(state["exp_avg"]))
+            vs.append(up(state["exp_avg_sq"]))
             if group["amsgrad"]:
-                vmaxs.append(state["max_exp_avg_sq"])
+                vmaxs.append(up(state["max_exp_avg_sq"]))
             steps.append(state["step"])
             masters.append(master)
         beta1, beta2 = group["betas"]
@@ -328,6 +474,8 @@ class FusedAdam(Optimizer):
             eps=group["eps"],
             maximize=bool(group["maximize"]),
         )
+        for stored, copy in work.values():
+            stored.copy_(copy)
         for p, src, master in zip(params, ps, masters):
             if master:
                 p.copy_(src)

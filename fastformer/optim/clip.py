@@ -17,6 +17,7 @@ from . import _ext
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@torch.no_grad()  # as torch's: after backward(create_graph=True) the norm must not join the graph
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None) -> torch.Tensor:
     """Scale the gradients of `parameters` in place so that their joint norm is at most max_norm.
 

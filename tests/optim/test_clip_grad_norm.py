@@ -98,3 +98,21 @@ def test_cuda_matches_torch(dtype, norm_type):
     assert_close(n1, n2, dtype, "total norm")
     for p, q in zip(ours, ref):
         assert_close(p.grad, q.grad, dtype, "clipped grad")
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")  # the cycle is broken below
+def test_norm_after_create_graph_is_a_plain_tensor():
+    """After backward(create_graph=True) the gradients carry a graph; torch's clip returns a norm
+    without one (it runs under no_grad), ff's fused norm carried a grad_fn."""
+    ours = [torch.randn(s, requires_grad=True) for s in ((5, 3), (7,))]
+    ref = [p.detach().clone().requires_grad_(True) for p in ours]
+    for ps in (ours, ref):
+        sum((p**3).sum() for p in ps).backward(create_graph=True)
+    n1 = ff.optim.clip_grad_norm_(ours, 0.5)
+    n2 = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    assert n1.grad_fn is None and not n1.requires_grad and n2.grad_fn is None
+    assert_close(n1, n2, torch.float32, "total norm")
+    for p, q in zip(ours, ref):
+        assert_close(p.grad, q.grad, torch.float32, "clipped grad")
+    for p in ours + ref:
+        p.grad = None
