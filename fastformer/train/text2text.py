@@ -191,6 +191,7 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         # --init a relative path named) must recognise its own checkpoint
         kind = pre.get("objective") if pre.get("task") != TASK else TASK
         source = f"init {init.resolve()} ({preset}, {kind})"
+        seed_everything(cfg.seed)  # dropout masks follow --seed (a random init is seeded before it is built)
     else:
         preset = canonical_preset(cfg.model or "t5-tiny")
         get_preset(preset)

@@ -228,6 +228,28 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_from_init_with_dropout_is_reproducible(tmp_path):
+    """--seed decides the dropout masks on the --init path too (it once seeded the random-init path only,
+    so two identical commands from a pre-trained folder trained differently)."""
+    import torch
+
+    from fastformer.train.pretrain import pretrain
+
+    pre = tmp_path / "pre"
+    pretrain(tiny_config(pre, make_corpus(tmp_path / "corpus.txt"), objective="span", model="t5-tiny", steps=2, vocab_size=200, eval_every=0))
+    rng = random.Random(4)
+    train = _copy_pairs(tmp_path / "train.tsv", 64, rng, header=True)
+    ev = _copy_pairs(tmp_path / "eval.tsv", 4, rng, header=False)
+    base = dict(train=str(train), eval=str(ev), init=str(pre), steps=2, batch_size=8, dropout=0.1)
+    base.update(max_len=12, max_target_len=12, device="cpu", progress=False, seed=0, eval_generate=0)
+    weights = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(weights) + 11)  # whatever the global RNG held before the run
+        finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / name), **base))
+        weights.append(torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_ctrl_c_during_the_final_generation_keeps_the_run_and_resume_generates(tmp_path, monkeypatch):
     import os
     import signal
