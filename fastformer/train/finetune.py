@@ -189,7 +189,7 @@ def prepare_finetune_out(cfg: TrainConfig, info: D.DistInfo) -> Path:
             f"--out {cfg.out_dir} is the --init folder: fine-tuning would overwrite the "
             "pre-trained checkpoint and metrics; choose another --out"
         )
-    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main, steps=cfg.steps)
+    prepare_out_dir(out, run="finetune", resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
     D.barrier(info)  # every rank has checked --out before rank 0 writes
     return out
 
@@ -332,7 +332,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     fingerprint = {"task": "finetune", "source": source, "labels": names, "model_config": model_config}
     n_params = sum(p.numel() for p in model.parameters())
     if info.main:
-        make_out_dir(out)
+        make_out_dir(out, replace=cfg.overwrite)
         write_file(out, "tokenizer.json", tok.to_str())
         arch = architecture_name(model)
         config = {

@@ -101,7 +101,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
             f"({', '.join(fits)}); leave --model out for {obj.default_model}"
         )
     out = Path(cfg.out_dir)
-    prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, main=info.main, steps=cfg.steps)
+    prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
     if cfg.resume and not (out / "tokenizer.json").is_file():
         raise CheckpointError(f"--resume: no tokenizer.json in {out}")
     D.barrier(info)  # every rank has checked --out before rank 0 writes
@@ -175,7 +175,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     }
     n_params = sum(p.numel() for p in model.parameters())
     if info.main:
-        make_out_dir(out)
+        make_out_dir(out, replace=cfg.overwrite)
         if not cfg.resume:
             write_file(out, "tokenizer.json", tok_json)
         config = {

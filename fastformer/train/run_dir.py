@@ -1,8 +1,10 @@
 """Output folders: what may be written where, and OS errors as one line naming the flag and the path.
 
 - `prepare_out_dir` refuses a non-empty `--out` that is not this command's own run to resume, unless
-  `--overwrite` is given (then the previous run's files are removed first, other files are left);
-  fine-tuning never writes into a pre-training folder.
+  `--overwrite` is given; fine-tuning never writes into a pre-training folder. It only checks: the
+  previous run's files are removed by `make_out_dir(out, replace=True)` (other files are left), which
+  the commands call once the new run's data, tokenizer and memory checks have passed, so a refused
+  command (a typo, a bad file) leaves the old run as it was.
 - `os_error_message` / `writing(...)` turn an OSError (disk full, read-only, a file where a folder
   should be, permission) into an `OutputError` whose one-line message names the flag and the path.
 - `stored_train_config` reads the settings of the run in a folder (what `--resume` continues).
@@ -16,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from fastformer.data.corpus import FastformerWarning as FastformerWarning  # defined in the data layer, re-exported
 from fastformer.models.loading import CHECKPOINT_NAME, CONFIG_NAME, run_of
 
 # Files a pretrain / finetune run writes; --overwrite removes exactly these (and checkpoint temp files).
@@ -32,10 +35,6 @@ RUN_FILES = (
 
 class OutputError(ValueError):
     """An output folder or file that cannot be used (wrong kind, not empty, not writable)."""
-
-
-class FastformerWarning(UserWarning):
-    """A warning about the user's input or setup (the CLI prints it as one `fastformer: warning:` line)."""
 
 
 def os_error_message(flag: str, path: str | Path, e: OSError, note: str = "") -> str:
@@ -103,13 +102,11 @@ def check_steps_done(steps: int | None, done: int, out: str | Path) -> None:
         )
 
 
-def prepare_out_dir(
-    out: str | Path, *, run: str, resume: bool, overwrite: bool, main: bool = True, steps: int | None = None
-) -> None:
-    """Check that `run` ("pretrain" | "finetune") may write into `out`; with overwrite, remove the files
-    of the run that was there (only on the main process). With resume, `steps` (the run's length, None
-    for a time budget) must not be below the checkpoint's step: checked here, before config.json is
-    written again. Raises OutputError / CheckpointError with one line that names the folder and the
+def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool, steps: int | None = None) -> None:
+    """Check that `run` ("pretrain" | "finetune") may write into `out` (with overwrite, the files of the
+    run that is there are removed later, by make_out_dir(out, replace=True)). With resume, `steps` (the
+    run's length, None for a time budget) must not be below the checkpoint's step: checked here, before
+    config.json is written again. Raises OutputError / CheckpointError with one line that names the folder and the
     ways out."""
     from .checkpoint import CheckpointError
 
@@ -160,15 +157,16 @@ def prepare_out_dir(
             f"--out {out} is not empty ({len(entries)} entries) and holds no fastformer run: choose "
             "another --out, or add --overwrite to write into it"
         )
-    if main:
-        with writing("--out", out):
-            for p in entries:
+
+
+def make_out_dir(out: str | Path, *, replace: bool = False) -> None:
+    """Create --out (main process). replace (--overwrite): first remove the files of the run that was
+    there, and only those; called after the new run's input was checked, right before its first write."""
+    with writing("--out", out):
+        if replace:
+            for p in _entries(Path(out)):
                 if p.name in RUN_FILES or p.name.startswith(f".{CHECKPOINT_NAME}.tmp"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def make_out_dir(out: str | Path) -> None:
-    with writing("--out", out):
         Path(out).mkdir(parents=True, exist_ok=True)
 
 

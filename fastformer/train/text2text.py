@@ -456,7 +456,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
     }
     n_params = sum(p.numel() for p in model.parameters())
     if info.main:
-        make_out_dir(out)
+        make_out_dir(out, replace=cfg.overwrite)
         write_file(out, "tokenizer.json", tok.to_str())
         arch = architecture_name(model)
         init = str(Path(cfg.init).resolve()) if cfg.init else None

@@ -62,6 +62,32 @@ def test_out_folder_is_refused_unless_resume_or_overwrite(tmp_path, tiny_corpus)
         pretrain(tiny_config(tmp_path / "afile", tiny_corpus, steps=1))
 
 
+def test_a_refused_overwrite_leaves_the_old_run_as_it_was(tmp_path, tiny_corpus):
+    """--overwrite removes the old run's files only once the new run's input has been checked: a typo, a
+    bad data file or a tokenizer taken from the old run itself must not destroy it."""
+    out = tmp_path / "run"
+    pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError):
+        pretrain(tiny_config(out, tmp_path / "empty.txt", steps=1, eval_every=0, overwrite=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    # the old run's own tokenizer is read before its files go
+    pretrain(
+        tiny_config(out, tiny_corpus, steps=1, eval_every=0, overwrite=True, tokenizer=str(out / "tokenizer.json"))
+    )
+    assert (out / "tokenizer.json").read_bytes() == files["tokenizer.json"]
+
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    ft = tmp_path / "ft"
+    finetune(finetune_config(out, train, ev, out_dir=str(ft)))
+    files = {p.name: p.read_bytes() for p in ft.iterdir()}
+    (tmp_path / "nolabel.tsv").write_text("text\tlabel\nsome text without a label\n")
+    with pytest.raises(DataError):
+        finetune(finetune_config(out, tmp_path / "nolabel.tsv", ev, out_dir=str(ft), overwrite=True))
+    assert {p.name: p.read_bytes() for p in ft.iterdir()} == files
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     pretrain(tiny_config(out, tiny_corpus, steps=1, eval_every=0))

@@ -236,7 +236,17 @@ def test_a_run_from_init_with_dropout_is_reproducible(tmp_path):
     from fastformer.train.pretrain import pretrain
 
     pre = tmp_path / "pre"
-    pretrain(tiny_config(pre, make_corpus(tmp_path / "corpus.txt"), objective="span", model="t5-tiny", steps=2, vocab_size=200, eval_every=0))
+    pretrain(
+        tiny_config(
+            pre,
+            make_corpus(tmp_path / "corpus.txt"),
+            objective="span",
+            model="t5-tiny",
+            steps=2,
+            vocab_size=200,
+            eval_every=0,
+        )
+    )
     rng = random.Random(4)
     train = _copy_pairs(tmp_path / "train.tsv", 64, rng, header=True)
     ev = _copy_pairs(tmp_path / "eval.tsv", 4, rng, header=False)
