@@ -538,11 +538,19 @@ def _export(args: argparse.Namespace) -> int:
     from fastformer.data.corpus import named_by
     from fastformer.models import load, save_hf
     from fastformer.models.loading import RunFolderError
-    from fastformer.train.run_dir import writing
+    from fastformer.train.run_dir import run_kind, writing
 
     out = Path(args.hf)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--hf {out}: exists and is not a folder; choose another --hf")
+    if out.is_dir() and (out.resolve() == Path(args.model).resolve() or run_kind(out)):
+        # Hugging Face's config.json and tokenizer.json would replace the run's: even --overwrite never does that
+        what = (
+            "is the --model folder" if out.resolve() == Path(args.model).resolve() else f"holds a {run_kind(out)} run"
+        )
+        raise ValueError(
+            f"--hf {out} {what}, whose config.json and tokenizer.json export would replace: choose another --hf"
+        )
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--hf {out} is not empty: choose another --hf, or add --overwrite to write over it")
     with named_by("--model", (RunFolderError,)):

@@ -719,6 +719,12 @@ def test_predict_and_export_what_was_trained(files, capsys):
     assert main(["export", "--model", str(ft), "--hf", str(d / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(d / "hf"))
     assert "not empty" in _error_line(capsys, ["export", "--model", str(ft), "--hf", str(d / "hf")])
+    # never into a run folder, not even with --overwrite: its config.json and tokenizer.json would go
+    files_before = {p.name: p.read_bytes() for p in ft.iterdir()}
+    for target, what in ((ft, "is the --model folder"), (pre, "holds a pretrain run")):
+        err = _error_line(capsys, ["export", "--model", str(ft), "--hf", str(target), "--overwrite"])
+        assert what in err
+    assert {p.name: p.read_bytes() for p in ft.iterdir()} == files_before
     # the tokenizer cuts (truncation=True) where predict does: the classifier's --max-len, an MLM's positions
     assert json.loads((d / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == cfg["max_len"]
     assert main(["export", "--model", str(pre), "--hf", str(d / "hf_mlm")]) == 0
