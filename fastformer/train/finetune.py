@@ -42,7 +42,15 @@ from .metrics import loss_plot_on_stop, plot_loss
 from .objectives import get_objective, objective_for_preset
 from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
-from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
+from .run_dir import (
+    FastformerWarning,
+    make_out_dir,
+    prepare_out_dir,
+    row_digests,
+    warn_if_files_changed,
+    write_file,
+    writing,
+)
 from .trainer import TrainConfig, Trainer
 
 MIN_EVAL_EXAMPLES = 20  # fewer held-out examples: accuracy moves in coarse steps (warned)
@@ -206,6 +214,9 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         train_texts, train_labels = read_tsv(cfg.train)
     with named_by("--eval"):
         eval_texts, eval_labels = read_tsv(cfg.eval)
+    digests = row_digests(zip(train_texts, train_labels), zip(eval_texts, eval_labels))
+    if cfg.resume and info.main:
+        warn_if_files_changed(out, digests, {"train": cfg.train, "eval": cfg.eval})
     if len(label_vocabulary(train_labels)) < 2:
         raise DataError(
             f"--train {cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}"
@@ -282,8 +293,11 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         if cfg.resume:  # the tokenizer this run trained (and saved) at its start
             tok = load_tokenizer(out / "tokenizer.json")
         elif cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer)
-            obj.check_tokenizer(tok, cfg.tokenizer)
+            with named_by("--tokenizer"):
+                if not Path(cfg.tokenizer).is_file():
+                    raise DataError(f"{cfg.tokenizer}: no such file")
+                tok = load_tokenizer(cfg.tokenizer)
+                obj.check_tokenizer(tok, cfg.tokenizer)
         else:
             tok_json = obj.build_tokenizer(train_texts, cfg.vocab_size).to_str() if info.main else None
             tok = Tokenizer.from_str(D.broadcast_object(tok_json, info))
@@ -365,6 +379,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             },
             "n_train_examples": len(x_train),
             "n_eval_examples": len(x_eval),
+            **digests,
         }
         write_file(out, "config.json", json.dumps(config, indent=2))
         print(

@@ -8,7 +8,6 @@ before the first example is built and a run that cannot fit is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import warnings
@@ -29,7 +28,15 @@ from .checkpoint import CheckpointError
 from .metrics import loss_plot_on_stop, plot_loss, read_metrics
 from .objectives import get_objective
 from .resources import check_memory, estimate_memory, set_threads
-from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
+from .run_dir import (
+    FastformerWarning,
+    data_digest,
+    make_out_dir,
+    prepare_out_dir,
+    started_on_other_data,
+    write_file,
+    writing,
+)
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -268,24 +275,11 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
 MIN_HELDOUT_EXAMPLES = 8
 
 
-def data_digest(docs: list[str]) -> str:
-    """A fingerprint of the corpus text (SHA-256 of the documents), kept in config.json so that --resume
-    notices data that changed since the run began."""
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return "sha256:" + h.hexdigest()
-
-
 def _warn_if_data_changed(out: Path, digest: str, n_docs: int, data: list[str]) -> None:
     """--resume on data other than the run's: warn (the run goes on, no longer the same as an
     uninterrupted one). A config.json from before digests were recorded is not checked."""
-    try:
-        before = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(before, dict) or before.get("data_digest") in (None, digest):
+    before = started_on_other_data(out, "data_digest", digest)
+    if before is None:
         return
     where = f"--data {' '.join(data)}" if data else "the built-in corpus"
     warnings.warn(

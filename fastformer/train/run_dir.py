@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from fastformer.data.corpus import FastformerWarning as FastformerWarning  # defined in the data layer, re-exported
@@ -157,6 +159,54 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
             f"--out {out} is not empty ({len(entries)} entries) and holds no fastformer run: choose "
             "another --out, or add --overwrite to write into it"
         )
+
+
+def data_digest(items: Iterable[str]) -> str:
+    """A fingerprint of a run's data (SHA-256 of the documents, or of the rows of a TSV), kept in
+    config.json so that --resume notices data that changed since the run began."""
+    h = hashlib.sha256()
+    for d in items:
+        h.update(d.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def started_on_other_data(out: str | Path, key: str, digest: str) -> dict | None:
+    """The config.json of the run in `out` when its `key` digest differs from `digest` (--resume on
+    changed data: the caller warns), else None; a config.json from before digests were recorded, or
+    an unreadable one, is not checked."""
+    try:
+        before = json.loads((Path(out) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(before, dict) or before.get(key) in (None, digest):
+        return None
+    return before
+
+
+def row_digests(train: Iterable[tuple], eval_: Iterable[tuple]) -> dict[str, str]:
+    """config.json's fingerprints of a fine-tuning run's --train and --eval rows (text, label) or
+    (input, target), for warn_if_files_changed."""
+    return {
+        key: data_digest("\t".join(map(str, row)) for row in rows)
+        for key, rows in (("train_digest", train), ("eval_digest", eval_))
+    }
+
+
+def warn_if_files_changed(out: str | Path, digests: dict[str, str], files: dict[str, str]) -> None:
+    """--resume of a fine-tuning run: one warning per file whose rows differ from those the run began
+    with (row_digests); files: "train" / "eval" -> the path given. The run goes on."""
+    import warnings
+
+    for name, path in files.items():
+        if started_on_other_data(out, f"{name}_digest", digests[f"{name}_digest"]) is not None:
+            warnings.warn(
+                f"--{name} {path} changed since this run began: the resumed run "
+                f"{'trains' if name == 'train' else 'evaluates'} on the new rows, so it is no longer the "
+                "run an uninterrupted one would have been",
+                FastformerWarning,
+                stacklevel=3,
+            )
 
 
 def make_out_dir(out: str | Path, *, replace: bool = False) -> None:

@@ -51,7 +51,15 @@ from .finetune import prepare_finetune_out
 from .metrics import loss_plot_on_stop, plot_loss, read_metrics
 from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
-from .run_dir import FastformerWarning, make_out_dir, prepare_out_dir, write_file, writing
+from .run_dir import (
+    FastformerWarning,
+    make_out_dir,
+    prepare_out_dir,
+    row_digests,
+    warn_if_files_changed,
+    write_file,
+    writing,
+)
 from .text_metrics import exact_match, rouge
 from .trainer import TrainConfig, Trainer, TrainingInterrupted
 
@@ -387,6 +395,9 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         train_inputs, train_targets = read_pairs(cfg.train)
     with named_by("--eval"):
         eval_inputs, eval_targets = read_pairs(cfg.eval)
+    digests = row_digests(zip(train_inputs, train_targets), zip(eval_inputs, eval_targets))
+    if cfg.resume and info.main:
+        warn_if_files_changed(out, digests, {"train": cfg.train, "eval": cfg.eval})
     if info.main and len(eval_inputs) < MIN_EVAL_EXAMPLES:
         warnings.warn(
             f"--eval {cfg.eval} has only {len(eval_inputs)} pair(s): the scores move in steps of "
@@ -493,6 +504,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
             },
             "n_train_examples": len(train_ex),
             "n_eval_examples": len(eval_ex),
+            **digests,
         }
         write_file(out, "config.json", json.dumps(config, indent=2, default=str))
         print(

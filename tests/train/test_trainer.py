@@ -112,6 +112,34 @@ def test_resume_warns_when_the_data_changed(tmp_path, tiny_corpus):
     assert json.loads((out / "config.json").read_text())["data_digest"] != digest
 
 
+def test_finetune_resume_warns_when_train_or_eval_changed(tmp_path):
+    import warnings
+
+    from train_helpers import finetune_config, make_tsv
+
+    from fastformer.train.finetune import finetune
+    from fastformer.train.text2text import Text2TextConfig, finetune_text2text
+
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    out = tmp_path / "ft"
+    finetune(finetune_config(out, train, ev, steps=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".* changed since this run began")  # the same rows: no warning
+        finetune(finetune_config(out, train, ev, steps=3, resume=True))
+    train.write_text("\n".join(train.read_text().splitlines()[:-3]) + "\n")  # three rows fewer
+    with pytest.warns(FastformerWarning, match=f"--train {train} changed since this run began: the resumed run trains"):
+        finetune(finetune_config(out, train, ev, steps=4, resume=True))
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("input\ttarget\n" + "".join(f"a b {i}\tb {i}\n" for i in range(40)))
+    base = dict(train=str(pairs), eval=str(pairs), model="t5-tiny", batch_size=4, vocab_size=200, max_len=8)
+    base.update(max_target_len=8, device="cpu", progress=False, eval_generate=0, out_dir=str(tmp_path / "t2t"))
+    finetune_text2text(Text2TextConfig(steps=1, **base))
+    pairs.write_text(pairs.read_text().replace("a b 3", "a c 3"))
+    with pytest.warns(FastformerWarning, match="--eval .* changed since this run began: the resumed run evaluates"):
+        finetune_text2text(Text2TextConfig(steps=2, resume=True, **base))
+
+
 def test_schedules():
     assert lr_factor(0, total=100, warmup=10) == pytest.approx(0.1)
     assert lr_factor(9, total=100, warmup=10) == pytest.approx(1.0)
