@@ -89,12 +89,12 @@ def _info(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     from fastformer.models.presets import DEPRECATED_PRESETS, known_presets
-    from fastformer.train.resources import auto_threads
+    from fastformer.train.resources import choose_threads
 
     lines.append(f"presets    {', '.join(known_presets())}")
     lines.append(f"           (deprecated names: {', '.join(f'{a} = {b}' for a, b in DEPRECATED_PRESETS.items())})")
     lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
-    n, why = auto_threads()
+    n, why = choose_threads()  # what a run would use now (OMP_NUM_THREADS first); sets nothing
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
     print("\n".join(lines))
     return 0
@@ -862,6 +862,26 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _interrupted_lines(e, command: str, out: str, env=None) -> list[str]:
+    """What an interrupted training run prints: the stop line and, when a checkpoint exists, the command
+    that resumes it. Under torchrun (RANK / WORLD_SIZE in `env`, default os.environ) only rank 0 prints,
+    and the hint is the torchrun command with the same number of processes (--resume refuses another)."""
+    env = os.environ if env is None else env
+    if int(env.get("RANK", "0") or 0) != 0:
+        return []
+    lines = [f"fastformer: {e}"]
+    if e.step:
+        world = int(env.get("WORLD_SIZE", "1") or 1)
+        launch = "fastformer"
+        if world > 1:
+            local = int(env.get("LOCAL_WORLD_SIZE") or world)
+            per_node = local if 0 < local < world else world
+            nodes = f"--nnodes {world // per_node} " if per_node < world else ""
+            launch = f"torchrun {nodes}--nproc_per_node {per_node} -m fastformer"
+        lines.append(f"fastformer: resume with: {launch} {command} --out {out} --resume")
+    return lines
+
+
 class _Terminated(Exception):
     """SIGTERM outside the training loop."""
 
@@ -907,9 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         from fastformer.train.trainer import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
-            print(f"fastformer: {e}", file=sys.stderr)
-            if e.step:
-                print(f"fastformer: resume with: fastformer {args.command} --out {args.out} --resume", file=sys.stderr)
+            for line in _interrupted_lines(e, args.command, args.out):
+                print(line, file=sys.stderr)
             return e.exit_code
         print("fastformer: interrupted", file=sys.stderr)
         return 130

@@ -229,6 +229,90 @@ def test_info_runs():
     assert r.returncode == 0 and "fastformer" in r.stdout and "torch" in r.stdout
 
 
+def test_info_threads_follow_omp_num_threads_like_a_run(monkeypatch, capsys):
+    """`info` showed the automatic choice even where OMP_NUM_THREADS made a run use another number."""
+    import torch
+
+    from fastformer.train import resources
+
+    monkeypatch.setattr(resources, "auto_threads", lambda: (7, "auto: 7 cores"))
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("threads"))
+    assert line.split()[1] == "1" and "(OMP_NUM_THREADS;" in line, line
+    assert torch.get_num_threads() == before  # shown, not set
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("threads"))
+    assert line.split()[1] == "7" and "(auto: 7 cores;" in line, line
+
+
+def test_a_tsv_that_is_not_utf8_is_one_warning_line(tmp_path, capsys):
+    """The not-UTF-8 warning was a bare UnicodeWarning that Python printed with its source line."""
+    import warnings
+
+    from fastformer.cli import _one_line_warnings
+    from fastformer.data.tsv import read_tsv
+
+    p = tmp_path / "l.tsv"
+    p.write_bytes(b"caf\xe9 good\tpos\nbad \xff thing\tneg\n")
+    with warnings.catch_warnings():  # restores the showwarning _one_line_warnings installs
+        warnings.simplefilter("always")
+        _one_line_warnings()
+        assert read_tsv(p)[1] == ["pos", "neg"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastformer: warning: {p}: not UTF-8 (first bad byte at offset 3)"), err
+
+
+def test_an_interrupted_torchrun_job_prints_once_with_the_torchrun_resume_command(tmp_path):
+    """Every rank printed the stop line and a single-process hint that --resume then refused
+    (`used world_size=2; this command gives 1`)."""
+    from fastformer.cli import _interrupted_lines
+    from fastformer.train.trainer import TrainingInterrupted
+
+    e = TrainingInterrupted(signal.SIGINT, 7, tmp_path / "run" / "checkpoint.pt", saved=True)
+    stop = f"fastformer: stopped by SIGINT after step 7; checkpoint saved to {tmp_path / 'run' / 'checkpoint.pt'}"
+    assert _interrupted_lines(e, "pretrain", "runs/x", env={}) == [
+        stop,
+        "fastformer: resume with: fastformer pretrain --out runs/x --resume",
+    ]
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    assert _interrupted_lines(e, "pretrain", "runs/x", env=torchrun) == [
+        stop,
+        "fastformer: resume with: torchrun --nproc_per_node 2 -m fastformer pretrain --out runs/x --resume",
+    ]
+    assert _interrupted_lines(e, "finetune", "runs/x", env={**torchrun, "RANK": "1", "LOCAL_RANK": "1"}) == []
+    nodes = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
+    assert _interrupted_lines(e, "finetune", "o", env=nodes)[1] == (
+        "fastformer: resume with: torchrun --nnodes 2 --nproc_per_node 4 -m fastformer finetune --out o --resume"
+    )
+    none = TrainingInterrupted(signal.SIGINT, 0, tmp_path / "checkpoint.pt", saved=False)  # nothing to resume
+    assert _interrupted_lines(none, "pretrain", "o", env=torchrun) == [f"fastformer: {none}"]
+
+
+def test_a_wrong_or_missing_tokenizer_names_the_flag(files, capsys):
+    """`pretrain --objective span --tokenizer MLM.json` said only "tokenizer has no sentinel token", and
+    `finetune --tokenizer MISSING.json` only "MISSING.json: No such file or directory"."""
+    from fastformer.data.tokenizer import train_wordpiece
+
+    wp = files["dir"] / "wordpiece.json"
+    train_wordpiece(files["corpus"].read_text().split("\n\n"), vocab_size=120).save(str(wp))
+    err = _error_line(
+        capsys,
+        ["pretrain", "--objective", "span", "--tokenizer", str(wp), "--data", str(files["corpus"])]
+        + ["--steps", "1", "--seq-len", "32", "--no-progress", "--out", str(files["dir"] / "span")],
+    )
+    assert f"error: --tokenizer {wp}: tokenizer has no sentinel token <extra_id_0>" in err, err
+    missing = files["dir"] / "MISSING.json"
+    err = _error_line(
+        capsys,
+        ["finetune", "--model", "bert-tiny", "--tokenizer", str(missing), "--train", str(files["train"])]
+        + ["--eval", str(files["eval"]), "--steps", "1", "--no-progress", "--out", str(files["dir"] / "ft")],
+    )
+    assert f"error: --tokenizer {missing}: no such file" in err, err
+
+
 def _error_line(capsys, argv):
     code = main(argv)
     err = capsys.readouterr().err.strip()

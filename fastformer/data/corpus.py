@@ -11,6 +11,7 @@ import ast
 import contextlib
 import os
 import sysconfig
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,12 @@ BUILTIN_TARGET_CHARS = 6_000_000
 
 class DataError(ValueError):
     """Missing, unreadable or empty input data."""
+
+
+class FastformerWarning(UserWarning):
+    """A warning about the user's input or setup (the CLI prints it as one `fastformer: warning:` line).
+    Defined here, in the data layer, so that data readers can warn too; `fastformer.train.run_dir`
+    re-exports it."""
 
 
 @contextlib.contextmanager
@@ -102,15 +109,25 @@ def builtin_corpus() -> list[str]:
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def _looks_like_text(f: Path) -> bool:
-    """Unknown suffix (wiki.train.raw, corpus.en, ...): text when its first 8 KB hold no NUL byte, or
-    when it starts with a UTF-16 byte-order mark."""
+def _head(f: Path) -> bytes | None:
+    """The first 8 KB of `f` (None when it cannot be read)."""
     try:
         with f.open("rb") as fh:
-            head = fh.read(8192)
+            return fh.read(8192)
     except OSError:
-        return False
-    return bool(head) and (b"\0" not in head or head.startswith(_UTF16_BOMS))
+        return None
+
+
+def _binary(head: bytes) -> bool:
+    """NUL bytes in the first 8 KB and no UTF-16 byte-order mark."""
+    return b"\0" in head and not head.startswith(_UTF16_BOMS)
+
+
+def _looks_like_text(f: Path) -> bool:
+    """Text when its first 8 KB are not empty and hold no NUL byte, or when it starts with a UTF-16
+    byte-order mark."""
+    head = _head(f)
+    return bool(head) and not _binary(head)
 
 
 def _read_text(f: Path) -> str:
@@ -120,16 +137,30 @@ def _read_text(f: Path) -> str:
     return f.read_text(encoding="utf-16" if utf16 else "utf-8-sig", errors="replace")
 
 
-def _files_under(p: Path) -> list[Path]:
+def _files_under(p: Path) -> tuple[list[Path], list[Path]]:
+    """(text files, skipped binary files) of a `--data` path: the file itself, or the files under a
+    folder that are not hidden. Every file found in a folder is checked: one with NUL bytes in its
+    first 8 KB and no UTF-16 byte-order mark is skipped whatever its suffix; an empty or unreadable one
+    is kept (to give no documents, or its read error) only with a text suffix or none."""
     if p.is_file():
-        return [p]
-    return sorted(
-        f
-        for f in p.rglob("*")
-        if f.is_file()
-        and not any(part.startswith(".") for part in f.relative_to(p).parts)
-        and (f.suffix.lower() in TEXT_SUFFIXES or _looks_like_text(f))
-    )
+        return [p], []
+    files, skipped = [], []
+    for f in sorted(p.rglob("*")):
+        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(p).parts):
+            continue
+        head = _head(f)
+        if head and _binary(head):
+            skipped.append(f)
+        elif head or f.suffix.lower() in TEXT_SUFFIXES:
+            files.append(f)
+    return files, skipped
+
+
+def _first_process() -> bool:
+    """False on the other ranks of a torchrun job: a warning about the data is given once per job."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _documents(text: str) -> list[str]:
@@ -155,7 +186,14 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
         p = Path(raw)
         if not p.exists():
             raise DataError(f"--data {raw}: no such file or directory")
-        files = _files_under(p)
+        files, skipped = _files_under(p)
+        if skipped and _first_process():
+            warnings.warn(
+                f"--data {raw}: skipped {len(skipped)} binary file(s) (NUL bytes, not UTF-8 / UTF-16 text), "
+                f"the first {skipped[0]}",
+                FastformerWarning,
+                stacklevel=2,
+            )
         if not files:
             raise DataError(f"--data {raw}: folder contains no text files")
         if p.is_file() and p.stat().st_size and not _looks_like_text(p):

@@ -21,11 +21,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from .corpus import DataError
+from .corpus import DataError, FastformerWarning
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+class NotUTF8Warning(FastformerWarning, UnicodeWarning):
+    """A file that is not UTF-8, read with its undecodable bytes as U+FFFD (one `fastformer: warning:`
+    line in the CLI; still a UnicodeWarning for filters)."""
 
 
 def _read_text(p: Path, path) -> str:
@@ -45,7 +50,7 @@ def _read_text(p: Path, path) -> str:
         warnings.warn(
             f"{path}: not UTF-8 (first bad byte at offset {err.start}); {text.count(chr(0xFFFD))} undecodable "
             "byte sequence(s) read as U+FFFD. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
-            UnicodeWarning,
+            NotUTF8Warning,
             stacklevel=4,
         )
         return text

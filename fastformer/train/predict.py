@@ -122,6 +122,7 @@ def fill_mask(
         )
     limit = model.config.max_position - 2
     encs = tok.encode_batch(texts, add_special_tokens=False)
+    _warn_masks_past(encs, mask_id, limit)
     banned = torch.tensor(special_ids(tok), dtype=torch.int64)
     pad = _pad_id(tok)
     w, bias = model.encoder.word_embeddings.weight, model.head.bias
@@ -148,6 +149,20 @@ def fill_mask(
                 {"text": originals[i], "filled": _fill(texts[i], encs[i], mask_id, preds, limit), "predictions": preds}
             )
     return ["text", "filled", "predictions"], rows
+
+
+def _warn_masks_past(encs, mask_id: int, limit: int) -> None:
+    """One warning when a [MASK] lies past the `limit` tokens the model reads: it stays unfilled."""
+    late = [(i, enc.ids[limit:].count(mask_id)) for i, enc in enumerate(encs) if mask_id in enc.ids[limit:]]
+    if late:
+        n = sum(c for _, c in late)
+        warnings.warn(
+            f"{n} [MASK] past the model's {limit} tokens {'is' if n == 1 else 'are'} left unfilled, in "
+            f"{len(late)} text(s) (the first: text {late[0][0] + 1} of the input); shorten the text or move the "
+            "[MASK] earlier",
+            FastformerWarning,
+            stacklevel=4,
+        )
 
 
 def _fill(text: str, enc, mask_id: int, preds: list, limit: int) -> str:

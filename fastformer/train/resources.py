@@ -88,17 +88,21 @@ def auto_threads() -> tuple[int, str]:
     return n, why
 
 
-def set_threads(requested: int | None) -> tuple[int, str]:
-    """Set torch's intra-op threads; returns (threads, source) with source "--threads", "OMP_NUM_THREADS"
-    or "auto: ..."."""
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """(threads, source) a run would use, setting nothing: `requested` (--threads) first, then
+    OMP_NUM_THREADS, then `auto_threads()`; source is "--threads", "OMP_NUM_THREADS" or "auto: ..."."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be at least 1, got {requested}")
-        n, why = requested, "--threads"
-    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        n, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
-    else:
-        n, why = auto_threads()
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    return auto_threads()
+
+
+def set_threads(requested: int | None) -> tuple[int, str]:
+    """Set torch's intra-op threads to `choose_threads(requested)`; returns (threads, source)."""
+    n, why = choose_threads(requested)
     torch.set_num_threads(n)
     return n, why
 

@@ -30,6 +30,19 @@ class SpanObjective(Objective):
     def build_tokenizer(self, texts: Sequence[str], vocab_size: int):
         return train_unigram(texts, vocab_size)
 
+    def check_tokenizer(self, tokenizer, source):
+        """The collator needs the sentinels <extra_id_0>, ...: another tokenizer (an mlm run's WordPiece
+        one) is refused naming where it came from (`source`: "--tokenizer PATH", a folder's file)."""
+        from fastformer.data.corpus import DataError
+
+        try:
+            sentinel_ids(tokenizer)
+        except ValueError as e:
+            raise DataError(
+                f"{source}: {e}: not a tokenizer of the span objective (a Unigram tokenizer with sentinels, "
+                "as a span run writes)"
+            ) from None
+
     def make_examples(self, texts, tokenizer, seq_len, *, packing: bool = True) -> list[torch.Tensor]:
         """Raw token chunks (no EOS). packing=True: the concatenated stream cut into chunks of the raw
         length whose corrupted input is exactly seq_len (T5's recipe; 512 -> 568 raw tokens);

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from fastformer.data.corpus import DataError, load_texts, split_heldout
+from fastformer.data.corpus import DataError, FastformerWarning, load_texts, split_heldout
 from fastformer.data.mlm import MLMCollator
 from fastformer.data.packing import pack_stream, pad_batch, wrap
 from fastformer.data.tokenizer import CLS, MASK, PAD, SEP, SPECIAL_TOKENS, encode_texts, special_ids, train_wordpiece
@@ -160,7 +160,8 @@ def test_bom_header_and_crlf_tsv_and_unknown_suffix_text_files(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "wiki.train.raw").write_text("raw text doc\n")
     (tmp_path / "c" / "blob.bin").write_bytes(b"\x00\x01binary")
-    assert load_texts([tmp_path / "c"]) == ["raw text doc"]
+    with pytest.warns(FastformerWarning, match="skipped 1 binary file"):
+        assert load_texts([tmp_path / "c"]) == ["raw text doc"]
 
 
 def test_headerless_extra_columns_stay_in_the_text_and_binary_data_is_refused(tmp_path):
@@ -172,6 +173,27 @@ def test_headerless_extra_columns_stay_in_the_text_and_binary_data_is_refused(tm
         load_texts([tmp_path / "x.bin"])
     (tmp_path / "u16.txt").write_text("first document\n\nsecond one", encoding="utf-16")  # with its BOM
     assert load_texts([tmp_path / "u16.txt"]) == ["first document", "second one"]
+
+
+def test_a_folder_skips_binary_files_whatever_their_suffix_with_one_warning(tmp_path):
+    """A binary file named in --data is refused; one found in a folder used to be read as text when its
+    suffix was a text one or none (an executable, a .txt with NUL bytes): now skipped, said once."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("a text document\n")
+    (d / "lsbin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)  # an executable
+    (d / "nul.txt").write_bytes(b"x\0y")
+    (d / "u16.txt").write_text("a UTF-16 document", encoding="utf-16")  # NUL bytes, but its BOM: text
+    (d / "empty.txt").write_text("")
+    with pytest.warns(FastformerWarning) as rec:
+        assert load_texts([d]) == ["a text document", "a UTF-16 document"]
+    assert len(rec) == 1, [str(w.message) for w in rec]
+    msg = str(rec[0].message)
+    assert f"--data {d}: skipped 2 binary file(s)" in msg and msg.endswith(str(d / "lsbin")), msg
+    (d / "a.txt").unlink()
+    (d / "u16.txt").unlink()
+    with pytest.warns(FastformerWarning, match="skipped 2"), pytest.raises(DataError, match="no text"):
+        load_texts([d])
 
 
 def test_headerless_label_first_file_is_refused_with_a_hint(tmp_path):

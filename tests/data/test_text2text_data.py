@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastformer.data.corpus import DataError
+from fastformer.data.corpus import DataError, FastformerWarning
 from fastformer.data.text2text import Seq2SeqCollator, encode_pairs, read_generation_inputs, read_pairs
 from fastformer.data.unigram_tokenizer import EOS, train_unigram
 
@@ -81,8 +81,9 @@ def test_generation_inputs_with_and_without_targets(tmp_path):
 def test_a_file_that_is_not_utf8_is_read_with_a_warning(tmp_path):
     p = tmp_path / "latin1.tsv"
     p.write_bytes("input\ttarget\ncaf\u00e9 au lait\tcaf\u00e9\n".encode("latin-1"))
-    with pytest.warns(UnicodeWarning, match=r"latin1.tsv: not UTF-8 .* 2 undecodable"):
+    with pytest.warns(UnicodeWarning, match=r"latin1.tsv: not UTF-8 .* 2 undecodable") as rec:
         inputs, targets = read_pairs(p)
+    assert issubclass(rec[0].category, FastformerWarning)  # the CLI prints it as one `fastformer: warning:` line
     assert inputs == ["caf\ufffd au lait"] and targets == ["caf\ufffd"]
 
 

@@ -4,6 +4,7 @@ checkpoints that torch's weights-only loader reads (older ones too)."""
 import json
 import random
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +104,26 @@ def test_fill_mask_uses_the_mlm_head(runs):
     assert rows[0]["predictions"][0][0][1] == pytest.approx(best[0][1], rel=1e-5)
     word = best[0][0].removeprefix("##")
     assert rows[0]["filled"] == f"the cat {word} the ball ."
+
+
+def test_a_mask_past_the_models_positions_is_said_not_silently_left(runs):
+    """A [MASK] beyond the tokens the model reads stays [MASK]: that used to pass without a word."""
+    from fastformer.train.run_dir import FastformerWarning
+
+    loaded = ff.models.load(runs / "pre")
+    long = "the " * (loaded.model.config.max_position + 20) + "the [MASK] end [MASK]"
+    texts = ["a [MASK] here", long, "the [MASK] sat", long]
+    with pytest.warns(
+        FastformerWarning,
+        match=r"4 \[MASK\] past the model's \d+ tokens are left unfilled, in 2 text\(s\) \(the first: text 2 of",
+    ) as rec:
+        _, rows = predict_texts(loaded, texts)
+    assert len(rec) == 1
+    assert rows[1]["filled"] == long and rows[1]["predictions"] == []
+    assert "[MASK]" not in rows[0]["filled"] and len(rows[2]["predictions"]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict_texts(loaded, texts[:1])  # within the positions: no warning
 
 
 def test_an_option_the_predictor_does_not_take_is_refused_by_name(runs):
