@@ -149,12 +149,19 @@ def planned_steps(n_fit: int, cfg: FinetuneConfig, world: int = 1) -> tuple[int,
 
 
 class _SelectingTrainer(Trainer):
-    """Keeps a copy of the weights whenever the held-out evaluation improves (accuracy, then loss)."""
+    """Keeps a copy of the weights whenever the held-out evaluation improves (accuracy, then loss).
+
+    The selection (best weights, their step and score) is part of every checkpoint, so a resumed run
+    chooses among all its evaluations, as an uninterrupted one does. The finished run's checkpoint
+    holds the selected weights as "model" (what predict and ff.models.load read) and the last training
+    weights as "train_model", which a resume with more --steps continues from, with the optimizer and
+    schedule they belong to."""
 
     best_key: tuple[float, float] | None = None
     best_state: dict | None = None
     best_step: int = 0
     selecting: bool = False
+    _last_train_state: dict | None = None  # set while save_selected writes
 
     def evaluate(self) -> dict:
         ev = super().evaluate()
@@ -164,6 +171,37 @@ class _SelectingTrainer(Trainer):
                 self.best_key, self.best_step = key, self.step
                 self.best_state = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
         return ev
+
+    def extra_state(self) -> dict:
+        if not self.selecting:
+            return {}
+        best_key = list(self.best_key) if self.best_key is not None else None
+        return {"selection": {"best_key": best_key, "best_step": self.best_step, "best_state": self.best_state}}
+
+    def load_extra_state(self, ck: dict) -> None:
+        if "train_model" in ck:  # a finished run: training goes on from its last weights, not the selected
+            self.raw_model.load_state_dict(ck["train_model"])
+        sel = ck.get("selection")
+        if self.selecting and sel:  # absent in older checkpoints: chosen among this session's evaluations
+            self.best_key = tuple(sel["best_key"]) if sel["best_key"] is not None else None
+            self.best_step, self.best_state = int(sel["best_step"]), sel["best_state"]
+
+    def save_selected(self) -> None:
+        """Make the selected weights the model's and write the checkpoint: "model" the selected weights,
+        "train_model" the last training weights (load_extra_state)."""
+        last = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+        self.raw_model.load_state_dict(self.best_state)
+        self._last_train_state = last
+        try:
+            self.save()
+        finally:
+            self._last_train_state = None
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        if self._last_train_state is not None:
+            sd["train_model"] = self._last_train_state
+        return sd
 
 
 def _with_pooling(model_config: dict, obj, pooling: str) -> dict:
@@ -410,8 +448,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     selection = {}
     if val_idx:
         if trainer.best_state is not None:
-            trainer.raw_model.load_state_dict(trainer.best_state)
-            trainer.save()  # the checkpoint holds the selected weights
+            trainer.save_selected()  # the checkpoint's "model" is the selected weights
         selection = {
             "n_val": len(val_idx),
             "selected_step": trainer.best_step,

@@ -279,7 +279,15 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "train_config": asdict(self.cfg),
             "progress": self._progress(),
+            **self.extra_state(),
         }
+
+    def extra_state(self) -> dict:
+        """More entries for the checkpoint (a subclass's own state); restored by load_extra_state."""
+        return {}
+
+    def load_extra_state(self, ck: dict) -> None:
+        """Called at the end of load() with the whole checkpoint: a subclass restores its own state."""
 
     def _progress(self) -> dict:
         """Training time and tokens of the whole run up to now (earlier sessions included)."""
@@ -335,6 +343,7 @@ class Trainer:
         for group, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
             group["lr"] = base * fn(sch.last_epoch)
         sch._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.load_extra_state(ck)
 
     def _check_resume_flags(self, mine: dict, theirs: dict) -> None:
         """The flags that shape the optimisation must match the checkpoint's; --steps may change."""

@@ -304,6 +304,34 @@ def test_nonsense_settings_and_files_are_refused(tmp_path, tiny_corpus):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_model_selection_survives_resume(tmp_path):
+    """The selection (best held-out weights) is in the checkpoint: an interrupted and resumed run keeps
+    the weights an uninterrupted one keeps, a finished run resumed keeps its record, and the finished
+    checkpoint carries the last training weights for a resume with more --steps."""
+    train, ev = make_tsv(tmp_path / "train.tsv", 60), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    kw = dict(steps=8, eval_every=1, val_fraction=0.3, lr=2e-2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    finetune(finetune_config(full, train, ev, **kw))
+    finetune(finetune_config(part, train, ev, stop_at=5, **kw))
+    finetune(finetune_config(part, train, ev, resume=True, **kw))
+    keys = ("selected_step", "val_accuracy", "accuracy", "eval_loss", "steps")
+    first = json.loads((full / "eval.json").read_text())
+    assert first["selected_step"] < 5  # chosen before the interruption: the resumed session must know it
+    assert {k: first[k] for k in keys} == {k: json.loads((part / "eval.json").read_text())[k] for k in keys}
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
+    for key in ("model", "train_model"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    assert a["selection"]["best_step"] == first["selected_step"]
+    if first["selected_step"] < first["steps"]:  # the selected weights are not the last ones
+        assert not all(torch.equal(a["model"][n], a["train_model"][n]) for n in a["model"])
+    # resuming the finished run changes nothing: the same weights, the same record
+    finetune(finetune_config(full, train, ev, resume=True, **kw))
+    again = json.loads((full / "eval.json").read_text())
+    assert {k: again[k] for k in keys} == {k: first[k] for k in keys}
+    c = load_checkpoint(full / "checkpoint.pt")
+    assert all(torch.equal(a["model"][n], c["model"][n]) for n in a["model"])
+
+
 def test_finetune_folder_has_config_warns_on_a_tiny_eval_file_and_resumes_exactly(tmp_path):
     train, ev = make_tsv(tmp_path / "train.tsv", 48), make_tsv(tmp_path / "eval.tsv", 6, seed=1)
     full = tmp_path / "full"
