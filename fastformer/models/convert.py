@@ -481,8 +481,19 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
     if generation and gc is not None and isinstance(model, T5ForConditionalGeneration):
         gc.max_new_tokens = int(generation.get("max_new_tokens") or gc.max_new_tokens or 20)
         gc.num_beams = int(generation.get("num_beams") or 1)
-        if gc.num_beams > 1:  # transformers warns about a length penalty without beams
-            gc.length_penalty = float(generation.get("length_penalty", 1.0))
+        penalty = float(generation.get("length_penalty", 1.0))
+        if gc.num_beams > 1:
+            gc.length_penalty = penalty
+        elif penalty != 1.0:  # transformers refuses to save a length penalty without beams
+            from fastformer.data.corpus import FastformerWarning
+
+            warnings.warn(
+                f"the run's length penalty {penalty:g} is not in generation_config.json (transformers keeps "
+                f"one only with num_beams > 1, and the run decoded greedily): pass length_penalty={penalty:g} "
+                "to generate(num_beams=...) for the beam search fastformer predict --num-beams would run",
+                FastformerWarning,
+                stacklevel=2,
+            )
         if generation.get("no_repeat_ngram_size"):
             gc.no_repeat_ngram_size = int(generation["no_repeat_ngram_size"])
         if generation.get("encoder_repetition_penalty", 1.0) != 1.0:

@@ -35,6 +35,7 @@ tokens are the same:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -109,12 +110,28 @@ class DecoderCache:
             c.reorder(index)
 
 
+def _token_id(value, name: str) -> int:
+    """A token id: an int, a numpy integer or an integer 0-d tensor (as Hugging Face takes); bools,
+    floats and strings are refused rather than truncated or read digit by digit."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer token id, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer token id, got {value!r}") from None
+
+
 def _eos_list(eos) -> list[int]:
+    """eos_token_id: one id, or a list / tuple / 1-D tensor of ids (duplicates dropped, order kept)."""
     if eos is None:
         return []
-    if isinstance(eos, int):
-        return [eos]
-    return [int(e) for e in eos]
+    if isinstance(eos, torch.Tensor) and eos.dim() == 1:
+        eos = eos.tolist()
+    if isinstance(eos, (list, tuple)):
+        ids = [_token_id(e, "eos_token_id") for e in eos]
+    else:
+        ids = [_token_id(eos, "eos_token_id")]
+    return list(dict.fromkeys(ids))
 
 
 def _shape(t) -> str:
@@ -167,7 +184,11 @@ def generate(
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+    if (
+        isinstance(num_return_sequences, bool)
+        or not isinstance(num_return_sequences, int)
+        or not 1 <= num_return_sequences <= num_beams
+    ):
         raise ValueError(
             f"num_return_sequences must be an int in [1, num_beams={num_beams}], got {num_return_sequences!r}"
         )
@@ -180,14 +201,24 @@ def generate(
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
     p = check_encoder_repetition_penalty(encoder_repetition_penalty)
-    if early_stopping not in (True, False, "never"):
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):  # 1 is not True
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"use_cache must be a bool, got {use_cache!r}")
     eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     if eos_token_id is not None and not eos:
         raise ValueError("eos_token_id must name at least one token id (None: the model config's)")
-    pad = cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
-    start = cfg.decoder_start_token_id if decoder_start_token_id is None else int(decoder_start_token_id)
+    pad = cfg.pad_token_id if pad_token_id is None else _token_id(pad_token_id, "pad_token_id")
+    start = (
+        cfg.decoder_start_token_id
+        if decoder_start_token_id is None
+        else _token_id(decoder_start_token_id, "decoder_start_token_id")
+    )
     V = cfg.vocab_size
+    if num_beams > 1 and max(2, 1 + len(eos)) * num_beams > num_beams * V:
+        # each step keeps the best max(2, 1 + #eos) candidates per beam, which must not exceed the
+        # num_beams * V there are
+        raise ValueError(f"eos_token_id names {len(eos)} ids: beam search needs fewer than the vocabulary's {V}")
     for name, ids in (("eos_token_id", eos), ("pad_token_id", [pad]), ("decoder_start_token_id", [start])):
         if any(not 0 <= i < V for i in ids):
             raise ValueError(f"{name} {ids if len(ids) > 1 else ids[0]} is outside the vocabulary [0, {V})")

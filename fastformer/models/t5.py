@@ -73,6 +73,17 @@ class T5Config:
     def __post_init__(self):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        # checked here, not at the first forward deep inside attention: Hugging Face's T5Config takes
+        # bucket settings ff.t5_attention cannot run (the encoder's bidirectional rule is the stricter)
+        from fastformer.ops.t5_attention import check_bucket_config
+
+        try:
+            check_bucket_config(True, self.relative_attention_num_buckets, self.relative_attention_max_distance)
+        except ValueError as e:
+            raise ValueError(
+                f"T5Config relative_attention_num_buckets={self.relative_attention_num_buckets!r}, "
+                f"relative_attention_max_distance={self.relative_attention_max_distance!r}: {e}"
+            ) from None
 
     @classmethod
     def from_dict(cls, d: dict) -> T5Config:

@@ -1,6 +1,7 @@
 """Generation: token-for-token parity with Hugging Face `generate` (greedy and beam search), the cached
 decoder against the uncached one, padding, and argument checks. Tiny random models, CPU."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close
@@ -175,6 +176,17 @@ def test_generate_restores_training_mode_and_keeps_weights():
         (dict(encoder_repetition_penalty=True), "encoder_repetition_penalty"),
         (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
         (dict(num_beams=2, length_penalty=float("inf")), "length_penalty must be a finite number"),
+        # token ids: no bool, float or string (a string's digits were read as ids, a float truncated)
+        (dict(eos_token_id="12"), "eos_token_id must be an integer token id"),
+        (dict(eos_token_id=1.5), "eos_token_id must be an integer token id"),
+        (dict(eos_token_id=[1, None]), "eos_token_id must be an integer token id"),
+        (dict(eos_token_id=True), "eos_token_id must be an integer token id"),
+        (dict(pad_token_id=1.7), "pad_token_id must be an integer token id"),
+        (dict(decoder_start_token_id=[0]), "decoder_start_token_id must be an integer token id"),
+        (dict(num_return_sequences=True), "num_return_sequences"),
+        (dict(use_cache="no"), "use_cache must be a bool"),
+        (dict(num_beams=3, early_stopping=1), "early_stopping"),  # transformers reads 1 as False
+        (dict(num_beams=2, eos_token_id=list(range(23))), "beam search needs fewer"),
     ],
 )
 def test_bad_arguments_raise_value_error(bad, match):
@@ -182,6 +194,17 @@ def test_bad_arguments_raise_value_error(bad, match):
     ids, mask = _inputs(2, 5, 23, 9)
     with pytest.raises(ValueError, match=match):
         m.generate(ids, mask, **bad)
+
+
+def test_token_ids_in_every_integer_form():
+    m = _model(23, torch.float32, 9)
+    ids, mask = _inputs(2, 5, 23, 9)
+    want = m.generate(ids, mask, max_new_tokens=4, eos_token_id=1, pad_token_id=0, decoder_start_token_id=0)
+    for eos in (torch.tensor(1), np.int64(1), [1, 1], (1,), torch.tensor([1])):
+        got = m.generate(ids, mask, max_new_tokens=4, eos_token_id=eos, pad_token_id=np.int32(0))
+        assert torch.equal(got, want), eos
+    got = m.generate(ids, mask, max_new_tokens=4, eos_token_id=1, decoder_start_token_id=torch.tensor(0))
+    assert torch.equal(got, want)
 
 
 def test_bad_inputs_raise_value_error():

@@ -165,6 +165,12 @@ def test_bad_config_and_input_raise_value_error():
         T5Config.from_preset("t5-huge")
     with pytest.raises(ValueError, match="unknown T5Config fields"):
         T5Config.from_dict({"hidden_size": 3})
+    # bucket settings Hugging Face's config takes but the attention cannot run: refused here, not at
+    # the first forward
+    with pytest.raises(ValueError, match="relative_attention_max_distance=8.*exact-bucket range"):
+        T5Config(**{**TINY, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 8})
+    with pytest.raises(ValueError, match="relative_attention_num_buckets=3"):
+        T5Config(**{**TINY, "relative_attention_num_buckets": 3})
     model = T5ForConditionalGeneration(T5Config(**TINY))
     with pytest.raises(ValueError, match="labels"):
         model(torch.randint(2, 101, (1, 5)))

@@ -184,6 +184,17 @@ def test_save_hf_matches_transformers(runs, tmp_path):
     )
     with pytest.raises(ValueError, match="no Hugging Face counterpart"):
         ff.models.save_hf(t5_head, tmp_path / "t5")
+    # a greedy run's length penalty cannot be saved (transformers keeps one only with beams): said, not lost
+    from fastformer.models.t5 import T5Config, T5ForConditionalGeneration
+    from fastformer.train.run_dir import FastformerWarning
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1))
+    with pytest.warns(FastformerWarning, match="length penalty 0.6 is not in generation_config.json"):
+        ff.models.save_hf(t5, tmp_path / "t5g", generation={"num_beams": 1, "length_penalty": 0.6})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastformerWarning)
+        hf = ff.models.save_hf(t5, tmp_path / "t5b", generation={"num_beams": 3, "length_penalty": 0.6})
+    assert hf.generation_config.length_penalty == 0.6
 
 
 def test_older_checkpoints_and_folders_still_load(runs, tmp_path):
