@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python bench/memory_estimate.py                 # the default table
     OMP_NUM_THREADS=1 python bench/memory_estimate.py bert-mini:8:512 t5-tiny:4:1024
 
+The rows are also saved as bench/results/memory_estimate_<device>.json (`--out DIR` elsewhere).
+
 Each case runs in a fresh process: build the pre-training model (vocabulary 8192), then one forward +
 backward + FusedAdamW step on random token ids; "measured" is the growth of the process's peak RSS
 (ru_maxrss) over that step, which covers gradients, optimizer state and activations. "estimated" is
@@ -12,9 +14,13 @@ counted only for gradients + optimizer, as the weights exist before the step).
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py
 
 CASES = [
     "bert-tiny:8:128",
@@ -63,21 +69,36 @@ print(json.dumps({"measured_mb": (after - before) / 1024, "estimated_mb": (est.t
 """
 
 
-def main(cases: list[str]) -> None:
+def _case(text: str) -> tuple[str, int, int]:
+    """'preset:batch:length' -> (preset, batch, length); argparse turns a ValueError into a usage error."""
+    preset, b, length = text.split(":")
+    return preset, int(b), int(length)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*", type=_case, metavar="PRESET:BATCH:LENGTH", help="default: the table's cases")
+    ap.add_argument("--out", default=None, help="folder for the JSON results (default bench/results)")
+    args = ap.parse_args()
+    rows = []
     print("| model | batch × length | measured MB | estimated MB | estimated / measured |")
     print("|---|---|---|---|---|")
-    for case in cases:
-        preset, b, length = case.split(":")
-        r = subprocess.run([sys.executable, "-c", CHILD, preset, b, length], capture_output=True, text=True)
+    for preset, b, length in args.cases or [_case(c) for c in CASES]:
+        r = subprocess.run([sys.executable, "-c", CHILD, preset, str(b), str(length)], capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(r.stderr[-2000:])
         d = json.loads(r.stdout.strip().splitlines()[-1])
+        ratio = d["estimated_mb"] / d["measured_mb"]
+        rows.append({"case": f"{preset} {b} x {length}", **d, "estimated_over_measured": ratio})
         print(
-            f"| {preset} | {b} × {length} | {d['measured_mb']:.0f} | {d['estimated_mb']:.0f} | "
-            f"{d['estimated_mb'] / d['measured_mb']:.2f} |",
+            f"| {preset} | {b} × {length} | {d['measured_mb']:.0f} | {d['estimated_mb']:.0f} | {ratio:.2f} |",
             flush=True,
         )
+    from harness import save
+
+    path, _ = save("memory_estimate", rows, out_dir=Path(args.out) if args.out else None, device="cpu")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or CASES)
+    main()

@@ -40,7 +40,8 @@ folders (decoding/).
 
 --estimate measures instead: a few steps of each kind of run (pre-training if needed, headline and
 classification fine-tuning, the classifier) and a few generated examples, then prints the single-thread
-time each part of the experiment would take with the current settings, and exits.
+time each part of the experiment would take with the current settings, saves it in the --work folder
+(estimate_<tag>.json), and exits.
 """
 
 from __future__ import annotations
@@ -947,8 +948,8 @@ def main() -> None:
             pre = ensure_pretrained(a, work, data_dir)
         jobs = plan(a, work, data_dir, {"pretrained": pre, "random": pre})
         est = estimate(a, work, jobs, pre_probe)
-        out = Path(a.results) / f"text2text_benefit_{a.tag}_estimate.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        # beside the runs, not in --results: an estimate is no result (and bench/README.md lists those)
+        out = work / f"estimate_{a.tag}.json"
         out.write_text(json.dumps({"settings": vars(a), "estimate": est}, indent=2))
         say(f"saved {out}")
         return
