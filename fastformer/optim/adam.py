@@ -70,22 +70,25 @@ def _step_tensor(value) -> torch.Tensor:
     return torch.tensor(_to_float(value), dtype=dtype or _get_scalar_dtype())
 
 
+def _master_is_fp32_copy(master, p: torch.Tensor) -> bool:
+    """Whether a loaded state["master_param"] can be p's master copy: fp32, p's shape. A checkpoint that
+    went through torch's Adam carries the key cast to p's dtype (and no longer updated)."""
+    return torch.is_tensor(master) and master.dtype == torch.float32 and master.shape == p.shape
+
+
 def _master_is_current(master, p: torch.Tensor) -> bool:
-    """Whether a loaded state["master_param"] is the fp32 copy of p: a checkpoint that went through
-    torch's Adam carries the key cast to p's dtype and no longer updated, so it is stale."""
-    return (
-        torch.is_tensor(master)
-        and master.dtype == torch.float32
-        and master.shape == p.shape
-        and torch.equal(master.to(device=p.device, dtype=p.dtype), p.detach())
-    )
+    """Whether state["master_param"] is still the fp32 copy of p (it rounds to p's values): checked when
+    the step plan is built, i.e. at the first step after a load, once the model's weights are loaded
+    too (whichever was loaded first), or after p.data was replaced."""
+    return _master_is_fp32_copy(master, p) and torch.equal(master.to(device=p.device, dtype=p.dtype), p.detach())
 
 
 def _unscale(g: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
-    """Divide g by the GradScaler scale in fp32 and write the result back (as torch's fused Adam
-    does); returns the fp32 quotient. The scale (e.g. 65536) is inf in fp16, so dividing in g's
+    """Divide g by the GradScaler scale in fp32 (float64 for float64) and write the result back (as
+    torch's fused Adam does); returns the quotient. The scale (e.g. 65536) is inf in fp16, so dividing in g's
     dtype would zero an fp16 gradient."""
-    g32 = g.to(torch.float32) / grad_scale.to(device=g.device, dtype=torch.float32)
+    wide = torch.promote_types(g.dtype, torch.float32)  # float64 stays float64
+    g32 = g.to(wide) / grad_scale.to(device=g.device, dtype=wide)
     g.copy_(g32)
     return g32
 
@@ -215,8 +218,9 @@ class FusedAdam(Optimizer):
     def load_state_dict(self, state_dict):
         """torch's load, except that 'step' is kept as a CPU scalar (fp32, or fp64 as saved), the fp32
         state of fp16/bf16 parameters (master weights, moments) is not cast down to the parameter
-        dtype, and a stale master copy (not fp32, or not rounding to the parameter) is dropped so
-        that the next step rebuilds it from the parameter."""
+        dtype, and a master copy that is not fp32 is dropped; one that no longer rounds to the
+        parameter at the next step (checked then, so the model may be loaded after the optimizer) is
+        rebuilt from the parameter."""
         keep = {}
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -233,8 +237,8 @@ class FusedAdam(Optimizer):
                 st["step"] = _step_tensor(st["step"])
             for k, v in keep.get(p, {}).items():
                 st[k] = v.to(device=p.device, dtype=torch.float32, copy=True)
-            if "master_param" in st and not _master_is_current(st["master_param"], p):
-                del st["master_param"]
+            if "master_param" in st and not _master_is_fp32_copy(st["master_param"], p):
+                del st["master_param"]  # its values are compared with p's at the first step (_init_state)
 
     # -- the step ------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict, master: bool) -> dict:

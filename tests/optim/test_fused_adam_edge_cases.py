@@ -211,6 +211,50 @@ def test_current_master_weights_survive_load():
     assert torch.equal(b.state[p]["master_param"], a.state[p]["master_param"])
 
 
+def test_master_weights_survive_either_load_order():
+    """Optimizer state loaded before the model's weights keeps its fp32 master copy: it is compared with
+    the parameter at the next step, not at load (the parameter then still holds fresh weights)."""
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Linear(16, 16).to(torch.bfloat16)
+
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2)).bfloat16()
+    m = make()
+    opt = ff.optim.FusedAdamW(m.parameters(), lr=1e-3, master_weights=True)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).float().pow(2).mean().backward()
+        opt.step()
+    model_sd, opt_sd = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
+    masters = []
+    for optimizer_first in (False, True):
+        m2 = make()
+        o2 = ff.optim.FusedAdamW(m2.parameters(), lr=1e-3, master_weights=True)
+        if optimizer_first:
+            o2.load_state_dict(copy.deepcopy(opt_sd))
+            m2.load_state_dict(model_sd)
+        else:
+            m2.load_state_dict(model_sd)
+            o2.load_state_dict(copy.deepcopy(opt_sd))
+        o2.zero_grad()
+        m2(x).float().pow(2).mean().backward()
+        o2.step()
+        masters.append(o2.state[m2.weight]["master_param"].clone())
+    assert torch.equal(masters[0], masters[1])
+
+
+def test_grad_scaler_keeps_float64_gradients_exact():
+    """The unscale of torch's path runs in float64 for float64 gradients (fp32 only widens fp16/bf16)."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ff.optim.FusedAdam([p], lr=1e-3)
+    g = torch.tensor([1.0, 1e-9, 3.0], dtype=torch.float64) * (1 + 1e-12)
+    p.grad = g.clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)  # what GradScaler.step hands over
+    opt.step()
+    assert torch.equal(p.grad, g / 3.0)
+
+
 # ------------------------------------------------------------------------ 4. a parameter listed twice
 @pytest.mark.parametrize("path", ["kernel", "no-extension", "grad-scaler"])
 def test_duplicate_parameter_steps_twice_like_torch(path, request):
