@@ -162,6 +162,7 @@ class _SelectingTrainer(Trainer):
     best_step: int = 0
     selecting: bool = False
     _last_train_state: dict | None = None  # set while save_selected writes
+    _best_is_model: bool = False  # set while save_selected writes
 
     def evaluate(self) -> dict:
         ev = super().evaluate()
@@ -176,26 +177,35 @@ class _SelectingTrainer(Trainer):
         if not self.selecting:
             return {}
         best_key = list(self.best_key) if self.best_key is not None else None
-        return {"selection": {"best_key": best_key, "best_step": self.best_step, "best_state": self.best_state}}
+        # the weights are stored once: when the best are the ones saved as "model" (selected at this
+        # very step, or by save_selected) the checkpoint says so instead of holding a second copy
+        same = self._best_is_model or self.best_step == self.step
+        state = None if same else self.best_state
+        sel = {"best_key": best_key, "best_step": self.best_step, "best_is_model": same, "best_state": state}
+        return {"selection": sel}
 
     def load_extra_state(self, ck: dict) -> None:
-        if "train_model" in ck:  # a finished run: training goes on from its last weights, not the selected
-            self.raw_model.load_state_dict(ck["train_model"])
         sel = ck.get("selection")
         if self.selecting and sel:  # absent in older checkpoints: chosen among this session's evaluations
             self.best_key = tuple(sel["best_key"]) if sel["best_key"] is not None else None
-            self.best_step, self.best_state = int(sel["best_step"]), sel["best_state"]
+            self.best_step = int(sel["best_step"])
+            best = ck["model"] if sel.get("best_is_model") else sel["best_state"]
+            # copies: the checkpoint's tensors map the file, which the next save replaces
+            self.best_state = None if best is None else {k: v.clone() for k, v in best.items()}
+        if "train_model" in ck:  # a finished run: training goes on from its last weights, not the selected
+            self.raw_model.load_state_dict(ck["train_model"])
 
     def save_selected(self) -> None:
         """Make the selected weights the model's and write the checkpoint: "model" the selected weights,
-        "train_model" the last training weights (load_extra_state)."""
-        last = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
-        self.raw_model.load_state_dict(self.best_state)
-        self._last_train_state = last
+        "train_model" the last training weights (load_extra_state), unless they are the same."""
+        if self.best_step != self.step:
+            self._last_train_state = {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()}
+            self.raw_model.load_state_dict(self.best_state)
+        self._best_is_model = True
         try:
             self.save()
         finally:
-            self._last_train_state = None
+            self._last_train_state, self._best_is_model = None, False
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

@@ -322,6 +322,8 @@ def test_model_selection_survives_resume(tmp_path):
     for key in ("model", "train_model"):
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
     assert a["selection"]["best_step"] == first["selected_step"]
+    # the weights are stored once each: the selected ones as "model" (not again in the selection)
+    assert a["selection"]["best_is_model"] and a["selection"]["best_state"] is None
     if first["selected_step"] < first["steps"]:  # the selected weights are not the last ones
         assert not all(torch.equal(a["model"][n], a["train_model"][n]) for n in a["model"])
     # resuming the finished run changes nothing: the same weights, the same record
