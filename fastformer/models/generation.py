@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,15 +122,16 @@ def _token_id(value, name: str) -> int:
 
 
 def _eos_list(eos) -> list[int]:
-    """eos_token_id: one id, or a list / tuple / 1-D tensor of ids (duplicates dropped, order kept)."""
+    """eos_token_id: one id, or several (a list, tuple, range, set, 1-D tensor or numpy array of ids;
+    duplicates dropped, order kept)."""
     if eos is None:
         return []
-    if isinstance(eos, torch.Tensor) and eos.dim() == 1:
-        eos = eos.tolist()
-    if isinstance(eos, (list, tuple)):
-        ids = [_token_id(e, "eos_token_id") for e in eos]
-    else:
+    if hasattr(eos, "tolist") and getattr(eos, "ndim", None) in (0, 1):  # a tensor or numpy value / array
+        eos = eos.tolist()  # a Python int (0-d; a float or bool stays one, and is refused) or a list
+    if isinstance(eos, (str, bytes)) or not isinstance(eos, Iterable):
         ids = [_token_id(eos, "eos_token_id")]
+    else:
+        ids = [_token_id(e, "eos_token_id") for e in eos]
     return list(dict.fromkeys(ids))
 
 

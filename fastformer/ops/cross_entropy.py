@@ -216,7 +216,7 @@ def _validate_linear(input, weight, target, bias, ignore_index, reduction, label
                 f"probabilities shaped {logits_shape}; got dtype {target.dtype}, shape "
                 f"{tuple(target.shape)}"
             )
-        if tuple(target.shape) != tuple(input.shape[:-1]):
+        if tuple(target.shape) != tuple(input.shape[:-1]) and not (input.dim() == 1 and tuple(target.shape) == (1,)):
             raise InputError(
                 f"target has shape {tuple(target.shape)}; expected {tuple(input.shape[:-1])} "
                 f"for input {tuple(input.shape)}"

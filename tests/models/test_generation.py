@@ -200,7 +200,7 @@ def test_token_ids_in_every_integer_form():
     m = _model(23, torch.float32, 9)
     ids, mask = _inputs(2, 5, 23, 9)
     want = m.generate(ids, mask, max_new_tokens=4, eos_token_id=1, pad_token_id=0, decoder_start_token_id=0)
-    for eos in (torch.tensor(1), np.int64(1), [1, 1], (1,), torch.tensor([1])):
+    for eos in (torch.tensor(1), np.int64(1), [1, 1], (1,), torch.tensor([1]), np.array([1]), range(1, 2)):
         got = m.generate(ids, mask, max_new_tokens=4, eos_token_id=eos, pad_token_id=np.int32(0))
         assert torch.equal(got, want), eos
     got = m.generate(ids, mask, max_new_tokens=4, eos_token_id=1, decoder_start_token_id=torch.tensor(0))

@@ -72,6 +72,9 @@ def test_linear_cross_entropy_unbatched_input(backend):
     want = F.cross_entropy(F.linear(h, W), t)
     assert out.shape == ()
     assert_close(out, want, torch.float64, "loss")
+    for reduction in ("mean", "none"):  # a one-element target, as cross_entropy(F.linear(h, W), t) takes
+        one = ff.linear_cross_entropy(h, W, t.reshape(1), reduction=reduction)
+        assert one.shape == () and torch.equal(one, ff.linear_cross_entropy(h, W, t, reduction=reduction))
     for a, b in zip(torch.autograd.grad(out, (h, W)), torch.autograd.grad(want, (h, W))):
         assert_close(a, b, torch.float64, "grad")
 
