@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from . import tuning
-from .launch import Launch, capture_target, capturing, launch
+from .launch import Launch, capture_target, capturing, launch, on_tensor_device
 
 LOG2E = 1.4426950408889634
 
@@ -622,6 +622,7 @@ def _ensure_scratch_allocator() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def attention_forward(q, k, v, spec: AttnSpec, out: torch.Tensor | None = None):
     """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units).
     out: optional preallocated output (last dim contiguous)."""
@@ -695,6 +696,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: torch.Tensor | None = None):
     return o, lse
 
 
+@on_tensor_device
 def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True, need_dkdv: bool = True):
     """Fused backward. Returns (dq, dk, dv, dmask_full or None, dtable_partials or None).
 

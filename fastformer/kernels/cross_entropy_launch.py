@@ -25,7 +25,7 @@ import os
 import torch
 
 from . import tuning
-from .launch import Launch, launch
+from .launch import Launch, launch, on_tensor_device
 
 TUNE_NAME = "cross_entropy.fwd"
 LEGACY = (0, 0, 0, 0, 0)
@@ -236,6 +236,7 @@ def _out_of_resources() -> type:
     return OutOfResources
 
 
+@on_tensor_device
 def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -327,6 +328,7 @@ def ce_forward(
     return loss, lse
 
 
+@on_tensor_device
 def scale_rows_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """grad: (N, V) or (N, V, D), any strides, scaled in place by g: (N*D,) per row (row n*D + d) or a
     one-element tensor. Rows whose factor is exactly 1 are not touched (a scalar 1: no gradient

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 _captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastformer_captured_launches", default=None)
@@ -33,6 +35,25 @@ class Launch:
     kwargs: dict
     name: str
     config: tuple | None = None
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """Decorator for a host-side launcher whose first argument is a tensor: run it with that tensor's
+    CUDA device current. Triton launches on the current device (and its stream), so tensors on
+    another GPU (cuda:1 while cuda:0 is current, without torch.cuda.set_device) would otherwise be
+    launched on the wrong one; the tuner's timing follows the same device (tuning._on_device)."""
+
+    @functools.wraps(fn)
+    def inner(t, *args, **kwargs):
+        if getattr(t, "is_cuda", False):
+            import torch
+
+            if t.device.index is not None and t.device.index != torch.cuda.current_device():
+                with torch.cuda.device(t.device):
+                    return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return inner
 
 
 def launch(item: Launch) -> None:

@@ -8,12 +8,14 @@ and GPU generation (`gate_results/<family>.json`, written by `scripts/kernel_rep
 --write-gates`), keeps the fastest, writes it to a JSON file in the cache folder and returns it. Later
 calls, in this process or any later one, return the cached choice without timing anything.
 
-- `FASTFORMER_TUNE=0`, or `set_tuning(False)` / `with use_tuning(False):` in code, pins the built-in
-  defaults (nothing is timed, the cache is not read).
+- `FASTFORMER_TUNE=0`, or `set_tuning(False)` / `with use_tuning(False):` in code (process wide),
+  pins the built-in defaults (nothing is timed, the cache is not read).
 - `FASTFORMER_TUNE_CACHE=DIR` puts the cache in DIR (default `$XDG_CACHE_HOME/fastformer/tuning`,
   i.e. `~/.cache/fastformer/tuning`). A folder shared by the machines of a cluster makes them all use
   the first choice written for their GPU: entries are never overwritten (the first writer wins, under
-  a file lock), and a process that finds an entry on disk takes it instead of timing.
+  a file lock), and a process that finds an entry on disk takes it instead of timing. The file's name
+  holds a digest of the kernel sources (`kernels_tag`), so another version of fastformer tunes anew;
+  an entry that is not the default or an allowed candidate (hand-edited, corrupted) is ignored.
 - A candidate that fails (compile error, out of shared memory or registers) is skipped. Nothing is
   tuned on CPU (the Triton interpreter), while capturing launches for the kernel report, or inside a
   CUDA graph capture: those use the cached choice if this process already has one, else the default.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -42,7 +45,7 @@ CACHE_ENV = "FASTFORMER_TUNE_CACHE"
 GATES_DIR = Path(__file__).resolve().parent / "gate_results"
 
 _lock = threading.RLock()
-_state = threading.local()
+_enabled: bool | None = None  # set_tuning / use_tuning: process wide (autograd's backward threads too)
 _memory: dict = {}  # (gpu, triton, kernel, shape_class) -> config tuple
 _log: list = []  # choices made or loaded in this process (for benchmark reports)
 _forced: dict = {}  # kernel -> config, set by force_config() (the kernel report, tests)
@@ -54,27 +57,31 @@ _forced: dict = {}  # kernel -> config, set by force_config() (the kernel report
 
 
 def tuning_enabled() -> bool:
-    """False when FASTFORMER_TUNE=0 or set_tuning(False) is in force in this thread."""
-    value = getattr(_state, "enabled", None)
+    """False when FASTFORMER_TUNE=0 or set_tuning(False) is in force."""
+    value = _enabled
     if value is not None:
         return value
     return os.environ.get(TUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def set_tuning(enabled: bool | None) -> None:
-    """Turn tuning on or off for this thread (None: back to FASTFORMER_TUNE)."""
-    _state.enabled = None if enabled is None else bool(enabled)
+    """Turn tuning on or off (None: back to FASTFORMER_TUNE). Process wide, not per thread: autograd
+    runs a CUDA backward on its own device thread, which must see the switch too."""
+    global _enabled
+    with _lock:
+        _enabled = None if enabled is None else bool(enabled)
 
 
 @contextlib.contextmanager
 def use_tuning(enabled: bool):
-    """`with use_tuning(False):` pins the built-in defaults inside the block."""
-    previous = getattr(_state, "enabled", None)
+    """`with use_tuning(False):` pins the built-in defaults inside the block (process wide, the
+    backward of a loss computed in the block included when it runs inside it)."""
+    previous = _enabled
     set_tuning(enabled)
     try:
         yield
     finally:
-        _state.enabled = previous
+        set_tuning(previous)
 
 
 @contextlib.contextmanager
@@ -161,21 +168,45 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80]
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_tag() -> str:
+    """A digest of this package's kernel sources and launchers (fastformer/kernels/*.py): part of the
+    cache file's name, so that a choice made for other kernels, or for configuration tuples that meant
+    something else, is never used after fastformer changes them (a new file is tuned instead)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def cache_file(gpu: str, triton_version: str) -> Path:
-    return cache_dir() / f"{_safe(gpu)}__triton-{_safe(triton_version)}.json"
+    return cache_dir() / f"{_safe(gpu)}__triton-{_safe(triton_version)}__kernels-{kernels_tag()}.json"
 
 
 def _read(path: Path) -> dict:
+    """The cache file's entries ({} for a missing, unreadable or malformed file)."""
     try:
         data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}
 
 
-def _write_entry(path: Path, key: str, entry: dict) -> dict:
-    """Add `entry` under `key` unless another process wrote one first; returns the entry on disk.
-    A cache that cannot be written (read-only folder) is not an error: the choice stays in memory."""
+def _valid_config(entry, allowed: list[tuple]) -> tuple | None:
+    """An entry's configuration when it is one this process may launch (the default, or a candidate
+    the gates allow on this GPU and Triton): anything else (a hand-edited or corrupted entry) is
+    treated as missing, never launched."""
+    config = entry.get("config") if isinstance(entry, dict) else None
+    if not isinstance(config, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in config):
+        return None
+    return tuple(config) if tuple(config) in allowed else None
+
+
+def _write_entry(path: Path, key: str, entry: dict, allowed: list[tuple]) -> dict:
+    """Add `entry` under `key` unless another process wrote a valid one first; returns the entry on
+    disk. A cache that cannot be written (read-only folder) is not an error: the choice stays in memory."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "a+") as lock:
@@ -185,13 +216,12 @@ def _write_entry(path: Path, key: str, entry: dict) -> dict:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except (ImportError, OSError):
                 pass
-            data = _read(path)
-            entries = data.setdefault("entries", {})
-            if key in entries and "config" in entries[key]:
+            entries = _read(path)
+            if _valid_config(entries.get(key), allowed) is not None:
                 return entries[key]
             entries[key] = entry
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True))
             os.replace(tmp, path)
     except OSError:
         pass
@@ -241,6 +271,15 @@ def _device_facts(device) -> tuple:
 
     index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
     return _facts_of(index)
+
+
+def _on_device(device):
+    """torch.cuda.device(device) for a CUDA device (Triton launches on the current device), else nothing."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _can_time(device) -> bool:
@@ -294,22 +333,23 @@ def choose(
             return _memory[mkey]
     path = cache_file(gpu, tver)
     dkey = f"{kernel}|{shape_class}"
-    entry = _read(path).get("entries", {}).get(dkey)
-    if entry and "config" in entry:
-        cfg = tuple(entry["config"])
+    allowed = [default] + [tuple(c) for c in candidates if tuple(c) != default and gates_allow(kernel, c, arch, tver)]
+    allowed = list(dict.fromkeys(allowed))
+    entry = _read(path).get(dkey)
+    cfg = _valid_config(entry, allowed)
+    if cfg is not None:
         _remember(mkey, cfg, entry, "disk")
         return cfg
     if facts is None and not _can_time(device):
         return default
-    allowed = [default] + [tuple(c) for c in candidates if tuple(c) != default and gates_allow(kernel, c, arch, tver)]
-    allowed = list(dict.fromkeys(allowed))
     if len(allowed) == 1:
         _remember(mkey, default, {"config": list(default), "timings_ms": {}}, "default only")
         return default
     timings, skipped = {}, {}
     for cfg in allowed:
         try:
-            ms = float(_timer(lambda cfg=cfg: run(cfg)))
+            with _on_device(device):  # timed on the tensors' GPU, whichever device is current
+                ms = float(_timer(lambda cfg=cfg: run(cfg)))
             if not math.isfinite(ms):
                 raise RuntimeError(f"timer returned {ms}")
             timings[config_id(cfg)] = ms
@@ -328,7 +368,7 @@ def choose(
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if timings:
-        entry = _write_entry(path, dkey, entry)
+        entry = _write_entry(path, dkey, entry, allowed)
         cfg = tuple(entry["config"])
     _remember(mkey, cfg, entry, "tuned")
     return cfg

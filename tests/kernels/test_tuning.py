@@ -83,6 +83,7 @@ def test_choice_is_reused_by_a_later_process_that_has_no_triton(tune_env):
         "import torch\nfrom fastformer.kernels import tuning\n"
         "import fastformer.kernels.attention_launch, fastformer.kernels.launch\n"
         "import fastformer.kernels.registry, fastformer.kernels.attention_registry\n"
+        f"from pathlib import Path\ntuning.GATES_DIR = Path({str(tuning.GATES_DIR)!r})  # the same gate verdicts\n"
         "def boom(fn):\n    raise AssertionError('a cached choice must not be timed again')\n"
         "tuning.set_timer(boom)\n"
         f"print(tuning.choose({KERNEL!r}, 'bfloat16|d64|plain|L1024|BH64', {DEFAULT!r}, {CANDS!r}, lambda c: None,"
@@ -126,6 +127,56 @@ def test_first_writer_wins_on_a_shared_cache(tune_env):
     path.write_text(json.dumps({"entries": {key: {"config": [32, 32, 4, 1]}}}))
     timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 9.0})
     assert _choose(timer) == (32, 32, 4, 1) and timer.timed == []
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        {"config": [256, 256, 16, 7]},  # not a candidate (an older fastformer's, a hand edit)
+        {"config": [64, 128, 8, 2]},  # a candidate the gates reject on this GPU and Triton
+        {"config": [64, 64]},  # another tuple layout
+        {"config": "64,64,4,2"},
+        {"config": None},
+        None,
+    ],
+)
+def test_an_invalid_cache_entry_is_never_launched_and_is_replaced(tune_env, written):
+    path = tuning.cache_file(*FACTS[::2])
+    path.parent.mkdir(parents=True)
+    key = f"{KERNEL}|bfloat16|d64|plain|L1024|BH64"
+    path.write_text(json.dumps({"entries": {key: written}}))
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 3.0})
+    assert _choose(timer) == (128, 64, 8, 3)  # tuned as if there were no entry
+    assert json.loads(path.read_text())["entries"][key]["config"] == [128, 64, 8, 3]
+
+
+@pytest.mark.parametrize("content", ['{"entries": []}', "[1, 2]", '{"entries": {"k": 3}}', '{"entr', ""])
+def test_a_malformed_cache_file_is_tuned_over(tune_env, content):
+    path = tuning.cache_file(*FACTS[::2])
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 3.0})
+    assert _choose(timer) == (128, 64, 8, 3)
+
+
+def test_the_cache_file_is_per_kernel_sources(tune_env):
+    """Another fastformer's kernels (a config tuple may mean something else there) use another file."""
+    name = tuning.cache_file(*FACTS[::2]).name
+    assert name.startswith("Fake_GPU_80GB__triton-9.9.9__kernels-") and tuning.kernels_tag() in name
+
+
+def test_the_tuning_switch_holds_in_other_threads(tune_env):
+    """Autograd runs a CUDA backward on its own device thread: `use_tuning(False)` must reach it."""
+    import threading
+
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 3.0})
+    got = []
+    with tuning.use_tuning(False):
+        worker = threading.Thread(target=lambda: got.append(_choose(timer)))
+        worker.start()
+        worker.join()
+    assert got == [DEFAULT] and timer.timed == []
+    assert tuning.tuning_enabled()  # restored after the block
 
 
 def test_nothing_is_tuned_on_cpu_or_for_unknown_candidates(tune_env):
@@ -215,3 +266,37 @@ def test_hopper_forward_is_the_tma_build_where_it_can_run(monkeypatch):
     assert not fwd(q, 80).kwargs["TMA"]
     with AL.use_variants(fwd="pointer"):
         assert not fwd(q, 90).kwargs["TMA"]
+
+
+def test_launchers_run_on_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: a launcher given tensors on another GPU makes theirs
+    current for the call (checked with a stand-in tensor and torch.cuda stubs; no GPU here)."""
+    from types import SimpleNamespace
+
+    from fastformer.kernels import attention_launch, cross_entropy_launch
+    from fastformer.kernels.launch import on_tensor_device
+
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    launcher = on_tensor_device(lambda t, x: ("ran", x))
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=1))
+    on_gpu0 = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    assert launcher(on_gpu1, 7) == ("ran", 7) and entered == [1]
+    assert launcher(on_gpu0, 8) == ("ran", 8) and entered == [1]  # already current: nothing to switch
+    assert launcher(torch.zeros(1), 9) == ("ran", 9) and entered == [1]  # CPU (the interpreter)
+    for fn in (attention_launch.attention_forward, attention_launch.attention_backward):
+        assert fn.__wrapped__ is not None
+    for fn in (cross_entropy_launch.ce_forward, cross_entropy_launch.scale_rows_):
+        assert fn.__wrapped__ is not None
