@@ -1,6 +1,10 @@
 """`make gpu-check`: every GPU measurement and GPU test in one command of at most about 9 minutes.
 
-    python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--only NAME ...] [--full]
+    python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--only NAME ...] [--full] [--allow-cpu]
+
+Where torch has no CUDA it refuses (exit 2) before writing anything: its benchmarks would measure the
+CPU into DIR (by default bench/results, over the committed CPU results). `--allow-cpu` runs them there
+anyway (`make bench` does); the `cuda` test steps are then not run and reported as skipped.
 
 Steps run in priority order, each in its own process with a time limit, so a step that fails or
 overruns loses nothing else: attention fwd+bwd against every SDPA backend (with T5 against plain
@@ -23,6 +27,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,6 +125,19 @@ def _child(name: str, out: Path, quick: bool, rows_file: Path) -> int:
     return 0
 
 
+def pytest_status(status: str, output: str) -> str:
+    """The status of a pytest step from its exit status and its output: "ok" only when a test passed
+    (a run whose tests were all skipped or deselected, e.g. `-m cuda` without a usable GPU, tested nothing)."""
+    if status == "failed (exit 5)":  # pytest: no tests collected (all deselected)
+        return "skipped: no tests ran"
+    if status != "ok":
+        return status
+    summary = [ln for ln in output.splitlines() if re.search(r"\d+ (passed|skipped|deselected|failed)", ln)]
+    if not summary or not re.search(r"\b\d+ passed\b", summary[-1]):
+        return "skipped: no CUDA tests ran"
+    return status
+
+
 def _run_proc(cmd: list, timeout: float, env: dict, log: Path | None = None) -> str:
     """Run cmd in its own process group; on timeout the whole group is stopped."""
     out = open(log, "a") if log else None
@@ -148,11 +166,26 @@ def _run_proc(cmd: list, timeout: float, env: dict, log: Path | None = None) -> 
             out.close()
 
 
+NO_CUDA = "skipped: no CUDA here"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return False
+
+
 class Runner:
     """Runs steps as subprocesses; collects the benchmarks' summary rows."""
 
-    def __init__(self, out: Path, full: bool, env: dict, build: subprocess.Popen | None, now, budget_end):
-        self.out, self.full, self.env, self.build = out, full, env, build
+    def __init__(
+        self, out: Path, full: bool, env: dict, build: subprocess.Popen | None, now, budget_end, cuda: bool = True
+    ):
+        self.out, self.full, self.env, self.build, self.cuda = out, full, env, build, cuda
         self.now, self.budget_end = now, budget_end
         self.summary: list = []
 
@@ -173,10 +206,18 @@ class Runner:
         print(f"=== {step.name} (limit {timeout:.0f}s)", flush=True)
         env = dict(self.env, **step.env)
         if step.cmd is not None:
-            log = self.out / "gpu_tests.log" if "pytest" in step.cmd else None
+            is_pytest = "pytest" in step.cmd
+            if is_pytest and not self.cuda:
+                return NO_CUDA
+            log = self.out / "gpu_tests.log" if is_pytest else None
+            start = log.stat().st_size if log is not None and log.exists() else 0
             status = _run_proc(step.cmd, timeout, env, log)
             if log is not None and log.exists():
-                print("".join(log.read_text().splitlines(keepends=True)[-6:]), flush=True)
+                with open(log, errors="replace") as f:  # this run's part of the log
+                    f.seek(start)
+                    output = f.read()
+                print("".join(output.splitlines(keepends=True)[-6:]), flush=True)
+                status = pytest_status(status, output)
             return status
         rows_file = self.out / f".{step.bench}.rows.json"
         cmd = [
@@ -298,7 +339,7 @@ def _line(d: dict, keys: list, width: int = 150) -> str:
     return "  ".join(parts)[:width]
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument(
@@ -310,9 +351,22 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="step names (e.g. attention cross_entropy)")
     ap.add_argument("--full", action="store_true", help="full sweeps instead of the short settings")
     ap.add_argument("--xdist", type=int, default=int(os.environ.get("XDIST", 8)))
+    ap.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run even where torch has no CUDA (the CPU benchmarks; the cuda test steps are skipped)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    cuda = args.child is not None or _cuda_available()
+    if not cuda and not args.allow_cpu:
+        print(
+            "gpu-check: torch has no CUDA here (torch.cuda.is_available() is False): nothing written; "
+            "--allow-cpu runs the benchmarks on the CPU anyway",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -327,11 +381,8 @@ def main() -> int:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     dev = device_name()
     print(f"[gpu-check] {dev}, budget {args.budget:.0f}s", flush=True)
-    cuda = False
     try:
         import torch
-
-        cuda = torch.cuda.is_available()
         import triton
 
         print(
@@ -344,7 +395,7 @@ def main() -> int:
         todo = [s for s in todo if s.name in args.only]
     # on a CPU machine (`make bench`) the package is already built and there is nothing to compile for
     build, warm = _start_background(py, out, env) if cuda else (None, None)
-    runner = Runner(out, args.full, env, build, time.monotonic, t_start + args.budget)
+    runner = Runner(out, args.full, env, build, time.monotonic, t_start + args.budget, cuda=cuda)
     try:
         records = schedule(todo, args.budget - (time.monotonic() - t_start), runner, time.monotonic)
     finally:
@@ -371,7 +422,7 @@ def main() -> int:
     for r in runner.summary:
         keys = [k for k in r if k not in ("benchmark", "case")]
         print(f"{str(r.get('benchmark', '?'))[:14]:<14} {str(r.get('case', ''))[:32]:<32} {_line(r, keys, 110)}")
-    bad = [r for r in records if r["status"] != "ok"]
+    bad = [r for r in records if r["status"] not in ("ok", NO_CUDA)]
     return 1 if bad else 0
 
 

@@ -7,16 +7,20 @@ instructions off the SASS / PTX / TTGIR. No GPU needed.
                                     [--ci] [--candidates [--write-gates]] [--family NAME] [--arch 90 80]
                                     [--match TEXT ...]
 
-  --check          exit 1 when a gate fails (gates are declared next to each kernel family)
+  --check          exit 1 when a gate fails (gates are declared next to each kernel family); exit 2
+                   when the selection (--arch, --match, --family) builds no case: nothing was checked
   --ci             only the representative cases (what `make test` checks); default: every case
-  --triton V       build with Triton V instead of the installed one: it is installed once into
-                   the cache folder (pip --target, from the package registry) and used in a subprocess
+  --triton V       build with Triton V instead of the installed one (3.9 and 3.9.0 are the same
+                   version): it is installed once into the cache folder (pip --target, from the package
+                   registry) and used in a subprocess, which never starts another one
   --candidates     also build every tuning candidate and judge it by the candidate gates;
-  --write-gates    ... and record the verdicts in fastformer/kernels/gate_results/<family>.json
+  --write-gates    ... and record the verdicts in fastformer/kernels/gate_results/<family>.json, merged
+                   into the recorded ones (--arch / --match replace only the candidates they build)
   --match TEXT     only the cases (and candidates) whose name contains one of the texts
   --baseline FILE  with --check, also fail when a build spills more, has more local-memory traffic in a
-                   tile loop or fewer blocks per SM than in FILE (default: the committed report of this
-                   Triton version, bench/results/kernel_report_triton-<version>.json); --no-baseline
+                   tile loop or fewer blocks per SM than in FILE (an unreadable FILE is an error; default:
+                   the committed report of this Triton version, bench/results/kernel_report_triton-
+                   <version>.json, and without one a note says these gates were skipped); --no-baseline
   --jobs N         parallel compiles (default: 2, at most the CPU count)
   --cache DIR      reuse earlier results of identical builds (default ~/.cache/fastformer/kernel_report;
                    --no-cache to rebuild everything)
@@ -198,7 +202,13 @@ def table(rows: list, markdown: bool = False) -> str:
 
 
 def write_gate_results(family: str, version: str, rows: list, verdicts: list, candidates: list) -> Path:
-    """Record, per arch, which tuning candidates passed the candidate gates (merged into the file)."""
+    """Record, per arch, which tuning candidates passed the candidate gates, merged into the file.
+
+    rows: this run's candidate builds; candidates: every candidate the family declares. A verdict is
+    kept per (arch, tuning name, config): one that this run built in every case declaring it on that
+    arch is replaced; one built in only some of them (--match) keeps the recorded failures (they may
+    come from a case not rebuilt) and adds this run's; one this run did not build (--arch, --match)
+    is left as recorded. Verdicts of configs no candidate declares any more are dropped."""
     from fastformer.kernels import tuning
 
     path = tuning.GATES_DIR / f"{family}.json"
@@ -206,21 +216,44 @@ def write_gate_results(family: str, version: str, rows: list, verdicts: list, ca
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    per_version = data.setdefault("triton", {})[version] = {}
+    per_version = data.setdefault("triton", {}).setdefault(version, {})
     by_case = {c.case.name: c for c in candidates}
+    declared: dict = {}  # (arch, tune name, config id) -> the case names that build it
+    for c in candidates:
+        for arch in c.case.archs:
+            declared.setdefault((f"sm_{arch}", c.tune_name, tuning.config_id(c.config)), set()).add(c.case.name)
     failed: dict = {}
     for v in verdicts:
         if not v["ok"]:
             failed.setdefault((v["config"], v["arch"]), []).append(v["gate"])
+    fresh: dict = {}
     for r in rows:
         cand = by_case.get(r["config"])
         if cand is None:
             continue
-        entry = per_version.setdefault(r["arch"], {}).setdefault(cand.tune_name, {})
-        verdict = entry.setdefault(tuning.config_id(cand.config), {"failed": [], "variants": []})
+        key = (r["arch"], cand.tune_name, tuning.config_id(cand.config))
+        f = fresh.setdefault(key, {"failed": set(), "variants": set(), "cases": set()})
         # a candidate must pass in every variant it is built in
-        verdict["failed"] = sorted(set(verdict["failed"]) | set(failed.get((r["config"], r["arch"]), [])))
-        verdict["variants"] = sorted(set(verdict["variants"]) | {r["variant"]})
+        f["failed"] |= set(failed.get((r["config"], r["arch"]), []))
+        f["variants"].add(r["variant"])
+        f["cases"].add(r["config"])
+    for (arch, tune, cid), f in sorted(fresh.items()):
+        entry = per_version.setdefault(arch, {}).setdefault(tune, {})
+        old = entry.get(cid)
+        if old is not None and not f["cases"] >= declared.get((arch, tune, cid), set()):
+            f["failed"] |= set(old.get("failed", []))
+            f["variants"] |= set(old.get("variants", []))
+        entry[cid] = {"failed": sorted(f["failed"]), "variants": sorted(f["variants"])}
+    for arch in list(per_version):
+        for tune in list(per_version[arch]):
+            for cid in [c for c in per_version[arch][tune] if (arch, tune, c) not in declared]:
+                del per_version[arch][tune][cid]
+            if not per_version[arch][tune]:
+                del per_version[arch][tune]
+        if not per_version[arch]:
+            del per_version[arch]
+    if not per_version:
+        del data["triton"][version]
     data["note"] = "written by scripts/kernel_report.py --candidates --write-gates; read by fastformer.kernels.tuning"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -235,13 +268,34 @@ def baseline_path(version: str) -> Path:
     return ROOT / "bench" / "results" / f"kernel_report_triton-{version}.json"
 
 
-def compare_baseline(rows: list, path: Path) -> list:
-    """Verdicts 'no-regression:<field>' for every row that the committed report also has (same kernel,
-    config and arch): its spills and loop local-memory traffic not above, its occupancy not below."""
+def load_baseline(path: Path) -> dict:
+    """The rows of a report JSON by (kernel, config, arch). Raises ValueError when it cannot be read."""
     try:
-        old = {(r["kernel"], r["config"], r["arch"]): r for r in json.loads(path.read_text())["rows"]}
-    except (OSError, ValueError, KeyError):
-        return []
+        return {(r["kernel"], r["config"], r["arch"]): r for r in json.loads(Path(path).read_text())["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the baseline report {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_baseline(explicit: str | None, version: str) -> tuple:
+    """(rows by key or None, note). An explicit file must be readable (ValueError otherwise); without
+    one, the committed report of this Triton version, and when there is none, None and the note that
+    says the no-regression gates are skipped."""
+    if explicit:
+        return load_baseline(Path(explicit)), ""
+    path = baseline_path(version)
+    if not path.exists():
+        return None, (
+            f"kernel_report: note: no committed report for triton {version} "
+            f"({path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}): "
+            "the no-regression gates were skipped"
+        )
+    return load_baseline(path), ""
+
+
+def compare_baseline(rows: list, old: dict) -> list:
+    """Verdicts 'no-regression:<field>' for every row that the committed report (load_baseline) also
+    has (same kernel, config and arch): its spills and loop local-memory traffic not above, its
+    occupancy not below."""
     out = []
     for r in rows:
         b = old.get((r["kernel"], r["config"], r["arch"]))
@@ -275,6 +329,31 @@ def dump_json(report: dict) -> str:
         else:
             parts.append(f'"{key}": {json.dumps(value, sort_keys=True)}')
     return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+# set in the subprocess that --triton starts: that one never starts another
+CHILD_ENV = "FASTFORMER_KERNEL_REPORT_TRITON"
+
+
+def same_version(a: str, b: str) -> bool:
+    """Whether two spellings name the same release (3.9 == 3.9.0; PEP 440, else trailing .0 ignored)."""
+    try:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            return Version(a) == Version(b)
+        except InvalidVersion:
+            pass
+    except ImportError:
+        pass
+
+    def norm(v: str) -> list:
+        parts = v.strip().lower().removeprefix("v").split(".")
+        while len(parts) > 1 and parts[-1] == "0":
+            parts.pop()
+        return parts
+
+    return norm(a) == norm(b)
 
 
 def _install_triton(version: str, cache: Path) -> Path:
@@ -315,9 +394,17 @@ def main(argv=None) -> int:
 
     import triton
 
-    if args.triton and args.triton != triton.__version__:
+    if args.triton and not same_version(args.triton, triton.__version__):
+        if os.environ.get(CHILD_ENV):
+            print(
+                f"kernel_report: asked for triton {args.triton}, but this subprocess (started for triton "
+                f"{os.environ[CHILD_ENV]}) imports triton {triton.__version__} from {Path(triton.__file__).parent}",
+                file=sys.stderr,
+            )
+            return 2
         site = _install_triton(args.triton, Path(args.cache))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env[CHILD_ENV] = args.triton
         rest = [a for a in (argv if argv is not None else sys.argv[1:])]
         return subprocess.run([sys.executable, __file__, *rest], env=env).returncode
     try:
@@ -328,6 +415,13 @@ def main(argv=None) -> int:
 
     from fastformer.kernels import aot, registry
 
+    baseline, baseline_note = None, ""
+    if not args.no_baseline:
+        try:
+            baseline, baseline_note = resolve_baseline(args.baseline, triton.__version__)
+        except ValueError as exc:
+            print(f"kernel_report: {exc}", file=sys.stderr)
+            return 2
     t0 = time.time()
     cache = None if args.no_cache else str(Path(args.cache) / "builds")
     fams = registry.families(args.family)
@@ -349,6 +443,20 @@ def main(argv=None) -> int:
                 for arch in c.case.archs:
                     if args.arch is None or arch in args.arch:
                         tasks.append((fam.name, c.case.name, arch, True))
+    if not tasks or (args.check and not any(not t[3] for t in tasks)):
+        what = ", ".join(
+            f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in (("--family", args.family), ("--arch", args.arch), ("--match", args.match))
+            if v is not None
+        )
+        print(
+            f"kernel_report: the selection ({what or 'everything'}{', --ci' if args.ci else ''}) builds no case"
+            + ("" if tasks else " and no candidate")
+            + (": nothing to check" if args.check else ""),
+            file=sys.stderr,
+        )
+        if args.check:
+            return 2
     rows = run_tasks(tasks, max(1, args.jobs), cache, progress=not args.quiet)
     case_rows = dedupe([r for r in rows if not r.get("candidate")])
     cand_rows = [r for r in rows if r.get("candidate")]
@@ -363,10 +471,8 @@ def main(argv=None) -> int:
             if args.write_gates:
                 path = write_gate_results(fam.name, triton.__version__, cr, cand_verdicts, cands[fam.name])
                 print(f"gate verdicts of {len(cr)} candidate builds -> {path}", file=sys.stderr)
-    if not args.no_baseline:
-        verdicts += compare_baseline(
-            case_rows, Path(args.baseline) if args.baseline else baseline_path(triton.__version__)
-        )
+    if baseline is not None:
+        verdicts += compare_baseline(case_rows, baseline)
     elapsed = time.time() - t0
     failed = [v for v in verdicts if not v["ok"]]
     meta = {
@@ -392,6 +498,8 @@ def main(argv=None) -> int:
     )
     for v in failed:
         print(f"  FAILED {v['gate']}: {v['kernel']} [{v['config']}] {v['arch']} {v.get('detail', '')}")
+    if baseline_note:
+        print(baseline_note)
     gates_doc = [
         {"family": f.name, "gate": g.name, "description": g.description, "candidates": g.candidates}
         for f in fams

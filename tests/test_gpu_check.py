@@ -1,5 +1,8 @@
 """The time budget of `make gpu-check` (bench/gpu_check.py), checked on CPU with fake durations."""
 
+import os
+
+import pytest
 from conftest import bench_script
 
 gpu_check = bench_script("gpu_check")
@@ -91,3 +94,70 @@ def test_quick_set_compiles_no_flex_attention():
         provs = att._providers(case, cuda=True, quick=True)
         assert "flex" not in provs and "fastformer" in provs
         assert ("fastformer-default" in provs) == (case["kind"] == "dense")
+
+
+# ----------------------------------------------------------------------------------------------
+# no CUDA: refuse, or (--allow-cpu) run without reporting the cuda tests as passed
+# ----------------------------------------------------------------------------------------------
+
+
+def test_refuses_without_cuda(tmp_path, monkeypatch, capsys):
+    """Where torch has no CUDA, gpu-check stops at once (exit 2, one line) and writes nothing: it used
+    to run the CPU benchmarks into bench/results, over the committed CPU results, and report the cuda
+    tests, all skipped, as ok."""
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda: False)
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--only", "kernel_tests", "--xdist", "1"]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA" in err and "--allow-cpu" in err
+
+
+def test_allow_cpu_runs_without_the_cuda_tests(tmp_path, monkeypatch):
+    """--allow-cpu (what `make bench` passes): the run goes on, the cuda test steps are not run and are
+    reported as skipped, not ok."""
+    import json
+
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "_run_proc", lambda *a, **k: pytest.fail("a cuda test step ran without CUDA"))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--only", "kernel_tests", "--budget", "200", "--xdist", "1", "--allow-cpu"]
+    assert gpu_check.main(argv) == 0
+    (result,) = out.glob("gpu_check_*.json")
+    (step,) = json.loads(result.read_text())["steps"]
+    assert step["step"] == "kernel_tests" and step["status"].startswith("skipped") and "CUDA" in step["status"]
+
+
+def test_a_pytest_step_that_ran_no_test_is_not_ok(tmp_path):
+    """A pytest step is ok only when a test passed: all skipped (-m cuda where the cuda tests skip
+    themselves) or all deselected (pytest's exit 5) is reported as skipped. Only this run's part of
+    the shared log counts."""
+    import sys
+    import time
+
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.cuda\ndef test_passes():\n    pass\n\n"
+        "@pytest.mark.cuda\n@pytest.mark.skip(reason='no GPU')\ndef test_skips():\n    pass\n\n"
+        "def test_not_cuda():\n    pass\n"
+    )
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini")]
+    base += ["--rootdir", str(tmp_path), "-m", "cuda", str(tmp_path / "test_some.py")]
+    runner = gpu_check.Runner(tmp_path, False, dict(os.environ), None, time.monotonic, time.monotonic() + 600)
+    assert runner(Step("passing", 1, 60, cmd=base), 60) == "ok"
+    assert runner(Step("only_skips", 1, 60, cmd=[*base, "-k", "skips"]), 60).startswith("skipped")
+    assert gpu_check.pytest_status("failed (exit 5)", "3 deselected in 0.1s").startswith("skipped")
+    assert gpu_check.pytest_status("ok", "2 passed, 1 skipped, 4 deselected in 1.0s") == "ok"
+    assert gpu_check.pytest_status("failed (exit 1)", "1 failed, 2 passed in 1.0s") == "failed (exit 1)"
+
+
+def test_make_bench_allows_cpu_and_gpu_check_does_not():
+    """`make bench` runs gpu_check.py on CPU machines on purpose; `make gpu-check` must refuse there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    make = (root / "Makefile").read_text()
+    bench = make.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    assert "bench/gpu_check.py" in bench and "--allow-cpu" in bench
+    assert "--allow-cpu" not in (root / "scripts" / "gpu_check.sh").read_text()

@@ -291,3 +291,164 @@ def test_kernel_report_ci_check(tmp_path):
         assert r["registers"] > 0 and r["blocks_per_sm"] >= 1, r
         # the tile loops stage their tiles in shared memory; dQ's finishing pass is an element-wise copy
         assert r["shared_bytes"] > 0 or r["kernel"] in ("attention.dq_finish", "attention.delta"), r
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line's own logic: --triton, --write-gates, the baseline, an empty selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_report():
+    """scripts/kernel_report.py as a module (it sets TRITON_INTERPRET=0 for its builds: restored here,
+    the tests of this process run the interpreter)."""
+    import importlib.util
+
+    before = os.environ.get("TRITON_INTERPRET")
+    try:
+        spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "scripts" / "kernel_report.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return mod
+
+
+def _run_report(*args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "kernel_report.py"), *args],
+        cwd=ROOT,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_triton_versions_compare_as_versions():
+    kr = _kernel_report()
+    assert kr.same_version("3.9", "3.9.0") and kr.same_version("3.9.0", "3.9") and kr.same_version("3.6.0", "3.6.0")
+    assert not kr.same_version("3.9", "3.9.1") and not kr.same_version("3.6.0", "3.9.0")
+
+
+def test_triton_flag_never_respawns_for_the_installed_version(monkeypatch):
+    """--triton 3.9 with 3.9.0 installed is the installed Triton: no install, no subprocess (it used to
+    compare the strings and start itself again, forever). A subprocess started for a version it then
+    does not import stops with an error instead of starting another."""
+    import triton
+
+    kr = _kernel_report()
+
+    def no_install(*a, **k):
+        raise AssertionError("kernel_report tried to install Triton and start a subprocess")
+
+    monkeypatch.setattr(kr, "_install_triton", no_install)
+    monkeypatch.delenv(kr.CHILD_ENV, raising=False)
+    other_spelling = triton.__version__ + ".0"
+    # the selection builds nothing: the run stops before any compile
+    assert kr.main(["--triton", other_spelling, "--arch", "75", "--check", "--quiet"]) == 2
+    monkeypatch.setenv(kr.CHILD_ENV, "0.0.1")
+    assert kr.main(["--triton", "0.0.1", "--quiet"]) == 2
+
+
+def _fake_candidates():
+    from types import SimpleNamespace as NS
+
+    def cand(tune, config, case, variant, archs=(90, 80)):
+        return NS(tune_name=tune, config=config, case=NS(name=case, variant=variant, archs=archs))
+
+    return [
+        cand("fam.fwd:d64", (64, 64, 4, 2), "plain A", "plain"),
+        cand("fam.fwd:d64", (64, 64, 4, 2), "causal A", "causal"),
+        cand("fam.fwd:d64", (128, 64, 8, 2), "plain B", "plain"),
+        cand("fam.fwd:d64", (128, 64, 8, 2), "causal B", "causal"),
+    ]
+
+
+def test_write_gates_merges_into_the_recorded_verdicts(tmp_path, monkeypatch):
+    """--write-gates with --arch / --match replaces the verdicts of what it built and nothing else: the
+    other arch and the other candidates stay (they used to vanish, and with them every candidate but
+    the rebuilt ones on every GPU). A config built in only some of its cases keeps the recorded
+    failures; one rebuilt in all of them gets the new verdict; undeclared configs are dropped."""
+    kr = _kernel_report()
+    monkeypatch.setattr(tuning, "GATES_DIR", tmp_path)
+    A, B = tuning.config_id((64, 64, 4, 2)), tuning.config_id((128, 64, 8, 2))
+    recorded = {
+        "triton": {
+            "9.9.9": {
+                arch: {
+                    "fam.fwd:d64": {
+                        A: {"failed": ["no-loop-local-mem"], "variants": ["causal", "plain"]},
+                        B: {"failed": ["fits"], "variants": ["causal", "plain"]},
+                        "1,2,3,4": {"failed": [], "variants": ["plain"]},
+                    }
+                }
+                for arch in ("sm_80", "sm_90")
+            },
+            "1.0.0": {"sm_90": {"fam.fwd:d64": {A: {"failed": [], "variants": ["plain"]}}}},
+        }
+    }
+    (tmp_path / "fam.json").write_text(json.dumps(recorded))
+    rows = [  # --arch 90: A rebuilt in its plain case only, B in both
+        {"config": "plain A", "arch": "sm_90", "variant": "plain"},
+        {"config": "plain B", "arch": "sm_90", "variant": "plain"},
+        {"config": "causal B", "arch": "sm_90", "variant": "causal"},
+    ]
+    verdicts = [{"config": c, "arch": "sm_90", "gate": "fits", "ok": True} for c in ("plain A", "plain B", "causal B")]
+    kr.write_gate_results("fam", "9.9.9", rows, verdicts, _fake_candidates())
+    data = json.loads((tmp_path / "fam.json").read_text())
+    assert data["triton"]["1.0.0"] == recorded["triton"]["1.0.0"]
+    got = data["triton"]["9.9.9"]
+    assert set(got) == {"sm_80", "sm_90"}
+    assert got["sm_80"]["fam.fwd:d64"] == {
+        k: v for k, v in recorded["triton"]["9.9.9"]["sm_80"]["fam.fwd:d64"].items() if k != "1,2,3,4"
+    }
+    # A: the causal case was not rebuilt, so its recorded failure stays; B passed in every case
+    assert got["sm_90"]["fam.fwd:d64"][A]["failed"] == ["no-loop-local-mem"]
+    assert got["sm_90"]["fam.fwd:d64"][B] == {"failed": [], "variants": ["causal", "plain"]}
+    assert "1,2,3,4" not in got["sm_90"]["fam.fwd:d64"]
+    assert tuning.gates_allow("fam.fwd:d64", (128, 64, 8, 2), 90, "9.9.9", data)
+    assert not tuning.gates_allow("fam.fwd:d64", (128, 64, 8, 2), 80, "9.9.9", data)
+    assert not tuning.gates_allow("fam.fwd:d64", (64, 64, 4, 2), 90, "9.9.9", data)
+
+
+def test_baseline_explicit_must_exist_and_a_missing_default_is_said(tmp_path, monkeypatch):
+    """An explicit --baseline that cannot be read is an error (the no-regression gates used to be
+    dropped silently); a Triton version without a committed report gets a note saying they were skipped."""
+    kr = _kernel_report()
+    with pytest.raises(ValueError, match="nope.json"):
+        kr.resolve_baseline(str(tmp_path / "nope.json"), "3.9.0")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError):
+        kr.resolve_baseline(str(tmp_path / "bad.json"), "3.9.0")
+    monkeypatch.setattr(kr, "baseline_path", lambda version: tmp_path / f"kernel_report_triton-{version}.json")
+    rows, note = kr.resolve_baseline(None, "0.0.1")
+    assert rows is None and "no-regression gates were skipped" in note and "0.0.1" in note
+    row = {"kernel": "k", "config": "c", "arch": "sm_90", "spill_bytes": 0, "loop_local_mem_ops": 0}
+    (tmp_path / "kernel_report_triton-0.0.2.json").write_text(json.dumps({"rows": [dict(row, blocks_per_sm=2)]}))
+    rows, note = kr.resolve_baseline(None, "0.0.2")
+    assert note == "" and [v["ok"] for v in kr.compare_baseline([dict(row, blocks_per_sm=1)], rows)] == [
+        True,
+        True,
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ci", "--baseline", "/nonexistent/kernel_report.json"],
+        ["--arch", "100"],
+        ["--arch", "75"],
+        ["--match", "no_such_case"],
+    ],
+)
+def test_check_fails_when_nothing_is_checked(args):
+    """`--check` with an unreadable --baseline or a selection that builds no case exits 2 at once, with a
+    message (it used to report '0 gate checks, 0 failed', or drop the no-regression gates, and pass)."""
+    _nvidia_backend()
+    proc = _run_report("--check", "--quiet", *args, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cannot read the baseline" in proc.stderr or "builds no case" in proc.stderr, proc.stderr[-2000:]
