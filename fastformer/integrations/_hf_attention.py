@@ -197,6 +197,22 @@ def mask_forward(*args, **kwargs):
     return mu.sdpa_mask(*args, **kwargs)
 
 
+class Registration:
+    """Kept on a patched model (``model._ff_registration``). A patched model's configs name the
+    "fastformer" attention, which transformers looks up in its registry at every forward: pickling
+    the model (``torch.save(model)``) pickles this marker, and unpickling it registers the attention
+    again, in a process that never called patch_hf_model."""
+
+    def __reduce__(self):
+        return (registered, ())
+
+
+def registered() -> Registration:
+    """register(), and the marker that repeats it when a pickled model is loaded."""
+    register()
+    return Registration()
+
+
 def register() -> None:
     """Register both functions under NAME (idempotent)."""
     from transformers import AttentionInterface

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 
 import torch
 from torch import nn
@@ -38,19 +39,36 @@ def _autocast_dtype(device: torch.device):
     return None
 
 
+_calls = threading.local()  # per thread: {id(head): [pending or None, loss or None]}
+
+
+def _slots() -> dict:
+    """This thread's pending calls. Per thread, not on the module: a model called from several threads
+    at once (nn.DataParallel's replicas, a server) must not see another call's labels or loss."""
+    slots = getattr(_calls, "slots", None)
+    if slots is None:
+        slots = _calls.slots = {}
+    return slots
+
+
 class VocabProjection(nn.Linear):
     """nn.Linear (same parameters) that computes the LM loss on labelled rows while labels are pending.
 
-    Pending state ``_ff_pending = (labels (B, L) long, keep_logits: bool)`` is set by the patched
-    forward for one call; the loss is left in ``_ff_loss``.
+    Pending state ``(labels (B, L) long, keep_logits: bool)`` is set by the patched forward for one
+    call (in this thread's `_slots`, under the head's id); the loss is left beside it.
     """
 
     def forward(self, hidden: torch.Tensor):
-        pending = self.__dict__.get("_ff_pending")
-        if pending is None:
+        slot = _slots().get(id(self))
+        if slot is None or slot[0] is None:
             return super().forward(hidden)
-        self.__dict__["_ff_pending"] = None  # consumed by exactly one call
+        pending, slot[0] = slot[0], None  # consumed by exactly one call
         labels, keep_logits = pending
+        slot[1], logits = self._loss(hidden, labels, keep_logits)
+        return logits
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, keep_logits: bool):
+        """(loss, logits or None) for `labels` on the output positions of `hidden`."""
         if labels.numel() * hidden.shape[-1] != hidden.numel():
             # Hugging Face raises here too (its cross_entropy sees two batch sizes); the row gather
             # below would otherwise pair labels with the wrong positions, or index past the end
@@ -66,13 +84,11 @@ class VocabProjection(nn.Linear):
             # gives NaN). Skips launching the kernels on an empty input.
             logits = super().forward(hidden) if keep_logits or not self.training else None
             zero = hidden.sum() * 0.0 + self.weight.sum() * 0.0
-            self.__dict__["_ff_loss"] = zero + self.bias.sum() * 0.0 if self.bias is not None else zero
-            return logits
+            return (zero + self.bias.sum() * 0.0 if self.bias is not None else zero), logits
         if keep_logits or not self.training:
             logits = super().forward(hidden)
             flat = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
-            self.__dict__["_ff_loss"] = cross_entropy(flat, target)
-            return logits
+            return cross_entropy(flat, target), logits
         # (N, d) labelled rows only; cast like F.linear would under autocast so the fused op sees
         # the low-precision operands.
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
@@ -81,8 +97,7 @@ class VocabProjection(nn.Linear):
         if dtype is not None:
             h, w = h.to(dtype), w.to(dtype)
             b = b.to(dtype) if b is not None else None
-        self.__dict__["_ff_loss"] = linear_cross_entropy(h, w, target, bias=b)
-        return None
+        return linear_cross_entropy(h, w, target, bias=b), None
 
 
 def ensure_projection(model) -> VocabProjection | None:
@@ -149,14 +164,13 @@ def make_loss_forward(cls, kind: str):
         # return_dict=False: Hugging Face's tuple drops None fields, so without logits it would be shorter
         # than the caller unpacks; keep them then
         keep_logits = bool(getattr(self, "_ff_keep_logits", False)) or not return_dict
-        head.__dict__["_ff_pending"] = (labels, keep_logits)
-        head.__dict__["_ff_loss"] = None
+        slots = _slots()
+        slot = slots[id(head)] = [(labels, keep_logits), None]
         try:
             output = original(self, **call, return_dict=True)
-            loss = head.__dict__["_ff_loss"]
+            loss = slot[1]
         finally:
-            head.__dict__["_ff_pending"] = None
-            head.__dict__["_ff_loss"] = None
+            slots.pop(id(head), None)
         if loss is None:
             raise RuntimeError(f"{cls.__name__}.forward did not call its output embedding; cannot compute the loss")
         if kind == "pretraining":

@@ -177,16 +177,38 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
         warnings.warn("varlen=True has no effect on T5 models: it applies to BERT/RoBERTa self-attention", stacklevel=2)
     if keep_logits and loss_kind is None:
         warnings.warn(f"keep_logits=True has no effect on {type(model).__name__}: it has no LM head", stacklevel=2)
-    attn.register()
+    model._ff_registration = attn.registered()
     _set_attn_implementation(model)
     if family == "bert":
         _tag_bert(model, varlen)
     else:
         _tag_t5(model)
+    if loss_kind is not None and type(model).forward is not base.forward:
+        # a subclass with its own forward (its own loss, or labels edited before super().forward):
+        # taking the labels out of its call would replace its objective with plain cross-entropy
+        warnings.warn(
+            f"patch_hf_model: {type(model).__name__} overrides {base.__name__}.forward, so only its attention "
+            "is patched; its loss stays its own (the fused linear cross-entropy is not used)",
+            stacklevel=2,
+        )
+        loss_kind = None
     if loss_kind is not None:
         model._ff_keep_logits = keep_logits
         ensure_projection(model)
-        # Instance attribute: the class (and its name in saved configs) is unchanged; deepcopy rebinds it.
+        # Instance attribute: the class (and its name in saved configs) is unchanged; deepcopy rebinds it,
+        # and so does nn.DataParallel's replicate (which copies the instance's __dict__ as it is)
         model.forward = types.MethodType(make_loss_forward(type(model), loss_kind), model)
+        model._replicate_for_data_parallel = types.MethodType(_replicate_for_data_parallel, model)
     model._ff_patched = True
     return model
+
+
+def _replicate_for_data_parallel(self):
+    """nn.Module's replica (nn.DataParallel), with the patched forward bound to the replica instead of
+    to the model it was copied from (whose weights it would otherwise run)."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    for name in ("forward", "_replicate_for_data_parallel"):
+        bound = replica.__dict__.get(name)
+        if isinstance(bound, types.MethodType) and bound.__self__ is self:
+            replica.__dict__[name] = types.MethodType(bound.__func__, replica)
+    return replica

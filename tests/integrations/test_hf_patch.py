@@ -475,3 +475,111 @@ def test_calls_reach_fastformer_ops(monkeypatch):
     cross = [c for c in calls if c[0] == "scaled_dot_product_attention"]
     assert len(cross) == 2 and all(c[2]["scale"] == 1.0 for c in cross)
     assert [c[0] for c in calls].count("linear_cross_entropy") == 1
+
+
+def _mlm_batch(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (B, L), generator=g)
+    return ids, torch.where(torch.rand(B, L, generator=g) < 0.4, ids, -100)
+
+
+def test_a_subclass_with_its_own_forward_keeps_its_loss():
+    """A subclass that computes its own loss, or edits the labels before super().forward, keeps its
+    objective: only its attention is patched (taking the labels out of its call replaced them)."""
+
+    class FirstTokenOnly(BertForMaskedLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
+            if labels is not None:
+                labels = labels.clone()
+                labels[:, 1:] = -100
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+
+    torch.manual_seed(0)
+    ref = FirstTokenOnly(bert_config()).train()
+    with pytest.warns(UserWarning, match="overrides BertForMaskedLM.forward, so only its attention is patched"):
+        model = patch_hf_model(copy.deepcopy(ref))
+    ids, labels = _mlm_batch()
+    want, got = ref(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss
+    assert rel_err(got, want) <= TOLERANCES[DTYPE]
+
+
+def test_a_patched_model_called_from_several_threads():
+    """Each call's labels and loss stay with its own thread (they were kept on the shared head)."""
+    import threading
+
+    torch.manual_seed(0)
+    ref = BertForMaskedLM(bert_config()).eval()
+    model = patch_hf_model(copy.deepcopy(ref)).eval()
+    batches = [_mlm_batch(seed) for seed in (1, 2)]
+    with torch.no_grad():
+        want = [ref(input_ids=i, labels=lab).loss.item() for i, lab in batches]
+    results, errors = {0: [], 1: []}, []
+
+    def work(k):
+        ids, labels = batches[k]
+        for _ in range(40):
+            try:
+                with torch.no_grad():
+                    results[k].append(model(input_ids=ids, labels=labels).loss.item())
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in (0, 1):
+        assert max(abs(x - want[k]) for x in results[k]) < 1e-4 * abs(want[k])
+
+
+def test_data_parallel_replicas_run_their_own_weights(monkeypatch):
+    """nn.DataParallel's replicate copies the instance's __dict__: the patched forward must be bound to
+    the replica (no GPU here: replicate's broadcast is stood in for, the second replica's weights
+    halved so the two can be told apart)."""
+    import importlib
+
+    R = importlib.import_module(
+        "torch.nn.parallel.replicate"
+    )  # the module (the package exports a function of that name)
+
+    def broadcast(tensors, devices, detach=False):
+        return [
+            [t * (1.0 if j == 0 else 0.5) if t.is_floating_point() else t.clone() for t in tensors]
+            for j in range(len(devices))
+        ]
+
+    monkeypatch.setattr(R, "_broadcast_coalesced_reshape", broadcast)
+    monkeypatch.setattr(R, "_get_device_index", lambda x, optional=False: x)
+    torch.manual_seed(0)
+    ref = BertForMaskedLM(bert_config()).train()
+    model = patch_hf_model(copy.deepcopy(ref))
+    ids, labels = _mlm_batch()
+    want = [r(input_ids=ids, labels=labels).loss for r in R.replicate(ref, [0, 1])]
+    got = [r(input_ids=ids, labels=labels).loss for r in R.replicate(model, [0, 1])]
+    assert rel_err(want[0], want[1]) > 1e-4  # the replicas differ
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= TOLERANCES[DTYPE]
+
+
+def test_a_pickled_patched_model_runs_in_a_fresh_process(tmp_path):
+    """The configs name the "fastformer" attention: loading the pickled model registers it again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    for name, model in (("mlm", BertForMaskedLM(bert_config())), ("encoder", BertModel(bert_config()))):
+        torch.save(patch_hf_model(model).eval(), tmp_path / f"{name}.pt")
+    script = (
+        "import torch\n"
+        f"for name in ('mlm', 'encoder'):\n"
+        f"    m = torch.load({str(tmp_path)!r} + f'/{{name}}.pt', weights_only=False)\n"
+        "    out = m(input_ids=torch.randint(5, 100, (2, 8)))\n"
+        "    print(name, tuple(out[0].shape))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [f"mlm (2, 8, {VOCAB})", "encoder (2, 8, 32)"]
