@@ -351,6 +351,43 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+# CUDA limits a launch grid's y and z dimensions to 65535 blocks; the kernels put batch x heads there
+MAX_GRID_HEADS = 65535
+# the kernels add int64 batch / head / sequence-start offsets to int32 offsets within a head's rows
+# (row x row stride + column), a mask's rows, and (the backward's Delta pass) heads of the output
+_I32 = 2**31
+
+
+def _row_span(t: torch.Tensor, rows: int) -> int:
+    """The largest element offset within `rows` rows of t (row dim -2, head dim -1)."""
+    return (max(rows, 1) - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1))
+
+
+def _int32_rows(name: str, t: torch.Tensor, rows: int, row_dim: int) -> torch.Tensor:
+    """t itself, or a copy with contiguous rows, whose offsets within `rows` rows fit the kernels' int32
+    arithmetic; InputError when not even that does (instead of wrapped addresses). row_dim: the dim
+    that holds the rows (-2 dense (..., L, D); 0 packed (T, H, D))."""
+    view = t if row_dim == -2 else t.transpose(0, -2)  # rows at -2
+    if _row_span(view, rows) < _I32:
+        return t
+    t = t.contiguous()  # rows of exactly one head dim (dense) or H x D (packed)
+    view = t if row_dim == -2 else t.transpose(0, -2)
+    if _row_span(view, rows) >= _I32:
+        raise InputError(
+            f"{name} {tuple(t.shape)}: rows of {rows:,} x {view.stride(-2):,} elements are beyond the attention "
+            "kernels' 32-bit offsets (2^31); split the sequence, or run on the reference backend"
+        )
+    return t
+
+
+def _batch_chunks(n: int, per_entry: int):
+    """Slices of range(n) whose entries times `per_entry` heads fit one launch grid (MAX_GRID_HEADS)."""
+    step = MAX_GRID_HEADS // per_entry
+    if step < 1:
+        raise InputError(f"{per_entry} heads is beyond the attention kernels' launch grid ({MAX_GRID_HEADS})")
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 @opaque_to_compile
 def fused_attention(
     q,
@@ -374,7 +411,39 @@ def fused_attention(
     K = attention_kernels()
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if B * H > MAX_GRID_HEADS:
+        # more batch x heads than one grid holds: batch slices, each its own autograd node (a
+        # float mask's and a T5 table's gradients sum over the slices)
+        kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, t5_table=t5_table, t5_rel=t5_rel)
+        return torch.cat(
+            [
+                fused_attention(
+                    q[sl],
+                    k[sl],
+                    v[sl],
+                    mask=None if mask is None else mask[sl],
+                    klen=None if klen is None else klen[sl],
+                    query_offset=query_offset,
+                    **kw,
+                )
+                for sl in _batch_chunks(B, H)
+            ]
+        )
+    q, k, v = (_int32_rows(n, _unit_last(t), t.shape[2], -2) for n, t in (("query", q), ("key", k), ("value", v)))
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask, t5_table))
+    if grads and H * Lq * D >= _I32:  # the backward's Delta pass offsets the (B, H, Lq, D) output's heads in int32
+        raise InputError(
+            f"query {tuple(q.shape)}: {H * Lq * D:,} elements per batch entry are beyond the attention backward's "
+            "32-bit offsets (2^31); split the heads or the sequence, or run on the reference backend"
+        )
+    if mask is not None and (
+        (Lq - 1) * abs(mask.stride(2)) + (Lk - 1) * abs(mask.stride(3)) >= _I32
+        or (mask.requires_grad and Lq * Lk >= _I32)
+    ):
+        raise InputError(
+            f"attn_mask of {Lq} x {Lk} per batch entry and head is beyond the attention kernels' 32-bit offsets "
+            "(2^31); use a (B, 1, 1, Lk) key-padding mask, is_causal, or varlen_attention"
+        )
     spec = K.AttnSpec(
         scale=default_scale(D) if scale is None else float(scale),
         causal=bool(is_causal),
@@ -405,7 +474,32 @@ def fused_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """The kernel path of varlen_attention for validated inputs. q: (Tq, H, D), k/v: (Tk, H_kv, D)."""
     K = attention_kernels()
     B = cu_seqlens_q.numel() - 1
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if B * q.shape[1] > MAX_GRID_HEADS:
+        # more sequences x heads than one grid holds: runs of whole sequences (reads cu_seqlens on the host)
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs = []
+        for sl in _batch_chunks(B, q.shape[1]):
+            a, b = sl.start, sl.stop
+            sub_q = torch.tensor(cq[a : b + 1], device=cu_seqlens_q.device, dtype=cu_seqlens_q.dtype) - cq[a]
+            sub_k = torch.tensor(ck[a : b + 1], device=cu_seqlens_k.device, dtype=cu_seqlens_k.dtype) - ck[a]
+            outs.append(
+                fused_varlen_attention(
+                    q[cq[a] : cq[b]],
+                    k[ck[a] : ck[b]],
+                    v[ck[a] : ck[b]],
+                    sub_q,
+                    sub_k,
+                    max_seqlen_q,
+                    max_seqlen_k,
+                    dropout_p,
+                    causal,
+                    scale,
+                )
+            )
+        return torch.cat(outs)
+    rows_q, rows_k = max(int(max_seqlen_q), 1), max(int(max_seqlen_k), 1)
+    q = _int32_rows("q", _unit_last(q), rows_q, 0)
+    k, v = (_int32_rows(n, _unit_last(t), rows_k, 0) for n, t in (("k", k), ("v", v)))
     spec = K.AttnSpec(
         scale=default_scale(q.shape[-1]) if scale is None else float(scale),
         causal=bool(causal),

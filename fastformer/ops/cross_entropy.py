@@ -249,6 +249,18 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous().view(N, C, D)
 
 
+_CLASS_OFFSET_LIMIT = 2**31
+
+
+def _class_offsets_fit(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy with the class dim (1) of unit stride: the kernels offset a row's classes in int32
+    (row offsets are int64), so (C - 1) x class stride must stay below 2^31; a transposed (N, C) or a
+    large (N, C, D) input may not (the gradient buffer takes the same layout, so it fits too)."""
+    if (t.shape[1] - 1) * abs(t.stride(1)) < _CLASS_OFFSET_LIMIT:
+        return t
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
 class _CrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -348,6 +360,9 @@ def cross_entropy(
         x = _rows_view(input)
         t = _rows_view(target) if soft else target.reshape(-1).contiguous()
         out_shape = (input.shape[0],) + tuple(input.shape[2:])
+    x = _class_offsets_fit(x)
+    if soft:
+        t = _class_offsets_fit(t)
     need_grad = grad_on and input.requires_grad
     return _ce_kernel(
         x,

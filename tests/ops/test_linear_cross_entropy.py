@@ -167,7 +167,7 @@ def test_no_grad_and_frozen_weight():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda x, W, t, b: ff.linear_cross_entropy(x[0], W, t[:1]), "input"),
+        (lambda x, W, t, b: ff.linear_cross_entropy(x[0, 0], W, t[0]), "input"),  # 0-d (an unbatched (H,) is fine)
         (lambda x, W, t, b: ff.linear_cross_entropy(x, W.double(), t), "weight"),
         (lambda x, W, t, b: ff.linear_cross_entropy(x, W[:, :-1], t), "weight"),
         (lambda x, W, t, b: ff.linear_cross_entropy(x, W, t[:-1]), "target"),

@@ -150,3 +150,76 @@ def test_double_backward_of_linear_cross_entropy():
     hh = h.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(ff.linear_cross_entropy(hh, W, t), hh, create_graph=True)
+
+
+def _values_and_grads(fn, *tensors):
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, [t for t in tensors if t.requires_grad], torch.ones_like(out))
+    return [out.detach(), *grads]
+
+
+def test_more_heads_than_a_launch_grid_holds(triton_backend, monkeypatch):
+    """CUDA grids hold at most 65535 blocks in y / z, where the kernels put batch x heads: more run in
+    batch slices (the limit lowered here, so the interpreter takes the same path)."""
+    from fastformer.ops import attention_common
+
+    q, k, v = (torch.randn(5, 2, 9, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(5, 1, 9, 9, requires_grad=True)
+    table = torch.randn(32, 2, requires_grad=True)
+    pad = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+    pad[1, ..., 6:] = False
+    cases = [
+        (lambda q, k, v, m: ff.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, bias)),
+        (lambda q, k, v: ff.scaled_dot_product_attention(q, k, v, attn_mask=pad), (q, k, v)),
+        (lambda q, k, v, t: ff.t5_attention(q, k, v, t, is_causal=True), (q, k, v, table)),
+    ]
+    tq = torch.randn(23, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 4, 9, 9, 17, 23], dtype=torch.int32)
+    cases.append((lambda x: ff.varlen_attention(x, x, x, cu, cu, 8, 8, causal=True), (tq,)))
+    seed = attention_common.seed_dropout
+    for fn, tensors in cases:
+        want = _values_and_grads(fn, *tensors)
+        launches = []
+        monkeypatch.setattr(attention_common, "MAX_GRID_HEADS", 4)  # two batch entries of 2 heads a slice
+        monkeypatch.setattr(attention_common, "seed_dropout", lambda *a, n=launches: n.append(1) or seed(*a))
+        got = _values_and_grads(fn, *tensors)
+        monkeypatch.undo()
+        assert len(launches) == 3  # 5 entries (sequences) in slices of 2
+        for a, b in zip(got, want):
+            assert_close(a, b, torch.float32)
+
+
+def test_offsets_beyond_32_bits_copy_or_refuse(triton_backend, monkeypatch):
+    """Rows whose offsets would wrap the kernels' int32 arithmetic are copied to contiguous rows, or, if
+    even those do not fit, refused (the limit lowered here; on a GPU it is 2^31)."""
+    import importlib
+
+    from fastformer.ops import attention_common
+
+    cross_entropy = importlib.import_module("fastformer.ops.cross_entropy")  # the module, not the function
+    big = torch.randn(2, 2, 9, 64)
+    q = big[..., :16]  # rows 64 apart: 8 x 64 + 15 = 527 > 300, contiguous rows 8 x 16 + 15 = 143
+    want = ff.scaled_dot_product_attention(q.contiguous(), q.contiguous(), q.contiguous())
+    monkeypatch.setattr(attention_common, "_I32", 300)
+    strides = []
+    rows = attention_common._int32_rows
+    monkeypatch.setattr(attention_common, "_int32_rows", lambda *a: strides.append(rows(*a).stride()) or rows(*a))
+    assert_close(ff.scaled_dot_product_attention(q, q, q), want, torch.float32)
+    assert strides == [(288, 144, 16, 1)] * 3  # the launch got contiguous copies
+    with pytest.raises(ValueError, match="attn_mask of 9 x 9"):
+        mask = torch.randn(2, 2, 9, 40)[..., :9]  # rows 40 apart: 8 x 40 + 8 > 300
+        ff.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    monkeypatch.setattr(attention_common, "_I32", 100)
+    with pytest.raises(ValueError, match="beyond the attention kernels' 32-bit offsets"):
+        ff.scaled_dot_product_attention(q, q, q)
+    # cross-entropy: a transposed (N, C) input whose class stride would wrap goes through a copy
+    logits = torch.randn(37, 50).t().requires_grad_()  # (50, 37), class stride 50: 36 x 50 = 1800
+    t = torch.randint(0, 37, (50,))
+    want = _values_and_grads(lambda x: ff.cross_entropy(x, t, reduction="none"), logits)
+    monkeypatch.setattr(cross_entropy, "_CLASS_OFFSET_LIMIT", 1000)
+    fit, seen = cross_entropy._class_offsets_fit, []
+    monkeypatch.setattr(cross_entropy, "_class_offsets_fit", lambda x: seen.append(fit(x).stride()) or fit(x))
+    got = _values_and_grads(lambda x: ff.cross_entropy(x, t, reduction="none"), logits)
+    assert seen == [(37, 1)]  # the kernel read a copy whose classes are adjacent
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32)
