@@ -127,6 +127,10 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        # the generator of the device this process trains on: under torchrun only rank 0 saves, and its
+        # list above holds the other ranks' devices as rank 0 sees them (seeded, never drawn from); the
+        # ranks draw alike (same seed, same calls), so each restores its own device from this one
+        state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -139,3 +143,5 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(n)  # older checkpoints: numpy's own tuple
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda_current" in state:  # absent in older checkpoints
+            torch.cuda.set_rng_state(state["cuda_current"])

@@ -235,3 +235,22 @@ def test_resume_accepts_older_checkpoints_and_an_equal_explicit_warmup(tmp_path,
     save_checkpoint(ck, out / "checkpoint.pt")
     s = pretrain(tiny_config(out, tiny_corpus, steps=50, stop_at=4, eval_every=0, resume=True))
     assert s["steps"] == 4
+
+
+def test_each_rank_restores_its_own_cuda_generator(monkeypatch):
+    """Under torchrun only rank 0 saves the RNG state; its list of all devices holds the other ranks'
+    devices as rank 0 sees them (never drawn from). Each rank restores its own device from rank 0's own
+    device (the ranks draw alike). Checked with torch.cuda stubs: no GPU here."""
+    from fastformer.train.checkpoint import rng_state, set_rng_state
+
+    states = {"all": [torch.tensor([0]), torch.tensor([1])], "current": torch.tensor([7])}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states["all"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states["current"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.append(("all", s)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(("current", s)))
+    saved = rng_state()
+    assert torch.equal(saved["cuda_current"], states["current"])
+    set_rng_state(saved)
+    assert restored[-1][0] == "current" and torch.equal(restored[-1][1], states["current"])
