@@ -17,6 +17,7 @@ from pathlib import Path
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".tsv", ".csv", ".json", ".jsonl", ""}
 BUILTIN_TARGET_CHARS = 6_000_000
+HELDOUT_WARN_SHARE = 0.10  # split_heldout warns when the held-out documents hold more of the text
 
 
 class DataError(ValueError):
@@ -212,7 +213,10 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
 def split_heldout(
     docs: Sequence[str], fraction: float = 0.02, seed: int = 1234, max_docs: int = 500
 ) -> tuple[list[str], list[str]]:
-    """(train, eval) documents: a fixed random held-out slice (independent of the run's seed)."""
+    """(train, eval) documents: a fixed random held-out slice (independent of the run's seed).
+
+    The slice is a share of the documents, not of the text: when its documents hold more than
+    `HELDOUT_WARN_SHARE` of the characters (a few large documents), a FastformerWarning says so."""
     import random
 
     order = list(range(len(docs)))
@@ -221,4 +225,15 @@ def split_heldout(
     eval_idx = set(order[:n_eval])
     train = [d for i, d in enumerate(docs) if i not in eval_idx]
     held = [docs[i] for i in sorted(eval_idx)]
+    total, held_chars = sum(map(len, docs)), sum(map(len, held))
+    if total and held_chars > HELDOUT_WARN_SHARE * total and _first_process():
+        warnings.warn(
+            f"the held-out slice is {n_eval} of {len(docs)} documents but holds {held_chars / total:.0%} of the "
+            f"text ({held_chars:,} of {total:,} characters), which training never sees: the corpus has few, "
+            "large documents (in a --data file, blank lines make each block of lines one document, so one "
+            "stray blank line turns a file of one document per line into a few large ones); remove stray "
+            "blank lines, or split the text into more documents",
+            FastformerWarning,
+            stacklevel=2,
+        )
     return train, held

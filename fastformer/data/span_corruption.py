@@ -58,6 +58,28 @@ def span_corruption_lengths(
     return raw, corrupted_lengths(raw, noise_density, mean_noise_span_length)[1]
 
 
+def max_inputs_length(
+    num_sentinels: int, noise_density: float = NOISE_DENSITY, mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH
+) -> int:
+    """The largest `inputs_length` (the span objective's --seq-len) whose raw examples need at most
+    `num_sentinels` sentinels: each of the num_spans noise spans, and each of the num_spans non-noise
+    spans of the targets, takes one. 1809 for T5's 100 sentinels."""
+    if num_sentinels < 1:
+        raise ValueError(f"num_sentinels must be at least 1, got {num_sentinels}")
+    # num_spans and the corrupted input length never decrease as the raw length grows: find the first
+    # raw length that needs too many spans; every input length below its corrupted one fits.
+    lo, hi = 2, 4
+    while noise_counts(hi, noise_density, mean_noise_span_length)[1] <= num_sentinels:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # noise_counts(lo) fits, noise_counts(hi) does not
+        mid = (lo + hi) // 2
+        if noise_counts(mid, noise_density, mean_noise_span_length)[1] <= num_sentinels:
+            lo = mid
+        else:
+            hi = mid
+    return corrupted_lengths(hi, noise_density, mean_noise_span_length)[0] - 1
+
+
 def _random_segmentation(num_items: int, num_segments: int, generator: torch.Generator) -> torch.Tensor:
     """Lengths (num_segments,) of a uniformly random split of num_items into positive parts: choose
     num_segments − 1 of the num_items − 1 gaps as cut points."""

@@ -18,9 +18,6 @@ them) or one input per line of any other file.
 
 from __future__ import annotations
 
-import csv
-import io
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import torch
 
 from .corpus import DataError
 from .packing import pad_batch
-from .tsv import _fit_to_header, _read_text
+from .tsv import _fit_to_header, _read_text, _split_rows
 
 INPUT_COLUMNS = (
     "input",
@@ -62,16 +59,15 @@ def _tsv_rows(path: str | Path) -> list[list[str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    text = _read_text(p, path)
-    rows = [
-        r
-        for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-        if any(c.strip() for c in r)
-    ]
+    rows = _split_rows(_read_text(p, path), _is_header)
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
+
+
+def _is_header(row: list[str]) -> bool:
+    """The first row names an input or a target column."""
+    return any(c.strip().lower() in INPUT_COLUMNS or c.strip().lower() in TARGET_COLUMNS for c in row)
 
 
 def _columns(path, head: list[str]) -> tuple[int, int] | None:

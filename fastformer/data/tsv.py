@@ -5,7 +5,8 @@ review, document) or a label column (label, labels, class, category, target). Wi
 last column is the label and everything before it (joined by tabs) the text; with a header, a row
 with more columns than the header has tabs in its text column, which takes the extra ones. Labels
 may be strings or integers; they are mapped to class indices in sorted order (integers numerically),
-each label string kept as it is spelled for reporting.
+each label string kept as it is spelled for reporting. Rows end at \\n or \\r\\n (a lone \\r in a field
+is read as a space); empty cells at the end of a row (a trailing tab) are dropped, header or not.
 
 Files are UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mark; a file with NUL
 bytes and no UTF-16 mark is refused as binary, and bytes that are not UTF-8 (a Latin-1 file) are read
@@ -15,9 +16,6 @@ the same format with the label column optional, any other file one text per non-
 
 from __future__ import annotations
 
-import csv
-import io
-import sys
 import warnings
 from pathlib import Path
 
@@ -56,17 +54,40 @@ def _read_text(p: Path, path) -> str:
         return text
 
 
+def _split_rows(text: str, is_header) -> list[list[str]]:
+    """The non-blank rows of a TSV text, split at tabs (no quoting: a quote is an ordinary character).
+
+    Only \\n and \\r\\n end a row; a lone \\r inside a row is read as a space (csv.reader ended the row
+    there, cutting a text in two), except in a file without any \\n, whose rows end with \\r (classic
+    Mac line endings). Trailing cells that are empty or whitespace (a row ending in a tab) are dropped,
+    keeping at least two cells, or as many as the header row names when `is_header(first row)` says
+    the first row is one, so that a present but empty label stays an empty label."""
+    text = text.replace("\r\n", "\n")
+    text = text.replace("\r", "\n" if "\n" not in text else " ")
+    rows = [r.split("\t") for r in text.split("\n")]
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        return rows
+
+    def trim(r: list[str], keep: int) -> list[str]:
+        n = len(r)
+        while n > keep and not r[n - 1].strip():
+            n -= 1
+        return r[:n]
+
+    keep = 2
+    if is_header(rows[0]):
+        rows[0] = trim(rows[0], 1)
+        keep = max(keep, len(rows[0]))
+        return [rows[0]] + [trim(r, keep) for r in rows[1:]]
+    return [trim(r, keep) for r in rows]
+
+
 def _rows(path) -> list[list[str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    text = _read_text(p, path)
-    rows = [
-        r
-        for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-        if any(c.strip() for c in r)
-    ]
+    rows = _split_rows(_read_text(p, path), lambda r: _header([r]) is not None)
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows

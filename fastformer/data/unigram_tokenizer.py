@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from .corpus import DataError
+
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 PAD, EOS, UNK = 0, 1, 2
 NUM_SENTINELS = 100
@@ -42,13 +44,33 @@ def train_unigram(texts: Sequence[str], vocab_size: int = 8000, *, num_sentinels
         unk_token=UNK_TOKEN,
         show_progress=False,
     )
-    tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    try:
+        tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    except Exception as e:  # tokenizers raises a bare Exception
+        if "not large enough to contain all chars" not in str(e):
+            raise
+        chars = _distinct_chars(tok, texts)
+        raise DataError(
+            f"--vocab-size {vocab_size} is too small for this text: it has {chars:,} distinct characters (after "
+            f"NFKC normalisation), each of which the Unigram tokenizer keeps as a piece, besides the "
+            f"{num_sentinels} sentinels; use --vocab-size {chars + num_sentinels} or more"
+        ) from None
     tok.model = _canonical_model(tok)
     tok.add_special_tokens([sentinel_token(i) for i in reversed(range(num_sentinels))])
     for name, i in ((PAD_TOKEN, PAD), (EOS_TOKEN, EOS), (UNK_TOKEN, UNK)):
         if tok.token_to_id(name) != i:
             raise RuntimeError(f"{name} must have id {i}, got {tok.token_to_id(name)}")
     return tok
+
+
+def _distinct_chars(tok: Tokenizer, texts: Sequence[str]) -> int:
+    """The characters the Unigram trainer must keep: those of the normalised texts, the word prefix ▁
+    in place of the space."""
+    chars = {"▁"}
+    for t in texts:
+        chars.update(tok.normalizer.normalize_str(t))
+    chars.discard(" ")
+    return len(chars)
 
 
 def _canonical_model(tok: Tokenizer) -> models.Unigram:

@@ -12,12 +12,32 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastformer.data.span_corruption import SpanCorruptionCollator, span_corruption_lengths
+from fastformer.data.span_corruption import (
+    SpanCorruptionCollator,
+    max_inputs_length,
+    noise_counts,
+    span_corruption_lengths,
+)
 from fastformer.data.unigram_tokenizer import EOS, PAD, encode, sentinel_ids, train_unigram
 from fastformer.models.presets import canonical_preset
 from fastformer.models.t5 import T5_PRESETS, T5Config, T5EncoderForSequenceClassification, T5ForConditionalGeneration
 
 from .objectives import Objective
+
+
+def check_seq_len(tokenizer, seq_len: int) -> None:
+    """Refuse a --seq-len whose examples need more sentinels than the tokenizer has (one per noise
+    span: 100 sentinels allow at most 1809), before any example is made or file written; the collator
+    would otherwise fail at the first batch."""
+    n_sentinels = len(sentinel_ids(tokenizer))
+    longest = max_inputs_length(n_sentinels)
+    if seq_len > longest:
+        spans = noise_counts(span_corruption_lengths(seq_len)[0])[1]
+        raise ValueError(
+            f"--seq-len {seq_len} is too long for the span objective: an example of that length has {spans} "
+            f"noise spans, one sentinel token each, and the tokenizer has {n_sentinels} sentinels; "
+            f"the longest --seq-len they allow is {longest}"
+        )
 
 
 class SpanObjective(Objective):
@@ -49,6 +69,7 @@ class SpanObjective(Objective):
         packing=False: one chunk per non-empty line, truncated to that length."""
         if seq_len < 8:
             raise ValueError(f"--seq-len must be at least 8, got {seq_len}")
+        check_seq_len(tokenizer, seq_len)
         raw, _ = span_corruption_lengths(seq_len)
         if packing:
             stream = torch.tensor([t for ids in encode(tokenizer, texts) for t in ids], dtype=torch.int64)
@@ -61,6 +82,7 @@ class SpanObjective(Objective):
         return [torch.tensor(ids[:raw], dtype=torch.int64) for ids in encode(tokenizer, lines) if ids]
 
     def make_collator(self, tokenizer, seq_len):
+        check_seq_len(tokenizer, seq_len)
         return SpanCorruptionCollator(sentinel_ids(tokenizer), pad_id=PAD, eos_id=EOS, pad_to_multiple_of=8)
 
     # -- model ------------------------------------------------------------------------------------

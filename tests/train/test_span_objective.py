@@ -247,3 +247,26 @@ def test_cli_span_pretrain_then_finetune_from_the_encoder(tmp_path):
     assert rc in (0, None)
     ev = json.loads((ft / "eval.json").read_text())
     assert 0.0 <= ev["accuracy"] <= 1.0
+
+
+def test_a_seq_len_beyond_the_sentinels_is_refused_before_anything_is_written(tmp_path, capsys, setup):
+    """--seq-len 1810 needs 101 sentinels of the tokenizer's 100: it crashed at the first batch, after
+    config.json was written ("101 spans need more sentinel tokens than the 100 given")."""
+    import warnings
+
+    from fastformer import cli
+
+    obj, texts, tok = setup
+    obj.make_collator(tok, 1809)  # the longest that fits
+    for call in (lambda: obj.make_examples(texts, tok, 1810), lambda: obj.make_collator(tok, 1810)):
+        with pytest.raises(ValueError, match=r"--seq-len 1810 is too long .* 101 noise spans.* allow is 1809"):
+            call()
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "long"
+    argv = ["pretrain", "--objective", "span", "--data", str(corpus), "--seq-len", "1810", "--vocab-size", "200"]
+    with warnings.catch_warnings():  # restores the showwarning the CLI installs
+        rc = cli.main([*argv, "--steps", "2", "--device", "cpu", "--no-memory-check", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("fastformer: error: --seq-len 1810 is too long for the span objective")
+    assert err[-1].endswith("the longest --seq-len they allow is 1809"), err
+    assert not any((out / f).exists() for f in ("config.json", "tokenizer.json", "checkpoint.pt"))
