@@ -196,9 +196,9 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
 
-    def _layout(self, input_ids, attention_mask, cpu_unpad: bool = True) -> _Layout:
+    def _layout(self, input_ids, attention_mask, cpu_unpad: bool = True, padded: bool = False) -> _Layout:
         B, L = input_ids.shape
-        unpad = self.config.unpad
+        unpad = False if padded else self.config.unpad
         if unpad is None:
             # CUDA: always (the varlen kernel costs nothing extra). CPU: every matrix product scales
             # with the rows it is given, so skipping the padding pays once it is a real share of the
@@ -230,16 +230,18 @@ class BertEncoder(nn.Module):
         *,
         keep_unpadded: bool = False,
         cpu_unpad: bool = True,
+        padded: bool = False,
     ):
         """input_ids, attention_mask (1 = real token; None = no padding), token_type_ids: (B, L).
 
         Returns (hidden, layout): hidden (B, L, H); or, when the unpadded path runs and keep_unpadded
         is set, (T, H) rows at the flat positions `layout.index`. cpu_unpad=False keeps a CPU batch
-        padded whatever its padding."""
+        padded whatever its padding; padded=True keeps any batch padded (also on CUDA, or with
+        config.unpad=True)."""
         B, L = input_ids.shape
         if L > self.config.max_position:
             raise ValueError(f"input_ids: sequence length {L} exceeds max_position {self.config.max_position}")
-        layout = self._layout(input_ids, attention_mask, cpu_unpad)
+        layout = self._layout(input_ids, attention_mask, cpu_unpad, padded)
         pos = torch.arange(L, device=input_ids.device)
         emb = self.word_embeddings
         tied = (
@@ -321,11 +323,10 @@ class BertForMaskedLM(nn.Module):
                 f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
             )
         # a label on a padded position (no collator makes one) is predicted from that position's hidden
-        # state, as Hugging Face does: only the padded layout has it, so such a CPU batch stays padded
-        cpu_unpad = (
-            attention_mask is None or input_ids.is_cuda or not bool(((labels != -100) & ~attention_mask.bool()).any())
-        )
-        h, layout = self.encoder(input_ids, attention_mask, token_type_ids, keep_unpadded=True, cpu_unpad=cpu_unpad)
+        # state, as Hugging Face does: only the padded layout has it, so such a batch stays padded, on
+        # any device and whatever config.unpad says (one host sync; the unpadded layout makes more)
+        labelled_padding = attention_mask is not None and bool(((labels != -100) & ~attention_mask.bool()).any())
+        h, layout = self.encoder(input_ids, attention_mask, token_type_ids, keep_unpadded=True, padded=labelled_padding)
         flat_labels = labels.reshape(-1)
         if layout.unpadded:
             flat_labels = flat_labels.index_select(0, layout.index)

@@ -74,11 +74,20 @@ class T5Config:
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         # checked here, not at the first forward deep inside attention: Hugging Face's T5Config takes
-        # bucket settings ff.t5_attention cannot run (the encoder's bidirectional rule is the stricter)
+        # bucket settings ff.t5_attention cannot run. Every T5 model has an encoder (bidirectional
+        # rule); a model with a decoder checks its stricter causal rule too (check_buckets)
+        self.check_buckets(decoder=False)
+
+    def check_buckets(self, decoder: bool) -> None:
+        """ValueError naming the fields when ff.t5_attention cannot run these buckets: the encoder's
+        (bidirectional) rule, and with decoder=True also the decoder's (causal: a twice larger exact
+        range, so max_distance must exceed num_buckets // 2)."""
         from fastformer.ops.t5_attention import check_bucket_config
 
         try:
             check_bucket_config(True, self.relative_attention_num_buckets, self.relative_attention_max_distance)
+            if decoder:
+                check_bucket_config(False, self.relative_attention_num_buckets, self.relative_attention_max_distance)
         except ValueError as e:
             raise ValueError(
                 f"T5Config relative_attention_num_buckets={self.relative_attention_num_buckets!r}, "
@@ -233,6 +242,8 @@ class T5Stack(nn.Module):
 
     def __init__(self, cfg: T5Config, embed_tokens: nn.Embedding, *, is_decoder: bool):
         super().__init__()
+        if is_decoder:
+            cfg.check_buckets(decoder=True)  # at construction (from_hf too), not at the first forward
         self.is_decoder = is_decoder
         self.embed_tokens = embed_tokens
         n = cfg.num_decoder_layers if is_decoder else cfg.num_layers

@@ -91,6 +91,22 @@ def test_unpadded_varlen_layout_matches_padded_mask_layout():
     assert_close(gu, gp, torch.float64, "embedding gradient")
 
 
+def test_a_label_on_a_padded_position_is_predicted_in_every_layout():
+    """As Hugging Face: a label on a padded position is predicted from that position's hidden state.
+    Only the padded layout has it, so such a batch stays padded also with config.unpad=True (the CUDA
+    default), where the label used to be dropped from the loss."""
+    torch.manual_seed(2)
+    padded = BertForMaskedLM(_cfg(unpad=False)).double()
+    unpadded = BertForMaskedLM(_cfg(unpad=True)).double()
+    unpadded.load_state_dict(padded.state_dict())
+    ids, mask, labels = _batch(lengths=(29, 17, 5))
+    labels[2, 20] = 7  # past the third sequence's 5 real tokens
+    lp, n_p, _, _ = padded(ids, mask, labels)
+    lu, n_u, _, _ = unpadded(ids, mask, labels)
+    assert n_u == n_p
+    assert_close(lu, lp, torch.float64, "loss with a label on a padded position")
+
+
 def test_no_mask_equals_all_true_mask():
     model = BertForMaskedLM(_cfg()).double()
     ids, _, labels = _batch(lengths=(29, 29, 29))

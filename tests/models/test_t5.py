@@ -171,6 +171,10 @@ def test_bad_config_and_input_raise_value_error():
         T5Config(**{**TINY, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 8})
     with pytest.raises(ValueError, match="relative_attention_num_buckets=3"):
         T5Config(**{**TINY, "relative_attention_num_buckets": 3})
+    # the decoder's causal rule is the stricter (exact range num_buckets // 2): refused when a decoder is built
+    decoder_only_bad = T5Config(**{**TINY, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 12})
+    with pytest.raises(ValueError, match="relative_attention_max_distance=12.*unidirectional"):
+        T5ForConditionalGeneration(decoder_only_bad)
     model = T5ForConditionalGeneration(T5Config(**TINY))
     with pytest.raises(ValueError, match="labels"):
         model(torch.randint(2, 101, (1, 5)))
