@@ -54,33 +54,36 @@ def _read_text(p: Path, path) -> str:
         return text
 
 
+def _cr_ends_rows(text: str) -> bool:
+    """Whether the lone CRs of a text (CRLF already turned into LF) end rows: see _split_rows."""
+    if "\r" not in text:
+        return False
+    if "\n" not in text:
+        return True
+    pieces = [p for line in text.split("\n") for p in line.split("\r") if p.strip()]
+    return all("\t" in p for p in pieces)
+
+
 def _split_rows(text: str, is_header) -> list[list[str]]:
     """The non-blank rows of a TSV text, split at tabs (no quoting: a quote is an ordinary character).
 
-    Only \\n and \\r\\n end a row; a lone \\r inside a row is read as a space (csv.reader ended the row
-    there, cutting a text in two), except in a file without any \\n, whose rows end with \\r (classic
-    Mac line endings). Trailing cells that are empty or whitespace (a row ending in a tab) are dropped,
-    keeping at least two cells, or as many as the header row names when `is_header(first row)` says
-    the first row is one, so that a present but empty label stays an empty label."""
+    Row ends: LF and CRLF. A lone CR is a row end too (classic Mac line endings, perhaps with a final
+    LF) in a file without LF, or when every piece it separates holds a tab (a row of columns);
+    otherwise it is a space inside its row ("good", CR, "movie<TAB>pos": csv.reader cut that text in
+    two). A headerless file whose rows all have the same width and all end in an empty cell (every
+    line ends with a tab) loses that last cell; a file with a header is fitted to it by
+    _fit_to_header, which already reads a trailing empty cell so. `is_header(row)` says whether the
+    first row is a header."""
     text = text.replace("\r\n", "\n")
-    text = text.replace("\r", "\n" if "\n" not in text else " ")
+    text = text.replace("\r", "\n" if _cr_ends_rows(text) else " ")
     rows = [r.split("\t") for r in text.split("\n")]
     rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
+    if not rows or is_header(rows[0]):
         return rows
-
-    def trim(r: list[str], keep: int) -> list[str]:
-        n = len(r)
-        while n > keep and not r[n - 1].strip():
-            n -= 1
-        return r[:n]
-
-    keep = 2
-    if is_header(rows[0]):
-        rows[0] = trim(rows[0], 1)
-        keep = max(keep, len(rows[0]))
-        return [rows[0]] + [trim(r, keep) for r in rows[1:]]
-    return [trim(r, keep) for r in rows]
+    width = len(rows[0])
+    if width >= 3 and all(len(r) == width and not r[-1].strip() for r in rows):
+        return [r[:-1] for r in rows]
+    return rows
 
 
 def _rows(path) -> list[list[str]]:

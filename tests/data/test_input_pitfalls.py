@@ -68,7 +68,7 @@ def test_rows_ending_in_a_tab_are_read_without_a_header_too(tmp_path):
     """`good movie<TAB>pos<TAB>`: read with a header; without one it was refused ("empty label",
     "empty target") or, for predict, the label was glued into the text."""
     p = tmp_path / "t.tsv"
-    p.write_text("good movie\tpos\t\nbad movie\tneg\t \t\n")
+    p.write_text("good movie\tpos\t\nbad movie\tneg\t \n")
     expected = (["good movie", "bad movie"], ["pos", "neg"])
     assert read_tsv(p) == expected
     assert read_pairs(p) == expected
@@ -80,6 +80,24 @@ def test_rows_ending_in_a_tab_are_read_without_a_header_too(tmp_path):
     # texts alone, each row ending in a tab: texts, no labels
     (tmp_path / "x.tsv").write_text("good movie\t\nbad movie\t\n")
     assert read_inputs(tmp_path / "x.tsv") == (["good movie", "bad movie"], None)
+
+
+def test_trailing_tabs_change_nothing_else(tmp_path):
+    """Only a whole headerless table of rows ending in a tab loses that last cell: a header with a
+    trailing tab keeps its columns, a text with a tab keeps it, and a missing label is still one."""
+    (tmp_path / "h.tsv").write_text("input\t\nhello\tbonjour\nbye\tau revoir\n")  # header ends in a tab
+    assert read_pairs(tmp_path / "h.tsv") == (["hello", "bye"], ["bonjour", "au revoir"])
+    assert read_generation_inputs(tmp_path / "h.tsv") == (["hello", "bye"], ["bonjour", "au revoir"])
+    (tmp_path / "t.tsv").write_text("text\t\nhello\tpos\nbye\tneg\n")
+    assert read_inputs(tmp_path / "t.tsv") == (["hello", "bye"], None)
+    ragged = tmp_path / "r.tsv"  # rows of different widths: a tab inside a text, not a table's last column
+    ragged.write_text("hello world\t\nthe cat\tsat on the mat\t\nfine day\t\n")
+    assert read_inputs(ragged)[0] == ["hello world", "the cat\tsat on the mat", "fine day"]
+    (tmp_path / "m.tsv").write_text("a\tb\tpos\nc\td\t\n")
+    with pytest.raises(DataError, match="data row 2 has an empty label"):
+        read_tsv(tmp_path / "m.tsv")
+    with pytest.raises(DataError, match="data row 2 has an empty target"):
+        read_pairs(tmp_path / "m.tsv")
 
 
 def test_an_empty_label_before_trailing_tabs_is_still_an_empty_label(tmp_path):
@@ -102,7 +120,12 @@ def test_a_lone_carriage_return_stays_in_its_row(tmp_path):
     assert read_pairs(p) == (["good movie", "bad movie"], ["pos", "neg"])
     assert read_inputs(p) == (["good movie", "bad movie"], ["pos", "neg"])
     # CRLF endings, and a file whose rows all end with \r (old Mac): rows as before
-    for raw in (b"text\tlabel\r\ngood movie\tpos\r\nbad movie\tneg\r\n", b"good movie\tpos\rbad movie\tneg\r"):
+    for raw in (
+        b"text\tlabel\r\ngood movie\tpos\r\nbad movie\tneg\r\n",
+        b"good movie\tpos\rbad movie\tneg\r",
+        b"good movie\tpos\rbad movie\tneg\n",  # old Mac rows with a final \n
+        b"sentence\tlabel\rgood movie\tpos\rbad movie\tneg\r\n",
+    ):
         p.write_bytes(raw)
         assert read_tsv(p) == (["good movie", "bad movie"], ["pos", "neg"])
         assert read_pairs(p) == (["good movie", "bad movie"], ["pos", "neg"])
