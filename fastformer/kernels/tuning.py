@@ -45,7 +45,8 @@ CACHE_ENV = "FASTFORMER_TUNE_CACHE"
 GATES_DIR = Path(__file__).resolve().parent / "gate_results"
 
 _lock = threading.RLock()
-_enabled: bool | None = None  # set_tuning / use_tuning: process wide (autograd's backward threads too)
+_enabled: bool | None = None  # set_tuning: process wide (autograd's backward threads too)
+_blocks: list = []  # use_tuning blocks in force, innermost last: [token, enabled]; they win over _enabled
 _memory: dict = {}  # (gpu, triton, kernel, shape_class) -> config tuple
 _log: list = []  # choices made or loaded in this process (for benchmark reports)
 _forced: dict = {}  # kernel -> config, set by force_config() (the kernel report, tests)
@@ -57,8 +58,9 @@ _forced: dict = {}  # kernel -> config, set by force_config() (the kernel report
 
 
 def tuning_enabled() -> bool:
-    """False when FASTFORMER_TUNE=0 or set_tuning(False) is in force."""
-    value = _enabled
+    """False when FASTFORMER_TUNE=0, set_tuning(False) or a `use_tuning(False)` block is in force."""
+    with _lock:
+        value = _blocks[-1][1] if _blocks else _enabled
     if value is not None:
         return value
     return os.environ.get(TUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -75,13 +77,16 @@ def set_tuning(enabled: bool | None) -> None:
 @contextlib.contextmanager
 def use_tuning(enabled: bool):
     """`with use_tuning(False):` pins the built-in defaults inside the block (process wide, the
-    backward of a loss computed in the block included when it runs inside it)."""
-    previous = _enabled
-    set_tuning(enabled)
+    backward of a loss computed in the block included when it runs inside it). The innermost block
+    in force decides; blocks of several threads may end in any order (each removes only itself)."""
+    token = object()
+    with _lock:
+        _blocks.append([token, bool(enabled)])
     try:
         yield
     finally:
-        set_tuning(previous)
+        with _lock:
+            _blocks[:] = [b for b in _blocks if b[0] is not token]
 
 
 @contextlib.contextmanager
@@ -175,8 +180,14 @@ def kernels_tag() -> str:
     something else, is never used after fastformer changes them (a new file is tuned instead)."""
     h = hashlib.sha256()
     for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        if f.name.startswith("."):  # an editor's lock or backup file, perhaps a dangling link
+            continue
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        h.update(data)
     return h.hexdigest()[:12]
 
 

@@ -300,3 +300,45 @@ def test_launchers_run_on_the_tensors_gpu(monkeypatch):
         assert fn.__wrapped__ is not None
     for fn in (cross_entropy_launch.ce_forward, cross_entropy_launch.scale_rows_):
         assert fn.__wrapped__ is not None
+
+
+def test_tuning_blocks_of_two_threads_may_end_in_any_order(tune_env):
+    import threading
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with tuning.use_tuning(False):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def second():
+        a_in.wait()
+        with tuning.use_tuning(True):
+            b_in.set()
+            a_out.wait()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tuning.tuning_enabled()  # both blocks over: back to FASTFORMER_TUNE (on), not left off
+
+
+def test_the_kernels_tag_skips_editor_files(tmp_path, monkeypatch):
+    """An editor's lock file (a dangling `.#tuning.py` link) must not break every tuned launch."""
+    import shutil
+
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    for f in Path(tuning.__file__).parent.glob("*.py"):
+        shutil.copy(f, kernels / f.name)
+    (kernels / ".#tuning.py").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(tuning, "__file__", str(kernels / "tuning.py"))
+    tuning.kernels_tag.cache_clear()
+    try:
+        assert len(tuning.kernels_tag()) == 12
+    finally:
+        tuning.kernels_tag.cache_clear()
