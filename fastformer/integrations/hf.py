@@ -198,14 +198,21 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
         # Instance attribute: the class (and its name in saved configs) is unchanged; deepcopy rebinds it,
         # and so does nn.DataParallel's replicate (which copies the instance's __dict__ as it is)
         model.forward = types.MethodType(make_loss_forward(type(model), loss_kind), model)
-        model._replicate_for_data_parallel = types.MethodType(_replicate_for_data_parallel, model)
+    model._replicate_for_data_parallel = types.MethodType(_replicate_for_data_parallel, model)
     model._ff_patched = True
     return model
 
 
 def _replicate_for_data_parallel(self):
     """nn.Module's replica (nn.DataParallel), with the patched forward bound to the replica instead of
-    to the model it was copied from (whose weights it would otherwise run)."""
+    to the model it was copied from (whose weights it would otherwise run). A patched T5 is refused:
+    its self-attentions hold a plain reference to their stack's first layer (the position-bias
+    table), which replicate copies as it is, so a replica would read the original's table."""
+    if any(attn.BIAS_SOURCE in m.__dict__ for m in self.modules()):
+        raise ValueError(
+            "patch_hf_model: a patched T5 model cannot run under nn.DataParallel (its replicas would read "
+            "the original's position-bias table); use DistributedDataParallel (torchrun), one process per GPU"
+        )
     replica = type(self)._replicate_for_data_parallel(self)
     for name in ("forward", "_replicate_for_data_parallel"):
         bound = replica.__dict__.get(name)

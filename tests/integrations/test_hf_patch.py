@@ -561,6 +561,10 @@ def test_data_parallel_replicas_run_their_own_weights(monkeypatch):
     assert rel_err(want[0], want[1]) > 1e-4  # the replicas differ
     for a, b in zip(got, want):
         assert rel_err(a, b) <= TOLERANCES[DTYPE]
+    # T5: its attentions reference the original's position-bias table, which replicate would keep
+    t5 = patch_hf_model(T5ForConditionalGeneration(t5_config()))
+    with pytest.raises(ValueError, match="cannot run under nn.DataParallel"):
+        R.replicate(t5, [0, 1])
 
 
 def test_a_pickled_patched_model_runs_in_a_fresh_process(tmp_path):
@@ -583,3 +587,8 @@ def test_a_pickled_patched_model_runs_in_a_fresh_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == [f"mlm (2, 8, {VOCAB})", "encoder (2, 8, 32)"]
+    # pickle keeps the class's forward (documented): patching the loaded model again restores the fused loss
+    loaded = torch.load(tmp_path / "mlm.pt", weights_only=False).train()
+    ids, labels = _mlm_batch()
+    assert loaded(input_ids=ids, labels=labels).logits is not None  # Hugging Face's own loss path
+    assert patch_hf_model(loaded)(input_ids=ids, labels=labels).logits is None  # the fused one
