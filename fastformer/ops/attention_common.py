@@ -498,6 +498,12 @@ def fused_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             )
         return torch.cat(outs)
     rows_q, rows_k = max(int(max_seqlen_q), 1), max(int(max_seqlen_k), 1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and q.shape[0] * q.shape[1] >= _I32:
+        # the backward's Delta pass offsets the (H, Tq) log-sum-exp rows' heads in int32
+        raise InputError(
+            f"q {tuple(q.shape)}: {q.shape[0]:,} tokens x {q.shape[1]} heads are beyond the attention backward's "
+            "32-bit offsets (2^31); split the batch"
+        )
     q = _int32_rows("q", _unit_last(q), rows_q, 0)
     k, v = (_int32_rows(n, _unit_last(t), rows_k, 0) for n, t in (("k", k), ("v", v)))
     spec = K.AttnSpec(
