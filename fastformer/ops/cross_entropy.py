@@ -161,10 +161,12 @@ def _rows(input: torch.Tensor) -> int:
     return 1 if input.dim() == 1 else input.shape[0] * math.prod(input.shape[2:])
 
 
-def _index_target(target: torch.Tensor) -> torch.Tensor:
+def _index_target(target: torch.Tensor, unbatched: bool) -> torch.Tensor:
     """Class indices as int32 / int64: a narrower dtype is widened (as torch reads a uint8 target), so that
-    comparisons with C and ignore_index (-100 is 156 as a uint8) are made on the values as written."""
-    return target if target.dtype in (torch.int64, torch.int32) else target.long()
+    comparisons with C and ignore_index (-100 is 156 as a uint8) are made on the values as written. For
+    an unbatched input, shaped () like its loss (torch takes a one-element (1,) target there too)."""
+    t = target if target.dtype in (torch.int64, torch.int32) else target.long()
+    return t.reshape(()) if unbatched else t
 
 
 def _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, amp) -> bool:
@@ -338,7 +340,7 @@ def cross_entropy(
     ignore_index, label_smoothing = _as_index(ignore_index), _as_real(label_smoothing)
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if not soft:
-        target = _index_target(target).reshape(target.shape[1:] if input.dim() == 1 else target.shape)
+        target = _index_target(target, input.dim() == 1)
     if not soft and _range_check_wanted(target):
         _check_range(target, C, ignore_index)
     grad_on = torch.is_grad_enabled()

@@ -485,8 +485,8 @@ def linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
     ignore_index, label_smoothing = _as_index(ignore_index), _as_real(label_smoothing)
-    if not soft:  # (a (1,) target of an unbatched (H,) input, as torch takes: shaped () like the loss)
-        target = _index_target(target).reshape(target.shape if input.dim() > 1 else ())
+    if not soft:
+        target = _index_target(target, input.dim() == 1)
     if not soft and _range_check_wanted(target):
         _check_range(target, weight.shape[0], ignore_index)
     grad_on = torch.is_grad_enabled()
