@@ -25,7 +25,7 @@ import torch
 
 from .corpus import DataError
 from .packing import pad_batch
-from .tsv import _fit_to_header, _read_text, _split_rows
+from .tsv import _fit_to_header, _read_text, _rows
 
 INPUT_COLUMNS = (
     "input",
@@ -55,16 +55,6 @@ TARGET_COLUMNS = (
 )
 
 
-def _tsv_rows(path: str | Path) -> list[list[str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = _split_rows(_read_text(p, path), _is_header)
-    if not rows:
-        raise DataError(f"{path}: file is empty")
-    return rows
-
-
 def _is_header(row: list[str]) -> bool:
     """The first row names an input or a target column."""
     return any(c.strip().lower() in INPUT_COLUMNS or c.strip().lower() in TARGET_COLUMNS for c in row)
@@ -72,9 +62,9 @@ def _is_header(row: list[str]) -> bool:
 
 def _columns(path, head: list[str]) -> tuple[int, int] | None:
     """(input column, target column) named by a header row, None when the row is not a header."""
-    head = [c.strip().lower() for c in head]
-    if not any(h in INPUT_COLUMNS or h in TARGET_COLUMNS for h in head):
+    if not _is_header(head):
         return None
+    head = [c.strip().lower() for c in head]
     if len(head) < 2:
         raise DataError(f"{path}: header row ({', '.join(head)}) names one column; need input<TAB>target")
     tgt_col = next((i for i, h in enumerate(head) if h in TARGET_COLUMNS), len(head) - 1)
@@ -87,7 +77,7 @@ def _columns(path, head: list[str]) -> tuple[int, int] | None:
 
 def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
     """(inputs, targets) of a TSV file. Raises DataError naming the file and the problem."""
-    rows = _tsv_rows(path)
+    rows = _rows(path, _is_header)
     cols = _columns(path, rows[0])
     if cols is not None:
         n_head = len(rows[0])
@@ -126,7 +116,7 @@ def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | Non
         if not inputs:
             raise DataError(f"{path}: no text (empty file)")
         return inputs, None
-    rows = _tsv_rows(path)
+    rows = _rows(path, _is_header)
     cols = _columns(path, rows[0]) if len(rows[0]) > 1 else None
     targets: list[str] | None
     if len(rows[0]) == 1 and rows[0][0].strip().lower() in INPUT_COLUMNS:  # a header naming the input alone

@@ -5,8 +5,9 @@ review, document) or a label column (label, labels, class, category, target). Wi
 last column is the label and everything before it (joined by tabs) the text; with a header, a row
 with more columns than the header has tabs in its text column, which takes the extra ones. Labels
 may be strings or integers; they are mapped to class indices in sorted order (integers numerically),
-each label string kept as it is spelled for reporting. Rows end at \\n or \\r\\n (a lone \\r in a field
-is read as a space); empty cells at the end of a row (a trailing tab) are dropped, header or not.
+each label string kept as it is spelled for reporting. Rows end at LF or CRLF; a lone CR is read as
+in _split_rows (a space inside a field, a row end in an old Mac file), and a file whose rows all end
+in a tab is read without that empty last cell.
 
 Files are UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mark; a file with NUL
 bytes and no UTF-16 mark is refused as binary, and bytes that are not UTF-8 (a Latin-1 file) are read
@@ -86,11 +87,13 @@ def _split_rows(text: str, is_header) -> list[list[str]]:
     return rows
 
 
-def _rows(path) -> list[list[str]]:
+def _rows(path, is_header=None) -> list[list[str]]:
+    """The rows of a TSV file (_split_rows); is_header(row): whether the first row is a header (default:
+    it names a text or label column). DataError for a missing or empty file."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such file")
-    rows = _split_rows(_read_text(p, path), lambda r: _header([r]) is not None)
+    rows = _split_rows(_read_text(p, path), is_header or (lambda r: _header([r]) is not None))
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
