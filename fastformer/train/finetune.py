@@ -46,8 +46,7 @@ from .run_dir import (
     FastformerWarning,
     make_out_dir,
     prepare_out_dir,
-    row_digests,
-    warn_if_files_changed,
+    rows_digests,
     write_file,
     writing,
 )
@@ -182,7 +181,8 @@ class _SelectingTrainer(Trainer):
         same = self._best_is_model or self.best_step == self.step
         state = None if same else self.best_state
         sel = {"best_key": best_key, "best_step": self.best_step, "best_is_model": same, "best_state": state}
-        return {"selection": sel}
+        last = {} if self._last_train_state is None else {"train_model": self._last_train_state}
+        return {"selection": sel, **last}
 
     def load_extra_state(self, ck: dict) -> None:
         sel = ck.get("selection")
@@ -206,12 +206,6 @@ class _SelectingTrainer(Trainer):
             self.save()
         finally:
             self._last_train_state, self._best_is_model = None, False
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        if self._last_train_state is not None:
-            sd["train_model"] = self._last_train_state
-        return sd
 
 
 def _with_pooling(model_config: dict, obj, pooling: str) -> dict:
@@ -262,9 +256,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         train_texts, train_labels = read_tsv(cfg.train)
     with named_by("--eval"):
         eval_texts, eval_labels = read_tsv(cfg.eval)
-    digests = row_digests(zip(train_texts, train_labels), zip(eval_texts, eval_labels))
-    if cfg.resume and info.main:
-        warn_if_files_changed(out, digests, {"train": cfg.train, "eval": cfg.eval})
+    digests = rows_digests(out, cfg, info.main, zip(train_texts, train_labels), zip(eval_texts, eval_labels))
     if len(label_vocabulary(train_labels)) < 2:
         raise DataError(
             f"--train {cfg.train}: needs at least 2 distinct labels, found {len(label_vocabulary(train_labels))}"

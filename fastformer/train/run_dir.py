@@ -184,22 +184,18 @@ def started_on_other_data(out: str | Path, key: str, digest: str) -> dict | None
     return before
 
 
-def row_digests(train: Iterable[tuple], eval_: Iterable[tuple]) -> dict[str, str]:
-    """config.json's fingerprints of a fine-tuning run's --train and --eval rows (text, label) or
-    (input, target), for warn_if_files_changed."""
-    return {
-        key: data_digest("\t".join(map(str, row)) for row in rows)
-        for key, rows in (("train_digest", train), ("eval_digest", eval_))
-    }
-
-
-def warn_if_files_changed(out: str | Path, digests: dict[str, str], files: dict[str, str]) -> None:
-    """--resume of a fine-tuning run: one warning per file whose rows differ from those the run began
-    with (row_digests); files: "train" / "eval" -> the path given. The run goes on."""
+def rows_digests(out: str | Path, cfg, main: bool, train: Iterable[tuple], eval_: Iterable[tuple]) -> dict[str, str]:
+    """config.json's fingerprints (train_digest, eval_digest) of a fine-tuning run's --train and --eval
+    rows, (text, label) or (input, target). On --resume (cfg.resume, main process) one warning per
+    file whose rows differ from those the run began with; the run goes on."""
     import warnings
 
-    for name, path in files.items():
-        if started_on_other_data(out, f"{name}_digest", digests[f"{name}_digest"]) is not None:
+    digests = {
+        f"{name}_digest": data_digest("\t".join(map(str, row)) for row in rows)
+        for name, rows in (("train", train), ("eval", eval_))
+    }
+    for name, path in (("train", cfg.train), ("eval", cfg.eval)):
+        if cfg.resume and main and started_on_other_data(out, f"{name}_digest", digests[f"{name}_digest"]) is not None:
             warnings.warn(
                 f"--{name} {path} changed since this run began: the resumed run "
                 f"{'trains' if name == 'train' else 'evaluates'} on the new rows, so it is no longer the "
@@ -207,6 +203,7 @@ def warn_if_files_changed(out: str | Path, digests: dict[str, str], files: dict[
                 FastformerWarning,
                 stacklevel=3,
             )
+    return digests
 
 
 def make_out_dir(out: str | Path, *, replace: bool = False) -> None:

@@ -55,8 +55,7 @@ from .run_dir import (
     FastformerWarning,
     make_out_dir,
     prepare_out_dir,
-    row_digests,
-    warn_if_files_changed,
+    rows_digests,
     write_file,
     writing,
 )
@@ -395,9 +394,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         train_inputs, train_targets = read_pairs(cfg.train)
     with named_by("--eval"):
         eval_inputs, eval_targets = read_pairs(cfg.eval)
-    digests = row_digests(zip(train_inputs, train_targets), zip(eval_inputs, eval_targets))
-    if cfg.resume and info.main:
-        warn_if_files_changed(out, digests, {"train": cfg.train, "eval": cfg.eval})
+    digests = rows_digests(out, cfg, info.main, zip(train_inputs, train_targets), zip(eval_inputs, eval_targets))
     if info.main and len(eval_inputs) < MIN_EVAL_EXAMPLES:
         warnings.warn(
             f"--eval {cfg.eval} has only {len(eval_inputs)} pair(s): the scores move in steps of "
