@@ -543,11 +543,11 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.hf)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--hf {out}: exists and is not a folder; choose another --hf")
-    if out.is_dir() and (out.resolve() == Path(args.model).resolve() or run_kind(out)):
+    same = out.is_dir() and out.resolve() == Path(args.model).resolve()
+    kind = run_kind(out) if out.is_dir() else None
+    if same or kind:
         # Hugging Face's config.json and tokenizer.json would replace the run's: even --overwrite never does that
-        what = (
-            "is the --model folder" if out.resolve() == Path(args.model).resolve() else f"holds a {run_kind(out)} run"
-        )
+        what = "is the --model folder" if same else f"holds a {kind} run"
         raise ValueError(
             f"--hf {out} {what}, whose config.json and tokenizer.json export would replace: choose another --hf"
         )

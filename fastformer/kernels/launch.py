@@ -41,7 +41,8 @@ def on_tensor_device(fn: Callable) -> Callable:
     """Decorator for a host-side launcher whose first argument is a tensor: run it with that tensor's
     CUDA device current. Triton launches on the current device (and its stream), so tensors on
     another GPU (cuda:1 while cuda:0 is current, without torch.cuda.set_device) would otherwise be
-    launched on the wrong one; the tuner's timing follows the same device (tuning._on_device)."""
+    launched on the wrong one. The tuner (tuning.choose) runs inside these launchers, so it times on
+    that device too."""
 
     @functools.wraps(fn)
     def inner(t, *args, **kwargs):

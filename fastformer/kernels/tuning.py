@@ -284,15 +284,6 @@ def _device_facts(device) -> tuple:
     return _facts_of(index)
 
 
-def _on_device(device):
-    """torch.cuda.device(device) for a CUDA device (Triton launches on the current device), else nothing."""
-    if getattr(device, "type", None) == "cuda":
-        import torch
-
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def _can_time(device) -> bool:
     if getattr(device, "type", None) != "cuda":
         return False
@@ -326,8 +317,9 @@ def choose(
 
     default: the built-in configuration (always a candidate, and the answer whenever nothing is
     tuned); candidates: the declared alternatives; run(cfg): launches the kernel once with cfg on the
-    real inputs (it must be safe to repeat: every output is overwritten). facts: (gpu name, compute
-    capability as an int such as 90, Triton version), for tests; read from the device otherwise."""
+    real inputs (it must be safe to repeat: every output is overwritten), with `device` current (the
+    launchers call choose() inside launch.on_tensor_device). facts: (gpu name, compute capability as
+    an int such as 90, Triton version), for tests; read from the device otherwise."""
     default = tuple(default)
     with _lock:
         forced = _forced.get(kernel)
@@ -359,8 +351,7 @@ def choose(
     timings, skipped = {}, {}
     for cfg in allowed:
         try:
-            with _on_device(device):  # timed on the tensors' GPU, whichever device is current
-                ms = float(_timer(lambda cfg=cfg: run(cfg)))
+            ms = float(_timer(lambda cfg=cfg: run(cfg)))
             if not math.isfinite(ms):
                 raise RuntimeError(f"timer returned {ms}")
             timings[config_id(cfg)] = ms
