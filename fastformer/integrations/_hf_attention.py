@@ -22,6 +22,10 @@ Attention: query/key/value arrive as (B, H, L, D) and the function returns ((B, 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+
 import torch
 
 from ..ops import scaled_dot_product_attention, t5_attention, varlen_attention
@@ -71,21 +75,38 @@ def _fold_position_bias(position_bias, mask, causal: bool, query) -> torch.Tenso
 
 
 # One forward passes the same mask object to every layer: unpad indices are computed once per mask.
-_unpad_cache: list = [None, None]
+# Per thread (a patched model may be called from several threads at once), and the mask is held
+# weakly, so the cache neither hands one call's indices to another nor keeps a finished batch alive.
+_local = threading.local()
 
 
 def _unpad_index(keep: torch.Tensor):
     """keep: (B, 1, 1, L) bool -> (flat indices of kept tokens, cu_seqlens int32 (B+1,), max length)."""
-    if _unpad_cache[0] is keep:
-        return _unpad_cache[1]
+    cached = getattr(_local, "unpad", None)
+    if cached is not None and cached[0]() is keep:
+        return cached[1]
     flat = keep.reshape(-1)
     idx = flat.nonzero().squeeze(1)
     lengths = keep.reshape(keep.shape[0], -1).sum(1, dtype=torch.int32)
     cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
     cu[1:] = lengths.cumsum(0)
     info = (idx, cu, int(lengths.max().item()) if lengths.numel() else 0)
-    _unpad_cache[0], _unpad_cache[1] = keep, info
+    _local.unpad = (weakref.ref(keep), info)
     return info
+
+
+@contextlib.contextmanager
+def padded_attention():
+    """Within this block (this thread only) `varlen` BERT self-attention takes the padded path.
+
+    The loss forward uses it for a batch with labels on padded positions: Hugging Face computes those
+    positions' outputs by attending over the real keys, which the unpadded path never computes."""
+    before = getattr(_local, "padded", False)
+    _local.padded = True
+    try:
+        yield
+    finally:
+        _local.padded = before
 
 
 def _varlen_self_attention(query, key, value, keep, dropout: float, scale):
@@ -151,7 +172,14 @@ def attention_forward(
         out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
-    if role == "bert_self" and module.__dict__.get(VARLEN) and plain and not causal and attention_mask is not None:
+    if (
+        role == "bert_self"
+        and module.__dict__.get(VARLEN)
+        and plain
+        and not causal
+        and attention_mask is not None
+        and not getattr(_local, "padded", False)
+    ):
         return _varlen_self_attention(query, key, value, attention_mask, dropout, scaling), None
 
     mask, flag = attention_mask, causal and plain

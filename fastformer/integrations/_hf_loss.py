@@ -19,6 +19,7 @@ Two pieces, both leaving the model's parameters and state_dict untouched:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..ops import cross_entropy, linear_cross_entropy
+from ._hf_attention import padded_attention
 
 IGNORE_INDEX = -100
 
@@ -134,6 +136,15 @@ def _with_loss(output, loss):
     return type(output)(**fields)
 
 
+def _labels_on_padding(labels: torch.Tensor, attention_mask) -> bool:
+    """True when a label other than -100 sits where a 2-D attention_mask is 0 (a padded position)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return False
+    if labels.shape != attention_mask.shape:
+        return False
+    return bool(((labels.to(attention_mask.device) != IGNORE_INDEX) & (attention_mask == 0)).any())
+
+
 _FORWARDS: dict = {}
 
 
@@ -166,8 +177,12 @@ def make_loss_forward(cls, kind: str):
         keep_logits = bool(getattr(self, "_ff_keep_logits", False)) or not return_dict
         slots = _slots()
         slot = slots[id(head)] = [(labels, keep_logits), None]
+        padded = contextlib.nullcontext()
+        if getattr(self, "_ff_varlen", False) and _labels_on_padding(labels, call.get("attention_mask")):
+            padded = padded_attention()
         try:
-            output = original(self, **call, return_dict=True)
+            with padded:
+                output = original(self, **call, return_dict=True)
             loss = slot[1]
         finally:
             slots.pop(id(head), None)

@@ -181,6 +181,7 @@ def patch_hf_model(model, *, keep_logits: bool = False, varlen: bool = False):
     _set_attn_implementation(model)
     if family == "bert":
         _tag_bert(model, varlen)
+        model._ff_varlen = varlen  # the loss forward keeps a batch with labels on padding padded
     else:
         _tag_t5(model)
     if loss_kind is not None and type(model).forward is not base.forward:

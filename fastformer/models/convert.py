@@ -462,6 +462,22 @@ def _hf_tokenizer(tokenizer, model: nn.Module, max_len: int | None = None):
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
 
 
+def _name_labels(hf, labels) -> None:
+    """Set a transformers sequence classifier's id2label / label2id from `labels` (one name per logit).
+
+    Checked here because transformers saves any mapping and then fails in from_pretrained (a classifier
+    sized by len(id2label)) or maps two classes to one name."""
+    names = [str(n) for n in labels]
+    if not type(hf).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(f"labels names the classes of a sequence classifier; {type(hf).__name__} has no classes")
+    if len(names) != hf.config.num_labels:
+        raise ValueError(f"labels has {len(names)} names for a classifier with {hf.config.num_labels} classes")
+    if len(set(names)) != len(names):
+        raise ValueError(f"labels must be distinct names, got {names}")
+    hf.config.id2label = dict(enumerate(names))
+    hf.config.label2id = {n: i for i, n in enumerate(names)}
+
+
 def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generation=None, max_len=None) -> nn.Module:
     """Write `model` as a Hugging Face folder: `to_hf(model).save_pretrained(out_dir)`, and with a
     `tokenizers.Tokenizer` also the tokenizer (`AutoTokenizer.from_pretrained(out_dir)` then encodes a
@@ -474,9 +490,8 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
     Returns the transformers model. Raises ValueError for a model `to_hf` does not support."""
     hf_tok = _hf_tokenizer(tokenizer, model, max_len) if tokenizer is not None else None
     hf = to_hf(model)
-    if labels:
-        hf.config.id2label = {i: str(n) for i, n in enumerate(labels)}
-        hf.config.label2id = {str(n): i for i, n in enumerate(labels)}
+    if labels is not None:
+        _name_labels(hf, labels)
     gc = getattr(hf, "generation_config", None)
     if generation and gc is not None and isinstance(model, T5ForConditionalGeneration):
         gc.max_new_tokens = int(generation.get("max_new_tokens") or gc.max_new_tokens or 20)

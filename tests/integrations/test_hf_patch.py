@@ -243,6 +243,40 @@ def test_varlen_bert_matches_on_real_tokens():
     check_grads(ref, model)
 
 
+def test_varlen_bert_with_labels_on_padding_matches():
+    """Hugging Face's loss reads a padded position that carries a label: such a batch runs padded."""
+    torch.manual_seed(0)
+    ref = BertForMaskedLM(bert_config()).eval()
+    model = patch_hf_model(copy.deepcopy(ref), varlen=True)
+    batch = make_batch("BertForMaskedLM", torch.Generator().manual_seed(1))
+    batch["labels"][1, 11] = 17  # row 1 is padding from position 9 on
+    out_ref, out = ref(**batch), model(**batch)
+    assert rel_err(out.loss, out_ref.loss) <= TOLERANCES[DTYPE]
+    out_ref.loss.backward()
+    out.loss.backward()
+    check_grads(ref, model)
+
+
+def test_varlen_unpad_cache_is_per_thread():
+    """The unpad indices cached for one mask are never handed to a call in another thread."""
+    import threading
+
+    from fastformer.integrations import _hf_attention as attn
+
+    first = torch.tensor([[True, True, False]])[:, None, None, :]
+    other = torch.tensor([[True, False, False]])[:, None, None, :]
+    assert attn._unpad_index(first)[2] == 2
+    seen = {}
+    # another thread asking for its own mask gets its own indices, and leaves this thread's cache alone
+    worker = threading.Thread(target=lambda: seen.update(other=attn._unpad_index(other)))
+    worker.start()
+    worker.join()
+    assert seen["other"][0].tolist() == [0] and seen["other"][2] == 1
+    assert attn._local.unpad[0]() is first
+    del first  # held weakly: a finished batch's mask is not kept alive by the cache
+    assert attn._local.unpad[0]() is None
+
+
 def test_t5_generate_with_cache_matches():
     """Decoding with a KV cache takes the position-bias fallback path; greedy output is unchanged."""
     torch.manual_seed(0)

@@ -171,6 +171,11 @@ def test_save_hf_matches_transformers(runs, tmp_path):
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf.config.id2label == {0: "neg", 1: "pos"}
+    # names that do not fit the classifier are refused before anything is written
+    for bad, why in ((["neg"], "1 names for a classifier with 2 classes"), (["a", "a"], "distinct")):
+        with pytest.raises(ValueError, match=why):
+            ff.models.save_hf(loaded.model, tmp_path / "bad", labels=bad)
+        assert not (tmp_path / "bad").exists()
     texts = ["the film was great", "a really sad plot and a poor actor"]
     batch = hf_tok(texts, padding=True, return_tensors="pt")
     _, rows = predict_texts(loaded, texts)
