@@ -10,8 +10,8 @@
 
 The same choice in code::
 
-    ff.set_backend("reference")
-    with ff.use_backend("triton"):
+    ff.set_backend("reference")          # the whole process, like FASTFORMER_BACKEND
+    with ff.use_backend("triton"):       # this thread, for the block
         ...
 """
 
@@ -26,7 +26,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
-_state = threading.local()
+_state = threading.local()  # this thread's use_backend block in force, if any
 
 
 def _validate(name: str) -> str:
@@ -36,24 +36,31 @@ def _validate(name: str) -> str:
     return name
 
 
-_default = _validate(os.environ.get("FASTFORMER_BACKEND", "auto"))
+_process = _validate(os.environ.get("FASTFORMER_BACKEND", "auto"))  # set_backend: every thread
 
 
 def get_backend() -> str:
     """The backend in force in this thread: 'auto', 'triton' or 'reference'."""
-    return getattr(_state, "backend", _default)
+    block = getattr(_state, "backend", None)
+    return _process if block is None else block
 
 
 def set_backend(name: str) -> None:
-    """Set the backend for this thread (see module docstring)."""
-    _state.backend = _validate(name)
+    """Set the backend for the whole process, as FASTFORMER_BACKEND does (threads that a library starts,
+    e.g. nn.DataParallel's, included). Inside a `use_backend` block it also changes that block's
+    choice until the block ends."""
+    global _process
+    _process = _validate(name)
+    if getattr(_state, "backend", None) is not None:
+        _state.backend = _process
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager that sets the backend for the duration of a block."""
-    previous = get_backend()
-    set_backend(name)
+    """Context manager: the backend for the duration of a block, in this thread only (as torch.autocast
+    and torch.no_grad are); other threads keep theirs. Blocks nest."""
+    previous = getattr(_state, "backend", None)
+    _state.backend = _validate(name)
     try:
         yield
     finally:

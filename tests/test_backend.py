@@ -24,6 +24,30 @@ def test_set_and_context_manager_restore():
     assert ff.get_backend() == before
 
 
+def _in_other_thread():
+    import threading
+
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(ff.get_backend()))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
+def test_set_backend_is_process_wide_and_use_backend_per_thread():
+    before = ff.get_backend()
+    try:
+        ff.set_backend("reference")  # like FASTFORMER_BACKEND: threads started by libraries see it
+        assert ff.get_backend() == "reference" and _in_other_thread() == "reference"
+        with ff.use_backend("triton"):  # a block is this thread's only
+            assert ff.get_backend() == "triton" and _in_other_thread() == "reference"
+            ff.set_backend("auto")  # takes effect at once, in the block too
+            assert ff.get_backend() == "auto" and _in_other_thread() == "auto"
+        assert ff.get_backend() == "auto"
+    finally:
+        ff.set_backend(before)
+
+
 def test_auto_uses_reference_for_cpu_tensors():
     with ff.use_backend("auto"):
         assert not use_triton(torch.zeros(1))

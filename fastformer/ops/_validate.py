@@ -3,6 +3,7 @@ kernel launches; the exception is also of the type torch raises for the same mis
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -46,6 +47,14 @@ def check_same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def as_real(value):
+    """float(value) for a real number or a real 0-d tensor (torch's functions take both), else None."""
+    if isinstance(value, torch.Tensor):
+        ok = value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+        return float(value) if ok else None
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 def check_range(name: str, value: float, lo: float, hi: float, *, hi_inclusive: bool = False) -> None:

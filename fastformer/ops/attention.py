@@ -194,7 +194,7 @@ def scaled_dot_product_attention(
     """
     lay = check_sdpa(query, key, value, attn_mask, enable_gqa)
     dropout_p = check_dropout(dropout_p)
-    check_scale(scale)
+    scale = check_scale(scale)
     check_flag("is_causal", is_causal)
     covered = lay.HK is not None and all(lay.batch) and kernel_covers(query, key, value)
     path = attention_path(query, key, value, attn_mask, covered=covered, dropout_p=dropout_p)
@@ -279,7 +279,7 @@ def varlen_attention(
     if int(max_seqlen_k) < lk:
         raise InputError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence {lk}")
     dropout_p = check_dropout(dropout_p)
-    check_scale(scale)
+    scale = check_scale(scale)
     check_flag("causal", causal)
     path = attention_path(q, k, v, covered=kernel_covers(q, k, v), dropout_p=dropout_p)
     if path == "kernel":

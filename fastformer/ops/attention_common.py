@@ -35,7 +35,7 @@ import torch
 from ..backend import cpu_fast_path, use_triton
 from ..reference.attention import default_scale
 from ._compile import opaque_to_compile
-from ._validate import FLOAT_DTYPES, check_range
+from ._validate import FLOAT_DTYPES, as_real, check_range
 from .errors import InputError, InputTypeError, refuse_double_backward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,8 +74,10 @@ def attention_kernels():
 
 
 def check_dropout(dropout_p) -> float:
-    """dropout_p in [0, 1] (1.0 gives zeros, as torch)."""
-    p = float(dropout_p)
+    """dropout_p: a number in [0, 1] (1.0 gives zeros, as torch) -> float."""
+    p = as_real(dropout_p)
+    if p is None:
+        raise InputTypeError(f"dropout_p must be a float, got {dropout_p!r}")
     check_range("dropout_p", p, 0.0, 1.0, hi_inclusive=True)
     return p
 
@@ -86,10 +88,16 @@ def check_flag(name: str, value) -> None:
         raise InputTypeError(f"{name} must be a bool, got {value!r}")
 
 
-def check_scale(scale) -> None:
-    """None (1/sqrt(D)) or a finite number."""
-    if scale is not None and not math.isfinite(float(scale)):
+def check_scale(scale) -> float | None:
+    """scale: None (1/sqrt(D)) or a finite number -> None or float."""
+    if scale is None:
+        return None
+    value = as_real(scale)
+    if value is None:
+        raise InputTypeError(f"scale must be a float or None, got {scale!r}")
+    if not math.isfinite(value):
         raise InputError(f"scale must be a finite number, got {scale}")
+    return value
 
 
 def check_attn_mask(attn_mask, query: torch.Tensor, scores_shape: tuple) -> None:

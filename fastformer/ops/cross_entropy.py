@@ -46,7 +46,7 @@ import fastformer.reference.cross_entropy as _ref
 from ..backend import get_backend, under_functorch, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_same_dtype, check_tensor
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, as_real, check_choice, check_range, check_same_dtype, check_tensor
 from .amp import amp_dtype
 from .errors import InputError, InputTypeError, TargetIndexError, refuse_double_backward
 
@@ -67,9 +67,9 @@ def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     if isinstance(ignore_index, bool) or _as_index(ignore_index) is None:
         raise InputTypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if _as_real(label_smoothing) is None:
+    if as_real(label_smoothing) is None:
         raise InputTypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
-    check_range("label_smoothing", _as_real(label_smoothing), 0.0, 1.0, hi_inclusive=True)
+    check_range("label_smoothing", as_real(label_smoothing), 0.0, 1.0, hi_inclusive=True)
     if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not math.isfinite(z_loss) or z_loss < 0:
         raise InputError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
 
@@ -80,14 +80,6 @@ def _as_index(value):
         return operator.index(value)
     except TypeError:
         return None
-
-
-def _as_real(value):
-    """float(value) for a real number or a real 0-d tensor (torch's cross_entropy takes both), else None."""
-    if isinstance(value, torch.Tensor):
-        ok = value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool
-        return float(value) if ok else None
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 def _loss_dtype(input: torch.Tensor, target: torch.Tensor, amp) -> torch.dtype:
@@ -337,7 +329,7 @@ def cross_entropy(
     """
     amp = amp_dtype(input)
     soft = _validate_ce(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, amp)
-    ignore_index, label_smoothing = _as_index(ignore_index), _as_real(label_smoothing)
+    ignore_index, label_smoothing = _as_index(ignore_index), as_real(label_smoothing)
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if not soft:
         target = _index_target(target, input.dim() == 1)

@@ -30,10 +30,10 @@ import fastformer.reference.cross_entropy as _ref
 from ..backend import get_backend, under_functorch, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
+from ._validate import as_real
 from .amp import amp_dtype, autocast_cast, no_autocast
 from .cross_entropy import (
     _as_index,
-    _as_real,
     _check_range,
     _index_target,
     _is_compiling,
@@ -484,7 +484,7 @@ def linear_cross_entropy(
     soft = _validate_linear(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size!r}")
-    ignore_index, label_smoothing = _as_index(ignore_index), _as_real(label_smoothing)
+    ignore_index, label_smoothing = _as_index(ignore_index), as_real(label_smoothing)
     if not soft:
         target = _index_target(target, input.dim() == 1)
     if not soft and _range_check_wanted(target):
@@ -510,8 +510,8 @@ def linear_cross_entropy(
             )
     use_kernel = use_triton(input, weight, target, bias) and input.dtype != torch.float64
     lead = input.shape[:-1]
-    x = input.reshape(-1, input.shape[-1])
-    t = target.reshape(-1, target.shape[-1]) if soft else target.reshape(-1)
+    x = input.reshape(lead.numel(), input.shape[-1])
+    t = target.reshape(lead.numel(), target.shape[-1]) if soft else target.reshape(-1)
     needs = (
         grad_on and input.requires_grad,
         grad_on and weight.requires_grad,

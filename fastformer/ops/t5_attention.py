@@ -188,7 +188,7 @@ def t5_attention(
     check_attn_mask(attn_mask, q, (B, H, Lq, Lk))
     dropout_p = check_dropout(dropout_p)
     check_flag("is_causal", is_causal)
-    check_scale(scale)
+    scale = check_scale(scale)
     if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
         raise InputError(f"query_offset must be an int >= 0, got {query_offset!r}")
     kw = dict(bidirectional=bool(bidirectional), num_buckets=num_buckets, max_distance=max_distance)

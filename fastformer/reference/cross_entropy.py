@@ -110,7 +110,7 @@ def linear_cross_entropy(
     input: (*, H); weight: (V, H); bias: (V,) or None; target: (*) class indices or (*, V)
     probabilities. "none" returns shape (*). out_dtype: as cross_entropy's."""
     lead = input.shape[:-1]
-    logits = F.linear(input.reshape(-1, input.shape[-1]), weight, bias)
-    t = target.reshape(-1, target.shape[-1]) if target.is_floating_point() else target.reshape(-1)
+    logits = F.linear(input.reshape(lead.numel(), input.shape[-1]), weight, bias)
+    t = target.reshape(lead.numel(), target.shape[-1]) if target.is_floating_point() else target.reshape(-1)
     out = cross_entropy(logits, t, None, ignore_index, reduction, label_smoothing, z_loss=z_loss, out_dtype=out_dtype)
     return out.reshape(lead) if reduction == "none" else out

@@ -217,6 +217,19 @@ def test_bad_input():
             ff.scaled_dot_product_attention(q, k, v, is_causal="yes")
         with ff.use_backend(backend), pytest.raises(ValueError, match="is_causal must be a bool"):
             ff.t5_attention(q, k, v, torch.randn(32, 2), is_causal=torch.tensor(True))
+        for name, bad in (("dropout_p", "0.5"), ("scale", "0.5"), ("scale", [0.5])):  # torch: TypeError
+            with ff.use_backend(backend), pytest.raises(TypeError, match=f"{name} must be a float"):
+                ff.scaled_dot_product_attention(q, k, v, **{name: bad})
+            with ff.use_backend(backend), pytest.raises(ValueError, match=f"{name} must be a float"):
+                ff.t5_attention(q, k, v, torch.randn(32, 2), **{name: bad})
+    # numbers torch accepts: an int, a 0-d tensor
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.5)
+    assert_close(ff.scaled_dot_product_attention(q, k, v, scale=torch.tensor(0.5)), want, torch.float32)
+    assert_close(
+        ff.scaled_dot_product_attention(q, k, v, scale=1, dropout_p=0),
+        F.scaled_dot_product_attention(q, k, v, scale=1.0),
+        torch.float32,
+    )
 
 
 # ------------------------------------------------------------------ GPU only

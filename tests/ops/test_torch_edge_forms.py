@@ -79,6 +79,23 @@ def test_linear_cross_entropy_unbatched_input(backend):
         assert_close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_hidden_size_zero(backend, reduction):
+    # F.linear of an (N, 0) input is the bias alone; torch's cross_entropy of it is finite
+    h = torch.randn(2, 3, 0, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(10, 0, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1, 2, 3], [0, 9, -100]])
+    out = ff.linear_cross_entropy(h, W, t, b, reduction=reduction)
+    want = F.cross_entropy(F.linear(h, W, b).transpose(1, 2), t, reduction=reduction)
+    assert out.shape == want.shape
+    assert_close(out, want, torch.float64, "loss")
+    got = torch.autograd.grad(out.sum(), (h, W, b))
+    for a, w in zip(got, torch.autograd.grad(want.sum(), (h, W, b))):
+        assert a.shape == w.shape
+        assert_close(a, w, torch.float64, "grad")
+
+
 def test_head_dim_zero_with_the_default_scale(backend):
     q, k, v = torch.randn(1, 2, 3, 0), torch.randn(1, 2, 4, 0), torch.randn(1, 2, 4, 5)
     want = F.scaled_dot_product_attention(q, k, v)  # every score 0: the average of the values
