@@ -63,6 +63,24 @@ def _check_betas(betas) -> None:
             raise ValueError(f"betas: invalid beta parameter at index {i}: {b}")
 
 
+def _check_hyper(group: dict) -> None:
+    """ValueError naming the argument for a bad lr, betas, eps or weight_decay (the constructor's
+    arguments, or a group given to add_param_group)."""
+    for name in ("lr", "eps", "weight_decay"):
+        _check_number(name, group[name])
+    if not 0.0 <= _to_float(group["lr"]):
+        raise ValueError(f"lr: invalid learning rate {group['lr']}")
+    if not 0.0 <= _to_float(group["eps"]):
+        raise ValueError(f"eps: invalid epsilon value {group['eps']}")
+    _check_betas(group["betas"])
+    if not 0.0 <= _to_float(group["weight_decay"]):
+        raise ValueError(f"weight_decay: invalid value {group['weight_decay']}")
+
+
+class _ConflictError(ValueError, RuntimeError):
+    """Options that cannot go together: a ValueError, and the RuntimeError torch raises for them."""
+
+
 def _step_tensor(value) -> torch.Tensor:
     """A loaded 'step' as a fresh CPU scalar: fp32 or fp64 as saved (torch keeps the saved dtype),
     otherwise (a Python number from an old checkpoint) torch's default scalar dtype."""
@@ -79,7 +97,7 @@ def _master_is_fp32_copy(master, p: torch.Tensor) -> bool:
 def _master_is_current(master, p: torch.Tensor) -> bool:
     """Whether state["master_param"] is still the fp32 copy of p (it rounds to p's values): checked when
     the step plan is built, i.e. at the first step after a load, once the model's weights are loaded
-    too (whichever was loaded first), or after p.data was replaced."""
+    too (whichever was loaded first), after p.data was replaced, or after p was written in place."""
     return _master_is_fp32_copy(master, p) and torch.equal(master.to(device=p.device, dtype=p.dtype), p.detach())
 
 
@@ -170,17 +188,11 @@ class FusedAdam(Optimizer):
     ):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
-        for name, x in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            _check_number(name, x)
-        if not 0.0 <= _to_float(lr):
-            raise ValueError(f"lr: invalid learning rate {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps: invalid epsilon value {eps}")
-        _check_betas(betas)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay: invalid value {weight_decay}")
+        _check_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         if capturable or differentiable:
             raise ValueError("capturable / differentiable: not supported by FusedAdam (use torch.optim.Adam)")
+        if fused and foreach:  # torch refuses the pair too (RuntimeError)
+            raise _ConflictError("fused and foreach cannot be True together")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -201,9 +213,21 @@ class FusedAdam(Optimizer):
         if not _ext.load():
             _ext.warn_fallback(type(self).__name__)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, with the constructor's checks on the group's own lr, betas, eps and
+        weight_decay (torch takes lr="0.1" or betas=(0.9, 1.5) there and fails, or diverges, later)."""
+        super().add_param_group(param_group)
+        try:
+            _check_hyper(self.param_groups[-1])
+        except ValueError:
+            del self.param_groups[-1]  # nothing added
+            raise
+        self.param_groups[-1]["betas"] = tuple(self.param_groups[-1]["betas"])
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self._plan = {}
+        self._master_versions = {}
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -320,10 +344,12 @@ class FusedAdam(Optimizer):
         #    cached entry are only collected on the first pass; their entries (which initialise state)
         #    are built after that, and a second pass sorts them in.
         plan = self.__dict__.setdefault("_plan", {})
+        self._stepped_masters = []
         buckets, fallback, stale = self._sort(plan, build=False)
         if stale:
             for p, _, _ in stale:
                 self._check_param(p)
+            self._stepped_masters = []
             buckets, fallback, _ = self._sort(plan, build=True)
         # 3. One fused call per device: every tensor, every group. The operator increments each
         #    tensor's step and derives its bias corrections from its group's row.
@@ -343,6 +369,11 @@ class FusedAdam(Optimizer):
                 )
             for group, params in fallback:
                 self._fallback_step(group, params, grad_scale)
+        # 4. The versions of the parameters with a master copy as this step left them: a later
+        #    in-place write (not the optimizer's) is then seen at the next step (_sort).
+        versions = self._master_versions
+        for p in self._stepped_masters:
+            versions[id(p)] = p._version
         return loss
 
     def _sort(self, plan: dict, build: bool) -> tuple[dict, list, list]:
@@ -354,10 +385,15 @@ class FusedAdam(Optimizer):
         The per-parameter checks are cached (plan, by id(p)) so a step costs little Python time.
         An entry is rebuilt when its state dict was replaced or emptied (opt.state.clear(), a new
         opt.state, del opt.state[p]: torch then starts afresh), when p.data was replaced (pointer,
-        dtype, shape or strides differ) or when the group's amsgrad / master_weights changed. The
+        dtype, shape or strides differ), when the group's amsgrad / master_weights changed, or, for a
+        parameter with a master copy, when p was written in place since the last step (its version
+        counter moved: model.load_state_dict, p.copy_, a pruning mask), so that the copy is checked
+        against p's values again. The
         state identity check also makes a reused id(p) safe. The device needs no check: tensors on
         different devices never share an address while both are alive."""
         states = self.state
+        versions = self.__dict__.setdefault("_master_versions", {})
+        masters = self.__dict__.setdefault("_stepped_masters", [])
         buckets: dict[torch.device, _Bucket] = {}
         fallback: list[tuple[dict, list]] = []
         stale: list[tuple] = []
@@ -376,12 +412,20 @@ class FusedAdam(Optimizer):
                 dtype = p.dtype
                 key = (p.data_ptr(), dtype, p.shape, p.stride(), amsgrad, mw)  # inline: the hot path
                 entry = plan.get(id(p))
-                if entry is None or entry[0] != key or not entry[1] or states.get(p) is not entry[1]:
+                if (
+                    entry is None
+                    or entry[0] != key
+                    or not entry[1]
+                    or states.get(p) is not entry[1]
+                    or (entry[2] and versions.get(id(p)) != p._version)
+                ):
                     if not build:
                         stale.append((p, group, key))
                         continue
                     entry = plan[id(p)] = self._plan_entry(p, group, key)
                 _, state, master, ok, wide, device = entry
+                if master:
+                    masters.append(p)
                 if not (ok and g.dtype == dtype and g.is_contiguous()):
                     slow.append(p)
                     continue
@@ -490,6 +534,13 @@ class FusedAdamW(FusedAdam):
     Same arguments as FusedAdam."""
 
     _default_decoupled = True
+
+    def __setstate__(self, state):
+        """As torch.optim.AdamW: weight decay stays decoupled, also after loading an Adam checkpoint
+        (whose groups say decoupled_weight_decay=False)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
 
     # explicit keywords (not **kw) so that inspect.signature / IDEs show master_weights and the rest
     def __init__(

@@ -394,3 +394,60 @@ def test_param_data_replaced_restarts_master_copy(path, request):
         ref.step()
     assert_close(ours.state[p]["master_param"], r, F32, "master")
     assert_close(p, r, torch.bfloat16, "param")
+
+
+@pytest.mark.parametrize("write", ["copy_", "load_state_dict", "mul_"])
+@pytest.mark.parametrize("path", ["kernel", "no-extension"])
+def test_in_place_write_restarts_master_copy(path, write, request):
+    """The same for a write into p's own storage between steps (a rollback with
+    model.load_state_dict, p.copy_, a pruning mask): the stale fp32 copy would put the old weights back."""
+    if path == "no-extension":
+        request.getfixturevalue("no_extension")
+    model = torch.nn.Linear(5, 4, bias=False).bfloat16()
+    p = model.weight
+    r = torch.nn.Parameter(p.detach().float())
+    ours = ff.optim.FusedAdamW([p], lr=0.01, master_weights=True)
+    ref = torch.optim.AdamW([r], lr=0.01)
+    for step in range(4):
+        if step == 2:
+            new = torch.randn(4, 5, generator=torch.Generator().manual_seed(9)).bfloat16()
+            with torch.no_grad():
+                if write == "copy_":
+                    p.copy_(new)
+                elif write == "load_state_dict":
+                    model.load_state_dict({"weight": new})
+                else:
+                    new = p.detach() * (new > 0)
+                    p.mul_(new != 0)
+                r.data = new.float()
+        g = torch.randn(4, 5, generator=torch.Generator().manual_seed(step)).bfloat16()
+        p.grad, r.grad = g, g.float()
+        ours.step()
+        ref.step()
+    assert_close(ours.state[p]["master_param"], r, F32, "master")
+    assert_close(p, r, torch.bfloat16, "param")
+
+
+def test_add_param_group_checks_and_adamw_stays_decoupled():
+    a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = ff.optim.FusedAdamW([a])
+    for bad, name in (({"lr": "0.1"}, "lr"), ({"betas": (0.9,)}, "betas"), ({"betas": (0.9, 1.5)}, "betas")):
+        with pytest.raises(ValueError, match=name):
+            opt.add_param_group({"params": [b], **bad})
+        assert len(opt.param_groups) == 1  # nothing added
+    with pytest.raises(RuntimeError, match="fused and foreach"):  # torch's error type, and a ValueError
+        ff.optim.FusedAdamW([a], fused=True, foreach=True)
+    # an Adam checkpoint loaded into AdamW: torch's AdamW keeps the decay decoupled, so must we
+    src = torch.optim.Adam([torch.ones(3, requires_grad=True)], weight_decay=0.3)
+    src.param_groups[0]["params"][0].grad = torch.ones(3)
+    src.step()
+    results = []
+    for cls in (torch.optim.AdamW, ff.optim.FusedAdamW):
+        q = torch.ones(3, requires_grad=True)
+        opt = cls([q], weight_decay=0.3)
+        opt.load_state_dict(copy.deepcopy(src.state_dict()))
+        assert opt.param_groups[0]["decoupled_weight_decay"] is True
+        q.grad = torch.zeros(3)
+        opt.step()
+        results.append(q.detach())
+    assert torch.equal(results[0], results[1])
