@@ -52,6 +52,7 @@ from .run_dir import (
 )
 from .trainer import TrainConfig, Trainer
 
+IGNORE_INDEX = -100  # an eval label --train never had: no head output, a miss, not in the eval loss
 MIN_EVAL_EXAMPLES = 20  # fewer held-out examples: accuracy moves in coarse steps (warned)
 
 
@@ -208,6 +209,14 @@ class _SelectingTrainer(Trainer):
             self._last_train_state, self._best_is_model = None, False
 
 
+def _run_config(out: Path) -> dict:
+    """The config.json a run wrote into its --out at its start (what --resume rebuilds it from)."""
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--out {out}: cannot read the run's config.json to resume it ({e})") from None
+
+
 def _with_pooling(model_config: dict, obj, pooling: str) -> dict:
     """A BERT encoder's classifier pools as asked; T5's encoder classifier always mean-pools."""
     return {**model_config, "pooling": pooling} if obj.family == "bert" else model_config
@@ -268,12 +277,12 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             FastformerWarning,
             stacklevel=3,
         )
-    # classes from both files: a label that only the eval file has (a small training sample) gets a
-    # head output that never trains, and its examples count as misses, instead of ending the run
-    names = label_vocabulary(train_labels, eval_labels)
+    # the classes are --train's: a label only the eval file has (a small training sample) gets no
+    # head output (one would change the softmax, and so training, by what --eval holds); its
+    # examples count as misses and stay out of the eval loss, instead of ending the run
+    names = label_vocabulary(train_labels)
     index = {n: i for i, n in enumerate(names)}
-    train_names = set(label_vocabulary(train_labels))
-    unseen = [n for n in names if n not in train_names]
+    unseen = [n for n in label_vocabulary(eval_labels) if n not in index]
     if unseen and info.main:
         warnings.warn(
             f"{cfg.eval}: label(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never appear in "
@@ -283,7 +292,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         )
 
     def to_ids(labels):
-        return torch.tensor([index[lab] for lab in labels], dtype=torch.int64)
+        return torch.tensor([index.get(lab, IGNORE_INDEX) for lab in labels], dtype=torch.int64)
 
     y_train, y_eval = to_ids(train_labels), to_ids(eval_labels)
     fit_idx, val_idx = heldout_split(y_train.tolist(), cfg.val_fraction, cfg.seed)
@@ -299,7 +308,16 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
 
     seed_everything(cfg.seed)
     pre_model = None
-    if cfg.init:
+    if cfg.init and cfg.resume:
+        # the run's own tokenizer and model config, written at its start: the --init folder may have
+        # changed or gone since (the weights come from the run's checkpoint)
+        run = _run_config(out)
+        obj = get_objective(run["objective"])
+        tok = load_tokenizer(out / "tokenizer.json")
+        model_config = run["model_config"]
+        model = obj.build_classifier(model_config, len(names))
+        pre_model, source = canonical_preset(run.get("model"), warn=False), run["source"]
+    elif cfg.init:
         init = Path(cfg.init)
         for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
             if not (init / f).is_file():
@@ -372,9 +390,12 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
 
     def step_fn(m, batch, train):
         logits = m(batch["input_ids"], batch["attention_mask"])
-        loss = ff.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        metrics = {} if train else {"correct": int((logits.argmax(-1) == batch["labels"]).sum())}
-        return loss, batch["labels"].numel(), metrics
+        labels = batch["labels"]
+        loss = ff.cross_entropy(logits.float(), labels, reduction="sum")  # IGNORE_INDEX: no output
+        if train:
+            return loss, labels.numel(), {}
+        scored = int((labels != IGNORE_INDEX).sum())
+        return loss, labels.numel(), {"correct": int((logits.argmax(-1) == labels).sum()), "scored": scored}
 
     def batches(xs, ys):
         bs = max(cfg.batch_size, 64)  # evaluation holds no activations for backward: larger batches

@@ -163,7 +163,17 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
     from .span_objective import SpanObjective
 
     obj = SpanObjective()
-    if cfg.init:
+    if cfg.init and cfg.resume:
+        # the run's own tokenizer and model config, written at its start: the --init folder may have
+        # changed or gone since (the weights come from the run's checkpoint)
+        out = Path(cfg.out_dir)
+        run = _read_config(out / "config.json")
+        tok = load_tokenizer(out / "tokenizer.json")
+        model_config = dict(run["model_config"])
+        model = T5ForConditionalGeneration(T5Config.from_dict(model_config))
+        preset, source = canonical_preset(run.get("model"), warn=False), run["source"]
+        seed_everything(cfg.seed)
+    elif cfg.init:
         init = Path(cfg.init)
         for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
             if not (init / f).is_file():

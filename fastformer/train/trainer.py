@@ -378,19 +378,22 @@ class Trainer:
         if not self.eval_batches:
             return {}
         self.raw_model.eval()
-        tot = torch.zeros(3, dtype=torch.float64)
+        # loss sum, predictions, correct ones, predictions the loss covers (metric "scored": a
+        # classifier's eval examples whose label it has no output for count as misses, not in the loss)
+        tot = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad(), self._autocast():
             for b in self.eval_batches[self.info.rank :: self.info.world]:
                 loss, n, m = self.step_fn(self.raw_model, self._to_device(b), False)
-                tot += torch.tensor([float(loss), float(n), float(m.get("correct", 0))], dtype=torch.float64)
+                row = [float(loss), float(n), float(m.get("correct", 0)), float(m.get("scored", n))]
+                tot += torch.tensor(row, dtype=torch.float64)
         tot = D.all_reduce_sum(tot.to(self.device), self.info).cpu()
         extra = {}
         if self.eval_fn is not None and self.info.main:
             with torch.no_grad():
                 extra = self.eval_fn(self.raw_model)
         self.raw_model.train()
-        n = max(tot[1].item(), 1.0)
-        return {"eval_loss": tot[0].item() / n, "eval_accuracy": tot[2].item() / n, **extra}
+        n, scored = max(tot[1].item(), 1.0), max(tot[3].item(), 1.0)
+        return {"eval_loss": tot[0].item() / scored, "eval_accuracy": tot[2].item() / n, **extra}
 
     def _elapsed(self) -> float:
         """Training seconds of the whole run so far (earlier sessions included)."""

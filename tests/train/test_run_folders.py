@@ -352,3 +352,54 @@ def test_finetune_folder_has_config_warns_on_a_tiny_eval_file_and_resumes_exactl
     a = [{k: r.get(k) for k in keys} for r in read_metrics(full / "metrics.jsonl")]
     b = [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")]
     assert a == b and s["resumed_from"] == 3
+
+
+def _equal_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_resume_from_init_reads_the_run_not_the_init_folder(tmp_path, tiny_corpus):
+    """A resumed run from --init is the uninterrupted one even when the --init folder has changed
+    (another tokenizer) or gone since: its tokenizer and model config come from the run's --out."""
+    import shutil
+
+    pre = tmp_path / "pre"
+    pretrain(tiny_config(pre, tiny_corpus, steps=2, eval_every=0))
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    full, part, init = tmp_path / "full", tmp_path / "part", tmp_path / "init"
+    shutil.copytree(pre, init)
+    kw = dict(model=None, vocab_size=None, val_fraction=0.0)
+    finetune(finetune_config(full, train, ev, init=str(pre), **kw))
+    finetune(finetune_config(part, train, ev, init=str(init), stop_at=3, **kw))
+    tokenizer = (part / "tokenizer.json").read_text()
+    # the init folder now holds another pre-training run (another tokenizer, same shapes)
+    other = tmp_path / "other_corpus.txt"
+    other.write_text("\n".join(f"zebra quokka {i} lorem ipsum dolor sit amet" for i in range(300)))
+    pretrain(tiny_config(init, other, steps=2, eval_every=0, overwrite=True))
+    assert (init / "tokenizer.json").read_text() != tokenizer
+    finetune(finetune_config(part, train, ev, init=str(init), resume=True, **kw))
+    assert (part / "tokenizer.json").read_text() == tokenizer
+    assert _equal_weights(
+        load_checkpoint(full / "checkpoint.pt")["model"], load_checkpoint(part / "checkpoint.pt")["model"]
+    )
+    shutil.rmtree(init)  # gone: a resume of the finished run still reads its own folder
+    s = finetune(finetune_config(part, train, ev, init=str(init), resume=True, **kw))
+    assert s["steps"] == 6
+
+
+def test_an_eval_only_label_does_not_change_the_head_or_training(tmp_path):
+    """--eval never steers training: a label only the eval file has gets no head output (it once got
+    one, which changed every step's softmax); its examples count as misses and stay out of the loss."""
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    extra = tmp_path / "eval_extra.tsv"
+    extra.write_text(ev.read_text() + "some neutral words here\tneutral\n")
+    kw = dict(val_fraction=0.0, eval_every=2)
+    a = finetune(finetune_config(tmp_path / "a", train, ev, **kw))
+    with pytest.warns(FastformerWarning, match=r"\['neutral'\] never appear"):
+        b = finetune(finetune_config(tmp_path / "b", train, extra, **kw))
+    assert a["labels"] == b["labels"] == ["neg", "pos"]
+    wa = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    assert _equal_weights(wa, load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"])
+    # the extra example is a miss; the loss is over the 24 examples the model has an output for
+    assert b["accuracy"] == pytest.approx(a["accuracy"] * 24 / 25)
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)

@@ -305,3 +305,39 @@ def test_ctrl_c_during_the_final_generation_keeps_the_run_and_resume_generates(t
     assert s["steps"] == 4 and s["resumed_from"] == 4 and s["n_eval"] == 6
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert s["final_train_loss"] == last["loss"]
+
+
+def test_resume_from_init_reads_the_run_not_the_init_folder(tmp_path):
+    """As for classification: the --init folder may change or go between the interruption and the
+    resume; the run's own tokenizer and config (and its checkpoint's weights) continue it exactly."""
+    import shutil
+
+    import torch
+
+    from fastformer.train.pretrain import pretrain
+
+    def pre(out, text, **kw):
+        corpus = tmp_path / f"{out.name}.txt"
+        corpus.write_text(text)
+        pretrain(
+            tiny_config(out, corpus, objective="span", model="t5-tiny", steps=2, vocab_size=200, eval_every=0, **kw)
+        )
+
+    init = tmp_path / "init"
+    pre(init, make_corpus(tmp_path / "corpus.txt").read_text())
+    rng = random.Random(4)
+    train = _copy_pairs(tmp_path / "train.tsv", 64, rng, header=True)
+    ev = _copy_pairs(tmp_path / "eval.tsv", 4, rng, header=False)
+    base = dict(train=str(train), eval=str(ev), init=str(init), steps=4, batch_size=8, dropout=0.1)
+    base.update(max_len=12, max_target_len=12, device="cpu", progress=False, seed=0, eval_generate=0)
+    finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "a"), **base))
+    finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), stop_at=2, **base))
+    tokenizer = (tmp_path / "b" / "tokenizer.json").read_text()
+    pre(init, "\n".join(f"zebra quokka {i} lorem ipsum dolor sit amet" for i in range(300)), overwrite=True)
+    finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == tokenizer
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shutil.rmtree(init)
+    assert finetune_text2text(Text2TextConfig(out_dir=str(tmp_path / "b"), resume=True, **base))["steps"] == 4
