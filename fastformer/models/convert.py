@@ -462,6 +462,20 @@ def _hf_tokenizer(tokenizer, model: nn.Module, max_len: int | None = None):
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
 
 
+def _record_untied_head(out_dir) -> None:
+    """Write tie_word_embeddings=false into a saved T5's config.json. transformers 5.x saves true
+    whatever the model does (it keeps the untied head, and says so at every load); an older
+    transformers would read true as "tie the head and scale the decoder output" (the original T5), a
+    different model from the weights saved."""
+    import json
+    from pathlib import Path
+
+    path = Path(out_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _name_labels(hf, labels) -> None:
     """Set a transformers sequence classifier's id2label / label2id from `labels` (one name per logit).
 
@@ -514,6 +528,8 @@ def save_hf(model: nn.Module, out_dir, *, tokenizer=None, labels=None, generatio
         if generation.get("encoder_repetition_penalty", 1.0) != 1.0:
             gc.encoder_repetition_penalty = float(generation["encoder_repetition_penalty"])
     hf.save_pretrained(str(out_dir))
+    if isinstance(model, T5ForConditionalGeneration):
+        _record_untied_head(out_dir)
     if hf_tok is not None:
         hf_tok.save_pretrained(str(out_dir))
     return hf

@@ -200,6 +200,16 @@ def test_save_hf_matches_transformers(runs, tmp_path):
         warnings.simplefilter("error", FastformerWarning)
         hf = ff.models.save_hf(t5, tmp_path / "t5b", generation={"num_beams": 3, "length_penalty": 0.6})
     assert hf.generation_config.length_penalty == 0.6
+    # the folder says the head is untied (transformers 5.x would write true; an older one would then tie
+    # the head and scale the decoder output), and loads as the same model
+    import json
+
+    assert json.loads((tmp_path / "t5b" / "config.json").read_text())["tie_word_embeddings"] is False
+    again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5b").eval()
+    assert again.lm_head.weight is not again.shared.weight
+    ids = torch.randint(2, 64, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, labels=ids).logits, hf.eval()(input_ids=ids, labels=ids).logits)
 
 
 def test_older_checkpoints_and_folders_still_load(runs, tmp_path):
