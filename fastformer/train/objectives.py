@@ -69,6 +69,10 @@ class Objective:
     def check_tokenizer(self, tokenizer, source: str) -> None:
         """Raise DataError (naming `source`) when `tokenizer` cannot serve this objective."""
 
+    def check_seq_len(self, tokenizer, seq_len: int) -> None:
+        """Raise ValueError naming --seq-len when examples of that length cannot be made with
+        `tokenizer` (checked before the memory check and before any example is made)."""
+
     def make_examples(
         self, texts: Sequence[str], tokenizer, seq_len: int, *, packing: bool = True
     ) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ from fastformer.models.presets import canonical_preset, get_preset, known_preset
 from . import distributed as D
 from .checkpoint import CheckpointError
 from .metrics import loss_plot_on_stop, plot_loss, read_metrics
-from .objectives import get_objective
+from .objectives import OBJECTIVES, get_objective
 from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import (
     FastformerWarning,
@@ -103,9 +103,11 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     get_preset(preset)  # unknown preset -> error before any work
     if preset_family(preset) != obj.family:  # ... and so is one the objective cannot train
         fits = [p for p in known_presets() if preset_family(p) == obj.family]
+        others = [name for name in OBJECTIVES if get_objective(name).family == preset_family(preset)]
+        hint = f", or give --objective {' / '.join(others)} for {preset}" if others else ""
         raise ValueError(
             f"--model {preset}: the {obj.name} objective trains {obj.family}-* presets "
-            f"({', '.join(fits)}); leave --model out for {obj.default_model}"
+            f"({', '.join(fits)}); leave --model out for {obj.default_model}{hint}"
         )
     out = Path(cfg.out_dir)
     prepare_out_dir(out, run="pretrain", resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
@@ -134,6 +136,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         tok_json = obj.build_tokenizer(train_docs, cfg.vocab_size).to_str() if info.main else None
     tok = tokenizer_from_json(D.broadcast_object(tok_json, info), tok_source)
     obj.check_tokenizer(tok, tok_source)
+    obj.check_seq_len(tok, cfg.seq_len)  # before the memory check: the length may be impossible anyway
 
     seed_everything(cfg.seed)
     model = obj.build_model(preset, tok, seq_len=cfg.seq_len)

@@ -63,6 +63,9 @@ class SpanObjective(Objective):
                 "as a span run writes)"
             ) from None
 
+    def check_seq_len(self, tokenizer, seq_len: int) -> None:
+        check_seq_len(tokenizer, seq_len)
+
     def make_examples(self, texts, tokenizer, seq_len, *, packing: bool = True) -> list[torch.Tensor]:
         """Raw token chunks (no EOS). packing=True: the concatenated stream cut into chunks of the raw
         length whose corrupted input is exactly seq_len (T5's recipe; 512 -> 568 raw tokens);

@@ -270,3 +270,13 @@ def test_a_seq_len_beyond_the_sentinels_is_refused_before_anything_is_written(tm
     assert rc == 2 and err[-1].startswith("fastformer: error: --seq-len 1810 is too long for the span objective")
     assert err[-1].endswith("the longest --seq-len they allow is 1809"), err
     assert not any((out / f).exists() for f in ("config.json", "tokenizer.json", "checkpoint.pt"))
+    # said before the memory check, which a batch this size fails: fixing one error must not lead to another
+    with warnings.catch_warnings():
+        rc = cli.main([*argv, "--steps", "2", "--device", "cpu", "--batch-size", "100000", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--seq-len 1810 is too long" in err[-1], err
+    # a t5-* preset without --objective: the error says which objective trains it
+    with warnings.catch_warnings():
+        rc = cli.main(["pretrain", "--model", "t5-tiny", "--data", str(corpus), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].endswith("leave --model out for bert-tiny, or give --objective span for t5-tiny"), err
