@@ -79,6 +79,16 @@ def _compiling() -> bool:
         return False
 
 
+def _check_shaped_like_input(name: str, t, input_ids: torch.Tensor) -> None:
+    """ValueError naming `name` unless t is None or a tensor shaped like input_ids (B, L). A shape
+    comparison only (no host sync). Without it a mismatched attention_mask ran: the unpadded layout
+    reads it as is (a wrong cu_seqlens, silently wrong outputs), the padded one broadcast a (1, L)
+    mask over the batch or failed in the attention op naming its own argument."""
+    if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input_ids.shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be shaped like input_ids {tuple(input_ids.shape)}, got {got}")
+
+
 class _TiedLookup(torch.autograd.Function):
     """(embedding rows of `ids`, an alias of `weight` for the tied head) from one node, so that the two
     gradients of the tied matrix meet in this backward: the lookup rows are index_add_-ed into the
@@ -239,6 +249,7 @@ class BertEncoder(nn.Module):
         padded whatever its padding; padded=True keeps any batch padded (also on CUDA, or with
         config.unpad=True)."""
         B, L = input_ids.shape
+        _check_shaped_like_input("attention_mask", attention_mask, input_ids)
         if L > self.config.max_position:
             raise ValueError(f"input_ids: sequence length {L} exceeds max_position {self.config.max_position}")
         layout = self._layout(input_ids, attention_mask, cpu_unpad, padded)
@@ -318,10 +329,9 @@ class BertForMaskedLM(nn.Module):
         Without labels (inference): (None, 0, logits (B, L, V) for every position, None)."""
         if labels is None:
             return None, 0, self.dense_logits(input_ids, attention_mask, token_type_ids), None
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
-            )
+        # checked before the labelled-padding test below reads both
+        _check_shaped_like_input("attention_mask", attention_mask, input_ids)
+        _check_shaped_like_input("labels", labels, input_ids)
         # a label on a padded position (no collator makes one) is predicted from that position's hidden
         # state, as Hugging Face does: only the padded layout has it, so such a batch stays padded, on
         # any device and whatever config.unpad says (one host sync; the unpadded layout makes more)

@@ -157,6 +157,23 @@ def _check_inputs(input_ids, attention_mask):
             raise ValueError("attention_mask must be bool or 0/1 integers (True/1 = real token)")
 
 
+def _eval_mode(model) -> dict:
+    """Switch `model` to eval mode; returns every submodule's mode before (module -> training), for
+    _restore_modes. Recorded per module, not once for the model: `model.train(was_training)` would also
+    flip a submodule the caller had put in the other mode (a frozen encoder in eval while the rest
+    trains)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    return modes
+
+
+def _restore_modes(modes: dict) -> None:
+    """Give each module back the mode _eval_mode recorded. The flag is set directly: `train(mode)`
+    recurses into the children and would overwrite the modes set before it."""
+    for m, training in modes.items():
+        m.training = training
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -178,6 +195,7 @@ def generate(
     -> generated ids (B · num_return_sequences, 1 + T), T <= max_new_tokens, column 0 the start token.
 
     Token ids default to the model config's (eos_token_id, pad_token_id, decoder_start_token_id).
+    The model runs in eval mode; afterwards every submodule has its own mode back.
     use_cache=False recomputes the whole decoder prefix each step (slow; the cache's oracle)."""
     cfg = model.config
     _check_inputs(input_ids, attention_mask)
@@ -226,8 +244,7 @@ def generate(
     lo, hi = int(input_ids.min()), int(input_ids.max())  # one host sync; an embedding lookup would fail deep inside
     if lo < 0 or hi >= V:
         raise ValueError(f"input_ids hold {lo if lo < 0 else hi}, outside the vocabulary [0, {V})")
-    was_training = model.training
-    model.eval()
+    modes = _eval_mode(model)
     try:
         # inference mode: no autograd bookkeeping on the many small ops of a decode step
         with torch.inference_mode():
@@ -262,7 +279,7 @@ def generate(
                     use_cache=use_cache,
                 )
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
     return out.clone()  # a normal tensor (inference tensors refuse in-place edits outside)
 
 

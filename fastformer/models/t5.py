@@ -154,6 +154,15 @@ class T5GatedGelu(nn.Module):
         return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
 
 
+def _check_shaped_like(name: str, t, like_name: str, shape) -> None:
+    """ValueError naming `name` unless t is None or a tensor of `shape` (that of `like_name`). A shape
+    comparison only (no host sync): a mismatched mask otherwise failed deep in the attention with a
+    bare RuntimeError, or broadcast a (1, L) mask over the batch."""
+    if t is not None and (not isinstance(t, torch.Tensor) or t.shape != shape):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be shaped like {like_name} {tuple(shape)}, got {got}")
+
+
 def _attend_with_bias(attn, x, kv, bias):
     """The CPU training path of a T5 attention module `attn` (self: kv = x; cross: kv = the encoder
     output): its projections, _cpu_attention.attention_with_bias with the stack's precomputed bias and
@@ -254,6 +263,14 @@ class T5Stack(nn.Module):
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None):
         """input_ids: (B, L); attention_mask: (B, L) bool/0-1, True = real token (key padding);
         decoder only: encoder_hidden_states (B, Lenc, d_model), encoder_attention_mask (B, Lenc)."""
+        _check_shaped_like("attention_mask", attention_mask, "input_ids", input_ids.shape)
+        if encoder_hidden_states is not None:
+            _check_shaped_like(
+                "encoder_attention_mask",
+                encoder_attention_mask,
+                "encoder_hidden_states' (B, Lenc)",
+                encoder_hidden_states.shape[:2],
+            )
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         enc_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()[:, None, None, :]
         table = self.block[0].layer[0].SelfAttention.bias_table  # the first layer's table, shared
@@ -502,6 +519,10 @@ class T5ForConditionalGeneration(nn.Module):
                 f"labels must be shaped like decoder_input_ids {tuple(decoder_input_ids.shape)} (one label per "
                 f"decoder position), got {tuple(labels.shape)}"
             )
+        if decoder_input_ids.shape[0] != input_ids.shape[0]:  # else a bare RuntimeError in the cross-attention
+            name = "labels" if labels is not None else "decoder_input_ids"
+            got = tuple(decoder_input_ids.shape)
+            raise ValueError(f"{name} must have input_ids' batch size {input_ids.shape[0]}, got shape {got}")
         enc = self.encoder(input_ids, attention_mask)
         dec = self.decoder(decoder_input_ids, None, enc, attention_mask)
         dt = autocast_dtype(dec)

@@ -69,6 +69,56 @@ def test_collator_is_seeded_and_pads_to_multiple_of_8():
     assert full["attention_mask"] is None and full["input_ids"].shape == (3, 16)  # nothing padded: no mask
 
 
+@pytest.mark.parametrize("special_ids", [[0, 1, 2, 3, 4, 49], [1, 2, 3, 4, 17, 30], [0, 2, 4, 6, 8, 10]])
+def test_random_replacements_come_from_the_non_special_vocabulary_wherever_the_specials_lie(special_ids):
+    # specials other than exactly 0..k (one at the end of the vocabulary, a gap, no id 0) were drawn
+    # as replacements: the draw skipped specials only when they were the ids 0..k
+    vocab, mask_id, pad_id = 50, 4, 0
+    coll = MLMCollator(vocab_size=vocab, mask_id=mask_id, pad_id=pad_id, special_ids=special_ids, mlm_probability=0.5)
+    special = torch.tensor(sorted(set(special_ids) | {mask_id, pad_id}))
+    allowed = torch.tensor([i for i in range(vocab) if i not in special.tolist()])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(vocab, dtype=torch.int64)
+    for _ in range(30):
+        ids = allowed[torch.randint(0, allowed.numel(), (64, 100), generator=g)]
+        out, labels = coll.mask_tokens(ids, g)
+        # a random replacement: a selected position neither masked nor (by chance) its own id
+        replaced = (labels != -100) & (out != mask_id) & (out != ids)
+        counts += torch.bincount(out[replaced], minlength=vocab)
+    assert counts[special].sum() == 0, f"specials drawn: {counts[special].tolist()}"
+    # uniform over the allowed ids (minus the chance of drawing the original): ~1/n each
+    share = counts[allowed].float() / counts.sum()
+    assert (share > 0).all() and (share - 1 / allowed.numel()).abs().max() < 0.35 / allowed.numel()
+
+
+def test_contiguous_specials_keep_the_earlier_draw_bit_for_bit():
+    # specials exactly 0..k: the replacement draw is randint(k + 1, V) as before, so earlier runs (their
+    # seeds, their batches) reproduce, and the generator is left in the same state
+    coll = _collator()
+    ids = torch.randint(len(SPECIAL_TOKENS), V, (16, 40), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = CLS
+    g_new, g_old = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    out, labels = coll.mask_tokens(ids, g_new)
+    # the collator's draws as they were written before the non-contiguous case was fixed
+    prob = torch.full(ids.shape, 0.15).masked_fill_(torch.isin(ids, torch.arange(len(SPECIAL_TOKENS))), 0.0)
+    selected = torch.bernoulli(prob, generator=g_old).bool()
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=g_old).bool() & selected
+    to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=g_old).bool() & selected & ~to_mask
+    rand = torch.randint(len(SPECIAL_TOKENS), V, ids.shape, generator=g_old, dtype=torch.int64)
+    expected = ids.clone()
+    expected[to_mask] = MASK
+    expected[to_random] = rand[to_random]
+    assert torch.equal(out, expected) and torch.equal(labels, torch.where(selected, ids, -100))
+    assert torch.equal(g_new.get_state(), g_old.get_state())
+
+
+def test_collator_refuses_a_vocabulary_of_specials_only():
+    with pytest.raises(ValueError, match="special_ids"):
+        MLMCollator(vocab_size=5, mask_id=MASK, pad_id=PAD, special_ids=range(5))
+    with pytest.raises(ValueError, match="vocab_size"):
+        MLMCollator(vocab_size=0, mask_id=MASK, pad_id=PAD, special_ids=range(5))
+
+
 def test_pack_stream_and_wrap():
     docs = [[5, 6, 7], [], [8, 9], [10, 11, 12, 13]]
     chunks = pack_stream(docs, 4, separator=3)

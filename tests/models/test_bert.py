@@ -153,6 +153,34 @@ def test_labels_not_shaped_like_the_input_raise_value_error(extra):
         model(ids, mask, bad.reshape(-1)[: ids.numel()])  # the right count, flattened
 
 
+@pytest.mark.parametrize("unpad", [None, True, False])
+@pytest.mark.parametrize("mask_shape", [(3, 13), (1, 29), (4, 29), (29,)])
+def test_attention_mask_not_shaped_like_the_input_raises_value_error(unpad, mask_shape):
+    # the unpadded layout (unpad=True, or None on CPU with >= 1/8 padding) read such a mask as is and
+    # returned wrong outputs; the padded one broadcast a (1, L) mask or failed in the op naming `attn_mask`;
+    # the MLM head's labelled-padding test failed with a bare RuntimeError
+    ids, mask, labels = _batch()
+    bad = torch.zeros(mask_shape, dtype=torch.bool)
+    bad[..., :3] = True  # mostly padding: None takes the unpadded layout
+    clf = BertForSequenceClassification(_cfg(unpad=unpad), num_labels=2).eval()
+    mlm = BertForMaskedLM(_cfg(unpad=unpad)).eval()
+    match = rf"attention_mask must be shaped like input_ids \(3, 29\), got \({', '.join(map(str, mask_shape))},?\)"
+    for call in (
+        lambda: clf(ids, bad),
+        lambda: clf.encoder(ids, bad),
+        lambda: mlm(ids, bad),
+        lambda: mlm(ids, bad, labels),
+        lambda: mlm(ids, bad.long(), labels, return_logits=True),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match="attention_mask must be shaped like input_ids"):
+        clf(ids, mask.tolist())
+    # labels are checked as well once the mask fits
+    with pytest.raises(ValueError, match=r"labels must be shaped like input_ids \(3, 29\), got \(3, 28\)"):
+        mlm(ids, mask, labels[:, 1:])
+
+
 def test_presets_are_the_published_sizes():
     assert get_preset("bert-base") == dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)
     assert get_preset("bert-tiny")["hidden_size"] == 128 and set(BERT_PRESETS) >= {

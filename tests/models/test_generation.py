@@ -158,6 +158,31 @@ def test_generate_restores_training_mode_and_keeps_weights():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+def test_generate_restores_each_submodules_own_mode_also_when_it_raises(monkeypatch):
+    # the whole model used to be set back to its own mode, so a submodule the caller had put in the
+    # other mode (a frozen encoder in eval while the rest trains) came back in the model's mode
+    m = _model(23, torch.float32, 8)
+    m.train()
+    m.encoder.eval()
+    m.decoder.block[1].eval()
+    m.decoder.block[1].layer[0].train()
+    before = {name: mod.training for name, mod in m.named_modules()}
+    ids, mask = _inputs(2, 5, 23, 8)
+    m.generate(ids, mask, max_new_tokens=3)
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+    m.generate(ids, mask, max_new_tokens=3, num_beams=2)
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+
+    def fail(*args, **kwargs):
+        assert not m.training and not m.decoder.block[1].layer[0].training  # eval during generation
+        raise RuntimeError("encoder failed")
+
+    monkeypatch.setattr(m, "encode", fail)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        m.generate(ids, mask, max_new_tokens=3)
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

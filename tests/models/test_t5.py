@@ -184,6 +184,34 @@ def test_bad_config_and_input_raise_value_error():
         model(ids, am, decoder_input_ids=dec, labels=labels)
 
 
+@pytest.mark.parametrize("mask_shape", [(3, 22), (1, 23), (4, 23)])
+def test_masks_and_decoder_inputs_not_shaped_like_the_input_raise_value_error(mask_shape):
+    # a mismatched mask failed deep in the attention with a bare RuntimeError ("The size of tensor a (22)
+    # must match..."), or a (1, Lin) mask was broadcast over the batch
+    model = T5ForConditionalGeneration(T5Config(**TINY))
+    clf = T5EncoderForSequenceClassification(T5Config(**TINY), num_labels=2)
+    ids, am, labels = _batch()
+    bad = torch.ones(mask_shape, dtype=torch.bool)
+    match = rf"attention_mask must be shaped like input_ids \(3, 23\), got \({', '.join(map(str, mask_shape))}\)"
+    for call in (
+        lambda: model(ids, bad, labels=labels),
+        lambda: model(ids, bad, decoder_input_ids=shift_right(labels, 0, 0)),
+        lambda: model.encode(ids, bad),
+        lambda: clf(ids, bad),
+        lambda: model.generate(ids, bad, max_new_tokens=2),  # generate's own check, the same words
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    enc = model.encode(ids, am)
+    with pytest.raises(ValueError, match=r"encoder_attention_mask must be shaped like encoder_hidden_states"):
+        model.decode_uncached(shift_right(labels, 0, 0), enc, bad)
+    # decoder rows for another number of inputs
+    with pytest.raises(ValueError, match=r"labels must have input_ids' batch size 3, got shape \(2, 9\)"):
+        model(ids, am, labels=labels[:2])
+    with pytest.raises(ValueError, match=r"decoder_input_ids must have input_ids' batch size 3"):
+        model(ids, am, decoder_input_ids=shift_right(labels, 0, 0)[:2])
+
+
 def test_training_dropout_uses_the_cheap_cpu_masks_and_is_reproducible():
     """Every dropout of the T5 models is the one-pass CPU Dropout (models/_cpu_attention.py): active in
     training (the loss moves), reproducible with torch.manual_seed, off in eval."""
