@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +63,13 @@ RESUME_MAY_CHANGE += (
     "eval_generate",
 )
 PATH_FLAGS = ("data", "tokenizer", "train", "eval", "init")
+# flags that name one file, with what to name instead of a folder ("no such file" hid that it was one)
+FILE_FLAGS = {
+    "train": "the .tsv file in it",
+    "eval": "the .tsv file in it",
+    "input": "the file in it",
+    "tokenizer": "its tokenizer.json",
+}
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -260,6 +268,14 @@ def _finetune_kwargs(args) -> dict:
     return kwargs
 
 
+def _check_file_flags(args: argparse.Namespace) -> None:
+    """A folder given where a file is wanted, said as such by the flag, before any work."""
+    for dest, instead in FILE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value and Path(value).is_dir():
+            raise ValueError(f"--{dest} {value}: is a folder, not a file; give {instead}")
+
+
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -360,12 +376,18 @@ def _pretrain(args: argparse.Namespace) -> int:
         first = f"{s['first_loss']:.3f} (step 1)" if s["first_loss"] is not None else "?"
         print(
             f"\npretrain done: {s['model']} ({s['objective']}) on {s['device']} x{s['world_size']}, "
-            f"{s['steps']} steps in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}{resumed}\n"
+            f"{_count(s['steps'], 'step')} in {s['seconds']:.0f} s{' (stopped early)' if s['stopped_early'] else ''}"
+            f"{resumed}\n"
             f"  loss {first} -> {s['final_loss']:.3f} (step {s['steps']}){ev}\n"
             f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
             f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt"
         )
     return 0
+
+
+def _count(n: int, word: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def resumed_line(s: dict) -> str:
@@ -375,7 +397,8 @@ def resumed_line(s: dict) -> str:
         return ""
     if start >= s["steps"]:
         return f"\n  resumed at step {start}: the run had already finished (a larger --steps trains further)"
-    return f"\n  resumed at step {start}: steps {start + 1}-{s['steps']} in {s['session_seconds']:.0f} s this session"
+    done = f"step {s['steps']}" if start + 1 == s["steps"] else f"steps {start + 1}-{s['steps']}"
+    return f"\n  resumed at step {start}: {done} in {s['session_seconds']:.0f} s this session"
 
 
 def _finetune_text2text(args: argparse.Namespace) -> int:
@@ -460,7 +483,8 @@ def _finetune(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"\nfinetune done ({s['source']}): {s['steps']} steps ({s['epochs']:g} epochs) in {s['seconds']:.0f} s"
+            f"\nfinetune done ({s['source']}): {_count(s['steps'], 'step')} ({s['epochs']:g} "
+            f"epoch{'' if s['epochs'] == 1 else 's'}) in {s['seconds']:.0f} s"
             f"{resumed}{sel}, eval accuracy "
             f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json; use it with "
             f"`fastformer predict --model {s['out_dir']} --input FILE`"
@@ -474,7 +498,7 @@ def _predict(args: argparse.Namespace) -> int:
     from fastformer.models import load
     from fastformer.models.loading import RunFolderError
     from fastformer.train.distributed import resolve_device
-    from fastformer.train.predict import accuracy, predict_texts, write_predictions
+    from fastformer.train.predict import accuracy, labels_comparable, predict_texts, write_predictions
     from fastformer.train.resources import set_threads
 
     if args.output and Path(args.output).resolve() == Path(args.input).resolve():
@@ -519,7 +543,10 @@ def _predict(args: argparse.Namespace) -> int:
         generation["top_k"] = args.top_k
     columns, rows = predict_texts(loaded, texts, batch_size=args.batch_size, device=device, **generation)
     write_predictions(columns, rows, args.output)
-    acc = accuracy(rows, labels, loaded.labels) if labels and loaded.kind == "classifier" else None
+    scored = (
+        loaded.kind == "classifier" and labels and labels_comparable(labels, loaded.labels, f"--input {args.input}")
+    )
+    acc = accuracy(rows, labels, loaded.labels) if scored else None
     note = f"; accuracy {acc:.4f} against the labels in {args.input}" if acc is not None else ""
     if labels and loaded.kind == "seq2seq":
         from fastformer.train.predict import generation_scores
@@ -878,7 +905,7 @@ def _interrupted_lines(e, command: str, out: str, env=None) -> list[str]:
             per_node = local if 0 < local < world else world
             nodes = f"--nnodes {world // per_node} " if per_node < world else ""
             launch = f"torchrun {nodes}--nproc_per_node {per_node} -m fastformer"
-        lines.append(f"fastformer: resume with: {launch} {command} --out {out} --resume")
+        lines.append(f"fastformer: resume with: {launch} {command} --out {shlex.quote(str(out))} --resume")
     return lines
 
 
@@ -922,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "resume", False):
             sub = parser._subparsers._group_actions[0].choices[args.command]
             _apply_resume(args, sub, argv[argv.index(args.command) + 1 :])
+        _check_file_flags(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         from fastformer.train.trainer import TrainingInterrupted

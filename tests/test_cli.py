@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -372,9 +373,9 @@ def test_bad_input_gives_one_line_error(files, capsys):
     assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])
 
 
-def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
-    # a small training sample need not hold every class the eval file has: no crash, the extra
-    # class is in the label list and its rows count as misses
+def test_finetune_eval_label_missing_from_train_counts_as_a_miss(files):
+    # a small training sample need not hold every class the eval file has: no crash, the classes are
+    # --train's (the head does not depend on --eval) and the extra label's rows count as misses
     ev_path = files["dir"] / "eval3.tsv"
     ev_path.write_text(files["eval_s"].read_text() + "the film was so so\tneutral\n")
     ft = files["dir"] / "three"
@@ -403,7 +404,7 @@ def test_finetune_eval_label_missing_from_train_counts_as_a_class(files):
             == 0
         )
     ev = json.loads((ft / "eval.json").read_text())
-    assert ev["labels"] == ["neg", "neutral", "pos"] and ev["n_eval"] == 41
+    assert ev["labels"] == ["neg", "pos"] and ev["n_eval"] == 41
 
 
 def test_compile_flag(files):
@@ -833,3 +834,105 @@ def test_help_lists_the_registered_objectives_and_presets(monkeypatch, capsys):
     assert "mlm2: bert-tiny (default)" in flat and "span: t5-tiny (default)" in flat
     assert all(p in flat for p in known_presets())
     assert "docs/training.md" in top and "DESIGN" not in top + pre
+
+
+# ---------------------------------------------------------------------------------------------------
+# what predict scores, folders for files, copy-paste hints, summary wording
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_predict_says_when_the_labels_cannot_be_scored(files, capsys):
+    """A headerless `1<TAB>good movie` file was classified by its first column and scored against the
+    sentences (accuracy 0.0000), and neg/pos labels against a 0/1 model gave a silent 0.0000: now a
+    warning, no accuracy, the predictions still written. A label<TAB>text file is refused as finetune
+    refuses it."""
+    from fastformer.data.corpus import FastformerWarning
+
+    d, ft = files["dir"], files["dir"] / "ft"
+    argv = ["finetune", "--train", str(files["train"]), "--eval", str(files["eval"]), *TINY[:4], "--max-len", "32"]
+    assert (
+        main(argv + ["--steps", "1", "--vocab-size", "150", "--device", "cpu", "--out", str(ft), "--no-progress"]) == 0
+    )
+    assert ": 1 step (" in capsys.readouterr().out  # not "1 steps"
+    (d / "x.tsv").write_text("1\tgood movie\n2\tbad film\n")
+    (d / "y.tsv").write_text("good movie\tpos\nbad film\tneg\n")
+    for name, shown in (("x.tsv", "bad film, good movie"), ("y.tsv", "neg, pos")):
+        with pytest.warns(FastformerWarning) as rec:
+            code = main(["predict", "--model", str(ft), "--input", str(d / name), "--output", str(d / f"{name}.out")])
+        assert code == 0
+        msgs = [str(w.message) for w in rec]
+        assert len(msgs) == 1 and msgs[0].startswith(f"--input {d / name}: none of its labels ({shown}) is one"), msgs
+        assert "the model's (0, 1)" in msgs[0]
+        assert "accuracy" not in capsys.readouterr().err
+        assert len((d / f"{name}.out").read_text().splitlines()) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # labels the model knows: scored, no warning
+        assert main(["predict", "--model", str(ft), "--input", str(files["eval"]), "--output", str(d / "e.out")]) == 0
+    assert "accuracy " in capsys.readouterr().err
+    rng = random.Random(0)
+    (d / "lf.tsv").write_text(
+        "".join(f"{rng.choice(['0', '1'])}\t{_sentence(rng, 'pos')} and more words {i}\n" for i in range(60))
+    )
+    err = _error_line(capsys, ["predict", "--model", str(ft), "--input", str(d / "lf.tsv")])
+    assert f"--input {d / 'lf.tsv'}: without a header the last column is the label" in err and "looks like text" in err
+
+
+def test_a_folder_given_for_a_file_is_said_to_be_a_folder(files, capsys):
+    """`--train data/cls` said "--train data/cls: no such file" (and --tokenizer the same)."""
+    d = files["dir"]
+    folder = d / "data" / "cls"
+    folder.mkdir(parents=True)
+    train, ev, out = str(files["train"]), str(files["eval"]), ["--out", str(d / "o"), "--steps", "1", "--no-progress"]
+    cases = {
+        "--train": ["finetune", "--train", str(folder), "--eval", ev, *out],
+        "--eval": ["finetune", "--train", train, "--eval", str(folder), *out],
+        "--input": ["predict", "--model", str(d), "--input", str(folder)],
+        "--tokenizer": ["finetune", "--model", "bert-tiny", "--tokenizer", str(folder), "--train", train, "--eval", ev]
+        + out,
+    }
+    for flag, argv in cases.items():
+        assert f"error: {flag} {folder}: is a folder, not a file; give " in _error_line(capsys, argv), flag
+    text2text = ["finetune", "--task", "text2text", "--train", str(folder), "--eval", ev, *out]
+    assert f"--train {folder}: is a folder, not a file" in _error_line(capsys, text2text)
+    pre = ["pretrain", "--tokenizer", str(folder), "--data", str(files["corpus"]), *out]
+    assert f"--tokenizer {folder}: is a folder, not a file; give its tokenizer.json" in _error_line(capsys, pre)
+    assert not (d / "o").exists()
+
+
+def test_the_resume_hint_is_quoted_for_the_shell(tmp_path):
+    import shlex
+
+    from fastformer.cli import _interrupted_lines
+    from fastformer.train.trainer import TrainingInterrupted
+
+    e = TrainingInterrupted(signal.SIGINT, 3, tmp_path / "checkpoint.pt", saved=True)
+    hint = _interrupted_lines(e, "pretrain", "out/my run ü", env={})[1]
+    assert hint == "fastformer: resume with: fastformer pretrain --out 'out/my run ü' --resume"
+    assert shlex.split(hint.split(": ", 2)[2])[3] == "out/my run ü"  # pasted, the folder is one argument
+    assert _interrupted_lines(e, "pretrain", "runs/x", env={})[1].endswith("--out runs/x --resume")  # no quotes
+
+
+def test_one_step_is_one_step_and_generation_flags_are_named(files, capsys):
+    """ "1 steps" in the summaries; `predict --length-penalty nan` said "length_penalty must be a finite
+    number" (the Python argument, not the flag)."""
+    from fastformer.cli import resumed_line
+
+    span = files["dir"] / "span"
+    argv = ["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(files["corpus"]), "--steps", "1"]
+    argv += ["--seq-len", "32", "--vocab-size", "150", "--device", "cpu", "--no-progress", "--out", str(span)]
+    assert main(argv) == 0
+    assert ", 1 step in " in capsys.readouterr().out
+    assert "step 5 in 2 s" in resumed_line({"resumed_from": 4, "steps": 5, "session_seconds": 2})
+    assert "steps 5-6 in 2 s" in resumed_line({"resumed_from": 4, "steps": 6, "session_seconds": 2})
+    (files["dir"] / "in.txt").write_text("the film was good\n")
+    predict = ["predict", "--model", str(span), "--input", str(files["dir"] / "in.txt")]
+    for flag, value, said in (
+        ("--length-penalty", "nan", "must be a finite number, got nan"),
+        ("--length-penalty", "inf", "must be a finite number, got inf"),
+        ("--num-beams", "0", "must be at least 1"),
+        ("--max-new-tokens", "0", "must be at least 1"),
+        ("--no-repeat-ngram-size", "-1", "must be at least 0"),
+        ("--encoder-repetition-penalty", "nan", "must be a finite number > 0"),
+        ("--max-len", "1", "must be at least 2"),
+    ):
+        assert f"error: {flag} {said}" in _error_line(capsys, predict + [flag, value]), flag

@@ -1,13 +1,17 @@
 """Tab-separated classification data: `text<TAB>label` rows, with or without a header row.
 
-A header is recognised when its first row names a text column (sentence, text, sentence1, content,
-review, document) or a label column (label, labels, class, category, target). Without a header the
-last column is the label and everything before it (joined by tabs) the text; with a header, a row
-with more columns than the header has tabs in its text column, which takes the extra ones. Labels
-may be strings or integers; they are mapped to class indices in sorted order (integers numerically),
-each label string kept as it is spelled for reporting. Rows end at LF or CRLF; a lone CR is read as
-in _split_rows (a space inside a field, a row end in an old Mac file), and a file whose rows all end
-in a tab is read without that empty last cell.
+A header is recognised when its first row names a text column (TEXT_COLUMNS: text, sentence, tweet,
+review, question, ...) or a label column (LABEL_COLUMNS: label, class, sentiment, polarity, rating,
+...), in any case; a header without a label name (`tweet<TAB>mood`) is refused by read_tsv, which
+does not guess the label among other columns (a score, an id). Without a header the last column is
+the label and everything before it (joined by tabs) the text; with a header, a row with more columns
+than the header has tabs in its text column, which takes the extra ones. A first row not taken as a
+header whose label occurs nowhere else, in a file of 8 rows or more whose other labels all occur at
+least twice, is read as data with a warning (a header with names not recognised). Labels may be
+strings or integers; they are mapped to class indices in sorted order (integers numerically), each
+label string kept as it is spelled for reporting. Rows end at LF or CRLF; a lone CR is read as in
+_split_rows (a space inside a field, a row end in an old Mac file), and a file whose rows all end in
+a tab is read without that empty last cell. A folder is refused as one, not as a missing file.
 
 Files are UTF-8 (a byte-order mark is allowed) or UTF-16 with its byte-order mark; a file with NUL
 bytes and no UTF-16 mark is refused as binary, and bytes that are not UTF-8 (a Latin-1 file) are read
@@ -20,10 +24,43 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .corpus import DataError, FastformerWarning
+from .corpus import DataError, FastformerWarning, _first_process
 
-TEXT_COLUMNS = ("sentence", "text", "sentence1", "content", "review", "document")
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+# Column names a header row is recognised by (compared without case): only names unlikely to be a
+# text or a label themselves ("y" could be a label value, as in y/n). Titles and headlines are left
+# out: next to a text column (title<TAB>text<TAB>label) the text column must stay the text.
+TEXT_COLUMNS = (
+    "sentence",
+    "text",
+    "sentence1",
+    "content",
+    "review",
+    "document",
+    "tweet",
+    "comment",
+    "question",
+    "utterance",
+    "message",
+    "passage",
+    "query",
+    "input",
+)
+LABEL_COLUMNS = (
+    "label",
+    "labels",
+    "class",
+    "category",
+    "target",
+    "sentiment",
+    "polarity",
+    "gold_label",
+    "rating",
+    "stars",
+    "topic",
+    "intent",
+    "emotion",
+)
+HEADER_LIKE_MIN_ROWS = 8  # fewer rows: a label seen once says nothing about the first row
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
@@ -90,13 +127,21 @@ def _split_rows(text: str, is_header) -> list[list[str]]:
 def _rows(path, is_header=None) -> list[list[str]]:
     """The rows of a TSV file (_split_rows); is_header(row): whether the first row is a header (default:
     it names a text or label column). DataError for a missing or empty file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: no such file")
+    p = _existing_file(path)
     rows = _split_rows(_read_text(p, path), is_header or (lambda r: _header([r]) is not None))
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
+
+
+def _existing_file(path) -> Path:
+    """`path` as a Path; DataError when it is missing or a folder (which "no such file" would hide)."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{path}: is a folder, not a file")
+    if not p.is_file():
+        raise DataError(f"{path}: no such file")
+    return p
 
 
 def _header(rows: list[list[str]]) -> tuple[int | None, int | None] | None:
@@ -134,7 +179,11 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
         rows = rows[1:]
         text_col, label_col = header
         if label_col is None:
-            raise DataError(f"{path}: header row ({', '.join(head)}) has no label column")
+            # not guessed: an unknown name beside the text may be a score or an id, not the label
+            raise DataError(
+                f"{path}: header row ({', '.join(h for h in head if h)}) has no label column: name it label "
+                f"(or {', '.join(LABEL_COLUMNS[1:])})"
+            )
         text_col = 0 if text_col is None else text_col
         rows = [_fit_to_header(r, len(head), text_col) for r in rows]
     elif max(len(r) for r in rows) < 2:
@@ -154,12 +203,14 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
         raise DataError(f"{path}: no data rows")
     if header is None:
         _check_label_column(path, rows, labels)
+        _warn_if_header_like(path, rows[0], labels)
     return texts, labels
 
 
-def _check_label_column(path, rows: list[list[str]], labels: list[str]) -> None:
+def _check_label_column(path, rows: list[list[str]], labels: list[str], *, texts_alone: bool = False) -> None:
     """Refuse a headerless file whose last column reads as text, not labels (a label<TAB>text file):
-    more distinct values than half the rows (and over 20), most of them three words or more."""
+    more distinct values than half the rows (and over 20), most of them three words or more.
+    `texts_alone`: the file may hold texts without labels too (predict), and the advice says so."""
     distinct = len(set(labels))
     if distinct <= max(20, len(labels) // 2):
         return
@@ -175,7 +226,31 @@ def _check_label_column(path, rows: list[list[str]], labels: list[str]) -> None:
     raise DataError(
         f"{path}: without a header the last column is the label, but it holds {distinct} distinct values in "
         f"{len(labels)} rows, most of them several words long: that looks like text{hint}"
-        "put the label last (text<TAB>label) or add a header row naming the columns (e.g. label<TAB>text)"
+        "put the label last (text<TAB>label) or add a header row naming the columns (e.g. label<TAB>text"
+        f"{'; or text alone, for texts with tabs and no label' if texts_alone else ''})"
+    )
+
+
+def _warn_if_header_like(path, first: list[str], labels: list[str]) -> None:
+    """Warn when the first row of a headerless file looks like a header whose column names are not
+    known (tweet<TAB>mood): its label occurs nowhere else while every other label occurs at least
+    twice. It stays a data row (a guess could drop a real example); the warning names its cells."""
+    if len(labels) < HEADER_LIKE_MIN_ROWS:
+        return
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    if counts[labels[0]] != 1 or min(n for label, n in counts.items() if label != labels[0]) < 2:
+        return
+    if not _first_process():
+        return
+    cells = ", ".join(c.strip() for c in first if c.strip())
+    warnings.warn(
+        f"{path}: the first row ({cells}) looks like a header: its label {labels[0]!r} occurs nowhere else, "
+        "every other label at least twice. It was read as a data row (a class of its own); if it names the "
+        "columns, use names fastformer recognises, e.g. text<TAB>label (docs/training.md lists them)",
+        FastformerWarning,
+        stacklevel=3,
     )
 
 
@@ -183,11 +258,10 @@ def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
     """Texts to predict and, when the file has them, their labels.
 
     `.tsv`: a header naming a text column (label column optional), or headerless `text<TAB>label`
-    rows (every row with a tab), or one text per row. Anything else: one text per non-empty line."""
+    rows (every row with a tab; a last column that reads as text is refused, as read_tsv refuses it),
+    or one text per row. Anything else: one text per non-empty line."""
     if Path(path).suffix.lower() != ".tsv":
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"{path}: no such file")
+        p = _existing_file(path)
         texts = [ln.strip() for ln in _read_text(p, path).splitlines() if ln.strip()]
         if not texts:
             raise DataError(f"{path}: no text (empty file)")
@@ -207,6 +281,9 @@ def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
     elif all(len(r) >= 2 for r in rows):
         texts, labels = ["\t".join(r[:-1]) for r in rows], [r[-1].strip() for r in rows]
         labels = labels if all(labels) else None
+        if labels:  # as training reads it: a last column of sentences is no label column
+            _check_label_column(path, rows, labels, texts_alone=True)
+            _warn_if_header_like(path, rows[0], labels)
     else:
         texts, labels = ["\t".join(r) for r in rows], None
     if not texts:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -199,6 +200,9 @@ def generate_text(
     records none, generates greedily up to 64 tokens: its sentinel-filled spans, sentinels dropped)."""
     from .text2text import generate_texts, generation_settings
 
+    # checked here, by its flag: generation_settings checks the others, generate names its own argument
+    if length_penalty is not None and not math.isfinite(length_penalty):
+        raise ValueError(f"--length-penalty must be a finite number, got {length_penalty}")
     max_len, gen = generation_settings(
         loaded.run_config,
         num_beams=num_beams,
@@ -290,21 +294,47 @@ def write_predictions(columns: list[str], rows: list[dict], output: str | Path |
             tmp.unlink(missing_ok=True)
 
 
+def _norm_label(s) -> str:
+    """A label as an integer's spelling where it is one ("01" -> "1"), else stripped."""
+    s = str(s).strip()
+    return str(int(s)) if s.lstrip("-").isdigit() else s
+
+
 def accuracy(rows: list[dict], labels: list[str], names: list[str] | None = None) -> float | None:
     """Share of rows whose predicted label equals the given one. A given label that is not one of the
     model's label `names` (an older run recorded "1" where the file says "01") is compared as an
     integer; one that is, by its spelling, as training told the two apart."""
-
-    def norm(s):
-        s = str(s).strip()
-        return str(int(s)) if s.lstrip("-").isdigit() else s
-
     if not rows or "label" not in rows[0]:
         return None
     known = set(names or ())
 
     def same(pred, gold):
         gold = str(gold).strip()
-        return pred == gold if gold in known else norm(pred) == norm(gold)
+        return pred == gold if gold in known else _norm_label(pred) == _norm_label(gold)
 
     return sum(same(r["label"], y) for r, y in zip(rows, labels)) / len(rows)
+
+
+def labels_comparable(labels: list[str], names: list[str] | None, source: str) -> bool:
+    """Whether any of the given `labels` is one of the model's label `names` (as `accuracy` compares
+    them). When none is, the accuracy would be 0 whatever the model does (neg/pos against a 0/1 model,
+    or a column that is no label column at all): warn, naming `source` (e.g. "--input FILE"), and
+    return False so that none is reported."""
+    if not names or not labels:
+        return True
+    known = set(names) | {_norm_label(n) for n in names}
+    if any(str(y).strip() in known or _norm_label(y) in known for y in labels):
+        return True
+
+    def some(values):
+        values = sorted(set(values))
+        return ", ".join(values[:5]) + (f", ... ({len(values)} distinct)" if len(values) > 5 else "")
+
+    warnings.warn(
+        f"{source}: none of its labels ({some(labels)}) is one of the model's ({some(names)}), so no accuracy "
+        "is computed; the predictions are written. A headerless .tsv reads its last column as the label: if "
+        "that column is not one, add a header row naming the columns (e.g. label<TAB>text, or text alone)",
+        FastformerWarning,
+        stacklevel=2,
+    )
+    return False
