@@ -368,6 +368,9 @@ def test_bad_input_gives_one_line_error(files, capsys):
     ft = ["finetune", "--eval", str(files["eval"]), "--steps", "1", "--no-progress", "--device", "cpu"]
     assert "no label column" in _error_line(capsys, ft + ["--train", str(d / "nolabel.tsv")])
     assert "not a pretrain output" in _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d)])
+    for task in ("classify", "text2text"):  # a folder that is not there is said to be missing
+        missing = _error_line(capsys, ft + ["--train", str(files["train"]), "--init", str(d / "gone"), "--task", task])
+        assert missing.endswith(f"--init {d / 'gone'}: no such folder"), missing
     assert "--steps" in _error_line(capsys, pre + ["--steps", "0"])
     assert "--log-every" in _error_line(capsys, pre + ["--log-every", "0"])  # a divisor: refused, not a traceback
     assert "--warmup-steps" in _error_line(capsys, pre + ["--warmup-steps", "-1"])

@@ -44,6 +44,7 @@ from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import (
     FastformerWarning,
+    check_init_folder,
     make_out_dir,
     prepare_out_dir,
     rows_digests,
@@ -319,9 +320,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         pre_model, source = canonical_preset(run.get("model"), warn=False), run["source"]
     elif cfg.init:
         init = Path(cfg.init)
-        for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
-            if not (init / f).is_file():
-                raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
+        check_init_folder(init)
         try:
             pre_cfg = json.loads((init / "config.json").read_text())
         except json.JSONDecodeError as e:

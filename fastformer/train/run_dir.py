@@ -161,6 +161,20 @@ def prepare_out_dir(out: str | Path, *, run: str, resume: bool, overwrite: bool,
         )
 
 
+def check_init_folder(init: Path) -> None:
+    """CheckpointError unless `init` (--init) is a folder holding a run's config, tokenizer and
+    checkpoint; a missing folder is said to be missing, not to lack a file."""
+    from .checkpoint import CheckpointError
+
+    if not init.exists():
+        raise CheckpointError(f"--init {init}: no such folder")
+    if not init.is_dir():
+        raise CheckpointError(f"--init {init}: not a folder (--init takes a pretrain output folder)")
+    for f in (CONFIG_NAME, "tokenizer.json", CHECKPOINT_NAME):
+        if not (init / f).is_file():
+            raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
+
+
 def data_digest(items: Iterable[str]) -> str:
     """A fingerprint of a run's data (SHA-256 of the documents, or of the rows of a TSV), kept in
     config.json so that --resume notices data that changed since the run began."""

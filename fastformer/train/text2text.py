@@ -53,6 +53,7 @@ from .pretrain import ExampleSampler, seed_everything
 from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import (
     FastformerWarning,
+    check_init_folder,
     make_out_dir,
     prepare_out_dir,
     rows_digests,
@@ -175,9 +176,7 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         seed_everything(cfg.seed)
     elif cfg.init:
         init = Path(cfg.init)
-        for f in ("config.json", "tokenizer.json", CHECKPOINT_NAME):
-            if not (init / f).is_file():
-                raise CheckpointError(f"--init {init}: not a pretrain output folder (no {f})")
+        check_init_folder(init)
         pre = _read_config(init / "config.json")
         if pre.get("objective") != "span" and pre.get("task") != TASK:
             what = (
@@ -625,7 +624,8 @@ def describe_summary(s: dict) -> str:
     """The lines `fastformer finetune --task text2text` prints at the end."""
     resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
     return (
-        f"finetune done ({TASK}, {s['source']}): {s['steps']} steps in {s['seconds']:.0f} s{resumed}\n"
+        f"finetune done ({TASK}, {s['source']}): {s['steps']} step{'' if s['steps'] == 1 else 's'} "
+        f"in {s['seconds']:.0f} s{resumed}\n"
         f"  eval on {s['n_eval']:,} pairs ({_describe_generation(s['generation'])}): ROUGE-1 {s['rouge1']:.4f}, "
         f"ROUGE-2 {s['rouge2']:.4f}, ROUGE-L {s['rougeL']:.4f}, exact match {s['exact_match']:.4f}\n"
         f"  {s['out_dir']}/eval.json, predictions.tsv; generate with "

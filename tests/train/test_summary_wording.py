@@ -58,3 +58,14 @@ def test_span_pretrain_summary_says_token_accuracy(tmp_path, capsys):
     assert "eval token accuracy" in printed and "MLM" not in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "eval_accuracy" in rows[-1]
+
+
+def test_text2text_summary_says_one_step():
+    from fastformer.train.text2text import describe_summary
+
+    generation = {"num_beams": 1, "max_new_tokens": 8}
+    s = dict(steps=1, seconds=2.0, source="random init (t5-tiny)", n_eval=4, generation=generation)
+    s.update(rouge1=0.5, rouge2=0.25, rougeL=0.5, exact_match=0.0, out_dir="runs/x")
+    text = describe_summary(s)
+    assert "1 step in 2 s" in text and "1 steps" not in text
+    assert "2 steps in" in describe_summary({**s, "steps": 2})
