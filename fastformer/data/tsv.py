@@ -1,9 +1,10 @@
 """Tab-separated classification data: `text<TAB>label` rows, with or without a header row.
 
-A header is recognised when its first row names a text column (TEXT_COLUMNS: text, sentence, tweet,
-review, question, ...) or a label column (LABEL_COLUMNS: label, class, sentiment, polarity, rating,
-...), in any case; a header without a label name (`tweet<TAB>mood`) is refused by read_tsv, which
-does not guess the label among other columns (a score, an id). Without a header the last column is
+A header is recognised when its first row names a text or label column (STRONG_TEXT_COLUMNS: text,
+sentence, review, ...; STRONG_LABEL_COLUMNS: label, class, ...), or two columns by the names that are
+also common values (tweet, question, sentiment, topic, ...), in any case; a header without a label
+name (`sentence<TAB>score`) is refused by read_tsv, which does not guess the label among other
+columns (a score, an id). Without a header the last column is
 the label and everything before it (joined by tabs) the text; with a header, a row with more columns
 than the header has tabs in its text column, which takes the extra ones. A first row not taken as a
 header whose label occurs nowhere else, in a file of 8 rows or more whose other labels all occur at
@@ -26,16 +27,15 @@ from pathlib import Path
 
 from .corpus import DataError, FastformerWarning, _first_process
 
-# Column names a header row is recognised by (compared without case): only names unlikely to be a
-# text or a label themselves ("y" could be a label value, as in y/n). Titles and headlines are left
-# out: next to a text column (title<TAB>text<TAB>label) the text column must stay the text.
-TEXT_COLUMNS = (
-    "sentence",
-    "text",
-    "sentence1",
-    "content",
-    "review",
-    "document",
+# Column names a header row is recognised by (compared without case), in order of preference when
+# several cells match. The first names of each list are unambiguous: one of them makes the first row a
+# header. The others (tweet, question, sentiment, topic, ...) are also common label or text values
+# (a dialog-act label "question", a topic "sentiment"), so they make a header only two at a time
+# (tweet<TAB>sentiment), never alone. "y" (a label value, as in y/n) and titles or headlines (beside a
+# text column, title<TAB>text<TAB>label, the text column must stay the text) are not names.
+STRONG_TEXT_COLUMNS = ("sentence", "text", "sentence1", "content", "review", "document")
+STRONG_LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+TEXT_COLUMNS = STRONG_TEXT_COLUMNS + (
     "tweet",
     "comment",
     "question",
@@ -45,12 +45,7 @@ TEXT_COLUMNS = (
     "query",
     "input",
 )
-LABEL_COLUMNS = (
-    "label",
-    "labels",
-    "class",
-    "category",
-    "target",
+LABEL_COLUMNS = STRONG_LABEL_COLUMNS + (
     "sentiment",
     "polarity",
     "gold_label",
@@ -145,16 +140,24 @@ def _existing_file(path) -> Path:
 
 
 def _header(rows: list[list[str]]) -> tuple[int | None, int | None] | None:
-    """(text column, label column or None) when the first row is a header, else None."""
+    """(text column, label column or None) when the first row is a header, else None: it holds one of
+    the unambiguous names, or two known names. Among several matching cells the name earlier in
+    TEXT_COLUMNS / LABEL_COLUMNS wins (index<TAB>question<TAB>sentence<TAB>label: the text is sentence;
+    review<TAB>rating<TAB>label: the label is label)."""
     head = [c.strip().lower() for c in rows[0]]
-    if not (any(h in TEXT_COLUMNS for h in head) or any(h in LABEL_COLUMNS for h in head)):
+    known = [h for h in head if h in TEXT_COLUMNS or h in LABEL_COLUMNS]
+    if not any(h in STRONG_TEXT_COLUMNS or h in STRONG_LABEL_COLUMNS for h in head) and len(known) < 2:
         return None
-    label_col = next((i for i, h in enumerate(head) if h in LABEL_COLUMNS), None)
+
+    def best(names: tuple[str, ...]) -> int | None:
+        cols = [i for i, h in enumerate(head) if h in names]
+        return min(cols, key=lambda i: names.index(head[i])) if cols else None
+
+    label_col = best(LABEL_COLUMNS)
     # no known text column name (label<TAB>title, ...): the first column that is not the label
-    text_col = next(
-        (i for i, h in enumerate(head) if h in TEXT_COLUMNS),
-        next((i for i in range(len(head)) if i != label_col), None),
-    )
+    text_col = best(TEXT_COLUMNS)
+    if text_col is None:
+        text_col = next((i for i in range(len(head)) if i != label_col), None)
     return text_col, label_col
 
 

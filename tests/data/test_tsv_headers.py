@@ -48,10 +48,10 @@ def test_a_header_with_a_known_text_or_label_name_is_a_header(tmp_path, header):
 
 
 def test_a_header_without_a_label_name_is_refused_naming_the_names(tmp_path):
-    """tweet<TAB>mood is a header (tweet is known) but names no label column: read_tsv does not guess
+    """sentence<TAB>mood is a header (sentence is known) but names no label column: read_tsv does not guess
     the label among unknown names (a score, an id) and says which names it knows; predict reads the
     texts without labels."""
-    for header in ("tweet\tmood", "sentence\ttext"):
+    for header in ("sentence\tmood", "sentence\ttext", "tweet\tquery"):
         p = _write(tmp_path / "h.tsv", header)
         names = ", ".join(header.split("\t"))
         with pytest.raises(DataError, match=rf"header row \({names}\) has no label column: name it label \(or "):
@@ -121,3 +121,26 @@ def test_predict_inputs_refuse_a_last_column_of_text_as_training_does(tmp_path):
     # with a header it is read, by both
     p.write_text("label\ttext\n" + p.read_text())
     assert read_inputs(p) == ([t for _, t in rows], [y for y, _ in rows])
+
+
+def test_a_single_name_that_is_also_a_common_value_is_no_header(tmp_path):
+    """question, sentiment, topic, ... are label values too (dialog acts, topics): alone they do not make
+    the first row a header, which would drop an example (or refuse the file)."""
+    rows = [("how are you today?", "question"), ("I am fine thanks", "statement")] * 5
+    p = _write(tmp_path / "acts.tsv", None, rows)
+    assert read_tsv(p) == ([t for t, _ in rows], [y for _, y in rows])
+    assert read_inputs(p) == ([t for t, _ in rows], [y for _, y in rows])
+    topics = [("stocks fell sharply", "finance"), ("fans loved the film", "sentiment")] * 5
+    p = _write(tmp_path / "topics.tsv", None, topics)
+    assert read_tsv(p) == ([t for t, _ in topics], [y for _, y in topics])
+
+
+def test_among_several_known_names_the_unambiguous_one_wins(tmp_path):
+    """review<TAB>rating<TAB>label: the label is label, not rating; GLUE QNLI's
+    index<TAB>question<TAB>sentence<TAB>label: the text is sentence, not question."""
+    p = tmp_path / "r.tsv"
+    p.write_text("review\trating\tlabel\ngreat stuff\t5\tpos\nawful\t1\tneg\n")
+    assert read_tsv(p) == (["great stuff", "awful"], ["pos", "neg"])
+    p = tmp_path / "qnli.tsv"
+    p.write_text("index\tquestion\tsentence\tlabel\n0\twho?\tthe cat did\tentailment\n")
+    assert read_tsv(p) == (["the cat did"], ["entailment"])
