@@ -22,7 +22,6 @@ Attention: query/key/value arrive as (B, H, L, D) and the function returns ((B, 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 
@@ -95,18 +94,21 @@ def _unpad_index(keep: torch.Tensor):
     return info
 
 
-@contextlib.contextmanager
-def padded_attention():
-    """Within this block (this thread only) `varlen` BERT self-attention takes the padded path.
+PADDED = "_ff_padded"  # attribute on an attention mask: varlen BERT self-attention takes the padded path
 
-    The loss forward uses it for a batch with labels on padded positions: Hugging Face computes those
-    positions' outputs by attending over the real keys, which the unpadded path never computes."""
-    before = getattr(_local, "padded", False)
-    _local.padded = True
-    try:
-        yield
-    finally:
-        _local.padded = before
+
+def mark_padded(attention_mask: torch.Tensor) -> torch.Tensor:
+    """A bool copy or alias of a 2-D attention_mask (the caller's tensor is untouched) marked so that
+    `varlen` BERT self-attention over it takes the padded path. The loss forward uses it for a batch
+    with labels on padded positions: Hugging Face computes those positions' outputs by attending over
+    the real keys, which the unpadded path never computes. The mark travels with the mask object (to
+    every layer, and to a gradient-checkpointing recompute in backward), not with a thread or a block."""
+    # bool: transformers converts the mask with .to(bool), which keeps a bool tensor's object (and mark)
+    alias = attention_mask.to(torch.bool)
+    if alias is attention_mask:
+        alias = alias.view(alias.shape)
+    setattr(alias, PADDED, True)
+    return alias
 
 
 def _varlen_self_attention(query, key, value, keep, dropout: float, scale):
@@ -178,7 +180,7 @@ def attention_forward(
         and plain
         and not causal
         and attention_mask is not None
-        and not getattr(_local, "padded", False)
+        and not getattr(attention_mask, PADDED, False)
     ):
         return _varlen_self_attention(query, key, value, attention_mask, dropout, scaling), None
 
@@ -218,6 +220,8 @@ def mask_forward(*args, **kwargs):
         keep = am.to(torch.bool)[:, None, None, :]
         if batch is not None and keep.shape[0] != batch:
             keep = keep.expand(batch, 1, 1, kv_len)
+        if getattr(am, PADDED, False):
+            setattr(keep, PADDED, True)
         return keep
     # Full mask; never skip causality into a flag here (the attention function only adds the flag
     # for key-padding masks over the whole sequence).

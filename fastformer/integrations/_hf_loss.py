@@ -19,7 +19,6 @@ Two pieces, both leaving the model's parameters and state_dict untouched:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..ops import cross_entropy, linear_cross_entropy
-from ._hf_attention import padded_attention
+from ._hf_attention import mark_padded
 
 IGNORE_INDEX = -100
 
@@ -177,12 +176,10 @@ def make_loss_forward(cls, kind: str):
         keep_logits = bool(getattr(self, "_ff_keep_logits", False)) or not return_dict
         slots = _slots()
         slot = slots[id(head)] = [(labels, keep_logits), None]
-        padded = contextlib.nullcontext()
         if getattr(self, "_ff_varlen", False) and _labels_on_padding(labels, call.get("attention_mask")):
-            padded = padded_attention()
+            call["attention_mask"] = mark_padded(call["attention_mask"])
         try:
-            with padded:
-                output = original(self, **call, return_dict=True)
+            output = original(self, **call, return_dict=True)
             loss = slot[1]
         finally:
             slots.pop(id(head), None)

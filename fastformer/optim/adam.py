@@ -417,7 +417,7 @@ class FusedAdam(Optimizer):
                     or entry[0] != key
                     or not entry[1]
                     or states.get(p) is not entry[1]
-                    or (entry[2] and versions.get(id(p)) != p._version)
+                    or (entry[2] and (versions.get(id(p)) != p._version or "master_param" not in entry[1]))
                 ):
                     if not build:
                         stale.append((p, group, key))
@@ -560,6 +560,10 @@ class FusedAdamW(FusedAdam):
         fused=None,
         decoupled_weight_decay=True,
     ):
+        if not decoupled_weight_decay:  # AdamW's decay is decoupled (torch's AdamW has no such switch)
+            raise ValueError(
+                "decoupled_weight_decay: FusedAdamW always decouples weight decay; use FusedAdam for L2 decay"
+            )
         super().__init__(
             params,
             lr=lr,

@@ -282,6 +282,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     # head output (one would change the softmax, and so training, by what --eval holds); its
     # examples count as misses and stay out of the eval loss, instead of ending the run
     names = label_vocabulary(train_labels)
+    if cfg.resume:  # the classes the run's checkpoint has (older versions gave eval-only labels an output)
+        names = _run_config(out).get("labels") or names
     index = {n: i for i, n in enumerate(names)}
     unseen = [n for n in label_vocabulary(eval_labels) if n not in index]
     if unseen and info.main:
@@ -296,6 +298,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         return torch.tensor([index.get(lab, IGNORE_INDEX) for lab in labels], dtype=torch.int64)
 
     y_train, y_eval = to_ids(train_labels), to_ids(eval_labels)
+    n_scored = int((y_eval != IGNORE_INDEX).sum())
     fit_idx, val_idx = heldout_split(y_train.tolist(), cfg.val_fraction, cfg.seed)
     if len(fit_idx) < 2:
         val_idx, fit_idx = [], list(range(len(y_train)))
@@ -316,6 +319,11 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         obj = get_objective(run["objective"])
         tok = load_tokenizer(out / "tokenizer.json")
         model_config = run["model_config"]
+        if obj.family == "bert" and model_config.get("pooling", "cls") != cfg.pooling:
+            raise CheckpointError(
+                f"--resume continues the run in {out}, which used pooling={model_config.get('pooling', 'cls')!r}; "
+                f"this command gives {cfg.pooling!r} (--pooling). Resume with the same settings."
+            )
         model = obj.build_classifier(model_config, len(names))
         pre_model, source = canonical_preset(run.get("model"), warn=False), run["source"]
     elif cfg.init:
@@ -482,8 +490,10 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         ev = result.eval or trainer.evaluate()
     summary = {
         "accuracy": ev["eval_accuracy"],
-        "eval_loss": ev["eval_loss"],
+        # over the rows whose label the model has an output for; None when there are none
+        "eval_loss": ev["eval_loss"] if n_scored else None,
         "n_eval": len(x_eval),
+        "n_eval_scored": n_scored,
         "n_train": len(x_train) + len(val_idx),
         "n_fit": len(x_train),
         **selection,

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -232,9 +233,17 @@ def make_out_dir(out: str | Path, *, replace: bool = False) -> None:
 
 
 def write_file(out: str | Path, name: str, text: str) -> None:
-    """Write out/name, an OSError becoming an OutputError naming --out."""
+    """Write out/name atomically (a temporary file renamed over it: a reader, another rank of a resumed
+    run or a crash, sees the old file or the new one, never half of one); an OSError becomes an
+    OutputError naming --out."""
+    path = Path(out) / name
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
     with writing("--out", out):
-        (Path(out) / name).write_text(text)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def stored_train_config(out: str | Path) -> dict:

@@ -243,14 +243,21 @@ def test_varlen_bert_matches_on_real_tokens():
     check_grads(ref, model)
 
 
-def test_varlen_bert_with_labels_on_padding_matches():
-    """Hugging Face's loss reads a padded position that carries a label: such a batch runs padded."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_varlen_bert_with_labels_on_padding_matches(checkpointing):
+    """Hugging Face's loss reads a padded position that carries a label: such a batch runs padded, also
+    when gradient checkpointing recomputes the layers in backward (the choice travels with the mask)."""
     torch.manual_seed(0)
-    ref = BertForMaskedLM(bert_config()).eval()
+    ref = BertForMaskedLM(bert_config()).train()
     model = patch_hf_model(copy.deepcopy(ref), varlen=True)
+    if checkpointing:
+        for m in (ref, model):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = make_batch("BertForMaskedLM", torch.Generator().manual_seed(1))
     batch["labels"][1, 11] = 17  # row 1 is padding from position 9 on
+    mask = batch["attention_mask"]
     out_ref, out = ref(**batch), model(**batch)
+    assert not hasattr(mask, "_ff_padded")  # the caller's tensor is not marked
     assert rel_err(out.loss, out_ref.loss) <= TOLERANCES[DTYPE]
     out_ref.loss.backward()
     out.loss.backward()

@@ -396,7 +396,7 @@ def test_param_data_replaced_restarts_master_copy(path, request):
     assert_close(p, r, torch.bfloat16, "param")
 
 
-@pytest.mark.parametrize("write", ["copy_", "load_state_dict", "mul_"])
+@pytest.mark.parametrize("write", ["copy_", "load_state_dict", "mul_", "data_then_drop_master"])
 @pytest.mark.parametrize("path", ["kernel", "no-extension"])
 def test_in_place_write_restarts_master_copy(path, write, request):
     """The same for a write into p's own storage between steps (a rollback with
@@ -416,6 +416,9 @@ def test_in_place_write_restarts_master_copy(path, write, request):
                     p.copy_(new)
                 elif write == "load_state_dict":
                     model.load_state_dict({"weight": new})
+                elif write == "data_then_drop_master":  # .data has its own version counter: the
+                    p.data.copy_(new)  # documented way out is to drop the stale copy
+                    del ours.state[p]["master_param"]
                 else:
                     new = p.detach() * (new > 0)
                     p.mul_(new != 0)
@@ -437,6 +440,9 @@ def test_add_param_group_checks_and_adamw_stays_decoupled():
         assert len(opt.param_groups) == 1  # nothing added
     with pytest.raises(RuntimeError, match="fused and foreach"):  # torch's error type, and a ValueError
         ff.optim.FusedAdamW([a], fused=True, foreach=True)
+    # AdamW is decoupled: a switch to L2 decay would be undone by the next load_state_dict
+    with pytest.raises(ValueError, match="decoupled_weight_decay: FusedAdamW always decouples"):
+        ff.optim.FusedAdamW([a], decoupled_weight_decay=False)
     # an Adam checkpoint loaded into AdamW: torch's AdamW keeps the decay decoupled, so must we
     src = torch.optim.Adam([torch.ones(3, requires_grad=True)], weight_decay=0.3)
     src.param_groups[0]["params"][0].grad = torch.ones(3)

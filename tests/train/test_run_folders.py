@@ -20,7 +20,7 @@ import fastformer as ff
 from fastformer.data.corpus import DataError
 from fastformer.data.tsv import read_tsv
 from fastformer.train import checkpoint as ckpt_mod
-from fastformer.train.checkpoint import load_checkpoint, save_checkpoint
+from fastformer.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastformer.train.finetune import finetune
 from fastformer.train.metrics import read_metrics
 from fastformer.train.pretrain import pretrain
@@ -385,6 +385,8 @@ def test_finetune_resume_from_init_reads_the_run_not_the_init_folder(tmp_path, t
     shutil.rmtree(init)  # gone: a resume of the finished run still reads its own folder
     s = finetune(finetune_config(part, train, ev, init=str(init), resume=True, **kw))
     assert s["steps"] == 6
+    with pytest.raises(CheckpointError, match=r"pooling='cls'; this command gives 'mean' \(--pooling\)"):
+        finetune(finetune_config(part, train, ev, init=str(init), resume=True, pooling="mean", **kw))
 
 
 def test_an_eval_only_label_does_not_change_the_head_or_training(tmp_path):
@@ -403,3 +405,24 @@ def test_an_eval_only_label_does_not_change_the_head_or_training(tmp_path):
     # the extra example is a miss; the loss is over the 24 examples the model has an output for
     assert b["accuracy"] == pytest.approx(a["accuracy"] * 24 / 25)
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+    assert (a["n_eval_scored"], b["n_eval_scored"]) == (24, 24)
+
+
+def test_a_run_whose_head_had_an_eval_only_label_still_resumes(tmp_path, monkeypatch):
+    """An older version gave an eval-only label a head output: such a run resumes with the classes its
+    checkpoint has (its fingerprint's labels), and its folder stays loadable."""
+    import fastformer.train.finetune as ft
+
+    train, ev = make_tsv(tmp_path / "train.tsv", 40), make_tsv(tmp_path / "eval.tsv", 24, seed=1)
+    extra = tmp_path / "eval_extra.tsv"
+    extra.write_text(ev.read_text() + "some neutral words here\tneutral\n")
+    part = tmp_path / "part"
+    kw = dict(val_fraction=0.0)
+    with monkeypatch.context() as m:  # the older classes: train and eval labels together
+        real = ft.label_vocabulary
+        m.setattr(ft, "label_vocabulary", lambda *labels: real(*labels, *([] if len(labels) > 1 else [["neutral"]])))
+        finetune(finetune_config(part, train, extra, stop_at=3, **kw))
+    assert json.loads((part / "config.json").read_text())["labels"] == ["neg", "neutral", "pos"]
+    s = finetune(finetune_config(part, train, extra, resume=True, **kw))
+    assert s["steps"] == 6 and s["labels"] == ["neg", "neutral", "pos"]
+    assert ff.models.load(part).labels == ["neg", "neutral", "pos"]
