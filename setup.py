@@ -15,6 +15,7 @@ math). FASTFORMER_NO_EXT=1 skips the build.
 
 import os
 import platform
+import re
 import shutil
 import sys
 
@@ -35,6 +36,15 @@ def _cxx_flags():
     if platform.machine() in ("x86_64", "AMD64") and not _env_flag("FASTFORMER_PORTABLE"):
         flags.append("-march=native")  # AVX2/AVX-512 for the Adam loop; FASTFORMER_PORTABLE=1 for a generic build
     return flags
+
+
+def _torch_arch(arch: str) -> str:
+    """A FASTFORMER_CUDA_ARCHS entry ("80", "90a", "100") in TORCH_CUDA_ARCH_LIST's form ("8.0", "9.0a",
+    "10.0"): the last digit is the minor version, a letter after it stays a suffix."""
+    m = re.fullmatch(r"(\d+)(\d)([a-z]?)", arch)
+    if m is None:
+        raise SystemExit(f"FASTFORMER_CUDA_ARCHS: {arch!r} is not a compute capability such as 80, 90 or 90a")
+    return f"{m[1]}.{m[2]}{m[3]}"
 
 
 def _ext_modules_and_cmdclass():
@@ -113,7 +123,7 @@ def _ext_modules_and_cmdclass():
 
     # Arch list for torch's own flags (avoids a warning and a build for every arch torch knows).
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(f"{a[:-1]}.{a[-1]}" for a in archs))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(_torch_arch(a) for a in archs))
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 

@@ -227,13 +227,18 @@ def _write_entry(path: Path, key: str, entry: dict, allowed: list[tuple]) -> dic
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except (ImportError, OSError):
                 pass
+            if path.exists() and not os.access(path, os.R_OK):
+                return entry  # rewriting a file we cannot read would drop everyone else's entries
             entries = _read(path)
             if _valid_config(entries.get(key), allowed) is not None:
                 return entries[key]
             entries[key] = entry
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True))
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)  # a failed replace leaves no stray file
     except OSError:
         pass
     return entry

@@ -342,3 +342,19 @@ def test_the_kernels_tag_skips_editor_files(tmp_path, monkeypatch):
         assert len(tuning.kernels_tag()) == 12
     finally:
         tuning.kernels_tag.cache_clear()
+
+
+def test_a_cache_that_cannot_be_replaced_or_read_is_left_alone(tune_env, monkeypatch):
+    """A failed rename leaves no temporary file behind, and a cache file this process cannot read is
+    never rewritten (that would drop the entries of every other process): the choice stays in memory."""
+    path = tuning.cache_file(*FACTS[::2])
+    path.mkdir(parents=True)  # os.replace onto a folder fails
+    timer = FakeTimer({DEFAULT: 2.0, (128, 64, 8, 3): 1.0, (32, 32, 4, 1): 3.0})
+    assert _choose(timer) == (128, 64, 8, 3)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".lock").name])
+    path.rmdir()
+    path.write_text(json.dumps({"entries": {"someone|else": {"config": list(DEFAULT)}}}))
+    tuning.reset()
+    monkeypatch.setattr(tuning.os, "access", lambda p, mode: Path(p) != path)  # root reads anything: pretend
+    assert _choose(timer) == (128, 64, 8, 3)
+    assert json.loads(path.read_text())["entries"] == {"someone|else": {"config": list(DEFAULT)}}

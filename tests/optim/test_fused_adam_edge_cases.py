@@ -371,6 +371,11 @@ def test_setup_py_env_flags(monkeypatch):
         assert "-march=native" in mod["_cxx_flags"]()
     monkeypatch.setenv("FASTFORMER_PORTABLE", "1")
     assert "-march=native" not in mod["_cxx_flags"]()
+    # FASTFORMER_CUDA_ARCHS in torch's form: "90a" was written "90.a", which torch rejects
+    arch = mod["_torch_arch"]
+    assert [arch(a) for a in ("80", "90", "90a", "100", "120f")] == ["8.0", "9.0", "9.0a", "10.0", "12.0f"]
+    with pytest.raises(SystemExit, match="FASTFORMER_CUDA_ARCHS: 'sm_90'"):
+        arch("sm_90")
 
 
 @pytest.mark.parametrize("path", ["kernel", "no-extension"])
