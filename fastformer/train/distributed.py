@@ -72,6 +72,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without torchrun)."""
+    if not info.enabled:
+        return [obj]
+    box = [None] * info.world
+    dist.all_gather_object(box, obj)
+    return box
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -45,10 +45,10 @@ from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import (
     FastformerWarning,
     check_init_folder,
-    make_out_dir,
     prepare_out_dir,
     rows_digests,
     write_file,
+    write_run_files,
     writing,
 )
 from .trainer import TrainConfig, Trainer
@@ -413,9 +413,8 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     mem = _check_memory(cfg, model, -(-longest // 8) * 8, device, info)
     fingerprint = {"task": "finetune", "source": source, "labels": names, "model_config": model_config}
     n_params = sum(p.numel() for p in model.parameters())
+    config = {}
     if info.main:
-        make_out_dir(out, replace=cfg.overwrite)
-        write_file(out, "tokenizer.json", tok.to_str())
         arch = architecture_name(model)
         config = {
             "fastformer_version": ff.__version__,
@@ -449,7 +448,6 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             "n_eval_examples": len(x_eval),
             **digests,
         }
-        write_file(out, "config.json", json.dumps(config, indent=2))
         print(
             f"finetune {source}: {len(names)} labels, {n_params / 1e6:.1f}M parameters on {device}"
             f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
@@ -470,6 +468,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         dist_info=info,
         device=device,
         desc="finetune",
+        write_run_files=lambda: write_run_files(out, cfg.overwrite, config, tok.to_str()),
     )
     trainer.selecting = bool(val_idx)
     title = f"fine-tuning, {source}"

@@ -59,7 +59,8 @@ class MLMObjective(Objective):
             {
                 **get_preset(preset),
                 "vocab_size": tokenizer.get_vocab_size(),
-                "max_position": max(512, seq_len),
+                # batches pad to a multiple of 8: the table covers the padded length too
+                "max_position": max(512, -(-seq_len // 8) * 8),
                 "pad_token_id": PAD,
             }
         )

@@ -8,7 +8,6 @@ before the first example is built and a run that cannot fit is refused.
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,10 +30,9 @@ from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import (
     FastformerWarning,
     data_digest,
-    make_out_dir,
     prepare_out_dir,
     started_on_other_data,
-    write_file,
+    write_run_files,
     writing,
 )
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -184,10 +182,8 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         "packing": cfg.packing,
     }
     n_params = sum(p.numel() for p in model.parameters())
+    config = {}
     if info.main:
-        make_out_dir(out, replace=cfg.overwrite)
-        if not cfg.resume:
-            write_file(out, "tokenizer.json", tok_json)
         config = {
             "fastformer_version": fastformer.__version__,
             "run": "pretrain",
@@ -216,7 +212,6 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
             "data_digest": digest,
             "data": cfg.data or ["<built-in corpus: Python docstrings>"],
         }
-        write_file(out, "config.json", json.dumps(config, indent=2))
         print(
             f"pretrain {preset} ({obj.name}): {n_params / 1e6:.1f}M parameters on {device}"
             f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
@@ -239,6 +234,12 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         device=device,
         flops_per_token=obj.flops_per_token(model, cfg.seq_len),
         desc=f"pretrain {preset}",
+        write_run_files=lambda: write_run_files(
+            out,
+            cfg.overwrite,
+            config,
+            None if cfg.resume else tok_json,  # a resumed run keeps its tokenizer
+        ),
     )
     title = f"{obj.name} pre-training, {preset}"
     with loss_plot_on_stop(out, title, info.main):

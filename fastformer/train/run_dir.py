@@ -246,6 +246,15 @@ def write_file(out: str | Path, name: str, text: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def write_run_files(out: str | Path, replace: bool, config: dict, tokenizer_json: str | None) -> None:
+    """The run's first files (main process, called by the trainer before the first step): --out made
+    (with --overwrite, the replaced run's files removed first), tokenizer.json unless None, config.json."""
+    make_out_dir(out, replace=replace)
+    if tokenizer_json is not None:
+        write_file(out, "tokenizer.json", tokenizer_json)
+    write_file(out, "config.json", json.dumps(config, indent=2, default=str))
+
+
 def stored_train_config(out: str | Path) -> dict:
     """The settings (`train` section of config.json) of the run in `out`, with `warmup_steps` back to
     None where the run used the default warmup, so that it follows a changed --steps."""

@@ -54,10 +54,10 @@ from .resources import check_memory, estimate_memory, set_threads
 from .run_dir import (
     FastformerWarning,
     check_init_folder,
-    make_out_dir,
     prepare_out_dir,
     rows_digests,
     write_file,
+    write_run_files,
     writing,
 )
 from .text_metrics import exact_match, rouge
@@ -472,9 +472,8 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         "train": str(Path(cfg.train).resolve()),
     }
     n_params = sum(p.numel() for p in model.parameters())
+    config = {}
     if info.main:
-        make_out_dir(out, replace=cfg.overwrite)
-        write_file(out, "tokenizer.json", tok.to_str())
         arch = architecture_name(model)
         init = str(Path(cfg.init).resolve()) if cfg.init else None
         config = {
@@ -512,7 +511,6 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
             "n_eval_examples": len(eval_ex),
             **digests,
         }
-        write_file(out, "config.json", json.dumps(config, indent=2, default=str))
         print(
             f"finetune {TASK} {source}: {n_params / 1e6:.1f}M parameters on {device}"
             f"{f' x{info.world}' if info.enabled else ''}, {threads[0]} thread{'s' if threads[0] != 1 else ''} "
@@ -534,6 +532,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
         device=device,
         desc=f"{TASK} finetune",
         eval_fn=eval_fn,
+        write_run_files=lambda: write_run_files(out, cfg.overwrite, config, tok.to_str()),
     )
     title = f"text-to-text fine-tuning, {source}"
     with loss_plot_on_stop(out, title, info.main):

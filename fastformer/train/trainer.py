@@ -195,10 +195,14 @@ class Trainer:
         desc: str = "train",
         clock: Callable[[], float] = time.perf_counter,
         eval_fn: Callable[[nn.Module], dict] | None = None,
+        write_run_files: Callable[[], None] | None = None,
     ):
         """eval_fn: extra held-out scores (name -> float) added to every evaluation, computed by the
         main process on the plain model in eval mode without gradients (e.g. generation's ROUGE); it
-        must not draw from torch's random generators, so that --resume stays exact."""
+        must not draw from torch's random generators, so that --resume stays exact.
+        write_run_files: writes the run's config.json / tokenizer.json (main process), called before
+        the first step, and on --resume only once the checkpoint has accepted this run's settings (a
+        refused resume, e.g. another world size, leaves the folder as it was)."""
         cfg.validate()
         self.clock = clock  # seconds; tests pass a fake one to check the time budget
         self.cfg = cfg
@@ -216,6 +220,7 @@ class Trainer:
         self.batch_fn, self.step_fn, self.tokens_fn = batch_fn, step_fn, tokens_fn
         self.eval_batches = eval_batches or []
         self.eval_fn = eval_fn
+        self.write_run_files = write_run_files
         # what must be equal for --resume to continue the same run: the caller's (model, data, ...) and
         # the flags that shape the optimisation; --steps may change (the schedule follows the new total)
         self.fingerprint = {
@@ -275,6 +280,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": rng_state(),
+            "rng_ranks": getattr(self, "_rng_ranks", None),  # per rank under torchrun, else None
             "data_position": {"step": self.step},
             "fingerprint": self.fingerprint,
             "train_config": asdict(self.cfg),
@@ -295,6 +301,9 @@ class Trainer:
         return {"seconds": self._seconds_before + running, "tokens": self._tokens_before + self._tokens}
 
     def save(self) -> None:
+        # every rank's generators (each rank's dropout draws on its own batches' shapes, so the ranks'
+        # states differ): each restores its own on --resume (a collective: every rank calls save)
+        self._rng_ranks = D.all_gather_object(rng_state(), self.info) if self.info.enabled else None
         if self.info.main:
             prior = (
                 f"the previous checkpoint (step {self._saved_step}) is intact"
@@ -328,7 +337,8 @@ class Trainer:
             ) from None
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
+        ranks = ck.get("rng_ranks")  # absent in older checkpoints, None without torchrun
+        set_rng_state(ranks[self.info.rank] if ranks and len(ranks) == self.info.world else ck["rng"])
         self.step = int(ck["step"])
         check_steps_done(self.cfg.steps, self.step, self.out)
         self._saved_step = self.step
@@ -491,6 +501,9 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self.load()
+        if self.info.main and self.write_run_files is not None:
+            self.write_run_files()
+        if cfg.resume:
             if self.info.main:
                 with writing("--out", self.out):
                     truncate_metrics(self.metrics_path, self.step)

@@ -1,4 +1,6 @@
-"""The same pretrain command under torchrun: 2 CPU processes, gloo, DDP; only rank 0 writes files."""
+"""The same pretrain command under torchrun: 2 CPU processes, gloo, DDP; only rank 0 writes files; a
+resume restores each rank's own random generators, and one refused for another world size writes
+nothing."""
 
 import json
 import os
@@ -58,3 +60,41 @@ def test_torchrun_two_process_gloo(tmp_path, tiny_corpus):
         "metrics.jsonl",
         "tokenizer.json",
     ]
+
+
+def _torchrun(args, env, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run([*cmd, "-m", "fastformer", *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_torchrun_resume_restores_each_ranks_generators(tmp_path, tiny_corpus):
+    """Line-by-line batches pad to each rank's own lengths, so the ranks' dropout draws, and their
+    generators, differ: a resumed run equals the uninterrupted one only if each rank gets its own back
+    (rank 0's was given to every rank). A constant schedule: 2 steps then --resume to 4 is 4 steps."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    base = ["pretrain", "--data", str(tiny_corpus), "--line-by-line", "--schedule", "constant", "--batch-size", "3"]
+    base += ["--seq-len", "32", "--vocab-size", "120", "--device", "cpu", "--no-progress", "--threads", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for args in ([*base, "--steps", "4", "--out", str(full)], [*base, "--steps", "2", "--out", str(part)]):
+        r = _torchrun(args, env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert len(ck["rng_ranks"]) == 2
+    # a resume refused for another world size (one process here) leaves the run's files as they were
+    before = {f: (part / f).read_bytes() for f in ("config.json", "tokenizer.json", "checkpoint.pt")}
+    r = subprocess.run(
+        [sys.executable, "-m", "fastformer", "pretrain", "--out", str(part), "--resume", "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert r.returncode == 2 and "world_size=2; this command gives 1" in r.stderr, r.stderr[-2000:]
+    assert {f: (part / f).read_bytes() for f in before} == before
+    r = _torchrun(["pretrain", "--out", str(part), "--resume", "--steps", "4", "--no-progress"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -426,3 +426,11 @@ def test_a_run_whose_head_had_an_eval_only_label_still_resumes(tmp_path, monkeyp
     s = finetune(finetune_config(part, train, extra, resume=True, **kw))
     assert s["steps"] == 6 and s["labels"] == ["neg", "neutral", "pos"]
     assert ff.models.load(part).labels == ["neg", "neutral", "pos"]
+
+
+def test_a_bert_seq_len_above_512_and_not_a_multiple_of_8_trains(tmp_path, tiny_corpus):
+    """Batches pad to a multiple of 8: --seq-len 513 made a 513-position table and a 520-token batch,
+    which failed at the first step after the run folder was written."""
+    s = pretrain(tiny_config(tmp_path / "run", tiny_corpus, seq_len=513, steps=1, batch_size=1, eval_every=0))
+    assert s["steps"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]["max_position"] == 520
