@@ -68,11 +68,16 @@ test: env cuda-compile-check lint
 
 # One command for a GPU machine (see bench/gpu_check.py): the decisive benchmarks first, then the cuda
 # tests, within GPU_CHECK_BUDGET seconds (about 9 minutes in all); the extension builds and the tuning
-# candidates compile in the background; tables land in $(OUT) and a short table is printed last.
+# candidates compile in the background; results land in $(OUT) (named for the device; their logs and
+# the tuner's cache in $(OUT)/gpu_check_<device>_work/) and a short table is printed last. Then
+# `python bench/make_readme.py` puts the new results into bench/README.md.
 GPU_CHECK_BUDGET ?= 500
 gpu-check:
 	PY=$(PY) OUT=$(OUT) GPU_CHECK_BUDGET=$(GPU_CHECK_BUDGET) bash scripts/gpu_check.sh
 
+# The CPU micro-benchmarks, then every benchmark script (bench/bench_*.py, bench/memory_estimate.py) as a
+# step of gpu_check.py --allow-cpu; the experiments (pretraining_benefit.py, text2text_benefit.py,
+# decoding_choice.py) need data and are run by hand.
 bench: env
 	$(TEST_ENV) $(PY) -m pytest bench --benchmark-only -q $(PYTEST_ARGS)
 	$(TEST_ENV) $(PY) bench/gpu_check.py --out $(OUT) --budget 3600 --allow-cpu

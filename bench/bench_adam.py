@@ -26,6 +26,7 @@ import harness
 import fastformer as ff
 
 BYTES_PER_PARAM = 28
+CPU_THREADS = 2  # the CPU cases' thread count, whatever the process had
 
 
 def bert_shapes(hidden=768, layers=12, vocab=30522, max_pos=512, inter=None) -> list[tuple]:
@@ -113,7 +114,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     print(f"fused adam extension in use: {ff.optim.extension_available()}")
     # CPU, 2 threads: small model in quick mode so the whole CPU part stays well under a minute
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(CPU_THREADS)
     try:
         cpu = torch.device("cpu")
         cpu_copy = harness.copy_bandwidth_gbs(device=cpu)
@@ -127,7 +128,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         for case, shapes in cpu_cases:
             rows += bench_case(case, shapes, cpu, cpu_copy, [p for p in providers if p != "apex"])
         for r in rows:
-            r["copy_gbs"] = cpu_copy
+            r.update(copy_gbs=cpu_copy, threads=CPU_THREADS)
     finally:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
@@ -153,7 +154,8 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         "error",
     ]
     print(harness.format_table(rows, cols))
-    harness.save("adam", rows, out_dir=out_dir, x="params_M", y="gbs", series=("case", "provider"))
+    # the count is restored by now: the file and meta.device name the threads the CPU rows ran with
+    harness.save("adam", rows, out_dir=out_dir, x="params_M", y="gbs", series=("case", "provider"), threads=CPU_THREADS)
     # summary for gpu_check: the fastformer rows carry the ratios
     return [
         {
@@ -169,6 +171,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 "launches",
                 "x_vs_torch-fused",
                 "x_vs_torch-foreach",
+                "threads",
                 "error",
             )
         }

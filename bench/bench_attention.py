@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attention_summary import summary as _summary
 from harness import format_table, main, save, time_ms
 
 import fastformer as ff
@@ -256,43 +257,6 @@ def _run_case(case, device, dtype, quick=False):
     return rows
 
 
-def _summary(rows):
-    out = []
-    for case in dict.fromkeys(r["case"] for r in rows):
-        rs = [r for r in rows if r["case"] == case and "fwdbwd_tflops" in r]
-        ours = [r for r in rs if r["provider"].startswith("fastformer")]
-        refs = [r for r in rs if not r["provider"].startswith("fastformer")]
-        s = {"benchmark": "attention", "case": case}
-        for r in ours:
-            s[f"{r['provider']}_fwdbwd_tflops"] = r["fwdbwd_tflops"]
-        if ours and refs:
-            # what a user gets: the tuned kernels (the T5 op in the T5 case)
-            want = "fastformer-t5" if rs[0]["kind"] == "t5" else "fastformer"
-            main = next((r for r in ours if r["provider"] == want), max(ours, key=lambda r: r["fwdbwd_tflops"]))
-            best_fb = max(refs, key=lambda r: r["fwdbwd_tflops"])
-            best_f = max(refs, key=lambda r: r["fwd_tflops"])
-            s["fwd_tflops"] = main["fwd_tflops"]
-            s["best_ref"] = best_fb["provider"]
-            s["best_ref_fwdbwd_tflops"] = best_fb["fwdbwd_tflops"]
-            s["ratio_fwdbwd"] = main["fwdbwd_tflops"] / best_fb["fwdbwd_tflops"]
-            s["ratio_fwd"] = main["fwd_tflops"] / best_f["fwd_tflops"]
-        t5 = [r for r in rs if r["provider"] == "fastformer-t5"]
-        plain = [r for r in rs if r["provider"] == "fastformer"]
-        default = [r for r in rs if r["provider"] == "fastformer-default"]
-        if default and plain:
-            s["tuned_over_default_fwdbwd"] = plain[0]["fwdbwd_tflops"] / default[0]["fwdbwd_tflops"]
-        new = [r for r in rs if r["provider"] == "fastformer-tma-5gemm"]
-        old = [r for r in rs if r["provider"] == "fastformer-pointer-7gemm"]
-        if new and old:
-            # the new kernel design over the previous one, built-in configurations on both sides
-            s["tma5_over_pointer7_fwdbwd"] = new[0]["fwdbwd_tflops"] / old[0]["fwdbwd_tflops"]
-            s["tma5_over_pointer7_fwd"] = new[0]["fwd_tflops"] / old[0]["fwd_tflops"]
-        if t5 and plain:
-            s["t5_over_plain_fwdbwd"] = t5[0]["fwdbwd_tflops"] / plain[0]["fwdbwd_tflops"]
-        out.append(s)
-    return out
-
-
 def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -323,6 +287,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             summary,
             [
                 "case",
+                "fastformer_provider",
                 "fwd_tflops",
                 "best_ref",
                 "best_ref_fwdbwd_tflops",

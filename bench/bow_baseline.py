@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastformer.data.corpus import DataError
 from fastformer.data.tsv import label_vocabulary, read_tsv
 from fastformer.train.finetune import heldout_split
 
@@ -95,10 +96,18 @@ def predict(x: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return (x @ wb[:-1] + wb[-1]).argmax(-1)
 
 
+def _read(flag: str, path: str) -> tuple[list, list]:
+    """read_tsv, its DataError (no such file, no label column, ...) prefixed with the flag that named it."""
+    try:
+        return read_tsv(path)
+    except DataError as e:
+        raise DataError(f"{flag} {e}") from None
+
+
 def run(train: str, eval_: str, seed: int = 0) -> dict:
     t0 = time.perf_counter()
-    tr_texts, tr_labels = read_tsv(train)
-    ev_texts, ev_labels = read_tsv(eval_)
+    tr_texts, tr_labels = _read("--train", train)
+    ev_texts, ev_labels = _read("--eval", eval_)
     names = label_vocabulary(tr_labels, ev_labels)
     idx = {n: i for i, n in enumerate(names)}
     y_tr = torch.tensor([idx[n] for n in tr_labels])
@@ -131,23 +140,28 @@ def run(train: str, eval_: str, seed: int = 0) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", required=True)
     p.add_argument("--eval", required=True)
     p.add_argument("--seed", type=int, default=0, help="seeds the held-out split that picks the L2 strength")
     p.add_argument("--out", default=None, help="write the result as JSON here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    r = run(a.train, a.eval, a.seed)
+    try:
+        r = run(a.train, a.eval, a.seed)
+    except DataError as e:  # a data file that is missing or not text<TAB>label: one line, not a traceback
+        print(f"bow_baseline: {e}", file=sys.stderr)
+        return 2
     print(
         f"bag-of-words logistic regression: accuracy {r['accuracy']:.4f} on {r['n_eval']} examples "
         f"({r['n_train']} training labels, {r['n_features']} n-grams, l2 {r['l2']:g}, {r['seconds']} s)"
     )
     if a.out:
         Path(a.out).write_text(json.dumps(r, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,9 @@
 
 Where torch has no CUDA it refuses (exit 2) before writing anything: its benchmarks would measure the
 CPU into DIR (by default bench/results, over the committed CPU results). `--allow-cpu` runs them there
-anyway (`make bench` does); the `cuda` test steps are then not run and reported as skipped.
+anyway (`make bench` does); the `cuda` test steps are then not run and reported as skipped, and the
+CPU benchmarks (CPU dispatch, generation, the memory estimate) run too. `--only` names steps (an
+unknown name is an error, exit 2), `--budget` is a positive number of seconds.
 
 Steps run in priority order, each in its own process with a time limit, so a step that fails or
 overruns loses nothing else: attention fwd+bwd against every SDPA backend (with T5 against plain
@@ -14,10 +16,14 @@ extension's `cuda` tests only if time remains. A step starts only if its usual d
 `estimate`) fits in what is left of the budget; it is stopped at its `limit` or at the budget.
 Every benchmark saves its rows after each case, so a stopped step keeps what it finished.
 
-Meanwhile, in the background: the fused-Adam extension builds, and the kernel report compiles the
-attention and cross-entropy kernels' tuning candidates for this GPU, so the tuning the benchmarks trigger at first use
-finds them in Triton's cache. The tuner's choices (kernel, shape class, chosen and default config,
-their timings) are written under DIR/tuning and printed with the short table that ends the run.
+Into DIR go the results (file names carry the device), gpu_check_<device>.json (steps, summaries,
+the tuner's choices) and gpu_tests_<device>.log (this run's test output; a run with a test step
+replaces the previous one's). Meanwhile, in the background: the fused-Adam extension builds, and the
+kernel report compiles the attention and cross-entropy kernels' tuning candidates for this GPU, so
+the tuning the benchmarks trigger at first use finds them in Triton's cache. Their logs, the compile's
+report and the tuner's cache go to DIR/gpu_check_<device>_work/, a folder that bench/make_readme.py
+does not render and git ignores. The tuner's choices (kernel, shape class, chosen and default config,
+their timings) are printed with the short table that ends the run.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -47,7 +54,8 @@ EXT_TESTS = ("tests/optim", "tests/train", "tests/integrations")
 class Step:
     """One unit of the run. estimate: seconds it usually takes on an H100/H200 (planning only);
     limit: the most it may take. bench: a bench module run with run(quick, out_dir); cmd: a command.
-    needs_build: wait for the extension build first; if_time_remains: after every other step."""
+    needs_build: wait for the extension build first; if_time_remains: after every other step;
+    cpu_only: a CPU benchmark, in the plan only where there is no CUDA (`make bench`) or when --only names it."""
 
     name: str
     estimate: float
@@ -57,6 +65,7 @@ class Step:
     env: dict = dataclasses.field(default_factory=dict)
     needs_build: bool = False
     if_time_remains: bool = False
+    cpu_only: bool = False
 
 
 def steps(py: str, xdist: int) -> list:
@@ -73,8 +82,31 @@ def steps(py: str, xdist: int) -> list:
         Step("t5_attention", 40, 90, bench="bench_t5_attention"),
         Step("linear_cross_entropy", 15, 40, bench="bench_linear_cross_entropy"),
         Step("adam", 20, 40, bench="bench_adam", needs_build=True),
+        # CPU benchmarks (estimates: 2 CPU threads), so that `make bench` runs every benchmark script
+        Step("cpu_dispatch", 60, 300, bench="bench_cpu_dispatch", cpu_only=True),
+        Step("generation", 40, 300, bench="bench_generation", cpu_only=True),
+        Step("memory_estimate", 90, 400, bench="memory_estimate", cpu_only=True),
         Step("extension_tests", 60, 120, cmd=pytest + list(EXT_TESTS), needs_build=True, if_time_remains=True),
     ]
+
+
+def plan(todo: list, only: list | None, cuda: bool) -> list:
+    """The steps to run: those --only names, else every step, less the CPU-only ones where there is CUDA
+    (a GPU run's budget is for the GPU)."""
+    if only:
+        return [s for s in todo if s.name in only]
+    return [s for s in todo if not (cuda and s.cpu_only)]
+
+
+def check_args(only: list | None, budget: float, names: list) -> str | None:
+    """The one-line error for arguments that would run nothing or ignore the budget, else None."""
+    if only is not None:
+        unknown = [n for n in only if n not in names] if only else ["(no name)"]
+        if unknown:
+            return f"gpu-check: --only {' '.join(unknown)}: no such step (steps: {' '.join(names)})"
+    if not math.isfinite(budget) or budget <= 0:
+        return f"gpu-check: --budget {budget:g}: give a positive number of seconds"
+    return None
 
 
 def schedule(
@@ -180,13 +212,25 @@ def _cuda_available() -> bool:
 
 
 class Runner:
-    """Runs steps as subprocesses; collects the benchmarks' summary rows."""
+    """Runs steps as subprocesses; collects the benchmarks' summary rows. The test steps' output goes to
+    tests_log (default OUT/gpu_tests.log), which the run's first test step starts afresh: the log is of
+    this run only, the same run as the results beside it."""
 
     def __init__(
-        self, out: Path, full: bool, env: dict, build: subprocess.Popen | None, now, budget_end, cuda: bool = True
+        self,
+        out: Path,
+        full: bool,
+        env: dict,
+        build: subprocess.Popen | None,
+        now,
+        budget_end,
+        cuda: bool = True,
+        tests_log: Path | None = None,
     ):
         self.out, self.full, self.env, self.build, self.cuda = out, full, env, build, cuda
         self.now, self.budget_end = now, budget_end
+        self.tests_log = tests_log or out / "gpu_tests.log"
+        self._log_started = False
         self.summary: list = []
 
     def _wait_build(self, step: Step) -> None:
@@ -209,7 +253,10 @@ class Runner:
             is_pytest = "pytest" in step.cmd
             if is_pytest and not self.cuda:
                 return NO_CUDA
-            log = self.out / "gpu_tests.log" if is_pytest else None
+            log = self.tests_log if is_pytest else None
+            if log is not None and not self._log_started:  # a previous run's log is not this run's
+                log.unlink(missing_ok=True)
+                self._log_started = True
             start = log.stat().st_size if log is not None and log.exists() else 0
             status = _run_proc(step.cmd, timeout, env, log)
             if log is not None and log.exists():
@@ -237,9 +284,10 @@ class Runner:
         return status
 
 
-def _start_background(py: str, out: Path, env: dict) -> tuple:
-    """The extension build and the tuning candidates' compile, at low priority."""
-    build_log = open(out / "build.log", "w")
+def _start_background(py: str, work: Path, env: dict) -> tuple:
+    """The extension build and the tuning candidates' compile, at low priority; their logs and the
+    compile's report go to `work` (see work_dir)."""
+    build_log = open(work / "build.log", "w")
     build = subprocess.Popen(
         [
             "nice",
@@ -264,7 +312,7 @@ def _start_background(py: str, out: Path, env: dict) -> tuple:
     )
     warm = None
     if os.environ.get("GPU_CHECK_WARM", "1") != "0":
-        warm_log = open(out / "kernel_report.log", "w")
+        warm_log = open(work / "kernel_report.log", "w")
         variants = ["plain bf16", "causal bf16", "klen bf16", "varlen bf16", "t5 bf16", "plain fp32"]
         warm = subprocess.Popen(
             [
@@ -286,7 +334,7 @@ def _start_background(py: str, out: Path, env: dict) -> tuple:
                 "--match",
                 *variants,
                 "--json",
-                str(out / "kernel_report_gpu.json"),
+                str(work / "kernel_report.json"),
             ],
             cwd=ROOT,
             env=env,
@@ -303,6 +351,14 @@ def _stop(proc: subprocess.Popen | None) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+def work_dir(out: Path, dev: str) -> Path:
+    """OUT/gpu_check_<device>_work: what a run writes besides results (the build's and the compile's logs,
+    the compile's kernel report, the tuner's cache). A folder: bench/make_readme.py renders only the
+    files of OUT, and git ignores the folders of bench/results; named for the device, so that runs on
+    different GPUs into one OUT keep their own tuner caches."""
+    return out / f"gpu_check_{dev}_work"
 
 
 def tuning_table(tune_dir: Path) -> list:
@@ -345,12 +401,17 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--budget",
         type=float,
-        default=float(os.environ.get("GPU_CHECK_BUDGET", 500)),
-        help="total seconds for the steps (the command itself takes a little more)",
+        default=os.environ.get("GPU_CHECK_BUDGET", "500"),  # a string default goes through type=float
+        help="total seconds for the steps, positive (the command itself takes a little more)",
     )
-    ap.add_argument("--only", nargs="*", default=None, help="step names (e.g. attention cross_entropy)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="step names (e.g. attention cross_entropy; a CPU-only step runs on a GPU machine too when named)",
+    )
     ap.add_argument("--full", action="store_true", help="full sweeps instead of the short settings")
-    ap.add_argument("--xdist", type=int, default=int(os.environ.get("XDIST", 8)))
+    ap.add_argument("--xdist", type=int, default=os.environ.get("XDIST", "8"))
     ap.add_argument(
         "--allow-cpu",
         action="store_true",
@@ -359,6 +420,10 @@ def main(argv=None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    error = check_args(args.only, args.budget, [s.name for s in steps(sys.executable, args.xdist)])
+    if error and not args.child:  # before anything is written
+        print(error, file=sys.stderr)
+        return 2
     cuda = args.child is not None or _cuda_available()
     if not cuda and not args.allow_cpu:
         print(
@@ -376,10 +441,11 @@ def main(argv=None) -> int:
 
     t_start = time.monotonic()
     py = sys.executable
-    tune_dir = out / "tuning"
+    dev = device_name()
+    work = work_dir(out, dev)
+    tune_dir = work / "tuning"
     env = dict(os.environ, PYTHONUNBUFFERED="1", FASTFORMER_TUNE_CACHE=str(tune_dir))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    dev = device_name()
     print(f"[gpu-check] {dev}, budget {args.budget:.0f}s", flush=True)
     try:
         import torch
@@ -390,12 +456,15 @@ def main(argv=None) -> int:
         )
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    todo = steps(py, args.xdist)
-    if args.only:
-        todo = [s for s in todo if s.name in args.only]
+    todo = plan(steps(py, args.xdist), args.only, cuda)
     # on a CPU machine (`make bench`) the package is already built and there is nothing to compile for
-    build, warm = _start_background(py, out, env) if cuda else (None, None)
-    runner = Runner(out, args.full, env, build, time.monotonic, t_start + args.budget, cuda=cuda)
+    build, warm = None, None
+    if cuda:
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"[gpu-check] build and compile logs, the tuner's cache: {work}", flush=True)
+        build, warm = _start_background(py, work, env)
+    tests_log = out / f"gpu_tests_{dev}.log"
+    runner = Runner(out, args.full, env, build, time.monotonic, t_start + args.budget, cuda=cuda, tests_log=tests_log)
     try:
         records = schedule(todo, args.budget - (time.monotonic() - t_start), runner, time.monotonic)
     finally:

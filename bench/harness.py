@@ -37,8 +37,10 @@ def _device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def device_name(device: torch.device | str | None = None) -> str:
-    """A file-name-safe device name, e.g. 'NVIDIA_H200' or 'cpu-2threads-Intel_Xeon...'."""
+def device_name(device: torch.device | str | None = None, threads: int | None = None) -> str:
+    """A file-name-safe device name, e.g. 'NVIDIA_H200' or 'cpu-2threads-Intel_Xeon...'. threads: the CPU
+    threads the measurement used, for a script that changed the count only while it measured (default:
+    torch's current count)."""
     device = _device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -51,7 +53,7 @@ def device_name(device: torch.device | str | None = None) -> str:
                     break
         except OSError:
             pass
-        name = f"cpu-{torch.get_num_threads()}threads-{model}"
+        name = f"cpu-{threads or torch.get_num_threads()}threads-{model}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80]
 
 
@@ -145,11 +147,13 @@ def save(
     series: Sequence[str] = ("provider",),
     logx: bool = False,
     title: str | None = None,
+    threads: int | None = None,
 ) -> tuple[Path, Path | None]:
-    """Write rows as JSON (and a PNG plot of y against x per series when both are given)."""
+    """Write rows as JSON (and a PNG plot of y against x per series when both are given). threads: as in
+    device_name (the file and meta.device name the threads the rows were measured with)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = device_name(device)
+    dev = device_name(device, threads)
     stem = out_dir / f"{name}_{dev}"
     meta = {
         "benchmark": name,
@@ -219,13 +223,26 @@ def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def main(run: Callable[..., list[dict]], description: str | None, *, print_rows: bool = False) -> None:
-    """Command line of a bench script: [--full] [--out DIR] -> run(quick=not full, out_dir=DIR or None).
-    print_rows: print the summary rows run() returns, one per line."""
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line every bench script shares: [--full] [--out DIR]. A script with flags of its own
+    adds them here, so that --help lists them, and hands the parsed arguments to main(args=...)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--full", action="store_true", help="every case instead of the quick subset")
+    ap.add_argument("--out", default=None, help="folder for the results (default bench/results)")
+    return ap
+
+
+def main(
+    run: Callable[..., list[dict]],
+    description: str | None,
+    *,
+    print_rows: bool = False,
+    args: argparse.Namespace | None = None,
+) -> None:
+    """Command line of a bench script: [--full] [--out DIR] -> run(quick=not full, out_dir=DIR or None).
+    print_rows: print the summary rows run() returns, one per line. args: already parsed (see parser)."""
+    if args is None:
+        args = parser(description).parse_args()
     rows = run(quick=not args.full, out_dir=Path(args.out) if args.out else None)
     if print_rows:
         for r in rows:

@@ -15,7 +15,8 @@ instructions off the SASS / PTX / TTGIR. No GPU needed.
                    registry) and used in a subprocess, which never starts another one
   --candidates     also build every tuning candidate and judge it by the candidate gates;
   --write-gates    ... and record the verdicts in fastformer/kernels/gate_results/<family>.json, merged
-                   into the recorded ones (--arch / --match replace only the candidates they build)
+                   into the recorded ones (--arch / --match replace only the candidates they build);
+                   without --candidates an error (exit 2), as is a --family no kernel family has
   --match TEXT     only the cases (and candidates) whose name contains one of the texts
   --baseline FILE  with --check, also fail when a build spills more, has more local-memory traffic in a
                    tile loop or fewer blocks per SM than in FILE (an unreadable FILE is an error; default:
@@ -368,6 +369,21 @@ def _install_triton(version: str, cache: Path) -> Path:
     return target
 
 
+def check_args(args) -> str | None:
+    """The one-line error for a command line that cannot do what it asks (exit 2, before any build; under
+    --check exit 1 means a gate failed, so a usage error must not look like one), else None."""
+    if args.write_gates and not args.candidates:
+        return "kernel_report: --write-gates records the tuning candidates' verdicts: give --candidates too"
+    if args.family:
+        from fastformer.kernels import registry
+
+        try:
+            registry.families(args.family)
+        except ValueError as exc:
+            return f"kernel_report: --family {' '.join(args.family)}: {exc}"
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
@@ -391,6 +407,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    error = check_args(args)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
 
     import triton
 

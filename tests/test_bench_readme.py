@@ -146,3 +146,65 @@ def test_unknown_and_new_result_files_are_rendered_or_listed(tmp_path, capsys):
     stale.write_text("old\n")
     assert make_readme.main(["--check", "--out", str(stale), "--results", str(res)]) == 1
     assert "run `python bench/make_readme.py`" in capsys.readouterr().err
+
+
+def _attention_rows(case, kind, tflops):
+    """Measured rows of one attention case: provider -> (fwd TFLOP/s, fwd+bwd TFLOP/s)."""
+    return [
+        {"benchmark": "attention", "case": case, "kind": kind, "provider": p, "fwd_tflops": f, "fwdbwd_tflops": fb}
+        for p, (f, fb) in tflops.items()
+    ]
+
+
+def test_attention_summary_is_recomputed_from_the_measured_rows(tmp_path):
+    """The summary rows a results file carries are derived, and older code derived them differently: in
+    the committed H200 file the T5 case compared plain attention (no bias) with SDPA carrying the bias
+    (148×, where the T5 op is 20×). The README shows the summary of today's logic, from the rows."""
+    res = tmp_path / "results"
+    res.mkdir()
+    rows = _attention_rows(
+        "t5 B16 H12 L1024 d64",
+        "t5",
+        {"fastformer": (330.0, 200.0), "fastformer-t5": (20.0, 30.0), "sdpa-math": (10.0, 1.5)},
+    ) + _attention_rows(
+        "padded B32 H16 L512 d64",
+        "padded",
+        {"fastformer": (40.0, 40.0), "fastformer-varlen": (50.0, 50.0), "sdpa-cudnn": (80.0, 80.0)},
+    )
+    stale = [  # what the older summary code wrote
+        {"benchmark": "attention", "case": "t5 B16 H12 L1024 d64", "ratio_fwdbwd": 133.33, "summary": True},
+        {"benchmark": "attention", "case": "padded B32 H16 L512 d64", "ratio_fwdbwd": 0.625, "summary": True},
+    ]
+    _harness(res / "attention_NVIDIA_X.json", "attention", rows + stale, device="NVIDIA_X")
+    text, _ = make_readme.render_results(res)
+    assert "133.33×" not in text and "| t5 B16 H12 L1024 d64 | fastformer-t5 | 30.0 |" in text
+    assert "| 20.00× | 2.00× | 0.15× |" in text  # fwd+bwd 30 / 1.5, fwd 20 / 10, T5 / plain 30 / 200
+    assert "| padded B32 H16 L512 d64 | fastformer | 40.0 | 50.0 | sdpa-cudnn | 80.0 | 0.50× |" in text
+    # the measured numbers themselves are left as they are
+    assert json.loads((res / "attention_NVIDIA_X.json").read_text())["rows"][-1]["ratio_fwdbwd"] == 0.625
+
+
+def test_cpu_attention_summary_shows_the_reference_provider(tmp_path):
+    """On the CPU the fastformer provider is `fastformer(reference)`: the summary names it and shows its
+    TFLOP/s next to the ratio (the column used to be left out, the ratio shown without its numerator)."""
+    res = tmp_path / "results"
+    res.mkdir()
+    rows = _attention_rows(
+        "dense B2 H2 L128 d64",
+        "dense",
+        {"fastformer(reference)": (0.5, 0.25), "sdpa-math": (2.0, 1.0), "eager": (1.0, 0.5)},
+    )
+    _harness(res / "attention_cpu-1threads-Some_CPU.json", "attention", rows)
+    text, _ = make_readme.render_results(res)
+    assert "| dense B2 H2 L128 d64 | fastformer(reference) | 0.250 | sdpa-math | 1.00 | 0.25× | 0.25× |" in text
+
+
+def test_a_missing_results_folder_is_an_error(tmp_path, capsys):
+    """--results naming no folder is refused (exit 2, one line): it used to render as a tree without
+    results, and --check compared the README with that."""
+    out = tmp_path / "README.md"
+    assert make_readme.main(["--results", str(tmp_path / "nonexistent"), "--out", str(out)]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--results" in err and "nonexistent" in err
+    assert make_readme.main(["--check", "--results", str(tmp_path / "nonexistent")]) == 2

@@ -161,3 +161,119 @@ def test_make_bench_allows_cpu_and_gpu_check_does_not():
     bench = make.split("\nbench:", 1)[1].split("\n\n", 1)[0]
     assert "bench/gpu_check.py" in bench and "--allow-cpu" in bench
     assert "--allow-cpu" not in (root / "scripts" / "gpu_check.sh").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments that would run nothing or ignore the budget are refused before anything is written
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--only", "nonexistent"], "--only"),
+        (["--only", "attention", "atention"], "--only"),
+        (["--only"], "--only"),
+        (["--budget", "nan"], "--budget"),
+        (["--budget", "inf"], "--budget"),
+        (["--budget", "-5"], "--budget"),
+        (["--budget", "0"], "--budget"),
+    ],
+)
+def test_bad_only_or_budget_is_refused(argv, flag, tmp_path, monkeypatch, capsys):
+    """An unknown --only name used to run nothing and exit 0 with "steps": []; --budget nan enforced
+    nothing (and wrote NaN into the JSON), a negative budget skipped every step."""
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "_run_proc", lambda *a, **k: pytest.fail("a step ran"))
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--allow-cpu", "--xdist", "1", *argv]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+    if flag == "--only":
+        assert "attention" in err and "extension_tests" in err  # the valid names
+
+
+def test_every_benchmark_script_is_a_step_and_the_cpu_ones_stay_off_the_gpu_plan():
+    """`make bench` runs gpu_check.py --allow-cpu: every bench/bench_*.py and memory_estimate.py is a
+    step of it (bench_cpu_dispatch, bench_generation and memory_estimate used to be left out). The CPU
+    ones are not in a GPU run's plan, unless --only names them."""
+    from pathlib import Path
+
+    todo = gpu_check.steps("python3", 1)
+    benches = {s.bench for s in todo if s.bench}
+    scripts = {p.stem for p in (Path(gpu_check.HERE)).glob("bench_*.py")} | {"memory_estimate"}
+    assert scripts <= benches, scripts - benches
+    for s in todo:
+        if s.bench:
+            assert hasattr(bench_script(s.bench), "run"), s.bench
+    cpu_only = {s.name for s in todo if s.cpu_only}
+    assert cpu_only == {"cpu_dispatch", "generation", "memory_estimate"}
+    gpu = [s.name for s in gpu_check.plan(todo, None, cuda=True)]
+    assert not cpu_only & set(gpu) and gpu[-1] == "extension_tests"
+    assert cpu_only <= {s.name for s in gpu_check.plan(todo, None, cuda=False)}
+    assert [s.name for s in gpu_check.plan(todo, ["generation"], cuda=True)] == ["generation"]
+
+
+# ----------------------------------------------------------------------------------------------
+# what a GPU run leaves in OUT: results named for the device, scratch in a folder
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_gpu_run(tmp_path, monkeypatch, out, passed):
+    """One `make gpu-check` with CUDA faked: the background jobs write their logs and report, the test
+    step prints a pytest summary into its log."""
+
+    def background(py, work, env):
+        for name in ("build.log", "kernel_report.log", "kernel_report.json"):
+            (work / name).write_text("scratch\n")
+        (work / "tuning").mkdir(exist_ok=True)
+        return None, None
+
+    def run_proc(cmd, timeout, env, log=None):
+        with open(log, "a") as f:
+            f.write(f"{passed} passed in 0.1s\n")
+        return "ok"
+
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "_start_background", background)
+    monkeypatch.setattr(gpu_check, "_run_proc", run_proc)
+    argv = ["--out", str(out), "--only", "kernel_tests", "--budget", "200", "--xdist", "1"]
+    assert gpu_check.main(argv) == 0
+
+
+def test_a_gpu_run_names_its_files_for_the_device_and_keeps_scratch_apart(tmp_path, monkeypatch):
+    """The tests' log, the build and compile logs, the compile's report and the tuner's cache used to be
+    written into OUT without the device in their names (gpu_tests.log appended run after run,
+    kernel_report_gpu.json rendered as a kernel report): OUT's files now all name the device, the log
+    is this run's, the rest is in a folder that make_readme does not render and git ignores; so
+    `make gpu-check` then `python bench/make_readme.py` leaves a consistent tree."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from harness import device_name
+
+    make_readme = bench_script("make_readme")
+    dev = device_name()
+    out = tmp_path / "results"
+    _fake_gpu_run(tmp_path, monkeypatch, out, passed=3)
+    _fake_gpu_run(tmp_path, monkeypatch, out, passed=4)
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == [f"gpu_check_{dev}.json", f"gpu_tests_{dev}.log"]
+    assert (out / f"gpu_tests_{dev}.log").read_text() == "4 passed in 0.1s\n"  # this run's only
+    (work,) = [p for p in out.iterdir() if p.is_dir()]
+    assert dev in work.name and (work / "build.log").exists() and (work / "tuning").is_dir()
+    assert json.loads((out / f"gpu_check_{dev}.json").read_text())["steps"][0]["status"] == "ok"
+    readme = tmp_path / "README.md"
+    assert make_readme.main(["--results", str(out), "--out", str(readme)]) == 0
+    assert make_readme.main(["--check", "--results", str(out), "--out", str(readme)]) == 0
+    text = readme.read_text()
+    assert all(f"results/{name}" in text for name in files) and "### Kernel report" not in text
+    # git ignores the scratch folder of a run into bench/results
+    root = Path(gpu_check.ROOT)
+    probe = f"bench/results/{work.name}/build.log"
+    r = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", probe], capture_output=True)
+    if r.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert r.returncode == 0, f"{probe} is not ignored by git"
