@@ -909,6 +909,22 @@ def _interrupted_lines(e, command: str, out: str, env=None) -> list[str]:
     return lines
 
 
+def _other_rank() -> str | None:
+    """This process's torchrun rank when it is not rank 0 (None for rank 0 or a single process)."""
+    rank = os.environ.get("RANK", "").strip()
+    return rank if rank not in ("", "0") else None
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the group went away."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistBackendError", ())):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("connection reset by peer", "connection closed by peer", "broken pipe"))
+
+
 class _Terminated(Exception):
     """SIGTERM outside the training loop."""
 
@@ -966,12 +982,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         if os.environ.get("FASTFORMER_DEBUG"):
             raise
+        rank = _other_rank()
+        if rank is not None and isinstance(e, ValueError):
+            return 2  # bad input is checked alike on every rank of a torchrun: rank 0 says it once
         if isinstance(e, OSError) and e.filename and e.strerror:
             msg = f"{e.filename}: {e.strerror}"
         else:
             msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"fastformer: error: {msg}", file=sys.stderr)
+        print(f"fastformer: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # a torchrun rank whose peer stopped (rank 0 refused its input, or failed to write) loses the
+        # connection in the next collective: one line instead of the process group's traceback
+        rank = _other_rank()
+        if rank is None or not _lost_peer(e) or os.environ.get("FASTFORMER_DEBUG"):
+            raise
+        print(f"fastformer: error: [rank {rank}] lost the other processes (rank 0 says why)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -98,3 +98,45 @@ def test_torchrun_resume_restores_each_ranks_generators(tmp_path, tiny_corpus):
     a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_under_torchrun_is_said_once(tmp_path):
+    """Every rank checks the input and fails alike: rank 0 alone prints the one line (the ranks'
+    lines came out two or three times, sometimes glued into one)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    missing = tmp_path / "missing.txt"
+    r = _torchrun(
+        ["pretrain", "--data", str(missing), "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "o")], env
+    )
+    assert r.returncode != 0
+    assert r.stderr.count("fastformer: error:") == 1, r.stderr[-2000:]
+    assert f"fastformer: error: {missing}" in r.stderr or str(missing) in r.stderr
+
+
+def test_a_rank_that_loses_its_peers_says_one_line(monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from fastformer import cli
+
+    def lost(args):
+        raise dist.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setenv("RANK", "1")
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), lost))
+    assert cli.main(["info"]) == 1
+    assert capsys.readouterr().err.strip() == "fastformer: error: [rank 1] lost the other processes (rank 0 says why)"
+    monkeypatch.setenv("RANK", "0")  # rank 0 (or a single process) keeps the traceback of such an error
+    try:
+        cli.main(["info"])
+    except dist.DistBackendError:
+        pass
+    else:
+        raise AssertionError("rank 0 must not hide a lost connection")
+
+
+def _with_func(parser, func):
+    """The parser with the `info` command's function replaced."""
+    sub = parser._subparsers._group_actions[0].choices["info"]
+    sub.set_defaults(func=func)
+    return parser
