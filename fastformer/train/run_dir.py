@@ -242,6 +242,8 @@ def write_file(out: str | Path, name: str, text: str) -> None:
         try:
             tmp.write_text(text)
             os.replace(tmp, path)
+        except OSError as e:  # named by the file the user knows, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         finally:
             tmp.unlink(missing_ok=True)
 

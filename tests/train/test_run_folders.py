@@ -277,6 +277,17 @@ def test_unwritable_out_is_named(tmp_path, tiny_corpus, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", read_only)
     with pytest.raises(OutputError, match=r"^--out .*ro: cannot write: read-only file system$"):
         pretrain(tiny_config(tmp_path / "ro", tiny_corpus, steps=1))
+    # a file the run writes atomically is named as itself, not as its temporary file
+    real_write = Path.write_text
+
+    def denied(self, *a, **k):
+        if self.name.startswith(".config.json.tmp"):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", denied)
+    with pytest.raises(OutputError, match=r"^--out .*rw: cannot write config.json: permission denied$"):
+        pretrain(tiny_config(tmp_path / "rw", tiny_corpus, steps=1))
 
 
 # ---------------------------------------------------------------------------------------------------
