@@ -38,13 +38,21 @@ def _cxx_flags():
     return flags
 
 
-def _torch_arch(arch: str) -> str:
+def _torch_arch(arch: str) -> str | None:
     """A FASTFORMER_CUDA_ARCHS entry ("80", "90a", "100") in TORCH_CUDA_ARCH_LIST's form ("8.0", "9.0a",
-    "10.0"): the last digit is the minor version, a letter after it stays a suffix."""
+    "10.0"): the last digit is the minor version, a letter after it stays a suffix; None when it is not one."""
     m = re.fullmatch(r"(\d+)(\d)([a-z]?)", arch)
-    if m is None:
-        raise SystemExit(f"FASTFORMER_CUDA_ARCHS: {arch!r} is not a compute capability such as 80, 90 or 90a")
-    return f"{m[1]}.{m[2]}{m[3]}"
+    return None if m is None else f"{m[1]}.{m[2]}{m[3]}"
+
+
+def _cuda_archs() -> list[str]:
+    """FASTFORMER_CUDA_ARCHS (default "80;90") as a list; an entry that is no compute capability is left
+    out with a message (a build setting never fails the install)."""
+    archs = [a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";")]
+    bad = [a for a in archs if a and _torch_arch(a) is None]
+    if bad:
+        print(f"fastformer: FASTFORMER_CUDA_ARCHS: ignoring {bad} (not a compute capability such as 80, 90 or 90a)")
+    return [a for a in archs if a and a not in bad]
 
 
 def _ext_modules_and_cmdclass():
@@ -65,9 +73,7 @@ def _ext_modules_and_cmdclass():
         os.path.join(csrc, f) for f in ("adam_cpu.cpp", "dropout_cpu.cpp", "cross_entropy_cpu.cpp", "cpu_env.cpp")
     ]
     cuda_sources = [os.path.join(csrc, "adam_cuda.cu"), os.path.join(csrc, "adam_cuda_binding.cpp")]
-    archs = [
-        a.strip() for a in os.environ.get("FASTFORMER_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()
-    ]
+    archs = _cuda_archs()
 
     def cpu_extension():
         return ce.CppExtension(

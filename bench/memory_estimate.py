@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def _case(text: str) -> tuple[str, int, int]:
     from fastformer.models.presets import DEPRECATED_PRESETS, known_presets
 
     parts = text.split(":")
-    if len(parts) != 3 or not all(x.strip().lstrip("-").isdigit() for x in parts[1:]):
+    if len(parts) != 3 or not all(re.fullmatch(r"\s*-?[0-9]+\s*", x) for x in parts[1:]):  # ASCII digits
         raise ValueError("give PRESET:BATCH:LENGTH, e.g. bert-tiny:8:128")
     preset, b, length = parts[0], int(parts[1]), int(parts[2])
     if preset not in known_presets() and preset not in DEPRECATED_PRESETS:

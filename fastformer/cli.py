@@ -276,8 +276,19 @@ def _check_file_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{dest} {value}: is a folder, not a file; give {instead}")
 
 
+def _rank(env=None) -> int:
+    """This process's torchrun rank; 0 for a single process, even one a scheduler gave a RANK (only
+    WORLD_SIZE > 1 makes a group, as in fastformer.train.distributed.init)."""
+    env = os.environ if env is None else env
+    try:
+        world, rank = int(env.get("WORLD_SIZE") or 1), int(env.get("RANK") or 0)
+    except ValueError:
+        return 0
+    return rank if world > 1 else 0
+
+
 def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return _rank() == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -894,7 +905,7 @@ def _interrupted_lines(e, command: str, out: str, env=None) -> list[str]:
     that resumes it. Under torchrun (RANK / WORLD_SIZE in `env`, default os.environ) only rank 0 prints,
     and the hint is the torchrun command with the same number of processes (--resume refuses another)."""
     env = os.environ if env is None else env
-    if int(env.get("RANK", "0") or 0) != 0:
+    if _rank(env) != 0:
         return []
     lines = [f"fastformer: {e}"]
     if e.step:
@@ -909,20 +920,14 @@ def _interrupted_lines(e, command: str, out: str, env=None) -> list[str]:
     return lines
 
 
-def _other_rank() -> str | None:
-    """This process's torchrun rank when it is not rank 0 (None for rank 0 or a single process)."""
-    rank = os.environ.get("RANK", "").strip()
-    return rank if rank not in ("", "0") else None
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
 
 
 def _lost_peer(e: RuntimeError) -> bool:
-    """Whether a collective failed because another process of the group went away."""
-    import torch.distributed as dist
-
-    if isinstance(e, getattr(dist, "DistBackendError", ())):
-        return True
+    """Whether a collective failed because another process of the group went away (not a fault of
+    this rank's own, such as a CUDA error inside NCCL: that keeps its traceback)."""
     text = str(e).lower()
-    return any(s in text for s in ("connection reset by peer", "connection closed by peer", "broken pipe"))
+    return any(s in text for s in _PEER_GONE)
 
 
 class _Terminated(Exception):
@@ -982,22 +987,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         if os.environ.get("FASTFORMER_DEBUG"):
             raise
-        rank = _other_rank()
-        if rank is not None and isinstance(e, ValueError):
-            return 2  # bad input is checked alike on every rank of a torchrun: rank 0 says it once
         if isinstance(e, OSError) and e.filename and e.strerror:
             msg = f"{e.filename}: {e.strerror}"
         else:
             msg = " ".join(str(e).split()) or type(e).__name__
+        # under torchrun every rank checks its input: the other ranks' lines say which rank they come
+        # from (an error only one rank meets, its GPU's memory or its node's files, must still be seen)
+        rank = _rank()
         print(f"fastformer: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # a torchrun rank whose peer stopped (rank 0 refused its input, or failed to write) loses the
-        # connection in the next collective: one line instead of the process group's traceback
-        rank = _other_rank()
-        if rank is None or not _lost_peer(e) or os.environ.get("FASTFORMER_DEBUG"):
+        # a torchrun rank whose peer stopped (refused its input, failed to write) loses the connection
+        # in the next collective: one line instead of the process group's traceback
+        rank = _rank()
+        if rank == 0 or not _lost_peer(e) or os.environ.get("FASTFORMER_DEBUG"):
             raise
-        print(f"fastformer: error: [rank {rank}] lost the other processes (rank 0 says why)", file=sys.stderr)
+        first = " ".join(str(e).splitlines()[0].split()) if str(e) else type(e).__name__
+        print(
+            f"fastformer: error: [rank {rank}] another process of the run stopped ({first}); its own error says why",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -29,6 +29,7 @@ def _main(monkeypatch, *argv):
         ("bert-tiny:8:-1", "at least 1"),
         ("bert-tiny:8", "PRESET:BATCH:LENGTH"),
         ("bert-tiny:eight:128", "PRESET:BATCH:LENGTH"),
+        ("bert-tiny:\u00b2:128", "PRESET:BATCH:LENGTH"),  # a digit to str.isdigit, not to int()
     ],
 )
 def test_bad_cases_are_refused_before_anything_runs(case, says, tmp_path, monkeypatch, capsys):

@@ -127,9 +127,8 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-        # the generator of the device this process trains on: under torchrun only rank 0 saves, and its
-        # list above holds the other ranks' devices as rank 0 sees them (seeded, never drawn from); the
-        # ranks draw alike (same seed, same calls), so each restores its own device from this one
+        # the generator of the device this process trains on (under torchrun the trainer saves this
+        # whole dict for every rank, and each rank restores its own)
         state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 

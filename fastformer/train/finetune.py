@@ -489,8 +489,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         ev = result.eval or trainer.evaluate()
     summary = {
         "accuracy": ev["eval_accuracy"],
-        # over the rows whose label the model has an output for; None when there are none
-        "eval_loss": ev["eval_loss"] if n_scored else None,
+        "eval_loss": ev["eval_loss"],  # over the rows whose label the model has an output for (None: none)
         "n_eval": len(x_eval),
         "n_eval_scored": n_scored,
         "n_train": len(x_train) + len(val_idx),

@@ -68,7 +68,7 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if tr:
         ax.plot(*zip(*tr), label="train loss")
     if ev:

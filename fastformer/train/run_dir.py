@@ -227,7 +227,7 @@ def make_out_dir(out: str | Path, *, replace: bool = False) -> None:
     with writing("--out", out):
         if replace:
             for p in _entries(Path(out)):
-                if p.name in RUN_FILES or p.name.startswith(f".{CHECKPOINT_NAME}.tmp"):
+                if p.name in RUN_FILES or any(p.name.startswith(f".{f}.tmp") for f in RUN_FILES):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         Path(out).mkdir(parents=True, exist_ok=True)
 

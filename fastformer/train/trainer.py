@@ -402,8 +402,9 @@ class Trainer:
             with torch.no_grad():
                 extra = self.eval_fn(self.raw_model)
         self.raw_model.train()
-        n, scored = max(tot[1].item(), 1.0), max(tot[3].item(), 1.0)
-        return {"eval_loss": tot[0].item() / scored, "eval_accuracy": tot[2].item() / n, **extra}
+        n, scored = max(tot[1].item(), 1.0), tot[3].item()
+        loss = tot[0].item() / scored if scored > 0 else None  # None: no row the loss could cover
+        return {"eval_loss": loss, "eval_accuracy": tot[2].item() / n, **extra}
 
     def _elapsed(self) -> float:
         """Training seconds of the whole run so far (earlier sessions included)."""
@@ -434,7 +435,7 @@ class Trainer:
             f"lr {record['lr']:.2e}",
             f"{record['tokens_per_s']:,.0f} tok/s",
         ]
-        if "eval_loss" in record:
+        if record.get("eval_loss") is not None:
             parts.append(f"eval loss {record['eval_loss']:.4f}")
         if "eval_accuracy" in record:
             parts.append(f"eval accuracy {record['eval_accuracy']:.3f}")
@@ -608,7 +609,7 @@ class Trainer:
                     record["mfu"] = float(f"{tps * self.flops_per_token / (self.peak * self.info.world):.4g}")
                 if do_eval:
                     ev = self.evaluate()
-                    record.update({k: round(v, 6) for k, v in ev.items()})
+                    record.update({k: None if v is None else round(v, 6) for k, v in ev.items()})
                     res.eval = ev
                 self._write_metrics(record)
                 if bar is not None:

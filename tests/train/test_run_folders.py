@@ -417,6 +417,13 @@ def test_an_eval_only_label_does_not_change_the_head_or_training(tmp_path):
     assert b["accuracy"] == pytest.approx(a["accuracy"] * 24 / 25)
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
     assert (a["n_eval_scored"], b["n_eval_scored"]) == (24, 24)
+    # no eval row the model could score: no loss at all (not 0.0, which reads as perfect), anywhere
+    only = tmp_path / "eval_only_unseen.tsv"
+    only.write_text("".join(f"neutral words {i}\tneutral\n" for i in range(24)))
+    with pytest.warns(FastformerWarning, match="never appear"):
+        c = finetune(finetune_config(tmp_path / "c", train, only, **kw))
+    assert (c["accuracy"], c["eval_loss"], c["n_eval_scored"]) == (0.0, None, 0)
+    assert json.loads((tmp_path / "c" / "eval.json").read_text())["eval_loss"] is None
 
 
 def test_a_run_whose_head_had_an_eval_only_label_still_resumes(tmp_path, monkeypatch):
