@@ -452,3 +452,12 @@ def test_a_bert_seq_len_above_512_and_not_a_multiple_of_8_trains(tmp_path, tiny_
     s = pretrain(tiny_config(tmp_path / "run", tiny_corpus, seq_len=513, steps=1, batch_size=1, eval_every=0))
     assert s["steps"] == 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]["max_position"] == 520
+
+
+def test_overwrite_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    from fastformer.train.run_dir import make_out_dir
+
+    for name in (".checkpoint.pt.tmp12", ".config.json.tmp34", ".tokenizer.json.tmp56", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    make_out_dir(tmp_path, replace=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # a file of the user's stays
