@@ -452,3 +452,23 @@ def test_check_fails_when_nothing_is_checked(args):
     proc = _run_report("--check", "--quiet", *args, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "cannot read the baseline" in proc.stderr or "builds no case" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        # a ValueError traceback and exit 1, which --check uses for a failed gate
+        (["--family", "nosuch", "--check"], "--family nosuch"),
+        (["--family", "attention", "nosuch"], "nosuch"),
+        # it used to build everything and record nothing (docs/kernels.md: --candidates --write-gates)
+        (["--write-gates"], "--candidates"),
+    ],
+)
+def test_impossible_requests_are_refused_before_any_build(argv, says, monkeypatch, capsys):
+    """A request the report cannot carry out is a one-line error, exit 2, before anything is built
+    (under --check, exit 1 means that a gate failed)."""
+    kernel_report = _kernel_report()
+    monkeypatch.setattr(kernel_report, "run_tasks", lambda *a, **k: pytest.fail("kernel_report built something"))
+    assert kernel_report.main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "Traceback" not in err, err
