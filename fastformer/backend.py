@@ -30,19 +30,31 @@ _state = threading.local()  # this thread's use_backend block in force, if any
 
 
 def _validate(name: str) -> str:
-    name = str(name).lower()
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
+    return name.lower()
 
 
-_process = _validate(os.environ.get("FASTFORMER_BACKEND", "auto"))  # set_backend: every thread
+def _from_environment() -> tuple[str | None, str | None]:
+    """(FASTFORMER_BACKEND's backend, None), or (None, the error) for a value that is none: said at the
+    first use (a ValueError the CLI prints as one line), not as a traceback of `import fastformer`."""
+    try:
+        return _validate(os.environ.get("FASTFORMER_BACKEND", "auto")), None
+    except ValueError as e:
+        return None, f"FASTFORMER_BACKEND: {e}"
+
+
+_process, _env_error = _from_environment()  # set_backend: every thread
 
 
 def get_backend() -> str:
     """The backend in force in this thread: 'auto', 'triton' or 'reference'."""
     block = getattr(_state, "backend", None)
-    return _process if block is None else block
+    if block is not None:
+        return block
+    if _process is None:
+        raise ValueError(_env_error)
+    return _process
 
 
 def set_backend(name: str) -> None:

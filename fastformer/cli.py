@@ -317,6 +317,8 @@ def _norm(dest: str, v):
         from fastformer.models.presets import canonical_preset
 
         return canonical_preset(v, warn=False)
+    if isinstance(v, float) and not isinstance(v, bool):  # 6e-4 typed equals 1e-4 * 768 / 128 computed
+        return float(f"{v:.12g}")
     if v is None or dest not in PATH_FLAGS:
         return v
     if isinstance(v, (list, tuple)):
@@ -498,7 +500,7 @@ def _finetune(args: argparse.Namespace) -> int:
             f"epoch{'' if s['epochs'] == 1 else 's'}) in {s['seconds']:.0f} s"
             f"{resumed}{sel}, eval accuracy "
             f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json; use it with "
-            f"`fastformer predict --model {s['out_dir']} --input FILE`"
+            f"`fastformer predict --model {shlex.quote(str(s['out_dir']))} --input FILE`"
         )
     return 0
 
@@ -935,17 +937,26 @@ class _Terminated(Exception):
 
 
 def _one_line_warnings():
-    """fastformer's warnings as `fastformer: warning: ...` lines; others as Python prints them."""
+    """fastformer's warnings (its warning classes, or any warning its own code raises) as `fastformer:
+    warning: ...` lines; others as Python prints them."""
     import warnings
 
     from fastformer.models.presets import DeprecatedPresetWarning
     from fastformer.train.run_dir import FastformerWarning
 
     original = warnings.showwarning
+    package = str(Path(__file__).resolve().parent)
+
+    def ours(filename) -> bool:  # raised by fastformer's own code (the extension's fallback warning, ...)
+        try:
+            return str(Path(filename).resolve()).startswith(package + os.sep)
+        except (OSError, TypeError, ValueError):
+            return False
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)):
-            print(f"fastformer: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+        if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)) or ours(filename):
+            text = " ".join(str(message).split()).removeprefix("fastformer: ")
+            print(f"fastformer: warning: {text}", file=sys.stderr, flush=True)
         else:
             original(message, category, filename, lineno, file, line)
 

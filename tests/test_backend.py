@@ -113,3 +113,18 @@ def test_import_switches_the_interpreter_on_without_a_gpu():
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
+
+
+def test_a_bad_environment_backend_is_one_line_at_first_use():
+    """FASTFORMER_BACKEND=nope made `import fastformer` (and so every command) end in a traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FASTFORMER_BACKEND": "nope", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "fastformer", "info"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == (
+        "fastformer: error: FASTFORMER_BACKEND: backend must be one of ('auto', 'triton', 'reference'), got 'nope'"
+    )
+    with pytest.raises(ValueError, match="got None"):
+        ff.set_backend(None)

@@ -939,3 +939,22 @@ def test_one_step_is_one_step_and_generation_flags_are_named(files, capsys):
         ("--max-len", "1", "must be at least 2"),
     ):
         assert f"error: {flag} {said}" in _error_line(capsys, predict + [flag, value]), flag
+
+
+def test_warnings_raised_by_fastformer_code_are_one_line(capsys):
+    """The extension's fallback warning (a RuntimeWarning from fastformer/optim) came out as Python's
+    two lines with a source line; a third-party warning keeps Python's format."""
+    import warnings
+
+    import fastformer.optim.adam as adam
+    from fastformer import cli
+
+    passed_on = []
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda *a, **k: passed_on.append(a[:4])  # what Python would print
+        cli._one_line_warnings()
+        # called as the warnings machinery calls it (pytest records warnings itself while a test runs)
+        warnings.showwarning("fastformer: extension not available; falls back", RuntimeWarning, adam.__file__, 1)
+        warnings.showwarning("something else", UserWarning, "/elsewhere/lib.py", 7)
+    assert capsys.readouterr().err.splitlines() == ["fastformer: warning: extension not available; falls back"]
+    assert passed_on == [("something else", UserWarning, "/elsewhere/lib.py", 7)]

@@ -237,8 +237,11 @@ def _check_label_column(path, rows: list[list[str]], labels: list[str], *, texts
 def _warn_if_header_like(path, first: list[str], labels: list[str]) -> None:
     """Warn when the first row of a headerless file looks like a header whose column names are not
     known (tweet<TAB>mood): its label occurs nowhere else while every other label occurs at least
-    twice. It stays a data row (a guess could drop a real example); the warning names its cells."""
+    twice, and its cells are short, as names are. It stays a data row (a guess could drop a real
+    example); the warning names its cells."""
     if len(labels) < HEADER_LIKE_MIN_ROWS:
+        return
+    if any(len(c.split()) > 3 for c in first):  # column names are short; a sentence is a data row
         return
     counts: dict[str, int] = {}
     for label in labels:

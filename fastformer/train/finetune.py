@@ -112,7 +112,7 @@ def default_lr(model_config: dict) -> float:
     6e-4 for bert-tiny and t5-tiny (128), 3e-4 for bert-mini (256), 1.5e-4 for bert-small (512). With
     100 to 1,000 labels a random-init bert-tiny learns little at 1e-4 in the recipe's step count."""
     width = model_config.get("hidden_size") or model_config.get("d_model") or BASE_WIDTH
-    return BASE_LR * BASE_WIDTH / int(width)
+    return float(f"{BASE_LR * BASE_WIDTH / int(width):.6g}")  # 6e-4, not 0.0006000000000000001
 
 
 def _replace(cfg, **kw):
@@ -484,6 +484,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
             "val_accuracy": trainer.best_key[0] if trainer.best_key else None,
         }
         trainer.eval_batches = eval_batches
+        trainer.selecting = False  # the --eval score never takes part in the selection
         ev = trainer.evaluate()
     else:
         ev = result.eval or trainer.evaluate()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import signal
 import threading
 import time
@@ -628,7 +629,7 @@ def describe_summary(s: dict) -> str:
         f"  eval on {s['n_eval']:,} pairs ({_describe_generation(s['generation'])}): ROUGE-1 {s['rouge1']:.4f}, "
         f"ROUGE-2 {s['rouge2']:.4f}, ROUGE-L {s['rougeL']:.4f}, exact match {s['exact_match']:.4f}\n"
         f"  {s['out_dir']}/eval.json, predictions.tsv; generate with "
-        f"`fastformer predict --model {s['out_dir']} --input FILE`"
+        f"`fastformer predict --model {shlex.quote(str(s['out_dir']))} --input FILE`"
     )
 
 

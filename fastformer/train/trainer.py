@@ -77,6 +77,8 @@ class TrainConfig:
     memory_check: bool = True  # refuse a run whose estimated peak memory cannot fit
 
     def validate(self) -> None:
+        if self.resume and self.overwrite:  # before any other check: whatever else is missing, say this
+            raise OutputError("--resume continues the run in --out and --overwrite replaces it: give one of them")
         if self.steps is None and self.max_minutes is None:
             raise ValueError("--steps is required unless --max-minutes gives a time budget")
         if self.budgeted and self.warmup_steps is not None:

@@ -87,6 +87,8 @@ def test_no_header_warning_for_files_that_do_not_look_so(tmp_path):
         "first_label_again": ROWS + [("more", "positive")],  # its label occurs elsewhere
         "another_single": [("first", "odd")] + ROWS + [("last", "rare")],  # other labels once too
         "many_classes": [(f"text {i}", f"c{rng.randrange(5)}") for i in range(40)],
+        # a small slice of a real file whose first label happens to be rare: a sentence is no column name
+        "sentence_first": [("Stocks fell sharply in early trading on Monday", "Business")] + ROWS,
     }
     for name, rows in cases.items():
         p = _write(tmp_path / f"{name}.tsv", None, rows)

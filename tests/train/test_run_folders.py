@@ -424,6 +424,20 @@ def test_an_eval_only_label_does_not_change_the_head_or_training(tmp_path):
         c = finetune(finetune_config(tmp_path / "c", train, only, **kw))
     assert (c["accuracy"], c["eval_loss"], c["n_eval_scored"]) == (0.0, None, 0)
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["eval_loss"] is None
+    # with model selection on: the final --eval evaluation took part in the selection (and crashed on
+    # the missing loss); it is scored alone
+    with pytest.warns(FastformerWarning, match="never appear"):
+        d = finetune(finetune_config(tmp_path / "d", train, only, val_fraction=0.25, eval_every=2))
+    assert (d["accuracy"], d["eval_loss"]) == (0.0, None) and d["selected_step"] >= 1
+
+
+def test_the_default_learning_rate_is_the_number_a_user_would_type():
+    """1e-4 * 768 / 128 is 0.0006000000000000001: repeating --lr 0.0006 on --resume was refused."""
+    from fastformer import cli
+    from fastformer.train.finetune import default_lr
+
+    assert default_lr({"hidden_size": 128}) == 6e-4 and default_lr({"d_model": 256}) == 3e-4
+    assert cli._norm("lr", 0.0006000000000000001) == cli._norm("lr", 0.0006)
 
 
 def test_a_run_whose_head_had_an_eval_only_label_still_resumes(tmp_path, monkeypatch):
