@@ -932,6 +932,13 @@ def _lost_peer(e: RuntimeError) -> bool:
     return any(s in text for s in _PEER_GONE)
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: the ranks of a torchrun share the stream, and print's separate
+    writes of the text and its newline let two ranks' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class _Terminated(Exception):
     """SIGTERM outside the training loop."""
 
@@ -956,7 +963,7 @@ def _one_line_warnings():
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, (FastformerWarning, DeprecatedPresetWarning)) or ours(filename):
             text = " ".join(str(message).split()).removeprefix("fastformer: ")
-            print(f"fastformer: warning: {text}", file=sys.stderr, flush=True)
+            _say(f"fastformer: warning: {text}")
         else:
             original(message, category, filename, lineno, file, line)
 
@@ -988,12 +995,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, TrainingInterrupted):
             for line in _interrupted_lines(e, args.command, args.out):
-                print(line, file=sys.stderr)
+                _say(line)
             return e.exit_code
-        print("fastformer: interrupted", file=sys.stderr)
+        _say("fastformer: interrupted")
         return 130
     except _Terminated:
-        print("fastformer: terminated", file=sys.stderr)
+        _say("fastformer: terminated")
         return 143
     except (ValueError, OSError, FloatingPointError, ImportError) as e:
         if os.environ.get("FASTFORMER_DEBUG"):
@@ -1005,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun every rank checks its input: the other ranks' lines say which rank they come
         # from (an error only one rank meets, its GPU's memory or its node's files, must still be seen)
         rank = _rank()
-        print(f"fastformer: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
+        _say(f"fastformer: error: {f'[rank {rank}] ' if rank else ''}{msg}")
         return 2
     except RuntimeError as e:
         # a torchrun rank whose peer stopped (refused its input, failed to write) loses the connection
@@ -1014,10 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or not _lost_peer(e) or os.environ.get("FASTFORMER_DEBUG"):
             raise
         first = " ".join(str(e).splitlines()[0].split()) if str(e) else type(e).__name__
-        print(
-            f"fastformer: error: [rank {rank}] another process of the run stopped ({first}); its own error says why",
-            file=sys.stderr,
-        )
+        _say(f"fastformer: error: [rank {rank}] another process of the run stopped ({first}); its own error says why")
         return 1
 
 
