@@ -10,6 +10,7 @@ stored as a tensor), so they load with torch's default `torch.load(path, weights
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -50,27 +51,37 @@ class _RecordingWriter:
             raise
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
+@contextlib.contextmanager
+def replaced_atomically(path: str | Path):
+    """`with replaced_atomically(path) as tmp:` write tmp (beside path); when the block ends without an
+    error, tmp is renamed over path (atomic on POSIX: a reader, a crash or another rank sees the old
+    file or the new one, never half of one). tmp never stays behind, and an OSError that names no
+    file or names tmp is given path's name, the file the user knows."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            w = _RecordingWriter(f)
-            try:
-                torch.save(state, w)
-            except RuntimeError as e:
-                cause = w.error or (e.__context__ if isinstance(e.__context__, OSError) else None)
-                if cause is not None:
-                    raise cause from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, str(tmp)):
             e.filename = str(path)
         raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(state, w)
+        except RuntimeError as e:
+            cause = w.error or (e.__context__ if isinstance(e.__context__, OSError) else None)
+            if cause is not None:
+                raise cause from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | Path) -> dict:

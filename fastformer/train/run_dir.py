@@ -16,13 +16,14 @@ import contextlib
 import errno
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from fastformer.data.corpus import FastformerWarning as FastformerWarning  # defined in the data layer, re-exported
 from fastformer.models.loading import CHECKPOINT_NAME, CONFIG_NAME, run_of
+
+from .checkpoint import replaced_atomically
 
 # Files a pretrain / finetune run writes; --overwrite removes exactly these (and checkpoint temp files).
 RUN_FILES = (
@@ -236,16 +237,8 @@ def write_file(out: str | Path, name: str, text: str) -> None:
     """Write out/name atomically (a temporary file renamed over it: a reader, another rank of a resumed
     run or a crash, sees the old file or the new one, never half of one); an OSError becomes an
     OutputError naming --out."""
-    path = Path(out) / name
-    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-    with writing("--out", out):
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        except OSError as e:  # named by the file the user knows, not the temporary one
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+    with writing("--out", out), replaced_atomically(Path(out) / name) as tmp:
+        tmp.write_text(text)
 
 
 def write_run_files(out: str | Path, replace: bool, config: dict, tokenizer_json: str | None) -> None:
