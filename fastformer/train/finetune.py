@@ -47,6 +47,7 @@ from .run_dir import (
     check_init_folder,
     prepare_out_dir,
     rows_digests,
+    stored_run_config,
     write_file,
     write_run_files,
     writing,
@@ -210,14 +211,6 @@ class _SelectingTrainer(Trainer):
             self._last_train_state, self._best_is_model = None, False
 
 
-def _run_config(out: Path) -> dict:
-    """The config.json a run wrote into its --out at its start (what --resume rebuilds it from)."""
-    try:
-        return json.loads((out / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"--out {out}: cannot read the run's config.json to resume it ({e})") from None
-
-
 def _with_pooling(model_config: dict, obj, pooling: str) -> dict:
     """A BERT encoder's classifier pools as asked; T5's encoder classifier always mean-pools."""
     return {**model_config, "pooling": pooling} if obj.family == "bert" else model_config
@@ -281,9 +274,10 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
     # the classes are --train's: a label only the eval file has (a small training sample) gets no
     # head output (one would change the softmax, and so training, by what --eval holds); its
     # examples count as misses and stay out of the eval loss, instead of ending the run
+    run = stored_run_config(out) if cfg.resume else None  # the run's own settings, read once
     names = label_vocabulary(train_labels)
-    if cfg.resume:  # the classes the run's checkpoint has (older versions gave eval-only labels an output)
-        names = _run_config(out).get("labels") or names
+    if run:  # the classes the run's checkpoint has (older versions gave eval-only labels an output)
+        names = run.get("labels") or names
     index = {n: i for i, n in enumerate(names)}
     unseen = [n for n in label_vocabulary(eval_labels) if n not in index]
     if unseen and info.main:
@@ -312,10 +306,9 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
 
     seed_everything(cfg.seed)
     pre_model = None
-    if cfg.init and cfg.resume:
+    if cfg.init and run:
         # the run's own tokenizer and model config, written at its start: the --init folder may have
         # changed or gone since (the weights come from the run's checkpoint)
-        run = _run_config(out)
         obj = get_objective(run["objective"])
         tok = load_tokenizer(out / "tokenizer.json")
         model_config = run["model_config"]

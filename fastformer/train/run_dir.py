@@ -250,19 +250,23 @@ def write_run_files(out: str | Path, replace: bool, config: dict, tokenizer_json
     write_file(out, "config.json", json.dumps(config, indent=2, default=str))
 
 
-def stored_train_config(out: str | Path) -> dict:
-    """The settings (`train` section of config.json) of the run in `out`, with `warmup_steps` back to
-    None where the run used the default warmup, so that it follows a changed --steps."""
+def stored_run_config(out: str | Path) -> dict:
+    """The config.json the run in `out` wrote at its start (what --resume rebuilds the run from)."""
     from .checkpoint import CheckpointError
 
     path = Path(out) / CONFIG_NAME
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"--resume: no {CONFIG_NAME} in {out}") from None
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"--resume: cannot read {path} ({e})") from None
-    train = dict(cfg.get("train") or {})
+
+
+def stored_train_config(out: str | Path) -> dict:
+    """The settings (`train` section of config.json) of the run in `out`, with `warmup_steps` back to
+    None where the run used the default warmup, so that it follows a changed --steps."""
+    train = dict(stored_run_config(out).get("train") or {})
     if train.get("warmup_default"):
         train["warmup_steps"] = None
     train.pop("warmup_default", None)

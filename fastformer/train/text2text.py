@@ -57,6 +57,7 @@ from .run_dir import (
     check_init_folder,
     prepare_out_dir,
     rows_digests,
+    stored_run_config,
     write_file,
     write_run_files,
     writing,
@@ -169,7 +170,7 @@ def _build(cfg: Text2TextConfig, train_inputs, train_targets, info):
         # the run's own tokenizer and model config, written at its start: the --init folder may have
         # changed or gone since (the weights come from the run's checkpoint)
         out = Path(cfg.out_dir)
-        run = _read_config(out / "config.json")
+        run = stored_run_config(out)
         tok = load_tokenizer(out / "tokenizer.json")
         model_config = dict(run["model_config"])
         model = T5ForConditionalGeneration(T5Config.from_dict(model_config))
