@@ -344,13 +344,11 @@ class FusedAdam(Optimizer):
         #    cached entry are only collected on the first pass; their entries (which initialise state)
         #    are built after that, and a second pass sorts them in.
         plan = self.__dict__.setdefault("_plan", {})
-        self._stepped_masters = []
-        buckets, fallback, stale = self._sort(plan, build=False)
+        buckets, fallback, stale, masters = self._sort(plan, build=False)
         if stale:
             for p, _, _ in stale:
                 self._check_param(p)
-            self._stepped_masters = []
-            buckets, fallback, _ = self._sort(plan, build=True)
+            buckets, fallback, _, masters = self._sort(plan, build=True)
         # 3. One fused call per device: every tensor, every group. The operator increments each
         #    tensor's step and derives its bias corrections from its group's row.
         if buckets:
@@ -371,15 +369,16 @@ class FusedAdam(Optimizer):
                 self._fallback_step(group, params, grad_scale)
         # 4. The versions of the parameters with a master copy as this step left them: a later
         #    in-place write (not the optimizer's) is then seen at the next step (_sort).
-        versions = self._master_versions
-        for p in self._stepped_masters:
+        versions = self.__dict__.setdefault("_master_versions", {})
+        for p in masters:
             versions[id(p)] = p._version
         return loss
 
-    def _sort(self, plan: dict, build: bool) -> tuple[dict, list, list]:
+    def _sort(self, plan: dict, build: bool) -> tuple[dict, list, list, list]:
         """The step's tensors: a _Bucket per device for the extension, (group, params) lists for
-        torch's path, and the (param, group, key) whose cached entry is missing or stale; with
-        build=True those entries are built here (initialising state) and sorted in. Raises
+        torch's path, the (param, group, key) whose cached entry is missing or stale, and the sorted
+        parameters that have a master copy; with build=True those entries are built here
+        (initialising state) and sorted in. Raises
         ValueError for a sparse gradient before anything changes.
 
         The per-parameter checks are cached (plan, by id(p)) so a step costs little Python time.
@@ -393,7 +392,7 @@ class FusedAdam(Optimizer):
         different devices never share an address while both are alive."""
         states = self.state
         versions = self.__dict__.setdefault("_master_versions", {})
-        masters = self.__dict__.setdefault("_stepped_masters", [])
+        masters: list[torch.Tensor] = []
         buckets: dict[torch.device, _Bucket] = {}
         fallback: list[tuple[dict, list]] = []
         stale: list[tuple] = []
@@ -449,7 +448,7 @@ class FusedAdam(Optimizer):
                 )
             if slow:
                 fallback.append((group, slow))
-        return buckets, fallback, stale
+        return buckets, fallback, stale, masters
 
     @staticmethod
     def _kernel_call(cols: list[tuple], wide_steps: bool, rows: list[float], grad_scale) -> None:

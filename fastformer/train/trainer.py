@@ -259,6 +259,7 @@ class Trainer:
         self.step = 0
         self.peak = peak_flops(self.device)
         self._saved_step = 0  # step of the checkpoint on disk (0: none)
+        self._rng_ranks: list | None = None  # every rank's generators, gathered by save() under torchrun
         self._seconds_before, self._tokens_before = 0.0, 0  # earlier sessions of this run
         self._t_start, self._tokens = None, 0
         self._signal, self._second_signal = None, None
@@ -282,7 +283,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": rng_state(),
-            "rng_ranks": getattr(self, "_rng_ranks", None),  # per rank under torchrun, else None
+            "rng_ranks": self._rng_ranks,  # per rank under torchrun, else None
             "data_position": {"step": self.step},
             "fingerprint": self.fingerprint,
             "train_config": asdict(self.cfg),
