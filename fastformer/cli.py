@@ -277,14 +277,14 @@ def _check_file_flags(args: argparse.Namespace) -> None:
 
 
 def _rank(env=None) -> int:
-    """This process's torchrun rank; 0 for a single process, even one a scheduler gave a RANK (only
-    WORLD_SIZE > 1 makes a group, as in fastformer.train.distributed.init)."""
-    env = os.environ if env is None else env
+    """This process's torchrun rank (fastformer.train.distributed.launched); 0 when the environment
+    cannot be read (this runs in error handlers too)."""
+    from fastformer.train.distributed import launched
+
     try:
-        world, rank = int(env.get("WORLD_SIZE") or 1), int(env.get("RANK") or 0)
-    except ValueError:
+        return launched(env)[0]
+    except (KeyError, ValueError):
         return 0
-    return rank if world > 1 else 0
 
 
 def _is_main() -> bool:

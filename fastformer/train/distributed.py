@@ -37,12 +37,20 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
     return torch.device(device)
 
 
+def launched(env=None) -> tuple[int, int]:
+    """(rank, world size) torchrun gave this process (env: default os.environ): (0, 1) unless
+    WORLD_SIZE > 1, whatever RANK a scheduler set for a single process."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE") or 1)
+    return (int(env["RANK"]), world) if world > 1 else (0, 1)
+
+
 def init(device: str) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns (info, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = launched()
     if world <= 1:
         return DistInfo(), resolve_device(device)
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", "0")))
     dev = resolve_device(device, info)
     if not dist.is_initialized():
         if dev.type == "cuda":
