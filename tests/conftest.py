@@ -34,6 +34,16 @@ def bench_script(name: str):
     return sys.modules[name]
 
 
+def run_bench_main(monkeypatch, name: str, *argv) -> int | str | None:
+    """bench/<name>.py's main() run with argv as its command line; its exit status (a SystemExit's
+    code, or what main returned)."""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    try:
+        return bench_script(name).main()
+    except SystemExit as e:
+        return e.code
+
+
 # Relative-error tolerance per input dtype. fp32 on GPU includes tf32 matmuls (~3e-4);
 # in the CPU interpreter fp32 dots are exact fp32.
 TOLERANCES = {

@@ -1,20 +1,14 @@
 """bench/bow_baseline.py's command line: a --train or --eval file that is missing or not text<TAB>label
 is a one-line error naming the flag (exit 2), not a DataError traceback. Nothing is fitted."""
 
-import sys
-
 import pytest
-from conftest import bench_script
+from conftest import bench_script, run_bench_main
 
 bow_baseline = bench_script("bow_baseline")
 
 
 def _main(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["bow_baseline.py", *argv])
-    try:
-        return bow_baseline.main()
-    except SystemExit as e:
-        return e.code
+    return run_bench_main(monkeypatch, "bow_baseline", *argv)
 
 
 @pytest.mark.parametrize("broken", ["--train", "--eval"])

@@ -7,17 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import bench_script
-
-memory_estimate = bench_script("memory_estimate")
+from conftest import run_bench_main
 
 
 def _main(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["memory_estimate.py", *argv])
-    try:
-        return memory_estimate.main()
-    except SystemExit as e:
-        return e.code
+    return run_bench_main(monkeypatch, "memory_estimate", *argv)
 
 
 @pytest.mark.parametrize(
