@@ -523,9 +523,17 @@ class Trainer:
             try:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=True)
-                if self.budget is not None:
-                    bar.set_description(f"{self.desc} ({cfg.max_minutes:g} min budget)")
+                if self.budget is None:
+                    bar = tqdm(total=cfg.steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=True)
+                else:  # no step count: tqdm's own format for an open total prints "desc: : 30it"
+                    bar = tqdm(
+                        initial=self.step,
+                        desc=f"{self.desc} ({cfg.max_minutes:g} min budget)",
+                        bar_format="{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]",
+                        unit="step",
+                        dynamic_ncols=True,
+                        leave=True,
+                    )
             except ImportError:  # no progress bar without tqdm; metrics.jsonl still has everything
                 bar = None
         self._bar = bar

@@ -44,7 +44,8 @@ def _trainer(out, clock_now, **kw):
     def step_fn(m, b, train):
         return F.cross_entropy(m(b["x"]), b["y"], reduction="sum"), b["y"].numel(), {}
 
-    cfg = TrainConfig(out_dir=str(out), lr=1e-2, log_every=1, progress=False, optimizer="adamw", **kw)
+    kw.setdefault("progress", False)
+    cfg = TrainConfig(out_dir=str(out), lr=1e-2, log_every=1, optimizer="adamw", **kw)
     return Trainer(model, cfg, batch_fn=batch_fn, step_fn=step_fn, tokens_fn=lambda b: 8, clock=lambda: clock_now[0])
 
 
@@ -84,3 +85,13 @@ def test_budget_flags_are_checked(tmp_path):
         TrainConfig(steps=None).validate()
     with pytest.raises(ValueError, match="--warmup-steps needs --steps"):
         TrainConfig(steps=None, max_minutes=5, warmup_steps=10).validate()
+
+
+def test_budget_progress_bar_counts_steps_without_a_doubled_colon(tmp_path, capsys):
+    """With no step count, tqdm's default format for an open total reads "desc: : 20it"; the budget
+    bar names the steps instead."""
+    now = [0.0]
+    _trainer(tmp_path, now, steps=None, max_minutes=1.0, progress=True).train()
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "(1 min budget): 20 steps [" in bar
+    assert ": :" not in bar and "it/s" not in bar
