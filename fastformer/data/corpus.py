@@ -176,6 +176,24 @@ def _documents(text: str) -> list[str]:
     return docs
 
 
+def _warn_if_read_again(files: list[Path], raw: str, seen: dict[Path, str]) -> None:
+    """A file that two `--data` paths reach (the same path twice, or a file and its folder) is read
+    twice, as `cat f f` would: its documents count double, and the held-out slice can draw one copy
+    while training sees the other. Warn once per `--data` path; record the files it reaches."""
+    again = [f for f in files if f.resolve() in seen]
+    if again and _first_process():
+        first = again[0]
+        via = seen[first.resolve()]
+        warnings.warn(
+            f"--data {raw}: {len(again)} file(s) are also given by --data {via} (the first {first}); "
+            "their documents are read twice and the held-out slice can share them with training",
+            FastformerWarning,
+            stacklevel=3,
+        )
+    for f in files:
+        seen.setdefault(f.resolve(), raw)
+
+
 def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
     """Documents from text files / folders (a blank line separates documents; a file without blank
     lines has one document per line), or the built-in
@@ -183,6 +201,7 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
     if not paths:
         return builtin_corpus()
     docs: list[str] = []
+    seen: dict[Path, str] = {}  # resolved file -> the --data path that first reached it
     for raw in paths:
         p = Path(raw)
         if not p.exists():
@@ -199,6 +218,7 @@ def load_texts(paths: Sequence[str | Path] | None) -> list[str]:
             raise DataError(f"--data {raw}: folder contains no text files")
         if p.is_file() and p.stat().st_size and not _looks_like_text(p):
             raise DataError(f"--data {raw}: looks like a binary file (NUL bytes), not UTF-8 / UTF-16 text")
+        _warn_if_read_again(files, raw, seen)
         for f in files:
             try:
                 text = _read_text(f)

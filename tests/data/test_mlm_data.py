@@ -184,6 +184,23 @@ def test_load_texts_files_folders_and_errors(tmp_path):
     assert len(held) == 2 and not set(train) & set(held) and len(train) + len(held) == 100
 
 
+def test_load_texts_warns_when_two_paths_reach_one_file(tmp_path):
+    """`--data f f` (or a file and its folder) reads the file twice, as `cat f f` does; a held-out
+    document can then also be a training one, so it is said, once per repeating path."""
+    import warnings
+
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "b.txt").write_text("three\n")
+    with pytest.warns(FastformerWarning, match=r"also given by --data .*a\.txt.*read twice"):
+        docs = load_texts([tmp_path / "a.txt", tmp_path / "a.txt"])
+    assert docs == ["one", "two", "one", "two"]
+    with pytest.warns(FastformerWarning, match="1 file"):
+        assert len(load_texts([tmp_path / "a.txt", tmp_path])) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_texts([tmp_path / "a.txt", tmp_path / "b.txt"]) == ["one", "two", "three"]
+
+
 def test_wordpiece_vocabulary_is_reproducible_across_processes():
     # the trainer's ##-symbol ids came from a per-process random hash order, so two runs of the
     # same command learned different vocabularies (and an uninterrupted run differed from a resumed one)
