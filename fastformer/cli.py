@@ -13,6 +13,7 @@ training finishes the step, writes the checkpoint and exits with 130 / 143; a se
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -435,6 +436,20 @@ def _finetune_text2text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_family(args: argparse.Namespace) -> str | None:
+    """'bert' or 't5': the family of the model --init or --model names; None when that cannot be told
+    yet (a missing or broken --init folder, an unknown preset: the pipeline reports those)."""
+    from fastformer.models.presets import canonical_preset, preset_family
+    from fastformer.train.objectives import get_objective
+
+    try:
+        if args.init:
+            return get_objective(json.loads((Path(args.init) / "config.json").read_text())["objective"]).family
+        return preset_family(canonical_preset(args.model or "bert-tiny", warn=False))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.finetune import FinetuneConfig, finetune
     from fastformer.train.text2text import TEXT2TEXT_FIELDS
@@ -464,6 +479,17 @@ def _finetune(args: argparse.Namespace) -> int:
     given = [k for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
+    if args.pooling == "cls" and not args.resume and _encoder_family(args) == "t5":
+        import warnings
+
+        from fastformer.train.run_dir import FastformerWarning
+
+        warnings.warn(
+            "--pooling cls is not used: a T5 encoder has no [CLS] token, its classifier mean-pools "
+            "the token states (--pooling applies to BERT encoders)",
+            FastformerWarning,
+            stacklevel=2,
+        )
     recipe = {k: getattr(args, k) for k in CLASSIFY_FIELDS if getattr(args, k) is not None}
     if args.steps is None and args.max_minutes is not None and not args.resume:  # (a resumed run's own values)
         length = [k for k in ("epochs", "min_steps") if k in recipe]

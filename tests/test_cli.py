@@ -958,3 +958,23 @@ def test_warnings_raised_by_fastformer_code_are_one_line(capsys):
         warnings.showwarning("something else", UserWarning, "/elsewhere/lib.py", 7)
     assert capsys.readouterr().err.splitlines() == ["fastformer: warning: extension not available; falls back"]
     assert passed_on == [("something else", UserWarning, "/elsewhere/lib.py", 7)]
+
+
+def test_pooling_cls_for_a_t5_encoder_is_said_to_be_unused(files, capsys, tmp_path):
+    """A T5 encoder has no [CLS] token and its classifier always mean-pools: `--pooling cls` with a T5
+    model was accepted silently. It is now a warning (before any work); `--pooling mean`, and BERT
+    with either, stay silent."""
+    from fastformer.data.corpus import FastformerWarning
+
+    missing = str(tmp_path / "missing.tsv")  # the run then stops at reading --train: only the check runs
+    base = ["finetune", "--train", missing, "--eval", missing, "--out", str(tmp_path / "o")]
+    init = tmp_path / "span_run"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps({"run": "pretrain", "objective": "span", "model": "t5-tiny"}))
+    for source in (["--model", "t5-tiny"], ["--init", str(init)]):
+        with pytest.warns(FastformerWarning, match="--pooling cls is not used: a T5 encoder has no"):
+            _error_line(capsys, base + source + ["--pooling", "cls"])
+    for argv in (["--model", "t5-tiny", "--pooling", "mean"], ["--model", "t5-tiny"], ["--pooling", "cls"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _error_line(capsys, base + argv)
