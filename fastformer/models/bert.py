@@ -68,8 +68,30 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
+        """Refuses unknown keys, as T5Config.from_dict does: a misspelt field ('hidden_dim') silently
+        gave the default's model."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown BertConfig fields: {unknown}")
+        return cls(**d)
+
+
+def _check_token_types(t, input_ids: torch.Tensor) -> None:
+    """ValueError naming token_type_ids unless it is None or an integer tensor that broadcasts to
+    input_ids (B, L), as Hugging Face's embedding sum lets it (a (1, L) row serves the batch). Without
+    it a mismatched shape failed inside the embedding sum with torch's message."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"token_type_ids must be an integer tensor, got {got}")
+    try:
+        fits = torch.broadcast_shapes(t.shape, input_ids.shape) == input_ids.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"token_type_ids must be shaped like input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
 
 
 def _compiling() -> bool:
@@ -250,6 +272,7 @@ class BertEncoder(nn.Module):
         config.unpad=True)."""
         B, L = input_ids.shape
         _check_shaped_like_input("attention_mask", attention_mask, input_ids)
+        _check_token_types(token_type_ids, input_ids)
         if L > self.config.max_position:
             raise ValueError(f"input_ids: sequence length {L} exceeds max_position {self.config.max_position}")
         layout = self._layout(input_ids, attention_mask, cpu_unpad, padded)

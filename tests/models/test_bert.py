@@ -181,6 +181,37 @@ def test_attention_mask_not_shaped_like_the_input_raises_value_error(unpad, mask
         mlm(ids, mask, labels[:, 1:])
 
 
+def test_token_type_ids_are_checked_and_may_broadcast():
+    """A token_type_ids that does not fit input_ids failed inside the embedding sum with torch's
+    message; now a ValueError naming it. One that broadcasts (a (1, L) row for the batch) works, as in
+    Hugging Face's BERT, and equals the expanded tensor."""
+    ids, mask, _ = _batch()
+    clf = BertForSequenceClassification(_cfg(), num_labels=2).eval()
+    types = torch.zeros(3, 29, dtype=torch.long)
+    types[:, 10:] = 1
+    with torch.no_grad():
+        want = clf(ids, mask, token_type_ids=types)
+        got = clf(ids, mask, token_type_ids=types[:1])
+    assert_close(got, want, torch.float32)
+    for bad, match in (
+        (types[:, 1:], r"token_type_ids must be shaped like input_ids \(3, 29\), got \(3, 28\)"),
+        (types[:2], r"got \(2, 29\)"),
+        (types.float(), "token_type_ids must be an integer tensor, got torch.float32"),
+        (types.tolist(), "integer tensor, got list"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            clf(ids, mask, token_type_ids=bad)
+
+
+def test_config_from_dict_refuses_unknown_fields():
+    """BertConfig.from_dict dropped keys it did not know, so a misspelt 'hidden_dim' gave the default
+    768-wide model; it now refuses them as T5Config.from_dict does, and round-trips to_dict."""
+    cfg = _cfg(pooling="mean")
+    assert BertConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown BertConfig fields: \['hidden_dim'\]"):
+        BertConfig.from_dict({"hidden_dim": 128})
+
+
 def test_presets_are_the_published_sizes():
     assert get_preset("bert-base") == dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)
     assert get_preset("bert-tiny")["hidden_size"] == 128 and set(BERT_PRESETS) >= {
