@@ -3,6 +3,7 @@ kernel launches; the exception is also of the type torch raises for the same mis
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 
@@ -55,6 +56,13 @@ def as_real(value):
         ok = value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool
         return float(value) if ok else None
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def is_finite(value: float) -> bool:
+    """math.isfinite by comparisons (NaN fails both). Under torch.compile(dynamic=True) Dynamo cannot
+    trace math.isfinite on a float default argument (cross_entropy's z_loss=0.0, t5_attention's
+    scale=1.0): it graph-broke there, so fullgraph=True failed. Comparisons trace."""
+    return -math.inf < value < math.inf
 
 
 def check_range(name: str, value: float, lo: float, hi: float, *, hi_inclusive: bool = False) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import math
 import threading
 import warnings
 import weakref
@@ -35,7 +34,7 @@ import torch
 from ..backend import cpu_fast_path, use_triton
 from ..reference.attention import default_scale
 from ._compile import opaque_to_compile
-from ._validate import FLOAT_DTYPES, as_real, check_range
+from ._validate import FLOAT_DTYPES, as_real, check_range, is_finite
 from .errors import InputError, InputTypeError, refuse_double_backward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,7 +94,7 @@ def check_scale(scale) -> float | None:
     value = as_real(scale)
     if value is None:
         raise InputTypeError(f"scale must be a float or None, got {scale!r}")
-    if not math.isfinite(value):
+    if not is_finite(value):
         raise InputError(f"scale must be a finite number, got {scale}")
     return value
 

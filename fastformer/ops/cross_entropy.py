@@ -46,7 +46,16 @@ import fastformer.reference.cross_entropy as _ref
 from ..backend import get_backend, under_functorch, use_triton
 from . import forward_grads
 from ._compile import opaque_to_compile
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, as_real, check_choice, check_range, check_same_dtype, check_tensor
+from ._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    as_real,
+    check_choice,
+    check_range,
+    check_same_dtype,
+    check_tensor,
+    is_finite,
+)
 from .amp import amp_dtype
 from .errors import InputError, InputTypeError, TargetIndexError, refuse_double_backward
 
@@ -70,7 +79,7 @@ def _check_common(ignore_index, reduction, label_smoothing, z_loss) -> None:
     if as_real(label_smoothing) is None:
         raise InputTypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
     check_range("label_smoothing", as_real(label_smoothing), 0.0, 1.0, hi_inclusive=True)
-    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not math.isfinite(z_loss) or z_loss < 0:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, numbers.Real) or not is_finite(z_loss) or z_loss < 0:
         raise InputError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
 
 
