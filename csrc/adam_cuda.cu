@@ -276,6 +276,26 @@ __global__ void __launch_bounds__(kThreads) clip_scale_kernel(const NormTensorDe
 
 }  // namespace
 
+cudaError_t cuda_kernels_probe() {
+  // cudaFuncGetAttributes loads a kernel's code for the current device, so it fails exactly where a
+  // launch would fail with "no kernel image is available" (no SASS for this architecture and no PTX
+  // to JIT, e.g. an sm_80/sm_90 build on a T4 or a B200). That error is not sticky, but it stays as
+  // the thread's last error: clear it, or torch's next launch check would report it as its own.
+  const void* kernels[] = {reinterpret_cast<const void*>(&adam_kernel),
+                           reinterpret_cast<const void*>(&norm_partial_kernel),
+                           reinterpret_cast<const void*>(&norm_final_kernel),
+                           reinterpret_cast<const void*>(&clip_scale_kernel)};
+  for (const void* k : kernels) {
+    cudaFuncAttributes attr;
+    const cudaError_t err = cudaFuncGetAttributes(&attr, k);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return err;
+    }
+  }
+  return cudaSuccess;
+}
+
 cudaError_t adam_cuda_step(const AdamTensorDesc* descs, int ntensors, int64_t total_chunks, const float* grad_scale,
                            cudaStream_t stream) {
   if (ntensors == 0 || total_chunks == 0) return cudaSuccess;

@@ -42,6 +42,10 @@ struct NormTensorDesc {
   int32_t aligned;
 };
 
+// cudaSuccess when this build has code the current device can run; otherwise the error a launch
+// would return (cudaErrorNoKernelImageForDevice / cudaErrorInvalidDeviceFunction), already cleared.
+cudaError_t cuda_kernels_probe();
+
 // All launchers return the launch status; `descs` point to device memory.
 // grad_scale: device fp32 scalar (grads are divided by it and written back unscaled) or nullptr.
 cudaError_t adam_cuda_step(const AdamTensorDesc* descs, int ntensors, int64_t total_chunks,

@@ -109,20 +109,33 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     chunks += (d.n + ff::kCudaChunk - 1) / ff::kCudaChunk;
     rows.push_back(d);
   }
-  // Every check passed: count the step of every tensor (empty ones too, as torch does).
+  // Every check passed: the hyper-parameters at each tensor's next step count. The counts are
+  // written (empty tensors' too, as torch counts them) only after the launch succeeded: a failed
+  // upload or launch (e.g. no kernel image for this GPU) must not leave the steps counted with
+  // nothing updated, or a retry, or torch's optimizer taking over, would use the wrong bias corrections.
+  std::vector<float> next_steps(n);
   for (size_t t = 0; t < n; ++t) {
-    const ff::AdamHyper h = ff::advance_step(step_ptrs[t], step_rows[t]);
-    if (row_of[t] >= 0) rows[row_of[t]].h = h;
+    next_steps[t] = *step_ptrs[t] + 1.0f;
+    if (row_of[t] >= 0) rows[row_of[t]].h = ff::hyper_for_step(next_steps[t], step_rows[t]);
   }
-  if (rows.empty()) return;
-  at::Tensor scale;
-  if (grad_scale.has_value() && grad_scale->defined()) scale = grad_scale->to(dev, at::kFloat);
-  at::Tensor table = upload(rows, dev);
-  const cudaError_t err = ff::adam_cuda_step(static_cast<const ff::AdamTensorDesc*>(table.data_ptr()),
-                                             (int)rows.size(), chunks,
-                                             scale.defined() ? scale.data_ptr<float>() : nullptr,
-                                             c10::cuda::getCurrentCUDAStream(dev.index()).stream());
-  TORCH_CHECK(err == cudaSuccess, "fastformer::adam_step: CUDA launch failed: ", cudaGetErrorString(err));
+  if (!rows.empty()) {
+    at::Tensor scale;
+    if (grad_scale.has_value() && grad_scale->defined()) scale = grad_scale->to(dev, at::kFloat);
+    at::Tensor table = upload(rows, dev);
+    const cudaError_t err = ff::adam_cuda_step(static_cast<const ff::AdamTensorDesc*>(table.data_ptr()),
+                                               (int)rows.size(), chunks,
+                                               scale.defined() ? scale.data_ptr<float>() : nullptr,
+                                               c10::cuda::getCurrentCUDAStream(dev.index()).stream());
+    TORCH_CHECK(err == cudaSuccess, "fastformer::adam_step: CUDA launch failed: ", cudaGetErrorString(err));
+  }
+  for (size_t t = 0; t < n; ++t) *step_ptrs[t] = next_steps[t];
+}
+
+// Whether this build's kernels can run on CUDA device `device` (fastformer/optim/_ext.py asks once
+// per device and sends its parameters to torch's implementation when not).
+bool cuda_kernels_runnable(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return ff::cuda_kernels_probe() == cudaSuccess;
 }
 
 std::vector<ff::NormTensorDesc> norm_rows(at::TensorList tensors, const at::Device& dev, int64_t& chunks) {
@@ -178,6 +191,12 @@ void clip_scale_cuda(at::TensorList tensors, const at::Tensor& total_norm, doubl
 }
 
 }  // namespace
+
+// No tensor argument: registered as a catch-all kernel, defined here because only a CUDA build has it
+// (an older build lacks it; _ext.py then assumes the kernels run, as before).
+TORCH_LIBRARY_FRAGMENT(fastformer, m) {
+  m.def("cuda_kernels_runnable(int device) -> bool", &cuda_kernels_runnable);
+}
 
 TORCH_LIBRARY_IMPL(fastformer, CUDA, m) {
   m.impl("adam_step", &adam_step_cuda);

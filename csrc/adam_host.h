@@ -13,12 +13,11 @@ namespace ff {
 // lr, beta1, beta2, eps, weight_decay, decoupled (0/1), maximize (0/1), amsgrad (0/1).
 constexpr int kGroupRow = 8;
 
-// step: the tensor's fp32 step count (state["step"], a CPU scalar), incremented here as torch's
-// `step_t += 1` does. The bias corrections follow torch's single-tensor Adam, which computes them in
-// Python floats (double): step_size = lr / (1 - beta1**t), bc2_sqrt = (1 - beta2**t) ** 0.5.
-inline AdamHyper advance_step(float* step, const double* g) {
-  *step = *step + 1.0f;
-  const double t = (double)*step;
+// The hyper-parameters of one tensor at step count `step` (the count after this step's increment).
+// The bias corrections follow torch's single-tensor Adam, which computes them in Python floats
+// (double): step_size = lr / (1 - beta1**t), bc2_sqrt = (1 - beta2**t) ** 0.5.
+inline AdamHyper hyper_for_step(float step, const double* g) {
+  const double t = (double)step;
   const double lr = g[0], beta1 = g[1], beta2 = g[2], eps = g[3], wd = g[4];
   const bool decoupled = g[5] != 0.0, maximize = g[6] != 0.0, amsgrad = g[7] != 0.0;
   AdamHyper h;
@@ -33,6 +32,14 @@ inline AdamHyper advance_step(float* step, const double* g) {
   h.sign = maximize ? -1.0f : 1.0f;
   h.amsgrad = amsgrad ? 1 : 0;
   return h;
+}
+
+// step: the tensor's fp32 step count (state["step"], a CPU scalar), incremented here as torch's
+// `step_t += 1` does (the CPU operator; the CUDA binding writes the count only once its kernel is
+// launched, so a failed launch leaves the step count as it was).
+inline AdamHyper advance_step(float* step, const double* g) {
+  *step = *step + 1.0f;
+  return hyper_for_step(*step, g);
 }
 
 }  // namespace ff

@@ -12,17 +12,47 @@ from .. import _extension
 from .._extension import load  # also the optimizers' entry point (adam.py)
 
 _warned = {"done": False}  # one fallback warning per process
+_cuda_runnable: dict[int, bool] = {}  # CUDA device index -> whether the built kernels run on it
 
 
 def supports(device: torch.device) -> bool:
-    """True when the extension has kernels for this device type (CUDA kernels need an nvcc build)."""
+    """True when the extension has kernels for this device type (CUDA kernels need an nvcc build)
+    that run on this device (CUDA: code was built for its architecture)."""
     if not load():
         return False
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fastformer::adam_step", "CUDA")
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastformer::adam_step", "CUDA") and _runs_on(device)
     return False
+
+
+def _probe(index: int) -> bool:
+    """The extension's own answer for CUDA device `index` (an older build cannot tell: assume yes)."""
+    if not _extension.has_op("cuda_kernels_runnable"):
+        return True
+    return bool(torch.ops.fastformer.cuda_kernels_runnable(index))
+
+
+def _runs_on(device: torch.device) -> bool:
+    """Whether the CUDA kernels have code for this GPU, asked once per device. The build has SASS
+    for FASTFORMER_CUDA_ARCHS only (default sm_80, sm_90, no PTX): on a T4 (sm_75) or a B200
+    (sm_100) every launch fails with "no kernel image is available", after the step counts had
+    been advanced; torch's implementation must take those parameters instead."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cuda_runnable:
+        _cuda_runnable[index] = ok = _probe(index)
+        if not ok:
+            try:
+                cc = "compute capability {}.{}".format(*torch.cuda.get_device_capability(index))
+            except Exception:  # noqa: BLE001 - only for the message
+                cc = "its architecture"
+            warn_fallback(
+                f"FusedAdam / FusedAdamW / clip_grad_norm_ on cuda:{index}",
+                why=f"the extension's CUDA kernels were not built for cuda:{index} ({cc}; rebuild with "
+                "FASTFORMER_CUDA_ARCHS set to include it)",
+            )
+    return _cuda_runnable[index]
 
 
 def warn_fallback(what: str, why: str | None = None) -> None:

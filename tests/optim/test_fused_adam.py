@@ -386,3 +386,162 @@ def test_adamw_signature_names_every_keyword():
     params = inspect.signature(ff.optim.FusedAdamW).parameters
     assert {"master_weights", "maximize", "foreach", "fused", "decoupled_weight_decay"} <= set(params)
     assert params["weight_decay"].default == 1e-2
+
+
+# ------------------------------------------------ review additions: run on CPU here and on a GPU
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _offset_view(values: torch.Tensor, dtype, device, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, view): `values` in `dtype` at element `offset` of a base one element longer, so the
+    view's address is not 16-byte aligned for offset 1 (the kernels' scalar path) and is for 0."""
+    base = torch.full((values.numel() + 1,), -7.0, dtype=dtype, device=device)
+    view = base[offset : offset + values.numel()]
+    view.copy_(values)
+    return base, view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_views_and_mixed_dtypes_in_one_call_match_torch(device):
+    """One extension call (one launch on CUDA) over fp32, bf16 and fp16 parameters (16-bit with master
+    weights), each aligned or a view at a misaligned address, sizes around the vector width and the
+    CUDA chunk (16384), gradients misaligned views too; Adam with L2 decay, maximize and amsgrad in one
+    group, AdamW's decoupled decay in the other. Compared with torch in fp32; the element in front of
+    each view is never written."""
+    gen = torch.Generator().manual_seed(21)
+    sizes, dtypes = [1, 7, 8, 3 * 16384 + 5], [F32, torch.bfloat16, torch.float16]
+    ours, ref, bases = [], [], []
+    for i, (dtype, n) in enumerate((d, n) for d in dtypes for n in sizes):
+        base, view = _offset_view(torch.randn(n, generator=gen), dtype, device, offset=i % 2 if n > 1 else 1)
+        bases.append(base)
+        ours.append(torch.nn.Parameter(view))
+        ref.append(view.detach().float().clone().requires_grad_(True))
+    half = len(ours) // 2
+    hyper = [
+        dict(lr=0.02, weight_decay=0.05, maximize=True, amsgrad=True),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    ]
+    opt = ff.optim.FusedAdam(
+        [dict(params=ours[:half], **hyper[0]), dict(params=ours[half:], **hyper[1])], master_weights=True
+    )
+    theirs = torch.optim.Adam([dict(params=ref[:half], **hyper[0]), dict(params=ref[half:], **hyper[1])], foreach=False)
+    grad_bases = []
+    for _step in range(4):
+        grad_bases.clear()
+        for i, (p, r) in enumerate(zip(ours, ref)):
+            gb, g = _offset_view(torch.randn(p.numel(), generator=gen), p.dtype, device, offset=(i + 1) % 2)
+            grad_bases.append(gb)
+            p.grad, r.grad = g, g.detach().float().clone()
+        opt.step()
+        theirs.step()
+    assert all(opt._plan[id(p)][3] for p in ours), "a parameter took torch's path instead of the kernel"
+    for p, r, base, gb in zip(ours, ref, bases, grad_bases):
+        if p.dtype == F32:
+            assert_close(p, r, F32, f"param n={p.numel()}")
+        else:
+            assert_close(p.float(), r, p.dtype, f"{p.dtype} param n={p.numel()}")
+            assert_close(opt.state[p]["master_param"], r, F32, f"{p.dtype} master n={p.numel()}", 10)
+        for b, view in ((base, p), (gb, p.grad)):  # the element in front of or after the view
+            assert b[0 if view.data_ptr() != b.data_ptr() else -1].item() == -7.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_on_the_kernel_path_matches_torch_fused(device):
+    """GradScaler hands grad_scale / found_inf to the step: with an inf gradient nothing changes (not
+    the step count, not the still-scaled gradients); otherwise the gradients are unscaled in place
+    and the step matches torch's fused AdamW (fp32, the same scaler sequence)."""
+    gen = torch.Generator().manual_seed(22)
+    shapes = [(5, 3), (16384 + 3,), (7,)]
+    pa = [torch.randn(s, generator=gen).to(device).requires_grad_(True) for s in shapes]
+    pb = [p.detach().clone().requires_grad_(True) for p in pa]
+    ours = ff.optim.FusedAdamW(pa, lr=0.05, weight_decay=0.1)
+    theirs = torch.optim.AdamW(pb, lr=0.05, weight_decay=0.1, fused=True)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**10) for _ in range(2)]
+    for step in range(5):
+        gs = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        if step == 2:
+            gs[1][123] = float("inf")
+        before = ([p.detach().clone() for p in pa], [float(ours.state[p]["step"]) for p in pa if p in ours.state])
+        for opt, scaler, ps in ((ours, scalers[0], pa), (theirs, scalers[1], pb)):
+            opt.zero_grad()
+            scaler.scale(sum((p * g).sum() for p, g in zip(ps, gs))).backward()
+            scaler.step(opt)
+            scaler.update()
+        if step == 2:
+            assert all(torch.equal(p, q) for p, q in zip(pa, before[0]))
+            assert [float(ours.state[p]["step"]) for p in pa] == before[1]
+            assert torch.isinf(pa[1].grad[123])  # left scaled, as torch's fused step leaves it
+        else:
+            assert_close(pa[0].grad, pb[0].grad, F32, "unscaled grad")
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for p, q in zip(pa, pb):
+        assert_close(p, q, F32, "param")
+        assert float(ours.state[p]["step"]) == float(theirs.state[q]["step"]) == 4.0
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_runnable_probe():
+    """The build has code for this GPU (the probe _ext.supports asks once per device), and the probe
+    leaves no CUDA error behind for torch's next launch check."""
+    for i in range(torch.cuda.device_count()):
+        assert torch.ops.fastformer.cuda_kernels_runnable(i), torch.cuda.get_device_name(i)
+        assert _ext.supports(torch.device("cuda", i))
+    x = torch.ones(3, device="cuda") * 2
+    torch.cuda.synchronize()
+    assert x.sum().item() == 6.0
+
+
+@pytest.mark.cuda
+def test_cuda_parameters_on_another_device_than_the_current_one():
+    """Parameters on the last GPU while the current device is cuda:0: the binding's device guard and
+    stream; compared with torch, clip_grad_norm_ too."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(0)
+    pa = make_params([(33, 65), (16384 + 9,)], device=dev, seed=23)
+    pb = clone_params(pa)
+    ours, theirs = ff.optim.FusedAdamW(pa, lr=0.01), torch.optim.AdamW(pb, lr=0.01, foreach=False)
+    for step in range(3):
+        gen = torch.Generator(device=dev).manual_seed(step)
+        for p, q in zip(pa, pb):
+            p.grad = torch.randn(p.shape, generator=gen, device=dev)
+            q.grad = p.grad.clone()
+        n1 = ff.optim.clip_grad_norm_(pa, 1.0)
+        n2 = torch.nn.utils.clip_grad_norm_(pb, 1.0)
+        assert n1.device == dev
+        assert_close(n1, n2, F32, "norm")
+        ours.step()
+        theirs.step()
+    torch.cuda.synchronize(dev)
+    assert_same_state(ours, theirs, pa, pb)
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_over_2_31_elements():
+    """One bf16 parameter of 2**31 + 1000 elements (~17 GB with its gradient and state): element
+    indices past 2**31 must not wrap (int64 offsets in the kernel). Checked against torch on windows
+    at the start, across 2**31 and at the end."""
+    n, w = 2**31 + 1000, 4096
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    bf16 = torch.bfloat16
+    p = torch.nn.Parameter(torch.empty(n, dtype=bf16, device="cuda"))
+    g = torch.empty(n, dtype=bf16, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(24)
+    with torch.no_grad():
+        for b in range(0, n, 2**28):
+            p[b : b + 2**28].normal_(generator=gen)
+            g[b : b + 2**28].normal_(generator=gen)
+    windows = [slice(0, w), slice(2**31 - w, 2**31 + w), slice(n - w, n)]
+    refs = [p.detach()[s].float().clone().requires_grad_(True) for s in windows]
+    for r, s in zip(refs, windows):
+        r.grad = g[s].float()
+    kw = dict(lr=0.01, weight_decay=0.1)
+    p.grad = g
+    ff.optim.FusedAdamW([p], **kw).step()
+    torch.optim.AdamW(refs, foreach=False, **kw).step()
+    for r, s in zip(refs, windows):
+        assert_close(p.detach()[s].float(), r.detach().to(bf16).float(), bf16, f"param [{s.start}:{s.stop}]")
+    del p, g
+    torch.cuda.empty_cache()
