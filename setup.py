@@ -6,7 +6,8 @@ extension `fastformer._C` (sources in csrc/): the fused optimizer, and CPU train
   csrc/cross_entropy_cpu.cpp (the softmax cross-entropy rows of ff.linear_cross_entropy on CPU),
   csrc/cpu_env.cpp (flush-to-zero / denormals-are-zero on every CPU thread, for the trainer);
 - plus the CUDA part (csrc/adam_cuda.cu + csrc/adam_cuda_binding.cpp) when torch was built with CUDA
-  and nvcc is found (sm_80 and sm_90 code; FASTFORMER_CUDA_ARCHS="80;90;100" to change).
+  and nvcc is found (sm_80 and sm_90 code, and sm_90's PTX for newer GPUs; FASTFORMER_CUDA_ARCHS="80;90;100"
+  to change).
 
 If the extension cannot be compiled (no compiler, no torch headers) the install still succeeds and
 fastformer.optim falls back to torch's optimizers with a warning (and the CPU kernels to torch
@@ -43,6 +44,25 @@ def _torch_arch(arch: str) -> str | None:
     "10.0"): the last digit is the minor version, a letter after it stays a suffix; None when it is not one."""
     m = re.fullmatch(r"(\d+)(\d)([a-z]?)", arch)
     return None if m is None else f"{m[1]}.{m[2]}{m[3]}"
+
+
+def _ptx_arch(archs: list[str]) -> str | None:
+    """The architecture whose PTX the build also carries: the highest one without a suffix ("90a" PTX
+    runs on sm_90a only). A newer GPU (sm_100, sm_120) then JIT-compiles it at load time instead of
+    finding no kernel image."""
+    plain = [a for a in archs if a.isdigit()]
+    return max(plain, key=int) if plain else None
+
+
+def _gencode(archs: list[str]) -> list[str]:
+    """nvcc's -gencode flags: SASS for every architecture, and the PTX of `_ptx_arch`."""
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    ptx = _ptx_arch(archs)
+    if ptx is not None:
+        flags += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
+    return flags
 
 
 def _cuda_archs() -> list[str]:
@@ -86,9 +106,7 @@ def _ext_modules_and_cmdclass():
 
     ext = cpu_extension()
     if with_cuda:
-        gencode = []
-        for a in archs:
-            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode = _gencode(archs)
         try:
             ext = ce.CUDAExtension(
                 "fastformer._C",
@@ -129,7 +147,10 @@ def _ext_modules_and_cmdclass():
 
     # Arch list for torch's own flags (avoids a warning and a build for every arch torch knows).
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(_torch_arch(a) for a in archs))
+        ptx = _ptx_arch(archs)
+        os.environ.setdefault(
+            "TORCH_CUDA_ARCH_LIST", " ".join(_torch_arch(a) + ("+PTX" if a == ptx else "") for a in archs)
+        )
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 

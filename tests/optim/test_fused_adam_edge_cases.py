@@ -377,6 +377,15 @@ def test_setup_py_env_flags(monkeypatch):
     assert arch("sm_90") is None
     monkeypatch.setenv("FASTFORMER_CUDA_ARCHS", "80, sm_90;90a")  # a bad entry is dropped, not fatal
     assert mod["_cuda_archs"]() == ["80", "90a"]
+    # SASS for each architecture and the PTX of the highest plain one, so a newer GPU (sm_100) JIT-compiles
+    # it instead of finding no kernel image; "90a" PTX would run on sm_90a only
+    assert mod["_gencode"](["80", "90"]) == [
+        *("-gencode", "arch=compute_80,code=sm_80"),
+        *("-gencode", "arch=compute_90,code=sm_90"),
+        *("-gencode", "arch=compute_90,code=compute_90"),
+    ]
+    assert mod["_gencode"](["80", "90a"])[-1] == "arch=compute_80,code=compute_80"
+    assert mod["_gencode"](["90a"]) == ["-gencode", "arch=compute_90a,code=sm_90a"]
 
 
 @pytest.mark.parametrize("path", ["kernel", "no-extension"])
