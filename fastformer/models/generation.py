@@ -233,6 +233,10 @@ def generate(
         if decoder_start_token_id is None
         else _token_id(decoder_start_token_id, "decoder_start_token_id")
     )
+    for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
+        if value is None:  # a config built with None: else a TypeError in the range check below
+            raise ValueError(f"{name}: the model config has none (None); pass {name}=<token id> to generate")
+        _token_id(value, f"config.{name}")
     V = cfg.vocab_size
     if num_beams > 1 and max(2, 1 + len(eos)) * num_beams > num_beams * V:
         # each step keeps the best max(2, 1 + #eos) candidates per beam, which must not exceed the

@@ -53,6 +53,12 @@ T5_PRESETS: dict[str, dict] = PresetTable(
 )
 
 
+def _check_size(name: str, value) -> None:
+    """ValueError naming the T5Config field unless `value` is an int >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"T5Config {name} must be an int >= 1, got {value!r}")
+
+
 @dataclass
 class T5Config:
     vocab_size: int = 32128
@@ -73,6 +79,11 @@ class T5Config:
     def __post_init__(self):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        # sizes of 0 built a model that failed later with an IndexError (no layers) or a
+        # ZeroDivisionError (no heads) far from the field that caused it. num_decoder_layers is checked
+        # where a decoder is built (T5Stack): an encoder-only classifier never reads it.
+        for name in ("vocab_size", "d_model", "d_ff", "d_kv", "num_heads", "num_layers"):
+            _check_size(name, getattr(self, name))
         # checked here, not at the first forward deep inside attention: Hugging Face's T5Config takes
         # bucket settings ff.t5_attention cannot run. Every T5 model has an encoder (bidirectional
         # rule); a model with a decoder checks its stricter causal rule too (check_buckets)
@@ -152,6 +163,10 @@ class T5GatedGelu(nn.Module):
 
     def forward(self, x):
         return self.wo(self.dropout(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)))
+
+
+def _shape_of(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_shaped_like(name: str, t, like_name: str, shape) -> None:
@@ -253,6 +268,7 @@ class T5Stack(nn.Module):
         super().__init__()
         if is_decoder:
             cfg.check_buckets(decoder=True)  # at construction (from_hf too), not at the first forward
+            _check_size("num_decoder_layers", cfg.num_decoder_layers)  # a decoder without layers cannot decode
         self.is_decoder = is_decoder
         self.embed_tokens = embed_tokens
         n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
@@ -460,6 +476,15 @@ class T5ForConditionalGeneration(nn.Module):
         `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep). With repeat=K the
         decoder runs B·K rows, row b·K + r serving input b (beam search); the encoder side is not
         repeated: the K rows of an input attend to its keys as K query rows of one attention."""
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat must be an int >= 1 (decoder rows per input), got {repeat!r}")
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
+            got = _shape_of(encoder_hidden_states)
+            raise ValueError(f"encoder_hidden_states must be shaped (B, Lenc, d_model), got {got}")
+        # else a bare RuntimeError at the first decode, far from the mask that caused it
+        _check_shaped_like(
+            "attention_mask", attention_mask, "encoder_hidden_states' (B, Lenc)", encoder_hidden_states.shape[:2]
+        )
         step = _DecodeStep(self)
         b, length, _ = encoder_hidden_states.shape
         H, D = self.config.num_heads, self.config.d_kv
@@ -483,6 +508,17 @@ class T5ForConditionalGeneration(nn.Module):
     def decode(self, decoder_input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """The next decoder tokens (N, L) at positions cache.length.. -> logits (N, L, V); the cache grows.
         Inference: no dropout."""
+        n = len(cache.cross[0][0]) * cache.repeat if cache.cross else None  # B inputs · repeat rows each
+        if (
+            not isinstance(decoder_input_ids, torch.Tensor)
+            or decoder_input_ids.dim() != 2
+            or (n is not None and decoder_input_ids.shape[0] != n)
+        ):
+            # else a bare RuntimeError (or an unpacking ValueError) inside the decode step
+            raise ValueError(
+                f"decoder_input_ids must be shaped (N, L) with N = {n} (the cache's inputs x repeat), got "
+                f"{_shape_of(decoder_input_ids)}"
+            )
         h = cache.step(decoder_input_ids, cache)
         dt = autocast_dtype(h)
         return F.linear(h.to(dt), self.lm_head.weight.to(dt))
