@@ -18,12 +18,13 @@ them) or one input per line of any other file.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .corpus import DataError
+from .corpus import DataError, FastformerWarning
 from .packing import pad_batch
 from .tsv import _fit_to_header, _read_text, _rows
 
@@ -131,7 +132,17 @@ def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | Non
         inputs, targets = ["\t".join(r) for r in rows], None
     if not inputs:
         raise DataError(f"{path}: no data rows")
-    return inputs, (targets if targets and all(targets) else None)
+    if targets and not all(targets):
+        empty = [i for i, t in enumerate(targets) if not t]
+        if len(empty) < len(targets):  # some rows have targets: scoring them all would count the rest as misses
+            warnings.warn(
+                f"{path}: {len(empty)} of {len(targets)} rows have an empty target (the first is data row "
+                f"{empty[0] + 1}); the generations are written but not scored",
+                FastformerWarning,
+                stacklevel=2,
+            )
+        targets = None
+    return inputs, targets
 
 
 def encode_pairs(

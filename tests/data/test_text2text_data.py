@@ -110,3 +110,11 @@ def test_encode_pairs_truncates_before_eos_and_collator_pads():
         assert torch.equal(batch["labels"][i, :m], tgt) and bool((batch["labels"][i, m:] == -100).all())
     with pytest.raises(ValueError, match="max_len"):
         encode_pairs(tok, ["a"], ["b"], max_len=1, max_target_len=4, eos_id=EOS)
+
+
+def test_generation_inputs_with_some_empty_targets_say_they_are_not_scored(tmp_path):
+    """One empty target turned scoring off for the whole file without a word; the generations are
+    still made (the inputs come back), and the warning says why there is no ROUGE."""
+    p = _write(tmp_path, "input\ttarget\na b\tc\nd e\t \nf g\th\n")
+    with pytest.warns(FastformerWarning, match=r"1 of 3 rows have an empty target \(the first is data row 2\)"):
+        assert read_generation_inputs(p) == (["a b", "d e", "f g"], None)
