@@ -43,3 +43,30 @@ def test_non_finite_scalars_still_refused():
             ff.cross_entropy(x, t, z_loss=bad)
         with pytest.raises(ValueError, match="scale"):
             ff.scaled_dot_product_attention(q, q, q, scale=bad)
+
+
+@pytest.mark.parametrize("low", [torch.finfo(torch.float32).min, torch.finfo(torch.bfloat16).min, -2.4e38])
+def test_finfo_min_float_mask_rows_average_as_in_torch(low):
+    """Hugging Face builds float masks with torch.finfo(dtype).min. The kernels add the mask in log2
+    units, where such a value overflowed to -inf: a row with every key at finfo.min came out as zeros
+    on the kernel path, where torch averages the values uniformly. A true -inf row still gives zeros."""
+    torch.manual_seed(0)
+    B, H, Lq, Lk, D = 2, 2, 9, 13, 16
+    q = torch.randn(B, H, Lq, D, requires_grad=True)
+    k, v = (torch.randn(B, H, Lk, D, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(B, 1, Lq, Lk)
+    mask[0, :, 2, :] = low  # every key at finfo.min: uniform average in torch
+    mask[1, :, :, 5:] = low  # a padding-style mask: the usual case, unaffected
+    mask[1, :, 4, :] = float("-inf")  # a truly fully-masked row: zeros (documented)
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    live = torch.ones(B, 1, Lq, 1, dtype=torch.bool)
+    live[1, :, 4] = False
+    assert out[1, :, 4].abs().max() == 0
+    torch.testing.assert_close(out.double().where(live, 0), want.where(live, 0), atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out).where(live, 0)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = torch.autograd.grad(want, (q, k, v), grad_out.double())
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
