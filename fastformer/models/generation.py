@@ -35,6 +35,7 @@ tokens are the same:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,14 @@ class DecoderCache:
     def reorder(self, index: torch.Tensor) -> None:
         for c in self.self_attn:
             c.reorder(index)
+
+
+def _int_arg(value, name: str, lo: int, note: str = "") -> int:
+    """value as a Python int; ValueError naming `name` unless it is an integer (numpy's too, not a
+    bool) >= lo."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}{note}, got {value!r}")
+    return int(value)
 
 
 def _token_id(value, name: str) -> int:
@@ -199,26 +208,27 @@ def generate(
     use_cache=False recomputes the whole decoder prefix each step (slow; the cache's oracle)."""
     cfg = model.config
     _check_inputs(input_ids, attention_mask)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    # numbers.Integral / numbers.Real: numpy scalars (a value read from a config or an array) are taken
+    # as Python's, as the token ids are; bools are refused
+    max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1)
+    num_beams = _int_arg(num_beams, "num_beams", 1)
     if (
         isinstance(num_return_sequences, bool)
-        or not isinstance(num_return_sequences, int)
+        or not isinstance(num_return_sequences, numbers.Integral)
         or not 1 <= num_return_sequences <= num_beams
     ):
         raise ValueError(
             f"num_return_sequences must be an int in [1, num_beams={num_beams}], got {num_return_sequences!r}"
         )
+    num_return_sequences = int(num_return_sequences)
     if (
         isinstance(length_penalty, bool)
-        or not isinstance(length_penalty, (int, float))
+        or not isinstance(length_penalty, numbers.Real)
         or not math.isfinite(length_penalty)
     ):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {no_repeat_ngram_size!r}")
+    length_penalty = float(length_penalty)
+    no_repeat_ngram_size = _int_arg(no_repeat_ngram_size, "no_repeat_ngram_size", 0, " (0: off)")
     p = check_encoder_repetition_penalty(encoder_repetition_penalty)
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):  # 1 is not True
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
@@ -328,7 +338,7 @@ def ban_repeated_ngrams(seqs: torch.Tensor, n: int, scores: torch.Tensor) -> tor
 
 def check_encoder_repetition_penalty(p, name: str = "encoder_repetition_penalty") -> float:
     """p as a float; ValueError naming `name` unless p is a finite number > 0 (not a bool)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p <= 0:
         raise ValueError(f"{name} must be a finite number > 0 (1: off), got {p!r}")
     return float(p)
 

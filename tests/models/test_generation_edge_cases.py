@@ -83,3 +83,25 @@ def test_start_cache_and_decode_bad_arguments_raise_value_error():
         got = torch.cat([model.decode(dec[:, i : i + 1], cache) for i in range(4)], 1)
         ref = model.decode_uncached(dec, enc.repeat_interleave(2, 0), mask.repeat_interleave(2, 0))
     torch.testing.assert_close(got, ref)
+
+
+def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold():
+    """max_new_tokens, num_beams, num_return_sequences, length_penalty, no_repeat_ngram_size and the
+    encoder repetition penalty refused numpy scalars (a value read from an array or a config) that
+    the token ids accepted; they now give what the Python numbers give. Bools are still refused."""
+    import numpy as np
+
+    model = _model()
+    ids = torch.randint(2, TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    plain = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, length_penalty=0.5)
+    plain.update(no_repeat_ngram_size=2, encoder_repetition_penalty=1.3)
+    numpy = dict(max_new_tokens=np.int64(5), num_beams=np.int32(3), num_return_sequences=np.int64(2))
+    numpy.update(length_penalty=np.float32(0.5), no_repeat_ngram_size=np.int8(2))
+    numpy.update(encoder_repetition_penalty=np.float64(1.3))
+    assert torch.equal(model.generate(ids, mask, **numpy), model.generate(ids, mask, **plain))
+    for name in ("max_new_tokens", "num_beams", "no_repeat_ngram_size"):
+        with pytest.raises(ValueError, match=name):
+            model.generate(ids, mask, **{name: np.bool_(True)})
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 2.0"):
+        model.generate(ids, mask, max_new_tokens=2.0)
