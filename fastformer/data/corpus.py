@@ -184,9 +184,13 @@ def _warn_if_read_again(files: list[Path], raw: str, seen: dict[Path, str]) -> N
     if again and _first_process():
         first = again[0]
         via = seen[first.resolve()]
+        what = (
+            f"--data {raw} is given twice"
+            if Path(via).resolve() == Path(raw).resolve()
+            else f"--data {raw}: {len(again)} file(s) are also given by --data {via} (the first {first})"
+        )
         warnings.warn(
-            f"--data {raw}: {len(again)} file(s) are also given by --data {via} (the first {first}); "
-            "their documents are read twice and the held-out slice can share them with training",
+            f"{what}; their documents are read twice and the held-out slice can share them with training",
             FastformerWarning,
             stacklevel=3,
         )
