@@ -626,10 +626,13 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < D)
     b64 = b.to(tl.int64)
+    # head offsets in int64 as in every other kernel: h · s_dh of a dO that autograd hands over as a
+    # slice of a larger gradient (or h · s_lh for many varlen tokens) can pass 2^31 and would wrap
+    h64 = h.to(tl.int64)
     rows = (q_start + offs_m)[:, None].to(tl.int64)
-    o = tl.load(O + b64 * s_ob + h * s_oh + rows * s_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * s_db + h * s_dh + rows * s_dm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + b64 * s_lb + h * s_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+    o = tl.load(O + b64 * s_ob + h64 * s_oh + rows * s_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * s_db + h64 * s_dh + rows * s_dm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b64 * s_lb + h64 * s_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
 
 
 @triton.jit(noinline=True)

@@ -475,6 +475,14 @@ def _strides(t, spec: AttnSpec):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _rows_fit_int32(t, spec: AttnSpec, rows: int) -> bool:
+    """Whether the offsets within `rows` rows of one head of the q/k/v-like t (row x row stride +
+    column) fit the int32 arithmetic the kernels use for them (batch, head and sequence-start offsets
+    are int64)."""
+    s_row = t.stride(0) if spec.varlen else t.stride(2)
+    return (max(rows, 1) - 1) * abs(s_row) + (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
+
+
 def _lse_strides(lse, spec: AttnSpec):
     if spec.varlen:  # (H, Tq)
         return 0, lse.stride(0)
@@ -708,7 +716,11 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
     from . import attention as K
 
     dims = B, H, HK, Lq, Lk, D = _dims(q, k, spec)
-    do = do.contiguous() if do.stride(-1) != 1 else do
+    # dO has whatever strides autograd gives it (a slice of a larger gradient, a broadcast); the op
+    # layer checks q/k/v, not dO, against the kernels' int32 row offsets: copy it when its last dim is
+    # not contiguous or its rows within one head span 2^31 elements (they would wrap in _bwd_tile)
+    if do.stride(-1) != 1 or not _rows_fit_int32(do, spec, Lq):
+        do = do.contiguous()
     cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
 
     # 1. Delta = rowsum(dO · O)

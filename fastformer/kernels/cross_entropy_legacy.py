@@ -156,7 +156,10 @@ def _ce_fwd_kernel(
             mask = offs < V
             x = tl.load(logits_row + offs * s_lc, mask=mask, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            # while every logit so far is -inf (a masked range of the vocabulary first), m_new is
+            # -inf too and x - m_new, m - m_new would be -inf + inf = NaN: shift by 0 instead (s stays 0)
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
             m = m_new
             if SOFT:
                 wy = _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
