@@ -122,8 +122,9 @@ def current_fingerprint(fp: dict) -> dict:
     return fp
 
 
-def rng_state() -> dict:
-    """Every random generator the run draws from, as tensors and plain Python values."""
+def rng_state(device: torch.device | str | None = None) -> dict:
+    """Every random generator the run draws from, as tensors and plain Python values. device: the
+    CUDA device the run trains on, whose generator (dropout) is also kept as "cuda_device"."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -138,20 +139,33 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-        # the generator of the device this process trains on (under torchrun the trainer saves this
-        # whole dict for every rank, and each rank restores its own)
+        # the current device's generator: under torchrun (set_device) the rank's own; the trainer saves
+        # this whole dict for every rank, and each rank restores its own
         state["cuda_current"] = torch.cuda.get_rng_state()
+        if device is not None and torch.device(device).type == "cuda":
+            # the training device's own generator, by role rather than by index: a run that trained on
+            # cuda:1 and resumes on cuda:0 (another machine, CUDA_VISIBLE_DEVICES) continues its stream
+            state["cuda_device"] = torch.cuda.get_rng_state(torch.device(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | str | None = None) -> None:
+    """Restore what rng_state saved; device: the CUDA device this run trains on, which gets the saved
+    training device's generator ("cuda_device") whatever its index."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
     if isinstance(n, dict):
         n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     np.random.set_state(n)  # older checkpoints: numpy's own tuple
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda" in state:
+        # only the devices this machine has: a checkpoint from a machine with more GPUs (or resumed under
+        # a narrower CUDA_VISIBLE_DEVICES) would make set_rng_state_all index past the last one (IndexError)
+        for index, gen_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gen_state, index)
         if "cuda_current" in state:  # absent in older checkpoints
             torch.cuda.set_rng_state(state["cuda_current"])
+    if device is not None and torch.device(device).type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], torch.device(device))

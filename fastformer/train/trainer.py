@@ -282,7 +282,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "rng_ranks": self._rng_ranks,  # per rank under torchrun, else None
             "data_position": {"step": self.step},
             "fingerprint": self.fingerprint,
@@ -306,7 +306,7 @@ class Trainer:
     def save(self) -> None:
         # every rank's generators (each rank's dropout draws on its own batches' shapes, so the ranks'
         # states differ): each restores its own on --resume (a collective: every rank calls save)
-        self._rng_ranks = D.all_gather_object(rng_state(), self.info) if self.info.enabled else None
+        self._rng_ranks = D.all_gather_object(rng_state(self.device), self.info) if self.info.enabled else None
         if self.info.main:
             prior = (
                 f"the previous checkpoint (step {self._saved_step}) is intact"
@@ -341,7 +341,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         ranks = ck.get("rng_ranks")  # absent in older checkpoints, None without torchrun
-        set_rng_state(ranks[self.info.rank] if ranks and len(ranks) == self.info.world else ck["rng"])
+        set_rng_state(ranks[self.info.rank] if ranks and len(ranks) == self.info.world else ck["rng"], self.device)
         self.step = int(ck["step"])
         check_steps_done(self.cfg.steps, self.step, self.out)
         self._saved_step = self.step
