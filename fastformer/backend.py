@@ -1,6 +1,7 @@
 """Backend dispatch: which implementation an op runs.
 
-    FASTFORMER_BACKEND=auto       (default) Triton kernels for CUDA tensors; for CPU tensors the fastest
+    FASTFORMER_BACKEND=auto       (default) Triton kernels for CUDA tensors on a GPU of compute
+                                  capability 8.0 or newer (older ones: the reference); for CPU tensors the fastest
                                   correct implementation torch itself has (e.g. torch's fused CPU
                                   attention), else the eager reference
     FASTFORMER_BACKEND=triton     force the Triton kernels (on CPU this needs TRITON_INTERPRET=1,
@@ -103,6 +104,26 @@ def triton_available() -> bool:
     return _triton_imports()
 
 
+# The kernels' tile configurations are built and gated for sm_80 and sm_90 (their bf16 tensor-core
+# dots and shared-memory sizes); a Volta or Turing GPU (V100, T4) runs the reference under `auto`.
+MIN_KERNEL_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def kernels_supported(index: int) -> bool:
+    """Whether `auto` runs the Triton kernels on CUDA device `index` (compute capability >= 8.0)."""
+    return tuple(torch.cuda.get_device_capability(index)) >= MIN_KERNEL_CAPABILITY
+
+
+def fast_cuda(device: torch.device | str) -> bool:
+    """A CUDA device of compute capability >= 8.0: where training autocasts to bf16 and `auto` runs the
+    fused kernels (on older GPUs training runs in fp32 and the ops run the reference)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return kernels_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -124,16 +145,17 @@ def under_functorch(*tensors: torch.Tensor | None) -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Decide whether an op given these tensors should launch its Triton kernel.
 
-    auto: only for CUDA tensors (and triton importable). triton: always, on CUDA tensors or, under the
-    interpreter, CPU tensors; raising if that is impossible. reference: never; nor inside a torch.func
-    transform (under_functorch).
+    auto: only for CUDA tensors on a GPU of compute capability >= 8.0 (and triton importable). triton:
+    always, on CUDA tensors or, under the interpreter, CPU tensors; raising if that is impossible.
+    reference: never; nor inside a torch.func transform (under_functorch).
     """
     backend = get_backend()
     if backend == "reference" or under_functorch(*tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":
-        return on_cuda and triton_available()
+        first = next((t for t in tensors if t is not None), None)
+        return on_cuda and first is not None and triton_available() and kernels_supported(first.device.index)
     if not triton_available():
         raise RuntimeError("FASTFORMER_BACKEND=triton but triton cannot be imported")
     if not on_cuda and not interpreting():

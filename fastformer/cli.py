@@ -76,14 +76,15 @@ FILE_FLAGS = {
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from fastformer.backend import get_backend, interpreting, triton_available
+    from fastformer.backend import fast_cuda, get_backend, interpreting, triton_available
 
     lines = [
         f"fastformer {__version__}",
         f"python     {platform.python_version()}",
-        f"torch      {torch.__version__} "
-        f"(CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})",
+        f"torch      {torch.__version__} (CUDA {_cuda_summary() if torch.cuda.is_available() else 'no'})",
     ]
+    if torch.cuda.is_available() and not fast_cuda("cuda:0"):
+        lines.append("           (compute capability below 8.0: the ops run their reference, training runs in fp32)")
     if triton_available():
         import triton
 
@@ -107,6 +108,15 @@ def _info(args: argparse.Namespace) -> int:
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
     print("\n".join(lines))
     return 0
+
+
+def _cuda_summary() -> str:
+    """'yes: NVIDIA H100 80GB HBM3, compute capability 9.0' (with the count when there are several)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    cc = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    return f"yes: {f'{n} x ' if n > 1 else ''}{torch.cuda.get_device_name(0)}, compute capability {cc}"
 
 
 def _objectives() -> list:

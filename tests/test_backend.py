@@ -128,3 +128,52 @@ def test_a_bad_environment_backend_is_one_line_at_first_use():
     )
     with pytest.raises(ValueError, match="got None"):
         ff.set_backend(None)
+
+
+@pytest.fixture
+def cuda_capability(monkeypatch):
+    """Pretend a CUDA GPU of a chosen compute capability (nothing here launches on it)."""
+    from fastformer import backend
+
+    def use(cc):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+        backend.kernels_supported.cache_clear()
+
+    yield use
+    backend.kernels_supported.cache_clear()
+
+
+def test_auto_runs_the_kernels_on_compute_capability_8_and_newer_only(cuda_capability, monkeypatch):
+    """The kernels' tiles are built and gated for sm_80 / sm_90 and use bf16 tensor cores: on a T4 or
+    V100 `auto` used to launch them anyway (bf16 dots do not compile for sm_75). There `auto` now runs
+    the reference, and training runs in fp32 (fast_cuda is the trainer's autocast rule too)."""
+    from types import SimpleNamespace
+
+    from fastformer import backend
+
+    monkeypatch.setattr(backend, "under_functorch", lambda *t: False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for cc, fast in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True), ((12, 0), True)):
+        cuda_capability(cc)
+        assert backend.fast_cuda("cuda:0") is fast and backend.use_triton(fake, None) is fast, cc
+        with ff.use_backend("triton"):  # forced: launched whatever the GPU
+            assert backend.use_triton(fake)
+    assert not backend.fast_cuda("cpu")
+
+
+def test_info_names_the_gpus_and_an_old_ones_fp32(cuda_capability, monkeypatch, capsys):
+    from fastformer.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr("fastformer.optim.extension_available", lambda *a, **k: True)
+    cuda_capability((7, 5))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "(CUDA yes: 2 x Tesla T4, compute capability 7.5)" in out
+    assert "below 8.0: the ops run their reference, training runs in fp32" in out
+    cuda_capability((9, 0))
+    assert main(["info"]) == 0
+    assert "below 8.0" not in capsys.readouterr().out

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peak FLOP/s (without sparsity) by device-name substring.
+# Dense bf16 tensor-core peak FLOP/s (without sparsity) by a name in the device's name, matched as a
+# whole word ("L4" is not the L40's) and in this order (a variant before its family). None: a device
+# whose peak is not listed (no MFU rather than one against another card's peak).
 PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": None,
     "H200": 989e12,
-    "H100": 989e12,
     "GH200": 989e12,
+    "H100": 989e12,
     "A100": 312e12,
     "A10G": 70e12,
     "L40S": 362e12,
+    "L40": None,
     "L4": 121e12,
     "A6000": 155e12,
     "4090": 165e12,
     "3090": 71e12,
-    "V100": 125e12,
 }
 
 
@@ -29,7 +34,7 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, val in PEAK_BF16_FLOPS.items():
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return val
     return None
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from fastformer.backend import fast_cuda
+
 GB = 1024**3
 # fp32 bytes per parameter for weights + gradients + optimizer state
 OPTIMIZER_STATE = {"fusedadamw": 8, "adamw": 8, "sgd": 4, "rmsprop": 4}
@@ -243,13 +245,14 @@ def estimate_memory(
     batch_size, seq_len: the micro-batch (examples, tokens per example); target_len: decoder tokens
     per example (encoder-decoder models); head_rows: rows per micro-batch that go through the
     vocabulary projection (predicted tokens); fused_attention: the score matrix is never stored
-    (default: on CUDA); processes: processes on this machine sharing the device's memory (DDP on CPU)."""
+    (default: on a CUDA GPU of compute capability >= 8.0); processes: processes on this machine
+    sharing the device's memory (DDP on CPU)."""
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     weights = n_params * (8 + OPTIMIZER_STATE.get(optimizer, 8))
     if fused_attention is None:
-        fused_attention = device.type == "cuda"
-    act_bytes = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA
+        fused_attention = fast_cuda(device)
+    act_bytes = 2 if fast_cuda(device) else 4  # bf16 autocast on a GPU of compute capability >= 8.0
     src, tgt = seq_len, target_len
     scores = (
         0

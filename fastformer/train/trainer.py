@@ -1,6 +1,7 @@
 """The objective-agnostic training loop.
 
-The Trainer owns what every objective shares: device and autocast (bf16 on CUDA, fp32 on CPU),
+The Trainer owns what every objective shares: device and autocast (bf16 on a CUDA GPU of compute
+capability 8.0 or newer, else fp32),
 gradient accumulation with the loss normalised by the predicted tokens of the whole optimizer step
 (all micro-batches, all ranks), warmup + linear/cosine schedule (per step, or over a time budget:
 `max_minutes` without `steps`), fused gradient clipping, the optimizer (FusedAdamW by default), DDP,
@@ -29,6 +30,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +39,13 @@ import torch
 from torch import nn
 
 import fastformer as ff
+from fastformer.backend import fast_cuda
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
 from .resources import flush_denormals
-from .run_dir import OutputError, check_steps_done, os_error_message, writing
+from .run_dir import FastformerWarning, OutputError, check_steps_done, os_error_message, writing
 from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
 OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
@@ -212,6 +215,15 @@ class Trainer:
         self.device = device or D.resolve_device(cfg.device, self.info)
         self.raw_model = model.to(self.device)
         self.model = model
+        if self.device.type == "cuda" and not fast_cuda(self.device) and self.info.main:
+            # bf16 autocast would be emulated, and the fused kernels' tiles are built for sm_80 / sm_90
+            cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
+            warnings.warn(
+                f"{self.device} has compute capability {cc}: training runs in fp32 (bf16 autocast needs 8.0 "
+                "or newer), and the attention and cross-entropy ops run their PyTorch reference",
+                FastformerWarning,
+                stacklevel=2,
+            )
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -267,7 +279,7 @@ class Trainer:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type == "cuda":
+        if fast_cuda(self.device):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

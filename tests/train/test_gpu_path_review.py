@@ -137,3 +137,22 @@ def test_cuda_resume_restores_the_training_devices_generator(tmp_path, tiny_corp
     b = pretrain(tiny_config(part, tiny_corpus, steps=4, device="cuda", eval_every=0, resume=True))
     assert b["steps"] == 4 and b["resumed_from"] == 2
     assert abs(a["final_loss"] - b["final_loss"]) <= 2e-2 * abs(a["final_loss"])
+
+
+def test_mfu_peak_matches_whole_names_and_variants_first(monkeypatch):
+    """Peaks were matched by substring in table order: an L40 took the L4's peak and an H100 PCIe the
+    SXM's. Names now match as whole words, a variant before its family; an unlisted card gets none."""
+    from fastformer.train.metrics import peak_flops
+
+    for name, want in (
+        ("NVIDIA L40", None),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Tesla V100-SXM2-16GB", None),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert peak_flops(torch.device("cuda", 0)) == want, name
