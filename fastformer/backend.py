@@ -109,10 +109,15 @@ def triton_available() -> bool:
 MIN_KERNEL_CAPABILITY = (8, 0)
 
 
-@functools.cache
+@functools.cache  # on the inner function, as _triton_imports: the outer one is a constant under compile
+def _capability_supported(index: int) -> bool:
+    return tuple(torch.cuda.get_device_capability(index)) >= MIN_KERNEL_CAPABILITY
+
+
+@_constant_under_compile
 def kernels_supported(index: int) -> bool:
     """Whether `auto` runs the Triton kernels on CUDA device `index` (compute capability >= 8.0)."""
-    return tuple(torch.cuda.get_device_capability(index)) >= MIN_KERNEL_CAPABILITY
+    return _capability_supported(index)
 
 
 def fast_cuda(device: torch.device | str) -> bool:

@@ -137,10 +137,10 @@ def cuda_capability(monkeypatch):
 
     def use(cc):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
-        backend.kernels_supported.cache_clear()
+        backend._capability_supported.cache_clear()
 
     yield use
-    backend.kernels_supported.cache_clear()
+    backend._capability_supported.cache_clear()
 
 
 def test_auto_runs_the_kernels_on_compute_capability_8_and_newer_only(cuda_capability, monkeypatch):
