@@ -159,8 +159,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":
+        if not on_cuda:
+            return False
         first = next((t for t in tensors if t is not None), None)
-        return on_cuda and first is not None and triton_available() and kernels_supported(first.device.index)
+        return first is not None and triton_available() and kernels_supported(first.device.index)
     if not triton_available():
         raise RuntimeError("FASTFORMER_BACKEND=triton but triton cannot be imported")
     if not on_cuda and not interpreting():
@@ -168,6 +170,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "FASTFORMER_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         )
     return True
+
+
+def below_kernel_gpu(*tensors: torch.Tensor) -> bool:
+    """Backend auto with every tensor on a CUDA GPU older than the kernels support (compute capability
+    below 8.0: a T4, a V100): attention then runs torch's own SDPA there instead of the eager
+    reference, which would materialise the fp32 score matrix."""
+    if get_backend() != "auto" or not tensors or not all(t.is_cuda for t in tensors if t is not None):
+        return False
+    first = next((t for t in tensors if t is not None), None)
+    return first is not None and not kernels_supported(first.device.index)
 
 
 def cpu_fast_path(*tensors: torch.Tensor) -> bool:

@@ -84,7 +84,7 @@ def _info(args: argparse.Namespace) -> int:
         f"torch      {torch.__version__} (CUDA {_cuda_summary() if torch.cuda.is_available() else 'no'})",
     ]
     if torch.cuda.is_available() and not fast_cuda("cuda:0"):
-        lines.append("           (compute capability below 8.0: the ops run their reference, training runs in fp32)")
+        lines.append("           (compute capability below 8.0: no fused kernels, training runs in fp32)")
     if triton_available():
         import triton
 
@@ -464,7 +464,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from fastformer.train.finetune import FinetuneConfig, finetune
     from fastformer.train.text2text import TEXT2TEXT_FIELDS
 
-    if args.vocab_size is not None and args.init and not args.resume:
+    if args.vocab_size is not None and args.init and not args.resume and _is_main():  # once per torchrun job
         import warnings
 
         from fastformer.train.run_dir import FastformerWarning
@@ -489,7 +489,7 @@ def _finetune(args: argparse.Namespace) -> int:
     given = [k for k in TEXT2TEXT_FIELDS if getattr(args, k) is not None]
     if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to --task text2text only")
-    if args.pooling == "cls" and not args.resume and _encoder_family(args) == "t5":
+    if args.pooling == "cls" and not args.resume and _is_main() and _encoder_family(args) == "t5":
         import warnings
 
         from fastformer.train.run_dir import FastformerWarning

@@ -154,11 +154,19 @@ def test_auto_runs_the_kernels_on_compute_capability_8_and_newer_only(cuda_capab
     monkeypatch.setattr(backend, "under_functorch", lambda *t: False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    from fastformer.ops import attention_common
+
     for cc, fast in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True), ((12, 0), True)):
         cuda_capability(cc)
         assert backend.fast_cuda("cuda:0") is fast and backend.use_triton(fake, None) is fast, cc
+        # attention: the kernels, or on an older GPU torch's own SDPA (not the eager reference, which
+        # would materialise the fp32 scores)
+        path = attention_common.attention_path(fake, fake, fake, None, covered=True, dropout_p=0.0)
+        assert path == ("kernel" if fast else "torch"), cc
         with ff.use_backend("triton"):  # forced: launched whatever the GPU
             assert backend.use_triton(fake)
+        with ff.use_backend("reference"):
+            assert attention_common.attention_path(fake, fake, covered=True, dropout_p=0.0) == "reference"
     assert not backend.fast_cuda("cpu")
 
 
@@ -173,7 +181,7 @@ def test_info_names_the_gpus_and_an_old_ones_fp32(cuda_capability, monkeypatch, 
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "(CUDA yes: 2 x Tesla T4, compute capability 7.5)" in out
-    assert "below 8.0: the ops run their reference, training runs in fp32" in out
+    assert "below 8.0: no fused kernels, training runs in fp32" in out
     cuda_capability((9, 0))
     assert main(["info"]) == 0
     assert "below 8.0" not in capsys.readouterr().out

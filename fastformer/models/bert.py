@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastformer as ff
+from fastformer.backend import fast_cuda
 
 from . import _cpu_attention
 from ._autocast import autocast_dtype
@@ -232,16 +233,21 @@ class BertEncoder(nn.Module):
         B, L = input_ids.shape
         unpad = False if padded else self.config.unpad
         if unpad is None:
-            # CUDA: always (the varlen kernel costs nothing extra). CPU: every matrix product scales
-            # with the rows it is given, so skipping the padding pays once it is a real share of the
-            # batch (a fine-tuning batch of mixed lengths is often half padding); below 1/8 the
-            # gather and the per-sequence attention calls cost more than they save.
-            unpad = input_ids.is_cuda or (
-                cpu_unpad
-                and attention_mask is not None
-                and not _compiling()
-                and 8 * int(attention_mask.sum()) <= 7 * attention_mask.numel()
-            )
+            # CUDA: always (the varlen kernel costs nothing extra), except on a GPU below the kernels'
+            # compute capability 8.0, where varlen attention would be one torch SDPA call per sequence
+            # and the padded batch is one call. CPU: every matrix product scales with the rows it is
+            # given, so skipping the padding pays once it is a real share of the batch (a fine-tuning
+            # batch of mixed lengths is often half padding); below 1/8 the gather and the per-sequence
+            # attention calls cost more than they save.
+            if input_ids.is_cuda:
+                unpad = fast_cuda(input_ids.device)
+            else:
+                unpad = (
+                    cpu_unpad
+                    and attention_mask is not None
+                    and not _compiling()
+                    and 8 * int(attention_mask.sum()) <= 7 * attention_mask.numel()
+                )
         # Nothing padded (attention_mask None, e.g. packed examples): the dense mask-free path is
         # already pad-free, so only unpad when forced.
         if unpad and (attention_mask is not None or self.config.unpad):

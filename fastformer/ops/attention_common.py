@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..backend import cpu_fast_path, use_triton
+from ..backend import below_kernel_gpu, cpu_fast_path, use_triton
 from ..reference.attention import default_scale
 from ._compile import opaque_to_compile
 from ._validate import FLOAT_DTYPES, as_real, check_range, is_finite
@@ -173,13 +173,14 @@ def torch_sdpa_usable() -> bool:
 def attention_path(*tensors, covered: bool, dropout_p: float) -> str:
     """Which implementation runs an attention call: "kernel" (the fused Triton kernels: CUDA tensors,
     or any tensor with the backend forced to "triton", when the kernels cover the call), "torch"
-    (torch's own SDPA: CPU tensors under backend "auto"), else "reference" (the eager spec)."""
+    (torch's own SDPA: CPU tensors, or CUDA tensors on a GPU below the kernels' compute capability 8.0,
+    under backend "auto"), else "reference" (the eager spec)."""
     if dropout_p < 1.0 and use_triton(*tensors):
         if covered:
             return "kernel"
         if _bf16_on_cpu(tensors[0]):
             _warn_bf16_interpreter()
-    if cpu_fast_path(*tensors) and torch_sdpa_usable():
+    if (cpu_fast_path(*tensors) or below_kernel_gpu(*tensors)) and torch_sdpa_usable():
         return "torch"
     return "reference"
 

@@ -220,7 +220,7 @@ class Trainer:
             cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
             warnings.warn(
                 f"{self.device} has compute capability {cc}: training runs in fp32 (bf16 autocast needs 8.0 "
-                "or newer), and the attention and cross-entropy ops run their PyTorch reference",
+                "or newer), and the ops run torch's SDPA or their PyTorch reference instead of the fused kernels",
                 FastformerWarning,
                 stacklevel=2,
             )
