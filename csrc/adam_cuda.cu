@@ -279,8 +279,9 @@ __global__ void __launch_bounds__(kThreads) clip_scale_kernel(const NormTensorDe
 cudaError_t cuda_kernels_probe() {
   // cudaFuncGetAttributes loads a kernel's code for the current device, so it fails exactly where a
   // launch would fail with "no kernel image is available" (no SASS for this architecture and no PTX
-  // to JIT, e.g. an sm_80/sm_90 build on a T4 or a B200). That error is not sticky, but it stays as
-  // the thread's last error: clear it, or torch's next launch check would report it as its own.
+  // it can JIT, e.g. the default sm_80/sm_90 build, which carries compute_90 PTX, on a T4 or a V100).
+  // That error is not sticky, but it stays as the thread's last error: clear it, or torch's next
+  // launch check would report it as its own.
   const void* kernels[] = {reinterpret_cast<const void*>(&adam_kernel),
                            reinterpret_cast<const void*>(&norm_partial_kernel),
                            reinterpret_cast<const void*>(&norm_final_kernel),

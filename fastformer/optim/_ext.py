@@ -35,10 +35,10 @@ def _probe(index: int) -> bool:
 
 
 def _runs_on(device: torch.device) -> bool:
-    """Whether the CUDA kernels have code for this GPU, asked once per device. The build has SASS
-    for FASTFORMER_CUDA_ARCHS only (default sm_80, sm_90, no PTX): on a T4 (sm_75) or a B200
-    (sm_100) every launch fails with "no kernel image is available", after the step counts had
-    been advanced; torch's implementation must take those parameters instead."""
+    """Whether the CUDA kernels have code for this GPU, asked once per device. The build has SASS for
+    FASTFORMER_CUDA_ARCHS (default sm_80, sm_90) and the PTX of the highest plain one, which newer GPUs
+    JIT-compile; on an older GPU (a T4, sm_75; a V100) every launch would fail with "no kernel image is
+    available": torch's implementation takes those parameters instead."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _cuda_runnable:
         _cuda_runnable[index] = ok = _probe(index)
@@ -47,10 +47,14 @@ def _runs_on(device: torch.device) -> bool:
                 cc = "compute capability {}.{}".format(*torch.cuda.get_device_capability(index))
             except Exception:  # noqa: BLE001 - only for the message
                 cc = "its architecture"
-            warn_fallback(
-                f"FusedAdam / FusedAdamW / clip_grad_norm_ on cuda:{index}",
-                why=f"the extension's CUDA kernels were not built for cuda:{index} ({cc}; rebuild with "
-                "FASTFORMER_CUDA_ARCHS set to include it)",
+            # its own warning, once per device (the cache above), not the once-per-process fallback
+            # warning: another fallback (a dtype, say) said first would hide this reason
+            warnings.warn(
+                f"fastformer: the extension's CUDA kernels were not built for cuda:{index} ({cc}; rebuild with "
+                "FASTFORMER_CUDA_ARCHS set to include it); FusedAdam / FusedAdamW / clip_grad_norm_ on "
+                f"cuda:{index} fall back to torch's implementation",
+                RuntimeWarning,
+                stacklevel=3,
             )
     return _cuda_runnable[index]
 

@@ -13,7 +13,7 @@ from fastformer.optim import _ext
 @pytest.fixture
 def cuda_build_without_code_for_this_gpu(monkeypatch):
     """A CUDA build of the extension (adam_step has a CUDA kernel) whose kernels have no code for the
-    GPU: the case of the default sm_80/sm_90 build on a T4 (sm_75) or a B200 (sm_100)."""
+    GPU: the case of the default sm_80/sm_90 build (with compute_90 PTX) on a T4 (sm_75) or a V100."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     monkeypatch.setattr(
         torch._C,
