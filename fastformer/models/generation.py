@@ -246,7 +246,8 @@ def generate(
     for name, value in (("pad_token_id", pad), ("decoder_start_token_id", start)):
         if value is None:  # a config built with None: else a TypeError in the range check below
             raise ValueError(f"{name}: the model config has none (None); pass {name}=<token id> to generate")
-        _token_id(value, f"config.{name}")
+    # a config's id as a Python int too (a numpy or 0-d tensor id would otherwise flow on as one)
+    pad, start = _token_id(pad, "config.pad_token_id"), _token_id(start, "config.decoder_start_token_id")
     V = cfg.vocab_size
     if num_beams > 1 and max(2, 1 + len(eos)) * num_beams > num_beams * V:
         # each step keeps the best max(2, 1 + #eos) candidates per beam, which must not exceed the

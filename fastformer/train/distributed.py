@@ -92,8 +92,8 @@ def collective_timeout(env=None) -> timedelta:
         minutes = float(raw) if raw else DEFAULT_TIMEOUT_MINUTES
     except ValueError:
         minutes = -1.0
-    if not (minutes > 0 and minutes < float("inf")):
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the collective timeout as a positive number of minutes")
+    if not (minutes * 60 >= 1 and minutes < float("inf")):  # under a second rounds to no timeout at all
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the collective timeout in minutes (at least 1/60)")
     return timedelta(minutes=minutes)
 
 

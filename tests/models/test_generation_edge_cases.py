@@ -105,3 +105,8 @@ def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold():
             model.generate(ids, mask, **{name: np.bool_(True)})
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 2.0"):
         model.generate(ids, mask, max_new_tokens=2.0)
+    # the decoding-loop API takes them too
+    with torch.no_grad():
+        enc = model.encode(ids, mask)
+        cache = model.start_cache(enc, mask, repeat=np.int64(2))
+    assert cache.repeat == 2 and type(cache.repeat) is int

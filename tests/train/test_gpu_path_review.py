@@ -95,7 +95,7 @@ def test_process_group_gets_the_collective_timeout(monkeypatch):
     monkeypatch.setenv(D.TIMEOUT_ENV, "90")
     D.init("cpu")
     assert calls[-1][1]["timeout"] == timedelta(minutes=90)
-    for bad in ("0", "-3", "soon", "nan", "inf"):
+    for bad in ("0", "-3", "soon", "nan", "inf", "1e-9"):  # 1e-9 minutes: a zero timedelta
         monkeypatch.setenv(D.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=D.TIMEOUT_ENV):
             D.init("cpu")
