@@ -134,9 +134,11 @@ def _score_tile(
             else:
                 # in log2 units a finite value below -FLT_MAX / log2(e) (Hugging Face's finfo(dtype).min
                 # masks) would overflow to -inf and turn a row torch averages uniformly into a fully
-                # masked one: clamp it first (-2.35e38 * log2(e) is still finite); a true -inf stays -inf
+                # masked one: clamp it first (-2.35e38 * log2(e) is still finite); a true -inf stays -inf,
+                # and a NaN stays NaN (maximum's default returns the other operand: a silent mask)
                 add = tl.load(m_ptrs, mask=inb, other=0.0).to(tl.float32)
-                s += tl.where(add == float("-inf"), add, tl.maximum(add, -2.35e38) * 1.4426950408889634)
+                low = tl.maximum(add, -2.35e38, propagate_nan=tl.PropagateNan.ALL)
+                s += tl.where(add == float("-inf"), add, low * 1.4426950408889634)
         s = tl.where(valid, s, float("-inf"))
     return s
 

@@ -70,3 +70,17 @@ def test_finfo_min_float_mask_rows_average_as_in_torch(low):
     ref = torch.autograd.grad(want, (q, k, v), grad_out.double())
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_a_nan_in_a_float_mask_stays_nan_on_the_kernel_path():
+    """The clamp of very negative mask values used a maximum that returns the other operand for NaN, so a
+    NaN mask entry silently masked its key on the kernel path, where torch and the reference give NaN."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 3, 16)
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[0, 0, 1, 2] = float("nan")
+    with ff.use_backend("triton"):
+        out = ff.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    want = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert torch.isnan(want[0, 0, 1]).all() and torch.isnan(out[0, 0, 1]).all()
+    torch.testing.assert_close(out[0, 0, [0, 2]], want[0, 0, [0, 2]])
