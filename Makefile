@@ -98,7 +98,8 @@ demo: env
 	else \
 	  args="--model bert-tiny --batch-size 32 --seq-len 128 --lr 1e-3"; \
 	fi; \
-	echo "fastformer pretrain --objective mlm $$args --max-minutes 2 --out $(DEMO_OUT) $(DEMO_ARGS)"; \
+	echo "fastformer pretrain --objective mlm $$args --max-minutes 2 --eval-every 200 --save-every 200" \
+	  "--out $(DEMO_OUT) --overwrite $(DEMO_ARGS)"; \
 	PYTHONUNBUFFERED=1 $(PY) -m fastformer pretrain --objective mlm $$args --max-minutes 2 --eval-every 200 \
 	  --save-every 200 --out $(DEMO_OUT) --overwrite $(DEMO_ARGS)
 

@@ -176,7 +176,8 @@ def _common(
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out with its own settings (only --steps and --max-minutes may change)",
+        help="continue the run in --out with its own settings (only --steps, --max-minutes and flags that "
+        "do not change the training, such as --threads, may change)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     # Knobs of the training loop beyond the basics above (all optional).
@@ -358,8 +359,8 @@ def _apply_resume(args: argparse.Namespace, sub: argparse.ArgumentParser, argv: 
                 flag = "--" + dest.replace("_", "-")
                 raise ValueError(
                     f"--resume continues the run in {args.out} with its own settings: it used {flag} "
-                    f"{want}, this command gives {have}; leave {flag} out (only --steps and "
-                    "--max-minutes may change)"
+                    f"{want}, this command gives {have}; leave {flag} out (only --steps, --max-minutes and "
+                    "flags that do not change the training, such as --threads, may change)"
                 )
             continue
         setattr(args, dest, _norm(dest, want) if dest == "model" else want)
@@ -406,6 +407,8 @@ def _pretrain(args: argparse.Namespace) -> int:
             f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
             f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt"
         )
+        if s["stopped_early"]:  # the --max-minutes cap (a signal ends with its own resume line)
+            print(f"  --max-minutes stopped it before --steps; to go on: {_resume_command('pretrain', s['out_dir'])}")
     return 0
 
 
@@ -947,15 +950,22 @@ def _interrupted_lines(e, command: str, out: str, env=None) -> list[str]:
         return []
     lines = [f"fastformer: {e}"]
     if e.step:
-        world = int(env.get("WORLD_SIZE", "1") or 1)
-        launch = "fastformer"
-        if world > 1:
-            local = int(env.get("LOCAL_WORLD_SIZE") or world)
-            per_node = local if 0 < local < world else world
-            nodes = f"--nnodes {world // per_node} " if per_node < world else ""
-            launch = f"torchrun {nodes}--nproc_per_node {per_node} -m fastformer"
-        lines.append(f"fastformer: resume with: {launch} {command} --out {shlex.quote(str(out))} --resume")
+        lines.append(f"fastformer: resume with: {_resume_command(command, out, env)}")
     return lines
+
+
+def _resume_command(command: str, out: str, env=None) -> str:
+    """The command that resumes the run in `out`: under torchrun (WORLD_SIZE > 1 in `env`) the torchrun
+    command with the same number of processes (--resume refuses another)."""
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    launch = "fastformer"
+    if world > 1:
+        local = int(env.get("LOCAL_WORLD_SIZE") or world)
+        per_node = local if 0 < local < world else world
+        nodes = f"--nnodes {world // per_node} " if per_node < world else ""
+        launch = f"torchrun {nodes}--nproc_per_node {per_node} -m fastformer"
+    return f"{launch} {command} --out {shlex.quote(str(out))} --resume"
 
 
 _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
@@ -1006,13 +1016,34 @@ def _one_line_warnings():
     warnings.showwarning = show
 
 
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Unknown arguments, said by the subcommand's parser (its usage, not the top level's) with the
+    closest flag it has: `fastformer pretrain --modle x` -> "did you mean --model?". Exits 2."""
+    import difflib
+
+    sub = (
+        parser._subparsers._group_actions[0].choices.get(getattr(args, "command", None)) if parser._subparsers else None
+    )
+    target = sub or parser
+    flags = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for x in extra:
+        name = x.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1) if name.startswith("--") else []
+        if close:
+            hints.append(f"{name}: did you mean {close[0]}?")
+    target.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `fastformer` program. Called without argv (the console script), it also prints fastformer's
     warnings as one line each and turns SIGTERM outside training into exit status 143."""
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser, args, extra)
     if program:
         _one_line_warnings()
 

@@ -978,3 +978,45 @@ def test_pooling_cls_for_a_t5_encoder_is_said_to_be_unused(files, capsys, tmp_pa
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _error_line(capsys, base + argv)
+
+
+def test_a_misspelt_flag_is_said_by_the_subcommand_with_the_closest_flag(capsys):
+    """An unknown flag was reported by the top-level parser ("usage: fastformer [-h] ..."), which named
+    no subcommand and no fix; now the subcommand's parser says it, with the closest flag it has."""
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--modle", "bert-tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: fastformer pretrain" in err
+    assert (
+        "fastformer pretrain: error: unrecognized arguments: --modle bert-tiny (--modle: did you mean --model?)" in err
+    )
+    with pytest.raises(SystemExit):
+        main(["finetune", "--train", "a.tsv", "--eval=b.tsv", "--epoks=3", "stray"])
+    err = capsys.readouterr().err
+    assert (
+        "fastformer finetune: error: unrecognized arguments: --epoks=3 stray (--epoks: did you mean --epochs?)" in err
+    )
+
+
+def test_a_run_the_minutes_cap_stopped_says_how_to_go_on(files, capsys, tmp_path):
+    """--steps with a --max-minutes cap that ran out ended with "(stopped early)" and no resume line,
+    which a Ctrl-C prints; the summary now gives the command that continues to --steps."""
+    out = tmp_path / "capped run"
+    argv = ["pretrain", "--data", str(files["corpus"]), *TINY, "--steps", "100000", "--max-minutes", "0.005"]
+    assert main(argv + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(stopped early)" in text
+    assert f"--max-minutes stopped it before --steps; to go on: fastformer pretrain --out '{out}' --resume" in text
+
+
+def test_a_first_run_says_what_it_does_before_its_header(files, capsys, monkeypatch, tmp_path):
+    """Training the tokenizer (and, on the first run, building the built-in corpus) took seconds in
+    silence before the run's header; a terminal now gets a line first. Logs and pipes do not."""
+    argv = ["pretrain", "--data", str(files["corpus"]), "--model", "bert-tiny", "--steps", "1", "--seq-len", "32"]
+    argv += ["--batch-size", "2", "--vocab-size", "150", "--device", "cpu"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert "pretrain: training a 150-token tokenizer on " in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert "training a" not in capsys.readouterr().err

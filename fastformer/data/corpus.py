@@ -91,9 +91,18 @@ def build_builtin_corpus(target_chars: int = BUILTIN_TARGET_CHARS) -> list[str]:
     return docs
 
 
+def _builtin_path() -> Path:
+    return cache_dir() / f"builtin_corpus_v1_{BUILTIN_TARGET_CHARS}.txt"
+
+
+def builtin_corpus_cached() -> bool:
+    """Whether builtin_corpus() reads its cache (else it first scans the installed Python: seconds)."""
+    return _builtin_path().exists()
+
+
 def builtin_corpus() -> list[str]:
     """The built-in corpus as documents (cached on disk after the first call)."""
-    path = cache_dir() / f"builtin_corpus_v1_{BUILTIN_TARGET_CHARS}.txt"
+    path = _builtin_path()
     if path.exists():
         text = path.read_text(encoding="utf-8")
         return [d for d in text.split("\n\f\n") if d.strip()]

@@ -9,6 +9,7 @@ before the first example is built and a run that cannot fit is refused.
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 import fastformer
-from fastformer.data.corpus import DataError, load_texts, split_heldout
+from fastformer.data.corpus import DataError, builtin_corpus_cached, load_texts, split_heldout
 from fastformer.data.tokenizer import tokenizer_from_json
 from fastformer.models.loading import ARCHITECTURES, architecture_name
 from fastformer.models.presets import canonical_preset, get_preset, known_presets, preset_family
@@ -94,6 +95,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         D.shutdown(info)
 
 
+def _note(cfg: PretrainConfig, info: D.DistInfo, line: str) -> None:
+    """A line on stderr before a step that takes seconds without other output, for a person watching
+    (progress on, rank 0, stderr a terminal; a log or a pipe keeps its one-line errors): a first run
+    otherwise sat silent while the corpus was built or the tokenizer trained."""
+    if cfg.progress and info.main and sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
+
+
 def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> dict:
     cfg.validate()
     obj = get_objective(cfg.objective)
@@ -114,6 +123,8 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
     D.barrier(info)  # every rank has checked --out before rank 0 writes
     threads = set_threads(cfg.threads)
 
+    if not cfg.data and not builtin_corpus_cached():
+        _note(cfg, info, "pretrain: building the built-in corpus from the installed Python's docstrings (once)")
     docs = load_texts(cfg.data)
     train_docs, eval_docs = split_heldout(docs)
     digest = data_digest(docs)
@@ -131,6 +142,7 @@ def _pretrain(cfg: PretrainConfig, info: D.DistInfo, device: torch.device) -> di
         tok_json = Path(cfg.tokenizer).read_text() if info.main else None
     else:
         tok_source = "the trained tokenizer"
+        _note(cfg, info, f"pretrain: training a {cfg.vocab_size}-token tokenizer on {len(train_docs):,} documents")
         tok_json = obj.build_tokenizer(train_docs, cfg.vocab_size).to_str() if info.main else None
     tok = tokenizer_from_json(D.broadcast_object(tok_json, info), tok_source)
     obj.check_tokenizer(tok, tok_source)
