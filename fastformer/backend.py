@@ -120,6 +120,11 @@ def kernels_supported(index: int) -> bool:
     return _capability_supported(index)
 
 
+def compute_capability(index: int | torch.device) -> str:
+    """'7.5', '9.0': CUDA device `index`'s compute capability, as messages name it."""
+    return ".".join(map(str, torch.cuda.get_device_capability(index)))
+
+
 def fast_cuda(device: torch.device | str) -> bool:
     """A CUDA device of compute capability >= 8.0: where training autocasts to bf16 and `auto` runs the
     fused kernels (on older GPUs training runs in fp32 and the ops run the reference)."""
@@ -157,12 +162,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     backend = get_backend()
     if backend == "reference" or under_functorch(*tensors):
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":
-        if not on_cuda:
-            return False
-        first = next((t for t in tensors if t is not None), None)
-        return first is not None and triton_available() and kernels_supported(first.device.index)
+        index = _cuda_index(tensors)
+        return index is not None and triton_available() and kernels_supported(index)
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if not triton_available():
         raise RuntimeError("FASTFORMER_BACKEND=triton but triton cannot be imported")
     if not on_cuda and not interpreting():
@@ -176,10 +179,22 @@ def below_kernel_gpu(*tensors: torch.Tensor) -> bool:
     """Backend auto with every tensor on a CUDA GPU older than the kernels support (compute capability
     below 8.0: a T4, a V100): attention then runs torch's own SDPA there instead of the eager
     reference, which would materialise the fp32 score matrix."""
-    if get_backend() != "auto" or not tensors or not all(t.is_cuda for t in tensors if t is not None):
-        return False
-    first = next((t for t in tensors if t is not None), None)
-    return first is not None and not kernels_supported(first.device.index)
+    index = _cuda_index(tensors) if get_backend() == "auto" else None
+    return index is not None and not kernels_supported(index)
+
+
+def _cuda_index(tensors) -> int | None:
+    """The device index of the first tensor when every tensor given (None skipped) is a CUDA tensor and
+    there is at least one; else None. Stops at the first CPU tensor: this runs on every op call."""
+    index = None
+    for t in tensors:
+        if t is None:
+            continue
+        if not t.is_cuda:
+            return None
+        if index is None:
+            index = t.device.index
+    return index
 
 
 def cpu_fast_path(*tensors: torch.Tensor) -> bool:

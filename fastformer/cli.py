@@ -114,8 +114,9 @@ def _cuda_summary() -> str:
     """'yes: NVIDIA H100 80GB HBM3, compute capability 9.0' (with the count when there are several)."""
     import torch
 
-    n = torch.cuda.device_count()
-    cc = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    from fastformer.backend import compute_capability
+
+    n, cc = torch.cuda.device_count(), compute_capability(0)
     return f"yes: {f'{n} x ' if n > 1 else ''}{torch.cuda.get_device_name(0)}, compute capability {cc}"
 
 

@@ -24,7 +24,6 @@ a masked mean over its outputs, dropout and a linear classifier.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from fastformer.nn import T5CrossAttention, T5SelfAttention
 from . import _cpu_attention
 from ._autocast import autocast_dtype
 from ._cpu_attention import Dropout
-from .generation import DecoderCache, KVCache, generate
+from .generation import DecoderCache, KVCache, _int_arg, generate
 from .presets import PresetTable, canonical_preset
 
 # Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
@@ -477,9 +476,7 @@ class T5ForConditionalGeneration(nn.Module):
         `capacity` tokens; the decoder's weights fused for the step (see _DecodeStep). With repeat=K the
         decoder runs B·K rows, row b·K + r serving input b (beam search); the encoder side is not
         repeated: the K rows of an input attend to its keys as K query rows of one attention."""
-        if isinstance(repeat, bool) or not isinstance(repeat, numbers.Integral) or repeat < 1:
-            raise ValueError(f"repeat must be an int >= 1 (decoder rows per input), got {repeat!r}")
-        repeat = int(repeat)  # a numpy integer too, as generate takes them
+        repeat = _int_arg(repeat, "repeat", 1, " (decoder rows per input)")  # numpy integers too, as in generate
         if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
             got = _shape_of(encoder_hidden_states)
             raise ValueError(f"encoder_hidden_states must be shaped (B, Lenc, d_model), got {got}")

@@ -10,6 +10,7 @@ import torch
 
 from .. import _extension
 from .._extension import load  # also the optimizers' entry point (adam.py)
+from ..backend import compute_capability
 
 _warned = {"done": False}  # one fallback warning per process
 _cuda_runnable: dict[int, bool] = {}  # CUDA device index -> whether the built kernels run on it
@@ -44,7 +45,7 @@ def _runs_on(device: torch.device) -> bool:
         _cuda_runnable[index] = ok = _probe(index)
         if not ok:
             try:
-                cc = "compute capability {}.{}".format(*torch.cuda.get_device_capability(index))
+                cc = f"compute capability {compute_capability(index)}"
             except Exception:  # noqa: BLE001 - only for the message
                 cc = "its architecture"
             # its own warning, once per device (the cache above), not the once-per-process fallback

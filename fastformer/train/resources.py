@@ -250,9 +250,10 @@ def estimate_memory(
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     weights = n_params * (8 + OPTIMIZER_STATE.get(optimizer, 8))
+    bf16 = fast_cuda(device)  # the trainer's autocast, and the fused kernels' rule
     if fused_attention is None:
-        fused_attention = fast_cuda(device)
-    act_bytes = 2 if fast_cuda(device) else 4  # bf16 autocast on a GPU of compute capability >= 8.0
+        fused_attention = bf16
+    act_bytes = 2 if bf16 else 4
     src, tgt = seq_len, target_len
     scores = (
         0

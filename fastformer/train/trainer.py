@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import fastformer as ff
-from fastformer.backend import fast_cuda
+from fastformer.backend import compute_capability, fast_cuda
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -215,12 +215,13 @@ class Trainer:
         self.device = device or D.resolve_device(cfg.device, self.info)
         self.raw_model = model.to(self.device)
         self.model = model
-        if self.device.type == "cuda" and not fast_cuda(self.device) and self.info.main:
+        self.bf16 = fast_cuda(self.device)  # autocast to bf16 (each micro-step's _autocast reads it)
+        if self.device.type == "cuda" and not self.bf16 and self.info.main:
             # bf16 autocast would be emulated, and the fused kernels' tiles are built for sm_80 / sm_90
-            cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
             warnings.warn(
-                f"{self.device} has compute capability {cc}: training runs in fp32 (bf16 autocast needs 8.0 "
-                "or newer), and the ops run torch's SDPA or their PyTorch reference instead of the fused kernels",
+                f"{self.device} has compute capability {compute_capability(self.device)}: training runs in fp32 "
+                "(bf16 autocast needs 8.0 or newer), and the ops run torch's SDPA or their PyTorch reference "
+                "instead of the fused kernels",
                 FastformerWarning,
                 stacklevel=2,
             )
@@ -279,7 +280,7 @@ class Trainer:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _autocast(self):
-        if fast_cuda(self.device):
+        if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
