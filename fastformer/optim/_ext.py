@@ -71,3 +71,12 @@ def warn_fallback(what: str, why: str | None = None) -> None:
         err = err if err is not None else "no kernels for this device"
         why = f"fused optimizer extension not available ({err})"
     warnings.warn(f"fastformer: {why}; {what} falls back to torch's implementation", RuntimeWarning, stacklevel=3)
+
+
+def bump_versions(tensors) -> None:
+    """Increment autograd's version counter of each distinct tensor, as torch's in-place ops do: the
+    extension's operators write through raw pointers, which the counter does not see. (Inference
+    tensors have no counter.)"""
+    distinct = {id(t): t for t in tensors if not t.is_inference()}
+    if distinct:
+        torch.autograd.graph.increment_version(list(distinct.values()))

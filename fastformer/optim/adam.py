@@ -460,6 +460,10 @@ class FusedAdam(Optimizer):
         torch.ops.fastformer.adam_step(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps32, tensor_group, rows, grad_scale
         )
+        # the operator writes through raw pointers, which autograd does not see: bump the versions as
+        # torch's in-place ops do, so a backward through a graph that saved a parameter (or a gradient,
+        # which the unscale rewrote) before this step raises instead of using the new values
+        _ext.bump_versions(params if grad_scale is None else params + grads)
         if wide_steps:
             for s, s32 in zip(steps, steps32):
                 if s is not s32:

@@ -41,7 +41,11 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     )
     if not fused:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
-    total = torch.ops.fastformer.multi_norm(grads, norm_type)
+    # the norm in the gradients' (promoted) dtype, as torch computes it, before the check and the
+    # scaling: fp16 gradients whose norm passes 65,504 have an infinite norm there, as in torch
+    total = torch.ops.fastformer.multi_norm(grads, norm_type).to(
+        functools.reduce(torch.promote_types, (g.dtype for g in grads))
+    )
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
@@ -49,4 +53,5 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             "`error_if_nonfinite=False`"
         )
     torch.ops.fastformer.clip_scale_(grads, total, max_norm)
-    return total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads)))
+    _ext.bump_versions(grads)  # written through raw pointers: tell autograd, as torch's in-place mul_ does
+    return total

@@ -116,3 +116,32 @@ def test_norm_after_create_graph_is_a_plain_tensor():
         assert_close(p.grad, q.grad, torch.float32, "clipped grad")
     for p in ours + ref:
         p.grad = None
+
+
+def test_fp16_norm_beyond_fp16_range_is_inf_as_torch():
+    """The norm was checked and applied in fp32, then returned cast to fp16 (inf): error_if_nonfinite
+    passed a norm it returned as inf, and the gradients were scaled by the finite fp32 norm where
+    torch scales them by the infinite one (to zero)."""
+    ours, ref = (torch.nn.Parameter(torch.zeros(100, dtype=torch.float16)) for _ in range(2))
+    for p in (ours, ref):
+        p.grad = torch.full((100,), 1e4, dtype=torch.float16)  # norm 1e5 > 65,504
+    want = torch.nn.utils.clip_grad_norm_([ref], 1.0)
+    got = ff.optim.clip_grad_norm_([ours], 1.0)
+    assert got.dtype == want.dtype == torch.float16
+    assert torch.isinf(got) and torch.isinf(want)
+    assert torch.equal(ours.grad, ref.grad)
+    for fn in (torch.nn.utils.clip_grad_norm_, ff.optim.clip_grad_norm_):
+        ours.grad = torch.full((100,), 1e4, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fn([ours], 1.0, error_if_nonfinite=True)
+
+
+def test_clipping_bumps_the_grads_version_as_torch():
+    """The fused scaling writes through raw pointers: autograd must still see that the gradients
+    changed (a graph from backward(create_graph=True) may have saved them)."""
+    for fn in (torch.nn.utils.clip_grad_norm_, ff.optim.clip_grad_norm_):
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), 10.0)
+        v = p.grad._version
+        fn([p], 1.0)
+        assert p.grad._version > v, fn

@@ -472,3 +472,35 @@ def test_add_param_group_checks_and_adamw_stays_decoupled():
         opt.step()
         results.append(q.detach())
     assert torch.equal(results[0], results[1])
+
+
+# ------------------------------------------------------------------ 6. autograd sees the kernel's writes
+@pytest.mark.parametrize("cls", [torch.optim.Adam, ff.optim.FusedAdam, ff.optim.FusedAdamW])
+def test_step_between_forward_and_backward_is_caught_as_torch_does(cls):
+    """The kernel writes parameters through raw pointers; without a version bump a backward through a
+    graph that saved the parameter before step() silently used the updated weights."""
+    if cls is not torch.optim.Adam and not ff.optim.extension_available():
+        pytest.skip("extension not built here")
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    opt = cls([w], lr=0.1)
+    x = torch.randn(2, 3, requires_grad=True)
+    w.grad = torch.ones(3, 3)
+    y = (x @ w).sum()  # saves w for x's gradient
+    v0 = w._version
+    opt.step()
+    assert w._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_scaled_step_bumps_the_unscaled_grads_version():
+    """Under GradScaler the kernel unscales the gradients in place: their version moves too."""
+    if not ff.optim.extension_available():
+        pytest.skip("extension not built here")
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = ff.optim.FusedAdam([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((w * w).sum()).backward()
+    v_grad, v_w = w.grad._version, w._version
+    scaler.step(opt)
+    assert w.grad._version > v_grad and w._version > v_w
