@@ -408,9 +408,15 @@ def _pretrain(args: argparse.Namespace) -> int:
             f"  throughput {s['tokens_per_s']:,.0f} tokens/s\n"
             f"  files in {s['out_dir']}/: metrics.jsonl loss.png config.json tokenizer.json checkpoint.pt"
         )
-        if s["stopped_early"]:  # the --max-minutes cap (a signal ends with its own resume line)
-            print(f"  --max-minutes stopped it before --steps; to go on: {_resume_command('pretrain', s['out_dir'])}")
+        _say_cap_stop("pretrain", s)
     return 0
+
+
+def _say_cap_stop(command: str, s: dict) -> None:
+    """The line after a summary of a session the --max-minutes cap stopped before --steps (a signal
+    ends with its own resume line)."""
+    if s.get("stopped_early"):
+        print(f"  --max-minutes stopped it before --steps; to go on: {_resume_command(command, s['out_dir'])}")
 
 
 def _count(n: int, word: str) -> str:
@@ -447,6 +453,7 @@ def _finetune_text2text(args: argparse.Namespace) -> int:
     s = finetune_text2text(cfg)
     if _is_main():
         print("\n" + describe_summary(s))
+        _say_cap_stop("finetune", s)
     return 0
 
 
@@ -538,10 +545,11 @@ def _finetune(args: argparse.Namespace) -> int:
         print(
             f"\nfinetune done ({s['source']}): {_count(s['steps'], 'step')} ({s['epochs']:g} "
             f"epoch{'' if s['epochs'] == 1 else 's'}) in {s['seconds']:.0f} s"
-            f"{resumed}{sel}, eval accuracy "
+            f"{' (stopped early)' if s.get('stopped_early') else ''}{resumed}{sel}, eval accuracy "
             f"{s['accuracy']:.4f} on {s['n_eval']} examples\n  {s['out_dir']}/eval.json; use it with "
             f"`fastformer predict --model {shlex.quote(str(s['out_dir']))} --input FILE`"
         )
+        _say_cap_stop("finetune", s)
     return 0
 
 

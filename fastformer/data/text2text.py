@@ -26,7 +26,7 @@ import torch
 
 from .corpus import DataError, FastformerWarning
 from .packing import pad_batch
-from .tsv import _fit_to_header, _read_text, _rows
+from .tsv import _fit_to_header, _read_text, _rows, text_lines
 
 INPUT_COLUMNS = (
     "input",
@@ -113,7 +113,7 @@ def read_generation_inputs(path: str | Path) -> tuple[list[str], list[str] | Non
         p = Path(path)
         if not p.is_file():
             raise DataError(f"{path}: no such file")
-        inputs = [ln.strip() for ln in _read_text(p, path).splitlines() if ln.strip()]
+        inputs = text_lines(_read_text(p, path))
         if not inputs:
             raise DataError(f"{path}: no text (empty file)")
         return inputs, None

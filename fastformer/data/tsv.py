@@ -97,24 +97,34 @@ def _cr_ends_rows(text: str) -> bool:
     return all("\t" in p for p in pieces)
 
 
+def text_lines(text: str) -> list[str]:
+    """The non-blank lines of a one-text-per-line file, stripped. Lines end at LF and CRLF, and at a
+    lone CR only in a file without LF (old Mac); str.splitlines also ends them at form feeds, U+2028,
+    U+0085 and more, which gives more texts than the file has lines."""
+    text = text.replace("\r\n", "\n")
+    text = text.replace("\r", " " if "\n" in text else "\n")
+    return [ln.strip() for ln in text.split("\n") if ln.strip()]
+
+
 def _split_rows(text: str, is_header) -> list[list[str]]:
     """The non-blank rows of a TSV text, split at tabs (no quoting: a quote is an ordinary character).
 
     Row ends: LF and CRLF. A lone CR is a row end too (classic Mac line endings, perhaps with a final
     LF) in a file without LF, or when every piece it separates holds a tab (a row of columns);
     otherwise it is a space inside its row ("good", CR, "movie<TAB>pos": csv.reader cut that text in
-    two). A headerless file whose rows all have the same width and all end in an empty cell (every
-    line ends with a tab) loses that last cell; a file with a header is fitted to it by
-    _fit_to_header, which already reads a trailing empty cell so. `is_header(row)` says whether the
-    first row is a header."""
+    two). A file whose every line ends with a tab loses that last empty cell on every row: with a
+    header (of two cells or more, then fitted to by _fit_to_header), or without one when every row has
+    three cells or more (a row with more cells than others has tabs in its text). A header alone
+    ending in a tab keeps its unnamed last column. `is_header(row)` says whether the first row is a
+    header."""
     text = text.replace("\r\n", "\n")
     text = text.replace("\r", "\n" if _cr_ends_rows(text) else " ")
     rows = [r.split("\t") for r in text.split("\n")]
     rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows or is_header(rows[0]):
+    if not rows:
         return rows
-    width = len(rows[0])
-    if width >= 3 and all(len(r) == width and not r[-1].strip() for r in rows):
+    least = 2 if is_header(rows[0]) else 3
+    if len(rows[0]) >= least and all(len(r) >= 2 and not r[-1].strip() for r in rows):
         return [r[:-1] for r in rows]
     return rows
 
@@ -268,7 +278,7 @@ def read_inputs(path: str | Path) -> tuple[list[str], list[str] | None]:
     or one text per row. Anything else: one text per non-empty line."""
     if Path(path).suffix.lower() != ".tsv":
         p = _existing_file(path)
-        texts = [ln.strip() for ln in _read_text(p, path).splitlines() if ln.strip()]
+        texts = text_lines(_read_text(p, path))
         if not texts:
             raise DataError(f"{path}: no text (empty file)")
         return texts, None

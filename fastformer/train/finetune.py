@@ -491,6 +491,7 @@ def _finetune(cfg: FinetuneConfig, info: D.DistInfo, device: torch.device) -> di
         **selection,
         "labels": names,
         "steps": result.step,
+        "stopped_early": result.stopped_early,
         "epochs": round(result.step / per_epoch, 2),
         "final_train_loss": result.final_loss,
         "source": source,

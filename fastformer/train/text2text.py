@@ -570,6 +570,7 @@ def _finetune(cfg: Text2TextConfig, info: D.DistInfo, device: torch.device) -> d
             "n_eval": n_gen,
             "n_train": len(train_ex),
             "steps": result.step,
+            "stopped_early": result.stopped_early,
             "final_train_loss": final_loss,
             "source": source,
             "tokens_per_s": result.tokens_per_s,
@@ -626,7 +627,7 @@ def describe_summary(s: dict) -> str:
     resumed = f" (resumed at step {s['resumed_from']})" if s.get("resumed_from") else ""
     return (
         f"finetune done ({TASK}, {s['source']}): {s['steps']} step{'' if s['steps'] == 1 else 's'} "
-        f"in {s['seconds']:.0f} s{resumed}\n"
+        f"in {s['seconds']:.0f} s{' (stopped early)' if s.get('stopped_early') else ''}{resumed}\n"
         f"  eval on {s['n_eval']:,} pairs ({_describe_generation(s['generation'])}): ROUGE-1 {s['rouge1']:.4f}, "
         f"ROUGE-2 {s['rouge2']:.4f}, ROUGE-L {s['rougeL']:.4f}, exact match {s['exact_match']:.4f}\n"
         f"  {s['out_dir']}/eval.json, predictions.tsv; generate with "

@@ -612,9 +612,11 @@ class Trainer:
             if self.info.enabled and cfg.max_minutes is not None:  # every rank must stop at the same step
                 flag = D.all_reduce_sum(torch.tensor([float(stop)], device=self.device), self.info)
                 stop = bool(flag.item() > 0)
-            do_eval = (
-                (cfg.eval_every and step % cfg.eval_every == 0) or step == self.total or (stop and not interrupted)
-            )
+            # the end of a time budget ends the run: evaluate there. A --max-minutes cap with --steps
+            # ends only the session, like an interruption: an evaluation there would be one more
+            # candidate for a fine-tuning run's model selection than an uninterrupted run has
+            run_ended = stop and not interrupted and self.budget is not None
+            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == self.total or run_ended
             if step % cfg.log_every == 0 or do_eval or step == 1:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)

@@ -82,6 +82,19 @@ def test_rows_ending_in_a_tab_are_read_without_a_header_too(tmp_path):
     assert read_inputs(tmp_path / "x.tsv") == (["good movie", "bad movie"], None)
 
 
+def test_rows_ending_in_a_tab_keep_a_tab_inside_a_text(tmp_path):
+    """Every line ending in a tab and a text holding a tab: with a header the rows were fitted to the
+    header's width counting its trailing empty cell, so the text's second half became the label;
+    without one the file was refused ("empty label") unless all rows had the same width."""
+    (tmp_path / "h.tsv").write_text("text\tlabel\t\ngood\tmovie\tpos\t\nbad film\tneg\t\n")
+    assert read_tsv(tmp_path / "h.tsv") == (["good\tmovie", "bad film"], ["pos", "neg"])
+    (tmp_path / "p.tsv").write_text("input\ttarget\t\nsome\tinput\tout one\t\nother input\tout two\t\n")
+    assert read_pairs(tmp_path / "p.tsv") == (["some\tinput", "other input"], ["out one", "out two"])
+    assert read_generation_inputs(tmp_path / "p.tsv") == (["some\tinput", "other input"], ["out one", "out two"])
+    (tmp_path / "n.tsv").write_text("good movie\tpos\t\nbad\tfilm\tneg\t\nfine one\tpos\t\n")
+    assert read_tsv(tmp_path / "n.tsv") == (["good movie", "bad\tfilm", "fine one"], ["pos", "neg", "pos"])
+
+
 def test_trailing_tabs_change_nothing_else(tmp_path):
     """Only a whole headerless table of rows ending in a tab loses that last cell: a header with a
     trailing tab keeps its columns, a text with a tab keeps it, and a missing label is still one."""
@@ -151,3 +164,16 @@ def test_max_inputs_length_is_the_longest_seq_len_the_sentinels_allow():
     for n in (1, 2, 7, 100):
         m = max_inputs_length(n)
         assert noise_counts(span_corruption_lengths(m)[0])[1] <= n < noise_counts(span_corruption_lengths(m + 1)[0])[1]
+
+
+def test_a_text_file_has_one_input_per_line_whatever_its_characters(tmp_path):
+    """str.splitlines also ended lines at U+2028, form feeds, \\x0b, U+0085 and a lone CR: a 4-line file
+    gave 7 inputs, so predict's output rows no longer matched the file's lines."""
+    p = tmp_path / "in.txt"
+    p.write_bytes("Stocks fell\nThe team won\u2028the cup\nOil\x0crose\x85again\nA good\rmovie\n\n".encode())
+    want = ["Stocks fell", "The team won\u2028the cup", "Oil\x0crose\x85again", "A good movie"]
+    assert read_inputs(p) == (want, None)
+    assert read_generation_inputs(p) == (want, None)
+    mac = tmp_path / "mac.txt"  # no line feed at all: carriage returns end the lines
+    mac.write_bytes(b"first line\rsecond line\r")
+    assert read_inputs(mac) == (["first line", "second line"], None)

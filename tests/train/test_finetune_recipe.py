@@ -149,3 +149,34 @@ def test_the_eval_file_never_steers_training(tmp_path):
         )
     (s0, w0), (s1, w1) = results
     assert s0 == s1 and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_a_session_the_cap_stopped_adds_no_candidate_to_the_selection(tmp_path, monkeypatch):
+    """--max-minutes with --steps stops a session like an interruption. It evaluated the held-out
+    slice at the stop as well, and that score took part in the selection: the resumed run could keep
+    weights an uninterrupted one never scores. A fake clock (one "second" per step) stops at step 6."""
+    import fastformer.train.finetune as F
+
+    init = F._SelectingTrainer.__init__
+
+    def with_step_clock(self, *a, **kw):
+        init(self, *a, **kw)
+        self.clock = lambda: float(self.step)
+
+    monkeypatch.setattr(F._SelectingTrainer, "__init__", with_step_clock)
+    train, test = _write(tmp_path / "train.tsv", 80, 0), _write(tmp_path / "test.tsv", 40, 1)
+    kw = dict(train=str(train), eval=str(test), model="bert-tiny", steps=12, eval_every=4, batch_size=8)
+    kw.update(max_len=32, vocab_size=120, lr=2e-3, progress=False, seed=1, threads=1)
+    ref = F.finetune(FinetuneConfig(out_dir=str(tmp_path / "ref"), **kw))
+    first = F.finetune(FinetuneConfig(out_dir=str(tmp_path / "cap"), max_minutes=6 / 60, **kw))
+    assert first["steps"] == 6 and first["stopped_early"] and not ref["stopped_early"]
+    res = F.finetune(FinetuneConfig(out_dir=str(tmp_path / "cap"), resume=True, **kw))
+    assert res["steps"] == 12 and not res["stopped_early"]
+
+    def eval_steps(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if "eval_accuracy" in r]
+
+    assert eval_steps("ref") == eval_steps("cap") == [4, 8, 12]
+    assert res["selected_step"] == ref["selected_step"]
+    assert res["accuracy"] == ref["accuracy"]
