@@ -55,12 +55,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _keep_tile(seed, bh, om, on, rng_stride, dropout_p):
+def _keep_tile(seed, bh, om, on, dropout_p):
     """Dropout keep-mask of one tile: bool, broadcast of om (query rows) and on (key columns). Philox
-    key = (seed, bh); counter = row·rng_stride + col, so every (b, h, i, j) draws its own number in
-    the forward and in either layout of the backward."""
+    key = (seed, bh), counter = (col, row, 0, 0): every (b, h, i, j) draws its own number in the
+    forward and in either layout of the backward, for any length (a flat row·Lk + col counter in 32
+    bits wraps at 2^32 elements per head). Philox's first round mixes the row and the column words
+    separately, so it costs a vector op per row or column, not per element."""
     key = (bh.to(tl.int64) << 32) + seed
-    return tl.rand(key, om * rng_stride + on) >= dropout_p
+    bits, _, _, _ = tl.philox(key, on.to(tl.uint32), om.to(tl.uint32), 0, 0)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
@@ -258,7 +261,6 @@ def _fwd_tile(
     SAT_R,
     QOFF,
     seed,
-    rng_stride,
     dropout_p,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -316,7 +318,7 @@ def _fwd_tile(
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = _keep_tile(seed, bh, offs_m[:, None], offs_n[None, :], rng_stride, dropout_p)
+        keep = _keep_tile(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
     if TMA:
         v = v_src.load([n0, 0])
@@ -366,7 +368,6 @@ def _attn_fwd_kernel(
     BK_R,
     QOFF,
     seed,
-    rng_stride,
     dropout_p,
     H,
     GROUP,
@@ -469,7 +470,6 @@ def _attn_fwd_kernel(
                 SAT_R,
                 QOFF,
                 seed,
-                rng_stride,
                 dropout_p,
                 IS_CAUSAL,
                 MASK_KIND,
@@ -516,7 +516,6 @@ def _attn_fwd_kernel(
                 SAT_R,
                 QOFF,
                 seed,
-                rng_stride,
                 dropout_p,
                 IS_CAUSAL,
                 MASK_KIND,
@@ -561,7 +560,6 @@ def _attn_fwd_kernel(
                 SAT_R,
                 QOFF,
                 seed,
-                rng_stride,
                 dropout_p,
                 IS_CAUSAL,
                 MASK_KIND,
@@ -703,7 +701,6 @@ def _bwd_tile(
     SAT_R,
     QOFF,
     seed,
-    rng_stride,
     dropout_p,
     sem_row,
     n_idx,
@@ -770,7 +767,7 @@ def _bwd_tile(
     pT = tl.exp2(sT - lse[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     if DROPOUT:
-        keep = _keep_tile(seed, bh, om, on, rng_stride, dropout_p)
+        keep = _keep_tile(seed, bh, om, on, dropout_p)
         p_drop = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
         dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
     else:
@@ -873,7 +870,6 @@ def _attn_bwd_kernel(
     BK_R,
     QOFF,
     seed,
-    rng_stride,
     dropout_p,
     H,
     HK,
@@ -1000,7 +996,6 @@ def _attn_bwd_kernel(
                 SAT_R,
                 QOFF,
                 seed,
-                rng_stride,
                 dropout_p,
                 sem_row,
                 pid_n,
@@ -1062,7 +1057,6 @@ def _attn_bwd_kernel(
                 SAT_R,
                 QOFF,
                 seed,
-                rng_stride,
                 dropout_p,
                 sem_row,
                 pid_n,
@@ -1144,7 +1138,6 @@ def _dq_tile(
     SAT_R,
     QOFF,
     seed,
-    rng_stride,
     dropout_p,
     DM,
     s_dmb,
@@ -1201,7 +1194,7 @@ def _dq_tile(
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
-        keep = _keep_tile(seed, bh, om, on, rng_stride, dropout_p)
+        keep = _keep_tile(seed, bh, om, on, dropout_p)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -1261,7 +1254,6 @@ def _attn_bwd_dq_kernel(
     BK_R,
     QOFF,
     seed,
-    rng_stride,
     dropout_p,
     H,
     GROUP,
@@ -1345,7 +1337,6 @@ def _attn_bwd_dq_kernel(
             SAT_R,
             QOFF,
             seed,
-            rng_stride,
             dropout_p,
             DM,
             s_dmb,
@@ -1395,7 +1386,6 @@ def _attn_bwd_dq_kernel(
             SAT_R,
             QOFF,
             seed,
-            rng_stride,
             dropout_p,
             DM,
             s_dmb,
@@ -1419,15 +1409,15 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, rng_stride, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, seed, H, Lq, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Debug: write the keep-mask (B, H, Lq, Lk) the attention kernels use for this seed."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep_tile(seed, bh, offs_m[:, None], offs_n[None, :], rng_stride, dropout_p)
-    ptrs = OUT + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+    keep = _keep_tile(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    ptrs = OUT + bh.to(tl.int64) * Lq * Lk + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 

@@ -550,7 +550,6 @@ def _common_args(q, spec: AttnSpec, Lk: int, D: int):
         )
     else:
         t5_args = (dummy, 0, dummy, dummy, 0, 0, 0, 0, 0, int(spec.query_offset))
-    rng_stride = spec.max_k if spec.varlen else Lk
     BD = max(16, _next_pow2(D))
     flags = dict(
         IS_VARLEN=spec.varlen,
@@ -563,7 +562,7 @@ def _common_args(q, spec: AttnSpec, Lk: int, D: int):
         BLOCK_D=BD,
         EVEN_D=BD == D,
     )
-    return cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags
+    return cu_q, cu_k, klen, mask_args, t5_args, flags
 
 
 def _tiles(cfg) -> dict:
@@ -642,7 +641,7 @@ def attention_forward(q, k, v, spec: AttnSpec, out: torch.Tensor | None = None):
         lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
     else:
         lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
+    cu_q, cu_k, klen, mask_args, t5_args, flags = _common_args(q, spec, Lk, D)
     args = (
         q,
         k,
@@ -660,7 +659,6 @@ def attention_forward(q, k, v, spec: AttnSpec, out: torch.Tensor | None = None):
         *mask_args,
         *t5_args,
         spec.seed,
-        rng_stride,
         spec.dropout_p,
         H,
         H // HK,
@@ -721,7 +719,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
     # not contiguous or its rows within one head span 2^31 elements (they would wrap in _bwd_tile)
     if do.stride(-1) != 1 or not _rows_fit_int32(do, spec, Lq):
         do = do.contiguous()
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = _common_args(q, spec, Lk, D)
+    cu_q, cu_k, klen, mask_args, t5_args, flags = _common_args(q, spec, Lk, D)
 
     # 1. Delta = rowsum(dO · O)
     delta = torch.empty_like(lse)
@@ -745,7 +743,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
         kind = "dq"
     else:
         return None, None, None, None, None
-    common = (cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags)
+    common = (cu_q, cu_k, klen, mask_args, t5_args, flags)
     result: dict = {}
 
     def run(cfg):
@@ -772,7 +770,7 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
 def _kv_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common, with_dq: bool):
     """The key-stationary kernel: dK, dV, the T5 table partials, the float mask's dS (dm given) and,
     with_dq, dQ by ordered fp32 additions and the finishing pass. Returns (dk, dv, dt[, dq])."""
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = common
+    cu_q, cu_k, klen, mask_args, t5_args, flags = common
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     BM, BN = cfg[0], cfg[1]
     n_kblk, n_qblk = _cdiv(max(Lk, 1), BN), _cdiv(max(Lq, 1), BM)
@@ -818,7 +816,6 @@ def _kv_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common, with_dq: bool):
         *mask_args,
         *t5_args,
         spec.seed,
-        rng_stride,
         spec.dropout_p,
         H,
         HK,
@@ -868,7 +865,7 @@ def _kv_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common, with_dq: bool):
 def _dq_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common):
     """The query-stationary dQ kernel (recomputes S and dP: three GEMMs per tile), with the float mask's
     dS when dm is given."""
-    cu_q, cu_k, klen, mask_args, t5_args, rng_stride, flags = common
+    cu_q, cu_k, klen, mask_args, t5_args, flags = common
     B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dm_strides = (dm.stride(0), dm.stride(1), dm.stride(2)) if dm is not None else (0, 0, 0)
@@ -894,7 +891,6 @@ def _dq_pass(K, do, q, k, v, lse, delta, spec, dm, cfg, common):
         *mask_args,
         *t5_args,
         spec.seed,
-        rng_stride,
         spec.dropout_p,
         H,
         H // HK,
@@ -927,7 +923,7 @@ def dropout_keep_mask(B: int, H: int, Lq: int, Lk: int, seed: int, dropout_p: fl
         Launch(
             K._dropout_mask_kernel,
             (_cdiv(max(Lq, 1), BM), _cdiv(max(Lk, 1), BN), B * H),
-            (out, seed, H, Lq, Lk, Lk, dropout_p),
+            (out, seed, H, Lq, Lk, dropout_p),
             dict(BLOCK_M=BM, BLOCK_N=BN),
             "attention.dropout_mask",
         )

@@ -13,6 +13,10 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from fastformer.kernels import attention as K
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="runs the kernels in Triton's interpreter"
@@ -94,3 +98,36 @@ def test_legacy_ce_kernel_row_starting_with_masked_logits():
         loss, _ = CL.ce_forward(x, t, grad=grad)
     torch.testing.assert_close(loss, want.detach())
     torch.testing.assert_close(grad, want_grad)
+
+
+@triton.jit
+def _keep_block_kernel(OUT, row0, col0, seed, p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows [row0, row0 + ROWS) x keys [col0, col0 + COLS) of the keep-mask of head program_id(0)."""
+    om = row0 + tl.arange(0, ROWS)[:, None]
+    on = col0 + tl.arange(0, COLS)[None, :]
+    keep = K._keep_tile(seed, tl.program_id(0), om, on, p)
+    tl.store(OUT + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], keep.to(tl.int8))
+
+
+def _keep_block(row0: int, col0: int, rows: int = 16, cols: int = 16) -> torch.Tensor:
+    """The dropout keep-mask (rows, cols) at query row row0, key col0 of head 0, seed 7, p 0.5."""
+    out = torch.empty(rows, cols, dtype=torch.int8)
+    _keep_block_kernel[(1,)](out, row0, col0, 7, 0.5, ROWS=rows, COLS=cols)
+    return out.bool()
+
+
+def test_dropout_counter_does_not_wrap_at_2_pow_32():
+    """The Philox counter was row·Lk + col in 32 bits: it wraps at 2^32 elements per head, so with
+    Lq = Lk = 65,536 query row 65,536 dropped exactly the keys row 0 drops. The counter is now the
+    pair (col, row): distinct for every element of any length."""
+    L = 1 << 16
+    first = _keep_block(0, 0)
+    assert 0.3 < first.float().mean() < 0.7
+    for row0, col0 in ((L, 0), (0, L), (L, L), (1 << 31, 0)):
+        assert not torch.equal(_keep_block(row0, col0), first), (row0, col0)  # equal by chance: 2^-256
+
+
+def test_dropout_mask_of_a_square_tile_is_not_symmetric():
+    """(col, row) and (row, col) are different counters: the mask is no transpose of itself."""
+    block = _keep_block(0, 0, 32, 32)
+    assert not torch.equal(block, block.T)

@@ -229,10 +229,10 @@ def test_offsets_beyond_32_bits_copy_or_refuse(triton_backend, monkeypatch):
     monkeypatch.setattr(attention_common, "_I32", 100)
     with pytest.raises(ValueError, match="beyond the attention kernels' 32-bit offsets"):
         ff.scaled_dot_product_attention(q, q, q)
-    # varlen's backward offsets the (H, Tq) log-sum-exp heads in int32: tokens x heads must fit
+    # varlen's backward is refused at tokens x heads beyond the sizes it is tested at
     packed = torch.randn(60, 2, 4, requires_grad=True)
     cu = torch.tensor([0, 30, 60], dtype=torch.int32)
-    with pytest.raises(ValueError, match="60 tokens x 2 heads are beyond the attention backward's"):
+    with pytest.raises(ValueError, match="60 tokens x 2 heads are beyond the sizes the attention backward"):
         ff.varlen_attention(packed, packed, packed, cu, cu, 30, 30)
     with torch.no_grad():  # no backward: nothing to refuse (rows of 29 x 8 + 3 < 300 fit)
         monkeypatch.setattr(attention_common, "_I32", 300)
