@@ -16,8 +16,8 @@ One family of kernels serves every attention op of fastformer:
   units), and for the table's gradient takes prefix sums of dS over the keys gathered at the change
   points of the bucket function (a fixed ±1 matrix turns those into per-bucket sums). Partials go to
   [B, H, n_key_blocks, NB] per program (no atomics) and the caller sums them in a fixed order,
-- dropout with Philox (tl.rand) keyed by (seed, batch·head) and counted by (row, col): the keep-mask
-  is regenerated in the backward and by `dropout_keep_mask` for tests, never stored.
+- dropout with Philox (tl.philox) keyed by (seed, batch·head), its counter the pair (col, row): the
+  keep-mask is regenerated in the backward and by `dropout_keep_mask` for tests, never stored.
 
 Scores are kept in log2 units (scale·log2 e folded into one multiply-add with the row's offset) so
 the softmax uses exp2; the forward saves lse2 = log2 Σ exp2(s) per row (+inf for a row with no
