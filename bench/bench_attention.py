@@ -7,11 +7,12 @@ causal and not; a padded BERT batch (L = 512, lengths uniform in 64..512; SDPA g
 fastformer takes its key-length fast path, plus its varlen op on the packed tokens); a cross-attention
 shape; a T5-bias case (H = 12, D = 64, L = 1024, table requiring grad) next to plain fastformer attention.
 FLOPs: forward 4·B·H·Lq·Lk·D (halved when causal; padded batch: Σ_b len_b² instead of B·L²),
-backward 2.5× forward. bwd ms = (fwd+bwd ms) − (fwd ms). On CPU it runs tiny shapes through the eager
-providers only (the Triton interpreter is never timed). On a GPU the dense cases also run the kernel
-variants with their built-in configurations: fastformer-tma-5gemm (the Hopper default: TMA forward,
-five-GEMM backward), fastformer-pointer-5gemm, fastformer-pointer-7gemm (the earlier design); the
-summary's tma5_over_pointer7 ratios compare the first with the last.
+backward 2.5× forward. bwd ms = (fwd+bwd ms) − (fwd ms). On CPU it runs tiny shapes through
+fastformer(cpu) (what fastformer runs for CPU tensors: torch's fused CPU SDPA where it applies), torch's
+default SDPA, its math backend and the eager spec (the Triton interpreter is never timed). On a GPU
+the dense cases also run the kernel variants with their built-in configurations: fastformer-tma-5gemm
+(the Hopper default: TMA forward, five-GEMM backward), fastformer-pointer-5gemm, fastformer-pointer-7gemm
+(the earlier design); the summary's tma5_over_pointer7 ratios compare the first with the last.
 """
 
 from __future__ import annotations
@@ -38,8 +39,16 @@ from fastformer.reference.t5_attention import t5_bias
 
 
 def _sdpa(backend):
+    """torch's SDPA pinned to one backend ("default": torch's own choice, no pinning)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if backend == "default":
+
+        def default(q, k, v, mask=None, causal=False, bias=None):
+            m = bias if bias is not None else mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal and m is None)
+
+        return default
     be = {
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -140,10 +149,12 @@ def _cases(quick: bool, cuda: bool):
 
 def _providers(case, cuda, quick=False):
     if not cuda:
-        provs = {"fastformer(reference)": None}
+        # fastformer(cpu): what ff.scaled_dot_product_attention runs for CPU tensors (backend "auto":
+        # torch's fused CPU SDPA where it applies, else the eager spec), next to torch's default SDPA
+        provs = {CPU_PROVIDER: None}
         if case["kind"] == "t5":
             provs["fastformer-t5"] = None
-        return dict(provs, **{"sdpa-math": _sdpa("math"), "eager": _eager})
+        return dict(provs, **{"sdpa-default": _sdpa("default"), "sdpa-math": _sdpa("math"), "eager": _eager})
     # fastformer: tile configs tuned at first use (kernels/tuning.py); fastformer-default: the built-in ones;
     # the kernel variants with their built-in configurations (attention_launch.use_variants), so one run
     # compares the TMA forward and five-GEMM backward with the pointer forward and seven-GEMM backward
@@ -167,6 +178,7 @@ def _providers(case, cuda, quick=False):
     return provs
 
 
+CPU_PROVIDER = "fastformer(cpu)"
 VARIANT_PROVIDERS = (("tma", "5gemm"), ("pointer", "5gemm"), ("pointer", "7gemm"))
 
 
@@ -224,7 +236,7 @@ def _run_case(case, device, dtype, quick=False):
             "kind": case["kind"],
         }
         try:
-            if prov in ("fastformer", "fastformer(reference)", "fastformer-default") or prov.count("-") == 2:
+            if prov in ("fastformer", CPU_PROVIDER, "fastformer-default") or prov.count("-") == 2:
                 f = lambda: ff.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
                 inputs = (q, k, v)
             elif prov == "fastformer-varlen":
@@ -257,6 +269,26 @@ def _run_case(case, device, dtype, quick=False):
     return rows
 
 
+def _save(rows: list[dict], out_dir, device) -> list[dict]:
+    """Write the measured rows with their summary, and the dense cases' plot; returns the summary."""
+    summary = _summary(rows)
+    save("attention", rows + [dict(r, summary=True) for r in summary], out_dir=out_dir, device=device)
+    dense = [r for r in rows if r["kind"] == "dense" and r.get("fwdbwd_tflops") is not None]
+    if dense:
+        save(
+            "attention_dense",
+            dense,
+            out_dir=out_dir,
+            device=device,
+            x="L",
+            y="fwdbwd_tflops",
+            series=("provider", "D", "causal"),
+            logx=True,
+            title="attention fwd+bwd TFLOP/s (dense)",
+        )
+    return summary
+
+
 def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -266,22 +298,8 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         rows += _run_case(case, device, dtype, quick)
         torch.cuda.empty_cache() if cuda else None
         # after every case: a run cut short by its time limit keeps the cases it finished
-        save("attention", rows + [dict(r, summary=True) for r in _summary(rows)], out_dir=out_dir, device=device)
+        summary = _save(rows, out_dir, device)
     print(format_table(rows, ["case", "provider", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops", "fwdbwd_ms", "error"]))
-    summary = _summary(rows)
-    dense = [r for r in rows if r["kind"] == "dense" and r.get("fwdbwd_tflops") is not None]
-    save("attention", rows + [dict(r, summary=True) for r in summary], out_dir=out_dir, device=device)
-    save(
-        "attention_dense",
-        dense,
-        out_dir=out_dir,
-        device=device,
-        x="L",
-        y="fwdbwd_tflops",
-        series=("provider", "D", "causal"),
-        logx=True,
-        title="attention fwd+bwd TFLOP/s (dense)",
-    )
     print(
         format_table(
             summary,

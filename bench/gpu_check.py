@@ -15,6 +15,8 @@ Hugging Face, the Hugging Face patch, the kernels' `cuda` tests, the remaining b
 extension's `cuda` tests only if time remains. A step starts only if its usual duration (STEPS'
 `estimate`) fits in what is left of the budget; it is stopped at its `limit` or at the budget.
 Every benchmark saves its rows after each case, so a stopped step keeps what it finished.
+Ctrl-C stops the running step's processes, starts no further step, writes the run's record and
+exits 130.
 
 Into DIR go the results (file names carry the device), gpu_check_<device>.json (steps, summaries,
 the tuner's choices) and gpu_tests_<device>.log (this run's test output; a run with a test step
@@ -109,13 +111,17 @@ def check_args(only: list | None, budget: float, names: list) -> str | None:
     return None
 
 
+INTERRUPTED = "interrupted"
+
+
 def schedule(
     todo: list, budget: float, run: Callable[[Step, float], str], now: Callable[[], float], reserve: float = 15.0
 ) -> list:
     """Run the steps within `budget` seconds (less `reserve` for the closing table): in order, those
     marked if_time_remains last; a step starts only if its estimate fits in what is left, and runs
     at most min(limit, what is left). run(step, timeout) returns a status ("ok", "failed",
-    "timeout", ...). Returns one record per step, skipped ones included."""
+    "timeout", ...). Ctrl-C (KeyboardInterrupt) during a step records it as "interrupted" and the
+    steps after it as skipped. Returns one record per step, skipped ones included."""
     start = now()
     order = [s for s in todo if not s.if_time_remains] + [s for s in todo if s.if_time_remains]
     records = []
@@ -135,11 +141,21 @@ def schedule(
         t0 = now()
         try:
             status = run(step, timeout)
+        except KeyboardInterrupt:  # Ctrl-C: this step's child is stopped; no further step starts
+            status = INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - one broken step must not stop the others
             status = f"error: {type(exc).__name__}: {exc}"
         records.append(
             {"step": step.name, "status": status, "seconds": round(now() - t0, 1), "limit": round(timeout, 1)}
         )
+        if status == INTERRUPTED:
+            done = {r["step"] for r in records}
+            records += [
+                {"step": s.name, "status": "skipped", "seconds": 0.0, "detail": "interrupted"}
+                for s in order
+                if s.name not in done
+            ]
+            break
     return records
 
 
@@ -173,8 +189,23 @@ def pytest_status(status: str, output: str) -> str:
     return status
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop proc's whole process group: SIGTERM, then SIGKILL after 10 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    except ProcessLookupError:
+        pass
+
+
 def _run_proc(cmd: list, timeout: float, env: dict, log: Path | None = None) -> str:
-    """Run cmd in its own process group; on timeout the whole group is stopped."""
+    """Run cmd in its own process group; on timeout the whole group is stopped. The group is in a new
+    session, so Ctrl-C at the terminal does not reach it: on KeyboardInterrupt (or any other exception
+    while waiting) it is stopped here too, before the exception goes on."""
     out = open(log, "a") if log else None
     try:
         proc = subprocess.Popen(
@@ -188,13 +219,11 @@ def _run_proc(cmd: list, timeout: float, env: dict, log: Path | None = None) -> 
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop_group(proc)
             return "timeout"
+        except BaseException:
+            _stop_group(proc)
+            raise
         return "ok" if rc == 0 else f"failed (exit {rc})"
     finally:
         if out:
@@ -494,6 +523,9 @@ def main(argv=None) -> int:
     for r in runner.summary:
         keys = [k for k in r if k not in ("benchmark", "case")]
         print(f"{str(r.get('benchmark', '?'))[:14]:<14} {str(r.get('case', ''))[:32]:<32} {_line(r, keys, 110)}")
+    if any(r["status"] == INTERRUPTED for r in records):
+        print("[gpu-check] interrupted: the steps that finished and the rows saved so far are kept")
+        return 130
     bad = [r for r in records if r["status"] not in ("ok", NO_CUDA)]
     return 1 if bad else 0
 

@@ -5,6 +5,7 @@ result files it does not know."""
 import json
 from pathlib import Path
 
+import pytest
 from conftest import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,19 +185,20 @@ def test_attention_summary_is_recomputed_from_the_measured_rows(tmp_path):
     assert json.loads((res / "attention_NVIDIA_X.json").read_text())["rows"][-1]["ratio_fwdbwd"] == 0.625
 
 
-def test_cpu_attention_summary_shows_the_reference_provider(tmp_path):
-    """On the CPU the fastformer provider is `fastformer(reference)`: the summary names it and shows its
-    TFLOP/s next to the ratio (the column used to be left out, the ratio shown without its numerator)."""
+@pytest.mark.parametrize("provider", ["fastformer(cpu)", "fastformer(reference)"])
+def test_cpu_attention_summary_shows_the_cpu_provider(tmp_path, provider):
+    """On the CPU the fastformer provider is `fastformer(cpu)` (`fastformer(reference)` in older
+    results): the summary names it and shows its TFLOP/s next to the ratio."""
     res = tmp_path / "results"
     res.mkdir()
     rows = _attention_rows(
         "dense B2 H2 L128 d64",
         "dense",
-        {"fastformer(reference)": (0.5, 0.25), "sdpa-math": (2.0, 1.0), "eager": (1.0, 0.5)},
+        {provider: (0.5, 0.25), "sdpa-math": (2.0, 1.0), "eager": (1.0, 0.5)},
     )
     _harness(res / "attention_cpu-1threads-Some_CPU.json", "attention", rows)
     text, _ = make_readme.render_results(res)
-    assert "| dense B2 H2 L128 d64 | fastformer(reference) | 0.250 | sdpa-math | 1.00 | 0.25× | 0.25× |" in text
+    assert f"| dense B2 H2 L128 d64 | {provider} | 0.250 | sdpa-math | 1.00 | 0.25× | 0.25× |" in text
 
 
 def test_a_missing_results_folder_is_an_error(tmp_path, capsys):

@@ -277,3 +277,74 @@ def test_a_gpu_run_names_its_files_for_the_device_and_keeps_scratch_apart(tmp_pa
     if r.returncode == 128:
         pytest.skip("not a git checkout")
     assert r.returncode == 0, f"{probe} is not ignored by git"
+
+
+def test_ctrl_c_stops_the_step_and_no_later_step_starts():
+    """KeyboardInterrupt during a step: recorded as interrupted, the steps after it skipped, not run."""
+
+    def run(step, timeout):
+        if step.name == "b":
+            raise KeyboardInterrupt
+        return "ok"
+
+    records = gpu_check.schedule([Step("a", 1, 5), Step("b", 1, 5), Step("c", 1, 5)], 100, run, lambda: 0.0)
+    assert [(r["step"], r["status"]) for r in records] == [("a", "ok"), ("b", "interrupted"), ("c", "skipped")]
+    assert records[2]["detail"] == "interrupted"
+
+
+def test_ctrl_c_kills_the_step_process_group(tmp_path):
+    """A step runs in a session of its own, out of reach of the terminal's Ctrl-C: _run_proc stops its
+    whole group (the child and its children) when interrupted, instead of leaving it running."""
+    import signal
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = (
+        "import os, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{kid.pid}}')\n"
+        "time.sleep(120)\n"
+    )
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gpu_check._run_proc([sys.executable, "-c", script], 60, dict(os.environ))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert pids.exists(), "the step did not start within 3 s"
+    for pid in map(int, pids.read_text().split()):
+        for _ in range(50):  # the grandchild is reaped by init, which may take a moment
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # a zombie: dead, waiting for its parent to reap it
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"process {pid} of the interrupted step is still running")
+
+
+def test_ctrl_c_keeps_the_run_record_and_exits_130(tmp_path, monkeypatch, capsys):
+    import json
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "_run_proc", interrupted)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--only", "cpu_dispatch", "generation", "--budget", "500", "--allow-cpu"]
+    assert gpu_check.main(argv) == 130
+    (result,) = out.glob("gpu_check_*.json")
+    steps = {s["step"]: s["status"] for s in json.loads(result.read_text())["steps"]}
+    assert steps == {"cpu_dispatch": "interrupted", "generation": "skipped"}
+    assert "interrupted" in capsys.readouterr().out
