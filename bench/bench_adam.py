@@ -3,8 +3,8 @@
 Cases: a BERT-base-like parameter list (199 tensors, ~110M params; quick CPU mode: the same layout at
 hidden 384 / 6 layers, ~22M params) and one large tensor. CPU runs with 2 threads; GPU when present.
 Metrics: ms per step, GB/s at 28 bytes per fp32 parameter (read p, g, m, v; write p, m, v) next to the
-measured copy bandwidth, speed-up of fastformer over each torch provider, and (GPU) kernel launches
-per step counted with torch.profiler.
+measured copy bandwidth and in-place update bandwidth (harness.copy_bandwidth_gbs), speed-up of
+fastformer over each torch provider, and (GPU) kernel launches per step counted with torch.profiler.
 
     python bench/bench_adam.py [--full]
 """
@@ -65,7 +65,9 @@ def count_launches(step, device) -> int | None:
     return len(cuda_kernels_launched(step))
 
 
-def bench_case(case: str, shapes: list[tuple], device: torch.device, copy_gbs: float, providers) -> list[dict]:
+def bench_case(
+    case: str, shapes: list[tuple], device: torch.device, copy_gbs: float, inplace_gbs: float, providers
+) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(device).requires_grad_(True) for s in shapes]
     for p in params:
@@ -86,6 +88,7 @@ def bench_case(case: str, shapes: list[tuple], device: torch.device, copy_gbs: f
             ms = harness.time_ms(opt.step, device=device, cpu_reps=5)
             row.update(ms=ms, gbs=BYTES_PER_PARAM * n / (ms * 1e-3) / 1e9)
             row["pct_copy_bw"] = 100.0 * row["gbs"] / copy_gbs
+            row["pct_inplace_bw"] = 100.0 * row["gbs"] / inplace_gbs
             row["launches"] = count_launches(opt.step, device)
             del opt
         except Exception as e:  # noqa: BLE001 - record and continue with the next provider
@@ -118,6 +121,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     try:
         cpu = torch.device("cpu")
         cpu_copy = harness.copy_bandwidth_gbs(device=cpu)
+        cpu_inplace = harness.copy_bandwidth_gbs(device=cpu, inplace=True)
         cpu_cases = (
             [("bert-small-22M", bert_shapes(384, 6)), ("one-tensor-16M", [(16 << 20,)])]
             if quick
@@ -126,19 +130,20 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         if quick and torch.cuda.is_available():
             cpu_cases = []  # quick on a GPU machine: GPU cases only (--full, or no CUDA, for CPU)
         for case, shapes in cpu_cases:
-            rows += bench_case(case, shapes, cpu, cpu_copy, [p for p in providers if p != "apex"])
+            rows += bench_case(case, shapes, cpu, cpu_copy, cpu_inplace, [p for p in providers if p != "apex"])
         for r in rows:
-            r.update(copy_gbs=cpu_copy, threads=CPU_THREADS)
+            r.update(copy_gbs=cpu_copy, inplace_gbs=cpu_inplace, threads=CPU_THREADS)
     finally:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         gpu_copy = harness.copy_bandwidth_gbs(device=gpu)
+        gpu_inplace = harness.copy_bandwidth_gbs(device=gpu, inplace=True)
         gpu_rows = []
         for case, shapes in [("bert-base-110M", bert_shapes()), ("one-tensor-256M", [(256 << 20,)])]:
-            gpu_rows += bench_case(case, shapes, gpu, gpu_copy, providers)
+            gpu_rows += bench_case(case, shapes, gpu, gpu_copy, gpu_inplace, providers)
         for r in gpu_rows:
-            r["copy_gbs"] = gpu_copy
+            r.update(copy_gbs=gpu_copy, inplace_gbs=gpu_inplace)
         rows += gpu_rows
     cols = [
         "case",
@@ -148,6 +153,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         "ms",
         "gbs",
         "pct_copy_bw",
+        "pct_inplace_bw",
         "launches",
         "x_vs_torch-fused",
         "x_vs_torch-foreach",
@@ -168,6 +174,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                 "ms",
                 "gbs",
                 "pct_copy_bw",
+                "pct_inplace_bw",
                 "launches",
                 "x_vs_torch-fused",
                 "x_vs_torch-foreach",

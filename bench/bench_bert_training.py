@@ -227,19 +227,19 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                         r["mfu"] for r in rows if r["case"] == case and r["provider"] == "fastformer" and "mfu" in r
                     )
             summary.append(s)
-            save("bench_bert_training", rows, out_dir=out_dir, device=device)  # a run cut short keeps these
+            # after every case: a run cut short keeps these
+            for r in rows:
+                r["x"] = f"{r['model']}/{r['seq_len']}/{r['layout']}"
+            save(
+                "bench_bert_training",
+                rows,
+                out_dir=out_dir,
+                device=device,
+                x="x",
+                y="tokens_per_s",
+                title="BERT MLM training step, tokens/s",
+            )
             save("bench_bert_training_ratios", summary, out_dir=out_dir, device=device)
-    for r in rows:
-        r["x"] = f"{r['model']}/{r['seq_len']}/{r['layout']}"
-    save(
-        "bench_bert_training",
-        rows,
-        out_dir=out_dir,
-        device=device,
-        x="x",
-        y="tokens_per_s",
-        title="BERT MLM training step, tokens/s",
-    )
     print(format_table(rows, ["case", "provider", "ms", "tokens_per_s", "mfu", "error"]))
     return summary
 

@@ -85,7 +85,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     def _save():  # after every case: a run cut short keeps the cases it finished
         harness.save(
             "cross_entropy",
-            detail + [meta_row],
+            detail + [meta_row] + [dict(r, summary=True) for r in summary],
             out_dir=out_dir,
             device=device,
             x="V",
@@ -111,7 +111,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
 
                 ms = harness.time_ms(step, device=device)
                 peak = harness.peak_extra_bytes(step, device=device)
-                row.update(ms=ms, GBps=nbytes / (ms * 1e-3) / 1e9, peak_MB=peak / 2**20)
+                row.update(ms=ms, GBps=nbytes / (ms * 1e-3) / 1e9, peak_MB=harness.megabytes(peak))
                 row["pct_copy_bw"] = 100.0 * row["GBps"] / copy_bw
                 res[name] = row
             except Exception as exc:  # noqa: BLE001 - record and go on with the next provider
@@ -140,6 +140,8 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         _save()
     print(harness.format_table(detail, ["case", "provider", "ms", "GBps", "pct_copy_bw", "peak_MB", "error"]))
     print(f"copy bandwidth: {copy_bw:.1f} GB/s")
+    ratios = sorted({k for r in summary for k in r if k.startswith("speedup_vs_")})
+    print(harness.format_table(summary, ["case", "ff_ms", "ff_pct_copy_bw", *ratios, "error"]))
     return summary + [meta_row]
 
 

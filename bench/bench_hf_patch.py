@@ -145,6 +145,16 @@ def _providers(kind: str):
     return rows
 
 
+def _speedups(rows: list[dict]) -> None:
+    """speedup_vs_hf on each row: its tokens/s over the plain Hugging Face model's in the same case."""
+    for case in dict.fromkeys(r["case"] for r in rows):
+        group = [r for r in rows if r["case"] == case]
+        base_tps = next((r.get("tokens_per_s") for r in group if r["provider"] == "hf + torch.AdamW"), None)
+        for r in group:
+            if base_tps and r.get("tokens_per_s"):
+                r["speedup_vs_hf"] = r["tokens_per_s"] / base_tps
+
+
 def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
     from transformers import BertForMaskedLM, T5ForConditionalGeneration
 
@@ -197,7 +207,7 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
                 row["ms"] = ms
                 row["tokens_per_s"] = tokens / (ms * 1e-3)
                 if on_gpu:
-                    row["peak_GB"] = peak_extra_bytes(step, device=device) / 1e9
+                    row["peak_GB"] = peak_extra_bytes(step, device=device) / 1e9  # CUDA: never None
             except Exception as exc:  # noqa: BLE001 - record and go on with the next provider
                 traceback.print_exc()
                 row["error"] = f"{type(exc).__name__}: {exc}"[:200]
@@ -208,24 +218,18 @@ def run(quick: bool = True, out_dir: pathlib.Path | None = None) -> list[dict]:
                     torch.cuda.empty_cache()
             rows.append(row)
             # after every provider: a run cut short keeps what it finished
-            save("hf_patch", rows, out_dir=out_dir, device=device)
+            _speedups(rows)
+            save(
+                "hf_patch",
+                rows,
+                out_dir=out_dir,
+                device=device,
+                x="seq_len",
+                y="tokens_per_s",
+                series=("model", "provider"),
+                title=None,
+            )
         del base
-    for case in dict.fromkeys(r["case"] for r in rows):
-        group = [r for r in rows if r["case"] == case]
-        base_tps = next((r.get("tokens_per_s") for r in group if r["provider"] == "hf + torch.AdamW"), None)
-        for r in group:
-            if base_tps and r.get("tokens_per_s"):
-                r["speedup_vs_hf"] = r["tokens_per_s"] / base_tps
-    save(
-        "hf_patch",
-        rows,
-        out_dir=out_dir,
-        device=device,
-        x="seq_len",
-        y="tokens_per_s",
-        series=("model", "provider"),
-        title=None,
-    )
     print(
         format_table(
             rows, ["case", "provider", "ms", "tokens_per_s", "speedup_vs_hf", "peak_GB", "first_loss", "error"]

@@ -78,6 +78,8 @@ def measure(N, H, V, dtype, device, timed=True) -> tuple[dict, list]:
             if device.type == "cuda":
                 step()  # compile, tune; the allocator's peak counter ignores what this left cached
             peak = harness.peak_extra_bytes(step, device=device)
+            if peak is None:
+                raise RuntimeError("the peak memory could not be measured")
             row.update(peak_MB=peak / 2**20, extra_MB=(peak - returned) / 2**20)
             if timed:
                 row["ms"] = harness.time_ms(step, device=device)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import format_table, main, peak_extra_bytes, save, time_ms
+from harness import format_table, main, megabytes, peak_extra_bytes, save, time_ms
 
 import fastformer as ff
 
@@ -205,7 +205,9 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                     row["flex_kernel_options"] = str(FLEX_OPTIONS["current"] or "default")
                 ms = time_ms(fn, device=device)
                 row.update(
-                    ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_extra_mb=peak_extra_bytes(fn, device=device) / 2**20
+                    ms=ms,
+                    tflops=flops / (ms * 1e-3) / 1e12,
+                    peak_extra_mb=megabytes(peak_extra_bytes(fn, device=device)),
                 )
             except Exception as exc:  # noqa: BLE001 - one failing provider must not lose the table
                 row.update(ms=None, tflops=None, peak_extra_mb=None, error=f"{type(exc).__name__}: {exc}"[:300])
@@ -227,20 +229,20 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
             s["frac_of_plain"] = plain / mine if plain else None
         summary.append(s)
         del q, k, v, table, dout
-        save("t5_attention", rows, out_dir=out_dir, device=device)  # a run cut short keeps the cases it finished
-
-    save(
-        "t5_attention",
-        rows,
-        out_dir=out_dir,
-        device=device,
-        x="L",
-        y="tflops",
-        series=("mode", "provider"),
-        logx=True,
-        title=None,
-    )
+        # after every case: a run cut short keeps the cases it finished
+        save(
+            "t5_attention",
+            rows + [dict(r, summary=True) for r in summary],
+            out_dir=out_dir,
+            device=device,
+            x="L",
+            y="tflops",
+            series=("mode", "provider"),
+            logx=True,
+            title=None,
+        )
     print(format_table(rows, ["mode", "L", "B", "provider", "ms", "tflops", "peak_extra_mb", "error"]))
+    print(format_table(summary, ["case", "x_best_ref", "x_eager", "x_flex", "frac_of_plain"]))
     return summary
 
 

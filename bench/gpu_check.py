@@ -49,6 +49,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from cli_paths import out_folder, write_atomic
+
 EXT_TESTS = ("tests/optim", "tests/train", "tests/integrations")
 
 
@@ -429,7 +431,9 @@ def _line(d: dict, keys: list, width: int = 150) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument(
+        "--out", type=out_folder, default=str(HERE / "results"), help="results folder (default bench/results)"
+    )
     ap.add_argument(
         "--budget",
         type=float,
@@ -511,7 +515,8 @@ def main(argv=None) -> int:
         "summary": runner.summary,
         "tuning": tuned,
     }
-    (out / f"gpu_check_{dev}.json").write_text(json.dumps(result, indent=1, default=str))
+    text = json.dumps(result, indent=1, default=str)
+    write_atomic(out / f"gpu_check_{dev}.json", lambda tmp: tmp.write_text(text))
 
     print(f"\n##### gpu-check on {dev}: {result['seconds']:.0f}s #####")
     for r in records:

@@ -2,9 +2,11 @@
 
 - time_ms(fn): median milliseconds; `triton.testing.do_bench` on CUDA, perf_counter on CPU.
 - peak_extra_bytes(fn): extra device memory at peak during fn (CUDA allocator stats; on CPU the
-  process's peak RSS, reset through /proc/self/clear_refs before the call).
-- save(name, rows, ...): JSON + PNG under bench/results/, file names carry the device name; the JSON's
-  `meta` records the device, torch / Triton versions, the date (UTC) and the git commit of the tree.
+  process's peak RSS, reset through /proc/self/clear_refs before the call, after the C heap's free
+  memory is returned to the system so that reused memory counts; None when not measurable).
+- save(name, rows, ...): JSON + PNG under bench/results/ (each written whole or not at all), file names
+  carry the device name; the JSON's `meta` records the device, torch / Triton versions, the date (UTC)
+  and the git commit of the tree.
 - A benchmark never asserts a speed. Every provider is measured in the same run.
 
 Each bench script defines `run(quick: bool, out_dir: pathlib.Path) -> list[dict]` (rows of its summary
@@ -14,6 +16,7 @@ table) and a `__main__` that calls it (most through main(run, __doc__)); bench/g
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -26,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+from cli_paths import out_folder, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,16 +49,29 @@ def device_name(device: torch.device | str | None = None, threads: int | None = 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        model = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"cpu-{threads or torch.get_num_threads()}threads-{model}"
+        name = f"cpu-{threads or torch.get_num_threads()}threads-{cpu_model()}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80]
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model from /proc/cpuinfo (or the given text of one): its "model name" (x86), else the
+    machine with the "CPU implementer" and "CPU part" codes (Arm kernels give no model name, and
+    without them every Arm CPU would get the same device name), else platform's processor or machine."""
+    fallback = platform.processor() or platform.machine()
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return fallback
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    if fields.get("model name"):
+        return fields["model name"]
+    if fields.get("CPU implementer") and fields.get("CPU part"):
+        return f"{platform.machine()}-{fields['CPU implementer']}-{fields['CPU part']}"
+    return fallback
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -86,8 +103,22 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
-    """Peak memory fn() needs beyond what was allocated before it (bytes)."""
+def _release_free_heap() -> bool:
+    """Return the C heap's free memory to the system (glibc's malloc_trim(0)); False where there is no
+    glibc. Without it, memory fn() takes from what earlier calls freed is already resident: the peak
+    RSS does not grow, and a measurement after timing the same call reads 0 or less."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_extra_bytes(fn: Callable[[], object], device=None) -> int | None:
+    """Peak memory fn() needs beyond what was allocated before it (bytes). On CPU, the growth of the
+    process's peak RSS after the C heap's free memory is returned to the system; None where that
+    reads less than 0 (memory reused that the heap could not release: not measurable)."""
     dev = _device(device)
     gc.collect()
     if dev.type == "cuda":
@@ -97,20 +128,35 @@ def peak_extra_bytes(fn: Callable[[], object], device=None) -> int:
         fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated(dev) - before)
+    _release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     before = _proc_status_kb("VmRSS")
     fn()
-    return int((_proc_status_kb("VmHWM") - before) * 1024)
+    extra = (_proc_status_kb("VmHWM") - before) * 1024
+    return int(extra) if extra >= 0 else None
 
 
-def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None) -> float:
-    """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+def megabytes(nbytes: int | None) -> float | None:
+    """nbytes in MiB, None for None (a peak that was not measurable)."""
+    return None if nbytes is None else nbytes / 2**20
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, device=None, *, inplace: bool = False) -> float:
+    """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
+
+    inplace: time an in-place update (x *= 1) instead of a copy, still counting 2 bytes per byte of x.
+    That is the reference for kernels that update their buffers in place, as Adam does: on a CPU a
+    copy's stores first read each destination line (write-allocate), traffic the count leaves out, so
+    an in-place kernel measured against the copy can show more than 100%."""
     dev = _device(device)
     if dev.type != "cuda":
         nbytes = min(nbytes, 256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device=dev)
+    if inplace:
+        ms = time_ms(lambda: src.mul_(1.0), device=dev)
+    else:
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device=dev)
     src = dst = None  # release the buffers
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
@@ -171,7 +217,8 @@ def save(
     except Exception:  # noqa: BLE001
         pass
     json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    text = json.dumps({"meta": meta, "rows": rows}, indent=1, default=str)
+    write_atomic(json_path, lambda tmp: tmp.write_text(text))
     png_path = None
     if x and y:
         try:
@@ -199,7 +246,7 @@ def save(
             ax.legend(fontsize=7)
             fig.tight_layout()
             png_path = stem.with_suffix(".png")
-            fig.savefig(png_path, dpi=110)
+            write_atomic(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
             plt.close(fig)
         except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the JSON
             print(f"[harness] plot for {name} failed: {exc}")
@@ -228,7 +275,7 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     adds them here, so that --help lists them, and hands the parsed arguments to main(args=...)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every case instead of the quick subset")
-    ap.add_argument("--out", default=None, help="folder for the results (default bench/results)")
+    ap.add_argument("--out", type=out_folder, default=None, help="folder for the results (default bench/results)")
     return ap
 
 
@@ -243,7 +290,7 @@ def main(
     print_rows: print the summary rows run() returns, one per line. args: already parsed (see parser)."""
     if args is None:
         args = parser(description).parse_args()
-    rows = run(quick=not args.full, out_dir=Path(args.out) if args.out else None)
+    rows = run(quick=not args.full, out_dir=args.out)
     if print_rows:
         for r in rows:
             print(r)

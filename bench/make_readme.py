@@ -23,6 +23,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_paths.py
+from cli_paths import out_file, write_atomic
+
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "README.in.md"
 README = HERE / "README.md"
@@ -213,7 +216,7 @@ def render_attention_dense(d, path, ctx):
 
 
 def render_t5_attention(d, path, ctx):
-    rows = _rows(d)
+    rows = [r for r in _rows(d) if not r.get("summary")]
     out = ["Milliseconds (forward + backward, bias table requiring grad) per provider:", ""]
     out += pivot(rows, "case", "provider", "ms", corner="case")
     out += ["", "Extra peak memory of one forward + backward, MB:", ""]
@@ -278,14 +281,19 @@ def render_adam(d, path, ctx):
             ("ms", "ms per step"),
             ("gbs", "GB/s"),
             ("pct_copy_bw", "of copy bandwidth", "pct"),
+            ("pct_inplace_bw", "of in-place update bandwidth", "pct"),
             ("launches", "kernel launches"),
             ("x_vs_torch-fused", "fastformer vs torch fused", "x"),
             ("x_vs_torch-foreach", "fastformer vs torch foreach", "x"),
         ],
     )
     copy = {r.get("copy_gbs") for r in rows if r.get("copy_gbs")}
+    inplace = {r.get("inplace_gbs") for r in rows if r.get("inplace_gbs")}
     if len(copy) == 1:
-        out += ["", f"Copy bandwidth measured in the same run: {fmt(copy.pop())} GB/s."]
+        line = f"Copy bandwidth measured in the same run: {fmt(copy.pop())} GB/s"
+        if len(inplace) == 1:
+            line += f"; in-place update (x *= 1, Adam's access pattern) {fmt(inplace.pop())} GB/s"
+        out += ["", line + "."]
     note = constant(rows, ["threads"])
     return out + (["", note] if note else []) + _errors(rows)
 
@@ -754,7 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--check", action="store_true", help="exit 1 if the README differs from what would be written")
-    ap.add_argument("--out", default=str(README), help="the README to write or check (default bench/README.md)")
+    ap.add_argument(
+        "--out", type=out_file, default=str(README), help="the README to write or check (default bench/README.md)"
+    )
     ap.add_argument("--results", default=str(RESULTS), help="the results folder (default bench/results)")
     a = ap.parse_args(argv)
     if not Path(a.results).is_dir():  # a mistyped folder must not render (or pass --check) as no results
@@ -768,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{out} is up to date")
         return 0
-    out.write_text(text, encoding="utf-8")
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     print(f"wrote {out}")
     return 0
 

@@ -23,7 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, cli_paths.py
+
+from cli_paths import out_folder
 
 CASES = [
     "bert-tiny:8:128",
@@ -129,7 +131,7 @@ def run(quick: bool = True, out_dir: Path | None = None, cases: list | None = No
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="*", metavar="PRESET:BATCH:LENGTH", help="default: the table's cases")
-    ap.add_argument("--out", default=None, help="folder for the JSON results (default bench/results)")
+    ap.add_argument("--out", type=out_folder, default=None, help="folder for the JSON results (default bench/results)")
     args = ap.parse_args(argv)
     cases = []
     for text in args.cases:
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"memory_estimate: {text}: {e}", file=sys.stderr)
             return 2
-    rows = run(out_dir=Path(args.out) if args.out else None, cases=cases)
+    rows = run(out_dir=args.out, cases=cases)
     return 1 if any("error" in r for r in rows) else 0
 
 

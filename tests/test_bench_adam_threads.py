@@ -15,7 +15,7 @@ bench_adam = bench_script("bench_adam")
 def test_cpu_rows_are_saved_under_the_threads_they_ran_with(tmp_path, monkeypatch):
     seen = []
 
-    def fake_case(case, shapes, device, copy_gbs, providers):
+    def fake_case(case, shapes, device, copy_gbs, inplace_gbs, providers):
         seen.append(torch.get_num_threads())
         return [
             {"benchmark": "adam", "case": f"{case} cpu", "provider": p, "params_M": 1.0, "ms": 1.0, "gbs": 1.0}
@@ -23,7 +23,7 @@ def test_cpu_rows_are_saved_under_the_threads_they_ran_with(tmp_path, monkeypatc
         ]
 
     monkeypatch.setattr(bench_adam, "bench_case", fake_case)
-    monkeypatch.setattr(bench_adam.harness, "copy_bandwidth_gbs", lambda device=None: 10.0)
+    monkeypatch.setattr(bench_adam.harness, "copy_bandwidth_gbs", lambda device=None, inplace=False: 10.0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # a process count other than the cases' 2
     try:
