@@ -4,8 +4,9 @@
 
 Forward + backward of each op on CPU tensors, timed with backend "auto" (torch's own fused CPU kernels
 where fastformer uses them: SDPA for scaled_dot_product_attention, t5_attention with the bias as a
-float mask when the table is frozen, varlen_attention per sequence; cross_entropy stays on the
-reference, which is torch's own cross_entropy) and backend "reference" (the eager spec).
+float mask when the table is frozen, varlen_attention per sequence; cross_entropy the extension's
+row kernel, csrc/cross_entropy_cpu.cpp) and backend "reference" (the eager spec; for cross_entropy,
+torch's own cross_entropy).
 Shapes: a bert-mini attention batch
 (B=16, H=4, L=128, D=64), T5 with its bias table, a packed varlen batch, CE at N=2048, V=30522.
 Reports the median ms of each and the speedup reference / auto; the two backends are timed in

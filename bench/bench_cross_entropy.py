@@ -3,8 +3,9 @@
     python bench/bench_cross_entropy.py [--full]
 
 GPU: N = 16384 rows, V in {32k, 50k, 128k}, bf16 and fp32 (quick: a subset); fastformer as tuned at
-first use, with its built-in configuration, and with the legacy (one program per row) kernel. CPU: tiny shapes, eager
-providers only (the fastformer CPU path is the reference; the Triton interpreter is never timed).
+first use, with its built-in configuration, and with the legacy (one program per row) kernel. CPU:
+small shapes, fastformer's CPU path (float32: the extension's row kernel) against eager torch; the
+Triton interpreter is never timed.
 Bytes that must move for fwd+bwd: read the logits once and write their gradient once,
 2 * N * V * element_size (targets and per-row scalars are negligible). GB/s is that count over the
 median time; pct_copy_bw compares it with the measured device-to-device copy bandwidth.

@@ -149,10 +149,13 @@ float ce_row(float* x, int64_t V, int64_t t, const float* bias, float g, const O
     sd += e;
   }
   const float s = static_cast<float>(sd);
-  const float lse = m + static_cast<float>(std::log(sd));
-  float ce = (1.0f - o.eps) * (lse - xt);
+  // the loss from logits relative to the maximum: lse - x_t as (log s) - (x_t - m), since x_t - m is
+  // exact where it matters and m + log s is not (logits of -1e4 lose 1e-3 to rounding there)
+  const float log_s = static_cast<float>(std::log(sd));
+  const float lse = m + log_s;
+  float ce = (1.0f - o.eps) * (log_s - (xt - m));
   // eps * (lse - mean logit): written so that one class cancels exactly, FMA contraction or not
-  if (o.eps > 0.0f) ce += o.eps * (lse - static_cast<float>(xsum / static_cast<double>(V)));
+  if (o.eps > 0.0f) ce += o.eps * (log_s - static_cast<float>(xsum / static_cast<double>(V) - m));
   float loss = o.scale * ce;
   if (o.z != 0.0f) loss += o.scale * o.z * lse * lse;
   if (o.want_grad) {

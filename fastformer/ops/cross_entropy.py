@@ -16,6 +16,10 @@ cross_entropy (kernel path)
     Soft targets, label smoothing and class weights are all in the kernel (a soft target is
     distillation's case and keeps the fused path).
 
+cross_entropy (CPU path)
+    float32 CPU logits with class-index targets and no class weight, under backend "auto": the
+    extension's row kernel, same gradient-in-forward design (cross_entropy_cpu.py).
+
 linear_cross_entropy: the checks are here, the chunked path in linear_cross_entropy.py.
 
 Under torch.autocast both return a float32 loss as torch's cross_entropy does, and
@@ -44,6 +48,7 @@ import torch
 import fastformer.reference.cross_entropy as _ref
 
 from ..backend import get_backend, under_functorch, use_triton
+from . import cross_entropy_cpu as _cpu
 from . import forward_grads
 from ._compile import opaque_to_compile
 from ._validate import (
@@ -351,6 +356,8 @@ def cross_entropy(
     wide = input.dtype == torch.float64 or (soft and target.dtype == torch.float64)
     out_dtype = _loss_dtype(input, target, amp)
     empty = C == 0  # no rows either (checked above): the reference returns the empty reduction
+    if not soft and not extra_grad and _cpu.usable(input, target, weight, amp):
+        return _cpu.cross_entropy_rows(input, target, ignore_index, reduction, label_smoothing, z_loss)
     if wide or extra_grad or empty or get_backend() == "reference" or not use_triton(input, target, weight):
         return _ref.cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss, out_dtype=out_dtype
