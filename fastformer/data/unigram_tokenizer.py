@@ -49,18 +49,27 @@ def train_unigram(texts: Sequence[str], vocab_size: int = 8000, *, num_sentinels
     except Exception as e:  # tokenizers raises a bare Exception
         if "not large enough to contain all chars" not in str(e):
             raise
-        chars = _distinct_chars(tok, texts)
-        raise DataError(
-            f"--vocab-size {vocab_size} is too small for this text: it has {chars:,} distinct characters (after "
-            f"NFKC normalisation), each of which the Unigram tokenizer keeps as a piece, besides the "
-            f"{num_sentinels} sentinels; use --vocab-size {chars + num_sentinels} or more"
-        ) from None
+        raise _too_small(vocab_size, _distinct_chars(tok, texts), num_sentinels) from None
+    # just above the characters the trainer does not fail but overshoots its target (it keeps every
+    # character and the special tokens, then adds pieces): a vocabulary larger than asked is refused too
+    if tok.get_vocab_size() + num_sentinels > vocab_size:
+        raise _too_small(vocab_size, _distinct_chars(tok, texts), num_sentinels)
     tok.model = _canonical_model(tok)
     tok.add_special_tokens([sentinel_token(i) for i in reversed(range(num_sentinels))])
     for name, i in ((PAD_TOKEN, PAD), (EOS_TOKEN, EOS), (UNK_TOKEN, UNK)):
         if tok.token_to_id(name) != i:
             raise RuntimeError(f"{name} must have id {i}, got {tok.token_to_id(name)}")
     return tok
+
+
+def _too_small(vocab_size: int, chars: int, num_sentinels: int) -> DataError:
+    """The error for a --vocab-size below what the text needs: its characters, the 3 special tokens, one
+    learned piece (with none to spare the trainer overshoots its target) and the sentinels."""
+    return DataError(
+        f"--vocab-size {vocab_size} is too small for this text: it has {chars:,} distinct characters (after "
+        f"NFKC normalisation), each of which the Unigram tokenizer keeps as a piece, besides its 3 special "
+        f"tokens and the {num_sentinels} sentinels; use --vocab-size {chars + 4 + num_sentinels} or more"
+    )
 
 
 def _distinct_chars(tok: Tokenizer, texts: Sequence[str]) -> int:

@@ -155,8 +155,18 @@ def test_a_unigram_vocab_size_below_the_characters_is_a_data_error():
         train_unigram(texts, 502)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("--vocab-size 502 is too small for this text"), msg
-    assert "403 distinct characters" in msg and "use --vocab-size 503 or more" in msg, msg
-    assert train_unigram(texts, 503).get_vocab_size() > 403  # the size it names is enough
+    assert "403 distinct characters" in msg and "use --vocab-size 507 or more" in msg, msg
+    assert 403 < train_unigram(texts, 507).get_vocab_size() <= 507  # the size it names is enough
+
+
+@pytest.mark.parametrize("size", [503, 504, 505, 506])
+def test_a_unigram_vocabulary_never_exceeds_vocab_size(size):
+    """Just above characters + sentinels the trainer did not fail but overshot its target: --vocab-size
+    503 for 403 characters gave 512 entries. Such a size is refused, naming the size that is enough."""
+    rng = random.Random(0)
+    texts = ["".join(chr(0x4E00 + rng.randint(0, 399)) for _ in range(30)) + " ab" for _ in range(300)]
+    with pytest.raises(DataError, match="use --vocab-size 507 or more"):
+        train_unigram(texts, size)
 
 
 def test_max_inputs_length_is_the_longest_seq_len_the_sentinels_allow():
