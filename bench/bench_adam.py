@@ -105,6 +105,11 @@ def bench_case(
     return rows
 
 
+def _save(rows: list[dict], out_dir: Path | None) -> None:
+    # the file and meta.device name the threads the CPU rows ran with, whatever the count is now
+    harness.save("adam", rows, out_dir=out_dir, x="params_M", y="gbs", series=("case", "provider"), threads=CPU_THREADS)
+
+
 def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
     providers = ["fastformer", "torch-fused", "torch-foreach"]
     try:
@@ -130,21 +135,23 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         if quick and torch.cuda.is_available():
             cpu_cases = []  # quick on a GPU machine: GPU cases only (--full, or no CUDA, for CPU)
         for case, shapes in cpu_cases:
-            rows += bench_case(case, shapes, cpu, cpu_copy, cpu_inplace, [p for p in providers if p != "apex"])
-        for r in rows:
-            r.update(copy_gbs=cpu_copy, inplace_gbs=cpu_inplace, threads=CPU_THREADS)
+            case_rows = bench_case(case, shapes, cpu, cpu_copy, cpu_inplace, [p for p in providers if p != "apex"])
+            for r in case_rows:
+                r.update(copy_gbs=cpu_copy, inplace_gbs=cpu_inplace, threads=CPU_THREADS)
+            rows += case_rows
+            _save(rows, out_dir)  # after every case: a run cut short keeps the cases it finished
     finally:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         gpu_copy = harness.copy_bandwidth_gbs(device=gpu)
         gpu_inplace = harness.copy_bandwidth_gbs(device=gpu, inplace=True)
-        gpu_rows = []
         for case, shapes in [("bert-base-110M", bert_shapes()), ("one-tensor-256M", [(256 << 20,)])]:
-            gpu_rows += bench_case(case, shapes, gpu, gpu_copy, gpu_inplace, providers)
-        for r in gpu_rows:
-            r.update(copy_gbs=gpu_copy, inplace_gbs=gpu_inplace)
-        rows += gpu_rows
+            case_rows = bench_case(case, shapes, gpu, gpu_copy, gpu_inplace, providers)
+            for r in case_rows:
+                r.update(copy_gbs=gpu_copy, inplace_gbs=gpu_inplace)
+            rows += case_rows
+            _save(rows, out_dir)
     cols = [
         "case",
         "provider",
@@ -160,8 +167,6 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
         "error",
     ]
     print(harness.format_table(rows, cols))
-    # the count is restored by now: the file and meta.device name the threads the CPU rows ran with
-    harness.save("adam", rows, out_dir=out_dir, x="params_M", y="gbs", series=("case", "provider"), threads=CPU_THREADS)
     # summary for gpu_check: the fastformer rows carry the ratios
     return [
         {

@@ -87,8 +87,8 @@ def run(quick: bool = True, out_dir=None) -> list[dict]:
             }
         )
         print(format_table(rows[-1:], ["case", "auto_ms", "reference_ms", "speedup"]).splitlines()[-1], flush=True)
+        save("cpu_dispatch", rows, out_dir=out_dir, device="cpu")  # a run cut short keeps the cases it finished
     print(format_table(rows, ["case", "auto_ms", "reference_ms", "speedup"]))
-    save("cpu_dispatch", rows, out_dir=out_dir, device="cpu")
     return rows
 
 

@@ -119,7 +119,7 @@ def run(quick: bool = True, out_dir: Path | None = None) -> list[dict]:
                         "error": f"{type(exc).__name__}: {exc}"[:300],
                     }
                 )
-    save("generation", rows, out_dir=out_dir, device=device)
+            save("generation", rows, out_dir=out_dir, device=device)  # a run cut short keeps what it finished
     print(
         format_table(
             rows,
