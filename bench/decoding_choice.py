@@ -198,7 +198,10 @@ def main() -> None:
     settings["runs"] = {k: str(v) for k, v in runs.items()}
     stem = Path(a.results) / f"decoding_choice_{a.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"settings": settings, "cell": got}, indent=2))
+    from harness import cpu_machine
+
+    record = {"settings": settings, "machine": cpu_machine(a.threads or torch.get_num_threads()), "cell": got}
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     md = "\n".join(markdown(got, settings)) + "\n"
     stem.with_suffix(".md").write_text(md)
     print(md + f"\nsaved {stem}.json .md")

@@ -20,6 +20,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -72,6 +73,19 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     if fields.get("CPU implementer") and fields.get("CPU part"):
         return f"{platform.machine()}-{fields['CPU implementer']}-{fields['CPU part']}"
     return fallback
+
+
+def cpu_machine(threads: int | None = None) -> dict:
+    """The machine a CPU experiment ran on, for its results file ("machine"): the processor model
+    (cpu_model()), its core count, the threads the runs used (None: not set by the script), and the
+    Python and torch versions."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def sync(device: torch.device | str | None = None) -> None:

@@ -682,10 +682,24 @@ def classify(path: Path, d) -> tuple[str | None, dict]:
 # ---------------------------------------------------------------------------------------------------
 
 
+# what platform.machine() gives: an architecture, not a processor (older results files recorded it)
+_ARCHITECTURES = {"x86_64", "amd64", "i386", "i686", "aarch64", "arm64", "armv7l", "ppc64le", "s390x", ""}
+
+
+def _processor(data) -> str:
+    """Where a CPU experiment ran, from its "machine" record (bench/harness.cpu_machine)."""
+    m = data.get("machine") if isinstance(data, dict) else None
+    cpu = str(m.get("cpu") or "") if isinstance(m, dict) else ""
+    if cpu.lower() in _ARCHITECTURES:
+        return "the file does not name the processor"
+    threads = m.get("threads")
+    return f"{cpu}" + (f", {threads} thread{'s' if threads != 1 else ''} per run" if threads else "")
+
+
 def _where(kind: str, path: Path, meta: dict, data) -> str:
     if kind in ("pretraining_benefit", "text2text_benefit", "decoding_choice"):
         s = data.get("settings", {}) if isinstance(data, dict) else {}
-        dev = f"CPU runs (tag `{s.get('tag', '?')}`; the file does not name the processor)"
+        dev = f"CPU runs (tag `{s.get('tag', '?')}`; {_processor(data)})"
     elif kind == "kernel_report":
         dev = "compiled for " + ", ".join(meta.get("archs") or []) + " (no GPU needed)"
     else:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -259,18 +258,9 @@ def save(results, pre_info, cells, checks, a, models, started) -> None:
         for k, v in vars(a).items()
         if k not in ("work", "results", "data_dir")
     }
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": a.threads,
-        "python": platform.python_version(),
-    }
-    try:
-        import torch
+    from harness import cpu_machine
 
-        machine["torch"] = torch.__version__
-    except ImportError:
-        pass
+    machine = cpu_machine(a.threads)
     stem.with_suffix(".json").write_text(
         json.dumps(
             {

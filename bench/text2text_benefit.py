@@ -977,6 +977,8 @@ def main() -> None:
 
     def save(results: list[dict], decoding: list[dict] | None = None) -> str:
         """Writes the .json, .md and .png results; returns the markdown."""
+        from harness import cpu_machine  # imports torch: only once results are saved
+
         summary = summarize(results)
         if decoding:
             summary["decoding"] = decoding
@@ -986,6 +988,7 @@ def main() -> None:
             json.dumps(
                 {
                     "settings": settings,
+                    "machine": cpu_machine(a.threads),
                     "pretraining": pre_info,
                     "random_init": str(rnd),
                     "baseline": baseline,

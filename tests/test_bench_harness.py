@@ -87,3 +87,11 @@ def test_cpu_model_names_arm_cpus_apart():
     assert harness.cpu_model(neoverse) != harness.cpu_model(graviton2)
     assert harness.cpu_model(neoverse).endswith("-0x41-0xd40")
     assert harness.cpu_model("") == (harness.platform.processor() or harness.platform.machine())
+
+
+def test_cpu_machine_records_the_processor_model_not_the_architecture():
+    harness = bench_script("harness")
+    m = harness.cpu_machine(3)
+    assert m["cpu"] == harness.cpu_model() and m["threads"] == 3 and m["cores"] >= 1
+    assert m["torch"] == harness.torch.__version__ and m["python"].count(".") == 2
+    assert harness.cpu_machine()["threads"] is None

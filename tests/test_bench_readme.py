@@ -73,6 +73,7 @@ def test_unknown_and_new_result_files_are_rendered_or_listed(tmp_path, capsys):
         json.dumps(
             {
                 "settings": {"seeds": [0, 1], "omp_num_threads": "1", "tag": "cpu", "data_dir": "/somewhere/agnews"},
+                "machine": {"cpu": "Some EPYC 7000", "cores": 2, "threads": 2},
                 "pretraining": {"model": "t5-tiny", "steps": 3000, "data": ["/somewhere/agnews/unlabeled.txt"]},
                 "baseline": {
                     "method": "lead-10",
@@ -122,6 +123,7 @@ def test_unknown_and_new_result_files_are_rendered_or_listed(tmp_path, capsys):
     assert "| – | lead-10 baseline | 0.2000 |" in text and "+10.00 ± 1.00 points" in text
     assert "| pretrained | 100 | 0.5000 ± 0.1000 | 0.4000 ± 0.1000 | 0.1000 ± 0.0500 |" in text
     assert "/somewhere" not in text  # no paths from the machine that ran it
+    assert "CPU runs (tag `cpu`; Some EPYC 7000, 2 threads per run)" in text
     for name, why in (
         ("notes.json", "no table"),
         ("broken.json", "not readable as JSON"),
@@ -155,6 +157,22 @@ def _attention_rows(case, kind, tflops):
         {"benchmark": "attention", "case": case, "kind": kind, "provider": p, "fwd_tflops": f, "fwdbwd_tflops": fb}
         for p, (f, fb) in tflops.items()
     ]
+
+
+@pytest.mark.parametrize(
+    ("machine", "where"),
+    [
+        (None, "the file does not name the processor"),
+        ({"cpu": "x86_64", "threads": 1}, "the file does not name the processor"),  # an architecture only
+        ({"cpu": "AMD EPYC 7B13", "threads": 1}, "AMD EPYC 7B13, 1 thread per run"),
+        ({"cpu": "AMD EPYC 7B13", "threads": None}, "AMD EPYC 7B13"),
+    ],
+)
+def test_cpu_experiments_name_their_processor_when_the_file_records_it(machine, where):
+    data = {"settings": {"tag": "t"}} | ({"machine": machine} if machine else {})
+    assert make_readme._where("decoding_choice", Path("decoding_choice_t.json"), {}, data) == (
+        f"`results/decoding_choice_t.json` — CPU runs (tag `t`; {where})"
+    )
 
 
 def test_attention_summary_is_recomputed_from_the_measured_rows(tmp_path):
