@@ -184,6 +184,14 @@ def test_text2text_finetune_predict_export(pairs, capsys):
     loaded = ff.models.load(out)
     assert loaded.kind == "seq2seq" and type(loaded.model).__name__ == "T5ForConditionalGeneration"
     assert loaded.labels is None and not loaded.model.training and loaded.tokenizer.token_to_id("</s>") == 1
+    # its tokenizer frames an input as fine-tuning did (text </s>): generate on those ids is predict's
+    ids = torch.tensor([loaded.tokenizer.encode("a b c").ids])
+    assert ids[0, -1] == 1 and ids[0, :-1].tolist() == loaded.tokenizer.encode("a b c", add_special_tokens=False).ids
+    out_ids = loaded.generate(ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=16)
+    assert (
+        loaded.tokenizer.decode(out_ids[0].tolist())
+        == generate_texts(loaded.model, loaded.tokenizer, ["a b c"], max_len=128, max_new_tokens=16)[0]
+    )
 
     # export: HF's generate on the exported folder gives our tokens, greedy and beam search
     assert main(["export", "--model", str(out), "--hf", str(d / "hf")]) == 0
@@ -342,7 +350,9 @@ def test_span_pretrained_folder_predicts_and_exports(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     long_text = " ".join(["the cat sat on a mat"] * 20)
     batch = hf_tok([long_text], return_tensors="pt", truncation=True)
-    ours = loaded.tokenizer.encode(long_text).ids[:31] + [loaded.tokenizer.token_to_id("</s>")]
+    ours = loaded.tokenizer.encode(long_text, add_special_tokens=False).ids[:31] + [
+        loaded.tokenizer.token_to_id("</s>")
+    ]
     assert batch["input_ids"][0].tolist() == ours
 
 

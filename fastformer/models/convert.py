@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .bert import BertConfig, BertEncoder, BertForMaskedLM, BertForSequenceClassification
+from .framing import BERT_FRAMING, T5_FRAMING, framed_tokenizer
 from .t5 import T5Config, T5EncoderForSequenceClassification, T5ForConditionalGeneration, T5Stack, _init_weights
 
 _FROM_SUPPORTED = (
@@ -433,10 +434,7 @@ def _hf_tokenizer(tokenizer, model: nn.Module, max_len: int | None = None):
     """A transformers PreTrainedTokenizerFast over a copy of `tokenizer` (a tokenizers.Tokenizer) that
     frames a text as fastformer does: `[CLS] text [SEP]` for BERT, `text </s>` for T5. max_len (special
     tokens included) becomes its model_max_length, where `truncation=True` cuts."""
-    from tokenizers import Tokenizer, processors
-
     tf = _transformers()
-    tok = Tokenizer.from_str(tokenizer.to_str())
     if isinstance(model, (BertEncoder, BertForMaskedLM, BertForSequenceClassification)):
         need = {
             "unk_token": "[UNK]",
@@ -445,20 +443,18 @@ def _hf_tokenizer(tokenizer, model: nn.Module, max_len: int | None = None):
             "pad_token": "[PAD]",
             "mask_token": "[MASK]",
         }
-        single, pair, framing = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ("[CLS]", "[SEP]")
+        framing = BERT_FRAMING
         extra = {"model_max_length": min(max_len or model.config.max_position, model.config.max_position)}
     else:
         need = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-        single, pair, framing = "$A </s>", "$A </s> $B </s>", ("</s>",)
+        framing = T5_FRAMING
         extra = {"model_input_names": ["input_ids", "attention_mask"]}
         if max_len:
             extra["model_max_length"] = max_len
-    missing = [t for t in need.values() if tok.token_to_id(t) is None]
+    missing = [t for t in need.values() if tokenizer.token_to_id(t) is None]
     if missing:
         raise ValueError(f"tokenizer: lacks the special token(s) {missing} that {type(model).__name__} expects")
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in framing]
-    )
+    tok = framed_tokenizer(tokenizer, framing)
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **need, **extra)
 
 

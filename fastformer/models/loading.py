@@ -310,4 +310,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
             f"{d / CHECKPOINT_NAME}: weights do not fit {arch.name} ({str(e).splitlines()[0]})"
         ) from None
     model.to(device=device, dtype=dtype).eval()
+    from .framing import framed_tokenizer, framing_of
+
+    framing = framing_of(model)
+    if framing is not None and all(tok.token_to_id(t) is not None for t in framing.specials):
+        tok = framed_tokenizer(tok, framing)  # encode(text) frames the text as training did
     return LoadedModel(model, tok, list(labels) if labels else None, arch.kind, cfg, d)

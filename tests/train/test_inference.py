@@ -89,6 +89,28 @@ def test_classifier_predictions_are_the_models_softmax(runs):
     assert json.loads(format_rows(cols, rows, jsonl=True).splitlines()[1])["label"] == rows[1]["label"]
 
 
+def test_the_loaded_tokenizer_frames_a_text_as_training_did(runs):
+    """`tokenizer.encode(text).ids` is what the model was trained on ([CLS] text [SEP] for BERT), so
+    feeding it straight to the model gives `predict`'s probabilities; add_special_tokens=False gives
+    the bare tokens, and the folder's tokenizer.json is not changed."""
+    loaded = ff.models.load(runs / "ft")
+    tok = loaded.tokenizer
+    bare = tok.encode("the film was great", add_special_tokens=False).ids
+    assert tok.encode("the film was great").ids == [2, *bare, 3]
+    assert tok.encode("a", "b").ids == [2, *tok.encode("a", add_special_tokens=False).ids, 3] + [
+        *tok.encode("b", add_special_tokens=False).ids,
+        3,
+    ]
+    ids = torch.tensor([tok.encode("the film was great").ids])
+    with torch.no_grad():
+        p = F.softmax(loaded.model(ids, torch.ones_like(ids, dtype=torch.bool)), -1)[0]
+    _, rows = predict_texts(loaded, ["the film was great"])
+    assert rows[0]["p_pos"] == pytest.approx(float(p[1]), abs=1e-6)
+    assert ff.models.load(runs / "pre").tokenizer.encode("x").ids[::2] == [2, 3]  # the masked LM too
+    on_disk = json.loads((runs / "ft" / "tokenizer.json").read_text())
+    assert on_disk.get("post_processor") is None
+
+
 def test_fill_mask_uses_the_mlm_head(runs):
     loaded = ff.models.load(runs / "pre")
     cols, rows = predict_texts(loaded, ["the cat [MASK] the ball .", "no mask", "a [mask] sees [MASK] ."], top_k=3)
