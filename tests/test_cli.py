@@ -902,6 +902,26 @@ def test_a_folder_given_for_a_file_is_said_to_be_a_folder(files, capsys):
     assert not (d / "o").exists()
 
 
+def test_a_pipe_given_for_a_file_is_said_to_be_one(files, capsys):
+    """`--train <(head -300 pairs.tsv)` said "--train /dev/fd/63: no such file"."""
+    import os
+
+    d = files["dir"]
+    fifo = d / "pipe.tsv"
+    os.mkfifo(fifo)  # what <(...) gives: nothing is ever written to it, so a read would hang
+    train, ev, out = str(files["train"]), str(files["eval"]), ["--out", str(d / "o"), "--steps", "1", "--no-progress"]
+    cases = {
+        "--train": ["finetune", "--train", str(fifo), "--eval", ev, *out],
+        "--eval": ["finetune", "--task", "text2text", "--train", train, "--eval", str(fifo), *out],
+        "--data": ["pretrain", "--data", str(files["corpus"]), str(fifo), *out],
+        "--input": ["predict", "--model", str(d), "--input", str(fifo)],
+    }
+    for flag, argv in cases.items():
+        err = _error_line(capsys, argv)
+        assert f"error: {flag} {fifo}: not a regular file (a pipe or a device" in err, (flag, err)
+    assert not (d / "o").exists()
+
+
 def test_the_resume_hint_is_quoted_for_the_shell(tmp_path):
     import shlex
 
