@@ -75,6 +75,25 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return fallback
 
 
+# /proc/cpuinfo flags of CPUs with bf16 dot-product instructions (x86 AVX512-BF16, AMX; Arm BF16)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU (per /proc/cpuinfo, or the given text of one) has bf16 dot-product
+    instructions. Without them torch emulates a bf16 matmul, far slower than fp32 (on a 2-core AMD
+    EPYC with AVX2 only, one thread: 1.6 against 52 GFLOP/s), so a bf16 case there measures the emulation."""
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return any(f in value.split() for f in BF16_FLAGS)
+    return False
+
+
 def cpu_machine(threads: int | None = None) -> dict:
     """The machine a CPU experiment ran on, for its results file ("machine"): the processor model
     (cpu_model()), its core count, the threads the runs used (None: not set by the script), and the

@@ -95,3 +95,13 @@ def test_cpu_machine_records_the_processor_model_not_the_architecture():
     assert m["cpu"] == harness.cpu_model() and m["threads"] == 3 and m["cores"] >= 1
     assert m["torch"] == harness.torch.__version__ and m["python"].count(".") == 2
     assert harness.cpu_machine()["threads"] is None
+
+
+def test_cpu_has_bf16_reads_the_instruction_flags():
+    harness = bench_script("harness")
+    zen3 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n"
+    sapphire = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+    assert not harness.cpu_has_bf16(zen3) and not harness.cpu_has_bf16("")
+    assert harness.cpu_has_bf16(sapphire) and harness.cpu_has_bf16(graviton3)
+    assert not harness.cpu_has_bf16("flags\t: avx512f avx512bw\n")  # AVX-512 without its bf16 extension
