@@ -232,9 +232,10 @@ class LoadedModel(nn.Module):
     Use it as the model: it is an nn.Module (in eval mode) whose forward is the model's, and any other
     attribute it lacks is the model's (`generate`, `encoder`, ...). Or unpack it as
     `model, tokenizer, labels`. Attributes: model, the underlying nn.Module; tokenizer, a
-    `tokenizers.Tokenizer`; labels, class names in output order (a classifier) or None; kind,
-    "classifier" | "mlm" | "seq2seq"; run_config, the run's normalised config.json; path, the
-    folder. (`config` is the model's, as for the model itself.)"""
+    `tokenizers.Tokenizer` whose encode() frames a text as training did (models/framing.py); labels,
+    class names in output order (a classifier) or None; kind, "classifier" | "mlm" | "seq2seq";
+    run_config, the run's normalised config.json; path, the folder. (`config` is the model's, as for
+    the model itself.)"""
 
     def __init__(
         self,
