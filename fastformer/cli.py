@@ -284,15 +284,15 @@ def _finetune_kwargs(args) -> dict:
 def _check_file_flags(args: argparse.Namespace) -> None:
     """A folder given where a file is wanted, or a pipe or device (`<(cmd)`, /dev/stdin) where a
     file is read, said as such by the flag, before any work."""
-    for dest, instead in FILE_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value and Path(value).is_dir():
-            raise ValueError(f"--{dest} {value}: is a folder, not a file; give {instead}")
     for dest in (*FILE_FLAGS, "data"):
         values = getattr(args, dest, None)
         for value in values if isinstance(values, (list, tuple)) else [values]:
             p = Path(value) if value else None
-            if p is not None and p.exists() and not (p.is_file() or p.is_dir()):
+            if p is None or p.is_file():
+                continue
+            if dest in FILE_FLAGS and p.is_dir():
+                raise ValueError(f"--{dest} {value}: is a folder, not a file; give {FILE_FLAGS[dest]}")
+            if p.exists() and not p.is_dir():
                 raise ValueError(
                     f"--{dest} {value}: not a regular file (a pipe or a device, e.g. from <(...)); "
                     "save the text to a file and give that"

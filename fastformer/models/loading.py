@@ -314,6 +314,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     from .framing import framed_tokenizer, framing_of
 
     framing = framing_of(model)
-    if framing is not None and all(tok.token_to_id(t) is not None for t in framing.specials):
-        tok = framed_tokenizer(tok, framing)  # encode(text) frames the text as training did
+    if framing is not None:
+        try:
+            tok = framed_tokenizer(tok, framing)  # encode(text) frames the text as training did
+        except ValueError:
+            pass  # a tokenizer without the family's special tokens: bare encode(), as it was saved
     return LoadedModel(model, tok, list(labels) if labels else None, arch.kind, cfg, d)
