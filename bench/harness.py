@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from cli_paths import out_folder, write_atomic
 
+from fastformer.backend import cpu_has_bf16, cpuinfo_fields  # noqa: F401  (cpu_has_bf16: for the bench scripts)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -54,44 +56,16 @@ def device_name(device: torch.device | str | None = None, threads: int | None = 
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80]
 
 
-def _cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str] | None:
-    """The first processor's fields of /proc/cpuinfo (or of the given text of one); None when the
-    file cannot be read."""
-    try:
-        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-    return fields
-
-
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model from /proc/cpuinfo (or the given text of one): its "model name" (x86), else the
     machine with the "CPU implementer" and "CPU part" codes (Arm kernels give no model name, and
     without them every Arm CPU would get the same device name), else platform's processor or machine."""
-    fields = _cpuinfo_fields(cpuinfo) or {}
+    fields = cpuinfo_fields(cpuinfo) or {}
     if fields.get("model name"):
         return fields["model name"]
     if fields.get("CPU implementer") and fields.get("CPU part"):
         return f"{platform.machine()}-{fields['CPU implementer']}-{fields['CPU part']}"
     return platform.processor() or platform.machine()
-
-
-# /proc/cpuinfo flags of CPUs with bf16 dot-product instructions (x86 AVX512-BF16, AMX; Arm BF16)
-BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
-
-
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU (per /proc/cpuinfo, or the given text of one) has bf16 dot-product
-    instructions. Without them torch emulates a bf16 matmul, far slower than fp32 (on a 2-core AMD
-    EPYC with AVX2 only, one thread: 1.6 against 52 GFLOP/s), so a bf16 case there measures the emulation."""
-    fields = _cpuinfo_fields(cpuinfo) or {}
-    flags = fields.get("flags") or fields.get("Features") or ""  # x86 / Arm
-    return any(f in flags.split() for f in BF16_FLAGS)
 
 
 def cpu_machine(threads: int | None = None) -> dict:

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -132,6 +133,35 @@ def fast_cuda(device: torch.device | str) -> bool:
     if device.type != "cuda":
         return False
     return kernels_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str] | None:
+    """The first processor's fields of /proc/cpuinfo (or of the given text of one); None when the
+    file cannot be read (not Linux)."""
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+# /proc/cpuinfo flags of CPUs with bf16 dot-product instructions (x86 AVX512-BF16, AMX; Arm BF16)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU (per /proc/cpuinfo, or the given text of one) has bf16 dot-product instructions.
+    With them a bf16 matmul runs several times faster than fp32 (a 2-core AMD EPYC with AVX512-BF16, two
+    threads: 818 against 197 GFLOP/s at 1024^3); without them torch emulates it, far slower than fp32
+    (a 2-core AMD EPYC with AVX2 only, one thread: 1.6 against 52 GFLOP/s)."""
+    fields = cpuinfo_fields(cpuinfo) or {}
+    flags = fields.get("flags") or fields.get("Features") or ""  # x86 / Arm
+    return any(f in flags.split() for f in BF16_FLAGS)
 
 
 def interpreting() -> bool:

@@ -49,7 +49,17 @@ for _cmd in RUN_SHAPING:
         {k: k for k in ("batch_size", "lr", "seed", "grad_accum", "optimizer", "schedule", "warmup_steps")}
     )
 # ... and these may be given again (otherwise they too come from the run).
-RESUME_MAY_CHANGE = ("steps", "max_minutes", "log_every", "eval_every", "save_every", "device", "compile", "threads")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "max_minutes",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "device",
+    "compile",
+    "threads",
+    "precision",
+)
 # text-to-text: the target length and dropout shape the run; the generation settings only its evaluation
 RUN_SHAPING["finetune"].update(max_target_len="max_target_len", dropout="dropout")
 # classification: the recipe's length, model selection and pooling shape the run
@@ -76,7 +86,7 @@ FILE_FLAGS = {
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from fastformer.backend import fast_cuda, get_backend, interpreting, triton_available
+    from fastformer.backend import cpu_has_bf16, fast_cuda, get_backend, interpreting, triton_available
 
     lines = [
         f"fastformer {__version__}",
@@ -106,6 +116,11 @@ def _info(args: argparse.Namespace) -> int:
     lines.append(f"objectives {', '.join(name if obj else f'{name} (not installed)' for name, obj in _objectives())}")
     n, why = choose_threads()  # what a run would use now (OMP_NUM_THREADS first); sets nothing
     lines.append(f"threads    {n} ({why}; --threads N or OMP_NUM_THREADS to choose)")
+    lines.append(
+        "cpu bf16   yes: bf16 instructions, --precision bf16 speeds up training on the CPU"
+        if cpu_has_bf16()
+        else "cpu bf16   no: a bf16 matmul would be emulated, train on the CPU in fp32 (the default)"
+    )
     print("\n".join(lines))
     return 0
 
@@ -157,7 +172,7 @@ def _common(
     steps_help: str | None = None,
 ) -> None:
     from fastformer.train.schedules import SCHEDULES
-    from fastformer.train.trainer import OPTIMIZERS
+    from fastformer.train.trainer import OPTIMIZERS, PRECISIONS
 
     p.add_argument("--steps", type=int, default=steps, help=steps_help or f"optimizer steps (default {steps})")
     p.add_argument(
@@ -219,6 +234,14 @@ def _common(
         "--no-memory-check", action="store_true", help="start even when the estimated peak memory does not fit"
     )
     p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="autocast of the training forward: auto (default) = bf16 on a CUDA GPU of compute capability "
+        ">= 8.0, fp32 elsewhere; bf16 also on a CPU, fast where it has bf16 instructions (AVX512-BF16, AMX, "
+        "Arm BF16; `fastformer info` tells); fp32 never autocasts",
+    )
+    p.add_argument(
         "--compile",
         nargs="?",
         const="inductor",
@@ -250,6 +273,7 @@ def _train_kwargs(args) -> dict:
         overwrite=args.overwrite,
         threads=args.threads,
         memory_check=not args.no_memory_check,
+        precision=args.precision,
     )
 
 

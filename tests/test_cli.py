@@ -1040,3 +1040,33 @@ def test_a_first_run_says_what_it_does_before_its_header(files, capsys, monkeypa
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert main(argv + ["--out", str(tmp_path / "b")]) == 0
     assert "training a" not in capsys.readouterr().err
+
+
+def test_precision_flag_is_recorded_and_kept_on_resume(files, capsys, monkeypatch):
+    """--precision reaches the run (config.json), --resume keeps the run's own unless given again,
+    and an unknown value is refused by the parser, naming the choices."""
+    from fastformer.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: True)  # no emulation warning on any CPU
+    out = files["dir"] / "bf16"
+    argv = ["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(files["corpus"])]
+    argv += ["--seq-len", "32", "--vocab-size", "150", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--steps", "2", "--precision", "bf16"]) == 0
+    stored = lambda: json.loads((out / "config.json").read_text())["train"]["precision"]
+    assert stored() == "bf16"
+    assert main(["pretrain", "--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert stored() == "bf16"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--steps", "2", "--precision", "fp16", "--overwrite"])
+    assert e.value.code == 2 and "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_info_says_whether_the_cpu_has_bf16_instructions(monkeypatch, capsys):
+    from fastformer import backend
+
+    for has, said in ((True, "yes: bf16 instructions, --precision bf16"), (False, "no: a bf16 matmul would be")):
+        monkeypatch.setattr(backend, "cpu_has_bf16", lambda has=has: has)
+        assert main(["info"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu bf16"))
+        assert said in line, line

@@ -61,6 +61,7 @@ def test_current_names_resolve_silently_and_are_the_only_ones_listed():
         "bert-small",
         "bert-base",
         "t5-tiny",
+        "t5-mini",
         "t5-v1_1-small",
         "t5-v1_1-base",
     }

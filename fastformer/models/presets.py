@@ -11,6 +11,7 @@ T5 presets (`fastformer.models.t5.T5_PRESETS`, resolved lazily so this file neve
 all have the T5 v1.1 architecture: gated-GELU feed-forward, no biases, an untied LM head, RMS norm.
 
     t5-tiny         2 + 2 layers, d_model 128, 4 heads of 32, d_ff 256 (fastformer's own CPU size)
+    t5-mini         4 + 4 layers, d_model 256, 4 heads of 64, d_ff 1024 (fastformer's own, bert-mini's shape)
     t5-v1_1-small   8 + 8 layers, d_model 512, 6 heads of 64, d_ff 1024 (google/t5-v1_1-small)
     t5-v1_1-base   12 + 12 layers, d_model 768, 12 heads of 64, d_ff 2048 (google/t5-v1_1-base)
 

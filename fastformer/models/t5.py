@@ -40,13 +40,15 @@ from .generation import DecoderCache, KVCache, _int_arg, generate
 from .presets import PresetTable, canonical_preset
 
 # Published T5 v1.1 sizes (google/t5-v1_1-small, google/t5-v1_1-base): d_model, d_ff, d_kv, heads, layers.
-# t5-tiny is ours: small enough to train a few hundred steps a minute on 2 CPU cores. The older names
+# t5-tiny and t5-mini are ours: t5-tiny trains a few hundred steps a minute on 2 CPU cores, t5-mini
+# (bert-mini's width and depth on each side) is for a CPU with bf16 instructions or a GPU. The older names
 # t5-small / t5-base still index this table, with a warning (presets.DEPRECATED_PRESETS): they are not
 # Hugging Face's t5-small / t5-base (the original T5: ReLU feed-forward, tied head).
 # dropout_rate 0.0: T5 v1.1 was pre-trained without dropout (set it for fine-tuning).
 T5_PRESETS: dict[str, dict] = PresetTable(
     {
         "t5-tiny": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
+        "t5-mini": dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4),
         "t5-v1_1-small": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
         "t5-v1_1-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
     }

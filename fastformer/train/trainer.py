@@ -1,7 +1,7 @@
 """The objective-agnostic training loop.
 
-The Trainer owns what every objective shares: device and autocast (bf16 on a CUDA GPU of compute
-capability 8.0 or newer, else fp32),
+The Trainer owns what every objective shares: device and autocast (`precision`: by default bf16 on a
+CUDA GPU of compute capability 8.0 or newer, else fp32; "bf16" autocasts on a CPU too),
 gradient accumulation with the loss normalised by the predicted tokens of the whole optimizer step
 (all micro-batches, all ranks), warmup + linear/cosine schedule (per step, or over a time budget:
 `max_minutes` without `steps`), fused gradient clipping, the optimizer (FusedAdamW by default), DDP,
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import fastformer as ff
-from fastformer.backend import compute_capability, fast_cuda
+from fastformer.backend import compute_capability, cpu_has_bf16, fast_cuda
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,6 +49,10 @@ from .run_dir import FastformerWarning, OutputError, check_steps_done, os_error_
 from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
 OPTIMIZERS = ("fusedadamw", "adamw", "sgd", "rmsprop")
+# auto: bf16 autocast where the fused kernels run (a CUDA GPU of compute capability >= 8.0), else fp32;
+# fp32: never autocast; bf16: autocast on any device (a CPU with bf16 instructions runs its matmuls
+# several times faster than in fp32; the weights, optimizer state and the loss stay fp32 either way)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -78,6 +82,7 @@ class TrainConfig:
     overwrite: bool = False  # replace the run in a non-empty out_dir (else refused)
     threads: int | None = None  # CPU intra-op threads; None: OMP_NUM_THREADS or an automatic choice
     memory_check: bool = True  # refuse a run whose estimated peak memory cannot fit
+    precision: str = "auto"  # autocast of the forward: one of PRECISIONS
 
     def validate(self) -> None:
         if self.resume and self.overwrite:  # before any other check: whatever else is missing, say this
@@ -109,6 +114,8 @@ class TrainConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile:
             import torch._dynamo
 
@@ -215,8 +222,17 @@ class Trainer:
         self.device = device or D.resolve_device(cfg.device, self.info)
         self.raw_model = model.to(self.device)
         self.model = model
-        self.bf16 = fast_cuda(self.device)  # autocast to bf16 (each micro-step's _autocast reads it)
-        if self.device.type == "cuda" and not self.bf16 and self.info.main:
+        # autocast to bf16 (each micro-step's _autocast reads it)
+        self.bf16 = fast_cuda(self.device) if cfg.precision == "auto" else cfg.precision == "bf16"
+        if self.bf16 and self.device.type == "cpu" and not cpu_has_bf16() and self.info.main:
+            warnings.warn(
+                "--precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or Arm BF16): torch "
+                "emulates bf16 matmuls there, which is slower than fp32; --precision fp32 (the default on CPU) "
+                "is faster on this machine",
+                FastformerWarning,
+                stacklevel=2,
+            )
+        if self.device.type == "cuda" and cfg.precision == "auto" and not self.bf16 and self.info.main:
             # bf16 autocast would be emulated, and the fused kernels' tiles are built for sm_80 / sm_90
             warnings.warn(
                 f"{self.device} has compute capability {compute_capability(self.device)}: training runs in fp32 "
@@ -281,7 +297,7 @@ class Trainer:
     # -- helpers ----------------------------------------------------------------------------------
     def _autocast(self):
         if self.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict) -> dict:
