@@ -90,6 +90,7 @@ def steps(py: str, xdist: int) -> list:
         Step("cpu_dispatch", 60, 300, bench="bench_cpu_dispatch", cpu_only=True),
         Step("generation", 40, 300, bench="bench_generation", cpu_only=True),
         Step("memory_estimate", 90, 400, bench="memory_estimate", cpu_only=True),
+        Step("cpu_precision", 30, 300, bench="bench_cpu_precision", cpu_only=True),
         Step("extension_tests", 60, 120, cmd=pytest + list(EXT_TESTS), needs_build=True, if_time_remains=True),
     ]
 

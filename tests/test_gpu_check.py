@@ -208,7 +208,7 @@ def test_every_benchmark_script_is_a_step_and_the_cpu_ones_stay_off_the_gpu_plan
         if s.bench:
             assert hasattr(bench_script(s.bench), "run"), s.bench
     cpu_only = {s.name for s in todo if s.cpu_only}
-    assert cpu_only == {"cpu_dispatch", "generation", "memory_estimate"}
+    assert cpu_only == {"cpu_dispatch", "generation", "memory_estimate", "cpu_precision"}
     gpu = [s.name for s in gpu_check.plan(todo, None, cuda=True)]
     assert not cpu_only & set(gpu) and gpu[-1] == "extension_tests"
     assert cpu_only <= {s.name for s in gpu_check.plan(todo, None, cuda=False)}
