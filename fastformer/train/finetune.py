@@ -521,6 +521,7 @@ def _check_memory(cfg: FinetuneConfig, model, seq_len: int, device: torch.device
             optimizer=cfg.optimizer,
             device=device,
             processes=D.local_processes(info, device),
+            precision=cfg.precision,
         )
 
     def warn(msg):

@@ -323,6 +323,7 @@ def _check_memory(cfg: PretrainConfig, obj, model, device: torch.device, info: D
             optimizer=cfg.optimizer,
             device=device,
             processes=D.local_processes(info, device),
+            precision=cfg.precision,
         )
 
     def warn(msg):

@@ -228,6 +228,13 @@ def _per_token_floats(cfg) -> tuple[int, int]:
     return enc, dec
 
 
+def autocasts_bf16(device: torch.device | str, precision: str = "auto") -> bool:
+    """Whether a training run on `device` with `precision` (TrainConfig.precision) runs its forward under
+    bf16 autocast: "auto" on a CUDA GPU of compute capability >= 8.0 (where the fused kernels run),
+    "bf16" everywhere, "fp32" nowhere. The Trainer and the memory estimate both follow this rule."""
+    return fast_cuda(device) if precision == "auto" else precision == "bf16"
+
+
 def estimate_memory(
     model: torch.nn.Module,
     *,
@@ -239,6 +246,7 @@ def estimate_memory(
     device: torch.device,
     fused_attention: bool | None = None,
     processes: int = 1,
+    precision: str = "auto",
 ) -> MemoryEstimate:
     """Peak training memory of one process's step, and what `device` has free.
 
@@ -246,14 +254,14 @@ def estimate_memory(
     per example (encoder-decoder models); head_rows: rows per micro-batch that go through the
     vocabulary projection (predicted tokens); fused_attention: the score matrix is never stored
     (default: on a CUDA GPU of compute capability >= 8.0); processes: processes on this machine
-    sharing the device's memory (DDP on CPU)."""
+    sharing the device's memory (DDP on CPU); precision: the run's TrainConfig.precision (activations
+    in 2 bytes where it autocasts to bf16, autocasts_bf16)."""
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     weights = n_params * (8 + OPTIMIZER_STATE.get(optimizer, 8))
-    bf16 = fast_cuda(device)  # the trainer's autocast, and the fused kernels' rule
     if fused_attention is None:
-        fused_attention = bf16
-    act_bytes = 2 if bf16 else 4
+        fused_attention = fast_cuda(device)  # where the fused kernels run, whatever the precision
+    act_bytes = 2 if autocasts_bf16(device, precision) else 4
     src, tgt = seq_len, target_len
     scores = (
         0

@@ -651,6 +651,7 @@ def _check_memory(cfg: Text2TextConfig, model, src_len: int, tgt_len: int, devic
             optimizer=cfg.optimizer,
             device=device,
             processes=D.local_processes(info, device),
+            precision=cfg.precision,
         )
 
     def warn(msg):

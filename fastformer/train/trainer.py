@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 import fastformer as ff
-from fastformer.backend import compute_capability, cpu_has_bf16, fast_cuda
+from fastformer.backend import compute_capability, cpu_has_bf16
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
-from .resources import flush_denormals
+from .resources import autocasts_bf16, flush_denormals
 from .run_dir import FastformerWarning, OutputError, check_steps_done, os_error_message, writing
 from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
@@ -223,7 +223,7 @@ class Trainer:
         self.raw_model = model.to(self.device)
         self.model = model
         # autocast to bf16 (each micro-step's _autocast reads it)
-        self.bf16 = fast_cuda(self.device) if cfg.precision == "auto" else cfg.precision == "bf16"
+        self.bf16 = autocasts_bf16(self.device, cfg.precision)
         if self.bf16 and self.device.type == "cpu" and not cpu_has_bf16() and self.info.main:
             warnings.warn(
                 "--precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or Arm BF16): torch "
