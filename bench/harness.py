@@ -57,12 +57,18 @@ def device_name(device: torch.device | str | None = None, threads: int | None = 
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
-    """The CPU's model from /proc/cpuinfo (or the given text of one): its "model name" (x86), else the
+    """The CPU's model from /proc/cpuinfo (or the given text of one): its "model name" (x86; with the
+    family and model codes when the name has no model number), else the
     machine with the "CPU implementer" and "CPU part" codes (Arm kernels give no model name, and
     without them every Arm CPU would get the same device name), else platform's processor or machine."""
     fields = cpuinfo_fields(cpuinfo) or {}
-    if fields.get("model name"):
-        return fields["model name"]
+    name = fields.get("model name")
+    if name:
+        # a virtual machine often shows a bare brand ("AMD EPYC") for CPUs of several generations, whose
+        # results must not overwrite each other: the x86 family and model codes tell them apart
+        if not re.search(r"\d", name) and fields.get("cpu family") and fields.get("model"):
+            name = f"{name} family {fields['cpu family']} model {fields['model']}"
+        return name
     if fields.get("CPU implementer") and fields.get("CPU part"):
         return f"{platform.machine()}-{fields['CPU implementer']}-{fields['CPU part']}"
     return platform.processor() or platform.machine()

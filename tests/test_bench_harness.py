@@ -78,10 +78,16 @@ def test_cpu_peak_memory_counts_reused_heap_memory():
     assert harness.megabytes(None) is None and harness.megabytes(2**20) == 1.0
 
 
-def test_cpu_model_names_arm_cpus_apart():
+def test_cpu_model_names_arm_cpus_and_bare_x86_brands_apart():
     harness = bench_script("harness")
     x86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: fpu\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n"
     assert harness.cpu_model(x86) == "AMD EPYC 7B13"
+    # a bare brand, as virtual machines show it for CPUs of different generations, gets their codes
+    zen3 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t: fpu avx2\n"
+    zen5 = zen3.replace(": 25", ": 26").replace(": 1\n", ": 2\n")
+    assert harness.cpu_model(zen3) == "AMD EPYC family 25 model 1"
+    assert harness.cpu_model(zen3) != harness.cpu_model(zen5)
+    assert harness.cpu_model(x86.replace("AMD EPYC 7B13", "AMD EPYC")) == "AMD EPYC"  # no codes given
     neoverse = "processor\t: 0\nBogoMIPS\t: 2000.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
     graviton2 = neoverse.replace("0xd40", "0xd0c")
     assert harness.cpu_model(neoverse) != harness.cpu_model(graviton2)
