@@ -1045,9 +1045,9 @@ def test_a_first_run_says_what_it_does_before_its_header(files, capsys, monkeypa
 def test_precision_flag_is_recorded_and_kept_on_resume(files, capsys, monkeypatch):
     """--precision reaches the run (config.json), --resume keeps the run's own unless given again,
     and an unknown value is refused by the parser, naming the choices."""
-    from fastformer.train import trainer as trainer_mod
+    from fastformer.train import resources
 
-    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: True)  # no emulation warning on any CPU
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: True)  # no emulation warning on any CPU
     out = files["dir"] / "bf16"
     argv = ["pretrain", "--objective", "span", "--model", "t5-tiny", "--data", str(files["corpus"])]
     argv += ["--seq-len", "32", "--vocab-size", "150", "--device", "cpu", "--no-progress", "--out", str(out)]

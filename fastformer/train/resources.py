@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fastformer.backend import fast_cuda
+from fastformer.backend import compute_capability, cpu_has_bf16, fast_cuda
 
 GB = 1024**3
 # fp32 bytes per parameter for weights + gradients + optimizer state
@@ -233,6 +233,35 @@ def autocasts_bf16(device: torch.device | str, precision: str = "auto") -> bool:
     bf16 autocast: "auto" on a CUDA GPU of compute capability >= 8.0 (where the fused kernels run),
     "bf16" everywhere, "fp32" nowhere. The Trainer and the memory estimate both follow this rule."""
     return fast_cuda(device) if precision == "auto" else precision == "bf16"
+
+
+def precision_warning(device: torch.device | str, precision: str = "auto") -> str | None:
+    """What a run on `device` with `precision` should be warned about, or None: bf16 asked for where
+    the hardware would emulate it (a CPU without bf16 instructions, a GPU older than compute capability
+    8.0), or "auto" falling back to fp32 and the reference ops on such a GPU."""
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        return (
+            "--precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or Arm BF16): torch "
+            "emulates bf16 matmuls there, which is slower than fp32; --precision fp32 (the default on CPU) "
+            "is faster on this machine"
+        )
+    if device.type != "cuda" or fast_cuda(device) or precision == "fp32":
+        return None
+    capability = compute_capability(device.index if device.index is not None else torch.cuda.current_device())
+    if precision == "bf16":
+        # the GPU has no bf16 tensor cores: torch emulates them, and the fused kernels' tiles are built
+        # for sm_80 / sm_90, so the ops run their fallbacks
+        return (
+            f"--precision bf16 on {device}, compute capability {capability}: bf16 needs 8.0 or newer, so "
+            "its matmuls are emulated (slower than fp32) and the ops run torch's SDPA or their PyTorch "
+            "reference instead of the fused kernels; --precision auto trains in fp32 there"
+        )
+    return (
+        f"{device} has compute capability {capability}: training runs in fp32 "
+        "(bf16 autocast needs 8.0 or newer), and the ops run torch's SDPA or their PyTorch reference "
+        "instead of the fused kernels"
+    )
 
 
 def estimate_memory(

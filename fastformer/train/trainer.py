@@ -39,12 +39,11 @@ import torch
 from torch import nn
 
 import fastformer as ff
-from fastformer.backend import compute_capability, cpu_has_bf16
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import peak_flops, truncate_metrics
-from .resources import autocasts_bf16, flush_denormals
+from .resources import autocasts_bf16, flush_denormals, precision_warning
 from .run_dir import FastformerWarning, OutputError, check_steps_done, os_error_message, writing
 from .schedules import SCHEDULES, TimeBudget, make_budget_scheduler, make_scheduler
 
@@ -224,23 +223,9 @@ class Trainer:
         self.model = model
         # autocast to bf16 (each micro-step's _autocast reads it)
         self.bf16 = autocasts_bf16(self.device, cfg.precision)
-        if self.bf16 and self.device.type == "cpu" and not cpu_has_bf16() and self.info.main:
-            warnings.warn(
-                "--precision bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX or Arm BF16): torch "
-                "emulates bf16 matmuls there, which is slower than fp32; --precision fp32 (the default on CPU) "
-                "is faster on this machine",
-                FastformerWarning,
-                stacklevel=2,
-            )
-        if self.device.type == "cuda" and cfg.precision == "auto" and not self.bf16 and self.info.main:
-            # bf16 autocast would be emulated, and the fused kernels' tiles are built for sm_80 / sm_90
-            warnings.warn(
-                f"{self.device} has compute capability {compute_capability(self.device)}: training runs in fp32 "
-                "(bf16 autocast needs 8.0 or newer), and the ops run torch's SDPA or their PyTorch reference "
-                "instead of the fused kernels",
-                FastformerWarning,
-                stacklevel=2,
-            )
+        warning = precision_warning(self.device, cfg.precision)
+        if warning and self.info.main:
+            warnings.warn(warning, FastformerWarning, stacklevel=2)
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)

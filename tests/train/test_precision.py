@@ -1,6 +1,7 @@
 """--precision: which autocast the Trainer runs the forward under (auto | fp32 | bf16), on CPU."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from train_helpers import tiny_config, tiny_corpus  # noqa: F401 (fixture)
 
 from fastformer import backend
-from fastformer.train import trainer as trainer_mod
+from fastformer.train import resources
 from fastformer.train.metrics import read_metrics
 from fastformer.train.pretrain import pretrain
 from fastformer.train.run_dir import FastformerWarning
@@ -51,17 +52,47 @@ def test_cpu_training_is_fp32_by_default_and_with_fp32(tmp_path, precision):
 
 
 def test_bf16_autocasts_the_cpu_forward(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: True)  # no warning, whatever this CPU is
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: True)  # no warning, whatever this CPU is
     seen, dtypes = _train_and_watch(tmp_path, "bf16")
     assert seen == [(True, torch.bfloat16)] * 3
     assert set(dtypes) == {torch.bfloat16}  # nn.Linear ran in bf16 under the autocast
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: False)
     with pytest.warns(FastformerWarning, match="without bf16 instructions.*emulates"):
         seen, _ = _train_and_watch(tmp_path, "bf16")
     assert seen == [(True, torch.bfloat16)] * 3  # still what was asked for
+
+
+@pytest.mark.parametrize(
+    "precision, capability, expected",
+    [
+        ("bf16", (7, 5), "--precision bf16 on cuda:0, compute capability 7.5: bf16 needs 8.0.*emulated"),
+        ("auto", (7, 5), "cuda:0 has compute capability 7.5: training runs in fp32"),
+        ("fp32", (7, 5), None),
+        ("bf16", (9, 0), None),
+        ("auto", (8, 0), None),
+    ],
+)
+def test_precision_warning_on_gpus_old_and_new(monkeypatch, precision, capability, expected):
+    """The Trainer's warning for a GPU, without one: bf16 on a GPU older than 8.0 is emulated (like a
+    CPU without bf16 instructions), and auto falls back to fp32 there; newer GPUs get no warning."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(backend, "kernels_supported", lambda index=None: capability >= (8, 0))
+    warning = resources.precision_warning(torch.device("cuda", 0), precision)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None and re.match(expected, warning), warning
+
+
+def test_precision_warning_on_cpus(monkeypatch):
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: False)
+    assert "without bf16 instructions" in resources.precision_warning("cpu", "bf16")
+    assert resources.precision_warning("cpu", "auto") is None and resources.precision_warning("cpu", "fp32") is None
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: True)
+    assert resources.precision_warning("cpu", "bf16") is None
 
 
 def test_unknown_precision_is_a_value_error_naming_the_flag(tmp_path):
@@ -73,7 +104,7 @@ def test_unknown_precision_is_a_value_error_naming_the_flag(tmp_path):
 def test_bf16_pretraining_learns_and_records_its_precision(tmp_path, tiny_corpus, monkeypatch):
     """A span model pre-trained in bf16 autocast on CPU: the loss falls, config.json records the
     precision, and the saved weights are fp32."""
-    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: True)
     out = tmp_path / "bf16"
     pretrain(
         tiny_config(
