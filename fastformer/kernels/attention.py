@@ -21,7 +21,10 @@ One family of kernels serves every attention op of fastformer:
 
 Scores are kept in log2 units (scale·log2 e folded into one multiply-add with the row's offset) so
 the softmax uses exp2; the forward saves lse2 = log2 Σ exp2(s) per row (+inf for a row with no
-visible key, which makes P = 0 there and the output 0).
+visible key, which makes P = 0 there and the output 0). With a float mask it saves the row max m and
+log2 Σ exp2(s − m) apart instead, and the backward recomputes P = exp2((s − m) − log2 Σ): m + log2 Σ
+would round log2 Σ away where the row's scores sit at a huge common value (finfo.min on every key:
+a uniform average whose P would come back as 1 instead of 1 / Lk). See `_load_row_stats`.
 
 The forward has two builds of one loop (`_fwd_tile`): K/V tiles by pointer loads (cp.async on
 Ampere, every GPU, the interpreter), or through tensor descriptors (TMA) with the key loop warp
@@ -210,7 +213,7 @@ def _query_block_bounds(
 ):
     """(lo, full_lo): the query blocks the key block [n0, n0 + BLOCK_N) is visible to start at lo
     (causal: earlier rows cannot see these keys); blocks from full_lo on see every key of the block
-    and run without per-element masking (rows past q_len get P = 0 from lse = +inf). The set of
+    and run without per-element masking (rows past q_len get P = 0 from row max = +inf). The set of
     blocks visited, [lo, q_len), only grows as n0 decreases: the dQ ordering relies on it."""
     lo = 0
     full_lo = 0
@@ -349,6 +352,7 @@ def _attn_fwd_kernel(
     s_om,
     s_lb,
     s_lh,
+    s_lx,
     CU_Q,
     CU_K,
     KLEN,
@@ -572,16 +576,23 @@ def _attn_fwd_kernel(
                 BLOCK_N,
             )
 
-    # 4. normalise; rows with no visible key give 0 and lse = +inf (so the backward's P is 0)
+    # 4. normalise; rows with no visible key give 0 and a +inf statistic (so the backward's P is 0).
+    #    With a float mask the row max and log2 of the row's sum are saved apart (_load_row_stats)
     empty = l_i == 0.0
     out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    row_max = tl.where(empty, float("inf"), m_i)
+    log_sum = tl.log2(tl.where(empty, 1.0, l_i))
     if TMA:
         o_dst = tl.make_tensor_descriptor(o_base, [q_len, D], [s_om, 1], [BLOCK_M, BLOCK_D])
         o_dst.store([m0, 0], out)
     else:
         tl.store(o_base + offs_m[:, None] * s_om + offs_d[None, :], out, mask=(offs_m[:, None] < q_len) & d_ok[None, :])
-    tl.store(LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+    lse_row = LSE + b64 * s_lb + h.to(tl.int64) * s_lh + q_start + offs_m
+    if MASK_KIND == 2:
+        tl.store(lse_row, row_max, mask=offs_m < q_len)
+        tl.store(lse_row + s_lx, log_sum, mask=offs_m < q_len)
+    else:
+        tl.store(lse_row, row_max + log_sum, mask=offs_m < q_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,6 +672,23 @@ def _release_turn(sem, step):
 
 
 @triton.jit
+def _load_row_stats(ptrs, s_lx, ok, MASK_KIND: tl.constexpr):
+    """The forward's row statistics for the backward's P = exp2((s − a) − b). With a float mask
+    (MASK_KIND 2) the forward saved a = the row max and b = log2 of the row's sum apart, at ptrs and
+    ptrs + s_lx: a row whose every key sits at one huge mask value (finfo.min) has scores of about
+    −3.4e38, beside which log2 Σ (a few units) vanishes in fp32, so their sum would make P = 1 there
+    instead of 1 / Lk. Without a float mask the scores have no such offset, and it saved their sum, the
+    log-sum-exp, as FlashAttention does: a = that, b unused (one row vector in the tile loop instead
+    of two: the split costs registers, spills and sm_90 occupancy in the kernel report). Rows past the
+    length (not ok) get a = +inf, so their P is 0."""
+    a = tl.load(ptrs, mask=ok, other=float("inf"))
+    if MASK_KIND == 2:
+        return a, tl.load(ptrs + s_lx, mask=ok, other=0.0)
+    else:
+        return a, a
+
+
+@triton.jit
 def _bwd_tile(
     dk,
     dv,
@@ -673,6 +701,7 @@ def _bwd_tile(
     q_base,
     do_base,
     l_base,
+    s_lx,
     d_base,
     a_base,
     s_qm,
@@ -722,7 +751,7 @@ def _bwd_tile(
     BLOCK_N: tl.constexpr,
 ):
     """One query block against the program's key block, in the transposed layout (keys are rows):
-    Sᵀ = K·Qᵀ, Pᵀ from the saved lse, dPᵀ = V·dOᵀ, dV += Pᵀ_drop·dO, dSᵀ = Pᵀ∘(dPᵀ − Delta),
+    Sᵀ = K·Qᵀ, Pᵀ from the saved row max and log-sum, dPᵀ = V·dOᵀ, dV += Pᵀ_drop·dO, dSᵀ = Pᵀ∘(dPᵀ − Delta),
     dK += dSᵀ·Q, and with COMPUTE_DQ dQ += dS·K into the fp32 buffer in key-block order. The T5 table's
     gradient: a far tile adds Σ dS to far_l or far_r (its one bucket), a near tile adds to dt (NZ,) its
     Σ dS below each change point of the bucket function."""
@@ -732,8 +761,8 @@ def _bwd_tile(
     q_mask = (offs_m[:, None] < q_len) & d_ok[None, :]
     q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * s_om + offs_d[None, :], mask=q_mask, other=0.0)
-    # rows past q_len load lse = +inf, so their P is 0 without a mask
-    lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+    # rows past q_len load row max = +inf, so their P is 0 without a mask
+    lse_a, lse_b = _load_row_stats(l_base + offs_m, s_lx, offs_m < q_len, MASK_KIND)
     delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
     t5_far = False
     far_left = False
@@ -764,7 +793,10 @@ def _bwd_tile(
         HAS_T5,
         MASKED,
     )
-    pT = tl.exp2(sT - lse[None, :])
+    if MASK_KIND == 2:
+        pT = tl.exp2((sT - lse_a[None, :]) - lse_b[None, :])  # s − row max first (_load_row_stats)
+    else:
+        pT = tl.exp2(sT - lse_a[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
     if DROPOUT:
         keep = _keep_tile(seed, bh, om, on, dropout_p)
@@ -836,6 +868,7 @@ def _attn_bwd_kernel(
     s_om,
     s_lb,
     s_lh,
+    s_lx,
     s_dkb,
     s_dkh,
     s_dkn,
@@ -968,6 +1001,7 @@ def _attn_bwd_kernel(
                 q_base,
                 do_base,
                 l_base,
+                s_lx,
                 d_base,
                 a_base,
                 s_qm,
@@ -1029,6 +1063,7 @@ def _attn_bwd_kernel(
                 q_base,
                 do_base,
                 l_base,
+                s_lx,
                 d_base,
                 a_base,
                 s_qm,
@@ -1109,7 +1144,8 @@ def _dq_tile(
     dq,
     q,
     do,
-    lse,
+    lse_a,
+    lse_b,
     delta,
     k_base,
     v_base,
@@ -1191,7 +1227,10 @@ def _dq_tile(
         HAS_T5,
         MASKED,
     )
-    p = tl.exp2(s - lse[:, None])
+    if MASK_KIND == 2:
+        p = tl.exp2((s - lse_a[:, None]) - lse_b[:, None])  # s − row max first (_load_row_stats)
+    else:
+        p = tl.exp2(s - lse_a[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
         keep = _keep_tile(seed, bh, om, on, dropout_p)
@@ -1229,6 +1268,7 @@ def _attn_bwd_dq_kernel(
     s_om,
     s_lb,
     s_lh,
+    s_lx,
     s_dqb,
     s_dqh,
     s_dqm,
@@ -1295,7 +1335,7 @@ def _attn_bwd_dq_kernel(
     q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + rows * s_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b64 * s_ob + h.to(tl.int64) * s_oh + rows * s_om + offs_d[None, :], mask=q_mask, other=0.0)
     l_off = b64 * s_lb + h.to(tl.int64) * s_lh + q_start + offs_m
-    lse = tl.load(LSE + l_off, mask=offs_m < q_len, other=float("inf"))
+    lse_a, lse_b = _load_row_stats(LSE + l_off, s_lx, offs_m < q_len, MASK_KIND)
     delta = tl.load(DELTA + l_off, mask=offs_m < q_len, other=0.0)
     k_base = K + b64 * s_kb + hk.to(tl.int64) * s_kh + k_start.to(tl.int64) * s_kn
     v_base = V + b64 * s_vb + hk.to(tl.int64) * s_vh + k_start.to(tl.int64) * s_vn
@@ -1308,7 +1348,8 @@ def _attn_bwd_dq_kernel(
             dq,
             q,
             do,
-            lse,
+            lse_a,
+            lse_b,
             delta,
             k_base,
             v_base,
@@ -1357,7 +1398,8 @@ def _attn_bwd_dq_kernel(
             dq,
             q,
             do,
-            lse,
+            lse_a,
+            lse_b,
             delta,
             k_base,
             v_base,

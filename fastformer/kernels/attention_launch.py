@@ -483,10 +483,16 @@ def _rows_fit_int32(t, spec: AttnSpec, rows: int) -> bool:
     return (max(rows, 1) - 1) * abs(s_row) + (t.shape[-1] - 1) * abs(t.stride(-1)) < 2**31
 
 
+def _row_strides(rows, spec: AttnSpec):
+    """(batch, head) strides of a per-query-row fp32 tensor: (B, H, Lq) dense, (H, Tq) varlen."""
+    if spec.varlen:
+        return 0, rows.stride(0)
+    return rows.stride(0), rows.stride(1)
+
+
 def _lse_strides(lse, spec: AttnSpec):
-    if spec.varlen:  # (H, Tq)
-        return 0, lse.stride(0)
-    return lse.stride(0), lse.stride(1)
+    """The forward's saved row statistics (2, ...): one half's row strides, then the offset of lse[1]."""
+    return (*_row_strides(lse[0], spec), lse.stride(0))
 
 
 def _shape_class(q, spec: AttnSpec, B: int, H: int, Lq: int, Lk: int, D: int, extra: tuple = ()) -> str:
@@ -631,16 +637,18 @@ def _ensure_scratch_allocator() -> None:
 
 @on_tensor_device
 def attention_forward(q, k, v, spec: AttnSpec, out: torch.Tensor | None = None):
-    """Fused forward. Returns (out like q, lse2 fp32: (B, H, Lq) dense or (H, Tq) varlen, log2 units).
+    """Fused forward. Returns (out like q, lse fp32: (2, B, H, Lq) dense or (2, H, Tq) varlen, log2 units:
+    lse[0] each row's log-sum-exp, +inf for a row with no visible key (lse[1] unused); with a float mask
+    lse[0] the row's max score and lse[1] log2 Σ exp2(s − max), which the backward takes apart).
     out: optional preallocated output (last dim contiguous)."""
     from . import attention as K
 
     dims = B, H, HK, Lq, Lk, D = _dims(q, k, spec)
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if spec.varlen:
-        lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
+        lse = torch.empty((2, H, q.shape[0]), device=q.device, dtype=torch.float32)
     else:
-        lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+        lse = torch.empty((2, B, H, Lq), device=q.device, dtype=torch.float32)
     cu_q, cu_k, klen, mask_args, t5_args, flags = _common_args(q, spec, Lk, D)
     args = (
         q,
@@ -722,13 +730,13 @@ def attention_backward(do, q, k, v, o, lse, spec: AttnSpec, need_dq: bool = True
     cu_q, cu_k, klen, mask_args, t5_args, flags = _common_args(q, spec, Lk, D)
 
     # 1. Delta = rowsum(dO · O)
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(lse[0])
     BMd = 64 if not _interpreting() else 32
     launch(
         Launch(
             K._attn_bwd_delta_kernel,
             (_cdiv(max(Lq, 1), BMd), B * H),
-            (o, do, delta, *_strides(o, spec), *_strides(do, spec), *_lse_strides(lse, spec), cu_q, H, Lq, D),
+            (o, do, delta, *_strides(o, spec), *_strides(do, spec), *_row_strides(delta, spec), cu_q, H, Lq, D),
             dict(IS_VARLEN=spec.varlen, BLOCK_M=BMd, BLOCK_D=flags["BLOCK_D"]),
             "attention.delta",
         )

@@ -50,6 +50,7 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+X_MAX = tl.constexpr(2.35e38)  # below FLT_MAX / log2 e: x log2 e stays finite
 
 
 @triton.jit
@@ -93,16 +94,16 @@ def _ce_rows_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
-    # per-launch scalars, folded so that few stay live in the row loop (a zero denominator, every
-    # row ignored, divides 0 by 1): k_hit = sA (1 - eps), k_smooth = sA eps / V, k_w = k_smooth W,
-    # k_z = sB z (SOFT: k_hit = sA)
+    # per-launch scalars, folded so that few stay live in the row loop (a zero denominator: every
+    # row ignored, or class weights of the targets that sum to 0, makes the CE part 0, smoothing's
+    # too): k_hit = sA (1 - eps), k_smooth = sA eps / V, k_w = k_smooth W, k_z = sB z (SOFT: k_hit = sA)
     sA = 1.0
     sB = 1.0
     if MEAN:
         sB = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
         if HAS_WEIGHT and not SOFT:
             den = tl.load(wden_ptr)
-            sA = 1.0 / tl.where(den == 0.0, 1.0, den)
+            sA = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
         else:
             sA = sB
     if HAS_WEIGHT:
@@ -128,21 +129,24 @@ def _ce_rows_kernel(
             rmask = cols < lim  # nothing of an ignored row is read
             x = tl.load(lrow + cols * s_lc, mask=rmask, other=-float("inf")).to(tl.float32)
             m = tl.where(valid, tl.max(x, axis=0), 0.0)  # an ignored row is all -inf: keep it finite
-            e = tl.exp2(x * LOG2E - m * LOG2E)  # the row's only exponential per element
+            # x - m before the scaling: exact near the max at any offset, and no x·log2 e overflow
+            xm = x - m
+            e = tl.exp2(xm * LOG2E)  # the row's only exponential per element
             s = tl.sum(e, axis=0)
-            lse = tl.where(bad, float("nan"), m + tl.log(s))
+            log_s = tl.where(bad, float("nan"), tl.log(s))
             wy = tl.zeros([BLOCK_V], dtype=tl.float32)
             mass = 0.0
-            wx = 0.0
+            wx = 0.0  # sum_c w_c (x_c - m)
             if SOFT:
+                # the logits as they are, then relative to m, as the streamed path does
                 wy = _soft_weights(trow, s_tc, cols, rmask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
                 mass = tl.sum(wy, axis=0)
-                wx = tl.sum(wy * tl.where(mask, x, 0.0), axis=0)
+                wx = tl.sum(wy * tl.where(mask, x, 0.0), axis=0) - mass * m
             elif SMOOTH:
                 if HAS_WEIGHT:
-                    wx = tl.sum(tl.load(weight_ptr + cols, mask=rmask, other=0.0) * tl.where(rmask, x, 0.0), axis=0)
+                    wx = tl.sum(tl.load(weight_ptr + cols, mask=rmask, other=0.0) * tl.where(rmask, xm, 0.0), axis=0)
                 else:
-                    wx = tl.sum(tl.where(rmask, x, 0.0), axis=0)
+                    wx = tl.sum(tl.where(rmask, xm, 0.0), axis=0)
             coef, smooth, hit = _row_out(
                 row,
                 lrow,
@@ -150,7 +154,8 @@ def _ce_rows_kernel(
                 t,
                 valid,
                 bad,
-                lse,
+                m,
+                log_s,
                 mass,
                 wx,
                 k_hit,
@@ -201,9 +206,15 @@ def _ce_rows_kernel(
                         wx_l += tl.where(rmask, x, 0.0)
             m = tl.where(valid, tl.max(m_l, axis=0), 0.0)
             s = tl.sum(s_l * tl.exp2((m_l - m) * LOG2E), axis=0)
-            lse = tl.where(bad, float("nan"), m + tl.log(s))
+            log_s = tl.where(bad, float("nan"), tl.log(s))
             mass = tl.sum(mass_l, axis=0)
+            # the logits were summed as they are (the row max was not known yet): relative to it now,
+            # exact only where the row's offset is small against its spread
             wx = tl.sum(wx_l, axis=0)
+            if SOFT:
+                wx -= mass * m
+            elif SMOOTH:
+                wx -= w_sum * m
             coef, smooth, hit = _row_out(
                 row,
                 lrow,
@@ -211,7 +222,8 @@ def _ce_rows_kernel(
                 t,
                 valid,
                 bad,
-                lse,
+                m,
+                log_s,
                 mass,
                 wx,
                 k_hit,
@@ -228,9 +240,18 @@ def _ce_rows_kernel(
                 SOFT,
             )
             if COMPUTE_GRAD:
-                # pass 2, last block first: p_c = exp(x_c - lse); an ignored row writes zeros
-                coef = tl.where(valid, coef, 0.0)
-                lse2 = tl.where(valid, lse, 0.0) * LOG2E
+                # pass 2, last block first: p_c = exp(x_c - m) / s, the 1 / s folded into the row's
+                # coefficient (exp(x_c - lse) rounds log s away next to a large m: a row at 1e30 got
+                # p = 1); an ignored row writes zeros, a bad one NaN (its log_s). A probability target
+                # keeps exp(x_c - lse): the folded form costs it a row vector of registers (74 -> 106,
+                # one block per SM less in the kernel report)
+                if SOFT:
+                    m2 = tl.where(valid, m + log_s, 0.0)
+                    coef = tl.where(valid, coef, 0.0)
+                else:
+                    m2 = tl.where(valid, m, 0.0)
+                    coef = tl.where(valid, coef * tl.exp(-log_s), 0.0)
+                m2 = tl.minimum(tl.maximum(m2, -X_MAX), X_MAX) * LOG2E
                 n_blocks = tl.cdiv(V, BLOCK_V)
                 for j in tl.range(0, n_blocks, num_stages=NUM_STAGES):
                     offs = (n_blocks - 1 - j) * BLOCK_V + cols
@@ -240,7 +261,11 @@ def _ce_rows_kernel(
                     wy = tl.zeros([BLOCK_V], dtype=tl.float32)
                     if SOFT:
                         wy = _soft_weights(trow, s_tc, offs, rmask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
-                    p = tl.exp2(x * LOG2E - lse2)
+                    # m2 = m log2 e (SOFT: lse log2 e); m and x clamped to X_MAX, where x log2 e would
+                    # overflow (inf - inf: NaN). x is not clamped from below (one more operation per
+                    # element cost sm_90 occupancy with Triton 3.9): a row whose every logit is below
+                    # -X_MAX (finfo.min) gets p = 0 here instead of 1 / V
+                    p = tl.exp2(tl.minimum(x, X_MAX) * LOG2E - m2)
                     _store_grad(grow, s_gc, offs, mask, p * coef, wy, t, smooth, hit, weight_ptr, HAS_WEIGHT, SOFT)
 
 
@@ -281,7 +306,8 @@ def _row_out(
     t,
     valid,
     bad,
-    lse,
+    m,
+    log_s,
     mass,
     wx,
     k_hit,
@@ -297,14 +323,18 @@ def _row_out(
     HAS_GSCALE: tl.constexpr,
     SOFT: tl.constexpr,
 ):
-    """Store the row's loss (already scaled for the reduction) and lse; return the gradient's
+    """Store the row's loss (already scaled for the reduction) and lse = m + log_s; return the gradient's
     (coef, smooth, hit): grad_c = p_c * coef - smooth * w_c (SOFT: * w_c y'_c) - hit * [c == t].
+    m: the row max, log_s: log sum_c exp(x_c - m), wx: sum_c w_c (x_c - m) (SOFT: w_c y'_c). The loss
+    is formed from differences to the max, as torch's log_softmax: lse - x_t = (m - x_t) + log_s
+    (lse itself would round log_s away next to a large m).
     k_hit = sA (1 - eps) (SOFT: sA), k_smooth = sA eps / V, k_w = k_smooth W, k_z = sB z."""
     g = 1.0
     if HAS_GSCALE:
         g = tl.load(gscale_ptr + row.to(tl.int64) * stride_gs).to(tl.float32)
+    lse = m + log_s
     if SOFT:
-        loss = k_hit * (mass * lse - wx) + k_z * lse * lse
+        loss = k_hit * (mass * log_s - wx) + k_z * lse * lse
         coef = g * (k_hit * mass + 2.0 * k_z * lse)
         smooth = g * k_hit
         hit = 0.0
@@ -315,7 +345,7 @@ def _row_out(
         if HAS_WEIGHT:
             w_t = tl.load(weight_ptr + t, mask=ok, other=0.0)
         a_t = k_hit * w_t
-        loss = a_t * (lse - x_t) + k_w * lse - k_smooth * wx + k_z * lse * lse
+        loss = a_t * ((m - x_t) + log_s) + k_w * log_s - k_smooth * wx + k_z * lse * lse
         coef = g * (a_t + k_w + 2.0 * k_z * lse)
         smooth = tl.where(valid, g * k_smooth, 0.0)
         hit = tl.where(valid, g * a_t, 0.0)

@@ -15,7 +15,8 @@ Per row i with class-index target t (w = class weights, all ones when absent; W 
 smoothing; z = z-loss coefficient; sA, sB the reduction scales of the CE and the z parts: 1 for
 "sum"/"none", 1 / sum_{valid} w[t] and 1 / #valid for "mean"):
 
-    lse     = log(sum_c exp(x_c))
+    lse     = m + log_s,  m = max_c x_c,  log_s = log(sum_c exp(x_c - m))   (the loss and p_c use
+              the differences to m: lse - x_t = (m - x_t) + log_s, p_c = exp((x_c - m) - log_s))
     ce_i    = (1 - eps) * w_t * (lse - x_t) + eps / V * (W * lse - sum_c w_c x_c)
     loss_i  = sA * ce_i + sB * z * lse^2                     (0 when t == ignore_index)
     dloss_i / dx_c = p_c * (sA * ((1 - eps) * w_t + eps / V * W) + sB * 2 z lse)
@@ -116,7 +117,8 @@ def _ce_fwd_kernel(
         sB = 1.0 / tl.maximum(cnt, 1.0)
         if HAS_WEIGHT and not SOFT:
             den = tl.load(wden_ptr)
-            sA = 1.0 / tl.where(den == 0.0, 1.0, den)
+            # a zero denominator: the CE part is 0 (not only its target term: label smoothing's too)
+            sA = tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
         else:
             sA = sB
     if HAS_WEIGHT:
@@ -167,15 +169,21 @@ def _ce_fwd_kernel(
                 wx += tl.sum(wy * tl.where(mask, x, 0.0), axis=0)
             elif SMOOTH:
                 wx += _smooth_term(x, offs, mask, weight_ptr, HAS_WEIGHT)
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     if not SOFT:
-        lse = tl.where(in_range, lse, float("nan"))
+        log_s = tl.where(in_range, log_s, float("nan"))
+    lse = m + log_s
 
-    # 3. Per-row loss, already multiplied by the reduction scales.
+    # 3. Per-row loss, already multiplied by the reduction scales; formed from differences to the max
+    #    m, as torch's log_softmax (lse - x_t = (m - x_t) + log_s: lse rounds log_s away next to a
+    #    large m). m_f: the max, 0 for a row of -inf (its lse and loss stay -inf / NaN, as torch's)
+    m_f = tl.where(m == -float("inf"), 0.0, m)
     if SOFT:
-        ce = mass * lse - wx
+        ce = mass * log_s - (wx - mass * m_f)
     else:
-        ce = (1.0 - eps) * w_t * (lse - x_t) + (eps / V) * (w_sum * lse - wx)
+        ce = (1.0 - eps) * w_t * ((m_f - x_t) + log_s)
+        if SMOOTH:  # (w_sum m_f alone may overflow: 0 times it would be NaN)
+            ce += (eps / V) * (w_sum * log_s - (wx - w_sum * m_f))
     tl.store(loss_ptr + row, sA * ce + sB * z * lse * lse)
     tl.store(lse_ptr + row, lse)
 
@@ -195,9 +203,11 @@ def _ce_fwd_kernel(
             hit = g * sA * (1.0 - eps) * w_t
         if ONE_BLOCK:
             if SOFT:
-                _soft_grad_block(x_row, wy_row, cols, cols < V, lse, coef, smooth, grad_row, s_gc)
+                _soft_grad_block(x_row, wy_row, cols, cols < V, m_f, log_s, coef, smooth, grad_row, s_gc)
             else:
-                _ce_grad_block(x_row, cols, cols < V, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT)
+                _ce_grad_block(
+                    x_row, cols, cols < V, t, m_f, log_s, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT
+                )
         else:
             n_blocks = tl.cdiv(V, BLOCK_V)
             for i in range(0, n_blocks):
@@ -206,9 +216,11 @@ def _ce_fwd_kernel(
                 x = tl.load(logits_row + offs * s_lc, mask=mask, other=0.0).to(tl.float32)
                 if SOFT:
                     wy = _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT, SMOOTH)
-                    _soft_grad_block(x, wy, offs, mask, lse, coef, smooth, grad_row, s_gc)
+                    _soft_grad_block(x, wy, offs, mask, m_f, log_s, coef, smooth, grad_row, s_gc)
                 else:
-                    _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT)
+                    _ce_grad_block(
+                        x, offs, mask, t, m_f, log_s, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT
+                    )
 
 
 @triton.jit
@@ -233,9 +245,10 @@ def _soft_weights(target_row, s_tc, offs, mask, weight_ptr, eps, V, HAS_WEIGHT: 
 
 
 @triton.jit
-def _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT: tl.constexpr):
-    """Write d loss / d x for one block of columns `offs` of a row (x: fp32 logits of the block)."""
-    d = tl.exp(x - lse) * coef
+def _ce_grad_block(x, offs, mask, t, m, log_s, coef, smooth, hit, grad_row, s_gc, weight_ptr, HAS_WEIGHT: tl.constexpr):
+    """Write d loss / d x for one block of columns `offs` of a row (x: fp32 logits of the block;
+    p = exp((x - m) - log_s), the difference to the row max m first)."""
+    d = tl.exp((x - m) - log_s) * coef
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d -= smooth * w
@@ -246,7 +259,7 @@ def _ce_grad_block(x, offs, mask, t, lse, coef, smooth, hit, grad_row, s_gc, wei
 
 
 @triton.jit
-def _soft_grad_block(x, wy, offs, mask, lse, coef, smooth, grad_row, s_gc):
+def _soft_grad_block(x, wy, offs, mask, m, log_s, coef, smooth, grad_row, s_gc):
     """Probability target: d loss / d x_c = p_c * coef - smooth * w_c y'_c for one block."""
-    d = tl.exp(x - lse) * coef - smooth * wy
+    d = tl.exp((x - m) - log_s) * coef - smooth * wy
     tl.store(grad_row + offs * s_gc, d.to(grad_row.dtype.element_ty), mask=mask)

@@ -157,22 +157,25 @@ def _ce_block_torch_(
         mass = None
         xt = xf.gather(1, t)[:, 0]
         xsum = xf.sum(dim=1) if eps > 0.0 else None
+    m = xf.amax(dim=1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # as logsumexp: all -inf rows stay -inf
     if want_grad:
         # exp once: xf <- exp(xf - rowmax) in place; its row sums give lse, and rescaled it is the
         # softmax the gradient needs (logsumexp, then exp(xf - lse), would take every exp twice)
-        m = xf.amax(dim=1)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # as logsumexp: all -inf rows stay -inf
         xf.sub_(m[:, None]).exp_()
         sumexp = xf.sum(dim=1)
-        lse = m + sumexp.log()
+        log_s = sumexp.log()
     else:
-        lse = torch.logsumexp(xf, dim=1)
+        log_s = torch.logsumexp(xf - m[:, None], dim=1)
+    lse = m + log_s
+    # the loss from differences to the row max, as torch's log_softmax (and the kernels): lse - x_t
+    # as (m - x_t) + log_s, since lse itself rounds log_s away next to a large m
     if soft:
-        ce = mass * lse - yx
+        ce = mass * log_s - (yx - mass * m)
     else:
-        ce = (1.0 - eps) * (lse - xt)
+        ce = (1.0 - eps) * ((m - xt) + log_s)
         if eps > 0.0:
-            ce = ce + eps * lse - (eps / V) * xsum
+            ce = ce + eps * log_s - (eps / V) * (xsum - V * m)
     loss = sA * ce
     if z_loss != 0.0:
         loss = loss + sB * z_loss * lse * lse

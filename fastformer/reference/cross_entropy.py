@@ -87,8 +87,10 @@ def cross_entropy(
     out = ce.sum()
     if reduction == "mean":
         # divided by sum_{valid i} w[t_i] (probabilities: the row count) as torch does, except that a
-        # zero denominator divides 0 by 1 instead of 0 (0.0 and zero gradients, not NaN)
-        out = out / torch.where(denom == 0, torch.ones_like(denom), denom)
+        # zero denominator gives 0.0 and zero gradients, not NaN (with label smoothing the sum itself
+        # need not be 0 then: the smoothing term of a zero-weight target is not)
+        zero = denom == 0
+        out = torch.where(zero, torch.zeros_like(out), out / torch.where(zero, torch.ones_like(denom), denom))
     if zrow is not None:
         out = out + (zrow.sum() / valid.sum().clamp_min(1) if reduction == "mean" else zrow.sum())
     return out.to(out_dtype)

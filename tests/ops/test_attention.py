@@ -108,6 +108,22 @@ def test_float_mask_with_grad(device):
     _check(q, k, v, torch.float32, mask=mask2, grad_mask=True)
 
 
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e30])
+def test_rows_at_a_huge_float_mask_value_get_their_gradients(device, fill):
+    """Hugging Face pads with finfo(dtype).min: a query row with every key at such a value averages the
+    values uniformly (in fp32 the scores vanish next to it, as in torch), and its gradients are that
+    average's. The row max then absorbs log Σ exp in fp32, so the backward must not recompute P from
+    their sum (it gave P = 1 instead of 1 / Lk: gradients Lk times too large)."""
+    B, H, Lq, Lk, D = 2, 2, 9, 13, 16
+    q, k, v = _inputs(B, H, Lq, Lk, D, torch.float32, device)
+    mask = torch.randn(B, 1, Lq, Lk, device=device)
+    mask[0, :, 3] = fill  # one row wholly at the value
+    mask[1, :, :, 5:] = fill  # keys at it beside ordinary ones: zero weight
+    for grad_mask in (False, True):
+        _check(q, k, v, torch.float32, mask=mask, grad_mask=grad_mask)
+    _check(q, k, v, torch.float32, mask=mask, grad_mask=True, is_causal=True)
+
+
 def test_matches_torch_sdpa(device):
     q, k, v = _inputs(2, 2, 30, 30, 16, torch.float32, device)
     mask = torch.randn(2, 2, 30, 30, device=device)

@@ -1,5 +1,7 @@
 """ff.cross_entropy against torch (float64) and the reference, on both backends; kernels interpreted on CPU."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,32 @@ def test_large_logits(backend):
     _check(x, t, torch.float32, reduction="none")
 
 
+@pytest.mark.parametrize("V", [129, 32003])  # a row kept on chip; a streamed one
+def test_logits_at_a_huge_common_offset(backend, V):
+    """torch's log_softmax works relative to the row max, so rows at a large common offset keep their
+    loss: 1e30 everywhere gives log V (the kernels gave 0: max + log Σ rounds to the max), finfo.min
+    everywhere too (x·log2 e overflowed to -inf: NaN), offsets of ±1e4..1e5 keep the noise on top,
+    and a logit past FLT_MAX / log2 e stays finite (NaN)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, V, generator=g)
+    x[0] = 1e30
+    # finfo.min: a streamed row's probabilities hold down to -2.35e38 (docs/cross-entropy.md)
+    x[1] = torch.finfo(torch.float32).min if V <= 16384 else -2e38
+    x[2] += 1e4
+    x[3] = 1.0
+    x[3, 5] = 3e38
+    x[4] -= 1e5
+    t = torch.tensor([3, 0, 7, 5, 1, 2])
+    # a streamed row takes x·log2 e - m·log2 e in its exponent (one scalar in the block loop): at
+    # |m| = 1e5 that rounds the gradient to 1.3e-5 against float64
+    factor = 1.0 if V <= 16384 else 2.0
+    for red in ("none", "mean"):
+        _check(x, t, torch.float32, reduction=red, factor=factor)
+    if V <= 16384:  # label smoothing relative to the max too (a streamed row sums the logits as they are)
+        rows = [0, 1, 2, 4, 5]
+        _check(x[rows], t[rows], torch.float32, reduction="none", eps=0.1)
+
+
 def test_fp16_input(backend):
     N, V = 77, 1000
     x = torch.randn(N, V) * 4
@@ -113,6 +141,20 @@ def test_all_ignored(backend, reduction):
     loss = ff.cross_entropy(x, t, reduction=reduction, z_loss=1e-2, label_smoothing=0.1)
     assert torch.equal(loss.detach(), torch.zeros_like(loss))  # torch gives NaN for "mean": documented
     (gx,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.equal(gx, torch.zeros_like(gx))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_mean_with_a_zero_weight_sum_is_zero(backend, eps):
+    """Class weights of the targets that sum to 0: "mean" gives 0.0 and zero gradients (torch: NaN), with
+    label smoothing too, whose term of a zero-weight target is not 0 (it gave the "sum" value)."""
+    x = torch.randn(4, 10, requires_grad=True)
+    t = torch.tensor([1, 3, -100, 1])
+    w = torch.rand(10) + 0.5
+    w[1] = w[3] = 0.0
+    loss = ff.cross_entropy(x, t, w, reduction="mean", label_smoothing=eps)
+    assert torch.equal(loss.detach(), torch.zeros_like(loss))
+    (gx,) = torch.autograd.grad(loss, x)
     assert torch.equal(gx, torch.zeros_like(gx))
 
 
@@ -219,6 +261,15 @@ def test_every_tuning_candidate(triton_backend, cfg):
         (gw,) = torch.autograd.grad(want, x64, g.double())
         assert_close(loss, want, torch.float32, "soft loss")
         assert_close(gx, gw, torch.float32, "soft grad")
+        # rows at one huge value: loss log V, as torch (a log-sum-exp of 1e30 rounds log V away); a
+        # streamed row's probabilities hold down to -2.35e38 (docs/cross-entropy.md)
+        xc = torch.full((2, V), 1e30)
+        xc[1] = -2e38
+        xc.requires_grad_(True)
+        lc = ff.cross_entropy(xc, torch.tensor([3, 4]), reduction="none")
+        assert torch.allclose(lc.detach(), torch.full((2,), math.log(V)), rtol=1e-5), lc
+        (gc,) = torch.autograd.grad(lc.sum(), xc)
+        assert torch.allclose(gc[:, :3], torch.full((2, 3), 1.0 / V), rtol=1e-4), gc[:, :3]
         xk = torch.randn(2, V, 3)  # class dim strided (stride 3)
         tk = torch.randint(0, V, (2, 3))
         assert_close(

@@ -186,6 +186,26 @@ def test_t5_padding_and_deterministic_table_grad(device):
         assert_close(g, rg, torch.float32, name)
 
 
+def test_t5_rows_at_a_huge_float_mask_value_get_their_gradients(device):
+    """Hugging Face's T5 adds finfo(dtype).min for padding: a row with every key at it averages the values
+    uniformly, and its gradients (q, k, v, the table) are that average's (see test_attention.py)."""
+    B, H, Lq, Lk, D, nb, md = 2, 2, 11, 14, 16, 16, 40
+    q, k, v = (torch.randn(B, H, n, D, device=device) for n in (Lq, Lk, Lk))
+    table = torch.randn(nb, H, device=device)
+    mask = torch.zeros(B, 1, Lq, Lk, device=device)
+    mask[0, :, 4] = torch.finfo(torch.float32).min
+    mask[1, :, :, 9:] = torch.finfo(torch.float32).min
+    dout = torch.randn(B, H, Lq, D, device=device)
+    out, leaves = _run(q, k, v, table, num_buckets=nb, max_distance=md, attn_mask=mask)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, table)]
+    ref = _hf_reference(*ref_leaves, bidirectional=True, num_buckets=nb, max_distance=md, attn_mask=mask.double())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    assert_close(out, ref, torch.float32, "out")
+    for name, g, rg in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
+        assert_close(g, rg, torch.float32, name)
+
+
 def test_t5_dropout_and_scale(device):
     B, H, L, D, p = 1, 2, 33, 16, 0.2
     q, k, v = (torch.randn(B, H, L, D, device=device) for _ in range(3))
