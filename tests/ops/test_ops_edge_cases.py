@@ -4,6 +4,7 @@ with dynamic shapes, as torch.compile does by itself once a batch or sequence le
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastformer as ff
 
@@ -49,7 +50,8 @@ def test_non_finite_scalars_still_refused():
 def test_finfo_min_float_mask_rows_average_as_in_torch(low):
     """Hugging Face builds float masks with torch.finfo(dtype).min. The kernels add the mask in log2
     units, where such a value overflowed to -inf: a row with every key at finfo.min came out as zeros
-    on the kernel path, where torch averages the values uniformly. A true -inf row still gives zeros."""
+    on the kernel path, where torch averages the values uniformly. A true -inf row still gives zeros.
+    The gradients are the average's (float64 math)."""
     torch.manual_seed(0)
     B, H, Lq, Lk, D = 2, 2, 9, 13, 16
     q = torch.randn(B, H, Lq, D, requires_grad=True)
@@ -60,7 +62,10 @@ def test_finfo_min_float_mask_rows_average_as_in_torch(low):
     mask[1, :, 4, :] = float("-inf")  # a truly fully-masked row: zeros (documented)
     with ff.use_backend("triton"):
         out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    # torch's math path: its default pick here, the fused CPU kernel (float64 too), recomputes P from one
+    # log-sum-exp and gives the finfo.min row's gradients Lk times too large (docs/attention.md)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
     live = torch.ones(B, 1, Lq, 1, dtype=torch.bool)
     live[1, :, 4] = False
     assert out[1, :, 4].abs().max() == 0
